@@ -1,0 +1,53 @@
+"""Types shared across explorer: arrays, progress reports and cancellation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeAlias
+
+import numpy as np
+from numpy.typing import NDArray
+
+FloatArray: TypeAlias = NDArray[np.float32]
+BoolArray: TypeAlias = NDArray[np.bool_]
+IntArray: TypeAlias = NDArray[np.int64]
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """One progress report: ``step`` of ``total`` done, with a short message."""
+
+    step: int
+    total: int
+    message: str = ""
+
+    @property
+    def fraction(self) -> float:
+        """Share done, in [0, 1]."""
+        return 0.0 if self.total <= 0 else min(1.0, max(0.0, self.step / self.total))
+
+
+ProgressCallback: TypeAlias = Callable[[Progress], None]
+
+
+class FitCancelled(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """Raised by a progress callback to stop a fit between iterations.
+
+    Models call ``progress`` only at points where stopping leaves nothing half-written
+    (they never write to the AnnData they were given), so the caller can simply catch it.
+    """
+
+
+def report(progress: ProgressCallback | None, step: int, total: int, message: str = "") -> None:
+    """Send ``Progress(step, total, message)`` to ``progress`` if there is one."""
+    if progress is not None:
+        progress(Progress(step, total, message))
+
+
+class InputError(ValueError):
+    """Bad input from the user: the message says what was expected, what was found and what to do.
+
+    The CLI turns it into a message on stderr and exit code 2; the app shows it and keeps
+    the session alive.
+    """

@@ -1,0 +1,1 @@
+"""Reading, checking, preprocessing and simulating spliced/unspliced count data."""

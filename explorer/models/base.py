@@ -1,0 +1,183 @@
+"""The interface every velocity model shares, and the result it returns.
+
+A model's constructor only stores hyperparameters; ``fit(adata, progress=...)`` reads
+the AnnData, leaves it untouched and returns a :class:`VelocityResult`; writing is a
+separate step, ``result.to_adata(adata)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+
+import numpy as np
+import pandas as pd
+
+from explorer.keys import Key
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+    from explorer._types import BoolArray, FloatArray, ProgressCallback
+
+
+@runtime_checkable
+class VelocityModel(Protocol):
+    """What explorer needs of a velocity model."""
+
+    name: ClassVar[str]
+
+    def fit(self, adata: AnnData, *, progress: ProgressCallback | None = None) -> VelocityResult:
+        """Fit to ``adata`` (layers ``Ms``/``Mu`` present) without modifying it."""
+        ...
+
+    def get_params(self) -> dict[str, Any]:
+        """Hyperparameters, by the constructor's names."""
+        ...
+
+
+def _check_shape(name: str, value: np.ndarray | None, expected: tuple[int, ...]) -> None:
+    if value is not None and tuple(value.shape) != expected:
+        msg = f"VelocityResult.{name} has shape {tuple(value.shape)}; expected {expected} (from obs_names/var_names)."
+        raise ValueError(msg)
+
+
+def _uns_safe(value: Any) -> Any:
+    """Turn ``value`` into something h5ad can store in ``uns`` (no None, no tuples)."""
+    if value is None:
+        return "None"
+    if isinstance(value, Mapping):
+        return {str(k): _uns_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [_uns_safe(v) for v in value]
+        if all(isinstance(v, (int, float, np.number)) for v in items):
+            return np.asarray(items)
+        return [str(v) for v in items]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, (str, int, float, bool, np.number, np.ndarray)):
+        return value
+    return str(value)
+
+
+@dataclass(frozen=True, slots=True)
+class VelocityResult:
+    """What a fit learned, aligned to the cells and genes it was fitted on.
+
+    Attributes
+    ----------
+    model
+        Registry name of the model (``"steady_state"``, ``"dynamical"``, ...).
+    params
+        Hyperparameters actually used (seed included).
+    obs_names, var_names
+        The cells and genes the arrays are aligned to.
+    velocity
+        ``(n_obs, n_vars)`` spliced velocity; NaN for genes the model did not fit.
+    gene_params
+        Per-gene fit figures indexed by ``var_names``, columns named by their AnnData
+        ``var`` keys (``velocity_gamma``, ``fit_alpha``, ...): written to ``var`` as they are.
+    velocity_genes
+        ``(n_vars,)`` genes whose velocity is trusted for the graph and embedding.
+    likelihood
+        ``(n_vars,)`` per-gene goodness of fit (R² for the steady-state models).
+    velocity_u, latent_time, uncertainty
+        Optional: unspliced velocity ``(n_obs, n_vars)``, gene-shared time ``(n_obs,)``
+        and per-cell uncertainty ``(n_obs,)``.
+    layers
+        Further ``(n_obs, n_vars)`` arrays by layer key (``fit_t``).
+    obs
+        Further per-cell columns by obs key (``root_cells``), indexed by ``obs_names``.
+    """
+
+    model: str
+    params: dict[str, Any]
+    obs_names: pd.Index
+    var_names: pd.Index
+    velocity: FloatArray
+    gene_params: pd.DataFrame
+    velocity_genes: BoolArray
+    likelihood: pd.Series | None = None
+    velocity_u: FloatArray | None = None
+    latent_time: FloatArray | None = None
+    uncertainty: FloatArray | None = None
+    layers: dict[str, FloatArray] = field(default_factory=dict)
+    obs: pd.DataFrame | None = None
+
+    def __post_init__(self) -> None:
+        n_obs, n_vars = len(self.obs_names), len(self.var_names)
+        _check_shape("velocity", self.velocity, (n_obs, n_vars))
+        _check_shape("velocity_u", self.velocity_u, (n_obs, n_vars))
+        _check_shape("velocity_genes", self.velocity_genes, (n_vars,))
+        _check_shape("latent_time", self.latent_time, (n_obs,))
+        _check_shape("uncertainty", self.uncertainty, (n_obs,))
+        for key, arr in self.layers.items():
+            _check_shape(f"layers[{key!r}]", arr, (n_obs, n_vars))
+        if not self.gene_params.index.equals(self.var_names):
+            msg = "VelocityResult.gene_params must be indexed by var_names in the same order."
+            raise ValueError(msg)
+        if self.likelihood is not None and not self.likelihood.index.equals(self.var_names):
+            msg = "VelocityResult.likelihood must be indexed by var_names in the same order."
+            raise ValueError(msg)
+        if self.obs is not None and not self.obs.index.equals(self.obs_names):
+            msg = "VelocityResult.obs must be indexed by obs_names in the same order."
+            raise ValueError(msg)
+
+    @property
+    def n_obs(self) -> int:
+        """Number of cells."""
+        return len(self.obs_names)
+
+    @property
+    def n_vars(self) -> int:
+        """Number of genes."""
+        return len(self.var_names)
+
+    def to_adata(self, adata: AnnData) -> None:
+        """Write the result into ``adata`` under scVelo's keys, in place.
+
+        ``adata`` must have the same cells and genes, in the same order, as the fit.
+
+        Returns
+        -------
+        None; sets ``layers['velocity']`` (and ``velocity_u`` and the keys of
+        :attr:`layers`), every column of :attr:`gene_params` in ``var``,
+        ``var['velocity_genes']``, ``obs['latent_time']`` and
+        ``obs['velocity_uncertainty']`` when present, the columns of :attr:`obs`, and
+        ``uns['velocity_params']`` (``mode``, ``model``, ``params``, ``explorer_version``).
+        """
+        from explorer import __version__
+
+        if not adata.obs_names.equals(self.obs_names) or not adata.var_names.equals(self.var_names):
+            msg = (
+                f"This {self.model!r} result was fitted on {self.n_obs} cells x {self.n_vars} genes, "
+                f"but the AnnData has {adata.n_obs} x {adata.n_vars} with different names or order. "
+                "Write it into the AnnData it was fitted on (or a copy of it)."
+            )
+            raise ValueError(msg)
+        adata.layers[Key.layers.VELOCITY] = self.velocity
+        if self.velocity_u is not None:
+            adata.layers[Key.layers.VELOCITY_U] = self.velocity_u
+        for key, arr in self.layers.items():
+            adata.layers[key] = arr
+        for col in self.gene_params.columns:
+            adata.var[col] = self.gene_params[col].to_numpy()
+        adata.var[Key.var.VELOCITY_GENES] = np.asarray(self.velocity_genes, dtype=bool)
+        if self.latent_time is not None:
+            adata.obs[Key.obs.LATENT_TIME] = self.latent_time
+        if self.uncertainty is not None:
+            adata.obs[Key.obs.VELOCITY_UNCERTAINTY] = self.uncertainty
+        if self.obs is not None:
+            for col in self.obs.columns:
+                adata.obs[col] = self.obs[col].to_numpy()
+        adata.uns[Key.uns.VELOCITY_PARAMS] = _uns_safe(
+            {
+                "mode": self.model,
+                "model": self.model,
+                "params": self.params,
+                "seed": self.params.get("seed"),
+                "explorer_version": __version__,
+            }
+        )
