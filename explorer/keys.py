@@ -33,6 +33,8 @@ class _Var:
     # steady-state / stochastic
     GAMMA: str = "velocity_gamma"
     R2: str = "velocity_r2"
+    OFFSET: str = "velocity_offset"
+    OFFSET2: str = "velocity_offset2"
     VELOCITY_GENES: str = "velocity_genes"
     # dynamical (scVelo's fit_* names)
     FIT_ALPHA: str = "fit_alpha"
@@ -49,6 +51,17 @@ class _Var:
     FIT_R2: str = "fit_r2"
     FIT_KINETIC_SIGNAL: str = "fit_kinetic_signal"
     FIT_DETECTION_POWER: str = "fit_detection_power"
+    #: scVelo's factor that stretched the gene's time to t_max (align_dynamics)
+    FIT_ALIGNMENT_SCALING: str = "fit_alignment_scaling"
+    #: whether the onset time t_on improved the gene's fit on the shared time axis
+    FIT_USES_T_ON: str = "fit_uses_t_on"
+    #: share by which t_on lowered the gene's shared-time loss
+    FIT_T_ON_GAIN: str = "fit_t_on_gain"
+    #: share of cells in each of scVelo's four states
+    FIT_FRAC_INDUCTION: str = "fit_frac_induction"
+    FIT_FRAC_REPRESSION: str = "fit_frac_repression"
+    FIT_FRAC_STEADY_ON: str = "fit_frac_steady_on"
+    FIT_FRAC_STEADY_OFF: str = "fit_frac_steady_off"
     # simulator ground truth
     TRUE_ALPHA: str = "true_alpha"
     TRUE_BETA: str = "true_beta"
@@ -57,6 +70,13 @@ class _Var:
     TRUE_T_ON: str = "true_t_on"
     TRUE_SCALING: str = "true_scaling"
     TRUE_KIND: str = "true_kind"
+    #: gamma in the second kinetic regime (``true_gamma`` elsewhere), "two_regimes" genes
+    TRUE_GAMMA_2: str = "true_gamma_2"
+    #: factor on alpha from ``true_t_boost`` to ``true_t_`` ("boost" genes; 1 elsewhere)
+    TRUE_BOOST: str = "true_boost"
+    TRUE_T_BOOST: str = "true_t_boost"
+    #: lineage a gene is induced in ("shared" or a lineage name)
+    TRUE_PROGRAM: str = "true_program"
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +85,10 @@ class _Obs:
     VELOCITY_CONFIDENCE: str = "velocity_confidence"
     VELOCITY_LENGTH: str = "velocity_length"
     VELOCITY_UNCERTAINTY: str = "velocity_uncertainty"
+    #: scVelo: transition confidence (velocity vs the expected displacement under T)
+    VELOCITY_CONFIDENCE_TRANSITION: str = "velocity_confidence_transition"
+    #: scVelo: self-transition probability from the velocity graph (98th-percentile rule)
+    VELOCITY_SELF_TRANSITION: str = "velocity_self_transition"
     ROOT_CELLS: str = "root_cells"
     END_POINTS: str = "end_points"
     N_COUNTS: str = "n_counts"
@@ -74,6 +98,9 @@ class _Obs:
     # simulator ground truth
     TRUE_T: str = "true_t"
     TRUE_LINEAGE: str = "true_lineage"
+    #: kinetic regime (0 or 1) of the cell for "two_regimes" genes
+    TRUE_REGIME: str = "true_regime"
+    TRUE_SIZE_FACTOR: str = "true_size_factor"
     CLUSTERS: str = "clusters"
 
 
@@ -100,6 +127,8 @@ class _Obsp:
     VELOCITY_GRAPH: str = "velocity_graph"
     VELOCITY_GRAPH_NEG: str = "velocity_graph_neg"
     TRANSITIONS: str = "T_fwd"
+    #: CellRank's key for the backward (transposed) transition matrix
+    TRANSITIONS_BACKWARD: str = "T_bwd"
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,9 +136,18 @@ class _Uns:
     NEIGHBORS: str = "neighbors"
     PCA: str = "pca"
     VELOCITY_PARAMS: str = "velocity_params"
+    #: sub-keys of ``uns["velocity_params"]`` that scVelo reads: bases with an up-to-date
+    #: ``velocity_<basis>`` (else ``scv.pl.velocity_embedding_stream`` recomputes it) and
+    #: the neighbour set the velocity graph was computed on
+    EMBEDDINGS: str = "embeddings"
+    MODE_NEIGHBORS: str = "mode_neighbors"
+    N_RECURSE_NEIGHBORS: str = "n_recurse_neighbors"
     STREAMLINES: str = "velocity_streamlines"
     SIMULATION: str = "simulation"
     PREPROCESS: str = "explorer_preprocess"
+    #: scanpy's marker that X holds log1p values (``{"base": None}``)
+    LOG1P: str = "log1p"
+    UMAP: str = "umap"
 
 
 class Key:

@@ -6,10 +6,14 @@ their origin); they are never copied into the repository. Each test gets its own
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
 import pytest
+
+# numba compiles pynndescent/UMAP on first use (tens of seconds); keep its cache in the checkout.
+os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".numba_cache"))
 
 from explorer._types import Progress
 
@@ -42,3 +46,30 @@ def progress_log() -> tuple[list[Progress], callable]:
     """A ``(log, callback)`` pair: the callback appends every Progress it receives to log."""
     log: list[Progress] = []
     return log, log.append
+
+
+@pytest.fixture
+def tiny_adata():
+    """Raw counts of ``simulate(n_obs=200, n_vars=20, seed=0)`` (Poisson noise, one lineage,
+    default pitfall shares): a fresh AnnData per test, nothing preprocessed."""
+    from explorer.data.simulate import simulate
+
+    return simulate(n_obs=200, n_vars=20, seed=0)
+
+
+@functools.cache
+def _stored_sample():
+    from explorer.data.samples import load_sample
+
+    return load_sample("default")
+
+
+@pytest.fixture
+def sample_adata():
+    """``sample_data/default.h5ad``, a fresh copy per test (the file is read once).
+
+    Made by ``python -m explorer.data.samples``: ``simulate(n_obs=1000, n_vars=120, seed=0,
+    branches=2, noise="poisson")`` then ``prepare(adata, seed=0)`` (filtered, normalised,
+    PCA, kNN graph, Ms/Mu, UMAP), with the simulator's ground truth kept.
+    """
+    return _stored_sample().copy()

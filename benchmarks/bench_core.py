@@ -1,0 +1,191 @@
+"""Time the velocity core on the real pancreas, step by step, against scVelo.
+
+Steps: load, filter_and_normalize, moments (PCA + kNN + Ms/Mu), steady-state
+('deterministic') and stochastic fits, velocity graph, transition matrix, UMAP and
+projection onto it. Each step is timed ``--repeats`` times in this process (the first run
+pays numba's JIT unless NUMBA_CACHE_DIR holds a warm cache); the table shows the median and
+the first run.
+
+scVelo is measured in the same run when ``--scvelo-python`` names a Python that has
+``scvelo`` installed (its own virtual environment, never explorer's): the same steps run
+there in a subprocess, so the ratio compares like with like on this machine. Without it the
+table compares with the figures in ``../shared/reference/README.md``.
+
+Usage::
+
+    python benchmarks/bench_core.py [--data ../shared/data/pancreas_endocrinogenesis_3696.h5ad]
+        [--scvelo-python /tmp/scvenv/bin/python] [--repeats 3] [--out benchmarks/results/core.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "pancreas_endocrinogenesis_3696.h5ad"
+REFERENCE_README = ROOT.parent / "shared" / "reference" / "README.md"
+
+#: our step -> the row of scVelo's table in the reference README
+REFERENCE_ROWS = {
+    "filter_and_normalize": "filter_and_normalize",
+    "moments": "moments (PCA + kNN + Ms/Mu)",
+    "deterministic": "velocity deterministic",
+    "stochastic": "velocity stochastic",
+    "velocity_graph": "velocity_graph",
+    "transition_matrix": "CellRank VelocityKernel transition matrix",
+    "umap": "UMAP (scanpy)",
+}
+#: steps that make up the issue's "whole": load + preprocess + moments + both models + graph + projection
+WHOLE = ("filter_and_normalize", "moments", "deterministic", "stochastic", "velocity_graph", "embedding")
+
+SCVELO_SCRIPT = r"""
+import json, sys, time, warnings
+warnings.filterwarnings("ignore")
+import anndata as ad, scanpy as sc, scvelo as scv
+path, umap_ok = sys.argv[1], sys.argv[2] == "1"
+t = {}
+def timed(name, f):
+    s = time.perf_counter(); f(); t[name] = time.perf_counter() - s
+a = None
+def load():
+    global a
+    a = ad.read_h5ad(path)
+timed("load", load)
+def fan():
+    scv.pp.filter_and_normalize(a, min_shared_counts=20)
+    sc.pp.log1p(a)
+    sc.pp.highly_variable_genes(a, flavor="seurat", n_top_genes=2000, subset=True)
+timed("filter_and_normalize", fan)
+timed("moments", lambda: scv.pp.moments(a, n_pcs=30, n_neighbors=30))
+timed("deterministic", lambda: scv.tl.velocity(a, mode="deterministic"))
+timed("stochastic", lambda: scv.tl.velocity(a, mode="stochastic"))
+timed("velocity_graph", lambda: scv.tl.velocity_graph(a))
+timed("transition_matrix", lambda: scv.utils.get_transition_matrix(a))
+if umap_ok:
+    timed("umap", lambda: (sc.tl.umap(a, random_state=0)))
+timed("embedding", lambda: scv.tl.velocity_embedding(a, basis="umap"))
+print(json.dumps(t))
+"""
+
+
+def reference_seconds() -> dict[str, float]:
+    """scVelo's per-step seconds on pancreas_3696 from the reference README table."""
+    out: dict[str, float] = {}
+    if not REFERENCE_README.exists():
+        return out
+    rows = {}
+    for line in REFERENCE_README.read_text().splitlines():
+        m = re.match(r"\|\s*([^|]+?)\s*\|\s*([\d.]+)\s*\|", line)
+        if m:
+            rows[m.group(1)] = float(m.group(2))
+    for step, row in REFERENCE_ROWS.items():
+        if row in rows:
+            out[step] = rows[row]
+    return out
+
+
+def run_explorer(path: Path) -> dict[str, float]:
+    """One pass of explorer's steps; returns seconds per step."""
+    from explorer.data.io import read
+    from explorer.data.preprocess import filter_and_normalize
+    from explorer.graph.embedding import compute_umap
+    from explorer.graph.moments import compute_moments
+    from explorer.graph.neighbors import compute_neighbors
+    from explorer.graph.projection import compute_velocity_embedding
+    from explorer.graph.transition import compute_transition_matrix, compute_velocity_graph
+    from explorer.models.steady_state import Stochastic, SteadyState
+
+    t: dict[str, float] = {}
+    box = {}
+
+    def timed(name, f):
+        s = time.perf_counter()
+        f()
+        t[name] = time.perf_counter() - s
+
+    timed("load", lambda: box.setdefault("a", read(path)))
+    a = box["a"]
+    timed("filter_and_normalize", lambda: filter_and_normalize(a, min_shared_counts=20, n_top_genes=2000))
+    timed("moments", lambda: (compute_neighbors(a, n_neighbors=30, n_pcs=30), compute_moments(a)))
+    timed("deterministic", lambda: SteadyState().fit(a).to_adata(a))
+    timed("stochastic", lambda: Stochastic().fit(a).to_adata(a))
+    timed("velocity_graph", lambda: compute_velocity_graph(a))
+    timed("transition_matrix", lambda: compute_transition_matrix(a))
+    timed("umap", lambda: compute_umap(a, seed=0))
+    timed("embedding", lambda: compute_velocity_embedding(a, basis="umap"))
+    return t
+
+
+def run_scvelo(python: str, path: Path) -> dict[str, float]:
+    """The same steps with scVelo, in its own interpreter."""
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(SCVELO_SCRIPT)
+        script = f.name
+    try:
+        proc = subprocess.run(
+            [python, script, str(path), "1"], capture_output=True, text=True, check=True, timeout=1800
+        )
+    finally:
+        os.unlink(script)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--scvelo-python", default=None)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "core.json")
+    args = parser.parse_args()
+
+    runs = [run_explorer(args.data) for _ in range(args.repeats)]
+    steps = list(runs[0])
+    ours = {s: statistics.median(r[s] for r in runs) for s in steps}
+    first = runs[0]
+    if args.scvelo_python:
+        theirs = run_scvelo(args.scvelo_python, args.data)
+        source = f"scVelo measured in this run ({args.scvelo_python})"
+    else:
+        theirs = reference_seconds()
+        source = f"scVelo figures from {REFERENCE_README}"
+
+    print(f"explorer core on {args.data.name}; {os.cpu_count()} cores; median of {args.repeats}; vs {source}")
+    print(f"{'step':22s} {'explorer s':>11s} {'first run':>10s} {'scVelo s':>9s} {'speed-up':>9s}")
+    for s in steps:
+        ref = theirs.get(s)
+        ratio = f"{ref / ours[s]:8.1f}x" if ref else "       -"
+        print(f"{s:22s} {ours[s]:11.3f} {first[s]:10.3f} {ref if ref else float('nan'):9.2f} {ratio}")
+    whole_ours = sum(ours[s] for s in WHOLE if s in ours) + ours.get("load", 0)
+    whole_theirs = sum(theirs.get(s, 0) for s in WHOLE) + theirs.get("load", 0)
+    print(f"{'whole (no UMAP)':22s} {whole_ours:11.3f} {'':10s} {whole_theirs:9.2f} {whole_theirs / whole_ours:8.1f}x")
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "data": str(args.data.name),
+        "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "repeats": args.repeats,
+        "explorer_median_s": ours,
+        "explorer_first_s": first,
+        "scvelo_s": theirs,
+        "scvelo_source": source,
+        "whole_explorer_s": whole_ours,
+        "whole_scvelo_s": whole_theirs,
+    }
+    tmp = args.out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(args.out)
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

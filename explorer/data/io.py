@@ -1,0 +1,403 @@
+"""Read and write spliced/unspliced count data, checking it at the boundary.
+
+``read`` opens ``.h5ad`` (AnnData) and ``.loom`` (velocyto, STARsolo via loompy) files,
+renames custom count layers to ``spliced`` / ``unspliced``, moves scVelo's
+``uns['velocity_graph']`` / ``uns['velocity_graph_neg']`` into ``obsp`` and checks the
+counts. Every problem with the input raises :class:`~explorer._types.InputError` with a
+message that says what was expected, what was found and what to do. The input file is
+only ever opened read-only.
+
+``write`` writes atomically (a temporary file in the target's folder, then
+:func:`os.replace`), so a crash never leaves half a file, and refuses to overwrite the
+paths it is told to protect (the input).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from scipy import sparse
+
+from explorer._types import InputError
+from explorer.keys import Key
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from anndata import AnnData
+
+logger = logging.getLogger(__name__)
+
+#: the first bytes of every HDF5 file (.h5ad and .loom are both HDF5)
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+SUFFIXES: tuple[str, ...] = (".h5ad", ".loom")
+#: velocyto's loom attributes for gene and cell names (loompy's defaults come second)
+_LOOM_VAR_NAMES = ("Gene", "var_names", "gene_names", "Accession")
+_LOOM_OBS_NAMES = ("CellID", "obs_names", "cell_names")
+
+
+def read(
+    path: str | os.PathLike[str],
+    *,
+    spliced_layer: str = Key.layers.SPLICED,
+    unspliced_layer: str = Key.layers.UNSPLICED,
+) -> AnnData:
+    """Read an ``.h5ad`` or velocyto ``.loom`` file with spliced and unspliced counts.
+
+    Parameters
+    ----------
+    path
+        File to read; opened read-only and never modified.
+    spliced_layer, unspliced_layer
+        Names of the count layers in the file. Layers with other names are renamed to
+        ``spliced`` / ``unspliced`` on read.
+
+    Returns
+    -------
+    The AnnData, with ``layers['spliced']`` and ``layers['unspliced']`` (float32, CSR
+    when the file stores them sparse) and, when the file had scVelo's
+    ``uns['velocity_graph']`` / ``uns['velocity_graph_neg']``, those in ``obsp``.
+
+    Raises
+    ------
+    InputError
+        Missing file, a file that is not an AnnData/loom file, missing layers, layers of
+        different shapes, negative or non-finite counts.
+
+    Examples
+    --------
+    >>> adata = read("pancreas.h5ad")  # doctest: +SKIP
+    >>> adata = read("sample.loom", spliced_layer="exon", unspliced_layer="intron")  # doctest: +SKIP
+    """
+    path = Path(path)
+    if not path.exists():
+        msg = (
+            f"file not found: {str(path)!r}; expected an existing {' or '.join(SUFFIXES)} file. "
+            "Check the path."
+        )
+        raise InputError(msg)
+    if path.is_dir():
+        msg = f"{str(path)!r} is a folder; expected an {' or '.join(SUFFIXES)} file."
+        raise InputError(msg)
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        msg = (
+            f"cannot read {path.name!r}: expected a file ending in {' or '.join(SUFFIXES)}, found "
+            f"{suffix or 'no extension'!r}. Convert it to .h5ad (e.g. with anndata or scanpy) first."
+        )
+        raise InputError(msg)
+    _check_hdf5(path, suffix)
+    layer_shapes = _stored_shapes(path, suffix)
+    _check_layers(layer_shapes, spliced_layer=spliced_layer, unspliced_layer=unspliced_layer, path=path)
+
+    adata = _read_loom(path) if suffix == ".loom" else _read_h5ad(path)
+    _rename_layers(adata, spliced_layer=spliced_layer, unspliced_layer=unspliced_layer)
+    _move_graphs_to_obsp(adata)
+    for key in (Key.layers.SPLICED, Key.layers.UNSPLICED):
+        adata.layers[key] = _as_float32(adata.layers[key])
+    if adata.X is None:
+        # velocyto's main matrix is the spliced counts; an h5ad without X gets the same
+        adata.X = adata.layers[Key.layers.SPLICED].copy()
+    validate_counts(adata)
+    logger.info("read %s: %d cells x %d genes", path, adata.n_obs, adata.n_vars)
+    return adata
+
+
+def validate_counts(adata: AnnData) -> None:
+    """Check that ``adata`` has usable spliced and unspliced counts.
+
+    Parameters
+    ----------
+    adata
+        Data to check; not modified.
+
+    Raises
+    ------
+    InputError
+        When a layer is missing, the layers' shapes differ from ``adata``'s, there are no
+        cells or genes, or a layer holds negative or non-finite values.
+    """
+    found = list(adata.layers.keys())
+    for key, arg in ((Key.layers.SPLICED, "spliced_layer"), (Key.layers.UNSPLICED, "unspliced_layer")):
+        if key not in adata.layers:
+            msg = (
+                f"layer {key!r} not found; adata.layers has {found}. Load velocyto/STARsolo output "
+                f"or pass `{arg}=` with the name of the {key} counts."
+            )
+            raise InputError(msg)
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        msg = f"no data: found {adata.n_obs} cells x {adata.n_vars} genes; expected at least one of each."
+        raise InputError(msg)
+    for key in (Key.layers.SPLICED, Key.layers.UNSPLICED):
+        values = _values(adata.layers[key])
+        if values.size == 0:
+            continue
+        if not np.isfinite(values).all():
+            n_bad = int(np.count_nonzero(~np.isfinite(values)))
+            msg = (
+                f"layer {key!r} has {n_bad} non-finite values (NaN or inf); expected finite counts. "
+                "Remove or fix those cells/genes before loading."
+            )
+            raise InputError(msg)
+        lowest = values.min()
+        if lowest < 0:
+            n_bad = int(np.count_nonzero(values < 0))
+            msg = (
+                f"layer {key!r} has {n_bad} negative values (lowest {float(lowest):g}); "
+                "expected counts >= 0. Pass raw or normalised (not scaled/centred) counts."
+            )
+            raise InputError(msg)
+
+
+def write(
+    adata: AnnData,
+    path: str | os.PathLike[str],
+    *,
+    protect: Iterable[str | os.PathLike[str]] = (),
+) -> Path:
+    """Write ``adata`` to ``.h5ad`` or ``.loom`` atomically.
+
+    The data go to a temporary file in the same folder, which then replaces ``path`` in
+    one step (:func:`os.replace`), so ``path`` is either the old file or the complete new
+    one, never half written.
+
+    Parameters
+    ----------
+    adata
+        Data to write.
+    path
+        Target file; the extension picks the format.
+    protect
+        Paths that must never be overwritten, typically the file the data came from.
+
+    Returns
+    -------
+    The path written.
+
+    Raises
+    ------
+    InputError
+        When ``path`` is one of ``protect``, has an unknown extension or its folder does
+        not exist.
+    """
+    path = Path(path)
+    target = path.resolve()
+    for protected in protect:
+        if Path(protected).resolve() == target:
+            msg = (
+                f"refusing to overwrite {str(path)!r}: it is the input file and is kept unchanged. "
+                "Write to a new file name instead."
+            )
+            raise InputError(msg)
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        msg = (
+            f"cannot write {path.name!r}: expected a name ending in {' or '.join(SUFFIXES)}, "
+            f"found {suffix!r}."
+        )
+        raise InputError(msg)
+    if not target.parent.is_dir():
+        msg = f"cannot write {str(path)!r}: folder {str(target.parent)!r} does not exist."
+        raise InputError(msg)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        if suffix == ".loom":
+            logger.warning("loom keeps layers, obs, var and obsm only (no obsp, uns); use .h5ad to keep all")
+            tmp.unlink()  # loompy refuses to write over an existing file
+            adata.write_loom(tmp, write_obsm_varm=True)
+        else:
+            adata.write_h5ad(tmp)
+        # mkstemp makes the file private (0600): keep the replaced file's mode, else rw-r--r--
+        tmp.chmod(target.stat().st_mode & 0o777 if target.exists() else 0o644)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    logger.info("wrote %s", target)
+    return target
+
+
+# ---------------------------------------------------------------------------------------
+# helpers
+
+
+def _check_hdf5(path: Path, suffix: str) -> None:
+    with path.open("rb") as fh:
+        head = fh.read(len(_HDF5_SIGNATURE))
+    if head != _HDF5_SIGNATURE:
+        kind = "AnnData (.h5ad)" if suffix == ".h5ad" else "loom"
+        looks = "text" if head and all(32 <= b < 127 or b in (9, 10, 13) for b in head) else "not HDF5"
+        msg = (
+            f"{path.name!r} is not an {kind} file: expected an HDF5 file, found {looks} "
+            f"(first bytes {head!r}). Check that the file is complete and has the right extension."
+        )
+        raise InputError(msg)
+
+
+def _stored_shapes(path: Path, suffix: str) -> dict[str, tuple[int, int]]:
+    """Shapes (n_obs, n_vars) of X and every layer, read from the HDF5 metadata only."""
+    import h5py
+
+    shapes: dict[str, tuple[int, int]] = {}
+    try:
+        with h5py.File(path, "r") as f:
+            if suffix == ".loom":
+                if "matrix" not in f:
+                    msg = f"{path.name!r} is HDF5 but not a loom file: no '/matrix' dataset found."
+                    raise InputError(msg)
+                # loom stores genes x cells
+                n_vars, n_obs = f["matrix"].shape
+                shapes["X"] = (n_obs, n_vars)
+                for name, node in f.get("layers", {}).items():
+                    if name:  # loompy keeps the main matrix also as layer ''
+                        shapes[name] = tuple(node.shape[::-1])
+            else:
+                if "obs" not in f or "var" not in f:
+                    msg = (
+                        f"{path.name!r} is HDF5 but not an AnnData file: expected groups 'obs' and 'var', "
+                        f"found {sorted(f.keys())}."
+                    )
+                    raise InputError(msg)
+                if "X" in f:
+                    shapes["X"] = _h5ad_shape(f["X"])
+                for name, node in f.get("layers", {}).items():
+                    shapes[name] = _h5ad_shape(node)
+    except OSError as err:
+        msg = f"could not open {path.name!r} as HDF5 ({err}); expected a complete {suffix} file."
+        raise InputError(msg) from err
+    return shapes
+
+
+def _h5ad_shape(node: object) -> tuple[int, int]:
+    attrs = getattr(node, "attrs", {})
+    if "shape" in attrs:  # sparse matrices are groups with a shape attribute
+        return tuple(int(n) for n in attrs["shape"])
+    return tuple(int(n) for n in node.shape)
+
+
+def _check_layers(
+    shapes: dict[str, tuple[int, int]], *, spliced_layer: str, unspliced_layer: str, path: Path
+) -> None:
+    layers = [name for name in shapes if name != "X"]
+    for name, arg in ((spliced_layer, "spliced_layer"), (unspliced_layer, "unspliced_layer")):
+        if name not in layers:
+            msg = (
+                f"layer {name!r} not found in {path.name!r}; it has layers {layers}. Load velocyto/STARsolo "
+                f"output with spliced and unspliced counts, or pass `{arg}=` naming one of {layers}."
+            )
+            raise InputError(msg)
+    wanted = {
+        "X": shapes.get("X"),
+        spliced_layer: shapes[spliced_layer],
+        unspliced_layer: shapes[unspliced_layer],
+    }
+    wanted = {k: v for k, v in wanted.items() if v is not None}
+    if len(set(wanted.values())) > 1:
+        found = ", ".join(f"{k} {v}" for k, v in wanted.items())
+        msg = (
+            f"shape mismatch in {path.name!r}: expected {spliced_layer!r} and {unspliced_layer!r} "
+            f"(and X) to be cells x genes of the same shape, found {found}."
+        )
+        raise InputError(msg)
+
+
+def _read_h5ad(path: Path) -> AnnData:
+    import anndata as ad
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            # e.g. anndata's OldFormatWarning for files written by anndata < 0.7: they
+            # read fine, so tell the log rather than fail
+            warnings.simplefilter("always")
+            adata = ad.read_h5ad(path)
+    except Exception as err:  # anndata raises many types for broken files
+        msg = f"could not read {path.name!r} as AnnData: {type(err).__name__}: {err}"
+        raise InputError(msg) from err
+    for w in caught:
+        logger.info("reading %s: %s", path.name, w.message)
+    return adata
+
+
+def _read_loom(path: Path) -> AnnData:
+    import anndata as ad
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        row_attrs = set(f.get("row_attrs", {}).keys())
+        col_attrs = set(f.get("col_attrs", {}).keys())
+    var_names = next((n for n in _LOOM_VAR_NAMES if n in row_attrs), None)
+    obs_names = next((n for n in _LOOM_OBS_NAMES if n in col_attrs), None)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            adata = ad.read_loom(
+                path,
+                sparse=True,
+                cleanup=False,
+                var_names=var_names or "var_names",
+                obs_names=obs_names or "obs_names",
+            )
+    except Exception as err:
+        msg = f"could not read {path.name!r} as loom: {type(err).__name__}: {err}"
+        raise InputError(msg) from err
+    for w in caught:  # e.g. "Variable names are not unique": fixed just below
+        logger.info("reading %s: %s", path.name, w.message)
+    if not adata.var_names.is_unique:
+        adata.var_names_make_unique()
+    if not adata.obs_names.is_unique:
+        adata.obs_names_make_unique()
+    return adata
+
+
+def _rename_layers(adata: AnnData, *, spliced_layer: str, unspliced_layer: str) -> None:
+    renames = {spliced_layer: Key.layers.SPLICED, unspliced_layer: Key.layers.UNSPLICED}
+    moved = {old: adata.layers[old] for old, new in renames.items() if old != new}
+    for old, new in renames.items():
+        if old == new:
+            continue
+        if new in adata.layers and new not in renames:
+            logger.info("layer %r replaced by %r", new, old)
+        del adata.layers[old]
+    for old, value in moved.items():
+        adata.layers[renames[old]] = value
+
+
+def _move_graphs_to_obsp(adata: AnnData) -> None:
+    """Move scVelo's cell-by-cell graphs from ``uns`` to ``obsp`` (where they subset with cells)."""
+    for key in (Key.obsp.VELOCITY_GRAPH, Key.obsp.VELOCITY_GRAPH_NEG):
+        if key not in adata.uns:
+            continue
+        graph = adata.uns[key]
+        if getattr(graph, "shape", None) != (adata.n_obs, adata.n_obs):
+            logger.warning(
+                "uns[%r] has shape %s, expected (%d, %d); left in uns",
+                key,
+                getattr(graph, "shape", None),
+                adata.n_obs,
+                adata.n_obs,
+            )
+            continue
+        adata.obsp[key] = sparse.csr_matrix(graph)
+        del adata.uns[key]
+
+
+def _as_float32(matrix: object) -> object:
+    if sparse.issparse(matrix):
+        matrix = sparse.csr_matrix(matrix)
+        return matrix if matrix.dtype == np.float32 else matrix.astype(np.float32)
+    matrix = np.asarray(matrix)
+    return matrix if matrix.dtype == np.float32 else matrix.astype(np.float32)
+
+
+def _values(matrix: object) -> np.ndarray:
+    """Return the stored values of a sparse matrix, or all values of a dense one."""
+    if sparse.issparse(matrix):
+        return np.asarray(matrix.data)
+    return np.asarray(matrix).ravel()

@@ -1,0 +1,362 @@
+"""scVelo-compatible preprocessing: gene filter, per-cell normalisation, log1p, gene selection.
+
+``filter_and_normalize`` does what scVelo 0.2's
+``scv.pp.filter_and_normalize(adata, min_shared_counts=20, n_top_genes=2000, log=True)``
+did, which in scVelo 0.3.4 is ``scv.pp.filter_and_normalize(adata, min_shared_counts=20)``
+followed by ``sc.pp.log1p`` and scanpy's
+``sc.pp.highly_variable_genes(flavor="seurat", n_top_genes=2000, subset=True)``.
+``prepare`` adds PCA, the kNN graph, the moments ``Ms``/``Mu`` (``scv.pp.moments(n_pcs=30,
+n_neighbors=30)``) and a UMAP, and leaves normalisation out for data that already has
+``Ms``/``Mu``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import numpy as np
+from scipy import sparse
+
+from explorer._types import InputError, report
+from explorer.data.io import validate_counts
+from explorer.keys import Key
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+    from explorer._types import ProgressCallback
+
+logger = logging.getLogger(__name__)
+
+#: scVelo's ``not_yet_normalized`` looks at the first five cells only
+_N_ROWS_CHECKED = 5
+#: scVelo adds var['gene_count_corr'] only when more genes than this are left
+_GENE_COUNT_CORR_MIN_GENES = 3000
+
+
+def is_preprocessed(adata: AnnData) -> bool:
+    """Whether ``adata`` already has the first-order moments ``Ms`` and ``Mu``.
+
+    Such data (e.g. written by scVelo or by explorer) is used as it is: normalising it
+    again would change the values the moments were computed from.
+    """
+    return Key.layers.MS in adata.layers and Key.layers.MU in adata.layers
+
+
+def looks_like_counts(matrix: sparse.spmatrix | np.ndarray) -> bool:
+    """Whether the first five rows hold whole numbers (within 1e-3), as scVelo's ``not_yet_normalized``."""
+    head = matrix[:_N_ROWS_CHECKED]
+    values = head.data if sparse.issparse(head) else np.asarray(head)
+    return bool(np.allclose(np.ravel(values) % 1, 0, atol=1e-3))
+
+
+def shared_counts(
+    spliced: sparse.spmatrix | np.ndarray, unspliced: sparse.spmatrix | np.ndarray
+) -> np.ndarray:
+    """Per gene, spliced + unspliced counts summed over the cells where both are > 0.
+
+    This is scVelo's ``min_shared_counts`` statistic (``filter_genes``).
+
+    Returns
+    -------
+    Array of shape ``(n_vars,)``, float64.
+    """
+    if sparse.issparse(spliced) or sparse.issparse(unspliced):
+        s, u = sparse.csr_matrix(spliced), sparse.csr_matrix(unspliced)
+        both = (s > 0).multiply(u > 0)
+        total = both.multiply(s) + both.multiply(u)
+        return np.asarray(total.sum(axis=0), dtype=np.float64).ravel()
+    s, u = np.asarray(spliced), np.asarray(unspliced)
+    both = (s > 0) & (u > 0)
+    return np.where(both, s + u, 0).sum(axis=0, dtype=np.float64)
+
+
+def size_factors(counts_per_cell: np.ndarray) -> np.ndarray:
+    """Divisors of scVelo's ``normalize_per_cell``: cell size / median cell size.
+
+    ``counts_after`` is the median of ``counts_per_cell`` (1 if that is 0), and a cell
+    with no counts gets divisor 1 so that it stays all zeros. The arithmetic keeps the
+    dtype of ``counts_per_cell`` (float32 cell sizes give float32 divisors, as in scVelo).
+    """
+    counts = np.asarray(counts_per_cell)
+    if not np.issubdtype(counts.dtype, np.floating):
+        counts = counts.astype(np.float64)
+    after = np.median(counts)
+    after += after == 0
+    factors = counts / after
+    factors += factors == 0
+    return factors
+
+
+def filter_and_normalize(
+    adata: AnnData,
+    *,
+    min_shared_counts: int = 20,
+    n_top_genes: int | None = 2000,
+    log: bool = True,
+) -> None:
+    """Filter genes, normalise X/spliced/unspliced per cell, log1p X, keep variable genes.
+
+    In place, as scVelo (0.3.4 + scanpy) does it:
+
+    1. ``obs['initial_size_spliced']``, ``obs['initial_size_unspliced']``,
+       ``obs['initial_size']``: counts per cell over *all* genes, before filtering (kept
+       if present).
+    2. Keep genes whose shared counts (spliced + unspliced over cells where both are
+       detected) reach ``min_shared_counts``.
+    3. Divide each of X, spliced, unspliced by its initial size over the median initial
+       size (so a cell's counts sum to the median *unfiltered* size); layers that do not
+       look like counts are left alone. ``obs['n_counts']`` = normalised X per cell.
+    4. ``log1p`` of X (only when X was normalised here; scanpy's ``uns['log1p']`` marks it).
+    5. scanpy's ``highly_variable_genes(flavor="seurat", n_top_genes=...)`` on log X,
+       keeping only those genes.
+
+    Parameters
+    ----------
+    adata
+        Data with raw counts in ``layers['spliced']`` / ``layers['unspliced']``.
+    min_shared_counts
+        Minimum shared counts for a gene to be kept.
+    n_top_genes
+        Number of highly variable genes to keep; ``None`` keeps all genes that pass
+        the filter.
+    log
+        Whether to log1p X.
+
+    Returns
+    -------
+    Nothing; sets obs ``initial_size``, ``initial_size_spliced``,
+    ``initial_size_unspliced``, ``n_counts``; var ``highly_variable``, ``means``,
+    ``dispersions``, ``dispersions_norm`` (and ``gene_count_corr`` when more than 3,000
+    genes pass the filter); uns ``log1p``; subsets the genes.
+
+    Raises
+    ------
+    InputError
+        When layers are missing or no gene passes the filter.
+    """
+    validate_counts(adata)
+    if adata.X is None:
+        adata.X = adata.layers[Key.layers.SPLICED].copy()
+    _set_initial_size(adata)
+
+    n_before = adata.n_vars
+    keep = (
+        shared_counts(adata.layers[Key.layers.SPLICED], adata.layers[Key.layers.UNSPLICED])
+        >= min_shared_counts
+    )
+    if not keep.any():
+        msg = (
+            f"no genes left after filtering: none of the {n_before} genes has min_shared_counts="
+            f"{min_shared_counts} (spliced + unspliced counts over cells where both are detected). "
+            "Lower `min_shared_counts` or check that the layers hold raw counts."
+        )
+        raise InputError(msg)
+    if not keep.all():
+        adata._inplace_subset_var(keep)
+    logger.info("kept %d of %d genes with >= %d shared counts", adata.n_vars, n_before, min_shared_counts)
+
+    normalised_x = _normalize_per_cell(adata)
+
+    if log:
+        if normalised_x and Key.uns.LOG1P not in adata.uns:
+            _log1p(adata)
+        else:
+            logger.info("X not log-transformed: it was not raw counts or is marked as logged already")
+
+    if n_top_genes is not None:
+        _select_highly_variable(adata, n_top_genes=n_top_genes)
+
+
+def prepare(
+    adata: AnnData,
+    *,
+    min_shared_counts: int = 20,
+    n_top_genes: int | None = 2000,
+    n_pcs: int = 30,
+    n_neighbors: int = 30,
+    compute_umap: bool = True,
+    seed: int = 0,
+    progress: ProgressCallback | None = None,
+) -> None:
+    """Run the whole scVelo-compatible preprocessing in place.
+
+    Raw counts go through :func:`filter_and_normalize`, then PCA + kNN graph
+    (:func:`explorer.graph.neighbors.compute_neighbors`) and the moments ``Ms``/``Mu``
+    (:func:`explorer.graph.moments.compute_moments`). Data that already has ``Ms`` and
+    ``Mu`` is not normalised again: only a missing neighbour graph or UMAP is added.
+
+    Parameters
+    ----------
+    adata
+        Data from :func:`explorer.data.io.read`.
+    min_shared_counts, n_top_genes
+        Passed to :func:`filter_and_normalize`.
+    n_pcs, n_neighbors
+        PCA components and neighbours (including the cell itself) of the kNN graph.
+    compute_umap
+        Compute ``obsm['X_umap']`` when the data has none.
+    seed
+        Seed of PCA, neighbour search and UMAP.
+    progress
+        Receives one :class:`~explorer._types.Progress` per step.
+
+    Returns
+    -------
+    Nothing; sets what :func:`filter_and_normalize`, ``compute_neighbors``,
+    ``compute_moments`` and ``compute_umap`` set (layers ``Ms``, ``Mu``; obsm
+    ``X_pca``, ``X_umap``; obsp ``distances``, ``connectivities``; uns ``neighbors``,
+    ``pca``, ``umap``) and uns ``explorer_preprocess`` with the parameters used.
+
+    Raises
+    ------
+    InputError
+        Missing layers, no genes left, or fewer cells than ``n_neighbors``.
+    """
+    from explorer.graph.embedding import compute_umap as _compute_umap
+    from explorer.graph.moments import compute_moments
+    from explorer.graph.neighbors import compute_neighbors, has_neighbors
+
+    validate_counts(adata)
+    if adata.n_obs < n_neighbors:
+        msg = (
+            f"too few cells: found {adata.n_obs}, fewer than n_neighbors={n_neighbors} asked for. "
+            f"Pass `n_neighbors=` at most {adata.n_obs} or load more cells."
+        )
+        raise InputError(msg)
+
+    already = is_preprocessed(adata)
+    steps = ["filter and normalise", "neighbours", "moments", "UMAP"]
+    total = len(steps)
+    if already:
+        logger.info("layers Ms/Mu present: using the data as it is (no normalisation)")
+    else:
+        report(progress, 0, total, "filtering and normalising")
+        filter_and_normalize(adata, min_shared_counts=min_shared_counts, n_top_genes=n_top_genes)
+    report(progress, 1, total, "neighbours")
+    if not already or not has_neighbors(adata):
+        compute_neighbors(adata, n_neighbors=n_neighbors, n_pcs=n_pcs, seed=seed)
+    report(progress, 2, total, "moments")
+    if not already:
+        compute_moments(adata)
+    report(progress, 3, total, "UMAP")
+    made_umap = False
+    if compute_umap and Key.obsm.UMAP not in adata.obsm:
+        _compute_umap(adata, seed=seed)
+        made_umap = True
+    report(progress, 4, total, "done")
+    adata.uns[Key.uns.PREPROCESS] = {
+        "normalized": not already,
+        "min_shared_counts": min_shared_counts,
+        "n_top_genes": "None" if n_top_genes is None else n_top_genes,
+        "n_pcs": n_pcs,
+        "n_neighbors": n_neighbors,
+        "seed": seed,
+        "umap_computed": made_umap,
+        "n_obs": adata.n_obs,
+        "n_vars": adata.n_vars,
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# steps
+
+
+def _row_sums(matrix: sparse.spmatrix | np.ndarray) -> np.ndarray:
+    # float32 sums, as scVelo's ``get_size`` (``X.sum(1)``) gives for float32 data
+    return np.asarray(matrix.sum(axis=1)).ravel()
+
+
+def _set_initial_size(adata: AnnData) -> None:
+    """Set cell sizes over all genes once, before filtering (scVelo's ``set_initial_size``)."""
+    for layer, key in (
+        (Key.layers.UNSPLICED, Key.obs.INITIAL_SIZE_UNSPLICED),
+        (Key.layers.SPLICED, Key.obs.INITIAL_SIZE_SPLICED),
+    ):
+        if key not in adata.obs:
+            adata.obs[key] = _row_sums(adata.layers[layer])
+    if Key.obs.INITIAL_SIZE not in adata.obs:
+        adata.obs[Key.obs.INITIAL_SIZE] = _row_sums(adata.X)
+
+
+def _scale_rows(matrix: sparse.spmatrix | np.ndarray, divisors: np.ndarray) -> sparse.spmatrix | np.ndarray:
+    """Return ``matrix`` with each row divided by ``divisors``, in its own dtype.
+
+    A new array, not in place: X and a layer may share memory (``adata.X =
+    adata.layers['spliced']``), and scaling one in place would normalise the other twice.
+    """
+    scale = 1.0 / divisors
+    if sparse.issparse(matrix):
+        matrix = sparse.csr_matrix(matrix)
+        # the same float products as scikit-learn's inplace_csr_row_scale, which scVelo calls
+        data = (matrix.data * np.repeat(scale, np.diff(matrix.indptr))).astype(matrix.dtype, copy=False)
+        return sparse.csr_matrix((data, matrix.indices.copy(), matrix.indptr.copy()), shape=matrix.shape)
+    matrix = np.asarray(matrix)
+    return (matrix * scale[:, None]).astype(matrix.dtype, copy=False)
+
+
+def _normalize_per_cell(adata: AnnData) -> bool:
+    """Normalise as scVelo's ``normalize_per_cell``; return whether X was normalised."""
+    normalised_x = False
+    for layer, size_key in (
+        ("X", Key.obs.INITIAL_SIZE),
+        (Key.layers.SPLICED, Key.obs.INITIAL_SIZE_SPLICED),
+        (Key.layers.UNSPLICED, Key.obs.INITIAL_SIZE_UNSPLICED),
+    ):
+        matrix = adata.X if layer == "X" else adata.layers[layer]
+        if not looks_like_counts(matrix):
+            logger.warning("did not normalise %s: it does not look like raw counts", layer)
+            continue
+        if not np.issubdtype(matrix.dtype, np.floating):
+            matrix = matrix.astype(np.float32)
+        divisors = size_factors(np.asarray(adata.obs[size_key]))
+        matrix = _scale_rows(matrix, divisors)
+        if layer == "X":
+            adata.X = matrix
+            normalised_x = True
+            if adata.n_vars > _GENE_COUNT_CORR_MIN_GENES and Key.var.GENE_COUNT_CORR not in adata.var:
+                adata.var[Key.var.GENE_COUNT_CORR] = _gene_count_corr(matrix)
+        else:
+            adata.layers[layer] = matrix
+    adata.obs[Key.obs.N_COUNTS] = _row_sums(adata.X)
+    return normalised_x
+
+
+def _gene_count_corr(matrix: sparse.spmatrix | np.ndarray) -> np.ndarray:
+    """Per gene, Pearson correlation with the number of genes detected per cell (scVelo, 4 digits)."""
+    n_detected = np.asarray((matrix > 0).sum(axis=1), dtype=np.float64).ravel()
+    n = matrix.shape[0]
+    y = n_detected - n_detected.mean()
+    if sparse.issparse(matrix):
+        sum_x = np.asarray(matrix.sum(axis=0), dtype=np.float64).ravel()
+        sum_xx = np.asarray(matrix.multiply(matrix).sum(axis=0), dtype=np.float64).ravel()
+        sum_xy = np.asarray(matrix.T @ y, dtype=np.float64).ravel()
+    else:
+        x = np.asarray(matrix, dtype=np.float64)
+        sum_x, sum_xx, sum_xy = x.sum(0), (x * x).sum(0), x.T @ y
+    ss_x = sum_xx - sum_x**2 / n
+    with np.errstate(divide="ignore", invalid="ignore"):
+        corr = sum_xy / np.sqrt(ss_x * (y @ y))
+    return np.round(corr, 4)
+
+
+def _log1p(adata: AnnData) -> None:
+    X = adata.X
+    if sparse.issparse(X):
+        np.log1p(X.data, out=X.data)
+    else:
+        np.log1p(X, out=X)
+    # scanpy's marker; highly_variable_genes reads the base from it
+    adata.uns[Key.uns.LOG1P] = {"base": None}
+
+
+def _select_highly_variable(adata: AnnData, *, n_top_genes: int) -> None:
+    import scanpy as sc
+
+    if Key.uns.LOG1P not in adata.uns:
+        # scanpy's seurat flavour expects log data and warns otherwise; scVelo 0.2 marked
+        # unlogged data the same way when the user passed log=False
+        logger.info("selecting variable genes on X that is not log-transformed")
+    sc.pp.highly_variable_genes(adata, flavor="seurat", n_top_genes=n_top_genes, subset=True)
+    logger.info("kept %d highly variable genes", adata.n_vars)

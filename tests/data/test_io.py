@@ -1,0 +1,216 @@
+from __future__ import annotations
+
+import hashlib
+
+import anndata as ad
+import h5py
+import loompy
+import numpy as np
+import pytest
+from scipy import sparse
+
+from explorer._types import InputError
+from explorer.data.io import read, validate_counts, write
+from explorer.keys import Key
+from tests.data.conftest import make_counts
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_read_h5ad_round_trip(tmp_path, counts_adata):
+    path = tmp_path / "counts.h5ad"
+    counts_adata.write_h5ad(path)
+    adata = read(path)
+    assert adata.shape == counts_adata.shape
+    assert adata.layers[Key.layers.SPLICED].dtype == np.float32
+    np.testing.assert_array_equal(
+        adata.layers[Key.layers.UNSPLICED].toarray(), counts_adata.layers["unspliced"].toarray()
+    )
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(InputError, match=r"file not found: .*nope\.h5ad"):
+        read(tmp_path / "nope.h5ad")
+
+
+def test_text_file_renamed_h5ad(tmp_path):
+    path = tmp_path / "table.h5ad"
+    path.write_text("gene,cell,count\nA,c1,3\n")
+    with pytest.raises(
+        InputError, match=r"not an AnnData \(\.h5ad\) file: expected an HDF5 file, found text"
+    ):
+        read(path)
+
+
+def test_wrong_extension(tmp_path, counts_adata):
+    path = tmp_path / "counts.csv"
+    path.write_text("a,b\n1,2\n")
+    with pytest.raises(InputError, match=r"expected a file ending in \.h5ad or \.loom, found '\.csv'"):
+        read(path)
+
+
+def test_hdf5_that_is_not_anndata(tmp_path):
+    path = tmp_path / "other.h5ad"
+    with h5py.File(path, "w") as f:
+        f["data"] = np.arange(3)
+    with pytest.raises(
+        InputError, match=r"not an AnnData file: expected groups 'obs' and 'var', found \['data'\]"
+    ):
+        read(path)
+
+
+def test_missing_layer_names_found_layers(tmp_path, counts_adata):
+    counts_adata.layers["exon"] = counts_adata.layers.pop("spliced")
+    path = tmp_path / "counts.h5ad"
+    counts_adata.write_h5ad(path)
+    with pytest.raises(InputError, match=r"layer 'spliced' not found") as info:
+        read(path)
+    message = str(info.value)
+    assert "'exon'" in message
+    assert "'unspliced'" in message
+    assert "spliced_layer=" in message
+
+
+def test_custom_layer_names_are_renamed(tmp_path, counts_adata):
+    counts_adata.layers["exon"] = counts_adata.layers.pop("spliced")
+    counts_adata.layers["intron"] = counts_adata.layers.pop("unspliced")
+    path = tmp_path / "counts.h5ad"
+    counts_adata.write_h5ad(path)
+    adata = read(path, spliced_layer="exon", unspliced_layer="intron")
+    assert set(adata.layers) == {"spliced", "unspliced"}
+    np.testing.assert_array_equal(adata.layers["spliced"].toarray(), counts_adata.layers["exon"].toarray())
+
+
+def test_layer_shape_mismatch(tmp_path, counts_adata):
+    path = tmp_path / "counts.h5ad"
+    counts_adata.write_h5ad(path)
+    with h5py.File(path, "r+") as f:  # AnnData itself refuses such layers, so edit the file
+        del f["layers/unspliced"]
+        f["layers/unspliced"] = np.zeros((counts_adata.n_obs, counts_adata.n_vars + 3), dtype=np.float32)
+    with pytest.raises(
+        InputError, match=r"shape mismatch .*found X \(40, 12\), spliced \(40, 12\), unspliced \(40, 15\)"
+    ):
+        read(path)
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        (-1.0, r"'unspliced' has 1 negative values \(lowest -1\)"),
+        (np.nan, r"'unspliced' has 1 non-finite values"),
+    ],
+)
+def test_bad_counts(tmp_path, value, match):
+    adata = make_counts()
+    u = adata.layers["unspliced"].toarray()
+    u[3, 2] = value
+    adata.layers["unspliced"] = sparse.csr_matrix(u)
+    path = tmp_path / "bad.h5ad"
+    adata.write_h5ad(path)
+    with pytest.raises(InputError, match=match):
+        read(path)
+
+
+def test_validate_counts_no_cells(counts_adata):
+    with pytest.raises(InputError, match=r"found 0 cells x 12 genes"):
+        validate_counts(counts_adata[:0].copy())
+
+
+def test_velocity_graph_moved_from_uns_to_obsp(tmp_path, counts_adata):
+    graph = sparse.random(counts_adata.n_obs, counts_adata.n_obs, density=0.1, format="csr", random_state=0)
+    counts_adata.uns["velocity_graph"] = graph
+    counts_adata.uns["velocity_graph_neg"] = -graph
+    path = tmp_path / "scvelo.h5ad"
+    counts_adata.write_h5ad(path)
+    adata = read(path)
+    assert "velocity_graph" not in adata.uns
+    assert "velocity_graph_neg" not in adata.uns
+    np.testing.assert_array_equal(adata.obsp[Key.obsp.VELOCITY_GRAPH].toarray(), graph.toarray())
+    np.testing.assert_array_equal(adata.obsp[Key.obsp.VELOCITY_GRAPH_NEG].toarray(), -graph.toarray())
+
+
+def test_velocyto_loom_round_trip(tmp_path, counts_adata):
+    """A loom as velocyto writes it: genes x cells, row attr Gene, col attr CellID, uint counts."""
+    path = tmp_path / "velocyto.loom"
+    s = counts_adata.layers["spliced"].toarray().T.astype(np.uint32)
+    u = counts_adata.layers["unspliced"].toarray().T.astype(np.uint32)
+    genes = np.array(counts_adata.var_names)
+    genes[1] = genes[0]  # velocyto looms often repeat gene symbols
+    loompy.create(
+        str(path),
+        {"": s, "spliced": s, "unspliced": u, "ambiguous": np.zeros_like(s)},
+        row_attrs={"Gene": genes, "Accession": np.array([f"ENS{j}" for j in range(len(genes))])},
+        col_attrs={"CellID": np.array(counts_adata.obs_names)},
+    )
+    before = _sha(path)
+    adata = read(path)
+    assert _sha(path) == before
+    assert adata.shape == counts_adata.shape
+    assert list(adata.obs_names) == list(counts_adata.obs_names)
+    assert adata.var_names.is_unique
+    assert adata.var_names[0] == "gene0"
+    assert adata.layers["spliced"].dtype == np.float32
+    np.testing.assert_array_equal(adata.layers["spliced"].toarray(), counts_adata.layers["spliced"].toarray())
+    np.testing.assert_array_equal(
+        adata.layers["unspliced"].toarray(), counts_adata.layers["unspliced"].toarray()
+    )
+    np.testing.assert_array_equal(adata.X.toarray(), counts_adata.layers["spliced"].toarray())
+
+
+def test_loom_missing_layer(tmp_path, counts_adata):
+    path = tmp_path / "exon.loom"
+    s = counts_adata.layers["spliced"].toarray().T
+    loompy.create(
+        str(path),
+        {"": s, "exon": s},
+        row_attrs={"Gene": np.array(counts_adata.var_names)},
+        col_attrs={"CellID": np.array(counts_adata.obs_names)},
+    )
+    with pytest.raises(
+        InputError, match=r"layer 'spliced' not found in 'exon\.loom'; it has layers \['exon'\]"
+    ):
+        read(path)
+
+
+def test_write_is_atomic_and_protects_input(tmp_path, counts_adata, monkeypatch):
+    source = tmp_path / "input.h5ad"
+    counts_adata.write_h5ad(source)
+    before = _sha(source)
+    adata = read(source)
+    with pytest.raises(InputError, match=r"refusing to overwrite .*input\.h5ad"):
+        write(adata, tmp_path / "." / "input.h5ad", protect=[source])
+    assert _sha(source) == before
+
+    out = write(adata, tmp_path / "out.h5ad", protect=[source])
+    assert out == (tmp_path / "out.h5ad").resolve()
+    assert ad.read_h5ad(out).shape == adata.shape
+    written = _sha(out)
+
+    def fail(self, path, *args, **kwargs):
+        path.write_bytes(b"half a file")
+        msg = "disk full"
+        raise OSError(msg)
+
+    monkeypatch.setattr(ad.AnnData, "write_h5ad", fail)
+    with pytest.raises(OSError, match="disk full"):
+        write(adata, out)
+    assert _sha(out) == written  # the old file is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["input.h5ad", "out.h5ad"]  # no temp left
+
+
+def test_write_rejects_unknown_extension(tmp_path, counts_adata):
+    with pytest.raises(InputError, match=r"expected a name ending in \.h5ad or \.loom, found '\.csv'"):
+        write(counts_adata, tmp_path / "out.csv")
+
+
+def test_write_loom_round_trip(tmp_path, counts_adata):
+    out = write(counts_adata, tmp_path / "out.loom")
+    assert out.stat().st_mode & 0o044  # readable by others, like any new file (not mkstemp's 0600)
+    adata = read(out)
+    np.testing.assert_array_equal(adata.layers["spliced"].toarray(), counts_adata.layers["spliced"].toarray())
+    np.testing.assert_array_equal(
+        adata.layers["unspliced"].toarray(), counts_adata.layers["unspliced"].toarray()
+    )
+    assert list(adata.obs_names) == list(counts_adata.obs_names)

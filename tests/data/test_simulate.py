@@ -1,0 +1,258 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.integrate import odeint
+from scipy.sparse import issparse
+
+from explorer.data.simulate import KINDS, simulate
+from explorer.keys import Key
+
+
+@pytest.fixture(scope="module")
+def branched():
+    return simulate(n_obs=600, n_vars=60, seed=3, branches=2)
+
+
+def _odeint_u_s(t_cells, segments, beta, gamma):
+    """(u, s) in ODE units at sorted ``t_cells`` for piecewise-constant alpha.
+
+    ``segments`` = [(start, alpha), ...]; alpha is 0 before the first start. Integrates
+    each piece separately so that the jumps in alpha are resolved exactly.
+    """
+
+    def rhs(y, _t, a):
+        return [a - beta * y[0], beta * y[0] - gamma * y[1]]
+
+    # the gene is off (0, 0) before the first start, which may lie before t = 0
+    starts = [st for st, _ in segments] + [max(t_cells.max(), segments[-1][0]) + 1.0]
+    alphas = [a for _, a in segments]
+    out = np.zeros((len(t_cells), 2))
+    y0 = [0.0, 0.0]
+    for (lo, hi), a in zip(zip(starts[:-1], starts[1:], strict=True), alphas, strict=True):
+        if hi <= lo:
+            continue
+        inside = (t_cells >= lo) & (t_cells < hi)
+        grid = np.concatenate([[lo], t_cells[inside], [hi]])
+        sol = odeint(rhs, y0, grid, args=(a,), rtol=1e-10, atol=1e-10)
+        out[inside] = sol[1:-1]
+        y0 = sol[-1]
+    return out[:, 0], out[:, 1]
+
+
+def test_same_seed_same_data_other_seed_other_data():
+    a = simulate(n_obs=150, n_vars=15, seed=7, noise="nb")
+    b = simulate(n_obs=150, n_vars=15, seed=7, noise="nb")
+    c = simulate(n_obs=150, n_vars=15, seed=8, noise="nb")
+    for key in (Key.layers.SPLICED, Key.layers.UNSPLICED):
+        assert (a.layers[key] != b.layers[key]).nnz == 0
+        assert (a.layers[key] != c.layers[key]).nnz > 0
+    np.testing.assert_array_equal(a.layers[Key.layers.TRUE_S], b.layers[Key.layers.TRUE_S])
+    assert a.var.equals(b.var)
+    assert a.obs.equals(b.obs)
+
+
+def test_layout_and_ground_truth_keys(tiny_adata):
+    adata = tiny_adata
+    assert adata.shape == (200, 20)
+    for key in (Key.layers.SPLICED, Key.layers.UNSPLICED):
+        layer = adata.layers[key]
+        assert issparse(layer)
+        assert layer.dtype == np.float32
+        np.testing.assert_array_equal(layer.data, np.round(layer.data))
+    assert (adata.X != adata.layers[Key.layers.SPLICED]).nnz == 0
+    for key in (
+        Key.var.TRUE_ALPHA,
+        Key.var.TRUE_BETA,
+        Key.var.TRUE_GAMMA,
+        Key.var.TRUE_T_,
+        Key.var.TRUE_T_ON,
+        Key.var.TRUE_SCALING,
+        Key.var.TRUE_KIND,
+    ):
+        assert key in adata.var
+    assert list(adata.var[Key.var.TRUE_KIND].cat.categories) == list(KINDS)
+    # default shares: 5% of 20 genes = 1 of each pitfall, 10% late induction = 2
+    counts = adata.var[Key.var.TRUE_KIND].value_counts()
+    assert counts["late_induction"] == 2
+    assert counts["standard"] == 20 - 2 - 4
+    assert adata.obs[Key.obs.CLUSTERS].dtype == "category"
+    assert adata.uns[Key.uns.SIMULATION]["seed"] == 0
+
+
+def test_true_velocity_is_beta_u_minus_gamma_s(branched):
+    adata = branched
+    var, obs = adata.var, adata.obs
+    gamma = np.where(
+        obs[Key.obs.TRUE_REGIME].to_numpy()[:, None] == 1,
+        var[Key.var.TRUE_GAMMA_2].to_numpy()[None, :],
+        var[Key.var.TRUE_GAMMA].to_numpy()[None, :],
+    )
+    expected = (
+        var[Key.var.TRUE_BETA].to_numpy() * adata.layers[Key.layers.TRUE_U]
+        - gamma * adata.layers[Key.layers.TRUE_S]
+    )
+    steady = (var[Key.var.TRUE_KIND] == "steady").to_numpy()
+    np.testing.assert_allclose(adata.layers[Key.layers.TRUE_VELOCITY], expected, rtol=1e-4, atol=1e-3)
+    # steady genes: constant abundances at alpha/gamma, zero velocity
+    assert np.all(adata.layers[Key.layers.TRUE_VELOCITY][:, steady] == 0)
+    s_st = adata.layers[Key.layers.TRUE_S][:, steady]
+    np.testing.assert_allclose(s_st, np.broadcast_to(s_st[:1], s_st.shape), rtol=1e-6)
+    np.testing.assert_allclose(
+        s_st[0], (var[Key.var.TRUE_ALPHA] / var[Key.var.TRUE_GAMMA])[steady], rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize("kind", ["standard", "boost", "two_regimes", "late_induction", "early_repression"])
+def test_abundances_match_odeint(tiny_adata, kind):
+    adata = simulate(n_obs=200, n_vars=40, seed=1)
+    var = adata.var
+    j = int(np.flatnonzero(var[Key.var.TRUE_KIND] == kind)[0])
+    row = var.iloc[j]
+    regime = adata.obs[Key.obs.TRUE_REGIME].to_numpy()
+    t = adata.obs[Key.obs.TRUE_T].to_numpy().astype(float)
+    scaling = row[Key.var.TRUE_SCALING]
+    beta_ode = row[Key.var.TRUE_BETA] * scaling
+    alpha = row[Key.var.TRUE_ALPHA]
+    segments = [(row[Key.var.TRUE_T_ON], alpha)]
+    if kind == "boost":
+        segments.append((row[Key.var.TRUE_T_BOOST], alpha * row[Key.var.TRUE_BOOST]))
+    segments.append((row[Key.var.TRUE_T_], 0.0))
+    for reg, gkey in ((0, Key.var.TRUE_GAMMA), (1, Key.var.TRUE_GAMMA_2)):
+        cells = regime == reg
+        u, s = _odeint_u_s(t[cells], segments, beta_ode, row[gkey])
+        np.testing.assert_allclose(
+            adata.layers[Key.layers.TRUE_U][cells, j], u * scaling, rtol=2e-4, atol=1e-4
+        )
+        np.testing.assert_allclose(adata.layers[Key.layers.TRUE_S][cells, j], s, rtol=2e-4, atol=1e-4)
+    if kind == "two_regimes":
+        assert row[Key.var.TRUE_GAMMA_2] > 2 * row[Key.var.TRUE_GAMMA]
+
+
+def test_late_induction_silent_before_onset(branched):
+    var, t = branched.var, branched.obs[Key.obs.TRUE_T].to_numpy()
+    late = np.flatnonzero(var[Key.var.TRUE_KIND] == "late_induction")
+    assert len(late) > 0
+    for j in late:
+        t_on = var[Key.var.TRUE_T_ON].iloc[j]
+        assert t_on > 0.3 * branched.uns[Key.uns.SIMULATION]["t_max"]
+        before = t < t_on
+        assert before.sum() > 0
+        assert np.all(branched.layers[Key.layers.TRUE_S][before, j] == 0)
+        assert np.all(branched.layers[Key.layers.UNSPLICED][before, j].toarray() == 0)
+        assert (
+            np.all(branched.layers[Key.layers.TRUE_S][~before, j] > 0)
+            or var[Key.var.TRUE_PROGRAM].iloc[j] != "shared"
+        )
+
+
+def test_early_repression_switches_early(tiny_adata):
+    var = tiny_adata.var
+    early = var[Key.var.TRUE_KIND] == "early_repression"
+    t_max = tiny_adata.uns[Key.uns.SIMULATION]["t_max"]
+    duration = var[Key.var.TRUE_T_] - var[Key.var.TRUE_T_ON]
+    assert (var.loc[early, Key.var.TRUE_T_] <= 0.2 * t_max).all()
+    assert (duration[early] <= 0.2 * t_max).all()
+    standard = var[Key.var.TRUE_KIND] == "standard"
+    assert (duration[standard] >= 0.45 * t_max).all()
+    # long enough inductions: >= 97% of the steady state before switching
+    assert (var.loc[standard, Key.var.TRUE_GAMMA] * duration[standard] >= 3.5).all()
+
+
+def test_branches_have_own_programmes(branched):
+    obs, var = branched.obs, branched.var
+    t = obs[Key.obs.TRUE_T].to_numpy()
+    branch_time = branched.uns[Key.uns.SIMULATION]["branch_time"]
+    lineage = obs[Key.obs.TRUE_LINEAGE].astype(str).to_numpy()
+    assert set(lineage[t < branch_time]) == {"root"}
+    assert set(lineage[t >= branch_time]) == {"A", "B"}
+    regime = obs[Key.obs.TRUE_REGIME].to_numpy()
+    # after the branch the regimes are the lineages
+    np.testing.assert_array_equal(regime[t >= branch_time], (lineage[t >= branch_time] == "B").astype(int))
+    true_s = branched.layers[Key.layers.TRUE_S]
+    for name in ("A", "B"):
+        genes = np.flatnonzero(var[Key.var.TRUE_PROGRAM] == name)
+        assert len(genes) >= 5
+        other = (t >= branch_time) & (lineage != name)
+        own = (t > var[Key.var.TRUE_T_ON].iloc[genes].max()) & (lineage == name)
+        assert np.all(true_s[np.ix_(other, genes)] == 0)
+        assert np.all(true_s[np.ix_(own, genes)] > 0)
+        assert np.all(var[Key.var.TRUE_T_ON].iloc[genes] >= branch_time)
+    assert {"root_1", "A_4", "B_4"} <= set(obs[Key.obs.CLUSTERS].cat.categories)
+
+
+@pytest.mark.parametrize("noise", ["poisson", "nb", "none"])
+def test_counts_scatter_around_abundances(noise):
+    adata = simulate(n_obs=400, n_vars=30, seed=2, noise=noise, dispersion=0.5)
+    sf = adata.obs[Key.obs.TRUE_SIZE_FACTOR].to_numpy()[:, None]
+    mu = adata.layers[Key.layers.TRUE_S] * sf
+    counts = adata.layers[Key.layers.SPLICED].toarray()
+    if noise == "none":
+        np.testing.assert_allclose(counts, mu, rtol=1e-5)
+        return
+    # per-gene totals within 4.5 standard deviations of the expected totals
+    var = mu + (0.5 * mu**2 if noise == "nb" else 0.0)
+    z = (counts.sum(0) - mu.sum(0)) / np.sqrt(var.sum(0))
+    assert np.abs(z).max() < 4.5
+    assert abs(z.mean()) < 1.5
+    resid = ((counts - mu) ** 2).sum() / mu.sum()
+    # Poisson: variance = mean; NB with dispersion 0.5: variance = mu + 0.5 mu^2 >> mu
+    if noise == "poisson":
+        assert 0.9 < resid < 1.1
+    else:
+        assert resid > 3
+
+
+def test_magnitudes_survive_shared_counts_filter():
+    adata = simulate(n_obs=1000, n_vars=100, seed=0)
+    s = adata.layers[Key.layers.SPLICED].toarray()
+    u = adata.layers[Key.layers.UNSPLICED].toarray()
+    # scVelo's filter_genes(min_shared_counts=20): counts in cells where both are detected
+    shared = (s * (u > 0) + u * (s > 0)).sum(0)
+    assert (shared >= 20).mean() >= 0.95
+    u_frac = u.sum() / (u.sum() + s.sum())
+    assert 0.1 < u_frac < 0.35  # the pancreas has 17%
+
+
+def test_invalid_options_say_what_is_valid():
+    with pytest.raises(ValueError, match="Valid options are: 'poisson', 'nb', 'none'"):
+        simulate(n_obs=10, n_vars=5, noise="gaussian")
+    with pytest.raises(ValueError, match="Valid kinds are"):
+        simulate(n_obs=10, n_vars=5, kinds={"bursty": 0.1})
+
+
+# ------------------------------------------------------------------ shipped samples
+
+
+def test_sample_is_prepared_and_keeps_ground_truth(sample_adata):
+    from explorer.data.preprocess import is_preprocessed
+    from explorer.data.samples import RECIPES
+
+    adata = sample_adata
+    recipe = RECIPES["default"]
+    assert adata.shape == (recipe["n_obs"], recipe["n_vars"])  # every gene passes the filter
+    assert is_preprocessed(adata)
+    for key in (Key.layers.MS, Key.layers.MU, Key.layers.TRUE_VELOCITY, Key.layers.TRUE_S):
+        assert adata.layers[key].shape == adata.shape
+    assert {Key.obsm.PCA, Key.obsm.UMAP} <= set(adata.obsm)
+    assert Key.obsp.CONNECTIVITIES in adata.obsp
+    sim = adata.uns[Key.uns.SIMULATION]
+    assert sim["seed"] == recipe["seed"]
+    assert sim["branches"] == recipe["branches"]
+    assert set(adata.obs[Key.obs.TRUE_LINEAGE].cat.categories) == {"root", "A", "B"}
+    assert (adata.var[Key.var.TRUE_KIND] != "standard").sum() >= 5
+    # the stored ground truth is the simulator's, gene for gene
+    fresh = simulate(**recipe)
+    np.testing.assert_array_equal(
+        adata.layers[Key.layers.TRUE_VELOCITY], fresh[:, adata.var_names].layers[Key.layers.TRUE_VELOCITY]
+    )
+
+
+def test_sample_files_are_small_and_names_checked():
+    from explorer._types import InputError
+    from explorer.data.samples import SAMPLES, sample_path
+
+    total = sum(sample_path(name).stat().st_size for name in SAMPLES)
+    assert total < 6e6
+    with pytest.raises(InputError, match="Valid options are: 'default'"):
+        sample_path("pancreas")
