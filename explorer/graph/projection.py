@@ -1,0 +1,171 @@
+r"""Project velocities onto an embedding through the transition matrix (scVelo's ``velocity_embedding``).
+
+A cell's projected velocity is the expected unit displacement towards its neighbours
+under the transition matrix, minus what a uniform choice would give:
+
+.. math::
+    \\tilde v_i = \\sum_j \\left(T_{ij} - \\bar T_{i\\cdot}\\right)
+    \\frac{e_j - e_i}{\\lVert e_j - e_i \\rVert}
+
+over the neighbours :math:`j \\ne i` stored in row :math:`i` (Bergen et al. 2020; the
+correction term is scVelo's ``probs.mean() * dX.sum(0)``, so an uninformative row
+projects to about zero).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+from scipy import sparse
+
+from explorer.graph.transition import DEFAULT_SCALE, _vkey_name, get_velocity_graph, transition_matrix
+from explorer.keys import Key
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+    from explorer._types import FloatArray
+
+logger = logging.getLogger(__name__)
+
+#: matplotlib's default figure (6.4 x 4.8 in) and subplot box (left .125, right .9,
+#: bottom .11, top .88): the axes aspect that ``quiver``'s autoscale sees in scVelo.
+_AXES_ASPECT = (0.77 * 4.8) / (0.775 * 6.4)
+#: matplotlib's default axes margins (5 % of the data range on each side)
+_AXES_MARGIN = 0.05
+
+
+def project_velocity(
+    transitions: sparse.spmatrix, embedding: FloatArray, *, autoscale: bool = True
+) -> FloatArray:
+    """Velocity in an embedding from a transition matrix (scVelo's ``velocity_embedding``).
+
+    Parameters
+    ----------
+    transitions
+        ``(n_obs, n_obs)`` transition matrix; scVelo projects the signed one,
+        ``transition_matrix(g, g_neg, use_negative_cosines=True)``, which
+        :func:`compute_velocity_embedding` builds. The diagonal is ignored.
+    embedding
+        ``(n_obs, n_dims)`` coordinates, e.g. ``obsm['X_umap']``.
+    autoscale
+        Divide by scVelo's arrow scale (:func:`quiver_scale`), so that arrows drawn at
+        this length look as in scVelo; the direction is unchanged.
+
+    Returns
+    -------
+    ``(n_obs, n_dims)`` float32 velocities in embedding units.
+    """
+    E = np.asarray(embedding, dtype=np.float64)
+    T = sparse.csr_matrix(transitions, dtype=np.float64)
+    if T.shape != (E.shape[0], E.shape[0]):
+        n = E.shape[0]
+        msg = f"Expected a ({n}, {n}) transition matrix for {n} cells, found {T.shape}."
+        raise ValueError(msg)
+    T = T.tocoo()
+    keep = (T.row != T.col) & (T.data != 0)
+    rows, cols, probs = T.row[keep], T.col[keep], T.data[keep]
+    dX = E[cols] - E[rows]
+    norm = np.linalg.norm(dX, axis=1)
+    # identical positions carry no direction (scVelo sets their NaN to 0)
+    dX = np.divide(dX, norm[:, None], out=np.zeros_like(dX), where=norm[:, None] > 0)
+    n_obs, n_dims = E.shape
+    count = np.bincount(rows, minlength=n_obs)
+    mean_prob = np.bincount(rows, weights=probs, minlength=n_obs) / np.maximum(count, 1)
+    V = np.empty((n_obs, n_dims))
+    for k in range(n_dims):
+        V[:, k] = np.bincount(rows, weights=probs * dX[:, k], minlength=n_obs) - mean_prob * np.bincount(
+            rows, weights=dX[:, k], minlength=n_obs
+        )
+    if autoscale:
+        scale = quiver_scale(E, V)
+        if scale > 0:
+            V /= 3.0 * scale
+    return V.astype(np.float32)
+
+
+def quiver_scale(embedding: FloatArray, velocity: FloatArray) -> float:
+    """Compute the arrow scale matplotlib's ``quiver`` would pick, without matplotlib.
+
+    scVelo divides projected velocities by ``3 * scale`` from ``ax.quiver(...,
+    angles="xy", scale_units="xy", scale=None)`` on a default figure
+    (``quiver_autoscale``); matplotlib sets ``scale = 1.8 * mean(arrow length in axes
+    widths) * max(10, sqrt(n))``. This reproduces that for the default figure size and
+    margins, on the first two dimensions.
+
+    Returns
+    -------
+    The scale in embedding units (0 when there is nothing to scale).
+    """
+    E = np.asarray(embedding, dtype=np.float64)[:, :2]
+    V = np.asarray(velocity, dtype=np.float64)[:, :2]
+    finite = np.isfinite(V).all(axis=1) & np.isfinite(E).all(axis=1)
+    if not finite.any():
+        return 0.0
+    span = E[finite].max(axis=0) - E[finite].min(axis=0)
+    view = np.where(span > 0, span, 1.0) * (1.0 + 2.0 * _AXES_MARGIN)
+    # arrow length in units of the axes width (x) and the same pixels for y
+    length = np.hypot(V[finite, 0] / view[0], V[finite, 1] * _AXES_ASPECT / view[1])
+    n_arrows = finite.sum()
+    return float(1.8 * length.mean() * max(10.0, math.sqrt(n_arrows)))
+
+
+def compute_velocity_embedding(
+    adata: AnnData,
+    *,
+    basis: str = "umap",
+    vkey: str = Key.layers.VELOCITY,
+    scale: float = DEFAULT_SCALE,
+    self_transitions: bool = True,
+    use_negative_cosines: bool = True,
+    autoscale: bool = True,
+) -> None:
+    """Project the velocity graph onto ``obsm['X_<basis>']`` (scVelo's ``tl.velocity_embedding``).
+
+    Parameters
+    ----------
+    adata
+        Needs the velocity graph (``obsp`` or ``uns``) and ``obsm['X_<basis>']``.
+    basis
+        Embedding name, with or without ``X_``.
+    vkey
+        Velocity whose graph to use.
+    scale, self_transitions, use_negative_cosines
+        Transition kernel, as in :func:`~explorer.graph.transition.transition_matrix`;
+        scVelo's projection defaults.
+    autoscale
+        scVelo's arrow scaling (:func:`quiver_scale`).
+
+    Returns
+    -------
+    None; sets ``obsm['velocity_<basis>']`` and appends ``basis`` to
+    ``uns['velocity_params']['embeddings']``, which tells scVelo's plots that the
+    projection is up to date.
+    """
+    emb_key = Key.obsm.embedding(basis)
+    if emb_key not in adata.obsm:
+        found = sorted(adata.obsm)
+        msg = (
+            f"Embedding {emb_key!r} not found; adata.obsm has {found}. "
+            "Compute it first or pass another basis."
+        )
+        raise KeyError(msg)
+    graph, graph_neg = get_velocity_graph(adata, vkey=vkey)
+    T = transition_matrix(
+        graph,
+        graph_neg,
+        scale=scale,
+        self_transitions=self_transitions,
+        use_negative_cosines=use_negative_cosines,
+    )
+    V_emb = project_velocity(T, np.asarray(adata.obsm[emb_key]), autoscale=autoscale)
+    name = emb_key.removeprefix("X_")
+    adata.obsm[_vkey_name(Key.obsm.velocity(name), vkey)] = V_emb
+    params_key = _vkey_name(Key.uns.VELOCITY_PARAMS, vkey)
+    params = dict(adata.uns.get(params_key, {}))
+    done = [str(b) for b in np.atleast_1d(params.get(Key.uns.EMBEDDINGS, [])) if str(b) != name]
+    params[Key.uns.EMBEDDINGS] = [*done, name]
+    adata.uns[params_key] = params

@@ -1,0 +1,851 @@
+r"""Velocity graph and transition matrix: where each cell's velocity points among its neighbours.
+
+For every cell :math:`i` and every cell :math:`j` in its neighbourhood, the velocity graph
+holds the Pearson correlation (the cosine of the gene-centred vectors) between the
+velocity :math:`v_i` and the displacement :math:`\\delta_{ij} = x_j - x_i` in expression
+space (``Ms``), as scVelo's ``tl.velocity_graph`` and CellRank's ``VelocityKernel``
+(``model="deterministic"``, ``similarity="correlation"``) define it (Bergen et al. 2020,
+Nat. Biotechnol.; Lange et al. 2022, Nat. Methods). Positive correlations go to
+``obsp['velocity_graph']``, negative ones to ``obsp['velocity_graph_neg']``.
+
+:func:`transition_matrix` turns the graph into a row-stochastic matrix
+:math:`T_{ij} \\propto \\exp(\\lambda\\, \\pi_{ij})` with scVelo's kernel width
+(``scale`` :math:`\\lambda = 10`) and self-transitions; :func:`softmax_scale` gives
+CellRank's data-driven width instead. :func:`mix` combines matrices (CellRank's
+``0.8 * vk + 0.2 * ck``), :func:`random_walks` samples paths on one, and
+:func:`velocity_confidence` / :func:`velocity_length` are scVelo's per-cell summaries.
+
+Each computation is a pure function on arrays; the ``compute_*`` functions are thin
+wrappers that read and write AnnData keys (see :mod:`explorer.keys`). Matrices go to
+``obsp``; graphs that scVelo left in ``uns`` are read from there too.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Literal
+
+import numba
+import numpy as np
+from scipy import sparse
+
+from explorer._types import FloatArray, IntArray, ProgressCallback, report
+from explorer.keys import Key
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from anndata import AnnData
+
+logger = logging.getLogger(__name__)
+
+NeighborMode = Literal["distances", "connectivities"]
+_NEIGHBOR_MODES: tuple[str, ...] = ("distances", "connectivities")
+
+#: scVelo's kernel width for ``exp(scale * correlation)`` (``tl.transition_matrix``).
+DEFAULT_SCALE = 10.0
+#: scVelo sets a cell's self-transition to ``clip(q - max_j pi_ij, 0, 1)`` with ``q`` the
+#: 98th percentile of the per-cell maxima: cells whose best neighbour fits worse than
+#: most cells' best neighbour tend to stay (``scvelo.tools.velocity_graph``).
+SELF_TRANSITION_PERCENTILE = 98.0
+#: scVelo's default recursion depth for ``mode_neighbors="distances"``: neighbours and
+#: their neighbours (``VelocityGraph.__init__``); 1 for ``"connectivities"``.
+_DEFAULT_RECURSE = {"distances": 2, "connectivities": 1}
+#: a centred displacement whose squared norm is below this share of the uncentred one is
+#: treated as zero (scVelo's 0/0 gives NaN there, and then no edge).
+_ZERO_DISPLACEMENT = 1e-10
+#: scratch size, in float32 elements, of one block of the correlation computation.
+_BLOCK_ELEMENTS = 1 << 22
+#: progress reports from the compiled edge-by-edge path
+_PROGRESS_BLOCKS = 16
+
+
+# --------------------------------------------------------------------------------------
+# neighbour sets
+# --------------------------------------------------------------------------------------
+
+
+def knn_indices(distances: sparse.spmatrix, *, n_neighbors: int | None = None) -> IntArray:
+    """Each cell's ``k`` nearest neighbours from a kNN distance matrix, as scVelo's ``get_indices``.
+
+    Parameters
+    ----------
+    distances
+        ``(n_obs, n_obs)`` sparse kNN distances (``obsp['distances']``); a stored zero is a
+        neighbour at distance 0 (a duplicate cell), as in scVelo.
+    n_neighbors
+        Neighbours to keep per cell; at most the smallest number stored in any row
+        (the default).
+
+    Returns
+    -------
+    ``(n_obs, k)`` column indices of each cell's nearest neighbours, nearest first.
+    """
+    dist = sparse.csr_matrix(distances)
+    counts = np.diff(dist.indptr)
+    if dist.shape[0] == 0 or counts.min() == 0:
+        empty = int((counts == 0).sum())
+        msg = (
+            f"Expected every cell to have neighbours in the distance matrix, but {empty} of "
+            f"{dist.shape[0]} rows are empty. Recompute the neighbour graph "
+            "(explorer.graph.neighbors.compute_neighbors)."
+        )
+        raise ValueError(msg)
+    k = int(counts.min()) if n_neighbors is None else int(min(counts.min(), n_neighbors))
+    rows = np.repeat(np.arange(dist.shape[0]), counts)
+    # sort by row, then by distance inside each row; keep the first k of every row
+    order = np.lexsort((dist.data, rows))
+    rank = np.arange(dist.nnz) - dist.indptr[rows[order]]
+    keep = order[rank < k]
+    return dist.indices[keep].reshape(dist.shape[0], k).astype(np.int64)
+
+
+def neighbor_pattern(adjacency: sparse.spmatrix, *, n_recurse_neighbors: int = 1) -> sparse.csr_matrix:
+    """Cells reachable in ``n_recurse_neighbors`` steps, scVelo's ``get_iterative_indices``.
+
+    Parameters
+    ----------
+    adjacency
+        ``(n_obs, n_obs)`` graph whose stored entries are the direct neighbours (a kNN
+        pattern from :func:`knn_pattern`, or ``obsp['connectivities']``).
+    n_recurse_neighbors
+        1: the direct neighbours; 2: also the neighbours' neighbours (scVelo's default
+        for kNN distances), and so on.
+
+    Returns
+    -------
+    ``(n_obs, n_obs)`` CSR pattern of ``(I + A)^n`` without its diagonal (data all 1,
+    float32, sorted indices).
+    """
+    if n_recurse_neighbors < 1:
+        msg = (
+            f"Expected n_recurse_neighbors >= 1, found {n_recurse_neighbors}. "
+            "Use 1 for direct neighbours only."
+        )
+        raise ValueError(msg)
+    step = sparse.csr_matrix(adjacency, dtype=np.float32, copy=True)
+    step.data[:] = 1.0
+    step = (step + sparse.identity(step.shape[0], dtype=np.float32, format="csr")).tocsr()
+    step.data[:] = 1.0
+    reach = step
+    for _ in range(n_recurse_neighbors - 1):
+        reach = reach @ step
+        reach.data[:] = 1.0
+    reach = _drop_diagonal(reach)
+    reach.data[:] = 1.0
+    return reach
+
+
+def _drop_diagonal(matrix: sparse.spmatrix) -> sparse.csr_matrix:
+    """``matrix`` as CSR without diagonal entries, zeros or unsorted indices."""
+    m = sparse.csr_matrix(matrix, copy=True)
+    m.eliminate_zeros()
+    rows = np.repeat(np.arange(m.shape[0]), np.diff(m.indptr))
+    off = m.indices != rows
+    if not off.all():
+        m = sparse.csr_matrix(
+            (
+                m.data[off],
+                m.indices[off],
+                np.concatenate([[0], np.cumsum(np.bincount(rows[off], minlength=m.shape[0]))]),
+            ),
+            shape=m.shape,
+        )
+    m.sort_indices()
+    return m
+
+
+def knn_pattern(indices: IntArray, *, n_obs: int | None = None) -> sparse.csr_matrix:
+    """``(n_obs, n_obs)`` CSR pattern with a 1 at ``(i, indices[i, k])``."""
+    n_obs = indices.shape[0] if n_obs is None else n_obs
+    k = indices.shape[1]
+    data = np.ones(indices.size, dtype=np.float32)
+    return sparse.csr_matrix(
+        (data, indices.ravel(), np.arange(0, indices.size + 1, k)), shape=(indices.shape[0], n_obs)
+    )
+
+
+# --------------------------------------------------------------------------------------
+# correlations
+# --------------------------------------------------------------------------------------
+
+
+def cosine_correlations(
+    expression: FloatArray,
+    velocity: FloatArray,
+    neighbors: sparse.spmatrix,
+    *,
+    sqrt_transform: bool = False,
+    progress: ProgressCallback | None = None,
+) -> sparse.csr_matrix:
+    """Correlation of each cell's velocity with its displacements to its neighbours.
+
+    For every stored ``(i, j)`` of ``neighbors``, the Pearson correlation (cosine after
+    centring over genes, scVelo's ``cosine_correlation``) of ``velocity[i]`` with
+    ``expression[j] - expression[i]``.
+
+    Parameters
+    ----------
+    expression
+        ``(n_obs, n_genes)`` smoothed expression (``layers['Ms']``) of the genes to use.
+    velocity
+        ``(n_obs, n_genes)`` velocities of the same genes, without NaN.
+    neighbors
+        ``(n_obs, n_obs)`` sparse pattern of the pairs to score (:func:`neighbor_pattern`);
+        the diagonal is ignored.
+    sqrt_transform
+        Score ``sign(d) * sqrt(|d|)`` of the velocity and the displacements instead (the
+        variance-stabilising transform scVelo applies to stochastic-model velocities).
+    progress
+        Receives one report per block of cells.
+
+    Returns
+    -------
+    ``(n_obs, n_obs)`` CSR float32 matrix of correlations in [-1, 1] on the pattern of
+    ``neighbors``. Pairs that cannot be scored, because the cell has no velocity (all
+    zero after centring) or the two cells are identical, are left out, as scVelo does.
+    """
+    X = np.asarray(expression, dtype=np.float32)
+    V = np.asarray(velocity, dtype=np.float32)
+    if X.shape != V.shape or X.ndim != 2:
+        msg = (
+            "Expected expression and velocity of the same (n_obs, n_genes) shape, "
+            f"found {X.shape} and {V.shape}."
+        )
+        raise ValueError(msg)
+    pattern = sparse.csr_matrix(neighbors)
+    if pattern.shape != (X.shape[0], X.shape[0]):
+        msg = f"Expected a ({X.shape[0]}, {X.shape[0]}) neighbour pattern, found {pattern.shape}."
+        raise ValueError(msg)
+    if np.isnan(V).any():
+        msg = "Expected velocities without NaN; drop the genes the model did not fit (velocity_genes)."
+        raise ValueError(msg)
+    pattern = _drop_diagonal(pattern)
+
+    if sqrt_transform:
+        V = np.sign(V) * np.sqrt(np.abs(V))
+    V = V - V.mean(axis=1, keepdims=True)
+    # a cell whose centred velocity is zero (norm 0) gets no edges (scVelo skips it)
+    v_norm = np.sqrt(np.einsum("ij,ij->i", V, V, dtype=np.float64)).astype(np.float32)
+    values = _correlations_by_edges(X, V, v_norm, pattern, sqrt_transform=sqrt_transform, progress=progress)
+    out = sparse.csr_matrix((values, pattern.indices.copy(), pattern.indptr.copy()), shape=pattern.shape)
+    out.eliminate_zeros()
+    return out
+
+
+def _correlations_by_edges(
+    X: FloatArray,
+    V: FloatArray,
+    v_norm: FloatArray,
+    pattern: sparse.csr_matrix,
+    *,
+    sqrt_transform: bool,
+    progress: ProgressCallback | None,
+) -> FloatArray:
+    """Run the compiled kernel over blocks of cells, reporting progress between blocks.
+
+    A compiled loop over each cell's neighbours reads the two expression rows once and
+    keeps three running sums; numpy would write several ``(n_edges, n_genes)``
+    temporaries (three to five times slower on the pancreas) and BLAS tricks lose digits
+    to cancellation in float32.
+    """
+    values = np.zeros(pattern.nnz, dtype=np.float32)
+    indptr = pattern.indptr.astype(np.int64)
+    indices = pattern.indices.astype(np.int64)
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    V = np.ascontiguousarray(V, dtype=np.float32)
+    n_obs = pattern.shape[0]
+    n_blocks = min(_PROGRESS_BLOCKS, max(n_obs, 1))
+    bounds = np.linspace(0, n_obs, n_blocks + 1).astype(np.int64)
+    for b in range(n_blocks):
+        _correlation_kernel(X, V, v_norm, indptr, indices, bounds[b], bounds[b + 1], sqrt_transform, values)
+        report(progress, b + 1, n_blocks, "velocity graph")
+    return np.clip(values, -1.0, 1.0)
+
+
+@numba.njit(parallel=True, fastmath=True, cache=True)
+def _correlation_kernel(X, V, v_norm, indptr, indices, first, last, sqrt_transform, out):  # pragma: no cover
+    """Correlation of centred ``V[i]`` with the centred displacement ``X[j] - X[i]`` per stored pair.
+
+    ``V`` is centred, so ``<d - mean(d), v> = <d, v>`` and
+    ``|d - mean(d)|^2 = |d|^2 - (sum d)^2 / n_genes``: one pass per pair. With
+    ``sqrt_transform`` the displacement is ``sign(d) sqrt(|d|)`` first (scVelo).
+    """
+    n_genes = X.shape[1]
+    for i in numba.prange(first, last):
+        if v_norm[i] == 0:
+            continue
+        for k in range(indptr[i], indptr[i + 1]):
+            j = indices[k]
+            total = 0.0
+            squares = 0.0
+            dot = 0.0
+            for g in range(n_genes):
+                d = X[j, g] - X[i, g]
+                if sqrt_transform:
+                    q = np.sqrt(abs(d))
+                    d = -q if d < 0 else q
+                total += d
+                squares += d * d
+                dot += d * V[i, g]
+            norm2 = squares - total * total / n_genes
+            # identical cells, or a displacement equal in every gene, have no direction
+            if norm2 > _ZERO_DISPLACEMENT * squares and norm2 > 0:
+                out[k] = dot / (np.sqrt(norm2) * v_norm[i])
+
+
+def split_graph(correlations: sparse.spmatrix) -> tuple[sparse.csr_matrix, sparse.csr_matrix]:
+    """Split signed correlations into scVelo's ``(velocity_graph, velocity_graph_neg)``.
+
+    Returns
+    -------
+    The positive part (values in (0, 1]) and the negative part (values in [-1, 0)),
+    both CSR float32 without stored zeros.
+    """
+    corr = sparse.csr_matrix(correlations, dtype=np.float32)
+    pos, neg = corr.copy(), corr.copy()
+    pos.data = np.clip(pos.data, 0.0, 1.0)
+    neg.data = np.clip(neg.data, -1.0, 0.0)
+    pos.eliminate_zeros()
+    neg.eliminate_zeros()
+    return pos, neg
+
+
+# --------------------------------------------------------------------------------------
+# transition matrices
+# --------------------------------------------------------------------------------------
+
+
+def self_transition_probabilities(graph: sparse.spmatrix) -> FloatArray:
+    """ScVelo's self-transition probabilities: ``clip(q98 - max_j pi_ij, 0, 1)``.
+
+    Parameters
+    ----------
+    graph
+        ``(n_obs, n_obs)`` positive velocity graph.
+
+    Returns
+    -------
+    ``(n_obs,)`` float32; ``obs['velocity_self_transition']`` in scVelo.
+    """
+    g = sparse.csr_matrix(graph)
+    best = g.max(axis=1).toarray().ravel()
+    upper = np.percentile(best, SELF_TRANSITION_PERCENTILE)
+    return np.clip(upper - best, 0.0, 1.0).astype(np.float32)
+
+
+def transition_matrix(
+    graph: sparse.spmatrix,
+    graph_neg: sparse.spmatrix | None = None,
+    *,
+    scale: float = DEFAULT_SCALE,
+    self_transitions: bool = True,
+    use_negative_cosines: bool = False,
+    backward: bool = False,
+) -> sparse.csr_matrix:
+    r"""Transition probabilities from a velocity graph, as scVelo's ``tl.transition_matrix``.
+
+    :math:`T_{ij} \\propto \\exp(\\lambda\\, \\pi_{ij})` over the scored neighbours
+    :math:`j` of :math:`i`, with :math:`\\lambda` = ``scale``.
+
+    Parameters
+    ----------
+    graph
+        ``(n_obs, n_obs)`` positive correlations (``obsp['velocity_graph']``).
+    graph_neg
+        Negative correlations (``obsp['velocity_graph_neg']``). With it, negatively
+        correlated neighbours keep their small weight :math:`\\exp(\\lambda\\pi_{ij})`
+        (scVelo >= 0.2.4); without it they get none and positive ones get
+        :math:`\\exp(\\lambda\\pi_{ij}) - 1`.
+    scale
+        Kernel width :math:`\\lambda` (scVelo: 10). CellRank's choice is
+        :func:`softmax_scale`.
+    self_transitions
+        Add scVelo's self-transition on the diagonal
+        (:func:`self_transition_probabilities`), weighted like a correlation.
+    use_negative_cosines
+        Give negatively correlated neighbours the negative weight
+        :math:`-(\\exp(-\\lambda\\pi_{ij}) - 1)`, for projecting velocities (scVelo's
+        ``velocity_embedding``). Rows are then normalised to absolute sum 1 and the
+        result is no longer a probability matrix.
+    backward
+        Transpose before normalising: transitions into the past (scVelo's and
+        CellRank's ``backward``).
+
+    Returns
+    -------
+    ``(n_obs, n_obs)`` CSR float64 matrix whose rows sum to 1 (in absolute value with
+    ``use_negative_cosines``). A cell with no scored neighbour stays where it is (a 1 on
+    the diagonal), where scVelo would leave an empty row.
+    """
+    pos = sparse.csr_matrix(graph, dtype=np.float64, copy=True)
+    n_obs = pos.shape[0]
+    if pos.shape != (n_obs, n_obs):
+        msg = f"Expected a square (n_obs, n_obs) velocity graph, found shape {pos.shape}."
+        raise ValueError(msg)
+    if graph_neg is not None and graph_neg.shape != pos.shape:
+        msg = f"Expected velocity_graph_neg of shape {pos.shape}, found {graph_neg.shape}."
+        raise ValueError(msg)
+    pos = _drop_diagonal(pos)
+    if self_transitions:
+        pos = pos + sparse.diags(self_transition_probabilities(graph).astype(np.float64), format="csr")
+    pos.eliminate_zeros()
+    weights = pos.copy()
+    weights.data = np.expm1(scale * weights.data)
+    if graph_neg is not None:
+        neg = sparse.csr_matrix(graph_neg, dtype=np.float64, copy=True)
+        neg = _drop_diagonal(neg)
+        if use_negative_cosines:
+            neg.data = -np.expm1(-scale * neg.data)
+            weights = weights + neg
+        else:
+            # scVelo: T += expm1(scale * neg); T.data += 1, i.e. exp(scale * pi) on every
+            # stored entry (entries that cancel to zero are dropped first)
+            neg.data = np.expm1(scale * neg.data)
+            weights = weights + neg
+            weights.eliminate_zeros()
+            weights.data += 1.0
+    weights = sparse.csr_matrix(weights)
+    weights.eliminate_zeros()
+    if backward:
+        weights = weights.T.tocsr()
+    return _normalize_rows(weights)
+
+
+def _normalize_rows(weights: sparse.csr_matrix) -> sparse.csr_matrix:
+    """Divide each row by its absolute sum; an empty row gets a 1 on the diagonal."""
+    weights = sparse.csr_matrix(weights, dtype=np.float64)
+    sums = np.asarray(abs(weights).sum(axis=1)).ravel()
+    empty = sums == 0
+    if empty.any():
+        weights = weights + sparse.diags(empty.astype(np.float64), format="csr")
+        sums[empty] = 1.0
+    weights = sparse.diags(1.0 / sums) @ weights
+    weights = sparse.csr_matrix(weights)
+    weights.sort_indices()
+    return weights
+
+
+def softmax_scale(graph: sparse.spmatrix, graph_neg: sparse.spmatrix | None = None) -> float:
+    """CellRank's kernel width: one over the median absolute correlation.
+
+    With a graph computed on the connectivities (``mode_neighbors="connectivities"``),
+    ``transition_matrix(g, g_neg, scale=softmax_scale(g, g_neg), self_transitions=False)``
+    is CellRank's ``VelocityKernel().compute_transition_matrix(model="deterministic",
+    similarity="correlation")``.
+    """
+    values = np.abs(sparse.csr_matrix(graph).data)
+    if graph_neg is not None:
+        values = np.concatenate([values, np.abs(sparse.csr_matrix(graph_neg).data)])
+    values = values[values > 0]
+    if values.size == 0:
+        msg = "The velocity graph has no non-zero correlation; compute it first (compute_velocity_graph)."
+        raise ValueError(msg)
+    return float(1.0 / np.median(values))
+
+
+def mix(*terms: tuple[float, sparse.spmatrix]) -> sparse.csr_matrix:
+    """Weighted sum of transition matrices, rows re-normalised (CellRank's ``0.8 * vk + 0.2 * ck``).
+
+    Parameters
+    ----------
+    *terms
+        ``(weight, matrix)`` pairs; weights are non-negative and need not sum to 1.
+
+    Returns
+    -------
+    ``(n_obs, n_obs)`` row-stochastic CSR matrix.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from scipy import sparse
+    >>> a = sparse.csr_matrix(np.array([[0.0, 1.0], [1.0, 0.0]]))
+    >>> b = sparse.identity(2, format="csr")
+    >>> mix((0.8, a), (0.2, b)).toarray()
+    array([[0.2, 0.8],
+           [0.8, 0.2]])
+    """
+    if not terms:
+        msg = "Expected at least one (weight, matrix) pair, found none."
+        raise ValueError(msg)
+    shape = terms[0][1].shape
+    total = None
+    for weight, matrix in terms:
+        if weight < 0 or not np.isfinite(weight):
+            msg = f"Expected non-negative finite weights, found {weight}."
+            raise ValueError(msg)
+        if matrix.shape != shape:
+            msg = f"Expected matrices of one shape {shape}, found {matrix.shape}."
+            raise ValueError(msg)
+        part = float(weight) * sparse.csr_matrix(matrix, dtype=np.float64)
+        total = part if total is None else total + part
+    total = sparse.csr_matrix(total)
+    total.eliminate_zeros()
+    return _normalize_rows(total)
+
+
+def random_walks(
+    transitions: sparse.spmatrix,
+    start: int | Sequence[int] | IntArray,
+    *,
+    n_steps: int = 100,
+    n_walks: int = 100,
+    seed: int = 0,
+) -> IntArray:
+    """Sample random walks on a transition matrix (CellRank's ``plot_random_walks`` idea).
+
+    Parameters
+    ----------
+    transitions
+        ``(n_obs, n_obs)`` row-stochastic matrix.
+    start
+        A cell index, or cells to draw each walk's start from uniformly.
+    n_steps
+        Transitions per walk.
+    n_walks
+        Number of walks.
+    seed
+        Seed of the random generator; the same seed gives the same walks.
+
+    Returns
+    -------
+    ``(n_walks, n_steps + 1)`` int64 cell indices; column 0 is the start.
+    """
+    T = sparse.csr_matrix(transitions, dtype=np.float64)
+    T.sort_indices()
+    n_obs = T.shape[0]
+    starts = np.atleast_1d(np.asarray(start, dtype=np.int64))
+    if starts.size == 0 or starts.min() < 0 or starts.max() >= n_obs:
+        msg = f"Expected start cells in [0, {n_obs}), found {starts.tolist()[:10]}."
+        raise ValueError(msg)
+    if (T.data < 0).any():
+        msg = "Expected non-negative transition probabilities; build T with use_negative_cosines=False."
+        raise ValueError(msg)
+    rng = np.random.default_rng(seed)
+    # one global cumulative table: entry k of row r holds r + (cumulative prob within r),
+    # so a draw u in [0, 1) for row r is found by one searchsorted on r + u
+    counts = np.diff(T.indptr)
+    rows = np.repeat(np.arange(n_obs), counts)
+    sums = np.asarray(T.sum(axis=1)).ravel()
+    safe = np.where(sums > 0, sums, 1.0)
+    cum = np.cumsum(T.data / safe[rows])
+    before = np.concatenate([[0.0], cum])[T.indptr[:-1]]
+    table = rows + (cum - before[rows])
+    table[T.indptr[1:][counts > 0] - 1] = np.arange(n_obs)[counts > 0] + 1.0  # exact row ends
+    walks = np.empty((n_walks, n_steps + 1), dtype=np.int64)
+    walks[:, 0] = starts if starts.size == n_walks else rng.choice(starts, size=n_walks)
+    for step in range(n_steps):
+        current = walks[:, step]
+        u = rng.random(n_walks)
+        k = np.searchsorted(table, current + u, side="right")
+        k = np.minimum(k, T.indptr[current + 1] - 1)
+        stuck = (counts[current] == 0) | (sums[current] <= 0)
+        walks[:, step + 1] = np.where(stuck, current, T.indices[np.maximum(k, 0)])
+    return walks
+
+
+# --------------------------------------------------------------------------------------
+# per-cell summaries
+# --------------------------------------------------------------------------------------
+
+
+def velocity_length(velocity: FloatArray) -> FloatArray:
+    """Norm of each cell's gene-centred velocity (scVelo's ``velocity_length``, unrounded).
+
+    Parameters
+    ----------
+    velocity
+        ``(n_obs, n_genes)`` velocities without NaN.
+
+    Returns
+    -------
+    ``(n_obs,)`` float32.
+    """
+    V = np.asarray(velocity, dtype=np.float32)
+    V = V - V.mean(axis=1, keepdims=True)
+    return np.sqrt(np.einsum("ij,ij->i", V, V, dtype=np.float64)).astype(np.float32)
+
+
+def velocity_confidence(velocity: FloatArray, indices: IntArray) -> FloatArray:
+    """Mean correlation of a cell's velocity with its neighbours' (scVelo's ``velocity_confidence``).
+
+    Parameters
+    ----------
+    velocity
+        ``(n_obs, n_genes)`` velocities without NaN.
+    indices
+        ``(n_obs, k)`` neighbour indices (:func:`knn_indices`).
+
+    Returns
+    -------
+    ``(n_obs,)`` float32 in [0, 1] (negative means are clipped to 0, as in scVelo); NaN
+    for cells without velocity. Neighbours without velocity are left out of the mean,
+    where scVelo's would turn NaN.
+    """
+    V = np.asarray(velocity, dtype=np.float32)
+    V = V - V.mean(axis=1, keepdims=True)
+    norm = np.sqrt(np.einsum("ij,ij->i", V, V, dtype=np.float64))
+    unit = np.divide(V, norm[:, None], out=np.zeros_like(V), where=norm[:, None] > 0)
+    has = norm > 0
+    out = np.full(V.shape[0], np.nan)
+    step = max(1, _BLOCK_ELEMENTS // max(V.shape[1] * indices.shape[1], 1))
+    for s in range(0, V.shape[0], step):
+        idx = indices[s : s + step]
+        corr = np.einsum("ikg,ig->ik", unit[idx], unit[s : s + step])
+        valid = has[idx]
+        n_valid = valid.sum(axis=1)
+        mean = np.where(valid, corr, 0.0).sum(axis=1) / np.maximum(n_valid, 1)
+        out[s : s + step] = np.where(has[s : s + step] & (n_valid > 0), mean, np.nan)
+    return np.clip(out, 0.0, None).astype(np.float32)
+
+
+def velocity_confidence_transition(
+    expression: FloatArray, velocity: FloatArray, transitions: sparse.spmatrix
+) -> FloatArray:
+    """Correlation of each velocity with the expected displacement ``T x - x`` (scVelo).
+
+    Returns
+    -------
+    ``(n_obs,)`` float32 in [-1, 1]; 0 where either vector vanishes.
+    """
+    X = np.asarray(expression, dtype=np.float32)
+    V = np.asarray(velocity, dtype=np.float64)
+    # float32 product: twice as fast, and the correlation needs no more digits
+    dX = np.asarray(sparse.csr_matrix(transitions, dtype=np.float32) @ X, dtype=np.float64) - X
+    dX -= dX.mean(axis=1, keepdims=True)
+    V = V - V.mean(axis=1, keepdims=True)
+    norms = np.linalg.norm(dX, axis=1) * np.linalg.norm(V, axis=1)
+    norms[norms == 0] = 1.0
+    return (np.einsum("ij,ij->i", dX, V) / norms).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------
+# AnnData wrappers
+# --------------------------------------------------------------------------------------
+
+
+def _vkey_name(key: str, vkey: str) -> str:
+    """ScVelo's per-velocity key: ``velocity_graph`` for vkey ``velocity``, ``<vkey>_graph`` else."""
+    return key if vkey == Key.layers.VELOCITY else vkey + key.removeprefix(Key.layers.VELOCITY)
+
+
+def _dense(matrix: object) -> np.ndarray:
+    return matrix.toarray() if sparse.issparse(matrix) else np.asarray(matrix)
+
+
+def velocity_gene_mask(
+    adata: AnnData, *, vkey: str = Key.layers.VELOCITY, genes: object = None
+) -> np.ndarray:
+    """Genes the graph uses: ``genes`` (names or mask) or ``var['<vkey>_genes']``, without NaN velocities.
+
+    Returns
+    -------
+    ``(n_vars,)`` boolean mask.
+    """
+    if vkey not in adata.layers:
+        msg = (
+            f"Velocity layer {vkey!r} not found; adata.layers has {sorted(adata.layers)}. Fit a model first."
+        )
+        raise KeyError(msg)
+    mask = np.ones(adata.n_vars, dtype=bool)
+    if genes is not None:
+        arr = np.asarray(genes)
+        if arr.dtype == bool:
+            if arr.shape != (adata.n_vars,):
+                msg = f"Expected a gene mask of length {adata.n_vars}, found shape {arr.shape}."
+                raise ValueError(msg)
+            mask &= arr
+        else:
+            mask &= adata.var_names.isin(arr.astype(str))
+    else:
+        gene_key = _vkey_name(Key.var.VELOCITY_GENES, vkey)
+        if gene_key in adata.var:
+            mask &= np.asarray(adata.var[gene_key], dtype=bool)
+    V = adata.layers[vkey]
+    if sparse.issparse(V):
+        mask &= np.isfinite(np.asarray(V.sum(axis=0))).ravel()
+    else:
+        mask &= np.isfinite(np.asarray(V).sum(axis=0))
+    if not mask.any():
+        msg = (
+            f"No gene left for the velocity graph: none of the selected genes has velocities without NaN "
+            f"in layers[{vkey!r}]. Check var['{_vkey_name(Key.var.VELOCITY_GENES, vkey)}'] or pass genes=."
+        )
+        raise ValueError(msg)
+    return mask
+
+
+def get_velocity_graph(
+    adata: AnnData, *, vkey: str = Key.layers.VELOCITY
+) -> tuple[sparse.csr_matrix, sparse.csr_matrix | None]:
+    """Read the velocity graph and its negative part from ``obsp`` (ours) or ``uns`` (scVelo).
+
+    Returns
+    -------
+    ``(graph, graph_neg)``; ``graph_neg`` is None when the file has none.
+    """
+    key, key_neg = _vkey_name(Key.obsp.VELOCITY_GRAPH, vkey), _vkey_name(Key.obsp.VELOCITY_GRAPH_NEG, vkey)
+    for slot in (adata.obsp, adata.uns):
+        if key in slot:
+            neg = slot.get(key_neg)
+            return sparse.csr_matrix(slot[key]), None if neg is None else sparse.csr_matrix(neg)
+    msg = f"No {key!r} in adata.obsp or adata.uns; compute it first with compute_velocity_graph(adata)."
+    raise KeyError(msg)
+
+
+def neighbors_for_graph(
+    adata: AnnData, *, mode_neighbors: NeighborMode = "distances", n_recurse_neighbors: int | None = None
+) -> sparse.csr_matrix:
+    """Build the neighbour pattern that scVelo's ``velocity_graph`` scores, from ``obsp``."""
+    if mode_neighbors not in _NEIGHBOR_MODES:
+        msg = f"Invalid mode_neighbors {mode_neighbors!r}. Valid options are: {list(_NEIGHBOR_MODES)}."
+        raise ValueError(msg)
+    key = Key.obsp.DISTANCES if mode_neighbors == "distances" else Key.obsp.CONNECTIVITIES
+    if key not in adata.obsp:
+        msg = (
+            f"Neighbour graph obsp[{key!r}] not found; adata.obsp has {sorted(adata.obsp)}. "
+            "Run explorer.graph.neighbors.compute_neighbors(adata) first."
+        )
+        raise KeyError(msg)
+    depth = _DEFAULT_RECURSE[mode_neighbors] if n_recurse_neighbors is None else n_recurse_neighbors
+    if mode_neighbors == "distances":
+        direct = knn_pattern(knn_indices(adata.obsp[key]))
+    else:
+        direct = sparse.csr_matrix(adata.obsp[key])
+    return neighbor_pattern(direct, n_recurse_neighbors=depth)
+
+
+def compute_velocity_graph(
+    adata: AnnData,
+    *,
+    vkey: str = Key.layers.VELOCITY,
+    xkey: str = Key.layers.MS,
+    genes: Sequence[str] | np.ndarray | None = None,
+    mode_neighbors: NeighborMode = "distances",
+    n_recurse_neighbors: int | None = None,
+    sqrt_transform: bool | None = None,
+    progress: ProgressCallback | None = None,
+) -> None:
+    """Compute the velocity graph of ``adata`` (scVelo's ``tl.velocity_graph``).
+
+    Parameters
+    ----------
+    adata
+        Needs ``layers[xkey]``, ``layers[vkey]`` and ``obsp['distances']`` (or
+        ``obsp['connectivities']``).
+    vkey
+        Velocity layer.
+    xkey
+        Expression layer the displacements are taken in (scVelo: ``Ms``).
+    genes
+        Gene names or a boolean mask; default ``var['velocity_genes']`` where present.
+        Genes with NaN velocities are always left out.
+    mode_neighbors
+        ``"distances"``: the kNN of ``obsp['distances']``, recursed twice by default
+        (scVelo's default); ``"connectivities"``: the symmetric pattern of
+        ``obsp['connectivities']`` (CellRank's neighbourhood; scVelo's option).
+    n_recurse_neighbors
+        Recursion depth; default 2 for ``"distances"``, 1 for ``"connectivities"``.
+    sqrt_transform
+        Variance-stabilise velocities and displacements; default: when
+        ``uns['velocity_params']['mode']`` is ``"stochastic"``, as scVelo decides.
+    progress
+        Receives one report per block of cells.
+
+    Returns
+    -------
+    None; sets ``obsp['velocity_graph']`` (positive correlations),
+    ``obsp['velocity_graph_neg']`` (negative ones), ``obs['velocity_self_transition']``,
+    and ``uns['velocity_params']['mode_neighbors' | 'n_recurse_neighbors']`` (and drops
+    its ``'embeddings'``, whose projections are now stale). Other velocity layers write
+    ``<vkey>_graph`` etc.
+    """
+    for layer in (xkey, vkey):
+        if layer not in adata.layers:
+            msg = (
+                f"Layer {layer!r} not found; adata.layers has {sorted(adata.layers)}. "
+                "Compute moments (Ms) and fit a velocity model first."
+            )
+            raise KeyError(msg)
+    mask = velocity_gene_mask(adata, vkey=vkey, genes=genes)
+    params_key = _vkey_name(Key.uns.VELOCITY_PARAMS, vkey)
+    params = dict(adata.uns.get(params_key, {}))
+    if sqrt_transform is None:
+        sqrt_transform = str(params.get("mode", "")) == "stochastic"
+    depth = _DEFAULT_RECURSE.get(mode_neighbors, 1) if n_recurse_neighbors is None else n_recurse_neighbors
+    pattern = neighbors_for_graph(adata, mode_neighbors=mode_neighbors, n_recurse_neighbors=depth)
+    X = _dense(adata.layers[xkey][:, mask]).astype(np.float32, copy=False)
+    V = _dense(adata.layers[vkey][:, mask]).astype(np.float32, copy=False)
+    logger.info(
+        "velocity graph on %d genes, %d cell pairs (mode_neighbors=%s, depth %d, sqrt_transform=%s)",
+        int(mask.sum()),
+        pattern.nnz,
+        mode_neighbors,
+        depth,
+        sqrt_transform,
+    )
+    corr = cosine_correlations(X, V, pattern, sqrt_transform=bool(sqrt_transform), progress=progress)
+    graph, graph_neg = split_graph(corr)
+    adata.obsp[_vkey_name(Key.obsp.VELOCITY_GRAPH, vkey)] = graph
+    adata.obsp[_vkey_name(Key.obsp.VELOCITY_GRAPH_NEG, vkey)] = graph_neg
+    adata.obs[_vkey_name(Key.obs.VELOCITY_SELF_TRANSITION, vkey)] = self_transition_probabilities(graph)
+    params.pop(Key.uns.EMBEDDINGS, None)
+    params[Key.uns.MODE_NEIGHBORS] = mode_neighbors
+    params[Key.uns.N_RECURSE_NEIGHBORS] = int(depth)
+    adata.uns[params_key] = params
+
+
+def compute_transition_matrix(
+    adata: AnnData,
+    *,
+    vkey: str = Key.layers.VELOCITY,
+    scale: float = DEFAULT_SCALE,
+    self_transitions: bool = True,
+    backward: bool = False,
+) -> sparse.csr_matrix:
+    """Row-stochastic transition matrix from the stored velocity graph (see :func:`transition_matrix`).
+
+    Returns
+    -------
+    The ``(n_obs, n_obs)`` matrix; also sets ``obsp['T_fwd']`` (``obsp['T_bwd']`` with
+    ``backward``), CellRank's key, so CellRank's estimators can read it.
+    """
+    graph, graph_neg = get_velocity_graph(adata, vkey=vkey)
+    T = transition_matrix(graph, graph_neg, scale=scale, self_transitions=self_transitions, backward=backward)
+    adata.obsp[Key.obsp.TRANSITIONS_BACKWARD if backward else Key.obsp.TRANSITIONS] = T
+    return T
+
+
+def compute_velocity_confidence(adata: AnnData, *, vkey: str = Key.layers.VELOCITY) -> None:
+    """Velocity length and confidence per cell (scVelo's ``tl.velocity_confidence``).
+
+    Uses the velocity genes without NaN and the kNN of ``obsp['distances']``.
+
+    Returns
+    -------
+    None; sets ``obs['velocity_length']`` (rounded to 2 decimals, as scVelo),
+    ``obs['velocity_confidence']`` and, when a velocity graph is stored,
+    ``obs['velocity_confidence_transition']`` (``<vkey>_...`` for other layers).
+    """
+    mask = velocity_gene_mask(adata, vkey=vkey)
+    if Key.obsp.DISTANCES not in adata.obsp:
+        msg = (
+            f"Neighbour graph obsp[{Key.obsp.DISTANCES!r}] not found; adata.obsp has {sorted(adata.obsp)}. "
+            "Run explorer.graph.neighbors.compute_neighbors(adata) first."
+        )
+        raise KeyError(msg)
+    V = _dense(adata.layers[vkey][:, mask]).astype(np.float32, copy=False)
+    indices = knn_indices(adata.obsp[Key.obsp.DISTANCES])
+    adata.obs[_vkey_name(Key.obs.VELOCITY_LENGTH, vkey)] = np.round(velocity_length(V), 2)
+    adata.obs[_vkey_name(Key.obs.VELOCITY_CONFIDENCE, vkey)] = velocity_confidence(V, indices)
+    try:
+        graph, graph_neg = get_velocity_graph(adata, vkey=vkey)
+    except KeyError:
+        return
+    if Key.layers.MS in adata.layers:
+        X = _dense(adata.layers[Key.layers.MS][:, mask])
+        T = transition_matrix(graph, graph_neg)
+        adata.obs[_vkey_name(Key.obs.VELOCITY_CONFIDENCE_TRANSITION, vkey)] = velocity_confidence_transition(
+            X, V, T
+        )
