@@ -90,7 +90,9 @@ def test_fit_pancreas_writes_scvelo_keys(tmp_path, shared_data, reference_dir):
     )
     assert proc.returncode == 0, proc.stderr
     assert "velocity genes" in proc.stderr
-    res = ad.read_h5ad(out)
+    from explorer.data.io import read
+
+    res = read(out)
     for key in (Key.layers.MS, Key.layers.MU, Key.layers.VELOCITY):
         assert key in res.layers
     for key in (Key.var.GAMMA, Key.var.R2, Key.var.VELOCITY_GENES):
@@ -104,6 +106,12 @@ def test_fit_pancreas_writes_scvelo_keys(tmp_path, shared_data, reference_dir):
         assert key in res.obsp
     assert {Key.obsm.UMAP, "velocity_umap"} <= set(res.obsm)
     assert {Key.obs.VELOCITY_CONFIDENCE, Key.obs.VELOCITY_LENGTH} <= set(res.obs)
+    # the file also carries the graphs where scVelo's tools look; read() keeps them in obsp only
+    import h5py
+
+    with h5py.File(out, "r") as f:
+        assert Key.obsp.VELOCITY_GRAPH in f["uns"] and Key.obsp.VELOCITY_GRAPH_NEG in f["uns"]
+    assert Key.obsp.VELOCITY_GRAPH not in res.uns
     params = res.uns[Key.uns.VELOCITY_PARAMS]
     assert params["mode"] == "stochastic" and "explorer_version" in params
     # same genes as scVelo kept, and gamma close to scVelo's stochastic gamma on its velocity genes

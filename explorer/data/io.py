@@ -214,7 +214,7 @@ def write(
             tmp.unlink()  # loompy refuses to write over an existing file
             adata.write_loom(tmp, write_obsm_varm=True)
         else:
-            adata.write_h5ad(tmp)
+            _with_scvelo_graphs(adata).write_h5ad(tmp)
         # mkstemp makes the file private (0600): keep the replaced file's mode, else rw-r--r--
         tmp.chmod(target.stat().st_mode & 0o777 if target.exists() else 0o644)
         os.replace(tmp, target)
@@ -226,6 +226,37 @@ def write(
 
 # ---------------------------------------------------------------------------------------
 # helpers
+
+
+def _with_scvelo_graphs(adata: AnnData) -> AnnData:
+    """``adata``, or a shallow copy whose ``uns`` also holds the velocity graphs from ``obsp``.
+
+    We keep cell-by-cell graphs in ``obsp`` so they subset with the cells, but scVelo
+    0.3.4's ``tl.transition_matrix`` (behind ``tl.velocity_embedding``,
+    ``tl.terminal_states``, ``tl.latent_time``) reads only ``uns['velocity_graph']`` and
+    ``uns['velocity_graph_neg']``; written files carry both so scVelo's tools run on them.
+    The AnnData in memory is left as it is.
+    """
+    keys = [k for k in (Key.obsp.VELOCITY_GRAPH, Key.obsp.VELOCITY_GRAPH_NEG) if k in adata.obsp]
+    if not keys or all(k in adata.uns for k in keys):
+        return adata
+    import anndata as ad
+
+    out = ad.AnnData(
+        X=adata.X,
+        obs=adata.obs,
+        var=adata.var,
+        uns=dict(adata.uns),
+        obsm=dict(adata.obsm),
+        varm=dict(adata.varm),
+        layers=dict(adata.layers),
+        obsp=dict(adata.obsp),
+        varp=dict(adata.varp),
+        raw=adata.raw.to_adata() if adata.raw is not None else None,
+    )
+    for k in keys:
+        out.uns[k] = adata.obsp[k]
+    return out
 
 
 def _check_hdf5(path: Path, suffix: str) -> None:
