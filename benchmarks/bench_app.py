@@ -1,0 +1,366 @@
+"""Server-side latency of the app: a gene click or a cell click until every view is updated.
+
+For each dataset the page is built as for a browser session (``create_app`` on a Bokeh
+document, all plots rendered), then the handlers a browser event calls are timed:
+
+- gene click: ``GeneBrowser._clicked`` (a row of the gene table) -> phase portrait, three
+  time plots, table selection, and the embedding when it is coloured by the gene;
+- cell click: the embedding's tap handler at a cell's coordinates -> the selected-cell
+  markers of every plot, the next-cell arrows and the cell inspector.
+
+The time is the Python work on the server until all Bokeh models hold their new values
+(one Document update, as in a session); the websocket transfer and the browser's drawing
+are not included. Datasets:
+
+- ``pancreas``: ``../shared/data/pancreas_endocrinogenesis_3696.h5ad`` preprocessed with
+  ``explorer.data.preprocess.prepare`` (UMAP and latent time taken from scVelo's reference
+  results, ``../shared/reference``), with a stochastic fit run through the app's job;
+- ``200000``, ``1000000``: ``simulate(n_obs=N, n_vars=30, branches=2)`` with its
+  noise-free abundances as ``Ms``/``Mu``, a two-armed synthetic embedding, the simulated
+  time as latent time, a steady-state fit, and a kNN transition matrix on the embedding
+  (a stand-in for the velocity graph, which is not what is measured here).
+
+``--page-ready`` also starts ``explorer serve`` on the sample data in a subprocess and
+times it until chromium shows the page. ``--screenshot PATH`` saves the pancreas page.
+
+Usage::
+
+    python benchmarks/bench_app.py [--sizes pancreas 200000 1000000] [--repeats 15]
+        [--page-ready] [--screenshot assets/app.png] [--out benchmarks/results/app.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("EXPLORER_SHARED", ROOT.parent / "shared"))
+PANCREAS = SHARED / "data" / "pancreas_endocrinogenesis_3696.h5ad"
+PANCREAS_REFERENCE = SHARED / "reference" / "pancreas_3696_scvelo_cells.csv"
+CHROMIUM = "/usr/bin/chromium"
+BROWSER_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+
+
+def pancreas():
+    """The real pancreas, preprocessed, with scVelo's UMAP and latent time, and a stochastic fit."""
+    import pandas as pd
+
+    from explorer.app.state import ExplorerState
+    from explorer.data.io import read
+    from explorer.data.preprocess import prepare
+    from explorer.keys import Key
+
+    adata = read(PANCREAS)
+    prepare(adata, compute_umap=False, seed=0)
+    ref = pd.read_csv(PANCREAS_REFERENCE, index_col=0).reindex(adata.obs_names)
+    adata.obsm[Key.obsm.UMAP] = ref[["umap_1", "umap_2"]].to_numpy(np.float32)
+    adata.obs[Key.obs.LATENT_TIME] = ref["latent_time"].to_numpy(np.float32)
+    state = ExplorerState(adata, dataset="pancreas")
+    job = state.run_model("stochastic")
+    job.join()
+    return adata, state.results
+
+
+def synthetic(n_obs: int, *, n_vars: int = 30, n_neighbors: int = 10, seed: int = 0):
+    """Simulated cells on a synthetic two-armed embedding, with a steady-state fit (see module doc)."""
+    import pandas as pd
+    from scipy import sparse
+    from sklearn.neighbors import NearestNeighbors
+
+    from explorer.app.jobs import Fit, fit_key
+    from explorer.data.simulate import simulate
+    from explorer.graph.projection import project_velocity
+    from explorer.graph.streamlines import compute_streamlines
+    from explorer.keys import Key
+    from explorer.models.steady_state import SteadyState
+
+    adata = simulate(n_obs=n_obs, n_vars=n_vars, seed=seed, branches=2)
+    adata.layers[Key.layers.MS] = np.asarray(adata.layers[Key.layers.TRUE_S], dtype=np.float32)
+    adata.layers[Key.layers.MU] = np.asarray(adata.layers[Key.layers.TRUE_U], dtype=np.float32)
+    for layer in (
+        Key.layers.SPLICED,
+        Key.layers.UNSPLICED,
+        Key.layers.TRUE_S,
+        Key.layers.TRUE_U,
+        Key.layers.TRUE_VELOCITY,
+    ):
+        del adata.layers[layer]
+    rng = np.random.default_rng(seed)
+    t = adata.obs[Key.obs.TRUE_T].to_numpy()
+    t = (t - t.min()) / (t.max() - t.min())
+    lineage = pd.Categorical(adata.obs[Key.obs.TRUE_LINEAGE]).codes
+    angle = np.where(lineage == lineage.max(), 0.5, -0.5) * np.clip(t - 0.4, 0, None) * 3
+    xy = np.column_stack([10 * t * np.cos(angle), 10 * t * np.sin(angle)]) + rng.normal(
+        scale=0.15, size=(n_obs, 2)
+    )
+    adata.obsm[Key.obsm.UMAP] = xy.astype(np.float32)
+    adata.obs[Key.obs.LATENT_TIME] = t.astype(np.float32)
+    result = SteadyState().fit(adata)
+    knn = NearestNeighbors(n_neighbors=n_neighbors).fit(xy)
+    dist, idx = knn.kneighbors(xy)
+    # forward in simulated time: a stand-in velocity graph that gives a realistic sparsity
+    ahead = np.clip(t[idx] - t[:, None], 0, None) + 1e-3
+    weights = ahead / ahead.sum(axis=1, keepdims=True)
+    transitions = sparse.csr_matrix(
+        (weights.ravel(), idx.ravel(), np.arange(0, n_obs * n_neighbors + 1, n_neighbors)),
+        shape=(n_obs, n_obs),
+    )
+    v_emb = np.asarray(project_velocity(transitions, adata.obsm[Key.obsm.UMAP]))
+    fit = Fit(
+        label="steady_state",
+        key=fit_key("steady_state", {}),
+        result=result,
+        transitions=transitions,
+        velocity_embedding={Key.obsm.UMAP: v_emb},
+        streamlines={Key.obsm.UMAP: compute_streamlines(adata.obsm[Key.obsm.UMAP], v_emb)},
+    )
+    del dist
+    return adata, {fit.label: fit}
+
+
+def build_page(adata, results):
+    """A page on a Bokeh document, every plot rendered, with ``results`` as the session's fits."""
+    from bokeh.document import Document
+    from panel.io.state import set_curdoc
+
+    from explorer.app.main import create_app
+
+    doc = Document()
+    with set_curdoc(doc):
+        page = create_app(adata)
+        app = page.app
+        state = app.state
+        for p in (state.param.model, state.param.compare_a, state.param.compare_b):
+            p.objects = list(results)
+        state.param.update(results=results, model=next(iter(results)), compare_a=next(iter(results)))
+        page.server_doc(doc)
+    return doc, page, app
+
+
+class _Clock:
+    """Wall and CPU milliseconds of a block: ``with clock("gene click"): ...``.
+
+    CPU time (this process, all threads) is reported beside the wall time because the
+    development machines are shared: other processes stretch the wall time, not the work.
+    """
+
+    def __init__(self) -> None:
+        self.wall: dict[str, list[float]] = {}
+        self.cpu: dict[str, list[float]] = {}
+        self._name = ""
+
+    def __call__(self, name: str) -> _Clock:
+        self._name = name
+        return self
+
+    def __enter__(self) -> None:
+        self._t0, self._c0 = time.perf_counter(), time.process_time()
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall.setdefault(self._name, []).append(1e3 * (time.perf_counter() - self._t0))
+        self.cpu.setdefault(self._name, []).append(1e3 * (time.process_time() - self._c0))
+
+
+def time_clicks(doc, app, *, repeats: int, seed: int = 0) -> _Clock:
+    """Milliseconds per gene click and per cell click (also with the embedding coloured by the gene)."""
+    from panel.io.state import set_curdoc
+
+    from explorer.app.state import COLOR_EXPRESSION
+
+    state, views = app.state, app.views
+    rng = np.random.default_rng(seed)
+    xy = state.embedding()
+    table = views["genes"].table
+    clock = _Clock()
+    with set_curdoc(doc):
+        # one of each first: lazy caches (column means, colour keys) are filled on first use
+        views["genes"]._clicked(SimpleNamespace(row=1, column="gene"))
+        views["embedding"].scatter._tapped(x=float(xy[0, 0]), y=float(xy[0, 1]))
+        for _ in range(repeats):
+            row = int(rng.integers(len(table.value)))
+            with clock("gene click"):
+                views["genes"]._clicked(SimpleNamespace(row=row, column="gene"))
+            cell = int(rng.integers(len(xy)))
+            with clock("cell click"):
+                views["embedding"].scatter._tapped(x=float(xy[cell, 0]), y=float(xy[cell, 1]))
+        state.color_by = COLOR_EXPRESSION
+        for _ in range(repeats):
+            row = int(rng.integers(len(table.value)))
+            with clock("gene click, embedding coloured by gene"):
+                views["genes"]._clicked(SimpleNamespace(row=row, column="gene"))
+    return clock
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def page_ready(
+    *, screenshot: Path | None = None, data: str | None = None, data_dir: Path | None = None
+) -> dict[str, float]:
+    """Seconds from starting ``explorer serve`` until it listens, and until chromium shows the page."""
+    from playwright.sync_api import sync_playwright
+
+    port = _free_port()
+    explorer = Path(sys.executable).with_name("explorer")
+    cmd = [str(explorer), "serve", "--port", str(port)]
+    if data is not None:
+        cmd += [data, "--data-dir", str(data_dir)]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=data_dir or ROOT)  # noqa: S603
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.perf_counter() - start > 120:
+                    msg = f"explorer serve did not come up (exit code {proc.poll()})"
+                    raise RuntimeError(msg) from None
+                time.sleep(0.05)
+        listening = time.perf_counter() - start
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+            page = browser.new_page(viewport={"width": 1600, "height": 1400})
+            opened = time.perf_counter()
+            page.goto(url)
+            page.get_by_text("No cell selected").wait_for(timeout=60_000)
+            page.locator(".bk-Canvas").nth(4).wait_for(timeout=60_000)
+            ready = time.perf_counter()
+            if screenshot is not None:
+                page.wait_for_timeout(1500)
+                page.screenshot(path=screenshot, full_page=False)
+            browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    # the total is launch to page shown, less the browser's own start-up
+    return {
+        "serve to listening (s)": listening,
+        "page load in the browser (s)": ready - opened,
+        "explorer serve to page ready (s)": listening + (ready - opened),
+    }
+
+
+def screenshot_page(adata, results, path: Path) -> None:
+    """Serve ``adata`` with ``results`` in-process and save a screenshot of the page with a cell selected."""
+    import threading
+
+    import panel as pn
+    from playwright.sync_api import sync_playwright
+
+    from explorer.app.main import create_app
+
+    port = _free_port()
+
+    def session():
+        page = create_app(adata, name="pancreas (Bastidas-Ponce et al. 2019)")
+        state = page.app.state
+        for p in (state.param.model, state.param.compare_a, state.param.compare_b):
+            p.objects = list(results)
+        state.param.update(results=results, model=next(iter(results)))
+        state.select_gene("Cpe" if "Cpe" in adata.var_names else str(adata.var_names[0]))
+        state.select_cell(int(np.argmax(adata.obsm["X_umap"][:, 0])) // 2)
+        return page
+
+    server = pn.serve(session, port=port, show=False, start=False, threaded=False)
+    thread = threading.Thread(target=server.io_loop.start, daemon=True)
+    server.start()
+    thread.start()
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+            page = browser.new_page(viewport={"width": 1600, "height": 1180})
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.get_by_text("latent time:").wait_for(timeout=60_000)
+            page.wait_for_timeout(2500)
+            page.screenshot(path=path)
+            browser.close()
+    finally:
+        server.io_loop.add_callback(server.stop)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", nargs="+", default=["pancreas", "200000", "1000000"])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--page-ready", action="store_true")
+    parser.add_argument("--screenshot", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    from explorer.app.main import configure_process
+
+    configure_process(background=False)
+    report: dict[str, object] = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "latency_ms": {},
+    }
+    rows = []
+    for size in args.sizes:
+        t0 = time.perf_counter()
+        adata, results = pancreas() if size == "pancreas" else synthetic(int(size))
+        setup = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        doc, page, app = build_page(adata, results)
+        build = time.perf_counter() - t0
+        clock = time_clicks(doc, app, repeats=args.repeats)
+        name = (
+            f"pancreas ({adata.n_obs:,} cells)" if size == "pancreas" else f"simulated {adata.n_obs:,} cells"
+        )
+        summary = {
+            k: {
+                "median": statistics.median(v),
+                "p90": float(np.percentile(v, 90)),
+                "cpu_median": statistics.median(clock.cpu[k]),
+            }
+            for k, v in clock.wall.items()
+        }
+        report["latency_ms"][name] = {**summary, "page build (s)": build, "data set-up (s)": setup}
+        for k, v in summary.items():
+            rows.append(f"| {name} | {k} | {v['median']:.0f} | {v['p90']:.0f} | {v['cpu_median']:.0f} |")
+        print(
+            f"{name}: build {build:.1f} s; "
+            + "; ".join(f"{k} {v['median']:.0f} ms" for k, v in summary.items()),
+            flush=True,
+        )
+        if size == "pancreas" and args.screenshot is not None:
+            screenshot_page(adata, results, args.screenshot)
+        del doc, page, app, adata, results
+    print("\n| data | action | median wall (ms) | p90 wall (ms) | median CPU (ms) |\n|---|---|---|---|---|")
+    print("\n".join(rows))
+    if args.page_ready:
+        ready = page_ready()
+        report["page_ready_s"] = ready
+        print("\n" + "\n".join(f"{k}: {v:.2f}" for k, v in ready.items()))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,554 @@
+"""Arrays in, HoloViews elements out: every drawing the app makes.
+
+Functions here take plain arrays and options, never the state object, so tests call
+them without a server. Many cells (more than :data:`DATASHADE_THRESHOLD`) are drawn as
+a datashader image of the visible range (:func:`rasterize`), with one fixed colour per
+category so colours stay put when the selection or zoom changes.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+from typing import TYPE_CHECKING, Any, Literal
+
+import holoviews as hv
+import holoviews.plotting.bokeh  # noqa: F401 - registers the bokeh backend the options below are for
+import numpy as np
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from explorer.app.state import Coloring, PhaseFit
+
+#: above this many cells, scatter plots are rasterised with datashader
+DATASHADE_THRESHOLD = 50_000
+
+#: above this many highlighted cells, the highlight is rasterised too
+HIGHLIGHT_THRESHOLD = 20_000
+
+#: colours that mean the same in every view
+SELECTION_COLOR = "#222222"
+CELL_COLOR = "#ff2d95"
+TARGET_COLOR = "#ff8c00"
+MISSING_COLOR = "#d0d0d0"
+STREAM_COLOR = "#333333"
+#: line styles that tell fits apart in the phase portrait (the active fit is solid)
+FIT_CURVE_COLOR = "#c0392b"
+FIT_COLORS = ("#1f3a93", "#c0392b", "#16a085", "#8e44ad", "#d35400", "#2c3e50")
+CONTINUOUS_CMAP = "viridis"
+DIVERGING_CMAP = "coolwarm"
+
+#: tools of plots where cells can be picked one at a time, or also selected as a group;
+#: few tools keep the page's Bokeh model small, which every update walks
+PICK_TOOLS = ("tap",)
+SELECT_TOOLS = ("tap", "box_select", "lasso_select")
+_DEFAULT_TOOLS = ["pan", "wheel_zoom", "reset"]
+
+
+def _size(n: int) -> float:
+    """Marker size that keeps a few thousand cells readable and 50k cells from merging."""
+    return float(np.clip(12 - 2 * np.log10(max(n, 1)), 2, 8))
+
+
+def cmap_for(coloring: Coloring) -> str:
+    """Pick the colour map of a continuous colouring: diverging for velocities, else sequential."""
+    label = coloring.label.lower()
+    return (
+        DIVERGING_CMAP
+        if "velocity" in label and "confidence" not in label and "agreement" not in label
+        else CONTINUOUS_CMAP
+    )
+
+
+def value_range(coloring: Coloring) -> tuple[float, float]:
+    """Return the range the colour map spans: symmetric around 0 for a diverging map."""
+    values = np.asarray(coloring.values, dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return 0.0, 1.0
+    if cmap_for(coloring) == DIVERGING_CMAP:
+        lim = float(np.abs(finite).max()) or 1.0
+        return -lim, lim
+    return float(finite.min()), float(finite.max())
+
+
+def legend_html(coloring: Coloring) -> str:
+    """Describe a colouring as HTML: one swatch per category, or the colour bar's ends."""
+    if coloring.kind == "category":
+        key = coloring.color_key or {}
+        items = "".join(
+            '<span style="white-space:nowrap;margin-right:10px">'
+            '<span style="display:inline-block;width:10px;'
+            f'height:10px;background:{key.get(c, MISSING_COLOR)};margin-right:4px"></span>{c}</span> '
+            for c in coloring.categories
+        )
+        return f"<div style='font-size:12px'><b>{coloring.label}</b>: {items}</div>"
+    if coloring.kind == "continuous":
+        lo, hi = value_range(coloring)
+        stops = ",".join(_cmap_colors(cmap_for(coloring))[::32])
+        return (
+            f"<div style='font-size:12px'><b>{coloring.label}</b> {lo:.3g} "
+            "<span style='display:inline-block;width:160px;height:10px;"
+            f"background:linear-gradient(to right,{stops})'>"
+            f"</span> {hi:.3g}</div>"
+        )
+    return f"<div style='font-size:12px;color:#777'>{coloring.label}</div>"
+
+
+def color_mapping(coloring: Coloring) -> tuple[np.ndarray, list[str], tuple[float, float]]:
+    """``(values, palette, (low, high))`` for a linear colour mapper that draws ``coloring``.
+
+    Categories become their codes on a palette of the categories' fixed colours, spanning
+    ``(-0.5, k - 0.5)`` so code ``i`` lands on colour ``i``; continuous values use the
+    colour map over :func:`value_range`. One mapper type for both keeps a plot switching
+    between them without rebuilding its glyphs, and numbers are far cheaper to send and
+    validate than a colour string per cell.
+    """
+    if coloring.kind == "category":
+        key = coloring.color_key or {}
+        palette = [key.get(c, MISSING_COLOR) for c in coloring.categories] or [MISSING_COLOR]
+        codes = np.asarray(coloring.values)
+        values = np.where(codes >= 0, codes, np.nan).astype(np.float32)
+        return values, palette, (-0.5, len(palette) - 0.5)
+    if coloring.kind == "continuous":
+        return (
+            np.asarray(coloring.values, dtype=np.float32),
+            list(_cmap_colors(cmap_for(coloring))),
+            value_range(coloring),
+        )
+    return np.zeros(len(coloring.values), dtype=np.float32), [MISSING_COLOR, MISSING_COLOR], (0.0, 1.0)
+
+
+def points(
+    x: np.ndarray,
+    y: np.ndarray,
+    coloring: Coloring,
+    *,
+    labels: tuple[str, str] = ("x", "y"),
+    title: str = "",
+    width: int = 480,
+    height: int = 420,
+    tools: tuple[str, ...] = PICK_TOOLS,
+) -> hv.Points:
+    """Draw cells coloured by :func:`color_mapping`; each point carries its row as ``cell``."""
+    n = len(x)
+    values, palette, clim = color_mapping(coloring)
+    data = {labels[0]: x, labels[1]: y, "cell": np.arange(n), "value": values}
+    element = hv.Points(data, kdims=list(labels), vdims=["cell", "value"])
+    return element.opts(
+        color="value",
+        cmap=palette,
+        clim=clim,
+        size=_size(n),
+        tools=list(tools),
+        default_tools=_DEFAULT_TOOLS,
+        nonselection_alpha=1.0,
+        selection_alpha=1.0,
+        width=width,
+        height=height,
+        framewise=True,
+        title=title,
+        line_alpha=0,
+        backend="bokeh",
+    )
+
+
+def _shade_range(values: np.ndarray, lo: float | None, hi: float | None) -> tuple[float, float]:
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return 0.0, 1.0
+    lo = float(finite.min()) if lo is None else lo
+    hi = float(finite.max()) if hi is None else hi
+    pad = (hi - lo) * 0.02 or 0.5
+    return lo - pad, hi + pad
+
+
+def shade(
+    x: np.ndarray,
+    y: np.ndarray,
+    coloring: Coloring | None,
+    *,
+    x_range: tuple[float, float] | None = None,
+    y_range: tuple[float, float] | None = None,
+    width: int = 480,
+    height: int = 420,
+    color: str | None = None,
+) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+    """Cells as a datashader image: ``(rgba, (x0, y0, x1, y1))``, rows bottom first.
+
+    ``rgba`` is ``(height, width)`` uint32 (one RGBA pixel each, Bokeh's ``image_rgba``
+    layout) over ``x_range`` x ``y_range`` (default: all cells). Categories use their
+    fixed ``color_key`` (``count_cat``), continuous values the mean per pixel on a colour
+    map, and ``color`` (with ``coloring=None``) one flat colour on a transparent background.
+    """
+    import datashader as ds
+    import datashader.transfer_functions as tf
+    import pandas as pd
+
+    x_range = _shade_range(x, None, None) if x_range is None else tuple(map(float, x_range))
+    y_range = _shade_range(y, None, None) if y_range is None else tuple(map(float, y_range))
+    frame = {"x": np.asarray(x, dtype=np.float32), "y": np.asarray(y, dtype=np.float32)}
+    canvas = ds.Canvas(
+        plot_width=max(int(width), 10), plot_height=max(int(height), 10), x_range=x_range, y_range=y_range
+    )
+    if coloring is not None and coloring.kind == "category":
+        cats = list(coloring.categories) or ["NA"]
+        codes = np.asarray(coloring.values)
+        frame["c"] = pd.Categorical.from_codes(np.where(codes >= 0, codes, 0), categories=cats)
+        agg = canvas.points(pd.DataFrame(frame), "x", "y", agg=ds.count_cat("c"))
+        key = coloring.color_key or {}
+        img = tf.shade(agg, color_key=[key.get(c, MISSING_COLOR) for c in cats], min_alpha=200)
+    elif coloring is not None and coloring.kind == "continuous":
+        frame["v"] = np.asarray(coloring.values, dtype=np.float32)
+        agg = canvas.points(pd.DataFrame(frame), "x", "y", agg=ds.mean("v"))
+        img = tf.shade(
+            agg, cmap=list(_cmap_colors(cmap_for(coloring))), how="linear", span=value_range(coloring)
+        )
+    else:
+        agg = canvas.points(pd.DataFrame(frame), "x", "y", agg=ds.count())
+        img = tf.shade(agg, cmap=[color or MISSING_COLOR, color or MISSING_COLOR], min_alpha=255)
+    img = tf.dynspread(img, threshold=0.5, max_px=2)
+    return np.ascontiguousarray(img.to_numpy(), dtype=np.uint32), (
+        x_range[0],
+        y_range[0],
+        x_range[1],
+        y_range[1],
+    )
+
+
+def rasterize(
+    x: np.ndarray,
+    y: np.ndarray,
+    coloring: Coloring | None,
+    *,
+    x_range: tuple[float, float] | None = None,
+    y_range: tuple[float, float] | None = None,
+    width: int = 480,
+    height: int = 420,
+    color: str | None = None,
+    labels: tuple[str, str] = ("x", "y"),
+    title: str = "",
+    tools: tuple[str, ...] = PICK_TOOLS,
+) -> hv.RGB:
+    """Cells drawn as a datashader image (see :func:`shade`) in a HoloViews ``RGB``."""
+    packed, bounds = shade(
+        x, y, coloring, x_range=x_range, y_range=y_range, width=width, height=height, color=color
+    )
+    # HoloViews wants the top row first and one channel per plane
+    rgba = packed.view(np.uint8).reshape((*packed.shape, 4))[::-1]
+    element = hv.RGB(rgba, bounds=bounds, kdims=list(labels), vdims=["R", "G", "B", "A"])
+    return element.opts(
+        width=width,
+        height=height,
+        tools=list(tools),
+        default_tools=_DEFAULT_TOOLS,
+        title=title,
+        backend="bokeh",
+    )
+
+
+@functools.cache
+def _cmap_colors(name: str) -> tuple[str, ...]:
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    cmap = colormaps[name]
+    return tuple(str(to_hex(cmap(i / 255))) for i in range(256))
+
+
+def highlight(x: np.ndarray, y: np.ndarray, *, color: str = SELECTION_COLOR, size: float = 4.0) -> hv.Points:
+    """Cells drawn over a scatter in one colour (a selection), hollow so the colour below shows."""
+    return hv.Points((np.asarray(x), np.asarray(y))).opts(
+        color=color, size=size, fill_alpha=0.0, line_width=1.2, backend="bokeh"
+    )
+
+
+def cell_marker(x: float | None, y: float | None) -> hv.Points:
+    """Draw the selected cell as a large ring (an empty element when no cell is selected)."""
+    data = ([], []) if x is None or y is None or not np.isfinite([x, y]).all() else ([x], [y])
+    return hv.Points(data).opts(
+        color=CELL_COLOR, size=16, fill_alpha=0.0, line_width=3, marker="circle", backend="bokeh"
+    )
+
+
+def transition_target_data(
+    origin: tuple[float, float] | None, targets: np.ndarray, probability: np.ndarray
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Columns of :func:`transition_targets`: segments ``x0, y0, x1, y1, w`` and points ``x, y, size``."""
+    targets = np.asarray(targets, dtype=float).reshape(-1, 2)
+    p = np.asarray(probability, dtype=float).ravel()
+    if origin is None or len(targets) == 0:
+        targets, p = np.empty((0, 2)), np.empty(0)
+        origin = (0.0, 0.0)
+    scale = p / (p.max() if len(p) and p.max() > 0 else 1.0)
+    n = len(targets)
+    segments = {
+        "x0": np.full(n, origin[0]),
+        "y0": np.full(n, origin[1]),
+        "x1": targets[:, 0],
+        "y1": targets[:, 1],
+        "w": 1 + 4 * scale,
+    }
+    points = {"x": targets[:, 0], "y": targets[:, 1], "size": 4 + 10 * scale}
+    return segments, points
+
+
+def transition_targets(
+    origin: tuple[float, float] | None,
+    targets: np.ndarray,
+    probability: np.ndarray,
+    *,
+    hooks: tuple[Any, Any] = (None, None),
+) -> hv.Overlay:
+    """Segments from the selected cell to its likely next cells, sized by transition probability.
+
+    ``hooks`` are HoloViews hooks for the segments and the points (see ``LiveLayer``).
+    """
+    seg_data, pt_data = transition_target_data(origin, targets, probability)
+    segs = hv.Segments(seg_data, kdims=["x0", "y0", "x1", "y1"], vdims=["w"]).opts(
+        color=TARGET_COLOR, line_width="w", alpha=0.8, hooks=[h for h in hooks[:1] if h], backend="bokeh"
+    )
+    pts = hv.Points(pt_data, vdims=["size"]).opts(
+        color=TARGET_COLOR,
+        size="size",
+        line_color="white",
+        hooks=[h for h in hooks[1:] if h],
+        backend="bokeh",
+    )
+    return segs * pts
+
+
+def streamlines(lines: list[np.ndarray]) -> hv.Path:
+    """Velocity streamlines: polylines of shape ``(n_points, 2)``."""
+    return hv.Path([np.asarray(line)[:, :2] for line in lines if len(line) > 1]).opts(
+        color=STREAM_COLOR, line_width=1.5, alpha=0.85, backend="bokeh"
+    )
+
+
+def arrows(x: np.ndarray, y: np.ndarray, vx: np.ndarray, vy: np.ndarray) -> hv.VectorField:
+    """Velocity arrows at grid points ``(x, y)`` with components ``(vx, vy)``."""
+    vx, vy = np.asarray(vx, dtype=float), np.asarray(vy, dtype=float)
+    mag = np.hypot(vx, vy)
+    ok = np.isfinite(mag) & (mag > 0)
+    angle = np.arctan2(vy[ok], vx[ok])
+    return hv.VectorField(
+        (np.asarray(x)[ok], np.asarray(y)[ok], angle, mag[ok] / (mag[ok].max() if ok.any() else 1.0))
+    ).opts(magnitude="Magnitude", color=STREAM_COLOR, backend="bokeh")
+
+
+def phase_fits(fits: list[PhaseFit], *, s_max: float) -> hv.Overlay:
+    """Each fit's trajectory and steady-state line ``u = slope * s``; the active fit solid, others dashed.
+
+    The curves carry no labels: a legend appearing in a plot already on the page breaks
+    Bokeh's views, so :func:`fits_legend_html` explains them beside the plot.
+    """
+    layers = []
+    for i, fit in enumerate(fits):
+        color = FIT_COLORS[i % len(FIT_COLORS)]
+        dash = "solid" if fit.active else "dashed"
+        width = 3 if fit.active else 2
+        if fit.s is not None and fit.u is not None:
+            layers.append(
+                hv.Curve((fit.s, fit.u), "Ms", "Mu").opts(
+                    color=color, line_width=width, line_dash=dash, backend="bokeh"
+                )
+            )
+        if fit.slope is not None and np.isfinite(fit.slope):
+            layers.append(
+                hv.Curve(([0.0, s_max], [0.0, fit.slope * s_max]), "Ms", "Mu", group="SteadyState").opts(
+                    color=color,
+                    line_width=1.5,
+                    line_dash="dotted" if not fit.active else "dotdash",
+                    backend="bokeh",
+                )
+            )
+    if not layers:
+        return hv.Overlay([hv.Curve([], "Ms", "Mu")])
+    return hv.Overlay(layers)
+
+
+def curve(x: np.ndarray, y: np.ndarray, *, labels: tuple[str, str]) -> hv.Curve:
+    """Draw a fitted or trend curve on the time view."""
+    return hv.Curve((x, y), labels[0], labels[1]).opts(color=FIT_CURVE_COLOR, line_width=3, backend="bokeh")
+
+
+def fits_legend_html(fits: list[PhaseFit]) -> str:
+    """Explain the lines of :func:`phase_fits` as HTML: colour and dash per fit."""
+    items = []
+    for i, fit in enumerate(fits):
+        color = FIT_COLORS[i % len(FIT_COLORS)]
+        style = "solid" if fit.active else "dashed"
+        what = "trajectory and u = γ s (dash-dot)" if fit.s is not None else "u = γ s"
+        items.append(
+            '<span style="white-space:nowrap;margin-right:12px">'
+            '<span style="display:inline-block;width:22px;'
+            f'border-top:3px {style} {color};margin:0 4px 3px 0"></span>{fit.label}: {what}</span>'
+        )
+    return "<div style='font-size:12px'>" + " ".join(items) + "</div>" if items else ""
+
+
+def comparison_scatter(
+    a: np.ndarray,
+    b: np.ndarray,
+    *,
+    labels: tuple[str, str],
+    title: str,
+    width: int = 420,
+    height: int = 380,
+    highlight_index: int | None = None,
+) -> hv.Overlay:
+    """Plot A against B with the diagonal; ``highlight_index`` marks one point (gene or cell)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    finite = np.concatenate([a[np.isfinite(a)], b[np.isfinite(b)]])
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    if len(a) > DATASHADE_THRESHOLD:
+        from explorer.app.state import Coloring
+
+        base: hv.Element = rasterize(
+            a,
+            b,
+            Coloring(kind="none", values=np.zeros(len(a)), label=""),
+            labels=labels,
+            width=width,
+            height=height,
+            color="#1f3a93",
+            title=title,
+        )
+    else:
+        base = hv.Points((a, b), list(labels)).opts(
+            size=_size(len(a)),
+            color="#1f3a93",
+            alpha=0.6,
+            tools=["tap"],
+            default_tools=_DEFAULT_TOOLS,
+            title=title,
+            width=width,
+            height=height,
+            line_alpha=0,
+            nonselection_alpha=0.6,
+            selection_alpha=0.6,
+            backend="bokeh",
+        )
+    diagonal = hv.Curve(([lo, hi], [lo, hi]), *labels).opts(
+        color="#999999", line_dash="dashed", backend="bokeh"
+    )
+    mark = cell_marker(
+        *(a[highlight_index], b[highlight_index]) if highlight_index is not None else (None, None)
+    )
+    return (base * diagonal * mark).opts(framewise=True, backend="bokeh")
+
+
+def message(text: str, *, width: int = 480, height: int = 420) -> hv.Overlay:
+    """Draw an empty plot that says why there is nothing to draw."""
+    return (hv.Points([]) * hv.Text(0.5, 0.5, text)).opts(
+        hv.opts.Points(width=width, height=height, xaxis=None, yaxis=None, backend="bokeh"),
+        hv.opts.Text(text_font_size="11pt", backend="bokeh"),
+    )
+
+
+# --------------------------------------------------------------------- export
+def figure_bytes(
+    layers: list[dict[str, Any]],
+    *,
+    fmt: Literal["png", "svg"],
+    title: str = "",
+    labels: tuple[str, str] = ("x", "y"),
+) -> bytes:
+    """Draw ``layers`` with matplotlib and return the file's bytes (PNG or SVG).
+
+    Each layer is a dict with ``kind`` ``"points"`` (``x``, ``y``, ``coloring``),
+    ``"lines"`` (``lines``: list of ``(n, 2)`` arrays, ``color``, ``style``, ``label``),
+    ``"marker"`` (``x``, ``y``, ``color``) or ``"highlight"`` (``x``, ``y``). Exports
+    draw without a browser, so they work on a server with no display.
+    """
+    import matplotlib as mpl
+
+    mpl.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 5), dpi=150, layout="constrained")
+    ax = fig.add_subplot()
+    for layer in layers:
+        kind = layer["kind"]
+        if kind == "points":
+            _mpl_points(ax, layer["x"], layer["y"], layer["coloring"])
+        elif kind == "lines":
+            for line in layer["lines"]:
+                line = np.asarray(line)
+                ax.plot(
+                    line[:, 0],
+                    line[:, 1],
+                    color=layer.get("color", STREAM_COLOR),
+                    lw=layer.get("width", 0.8),
+                    ls=layer.get("style", "-"),
+                    alpha=layer.get("alpha", 0.8),
+                )
+            if layer.get("label"):
+                ax.plot(
+                    [],
+                    [],
+                    color=layer.get("color", STREAM_COLOR),
+                    ls=layer.get("style", "-"),
+                    label=layer["label"],
+                )
+        elif kind == "highlight":
+            ax.scatter(
+                layer["x"], layer["y"], s=8, facecolors="none", edgecolors=SELECTION_COLOR, linewidths=0.6
+            )
+        elif kind == "marker":
+            ax.scatter(
+                layer["x"],
+                layer["y"],
+                s=160,
+                facecolors="none",
+                edgecolors=layer.get("color", CELL_COLOR),
+                linewidths=2.5,
+            )
+    ax.set_xlabel(labels[0])
+    ax.set_ylabel(labels[1])
+    ax.set_title(title)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="best", frameon=False)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def _mpl_points(ax: Any, x: np.ndarray, y: np.ndarray, coloring: Coloring) -> None:
+    size = max(0.5, 20 / np.sqrt(max(len(x), 1) / 100))
+    if coloring.kind == "category":
+        key = coloring.color_key or {}
+        codes = np.asarray(coloring.values)
+        for code, cat in enumerate(coloring.categories):
+            mine = codes == code
+            ax.scatter(
+                x[mine],
+                y[mine],
+                s=size,
+                color=key.get(cat, MISSING_COLOR),
+                label=cat,
+                linewidths=0,
+                rasterized=True,
+            )
+    elif coloring.kind == "continuous":
+        lo, hi = value_range(coloring)
+        art = ax.scatter(
+            x,
+            y,
+            s=size,
+            c=coloring.values,
+            cmap=cmap_for(coloring),
+            vmin=lo,
+            vmax=hi,
+            linewidths=0,
+            rasterized=True,
+        )
+        ax.figure.colorbar(art, ax=ax, label=coloring.label)
+    else:
+        ax.scatter(x, y, s=size, color=MISSING_COLOR, linewidths=0, rasterized=True)
+
+
+def table_csv(table: pd.DataFrame) -> str:
+    """Write the gene table as CSV text."""
+    return table.to_csv(index=False)

@@ -1,0 +1,113 @@
+"""The embedding: cells on UMAP (or any ``X_*`` basis), streamlines, the selected cell's next cells."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import holoviews as hv
+import numpy as np
+import panel as pn
+import param
+
+from explorer.app import plots
+from explorer.app.state import ExplorerState
+from explorer.app.views._layers import CellScatter, LiveLayer
+
+
+class EmbeddingView(pn.viewable.Viewer):
+    """Cells on the embedding, coloured by the state's ``color_by``; click a cell, box or lasso a group."""
+
+    state = param.ClassSelector(class_=ExplorerState)
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        state = self.state
+        self.scatter = CellScatter(
+            state,
+            xy=self._xy,
+            xy_depends=["basis", "adata"],
+            labels=("dim 1", "dim 2"),
+            on_tap=lambda x, y: state.select_cell_at("embedding", x, y),
+            on_select=state.select_cells_in,
+            title=lambda: f"{state.basis} — {state.color_by}",
+            width=560,
+            height=460,
+        )
+        self.streamlines = hv.DynamicMap(
+            self._draw_streamlines,
+            streams=[hv.streams.Params(state, ["model", "basis", "show_streamlines", "results"])],
+        )
+        self.arrows = hv.DynamicMap(
+            self._draw_arrows,
+            streams=[hv.streams.Params(state, ["model", "basis", "show_arrows", "results"])],
+        )
+        # the selected cell's next cells follow each click without a HoloViews update (see LiveLayer)
+        self.targets_live = (LiveLayer(), LiveLayer())
+        self.targets = hv.DynamicMap(self._draw_targets)
+        state.param.watch(self._push_targets, ["cell", "model", "basis", "n_targets", "results"])
+        self.plot = self.scatter.overlay(self.streamlines, self.arrows, self.targets)
+
+    def _xy(self) -> tuple[np.ndarray, np.ndarray]:
+        xy = self.state.embedding()
+        return xy[:, 0], xy[:, 1]
+
+    def _draw_streamlines(self, **_: Any) -> hv.Path:
+        state = self.state
+        return plots.streamlines(state.streamlines() if state.show_streamlines else [])
+
+    def _draw_arrows(self, **_: Any) -> hv.VectorField:
+        state = self.state
+        grid = state.arrow_grid() if state.show_arrows else None
+        if grid is None:
+            return plots.arrows(np.empty(0), np.empty(0), np.empty(0), np.empty(0))
+        return plots.arrows(*_grid_arrays(grid))
+
+    def _targets(self) -> tuple[Any, np.ndarray, np.ndarray]:
+        state = self.state
+        info = state.cell_info()
+        if info is None or info.targets.empty:
+            return None, np.empty((0, 2)), np.empty(0)
+        xy = state.embedding()
+        return (
+            tuple(xy[info.index]),
+            xy[info.targets["index"].to_numpy()],
+            info.targets["probability"].to_numpy(),
+        )
+
+    def _draw_targets(self) -> hv.Overlay:
+        return plots.transition_targets(
+            *self._targets(), hooks=(self.targets_live[0].hook, self.targets_live[1].hook)
+        )
+
+    def _push_targets(self, *_: Any) -> None:
+        segments, points = plots.transition_target_data(*self._targets())
+        self.targets_live[0].push(segments)
+        self.targets_live[1].push(points)
+
+    def __panel__(self) -> pn.viewable.Viewable:
+        state = self.state
+        controls = pn.Row(
+            pn.widgets.Select.from_param(state.param.color_by, label="Colour by", width=200),
+            pn.widgets.Select.from_param(state.param.basis, label="Embedding", width=120),
+            pn.widgets.Checkbox.from_param(
+                state.param.show_streamlines, label="streamlines", margin=(28, 5, 5, 5)
+            ),
+            pn.widgets.Checkbox.from_param(state.param.show_arrows, label="arrows", margin=(28, 5, 5, 5)),
+        )
+        legend = pn.pane.HTML(
+            pn.bind(
+                self._legend, state.param.color_by, state.param.gene, state.param.model, state.param.results
+            ),
+            sizing_mode="stretch_width",
+            margin=(0, 10),
+        )
+        return pn.Column(controls, pn.pane.HoloViews(self.plot, name="embedding"), legend, name="Embedding")
+
+    def _legend(self, *_: Any) -> str:
+        return plots.legend_html(self.state.coloring())
+
+
+def _grid_arrays(grid: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(x, y, vx, vy)`` of a grid field from :func:`explorer.graph.streamlines.velocity_on_grid`."""
+    gx, gy = np.meshgrid(np.asarray(grid.x), np.asarray(grid.y))
+    return gx.ravel(), gy.ravel(), np.asarray(grid.u).ravel(), np.asarray(grid.v).ravel()

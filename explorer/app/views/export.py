@@ -1,0 +1,165 @@
+"""Save the session's results (.h5ad), each plot (PNG, SVG) and the gene table (CSV)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import panel as pn
+import param
+
+from explorer._types import InputError
+from explorer.app import plots
+from explorer.app.state import ExplorerState
+
+PLOTS = ("embedding", "phase portrait", "gene over time")
+
+
+def figure_layers(state: ExplorerState, which: str) -> tuple[list[dict[str, Any]], str, tuple[str, str]]:
+    """Collect what :func:`~explorer.app.plots.figure_bytes` draws for ``which``: layers, title, labels."""
+    layers: list[dict[str, Any]] = []
+    coloring = state.coloring()
+    idx = state.selected
+    if which == "embedding":
+        xy = state.embedding()
+        x, y = xy[:, 0], xy[:, 1]
+        layers.append({"kind": "points", "x": x, "y": y, "coloring": coloring})
+        layers.append({"kind": "lines", "lines": state.streamlines() if state.show_streamlines else []})
+        title, labels = f"{state.dataset}: {state.basis} — {coloring.label}", ("dim 1", "dim 2")
+    elif which == "phase portrait":
+        x, y = state.gene_values("Ms"), state.gene_values("Mu")
+        layers.append({"kind": "points", "x": x, "y": y, "coloring": coloring})
+        s_max = float(np.nanmax(x)) if np.isfinite(x).any() else 1.0
+        for i, fit in enumerate(state.phase_fits()):
+            color = plots.FIT_COLORS[i % len(plots.FIT_COLORS)]
+            style = "-" if fit.active else "--"
+            if fit.s is not None:
+                layers.append(
+                    {
+                        "kind": "lines",
+                        "lines": [np.column_stack([fit.s, fit.u])],
+                        "color": color,
+                        "style": style,
+                        "width": 2,
+                        "label": fit.label,
+                    }
+                )
+            if fit.slope is not None and np.isfinite(fit.slope):
+                layers.append(
+                    {
+                        "kind": "lines",
+                        "lines": [np.array([[0, 0], [s_max, fit.slope * s_max]])],
+                        "color": color,
+                        "style": ":",
+                        "width": 1.2,
+                        "label": f"{fit.label}: u = γ s",
+                    }
+                )
+        title, labels = f"{state.gene}: phase portrait", ("Ms", "Mu")
+    elif which == "gene over time":
+        t = state.latent_time()
+        if t is None:
+            msg = "There is no latent time to plot against; run the dynamical model first."
+            raise InputError(msg)
+        x, y = t, state.gene_values("Ms")
+        layers.append({"kind": "points", "x": x, "y": y, "coloring": coloring})
+        found = state.time_curve("Ms")
+        if found is not None:
+            layers.append(
+                {
+                    "kind": "lines",
+                    "lines": [np.column_stack(found[:2])],
+                    "color": "#c0392b",
+                    "width": 2.5,
+                    "label": found[2],
+                }
+            )
+        title, labels = f"{state.gene}: Ms over latent time", ("latent time", "Ms")
+    else:
+        msg = f"Invalid plot {which!r}. Valid options are: {', '.join(PLOTS)}."
+        raise InputError(msg)
+    if len(idx):
+        layers.append({"kind": "highlight", "x": x[idx], "y": y[idx]})
+    if state.cell is not None:
+        layers.append({"kind": "marker", "x": [x[state.cell]], "y": [y[state.cell]]})
+    return layers, title, labels
+
+
+def plot_file(state: ExplorerState, which: str, fmt: Literal["png", "svg"]) -> bytes:
+    """Render plot ``which`` as PNG or SVG bytes."""
+    layers, title, labels = figure_layers(state, which)
+    return plots.figure_bytes(layers, fmt=fmt, title=title, labels=labels)
+
+
+class ExportView(pn.viewable.Viewer):
+    """Save results as .h5ad under the data directory; download plots and the gene table."""
+
+    state = param.ClassSelector(class_=ExplorerState)
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        state = self.state
+        stem = Path(state.dataset or "explorer").stem.replace("/", "_").replace(" ", "_")
+        self.filename = pn.widgets.TextInput(
+            label="Save results as (in the data directory)", value=f"{stem}_velocity.h5ad", width=250
+        )
+        self.save_button = pn.widgets.Button(label="Save .h5ad", color="success", width=110)
+        self.message = pn.pane.Markdown("", name="export message", sizing_mode="stretch_width")
+        self.save_button.on_click(self._save)
+        self.which = pn.widgets.Select(label="Plot", options=list(PLOTS), width=160)
+        self.png = pn.widgets.FileDownload(
+            callback=self._png, filename="plot.png", label="PNG", width=80, color="light"
+        )
+        self.svg = pn.widgets.FileDownload(
+            callback=self._svg, filename="plot.svg", label="SVG", width=80, color="light"
+        )
+        self.csv = pn.widgets.FileDownload(
+            callback=self._csv,
+            filename=f"{stem}_genes.csv",
+            label="Gene table (CSV)",
+            width=160,
+            color="light",
+        )
+        self.which.param.watch(self._rename, "value")
+        self._rename()
+
+    def _rename(self, *_: Any) -> None:
+        base = self.which.value.replace(" ", "_")
+        self.png.filename, self.svg.filename = f"{base}.png", f"{base}.svg"
+
+    def save(self) -> Path | None:
+        """Write the results file named in the form; the outcome is shown as a message."""
+        try:
+            path = self.state.export_h5ad(self.filename.value)
+        except (InputError, FileExistsError, PermissionError, ValueError) as err:
+            self.message.object = f"**Not saved:** {err}"
+            return None
+        self.message.object = (
+            f"Saved `{path.name}` ({path.stat().st_size / 1e6:.1f} MB) in the data directory."
+        )
+        return path
+
+    def _save(self, *_: Any) -> None:
+        self.save()
+
+    def _png(self) -> io.BytesIO:
+        return io.BytesIO(plot_file(self.state, self.which.value, "png"))
+
+    def _svg(self) -> io.BytesIO:
+        return io.BytesIO(plot_file(self.state, self.which.value, "svg"))
+
+    def _csv(self) -> io.StringIO:
+        return io.StringIO(plots.table_csv(self.state.gene_table()))
+
+    def __panel__(self) -> pn.viewable.Viewable:
+        return pn.Column(
+            self.filename,
+            self.save_button,
+            self.message,
+            pn.Row(self.which, self.png, self.svg),
+            self.csv,
+            name="Export",
+            sizing_mode="stretch_width",
+        )

@@ -1,0 +1,75 @@
+"""The phase portrait of the selected gene: ``Mu`` against ``Ms`` with every fit's trajectory."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import holoviews as hv
+import numpy as np
+import panel as pn
+import param
+
+from explorer.app import plots
+from explorer.app.state import ExplorerState
+from explorer.app.views._layers import CellScatter
+
+
+class PhasePortrait(pn.viewable.Viewer):
+    """``Mu`` against ``Ms`` for every cell, coloured as the embedding; active fit solid, others dashed.
+
+    ``only`` restricts the fitted curves to one fit label (the comparison view's A or B).
+    """
+
+    state = param.ClassSelector(class_=ExplorerState)
+    only = param.String(default=None, allow_None=True)
+    width = param.Integer(default=480)
+    height = param.Integer(default=420)
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        state = self.state
+        self.scatter = CellScatter(
+            state,
+            xy=lambda: (state.gene_values("Ms"), state.gene_values("Mu")),
+            xy_depends=["gene", "adata"],
+            labels=("Ms", "Mu"),
+            on_tap=lambda x, y: state.select_cell_at("phase", x, y),
+            title=lambda: f"{state.gene}: phase portrait" + (f" — {self.only}" if self.only else ""),
+            width=self.width,
+            height=self.height,
+        )
+        self.fits = hv.DynamicMap(
+            self._draw_fits,
+            streams=[hv.streams.Params(state, ["gene", "model", "results", "compare_a", "compare_b"])],
+        )
+        self.plot = self.scatter.overlay(self.fits)
+
+    def _fits(self) -> list[Any]:
+        fits = self.state.phase_fits()
+        if self.only is not None:
+            label = (
+                getattr(self.state, self.only, None) if self.only in ("compare_a", "compare_b") else self.only
+            )
+            fits = [f for f in fits if f.label == label]
+        return fits
+
+    def _draw_fits(self, **_: Any) -> hv.Overlay:
+        fits = self._fits()
+        xy = self.scatter.xy()
+        s_max = float(np.nanmax(xy[0])) if xy is not None and np.isfinite(xy[0]).any() else 1.0
+        return plots.phase_fits(fits, s_max=s_max)
+
+    def __panel__(self) -> pn.viewable.Viewable:
+        state = self.state
+        header = pn.pane.Markdown(pn.bind(self._header, state.param.gene, state.param.model), margin=(0, 10))
+        legend = pn.pane.HTML(
+            pn.bind(self._legend, state.param.gene, state.param.model, state.param.results), margin=(0, 10)
+        )
+        return pn.Column(header, pn.pane.HoloViews(self.plot, name="phase portrait"), legend)
+
+    def _legend(self, *_: Any) -> str:
+        return plots.fits_legend_html(self._fits())
+
+    def _header(self, gene: str | None, model: str | None) -> str:
+        fit = f" — fit: **{model}**" if model else " — no fit yet: press Run"
+        return f"Gene **{gene}**{fit}"

@@ -1,0 +1,90 @@
+"""Choose a model and its main parameters, run it in the background, watch its progress, cancel it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import panel as pn
+import param
+
+from explorer.app.state import ExplorerState, model_defaults
+from explorer.models import MODELS
+
+
+def _widget_for(name: str, default: Any) -> pn.widgets.Widget | None:
+    """Make an input for one constructor parameter, by the type of its default (None for others)."""
+    if isinstance(default, bool):
+        return pn.widgets.Checkbox(label=name, value=default)
+    if isinstance(default, int):
+        return pn.widgets.IntInput(label=name, value=default, width=120)
+    if isinstance(default, float):
+        return pn.widgets.FloatInput(label=name, value=default, width=120)
+    if isinstance(default, str):
+        return pn.widgets.TextInput(label=name, value=default, width=120)
+    return None
+
+
+class ModelRunner(pn.viewable.Viewer):
+    """Model picker, parameter form, Run/Cancel, a live progress bar and the active-model choice."""
+
+    state = param.ClassSelector(class_=ExplorerState)
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        state = self.state
+        self.model_select = pn.widgets.Select(
+            label="Model", options=MODELS.keys(), value="stochastic", width=250
+        )
+        self.form = pn.Column(sizing_mode="stretch_width")
+        self.run_button = pn.widgets.Button(label="Run", color="primary", width=110)
+        self.cancel_button = pn.widgets.Button(label="Cancel", color="warning", width=110, disabled=True)
+        self.bar = pn.indicators.Progress(value=0, max=1000, bar_color="primary", sizing_mode="stretch_width")
+        self.status = pn.pane.Markdown("", name="status", sizing_mode="stretch_width")
+        self.alert = pn.pane.Alert("", alert_type="danger", visible=False, sizing_mode="stretch_width")
+        self.active = pn.widgets.Select.from_param(state.param.model, label="Active model", width=250)
+        self._widgets: dict[str, pn.widgets.Widget] = {}
+        self.model_select.param.watch(self._build_form, "value")
+        self.run_button.on_click(self._run)
+        self.cancel_button.on_click(lambda _: state.cancel_run())
+        state.param.watch(self._show_progress, ["progress", "running", "status", "error"])
+        self._build_form()
+        self._show_progress()
+
+    def _build_form(self, *_: Any) -> None:
+        self._widgets = {}
+        for name, default in model_defaults(self.model_select.value).items():
+            widget = _widget_for(name, default)
+            if widget is not None:
+                self._widgets[name] = widget
+        self.form.objects = [pn.FlexBox(*self._widgets.values())]
+
+    def params(self) -> dict[str, Any]:
+        """Return the form's parameter values (only those changed from the model's defaults)."""
+        defaults = model_defaults(self.model_select.value)
+        return {k: w.value for k, w in self._widgets.items() if w.value != defaults.get(k)}
+
+    def _run(self, _: Any = None) -> None:
+        self.state.run_model(self.model_select.value, **self.params())
+
+    def _show_progress(self, *_: Any) -> None:
+        state = self.state
+        self.bar.value = int(round(state.progress * 1000))
+        self.bar.active = state.running and state.progress == 0
+        self.run_button.disabled = state.running
+        self.cancel_button.disabled = not state.running
+        self.status.object = state.status
+        self.alert.object = state.error
+        self.alert.visible = bool(state.error)
+
+    def __panel__(self) -> pn.viewable.Viewable:
+        return pn.Column(
+            self.model_select,
+            self.form,
+            pn.Row(self.run_button, self.cancel_button),
+            self.bar,
+            self.status,
+            self.alert,
+            self.active,
+            name="Model",
+            sizing_mode="stretch_width",
+        )

@@ -1,0 +1,93 @@
+"""The selected gene against latent time: ``Ms``, ``Mu`` and velocity, each with the fitted curve."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import holoviews as hv
+import numpy as np
+import panel as pn
+import param
+
+from explorer.app import plots
+from explorer.app.state import ExplorerState
+from explorer.app.views._layers import CellScatter, LiveLayer
+
+_WHAT: tuple[Literal["Ms", "Mu", "velocity"], ...] = ("Ms", "Mu", "velocity")
+
+
+class GeneTimeView(pn.viewable.Viewer):
+    """Three linked scatters against latent time; click a cell in any of them to select it."""
+
+    state = param.ClassSelector(class_=ExplorerState)
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        state = self.state
+        self.scatters: dict[str, CellScatter] = {}
+        self.curves_live: dict[str, LiveLayer] = {}
+        self.plots: dict[str, hv.Overlay] = {}
+        for what in _WHAT:
+            scatter = CellScatter(
+                state,
+                xy=self._xy_of(what),
+                xy_depends=["gene", "model", "results", "adata"],
+                live_on=["gene"],
+                labels=("latent time", what),
+                on_tap=self._tap_of(what),
+                title=(lambda what=what: f"{state.gene}: {what}"),
+                width=380,
+                height=260,
+            )
+            # the fitted curve follows the gene without a HoloViews update (see LiveLayer)
+            self.curves_live[what] = LiveLayer()
+            curve = hv.DynamicMap(self._curve_of(what))
+            self.scatters[what] = scatter
+            self.plots[what] = scatter.overlay(curve)
+        state.param.watch(self._push_curves, ["gene", "model", "results", "adata"])
+
+    def _xy_of(self, what: Literal["Ms", "Mu", "velocity"]) -> Any:
+        def xy() -> tuple[np.ndarray, np.ndarray] | None:
+            t = self.state.latent_time()
+            if t is None or (what == "velocity" and self.state.fit is None):
+                return None
+            return t, self.state.gene_values(what)
+
+        return xy
+
+    def _tap_of(self, what: Literal["Ms", "Mu", "velocity"]) -> Any:
+        return lambda x, y: self.state.select_cell_at("time", x, y, what=what)
+
+    def _curve_data(self, what: Literal["Ms", "Mu", "velocity"]) -> tuple[np.ndarray, np.ndarray]:
+        found = None if what == "velocity" and self.state.fit is None else self.state.time_curve(what)
+        return (np.empty(0), np.empty(0)) if found is None else (found[0], found[1])
+
+    def _curve_of(self, what: Literal["Ms", "Mu", "velocity"]) -> Any:
+        def draw() -> hv.Curve:
+            t, value = self._curve_data(what)
+            return plots.curve(t, value, labels=("latent time", what)).opts(
+                hooks=[self.curves_live[what].hook], backend="bokeh"
+            )
+
+        return draw
+
+    def _push_curves(self, *_: Any) -> None:
+        for what, live in self.curves_live.items():
+            live.push_columns(*self._curve_data(what))
+
+    def __panel__(self) -> pn.viewable.Viewable:
+        state = self.state
+        note = pn.pane.Markdown(
+            pn.bind(self._note, state.param.model, state.param.results, state.param.gene), margin=(0, 10)
+        )
+        panes = [pn.pane.HoloViews(self.plots[w], name=f"time {w}") for w in _WHAT]
+        return pn.Column(note, pn.Row(*panes), name="Gene over time")
+
+    def _note(self, *_: Any) -> str:
+        if self.state.latent_time() is None:
+            return "*No latent time yet: run the **dynamical** model to order cells in time.*"
+        found = self.state.time_curve("Ms")
+        if found is not None and found[2] == "fit":
+            model = self.state.model
+            return f"Red line: the **{model}** fit at each cell's gene time, averaged along latent time."
+        return "Red line: the mean along latent time (no kinetic fit for this gene)."

@@ -1,0 +1,202 @@
+"""The app in a real browser: Debian's chromium driven by playwright (never ``playwright install``).
+
+One server (``explorer.app.server.serve``) runs in a subprocess on a free local port with
+a small dataset in a temporary data directory; the tests share one page and keep
+screenshots in ``test-artifacts/``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from explorer.keys import Key
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+BROWSER_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(
+        not CHROMIUM.exists(), reason="Debian's chromium is not installed (.ci/setup installs it)"
+    ),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, proc: subprocess.Popen, timeout: float) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if proc.poll() is not None:
+            pytest.fail(f"the server exited with {proc.returncode}; see {ARTIFACTS / 'e2e_server.log'}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):  # noqa: S310 - a local URL we started
+                return time.monotonic() - start
+        except OSError:
+            time.sleep(0.2)
+    pytest.fail(f"no answer from {url} within {timeout} s")
+    return timeout
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, app_adata):
+    folder = tmp_path_factory.mktemp("e2e_data")
+    adata = app_adata.copy()
+    t = adata.obs[Key.obs.TRUE_T].to_numpy()
+    adata.obs[Key.obs.LATENT_TIME] = (t - t.min()) / (t.max() - t.min())
+    adata.write_h5ad(folder / "small.h5ad")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(data_dir):
+    port = _free_port()
+    code = (
+        f"from explorer.app.server import serve; serve('small.h5ad', port={port}, data_dir={str(data_dir)!r})"
+    )
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    ARTIFACTS.mkdir(exist_ok=True)
+    log = (ARTIFACTS / "e2e_server.log").open("w")
+    proc = subprocess.Popen(  # noqa: S603 - our own interpreter and code
+        [sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        _wait_http(url, proc, timeout=90)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def app_page(server):
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
+        context = browser.new_context(viewport={"width": 1600, "height": 1400}, accept_downloads=True)
+        page = context.new_page()
+        start = time.monotonic()
+        page.goto(server)
+        page.get_by_text("No cell selected").wait_for(timeout=60_000)
+        page.locator("canvas").first.wait_for(timeout=60_000)
+        page.ready_s = time.monotonic() - start
+        yield page
+        page.screenshot(path=ARTIFACTS / "e2e_final.png", full_page=True, timeout=10_000)
+        browser.close()
+
+
+def _click_gene(page, gene: str) -> None:
+    """Filter the gene table to ``gene`` (its rows are sorted by fit quality) and click its row."""
+    box = page.get_by_placeholder("filter genes")
+    box.fill("")
+    box.press_sequentially(gene)  # Tabulator filters on key presses, not on a pasted value
+    box.press("Enter")
+    page.get_by_role("gridcell", name=gene, exact=True).click()
+
+
+def _phase(page):
+    """The phase-portrait plot (the second plot of the Explore tab)."""
+    return page.locator(".bk-Canvas").nth(1)
+
+
+def test_page_loads(app_page):
+    page = app_page
+    assert page.ready_s < 60
+    page.screenshot(path=ARTIFACTS / "e2e_loaded.png", full_page=True)
+    assert page.get_by_text("small.h5ad").first.is_visible()
+
+
+def test_clicking_a_gene_changes_the_phase_portrait(app_page):
+    page = app_page
+    before = _phase(page).screenshot()
+    _click_gene(page, "gene_0007")
+    page.get_by_text("Gene gene_0007").wait_for(timeout=10_000)
+    page.wait_for_timeout(800)
+    after = _phase(page).screenshot()
+    assert before != after
+    page.screenshot(path=ARTIFACTS / "e2e_gene.png", full_page=True)
+
+
+def test_clicking_a_cell_fills_the_inspector(app_page):
+    page = app_page
+    canvas = page.locator(".bk-Canvas").first
+    box = canvas.bounding_box()
+    # the middle of the plot: the tap selects whichever cell is nearest
+    canvas.click(position={"x": box["width"] * 0.45, "y": box["height"] * 0.5})
+    page.get_by_text("latent time:").wait_for(timeout=10_000)
+    summary = page.get_by_text("Cell cell_").first.inner_text()
+    assert "cell_" in summary
+    page.screenshot(path=ARTIFACTS / "e2e_cell.png", full_page=True)
+
+
+def test_a_run_shows_progress_while_clicks_still_answer(app_page):
+    page = app_page
+    page.get_by_label("Model", exact=True).select_option("dynamical")
+    page.get_by_label("max_iter").fill("30")
+    page.get_by_role("button", name="Run").click()
+    bar = page.locator("progress").first
+    values = []
+    answered = False
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        raw = bar.get_attribute("value")
+        values.append(float(raw) if raw not in (None, "") else 0.0)
+        if not answered and values[-1] > 0:
+            # a click while the fit runs still gets an answer
+            start = time.monotonic()
+            _click_gene(page, "gene_0003")
+            page.get_by_text("Gene gene_0003").wait_for(timeout=10_000)
+            answered = time.monotonic() - start < 10
+            page.screenshot(path=ARTIFACTS / "e2e_running.png", full_page=True)
+        if values[-1] >= 1000 and page.get_by_text("fit: dynamical").count():
+            break
+        page.wait_for_timeout(150)
+    assert answered
+    moving = [v for v in values if 0 < v < 1000]
+    assert len(set(moving)) >= 2, f"progress never moved: {values}"
+    page.get_by_text("fit: dynamical").wait_for(timeout=10_000)
+
+
+def test_export_writes_a_file_in_the_data_directory(app_page, data_dir):
+    page = app_page
+    page.get_by_label("Save results as (in the data directory)").fill("e2e_results.h5ad")
+    page.get_by_role("button", name="Save .h5ad").click()
+    page.get_by_text(re.compile(r"^Saved e2e_results\.h5ad")).wait_for(timeout=30_000)
+    assert (data_dir / "e2e_results.h5ad").is_file()
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Gene table (CSV)").click()
+    target = ARTIFACTS / "e2e_genes.csv"
+    download.value.save_as(target)
+    header = target.read_text().splitlines()[0]
+    assert header.startswith("gene,mean Ms,mean Mu")
+    assert "likelihood" in header
+    assert len(target.read_text().splitlines()) == 31  # a header and one row per gene

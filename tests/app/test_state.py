@@ -1,0 +1,347 @@
+"""ExplorerState and jobs, without a server: selections, runs, progress, cancellation, cache."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from anndata import AnnData
+
+from explorer._types import InputError, Progress
+from explorer.app import state as state_module
+from explorer.app.jobs import Job, fit_key, fit_label
+from explorer.app.state import (
+    COLOR_EXPRESSION,
+    COLOR_LATENT_TIME,
+    ExplorerState,
+    binned_mean,
+    nearest,
+    points_in_box,
+    points_in_polygon,
+    velocity_agreement,
+)
+from explorer.keys import Key
+
+
+@pytest.fixture
+def state(app_adata):
+    return ExplorerState(app_adata, dataset="test")
+
+
+# ------------------------------------------------------------------ pure helpers
+def test_nearest_scales_each_axis_by_its_range():
+    x = np.array([0.0, 10.0, 0.0])
+    y = np.array([0.0, 0.0, 0.1])
+    # unscaled, (0, 0.09) is nearest to point 2; with y spanning only 0.1 it is still point 2,
+    # but (4, 0) is nearer to point 0 than to point 1 once x is scaled by 10
+    assert nearest(x, y, 0.0, 0.09) == 2
+    assert nearest(x, y, 4.0, 0.0) == 0
+    assert nearest(np.array([np.nan, 1.0]), np.array([0.0, 1.0]), 0.0, 0.0) == 1
+
+
+def test_points_in_box_and_polygon():
+    x = np.array([0.0, 1.0, 2.0, 3.0])
+    y = np.array([0.0, 1.0, 2.0, 3.0])
+    assert points_in_box(x, y, (2.5, 0.5, 0.5, 2.5)).tolist() == [1, 2]
+    triangle = np.array([[-1.0, -1.0], [4.0, -1.0], [-1.0, 4.0]])  # x + y <= 3
+    assert points_in_polygon(x, y, triangle).tolist() == [0, 1]
+
+
+def test_velocity_agreement_is_cosine_over_shared_finite_genes():
+    a = np.array([[1.0, 0.0, np.nan], [1.0, 1.0, 5.0], [0.0, 0.0, 1.0]])
+    b = np.array([[1.0, 0.0, 3.0], [-1.0, -1.0, 1.0], [1.0, 0.0, 0.0]])
+    got = velocity_agreement(a, b)
+    np.testing.assert_allclose(got[:2], [1.0, -1.0], atol=1e-6)  # gene 2 has a NaN: left out
+    assert np.isnan(got[2])  # a zero vector has no direction
+
+
+def test_binned_mean_of_a_line_is_the_line():
+    x = np.linspace(0, 1, 1001)
+    centres, means = binned_mean(x, 2 * x + 1, n_bins=10)
+    np.testing.assert_allclose(means, 2 * centres + 1, atol=1e-3)
+
+
+def test_fit_key_ignores_order_and_label_names_changes():
+    assert fit_key("dynamical", {"a": 1, "b": 2.0}) == fit_key("dynamical", {"b": 2.0, "a": 1})
+    assert fit_key("dynamical", {"a": 1}) != fit_key("dynamical", {"a": 2})
+    assert (
+        fit_label("dynamical", {"max_iter": 5, "seed": 0}, {"max_iter": 10, "seed": 0})
+        == "dynamical (max_iter=5)"
+    )
+    assert fit_label("stochastic", {}, {"seed": 0}) == "stochastic"
+
+
+# --------------------------------------------------------------------- jobs
+def test_job_reports_progress_then_result():
+    seen: list[Progress] = []
+    done: list[int] = []
+
+    def work(progress):
+        for i in range(3):
+            progress(Progress(i + 1, 3, "step"))
+        return 42
+
+    job = Job(work, on_progress=seen.append, on_done=done.append).start()
+    assert job.join(5)
+    assert done == [42]
+    assert job.outcome == "done"
+    assert seen[-1].step == 3  # the last report always gets through
+
+
+def test_job_cancel_stops_at_next_report():
+    started = threading.Event()
+    cancelled: list[bool] = []
+    steps: list[int] = []
+
+    def work(progress):
+        for i in range(1000):
+            started.set()
+            steps.append(i)
+            progress(Progress(i, 1000))
+            time.sleep(0.002)
+        return "finished"
+
+    job = Job(
+        work, on_cancelled=lambda: cancelled.append(True), on_done=lambda v: cancelled.append(False)
+    ).start()
+    started.wait(5)
+    job.cancel()
+    assert job.join(5)
+    assert job.outcome == "cancelled"
+    assert cancelled == [True]
+    assert len(steps) < 1000
+
+
+def test_job_error_becomes_a_callback():
+    errors: list[BaseException] = []
+
+    def work(progress):
+        msg = "bad input"
+        raise InputError(msg)
+
+    job = Job(work, on_error=errors.append).start()
+    job.join(5)
+    assert job.outcome == "error"
+    assert isinstance(errors[0], InputError)
+
+
+# -------------------------------------------------------------------- state
+def test_state_starts_with_defaults(state, app_adata):
+    assert state.basis == Key.obsm.UMAP
+    assert state.color_by == Key.obs.CLUSTERS
+    assert state.gene in app_adata.var_names
+    assert state.cell is None
+    assert state.results == {}
+    assert COLOR_EXPRESSION in state.param.color_by.objects
+
+
+def test_set_data_rejects_data_without_moments():
+    bare = AnnData(np.ones((5, 3), dtype=np.float32))
+    with pytest.raises(InputError, match="Ms"):
+        ExplorerState(bare)
+
+
+def test_select_gene_exact_case_insensitive_and_unknown(state, app_adata):
+    name = str(app_adata.var_names[3])
+    state.select_gene(name.upper())
+    assert state.gene == name
+    with pytest.raises(InputError, match="not found.*Similar names: gene_0001"):
+        state.select_gene("gene_0001x")
+    assert state.gene == name
+
+
+def test_select_cell_by_click_picks_the_nearest_cell(state):
+    xy = state.embedding()
+    index = state.select_cell_at("embedding", float(xy[17, 0]), float(xy[17, 1]))
+    assert index == 17
+    assert state.cell == 17
+    ms, mu = state.gene_values("Ms"), state.gene_values("Mu")
+    state.select_cell_at("phase", float(ms[5]), float(mu[5]))
+    assert state.cell in set(np.flatnonzero((ms == ms[5]) & (mu == mu[5])))
+    with pytest.raises(InputError, match="out of range"):
+        state.select_cell(10_000)
+
+
+def test_select_cells_in_box(state):
+    xy = state.embedding()
+    x0, x1 = np.quantile(xy[:, 0], [0.2, 0.5])
+    y0, y1 = np.quantile(xy[:, 1], [0.2, 0.8])
+    state.select_cells_in(bounds=(x0, y0, x1, y1))
+    expected = np.flatnonzero((xy[:, 0] >= x0) & (xy[:, 0] <= x1) & (xy[:, 1] >= y0) & (xy[:, 1] <= y1))
+    assert state.selected.tolist() == expected.tolist()
+    assert len(expected) > 10
+
+
+def test_coloring_follows_choice(state, app_adata):
+    cats = state.coloring()
+    assert cats.kind == "category"
+    assert set(cats.color_key) == {"early", "mid", "late", "end"}
+    state.color_by = COLOR_EXPRESSION
+    expr = state.coloring()
+    np.testing.assert_allclose(expr.values, np.asarray(app_adata.layers["Ms"][:, state.gene_index]).ravel())
+    state.color_by = COLOR_LATENT_TIME
+    assert state.coloring().kind == "none"  # no fit, no obs latent_time yet
+
+
+def test_run_model_reports_progress_lands_in_cache_and_becomes_active(state):
+    fractions: list[float] = []
+    state.param.watch(lambda e: fractions.append(e.new), "progress")
+    job = state.run_model("stochastic")
+    assert job is not None
+    assert job.join(120)
+    assert state.error == ""
+    assert list(state.results) == ["stochastic"]
+    assert state.model == "stochastic"
+    assert not state.running
+    assert fractions == sorted(fractions)
+    assert fractions[-1] == 1.0
+    fit = state.fit
+    assert fit.transitions is not None
+    np.testing.assert_allclose(np.asarray(fit.transitions.sum(axis=1)).ravel(), 1.0, atol=1e-6)
+    assert fit.velocity_embedding[Key.obsm.UMAP].shape == (state.adata.n_obs, 2)
+    assert fit.confidence.shape == (state.adata.n_obs,)
+    # the same model and parameters again: served from the cache, no new job
+    assert state.run_model("stochastic") is None
+    assert state.status.endswith("cached")
+    # the data shown is never written to
+    assert Key.layers.VELOCITY not in state.adata.layers
+
+
+def test_gene_table_shows_the_active_fit(state):
+    before = state.gene_table()
+    assert before.columns[:3].tolist() == ["gene", "mean Ms", "mean Mu"]
+    assert before["gamma"].isna().all()
+    assert list(before.columns) == list(state.gene_table().columns)
+    state.run_model("steady_state").join(120)
+    table = state.gene_table()
+    assert {"R²", "gamma", "velocity gene"} <= set(table.columns)
+    gamma = state.fit.result.gene_params[Key.var.GAMMA].to_numpy()
+    np.testing.assert_allclose(table["gamma"].to_numpy(), gamma)
+
+
+def test_cell_info_lists_most_likely_next_cells(state):
+    state.run_model("stochastic").join(120)
+    state.select_cell(11)
+    info = state.cell_info()
+    assert info.cluster == str(state.adata.obs[Key.obs.CLUSTERS].iloc[11])
+    row = state.fit.transitions[11].toarray().ravel()
+    row[11] = 0
+    assert info.targets["index"].tolist() == list(np.argsort(-row, kind="stable")[: state.n_targets])
+    assert info.targets["probability"].is_monotonic_decreasing
+
+
+def test_cancel_run_leaves_no_result(state, monkeypatch):
+    def slow_fit(adata, model, params, *, basis, label, progress):
+        for i in range(2000):
+            progress(Progress(i, 2000, "slow"))
+            time.sleep(0.002)
+        pytest.fail("the fit should have been cancelled")
+
+    monkeypatch.setattr(state_module, "fit_and_derive", slow_fit)
+    job = state.run_model("stochastic")
+    while state.progress == 0:
+        time.sleep(0.01)
+    state.cancel_run()
+    assert job.join(10)
+    assert job.outcome == "cancelled"
+    assert state.results == {}
+    assert not state.running
+    assert state.status.endswith("cancelled")
+
+
+def test_failed_run_sets_an_error_message(state, monkeypatch):
+    def broken(*args, **kwargs):
+        msg = "no convergence"
+        raise RuntimeError(msg)
+
+    monkeypatch.setattr(state_module, "fit_and_derive", broken)
+    state.run_model("stochastic").join(10)
+    assert "no convergence" in state.error
+    assert not state.running
+
+
+def test_sessions_do_not_share_selections_or_runs(app_adata):
+    one, two = ExplorerState(app_adata), ExplorerState(app_adata)
+    one.select_gene(str(app_adata.var_names[5]))
+    one.select_cell(3)
+    one.run_model("steady_state").join(120)
+    assert two.cell is None
+    assert two.gene != one.gene
+    assert two.results == {}
+
+
+def test_comparison_of_two_fits(state):
+    state.run_model("steady_state").join(120)
+    state.run_model("stochastic").join(120)
+    assert (state.compare_a, state.compare_b) == ("steady_state", "stochastic")
+    quality = state.compare_quality()
+    assert len(quality) > 0
+    agreement = state.compare_agreement()
+    assert agreement.shape == (state.adata.n_obs,)
+    finite = agreement[np.isfinite(agreement)]
+    assert ((finite >= -1 - 1e-6) & (finite <= 1 + 1e-6)).all()
+    target = quality.iloc[len(quality) // 2]
+    assert state.select_gene_near(target["a"], target["b"]) == target["gene"]
+
+
+def test_export_writes_results_and_protects_the_input(state, tmp_path, app_adata):
+    import anndata as ad
+
+    state.data_dir = tmp_path
+    state.dataset_path = tmp_path / "input.h5ad"
+    state.run_model("stochastic").join(120)
+    path = state.export_h5ad("out.h5ad")
+    back = ad.read_h5ad(path)
+    np.testing.assert_allclose(back.layers[Key.layers.VELOCITY], state.fit.result.velocity, equal_nan=True)
+    assert Key.obsp.TRANSITIONS in back.obsp
+    assert Key.obsm.velocity("umap") in back.obsm
+    assert back.uns[Key.uns.VELOCITY_PARAMS]["mode"] == "stochastic"
+    with pytest.raises(InputError, match="input file"):
+        state.export_h5ad("input.h5ad")
+    with pytest.raises(InputError, match="'..'"):
+        state.export_h5ad("../escape.h5ad")
+    with pytest.raises(InputError, match=".h5ad"):
+        state.export_h5ad("out.csv")
+
+
+def test_stored_velocity_opens_as_a_fit(state, tmp_path):
+    state.run_model("stochastic").join(120)
+    exported = state.results_adata()
+    exported.obs[Key.obs.LATENT_TIME] = np.linspace(0, 1, exported.n_obs)
+    reopened = ExplorerState(exported, dataset="exported")
+    assert list(reopened.results) == ["stochastic (from file)"]
+    assert reopened.fit.transitions is not None
+    np.testing.assert_allclose(
+        reopened.latent_time(), exported.obs[Key.obs.LATENT_TIME].to_numpy(), atol=1e-6
+    )
+    assert isinstance(reopened.gene_table(), pd.DataFrame)
+
+
+def test_loading_a_bad_file_keeps_the_session_and_says_why(state, tmp_path):
+    state.data_dir = tmp_path
+    (tmp_path / "broken.h5ad").write_text("not an hdf5 file")
+    job = state.load("broken.h5ad")
+    assert job.join(30)
+    assert job.outcome == "error"
+    assert "broken.h5ad" in state.error
+    assert state.dataset == "test"  # the data shown before is still there
+    assert state.load("../elsewhere.h5ad") is None
+    assert "'..'" in state.error
+    assert state.load("missing.h5ad") is None
+    assert "No file" in state.error
+
+
+def test_loading_a_good_file_switches_dataset(state, tmp_path, app_adata):
+    state.data_dir = tmp_path
+    (tmp_path / "runs").mkdir()
+    app_adata[:120].copy().write_h5ad(tmp_path / "runs" / "part.h5ad")
+    state.select_cell(3)
+    job = state.load("runs/part.h5ad")
+    assert job.join(60)
+    assert state.error == ""
+    assert state.dataset == "runs/part.h5ad"
+    assert state.adata.n_obs == 120
+    assert state.cell is None

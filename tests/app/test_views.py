@@ -1,0 +1,260 @@
+"""The views, headless: a Bokeh document without a browser; selections change what every view shows."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+from bokeh.document import Document
+from panel.io.state import set_curdoc
+
+from explorer.app import plots
+from explorer.app.main import create_app
+from explorer.app.state import COLOR_EXPRESSION, COLOR_VELOCITY, Coloring
+from explorer.app.views.export import plot_file
+from explorer.keys import Key
+
+
+@pytest.fixture
+def timed_adata(app_adata):
+    """``app_adata`` with ``obs['latent_time']`` (the simulator's time scaled to [0, 1])."""
+    adata = app_adata.copy()
+    t = adata.obs[Key.obs.TRUE_T].to_numpy()
+    adata.obs[Key.obs.LATENT_TIME] = (t - t.min()) / (t.max() - t.min())
+    return adata
+
+
+@pytest.fixture
+def app(timed_adata, tmp_path):
+    """A rendered page (the model tree built as for a browser) and its views."""
+    doc = Document()
+    with set_curdoc(doc):
+        page = create_app(timed_adata, data_dir=tmp_path)
+        page.server_doc(doc)
+        yield page.app
+
+
+def _frame(dmap):
+    """The element a DynamicMap drew last."""
+    return dmap.last
+
+
+def _shown(live):
+    """What the browser is sent for a live layer: its data source's ``(x, y)`` rows."""
+    data = live.shown
+    return np.column_stack([data["x"], data["y"]])
+
+
+def test_page_builds_every_view(app):
+    assert set(app.views) >= {"embedding", "phase", "genes", "inspector", "time", "compare", "export"}
+    embedding = _frame(app.views["embedding"].scatter.base)
+    assert len(embedding) == app.state.adata.n_obs
+
+
+def test_selecting_a_gene_updates_phase_time_table_and_colouring(app):
+    state, views = app.state, app.views
+    state.color_by = COLOR_EXPRESSION
+    gene = str(state.adata.var_names[7])
+    assert state.gene != gene
+    views["genes"]._clicked(SimpleNamespace(row=7, column="gene"))  # a click on the table row
+    assert state.gene == gene
+    phase = _frame(views["phase"].scatter.base)
+    np.testing.assert_allclose(phase.dimension_values("Ms"), state.gene_values("Ms"))
+    np.testing.assert_allclose(phase.dimension_values("Mu"), state.gene_values("Mu"))
+    # the time plots get the new gene's values, axis range and title sent directly
+    time_ms = views["time"].scatters["Ms"]
+    np.testing.assert_allclose(time_ms.base_live.shown["Ms"], state.gene_values("Ms"))
+    plot = time_ms.base_live.plots[-1]
+    assert plot.handles["y_range"].end >= state.gene_values("Ms").max()
+    assert plot.handles["plot"].title.text == f"{gene}: Ms"
+    np.testing.assert_allclose(views["time"].curves_live["Mu"].shown["Mu"], state.time_curve("Mu")[1])
+    # the embedding, coloured by the gene, is recoloured in place
+    embedding = views["embedding"].scatter.base_live
+    np.testing.assert_allclose(embedding.shown["color"], state.gene_values("Ms"))
+    mapper = embedding.plots[-1].handles["color_color_mapper"]
+    assert (mapper.low, mapper.high) == pytest.approx(plots.value_range(state.coloring()))
+    assert views["genes"].table.selection == [7]
+    # the search box selects too, whatever the case
+    views["genes"].search.value = str(state.adata.var_names[2]).upper()
+    assert state.gene == str(state.adata.var_names[2])
+    views["genes"].search.value = "no-such-gene"
+    assert "not found" in state.error
+    assert app.error.visible
+
+
+def test_clicking_a_cell_highlights_it_everywhere_and_fills_the_inspector(app):
+    state, views = app.state, app.views
+    state.run_model("stochastic").join(120)
+    xy = state.embedding()
+    views["embedding"].scatter._tapped(x=float(xy[42, 0]), y=float(xy[42, 1]))  # a tap on the embedding
+    assert state.cell == 42
+    np.testing.assert_allclose(_shown(views["embedding"].scatter.marker_live), [xy[42]], rtol=1e-6)
+    np.testing.assert_allclose(
+        _shown(views["phase"].scatter.marker_live),
+        [[state.gene_values("Ms")[42], state.gene_values("Mu")[42]]],
+    )
+    t = state.latent_time()
+    np.testing.assert_allclose(
+        _shown(views["time"].scatters["Mu"].marker_live), [[t[42], state.gene_values("Mu")[42]]], rtol=1e-6
+    )
+    # the marker moves with the points when another gene is chosen
+    state.select_gene(str(state.adata.var_names[11]))
+    np.testing.assert_allclose(
+        _shown(views["phase"].scatter.marker_live),
+        [[state.gene_values("Ms")[42], state.gene_values("Mu")[42]]],
+    )
+    inspector = views["inspector"]
+    assert state.adata.obs_names[42] in inspector.summary.object
+    assert len(inspector.targets.value) == state.n_targets
+    segments = views["embedding"].targets_live[0].shown  # segments to the likely next cells
+    assert len(segments["x1"]) == state.n_targets
+    np.testing.assert_allclose(segments["x0"], xy[42, 0])
+    # clicking a next cell in the inspector moves there
+    first = inspector._indices[0]
+    inspector._clicked(SimpleNamespace(row=0))
+    assert state.cell == first
+    # a click on the phase portrait picks that view's nearest cell
+    ms, mu = state.gene_values("Ms"), state.gene_values("Mu")
+    views["phase"].scatter._tapped(x=float(ms[9]), y=float(mu[9]))
+    assert (ms[state.cell], mu[state.cell]) == (ms[9], mu[9])
+
+
+def test_box_selection_highlights_cells_in_phase_and_time_views(app):
+    state, views = app.state, app.views
+    xy = state.embedding()
+    bounds = (float(xy[:, 0].min()), float(xy[:, 1].min()), float(np.median(xy[:, 0])), float(xy[:, 1].max()))
+    views["embedding"].scatter._boxed(bounds=bounds)
+    chosen = np.flatnonzero(xy[:, 0] <= np.median(xy[:, 0]))
+    assert state.selected.tolist() == chosen.tolist()
+    phase_sel = _shown(views["phase"].scatter.selection_live)
+    np.testing.assert_allclose(phase_sel[:, 0], state.gene_values("Ms")[chosen])
+    assert len(_shown(views["time"].scatters["Ms"].selection_live)) == len(chosen)
+    # a lasso does the same with a polygon; a double tap clears
+    views["embedding"].scatter._lassoed(geometry=np.array([[-1e3, -1e3], [1e3, -1e3], [1e3, 1e3]]))
+    assert len(state.selected) > 0
+    views["embedding"].scatter._clear.event(x=0.0, y=0.0)
+    assert len(state.selected) == 0
+
+
+def test_runner_shows_progress_and_result_in_every_view(app):
+    state, views, runner = app.state, app.views, app.runner
+    runner.model_select.value = "steady_state"
+    assert "fit_offset" in runner._widgets or runner._widgets  # the form follows the model
+    runner._run()
+    assert state.job.join(120)
+    assert runner.bar.value == 1000
+    assert runner.cancel_button.disabled is not state.running
+    assert "steady_state" in runner.active.options
+    assert "gamma" in views["genes"].table.value.columns
+    fits = _frame(views["phase"].fits)
+    lines = [layer for layer in fits if layer.group == "SteadyState"]  # u = gamma s
+    gamma = state.fit.result.gene_params[Key.var.GAMMA].iloc[state.gene_index]
+    s_end, u_end = lines[0].dimension_values("Ms")[-1], lines[0].dimension_values("Mu")[-1]
+    assert u_end == pytest.approx(gamma * s_end)
+    state.color_by = COLOR_VELOCITY
+    shown = _frame(views["embedding"].scatter.base).dimension_values("value")
+    np.testing.assert_allclose(shown, state.gene_values("velocity"), equal_nan=True)
+    streamlines = _frame(views["embedding"].streamlines)
+    assert len(streamlines.split()) > 0
+    state.show_arrows = True  # velocity arrows on a grid, as an option
+    arrows = _frame(views["embedding"].arrows)
+    assert len(arrows) > 10
+
+
+def test_comparison_view_selects_a_gene_from_the_quality_plot(app):
+    state, views = app.state, app.views
+    state.run_model("steady_state").join(120)
+    state.run_model("stochastic").join(120)
+    compare = views["compare"]
+    quality = state.compare_quality()
+    target = quality.iloc[3]
+    compare._quality_tapped(x=float(target["a"]), y=float(target["b"]))
+    assert state.gene == target["gene"]
+    frame = compare.quality[()]
+    assert len(frame.get(0)) == len(quality)
+    agreement = compare.agreement._coloring()
+    assert agreement.kind == "continuous"
+
+
+def test_exports(app, tmp_path):
+    state, export = app.state, app.views["export"]
+    state.run_model("stochastic").join(120)
+    state.select_cell(5)
+    state.select_cells(np.arange(10))
+    for which in ("embedding", "phase portrait", "gene over time"):
+        assert plot_file(state, which, "png").startswith(b"\x89PNG")
+        assert b"<svg" in plot_file(state, which, "svg")[:400]
+    csv = export._csv().getvalue()
+    assert csv.splitlines()[0].startswith("gene,mean Ms,mean Mu")
+    assert len(pd.read_csv(export._csv())) == state.adata.n_vars
+    export.filename.value = "results.h5ad"
+    path = export.save()
+    assert path == (tmp_path / "results.h5ad").resolve()
+    export.filename.value = "../outside.h5ad"
+    assert export.save() is None
+    assert "Not saved" in export.message.object
+    assert not (tmp_path.parent / "outside.h5ad").exists()
+
+
+def test_two_sessions_are_independent(timed_adata, tmp_path):
+    pages = []
+    for _ in range(2):
+        doc = Document()
+        with set_curdoc(doc):
+            page = create_app(timed_adata, data_dir=tmp_path)
+            page.server_doc(doc)
+        pages.append(page.app)
+    one, two = pages
+    one.state.select_cell(3)
+    one.state.select_gene(str(timed_adata.var_names[4]))
+    assert two.state.cell is None
+    assert _shown(two.views["embedding"].scatter.marker_live).shape[0] == 0
+    assert _shown(one.views["embedding"].scatter.marker_live).shape[0] == 1
+    assert two.state.gene != one.state.gene
+
+
+def test_many_cells_are_rasterised_with_fixed_category_colours():
+    rng = np.random.default_rng(0)
+    n = 60_000
+    x, y = rng.normal(size=n), rng.normal(size=n)
+    codes = (x > 0).astype(np.int8)
+    key = {"left": "#ff0000", "right": "#0000ff"}
+    img = plots.rasterize(
+        x, y, Coloring("category", codes, "side", ("left", "right"), key), width=100, height=80
+    )
+    rgba = np.stack([img.dimension_values(d, flat=False) for d in img.vdims], axis=-1)
+    assert rgba.shape == (80, 100, 4)
+    left, right = rgba[:, :40], rgba[:, 60:]
+    # every drawn pixel on each side has that side's colour
+    assert (left[left[..., 3] > 0][:, 0] > 200).all()
+    assert (left[left[..., 3] > 0][:, 2] < 50).all()
+    assert (right[right[..., 3] > 0][:, 2] > 200).all()
+    assert (right[right[..., 3] > 0][:, 0] < 50).all()
+
+
+def test_many_cells_are_drawn_as_images_that_follow_clicks(tmp_path):
+    from tests.app.conftest import make_app_adata
+
+    adata = make_app_adata(n_obs=plots.DATASHADE_THRESHOLD + 5_000, n_vars=12, n_neighbors=5)
+    t = adata.obs[Key.obs.TRUE_T].to_numpy()
+    adata.obs[Key.obs.LATENT_TIME] = t / t.max()
+    doc = Document()
+    with set_curdoc(doc):
+        page = create_app(adata, data_dir=tmp_path)
+        page.server_doc(doc)
+    state, views = page.app.state, page.app.views
+    assert views["embedding"].scatter.datashade
+    assert _frame(views["embedding"].scatter.base).__class__.__name__ == "RGB"
+    time_ms = views["time"].scatters["Ms"]
+    before = time_ms.base_live.shown["image"][0].copy()
+    with set_curdoc(doc):
+        state.select_gene(str(adata.var_names[5]))
+        state.select_cell(123)
+    after = time_ms.base_live.shown
+    assert not np.array_equal(after["image"][0], before)  # a new image for the new gene
+    ms = state.gene_values("Ms")
+    assert after["y"][0] <= np.nanmin(ms)  # the image spans all of the new gene's values
+    assert after["y"][0] + after["dh"][0] >= np.nanmax(ms)
+    np.testing.assert_allclose(_shown(time_ms.marker_live), [[state.latent_time()[123], ms[123]]], rtol=1e-6)
