@@ -1,0 +1,236 @@
+"""Gene-shared latent time from the per-gene times of the dynamical model.
+
+scVelo's ``tl.latent_time`` (Bergen et al. 2020, "Identifying a gene-shared latent
+time"; theislab/scvelo:scvelo/tools/dynamical_model.py and _em_model_utils.py):
+
+1. root cells are where the backward velocity chain comes to rest: the eigenvectors of
+   the backward transition matrix with eigenvalue 1, averaged over each cell's
+   neighbours (scVelo's ``terminal_states``; :func:`root_cells`);
+2. each gene's time is re-rooted at a root cell, wrapping cells fitted before the root
+   to the end (:func:`root_time`);
+3. per cell, a low quantile of the re-rooted gene times is taken, choosing the two
+   quantiles whose ranked values are closest to uniform (:func:`shared_time`);
+4. the result is averaged over up to four root cells and smoothed over neighbours,
+   except for cells whose time disagrees with their neighbourhood (:func:`latent_time`).
+
+Pure array functions; :func:`compute_latent_time` is the AnnData wrapper.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import numpy as np
+from scipy import sparse
+from scipy.sparse import linalg as splinalg
+
+from explorer.keys import Key
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+    from explorer._types import FloatArray
+
+logger = logging.getLogger(__name__)
+
+#: scVelo's default quantiles of the gene times from which the shared time is built
+SHARED_TIME_PERCENTILES: tuple[float, ...] = (15, 20, 25, 30, 35)
+#: eigenvalues within this of 1 count as stationary (scVelo's ``eigs(eps=1e-3)``)
+_EIG_EPS = 1e-3
+#: root-cell scores above this are root cells (scVelo's ``1 - 1e-3`` threshold)
+_ROOT_THRESHOLD = 1 - 1e-3
+#: scVelo averages the latent time over this many root cells
+_N_ROOTS = 4
+
+
+def neighbor_average_matrix(connectivities: sparse.spmatrix) -> sparse.csr_matrix:
+    """ScVelo's ``get_connectivities``: binarised kNN graph with self loops, rows summing to 1."""
+    adjacency = sparse.csr_matrix(connectivities, dtype=np.float64, copy=True)
+    adjacency.data = (adjacency.data > 0).astype(np.float64)
+    adjacency.setdiag(1.0)
+    adjacency.eliminate_zeros()
+    counts = np.asarray(adjacency.sum(1)).ravel()
+    return sparse.csr_matrix(sparse.diags(1.0 / counts) @ adjacency, dtype=np.float32)
+
+
+def scale01(x: np.ndarray) -> np.ndarray:
+    """Linear map of ``x`` onto [0, 1] (constant input gives zeros)."""
+    x = np.asarray(x, dtype=np.float64)
+    lo, hi = np.nanmin(x), np.nanmax(x)
+    return np.zeros_like(x) if hi <= lo else (x - lo) / (hi - lo)
+
+
+def root_cells(
+    transitions_backward: sparse.spmatrix, connectivities: sparse.spmatrix, *, n_eigs: int = 10, seed: int = 0
+) -> FloatArray:
+    """Root-cell score in [0, 1] from the backward transition matrix (scVelo's ``terminal_states``).
+
+    Parameters
+    ----------
+    transitions_backward
+        ``(n_obs, n_obs)`` row-stochastic backward transition matrix
+        (:func:`explorer.graph.transition.transition_matrix` with ``backward=True``).
+    connectivities
+        ``(n_obs, n_obs)`` kNN connectivities.
+    n_eigs
+        Number of leading eigenvectors computed.
+    seed
+        Seeds the start vector of the eigen solver.
+
+    Returns
+    -------
+    ``(n_obs,)`` float32: the stationary eigenvectors (eigenvalue >= 1 - 1e-3, or the
+    leading one if none), clipped to their 2nd-98th percentiles, scaled to a maximum
+    of 1, summed, averaged over neighbours, clipped at the 98th percentile and scaled
+    to [0, 1]. Cells scoring above ``1 - 1e-3`` are root cells.
+    """
+    T = sparse.csr_matrix(transitions_backward, dtype=np.float64)
+    n = T.shape[0]
+    k = min(n_eigs, n - 2)
+    rng = np.random.default_rng(seed)
+    v0 = rng.random(n)
+    vals, vecs = splinalg.eigs(T.T, k=k, which="LR", v0=v0)
+    order = np.argsort(vals.real)[::-1]
+    vals, vecs = vals.real[order], np.abs(vecs.real[:, order])
+    keep = vals >= 1 - _EIG_EPS
+    if not keep.any():
+        keep[0] = True
+    vecs = vecs[:, keep]
+    lbs, ubs = np.percentile(vecs, [2, 98], axis=0)
+    vecs[vecs < lbs] = 0
+    vecs = np.clip(vecs, 0, ubs)
+    vecs /= np.where(vecs.max(0) > 0, vecs.max(0), 1)
+    score = neighbor_average_matrix(connectivities) @ vecs.sum(1)
+    score = np.clip(score, 0, np.percentile(score, 98))
+    return scale01(score).astype(np.float32)
+
+
+def root_time(t: np.ndarray, root: int) -> np.ndarray:
+    """Gene times re-rooted at cell ``root`` (scVelo's ``root_time``).
+
+    ``t`` is ``(n_obs, n_genes)``. Cells at or after the root's time keep their
+    distance to it; cells before it are moved after the last one.
+    """
+    t_root = t[root]
+    after = t >= t_root
+    t_after = (t - t_root) * after
+    t_origin = t_after.max(0)
+    t_before = (t + t_origin) * ~after
+    return t_after + t_before
+
+
+def shared_time(t: np.ndarray, *, percentiles: tuple[float, ...] = SHARED_TIME_PERCENTILES) -> np.ndarray:
+    """Combine ``(n_obs, n_genes)`` gene times into one time per cell (scVelo's ``compute_shared_time``).
+
+    For each percentile, the per-cell percentile of the gene times normalised to a
+    maximum of 1; the two whose sorted values lie closest to a uniform grid are summed
+    and scaled to a maximum of 1.
+    """
+    t = np.asarray(t, dtype=np.float64)
+    t = t - t.min()
+    tx = np.percentile(t, percentiles, axis=1)
+    tx_max = tx.max(1)
+    tx_max = np.where(tx_max == 0, 1, tx_max)
+    tx = tx / tx_max[:, None]
+    grid = np.linspace(0, 1, num=tx.shape[1])
+    mse = ((np.sort(tx, axis=1) - grid) ** 2).sum(1)
+    best = np.argsort(mse, kind="stable")[:2]
+    out = tx[best].sum(0)
+    return out / out.max() if out.max() > 0 else out
+
+
+def latent_time(
+    fit_t: np.ndarray,
+    root_score: np.ndarray,
+    connectivities: sparse.spmatrix,
+    *,
+    min_confidence: float = 0.75,
+) -> FloatArray:
+    """ScVelo's gene-shared latent time.
+
+    Parameters
+    ----------
+    fit_t
+        ``(n_obs, n_genes)`` per-gene times of the genes to use (no NaN).
+    root_score
+        ``(n_obs,)`` root-cell score (:func:`root_cells`); the cells above ``1 - 1e-3``
+        with the smallest summed gene time are the roots (up to four). Without any such
+        cell, the cell with the smallest summed gene time is used.
+    connectivities
+        ``(n_obs, n_obs)`` kNN connectivities for the final smoothing.
+    min_confidence
+        Cells whose time differs from its neighbourhood average by more than this
+        allows (scVelo's ``(1 - |t - z t_nbr|)^2 < min_confidence``) are not used to
+        smooth their neighbours.
+
+    Returns
+    -------
+    ``(n_obs,)`` float32 latent time in [0, 1].
+    """
+    t = np.asarray(fit_t, dtype=np.float64)
+    t_sum = t.sum(1)
+    order = np.argsort(t_sum, kind="stable")
+    is_root = np.asarray(root_score)[order] > _ROOT_THRESHOLD
+    roots = order[is_root] if is_root.any() else order[:1]
+    if not is_root.any():
+        logger.warning(
+            "No root cells found; rooting latent time at the cell with the smallest summed gene time."
+        )
+    times = np.stack([shared_time(root_time(t, int(r))) for r in roots[:_N_ROOTS]])
+    lt = scale01(times.mean(0))
+    conn = neighbor_average_matrix(connectivities)
+    tc = conn @ lt
+    z = lt.dot(tc) / max(tc.dot(tc), 1e-12)
+    conf = (1 - np.abs(lt / lt.max() - tc * z / lt.max())) ** 2
+    low = conf < min_confidence
+    conn_new = sparse.csr_matrix(conn, copy=True)
+    if low.any():
+        conn_new = conn_new @ sparse.diags((~low).astype(np.float32))
+        conn_new.eliminate_zeros()
+    return scale01(conn_new @ lt).astype(np.float32)
+
+
+def transitions_backward_from_velocity(
+    expression: np.ndarray, velocity: np.ndarray, neighbors: sparse.spmatrix
+) -> sparse.csr_matrix:
+    """Backward transition matrix from velocities via :mod:`explorer.graph.transition`."""
+    from explorer.graph.transition import cosine_correlations, split_graph, transition_matrix
+
+    corr = cosine_correlations(expression, velocity, neighbors)
+    graph, graph_neg = split_graph(corr)
+    return transition_matrix(graph, graph_neg, backward=True)
+
+
+def compute_latent_time(adata: AnnData, *, min_likelihood: float = 0.1, min_confidence: float = 0.75) -> None:
+    """ScVelo's ``tl.latent_time`` on a fitted AnnData.
+
+    Needs ``layers['fit_t']`` and ``var['fit_likelihood']`` (the dynamical model),
+    ``obsp['connectivities']`` and either ``obs['root_cells']`` or the velocity graph
+    (``obsp['velocity_graph']``, ``obsp['velocity_graph_neg']``).
+
+    Returns
+    -------
+    None; sets ``obs['latent_time']`` and, if it was missing, ``obs['root_cells']``.
+    """
+    from explorer.graph.transition import get_velocity_graph, transition_matrix
+
+    for slot, key in ((adata.layers, Key.layers.FIT_T), (adata.var, Key.var.FIT_LIKELIHOOD)):
+        if key not in slot:
+            msg = f"{key!r} not found; fit the dynamical model first (explorer fit --model dynamical)."
+            raise KeyError(msg)
+    if Key.obsp.CONNECTIVITIES not in adata.obsp:
+        msg = "obsp['connectivities'] not found; run explorer.graph.neighbors.compute_neighbors(adata) first."
+        raise KeyError(msg)
+    conn = adata.obsp[Key.obsp.CONNECTIVITIES]
+    t = np.asarray(adata.layers[Key.layers.FIT_T], dtype=np.float64)
+    genes = np.isfinite(t).all(0) & (np.asarray(adata.var[Key.var.FIT_LIKELIHOOD]) >= min_likelihood)
+    if not genes.any():
+        genes = np.isfinite(t).all(0)
+    if Key.obs.ROOT_CELLS in adata.obs:
+        score = adata.obs[Key.obs.ROOT_CELLS].to_numpy(dtype=np.float64)
+    else:
+        graph, graph_neg = get_velocity_graph(adata)
+        score = root_cells(transition_matrix(graph, graph_neg, backward=True), conn)
+        adata.obs[Key.obs.ROOT_CELLS] = score
+    adata.obs[Key.obs.LATENT_TIME] = latent_time(t[:, genes], score, conn, min_confidence=min_confidence)

@@ -1,0 +1,670 @@
+"""scVelo's dynamical model, fitted for all genes at once as tensors.
+
+The model (Bergen et al. 2020, Nat. Biotechnol. 38:1408) describes each gene by the
+splicing ODE of :mod:`explorer.models.kinetics` with an induction phase (rate
+``alpha``) until a switch time ``t_`` and a repression phase after it, and gives every
+cell a time per gene. Like scVelo's ``tl.recover_dynamics`` it alternates assigning
+times (projection of each cell onto the curve, four states: induction, repression and
+the two steady states) and updating the parameters (expectation-maximisation), but for
+a whole batch of genes at once in torch (:mod:`explorer.models._em`), so it is many times
+faster than fitting gene after gene.
+
+Beyond scVelo:
+
+- an optional gene-specific onset ``t_on`` on the gene-shared time axis (the basic model
+  of VeloVAE, Gu et al. 2022), fitted after the latent time; genes for which it improves
+  the fit (late induction, early repression) are flagged in ``var['fit_uses_t_on']``;
+- per-gene diagnostics: R² of the fitted curve, share of cells in each state, and the
+  kinetic signal ``beta / (beta + gamma)`` and detection power ``s_inf * u_inf`` of
+  Bergen et al. 2021 (Mol. Syst. Biol. 17:e10282, Box 1).
+
+Output follows scVelo's conventions (``fit_*`` columns, ``fit_t`` layer, times aligned to
+a total of ``t_max = 20``), so ``scv.pl.scatter(adata, basis=gene)`` draws our curves.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+from explorer._types import InputError, report
+from explorer.keys import Key
+from explorer.models.base import VelocityResult
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    import torch
+    from anndata import AnnData
+
+    from explorer._types import ProgressCallback
+
+logger = logging.getLogger(__name__)
+
+#: float32 elements per ``(n_genes, n_cells)`` tensor of one gene batch; the EM keeps a
+#: few dozen such tensors alive, so 2**22 (16 MiB each) bounds memory to well under 1 GiB
+_BATCH_ELEMENTS = 1 << 22
+#: cells used to choose the onset and switch times of the shared-time fit by grid search
+_GRID_CELLS = 300
+#: cells used for the shared-time fits that decide on the onset times
+_ONSET_CELLS = 1000
+#: onset and induction length candidates of that grid, as shares of ``t_max``
+_GRID_T_ON = (-0.6, -0.4, -0.2, 0.0, 0.15, 0.3, 0.45, 0.6)
+_GRID_DURATION = (0.15, 0.3, 0.5, 0.75, 1.0)
+#: clock-speed factors of the grid (rates relative to the gene's own aligned fit)
+_GRID_RATE = (0.5, 1.0, 2.0)
+#: coordinate-search rounds refining the shared-time fits
+_ONSET_ROUNDS = 5
+
+#: factors on the initial u scaling (and so on beta / gamma, the curvature) tried before
+#: the EM, like scVelo's initialize_scaling grid around std_u / std_s
+_SHAPE_FACTORS = (0.5, 0.7, 1.0, 1.4, 2.0)
+
+GeneSelection = Literal["velocity_genes", "all"]
+Device = Literal["auto", "cpu", "cuda"]
+
+_STATE_COLUMNS = (
+    Key.var.FIT_FRAC_REPRESSION,
+    Key.var.FIT_FRAC_INDUCTION,
+    Key.var.FIT_FRAC_STEADY_OFF,
+    Key.var.FIT_FRAC_STEADY_ON,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _BatchFit:
+    """Results of one gene batch, aligned to ``t_max``, as numpy arrays."""
+
+    params: dict[str, np.ndarray]  # per gene, by var key
+    fit_t: np.ndarray  # (n_obs, n_genes) time (neighbour-smoothed with smooth_time)
+    latent_t: np.ndarray  # (n_obs, n_genes) neighbour-smoothed time, for the latent time
+    velocity: np.ndarray
+    velocity_u: np.ndarray
+    loss_history: list[np.ndarray]
+
+
+def _import_torch() -> Any:
+    """Import torch, letting idle OpenMP threads sleep instead of spin when it loads first.
+
+    With torch's default (GNU OpenMP's active waiting), each of the thousands of small
+    parallel operations of the EM waits for a thread the OS has descheduled whenever
+    other processes share the cores: on the 2-core development machine under load the
+    pancreas fit took 129 s instead of 6.7 s. ``OMP_WAIT_POLICY=PASSIVE`` must be set
+    before the OpenMP runtime loads, so it only takes effect if torch is not imported
+    yet, and a value the user set is kept. The thread count is left alone.
+    """
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import torch
+
+    return torch
+
+
+def _resolve_device(device: str) -> torch.device:
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda"):
+        msg = f"Invalid device {device!r}. Valid options are: 'auto', 'cpu', 'cuda'."
+        raise ValueError(msg)
+    if device == "cuda" and not torch.cuda.is_available():
+        msg = "device='cuda' was asked for but torch finds no CUDA device; use device='auto' or 'cpu'."
+        raise ValueError(msg)
+    return torch.device(device)
+
+
+def _dense32(matrix: Any) -> np.ndarray:
+    arr = matrix.toarray() if sparse.issparse(matrix) else np.asarray(matrix)
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+class _Smoother:
+    """Average ``(n_genes, n_cells)`` tensors over each cell's neighbours (scVelo's connectivities)."""
+
+    def __init__(self, weights: sparse.csr_matrix, device: torch.device) -> None:
+        import torch
+
+        coo = weights.tocoo()
+        idx = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64))
+        self.matrix = (
+            torch.sparse_coo_tensor(
+                idx, torch.from_numpy(coo.data.astype(np.float32)), coo.shape, check_invariants=True
+            )
+            .coalesce()
+            .to(device)
+        )
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        return torch.sparse.mm(self.matrix, x.T.contiguous()).T
+
+
+class Dynamical:
+    """scVelo's dynamical model (EM over all genes at once), with optional onset times.
+
+    Parameters
+    ----------
+    genes
+        ``"velocity_genes"``: scVelo's default, the genes the steady-state model keeps
+        (:class:`~explorer.models.steady_state.SteadyState`, R² > 0.01 on the 5/95 %
+        extreme quantiles); ``"all"``: every gene; or a list of gene names.
+    max_iter
+        Maximum number of EM iterations (each: time assignment, then parameter update).
+    tol
+        Stop once no gene's loss falls by more than this share in an iteration.
+    n_newton
+        Gauss-Newton refinements of each cell's projection onto each branch.
+    n_rounds
+        Coordinate-search rounds per parameter update.
+    connected_states
+        Compare the distances to the four states averaged over each cell's neighbours
+        for the final assignment (scVelo's ``fit_connected_states``). Needs
+        ``obsp['connectivities']``.
+    smooth_time
+        Also average ``fit_t``, and the times the velocity is computed at, over each
+        cell's neighbours, as scVelo does (its ``time_connectivities``). Off by default:
+        a gene's clock wraps around at ``(0, 0)`` (off cells sit at time 0 and at the end
+        of repression), and averaging across the wrap puts cells at times far from their
+        data (on the pancreas the mean R² of the drawn curves falls from 0.86 to below
+        0). The latent time is always built from the smoothed times, as scVelo's.
+    fit_t_on
+        After the latent time, fit each gene on the shared time axis with and without an
+        onset time ``t_on`` (VeloVAE's basic model) and flag the genes it helps.
+    t_on_min_gain
+        Share by which ``t_on`` must lower a gene's shared-time loss to be used.
+    t_max
+        Total time every gene's fit is aligned to (scVelo: 20).
+    min_likelihood
+        Velocity genes need at least this likelihood (scVelo: 0.001).
+    latent_time
+        Compute the gene-shared latent time and root cells (needs neighbours).
+    batch_size
+        Genes per batch; default fills about ``2**22`` cells x genes.
+    max_cells_em
+        Run the EM iterations on at most this many cells (a seeded random subset); the
+        final time assignment, velocities and diagnostics use all cells. Five kinetic
+        parameters per gene are well determined by 1,000 cells, and this keeps the EM's
+        cost independent of the number of cells; ``None`` runs it on all cells (as scVelo).
+    seed
+        Seed of every random choice (cell subsets, eigen solver start).
+    device
+        ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
+
+    Examples
+    --------
+    >>> result = Dynamical().fit(adata)  # doctest: +SKIP
+    >>> result.to_adata(adata)  # doctest: +SKIP
+    """
+
+    name: ClassVar[str] = "dynamical"
+
+    def __init__(
+        self,
+        *,
+        genes: GeneSelection | Sequence[str] = "velocity_genes",
+        max_iter: int = 10,
+        tol: float = 1e-3,
+        n_newton: int = 2,
+        n_rounds: int = 2,
+        connected_states: bool = True,
+        smooth_time: bool = False,
+        fit_t_on: bool = True,
+        t_on_min_gain: float = 0.1,
+        t_max: float = 20.0,
+        min_likelihood: float = 1e-3,
+        latent_time: bool = True,
+        batch_size: int | None = None,
+        max_cells_em: int | None = 1000,
+        seed: int = 0,
+        device: Device = "auto",
+    ) -> None:
+        self.genes = genes
+        self.max_iter = max_iter
+        self.tol = tol
+        self.n_newton = n_newton
+        self.n_rounds = n_rounds
+        self.connected_states = connected_states
+        self.smooth_time = smooth_time
+        self.fit_t_on = fit_t_on
+        self.t_on_min_gain = t_on_min_gain
+        self.t_max = t_max
+        self.min_likelihood = min_likelihood
+        self.latent_time = latent_time
+        self.batch_size = batch_size
+        self.max_cells_em = max_cells_em
+        self.seed = seed
+        self.device = device
+
+    _param_names: ClassVar[tuple[str, ...]] = (
+        "genes", "max_iter", "tol", "n_newton", "n_rounds", "connected_states", "smooth_time",
+        "fit_t_on", "t_on_min_gain", "t_max", "min_likelihood", "latent_time", "batch_size",
+        "max_cells_em", "seed", "device",
+    )  # fmt: skip
+
+    def get_params(self) -> dict[str, Any]:
+        """Hyperparameters, by the constructor's names."""
+        return {name: getattr(self, name) for name in self._param_names}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"
+
+    # ------------------------------------------------------------------------------ checks
+
+    def _check(self, adata: AnnData) -> None:
+        missing = [k for k in (Key.layers.MS, Key.layers.MU) if k not in adata.layers]
+        if missing:
+            msg = (
+                f"The dynamical model needs layers 'Ms' and 'Mu'; missing {missing} "
+                f"(adata.layers has {sorted(adata.layers)}). "
+                "Run explorer.data.preprocess.prepare(adata) first."
+            )
+            raise InputError(msg)
+        needs_graph = self.latent_time or self.connected_states
+        if needs_graph and Key.obsp.CONNECTIVITIES not in adata.obsp:
+            msg = (
+                "The dynamical model needs obsp['connectivities'] for latent_time=True or "
+                "connected_states=True; "
+                f"adata.obsp has {sorted(adata.obsp)}. Run explorer.data.preprocess.prepare(adata), or pass "
+                "latent_time=False, connected_states=False."
+            )
+            raise InputError(msg)
+        if self.max_iter < 0 or self.n_newton < 0 or self.n_rounds < 1:
+            msg = f"Expected max_iter >= 0, n_newton >= 0 and n_rounds >= 1; found {self.max_iter}, "
+            msg += f"{self.n_newton}, {self.n_rounds}."
+            raise ValueError(msg)
+
+    def _select_genes(self, adata: AnnData) -> np.ndarray:
+        """``(n_vars,)`` mask of the genes to fit."""
+        if isinstance(self.genes, str):
+            if self.genes == "all":
+                return np.ones(adata.n_vars, dtype=bool)
+            if self.genes == "velocity_genes":
+                from explorer.models.steady_state import SteadyState
+
+                # scVelo's recover_dynamics: deterministic fit with perc=[5, 95], no HVG filter
+                return np.asarray(
+                    SteadyState(use_highly_variable=False).fit(adata).velocity_genes, dtype=bool
+                )
+            msg = (
+                f"Invalid genes {self.genes!r}. "
+                "Valid options are: 'velocity_genes', 'all', or a list of gene names."
+            )
+            raise ValueError(msg)
+        names = pd.Index([str(g) for g in self.genes])
+        unknown = names.difference(adata.var_names)
+        if len(unknown):
+            msg = f"{len(unknown)} of the genes to fit are not in adata.var_names, e.g. {list(unknown[:5])}."
+            raise InputError(msg)
+        return np.asarray(adata.var_names.isin(names), dtype=bool)
+
+    # ------------------------------------------------------------------------------ fit
+
+    def fit(self, adata: AnnData, *, progress: ProgressCallback | None = None) -> VelocityResult:
+        """Fit the genes' kinetics on layers ``Mu``/``Ms``; ``adata`` is left unchanged.
+
+        Returns
+        -------
+        A :class:`~explorer.models.base.VelocityResult` with the spliced and unspliced
+        velocity (NaN for genes not fitted), ``gene_params`` (scVelo's ``fit_alpha``,
+        ``fit_beta``, ``fit_gamma``, ``fit_t_``, ``fit_scaling``, ``fit_std_u``,
+        ``fit_std_s``, ``fit_likelihood``, ``fit_u0``, ``fit_s0``,
+        ``fit_alignment_scaling``, and ours: ``fit_t_on``, ``fit_uses_t_on``, ``fit_r2``,
+        ``fit_kinetic_signal``, ``fit_detection_power``, ``fit_frac_induction``,
+        ``fit_frac_repression``, ``fit_frac_steady_on``, ``fit_frac_steady_off``),
+        ``layers['fit_t']``, the latent time and ``obs['root_cells']``.
+        """
+        torch = _import_torch()
+
+        from explorer.graph.latent_time import neighbor_average_matrix
+
+        self._check(adata)
+        device = _resolve_device(self.device)
+        fitted = self._select_genes(adata)
+        cols = np.flatnonzero(fitted)
+        if len(cols) == 0:
+            msg = "No gene to fit: no gene passes the steady-state velocity-gene filter. Pass genes='all'."
+            raise InputError(msg)
+        n_obs, n_fit = adata.n_obs, len(cols)
+        Mu = _dense32(adata.layers[Key.layers.MU][:, cols])
+        Ms = _dense32(adata.layers[Key.layers.MS][:, cols])
+        smoother = None
+        weights = None
+        if Key.obsp.CONNECTIVITIES in adata.obsp:
+            weights = neighbor_average_matrix(adata.obsp[Key.obsp.CONNECTIVITIES])
+            if self.connected_states:
+                smoother = _Smoother(weights, device)
+
+        batch = self.batch_size or max(1, _BATCH_ELEMENTS // max(n_obs, 1))
+        starts = list(range(0, n_fit, batch))
+        n_extra = int(self.latent_time) + int(self.latent_time and self.fit_t_on)
+        total = len(starts) * (self.max_iter + 1) + n_extra
+        logger.info(
+            "dynamical model: %d genes x %d cells in %d batch(es) on %s", n_fit, n_obs, len(starts), device
+        )
+
+        clock = time.perf_counter()
+        timings: dict[str, float] = {}
+        parts: list[_BatchFit] = []
+        with torch.inference_mode():
+            for b, start in enumerate(starts):
+                sl = slice(start, start + batch)
+                parts.append(
+                    self._fit_batch(
+                        Mu[:, sl], Ms[:, sl], smoother, device,
+                        progress=progress, step0=b * (self.max_iter + 1), total=total,
+                    )
+                )  # fmt: skip
+        step = len(starts) * (self.max_iter + 1)
+        timings["em"] = time.perf_counter() - clock
+
+        params = {k: np.concatenate([p.params[k] for p in parts]) for k in parts[0].params}
+        fit_t = np.concatenate([p.fit_t for p in parts], axis=1)
+        latent_t = np.concatenate([p.latent_t for p in parts], axis=1)
+        vel = np.concatenate([p.velocity for p in parts], axis=1)
+        vel_u = np.concatenate([p.velocity_u for p in parts], axis=1)
+        genes_ok = self._velocity_genes(params)
+
+        lt, roots = None, None
+        if self.latent_time:
+            clock = time.perf_counter()
+            lt, roots = self._latent_time(adata, latent_t, vel, genes_ok, params, cols, weights)
+            timings["latent_time"] = time.perf_counter() - clock
+            step += 1
+            report(progress, step, total, "latent time")
+            if self.fit_t_on:
+                clock = time.perf_counter()
+                self._fit_onsets(Mu, Ms, lt, params, device)
+                timings["onsets"] = time.perf_counter() - clock
+                step += 1
+                report(progress, step, total, "onset times")
+        # learned state, for diagnostics: seconds per stage and the EM loss per iteration
+        self.timings_ = timings
+        self.history_ = [np.stack(p.loss_history, axis=0) if p.loss_history else None for p in parts]
+        logger.info("dynamical model timings (s): %s", {k: round(v, 2) for k, v in timings.items()})
+
+        return self._result(adata, cols, params, fit_t, vel, vel_u, genes_ok, lt, roots)
+
+    def _fit_batch(
+        self,
+        u_np: np.ndarray,
+        s_np: np.ndarray,
+        smoother: _Smoother | None,
+        device: torch.device,
+        *,
+        progress: ProgressCallback | None,
+        step0: int,
+        total: int,
+    ) -> _BatchFit:
+        import torch
+
+        from explorer.models import _em
+
+        u = torch.from_numpy(np.ascontiguousarray(u_np.T)).to(device)
+        s = torch.from_numpy(np.ascontiguousarray(s_np.T)).to(device)
+        data, recoverable = _em.prepare(u, s)
+        n_obs = u.shape[1]
+        em_data = data
+        if self.max_cells_em is not None and n_obs > self.max_cells_em:
+            rng = np.random.default_rng(self.seed)
+            idx = np.sort(rng.choice(n_obs, self.max_cells_em, replace=False))
+            em_data = data.take_cells(torch.from_numpy(idx).to(device))
+        init = _em.initialize_shape(
+            em_data, _em.initialize(data), factors=_SHAPE_FACTORS, n_newton=self.n_newton
+        )
+        p, ratio = init.params, init.ratio
+        mom = _em.moments(em_data)
+        step = torch.full_like(p.alpha, float(np.log(1.5)))
+        a = _em.assign(em_data, p, n_newton=self.n_newton)
+        prev = None
+        history: list[np.ndarray] = []
+        for it in range(self.max_iter):
+            p, _, step = _em.m_step(em_data, mom, p, a.t, ratio, step, n_rounds=self.n_rounds)
+            a = _em.assign(em_data, p, n_newton=self.n_newton, t_prev=a.t)
+            loss = _em.em_loss(em_data, mom, p, a.dist, ratio)
+            history.append(loss.squeeze(1).cpu().numpy())
+            report(progress, step0 + it + 1, total, f"EM iteration {it + 1}/{self.max_iter}")
+            if prev is not None:
+                gain = ((prev - loss) / prev.clamp(min=1e-12)).max().item()
+                if gain < self.tol:
+                    break
+            prev = loss
+
+        # final assignment on all cells, comparing neighbourhood-averaged distances
+        a = _em.assign(data, p, n_newton=self.n_newton, smooth=smoother)
+        # scVelo's align_dynamics: stretch each gene's time to a total of t_max
+        m = _em.alignment_factor(a.t, p, self.t_max)
+        p = p.replace(
+            alpha=p.alpha / m, beta=p.beta / m, gamma=p.gamma / m, t_=p.t_ * m, t_on=p.t_on * m
+        )  # fmt: skip
+        t = a.t * m
+        lik = _em.likelihood(data, p, t, ratio)
+        r2 = _em.r2(data, p, t)
+        # scVelo's latent time reads its fit_t, which recover_dynamics smooths over neighbours
+        t_latent = t if smoother is None else smoother(t)
+        t_out = t_latent if self.smooth_time else t
+        vs, vu = _em.velocities(data, p, t_out, a.state)
+        fracs = torch.stack([(a.state == k).float().mean(1) for k in range(4)], 1)
+        report(progress, step0 + self.max_iter + 1, total, "velocities")
+
+        def col(x: torch.Tensor) -> np.ndarray:
+            return x.reshape(-1).double().cpu().numpy()
+
+        bad = ~recoverable[:, None]
+        nan = torch.full_like(p.alpha, float("nan"))
+
+        def masked(x: torch.Tensor) -> np.ndarray:
+            return col(torch.where(bad, nan, x))
+
+        params = {
+            Key.var.FIT_ALPHA: masked(p.alpha),
+            Key.var.FIT_BETA: masked(p.beta / p.scaling),
+            Key.var.FIT_GAMMA: masked(p.gamma),
+            Key.var.FIT_T_: masked(p.t_),
+            Key.var.FIT_SCALING: masked(p.scaling),
+            Key.var.FIT_STD_U: masked(data.std_u),
+            Key.var.FIT_STD_S: masked(data.std_s),
+            Key.var.FIT_LIKELIHOOD: masked(lik),
+            Key.var.FIT_U0: masked(torch.zeros_like(p.alpha)),
+            Key.var.FIT_S0: masked(torch.zeros_like(p.alpha)),
+            Key.var.FIT_ALIGNMENT_SCALING: masked(m),
+            Key.var.FIT_R2: masked(r2),
+            # curvature of the phase portrait does not depend on the u scaling: internal beta
+            Key.var.FIT_KINETIC_SIGNAL: masked(p.beta / (p.beta + p.gamma)),
+            Key.var.FIT_DETECTION_POWER: masked((p.alpha / p.gamma) * (p.alpha / p.beta * p.scaling)),
+            "_ratio": masked(ratio),
+        }
+        for k, key in enumerate(_STATE_COLUMNS):
+            params[key] = masked(fracs[:, k : k + 1])
+        params["_recoverable"] = col(recoverable.double()[:, None])
+
+        def cells(x: torch.Tensor) -> np.ndarray:
+            return torch.where(bad, nan, x).T.float().cpu().numpy()
+
+        return _BatchFit(params, cells(t_out), cells(t_latent), cells(vs), cells(vu), history)
+
+    def _velocity_genes(self, params: dict[str, np.ndarray]) -> np.ndarray:
+        """ScVelo's dynamical velocity genes: likely enough, scaling not extreme."""
+        lik, scaling = params[Key.var.FIT_LIKELIHOOD], params[Key.var.FIT_SCALING]
+        ok = np.isfinite(lik) & (lik > self.min_likelihood)
+        if ok.any():
+            # scVelo: fit_scaling within [min(p10, 0.03), max(p90, 3)]
+            lb, ub = np.nanpercentile(scaling[ok], [10, 90])
+            ok &= (scaling > min(lb, 0.03)) & (scaling < max(ub, 3))
+        return ok
+
+    def _latent_time(
+        self,
+        adata: AnnData,
+        fit_t: np.ndarray,
+        vel: np.ndarray,
+        genes_ok: np.ndarray,
+        params: dict[str, np.ndarray],
+        cols: np.ndarray,
+        weights: sparse.csr_matrix,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        from explorer.graph import latent_time as lt_mod
+        from explorer.graph.transition import neighbors_for_graph
+
+        conn = adata.obsp[Key.obsp.CONNECTIVITIES]
+        use = genes_ok & np.isfinite(vel).all(0)
+        if not use.any():
+            use = np.isfinite(vel).all(0)
+        Ms = _dense32(adata.layers[Key.layers.MS][:, cols[use]])
+        pattern = neighbors_for_graph(adata) if Key.obsp.DISTANCES in adata.obsp else sparse.csr_matrix(conn)
+        T_bwd = lt_mod.transitions_backward_from_velocity(Ms, vel[:, use], pattern)
+        roots = lt_mod.root_cells(T_bwd, conn, seed=self.seed)
+        lik = params[Key.var.FIT_LIKELIHOOD]
+        genes = np.isfinite(fit_t).all(0) & (lik >= 0.1)
+        if not genes.any():
+            genes = np.isfinite(fit_t).all(0)
+        lt = lt_mod.latent_time(fit_t[:, genes], roots, conn)
+        return lt, roots
+
+    def _fit_onsets(
+        self,
+        Mu: np.ndarray,
+        Ms: np.ndarray,
+        lt: np.ndarray,
+        params: dict[str, np.ndarray],
+        device: torch.device,
+    ) -> None:
+        """Fit every gene on the shared time ``latent_time * t_max`` with and without ``t_on``.
+
+        Adds ``fit_t_on`` (onset on the shared axis, NaN where not used) and
+        ``fit_uses_t_on`` to ``params``, in place.
+        """
+        import torch
+
+        from explorer.models import _em
+
+        n_fit = Mu.shape[1]
+        t_on_out = np.full(n_fit, np.nan)
+        uses = np.zeros(n_fit, dtype=bool)
+        gain_out = np.full(n_fit, np.nan)
+        ok_all = params["_recoverable"] > 0
+        # a regression on fixed times: a seeded subset of cells estimates it well enough
+        rng = np.random.default_rng(self.seed)
+        cells = np.sort(rng.choice(len(lt), min(len(lt), _ONSET_CELLS), replace=False))
+        sub = np.sort(rng.choice(len(cells), min(len(cells), _GRID_CELLS), replace=False))
+        batch = self.batch_size or max(1, _BATCH_ELEMENTS // len(cells))
+        with torch.inference_mode():
+            for start in range(0, n_fit, batch):
+                sl = slice(start, start + batch)
+                u = torch.from_numpy(np.ascontiguousarray(Mu[cells, sl].T)).to(device)
+                s = torch.from_numpy(np.ascontiguousarray(Ms[cells, sl].T)).to(device)
+                data, _ = _em.prepare(u, s)
+                t = torch.from_numpy(lt[cells].astype(np.float32) * self.t_max).to(device).expand_as(u)
+
+                def vec(key: str, sl: slice = sl) -> torch.Tensor:
+                    x = torch.from_numpy(np.nan_to_num(params[key][sl], nan=1.0).astype(np.float32))
+                    return x.to(device)[:, None]
+
+                p0 = _em.Params(
+                    alpha=vec(Key.var.FIT_ALPHA),
+                    beta=vec(Key.var.FIT_BETA) * vec(Key.var.FIT_SCALING),
+                    gamma=vec(Key.var.FIT_GAMMA),
+                    t_=vec(Key.var.FIT_T_),
+                    scaling=vec(Key.var.FIT_SCALING),
+                    t_on=torch.zeros_like(vec(Key.var.FIT_T_)),
+                )
+                ratio = vec("_ratio")
+                mom = _em.moments(data)
+                sub_data, sub_t = data.take_cells(torch.from_numpy(sub).to(device)), t[:, sub]
+
+                def refine(
+                    p: _em.Params, *, free: bool, data=data, mom=mom, t=t, ratio=ratio
+                ) -> tuple[_em.Params, torch.Tensor]:
+                    stp = torch.full_like(p.alpha, float(np.log(1.5)))
+                    p, loss, _ = _em.m_step(
+                        data, mom, p, t, ratio, stp, n_rounds=_ONSET_ROUNDS, fit_t_on=free
+                    )
+                    return p, loss
+
+                grid = {
+                    "duration_grid": [x * self.t_max for x in _GRID_DURATION],
+                    "rate_grid": list(_GRID_RATE),
+                }
+                p0, l0 = refine(
+                    _em.grid_onset(sub_data, p0, sub_t, ratio, t_on_grid=[0.0], **grid), free=False
+                )
+                t_on_grid = [x * self.t_max for x in _GRID_T_ON]
+                p1, l1 = refine(
+                    _em.grid_onset(sub_data, p0, sub_t, ratio, t_on_grid=t_on_grid, **grid), free=True
+                )
+                # the free model contains the constrained one: also start it from there
+                p1b, l1b = refine(p0, free=True)
+                better = l1b < l1
+                p1, l1 = p1.where(better, p1b), torch.where(better, l1b, l1)
+                gain = ((l0 - l1) / l0.clamp(min=1e-12)).squeeze(1).cpu().numpy()
+                gain_out[sl] = gain
+                uses[sl] = gain > self.t_on_min_gain
+                t_on_out[sl] = p1.t_on.squeeze(1).double().cpu().numpy()
+        uses &= ok_all
+        params[Key.var.FIT_T_ON] = np.where(ok_all, np.where(uses, t_on_out, 0.0), np.nan)
+        params[Key.var.FIT_USES_T_ON] = uses
+        params[Key.var.FIT_T_ON_GAIN] = np.where(ok_all, gain_out, np.nan)
+
+    def _result(
+        self,
+        adata: AnnData,
+        cols: np.ndarray,
+        params: dict[str, np.ndarray],
+        fit_t: np.ndarray,
+        vel: np.ndarray,
+        vel_u: np.ndarray,
+        genes_ok: np.ndarray,
+        lt: np.ndarray | None,
+        roots: np.ndarray | None,
+    ) -> VelocityResult:
+        n_obs, n_vars = adata.n_obs, adata.n_vars
+        var_names = adata.var_names.copy()
+        obs_names = adata.obs_names.copy()
+
+        def full_cells(x: np.ndarray) -> np.ndarray:
+            out = np.full((n_obs, n_vars), np.nan, dtype=np.float32)
+            out[:, cols] = x
+            return out
+
+        columns: dict[str, np.ndarray] = {}
+        for key, values in params.items():
+            if key.startswith("_"):
+                continue
+            if values.dtype == bool:
+                out = np.zeros(n_vars, dtype=bool)
+            else:
+                out = np.full(n_vars, np.nan, dtype=np.float32)
+            out[cols] = values
+            columns[key] = out
+        velocity_genes = np.zeros(n_vars, dtype=bool)
+        velocity_genes[cols] = genes_ok
+        gene_params = pd.DataFrame(columns, index=var_names)
+        obs = None
+        if roots is not None:
+            obs = pd.DataFrame({Key.obs.ROOT_CELLS: roots.astype(np.float32)}, index=obs_names)
+        return VelocityResult(
+            model=self.name,
+            params=self.get_params(),
+            obs_names=obs_names,
+            var_names=var_names,
+            velocity=full_cells(vel),
+            gene_params=gene_params,
+            velocity_genes=velocity_genes,
+            likelihood=pd.Series(
+                columns[Key.var.FIT_LIKELIHOOD], index=var_names, name=Key.var.FIT_LIKELIHOOD
+            ),
+            velocity_u=full_cells(vel_u),
+            latent_time=None if lt is None else lt.astype(np.float32),
+            layers={Key.layers.FIT_T: full_cells(fit_t)},
+            obs=obs,
+        )

@@ -1,0 +1,353 @@
+"""The dynamical model against the simulator's ground truth and scVelo's pancreas results."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from explorer._types import FitCancelled, InputError, Progress
+from explorer.data.preprocess import prepare
+from explorer.data.simulate import simulate
+from explorer.keys import Key
+from explorer.models import MODELS, _em, kinetics
+from explorer.models.dynamical import Dynamical
+from explorer.models.steady_state import SteadyState
+
+SCVELO_COLUMNS = (
+    Key.var.FIT_ALPHA, Key.var.FIT_BETA, Key.var.FIT_GAMMA, Key.var.FIT_T_, Key.var.FIT_SCALING,
+    Key.var.FIT_STD_U, Key.var.FIT_STD_S, Key.var.FIT_LIKELIHOOD, Key.var.FIT_U0, Key.var.FIT_S0,
+)  # fmt: skip
+OUR_COLUMNS = (
+    Key.var.FIT_T_ON, Key.var.FIT_USES_T_ON, Key.var.FIT_T_ON_GAIN, Key.var.FIT_R2,
+    Key.var.FIT_KINETIC_SIGNAL,
+    Key.var.FIT_DETECTION_POWER, Key.var.FIT_FRAC_INDUCTION, Key.var.FIT_FRAC_REPRESSION,
+    Key.var.FIT_FRAC_STEADY_ON, Key.var.FIT_FRAC_STEADY_OFF, Key.var.FIT_ALIGNMENT_SCALING,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def sim():
+    """simulate(n_obs=600, n_vars=60, seed=1), preprocessed as scVelo would (no UMAP)."""
+    adata = simulate(n_obs=600, n_vars=60, seed=1)
+    prepare(adata, compute_umap=False)
+    return adata
+
+
+@pytest.fixture(scope="module")
+def fit(sim):
+    """Dynamical(genes='all') fitted once on ``sim``."""
+    return Dynamical(genes="all").fit(sim)
+
+
+def _truth(adata):
+    v = adata.var
+    kind = v[Key.var.TRUE_KIND].astype(str).to_numpy()
+    t = adata.obs[Key.obs.TRUE_T].to_numpy()[:, None]
+    on, off = v[Key.var.TRUE_T_ON].to_numpy(), v[Key.var.TRUE_T_].to_numpy()
+    induction = ((t > on) & (t < off)).mean(0)
+    repression = (t > off).mean(0)
+    # clean genes: standard kinetics, induction starting within the observed time (else the
+    # first cells are mid-induction and a gene-wise clock cannot tell it from repression),
+    # and both phases well represented among the cells
+    clean = (kind == "standard") & (on >= 0) & (induction > 0.2) & (repression > 0.2)
+    return kind, clean
+
+
+# ---------------------------------------------------------------------------------------------
+# tensor core
+
+
+def test_masked_quantile_matches_numpy():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(5, 40)).astype(np.float32)
+    mask = rng.random((5, 40)) > 0.3
+    got = _em.masked_quantile(torch.from_numpy(x), torch.from_numpy(mask), 0.98).numpy().ravel()
+    want = [np.percentile(x[i][mask[i]], 98) for i in range(5)]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_projection_recovers_times_on_noise_free_curves():
+    # points on known curves must be assigned their own time (E-step exactness)
+    alpha, beta, gamma, t_ = (torch.tensor([[2.0], [1.0]]), torch.tensor([[1.0], [2.5]]),
+                              torch.tensor([[0.4], [0.8]]), torch.tensor([[6.0], [3.0]]))  # fmt: skip
+    t = torch.linspace(0.05, 12, 300).expand(2, 300).contiguous()
+    u, s = kinetics.trajectory(t, t_, alpha, beta, gamma, xp=torch)
+    scaling = torch.tensor([[1.0], [0.5]])
+    data, ok = _em.prepare(u * scaling, s)
+    assert ok.all()
+    p = _em.Params(alpha, beta, gamma, t_, scaling, torch.zeros_like(alpha))
+    a = _em.assign(data, p, n_newton=3)
+    # cells far into repression have hardly moved: compare where the curve still moves
+    moving = t < t_ + 3 / gamma.clamp(max=1)
+    assert torch.allclose(a.t[moving], t[moving], atol=0.05)
+    assert (a.dist[moving] < 1e-4).all()
+
+
+def test_tau_inv_inverts_the_induction_branch():
+    alpha, beta, gamma = torch.tensor([[1.5]]), torch.tensor([[1.0]]), torch.tensor([[0.3]])
+    tau = torch.tensor([[0.3, 1.0, 2.0, 4.0]])
+    u = kinetics.unspliced(tau, 0.0, alpha, beta, xp=torch)
+    s = kinetics.spliced(tau, 0.0, 0.0, alpha, beta, gamma, xp=torch)
+    zero = torch.zeros_like(alpha)
+    for use_u in (True, False):
+        flag = torch.tensor([[use_u]])
+        got = _em.tau_inv(u, s, zero, zero, alpha, beta, gamma, use_u=flag)
+        torch.testing.assert_close(got, tau, atol=1e-3, rtol=1e-3)
+
+
+def test_alignment_stretches_time_to_t_max():
+    t = torch.tensor([[0.0, 1.0, 2.0, 3.0, 5.0]])
+    p = _em.Params(
+        *(torch.ones(1, 1) for _ in range(3)), torch.tensor([[2.5]]), torch.ones(1, 1), torch.zeros(1, 1)
+    )
+    # longest induction 2, longest repression 2.5, one of five cells pinned at 0
+    m = _em.alignment_factor(t, p, 20.0)
+    assert m.item() == pytest.approx(20.0 / (4.5 / 0.8))
+
+
+# ---------------------------------------------------------------------------------------------
+# ground truth
+
+
+def test_registry_and_result_layout(sim, fit):
+    assert MODELS["dynamical"] is Dynamical
+    assert fit.model == "dynamical"
+    for col in SCVELO_COLUMNS + OUR_COLUMNS:
+        assert col in fit.gene_params, col
+    assert fit.layers[Key.layers.FIT_T].shape == sim.shape
+    assert fit.velocity_u is not None
+    assert fit.velocity_u.shape == sim.shape
+    assert fit.latent_time is not None
+    assert 0 <= fit.latent_time.min()
+    assert fit.latent_time.max() <= 1
+    assert Key.obs.ROOT_CELLS in fit.obs
+    frac = fit.gene_params[[Key.var.FIT_FRAC_INDUCTION, Key.var.FIT_FRAC_REPRESSION,
+                            Key.var.FIT_FRAC_STEADY_ON, Key.var.FIT_FRAC_STEADY_OFF]].sum(1)  # fmt: skip
+    np.testing.assert_allclose(frac.dropna(), 1.0, atol=1e-5)
+    ks = fit.gene_params[Key.var.FIT_KINETIC_SIGNAL].dropna()
+    assert ((ks > 0) & (ks < 1)).all()
+
+
+def test_ratio_recovered_on_clean_genes(sim, fit):
+    kind, clean = _truth(sim)
+    assert clean.sum() >= 10
+    true = (sim.var[Key.var.TRUE_GAMMA] / sim.var[Key.var.TRUE_BETA]).to_numpy()[clean]
+    ours = (fit.gene_params[Key.var.FIT_GAMMA] / fit.gene_params[Key.var.FIT_BETA]).to_numpy()[clean]
+    assert spearmanr(ours, true)[0] > 0.85
+    assert np.median(np.abs(ours / true - 1)) < 0.15
+    # at least as close as the steady-state model it starts from (small tolerance)
+    ss = SteadyState(use_highly_variable=False).fit(sim).gene_params[Key.var.GAMMA].to_numpy()[clean]
+    assert np.median(np.abs(ours / true - 1)) < np.median(np.abs(ss / true - 1)) + 0.02
+
+
+def test_switch_time_recovered_on_clean_genes(sim, fit):
+    _, clean = _truth(sim)
+    t = sim.obs[Key.obs.TRUE_T].to_numpy()[:, None]
+    # share of the expressing cells (after the onset) that are before the switch, per gene;
+    # cells still off sit at (0, 0), which a gene-wise clock cannot place in time
+    on = t > sim.var[Key.var.TRUE_T_ON].to_numpy()
+    before = t < sim.var[Key.var.TRUE_T_].to_numpy()
+    fitted_before = fit.layers[Key.layers.FIT_T] < fit.gene_params[Key.var.FIT_T_].to_numpy()
+    n_on = on.sum(0)[clean]
+    true_share = (before & on).sum(0)[clean] / n_on
+    fitted_share = (fitted_before & on).sum(0)[clean] / n_on
+    # both scVelo and this model switch somewhat early (cells near the steady state go to
+    # early repression): on simulate(1000 cells) scVelo's median error is 0.23, ours 0.19
+    assert spearmanr(fitted_share, true_share)[0] > 0.3
+    assert np.median(np.abs(fitted_share - true_share)) < 0.4
+
+
+def test_latent_time_follows_true_time(sim, fit):
+    # scVelo reaches 0.92-0.96 on its own simulation
+    assert spearmanr(fit.latent_time, sim.obs[Key.obs.TRUE_T])[0] > 0.9
+
+
+def test_velocity_sign_on_induction_and_repression(sim, fit):
+    kind, clean = _truth(sim)
+    genes = clean | (kind == "early_repression") | (kind == "late_induction")
+    true = sim.layers[Key.layers.TRUE_VELOCITY][:, genes]
+    ours = fit.velocity[:, genes]
+    threshold = 0.1 * np.abs(true).max(0)
+    up, down = true > threshold, true < -threshold
+    assert np.mean(ours[up] > 0) > 0.7
+    assert np.mean(ours[down] < 0) > 0.9
+
+
+def test_late_induction_and_early_repression(sim, fit):
+    kind, _ = _truth(sim)
+    gp = fit.gene_params
+    late, early, standard = kind == "late_induction", kind == "early_repression", kind == "standard"
+    assert late.sum() >= 3
+    assert early.sum() >= 2
+    # late genes use an onset after the start, later than the standard genes' onsets
+    assert gp[Key.var.FIT_USES_T_ON][late].mean() >= 0.5
+    assert gp[Key.var.FIT_T_ON][late].mean() > gp[Key.var.FIT_T_ON][standard].mean() + 2
+    # and the onset lowers their shared-time loss
+    assert (gp[Key.var.FIT_T_ON_GAIN][late & gp[Key.var.FIT_USES_T_ON]] > 0.1).all()
+    # early-repression genes: repressing cells get negative velocity
+    true = sim.layers[Key.layers.TRUE_VELOCITY][:, early]
+    down = true < -0.1 * np.abs(true).max(0)
+    assert np.mean(fit.velocity[:, early][down] < 0) > 0.9
+
+
+def test_fitted_curve_redraws_in_scvelo_convention(sim, fit):
+    # scVelo draws u(t) * scaling, s(t) from (fit_alpha, fit_beta * fit_scaling, fit_gamma, fit_t_)
+    gp = fit.gene_params
+    u, s = kinetics.trajectory(
+        fit.layers[Key.layers.FIT_T],
+        gp[Key.var.FIT_T_].to_numpy(),
+        gp[Key.var.FIT_ALPHA].to_numpy(),
+        (gp[Key.var.FIT_BETA] * gp[Key.var.FIT_SCALING]).to_numpy(),
+        gp[Key.var.FIT_GAMMA].to_numpy(),
+    )
+    Ms = np.asarray(sim.layers[Key.layers.MS])
+    corr = [np.corrcoef(s[:, j], Ms[:, j])[0, 1] for j in range(sim.n_vars)]
+    assert np.nanmedian(corr) > 0.9
+
+
+# ---------------------------------------------------------------------------------------------
+# contract: genes, determinism, progress, cancellation, errors
+
+
+@pytest.fixture(scope="module")
+def small(sim):
+    """The first 200 cells and 12 genes of ``sim`` with their graph, for quick fits."""
+    return sim[:200, :12].copy()
+
+
+def test_default_genes_are_the_steady_state_velocity_genes(small):
+    res = Dynamical(latent_time=False, fit_t_on=False, connected_states=False).fit(small)
+    genes = SteadyState(use_highly_variable=False).fit(small).velocity_genes
+    fitted = res.gene_params[Key.var.FIT_ALPHA].notna().to_numpy()
+    np.testing.assert_array_equal(fitted, genes)
+    assert np.isnan(res.velocity[:, ~genes]).all()
+    assert not res.velocity_genes[~genes].any()
+
+
+def test_seeded_fits_are_equal(small):
+    kw = {"genes": "all", "max_cells_em": 150, "seed": 3}
+    a, b = Dynamical(**kw).fit(small), Dynamical(**kw).fit(small)
+    pd.testing.assert_frame_equal(a.gene_params, b.gene_params)
+    np.testing.assert_array_equal(a.velocity, b.velocity)
+    np.testing.assert_array_equal(a.latent_time, b.latent_time)
+
+
+def test_progress_is_monotone_and_cancellation_leaves_adata_untouched(small):
+    log: list[Progress] = []
+    Dynamical(genes="all", max_iter=4).fit(small, progress=log.append)
+    steps = [p.step for p in log]
+    assert steps == sorted(steps)
+    assert log[-1].step == log[-1].total
+    assert any("EM iteration" in p.message for p in log)
+
+    before = (set(small.layers), set(small.var.columns), set(small.obs.columns))
+
+    def cancel(p: Progress) -> None:
+        if p.step >= 2:
+            raise FitCancelled
+
+    with pytest.raises(FitCancelled):
+        Dynamical(genes="all", max_iter=4).fit(small, progress=cancel)
+    assert (set(small.layers), set(small.var.columns), set(small.obs.columns)) == before
+
+
+def test_to_adata_writes_scvelo_keys(small):
+    adata = small.copy()
+    Dynamical(genes="all", max_iter=3).fit(adata).to_adata(adata)
+    for key in SCVELO_COLUMNS + (Key.var.VELOCITY_GENES,):
+        assert key in adata.var
+    for key in (Key.layers.FIT_T, Key.layers.VELOCITY, Key.layers.VELOCITY_U):
+        assert key in adata.layers
+    assert Key.obs.LATENT_TIME in adata.obs
+    assert Key.obs.ROOT_CELLS in adata.obs
+
+
+def test_missing_moments_is_an_input_error(small):
+    adata = small.copy()
+    del adata.layers[Key.layers.MS]
+    with pytest.raises(InputError, match="Ms"):
+        Dynamical().fit(adata)
+
+
+def test_unknown_genes_and_device_are_rejected(small):
+    with pytest.raises(InputError, match="not in adata.var_names"):
+        Dynamical(genes=["no_such_gene"]).fit(small)
+    with pytest.raises(ValueError, match="Valid options"):
+        Dynamical(device="tpu").fit(small)
+
+
+# ---------------------------------------------------------------------------------------------
+# real data: the pancreas against scVelo 0.3.4 (../shared/reference)
+
+
+@pytest.fixture(scope="module")
+def pancreas(shared_data):
+    import anndata
+
+    adata = anndata.read_h5ad(shared_data / "pancreas_endocrinogenesis_3696.h5ad")
+    prepare(adata, compute_umap=False)
+    return adata
+
+
+#: endocrinogenesis (Bastidas-Ponce et al. 2019), the transitions CBDir is measured on
+TRANSITIONS = (
+    ("Ngn3 low EP", "Ngn3 high EP"),
+    ("Ngn3 high EP", "Pre-endocrine"),
+    ("Pre-endocrine", "Alpha"),
+    ("Pre-endocrine", "Beta"),
+    ("Pre-endocrine", "Delta"),
+    ("Pre-endocrine", "Epsilon"),
+)
+
+
+def _cbdir(adata, velocity, genes, source, target):
+    """Cross-boundary direction correctness (Qiao & Huang 2021) in expression space.
+
+    Mean over the cells of ``source`` with kNN neighbours in ``target`` of the mean
+    correlation of their velocity with the displacements to those neighbours.
+    """
+    from scipy import sparse
+
+    from explorer.graph.transition import cosine_correlations
+
+    labels = adata.obs["clusters"].astype(str).to_numpy()
+    knn = sparse.csr_matrix(adata.obsp[Key.obsp.DISTANCES])
+    knn.data[:] = 1
+    pairs = sparse.diags((labels == source) * 1.0) @ knn @ sparse.diags((labels == target) * 1.0)
+    pairs = sparse.csr_matrix(pairs)
+    pairs.eliminate_zeros()
+    X = np.asarray(adata.layers[Key.layers.MS][:, genes], dtype=np.float32)
+    corr = cosine_correlations(X, velocity[:, genes].astype(np.float32), pairs)
+    rows = np.flatnonzero(np.diff(pairs.indptr))
+    return float((np.asarray(corr.sum(1)).ravel()[rows] / np.diff(pairs.indptr)[rows]).mean())
+
+
+@pytest.mark.slow
+def test_pancreas_against_scvelo(pancreas, reference_dir):
+    ref = pd.read_csv(reference_dir / "pancreas_3696_scvelo_genes.csv", index_col=0)
+    cells = pd.read_csv(reference_dir / "pancreas_3696_scvelo_cells.csv", index_col=0)
+    res = Dynamical().fit(pancreas)
+    gp = res.gene_params
+    ours_fitted = gp.index[gp[Key.var.FIT_ALPHA].notna()]
+    ref_fitted = ref.index[ref["fit_alpha"].notna()]
+    # the same velocity-gene filter picks (nearly) the same genes (scVelo: 328)
+    shared = ours_fitted.intersection(ref_fitted)
+    assert len(shared) >= 0.95 * len(ref_fitted)
+    ratio = (gp[Key.var.FIT_GAMMA] / gp[Key.var.FIT_BETA])[shared]
+    ref_ratio = (ref["fit_gamma"] / ref["fit_beta"])[shared]
+    assert spearmanr(ratio, ref_ratio)[0] > 0.8
+    # at least as good a fit by scVelo's own likelihood (scVelo: mean 0.322)
+    assert gp[Key.var.FIT_LIKELIHOOD][shared].mean() >= ref["fit_likelihood"][shared].mean()
+    # the gene-shared latent time agrees with scVelo's
+    lt = pd.Series(res.latent_time, index=pancreas.obs_names)[cells.index]
+    assert spearmanr(lt, cells["latent_time"])[0] > 0.9
+    roots = pancreas.obs["clusters"][res.obs[Key.obs.ROOT_CELLS].to_numpy() > 0.999]
+    assert roots.isin(["Ductal", "Ngn3 low EP"]).mean() > 0.8
+    # velocity points along endocrinogenesis at the cluster boundaries
+    genes = res.velocity_genes
+    scores = {f"{a} -> {b}": _cbdir(pancreas, res.velocity, genes, a, b) for a, b in TRANSITIONS}
+    assert min(scores.values()) > 0.05, scores
+    assert np.mean(list(scores.values())) > 0.1, scores
