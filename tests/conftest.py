@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 # numba compiles pynndescent/UMAP on first use (tens of seconds); keep its cache in the checkout.
+# as the CLI does: idle OpenMP threads of torch sleep instead of spinning (2 shared cores)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".numba_cache"))
 
 from explorer._types import Progress

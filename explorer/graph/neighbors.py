@@ -11,9 +11,10 @@ same one.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from scipy import sparse
 
 from explorer._types import InputError
 from explorer.keys import Key
@@ -90,6 +91,69 @@ def compute_neighbors(adata: AnnData, *, n_neighbors: int = 30, n_pcs: int = 30,
         metric="euclidean",
         random_state=seed,
         key_added=None,
+        # below scanpy's exact-search size it picks brute force itself, as scVelo gets
+        transformer=None if adata.n_obs < _EXACT_KNN_MAX_OBS else _approximate_knn(adata.n_obs, n_neighbors, seed),
+    )
+    if adata.n_obs >= _EXACT_KNN_MAX_OBS:
+        adata.obsp[Key.obsp.DISTANCES] = _knn_distances(adata.obsp[Key.obsp.DISTANCES], n_neighbors - 1)
+
+
+#: scanpy searches neighbours exactly below this many cells and with pynndescent above
+_EXACT_KNN_MAX_OBS = 4096
+
+
+def _knn_distances(distances: sparse.csr_matrix, k: int) -> sparse.csr_matrix:
+    """The ``k`` nearest other cells of each row, as scanpy's exact search stores them.
+
+    pynndescent's rows hold the cell itself (distance 0) and ``n_neighbors`` others; the
+    exact path stores ``n_neighbors - 1`` others and no self. Keep one convention so every
+    reader (scVelo's neighbour recursion included) sees the same graph shape.
+    """
+    d = distances.tocsr()
+    counts = np.diff(d.indptr)
+    n_obs = d.shape[0]
+    width = int(counts.max())
+    cols = np.full((n_obs, width), -1, dtype=np.int64)
+    vals = np.full((n_obs, width), np.inf, dtype=np.float64)
+    rows = np.repeat(np.arange(n_obs), counts)
+    pos = np.arange(d.nnz) - np.repeat(d.indptr[:-1], counts)
+    cols[rows, pos] = d.indices
+    vals[rows, pos] = d.data
+    vals[cols == np.arange(n_obs)[:, None]] = np.inf  # drop the cell itself
+    order = np.argsort(vals, axis=1, kind="stable")[:, :k]
+    keep_cols = np.take_along_axis(cols, order, axis=1)
+    keep_vals = np.take_along_axis(vals, order, axis=1)
+    ok = np.isfinite(keep_vals) & (keep_cols >= 0)
+    out = sparse.csr_matrix(
+        (keep_vals[ok].astype(np.float32), (np.nonzero(ok)[0], keep_cols[ok])), shape=d.shape
+    )
+    out.sort_indices()
+    return out
+
+
+def _approximate_knn(n_obs: int, n_neighbors: int, seed: int) -> Any:
+    """scanpy's default pynndescent search, handing back a ``csr_matrix``.
+
+    scanpy 1.11 builds this transformer itself above 4,096 cells, but pynndescent returns
+    a ``csr_array`` and scanpy then calls ``getnnz(axis=1)``, which scipy 1.17 removed
+    from sparse arrays: ``prepare`` failed on every dataset of more than ~10k cells. Same
+    parameters as scanpy's (UMAP's ``nearest_neighbors`` defaults), one conversion more.
+    """
+    from pynndescent import PyNNDescentTransformer
+
+    class _CsrMatrixNNDescent(PyNNDescentTransformer):
+        def fit_transform(self, X: Any, y: Any = None, **fit_params: Any) -> sparse.csr_matrix:
+            return sparse.csr_matrix(super().fit_transform(X, y, **fit_params))
+
+        def transform(self, X: Any) -> sparse.csr_matrix:
+            return sparse.csr_matrix(super().transform(X))
+
+    return _CsrMatrixNNDescent(
+        n_neighbors=n_neighbors,
+        metric="euclidean",
+        random_state=seed,
+        n_trees=min(64, 5 + round(n_obs**0.5 / 20.0)),
+        n_iters=max(5, round(np.log2(n_obs))),
     )
 
 

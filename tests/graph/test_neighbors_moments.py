@@ -123,3 +123,28 @@ def test_small_data_uses_x_and_umap(shared_data):
     centre_a, centre_b = emb[:30].mean(0), emb[30:].mean(0)
     spread = max(emb[:30].std(0).max(), emb[30:].std(0).max())
     assert np.linalg.norm(centre_a - centre_b) > 3 * spread
+
+
+@pytest.mark.slow
+def test_neighbors_above_exact_search_size():
+    """Above 4,096 cells scanpy searches approximately (pynndescent); that path used to crash.
+
+    scanpy 1.11 called ``getnnz`` on the ``csr_array`` pynndescent returns, which scipy 1.17
+    removed. The result must still be the kNN graph: compare with an exact search.
+    """
+    import anndata as ad
+    from sklearn.neighbors import NearestNeighbors
+
+    from explorer.graph.neighbors import compute_neighbors
+
+    rng = np.random.default_rng(0)
+    n_obs, k = 4500, 15
+    pcs = rng.normal(size=(n_obs, 10)).astype(np.float32)
+    adata = ad.AnnData(X=np.zeros((n_obs, 60), dtype=np.float32), obsm={"X_pca": pcs})
+    compute_neighbors(adata, n_neighbors=k, n_pcs=10)
+    dist = adata.obsp["distances"]
+    assert np.all(np.diff(dist.indptr) == k - 1)
+    exact = NearestNeighbors(n_neighbors=k).fit(pcs).kneighbors(pcs, return_distance=False)[:, 1:]
+    found = np.split(dist.indices, dist.indptr[1:-1])
+    recall = np.mean([len(set(f) & set(e)) / (k - 1) for f, e in zip(found, exact, strict=True)])
+    assert recall > 0.95
