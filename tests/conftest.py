@@ -72,6 +72,8 @@ def sample_adata():
 
     Made by ``python -m explorer.data.samples``: ``simulate(n_obs=1000, n_vars=120, seed=0,
     branches=2, noise="poisson")`` then ``prepare(adata, seed=0)`` (filtered, normalised,
-    PCA, kNN graph, Ms/Mu, UMAP), with the simulator's ground truth kept.
+    PCA, kNN graph, Ms/Mu, UMAP), then ``run_velocity(adata, model="stochastic", seed=0)``
+    (velocity, velocity graph, T_fwd, velocity_umap, confidence), with the simulator's
+    ground truth kept.
     """
     return _stored_sample().copy()

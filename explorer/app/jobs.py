@@ -48,6 +48,37 @@ _FIT_SHARE = 0.8
 FitKey = tuple[str, tuple[tuple[str, str], ...]]
 
 
+_TORCH_LOCK = threading.Lock()
+_torch_configured = False
+#: set by :func:`configure_torch`'s first caller: from then on every fit configures torch first
+_torch_serving = threading.Event()
+
+
+def configure_torch(*, now: bool = True) -> None:
+    """Import torch once per process and give it one thread (a no-op after the first call).
+
+    A fit runs on a worker thread beside the server's event loop; one torch thread leaves
+    the other core to the page (the development machines have two). The server calls
+    this at start-up (``now=False``: only marks the process as serving, the import comes
+    later on a background thread); from then on :func:`fit_and_derive` calls it before
+    each fit, so a Run that comes before the background import still gets the setting.
+    Outside a server (tests, notebooks) fits leave torch's settings alone. Thread-safe.
+    """
+    global _torch_configured  # noqa: PLW0603 - process-wide, set once
+    _torch_serving.set()
+    if not now:
+        return
+    with _TORCH_LOCK:
+        if _torch_configured:
+            return
+        _torch_configured = True
+        try:
+            import torch
+        except ImportError:  # torch is a dependency, but the views work without it
+            return
+        torch.set_num_threads(1)
+
+
 def fit_key(model: str, params: Mapping[str, Any]) -> FitKey:
     """Cache key of a fit: the model's name and its parameters, frozen and sorted."""
     return model, tuple(sorted((str(k), repr(v)) for k, v in params.items()))
@@ -285,6 +316,8 @@ def fit_and_derive(
     """
     from explorer.models import get_model
 
+    if _torch_serving.is_set():
+        configure_torch()
     estimator = get_model(model, **params)
     result = estimator.fit(adata, progress=_scaled(progress, 0.0, _FIT_SHARE, "fit"))
     transitions, confidence, embedding, lines = derive(

@@ -27,6 +27,26 @@ def _relative_name(data: str | Path, data_dir: Path) -> str:
     return path.as_posix()
 
 
+def _import_styler_without_pyplot() -> None:
+    """Import pandas' ``Styler`` with ``matplotlib.pyplot`` blocked, once, in the server process.
+
+    Panel's Tabulator (the gene table) imports ``pandas.io.formats.style``, which imports
+    ``matplotlib.pyplot`` only to offer colour gradients; that was 0.2 s of the first page
+    load. The app never styles tables with matplotlib, so the server process imports the
+    module with pyplot unavailable (pandas then sets ``has_mpl = False``); pyplot itself
+    stays importable afterwards.
+    """
+    import sys
+
+    if "pandas.io.formats.style" in sys.modules or "matplotlib.pyplot" in sys.modules:
+        return
+    sys.modules["matplotlib.pyplot"] = None  # type: ignore[assignment] - makes `import` raise ImportError
+    try:
+        import pandas.io.formats.style  # noqa: F401
+    finally:
+        del sys.modules["matplotlib.pyplot"]
+
+
 def serve(
     data: str | Path | None = None,
     *,
@@ -76,6 +96,7 @@ def serve(
         raise InputError(msg)
     name = None if data is None else _relative_name(data, folder)
     configure_process()
+    _import_styler_without_pyplot()
     # Load (and preprocess) once before the first page: a bad file fails here, with the CLI's message.
     shared_dataset(name, folder)
     logger.info("serving explorer on port %s (data directory %s)", port, folder)

@@ -244,6 +244,7 @@ def result_from_adata(adata: AnnData) -> VelocityResult | None:
     Lets a file written by ``explorer fit``, scVelo or an earlier export open with its
     velocity in place.
     """
+    from explorer.models import MODELS
     from explorer.models.base import VelocityResult
 
     if Key.layers.VELOCITY not in adata.layers:
@@ -252,6 +253,10 @@ def result_from_adata(adata: AnnData) -> VelocityResult | None:
     mode = (
         str(params.get("model", params.get("mode", "velocity"))) if isinstance(params, dict) else "velocity"
     )
+    if mode in MODELS:
+        # written by VelocityResult.to_adata (explorer fit, an export, the bundled sample):
+        # the model's own parameters and arrays come back as they were
+        return VelocityResult.from_adata(adata)
     velocity = adata.layers[Key.layers.VELOCITY]
     velocity = np.asarray(velocity.toarray() if hasattr(velocity, "toarray") else velocity, dtype=np.float32)
     known = [

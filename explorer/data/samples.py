@@ -1,8 +1,12 @@
-"""Small simulated datasets shipped in ``sample_data/``, stored already preprocessed.
+"""Small simulated datasets shipped in ``sample_data/``, stored preprocessed and fitted.
 
-Each sample is made by :func:`explorer.data.simulate.simulate` with fixed arguments and
+Each sample is made by :func:`explorer.data.simulate.simulate` with fixed arguments,
 then :func:`explorer.data.preprocess.prepare` (filtering, normalisation, PCA, kNN graph,
-moments ``Ms``/``Mu``, UMAP), so the app opens it without computing anything; the
+moments ``Ms``/``Mu``, UMAP) and :func:`explorer.pipeline.run_velocity` with the
+stochastic model (layers ``velocity``, var ``velocity_gamma``/``velocity_r2``/...,
+obsp ``velocity_graph``/``velocity_graph_neg``/``T_fwd``, obsm ``velocity_umap``, obs
+``velocity_confidence``/``velocity_length``, uns ``velocity_params``), so the app opens
+it with streamlines and gene fits in place without computing anything; the
 simulator's ground truth (obs ``true_t``, ``true_lineage``, ``clusters``; var
 ``true_*``; layers ``true_s``, ``true_u``, ``true_velocity``; uns ``simulation``) is kept.
 
@@ -15,7 +19,10 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from explorer._types import InputError
+from explorer.keys import Key
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -36,7 +43,12 @@ RECIPES: dict[str, dict[str, Any]] = {
 SAMPLE_DIR = Path(__file__).resolve().parents[2] / "sample_data"
 
 #: seed of PCA, neighbour search and UMAP in :func:`~explorer.data.preprocess.prepare`
+#: and of the model in :func:`~explorer.pipeline.run_velocity`
 _PREPARE_SEED = 0
+
+#: the model fitted into every sample: fast (well under a second on 1,000 cells) and
+#: deterministic, so the shipped file is small and reproducible
+SAMPLE_MODEL = "stochastic"
 
 
 def _check_name(name: str) -> None:
@@ -81,18 +93,25 @@ def load_sample(name: str = "default") -> AnnData:
 
 
 def make_sample(name: str = "default") -> AnnData:
-    """Simulate and preprocess the sample ``name`` from its recipe (deterministic).
+    """Simulate, preprocess and fit the sample ``name`` from its recipe (deterministic).
 
     Returns
     -------
-    The prepared AnnData, as stored in ``sample_data/``.
+    The prepared AnnData with a :data:`SAMPLE_MODEL` fit, its velocity graph,
+    transition matrix, UMAP projection and confidence, as stored in ``sample_data/``.
     """
     from explorer.data.preprocess import prepare
     from explorer.data.simulate import simulate
+    from explorer.pipeline import run_velocity
 
     _check_name(name)
     adata = simulate(**RECIPES[name])
     prepare(adata, seed=_PREPARE_SEED)
+    # run_velocity skips preprocessing when Ms/Mu exist, so this is fit + graph + projection
+    run_velocity(adata, model=SAMPLE_MODEL, seed=_PREPARE_SEED)
+    # T_fwd is stored so the app opens the sample without computing (or importing) the
+    # transition code; float32, as the graphs are, keeps the file half a megabyte smaller
+    adata.obsp[Key.obsp.TRANSITIONS] = adata.obsp[Key.obsp.TRANSITIONS].astype(np.float32)
     return adata
 
 

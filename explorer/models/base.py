@@ -181,3 +181,99 @@ class VelocityResult:
                 "explorer_version": __version__,
             }
         )
+
+    @classmethod
+    def from_adata(cls, adata: AnnData) -> VelocityResult:
+        """Rebuild the result that :meth:`to_adata` wrote into ``adata``.
+
+        Reads the keys :meth:`to_adata` writes: ``uns['velocity_params']`` (the model's
+        name and parameters), ``layers['velocity']`` (and ``velocity_u``, ``fit_t``),
+        the model's per-gene ``var`` columns (scVelo's ``velocity_*`` and ``fit_*`` names),
+        ``var['velocity_genes']``, ``obs['latent_time']``,
+        ``obs['velocity_uncertainty']`` and ``obs['root_cells']``. Arrays are taken as
+        stored (float32 as written); parameters get back the Python types
+        :meth:`to_adata` had to change for h5ad (``"None"`` -> None, arrays -> tuples).
+
+        Raises
+        ------
+        ValueError
+            If ``adata`` has no ``layers['velocity']`` or no ``uns['velocity_params']``
+            naming the model.
+
+        Examples
+        --------
+        >>> result.to_adata(adata)  # doctest: +SKIP
+        >>> VelocityResult.from_adata(adata).velocity_genes.sum()  # doctest: +SKIP
+        """
+        stored = adata.uns.get(Key.uns.VELOCITY_PARAMS)
+        model = None
+        if isinstance(stored, Mapping):
+            model = stored.get("model", stored.get("mode"))
+        if Key.layers.VELOCITY not in adata.layers or model is None:
+            msg = (
+                "Expected a fit written by VelocityResult.to_adata: layers['velocity'] and "
+                f"uns['velocity_params'] with the model's name; found layers {sorted(adata.layers)} and "
+                f"uns['velocity_params'] = {stored!r}. Fit a model first (`explorer fit`)."
+            )
+            raise ValueError(msg)
+        params = stored.get("params", {})
+        params = {str(k): _from_uns(v) for k, v in params.items()} if isinstance(params, Mapping) else {}
+
+        def dense(key: str) -> FloatArray | None:
+            if key not in adata.layers:
+                return None
+            arr = adata.layers[key]
+            return np.asarray(arr.toarray() if hasattr(arr, "toarray") else arr)
+
+        # the model's own columns: scVelo's velocity_* (steady state) and fit_* (dynamical) names
+        columns = [
+            c
+            for c in adata.var.columns
+            if c != Key.var.VELOCITY_GENES and c.startswith(("velocity_", "fit_"))
+        ]
+        likelihood = None
+        for key in (Key.var.FIT_LIKELIHOOD, Key.var.R2):
+            if key in adata.var:
+                likelihood = adata.var[key].copy()
+                break
+        velocity = dense(Key.layers.VELOCITY)
+        genes = (
+            adata.var[Key.var.VELOCITY_GENES].to_numpy(dtype=bool)
+            if Key.var.VELOCITY_GENES in adata.var
+            else np.isfinite(velocity).all(axis=0)
+        )
+        obs_cols = [c for c in (Key.obs.ROOT_CELLS,) if c in adata.obs]
+        obs = adata.obs
+
+        def per_cell(key: str) -> FloatArray | None:
+            return obs[key].to_numpy() if key in obs else None
+
+        layers = {key: arr for key in (Key.layers.FIT_T,) if (arr := dense(key)) is not None}
+        return cls(
+            model=str(model),
+            params=params,
+            obs_names=adata.obs_names.copy(),
+            var_names=adata.var_names.copy(),
+            velocity=velocity,
+            gene_params=adata.var[columns].copy(),
+            velocity_genes=genes,
+            likelihood=likelihood,
+            velocity_u=dense(Key.layers.VELOCITY_U),
+            latent_time=per_cell(Key.obs.LATENT_TIME),
+            uncertainty=per_cell(Key.obs.VELOCITY_UNCERTAINTY),
+            layers=layers,
+            obs=obs[obs_cols].copy() if obs_cols else None,
+        )
+
+
+def _from_uns(value: Any) -> Any:
+    """Undo :func:`_uns_safe` for a parameter: ``"None"`` -> None, arrays -> tuples, numpy -> Python."""
+    if isinstance(value, str) and value == "None":
+        return None
+    if isinstance(value, np.ndarray):
+        return tuple(v.item() for v in value.ravel())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Mapping):
+        return {str(k): _from_uns(v) for k, v in value.items()}
+    return value

@@ -248,11 +248,36 @@ def test_sample_is_prepared_and_keeps_ground_truth(sample_adata):
     )
 
 
+def test_sample_ships_a_stochastic_fit_that_follows_the_truth(sample_adata):
+    from explorer.graph.transition import transition_matrix
+    from explorer.models import MODELS
+
+    adata = sample_adata
+    params = adata.uns[Key.uns.VELOCITY_PARAMS]
+    assert params["mode"] == "stochastic"
+    assert params["mode"] in MODELS  # the app shows it as a fitted model
+    assert adata.layers[Key.layers.VELOCITY].shape == adata.shape
+    assert adata.obsm[Key.obsm.velocity(Key.obsm.UMAP)].shape == (adata.n_obs, 2)
+    assert {Key.obsp.VELOCITY_GRAPH, Key.obsp.VELOCITY_GRAPH_NEG} <= set(adata.obsp)
+    stored_T = adata.obsp[Key.obsp.TRANSITIONS]
+    genes = adata.var[Key.var.VELOCITY_GENES].to_numpy(dtype=bool)
+    assert genes.sum() >= 0.8 * adata.n_vars
+    # per gene, the fitted velocity follows the simulator's true velocity
+    v, truth = adata.layers[Key.layers.VELOCITY][:, genes], adata.layers[Key.layers.TRUE_VELOCITY][:, genes]
+    corr = [np.corrcoef(v[:, j], truth[:, j])[0, 1] for j in range(v.shape[1])]
+    assert np.median(corr) > 0.7
+    # the transitions lead forward in simulated time for most cells
+    T = transition_matrix(adata.obsp[Key.obsp.VELOCITY_GRAPH], adata.obsp[Key.obsp.VELOCITY_GRAPH_NEG])
+    np.testing.assert_allclose(stored_T.toarray(), T.toarray(), atol=1e-6)  # stored as float32
+    t = adata.obs[Key.obs.TRUE_T].to_numpy()
+    assert np.mean(T @ t > t) > 0.8
+
+
 def test_sample_files_are_small_and_names_checked():
     from explorer._types import InputError
     from explorer.data.samples import SAMPLES, sample_path
 
     total = sum(sample_path(name).stat().st_size for name in SAMPLES)
-    assert total < 6e6
+    assert total < 8e6  # a few MB: counts, moments, ground truth, one fit and its velocity graph
     with pytest.raises(InputError, match="Valid options are: 'default'"):
         sample_path("pancreas")

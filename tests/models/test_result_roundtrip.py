@@ -1,0 +1,96 @@
+"""``VelocityResult.to_adata`` then ``VelocityResult.from_adata`` gives the result back."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from explorer.keys import Key
+from explorer.models.base import VelocityResult
+from explorer.models.steady_state import Stochastic
+
+
+def _strip_fit(adata):
+    """The sample ships with a stochastic fit; remove it so the round trip starts clean."""
+    for key in (Key.layers.VELOCITY, Key.layers.VELOCITY_U):
+        adata.layers.pop(key, None)
+    drop = [c for c in adata.var.columns if c.startswith(("velocity_", "fit_"))]
+    adata.var = adata.var.drop(columns=drop)
+    adata.uns.pop(Key.uns.VELOCITY_PARAMS, None)
+    return adata
+
+
+def test_stochastic_round_trip(sample_adata):
+    adata = _strip_fit(sample_adata)
+    result = Stochastic(seed=0, perc=(5, 95)).fit(adata)
+    result.to_adata(adata)
+
+    back = VelocityResult.from_adata(adata)
+
+    assert back.model == "stochastic"
+    assert back.params == result.params  # tuples and None come back as they went in
+    assert back.params["perc"] == (5, 95)
+    assert back.params["constrain_ratio"] is None
+    assert back.obs_names.equals(result.obs_names)
+    assert back.var_names.equals(result.var_names)
+    np.testing.assert_array_equal(back.velocity, result.velocity)
+    np.testing.assert_array_equal(back.velocity_genes, result.velocity_genes)
+    assert 0 < back.velocity_genes.sum() < adata.n_vars  # some genes fail min_r2: the mask is not trivial
+    pd.testing.assert_frame_equal(back.gene_params, result.gene_params, check_like=True)
+    pd.testing.assert_series_equal(back.likelihood, result.likelihood, check_names=False)
+    assert back.velocity_u is None
+    assert back.latent_time is None
+    assert back.uncertainty is None
+    assert back.layers == {}
+
+
+def test_round_trip_keeps_optional_arrays(sample_adata):
+    adata = _strip_fit(sample_adata)
+    rng = np.random.default_rng(0)
+    shape = adata.shape
+    names = {"obs_names": adata.obs_names, "var_names": adata.var_names}
+    result = VelocityResult(
+        model="dynamical",
+        params={"max_iter": 5, "seed": 1},
+        **names,
+        velocity=rng.normal(size=shape).astype(np.float32),
+        gene_params=pd.DataFrame(
+            {Key.var.FIT_ALPHA: rng.random(shape[1]), Key.var.FIT_LIKELIHOOD: rng.random(shape[1])},
+            index=adata.var_names,
+        ),
+        velocity_genes=rng.random(shape[1]) > 0.5,
+        likelihood=None,
+        velocity_u=rng.normal(size=shape).astype(np.float32),
+        latent_time=rng.random(shape[0]).astype(np.float32),
+        uncertainty=rng.random(shape[0]).astype(np.float32),
+        layers={Key.layers.FIT_T: rng.random(shape).astype(np.float32)},
+        obs=pd.DataFrame({Key.obs.ROOT_CELLS: rng.random(shape[0])}, index=adata.obs_names),
+    )
+    result.to_adata(adata)
+
+    back = VelocityResult.from_adata(adata)
+
+    assert back.params == {"max_iter": 5, "seed": 1}
+    np.testing.assert_array_equal(back.velocity_u, result.velocity_u)
+    np.testing.assert_array_equal(back.latent_time, result.latent_time)
+    np.testing.assert_array_equal(back.uncertainty, result.uncertainty)
+    np.testing.assert_array_equal(back.layers[Key.layers.FIT_T], result.layers[Key.layers.FIT_T])
+    pd.testing.assert_frame_equal(back.obs, result.obs)
+    # fit_likelihood is the likelihood of a dynamical fit
+    np.testing.assert_array_equal(back.likelihood.to_numpy(), result.gene_params[Key.var.FIT_LIKELIHOOD])
+
+
+def test_without_a_fit_says_what_is_missing(sample_adata):
+    adata = _strip_fit(sample_adata)
+    with pytest.raises(ValueError, match=r"layers\['velocity'\]"):
+        VelocityResult.from_adata(adata)
+
+
+def test_shipped_sample_holds_its_stochastic_fit(sample_adata):
+    """The sample's stored fit is what fitting the sample again gives."""
+    stored = VelocityResult.from_adata(sample_adata)
+    fresh = Stochastic(**stored.params).fit(_strip_fit(sample_adata.copy()))
+    assert stored.model == "stochastic"
+    np.testing.assert_allclose(stored.velocity, fresh.velocity, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(stored.velocity_genes, fresh.velocity_genes)
