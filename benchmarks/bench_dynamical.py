@@ -316,12 +316,16 @@ def _prepare_large(adata) -> None:
 
 
 def scaling(tmp: Path, sizes: list[int], n_vars: int, kwargs: dict) -> list[dict]:
+    from scipy.stats import spearmanr
+
     from explorer.data.preprocess import prepare
     from explorer.data.simulate import simulate
+    from explorer.keys import Key
 
     rows = []
     for n in sizes:
         adata = simulate(n_obs=n, n_vars=n_vars, seed=0)
+        true_t = adata.obs[Key.obs.TRUE_T].to_numpy()
         if n > 4096:
             _prepare_large(adata)
         else:
@@ -350,6 +354,7 @@ def scaling(tmp: Path, sizes: list[int], n_vars: int, kwargs: dict) -> list[dict
                 "fit_s": round(float(z["times"][0]), 2),
                 "timings": {k: round(v, 2) for k, v in json.loads(str(z["timings"])).items()},
                 "peak_gb": round(peak, 2),
+                "latent_time_spearman": round(float(spearmanr(z["latent_time"], true_t)[0]), 3),
             }
         )
         print(rows[-1], flush=True)
@@ -415,12 +420,13 @@ def print_table(result: dict) -> None:
                     f"{r[f'{tool}_mean_fit_r2']} | {r[f'{tool}_mean_likelihood']} |"
                 )
     if result.get("scaling"):
-        print("\n| cells | genes | fit (s) | EM (s) | peak GB |")
-        print("|---|---|---|---|---|")
+        print("\n| cells | genes | fit (s) | EM (s) | latent time (s) | peak GB | latent-time Spearman |")
+        print("|---|---|---|---|---|---|---|")
         for r in result["scaling"]:
             print(
-                f"| {r['n_obs']} | {r['n_vars']} | {r['fit_s']} | "
-                f"{r['timings'].get('em', '-')} | {r['peak_gb']} |"
+                f"| {r['n_obs']} | {r['n_vars']} | {r['fit_s']} | {r['timings'].get('em', '-')} | "
+                f"{r['timings'].get('latent_time', '-')} | {r['peak_gb']} | "
+                f"{r.get('latent_time_spearman', '-')} |"
             )
 
 

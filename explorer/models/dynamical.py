@@ -52,6 +52,11 @@ logger = logging.getLogger(__name__)
 #: float32 elements per ``(n_genes, n_cells)`` tensor of one gene batch; the EM keeps a
 #: few dozen such tensors alive, so 2**22 (16 MiB each) bounds memory to well under 1 GiB
 _BATCH_ELEMENTS = 1 << 22
+#: above this many cells the root cells come from a cheaper velocity graph and eigen
+#: solve (see ``Dynamical._latent_time``); at and below it, exactly scVelo's
+_LARGE_GRAPH_CELLS = 20_000
+#: steps of the backward chain that replace the root-cell eigen solve above that size
+_LARGE_GRAPH_POWER_STEPS = 1000
 #: cells used to choose the onset and switch times of the shared-time fit by grid search
 _GRID_CELLS = 300
 #: cells used for the shared-time fits that decide on the onset times
@@ -187,7 +192,10 @@ class Dynamical:
     min_likelihood
         Velocity genes need at least this likelihood (scVelo: 0.001).
     latent_time
-        Compute the gene-shared latent time and root cells (needs neighbours).
+        Compute the gene-shared latent time and root cells (needs neighbours). Up to
+        20,000 cells the root cells come from scVelo's velocity graph (the kNN recursed
+        twice) and an exact eigen solve; above, from the direct kNN and 1,000 steps of
+        the backward chain, which keeps the step's cost linear in the cells.
     batch_size
         Genes per batch; default fills about ``2**22`` cells x genes.
     max_cells_em
@@ -521,9 +529,20 @@ class Dynamical:
         if not use.any():
             use = np.isfinite(vel).all(0)
         Ms = _dense32(adata.layers[Key.layers.MS][:, cols[use]])
-        pattern = neighbors_for_graph(adata) if Key.obsp.DISTANCES in adata.obsp else sparse.csr_matrix(conn)
+        # scVelo scores the twice-recursed kNN (about 150 cells per cell at 30 neighbours)
+        # and solves its eigenproblem to machine precision; the solve's Arnoldi restarts
+        # grow with the number of cells (356 s of a 390 s fit at 100,000 cells). Above
+        # _LARGE_GRAPH_CELLS the direct kNN and a fixed number of backward-chain steps
+        # are used instead (root_cells' n_power_steps): the root cells are the top 2% of
+        # a smoothed score, and the earliest of them by summed gene time are used.
+        large = adata.n_obs > _LARGE_GRAPH_CELLS
+        if Key.obsp.DISTANCES in adata.obsp:
+            pattern = neighbors_for_graph(adata, n_recurse_neighbors=1 if large else None)
+        else:
+            pattern = sparse.csr_matrix(conn)
         T_bwd = lt_mod.transitions_backward_from_velocity(Ms, vel[:, use], pattern)
-        roots = lt_mod.root_cells(T_bwd, conn, seed=self.seed)
+        steps = _LARGE_GRAPH_POWER_STEPS if large else None
+        roots = lt_mod.root_cells(T_bwd, conn, seed=self.seed, n_power_steps=steps)
         lik = params[Key.var.FIT_LIKELIHOOD]
         genes = np.isfinite(fit_t).all(0) & (lik >= 0.1)
         if not genes.any():

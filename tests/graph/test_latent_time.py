@@ -76,6 +76,12 @@ def test_root_cells_from_a_flow_along_a_chain():
     assert score[:5].mean() > 0.9
     assert score[-15:].max() < 0.1
     assert np.argmax(score) < 10
+    # pushing mass through the backward chain (the large-data path) finds the same root
+    fast = lt.root_cells(T_bwd, _chain(n), n_power_steps=200)
+    assert np.argmax(fast) < 10
+    assert fast[-15:].max() < 0.1
+    with pytest.raises(ValueError, match="n_power_steps"):
+        lt.root_cells(T_bwd, _chain(n), n_power_steps=0)
 
 
 def test_compute_latent_time_writes_obs():

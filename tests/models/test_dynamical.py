@@ -165,6 +165,17 @@ def test_latent_time_follows_true_time(sim, fit):
     assert spearmanr(fit.latent_time, sim.obs[Key.obs.TRUE_T])[0] > 0.9
 
 
+def test_large_data_latent_time_path_follows_true_time(sim, fit, monkeypatch):
+    # above _LARGE_GRAPH_CELLS the root cells come from the direct kNN and steps of the
+    # backward chain; forcing that path on the small simulation must keep the latent time
+    from explorer.models import dynamical
+
+    monkeypatch.setattr(dynamical, "_LARGE_GRAPH_CELLS", 100)
+    res = Dynamical(genes="all", fit_t_on=False).fit(sim)
+    assert spearmanr(res.latent_time, sim.obs[Key.obs.TRUE_T])[0] > 0.9
+    assert spearmanr(res.latent_time, fit.latent_time)[0] > 0.95
+
+
 def test_velocity_sign_on_induction_and_repression(sim, fit):
     kind, clean = _truth(sim)
     genes = clean | (kind == "early_repression") | (kind == "late_induction")
