@@ -55,7 +55,9 @@ import numpy as np
 import anndata as ad, scanpy as sc, scvelo as scv
 # CellRank 2.0.7 calls assert_array_equal(x=, y=), names numpy 2 no longer accepts
 _aae = np.testing.assert_array_equal
-np.testing.assert_array_equal = lambda *a, x=None, y=None, **k: _aae(x, y, **k) if x is not None else _aae(*a, **k)
+def _aae_compat(*a, x=None, y=None, **k):
+    return _aae(x, y, **k) if x is not None else _aae(*a, **k)
+np.testing.assert_array_equal = _aae_compat
 import cellrank as cr
 path, umap_ok = sys.argv[1], sys.argv[2] == "1"
 t = {}
@@ -115,7 +117,7 @@ def run_explorer(path: Path) -> dict[str, float]:
         transition_matrix,
     )
     from explorer.keys import Key
-    from explorer.models.steady_state import Stochastic, SteadyState
+    from explorer.models.steady_state import SteadyState, Stochastic
 
     t: dict[str, float] = {}
     box = {}
@@ -188,12 +190,19 @@ def main() -> None:
         print(f"{s:22s} {ours[s]:11.3f} {first[s]:10.3f} {ref if ref else float('nan'):9.2f} {ratio}")
     whole_ours = sum(ours[s] for s in WHOLE if s in ours) + ours.get("load", 0)
     whole_theirs = sum(theirs.get(s, 0) for s in WHOLE) + theirs.get("load", 0)
-    print(f"{'whole (no UMAP)':22s} {whole_ours:11.3f} {'':10s} {whole_theirs:9.2f} {whole_theirs / whole_ours:8.1f}x")
+    print(
+        f"{'whole (no UMAP)':22s} {whole_ours:11.3f} {'':10s} {whole_theirs:9.2f} "
+        f"{whole_theirs / whole_ours:8.1f}x"
+    )
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "data": str(args.data.name),
-        "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "machine": {
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
         "repeats": args.repeats,
         "explorer_median_s": ours,
         "explorer_first_s": first,

@@ -101,7 +101,9 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(f"{(in_path.stem if in_path else 'sample')}_{args.model}.h5ad")
     protect = [in_path] if in_path is not None else []
     if in_path is not None and out.resolve() == in_path.resolve():
-        msg = f"--out {out} is the input file; explorer never overwrites its input. Choose another output path."
+        msg = (
+            f"--out {out} is the input file; explorer never overwrites its input. Choose another output path."
+        )
         raise InputError(msg)
     bar = _Bar(enabled=not args.quiet)
     start = time.perf_counter()
@@ -138,7 +140,9 @@ def _cmd_models(_args: argparse.Namespace) -> int:
         doc = (inspect.getdoc(cls) or "").splitlines()[0] if inspect.getdoc(cls) else ""
         sig = inspect.signature(cls)
         params = ", ".join(
-            f"{p.name}={p.default!r}" for p in sig.parameters.values() if p.default is not inspect.Parameter.empty
+            f"{p.name}={p.default!r}"
+            for p in sig.parameters.values()
+            if p.default is not inspect.Parameter.empty
         )
         print(f"{name:14s} {doc}")
         if params:
@@ -199,7 +203,7 @@ def _add_alias(group: argparse._ActionsContainer, name: str, **kwargs: Any) -> N
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``explorer`` argument parser."""
+    """Build the ``explorer`` argument parser."""
     from explorer import __version__
 
     parser = argparse.ArgumentParser(prog="explorer", description="Fit and explore RNA velocity.")
@@ -208,11 +212,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     fit = sub.add_parser("fit", help="fit a velocity model and write an .h5ad scVelo/CellRank can read")
-    fit.add_argument("input", nargs="?", default=None, help=".h5ad or .loom with layers spliced/unspliced (default: the bundled sample)")
-    fit.add_argument("--model", default="stochastic", help="model name (see `explorer models`); default stochastic")
-    fit.add_argument("--out", "-o", default=None, help="output .h5ad (default: <input>_<model>.h5ad here); never the input")
-    fit.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="model hyperparameter, repeatable")
-    fit.add_argument("--basis", default="umap", help="embedding to project velocity on (X_<basis>); default umap")
+    fit.add_argument(
+        "input",
+        nargs="?",
+        default=None,
+        help=".h5ad or .loom with layers spliced/unspliced (default: the bundled sample)",
+    )
+    fit.add_argument(
+        "--model", default="stochastic", help="model name (see `explorer models`); default stochastic"
+    )
+    fit.add_argument(
+        "--out", "-o", default=None, help="output .h5ad (default: <input>_<model>.h5ad here); never the input"
+    )
+    fit.add_argument(
+        "--param", action="append", default=[], metavar="KEY=VALUE", help="model hyperparameter, repeatable"
+    )
+    fit.add_argument(
+        "--basis", default="umap", help="embedding to project velocity on (X_<basis>); default umap"
+    )
     pre = fit.add_argument_group("preprocessing (scVelo's names and defaults)")
     _add_alias(pre, "min_shared_counts", type=int, default=20)
     _add_alias(pre, "n_top_genes", type=int, default=2000)
@@ -230,9 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_cmd_info)
 
     serve = sub.add_parser("serve", help="open the explorer app in the browser")
-    serve.add_argument("data", nargs="?", default=None, help="dataset under --data-dir (default: the bundled sample)")
+    serve.add_argument(
+        "data", nargs="?", default=None, help="dataset under --data-dir (default: the bundled sample)"
+    )
     serve.add_argument("--port", type=int, default=5006)
-    serve.add_argument("--data-dir", default=".", help="the only folder the app reads datasets from (default: .)")
+    serve.add_argument(
+        "--data-dir", default=".", help="the only folder the app reads datasets from (default: .)"
+    )
     serve.add_argument("--show", action="store_true", help="open a browser tab")
     serve.set_defaults(func=_cmd_serve)
     return parser
@@ -245,7 +266,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s"
+    )
     try:
         return args.func(args)
     except InputError as err:

@@ -96,7 +96,10 @@ def run_velocity(
     except KeyError as err:
         raise InputError(err.args[0]) from None
     except TypeError as err:
-        msg = f"Invalid parameters for model {model!r}: {err}. Run `explorer models` to see each model's parameters."
+        msg = (
+            f"Invalid parameters for model {model!r}: {err}. "
+            "Run `explorer models` to see each model's parameters."
+        )
         raise InputError(msg) from None
 
     basis_key = Key.obsm.embedding(basis)
@@ -113,7 +116,10 @@ def run_velocity(
     )
     if basis_key not in adata.obsm:
         found = sorted(k for k in adata.obsm if k.startswith("X_"))
-        msg = f"Embedding {basis_key!r} not found; adata.obsm has {found}. Pass one of them as basis, or 'umap'."
+        msg = (
+            f"Embedding {basis_key!r} not found; adata.obsm has {found}. "
+            "Pass one of them as basis, or 'umap'."
+        )
         raise InputError(msg)
 
     result = estimator.fit(adata, progress=_substep(progress, 1))

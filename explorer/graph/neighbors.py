@@ -92,7 +92,9 @@ def compute_neighbors(adata: AnnData, *, n_neighbors: int = 30, n_pcs: int = 30,
         random_state=seed,
         key_added=None,
         # below scanpy's exact-search size it picks brute force itself, as scVelo gets
-        transformer=None if adata.n_obs < _EXACT_KNN_MAX_OBS else _approximate_knn(adata.n_obs, n_neighbors, seed),
+        transformer=None
+        if adata.n_obs < _EXACT_KNN_MAX_OBS
+        else _approximate_knn(adata.n_obs, n_neighbors, seed),
     )
     if adata.n_obs >= _EXACT_KNN_MAX_OBS:
         adata.obsp[Key.obsp.DISTANCES] = _knn_distances(adata.obsp[Key.obsp.DISTANCES], n_neighbors - 1)
@@ -103,7 +105,7 @@ _EXACT_KNN_MAX_OBS = 4096
 
 
 def _knn_distances(distances: sparse.csr_matrix, k: int) -> sparse.csr_matrix:
-    """The ``k`` nearest other cells of each row, as scanpy's exact search stores them.
+    """Keep the ``k`` nearest other cells of each row, as scanpy's exact search stores them.
 
     pynndescent's rows hold the cell itself (distance 0) and ``n_neighbors`` others; the
     exact path stores ``n_neighbors - 1`` others and no self. Keep one convention so every
@@ -132,7 +134,7 @@ def _knn_distances(distances: sparse.csr_matrix, k: int) -> sparse.csr_matrix:
 
 
 def _approximate_knn(n_obs: int, n_neighbors: int, seed: int) -> Any:
-    """scanpy's default pynndescent search, handing back a ``csr_matrix``.
+    """Build scanpy's default pynndescent search, handing back a ``csr_matrix``.
 
     scanpy 1.11 builds this transformer itself above 4,096 cells, but pynndescent returns
     a ``csr_array`` and scanpy then calls ``getnnz(axis=1)``, which scipy 1.17 removed

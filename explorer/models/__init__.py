@@ -43,7 +43,7 @@ class _Models:
         return len(_REGISTRY)
 
     def keys(self) -> list[str]:
-        """Registered model names."""
+        """Return the registered model names."""
         return list(_REGISTRY)
 
 

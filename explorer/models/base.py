@@ -7,17 +7,19 @@ separate step, ``result.to_adata(adata)``.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
-import pandas as pd
 
+from explorer._types import InputError
 from explorer.keys import Key
 
 if TYPE_CHECKING:
+    import pandas as pd
     from anndata import AnnData
 
     from explorer._types import BoolArray, FloatArray, ProgressCallback
@@ -38,9 +40,47 @@ class VelocityModel(Protocol):
         ...
 
 
+class Hyperparameters:
+    """``get_params()`` and ``repr`` from the constructor's keyword-only arguments.
+
+    scikit-learn's convention: the constructor stores each hyperparameter under its own
+    name, so the signature is the one list of them.
+    """
+
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        signature = inspect.signature(cls.__init__)
+        return [p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+
+    def get_params(self) -> dict[str, Any]:
+        """Hyperparameters, by the constructor's names."""
+        return {name: getattr(self, name) for name in self._param_names()}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"
+
+
+def require_layers(
+    adata: AnnData, model: str, keys: tuple[str, ...] = (Key.layers.MS, Key.layers.MU)
+) -> None:
+    """Raise :class:`~explorer._types.InputError` unless ``adata`` has every layer in ``keys``."""
+    missing = [k for k in keys if k not in adata.layers]
+    if missing:
+        msg = (
+            f"The {model!r} model needs layers {list(keys)}; {missing} not found "
+            f"(adata.layers has {list(adata.layers)}). Run explorer.data.preprocess.prepare(adata) "
+            "first (or explorer.graph.moments.compute_moments(adata) on normalised data)."
+        )
+        raise InputError(msg)
+
+
 def _check_shape(name: str, value: np.ndarray | None, expected: tuple[int, ...]) -> None:
     if value is not None and tuple(value.shape) != expected:
-        msg = f"VelocityResult.{name} has shape {tuple(value.shape)}; expected {expected} (from obs_names/var_names)."
+        msg = (
+            f"VelocityResult.{name} has shape {tuple(value.shape)}; "
+            f"expected {expected} (from obs_names/var_names)."
+        )
         raise ValueError(msg)
 
 

@@ -37,7 +37,7 @@ from scipy import sparse
 
 from explorer._types import InputError, report
 from explorer.keys import Key
-from explorer.models.base import VelocityResult
+from explorer.models.base import Hyperparameters, VelocityResult, require_layers
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -154,7 +154,7 @@ class _Smoother:
         return torch.sparse.mm(self.matrix, x.T.contiguous()).T
 
 
-class Dynamical:
+class Dynamical(Hyperparameters):
     """scVelo's dynamical model (EM over all genes at once), with optional onset times.
 
     Parameters
@@ -253,31 +253,10 @@ class Dynamical:
         self.seed = seed
         self.device = device
 
-    _param_names: ClassVar[tuple[str, ...]] = (
-        "genes", "max_iter", "tol", "n_newton", "n_rounds", "connected_states", "smooth_time",
-        "fit_t_on", "t_on_min_gain", "t_max", "min_likelihood", "latent_time", "batch_size",
-        "max_cells_em", "seed", "device",
-    )  # fmt: skip
-
-    def get_params(self) -> dict[str, Any]:
-        """Hyperparameters, by the constructor's names."""
-        return {name: getattr(self, name) for name in self._param_names}
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
-        return f"{type(self).__name__}({args})"
-
     # ------------------------------------------------------------------------------ checks
 
     def _check(self, adata: AnnData) -> None:
-        missing = [k for k in (Key.layers.MS, Key.layers.MU) if k not in adata.layers]
-        if missing:
-            msg = (
-                f"The dynamical model needs layers 'Ms' and 'Mu'; missing {missing} "
-                f"(adata.layers has {sorted(adata.layers)}). "
-                "Run explorer.data.preprocess.prepare(adata) first."
-            )
-            raise InputError(msg)
+        require_layers(adata, self.name)
         needs_graph = self.latent_time or self.connected_states
         if needs_graph and Key.obsp.CONNECTIVITIES not in adata.obsp:
             msg = (

@@ -26,7 +26,7 @@ import pandas as pd
 
 from explorer._types import InputError, report
 from explorer.keys import Key
-from explorer.models.base import VelocityResult
+from explorer.models.base import Hyperparameters, VelocityResult, require_layers
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -288,18 +288,7 @@ def _residual(Ms: FloatArray, Mu: FloatArray, gamma: np.ndarray, offset: np.ndar
     return out
 
 
-def _require_layers(adata: AnnData, keys: tuple[str, ...], model: str) -> None:
-    missing = [k for k in keys if k not in adata.layers]
-    if missing:
-        msg = (
-            f"The {model!r} model needs layers {list(keys)}; {missing} not found "
-            f"(adata.layers has {list(adata.layers)}). Run explorer.data.preprocess.prepare(adata) "
-            "first (or explorer.graph.moments.compute_moments(adata) on normalised data)."
-        )
-        raise InputError(msg)
-
-
-class SteadyState:
+class SteadyState(Hyperparameters):
     """velocyto's steady-state model, as scVelo's ``tl.velocity(mode="deterministic")``.
 
     Parameters
@@ -351,27 +340,8 @@ class SteadyState:
         self.constrain_ratio = constrain_ratio
         self.seed = seed
 
-    _param_names: ClassVar[tuple[str, ...]] = (
-        "perc",
-        "fit_offset",
-        "min_r2",
-        "min_ratio",
-        "r2_adjusted",
-        "use_highly_variable",
-        "constrain_ratio",
-        "seed",
-    )
-
-    def get_params(self) -> dict[str, Any]:
-        """Hyperparameters, by the constructor's names."""
-        return {name: getattr(self, name) for name in self._param_names}
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
-        return f"{type(self).__name__}({args})"
-
     def _check(self, adata: AnnData) -> None:
-        _require_layers(adata, (Key.layers.MS, Key.layers.MU), self.name)
+        require_layers(adata, self.name)
 
     def _deterministic(self, adata: AnnData) -> dict[str, np.ndarray]:
         Ms, Mu = _dense32(adata.layers[Key.layers.MS]), _dense32(adata.layers[Key.layers.MU])
@@ -487,11 +457,9 @@ class Stochastic(SteadyState):
         )
         self.fit_offset2 = fit_offset2
 
-    _param_names: ClassVar[tuple[str, ...]] = (*SteadyState._param_names, "fit_offset2")
-
     def _check(self, adata: AnnData) -> None:
-        _require_layers(
-            adata, (Key.layers.MS, Key.layers.MU, Key.layers.SPLICED, Key.layers.UNSPLICED), self.name
+        require_layers(
+            adata, self.name, (Key.layers.MS, Key.layers.MU, Key.layers.SPLICED, Key.layers.UNSPLICED)
         )
         if Key.obsp.CONNECTIVITIES not in adata.obsp:
             msg = (
