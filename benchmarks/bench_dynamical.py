@@ -143,41 +143,23 @@ def fit_r2(out: dict, Mu: np.ndarray, Ms: np.ndarray) -> np.ndarray:
     return 1 - sse / sst
 
 
+def _explorer_worker_cmd(path: Path, genes_path: Path, out: Path, kwargs: dict) -> list[str]:
+    """This script as a subprocess fitting explorer's model on ``path`` (so peak memory is its own)."""
+    args = [str(path), str(genes_path), str(out), json.dumps(kwargs)]
+    return [sys.executable, __file__, "--explorer-worker", *args]
+
+
 def cbdir(adata, velocity: np.ndarray, genes: np.ndarray, key: str = "clusters") -> dict[str, float]:
-    """Cross-boundary direction correctness in gene space, per transition A -> B.
+    """CBDir of every transition in :data:`TRANSITIONS` that has cells on both sides."""
+    from explorer.graph.metrics import cross_boundary_correctness
 
-    For each cell of A with kNN neighbours in B, the mean correlation of its velocity
-    with the displacements ``Ms_j - Ms_i`` to those neighbours (the velocity-graph
-    cosine of :func:`explorer.graph.transition.cosine_correlations`), averaged over the
-    cells (Qiao & Huang 2021's CBDir, measured in expression space rather than on a UMAP).
-    """
-    from scipy import sparse
-
-    from explorer.graph.transition import cosine_correlations
-
-    labels = adata.obs[key].astype(str).to_numpy()
-    knn = sparse.csr_matrix(adata.obsp["distances"])
-    knn.data[:] = 1
-    ok = np.isfinite(velocity).all(0) & genes
-    X = np.asarray(adata.layers["Ms"][:, ok], dtype=np.float32)
-    V = np.asarray(velocity[:, ok], dtype=np.float32)
-    out = {}
-    for a, b in TRANSITIONS:
-        mask = (
-            sparse.diags((labels == a).astype(np.float32))
-            @ knn
-            @ sparse.diags((labels == b).astype(np.float32))
+    scores = {
+        f"{a} -> {b}": cross_boundary_correctness(
+            adata, velocity, source=a, target=b, genes=genes, cluster_key=key
         )
-        mask = sparse.csr_matrix(mask)
-        mask.eliminate_zeros()
-        if mask.nnz == 0:
-            continue
-        corr = cosine_correlations(X, V, mask)
-        # a pair with exactly zero correlation is dropped by the sparse result; count it as 0
-        rows = np.flatnonzero(np.diff(mask.indptr))
-        per_cell = np.asarray(corr.sum(1)).ravel()[rows] / np.diff(mask.indptr)[rows]
-        out[f"{a} -> {b}"] = float(per_cell.mean())
-    return out
+        for a, b in TRANSITIONS
+    }
+    return {k: v for k, v in scores.items() if np.isfinite(v)}
 
 
 # ----------------------------------------------------------------------------------- driver
@@ -214,15 +196,7 @@ def compare(name: str, path: Path, tmp: Path, scvelo_python: str | None, kwargs:
     for tool in ("explorer", "scvelo"):
         out = tmp / f"{name}_{tool}.npz"
         if tool == "explorer":
-            cmd = [
-                sys.executable,
-                __file__,
-                "--explorer-worker",
-                str(path),
-                str(genes_path),
-                str(out),
-                json.dumps(kwargs),
-            ]
+            cmd = _explorer_worker_cmd(path, genes_path, out, kwargs)
         elif scvelo_python:
             cmd = [
                 scvelo_python,
@@ -336,15 +310,7 @@ def scaling(tmp: Path, sizes: list[int], n_vars: int, kwargs: dict) -> list[dict
         genes_path.write_text("\n".join(adata.var_names))
         del adata
         out = tmp / f"scaling_{n}.npz"
-        cmd = [
-            sys.executable,
-            __file__,
-            "--explorer-worker",
-            str(path),
-            str(genes_path),
-            str(out),
-            json.dumps(kwargs),
-        ]
+        cmd = _explorer_worker_cmd(path, genes_path, out, kwargs)
         peak = run_measured(cmd)
         z = np.load(out)
         rows.append(
