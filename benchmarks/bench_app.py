@@ -23,10 +23,23 @@ are not included. Datasets:
 ``--page-ready`` also starts ``explorer serve`` on the sample data in a subprocess and
 times it until chromium shows the page. ``--screenshot PATH`` saves the pancreas page.
 
+``--load N`` is the many-users scenario (:func:`load_scenario`): ``explorer serve`` in a
+subprocess, one page opened first (the user who is already there), then ``N`` pages
+opened at once in chromium (one browser context each, as separate users). It reports
+each page's seconds until usable (the cell inspector's text and the plots drawn),
+the latency of gene clicks on the first page while the ``N`` pages load (click a row
+of the gene table until the phase portrait's header names the gene), and the server's
+resident memory (``/proc/<pid>/status``): idle after the first page, peak, and each
+second for ``--settle`` seconds after every page closed. ``--rounds`` repeats the
+open-and-close to show whether memory comes back every time. ``--sizes`` with no
+value skips the latency part.
+
 Usage::
 
     python benchmarks/bench_app.py [--sizes pancreas 200000 1000000] [--repeats 15]
         [--page-ready] [--screenshot assets/app.png] [--out benchmarks/results/app.json]
+    python benchmarks/bench_app.py --sizes --load 8 [--rounds 2] [--load-data FILE]
+        [--out benchmarks/results/app_load.json]
 """
 
 from __future__ import annotations
@@ -265,6 +278,182 @@ def page_ready(
     }
 
 
+def _rss_mb(pid: int) -> float:
+    """Resident memory of process ``pid`` in MB (``VmRSS``)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _start_server(data: str | None, data_dir: Path | None) -> tuple[subprocess.Popen, str, float]:
+    """``explorer serve`` in a subprocess on a free port; returns it, its URL and seconds to listen."""
+    port = _free_port()
+    explorer = Path(sys.executable).with_name("explorer")
+    cmd = [str(explorer), "serve", "--port", str(port)]
+    if data is not None:
+        cmd += [data, "--data-dir", str(data_dir)]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=data_dir or ROOT, text=True)  # noqa: S603
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            if proc.poll() is not None or time.perf_counter() - start > 300:
+                msg = f"explorer serve did not come up (exit code {proc.poll()})"
+                raise RuntimeError(msg) from None
+            time.sleep(0.05)
+    return proc, f"http://127.0.0.1:{port}/", time.perf_counter() - start
+
+
+async def _open_page(browser, url: str, timeout_ms: float):
+    """Open ``url`` in a new context (a separate user); returns the page and seconds until usable."""
+    context = await browser.new_context(viewport={"width": 1600, "height": 1400})
+    page = await context.new_page()
+    start = time.perf_counter()
+    await page.goto(url, timeout=timeout_ms)
+    await page.get_by_text("No cell selected").wait_for(timeout=timeout_ms)
+    # the embedding, the phase portrait and the gene table are drawn
+    await page.locator(".bk-Canvas").nth(1).wait_for(timeout=timeout_ms)
+    await page.locator(".tabulator-row").first.wait_for(timeout=timeout_ms)
+    return page, time.perf_counter() - start
+
+
+async def _gene_click(page, row: int, timeout_ms: float) -> float:
+    """Click row ``row`` of the gene table; seconds until the phase portrait's header names the gene."""
+    cell = page.locator('.tabulator-row .tabulator-cell[tabulator-field="gene"]').nth(row)
+    gene = (await cell.inner_text()).strip()
+    start = time.perf_counter()
+    # a click event on the cell itself (what Tabulator listens to): the pointer can be covered
+    # for a moment by a layout that is still filling in
+    await cell.dispatch_event("click")
+    await page.get_by_text(f"Gene {gene} ").first.wait_for(timeout=timeout_ms)
+    return time.perf_counter() - start
+
+
+async def _load_round(browser, url: str, n_pages: int, first, *, timeout_s: float) -> dict[str, object]:
+    """Open ``n_pages`` at once while clicking genes on ``first``; returns the timings."""
+    import asyncio
+
+    timeout_ms = timeout_s * 1e3
+    tasks = [asyncio.ensure_future(_open_page(browser, url, timeout_ms)) for _ in range(n_pages)]
+    clicks: list[float] = []
+    row = 0
+    while not all(t.done() for t in tasks):
+        row = (row + 1) % 6
+        clicks.append(await _gene_click(first, row, timeout_ms))
+        await asyncio.sleep(0.2)
+    opened = [t.result() for t in tasks]
+    # one click on each new page, now that it is usable
+    new_clicks = [await _gene_click(page, 2, timeout_ms) for page, _ in opened]
+    for page, _ in opened:
+        await page.context.close()
+    return {
+        "ready_s": [ready for _, ready in opened],
+        "clicks_while_loading_s": clicks,
+        "first_click_on_new_pages_s": new_clicks,
+    }
+
+
+def load_scenario(
+    *,
+    n_pages: int = 8,
+    rounds: int = 1,
+    settle_s: float = 60.0,
+    data: str | None = None,
+    data_dir: Path | None = None,
+    timeout_s: float = 300.0,
+) -> dict[str, object]:
+    """Many users at once on one ``explorer serve`` process (see the module docstring)."""
+    import asyncio
+    import threading
+
+    from playwright.async_api import async_playwright
+
+    proc, url, listening = _start_server(data, data_dir)
+    samples: list[tuple[float, float]] = []
+    stop = threading.Event()
+    t0 = time.perf_counter()
+
+    def sample() -> None:
+        while not stop.is_set() and proc.poll() is None:
+            samples.append((time.perf_counter() - t0, _rss_mb(proc.pid)))
+            stop.wait(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+
+    async def run() -> dict[str, object]:
+        out: dict[str, object] = {"rounds": []}
+        async with async_playwright() as p:
+            browser = await p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+            first, first_ready = await _open_page(browser, url, timeout_s * 1e3)
+            await _gene_click(first, 5, timeout_s * 1e3)  # warm: the first click imports what it needs
+            await asyncio.sleep(5)
+            out["first page ready (s)"] = first_ready
+            out["rss idle with one page (MB)"] = _rss_mb(proc.pid)
+            for _ in range(rounds):
+                begin = time.perf_counter() - t0
+                result = await _load_round(browser, url, n_pages, first, timeout_s=timeout_s)
+                closed = time.perf_counter() - t0
+                await asyncio.sleep(settle_s)
+                result["rss peak (MB)"] = max(m for t, m in samples if t >= begin)
+                after = [(t - closed, m) for t, m in samples if t >= closed]
+                result["rss after close (MB)"] = {
+                    f"{int(s)} s": next((m for t, m in after if t >= s), after[-1][1] if after else float("nan"))
+                    for s in (5, 30, settle_s - 1)
+                }
+                result["rss trace after close (s, MB)"] = [(round(t, 1), round(m)) for t, m in after[::5]]
+                out["rounds"].append(result)
+            await first.context.close()
+            await browser.close()
+        return out
+
+    try:
+        report = asyncio.run(run())
+    finally:
+        stop.set()
+        proc.terminate()
+        try:
+            _, stderr = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, stderr = proc.communicate()
+    report["serve to listening (s)"] = listening
+    report["pages"] = n_pages
+    report["settle (s)"] = settle_s
+    report["server errors logged"] = [
+        line for line in stderr.splitlines() if "Error" in line or "Traceback" in line or "exception" in line
+    ]
+    return report
+
+
+def print_load(report: dict[str, object]) -> None:
+    """Print the load scenario as a Markdown table, one row per round."""
+    print(
+        f"\nfirst page ready: {report['first page ready (s)']:.1f} s; "
+        f"server RSS idle with one page: {report['rss idle with one page (MB)']:.0f} MB"
+    )
+    n = report["pages"]
+    print(
+        f"\n| round | {n} pages: all ready (s) | median ready (s) | gene clicks while loading: "
+        "median / max (s) | first click on a new page: max (s) | RSS peak (MB) | "
+        f"RSS 5 s / {report['settle (s)']:.0f} s after close (MB) |\n|---|---|---|---|---|---|---|"
+    )
+    for i, r in enumerate(report["rounds"], 1):
+        ready, clicks = r["ready_s"], r["clicks_while_loading_s"] or [float("nan")]
+        after = list(r["rss after close (MB)"].values())
+        print(
+            f"| {i} | {max(ready):.1f} | {statistics.median(ready):.1f} | "
+            f"{statistics.median(clicks):.2f} / {max(clicks):.2f} ({len(r['clicks_while_loading_s'])} clicks) | "
+            f"{max(r['first_click_on_new_pages_s']):.2f} | {r['rss peak (MB)']:.0f} | "
+            f"{after[0]:.0f} / {after[-1]:.0f} |"
+        )
+    if report["server errors logged"]:
+        print("\nserver errors logged:\n" + "\n".join(report["server errors logged"]))
+
+
 def screenshot_page(adata, results, path: Path) -> None:
     """Serve ``adata`` with ``results`` in-process and save a screenshot of the page with a cell selected."""
     import threading
@@ -305,11 +494,15 @@ def screenshot_page(adata, results, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", nargs="+", default=["pancreas", "200000", "1000000"])
+    parser.add_argument("--sizes", nargs="*", default=["pancreas", "200000", "1000000"])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--page-ready", action="store_true")
     parser.add_argument("--screenshot", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--load", type=int, default=0, metavar="N", help="open N pages at once (0: skip)")
+    parser.add_argument("--rounds", type=int, default=1, help="open and close the N pages this often")
+    parser.add_argument("--settle", type=float, default=60.0, help="seconds to watch memory after closing")
+    parser.add_argument("--load-data", type=Path, default=None, help="dataset to serve (default: the sample)")
     args = parser.parse_args(argv)
 
     from explorer.app.main import configure_process
@@ -352,6 +545,16 @@ def main(argv: list[str] | None = None) -> int:
         del doc, page, app, adata, results
     print("\n| data | action | median wall (ms) | p90 wall (ms) | median CPU (ms) |\n|---|---|---|---|---|")
     print("\n".join(rows))
+    if args.load:
+        data, folder = (
+            (args.load_data.name, args.load_data.resolve().parent) if args.load_data else (None, None)
+        )
+        load = load_scenario(
+            n_pages=args.load, rounds=args.rounds, settle_s=args.settle, data=data, data_dir=folder
+        )
+        load["data"] = str(args.load_data) if args.load_data else "sample dataset"
+        report["load"] = load
+        print_load(load)
     if args.page_ready:
         ready = page_ready()
         report["page_ready_s"] = ready

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TypeAlias
 
@@ -51,3 +52,24 @@ class InputError(ValueError):
     The CLI turns it into a message on stderr and exit code 2; the app shows it and keeps
     the session alive.
     """
+
+
+#: who reads the messages: ``"python"`` (the default) or ``"cli"``, which ``explorer`` sets
+#: so that messages name its options (``--spliced-layer``) rather than keyword arguments
+CALLER: ContextVar[str] = ContextVar("explorer_caller", default="python")
+
+#: keyword argument -> command-line option, where the names differ beyond ``_`` / ``-``
+_CLI_OPTIONS: dict[str, str] = {"model_params": "--param KEY=VALUE"}
+
+
+def option(name: str) -> str:
+    """How the caller passes the setting ``name``: ```name=``` in Python, ``--name`` on the command line.
+
+    Examples
+    --------
+    >>> option("spliced_layer")
+    '`spliced_layer=`'
+    """
+    if CALLER.get() == "cli":
+        return _CLI_OPTIONS.get(name, "--" + name.replace("_", "-"))
+    return f"`{name}=`"

@@ -10,12 +10,14 @@ import argparse
 import inspect
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from explorer._types import FitCancelled, InputError
+from explorer._types import CALLER, FitCancelled, InputError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -33,14 +35,77 @@ EXIT_INTERRUPTED = 130
 SAMPLE = "sample"
 
 
-class _Bar:
-    """A progress bar on stderr (tqdm), fed with :class:`~explorer.Progress` reports."""
+class _Interrupt:
+    """Ctrl-C for ``explorer fit``: the run stops, and nothing is written.
 
-    def __init__(self, *, enabled: bool) -> None:
+    The handler sets a flag; every progress report and the write itself check it
+    (:class:`FitCancelled`), so even a ``KeyboardInterrupt`` that a library swallows (numba
+    prints one and carries on when it lands in its compiler) cannot let the output be
+    written. Where the interrupted code is not a compiler, the handler also raises
+    ``KeyboardInterrupt`` to stop at once; a second Ctrl-C always does. Tracebacks of
+    swallowed interrupts are kept off the terminal.
+    """
+
+    #: code the interrupt must not be raised in: it catches it, prints it and carries on
+    _SWALLOWING = (f"{os.sep}numba{os.sep}", f"{os.sep}llvmlite{os.sep}")
+
+    def __init__(self) -> None:
+        self.flag = threading.Event()
+        self._previous: Any = None
+        self._unraisable: Any = None
+
+    def __enter__(self) -> _Interrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        self._unraisable = sys.unraisablehook
+        sys.unraisablehook = self._quiet_unraisable
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        sys.unraisablehook = self._unraisable
+
+    def _handle(self, _signum: int, frame: Any) -> None:
+        first = not self.flag.is_set()
+        self.flag.set()
+        if first and self._in_swallowing_code(frame):
+            return  # stops at the next progress report
+        raise KeyboardInterrupt
+
+    def _in_swallowing_code(self, frame: Any) -> bool:
+        while frame is not None:
+            if any(part in frame.f_code.co_filename for part in self._SWALLOWING):
+                return True
+            frame = frame.f_back
+        return False
+
+    def _quiet_unraisable(self, unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, (KeyboardInterrupt, FitCancelled)):
+            self.flag.set()
+            return
+        self._unraisable(unraisable)
+
+    def check(self) -> None:
+        """Raise :class:`FitCancelled` once Ctrl-C was pressed."""
+        if self.flag.is_set():
+            raise FitCancelled
+
+
+class _Bar:
+    """A progress bar on stderr (tqdm), fed with :class:`~explorer.Progress` reports.
+
+    Each report first checks ``interrupt`` (Ctrl-C), so a run stops at its next step.
+    """
+
+    def __init__(self, *, enabled: bool, interrupt: _Interrupt | None = None) -> None:
         self._bar = None
         self._enabled = enabled
+        self._interrupt = interrupt
 
     def __call__(self, p: Progress) -> None:
+        if self._interrupt is not None:
+            self._interrupt.check()
         if not self._enabled:
             return
         from tqdm import tqdm
@@ -58,7 +123,12 @@ class _Bar:
 
 
 def _parse_value(text: str) -> Any:
-    """``'10' -> 10``, ``'0.5' -> 0.5``, ``'true' -> True``, ``'none' -> None``, else the text."""
+    """``'10' -> 10``, ``'0.5' -> 0.5``, ``'true' -> True``, ``'none' -> None``, else the text.
+
+    A comma makes a tuple of such values: ``'5,95' -> (5, 95)``, ``'Cpe,' -> ('Cpe',)``.
+    """
+    if "," in text:
+        return tuple(_parse_value(part.strip()) for part in text.split(",") if part.strip())
     lowered = text.lower()
     if lowered in {"true", "false"}:
         return lowered == "true"
@@ -83,21 +153,57 @@ def _model_params(pairs: Sequence[str]) -> dict[str, Any]:
     return params
 
 
-def _load(path_text: str | None) -> tuple[AnnData, Path | None]:
+def _load(
+    path_text: str | None, *, spliced_layer: str = "spliced", unspliced_layer: str = "unspliced"
+) -> tuple[AnnData, Path | None]:
     """Read the input (or the bundled sample for ``None``/``'sample'``); return it and its path."""
     from explorer.data.io import read
     from explorer.data.samples import load_sample, sample_path
 
     if path_text is None or path_text == SAMPLE:
         return load_sample(), sample_path()
-    return read(path_text), Path(path_text)
+    return read(path_text, spliced_layer=spliced_layer, unspliced_layer=unspliced_layer), Path(path_text)
 
 
-def _cmd_fit(args: argparse.Namespace) -> int:
-    from explorer.data.io import write
-    from explorer.pipeline import run_velocity
+def _input_path(path_text: str | None) -> Path | None:
+    from explorer.data.samples import sample_path
 
-    adata, in_path = _load(args.input)
+    return sample_path() if path_text is None or path_text == SAMPLE else Path(path_text)
+
+
+def _check_fit_args(args: argparse.Namespace) -> tuple[dict[str, Any], Path, list[Path]]:
+    """Check everything that needs no data before any work: model, its parameters, options, output.
+
+    Returns the model parameters, the output path and the paths the output must not replace.
+    """
+    from explorer.data.io import check_output
+    from explorer.data.preprocess import check_options
+    from explorer.models import MODELS
+
+    try:
+        cls = MODELS[args.model]
+    except KeyError as err:
+        msg = f"{err.args[0]} See `explorer models`."
+        raise InputError(msg) from None
+    params = {"seed": args.seed, **_model_params(args.param)}
+    try:
+        cls(**params)  # checks types and ranges (InputError); builds nothing heavy
+    except TypeError as err:
+        known = ", ".join(p for p in inspect.signature(cls).parameters if p != "seed")
+        msg = (
+            f"invalid --param for model {args.model!r}: {err}. Its parameters are: {known} "
+            "(see `explorer models`)."
+        )
+        raise InputError(msg) from None
+    check_options(
+        min_shared_counts=args.min_shared_counts,
+        n_top_genes=args.n_top_genes,
+        n_pcs=args.n_pcs,
+        n_neighbors=args.n_neighbors,
+    )
+    in_path = _input_path(args.input)
+    if in_path is not None and args.input not in (None, SAMPLE) and not in_path.is_file():
+        _load(args.input)  # the reader's message for a missing file or a folder
     out = Path(args.out) if args.out else Path(f"{(in_path.stem if in_path else 'sample')}_{args.model}.h5ad")
     protect = [in_path] if in_path is not None else []
     if in_path is not None and out.resolve() == in_path.resolve():
@@ -105,24 +211,37 @@ def _cmd_fit(args: argparse.Namespace) -> int:
             f"--out {out} is the input file; explorer never overwrites its input. Choose another output path."
         )
         raise InputError(msg)
-    bar = _Bar(enabled=not args.quiet)
-    start = time.perf_counter()
-    try:
-        result = run_velocity(
-            adata,
-            model=args.model,
-            model_params=_model_params(args.param),
-            basis=args.basis,
-            min_shared_counts=args.min_shared_counts,
-            n_top_genes=args.n_top_genes,
-            n_pcs=args.n_pcs,
-            n_neighbors=args.n_neighbors,
-            seed=args.seed,
-            progress=bar,
-        )
-    finally:
-        bar.close()
-    written = write(adata, out, protect=protect)
+    check_output(out, protect=protect, overwrite=args.force)
+    return params, out, protect
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from explorer.data.io import write
+    from explorer.pipeline import run_velocity
+
+    params, out, protect = _check_fit_args(args)
+    with _Interrupt() as interrupt:
+        adata, _ = _load(args.input, spliced_layer=args.spliced_layer, unspliced_layer=args.unspliced_layer)
+        interrupt.check()
+        bar = _Bar(enabled=not args.quiet, interrupt=interrupt)
+        start = time.perf_counter()
+        try:
+            result = run_velocity(
+                adata,
+                model=args.model,
+                model_params=params,
+                basis=args.basis,
+                min_shared_counts=args.min_shared_counts,
+                n_top_genes=args.n_top_genes,
+                n_pcs=args.n_pcs,
+                n_neighbors=args.n_neighbors,
+                seed=args.seed,
+                progress=bar,
+            )
+        finally:
+            bar.close()
+        interrupt.check()
+        written = write(adata, out, protect=protect, overwrite=args.force, cancelled=interrupt.flag.is_set)
     n_genes = int(result.velocity_genes.sum())
     print(
         f"{args.model}: {adata.n_obs} cells, {adata.n_vars} genes, {n_genes} velocity genes "
@@ -180,7 +299,7 @@ def describe(adata: AnnData) -> list[str]:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    adata, path = _load(args.input)
+    adata, path = _load(args.input, spliced_layer=args.spliced_layer, unspliced_layer=args.unspliced_layer)
     print(f"file: {path}")
     for line in describe(adata):
         print(line)
@@ -190,8 +309,34 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from explorer.app.server import serve
 
-    serve(args.data, port=args.port, data_dir=args.data_dir, show=args.show)
+    serve(
+        args.data,
+        port=args.port,
+        data_dir=args.data_dir,
+        show=args.show,
+        address=args.address,
+        allow_websocket_origin=args.allow_websocket_origin,
+    )
     return 0
+
+
+def _add_layer_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--spliced-layer",
+        "--spliced_layer",
+        dest="spliced_layer",
+        default="spliced",
+        metavar="NAME",
+        help="layer holding the spliced counts (default: spliced), renamed to 'spliced' on read",
+    )
+    parser.add_argument(
+        "--unspliced-layer",
+        "--unspliced_layer",
+        dest="unspliced_layer",
+        default="unspliced",
+        metavar="NAME",
+        help="layer holding the unspliced counts (default: unspliced)",
+    )
 
 
 def _add_alias(group: argparse._ActionsContainer, name: str, **kwargs: Any) -> None:
@@ -224,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument(
         "--out", "-o", default=None, help="output .h5ad (default: <input>_<model>.h5ad here); never the input"
     )
+    fit.add_argument("--force", "-f", action="store_true", help="replace --out if it exists")
     fit.add_argument(
         "--param", action="append", default=[], metavar="KEY=VALUE", help="model hyperparameter, repeatable"
     )
@@ -236,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_alias(pre, "n_pcs", type=int, default=30)
     _add_alias(pre, "n_neighbors", type=int, default=30)
     fit.add_argument("--seed", type=int, default=0)
+    _add_layer_options(fit)
     fit.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     fit.set_defaults(func=_cmd_fit)
 
@@ -244,17 +391,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="what a file holds and whether it is ready for velocity")
     info.add_argument("input", nargs="?", default=None, help=".h5ad or .loom (default: the bundled sample)")
+    _add_layer_options(info)
     info.set_defaults(func=_cmd_info)
 
     serve = sub.add_parser("serve", help="open the explorer app in the browser")
     serve.add_argument(
         "data", nargs="?", default=None, help="dataset under --data-dir (default: the bundled sample)"
     )
-    serve.add_argument("--port", type=int, default=5006)
+    serve.add_argument("--port", type=int, default=5006, help="port to listen on; 0 picks a free one")
     serve.add_argument(
         "--data-dir", default=".", help="the only folder the app reads datasets from (default: .)"
     )
     serve.add_argument("--show", action="store_true", help="open a browser tab")
+    serve.add_argument(
+        "--address",
+        default=None,
+        help="address to listen on (default 127.0.0.1: this machine only). 0.0.0.0 opens the app "
+        "to the network: anyone who can reach it can read the data directory; see the README",
+    )
+    serve.add_argument(
+        "--allow-websocket-origin",
+        action="append",
+        default=None,
+        metavar="HOST[:PORT]",
+        help="host name browsers may use to reach the app besides localhost, repeatable "
+        "(Panel's option; needed with --address)",
+    )
     serve.set_defaults(func=_cmd_serve)
     return parser
 
@@ -269,6 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s"
     )
+    token = CALLER.set("cli")  # messages name --options, not keyword arguments
     try:
         return args.func(args)
     except InputError as err:
@@ -277,6 +440,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (KeyboardInterrupt, FitCancelled):
         print(f"explorer {args.command}: interrupted; nothing was written.", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        CALLER.reset(token)
 
 
 if __name__ == "__main__":

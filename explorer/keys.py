@@ -57,6 +57,8 @@ class _Var:
     FIT_USES_T_ON: str = "fit_uses_t_on"
     #: share by which t_on lowered the gene's shared-time loss
     FIT_T_ON_GAIN: str = "fit_t_on_gain"
+    #: cells that carried weight for the gene in its EM iterations (all cells: final assignment)
+    FIT_N_CELLS_EM: str = "fit_n_cells_em"
     #: share of cells in each of scVelo's four states
     FIT_FRAC_INDUCTION: str = "fit_frac_induction"
     FIT_FRAC_REPRESSION: str = "fit_frac_repression"

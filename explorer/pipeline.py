@@ -1,29 +1,44 @@
 """One call from counts to velocity on an embedding: what ``explorer fit`` runs.
 
 ``prepare`` (filter, normalise, neighbours, moments, UMAP) -> ``model.fit`` ->
-``result.to_adata`` -> velocity graph -> transition matrix -> projection ->
-confidence. Each step is the public function of its module; this only orders them and
-reports progress, so the CLI, the app and the benchmarks run the same thing.
+:func:`derive` (velocity graph -> transition matrix -> projection -> confidence) ->
+``result.to_adata`` and ``Derived.to_adata``. Each step is the public function of its
+module; this only orders them and reports progress. :func:`derive` is everything after
+the fit: ``explorer fit`` (:func:`run_velocity`) and the app's Run button
+(:func:`explorer.app.jobs.fit_and_derive`) both call it, so the two give identical
+graphs, projections and confidences for the same model and seed.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from explorer._types import InputError, Progress, report
 from explorer.keys import Key
 
 if TYPE_CHECKING:
+    import pandas as pd
     from anndata import AnnData
+    from scipy import sparse
 
-    from explorer._types import ProgressCallback
+    from explorer._types import FloatArray, ProgressCallback
     from explorer.models.base import VelocityResult
 
 logger = logging.getLogger(__name__)
 
 #: the steps of :func:`run_velocity`, in order, as they are reported to ``progress``
 STEPS: tuple[str, ...] = ("preprocess", "fit", "velocity graph", "embedding", "confidence")
+
+#: the steps of :func:`derive` and their shares of its progress
+_DERIVE_STEPS: tuple[tuple[str, float, float], ...] = (
+    ("velocity graph", 0.0, 0.8),
+    ("embedding", 0.8, 0.9),
+    ("confidence", 0.9, 1.0),
+)
 
 
 def _substep(progress: ProgressCallback | None, index: int) -> ProgressCallback | None:
@@ -38,6 +53,175 @@ def _substep(progress: ProgressCallback | None, index: int) -> ProgressCallback 
         progress(Progress(done, n * scale, f"{STEPS[index]}: {p.message}" if p.message else STEPS[index]))
 
     return forward
+
+
+@dataclass(frozen=True, slots=True)
+class Derived:
+    """What :func:`derive` computes from a fit, ready to be written under scVelo's keys.
+
+    Attributes
+    ----------
+    graph, graph_neg
+        ``(n_obs, n_obs)`` positive and negative velocity graph
+        (``obsp['velocity_graph']``, ``obsp['velocity_graph_neg']``).
+    transitions
+        Row-stochastic transition matrix (``obsp['T_fwd']``, CellRank's key).
+    velocity_embedding
+        Embedding key (``X_umap``) -> ``(n_obs, n_dims)`` velocity projected on it with
+        scVelo's signed kernel (``obsm['velocity_umap']``).
+    obs
+        Per-cell columns: ``velocity_self_transition``, ``velocity_length``,
+        ``velocity_confidence``, ``velocity_confidence_transition``.
+    params
+        What the graph steps add to ``uns['velocity_params']`` (``mode_neighbors``,
+        ``n_recurse_neighbors``, ``embeddings``).
+    """
+
+    graph: sparse.csr_matrix
+    graph_neg: sparse.csr_matrix
+    transitions: sparse.csr_matrix
+    velocity_embedding: dict[str, FloatArray]
+    obs: pd.DataFrame
+    params: dict[str, Any]
+
+    @property
+    def confidence(self) -> FloatArray:
+        """``(n_obs,)`` float32 velocity confidence (scVelo's ``velocity_confidence``)."""
+        return self.obs[Key.obs.VELOCITY_CONFIDENCE].to_numpy(np.float32)
+
+    def to_adata(self, adata: AnnData) -> None:
+        """Write into ``adata`` (the cells :func:`derive` ran on), in place.
+
+        Returns
+        -------
+        None; sets obsp ``velocity_graph``, ``velocity_graph_neg``, ``T_fwd``, obsm
+        ``velocity_<basis>``, the columns of :attr:`obs` and the keys of :attr:`params`
+        in ``uns['velocity_params']``.
+        """
+        if not adata.obs_names.equals(self.obs.index):
+            msg = (
+                f"These velocity graphs belong to {len(self.obs)} other cells; the AnnData has "
+                f"{adata.n_obs}. Write them into the AnnData they were computed on (or a copy of it)."
+            )
+            raise ValueError(msg)
+        adata.obsp[Key.obsp.VELOCITY_GRAPH] = self.graph
+        adata.obsp[Key.obsp.VELOCITY_GRAPH_NEG] = self.graph_neg
+        adata.obsp[Key.obsp.TRANSITIONS] = self.transitions
+        for key, v in self.velocity_embedding.items():
+            adata.obsm[Key.obsm.velocity(key)] = v
+        for col in self.obs.columns:
+            adata.obs[col] = self.obs[col].to_numpy()
+        params = dict(adata.uns.get(Key.uns.VELOCITY_PARAMS, {}))
+        params.update(self.params)
+        adata.uns[Key.uns.VELOCITY_PARAMS] = params
+
+    def project(self, embedding: FloatArray) -> FloatArray:
+        """Project the velocity on another ``(n_obs, n_dims)`` embedding, as :func:`derive` does."""
+        from explorer.graph.projection import project_velocity
+        from explorer.graph.transition import transition_matrix
+
+        signed = transition_matrix(self.graph, self.graph_neg, use_negative_cosines=True)
+        return project_velocity(signed, embedding)
+
+
+def _derive_step(progress: ProgressCallback | None, index: int) -> ProgressCallback | None:
+    """Map one step of :func:`derive` onto its share of ``progress``."""
+    if progress is None:
+        return None
+    name, start, stop = _DERIVE_STEPS[index]
+
+    def forward(p: Progress) -> None:
+        done = int(1000 * (start + (stop - start) * p.fraction))
+        progress(Progress(done, 1000, f"{name}: {p.message}" if p.message else name))
+
+    return forward
+
+
+def derive(
+    adata: AnnData,
+    result: VelocityResult,
+    *,
+    basis: str = "umap",
+    progress: ProgressCallback | None = None,
+) -> Derived:
+    """Everything after the fit: velocity graph, transition matrix, projection, confidence.
+
+    ``adata`` is left untouched (it may be shared read-only between the app's
+    sessions): the graph functions of :mod:`explorer.graph` run on a light AnnData that
+    shares ``adata``'s arrays and holds what ``result.to_adata`` writes.
+
+    Parameters
+    ----------
+    adata
+        The cells ``result`` was fitted on, with layer ``Ms``, obsp ``distances`` (and
+        ``connectivities``) and ``obsm['X_<basis>']``.
+    result
+        The model's fit.
+    basis
+        Embedding to project the velocity on (``umap`` or ``X_umap``).
+    progress
+        Receives 1000 steps: the velocity graph fills the first 80 %.
+
+    Returns
+    -------
+    The :class:`Derived` arrays; ``Derived.to_adata`` writes them.
+    """
+    from explorer.graph.projection import compute_velocity_embedding
+    from explorer.graph.transition import (
+        compute_transition_matrix,
+        compute_velocity_confidence,
+        compute_velocity_graph,
+    )
+
+    missing = [k for k in (Key.obsp.DISTANCES,) if k not in adata.obsp]
+    if missing or Key.layers.MS not in adata.layers:
+        msg = (
+            f"Expected a neighbour graph (obsp {Key.obsp.DISTANCES!r}) and layer 'Ms' to compute the "
+            f"velocity graph; found obsp {sorted(adata.obsp)} and layers {sorted(adata.layers)}. "
+            "Preprocess the data first (explorer.data.preprocess.prepare, or `explorer fit`)."
+        )
+        raise InputError(msg)
+    basis_key = Key.obsm.embedding(basis)
+    work = _graph_adata(adata, basis_key)
+    result.to_adata(work)
+    before = set(work.obs.columns)
+    compute_velocity_graph(work, progress=_derive_step(progress, 0))
+    transitions = compute_transition_matrix(work)
+    report(_derive_step(progress, 1), 0, 1)
+    compute_velocity_embedding(work, basis=basis_key)
+    report(_derive_step(progress, 2), 0, 1)
+    compute_velocity_confidence(work)
+    report(progress, 1000, 1000, "done")
+    added = [c for c in work.obs.columns if c not in before]
+    params = work.uns[Key.uns.VELOCITY_PARAMS]
+    return Derived(
+        graph=work.obsp[Key.obsp.VELOCITY_GRAPH],
+        graph_neg=work.obsp[Key.obsp.VELOCITY_GRAPH_NEG],
+        transitions=transitions,
+        velocity_embedding={basis_key: np.asarray(work.obsm[Key.obsm.velocity(basis_key)])},
+        obs=work.obs[added].copy(),
+        params={
+            k: params[k]
+            for k in (Key.uns.MODE_NEIGHBORS, Key.uns.N_RECURSE_NEIGHBORS, Key.uns.EMBEDDINGS)
+            if k in params
+        },
+    )
+
+
+def _graph_adata(adata: AnnData, basis_key: str) -> AnnData:
+    """A light AnnData for the graph steps: ``adata``'s names, ``Ms``, graphs and embedding, shared."""
+    import pandas as pd
+    from anndata import AnnData
+
+    obsm = {basis_key: adata.obsm[basis_key]} if basis_key in adata.obsm else {}
+    return AnnData(
+        obs=pd.DataFrame(index=adata.obs_names.copy()),
+        var=pd.DataFrame(index=adata.var_names.copy()),
+        layers={Key.layers.MS: adata.layers[Key.layers.MS]},
+        obsm=obsm,
+        obsp={k: adata.obsp[k] for k in (Key.obsp.CONNECTIVITIES, Key.obsp.DISTANCES) if k in adata.obsp},
+        uns={Key.uns.NEIGHBORS: dict(adata.uns.get(Key.uns.NEIGHBORS, {}))},
+    )
 
 
 def run_velocity(
@@ -77,17 +261,11 @@ def run_velocity(
     Returns
     -------
     The model's result. ``adata`` gains everything ``prepare`` and
-    ``VelocityResult.to_adata`` write, and obsp ``velocity_graph``,
-    ``velocity_graph_neg``, ``T_fwd``, obsm ``velocity_<basis>``, obs
-    ``velocity_confidence`` and ``velocity_length``.
+    ``VelocityResult.to_adata`` and :meth:`Derived.to_adata` write: obsp
+    ``velocity_graph``, ``velocity_graph_neg``, ``T_fwd``, obsm ``velocity_<basis>``,
+    obs ``velocity_confidence``, ``velocity_length`` and the rest.
     """
     from explorer.data.preprocess import prepare
-    from explorer.graph.projection import compute_velocity_embedding
-    from explorer.graph.transition import (
-        compute_transition_matrix,
-        compute_velocity_confidence,
-        compute_velocity_graph,
-    )
     from explorer.models import get_model
 
     params = {"seed": seed, **(model_params or {})}
@@ -123,12 +301,21 @@ def run_velocity(
         raise InputError(msg)
 
     result = estimator.fit(adata, progress=_substep(progress, 1))
+    derived = derive(adata, result, basis=basis_key, progress=_derive_progress(progress))
     result.to_adata(adata)
-    compute_velocity_graph(adata, progress=_substep(progress, 2))
-    compute_transition_matrix(adata)
-    report(progress, 3, len(STEPS), "embedding")
-    compute_velocity_embedding(adata, basis=basis)
-    report(progress, 4, len(STEPS), "confidence")
-    compute_velocity_confidence(adata)
+    derived.to_adata(adata)
     report(progress, len(STEPS), len(STEPS), "done")
     return result
+
+
+def _derive_progress(progress: ProgressCallback | None) -> ProgressCallback | None:
+    """Spread :func:`derive`'s progress over the pipeline's last three steps."""
+    if progress is None:
+        return None
+    n, first = len(STEPS), STEPS.index("velocity graph")
+
+    def forward(p: Progress) -> None:
+        done = first + (n - first) * p.fraction
+        progress(Progress(int(done * 1000), n * 1000, p.message or STEPS[first]))
+
+    return forward

@@ -7,9 +7,11 @@ event loop) and, once :meth:`Job.cancel` was called, raises
 :class:`~explorer.FitCancelled` instead, which stops the fit between two steps: models
 never write into the AnnData they fit, so nothing is left half-done.
 
-:func:`fit_and_derive` is what a Run button starts: the model's fit, then the velocity
-graph, the transition matrix, the projection on the embedding and its streamlines (the
-maths lives in :mod:`explorer.graph`), bundled as a :class:`Fit`.
+:func:`fit_and_derive` is what a Run button starts: the model's fit, then
+:func:`explorer.pipeline.derive` (velocity graph, transition matrix, projection,
+confidence: the very function ``explorer fit`` calls after its fit, so the app and the
+CLI give identical results for the same model and seed), then the streamlines the
+embedding draws, bundled as a :class:`Fit`.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
 
     from explorer._types import ProgressCallback
     from explorer.models.base import VelocityResult
+    from explorer.pipeline import Derived
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +114,9 @@ class Fit:
         Basis key (``X_umap``) -> ``(n_obs, 2)`` velocity projected on it.
     streamlines
         Basis key -> streamline polylines on it.
+    derived
+        What :func:`explorer.pipeline.derive` computed (velocity graphs, ...), which an
+        export writes as ``explorer fit`` does; None for a fit without a neighbour graph.
     """
 
     label: str
@@ -120,6 +126,7 @@ class Fit:
     confidence: np.ndarray | None = None
     velocity_embedding: dict[str, np.ndarray] = field(default_factory=dict)
     streamlines: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    derived: Derived | None = None
 
 
 class Job(Generic[T]):
@@ -234,73 +241,6 @@ def _scaled(progress: ProgressCallback | None, start: float, stop: float, prefix
     return forward
 
 
-def _working_adata(adata: AnnData, result: VelocityResult) -> AnnData:
-    """Build a light AnnData sharing ``adata``'s arrays, with ``result``'s velocity in its layers.
-
-    The graph functions write their outputs into the AnnData they get; giving them this
-    one keeps the dataset itself, shared read-only between sessions, untouched.
-    """
-    import pandas as pd
-    from anndata import AnnData
-
-    work = AnnData(
-        obs=pd.DataFrame(index=adata.obs_names.copy()),
-        var=pd.DataFrame(index=adata.var_names.copy()),
-        layers={Key.layers.MS: adata.layers[Key.layers.MS], Key.layers.VELOCITY: result.velocity},
-        obsm={k: v for k, v in adata.obsm.items() if k.startswith("X_")},
-        obsp={k: adata.obsp[k] for k in (Key.obsp.CONNECTIVITIES, Key.obsp.DISTANCES) if k in adata.obsp},
-        uns={
-            Key.uns.NEIGHBORS: dict(adata.uns.get(Key.uns.NEIGHBORS, {})),
-            # the velocity graph takes square roots of stochastic velocities, as scVelo does
-            Key.uns.VELOCITY_PARAMS: {"mode": result.model},
-        },
-    )
-    work.var[Key.var.VELOCITY_GENES] = np.asarray(result.velocity_genes, dtype=bool)
-    return work
-
-
-def derive(
-    adata: AnnData,
-    result: VelocityResult,
-    *,
-    basis: str,
-    progress: ProgressCallback | None = None,
-) -> tuple[csr_matrix | None, np.ndarray | None, dict[str, np.ndarray], dict[str, list[np.ndarray]]]:
-    """Velocity graph, transition matrix, confidence, projection and streamlines of a result.
-
-    Returns ``(transitions, confidence, velocity_embedding, streamlines)``; the graph
-    parts are None (and the dicts empty) when ``adata`` has no neighbour graph.
-    """
-    from explorer.graph.projection import project_velocity
-    from explorer.graph.streamlines import compute_streamlines
-    from explorer.graph.transition import (
-        compute_velocity_confidence,
-        compute_velocity_graph,
-        transition_matrix,
-    )
-
-    if Key.obsp.CONNECTIVITIES not in adata.obsp:
-        logger.info("no neighbour graph in the data: no transitions or streamlines for %s", result.model)
-        return None, None, {}, {}
-    work = _working_adata(adata, result)
-    compute_velocity_graph(work, progress=_scaled(progress, 0.0, 0.7, "velocity graph"))
-    transitions = transition_matrix(
-        work.obsp[Key.obsp.VELOCITY_GRAPH], work.obsp[Key.obsp.VELOCITY_GRAPH_NEG]
-    )
-    confidence = None
-    if Key.obsp.DISTANCES in work.obsp:
-        _scaled(progress, 0.7, 0.8, "confidence")(Progress(0, 1))
-        compute_velocity_confidence(work)
-        confidence = np.asarray(work.obs[Key.obs.VELOCITY_CONFIDENCE], dtype=np.float32)
-    embedding, lines = {}, {}
-    if basis in adata.obsm:
-        _scaled(progress, 0.8, 0.9, "embedding")(Progress(0, 1))
-        embedding[basis] = np.asarray(project_velocity(transitions, np.asarray(adata.obsm[basis])[:, :2]))
-        _scaled(progress, 0.9, 1.0, "streamlines")(Progress(0, 1))
-        lines[basis] = compute_streamlines(np.asarray(adata.obsm[basis])[:, :2], embedding[basis])
-    return transitions, confidence, embedding, lines
-
-
 def fit_and_derive(
     adata: AnnData,
     model: str,
@@ -310,27 +250,34 @@ def fit_and_derive(
     label: str,
     progress: ProgressCallback | None = None,
 ) -> Fit:
-    """Fit ``model`` with ``params`` on ``adata`` (left untouched), then :func:`derive`.
+    """Fit ``model`` with ``params`` on ``adata`` (left untouched), then derive what the views draw.
 
-    ``progress`` sees one bar of 1000 steps: the fit fills the first 80 %.
+    After the fit, :func:`explorer.pipeline.derive` (what ``explorer fit`` runs) and the
+    streamlines on ``basis``. Without a neighbour graph in ``adata`` the fit has
+    velocities only. ``progress`` sees one bar of 1000 steps: the fit fills the first 80 %.
     """
+    from explorer.graph.streamlines import compute_streamlines
     from explorer.models import get_model
+    from explorer.pipeline import derive
 
     if _torch_serving.is_set():
         configure_torch()
     estimator = get_model(model, **params)
     result = estimator.fit(adata, progress=_scaled(progress, 0.0, _FIT_SHARE, "fit"))
-    transitions, confidence, embedding, lines = derive(
-        adata, result, basis=basis, progress=_scaled(progress, _FIT_SHARE, 1.0, "graph")
-    )
+    fit = Fit(label=label, key=fit_key(model, params), result=result)
+    if Key.obsp.DISTANCES not in adata.obsp:
+        logger.info("no neighbour graph in the data: no transitions or streamlines for %s", result.model)
+    else:
+        derived = derive(
+            adata, result, basis=basis, progress=_scaled(progress, _FIT_SHARE, 0.95, "graph")
+        )
+        fit.derived = derived
+        fit.transitions = derived.transitions
+        fit.confidence = derived.confidence
+        fit.velocity_embedding = {key: v[:, :2] for key, v in derived.velocity_embedding.items()}
+        _scaled(progress, 0.95, 1.0, "streamlines")(Progress(0, 1))
+        for key, v in fit.velocity_embedding.items():
+            fit.streamlines[key] = compute_streamlines(np.asarray(adata.obsm[key])[:, :2], v)
     if progress is not None:
         progress(Progress(1000, 1000, "done"))
-    return Fit(
-        label=label,
-        key=fit_key(model, params),
-        result=result,
-        transitions=transitions,
-        confidence=confidence,
-        velocity_embedding=embedding,
-        streamlines=lines,
-    )
+    return fit

@@ -9,17 +9,25 @@ sets both from its arguments.
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import gc
 import logging
 import os
 import threading
+import weakref
+from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import panel as pn
+import param
 
 from explorer._types import InputError
+from explorer.app.escape import markdown_text
 from explorer.app.files import resolve_under
 from explorer.app.jobs import configure_torch
+from explorer.app.resources import divider, use_local_resources
 from explorer.app.state import ExplorerState, load_dataset
 from explorer.app.views import (
     CellInspector,
@@ -108,35 +116,208 @@ def shared_dataset(data: str | Path | None, data_dir: str | Path) -> tuple[AnnDa
     return adata, Path(str(data)).as_posix(), path
 
 
+class SessionLife:
+    """A browser session's link to its page: hands a worker's callbacks to it until the tab closes.
+
+    Callbacks run on the server's event loop under the document's lock (as Bokeh's
+    next-tick callbacks do), but through :meth:`dispatch`, which drops them once the
+    tab has closed: a fit that reports progress after that must not touch a document
+    whose websocket is gone (that was ``WebSocketClosedError: Task exception was never
+    retrieved`` in the server log). :meth:`connection_lost` runs when the websocket
+    closes, which is seconds before Bokeh destroys the session; it calls the
+    ``on_close`` callbacks at once (the app's: cancel the running fit).
+    """
+
+    def __init__(self, doc: Document) -> None:
+        from tornado.ioloop import IOLoop
+
+        self._doc = weakref.ref(doc)
+        self._loop = IOLoop.current()
+        self.closed = threading.Event()
+        self._on_close: list[Callable[[], None]] = []
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` (on the event loop, without the document's lock) when the tab closes."""
+        self._on_close.append(callback)
+
+    def connection_lost(self, *_: Any) -> None:
+        """The websocket closed (or the session was destroyed): stop sending, run the close callbacks."""
+        if self.closed.is_set():
+            return
+        self.closed.set()
+        callbacks, self._on_close = self._on_close, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:  # noqa: BLE001 - one failing clean-up must not stop the others
+                logger.exception("clean-up of a closed session failed")
+
+    @property
+    def document(self) -> Document | None:
+        """The session's document, while it exists."""
+        return self._doc()
+
+    def dispatch(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the session's next event-loop turn (document locked); dropped once the tab closed.
+
+        Thread-safe: a worker thread hands its callbacks to the page this way.
+        """
+        if not self.closed.is_set():
+            self._loop.add_callback(self.next_tick, fn)
+
+    def next_tick(self, fn: Callable[[], None], *, after: Callable[[], None] | None = None) -> bool:
+        """Schedule ``fn`` as a Bokeh next-tick callback of the document (call on the event loop).
+
+        ``after`` runs once ``fn`` has run (or failed). Returns False, running neither,
+        when the tab closed or the session is gone.
+        """
+        from panel.io.state import set_curdoc
+
+        doc = self._doc()
+        context = None if doc is None else doc.session_context
+        if self.closed.is_set() or context is None or context.destroyed:
+            return False
+
+        def run() -> None:
+            try:
+                if not self.closed.is_set():
+                    with set_curdoc(doc):
+                        fn()
+            finally:
+                if after is not None:
+                    after()
+
+        try:
+            doc.add_next_tick_callback(run)
+        except Exception:  # noqa: BLE001 - the session ended meanwhile: nothing to update
+            logger.debug("session gone; dropped a callback")
+            return False
+        return True
+
+
 def session_dispatch(doc: Document | None) -> Callable[[Callable[[], None]], None] | None:
     """Send a worker thread's callbacks to ``doc``'s event loop (None outside a server session)."""
     if doc is None or doc.session_context is None:
         return None
-    from panel.io.state import set_curdoc
+    return SessionLife(doc).dispatch
 
-    def dispatch(fn: Callable[[], None]) -> None:
+
+class _Builder:
+    """Builds the heavy parts of new pages one at a time, in order of arrival, between other work.
+
+    One per server process. A page's plots take most of a session's start (about a
+    second of CPU on the pancreas); built in one piece on the event loop, eight pages
+    opened at once kept every other request, gene clicks included, waiting for all of
+    them. Here the first request returns a light page at once, and each heavy part is
+    one step on the event loop: parts needed to use a page (``priority`` 0) for every
+    waiting page first, oldest page first, then the rest (the time plots). Between two
+    steps the loop serves clicks and requests that arrived meanwhile.
+    """
+
+    def __init__(self) -> None:
+        self._queues: tuple[deque, deque] = (deque(), deque())
+        self._current: object | None = None
+
+    def add(self, life: SessionLife, step: Callable[[], None], *, priority: int = 0) -> None:
+        """Queue ``step`` for ``life``'s page (call on the event loop)."""
+        self._queues[priority].append((life, step))
+        self._kick()
+
+    def _next(self) -> tuple[SessionLife, Callable[[], None]] | None:
+        for queue in self._queues:
+            while queue:
+                life, step = queue.popleft()
+                if not life.closed.is_set():
+                    return life, step
+        return None
+
+    def _kick(self) -> None:
+        """Start the next step unless one is under way."""
+        from tornado.ioloop import IOLoop
+
+        while self._current is None and (item := self._next()) is not None:
+            life, step = item
+            token = object()
+            self._current = token
+            if life.next_tick(self._guarded(step), after=lambda token=token: self._done(token)):
+                # a session destroyed before its step ran never runs it: go on after a while
+                IOLoop.current().call_later(_STEP_TIMEOUT_S, self._done, token)
+            else:
+                self._current = None
+
+    @staticmethod
+    def _guarded(step: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
-            with set_curdoc(doc):
-                fn()
+            try:
+                step()
+            except Exception:  # noqa: BLE001 - a broken part must not stop other pages
+                logger.exception("building part of a page failed")
 
-        try:
-            doc.add_next_tick_callback(run)
-        except Exception:  # noqa: BLE001 - the session closed while the job ran; nothing to update
-            logger.debug("session gone; dropped a job callback")
+        return run
 
-    return dispatch
+    def _done(self, token: object) -> None:
+        from tornado.ioloop import IOLoop
+
+        if token is self._current:
+            self._current = None
+            # let the loop read the sockets first: a click waits for at most one step
+            IOLoop.current().call_later(_BUILD_GAP_S, self._kick)
+
+
+#: pause between two build steps, for requests and clicks that arrived meanwhile
+_BUILD_GAP_S = 0.005
+
+#: a step not run after this long (its session ended first) no longer holds up the others
+_STEP_TIMEOUT_S = 10.0
+
+_builder = _Builder()
+
+
+#: the parts of the Explore tab: name, view, build priority (0: needed to use the page)
+_PARTS: tuple[tuple[str, type, int], ...] = (
+    ("embedding", EmbeddingView, 0),
+    ("phase", PhasePortrait, 0),
+    ("genes", GeneBrowser, 0),
+    ("inspector", CellInspector, 0),
+    ("time", GeneTimeView, 1),
+)
+
+#: room each part takes while it is built (width, height in pixels), so the page does not jump
+_PLACEHOLDER_SIZE = {
+    "embedding": (580, 560),
+    "phase": (500, 520),
+    "genes": (620, 500),
+    "inspector": (440, 300),
+    "time": (1060, 360),
+}
+
+
+def _placeholder(name: str) -> pn.Column:
+    width, height = _PLACEHOLDER_SIZE[name]
+    spinner = pn.indicators.LoadingSpinner(value=True, size=28)
+    return pn.Column(pn.Column(spinner, width=width, height=height))
 
 
 class ExplorerApp:
-    """One session's views around its :class:`ExplorerState`; ``page`` is what the browser shows."""
+    """One session's views around its :class:`ExplorerState`; ``page`` is what the browser shows.
 
-    def __init__(self, state: ExplorerState) -> None:
+    In a server session (``life`` given) the page starts with the header, the sidebar
+    and placeholders; the Explore tab's views replace them one by one through the
+    process's :class:`_Builder`, and the Compare tab's views are built when it is first
+    opened. Outside a server (tests, benchmarks) everything is built at once.
+    """
+
+    def __init__(self, state: ExplorerState, *, life: SessionLife | None = None) -> None:
         self.state = state
+        self.life = life
         self.runner = ModelRunner(state=state)
         self.dataset = DatasetPicker(state=state)
         self.content = pn.Column(sizing_mode="stretch_width")
         self.error = pn.pane.Alert("", alert_type="danger", visible=False, sizing_mode="stretch_width")
         self.views: dict[str, Any] = {}
+        self._generation = 0
+        #: parts waiting for the browser to show the first page (see :meth:`page_shown`)
+        self._waiting: list[tuple[Callable[[], None], int]] | None = [] if life is not None else None
         state.param.watch(self._build, ["adata"])
         state.param.watch(self._show_error, ["error"])
         self._build()
@@ -144,9 +325,9 @@ class ExplorerApp:
         # FAST web-components bundle, which takes about a second off the first page load.
         sidebar = pn.Column(
             self.dataset,
-            pn.layout.Divider(),
+            divider(),
             self.runner,
-            pn.layout.Divider(),
+            divider(),
             self.views["export_holder"],
             width=340,
             styles={"border-right": "1px solid #e0e0e0"},
@@ -172,51 +353,98 @@ class ExplorerApp:
         state = self.state
         if state.adata is None:
             return
-        views = {
-            "embedding": EmbeddingView(state=state),
-            "phase": PhasePortrait(state=state),
-            "genes": GeneBrowser(state=state),
-            "inspector": CellInspector(state=state),
-            "time": GeneTimeView(state=state),
-            "compare": ComparisonView(state=state),
-            "export": ExportView(state=state),
-        }
+        self._generation += 1
+        generation = self._generation
+        export = ExportView(state=state)
         holder = self.views.get("export_holder") or pn.Column(sizing_mode="stretch_width")
-        holder.objects = [views["export"]]
-        views["export_holder"] = holder
-        self.views = views
-        time_slot = pn.Column(sizing_mode="stretch_width")
+        holder.objects = [export]
+        self.views = {"export": export, "export_holder": holder}
+        slots = {name: _placeholder(name) for name, _, _ in _PARTS}
         explore = pn.Column(
-            pn.Row(views["embedding"], views["phase"]),
-            pn.Row(pn.Column(views["genes"], width=620), pn.Column(views["inspector"], width=440)),
-            time_slot,
+            pn.Row(slots["embedding"], slots["phase"]),
+            pn.Row(pn.Column(slots["genes"], width=620), pn.Column(slots["inspector"], width=440)),
+            slots["time"],
         )
-        # the Compare tab is rendered only when opened (dynamic)
-        self.content.objects = [pn.Tabs(("Explore", explore), ("Compare", views["compare"]), dynamic=True)]
-        _fill_soon(time_slot, views["time"])
+        compare = pn.Column(sizing_mode="stretch_width")
+        tabs = pn.Tabs(("Explore", explore), ("Compare", compare), dynamic=True)
+        self.content.objects = [tabs]
+        for name, view_class, priority in _PARTS:
+            step = functools.partial(self._fill, generation, slots[name], name, view_class)
+            if self.life is None:
+                step()
+            elif self._waiting is not None:
+                self._waiting.append((step, priority))
+            else:
+                _builder.add(self.life, step, priority=priority)
+        if self.life is None:
+            self._fill(generation, compare, "compare", ComparisonView)
+        else:
+
+            def open_compare(event: param.parameterized.Event) -> None:
+                if event.new == 1:
+                    tabs.param.unwatch(watcher)
+                    self._fill(generation, compare, "compare", ComparisonView)
+
+            watcher = tabs.param.watch(open_compare, "active")
+
+    def page_shown(self) -> None:
+        """The browser shows the first page: queue its parts.
+
+        Parts built before that were sometimes lost on the way to a page that was still
+        connecting, under load; from here on they are ordinary updates of a shown page.
+        """
+        waiting, self._waiting = self._waiting or [], None
+        if self.life is not None:
+            for step, priority in waiting:
+                _builder.add(self.life, step, priority=priority)
+
+    def _fill(self, generation: int, slot: pn.Column, name: str, view_class: type) -> None:
+        """Build view ``name`` into ``slot``, unless the data changed (or the session ended) since."""
+        if generation != self._generation or self.state.adata is None:
+            return
+        view = view_class(state=self.state)
+        self.views[name] = view
+        slot.objects = [view]
 
     def _show_error(self, *_: Any) -> None:
-        self.error.object = self.state.error
+        self.error.object = markdown_text(self.state.error)  # names from the dataset: text, not markup
         self.error.visible = bool(self.state.error)
 
+    def release(self) -> None:
+        """Drop the views and the session's state (its session ended); the document is not touched."""
+        self._generation += 1  # parts still queued are skipped
+        self.views = {}
+        self.state.release()
 
-def _fill_soon(slot: pn.Column, view: Any) -> None:
-    """Put ``view`` into ``slot`` on the session's next event-loop turn (at once outside a server).
 
-    In a server session the page's HTML goes out first and the server renders ``view``
-    while the browser loads its scripts; the browser then fetches the whole page in one
-    go. Panel's ``defer_load`` instead waits for the browser to finish drawing the rest
-    before asking for it, a second round trip that kept the page ~0.8 s from complete.
+#: seconds after the last session ended before unused memory is handed back to the system
+_TRIM_DELAY_S = 2.0
+
+_trim_pending = threading.Event()
+
+
+def _trim_memory_soon() -> None:
+    """Collect garbage and return freed heap to the system shortly after sessions end.
+
+    A closed session's arrays and Bokeh models are freed by reference counting and the
+    garbage collector, but glibc keeps freed heap pages mapped, so the server's resident
+    memory would stay at its peak; ``malloc_trim`` gives them back. One call per burst of
+    closed sessions.
     """
-    doc = pn.state.curdoc
-    if doc is None or doc.session_context is None:
-        slot.objects = [view]
+    if _trim_pending.is_set():
         return
+    _trim_pending.set()
+    from tornado.ioloop import IOLoop
 
-    def fill() -> None:
-        slot.objects = [view]
+    def trim() -> None:
+        _trim_pending.clear()
+        gc.collect()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc: the memory is reused by the next sessions
+            logger.debug("malloc_trim unavailable")
 
-    pn.state.execute(fill, schedule=True)
+    IOLoop.current().call_later(_TRIM_DELAY_S, trim)
 
 
 def create_app(
@@ -226,6 +454,9 @@ def create_app(
     name: str | None = None,
 ) -> pn.Column:
     """Build the page for one browser session.
+
+    In a server session, closing the tab cancels the session's running fit at once,
+    and when Bokeh discards the session its state, fits and views are dropped.
 
     Parameters
     ----------
@@ -243,12 +474,15 @@ def create_app(
     The page (a Panel layout); its ``.app`` attribute is the :class:`ExplorerApp`.
     """
     from anndata import AnnData
+    from bokeh.events import ConnectionLost
 
     folder = Path(data_dir if data_dir is not None else os.environ.get(ENV_DATA_DIR, ".")).resolve()
     doc = pn.state.curdoc
+    use_local_resources(doc)  # before any component is rendered: no CDN address in the page
+    life = SessionLife(doc) if doc is not None and doc.session_context is not None else None
     state = ExplorerState(
         data_dir=folder,
-        dispatch=session_dispatch(doc),
+        dispatch=life.dispatch if life is not None else None,
         batch=(lambda: pn.io.hold(doc, freeze=True)) if doc is not None else None,
     )
     if isinstance(data, AnnData):
@@ -257,9 +491,21 @@ def create_app(
         source = data if data is not None else os.environ.get(ENV_DATA) or None
         adata, name, path = shared_dataset(source, folder)
         state.set_data(adata, name=name, path=path)
-    app = ExplorerApp(state)
-    if doc is not None and doc.session_context is not None:
-        pn.state.on_session_destroyed(lambda _ctx: state.cancel_run())
+    if life is not None:
+        # the gene table is built after the page's HTML went out: its JS must be listed now
+        pn.extension("tabulator")
+    app = ExplorerApp(state, life=life)
+    if life is not None:
+        life.on_close(state.stop_job)
+        doc.on_event(ConnectionLost, life.connection_lost)
+
+        def destroyed(_context: Any) -> None:
+            life.connection_lost()
+            app.release()
+            _trim_memory_soon()
+
+        pn.state.on_session_destroyed(destroyed)
+        pn.state.onload(app.page_shown)
         pn.state.onload(_want_torch_soon)
     page = app.page
     page.app = app  # type: ignore[attr-defined] - lets tests and benchmarks reach the views
@@ -267,5 +513,9 @@ def create_app(
 
 
 if __name__.startswith("bokeh"):  # `panel serve explorer/app/main.py`
-    configure_process()
-    create_app().servable(title=TITLE)
+    # Bokeh runs this file as a fresh module for each session and empties that module when
+    # the session ends: the session's clean-up must call the installed module's functions
+    from explorer.app import main as _installed
+
+    _installed.configure_process()
+    _installed.create_app().servable(title=TITLE)

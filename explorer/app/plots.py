@@ -16,6 +16,8 @@ import holoviews as hv
 import holoviews.plotting.bokeh  # noqa: F401 - registers the bokeh backend the options below are for
 import numpy as np
 
+from explorer.app.escape import html_text
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -74,26 +76,32 @@ def value_range(coloring: Coloring) -> tuple[float, float]:
 
 
 def legend_html(coloring: Coloring) -> str:
-    """Describe a colouring as HTML: one swatch per category, or the colour bar's ends."""
+    """Describe a colouring as HTML: one swatch per category, or the colour bar's ends.
+
+    Category names and the label (an obs column's name) come from the dataset and are
+    escaped (:func:`~explorer.app.escape.html_text`): they show as text, never as markup.
+    """
+    label = html_text(coloring.label)
     if coloring.kind == "category":
         key = coloring.color_key or {}
         items = "".join(
             '<span style="white-space:nowrap;margin-right:10px">'
             '<span style="display:inline-block;width:10px;'
-            f'height:10px;background:{key.get(c, MISSING_COLOR)};margin-right:4px"></span>{c}</span> '
+            f'height:10px;background:{html_text(key.get(c, MISSING_COLOR))};margin-right:4px"></span>'
+            f"{html_text(c)}</span> "
             for c in coloring.categories
         )
-        return f"<div style='font-size:12px'><b>{coloring.label}</b>: {items}</div>"
+        return f"<div style='font-size:12px'><b>{label}</b>: {items}</div>"
     if coloring.kind == "continuous":
         lo, hi = value_range(coloring)
         stops = ",".join(_cmap_colors(cmap_for(coloring))[::32])
         return (
-            f"<div style='font-size:12px'><b>{coloring.label}</b> {lo:.3g} "
+            f"<div style='font-size:12px'><b>{label}</b> {lo:.3g} "
             "<span style='display:inline-block;width:160px;height:10px;"
             f"background:linear-gradient(to right,{stops})'>"
             f"</span> {hi:.3g}</div>"
         )
-    return f"<div style='font-size:12px;color:#777'>{coloring.label}</div>"
+    return f"<div style='font-size:12px;color:#777'>{label}</div>"
 
 
 def color_mapping(coloring: Coloring) -> tuple[np.ndarray, list[str], tuple[float, float]]:
@@ -337,7 +345,7 @@ def arrows(x: np.ndarray, y: np.ndarray, vx: np.ndarray, vy: np.ndarray) -> hv.V
     ).opts(magnitude="Magnitude", color=STREAM_COLOR, backend="bokeh")
 
 
-def phase_fits(fits: list[PhaseFit], *, s_max: float) -> hv.Overlay:
+def phase_fits(fits: list[PhaseFit]) -> hv.Overlay:
     """Each fit's trajectory and steady-state line ``u = slope * s``; the active fit solid, others dashed.
 
     The curves carry no labels: a legend appearing in a plot already on the page breaks
@@ -354,9 +362,9 @@ def phase_fits(fits: list[PhaseFit], *, s_max: float) -> hv.Overlay:
                     color=color, line_width=width, line_dash=dash, backend="bokeh"
                 )
             )
-        if fit.slope is not None and np.isfinite(fit.slope):
+        if fit.line is not None:
             layers.append(
-                hv.Curve(([0.0, s_max], [0.0, fit.slope * s_max]), "Ms", "Mu", group="SteadyState").opts(
+                hv.Curve((fit.line[:, 0], fit.line[:, 1]), "Ms", "Mu", group="SteadyState").opts(
                     color=color,
                     line_width=1.5,
                     line_dash="dotted" if not fit.active else "dotdash",
@@ -374,7 +382,7 @@ def curve(x: np.ndarray, y: np.ndarray, *, labels: tuple[str, str]) -> hv.Curve:
 
 
 def fits_legend_html(fits: list[PhaseFit]) -> str:
-    """Explain the lines of :func:`phase_fits` as HTML: colour and dash per fit."""
+    """Explain the lines of :func:`phase_fits` as HTML: colour and dash per fit (labels escaped)."""
     items = []
     for i, fit in enumerate(fits):
         color = FIT_COLORS[i % len(FIT_COLORS)]
@@ -383,7 +391,7 @@ def fits_legend_html(fits: list[PhaseFit]) -> str:
         items.append(
             '<span style="white-space:nowrap;margin-right:12px">'
             '<span style="display:inline-block;width:22px;'
-            f'border-top:3px {style} {color};margin:0 4px 3px 0"></span>{fit.label}: {what}</span>'
+            f'border-top:3px {style} {color};margin:0 4px 3px 0"></span>{html_text(fit.label)}: {what}</span>'
         )
     return "<div style='font-size:12px'>" + " ".join(items) + "</div>" if items else ""
 
@@ -441,10 +449,9 @@ def comparison_scatter(
 
 def message(text: str, *, width: int = 480, height: int = 420) -> hv.Overlay:
     """Draw an empty plot that says why there is nothing to draw."""
-    return (hv.Points([]) * hv.Text(0.5, 0.5, text)).opts(
-        hv.opts.Points(width=width, height=height, xaxis=None, yaxis=None, backend="bokeh"),
-        hv.opts.Text(text_font_size="11pt", backend="bokeh"),
-    )
+    # options set on each element: ``hv.opts.Points`` needs a backend chosen with hv.extension first
+    empty = hv.Points([]).opts(width=width, height=height, xaxis=None, yaxis=None, backend="bokeh")
+    return empty * hv.Text(0.5, 0.5, text).opts(text_font_size="11pt", backend="bokeh")
 
 
 # --------------------------------------------------------------------- export

@@ -1,30 +1,134 @@
-"""``explorer serve``: start the app on a local port."""
+"""``explorer serve``: start the app on a local port, reachable from this machine only by default.
+
+The server listens on ``127.0.0.1`` unless ``address`` says otherwise, and answers only
+requests whose ``Host`` header names this machine (``localhost``, ``127.0.0.1``,
+``[::1]``) or a host passed in ``allow_websocket_origin``: a web page on another site
+cannot reach it through DNS rebinding (its requests carry that site's host name).
+"""
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import socket
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from explorer._types import InputError
 
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
 logger = logging.getLogger(__name__)
+
+#: where ``explorer serve`` listens unless told otherwise: this machine only
+DEFAULT_ADDRESS = "127.0.0.1"
+#: Host header names that always mean this machine
+_LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
+#: addresses that mean "every interface"
+_ANY_ADDRESS = frozenset({"", "0.0.0.0", "::", "[::]"})  # noqa: S104 - names, not a binding
 
 
 def _relative_name(data: str | Path, data_dir: Path) -> str:
-    """Turn ``data`` into a name under ``data_dir`` (an absolute path inside it is accepted)."""
-    path = Path(data)
-    if path.is_absolute():
-        resolved = path.resolve()
-        if not resolved.is_relative_to(data_dir):
-            msg = (
-                f"The dataset {str(data)!r} is outside the data directory {data_dir}; "
-                "the app reads only files "
-                "under it. Pass --data-dir with the folder that holds the file."
+    """Turn ``data`` into a name under ``data_dir``, however the path is written.
+
+    Accepted: a path relative to ``data_dir`` (``x.h5ad``), relative to the current
+    folder (``data/x.h5ad`` with ``--data-dir data``) or absolute, as long as the file
+    lies inside ``data_dir``.
+    """
+    path = Path(data).expanduser()
+    candidates = [path] if path.is_absolute() else [data_dir / path, Path.cwd() / path]
+    for candidate in candidates:
+        # lexically first (a link inside data_dir stays a name inside it; resolve_under then
+        # decides where the link may lead), then with links followed
+        for full in (Path(os.path.abspath(candidate)), candidate.resolve()):
+            if full.exists() and full.is_relative_to(data_dir):
+                return full.relative_to(data_dir).as_posix()
+    outside = next((c for c in candidates if c.exists()), None)
+    if outside is not None:
+        msg = (
+            f"The dataset {str(data)!r} is outside the data directory {data_dir}; the app reads only "
+            "files under it. Pass --data-dir with the folder that holds the file."
+        )
+        raise InputError(msg)
+    # missing: the loader's message names the data directory it looked in
+    return path.as_posix() if not path.is_absolute() else path.name
+
+
+def _host_name(host: str) -> str:
+    """``'Example.org:5006'`` -> ``'example.org'``; ``'[::1]:5006'`` -> ``'[::1]'``."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[: host.find("]") + 1] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def allowed_hosts(address: str | None, websocket_origins: Sequence[str] | None) -> frozenset[str] | None:
+    """Host names the server answers to; None when ``'*'`` allows every host."""
+    origins = list(websocket_origins or [])
+    if "*" in origins:
+        return None
+    hosts = set(_LOOPBACK_HOSTS)
+    hosts.update(_host_name(o) for o in origins)
+    if address and address not in _ANY_ADDRESS:
+        hosts.add(_host_name(f"[{address}]" if ":" in address else address))
+    return frozenset(hosts)
+
+
+def _refuse_foreign_hosts(tornado_app: Any, hosts: frozenset[str]) -> None:
+    """Answer 403 to any request whose Host header is not one of ``hosts`` (DNS rebinding)."""
+    from tornado.routing import Matcher, Rule
+    from tornado.web import RequestHandler
+
+    class ForeignHost(Matcher):
+        def match(self, request: Any) -> dict[str, Any] | None:
+            return None if _host_name(request.host or "") in hosts else {}
+
+    class Refuse(RequestHandler):
+        def prepare(self) -> None:
+            self.set_status(403)
+            self.set_header("Content-Type", "text/plain; charset=utf-8")
+            self.finish(
+                "403: this explorer server answers to localhost only. To open it to other hosts, "
+                "start it with --address and --allow-websocket-origin=HOST.\n"
             )
-            raise InputError(msg)
-        return resolved.relative_to(data_dir).as_posix()
-    return path.as_posix()
+
+    router = tornado_app.default_router
+    router.add_rules([Rule(ForeignHost(), Refuse)])
+    router.rules.insert(0, router.rules.pop())
+
+
+def _free_port(address: str, port: int) -> int:
+    """Check that ``port`` can be bound on ``address`` before any work; return it (or a free one for 0)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    host = "" if address in _ANY_ADDRESS else address.strip("[]")
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        if os.name != "nt":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as tornado binds
+        try:
+            sock.bind((host, port))
+        except OverflowError:
+            msg = f"Expected --port between 0 and 65535; found {port}."
+            raise InputError(msg) from None
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                msg = (
+                    f"Port {port} on {address} is already in use (another explorer serve or server?). "
+                    "Pass --port with another number, or --port 0 to pick a free one."
+                )
+            elif err.errno == errno.EACCES:
+                msg = (
+                    f"Not allowed to listen on port {port} on {address}; ports below 1024 need root. "
+                    "Pass --port 0 or a port above 1023."
+                )
+            else:
+                msg = (
+                    f"Cannot listen on {address} port {port}: {err.strerror}. Check --address "
+                    "(an address of this machine, or 127.0.0.1)."
+                )
+            raise InputError(msg) from None
+        return sock.getsockname()[1]
 
 
 def _import_styler_without_pyplot() -> None:
@@ -54,6 +158,7 @@ def serve(
     data_dir: str | Path | None = None,
     show: bool = False,
     address: str | None = None,
+    allow_websocket_origin: Sequence[str] | None = None,
     start: bool = True,
 ) -> Any:
     """Serve the explorer app; blocks until stopped when ``start`` is true.
@@ -71,7 +176,12 @@ def serve(
     show
         Open a browser tab.
     address
-        Address to listen on (default: Bokeh's, localhost).
+        Address to listen on; default ``127.0.0.1``, this machine only. ``0.0.0.0``
+        opens the app to every network the machine is on: whoever reaches it can read
+        every dataset in ``data_dir`` and write exports there.
+    allow_websocket_origin
+        Host names (``host`` or ``host:port``) besides localhost that browsers may use to
+        reach the app (Panel's option); requests naming any other host get 403.
     start
         Run the server's event loop here (blocking); False returns the started server
         for the caller to run or stop.
@@ -84,28 +194,53 @@ def serve(
     ------
     InputError
         If ``data`` is outside ``data_dir``, missing, or not a dataset explorer can read;
-        the message is the CLI's.
+        if the port is in use or the address is not this machine's; the message is the
+        CLI's.
     """
-    import panel as pn
-
-    from explorer.app.main import TITLE, configure_process, create_app, shared_dataset
-
     folder = Path(data_dir if data_dir is not None else ".").resolve()
     if not folder.is_dir():
         msg = f"Expected --data-dir to be a folder; {str(data_dir)!r} is not one."
         raise InputError(msg)
     name = None if data is None else _relative_name(data, folder)
+    address = DEFAULT_ADDRESS if address is None else address
+    port = _free_port(address, port)  # a port in use fails now, not after loading the data
+    hosts = allowed_hosts(address, allow_websocket_origin)
+    if address not in _LOOPBACK_HOSTS:
+        logger.warning(
+            "listening on %s: the app and every dataset in %s are open to whoever can reach this "
+            "machine on port %d",
+            address,
+            folder,
+            port,
+        )
+    # Panel and the app are imported only now: a busy port or a bad path fails in a second
+    import panel as pn
+
+    from explorer.app.main import TITLE, configure_process, create_app, shared_dataset
+
     configure_process()
     _import_styler_without_pyplot()
     # Load (and preprocess) once before the first page: a bad file fails here, with the CLI's message.
     shared_dataset(name, folder)
-    logger.info("serving explorer on port %s (data directory %s)", port, folder)
-    return pn.serve(
-        lambda: create_app(name, data_dir=folder),
-        port=port,
-        address=address,
-        show=show,
-        start=start,
-        title=TITLE,
-        threaded=False,
-    )
+    logger.info("serving explorer on %s port %s (data directory %s)", address, port, folder)
+    origins = [f"localhost:{port}", f"127.0.0.1:{port}", *(allow_websocket_origin or [])]
+    try:
+        server = pn.serve(
+            lambda: create_app(name, data_dir=folder),
+            port=port,
+            address=address,
+            websocket_origin=origins,
+            show=show,
+            start=False,
+            title=TITLE,
+            threaded=False,
+        )
+    except OSError as err:  # the port was taken between the check and now
+        msg = f"Cannot listen on {address} port {port}: {err.strerror}. Pass --port 0 to pick a free one."
+        raise InputError(msg) from None
+    if hosts is not None:
+        _refuse_foreign_hosts(server._tornado, hosts)  # noqa: SLF001 - Bokeh keeps its tornado app there
+    if start:
+        server.start()
+        server.io_loop.start()
+    return server

@@ -19,6 +19,8 @@ import contextlib
 import difflib
 import inspect
 import logging
+import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -29,7 +31,8 @@ import param
 from anndata import AnnData
 
 from explorer._types import InputError, Progress
-from explorer.app.files import DATASET_SUFFIXES, resolve_under
+from explorer.app.escape import hex_colors
+from explorer.app.files import DATASET_SUFFIXES, export_target, resolve_under, write_new
 from explorer.app.jobs import Fit, Job, fit_and_derive, fit_key, fit_label
 from explorer.keys import Key
 
@@ -111,6 +114,8 @@ class PhaseFit:
     slope: float | None
     s: np.ndarray | None
     u: np.ndarray | None
+    #: ``(2, 2)`` end points of the steady-state line ``u = slope * s`` within the cells' range
+    line: np.ndarray | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,26 +223,6 @@ def _is_categorical(series: pd.Series) -> bool:
     return isinstance(series.dtype, pd.CategoricalDtype)
 
 
-def _kinetic_rates(gp: pd.Series) -> tuple[float, float, float, float, float, float] | None:
-    """``(alpha, beta, gamma, t_, t_on, scaling)`` of a dynamical fit's gene, in the ODE's units.
-
-    scVelo's convention, which the dynamical model follows: the ODE runs on
-    ``u = Mu / fit_scaling`` and ``var['fit_beta']`` is reported divided by the scaling,
-    so the ODE's splicing rate is ``fit_beta * fit_scaling``. None when the gene has no
-    finite kinetic fit.
-    """
-    keys = (Key.var.FIT_ALPHA, Key.var.FIT_BETA, Key.var.FIT_GAMMA, Key.var.FIT_T_)
-    if not all(k in gp for k in keys):
-        return None
-    alpha, beta, gamma, t_ = (float(gp[k]) for k in keys)
-    scaling = float(gp.get(Key.var.FIT_SCALING, 1.0))
-    t_on = float(gp.get(Key.var.FIT_T_ON, 0.0))
-    t_on = t_on if np.isfinite(t_on) else 0.0
-    if not np.isfinite([alpha, beta, gamma, t_, scaling]).all() or beta <= 0 or scaling <= 0:
-        return None
-    return alpha, beta * scaling, gamma, t_, t_on, scaling
-
-
 def result_from_adata(adata: AnnData) -> VelocityResult | None:
     """Read the velocity already stored in ``adata`` (scVelo's keys) as a result, or None.
 
@@ -319,14 +304,57 @@ def fit_from_adata(adata: AnnData) -> Fit | None:
         for key in adata.obsm
         if key.startswith("X_") and Key.obsm.velocity(key) in adata.obsm
     }
+    transitions = None if transitions is None else transitions.tocsr()
+    derived = None
+    graph, graph_neg = adata.obsp.get(Key.obsp.VELOCITY_GRAPH), adata.obsp.get(Key.obsp.VELOCITY_GRAPH_NEG)
+    if graph is not None and graph_neg is not None and transitions is not None:
+        from explorer.pipeline import Derived
+
+        # lets the app project on another basis as `explorer fit` does (the signed kernel)
+        derived = Derived(
+            graph=graph.tocsr(),
+            graph_neg=graph_neg.tocsr(),
+            transitions=transitions,
+            velocity_embedding={},
+            obs=pd.DataFrame(index=adata.obs_names),
+            params={},
+        )
     return Fit(
         label=f"{result.model} (from file)",
         key=(result.model, (("source", "'file'"),)),
         result=result,
-        transitions=None if transitions is None else transitions.tocsr(),
+        transitions=transitions,
         confidence=confidence,
         velocity_embedding=embedding,
+        derived=derived,
     )
+
+
+#: per-dataset caches by ``id(adata)``; each entry is dropped with its AnnData
+_SHARED: dict[int, dict[Any, Any]] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_cache(adata: AnnData) -> dict[Any, Any]:
+    """A cache shared by every session that shows ``adata`` (the same object), dropped with it.
+
+    The server loads a dataset once and every session shows that object read-only, so
+    what each would compute alike lives here once: the stored fit (whose streamlines are
+    then computed once), embedding coordinates, gene means, colour maps. Arrays put here
+    are made read-only.
+    """
+    key = id(adata)
+    with _SHARED_LOCK:
+        cache = _SHARED.get(key)
+        if cache is None:
+            cache = _SHARED[key] = {}
+            weakref.finalize(adata, _SHARED.pop, key, None)
+    return cache
+
+
+def _frozen(array: np.ndarray) -> np.ndarray:
+    array.flags.writeable = False
+    return array
 
 
 def model_defaults(model: str) -> dict[str, Any]:
@@ -386,6 +414,8 @@ class ExplorerState(param.Parameterized):
         super().__init__(**params)
         self._job: Job | None = None
         self._cache: dict[Any, Any] = {}
+        #: what every session computes alike from the same dataset (see :func:`shared_cache`)
+        self._shared: dict[Any, Any] = {}
         if adata is not None:
             self.set_data(adata, name=self.dataset or "data", path=self.dataset_path)
 
@@ -406,8 +436,12 @@ class ExplorerState(param.Parameterized):
             )
             raise InputError(msg)
         self._cache = {}
+        self._shared = shared_cache(adata)
         fits: dict[str, Fit] = {}
-        stored = fit_from_adata(adata)
+        if "stored fit" not in self._shared:
+            # one Fit for every session: its streamlines and projections are computed once
+            self._shared["stored fit"] = fit_from_adata(adata)
+        stored = self._shared["stored fit"]
         if stored is not None:
             fits[stored.label] = stored
         categorical = [c for c in adata.obs.columns if _is_categorical(adata.obs[c])]
@@ -610,6 +644,33 @@ class ExplorerState(param.Parameterized):
             self._job.cancel()
             self.status = "cancelling..."
 
+    def stop_job(self) -> None:
+        """Ask the running job to stop, changing nothing else (the page may be gone: its tab closed)."""
+        if self._job is not None:
+            self._job.cancel()
+
+    def release(self) -> None:
+        """Let go of the data, fits and caches (the session ended); stops a running job.
+
+        No watcher runs: the views are not redrawn (their page is gone).
+        """
+        self.stop_job()
+        self._job = None
+        self._cache = {}
+        self._shared = {}
+        with param.parameterized.discard_events(self):
+            self.param.update(
+                results={},
+                model=None,
+                compare_a=None,
+                compare_b=None,
+                cell=None,
+                selected=np.empty(0, dtype=np.int64),
+                adata=None,
+                dispatch=None,
+                batch=None,
+            )
+
     @property
     def job(self) -> Job | None:
         """The last job started in this session."""
@@ -658,10 +719,10 @@ class ExplorerState(param.Parameterized):
     def embedding(self, basis: str | None = None) -> np.ndarray:
         """``(n_obs, 2)`` coordinates on ``basis`` (default: the current one)."""
         key = basis or self.basis
-        cached = self._cache.get(("embedding", key))
+        cached = self._shared.get(("embedding", key))
         if cached is None:
-            cached = np.ascontiguousarray(np.asarray(self.adata.obsm[key])[:, :2], dtype=np.float32)
-            self._cache["embedding", key] = cached
+            cached = _frozen(np.array(np.asarray(self.adata.obsm[key])[:, :2], dtype=np.float32, order="C"))
+            self._shared["embedding", key] = cached
         return cached
 
     def gene_values(
@@ -697,9 +758,9 @@ class ExplorerState(param.Parameterized):
         obs = self.adata.obs
         if Key.obs.LATENT_TIME not in obs:
             return None
-        if ("obs latent time",) not in self._cache:
-            self._cache["obs latent time",] = obs[Key.obs.LATENT_TIME].to_numpy(np.float32)
-        return self._cache["obs latent time",]
+        if ("obs latent time",) not in self._shared:
+            self._shared["obs latent time",] = obs[Key.obs.LATENT_TIME].to_numpy(np.float32)
+        return self._shared["obs latent time",]
 
     def confidence(self) -> np.ndarray | None:
         """Velocity confidence of the active fit, else ``obs['velocity_confidence']``, else None."""
@@ -727,15 +788,15 @@ class ExplorerState(param.Parameterized):
 
     def color_key(self, column: str) -> dict[str, str]:
         """Map the categories of an obs column to fixed colours (``uns['<column>_colors']`` if valid)."""
-        cached = self._cache.get(("color_key", column))
+        cached = self._shared.get(("color_key", column))
         if cached is None:
             cats = [str(c) for c in self.adata.obs[column].cat.categories]
             stored = self.adata.uns.get(f"{column}_colors")
-            colors = [str(c) for c in stored] if stored is not None and len(stored) >= len(cats) else None
+            colors = hex_colors(stored, len(cats))  # valid colours only: they go into CSS and Bokeh
             if colors is None:
                 colors = [_FALLBACK_PALETTE[i % len(_FALLBACK_PALETTE)] for i in range(len(cats))]
             cached = dict(zip(cats, colors, strict=False))
-            self._cache["color_key", column] = cached
+            self._shared["color_key", column] = cached
         return cached
 
     def coloring(self, color_by: str | None = None) -> Coloring:
@@ -787,12 +848,16 @@ class ExplorerState(param.Parameterized):
         fit = fit or self.fit
         if fit is None:
             return None
-        if self.basis not in fit.velocity_embedding and fit.transitions is not None:
-            from explorer.graph.projection import project_velocity
+        if self.basis not in fit.velocity_embedding:
+            if fit.derived is not None:
+                # scVelo's signed projection, as explorer.pipeline.derive computes it
+                fit.velocity_embedding[self.basis] = fit.derived.project(self.embedding())
+            elif fit.transitions is not None:  # a file with T_fwd but no velocity graph
+                from explorer.graph.projection import project_velocity
 
-            fit.velocity_embedding[self.basis] = np.asarray(
-                project_velocity(fit.transitions, self.embedding())
-            )
+                fit.velocity_embedding[self.basis] = np.asarray(
+                    project_velocity(fit.transitions, self.embedding())
+                )
         return fit.velocity_embedding.get(self.basis)
 
     def streamlines(self) -> list[np.ndarray]:
@@ -823,10 +888,20 @@ class ExplorerState(param.Parameterized):
         return self._cache[key]
 
     def phase_fits(self) -> list[PhaseFit]:
-        """For each fit, the steady-state slope and fitted trajectory of the selected gene."""
+        """For each fit, the steady-state line and fitted curve of the selected gene.
+
+        Both come from :mod:`explorer.models.kinetics`: the curve from
+        :func:`~explorer.models.kinetics.fitted_gene` (the parameters that produced
+        ``fit_t`` and the velocities; the shared-axis onset ``fit_t_on`` is a diagnostic,
+        never drawn), the line ``u = slope * s`` from
+        :func:`~explorer.models.kinetics.steady_state_line`, kept inside the cells' range.
+        """
         from explorer.models import kinetics
 
         j = self.gene_index
+        ms, mu = self.gene_values("Ms"), self.gene_values("Mu")
+        s_max = float(np.nanmax(ms)) if np.isfinite(ms).any() else 1.0
+        u_max = float(np.nanmax(mu)) if np.isfinite(mu).any() else 1.0
         out = []
         for label, fit in self.results.items():
             gp = fit.result.gene_params.iloc[j]
@@ -834,25 +909,31 @@ class ExplorerState(param.Parameterized):
             s = u = None
             if Key.var.GAMMA in gp and np.isfinite(gp[Key.var.GAMMA]):
                 slope = float(gp[Key.var.GAMMA])
-            rates = _kinetic_rates(gp)
-            if rates is not None:
-                alpha, beta, gamma, t_, t_on, scaling = rates
+            gene = kinetics.fitted_gene(gp)
+            if gene is not None:
                 # u = (gamma / beta) s for the model's u = Mu / scaling: Mu = scaling gamma / beta s
-                slope = scaling * gamma / beta
+                slope = gene.scaling * gene.gamma / gene.beta
                 fit_t = fit.result.layers.get(Key.layers.FIT_T)
                 finite = fit_t is not None and np.isfinite(fit_t[:, j]).any()
-                t_max = float(np.nanmax(fit_t[:, j])) if finite else 2 * t_
-                t = np.linspace(0.0, max(t_max, t_), _TRAJECTORY_POINTS)
-                uu, ss = kinetics.trajectory(t, t_, alpha, beta, gamma, t_on=t_on)
-                s, u = np.asarray(ss), np.asarray(uu) * scaling
-            out.append(PhaseFit(label=label, active=label == self.model, slope=slope, s=s, u=u))
+                s, u = gene.phase_curve(float(np.nanmax(fit_t[:, j])) if finite else np.nan)
+            out.append(
+                PhaseFit(
+                    label=label,
+                    active=label == self.model,
+                    slope=slope,
+                    s=s,
+                    u=u,
+                    line=kinetics.steady_state_line(slope, s_max, u_max),
+                )
+            )
         return out
 
     def time_curve(self, what: Literal["Ms", "Mu", "velocity"]) -> tuple[np.ndarray, np.ndarray, str] | None:
         """``(t, value, kind)``: the selected gene's curve against latent time, or None without latent time.
 
         For a kinetic fit (``fit_t``, rates) the curve is the fitted ``s``/``u``/velocity at
-        each cell's gene time, averaged in bins of latent time (``kind="fit"``); otherwise
+        each cell's gene time (:func:`explorer.models.kinetics.fitted_gene`, as the phase
+        portrait), averaged in bins of latent time (``kind="fit"``); otherwise
         the binned mean of the observed values (``kind="trend"``).
         """
         t = self.latent_time()
@@ -864,14 +945,10 @@ class ExplorerState(param.Parameterized):
         j = self.gene_index
         values = None
         if fit is not None and Key.layers.FIT_T in fit.result.layers:
-            rates = _kinetic_rates(fit.result.gene_params.iloc[j])
-            if rates is not None:
-                alpha, beta, gamma, t_, t_on, scaling = rates
-                tau = fit.result.layers[Key.layers.FIT_T][:, j]
-                uu, ss = kinetics.trajectory(tau, t_, alpha, beta, gamma, t_on=t_on)
-                values = {"Ms": ss, "Mu": uu * scaling, "velocity": kinetics.velocity(uu, ss, beta, gamma)}[
-                    what
-                ]
+            gene = kinetics.fitted_gene(fit.result.gene_params.iloc[j])
+            if gene is not None:
+                uu, ss, vs = gene.at(fit.result.layers[Key.layers.FIT_T][:, j])
+                values = {"Ms": ss, "Mu": uu, "velocity": vs}[what]
         kind = "fit" if values is not None else "trend"
         if values is None:
             values = self.gene_values(what)
@@ -923,10 +1000,10 @@ class ExplorerState(param.Parameterized):
         of :data:`GENE_COLUMNS`, ``velocity gene``), NaN where the active fit has no such
         figure, so the table keeps its layout when the model changes.
         """
-        if ("means",) not in self._cache:
+        if ("means",) not in self._shared:
             ms, mu = self.adata.layers[Key.layers.MS], self.adata.layers[Key.layers.MU]
-            self._cache["means",] = (np.asarray(ms.mean(axis=0)).ravel(), np.asarray(mu.mean(axis=0)).ravel())
-        mean_s, mean_u = self._cache["means",]
+            self._shared["means",] = (np.asarray(ms.mean(axis=0)).ravel(), np.asarray(mu.mean(axis=0)).ravel())
+        mean_s, mean_u = self._shared["means",]
         n = self.adata.n_vars
         table = pd.DataFrame({"gene": self.adata.var_names.astype(str), "mean Ms": mean_s, "mean Mu": mean_u})
         for header in dict.fromkeys(GENE_COLUMNS.values()):
@@ -998,6 +1075,8 @@ class ExplorerState(param.Parameterized):
         if fit is None:
             return out
         fit.result.to_adata(out)
+        if fit.derived is not None:  # the graphs, projection and confidence, as `explorer fit` writes them
+            fit.derived.to_adata(out)
         if fit.transitions is not None:
             out.obsp[Key.obsp.TRANSITIONS] = fit.transitions
         for basis, v in fit.velocity_embedding.items():
@@ -1006,18 +1085,34 @@ class ExplorerState(param.Parameterized):
             out.obs[Key.obs.VELOCITY_CONFIDENCE] = fit.confidence
         return out
 
-    def export_h5ad(self, name: str) -> Path:
-        """Write :meth:`results_adata` to ``name`` under ``data_dir`` (atomically, never over the input)."""
+    def export_h5ad(self, name: str, *, overwrite: bool = False) -> Path:
+        """Write :meth:`results_adata` to ``name`` under ``data_dir``, atomically.
+
+        An existing file is replaced only with ``overwrite`` (the page asks first); the
+        session's input file never is. The name is checked before any work.
+
+        Returns
+        -------
+        The path written.
+
+        Raises
+        ------
+        InputError
+            For a name outside ``data_dir``, not ending in ``.h5ad``, too long, naming a
+            folder or the input file.
+        ExistingFileError
+            When the file exists and ``overwrite`` is false (an :class:`InputError`).
+        OSError
+            When the file system refuses the write (permissions, a full disk).
+        """
         from explorer.data.io import write
 
-        path = resolve_under(self.data_dir, name)
-        if path.suffix.lower() != ".h5ad":
-            msg = f"Expected an export file name ending in .h5ad; found {name!r}."
-            raise InputError(msg)
-        protect = tuple(p for p in (self.dataset_path,) if p is not None)
-        written = write(self.results_adata(), path, protect=protect)
-        self.status = f"saved {Path(written).name}"
-        return Path(written)
+        protect = (self.dataset_path,)
+        path = export_target(self.data_dir, name, protect=protect, overwrite=overwrite)
+        adata = self.results_adata()
+        write_new(lambda tmp: write(adata, tmp), path, overwrite=overwrite)
+        self.status = f"saved {path.name}"
+        return path
 
 
 def load_dataset(path: Path, *, progress: Any = None) -> AnnData:

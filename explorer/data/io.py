@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import sparse
 
-from explorer._types import InputError
+from explorer._types import FitCancelled, InputError, option
 from explorer.keys import Key
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
 
     from anndata import AnnData
 
@@ -40,6 +40,9 @@ SUFFIXES: tuple[str, ...] = (".h5ad", ".loom")
 #: velocyto's loom attributes for gene and cell names (loompy's defaults come second)
 _LOOM_VAR_NAMES = ("Gene", "var_names", "gene_names", "Accession")
 _LOOM_OBS_NAMES = ("CellID", "obs_names", "cell_names")
+#: read and UMI counts stay far below this; squares of larger values overflow float32 in the
+#: variance and second moments, so such values are refused rather than turned into inf
+MAX_VALUE = 1e12
 
 
 def read(
@@ -128,7 +131,7 @@ def validate_counts(adata: AnnData) -> None:
         if key not in adata.layers:
             msg = (
                 f"layer {key!r} not found; adata.layers has {found}. Load velocyto/STARsolo output "
-                f"or pass `{arg}=` with the name of the {key} counts."
+                f"or pass {option(arg)} with the name of the {key} counts."
             )
             raise InputError(msg)
     if adata.n_obs == 0 or adata.n_vars == 0:
@@ -153,6 +156,73 @@ def validate_counts(adata: AnnData) -> None:
                 "expected counts >= 0. Pass raw or normalised (not scaled/centred) counts."
             )
             raise InputError(msg)
+        highest = values.max()
+        if highest > MAX_VALUE:
+            n_bad = int(np.count_nonzero(values > MAX_VALUE))
+            msg = (
+                f"layer {key!r} has {n_bad} values above {MAX_VALUE:g} (highest {float(highest):g}); "
+                "expected counts, which stay far below that. Check that the layer holds counts "
+                "(not, e.g., exponentiated values) or rescale it."
+            )
+            raise InputError(msg)
+
+
+def check_output(
+    path: str | os.PathLike[str],
+    *,
+    protect: Iterable[str | os.PathLike[str]] = (),
+    overwrite: bool = True,
+) -> Path:
+    """Check, before any work, that :func:`write` can write ``path``; return it resolved.
+
+    Parameters
+    ----------
+    path
+        The file to write.
+    protect
+        Paths that must never be overwritten, typically the input file.
+    overwrite
+        Whether an existing file at ``path`` may be replaced.
+
+    Raises
+    ------
+    InputError
+        When ``path`` is one of ``protect``, exists and ``overwrite`` is false, is a
+        folder, has an extension other than ``.h5ad``/``.loom``, or its folder does not
+        exist.
+    """
+    path = Path(path)
+    target = path.resolve()
+    for protected in protect:
+        if Path(protected).resolve() == target:
+            msg = (
+                f"refusing to overwrite {str(path)!r}: it is the input file and is kept unchanged. "
+                "Write to a new file name instead."
+            )
+            raise InputError(msg)
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        msg = (
+            f"cannot write {path.name!r}: expected a name ending in {' or '.join(SUFFIXES)}, "
+            f"found {suffix or 'no extension'!r}. Name the output e.g. {path.stem or 'out'}.h5ad."
+        )
+        raise InputError(msg)
+    if not target.parent.is_dir():
+        msg = (
+            f"cannot write {str(path)!r}: folder {str(target.parent)!r} does not exist. "
+            "Create it first or write to an existing folder."
+        )
+        raise InputError(msg)
+    if target.is_dir():
+        msg = f"cannot write {str(path)!r}: it is a folder; expected a file name ending in .h5ad."
+        raise InputError(msg)
+    if target.exists() and not overwrite:
+        msg = (
+            f"{str(path)!r} exists already; explorer does not overwrite files unless asked. "
+            f"Choose another name, or pass {option('force')} to replace it."
+        )
+        raise InputError(msg)
+    return target
 
 
 def write(
@@ -160,6 +230,8 @@ def write(
     path: str | os.PathLike[str],
     *,
     protect: Iterable[str | os.PathLike[str]] = (),
+    overwrite: bool = True,
+    cancelled: Callable[[], bool] | None = None,
 ) -> Path:
     """Write ``adata`` to ``.h5ad`` or ``.loom`` atomically.
 
@@ -175,6 +247,12 @@ def write(
         Target file; the extension picks the format.
     protect
         Paths that must never be overwritten, typically the file the data came from.
+    overwrite
+        Whether an existing file at ``path`` may be replaced (the default, as before).
+    cancelled
+        Asked once the data are in the temporary file, just before it replaces ``path``:
+        when it returns true, nothing is written and :class:`~explorer._types.FitCancelled`
+        is raised (``explorer fit`` passes its Ctrl-C flag).
 
     Returns
     -------
@@ -183,28 +261,13 @@ def write(
     Raises
     ------
     InputError
-        When ``path`` is one of ``protect``, has an unknown extension or its folder does
-        not exist.
+        As :func:`check_output`.
+    FitCancelled
+        When ``cancelled()`` is true before the file is put in place.
     """
     path = Path(path)
-    target = path.resolve()
-    for protected in protect:
-        if Path(protected).resolve() == target:
-            msg = (
-                f"refusing to overwrite {str(path)!r}: it is the input file and is kept unchanged. "
-                "Write to a new file name instead."
-            )
-            raise InputError(msg)
+    target = check_output(path, protect=protect, overwrite=overwrite)
     suffix = path.suffix.lower()
-    if suffix not in SUFFIXES:
-        msg = (
-            f"cannot write {path.name!r}: expected a name ending in {' or '.join(SUFFIXES)}, "
-            f"found {suffix!r}."
-        )
-        raise InputError(msg)
-    if not target.parent.is_dir():
-        msg = f"cannot write {str(path)!r}: folder {str(target.parent)!r} does not exist."
-        raise InputError(msg)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -217,6 +280,8 @@ def write(
             _with_scvelo_graphs(adata).write_h5ad(tmp)
         # mkstemp makes the file private (0600): keep the replaced file's mode, else rw-r--r--
         tmp.chmod(target.stat().st_mode & 0o777 if target.exists() else 0o644)
+        if cancelled is not None and cancelled():
+            raise FitCancelled
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
@@ -321,7 +386,7 @@ def _check_layers(
         if name not in layers:
             msg = (
                 f"layer {name!r} not found in {path.name!r}; it has layers {layers}. Load velocyto/STARsolo "
-                f"output with spliced and unspliced counts, or pass `{arg}=` naming one of {layers}."
+                f"output with spliced and unspliced counts, or pass {option(arg)} naming one of {layers}."
             )
             raise InputError(msg)
     wanted = {

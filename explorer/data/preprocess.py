@@ -13,13 +13,14 @@ n_neighbors=30)``) and a UMAP, and leaves normalisation out for data that alread
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import sparse
 
-from explorer._types import InputError, report
-from explorer.data.io import validate_counts
+from explorer._types import InputError, option, report
+from explorer.data.io import MAX_VALUE, validate_counts
 from explorer.keys import Key
 
 if TYPE_CHECKING:
@@ -31,8 +32,59 @@ logger = logging.getLogger(__name__)
 
 #: scVelo's ``not_yet_normalized`` looks at the first five cells only
 _N_ROWS_CHECKED = 5
+#: the velocity graph compares velocity vectors across genes: one gene gives no direction
+MIN_GENES = 2
+#: scVelo 0.2 advised log1p when the first ten cells of X sum as their spliced counts do
+_N_ROWS_LOG_ADVISED = 10
+#: log1p of any count stays far below this; expm1 of float32 overflows above 88.7
+MAX_LOGGED = 30.0
 #: scVelo adds var['gene_count_corr'] only when more genes than this are left
 _GENE_COUNT_CORR_MIN_GENES = 3000
+
+
+def check_options(
+    *,
+    min_shared_counts: int = 20,
+    n_top_genes: int | None = 2000,
+    n_pcs: int = 30,
+    n_neighbors: int = 30,
+) -> None:
+    """Check the preprocessing options' types and ranges before any work starts.
+
+    Raises
+    ------
+    InputError
+        For a non-integer option, ``min_shared_counts < 0``, ``n_top_genes < 1``,
+        ``n_pcs < 1`` or ``n_neighbors < 2``; the message names the option as the caller
+        passes it (``--n-pcs`` on the command line, ``n_pcs=`` in Python).
+    """
+    lowest = {"min_shared_counts": 0, "n_top_genes": 1, "n_pcs": 1, "n_neighbors": 2}
+    why = {
+        "min_shared_counts": "0 keeps every gene",
+        "n_top_genes": "None keeps every gene that passes the filter",
+        "n_pcs": "principal components for the neighbour graph",
+        "n_neighbors": "the cell itself and at least one neighbour",
+    }
+    values = {
+        "min_shared_counts": min_shared_counts,
+        "n_top_genes": n_top_genes,
+        "n_pcs": n_pcs,
+        "n_neighbors": n_neighbors,
+    }
+    for name, value in values.items():
+        if name == "n_top_genes" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            msg = (
+                f"{name} must be a whole number; found {value!r}. Pass e.g. {option(name)}{lowest[name] + 1}."
+            )
+            raise InputError(msg)
+        if value < lowest[name]:
+            msg = (
+                f"{name} must be at least {lowest[name]} ({why[name]}); found {value}. "
+                f"Pass {option(name)} with a value of at least {lowest[name]}."
+            )
+            raise InputError(msg)
 
 
 def is_preprocessed(adata: AnnData) -> bool:
@@ -49,6 +101,33 @@ def looks_like_counts(matrix: sparse.spmatrix | np.ndarray) -> bool:
     head = matrix[:_N_ROWS_CHECKED]
     values = head.data if sparse.issparse(head) else np.asarray(head)
     return bool(np.allclose(np.ravel(values) % 1, 0, atol=1e-3))
+
+
+def x_is_logged(adata: AnnData) -> bool:
+    """Whether ``adata.X`` is log-transformed already, for X that is not raw counts.
+
+    Logged when scanpy's ``uns['log1p']`` marker is there. Otherwise not logged when X
+    still holds the spliced values (scVelo 0.2's ``log_advised`` test: the first ten cells
+    sum the same), when its largest value is above :data:`MAX_LOGGED` (no log1p of a
+    count gets there; ``expm1`` of it overflows float32 soon after), or when it has
+    negative values below -1 (no log1p gives those; such X is scaled and is left alone
+    too). Anything else is taken as logged without the marker.
+    """
+    if Key.uns.LOG1P in adata.uns:
+        return True
+    X = adata.X
+    values = X.data if sparse.issparse(X) else np.asarray(X)
+    if values.size == 0:
+        return True
+    finite = values[np.isfinite(values)]
+    if finite.size and finite.min() < -1:
+        return True  # scaled/centred: log1p would make NaN; leave it to the user
+    if Key.layers.SPLICED in adata.layers:
+        head_x = X[:_N_ROWS_LOG_ADVISED].sum()
+        head_s = adata.layers[Key.layers.SPLICED][:_N_ROWS_LOG_ADVISED].sum()
+        if np.allclose(float(head_x), float(head_s)):
+            return False
+    return not (finite.size and finite.max() > MAX_LOGGED)
 
 
 def shared_counts(
@@ -139,6 +218,7 @@ def filter_and_normalize(
     validate_counts(adata)
     if adata.X is None:
         adata.X = adata.layers[Key.layers.SPLICED].copy()
+    _check_x(adata)
     _set_initial_size(adata)
 
     n_before = adata.n_vars
@@ -162,8 +242,14 @@ def filter_and_normalize(
     if log:
         if normalised_x and Key.uns.LOG1P not in adata.uns:
             _log1p(adata)
+        elif not normalised_x and not x_is_logged(adata):
+            # counts normalised elsewhere, or continuous values (scVelo's simulator): log
+            # them as scVelo's pipeline does (`sc.pp.log1p`), never hand unlogged values to
+            # the seurat flavour, whose expm1 overflows on them
+            logger.warning("X is not raw counts and not log-transformed: taking log1p of it")
+            _log1p(adata, copy=True)
         else:
-            logger.info("X not log-transformed: it was not raw counts or is marked as logged already")
+            logger.info("X not log-transformed: it is marked or looks logged already")
 
     if n_top_genes is not None:
         _select_highly_variable(adata, n_top_genes=n_top_genes)
@@ -218,11 +304,15 @@ def prepare(
     from explorer.graph.moments import compute_moments
     from explorer.graph.neighbors import compute_neighbors, has_neighbors
 
+    check_options(
+        min_shared_counts=min_shared_counts, n_top_genes=n_top_genes, n_pcs=n_pcs, n_neighbors=n_neighbors
+    )
     validate_counts(adata)
+    _check_genes(adata)
     if adata.n_obs < n_neighbors:
         msg = (
             f"too few cells: found {adata.n_obs}, fewer than n_neighbors={n_neighbors} asked for. "
-            f"Pass `n_neighbors=` at most {adata.n_obs} or load more cells."
+            f"Pass {option('n_neighbors')} at most {adata.n_obs} or load more cells."
         )
         raise InputError(msg)
 
@@ -233,7 +323,9 @@ def prepare(
         logger.info("layers Ms/Mu present: using the data as it is (no normalisation)")
     else:
         report(progress, 0, total, "filtering and normalising")
+        n_before = adata.n_vars
         filter_and_normalize(adata, min_shared_counts=min_shared_counts, n_top_genes=n_top_genes)
+        _check_genes(adata, n_before=n_before, min_shared_counts=min_shared_counts)
     report(progress, 1, total, "neighbours")
     if not already or not has_neighbors(adata):
         compute_neighbors(adata, n_neighbors=n_neighbors, n_pcs=n_pcs, seed=seed)
@@ -261,6 +353,48 @@ def prepare(
 
 # ---------------------------------------------------------------------------------------
 # steps
+
+
+def _check_genes(adata: AnnData, *, n_before: int | None = None, min_shared_counts: int = 0) -> None:
+    """Refuse fewer than :data:`MIN_GENES` genes, in the data or left after filtering."""
+    if adata.n_vars >= MIN_GENES:
+        return
+    if n_before is None:
+        msg = (
+            f"too few genes: found {adata.n_obs} cells x {adata.n_vars} gene; RNA velocity needs at least "
+            f"{MIN_GENES} genes (the velocity graph compares velocity vectors across genes). "
+            "Load the full gene set (velocyto/STARsolo output), not a single gene."
+        )
+    else:
+        msg = (
+            f"too few genes left after filtering: {adata.n_vars} of the {n_before} genes passed "
+            f"(min_shared_counts={min_shared_counts} and gene selection); velocity needs at least "
+            f"{MIN_GENES}. Lower {option('min_shared_counts')} or load more genes."
+        )
+    raise InputError(msg)
+
+
+def _check_x(adata: AnnData) -> None:
+    """X feeds gene selection and PCA: refuse non-finite or overflowing values with a message."""
+    X = adata.X
+    values = np.asarray(X.data if sparse.issparse(X) else X).ravel()
+    if values.size == 0:
+        return
+    n_bad = int(np.count_nonzero(~np.isfinite(values)))
+    if n_bad:
+        msg = (
+            f"X has {n_bad} non-finite values (NaN or inf); expected finite expression values, as "
+            "explorer selects genes and computes the PCA on X. Fix those values, or store the "
+            "spliced counts as X."
+        )
+        raise InputError(msg)
+    highest = float(np.abs(values).max())
+    if highest > MAX_VALUE:
+        msg = (
+            f"X has values up to {highest:g}; expected counts or normalised values below {MAX_VALUE:g} "
+            "(larger ones overflow in the variance). Store the spliced counts as X."
+        )
+        raise InputError(msg)
 
 
 def _row_sums(matrix: sparse.spmatrix | np.ndarray) -> np.ndarray:
@@ -341,14 +475,29 @@ def _gene_count_corr(matrix: sparse.spmatrix | np.ndarray) -> np.ndarray:
     return np.round(corr, 4)
 
 
-def _log1p(adata: AnnData) -> None:
+def _log1p(adata: AnnData, *, copy: bool = False) -> None:
+    """log1p of X, in place, or on a copy when X may share memory with a layer."""
     X = adata.X
+    if copy:
+        X = sparse.csr_matrix(X, copy=True) if sparse.issparse(X) else np.array(X, copy=True)
+        if not np.issubdtype(X.dtype, np.floating):
+            X = X.astype(np.float32)
+        adata.X = X
     if sparse.issparse(X):
         np.log1p(X.data, out=X.data)
     else:
         np.log1p(X, out=X)
     # scanpy's marker; highly_variable_genes reads the base from it
     adata.uns[Key.uns.LOG1P] = {"base": None}
+
+
+def _varies(matrix: sparse.spmatrix | np.ndarray) -> np.ndarray:
+    """``(n_vars,)`` whether each gene takes more than one value over the cells."""
+    if sparse.issparse(matrix):  # scipy's min/max count the implicit zeros
+        csc = sparse.csc_matrix(matrix)
+        return csc.max(axis=0).toarray().ravel() > csc.min(axis=0).toarray().ravel()
+    dense = np.asarray(matrix)
+    return dense.max(axis=0) > dense.min(axis=0)
 
 
 def _select_highly_variable(adata: AnnData, *, n_top_genes: int) -> None:
@@ -358,5 +507,18 @@ def _select_highly_variable(adata: AnnData, *, n_top_genes: int) -> None:
         # scanpy's seurat flavour expects log data and warns otherwise; scVelo 0.2 marked
         # unlogged data the same way when the user passed log=False
         logger.info("selecting variable genes on X that is not log-transformed")
-    sc.pp.highly_variable_genes(adata, flavor="seurat", n_top_genes=n_top_genes, subset=True)
+    if not _varies(adata.X).any():
+        msg = (
+            f"every one of the {adata.n_vars} genes has the same value in all {adata.n_obs} cells; "
+            "expected expression that varies between cells (velocity needs it). Check that the "
+            "layers hold per-cell counts."
+        )
+        raise InputError(msg)
+    with warnings.catch_warnings(record=True) as caught:
+        # e.g. "n_top_genes > number of normalized dispersions" for constant genes: scanpy
+        # then keeps every gene with a dispersion, which is what we want; say so in the log
+        warnings.simplefilter("always")
+        sc.pp.highly_variable_genes(adata, flavor="seurat", n_top_genes=n_top_genes, subset=True)
+    for w in caught:
+        logger.info("selecting variable genes: %s", w.message)
     logger.info("kept %d highly variable genes", adata.n_vars)

@@ -29,6 +29,20 @@ Pitfall genes (``var['true_kind']``), each a known way for velocity models to fa
 
 With ``branches > 1`` some standard and late genes become lineage programmes
 (``var['true_program']``): induced after the branch time in one lineage only.
+
+The defaults draw cells uniformly in time from exactly the on/off model, which a fit of
+that model finds easy. Options that make the data harder, as real data are (all off by
+default; :data:`HARD` turns them all on):
+
+- ``time_density="uneven"``: cells crowd some stretches of time and thin out in others;
+- ``terminal_fraction``: a share of the cells piles up at the end of time, like mature
+  cell types that stay in the sample;
+- ``rate_sd``: transcription and degradation rates vary from cell to cell;
+- ``kinds={"two_regimes": ...}`` with ``branches > 1``: lineage-separated kinetic regimes;
+- ``unspliced_capture``: a share of the unspliced molecules is captured (low intronic
+  reads).
+
+These options draw from their own random stream, so the defaults' output is unchanged.
 """
 
 from __future__ import annotations
@@ -62,8 +76,25 @@ DEFAULT_KINDS: dict[str, float] = {
     "early_repression": 0.05,
 }
 
+#: options of :func:`simulate` that make the data harder than the fitted model family:
+#: uneven time density, a dense terminal population, cell-to-cell rate variation, two
+#: lineages with their own degradation regime for a quarter of the genes, and a fifth of
+#: the unspliced molecules captured
+HARD: dict[str, object] = {
+    "time_density": "uneven",
+    "terminal_fraction": 0.2,
+    "rate_sd": 0.3,
+    "branches": 2,
+    "kinds": {**DEFAULT_KINDS, "two_regimes": 0.25},
+    "unspliced_capture": 0.2,
+}
+
 Noise = Literal["poisson", "nb", "none"]
 _NOISES = ("poisson", "nb", "none")
+TimeDensity = Literal["uniform", "uneven"]
+_TIME_DENSITIES = ("uniform", "uneven")
+#: terminal cells are drawn uniformly from this last share of the time span
+_TERMINAL_SPAN = 0.05
 _LINEAGE_NAMES = "ABCDEFGH"
 _ROOT = "root"
 _SHARED = "shared"
@@ -90,6 +121,41 @@ def _check_options(noise: str, branches: int, kinds: Mapping[str, float], n_obs:
     if n_obs < 1 or n_vars < 1:
         msg = f"n_obs and n_vars must be positive; got n_obs={n_obs}, n_vars={n_vars}."
         raise ValueError(msg)
+
+
+def _check_hard_options(
+    time_density: str, terminal_fraction: float, rate_sd: float, unspliced_capture: float
+) -> None:
+    if time_density not in _TIME_DENSITIES:
+        msg = f"Invalid time_density {time_density!r}. Valid options are: "
+        msg += f"{', '.join(map(repr, _TIME_DENSITIES))}."
+        raise ValueError(msg)
+    if not 0 <= terminal_fraction < 1:
+        msg = f"terminal_fraction must lie in [0, 1); got {terminal_fraction}."
+        raise ValueError(msg)
+    if rate_sd < 0:
+        msg = f"rate_sd must be >= 0; got {rate_sd}."
+        raise ValueError(msg)
+    if not 0 < unspliced_capture <= 1:
+        msg = f"unspliced_capture must lie in (0, 1]; got {unspliced_capture}."
+        raise ValueError(msg)
+
+
+def _uneven_times(rng: np.random.Generator, n: int, t_max: float) -> np.ndarray:
+    """``n`` times in ``[0, t_max]`` whose density varies about tenfold along the span.
+
+    The log density is a sum of six Gaussian bumps of random position, width and sign on
+    a fine grid; times are drawn from it by inverse transform sampling.
+    """
+    grid = np.linspace(0.0, t_max, 2001)
+    log_density = np.zeros_like(grid)
+    for _ in range(6):
+        centre = rng.uniform(0.0, t_max)
+        width = rng.uniform(0.03, 0.12) * t_max
+        log_density += rng.uniform(-1.2, 1.2) * np.exp(-0.5 * ((grid - centre) / width) ** 2)
+    density = np.exp(log_density)
+    cdf = np.concatenate([[0.0], np.cumsum((density[1:] + density[:-1]) / 2)])
+    return np.interp(rng.uniform(0.0, cdf[-1], n), cdf, grid)
 
 
 def _assign_kinds(rng: np.random.Generator, n_vars: int, kinds: Mapping[str, float]) -> np.ndarray:
@@ -122,6 +188,10 @@ def simulate(
     regime_factor: tuple[float, float] = (2.5, 4.0),
     library_size_sd: float = 0.2,
     n_time_bins: int = 4,
+    time_density: TimeDensity = "uniform",
+    terminal_fraction: float = 0.0,
+    rate_sd: float = 0.0,
+    unspliced_capture: float = 1.0,
 ) -> AnnData:
     """Simulate spliced/unspliced counts of ``n_obs`` cells with known kinetics.
 
@@ -174,6 +244,20 @@ def simulate(
         Standard deviation of the log size factors (mean size factor 1).
     n_time_bins
         Number of time bins in ``obs['clusters']``.
+    time_density
+        ``"uniform"``: cells uniform in ``[0, t_max]``; ``"uneven"``: a density that
+        varies about tenfold along time (dense and sparse stretches).
+    terminal_fraction
+        Share of the cells placed in the last 5% of the time span (a dense terminal
+        population, in each lineage with ``branches > 1``), the rest drawn by
+        ``time_density``.
+    rate_sd
+        Standard deviation of log-normal cell-to-cell factors (mean 1 on the log scale)
+        on every gene's ``alpha`` and ``gamma``, drawn per cell and gene; the
+        ground-truth velocity uses each cell's own ``gamma``.
+    unspliced_capture
+        Share of the unspliced molecules that are counted: the unspliced means are
+        multiplied by it before the counts are drawn (``layers['true_u']`` is not).
 
     Returns
     -------
@@ -201,12 +285,25 @@ def simulate(
 
     kinds = dict(DEFAULT_KINDS if kinds is None else kinds)
     _check_options(noise, branches, kinds, n_obs, n_vars)
+    _check_hard_options(time_density, terminal_fraction, rate_sd, unspliced_capture)
     if branch_time is None:
         branch_time = 0.4 * t_max
     rng = np.random.default_rng(seed)
+    # the options that make the data harder draw from their own stream, so that the
+    # default output stays the same
+    rng_hard = np.random.default_rng([seed, 1])
 
     # --- cells: time, lineage, regime, size factor
-    if cell_times is None:
+    if cell_times is None and (time_density != "uniform" or terminal_fraction > 0):
+        n_end = round(terminal_fraction * n_obs)
+        body = (
+            _uneven_times(rng_hard, n_obs - n_end, t_max)
+            if time_density == "uneven"
+            else rng_hard.uniform(0.0, t_max, n_obs - n_end)
+        )
+        end = rng_hard.uniform((1 - _TERMINAL_SPAN) * t_max, t_max, n_end)
+        t = np.sort(np.concatenate([body, end]))
+    elif cell_times is None:
         t = np.sort(rng.uniform(0.0, t_max, n_obs))
     else:
         t = np.asarray(cell_times, dtype=float)
@@ -271,6 +368,9 @@ def simulate(
     active = (program[None, :] == _SHARED) | (program[None, :] == lineage_names[lineage_idx][:, None])
     alpha_cell = np.where(active, alpha[None, :], 0.0)
     gamma_cell = np.where(regime[:, None] == 1, gamma_2[None, :], gamma[None, :])
+    if rate_sd > 0:
+        alpha_cell = alpha_cell * np.exp(rng_hard.normal(0.0, rate_sd, alpha_cell.shape))
+        gamma_cell = gamma_cell * np.exp(rng_hard.normal(0.0, rate_sd, gamma_cell.shape))
     tt = t[:, None]
     dyn_t_on = np.where(steady, 0.0, t_on)
     dyn_t_ = np.where(steady, t_max + 1.0, t_)
@@ -292,6 +392,8 @@ def simulate(
 
     # --- counts
     mu_s, mu_u = s * size_factor[:, None], u * size_factor[:, None]
+    if unspliced_capture < 1:
+        mu_u = mu_u * unspliced_capture
     spliced, unspliced = (_draw(rng, mu, noise, dispersion) for mu in (mu_s, mu_u))
 
     # --- annotations
@@ -356,6 +458,10 @@ def simulate(
         "kinds": {k: float(v) for k, v in kinds.items()},
         "t_max": t_max,
         "cell_times": "uniform" if cell_times is None else "given",
+        "time_density": time_density,
+        "terminal_fraction": terminal_fraction,
+        "rate_sd": rate_sd,
+        "unspliced_capture": unspliced_capture,
         "steady_counts": np.asarray(steady_counts),
         "unspliced_ratio": np.asarray(unspliced_ratio),
         "beta_range": np.asarray(beta_range),

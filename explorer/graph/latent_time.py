@@ -13,6 +13,13 @@ time"; theislab/scvelo:scvelo/tools/dynamical_model.py and _em_model_utils.py):
 4. the result is averaged over up to four root cells and smoothed over neighbours,
    except for cells whose time disagrees with their neighbourhood (:func:`latent_time`).
 
+Three departures from scVelo, all measured on its own simulator (README, "Speed and
+accuracy against scVelo"): the gene times are averaged over neighbours on each gene's
+clock, a loop through the off state, instead of linearly (:func:`smooth_gene_times`);
+they are then combined as per-gene ranks rather than on each gene's fitted scale
+(:func:`rank_gene_times`); and the root-cell score does not depend on the eigen
+solver's rounding noise (:func:`root_cells`).
+
 Pure array functions; :func:`compute_latent_time` is the AnnData wrapper.
 """
 
@@ -24,6 +31,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import sparse
 from scipy.sparse import linalg as splinalg
+from scipy.stats import rankdata
 
 from explorer.keys import Key
 
@@ -42,6 +50,10 @@ _EIG_EPS = 1e-3
 _ROOT_THRESHOLD = 1 - 1e-3
 #: scVelo averages the latent time over this many root cells
 _N_ROOTS = 4
+#: eigenvector entries below this share of the largest are rounding noise
+_NOISE = 1e-9
+#: a gene's clock closes from its latest time back to time 0 over this share of its span
+_CLOCK_GAP = 0.05
 
 
 def neighbor_average_matrix(connectivities: sparse.spmatrix) -> sparse.csr_matrix:
@@ -115,7 +127,13 @@ def root_cells(
         if not keep.any():
             keep[0] = True
         vecs = vecs[:, keep]
+    # entries at rounding level are noise of the solver (they differ between BLAS
+    # builds and thread counts); zero them so that the percentiles never pick them up
+    vecs[vecs <= _NOISE * vecs.max(0)] = 0
     lbs, ubs = np.percentile(vecs, [2, 98], axis=0)
+    # mass on fewer than 2% of the cells puts scVelo's upper clip at 0, which would wipe
+    # the vector out: keep it unclipped then
+    ubs = np.where(ubs > 0, ubs, vecs.max(0))
     vecs[vecs < lbs] = 0
     vecs = np.clip(vecs, 0, ubs)
     vecs /= np.where(vecs.max(0) > 0, vecs.max(0), 1)
@@ -135,6 +153,57 @@ def _backward_mass(T: sparse.csr_matrix, n_steps: int) -> np.ndarray:
     for _ in range(n_steps):
         p = TT @ p
     return p.astype(np.float64)
+
+
+def smooth_gene_times(t: np.ndarray, connectivities: sparse.spmatrix) -> np.ndarray:
+    """Average each gene's times over each cell's neighbours, on the gene's clock.
+
+    A gene's clock is a loop: off cells at ``(0, 0)`` are given time 0 or the end of
+    repression, whichever branch is closer, so neighbours of an off cell sit at both
+    ends. scVelo averages the times linearly (its ``fit_t`` is smoothed over neighbours),
+    which puts such cells at mid-range times; on scVelo's own simulator, where most genes
+    finish repression long before the last cells, that cost explorer's latent time
+    0.15-0.25 of Spearman correlation. Here the times are averaged as angles on a circle
+    of circumference ``1.05 x`` the gene's latest time (the gap closes the loop), so
+    cells at the wrap stay at one of its ends.
+
+    Parameters
+    ----------
+    t
+        ``(n_obs, n_genes)`` non-negative times (no NaN).
+    connectivities
+        ``(n_obs, n_obs)`` kNN connectivities (:func:`neighbor_average_matrix` weights).
+
+    Returns
+    -------
+    ``(n_obs, n_genes)`` float64 times in ``[0, 1.05 x`` the gene's latest time``)``.
+    """
+    t = np.asarray(t, dtype=np.float64)
+    period = t.max(0) * (1 + _CLOCK_GAP)
+    period = np.where(period > 0, period, 1.0)
+    angle = 2 * np.pi * t / period
+    W = sparse.csr_matrix(neighbor_average_matrix(connectivities), dtype=np.float64)
+    mean = np.arctan2(W @ np.sin(angle), W @ np.cos(angle)) % (2 * np.pi)
+    return mean / (2 * np.pi) * period
+
+
+def rank_gene_times(t: np.ndarray) -> np.ndarray:
+    """Each gene's times replaced by their ranks over the cells, scaled to (0, 1] (ties averaged).
+
+    The shared time takes a low quantile of the gene times per cell. On the fitted
+    scale (each gene's own clock) the genes whose times are compressed into a short
+    range hold that quantile in most cells, with their noise; on ranks every gene
+    orders the cells with equal weight. :func:`latent_time` ranks before the
+    neighbour smoothing (ranking after it measured no better on any data set tried and
+    worse on most).
+    Cells tied at a gene's time (often many off cells at 0) share their average rank;
+    giving them the lowest rank instead cost 0.07-0.10 of Spearman correlation on
+    explorer's hard simulator. On scVelo's simulator (3,000 cells, 298 genes) ranking
+    lifts the Spearman correlation of the latent time with the true time from 0.983 to
+    0.999 (README, "Speed and accuracy against scVelo").
+    """
+    t = np.asarray(t, dtype=np.float64)
+    return rankdata(t, axis=0) / max(t.shape[0], 1)
 
 
 def root_time(t: np.ndarray, root: int) -> np.ndarray:
@@ -177,6 +246,8 @@ def latent_time(
     connectivities: sparse.spmatrix,
     *,
     min_confidence: float = 0.75,
+    smooth_times: bool = True,
+    rank_times: bool = True,
 ) -> FloatArray:
     """ScVelo's gene-shared latent time.
 
@@ -186,10 +257,18 @@ def latent_time(
         ``(n_obs, n_genes)`` per-gene times of the genes to use (no NaN).
     root_score
         ``(n_obs,)`` root-cell score (:func:`root_cells`); the cells above ``1 - 1e-3``
-        with the smallest summed gene time are the roots (up to four). Without any such
-        cell, the cell with the smallest summed gene time is used.
+        with the smallest summed gene time (ranked if ``rank_times``, before the
+        smoothing) are the roots (up to four). Without any such cell, the cell with the
+        smallest summed gene time is used.
     connectivities
-        ``(n_obs, n_obs)`` kNN connectivities for the final smoothing.
+        ``(n_obs, n_obs)`` kNN connectivities for the smoothing.
+    smooth_times
+        Average the gene times over neighbours on each gene's clock
+        (:func:`smooth_gene_times`; scVelo averages them linearly in
+        ``recover_dynamics``). ``False`` for times smoothed already.
+    rank_times
+        First replace each gene's times by their ranks over the cells
+        (:func:`rank_gene_times`; scVelo combines the times on their fitted scale).
     min_confidence
         Cells whose time differs from its neighbourhood average by more than this
         allows (scVelo's ``(1 - |t - z t_nbr|)^2 < min_confidence``) are not used to
@@ -200,7 +279,15 @@ def latent_time(
     ``(n_obs,)`` float32 latent time in [0, 1].
     """
     t = np.asarray(fit_t, dtype=np.float64)
+    if rank_times:
+        t = rank_gene_times(t)
+    # the roots are chosen on the times before the smoothing: on each gene's loop the
+    # latest cells (off, at (0, 0)) average to near time 0 and can pass for the earliest
+    # (on a 3,000-cell scVelo simulation that chose roots at true time 3 instead of
+    # about 1, and cost 0.025 of Spearman correlation)
     t_sum = t.sum(1)
+    if smooth_times:
+        t = smooth_gene_times(t, connectivities)
     order = np.argsort(t_sum, kind="stable")
     is_root = np.asarray(root_score)[order] > _ROOT_THRESHOLD
     roots = order[is_root] if is_root.any() else order[:1]
@@ -213,7 +300,9 @@ def latent_time(
     conn = neighbor_average_matrix(connectivities)
     tc = conn @ lt
     z = lt.dot(tc) / max(tc.dot(tc), 1e-12)
-    conf = (1 - np.abs(lt / lt.max() - tc * z / lt.max())) ** 2
+    # a constant latent time (all zeros after scale01) has max 0: no division by it
+    lt_max = lt.max() if lt.max() > 0 else 1.0
+    conf = (1 - np.abs(lt / lt_max - tc * z / lt_max)) ** 2
     low = conf < min_confidence
     conn_new = sparse.csr_matrix(conn, copy=True)
     if low.any():

@@ -29,7 +29,7 @@ import numba
 import numpy as np
 from scipy import sparse
 
-from explorer._types import FloatArray, IntArray, ProgressCallback, report
+from explorer._types import FloatArray, InputError, IntArray, ProgressCallback, report
 from explorer.keys import Key
 
 if TYPE_CHECKING:
@@ -670,9 +670,11 @@ def velocity_gene_mask(
     if not mask.any():
         msg = (
             f"No gene left for the velocity graph: none of the selected genes has velocities without NaN "
-            f"in layers[{vkey!r}]. Check var['{_vkey_name(Key.var.VELOCITY_GENES, vkey)}'] or pass genes=."
+            f"in layers[{vkey!r}] ({adata.n_obs} cells x {adata.n_vars} genes): the model found no velocity "
+            "genes, as happens with too few cells or too little signal. Load more cells or genes; in "
+            f"Python, check var['{_vkey_name(Key.var.VELOCITY_GENES, vkey)}'] or pass genes=."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     return mask
 
 

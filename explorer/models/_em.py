@@ -73,15 +73,45 @@ class GeneData:
         return self.weights.sum(1, keepdim=True).clamp(min=1).to(self.u.dtype)
 
     def take_cells(self, idx: torch.Tensor) -> GeneData:
-        """Return the same genes on the cells ``idx`` only (standard deviations kept)."""
+        """Return the same genes on the cells ``idx`` only (standard deviations kept).
+
+        ``idx`` is ``(n,)`` (the same cells for every gene) or ``(n_genes, n)`` (each gene
+        its own cells, as :func:`weighted_cells` draws them).
+        """
+        if idx.dim() == 2:
+
+            def take(x: torch.Tensor) -> torch.Tensor:
+                return x.gather(1, idx)
+        else:
+
+            def take(x: torch.Tensor) -> torch.Tensor:
+                return x[:, idx]
+
         return GeneData(
-            self.u[:, idx],
-            self.s[:, idx],
-            self.weights[:, idx],
-            self.weights_upper[:, idx],
+            take(self.u),
+            take(self.s),
+            take(self.weights),
+            take(self.weights_upper),
             self.std_u,
             self.std_s,
         )
+
+
+def weighted_cells(weights: torch.Tensor, n: int, *, seed: int) -> torch.Tensor:
+    """``(n_genes, min(n, n_cells))`` cell indices per gene, drawn from the cells that carry its weight.
+
+    A uniform draw without replacement among each gene's weighted cells (``weights >
+    0``), topped up with unweighted cells when it has fewer than ``n``. One uniform draw
+    for all genes would keep about ``n / n_cells`` of a rare population: a gene
+    expressed in 1 % of 50,000 cells would be fitted on 10 cells; this keeps all its
+    500. Seeded: the same ``seed`` and weights give the same cells.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.rand(weights.shape, generator=generator).to(weights.device)
+    # unweighted cells rank after every weighted one
+    keys = keys + (weights <= 0).to(keys.dtype)
+    idx = keys.topk(min(n, weights.shape[1]), dim=1, largest=False).indices
+    return idx.sort(dim=1).values
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,8 +143,9 @@ class Params:
         )
 
     def switch_point(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(u0_, s0_)`` in scaled units: where induction stands at ``t_``."""
-        return kinetics.switch_state(self.t_ - self.t_on, self.alpha, self.beta, self.gamma, xp=torch)
+        """``(u0_, s0_)`` in scaled units: where induction stands at ``t_`` (none if ``t_on >= t_``)."""
+        dur = (self.t_ - self.t_on).clamp(min=0)
+        return kinetics.switch_state(dur, self.alpha, self.beta, self.gamma, xp=torch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,11 +451,13 @@ def _curve(t: torch.Tensor, p: Params, alpha: torch.Tensor) -> tuple[torch.Tenso
 
     The same three pieces (off before ``t_on``, induction until ``t_``, repression from
     the switch point), each from :func:`kinetics.unspliced` / :func:`kinetics.spliced`.
+    An onset after the switch counts as at the switch (no induction; no overflow).
     """
     ind = (t < p.t_).to(t.dtype)
     rep = 1 - ind
-    u0_, s0_ = kinetics.switch_state(p.t_ - p.t_on, alpha, p.beta, p.gamma, xp=torch)
-    tau = ind * (t - p.t_on).clamp(min=0) + rep * (t - p.t_)
+    dur = (p.t_ - p.t_on).clamp(min=0)
+    u0_, s0_ = kinetics.switch_state(dur, alpha, p.beta, p.gamma, xp=torch)
+    tau = ind * (t - (p.t_ - dur)).clamp(min=0) + rep * (t - p.t_)
     u0, s0 = rep * u0_, rep * s0_
     a = ind * alpha
     return kinetics.unspliced(tau, u0, a, p.beta, xp=torch), kinetics.spliced(
@@ -563,7 +596,8 @@ def likelihood(data: GeneData, p: Params, t: torch.Tensor, ratio: torch.Tensor) 
     On the cells of ``weights_upper``: ``exp(-sum(d^2) / (2 n varx) - log(2 pi varx) / 2)``
     with ``d^2`` the squared scaled distance plus the ratio penalty, ``varx`` the
     variance of the signed distance and ``n`` the number of those cells less 1 % of all
-    cells (at least 2).
+    cells (at least 2). NaN for a gene without any such cell, as scVelo (whose mean over
+    no cells is NaN), so it fails every likelihood filter.
     """
     ut, st = curve(t, p)
     du = (p.scaling * ut - data.u) / data.std_u
@@ -575,9 +609,11 @@ def likelihood(data: GeneData, p: Params, t: torch.Tensor, ratio: torch.Tensor) 
     mean_d = _sum(distx, w) / cnt
     mean_signed = _sum(torch.sign(ds) * distx.sqrt(), w) / cnt
     varx = mean_d - mean_signed**2
-    varx = torch.where(varx == 0, torch.ones_like(varx), varx)
+    # scVelo replaces a variance of 0 by 1; rounding can also leave it just below 0
+    varx = torch.where(varx <= 0, torch.ones_like(varx), varx)
     n = (w.sum(1, keepdim=True).double() - 0.01 * data.u.shape[1]).clamp(min=2)
     loglik = -0.5 / n * _sum(distx, w) / varx - 0.5 * torch.log(2 * math.pi * varx.clamp(min=1e-30))
+    loglik = torch.where(w.sum(1, keepdim=True) > 0, loglik, torch.full_like(loglik, math.nan))
     return torch.exp(loglik).to(p.alpha.dtype)
 
 

@@ -7,6 +7,7 @@ separate step, ``result.to_adata(adata)``.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Mapping
@@ -41,11 +42,38 @@ class VelocityModel(Protocol):
 
 
 class Hyperparameters:
-    """``get_params()`` and ``repr`` from the constructor's keyword-only arguments.
+    """``get_params()``, ``repr`` and checks from the constructor's keyword-only arguments.
 
     scikit-learn's convention: the constructor stores each hyperparameter under its own
-    name, so the signature is the one list of them.
+    name, so the signature is the one list of them. Each subclass's constructor checks
+    its arguments against their annotations and the class's ``param_ranges`` before it
+    runs (:func:`explorer.models._params.check_params`): a wrong type or a value out of
+    range raises :class:`~explorer._types.InputError` when the model is built.
     """
+
+    #: allowed values of numeric hyperparameters, in interval notation (``"[0, inf)"``);
+    #: for a tuple, each of its numbers
+    param_ranges: ClassVar[Mapping[str, str]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+
+        @functools.wraps(init)
+        def checked_init(self: Hyperparameters, *args: Any, **params: Any) -> None:
+            cls.check_params(params)
+            init(self, *args, **params)
+
+        cls.__init__ = checked_init  # type: ignore[method-assign]
+
+    @classmethod
+    def check_params(cls, params: Mapping[str, Any]) -> None:
+        """Raise :class:`~explorer._types.InputError` for a value of the wrong type or out of range."""
+        from explorer.models._params import check_params
+
+        check_params(cls, params)
 
     @classmethod
     def _param_names(cls) -> list[str]:

@@ -5,41 +5,61 @@ et al. 2020, eq. 1-2). Every function takes the array namespace as ``xp`` (``num
 ``torch``), so this module never imports torch and the same formula serves the numpy
 steady-state code, the torch EM of the dynamical model and the simulator. All inputs
 broadcast against each other.
+
+:func:`fitted_gene` reads one gene's fit back from its ``var`` row (scVelo's keys) and is
+what every drawn curve goes through (the app's phase portrait, time views, comparison
+and exported figures), so a curve on screen is exactly the one that produced ``fit_t``
+and the velocities.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-#: below this |gamma - beta| the beta == gamma limit of ``spliced`` is used, avoiding 0/0
-_EQUAL_RATES_TOL = 1e-6
+from explorer.keys import Key
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+#: floor on |gamma - beta| in the cross term of ``spliced``: ``expm1(-d tau) / d`` equals
+#: ``-tau`` to machine precision for any ``d`` this small, so no special case is needed
+_RATE_GAP_FLOOR = 1e-20
+
+
+def _floor(x: Any, value: float, xp: Any) -> Any:
+    return xp.maximum(x, value) if xp is np else x.clamp(min=value)
 
 
 def unspliced(tau: Any, u0: Any, alpha: Any, beta: Any, *, xp: Any = np) -> Any:
     """Unspliced abundance ``u(tau)`` starting from ``u0`` with constant ``alpha``.
 
-    ``u(tau) = u0 e^{-beta tau} + alpha / beta (1 - e^{-beta tau})``.
+    ``u(tau) = u0 e^{-beta tau} + alpha / beta (1 - e^{-beta tau})``, with
+    ``1 - e^{-x}`` as ``-expm1(-x)`` (exact for small ``beta tau``).
     """
-    expu = xp.exp(-beta * tau)
-    return u0 * expu + alpha / beta * (1 - expu)
+    return u0 * xp.exp(-beta * tau) - alpha / beta * xp.expm1(-beta * tau)
 
 
 def spliced(tau: Any, s0: Any, u0: Any, alpha: Any, beta: Any, gamma: Any, *, xp: Any = np) -> Any:
     """Spliced abundance ``s(tau)`` starting from ``(u0, s0)`` with constant ``alpha``.
 
     ``s(tau) = s0 e^{-gamma tau} + alpha/gamma (1 - e^{-gamma tau})
-    + (alpha - beta u0)/(gamma - beta) (e^{-gamma tau} - e^{-beta tau})``, and its limit
-    ``(beta u0 - alpha) tau e^{-beta tau}`` for the last term when ``gamma == beta``
-    (scVelo drops that term instead, which is wrong at equal rates).
+    + (alpha - beta u0)/(gamma - beta) (e^{-gamma tau} - e^{-beta tau})``.
+
+    The last term is evaluated as ``(alpha - beta u0) e^{-m tau} expm1(-|d| tau) / |d|``
+    with ``m = min(beta, gamma)`` and ``d = gamma - beta``: the difference of two close
+    exponentials cancels catastrophically when ``beta ~ gamma`` (in float32, 1 %
+    relative error at ``|d| = 1e-3``), its ``expm1`` form does not, never overflows, and
+    tends to the ``beta == gamma`` limit ``(beta u0 - alpha) tau e^{-beta tau}``
+    continuously (scVelo drops the term there instead, which is wrong at equal rates).
     """
-    expu, exps = xp.exp(-beta * tau), xp.exp(-gamma * tau)
-    diff = gamma - beta
-    close = xp.abs(diff) < _EQUAL_RATES_TOL
-    safe = xp.where(close, xp.ones_like(diff * tau), diff)
-    cross = xp.where(close, (beta * u0 - alpha) * tau * expu, (alpha - beta * u0) / safe * (exps - expu))
-    return s0 * exps + alpha / gamma * (1 - exps) + cross
+    exps = xp.exp(-gamma * tau)
+    gap = _floor(xp.abs(gamma - beta), _RATE_GAP_FLOOR, xp)
+    slow = xp.exp(-xp.minimum(beta, gamma) * tau)
+    cross = (alpha - beta * u0) * slow * xp.expm1(-gap * tau) / gap
+    return s0 * exps - alpha / gamma * xp.expm1(-gamma * tau) + cross
 
 
 def switch_state(t_: Any, alpha: Any, beta: Any, gamma: Any, *, xp: Any = np) -> tuple[Any, Any]:
@@ -63,10 +83,11 @@ def trajectory(
 
     The gene is off (``u = s = 0``) before ``t_on``, induced with rate ``alpha`` from
     ``t_on`` to ``t_``, then represses with ``alpha = 0``. ``t_`` is absolute, so the
-    induction lasts ``t_ - t_on``.
+    induction lasts ``t_ - t_on``; an onset after the switch counts as at the switch
+    (no induction), so ``e^{-beta (t_ - t_on)}`` cannot overflow.
     """
-    tau_on = xp.clip(t - t_on, 0, None) if xp is np else xp.clamp(t - t_on, min=0)
-    dur = t_ - t_on
+    dur = _floor(t_ - t_on, 0.0, xp)
+    tau_on = _floor(t - (t_ - dur), 0.0, xp)
     u0_, s0_ = switch_state(dur, alpha, beta, gamma, xp=xp)
     induction = t < t_
     tau = xp.where(induction, tau_on, t - t_)
@@ -84,3 +105,85 @@ def steady_state(alpha: Any, beta: Any, gamma: Any) -> tuple[Any, Any]:
 def velocity(u: Any, s: Any, beta: Any, gamma: Any) -> Any:
     """Spliced velocity ``ds/dt = beta u - gamma s``."""
     return beta * u - gamma * s
+
+
+@dataclass(frozen=True, slots=True)
+class FittedGene:
+    """One gene's fitted on/off kinetics, in the ODE's units, as the dynamical model used them.
+
+    scVelo's convention, which the dynamical model follows: the ODE runs on
+    ``u = (Mu - u0) / scaling`` and ``var['fit_beta']`` is reported divided by the
+    scaling, so the ODE's splicing rate ``beta`` is ``fit_beta * fit_scaling``. The
+    onset is 0 on the gene's own clock (``fit_t``): ``var['fit_t_on']`` is a diagnostic
+    on the shared latent-time axis and is never part of the curve.
+    """
+
+    alpha: float
+    beta: float
+    gamma: float
+    t_: float
+    scaling: float
+    u0: float = 0.0
+    s0: float = 0.0
+
+    def at(self, t: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(Mu(t), Ms(t), ds/dt)`` in count units at the gene times ``t`` (``fit_t``)."""
+        u, s = trajectory(np.asarray(t, dtype=np.float64), self.t_, self.alpha, self.beta, self.gamma)
+        return u * self.scaling + self.u0, s + self.s0, velocity(u, s, self.beta, self.gamma)
+
+    def phase_curve(self, t_end: float, *, n_points: int = 200) -> tuple[np.ndarray, np.ndarray]:
+        """``(Ms, Mu)`` along the curve from time 0 to ``max(t_end, t_)``, for a phase portrait.
+
+        ``t_end`` is the latest gene time of a cell (``nanmax(fit_t)``); without one, pass
+        ``2 * t_``.
+        """
+        end = max(float(t_end), self.t_) if np.isfinite(t_end) else 2 * self.t_
+        u, s, _ = self.at(np.linspace(0.0, end, n_points))
+        return s, u
+
+
+def fitted_gene(row: Mapping[str, Any]) -> FittedGene | None:
+    """Read the kinetic fit of one gene from its ``var`` row (``adata.var.loc[gene]``), or None.
+
+    None when the row lacks ``fit_alpha``, ``fit_beta``, ``fit_gamma`` or ``fit_t_``, or
+    they are not finite, or a rate is not positive (a gene the model did not fit).
+    ``fit_scaling`` defaults to 1 and scVelo's offsets ``fit_u0``, ``fit_s0`` to 0.
+    """
+    keys = (Key.var.FIT_ALPHA, Key.var.FIT_BETA, Key.var.FIT_GAMMA, Key.var.FIT_T_)
+    if not all(k in row for k in keys):
+        return None
+
+    def get(key: str, default: float) -> float:
+        value = float(row[key]) if key in row else default
+        return value if np.isfinite(value) else default
+
+    alpha, beta, gamma, t_ = (float(row[k]) for k in keys)
+    scaling = float(row[Key.var.FIT_SCALING]) if Key.var.FIT_SCALING in row else 1.0
+    if not np.isfinite([alpha, beta, gamma, t_, scaling]).all() or min(beta, gamma, scaling) <= 0:
+        return None
+    return FittedGene(
+        alpha=max(alpha, 0.0),
+        beta=beta * scaling,
+        gamma=gamma,
+        t_=max(t_, 0.0),
+        scaling=scaling,
+        u0=get(Key.var.FIT_U0, 0.0),
+        s0=get(Key.var.FIT_S0, 0.0),
+    )
+
+
+def steady_state_line(slope: float | None, s_max: float, u_max: float) -> np.ndarray | None:
+    """``(2, 2)`` end points ``[(0, 0), (s, slope * s)]`` of the line ``u = slope * s`` in the data box.
+
+    The line runs to ``s_max``, or stops where it reaches ``u_max`` if it is steeper
+    than the box, so it never leaves the ``[0, s_max] x [0, u_max]`` range of the cells
+    (scVelo draws it to the axis limits, which the cells set). None for a missing or
+    negative slope, which has no steady state to draw.
+    """
+    if slope is None or not np.isfinite(slope) or slope < 0:
+        return None
+    s_max = float(s_max) if np.isfinite(s_max) and s_max > 0 else 1.0
+    end = s_max
+    if np.isfinite(u_max) and u_max > 0 and slope * s_max > u_max:
+        end = u_max / slope
+    return np.array([[0.0, 0.0], [end, slope * end]])

@@ -318,6 +318,7 @@ class SteadyState(Hyperparameters):
     """
 
     name: ClassVar[str] = "steady_state"
+    param_ranges: ClassVar[dict[str, str]] = {"perc": "[0, 100]", "constrain_ratio": "[0, inf)"}
 
     def __init__(
         self,

@@ -6,9 +6,24 @@ counts, an exact 15-nearest-neighbour graph on the first 10 principal components
 ``explorer.graph.moments.compute_moments``, ``X_umap`` = the first two principal
 components, and ``clusters`` = true time in four bins. Shared read-only: the app never
 writes into the data it shows.
+
+For the browser tests (``e2e`` marker): :func:`running_server` starts
+``explorer.app.server.serve`` in a subprocess and waits for it with a total deadline
+and long per-request timeouts (a page build takes seconds on a busy 2-core machine);
+:data:`CHROMIUM` and :data:`BROWSER_ARGS` launch Debian's chromium through playwright.
 """
 
 from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -16,6 +31,35 @@ import pytest
 from scipy import sparse
 
 from explorer.keys import Key
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+BROWSER_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+#: marks of every browser test module
+BROWSER_MARKS = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(
+        not CHROMIUM.exists(), reason="Debian's chromium is not installed (.ci/setup installs it)"
+    ),
+]
+
+#: how long the server may take to answer its first GET / (imports, loading the dataset, the
+#: first page build) on a loaded 2-core CI machine
+SERVER_START_DEADLINE_S = 180.0
+#: how long one request may take there: GET / took ~4 s under load, so the old 2 s gave up on
+#: a server that was about to answer
+REQUEST_TIMEOUT_S = 30.0
 
 
 def make_app_adata(n_obs: int = 300, n_vars: int = 30, *, seed: int = 0, n_neighbors: int = 15):
@@ -61,3 +105,63 @@ def make_app_adata(n_obs: int = 300, n_vars: int = 30, *, seed: int = 0, n_neigh
 def app_adata():
     """A small preprocessed dataset with an embedding, clusters and a neighbour graph (see module doc)."""
     return make_app_adata()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(
+    url: str, proc: subprocess.Popen, *, log: Path, deadline_s: float = SERVER_START_DEADLINE_S
+) -> float:
+    """Wait until ``url`` answers, the server exits, or ``deadline_s`` passes; return the seconds taken.
+
+    Each request may take up to ``REQUEST_TIMEOUT_S`` (never past the deadline): a busy
+    machine builds the first page slowly, and a short timeout gives up on a server that
+    is about to answer.
+    """
+    start = time.monotonic()
+    last_error: Exception | None = None
+    while (left := deadline_s - (time.monotonic() - start)) > 0:
+        if proc.poll() is not None:
+            pytest.fail(f"the server exited with {proc.returncode}; see {log}")
+        try:
+            timeout = max(1.0, min(REQUEST_TIMEOUT_S, left))
+            with urllib.request.urlopen(url, timeout=timeout):  # noqa: S310 - a local URL we started
+                return time.monotonic() - start
+        except OSError as err:  # refused while the server starts, or a timeout
+            last_error = err
+            time.sleep(0.25)
+    pytest.fail(f"no answer from {url} within {deadline_s:.0f} s (last error: {last_error!r}); see {log}")
+    return deadline_s
+
+
+@contextlib.contextmanager
+def running_server(data: str, data_dir: Path, *, log_name: str) -> Iterator[str]:
+    """Serve ``data`` (a file in ``data_dir``) on a free local port; yield its URL once it answers.
+
+    The server's output goes to ``test-artifacts/<log_name>``; the server is stopped on exit.
+    """
+    port = free_port()
+    code = f"from explorer.app.server import serve; serve({data!r}, port={port}, data_dir={str(data_dir)!r})"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    ARTIFACTS.mkdir(exist_ok=True)
+    log_path = ARTIFACTS / log_name
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(  # noqa: S603 - our own interpreter and code
+            [sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT, text=True, env=env
+        )
+        url = f"http://127.0.0.1:{port}/"
+        try:
+            wait_http(url, proc, log=log_path)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)

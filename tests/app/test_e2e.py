@@ -1,63 +1,23 @@
 """The app in a real browser: Debian's chromium driven by playwright (never ``playwright install``).
 
-One server (``explorer.app.server.serve``) runs in a subprocess on a free local port with
-a small dataset in a temporary data directory; the tests share one page and keep
-screenshots in ``test-artifacts/``.
+One server (``explorer.app.server.serve``, started by ``conftest.running_server``, which
+waits up to 180 s with 30 s per request) runs in a subprocess on a free local port with a
+small dataset in a temporary data directory; the tests share one page and keep
+screenshots in ``test-artifacts/``. The last test opens four more pages at once and
+checks that no request leaves this machine (no CDN).
 """
 
 from __future__ import annotations
 
-import os
 import re
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
 from explorer.keys import Key
+from tests.app.conftest import ARTIFACTS, BROWSER_ARGS, BROWSER_MARKS, CHROMIUM, running_server
 
-CHROMIUM = Path("/usr/bin/chromium")
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
-BROWSER_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-]
-
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(
-        not CHROMIUM.exists(), reason="Debian's chromium is not installed (.ci/setup installs it)"
-    ),
-]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_http(url: str, proc: subprocess.Popen, timeout: float) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if proc.poll() is not None:
-            pytest.fail(f"the server exited with {proc.returncode}; see {ARTIFACTS / 'e2e_server.log'}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):  # noqa: S310 - a local URL we started
-                return time.monotonic() - start
-        except OSError:
-            time.sleep(0.2)
-    pytest.fail(f"no answer from {url} within {timeout} s")
-    return timeout
+pytestmark = BROWSER_MARKS
 
 
 @pytest.fixture(scope="module")
@@ -72,27 +32,8 @@ def data_dir(tmp_path_factory, app_adata):
 
 @pytest.fixture(scope="module")
 def server(data_dir):
-    port = _free_port()
-    code = (
-        f"from explorer.app.server import serve; serve('small.h5ad', port={port}, data_dir={str(data_dir)!r})"
-    )
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    ARTIFACTS.mkdir(exist_ok=True)
-    log = (ARTIFACTS / "e2e_server.log").open("w")
-    proc = subprocess.Popen(  # noqa: S603 - our own interpreter and code
-        [sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT, text=True, env=env
-    )
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        _wait_http(url, proc, timeout=90)
+    with running_server("small.h5ad", data_dir, log_name="e2e_server.log") as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +61,8 @@ def _click_gene(page, gene: str) -> None:
     box.fill("")
     box.press_sequentially(gene)  # Tabulator filters on key presses, not on a pasted value
     box.press("Enter")
+    # the server has filtered once the pager offers one page (the browser shows the rows sooner;
+    # a click before then is mapped to a row of the unfiltered table)
     page.get_by_role("gridcell", name=gene, exact=True).click()
 
 
@@ -207,3 +150,52 @@ def test_export_writes_a_file_in_the_data_directory(app_page, data_dir):
     assert header.startswith("gene,mean Ms,mean Mu")
     assert "likelihood" in header
     assert len(target.read_text().splitlines()) == 31  # a header and one row per gene
+
+
+def test_saving_over_another_file_asks_first(app_page, data_dir):
+    import anndata as ad
+
+    page = app_page
+    other = data_dir / "other.h5ad"
+    other.write_bytes(b"another dataset")
+    name = page.get_by_label("Save results as (in the data directory)")
+    save = page.get_by_role("button", name="Save .h5ad")
+    name.fill("other.h5ad")
+    save.click()
+    page.get_by_text("exists already in the data directory").wait_for(timeout=30_000)
+    assert other.read_bytes() == b"another dataset"
+    # an error replaces the message next to the button (and the offer to overwrite goes)
+    (data_dir / "folder.h5ad").mkdir()
+    name.fill("folder.h5ad")
+    save.click()
+    page.get_by_text("that is a folder").wait_for(timeout=30_000)
+    assert page.get_by_text("exists already in the data directory").count() == 0
+    assert not page.get_by_role("button", name="Overwrite").is_visible()
+    name.fill("other.h5ad")
+    save.click()
+    page.get_by_role("button", name="Overwrite").click()
+    page.get_by_text(re.compile(r"^Saved other\.h5ad")).wait_for(timeout=30_000)
+    page.screenshot(path=ARTIFACTS / "e2e_overwrite.png", full_page=True)
+    assert ad.read_h5ad(other).n_obs == 300
+
+
+def test_four_pages_at_once_request_nothing_outside_this_machine(app_page, server):
+    """Offline and under concurrency, every script, stylesheet and socket comes from the app's server."""
+    outside: list[str] = []
+    local = re.compile(r"^(https?|wss?)://(127\.0\.0\.1|localhost)(:\d+)?/|^(data|blob|about):")
+    browser = app_page.context.browser  # the module's browser: one playwright per thread
+    contexts = [browser.new_context(viewport={"width": 1400, "height": 1000}) for _ in range(4)]
+    try:
+        pages = [context.new_page() for context in contexts]
+        for page in pages:
+            page.on("request", lambda r: None if local.match(r.url) else outside.append(r.url))
+        for page in pages:  # all four requested before any is ready
+            page.goto(server, wait_until="commit")
+        for page in pages:
+            page.get_by_text("No cell selected").wait_for(timeout=180_000)
+            page.locator("canvas").first.wait_for(timeout=60_000)
+        pages[0].wait_for_timeout(1000)
+    finally:
+        for context in contexts:
+            context.close()
+    assert outside == []

@@ -36,6 +36,17 @@ def app(timed_adata, tmp_path):
         yield page.app
 
 
+def shown_text(pane) -> str:
+    """The text a Markdown pane (or Alert) shows in the browser: its Markdown rendered, tags removed."""
+    import html
+    import re
+
+    from markdown_it import MarkdownIt
+
+    rendered = MarkdownIt("commonmark").render(str(pane.object))
+    return html.unescape(re.sub(r"<[^>]+>", "", rendered))
+
+
 def _frame(dmap):
     """The element a DynamicMap drew last."""
     return dmap.last
@@ -106,7 +117,7 @@ def test_clicking_a_cell_highlights_it_everywhere_and_fills_the_inspector(app):
         [[state.gene_values("Ms")[42], state.gene_values("Mu")[42]]],
     )
     inspector = views["inspector"]
-    assert state.adata.obs_names[42] in inspector.summary.object
+    assert f"Cell {state.adata.obs_names[42]} (row 42)" in shown_text(inspector.summary)
     assert len(inspector.targets.value) == state.n_targets
     segments = views["embedding"].targets_live[0].shown  # segments to the likely next cells
     assert len(segments["x1"]) == state.n_targets
@@ -194,8 +205,59 @@ def test_exports(app, tmp_path):
     assert path == (tmp_path / "results.h5ad").resolve()
     export.filename.value = "../outside.h5ad"
     assert export.save() is None
-    assert "Not saved" in export.message.object
+    assert "Not saved" in shown_text(export.message)
     assert not (tmp_path.parent / "outside.h5ad").exists()
+
+
+def test_saving_over_a_file_asks_first_and_errors_show_under_the_button(app, tmp_path, monkeypatch):
+    import anndata as ad
+
+    state, export = app.state, app.views["export"]
+    state.run_model("stochastic").join(120)
+    other = tmp_path / "other.h5ad"
+    other.write_bytes(b"another dataset")
+    export.filename.value = "other.h5ad"
+    assert export.save() is None
+    assert other.read_bytes() == b"another dataset"
+    assert "exists already" in shown_text(export.message) and "Overwrite" in shown_text(export.message)
+    assert export.overwrite_button.visible
+    # another name: the confirmation no longer applies
+    export.filename.value = "elsewhere.h5ad"
+    assert not export.overwrite_button.visible
+    export.filename.value = "other.h5ad"
+    export._overwrite()  # a stale click does nothing until the name is refused again
+    assert other.read_bytes() == b"another dataset"
+    export.save()
+    export._overwrite()
+    assert ad.read_h5ad(other).n_obs == state.adata.n_obs
+    assert shown_text(export.message).startswith("Saved other.h5ad")
+    assert not export.overwrite_button.visible
+
+    # each failure replaces the message under the button; none escapes as an exception
+    (tmp_path / "folder.h5ad").mkdir()
+    cases = {"folder.h5ad": "is a folder", "y" * 296 + ".h5ad": "301 characters long"}
+    for name, words in cases.items():
+        export.filename.value = name
+        assert export.save() is None
+        assert words in shown_text(export.message)
+        assert export.message.alert_type == "danger"
+
+    def denied(*_args, **_kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("explorer.app.files.tempfile.mkstemp", denied)
+    export.filename.value = "new.h5ad"
+    assert export.save() is None
+    assert "could not write 'new.h5ad' in the data directory: Permission denied" in shown_text(export.message)
+    monkeypatch.undo()
+
+    def broken():
+        raise RuntimeError("h5py could not encode a column")
+
+    monkeypatch.setattr(state, "results_adata", broken)
+    assert export.save() is None
+    assert "RuntimeError: h5py could not encode a column" in shown_text(export.message)
+    assert not (tmp_path / "new.h5ad").exists()
 
 
 def test_two_sessions_are_independent(timed_adata, tmp_path):

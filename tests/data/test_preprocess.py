@@ -15,6 +15,7 @@ from explorer.data.preprocess import (
     prepare,
     shared_counts,
     size_factors,
+    x_is_logged,
 )
 from explorer.graph.moments import moments
 from explorer.keys import Key
@@ -180,3 +181,116 @@ def test_prepare_raw_adds_everything(shared_data, progress_log):
     again = read(shared_data / "scvelo_tests" / "pancreas_50obs.h5ad")
     prepare(again, n_top_genes=200)
     np.testing.assert_allclose(again.obsm[Key.obsm.UMAP], adata.obsm[Key.obsm.UMAP])
+
+
+def _continuous(seed: int = 0) -> ad.AnnData:
+    """scVelo's simulator kind of data: non-integer values, X = spliced, some far above 88."""
+    rng = np.random.default_rng(seed)
+    n_obs, n_vars = 60, 20
+    rates = rng.uniform(0.5, 20, n_vars)
+    scale_s, scale_u = rng.uniform(0.3, 9.0, n_vars), rng.uniform(0.3, 9.0, n_vars)
+    s = rng.poisson(rates, (n_obs, n_vars)) * scale_s + rng.uniform(0, 1, (n_obs, n_vars))
+    u = rng.poisson(rates / 3, (n_obs, n_vars)) * scale_u + rng.uniform(0, 1, (n_obs, n_vars))
+    return ad.AnnData(
+        X=s.copy(),
+        obs=pd.DataFrame(index=[f"c{i}" for i in range(n_obs)]),
+        var=pd.DataFrame(index=[f"gene{j}" for j in range(n_vars)]),
+        layers={"spliced": s, "unspliced": u},
+    )
+
+
+def test_non_integer_data_as_scvelo_pipeline():
+    """As scVelo 0.3.4's ``filter_and_normalize`` + ``sc.pp.log1p`` + seurat HVG: the layers are
+    left as they are (they do not look like counts), X is logged, the genes are scanpy's pick.
+
+    Checked against scVelo 0.3.4 itself on such data (same genes, identical X) when written;
+    here against scanpy's own log1p and gene selection, which are what that pipeline runs.
+    """
+    import scanpy as sc
+
+    adata = _continuous()
+    assert adata.X.max() > 100  # expm1 of unlogged X would overflow float32
+    raw_s, raw_u = adata.layers["spliced"].copy(), adata.layers["unspliced"].copy()
+    expected = adata.copy()
+    keep = shared_counts(raw_s, raw_u) >= 20
+    expected = expected[:, keep].copy()
+    sc.pp.log1p(expected)
+    sc.pp.highly_variable_genes(expected, flavor="seurat", n_top_genes=8, subset=True)
+
+    filter_and_normalize(adata, n_top_genes=8)
+    assert list(adata.var_names) == list(expected.var_names)
+    np.testing.assert_allclose(np.asarray(adata.X), np.asarray(expected.X), rtol=1e-6)
+    assert Key.uns.LOG1P in adata.uns
+    idx = [int(g.removeprefix("gene")) for g in adata.var_names]
+    np.testing.assert_array_equal(adata.layers["spliced"], raw_s[:, idx])  # not normalised
+    np.testing.assert_array_equal(adata.layers["unspliced"], raw_u[:, idx])
+
+
+def test_non_integer_x_sharing_memory_with_spliced_is_not_logged_in_place():
+    adata = _continuous()
+    adata.X = adata.layers["spliced"]  # the same object
+    raw = adata.layers["spliced"].copy()
+    filter_and_normalize(adata, min_shared_counts=0, n_top_genes=None)
+    np.testing.assert_array_equal(adata.layers["spliced"], raw)
+    np.testing.assert_allclose(adata.X, np.log1p(raw))
+
+
+def test_logged_x_is_not_logged_again():
+    # marked by scanpy
+    adata = _continuous()
+    adata.X = np.log1p(adata.X)
+    adata.uns[Key.uns.LOG1P] = {"base": None}
+    before = adata.X.copy()
+    filter_and_normalize(adata, min_shared_counts=0, n_top_genes=None)
+    np.testing.assert_array_equal(adata.X, before)
+    # logged by another tool without the marker: not the spliced values, and small
+    adata = _continuous()
+    adata.X = np.log1p(adata.X / adata.X.sum(1, keepdims=True) * 1e4)
+    assert x_is_logged(adata)
+    before = adata.X.copy()
+    filter_and_normalize(adata, min_shared_counts=0, n_top_genes=None)
+    np.testing.assert_array_equal(adata.X, before)
+
+
+def test_normalised_elsewhere_x_is_logged():
+    """Counts per 10,000 without log: not the spliced values, but far above any log1p."""
+    adata = _continuous()
+    adata.X = adata.X / adata.X.sum(1, keepdims=True) * 1e4
+    assert not x_is_logged(adata)
+    raw = adata.X.copy()
+    filter_and_normalize(adata, min_shared_counts=0, n_top_genes=None)
+    np.testing.assert_allclose(adata.X, np.log1p(raw), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda a: a.X.__setitem__((0, 0), np.nan), "X has 1 non-finite values"),
+        (lambda a: a.X.__setitem__((0, 0), 1e20), "X has values up to 1e\\+20"),
+        (lambda a: setattr(a, "X", np.full(a.shape, 2.0)), "same value in all 60 cells"),
+    ],
+)
+def test_unusable_x_is_an_input_error(change, match):
+    adata = _continuous()
+    change(adata)
+    with pytest.raises(InputError, match=match):
+        filter_and_normalize(adata, min_shared_counts=0)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "match"),
+    [
+        ("n_pcs", 0, "n_pcs must be at least 1"),
+        ("n_neighbors", 1, "n_neighbors must be at least 2"),
+        ("min_shared_counts", -1, "min_shared_counts must be at least 0"),
+        ("n_top_genes", 0, "n_top_genes must be at least 1"),
+        ("n_pcs", 2.5, "n_pcs must be a whole number"),
+    ],
+)
+def test_prepare_checks_options_first(counts_adata, option, value, match):
+    before = counts_adata.copy()
+    with pytest.raises(InputError, match=match):
+        prepare(counts_adata, **{option: value})
+    assert counts_adata.shape == before.shape
+    assert not counts_adata.obsm
+    assert Key.obs.N_COUNTS not in counts_adata.obs

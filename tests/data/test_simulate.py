@@ -281,3 +281,63 @@ def test_sample_files_are_small_and_names_checked():
     assert total < 8e6  # a few MB: counts, moments, ground truth, one fit and its velocity graph
     with pytest.raises(InputError, match="Valid options are: 'default'"):
         sample_path("pancreas")
+
+
+# --- options that make the data harder (all off by default)
+
+
+def test_terminal_fraction_piles_cells_at_the_end():
+    adata = simulate(n_obs=2000, n_vars=10, seed=4, terminal_fraction=0.3)
+    t = adata.obs[Key.obs.TRUE_T].to_numpy()
+    t_max = adata.uns[Key.uns.SIMULATION]["t_max"]
+    # 30% placed in the last 5%, plus 5% of the other 70% drawn uniformly: 33.5%
+    assert np.mean(t >= 0.95 * t_max) == pytest.approx(0.335, abs=0.03)
+    assert t.min() >= 0
+    assert t.max() <= t_max
+
+
+def test_uneven_time_density_has_dense_and_sparse_stretches():
+    t_max = 20.0
+    uniform = simulate(n_obs=4000, n_vars=5, seed=1).obs[Key.obs.TRUE_T].to_numpy()
+    uneven = simulate(n_obs=4000, n_vars=5, seed=1, time_density="uneven").obs[Key.obs.TRUE_T].to_numpy()
+    bins = np.linspace(0, t_max, 11)
+    h_u, h_x = np.histogram(uniform, bins)[0], np.histogram(uneven, bins)[0]
+    assert h_u.max() / h_u.min() < 1.5  # 400 +- 20 per bin
+    assert h_x.max() / h_x.min() > 2.5
+    assert uneven.min() >= 0
+    assert uneven.max() <= t_max
+
+
+def test_unspliced_capture_scales_unspliced_counts_only():
+    full = simulate(n_obs=400, n_vars=30, seed=2, noise="none")
+    low = simulate(n_obs=400, n_vars=30, seed=2, noise="none", unspliced_capture=0.2)
+    ratio = low.layers[Key.layers.UNSPLICED].sum() / full.layers[Key.layers.UNSPLICED].sum()
+    assert ratio == pytest.approx(0.2, rel=1e-5)
+    assert (low.layers[Key.layers.SPLICED] != full.layers[Key.layers.SPLICED]).nnz == 0
+    np.testing.assert_array_equal(low.layers[Key.layers.TRUE_U], full.layers[Key.layers.TRUE_U])
+
+
+def test_rate_sd_varies_rates_from_cell_to_cell():
+    kw = {"n_obs": 400, "n_vars": 30, "seed": 2, "noise": "none", "kinds": {}}
+    plain = simulate(**kw)
+    varied = simulate(**kw, rate_sd=0.3)
+    # same genes and cells (the options draw from their own stream)
+    assert plain.var.equals(varied.var)
+    np.testing.assert_array_equal(plain.obs[Key.obs.TRUE_T], varied.obs[Key.obs.TRUE_T])
+    s0, s1 = plain.layers[Key.layers.TRUE_S], varied.layers[Key.layers.TRUE_S]
+    on = s0 > 1
+    # at the steady state s = alpha / gamma, both log-normal with sd 0.3: sd of the log
+    # ratio sqrt(2) * 0.3 = 0.42 there, less during the transients
+    sd = np.log(s1[on] / s0[on]).std()
+    assert 0.2 < sd < 0.5
+
+
+def test_hard_options_say_what_is_valid():
+    with pytest.raises(ValueError, match="time_density"):
+        simulate(n_obs=10, n_vars=3, time_density="bumpy")
+    with pytest.raises(ValueError, match="terminal_fraction"):
+        simulate(n_obs=10, n_vars=3, terminal_fraction=1.0)
+    with pytest.raises(ValueError, match="rate_sd"):
+        simulate(n_obs=10, n_vars=3, rate_sd=-0.1)
+    with pytest.raises(ValueError, match="unspliced_capture"):
+        simulate(n_obs=10, n_vars=3, unspliced_capture=0.0)

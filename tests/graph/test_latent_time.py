@@ -59,29 +59,58 @@ def test_latent_time_recovers_a_noisy_ordering():
     assert spearmanr(out, true)[0] > 0.98
 
 
-def test_root_cells_from_a_flow_along_a_chain():
-    # forward flow 0 -> 1 -> ... -> n-1, so the backward chain steps i -> i-1 and comes to
-    # rest at cell 0 (with a little self-transition everywhere, as scVelo adds)
-    n = 60
+def _absorbing_chain(n: int) -> sparse.csr_matrix:
+    """Backward chain of a forward flow 0 -> 1 -> ... -> n-1: steps i -> i-1, rests at cell 0."""
     T_bwd = sparse.lil_matrix((n, n))
     for i in range(1, n):
         T_bwd[i, i - 1] = 0.9
         T_bwd[i, i] = 0.1
     T_bwd[0, 0] = 1.0
-    T_bwd = sparse.csr_matrix(T_bwd)
-    score = lt.root_cells(T_bwd, _chain(n), seed=0)
-    assert score.shape == (n,)
-    assert score.max() == pytest.approx(1)
-    # scVelo's percentile clipping and neighbour averaging spread the root over a few cells
-    assert score[:5].mean() > 0.9
-    assert score[-15:].max() < 0.1
-    assert np.argmax(score) < 10
+    return sparse.csr_matrix(T_bwd)
+
+
+def test_root_cells_from_a_flow_along_a_chain():
+    # all stationary mass sits on cell 0 (1 of 60 cells, under scVelo's 2% clip); the
+    # eigenvector's other entries are rounding noise that differs between machines, so
+    # the score must not depend on them (it did: issue 14). By hand: the neighbour
+    # average of e_0 is 1/3, 1/4, 1/5 on cells 0-2; their 98th percentile is
+    # 0.2 + 0.82 * 0.05 = 0.241, the clip, so the scaled score is 1, 1, 0.2 / 0.241.
+    n = 60
+    T_bwd = _absorbing_chain(n)
+    expected = np.zeros(n)
+    expected[:3] = [1.0, 1.0, 0.2 / 0.241]
+    for seed in range(5):
+        score = lt.root_cells(T_bwd, _chain(n), seed=seed)
+        assert score.shape == (n,)
+        np.testing.assert_allclose(score, expected, atol=1e-6)
     # pushing mass through the backward chain (the large-data path) finds the same root
     fast = lt.root_cells(T_bwd, _chain(n), n_power_steps=200)
-    assert np.argmax(fast) < 10
+    assert np.argmax(fast) == 0
     assert fast[-15:].max() < 0.1
     with pytest.raises(ValueError, match="n_power_steps"):
         lt.root_cells(T_bwd, _chain(n), n_power_steps=0)
+
+
+def test_root_cells_of_a_reversible_chain_match_its_stationary_distribution():
+    # backward chain that steps towards cell 0 w.p. 0.8 and away w.p. 0.2 (reflecting at
+    # the ends): detailed balance gives the stationary distribution pi_i ~ 0.25**i,
+    # spread over a few cells, and a spectral gap of 0.2 (one eigenvalue near 1)
+    n = 60
+    T_bwd = sparse.lil_matrix((n, n))
+    for i in range(n):
+        T_bwd[i, max(i - 1, 0)] += 0.8
+        T_bwd[i, min(i + 1, n - 1)] += 0.2
+    T_bwd = sparse.csr_matrix(T_bwd)
+    pi = 0.25 ** np.arange(n)
+    lbs, ubs = np.percentile(pi, [2, 98])
+    v = np.clip(np.where(pi < lbs, 0, pi), 0, ubs)
+    v /= v.max()
+    smooth = lt.neighbor_average_matrix(_chain(n)).toarray() @ v
+    expected = lt.scale01(np.clip(smooth, 0, np.percentile(smooth, 98)))
+    for seed in range(3):
+        score = lt.root_cells(T_bwd, _chain(n), seed=seed)
+        np.testing.assert_allclose(score, expected, atol=1e-5)
+    assert set(np.flatnonzero(expected > 1 - 1e-3)) == {0, 1}
 
 
 def test_compute_latent_time_writes_obs():
@@ -103,3 +132,89 @@ def test_compute_latent_time_needs_a_fit():
 
     with pytest.raises(KeyError, match="fit_t"):
         lt.compute_latent_time(anndata.AnnData(np.zeros((3, 2), dtype=np.float32)))
+
+
+def test_gene_times_are_smoothed_around_the_wrap_of_the_clock():
+    # one gene whose off cells (the last 20 of a chain) were given time 0 or the end of
+    # repression (10) alternately: a linear average over neighbours would put them at
+    # mid-range times (about 5); on the clock they stay at one end of the wrap
+    n = 60
+    t = np.linspace(0, 10, n)
+    t[-20:] = np.where(np.arange(20) % 2 == 0, 0.0, 10.0)
+    out = lt.smooth_gene_times(t[:, None], _chain(n)).ravel()
+    linear = (lt.neighbor_average_matrix(_chain(n)) @ t[:, None]).ravel()
+    assert np.abs(linear[-15:] - 5).max() < 2.5  # what the linear average does
+    ends = np.minimum(out[-15:], 10.5 - out[-15:])  # distance to the wrap (period 10.5)
+    assert ends.max() < 0.6
+    # away from the wrap it is the plain average
+    np.testing.assert_allclose(out[5:30], linear[5:30], atol=0.05)
+
+
+@pytest.mark.slow
+def test_latent_time_on_a_hard_simulation_follows_true_time():
+    # explorer's simulator with every option that makes it harder (uneven time density,
+    # a dense terminal population, cell-to-cell rate variation, lineage-separated
+    # kinetic regimes, a fifth of the unspliced molecules): measured 0.984 (seed 0,
+    # 1000 cells x 100 genes; 0.972 before the gene times were ranked); a linear
+    # smoothing of the gene times gave 0.976 there, the unsmoothed times 0.938
+    from explorer.data.preprocess import prepare
+    from explorer.data.simulate import HARD, simulate
+    from explorer.models.dynamical import Dynamical
+
+    adata = simulate(n_obs=1000, n_vars=100, seed=0, **HARD)
+    prepare(adata, compute_umap=False)
+    res = Dynamical(fit_t_on=False).fit(adata)
+    rho = spearmanr(res.latent_time, adata.obs["true_t"])[0]
+    assert rho > 0.95
+    # the last tenth of the cells (the terminal population) is the latest
+    order = np.argsort(adata.obs["true_t"].to_numpy())
+    tenths = np.array_split(res.latent_time[order], 10)
+    assert np.median(tenths[-1]) > np.median(tenths[-2]) > np.median(tenths[0])
+
+
+def test_latent_time_on_scvelos_own_simulator_follows_true_time():
+    # data explorer did not design: scVelo's datasets.simulation with heterogeneous
+    # rates on its own 0-50 time axis, preprocessed by scVelo (filter_and_normalize,
+    # moments); written by benchmarks/_scvelo_simulation.py (OUTPUT 1 500 40 0
+    # --compact) in scVelo's environment. Measured 0.985 (0.974 before the gene times
+    # were ranked; linear smoothing of the gene times as scVelo's: 0.969; on 1,000
+    # cells the gap grows, see the README)
+    from pathlib import Path
+
+    import anndata
+
+    from explorer.models.dynamical import Dynamical
+
+    adata = anndata.read_h5ad(Path(__file__).parent.parent / "data" / "scvelo_simulation_500x40.h5ad")
+    res = Dynamical(genes="all", fit_t_on=False).fit(adata)
+    true = adata.obs["true_t"].to_numpy()
+    assert spearmanr(res.latent_time, true)[0] > 0.96
+    # the root cells are among the first tenth of the cells in true time
+    roots = res.obs["root_cells"].to_numpy() > 1 - 1e-3
+    assert roots.any()
+    assert np.median(true[roots]) < np.quantile(true, 0.1)
+
+
+def test_rank_gene_times_ranks_each_gene_over_the_cells():
+    t = np.array([[0.0, 5.0], [2.0, 5.0], [1.0, 9.0]])
+    # gene 0: ranks 1, 3, 2; gene 1: the tie shares ranks 1 and 2 (1.5 each), then 3
+    np.testing.assert_allclose(lt.rank_gene_times(t), np.array([[1, 1.5], [3, 1.5], [2, 3]]) / 3)
+
+
+def test_latent_time_with_ranks_is_not_led_by_short_noisy_clocks():
+    # 15 genes measure the true clock precisely over 0-10, 15 noisily over 0-1 (each
+    # gene's fitted times are on its own scale): on the fitted scale the short clocks
+    # hold the low quantile of every cell, and their noise with it (measured 0.92-0.97
+    # over seeds 0-2); on ranks both halves order the cells with equal weight (0.998)
+    n = 200
+    true = np.linspace(0, 1, n)
+    rng = np.random.default_rng(0)
+    short = true[:, None] + rng.normal(0, 0.3, (n, 15))
+    long = true[:, None] * 10 + rng.normal(0, 0.3, (n, 15))
+    fit_t = np.clip(np.hstack([short, long]), 0, None)
+    root = np.zeros(n, dtype=np.float32)
+    root[0] = 1.0
+    ranked = spearmanr(lt.latent_time(fit_t, root, _chain(n)), true)[0]
+    scaled = spearmanr(lt.latent_time(fit_t, root, _chain(n), rank_times=False), true)[0]
+    assert ranked > 0.99
+    assert scaled < 0.98

@@ -191,14 +191,24 @@ def test_velocity_sign_on_induction_and_repression(sim, fit):
 def test_late_induction_and_early_repression(sim, fit):
     kind, _ = _truth(sim)
     gp = fit.gene_params
-    late, early, standard = kind == "late_induction", kind == "early_repression", kind == "standard"
+    late, early = kind == "late_induction", kind == "early_repression"
     assert late.sum() >= 3
     assert early.sum() >= 2
-    # late genes use an onset after the start, later than the standard genes' onsets
+    # the true onsets on the axis the onsets are fitted on (latent time x t_max)
+    t_true = sim.obs[Key.obs.TRUE_T].to_numpy()
+    order = np.argsort(t_true)
+    t_on = np.interp(sim.var[Key.var.TRUE_T_ON], t_true[order], fit.latent_time[order] * 20, left=-1)
+    flagged = gp[Key.var.FIT_USES_T_ON].to_numpy(dtype=bool)
+    # the flag means an onset after the root: nearly every flagged gene truly has one (at
+    # least 5% into the axis), no gene truly induced at the start is flagged, and half of
+    # the late-induction genes are found
+    assert flagged.sum() >= 3
+    assert np.mean(t_on[flagged] > 1) >= 0.9
+    assert not flagged[(t_on <= 0.4) & (kind != "steady")].any()
     assert gp[Key.var.FIT_USES_T_ON][late].mean() >= 0.5
-    assert gp[Key.var.FIT_T_ON][late].mean() > gp[Key.var.FIT_T_ON][standard].mean() + 2
-    # and the onset lowers their shared-time loss
-    assert (gp[Key.var.FIT_T_ON_GAIN][late & gp[Key.var.FIT_USES_T_ON]] > 0.1).all()
+    # the onset lowers the held-out loss of the flagged genes; its time follows the truth
+    assert (gp[Key.var.FIT_T_ON_GAIN][flagged] > 0.1).all()
+    assert np.corrcoef(gp[Key.var.FIT_T_ON][flagged], t_on[flagged])[0, 1] > 0.5
     # early-repression genes: repressing cells get negative velocity
     true = sim.layers[Key.layers.TRUE_VELOCITY][:, early]
     down = true < -0.1 * np.abs(true).max(0)
@@ -315,11 +325,17 @@ TRANSITIONS = (
 )
 
 
+@pytest.fixture(scope="module")
+def pancreas_fit(pancreas):
+    """``Dynamical()`` fitted on the pancreas once, for the slow tests below."""
+    return Dynamical().fit(pancreas)
+
+
 @pytest.mark.slow
-def test_pancreas_against_scvelo(pancreas, reference_dir):
+def test_pancreas_against_scvelo(pancreas, pancreas_fit, reference_dir):
     ref = pd.read_csv(reference_dir / "pancreas_3696_scvelo_genes.csv", index_col=0)
     cells = pd.read_csv(reference_dir / "pancreas_3696_scvelo_cells.csv", index_col=0)
-    res = Dynamical().fit(pancreas)
+    res = pancreas_fit
     gp = res.gene_params
     ours_fitted = gp.index[gp[Key.var.FIT_ALPHA].notna()]
     ref_fitted = ref.index[ref["fit_alpha"].notna()]
@@ -344,3 +360,86 @@ def test_pancreas_against_scvelo(pancreas, reference_dir):
     }
     assert min(scores.values()) > 0.05, scores
     assert np.mean(list(scores.values())) > 0.1, scores
+
+
+# ---------------------------------------------------------------------------------------------
+# rare populations: the EM subset is drawn per gene from the cells that carry its weight
+
+
+def _rare_population_adata(n_obs: int = 5000, seed: int = 0):
+    """Ms/Mu of ``n_obs`` cells: ``common`` follows the on/off curve in every cell, ``rare`` in
+    1 % of them and ``tiny`` in 15 cells; elsewhere those two are 0 (a rare cell type's gene)."""
+    import anndata
+
+    rng = np.random.default_rng(seed)
+    alpha, beta, gamma, t_ = 20.0, 1.0, 0.5, 10.0
+    u = np.zeros((n_obs, 3))
+    s = np.zeros((n_obs, 3))
+    for j, n in enumerate((n_obs, n_obs // 100, 15)):
+        cells = rng.choice(n_obs, n, replace=False)
+        uu, ss = kinetics.trajectory(rng.uniform(0, 25, n), t_, alpha, beta, gamma)
+        u[cells, j] = uu * rng.lognormal(0, 0.05, n) + 0.05
+        s[cells, j] = ss * rng.lognormal(0, 0.05, n) + 0.05
+    adata = anndata.AnnData(
+        X=s.astype(np.float32),
+        var=pd.DataFrame(index=["common", "rare", "tiny"]),
+        layers={"Ms": s.astype(np.float32), "Mu": u.astype(np.float32), "spliced": s, "unspliced": u},
+    )
+    return adata, gamma / beta
+
+
+def test_gene_of_a_rare_population_keeps_its_cells_in_the_em(caplog):
+    adata, true_ratio = _rare_population_adata()
+    with caplog.at_level("WARNING", logger="explorer.models.dynamical"):
+        res = Dynamical(genes="all", latent_time=False, connected_states=False, max_cells_em=1000).fit(adata)
+    gp = res.gene_params
+    n_em = gp[Key.var.FIT_N_CELLS_EM]
+    # a uniform draw of 1,000 of 5,000 cells would keep about 10 of the 50 rare cells
+    weighted = ((adata.layers["Mu"] > 0) & (adata.layers["Ms"] > 0)).sum(0)
+    assert n_em["rare"] >= 0.95 * weighted[1]
+    assert n_em["common"] == 1000
+    # the rare gene gets a real fit: amplitude far from the 1e-8 floor, curve through its cells
+    rare = gp.loc["rare"]
+    assert rare[Key.var.FIT_ALPHA] > 1e-3
+    assert rare[Key.var.FIT_R2] > 0.8
+    ratio = rare[Key.var.FIT_GAMMA] / rare[Key.var.FIT_BETA]
+    assert abs(ratio / true_ratio - 1) < 0.3
+    # and every one of its cells gets a velocity
+    cells = adata.layers["Ms"][:, 1] > 0
+    assert np.isfinite(res.velocity[cells, 1]).all()
+    # 15 cells: fitted, but reported as poorly determined
+    assert n_em["tiny"] < 30
+    assert any("fewer than 30 cells" in r.getMessage() and "tiny" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["steady_state", "stochastic", "dynamical"])
+def test_pancreas_phase_portrait_curves_stay_with_the_cells(pancreas, pancreas_fit, model):
+    """Every curve the app draws (kinetics.fitted_gene / steady_state_line, as ExplorerState.phase_fits)
+    stays within 1.5x each gene's Ms/Mu range and never goes below zero, for every fitted gene."""
+    res = pancreas_fit if model == "dynamical" else MODELS[model]().fit(pancreas)
+    Ms, Mu = np.asarray(pancreas.layers[Key.layers.MS]), np.asarray(pancreas.layers[Key.layers.MU])
+    fit_t = res.layers.get(Key.layers.FIT_T)
+    checked, bad = 0, []
+    for j, gene in enumerate(res.var_names):
+        row = res.gene_params.iloc[j]
+        s_max, u_max = float(Ms[:, j].max()), float(Mu[:, j].max())
+        curves = []
+        fitted = kinetics.fitted_gene(row)
+        slope = row.get(Key.var.GAMMA)
+        if fitted is not None:
+            curves.append(fitted.phase_curve(float(np.nanmax(fit_t[:, j]))))
+            slope = fitted.scaling * fitted.gamma / fitted.beta
+        line = kinetics.steady_state_line(slope, s_max, u_max) if slope is not None else None
+        if line is not None:
+            curves.append((line[:, 0], line[:, 1]))
+        for s, u in curves:
+            checked += 1
+            inside = s.min() >= 0 and u.min() >= 0 and s.max() <= 1.5 * s_max and u.max() <= 1.5 * u_max
+            if not inside:
+                bad.append(
+                    (gene, float(s.min()), float(s.max()) / s_max, float(u.min()), float(u.max()) / u_max)
+                )
+    n_fitted = res.gene_params[Key.var.FIT_ALPHA if model == "dynamical" else Key.var.GAMMA].notna().sum()
+    assert checked >= n_fitted >= 300
+    assert not bad, bad[:10]

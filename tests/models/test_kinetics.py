@@ -64,3 +64,83 @@ def test_steady_state_is_the_limit():
     u_inf, s_inf = kinetics.steady_state(3.0, 0.5, 0.25)
     u, s = kinetics.trajectory(np.array([200.0]), 300.0, 3.0, 0.5, 0.25)
     np.testing.assert_allclose([u[0], s[0]], [u_inf, s_inf], rtol=1e-8)
+
+
+def _reference_spliced(tau, alpha, beta, gamma):
+    """``s(tau)`` from (0, 0) in float64 by numerical integration (the reference of the float32 tests)."""
+    return odeint(
+        _ode, [0.0, 0.0], np.concatenate([[0.0], tau]), args=(alpha, beta, gamma), rtol=1e-12, atol=1e-14
+    )[1:, 1]
+
+
+@pytest.mark.parametrize("gap", [1e-2, 1e-3, 1e-5, 1e-7, 0.0])
+def test_spliced_in_float32_stays_exact_when_beta_approaches_gamma(gap):
+    # the difference of two close exponentials cancels in float32 (about 1 % error at a
+    # gap of 1e-3 in the textbook form); the expm1 form keeps float32 precision
+    alpha, beta = 3.0, 0.7
+    gamma = beta + gap
+    tau = np.linspace(0.05, 15, 60)
+    ref = _reference_spliced(tau, alpha, beta, gamma)
+    f32 = np.float32
+    for xp, cast in (
+        (np, lambda x: np.asarray(x, dtype=f32)),
+        (torch, lambda x: torch.tensor(x, dtype=torch.float32)),
+    ):
+        s = kinetics.spliced(cast(tau), cast(0.0), cast(0.0), cast(alpha), cast(beta), cast(gamma), xp=xp)
+        s = np.asarray(s, dtype=np.float64)
+        np.testing.assert_allclose(s, ref, rtol=2e-5)
+
+
+def test_onset_after_switch_keeps_the_gene_off_without_overflow():
+    # e^{-beta (t_ - t_on)} with t_on far after t_ would overflow (inf, then NaN curves)
+    t = np.linspace(0, 60, 121)
+    u, s = kinetics.trajectory(t, 1.0, 5.0, 50.0, 40.0, t_on=30.0)
+    assert np.isfinite(u).all()
+    assert np.isfinite(s).all()
+    np.testing.assert_array_equal(u, 0.0)
+    np.testing.assert_array_equal(s, 0.0)
+    # torch float32, the EM's dtype
+    tt = torch.linspace(0, 60, 121)
+    one = torch.ones(())
+    u_t, s_t = kinetics.trajectory(tt, one, 5 * one, 50 * one, 40 * one, t_on=30 * one, xp=torch)
+    assert torch.isfinite(u_t).all()
+    assert (u_t == 0).all()
+    assert (s_t == 0).all()
+
+
+def test_fitted_gene_reads_scvelo_keys():
+    import pandas as pd
+
+    row = pd.Series(
+        {
+            "fit_alpha": 2.0,
+            "fit_beta": 0.25,
+            "fit_gamma": 0.3,
+            "fit_t_": 4.0,
+            "fit_scaling": 2.0,
+            "fit_t_on": 9.0,
+        }
+    )
+    gene = kinetics.fitted_gene(row)
+    # the ODE's beta is fit_beta * fit_scaling; the shared-axis onset is not part of the curve
+    assert gene.beta == 0.5
+    t = np.array([0.0, 1.0, 4.0, 7.0])
+    u_counts, s, v = gene.at(t)
+    u, s_ref = kinetics.trajectory(t, 4.0, 2.0, 0.5, 0.3)
+    np.testing.assert_allclose(u_counts, 2.0 * u)
+    np.testing.assert_allclose(s, s_ref)
+    np.testing.assert_allclose(v, 0.5 * u - 0.3 * s_ref)
+    # induced from time 0, not from fit_t_on
+    assert u_counts[0] == 0
+    assert u_counts[1] > 0
+    # not fitted: NaN or missing rates
+    assert kinetics.fitted_gene(row.drop("fit_t_")) is None
+    assert kinetics.fitted_gene(row.replace(2.0, np.nan)) is None
+
+
+def test_steady_state_line_stays_in_the_data_box():
+    np.testing.assert_allclose(kinetics.steady_state_line(0.5, 10.0, 8.0), [[0, 0], [10, 5]])
+    # steeper than the box: stops where it reaches u_max (10 * 2 = 20 > 8)
+    np.testing.assert_allclose(kinetics.steady_state_line(2.0, 10.0, 8.0), [[0, 0], [4, 8]])
+    assert kinetics.steady_state_line(-1.0, 10.0, 8.0) is None
+    assert kinetics.steady_state_line(None, 10.0, 8.0) is None

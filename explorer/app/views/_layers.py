@@ -14,6 +14,7 @@ well under one.
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import holoviews as hv
@@ -53,9 +54,20 @@ class LiveLayer:
     def __init__(self) -> None:
         self.sources: list[Any] = []
         self.plots: list[Any] = []
+        # HoloViews keeps every element's options, hooks included, in a process-wide tree
+        # that outlives the session: the hook it keeps holds this layer (and through its
+        # plots the session's whole page) only weakly, so a closed session is freed
+        layer = weakref.ref(self)
 
-    def hook(self, plot: Any, element: Any) -> None:
-        """HoloViews hook: remember the plot's data source."""
+        def hook(plot: Any, element: Any) -> None:
+            live = layer()
+            if live is not None:
+                live.remember(plot, element)
+
+        self.hook = hook
+
+    def remember(self, plot: Any, element: Any) -> None:
+        """What ``hook`` does: remember the plot's data source."""
         source = plot.handles.get("source")
         if source is not None and all(source is not s for s in self.sources):
             self.sources.append(source)

@@ -7,6 +7,7 @@ from typing import Any
 import panel as pn
 import param
 
+from explorer.app.escape import markdown_text
 from explorer.app.files import list_datasets
 from explorer.app.state import ExplorerState
 
@@ -46,7 +47,7 @@ class DatasetPicker(pn.viewable.Viewer):
             if state.adata is not None
             else ""
         )
-        self.current.object = f"**{state.dataset}**{n}"
+        self.current.object = f"**{markdown_text(state.dataset)}**{n}"
 
     def __panel__(self) -> pn.viewable.Viewable:
         return pn.Column(self.current, self.files, pn.Row(self.open_button, self.refresh_button), name="Data")

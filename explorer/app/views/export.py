@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -12,7 +13,11 @@ import param
 
 from explorer._types import InputError
 from explorer.app import plots
+from explorer.app.escape import markdown_text
+from explorer.app.files import ExistingFileError
 from explorer.app.state import ExplorerState
+
+logger = logging.getLogger(__name__)
 
 PLOTS = ("embedding", "phase portrait", "gene over time")
 
@@ -31,7 +36,6 @@ def figure_layers(state: ExplorerState, which: str) -> tuple[list[dict[str, Any]
     elif which == "phase portrait":
         x, y = state.gene_values("Ms"), state.gene_values("Mu")
         layers.append({"kind": "points", "x": x, "y": y, "coloring": coloring})
-        s_max = float(np.nanmax(x)) if np.isfinite(x).any() else 1.0
         for i, fit in enumerate(state.phase_fits()):
             color = plots.FIT_COLORS[i % len(plots.FIT_COLORS)]
             style = "-" if fit.active else "--"
@@ -46,11 +50,11 @@ def figure_layers(state: ExplorerState, which: str) -> tuple[list[dict[str, Any]
                         "label": fit.label,
                     }
                 )
-            if fit.slope is not None and np.isfinite(fit.slope):
+            if fit.line is not None:
                 layers.append(
                     {
                         "kind": "lines",
-                        "lines": [np.array([[0, 0], [s_max, fit.slope * s_max]])],
+                        "lines": [fit.line],
                         "color": color,
                         "style": ":",
                         "width": 1.2,
@@ -94,7 +98,13 @@ def plot_file(state: ExplorerState, which: str, fmt: Literal["png", "svg"]) -> b
 
 
 class ExportView(pn.viewable.Viewer):
-    """Save results as .h5ad under the data directory; download plots and the gene table."""
+    """Save results as .h5ad under the data directory; download plots and the gene table.
+
+    Saving never replaces a file without asking: when the name is taken, the message
+    under the Save button says so and an Overwrite button appears, which replaces that
+    file (and only that name; editing the name hides it). Every outcome of a save,
+    success or any error, replaces the message under the button.
+    """
 
     state = param.ClassSelector(class_=ExplorerState)
 
@@ -106,8 +116,17 @@ class ExportView(pn.viewable.Viewer):
             label="Save results as (in the data directory)", value=f"{stem}_velocity.h5ad", width=250
         )
         self.save_button = pn.widgets.Button(label="Save .h5ad", color="success", width=110)
-        self.message = pn.pane.Markdown("", name="export message", sizing_mode="stretch_width")
+        self.overwrite_button = pn.widgets.Button(
+            label="Overwrite", color="danger", width=110, visible=False
+        )
+        self.message = pn.pane.Alert(
+            "", name="export message", alert_type="info", visible=False, sizing_mode="stretch_width"
+        )
+        #: the name the Overwrite button replaces (the one the last save found taken)
+        self._confirm: str | None = None
         self.save_button.on_click(self._save)
+        self.overwrite_button.on_click(self._overwrite)
+        self.filename.param.watch(self._renamed, "value")
         self.which = pn.widgets.Select(label="Plot", options=list(PLOTS), width=160)
         self.png = pn.widgets.FileDownload(
             callback=self._png, filename="plot.png", label="PNG", width=80, color="light"
@@ -129,20 +148,64 @@ class ExportView(pn.viewable.Viewer):
         base = self.which.value.replace(" ", "_")
         self.png.filename, self.svg.filename = f"{base}.png", f"{base}.svg"
 
-    def save(self) -> Path | None:
-        """Write the results file named in the form; the outcome is shown as a message."""
+    def _renamed(self, *_: Any) -> None:
+        """A new name: the confirmation asked for the old one no longer applies."""
+        if self._confirm is not None and self.filename.value != self._confirm:
+            self._ask_overwrite(None)
+
+    def _ask_overwrite(self, name: str | None) -> None:
+        self._confirm = name
+        self.overwrite_button.visible = name is not None
+
+    def _say(self, text: str, kind: str) -> None:
+        self.message.param.update(object=text, alert_type=kind, visible=bool(text))
+
+    def save(self, *, overwrite: bool = False) -> Path | None:
+        """Write the results file named in the form; the outcome is shown under the Save button.
+
+        Without ``overwrite`` an existing file is kept and the Overwrite button offered.
+        Returns the path written, or None when nothing was written.
+        """
+        name = self.filename.value
+        shown = markdown_text(name)
         try:
-            path = self.state.export_h5ad(self.filename.value)
-        except (InputError, FileExistsError, PermissionError, ValueError) as err:
-            self.message.object = f"**Not saved:** {err}"
+            path = self.state.export_h5ad(name, overwrite=overwrite)
+        except ExistingFileError:
+            self._ask_overwrite(name)
+            self._say(
+                f"**Not saved:** {shown} exists already in the data directory. "
+                "Press **Overwrite** to replace it, or choose another name.",
+                "warning",
+            )
             return None
-        self.message.object = (
-            f"Saved `{path.name}` ({path.stat().st_size / 1e6:.1f} MB) in the data directory."
+        except (InputError, OSError) as err:
+            # a name that leaves the folder, a folder's name, too long a name, no permission, a full disk
+            self._ask_overwrite(None)
+            reason = (
+                f"could not write {name!r} in the data directory: {err.strerror or err}"
+                if isinstance(err, OSError)
+                else str(err)
+            )
+            self._say(f"**Not saved:** {markdown_text(reason)}", "danger")
+            return None
+        except Exception as err:  # noqa: BLE001 - whatever the writer raises, the page must say it
+            logger.exception("saving %r failed", name)
+            self._ask_overwrite(None)
+            self._say(f"**Not saved:** {markdown_text(f'{type(err).__name__}: {err}')}", "danger")
+            return None
+        self._ask_overwrite(None)
+        self._say(
+            f"Saved {markdown_text(path.name)} ({path.stat().st_size / 1e6:.1f} MB) in the data directory.",
+            "success",
         )
         return path
 
     def _save(self, *_: Any) -> None:
         self.save()
+
+    def _overwrite(self, *_: Any) -> None:
+        if self._confirm is not None and self.filename.value == self._confirm:
+            self.save(overwrite=True)
 
     def _png(self) -> io.BytesIO:
         return io.BytesIO(plot_file(self.state, self.which.value, "png"))
@@ -156,7 +219,7 @@ class ExportView(pn.viewable.Viewer):
     def __panel__(self) -> pn.viewable.Viewable:
         return pn.Column(
             self.filename,
-            self.save_button,
+            pn.Row(self.save_button, self.overwrite_button),
             self.message,
             pn.Row(self.which, self.png, self.svg),
             self.csv,

@@ -11,7 +11,9 @@ from bokeh.models.widgets.tables import NumberFormatter
 from explorer._types import InputError
 from explorer.app.state import ExplorerState
 
-_FLOAT = NumberFormatter(format="0.000")
+#: number format of the float columns; each table gets its own formatter: a Bokeh model shared by
+#: every session keeps a reference to each session's table, which then outlives its session
+_FLOAT_FORMAT = "0.000"
 
 
 class GeneBrowser(pn.viewable.Viewer):
@@ -56,7 +58,8 @@ class GeneBrowser(pn.viewable.Viewer):
 
     @staticmethod
     def _formatters(table: Any) -> dict[str, Any]:
-        return {c: _FLOAT for c in table.columns if table[c].dtype.kind == "f"}
+        number = NumberFormatter(format=_FLOAT_FORMAT)
+        return {c: number for c in table.columns if table[c].dtype.kind == "f"}
 
     def _refresh(self, *_: Any) -> None:
         table = self.state.gene_table()

@@ -9,6 +9,7 @@ import panel as pn
 import param
 from bokeh.models.widgets.tables import NumberFormatter
 
+from explorer.app.escape import markdown_text
 from explorer.app.state import ExplorerState
 
 
@@ -44,9 +45,11 @@ class CellInspector(pn.viewable.Viewer):
             self._indices = []
             self.targets.value = pd.DataFrame(columns=["cell", "cluster", "probability"])
             return
+        # cell and cluster names come from the dataset: shown as text, never markup
+        cluster = markdown_text(info.cluster) if info.cluster is not None else "—"
         lines = [
-            f"**Cell** `{info.name}` (row {info.index})",
-            f"- cluster: **{info.cluster if info.cluster is not None else '—'}**",
+            f"**Cell** {markdown_text(info.name)} (row {info.index})",
+            f"- cluster: **{cluster}**",
             f"- latent time: **{_fmt(info.latent_time)}**",
             f"- velocity confidence: **{_fmt(info.confidence)}**",
         ]

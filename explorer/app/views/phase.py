@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import holoviews as hv
-import numpy as np
 import panel as pn
 import param
 
 from explorer.app import plots
+from explorer.app.escape import markdown_text
 from explorer.app.state import ExplorerState
 from explorer.app.views._layers import CellScatter
 
@@ -54,10 +54,7 @@ class PhasePortrait(pn.viewable.Viewer):
         return fits
 
     def _draw_fits(self, **_: Any) -> hv.Overlay:
-        fits = self._fits()
-        xy = self.scatter.xy()
-        s_max = float(np.nanmax(xy[0])) if xy is not None and np.isfinite(xy[0]).any() else 1.0
-        return plots.phase_fits(fits, s_max=s_max)
+        return plots.phase_fits(self._fits())
 
     def __panel__(self) -> pn.viewable.Viewable:
         state = self.state
@@ -71,5 +68,5 @@ class PhasePortrait(pn.viewable.Viewer):
         return plots.fits_legend_html(self._fits())
 
     def _header(self, gene: str | None, model: str | None) -> str:
-        fit = f" — fit: **{model}**" if model else " — no fit yet: press Run"
-        return f"Gene **{gene}**{fit}"
+        fit = f" — fit: **{markdown_text(model)}**" if model else " — no fit yet: press Run"
+        return f"Gene **{markdown_text(gene)}**{fit}"

@@ -7,6 +7,7 @@ from typing import Any
 import panel as pn
 import param
 
+from explorer.app.escape import markdown_text
 from explorer.app.state import ExplorerState, model_defaults
 from explorer.models import MODELS
 
@@ -72,8 +73,9 @@ class ModelRunner(pn.viewable.Viewer):
         self.bar.active = state.running and state.progress == 0
         self.run_button.disabled = state.running
         self.cancel_button.disabled = not state.running
-        self.status.object = state.status
-        self.alert.object = state.error
+        # messages name genes, files and categories from the dataset: shown as text, never markup
+        self.status.object = markdown_text(state.status)
+        self.alert.object = markdown_text(state.error)
         self.alert.visible = bool(state.error)
 
     def __panel__(self) -> pn.viewable.Viewable:

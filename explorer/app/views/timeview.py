@@ -10,6 +10,7 @@ import panel as pn
 import param
 
 from explorer.app import plots
+from explorer.app.escape import markdown_text
 from explorer.app.state import ExplorerState
 from explorer.app.views._layers import CellScatter, LiveLayer
 
@@ -89,5 +90,8 @@ class GeneTimeView(pn.viewable.Viewer):
         found = self.state.time_curve("Ms")
         if found is not None and found[2] == "fit":
             model = self.state.model
-            return f"Red line: the **{model}** fit at each cell's gene time, averaged along latent time."
+            return (
+                f"Red line: the **{markdown_text(model)}** fit at each cell's gene time, "
+                "averaged along latent time."
+            )
         return "Red line: the mean along latent time (no kinetic fit for this gene)."

@@ -1,0 +1,190 @@
+"""Sessions on a real server: a closed tab stops its fit at once, quietly, and its memory is let go.
+
+A Panel server runs in a thread of the test process; Bokeh's own client opens a session
+over the websocket (as a browser tab does, without a browser) and closes it. The
+factory keeps only weak references to what the sessions build.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import socket
+import threading
+import time
+import weakref
+
+import pytest
+
+from explorer._types import Progress
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(condition, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+class _Server:
+    """``create_app(adata)`` served in a thread; ``made`` holds weak references to each session's parts."""
+
+    def __init__(self, adata, *, run: bool, lifetime_ms: int) -> None:
+        import panel as pn
+
+        from explorer.app.main import create_app
+
+        self.made: list[dict[str, weakref.ref]] = []
+        self.started = threading.Event()
+
+        def session():
+            page = create_app(adata, name="small")
+            state = page.app.state
+            job = state.run_model("stochastic") if run else None
+            self.made.append(
+                {"state": weakref.ref(state), "app": weakref.ref(page.app), "job": job and weakref.ref(job)}
+            )
+            self.started.set()
+            return page
+
+        self.port = _free_port()
+        self.thread = pn.serve(
+            session,
+            port=self.port,
+            address="127.0.0.1",
+            show=False,
+            threaded=True,
+            check_unused_sessions_milliseconds=100,
+            unused_session_lifetime_milliseconds=lifetime_ms,
+        )
+        assert _wait(lambda: _listening(self.port), 60), "the test server did not start"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    def stop(self) -> None:
+        self.thread.stop()
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def endless_fit(monkeypatch):
+    """Make every fit run until it is cancelled, reporting progress every 10 ms; log when it stopped."""
+    from explorer.app import state as state_module
+
+    stopped: list[float] = []
+
+    def fit(*_args, progress=None, **_kwargs):
+        i = 0
+        try:
+            while True:
+                i += 1
+                progress(Progress(i % 1000, 1000, "working"))
+                time.sleep(0.01)
+        finally:
+            stopped.append(time.monotonic())
+
+    monkeypatch.setattr(state_module, "fit_and_derive", fit)
+    return stopped
+
+
+def _errors(caplog) -> list[str]:
+    return [
+        f"{r.name}: {r.getMessage()}"
+        for r in caplog.records
+        if r.levelno >= logging.ERROR
+        or "WebSocketClosedError" in r.getMessage()
+        or "never retrieved" in r.getMessage()
+    ]
+
+
+def test_closing_the_tab_cancels_its_fit_at_once_and_quietly(app_adata, endless_fit, caplog):
+    from bokeh.client import pull_session
+
+    caplog.set_level(logging.WARNING)
+    # a session is discarded 60 s after its tab closed: the fit must stop long before that
+    server = _Server(app_adata, run=True, lifetime_ms=60_000)
+    try:
+        client = pull_session(url=server.url)
+        assert server.started.wait(60)
+        job = server.made[0]["job"]()
+        assert _wait(lambda: job.running, 10)
+        time.sleep(0.5)  # progress reaches the page meanwhile
+        assert job.running
+        closed = time.monotonic()
+        client.close()
+        assert _wait(lambda: not job.running, 10), "the fit still runs after its tab closed"
+        assert job.outcome == "cancelled"
+        assert endless_fit[0] - closed < 5
+        time.sleep(1.0)  # anything the closed session would still send
+        gc.collect()  # an asyncio task that failed is reported when it is collected
+        assert _errors(caplog) == []
+    finally:
+        server.stop()
+
+
+def test_a_closed_session_releases_its_state(app_adata, caplog):
+    from bokeh.client import pull_session
+
+    caplog.set_level(logging.WARNING)
+    server = _Server(app_adata, run=False, lifetime_ms=300)
+    try:
+        client = pull_session(url=server.url)
+        assert server.started.wait(60)
+        made = server.made[0]
+        state = made["state"]()
+        # Bokeh's client does not report the page as shown, as a browser does: say so for it
+        app = made["app"]()
+        app.life._loop.add_callback(app.page_shown)  # noqa: SLF001 - the server's event loop
+        del app
+        # the page's views are built after that, one part at a time
+        assert _wait(lambda: {"embedding", "phase", "genes", "inspector", "time"} <= set(made["app"]().views), 60)
+        assert state.adata is app_adata
+        del state
+        client.close()
+
+        def released() -> bool:
+            gc.collect()
+            return made["state"]() is None and made["app"]() is None
+
+        assert _wait(released, 30), "the closed session's state is still referenced"
+        assert _errors(caplog) == []
+    finally:
+        server.stop()
+
+
+def test_sessions_share_the_datasets_read_only_arrays(app_adata):
+    """Two sessions on one dataset share its embedding array and stored fit instead of copying them."""
+    import numpy as np
+
+    from explorer.app.state import ExplorerState
+    from explorer.keys import Key
+    from explorer.models import get_model
+
+    adata = app_adata.copy()
+    get_model("steady_state").fit(adata).to_adata(adata)  # a fit stored in the file
+    a, b = ExplorerState(adata, dataset="a"), ExplorerState(adata, dataset="b")
+    assert a.embedding() is b.embedding()
+    np.testing.assert_array_equal(a.embedding(), np.asarray(adata.obsm[Key.obsm.UMAP])[:, :2])
+    with pytest.raises(ValueError, match="read-only"):
+        a.embedding()[0, 0] = 1.0
+    assert a.fit is b.fit is not None
+    a.release()
+    assert a.adata is None and a.results == {}
+    assert b.fit is not None and b.embedding() is not None

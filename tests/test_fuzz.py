@@ -1,0 +1,224 @@
+"""Fuzz: generated AnnData files fed to ``explorer fit`` and to the app's loader.
+
+Every file either runs (exit 0, an output file scVelo's keys in it) or is refused with
+exit 2 and a message (the app's loader: :class:`~explorer._types.InputError`); nothing
+ends in a traceback. The files cover integer and float dtypes, sparse and dense storage,
+raw, normalised, logged and continuous (scVelo's simulator) values, zeros, NaN, inf, huge
+values, one or two genes and a handful of cells. Small (at most 60 cells x 25 genes) and
+the stochastic model, so the whole module stays within about a minute.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import sparse
+
+from explorer._types import InputError
+from explorer.app.state import load_dataset
+from explorer.cli import EXIT_INPUT, main
+from explorer.data.io import read
+from explorer.keys import Key
+
+EXE = shutil.which("explorer", path=str(Path(sys.executable).parent))
+
+N_OBS, N_VARS = 60, 25
+
+
+def _layers(kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:  # noqa: C901, PLR0912
+    """Spliced, unspliced and (None: the spliced values) X for one kind of file."""
+    n_obs = {"five_cells": 5, "three_cells": 3}.get(kind, N_OBS)
+    n_vars = {"one_gene": 1, "two_genes": 2}.get(kind, N_VARS)
+    rates = rng.uniform(0.5, 20, n_vars)
+    s = rng.poisson(rates, (n_obs, n_vars)).astype(np.float64)
+    u = rng.poisson(rates / 3, (n_obs, n_vars)).astype(np.float64)
+    x = None
+    if kind == "continuous":  # scVelo's simulator: non-integer, some values past expm1's float32 range
+        s = s * rng.uniform(0.3, 9.0, n_vars) + rng.uniform(0, 1, (n_obs, n_vars))
+        u = u * rng.uniform(0.3, 9.0, n_vars) + rng.uniform(0, 1, (n_obs, n_vars))
+    elif kind == "normalised":  # counts per 10,000 from another tool, not logged
+        s = s / s.sum(1, keepdims=True) * 1e4
+        u = u / np.maximum(u.sum(1, keepdims=True), 1) * 1e4
+    elif kind == "logged":
+        s, u = np.log1p(s), np.log1p(u)
+    elif kind == "x_logged":  # X normalised and logged by another tool, without scanpy's marker
+        x = np.log1p(s / s.sum(1, keepdims=True) * 1e4)
+    elif kind == "x_scaled":
+        x = (s - s.mean(0)) / (s.std(0) + 1)
+    elif kind == "huge":
+        s, u = s * 1e30, u * 1e30
+    elif kind == "large_counts":
+        s, u = s * 1e6, u * 1e6
+    elif kind == "nan":
+        s[1, 2] = np.nan
+    elif kind == "inf":
+        u[3, 4] = np.inf
+    elif kind == "x_nan":
+        x = s.copy()
+        x[0, 0] = np.nan
+    elif kind == "negative":
+        u[2, 2] = -1
+    elif kind == "all_zero":
+        s[:], u[:] = 0, 0
+    elif kind == "empty_cells":
+        s[:10], u[:10] = 0, 0
+    elif kind == "empty_genes":
+        s[:, :5], u[:, :5] = 0, 0
+    elif kind == "no_unspliced":
+        u[:] = 0
+    elif kind == "constant":
+        s[:], u[:] = 3, 1
+    return s, u, x
+
+
+#: kind -> storage: (sparse?, dtype)
+KINDS: dict[str, tuple[bool, str]] = {
+    "int_sparse": (True, "int64"),
+    "int_dense": (False, "int32"),
+    "float32_sparse": (True, "float32"),
+    "float64_dense": (False, "float64"),
+    "continuous": (False, "float64"),
+    "normalised": (True, "float32"),
+    "logged": (True, "float32"),
+    "x_logged": (True, "float32"),
+    "x_scaled": (False, "float32"),
+    "huge": (False, "float32"),
+    "large_counts": (True, "float32"),
+    "nan": (True, "float32"),
+    "inf": (False, "float32"),
+    "x_nan": (False, "float32"),
+    "negative": (True, "float32"),
+    "all_zero": (True, "float32"),
+    "empty_cells": (True, "float32"),
+    "empty_genes": (False, "float32"),
+    "no_unspliced": (True, "float32"),
+    "constant": (False, "float32"),
+    "one_gene": (True, "float32"),
+    "two_genes": (False, "float32"),
+    "five_cells": (True, "float32"),
+    "three_cells": (False, "float32"),
+}
+
+
+def make(kind: str, *, seed: int = 0) -> ad.AnnData:
+    """The generated AnnData of ``kind``."""
+    is_sparse, dtype = KINDS[kind]
+    rng = np.random.default_rng(seed)
+    s, u, x = _layers(kind, rng)
+
+    def store(m: np.ndarray) -> np.ndarray | sparse.csr_matrix:
+        with np.errstate(invalid="ignore", over="ignore"):
+            m = m.astype(dtype)
+        return sparse.csr_matrix(m) if is_sparse else m
+
+    return ad.AnnData(
+        X=store(s if x is None else x),
+        obs=pd.DataFrame(index=[f"c{i}" for i in range(s.shape[0])]),
+        var=pd.DataFrame(index=[f"g{j}" for j in range(s.shape[1])]),
+        layers={"spliced": store(s), "unspliced": store(u)},
+    )
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("fuzz")
+    paths = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. anndata on int64 / sparse efficiency
+        for kind in KINDS:
+            paths[kind] = folder / f"{kind}.h5ad"
+            make(kind).write_h5ad(paths[kind])
+    return paths
+
+
+def _check_fit(code: int, err: str, out: Path, kind: str) -> None:
+    assert "Traceback" not in err, f"{kind}: {err}"
+    assert code in (0, EXIT_INPUT), f"{kind}: exit {code}: {err}"
+    if code == EXIT_INPUT:
+        assert "error:" in err, f"{kind}: {err}"
+        assert len(err.strip().splitlines()) <= 3, f"{kind}: {err}"
+        assert not out.exists(), kind
+    else:
+        result = read(out)
+        assert Key.layers.VELOCITY in result.layers, kind
+        assert Key.obsp.VELOCITY_GRAPH in result.obsp, kind
+
+
+#: what must happen to each kind: every valid input runs, these are refused
+REFUSED = {
+    "huge",
+    "nan",
+    "inf",
+    "x_nan",
+    "negative",
+    "all_zero",
+    "no_unspliced",
+    "constant",
+    "one_gene",
+    "three_cells",
+}
+#: refused too: five cells have no velocity genes; the app's loader asks 30 neighbours of them
+REFUSED_FIT = REFUSED | {"five_cells"}
+REFUSED_LOAD = REFUSED | {"five_cells"}
+
+
+# scanpy's kNN graph warns about identical cells (the empty ones) with scipy's
+# SparseEfficiencyWarning: a printed warning, not a failure
+@pytest.mark.filterwarnings("ignore::scipy.sparse.SparseEfficiencyWarning")
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_fit_finishes_or_exits_2(files, tmp_path, kind):
+    out = tmp_path / "out.h5ad"
+    err = io.StringIO()
+    # 5 neighbours: five cells run, three are refused (fewer cells than neighbours)
+    with contextlib.redirect_stderr(err):
+        code = main(["fit", str(files[kind]), "--out", str(out), "-q", "--n_neighbors", "5"])
+    _check_fit(code, err.getvalue(), out, kind)
+    assert (code == EXIT_INPUT) == (kind in REFUSED_FIT), f"{kind}: exit {code}: {err.getvalue()}"
+
+
+@pytest.mark.filterwarnings("ignore::scipy.sparse.SparseEfficiencyWarning")
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_app_loader_loads_or_raises_input_error(files, kind):
+    if kind in REFUSED_LOAD:
+        with pytest.raises(InputError):  # noqa: PT011 - the messages differ by kind
+            load_dataset(files[kind])
+        return
+    adata = load_dataset(files[kind])  # anything but InputError fails the test
+    assert {Key.layers.MS, Key.layers.MU} <= set(adata.layers)
+    assert np.isfinite(np.asarray(adata.obsm[Key.obsm.UMAP])).all()
+
+
+def test_dynamical_on_continuous_values(files, tmp_path):
+    out = tmp_path / "out.h5ad"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(
+            ["fit", str(files["continuous"]), "--out", str(out), "-q", "--n_neighbors", "5"]
+            + ["--model", "dynamical", "--param", "max_iter=2", "--param", "genes=all"]
+        )
+    _check_fit(code, err.getvalue(), out, "continuous")
+    assert code == 0
+
+
+@pytest.mark.parametrize("kind", ["continuous", "huge"])
+def test_console_script(files, tmp_path, kind):
+    out = tmp_path / "out.h5ad"
+    proc = subprocess.run(  # noqa: S603 - our own console script
+        [EXE, "fit", str(files[kind]), "--out", str(out), "--n_neighbors", "5", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    _check_fit(proc.returncode, proc.stderr, out, kind)
+    assert (proc.returncode == EXIT_INPUT) == (kind in REFUSED)
