@@ -236,25 +236,8 @@ def page_ready(
     """Seconds from starting ``explorer serve`` until it listens, and until chromium shows the page."""
     from playwright.sync_api import sync_playwright
 
-    port = _free_port()
-    explorer = Path(sys.executable).with_name("explorer")
-    cmd = [str(explorer), "serve", "--port", str(port)]
-    if data is not None:
-        cmd += [data, "--data-dir", str(data_dir)]
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=data_dir or ROOT)  # noqa: S603
-    url = f"http://127.0.0.1:{port}/"
+    proc, url, listening = _start_server(data, data_dir, stderr=subprocess.DEVNULL, timeout_s=120)
     try:
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.perf_counter() - start > 120:
-                    msg = f"explorer serve did not come up (exit code {proc.poll()})"
-                    raise RuntimeError(msg) from None
-                time.sleep(0.05)
-        listening = time.perf_counter() - start
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
             page = browser.new_page(viewport={"width": 1600, "height": 1400})
@@ -286,21 +269,28 @@ def _rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def _start_server(data: str | None, data_dir: Path | None) -> tuple[subprocess.Popen, str, float]:
-    """``explorer serve`` in a subprocess on a free port; returns it, its URL and seconds to listen."""
+def _start_server(
+    data: str | None, data_dir: Path | None, *, stderr: int = subprocess.PIPE, timeout_s: float = 300
+) -> tuple[subprocess.Popen, str, float]:
+    """``explorer serve`` in a subprocess on a free port; returns it, its URL and seconds to listen.
+
+    ``stderr``: ``subprocess.PIPE`` keeps the server's log for the caller to read after
+    stopping it (``communicate``); ``subprocess.DEVNULL`` drops it.
+    """
     port = _free_port()
     explorer = Path(sys.executable).with_name("explorer")
     cmd = [str(explorer), "serve", "--port", str(port)]
     if data is not None:
         cmd += [data, "--data-dir", str(data_dir)]
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=data_dir or ROOT, text=True)  # noqa: S603
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, cwd=data_dir or ROOT, text=True)  # noqa: S603
     while True:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
                 break
         except OSError:
-            if proc.poll() is not None or time.perf_counter() - start > 300:
+            if proc.poll() is not None or time.perf_counter() - start > timeout_s:
+                proc.kill()
                 msg = f"explorer serve did not come up (exit code {proc.poll()})"
                 raise RuntimeError(msg) from None
             time.sleep(0.05)
