@@ -13,7 +13,7 @@ The time is the Python work on the server until all Bokeh models hold their new 
 are not included. Datasets:
 
 - ``pancreas``: ``../shared/data/pancreas_endocrinogenesis_3696.h5ad`` preprocessed with
-  ``explorer.data.preprocess.prepare`` (UMAP and latent time taken from scVelo's reference
+  ``explorer.pipeline.prepare`` (UMAP and latent time taken from scVelo's reference
   results, ``../shared/reference``), with a stochastic fit run through the app's job;
 - ``200000``, ``1000000``: ``simulate(n_obs=N, n_vars=30, branches=2)`` with its
   noise-free abundances as ``Ms``/``Mu``, a two-armed synthetic embedding, the simulated
@@ -80,7 +80,7 @@ def pancreas():
 
     from explorer.app.state import ExplorerState
     from explorer.data.io import read
-    from explorer.data.preprocess import prepare
+    from explorer.pipeline import prepare
     from explorer.keys import Key
 
     adata = read(PANCREAS)

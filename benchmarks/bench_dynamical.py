@@ -140,7 +140,7 @@ def run_measured(cmd: list[str]) -> float:
 
 def fit_r2(out: dict, Mu: np.ndarray, Ms: np.ndarray) -> np.ndarray:
     """Per-gene R² of the drawn curve at ``fit_t`` (scVelo's convention), both axes in spread units."""
-    from explorer.models import kinetics
+    from explorer import kinetics
 
     beta = out["fit_beta"] * out["fit_scaling"]
     u, s = kinetics.trajectory(out["fit_t"], out["fit_t_"], out["fit_alpha"], beta, out["fit_gamma"])
@@ -177,7 +177,7 @@ def cbdir(adata, velocity: np.ndarray, genes: np.ndarray, key: str = "clusters")
 def _prepare_inputs(tmp: Path) -> dict[str, Path]:
     import anndata
 
-    from explorer.data.preprocess import prepare
+    from explorer.pipeline import prepare
     from explorer.data.simulate import simulate
     from explorer.models.steady_state import SteadyState
 
@@ -382,7 +382,7 @@ def _prepare_large(adata) -> None:
 def scaling(tmp: Path, sizes: list[int], n_vars: int, kwargs: dict) -> list[dict]:
     from scipy.stats import spearmanr
 
-    from explorer.data.preprocess import prepare
+    from explorer.pipeline import prepare
     from explorer.data.simulate import simulate
     from explorer.keys import Key
 

@@ -1,25 +1,32 @@
 """explorer: fit RNA-velocity models and question every fit.
 
-The core (``explorer.data``, ``explorer.graph``, ``explorer.models``) imports neither
-Panel nor, until a torch model is asked for, torch. The app lives in ``explorer.app``.
+Layers, imported only downhill (``tests/test_imports.py`` checks it): ``cli`` -> ``app``
+-> ``pipeline`` -> ``models`` -> ``graph``, ``data`` -> ``kinetics`` -> ``keys``,
+``_types``. Every import sits at the top of its module, with two deliberate exceptions,
+both lazy loads of a heavy library that most uses never need:
+
+- **torch**, imported inside the model files' functions (``explorer.models.dynamical``
+  calls ``_import_torch``, which first runs :func:`explorer._process.set_up_process`, as
+  OpenMP settings only take effect before torch loads). The registry
+  (:data:`explorer.models.MODELS`) imports a model's module only when it is asked for,
+  so ``import explorer``, ``explorer.data``, ``explorer.graph``, ``explorer.pipeline``
+  and the CLI run without loading torch.
+- **Panel** (and HoloViews, Bokeh), imported by ``explorer.app`` only: the CLI imports
+  the app inside ``explorer serve``, and ``explorer.app`` loads its views on first use,
+  so the core never loads Panel.
 """
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("explorer")
-except PackageNotFoundError:  # running from a source tree that was not installed
-    __version__ = "0.1.0"
-
-from explorer._types import FitCancelled, Progress, ProgressCallback
+from explorer._types import FitCancelled, InputError, Progress, ProgressCallback
+from explorer._version import __version__
 from explorer.keys import Key
 from explorer.models import MODELS, VelocityModel, VelocityResult, get_model
 
 __all__ = [
     "MODELS",
     "FitCancelled",
+    "InputError",
     "Key",
     "Progress",
     "ProgressCallback",

@@ -32,6 +32,30 @@ class Progress:
 ProgressCallback: TypeAlias = Callable[[Progress], None]
 
 
+@dataclass(frozen=True, slots=True)
+class PreprocessOptions:
+    """The preprocessing options, with scVelo's names; :data:`PREPROCESS` holds the defaults.
+
+    Every signature that takes these options (``prepare``, ``run_velocity``,
+    ``filter_and_normalize``, ``compute_neighbors``), the ``explorer fit`` options, the app
+    and the samples read their defaults from :data:`PREPROCESS`, so they are written once.
+    """
+
+    #: genes need this many spliced + unspliced counts over cells where both are detected
+    min_shared_counts: int = 20
+    #: highly variable genes kept; ``None`` keeps every gene that passes the filter
+    n_top_genes: int | None = 2000
+    #: principal components of the kNN graph
+    n_pcs: int = 30
+    #: neighbours per cell, the cell itself included (scanpy's convention)
+    n_neighbors: int = 30
+
+
+#: scVelo's defaults: ``filter_and_normalize(min_shared_counts=20, n_top_genes=2000)``,
+#: ``moments(n_pcs=30, n_neighbors=30)``
+PREPROCESS = PreprocessOptions()
+
+
 class FitCancelled(Exception):  # noqa: N818 - a control-flow signal, not an error
     """Raised by a progress callback to stop a fit between iterations.
 
@@ -52,6 +76,18 @@ class InputError(ValueError):
     The CLI turns it into a message on stderr and exit code 2; the app shows it and keeps
     the session alive.
     """
+
+
+class MissingInputError(InputError, KeyError):
+    """A layer, key, model name or file that the input lacks: an :class:`InputError`.
+
+    Also a ``KeyError``, so code that looked an entry up by name and caught ``KeyError``
+    keeps working; the CLI and the app treat it as any other bad input.
+    """
+
+    def __str__(self) -> str:
+        # KeyError's str() quotes its argument; this is a sentence for a person
+        return str(self.args[0]) if len(self.args) == 1 else super().__str__()
 
 
 #: who reads the messages: ``"python"`` (the default) or ``"cli"``, which ``explorer`` sets

@@ -1,7 +1,8 @@
-"""Command line: ``explorer fit``, ``explorer models``, ``explorer info``, ``explorer serve``.
+"""Command line: ``explorer fit``, ``fates``, ``models``, ``info`` and ``serve``.
 
 A thin argparse front-end over the Python API. Bad input (``InputError``) is printed as
-one clear message on stderr with exit code 2; progress goes to stderr as a bar.
+one clear message on stderr with exit code 2; progress goes to stderr as a bar. The app
+(Panel) is imported only by ``explorer serve``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,17 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from explorer._types import CALLER, FitCancelled, InputError
+from tqdm import tqdm
+
+from explorer._process import set_up_process
+from explorer._types import CALLER, PREPROCESS, FitCancelled, InputError
+from explorer._version import __version__
+from explorer.data.io import check_output, read, write
+from explorer.data.preprocess import check_options
+from explorer.data.samples import load_sample, sample_path
+from explorer.keys import Key
+from explorer.models import MODELS
+from explorer.pipeline import run_velocity
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -108,8 +119,6 @@ class _Bar:
             self._interrupt.check()
         if not self._enabled:
             return
-        from tqdm import tqdm
-
         if self._bar is None:
             self._bar = tqdm(total=p.total, file=sys.stderr, unit="", bar_format="{l_bar}{bar}| {elapsed}")
         self._bar.total = p.total
@@ -157,17 +166,12 @@ def _load(
     path_text: str | None, *, spliced_layer: str = "spliced", unspliced_layer: str = "unspliced"
 ) -> tuple[AnnData, Path | None]:
     """Read the input (or the bundled sample for ``None``/``'sample'``); return it and its path."""
-    from explorer.data.io import read
-    from explorer.data.samples import load_sample, sample_path
-
     if path_text is None or path_text == SAMPLE:
         return load_sample(), sample_path()
     return read(path_text, spliced_layer=spliced_layer, unspliced_layer=unspliced_layer), Path(path_text)
 
 
 def _input_path(path_text: str | None) -> Path | None:
-    from explorer.data.samples import sample_path
-
     return sample_path() if path_text is None or path_text == SAMPLE else Path(path_text)
 
 
@@ -176,14 +180,10 @@ def _check_fit_args(args: argparse.Namespace) -> tuple[dict[str, Any], Path, lis
 
     Returns the model parameters, the output path and the paths the output must not replace.
     """
-    from explorer.data.io import check_output
-    from explorer.data.preprocess import check_options
-    from explorer.models import MODELS
-
     try:
         cls = MODELS[args.model]
-    except KeyError as err:
-        msg = f"{err.args[0]} See `explorer models`."
+    except InputError as err:
+        msg = f"{err} See `explorer models`."
         raise InputError(msg) from None
     params = {"seed": args.seed, **_model_params(args.param)}
     try:
@@ -216,9 +216,6 @@ def _check_fit_args(args: argparse.Namespace) -> tuple[dict[str, Any], Path, lis
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
-    from explorer.data.io import write
-    from explorer.pipeline import run_velocity
-
     params, out, protect = _check_fit_args(args)
     with _Interrupt() as interrupt:
         adata, _ = _load(args.input, spliced_layer=args.spliced_layer, unspliced_layer=args.unspliced_layer)
@@ -251,9 +248,120 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_models(_args: argparse.Namespace) -> int:
-    from explorer.models import MODELS
+#: what `explorer fates` needs from its input: a velocity fit (`explorer fit`)
+_FATES_LAYERS = (Key.layers.VELOCITY, Key.layers.MS)
 
+
+def _check_fates_args(args: argparse.Namespace) -> tuple[Path, Path]:
+    """Check the options, the input's layers (HDF5 metadata only) and the output before any work."""
+    from explorer.data.io import _check_hdf5, _stored_shapes
+
+    checks = (
+        (args.n_states >= 2, f"--n-states must be at least 2; found {args.n_states}."),
+        (args.n_cells >= 1, f"--n-cells must be at least 1; found {args.n_cells}."),
+        (
+            0.0 <= args.connectivity_weight <= 1.0,
+            f"--connectivity-weight must be in [0, 1]; found {args.connectivity_weight}.",
+        ),
+        (args.n_samples >= 1, f"--n-samples must be at least 1; found {args.n_samples}."),
+        (
+            args.stability_threshold is None or 0.0 < args.stability_threshold <= 1.0,
+            f"--stability-threshold must be in (0, 1]; found {args.stability_threshold}.",
+        ),
+    )
+    for ok, msg in checks:
+        if not ok:
+            raise InputError(msg)
+    in_path = Path(args.input)
+    if not in_path.exists():
+        msg = f"file not found: {args.input!r}; expected the .h5ad written by `explorer fit`. Check the path."
+        raise InputError(msg)
+    if in_path.is_dir() or in_path.suffix.lower() != ".h5ad":
+        msg = (
+            f"cannot read {in_path.name!r}: expected an .h5ad file with a velocity fit "
+            "(from `explorer fit`), "
+            f"found {'a folder' if in_path.is_dir() else repr(in_path.suffix or 'no extension')}."
+        )
+        raise InputError(msg)
+    _check_hdf5(in_path, ".h5ad")
+    layers = [name for name in _stored_shapes(in_path, ".h5ad") if name != "X"]
+    missing = [name for name in _FATES_LAYERS if name not in layers]
+    if missing:
+        msg = (
+            f"{in_path.name!r} holds no velocity fit: layers {missing} are missing (it has {layers}). "
+            f"Fit velocity first: `explorer fit {args.input} --out fitted.h5ad`, then "
+            "`explorer fates fitted.h5ad --out fates.h5ad`."
+        )
+        raise InputError(msg)
+    out = Path(args.out) if args.out else Path(f"{in_path.stem}_fates.h5ad")
+    if out.resolve() == in_path.resolve():
+        msg = (
+            f"--out {out} is the input file; explorer never overwrites its input. Choose another output path."
+        )
+        raise InputError(msg)
+    check_output(out, protect=[in_path], overwrite=args.force)
+    return in_path, out
+
+
+def _cmd_fates(args: argparse.Namespace) -> int:
+    import anndata as ad
+
+    from explorer.graph.fates import compute_fates
+    from explorer.graph.kernels import compute_velocity_kernel
+
+    in_path, out = _check_fates_args(args)
+    with _Interrupt() as interrupt:
+        adata = ad.read_h5ad(in_path)
+        if Key.obsp.CONNECTIVITIES not in adata.obsp:
+            msg = (
+                f"{in_path.name!r} has no kNN graph (obsp['connectivities']; it has {sorted(adata.obsp)}). "
+                f"Fit velocity with `explorer fit`, which computes it."
+            )
+            raise InputError(msg)
+        cluster_key = args.cluster_key if args.cluster_key in adata.obs else None
+        if cluster_key is None and args.cluster_key != "clusters":
+            msg = (
+                f"--cluster-key {args.cluster_key!r} is not a column of {in_path.name!r}; "
+                "its obs columns are "
+                f"{list(adata.obs.columns)}."
+            )
+            raise InputError(msg)
+        interrupt.check()
+        bar = _Bar(enabled=not args.quiet, interrupt=interrupt)
+        start = time.perf_counter()
+        try:
+            compute_velocity_kernel(
+                adata,
+                mode=args.mode,
+                similarity=args.similarity,
+                connectivity_weight=args.connectivity_weight,
+                n_samples=args.n_samples,
+                seed=args.seed,
+                progress=bar,
+            )
+            fates = compute_fates(
+                adata,
+                n_states=args.n_states,
+                n_cells=args.n_cells,
+                cluster_key=cluster_key,
+                terminal_states=args.terminal_states.split(",") if args.terminal_states else None,
+                progress=bar,
+                **({"stability_threshold": args.stability_threshold} if args.stability_threshold else {}),
+            )
+        finally:
+            bar.close()
+        interrupt.check()
+        written = write(adata, out, protect=[in_path], overwrite=args.force, cancelled=interrupt.flag.is_set)
+    print(
+        f"fates ({args.mode} kernel): {adata.n_obs} cells, {len(fates.macrostates.names)} macrostates, "
+        f"terminal {fates.terminal_states}, initial {fates.initial_states} "
+        f"in {time.perf_counter() - start:.1f} s -> {written}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _cmd_models(_args: argparse.Namespace) -> int:
     for name in MODELS:
         cls = MODELS[name]
         doc = (inspect.getdoc(cls) or "").splitlines()[0] if inspect.getdoc(cls) else ""
@@ -271,8 +379,6 @@ def _cmd_models(_args: argparse.Namespace) -> int:
 
 def describe(adata: AnnData) -> list[str]:
     """Lines saying what ``adata`` holds and whether it is ready for velocity."""
-    from explorer.keys import Key
-
     lines = [f"cells x genes: {adata.n_obs} x {adata.n_vars}"]
     lines.append(f"layers: {sorted(adata.layers.keys())}")
     cats = [c for c in adata.obs.columns if str(adata.obs[c].dtype) == "category"]
@@ -307,6 +413,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    # the one import of the app: Panel loads only for `explorer serve` (see explorer/__init__.py)
     from explorer.app.server import serve
 
     serve(
@@ -316,6 +423,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         show=args.show,
         address=args.address,
         allow_websocket_origin=args.allow_websocket_origin,
+        num_procs=args.num_procs,
     )
     return 0
 
@@ -349,8 +457,6 @@ def _add_alias(group: argparse._ActionsContainer, name: str, **kwargs: Any) -> N
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the ``explorer`` argument parser."""
-    from explorer import __version__
-
     parser = argparse.ArgumentParser(prog="explorer", description="Fit and explore RNA velocity.")
     parser.add_argument("--version", action="version", version=f"explorer {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log each step")
@@ -377,14 +483,62 @@ def build_parser() -> argparse.ArgumentParser:
         "--basis", default="umap", help="embedding to project velocity on (X_<basis>); default umap"
     )
     pre = fit.add_argument_group("preprocessing (scVelo's names and defaults)")
-    _add_alias(pre, "min_shared_counts", type=int, default=20)
-    _add_alias(pre, "n_top_genes", type=int, default=2000)
-    _add_alias(pre, "n_pcs", type=int, default=30)
-    _add_alias(pre, "n_neighbors", type=int, default=30)
+    for name in ("min_shared_counts", "n_top_genes", "n_pcs", "n_neighbors"):
+        _add_alias(pre, name, type=int, default=getattr(PREPROCESS, name))
     fit.add_argument("--seed", type=int, default=0)
     _add_layer_options(fit)
     fit.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     fit.set_defaults(func=_cmd_fit)
+
+    fates = sub.add_parser(
+        "fates",
+        help="macrostates, initial/terminal states and fate probabilities (CellRank 2's keys) of a fit",
+    )
+    fates.add_argument("input", help=".h5ad with a velocity fit (written by `explorer fit`)")
+    fates.add_argument("--out", "-o", default=None, help="output .h5ad (default: <input>_fates.h5ad here)")
+    fates.add_argument("--force", "-f", action="store_true", help="replace --out if it exists")
+    fates.add_argument(
+        "--mode",
+        default="deterministic",
+        choices=["deterministic", "stochastic", "monte_carlo"],
+        help="velocity kernel mode, as CellRank's VelocityKernel (default: deterministic)",
+    )
+    fates.add_argument(
+        "--similarity",
+        default="correlation",
+        choices=["correlation", "cosine", "dot_product"],
+        help="velocity-displacement similarity (default: correlation)",
+    )
+    _add_alias(fates, "n_states", type=int, default=10, help="number of macrostates (default: 10)")
+    _add_alias(
+        fates,
+        "connectivity_weight",
+        type=float,
+        default=0.2,
+        help="weight of the connectivity kernel in the mix, in [0, 1] (default: 0.2, CellRank's tutorials)",
+    )
+    _add_alias(fates, "n_cells", type=int, default=30, help="most typical cells per state (default: 30)")
+    _add_alias(
+        fates,
+        "stability_threshold",
+        type=float,
+        default=None,
+        help="terminal states: macrostates with a coarse self-transition at least this (default: 0.96)",
+    )
+    _add_alias(
+        fates,
+        "terminal_states",
+        default=None,
+        metavar="A,B,...",
+        help="choose the terminal states among the macrostates by name instead",
+    )
+    _add_alias(
+        fates, "cluster_key", default="clusters", help="obs column naming the states (default: clusters)"
+    )
+    _add_alias(fates, "n_samples", type=int, default=1000, help="draws per cell with --mode monte_carlo")
+    fates.add_argument("--seed", type=int, default=0, help="seed of the monte_carlo draws")
+    fates.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    fates.set_defaults(func=_cmd_fates)
 
     models = sub.add_parser("models", help="list the velocity models and their parameters")
     models.set_defaults(func=_cmd_models)
@@ -417,15 +571,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="host name browsers may use to reach the app besides localhost, repeatable "
         "(Panel's option; needed with --address)",
     )
+    serve.add_argument(
+        "--num-procs",
+        type=int,
+        default=1,
+        help="worker processes for more users (0: one per core); each holds the dataset",
+    )
     serve.set_defaults(func=_cmd_serve)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``explorer`` console script; returns the exit code."""
-    # torch's OpenMP threads spin while idle; on a busy 2-core machine that made a dynamical
-    # fit 20x slower. Must be set before torch is imported; the user's own setting wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    set_up_process()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

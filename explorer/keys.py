@@ -24,6 +24,16 @@ class _Layers:
     TRUE_S: str = "true_s"
     TRUE_U: str = "true_u"
     TRUE_VELOCITY: str = "true_velocity"
+    #: a model's per-cell prediction of (u, s) at the cell's own time and state (VeloVAE's
+    #: u_hat, s_hat): models whose fit is not one curve per gene show these points
+    PREDICTED_U: str = "predicted_u"
+    PREDICTED_S: str = "predicted_s"
+    #: per-cell, per-gene kinetic rates (DeepVelo), NaN for genes not fitted
+    RATE_ALPHA: str = "rate_alpha"
+    RATE_BETA: str = "rate_beta"
+    RATE_GAMMA: str = "rate_gamma"
+    #: VeloVAE: per-cell relative transcription rate rho = g(c) in [0, 1] (full model)
+    RHO: str = "rho"
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +74,16 @@ class _Var:
     FIT_FRAC_REPRESSION: str = "fit_frac_repression"
     FIT_FRAC_STEADY_ON: str = "fit_frac_steady_on"
     FIT_FRAC_STEADY_OFF: str = "fit_frac_steady_off"
+    #: VeloVAE: per-gene Gaussian noise of Mu and Ms
+    FIT_SIGMA_U: str = "fit_sigma_u"
+    FIT_SIGMA_S: str = "fit_sigma_s"
+    #: VeloVAE: per-gene reconstruction MSE on training and held-out cells
+    FIT_MSE_TRAIN: str = "fit_mse_train"
+    FIT_MSE_TEST: str = "fit_mse_test"
+    #: DeepVelo: median over cells of the per-cell rates (layers rate_alpha/beta/gamma)
+    FIT_RATE_ALPHA: str = "fit_rate_alpha"
+    FIT_RATE_BETA: str = "fit_rate_beta"
+    FIT_RATE_GAMMA: str = "fit_rate_gamma"
     # simulator ground truth
     TRUE_ALPHA: str = "true_alpha"
     TRUE_BETA: str = "true_beta"
@@ -87,11 +107,21 @@ class _Obs:
     VELOCITY_CONFIDENCE: str = "velocity_confidence"
     VELOCITY_LENGTH: str = "velocity_length"
     VELOCITY_UNCERTAINTY: str = "velocity_uncertainty"
+    #: VeloVAE: posterior standard deviation of latent_time (same [0, 1] scale), and
+    #: its coefficient of variation on the model's own clock
+    LATENT_TIME_STD: str = "latent_time_std"
+    LATENT_TIME_CV: str = "latent_time_cv"
+    #: VeloVAE: whether the cell was in the seeded training split (else held out)
+    FIT_TRAIN: str = "fit_train"
     #: scVelo: transition confidence (velocity vs the expected displacement under T)
     VELOCITY_CONFIDENCE_TRANSITION: str = "velocity_confidence_transition"
     #: scVelo: self-transition probability from the velocity graph (98th-percentile rule)
     VELOCITY_SELF_TRANSITION: str = "velocity_self_transition"
     ROOT_CELLS: str = "root_cells"
+    #: DeepVelo's consistency scores: mean cosine of a cell's velocity with its
+    #: neighbours' (overall) and with all cells of its type (cell-type-wise)
+    VELOCITY_CONSISTENCY: str = "velocity_consistency"
+    VELOCITY_CONSISTENCY_TYPE: str = "velocity_consistency_type"
     END_POINTS: str = "end_points"
     N_COUNTS: str = "n_counts"
     INITIAL_SIZE: str = "initial_size"
@@ -104,12 +134,31 @@ class _Obs:
     TRUE_REGIME: str = "true_regime"
     TRUE_SIZE_FACTOR: str = "true_size_factor"
     CLUSTERS: str = "clusters"
+    #: CellRank 2's fate keys (explorer.graph.fates): categorical states, NaN for cells in none
+    MACROSTATES: str = "macrostates_fwd"
+    TERMINAL_STATES: str = "term_states_fwd"
+    TERMINAL_STATES_PROBS: str = "term_states_fwd_probs"
+    INITIAL_STATES: str = "init_states_fwd"
+    INITIAL_STATES_PROBS: str = "init_states_fwd_probs"
 
 
 @dataclass(frozen=True, slots=True)
 class _Obsm:
     PCA: str = "X_pca"
     UMAP: str = "X_umap"
+    #: VeloVAE: posterior mean and standard deviation of the cell state c
+    CELL_STATE: str = "cell_state"
+    CELL_STATE_STD: str = "cell_state_std"
+    #: UMAP of the cells' per-cell rate vectors (DeepVelo; explorer.models.gcn.compute_rate_umap)
+    RATES_UMAP: str = "X_rates_umap"
+    #: CellRank 2's fate keys (explorer.graph.fates): (n_obs, n_states) arrays whose columns
+    #: are the categories of the matching obs key; absorption times are a DataFrame
+    FATE_PROBABILITIES: str = "lineages_fwd"
+    ABSORPTION_TIMES: str = "absorption_times_fwd"
+    MACROSTATES_MEMBERSHIPS: str = "macrostates_fwd_memberships"
+    TERMINAL_STATES_MEMBERSHIPS: str = "term_states_fwd_memberships"
+    INITIAL_STATES_MEMBERSHIPS: str = "init_states_fwd_memberships"
+    SCHUR_VECTORS: str = "schur_vectors_fwd"
 
     @staticmethod
     def velocity(basis: str) -> str:
@@ -134,6 +183,12 @@ class _Obsp:
 
 
 @dataclass(frozen=True, slots=True)
+class _Varm:
+    #: CellRank 2's fate drivers: DataFrame with <lineage>_corr/_pval/_qval/_ci_low/_ci_high
+    LINEAGE_DRIVERS: str = "terminal_lineage_drivers"
+
+
+@dataclass(frozen=True, slots=True)
 class _Uns:
     NEIGHBORS: str = "neighbors"
     PCA: str = "pca"
@@ -150,6 +205,18 @@ class _Uns:
     #: scanpy's marker that X holds log1p values (``{"base": None}``)
     LOG1P: str = "log1p"
     UMAP: str = "umap"
+    #: CellRank's record of how T_fwd was made: {"params": {...}, "init": {...}}
+    TRANSITIONS_PARAMS: str = "T_fwd_params"
+    #: CellRank 2's GPCCA keys (explorer.graph.fates)
+    COARSE_TRANSITIONS: str = "coarse_fwd"
+    SCHUR_MATRIX: str = "schur_matrix_fwd"
+    EIGENDECOMPOSITION: str = "eigendecomposition_fwd"
+    ESTIMATOR_PARAMS: str = "fwd_estimator_params"
+
+    @staticmethod
+    def colors(key: str) -> str:
+        """Key of the colours of the categories of ``obs[key]``: ``<key>_colors``."""
+        return f"{key}_colors"
 
 
 class Key:
@@ -160,4 +227,5 @@ class Key:
     obs = _Obs()
     obsm = _Obsm()
     obsp = _Obsp()
+    varm = _Varm()
     uns = _Uns()

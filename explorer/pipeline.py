@@ -1,12 +1,16 @@
 """One call from counts to velocity on an embedding: what ``explorer fit`` runs.
 
-``prepare`` (filter, normalise, neighbours, moments, UMAP) -> ``model.fit`` ->
+:func:`prepare` (filter, normalise, neighbours, moments, UMAP) -> ``model.fit`` ->
 :func:`derive` (velocity graph -> transition matrix -> projection -> confidence) ->
 ``result.to_adata`` and ``Derived.to_adata``. Each step is the public function of its
 module; this only orders them and reports progress. :func:`derive` is everything after
 the fit: ``explorer fit`` (:func:`run_velocity`) and the app's Run button
 (:func:`explorer.app.jobs.fit_and_derive`) both call it, so the two give identical
 graphs, projections and confidences for the same model and seed.
+
+This is the layer that joins the others: :mod:`explorer.data` works on count matrices,
+:mod:`explorer.graph` on cell graphs and :mod:`explorer.models` fits; only here (and in
+the app and CLI above it) do they meet.
 """
 
 from __future__ import annotations
@@ -16,13 +20,26 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
+from anndata import AnnData
 
-from explorer._types import InputError, Progress, report
+from explorer._types import PREPROCESS, InputError, Progress, option, report
+from explorer.data.io import validate_counts
+from explorer.data.preprocess import check_genes, check_options, filter_and_normalize, is_preprocessed
+from explorer.graph.embedding import compute_umap as _compute_umap
+from explorer.graph.moments import compute_moments
+from explorer.graph.neighbors import compute_neighbors, has_neighbors
+from explorer.graph.projection import compute_velocity_embedding, project_velocity
+from explorer.graph.transition import (
+    compute_transition_matrix,
+    compute_velocity_confidence,
+    compute_velocity_graph,
+    transition_matrix,
+)
 from explorer.keys import Key
+from explorer.models import get_model
 
 if TYPE_CHECKING:
-    import pandas as pd
-    from anndata import AnnData
     from scipy import sparse
 
     from explorer._types import FloatArray, ProgressCallback
@@ -117,11 +134,100 @@ class Derived:
 
     def project(self, embedding: FloatArray) -> FloatArray:
         """Project the velocity on another ``(n_obs, n_dims)`` embedding, as :func:`derive` does."""
-        from explorer.graph.projection import project_velocity
-        from explorer.graph.transition import transition_matrix
-
         signed = transition_matrix(self.graph, self.graph_neg, use_negative_cosines=True)
         return project_velocity(signed, embedding)
+
+
+def prepare(
+    adata: AnnData,
+    *,
+    min_shared_counts: int = PREPROCESS.min_shared_counts,
+    n_top_genes: int | None = PREPROCESS.n_top_genes,
+    n_pcs: int = PREPROCESS.n_pcs,
+    n_neighbors: int = PREPROCESS.n_neighbors,
+    compute_umap: bool = True,
+    seed: int = 0,
+    progress: ProgressCallback | None = None,
+) -> None:
+    """Run the whole scVelo-compatible preprocessing in place.
+
+    Raw counts go through :func:`~explorer.data.preprocess.filter_and_normalize`, then PCA + kNN graph
+    (:func:`explorer.graph.neighbors.compute_neighbors`) and the moments ``Ms``/``Mu``
+    (:func:`explorer.graph.moments.compute_moments`). Data that already has ``Ms`` and
+    ``Mu`` is not normalised again: only a missing neighbour graph or UMAP is added.
+
+    Parameters
+    ----------
+    adata
+        Data from :func:`explorer.data.io.read`.
+    min_shared_counts, n_top_genes
+        Passed to :func:`~explorer.data.preprocess.filter_and_normalize`.
+    n_pcs, n_neighbors
+        PCA components and neighbours (including the cell itself) of the kNN graph.
+    compute_umap
+        Compute ``obsm['X_umap']`` when the data has none.
+    seed
+        Seed of PCA, neighbour search and UMAP.
+    progress
+        Receives one :class:`~explorer._types.Progress` per step.
+
+    Returns
+    -------
+    Nothing; sets what ``filter_and_normalize``, ``compute_neighbors``,
+    ``compute_moments`` and ``compute_umap`` set (layers ``Ms``, ``Mu``; obsm
+    ``X_pca``, ``X_umap``; obsp ``distances``, ``connectivities``; uns ``neighbors``,
+    ``pca``, ``umap``) and uns ``explorer_preprocess`` with the parameters used.
+
+    Raises
+    ------
+    InputError
+        Missing layers, no genes left, or fewer cells than ``n_neighbors``.
+    """
+    check_options(
+        min_shared_counts=min_shared_counts, n_top_genes=n_top_genes, n_pcs=n_pcs, n_neighbors=n_neighbors
+    )
+    validate_counts(adata)
+    check_genes(adata)
+    if adata.n_obs < n_neighbors:
+        msg = (
+            f"too few cells: found {adata.n_obs}, fewer than n_neighbors={n_neighbors} asked for. "
+            f"Pass {option('n_neighbors')} at most {adata.n_obs} or load more cells."
+        )
+        raise InputError(msg)
+
+    already = is_preprocessed(adata)
+    steps = ["filter and normalise", "neighbours", "moments", "UMAP"]
+    total = len(steps)
+    if already:
+        logger.info("layers Ms/Mu present: using the data as it is (no normalisation)")
+    else:
+        report(progress, 0, total, "filtering and normalising")
+        n_before = adata.n_vars
+        filter_and_normalize(adata, min_shared_counts=min_shared_counts, n_top_genes=n_top_genes)
+        check_genes(adata, n_before=n_before, min_shared_counts=min_shared_counts)
+    report(progress, 1, total, "neighbours")
+    if not already or not has_neighbors(adata):
+        compute_neighbors(adata, n_neighbors=n_neighbors, n_pcs=n_pcs, seed=seed)
+    report(progress, 2, total, "moments")
+    if not already:
+        compute_moments(adata)
+    report(progress, 3, total, "UMAP")
+    made_umap = False
+    if compute_umap and Key.obsm.UMAP not in adata.obsm:
+        _compute_umap(adata, seed=seed)
+        made_umap = True
+    report(progress, 4, total, "done")
+    adata.uns[Key.uns.PREPROCESS] = {
+        "normalized": not already,
+        "min_shared_counts": min_shared_counts,
+        "n_top_genes": "None" if n_top_genes is None else n_top_genes,
+        "n_pcs": n_pcs,
+        "n_neighbors": n_neighbors,
+        "seed": seed,
+        "umap_computed": made_umap,
+        "n_obs": adata.n_obs,
+        "n_vars": adata.n_vars,
+    }
 
 
 def _derive_step(progress: ProgressCallback | None, index: int) -> ProgressCallback | None:
@@ -166,19 +272,12 @@ def derive(
     -------
     The :class:`Derived` arrays; ``Derived.to_adata`` writes them.
     """
-    from explorer.graph.projection import compute_velocity_embedding
-    from explorer.graph.transition import (
-        compute_transition_matrix,
-        compute_velocity_confidence,
-        compute_velocity_graph,
-    )
-
     missing = [k for k in (Key.obsp.DISTANCES,) if k not in adata.obsp]
     if missing or Key.layers.MS not in adata.layers:
         msg = (
             f"Expected a neighbour graph (obsp {Key.obsp.DISTANCES!r}) and layer 'Ms' to compute the "
             f"velocity graph; found obsp {sorted(adata.obsp)} and layers {sorted(adata.layers)}. "
-            "Preprocess the data first (explorer.data.preprocess.prepare, or `explorer fit`)."
+            "Preprocess the data first (explorer.pipeline.prepare, or `explorer fit`)."
         )
         raise InputError(msg)
     basis_key = Key.obsm.embedding(basis)
@@ -209,10 +308,7 @@ def derive(
 
 
 def _graph_adata(adata: AnnData, basis_key: str) -> AnnData:
-    """A light AnnData for the graph steps: ``adata``'s names, ``Ms``, graphs and embedding, shared."""
-    import pandas as pd
-    from anndata import AnnData
-
+    """Build a light AnnData for the graph steps: ``adata``'s names, ``Ms``, graphs and embedding, shared."""
     obsm = {basis_key: adata.obsm[basis_key]} if basis_key in adata.obsm else {}
     return AnnData(
         obs=pd.DataFrame(index=adata.obs_names.copy()),
@@ -230,10 +326,10 @@ def run_velocity(
     model: str = "stochastic",
     model_params: dict[str, Any] | None = None,
     basis: str = "umap",
-    min_shared_counts: int = 20,
-    n_top_genes: int = 2000,
-    n_pcs: int = 30,
-    n_neighbors: int = 30,
+    min_shared_counts: int = PREPROCESS.min_shared_counts,
+    n_top_genes: int | None = PREPROCESS.n_top_genes,
+    n_pcs: int = PREPROCESS.n_pcs,
+    n_neighbors: int = PREPROCESS.n_neighbors,
     seed: int = 0,
     progress: ProgressCallback | None = None,
 ) -> VelocityResult:
@@ -252,7 +348,7 @@ def run_velocity(
         Embedding to project velocity on (``obsm['X_<basis>']``); a UMAP is computed
         when ``basis='umap'`` and none exists.
     min_shared_counts, n_top_genes, n_pcs, n_neighbors
-        Preprocessing, with scVelo's names and defaults.
+        Preprocessing, with scVelo's names and defaults (:data:`explorer._types.PREPROCESS`).
     seed
         Seed for PCA/UMAP and the model.
     progress
@@ -260,19 +356,14 @@ def run_velocity(
 
     Returns
     -------
-    The model's result. ``adata`` gains everything ``prepare`` and
+    The model's result. ``adata`` gains everything :func:`prepare` and
     ``VelocityResult.to_adata`` and :meth:`Derived.to_adata` write: obsp
     ``velocity_graph``, ``velocity_graph_neg``, ``T_fwd``, obsm ``velocity_<basis>``,
     obs ``velocity_confidence``, ``velocity_length`` and the rest.
     """
-    from explorer.data.preprocess import prepare
-    from explorer.models import get_model
-
     params = {"seed": seed, **(model_params or {})}
     try:
         estimator = get_model(model, **params)
-    except KeyError as err:
-        raise InputError(err.args[0]) from None
     except TypeError as err:
         msg = (
             f"Invalid parameters for model {model!r}: {err}. "

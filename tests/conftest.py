@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 
 # numba compiles pynndescent/UMAP on first use (tens of seconds); keep its cache in the checkout.
-# as the CLI does: idle OpenMP threads of torch sleep instead of spinning (2 shared cores)
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".numba_cache"))
 
+from explorer._process import set_up_process
 from explorer._types import Progress
+
+# as the CLI does: idle OpenMP threads of torch sleep instead of spinning (2 shared cores)
+set_up_process()
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("EXPLORER_SHARED", ROOT.parent / "shared"))
@@ -68,10 +70,10 @@ def _stored_sample():
 
 @pytest.fixture
 def sample_adata():
-    """``sample_data/default.h5ad``, a fresh copy per test (the file is read once).
+    """``sample_data/default.h5ad`` (``explorer/sample_data/``), a fresh copy per test (read once).
 
     Made by ``python -m explorer.data.samples``: ``simulate(n_obs=1000, n_vars=120, seed=0,
-    branches=2, noise="poisson")`` then ``prepare(adata, seed=0)`` (filtered, normalised,
+    branches=2, noise="poisson")`` then ``explorer.pipeline.prepare(adata, seed=0)`` (filtered, normalised,
     PCA, kNN graph, Ms/Mu, UMAP), then ``run_velocity(adata, model="stochastic", seed=0)``
     (velocity, velocity graph, T_fwd, velocity_umap, confidence), with the simulator's
     ground truth kept.

@@ -127,7 +127,7 @@ def test_one_pipeline_on_the_pancreas(shared_data, reference_dir):
     import pandas as pd
 
     from explorer.data.io import read
-    from explorer.data.preprocess import prepare
+    from explorer.pipeline import prepare
 
     adata = read(shared_data / "pancreas_endocrinogenesis_3696.h5ad")
     prepare(adata, compute_umap=False, seed=0)

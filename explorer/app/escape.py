@@ -13,6 +13,8 @@ from __future__ import annotations
 import html
 from typing import Any
 
+from matplotlib.colors import is_color_like, to_hex
+
 #: ASCII characters with a meaning in Markdown or HTML; everything else is shown as it is
 _MARKDOWN_SPECIAL = frozenset("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
 
@@ -63,8 +65,6 @@ def hex_colors(values: Any, n: int) -> list[str] | None:
     >>> hex_colors(['red;"><script>', "blue"], 2) is None
     True
     """
-    from matplotlib.colors import is_color_like, to_hex
-
     if values is None:
         return None
     colors = [str(v) for v in values]

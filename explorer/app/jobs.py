@@ -181,11 +181,6 @@ class Job(Generic[T]):
         self._cancel.set()
 
     @property
-    def cancel_requested(self) -> bool:
-        """Whether :meth:`cancel` was called."""
-        return self._cancel.is_set()
-
-    @property
     def running(self) -> bool:
         """Whether the worker has not finished yet."""
         return self._thread.is_alive() and not self._finished.is_set()

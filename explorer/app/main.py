@@ -20,6 +20,7 @@ from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import holoviews as hv
 import panel as pn
 import param
 
@@ -63,7 +64,19 @@ _TORCH_IMPORT_AFTER_LOAD_S = 2.0
 _torch_wanted = threading.Event()
 
 
-def configure_process(*, background: bool = True) -> None:
+def use_canvas_rendering() -> None:
+    """Draw plots on a 2D canvas rather than WebGL (HoloViews' default since 1.18).
+
+    Our plots hold at most a few thousand glyphs (the embedding is a datashader
+    image), which a canvas draws at once. WebGL costs each page a GL context: browsers
+    allow only about 16 of them per process, and without a GPU (a headless browser,
+    a remote desktop) it runs in software. Measured in chromium on 2 cores, 8 pages
+    opened at once took 64 s of browser CPU with WebGL.
+    """
+    hv.renderer("bokeh").webgl = False
+
+
+def configure_process(*, background: bool = True, import_torch: bool = True) -> None:
     """Process-wide set-up for serving: import torch and give it one thread.
 
     Importing torch ahead keeps its second or so of import time off the first Run
@@ -71,7 +84,13 @@ def configure_process(*, background: bool = True) -> None:
     daemon thread, but only once the first page has loaded (or after
     ``_TORCH_IMPORT_FALLBACK_S``): imported at start-up it held the GIL against the
     server's imports and the first page build and made the page ~0.7 s slower to show.
+    Plots are drawn on a canvas (:func:`use_canvas_rendering`). Without
+    ``import_torch`` torch is only marked for one thread, and imported at the first fit.
     """
+    use_canvas_rendering()
+    if not import_torch:
+        configure_torch(now=False)
+        return
     if not background:
         configure_torch()
         return
@@ -223,6 +242,12 @@ class _Builder:
         self._queues[priority].append((life, step))
         self._kick()
 
+    def add_page(self, life: SessionLife, steps: list[tuple[Callable[[], None], int]]) -> None:
+        """Queue a page's ``(step, priority)`` parts (call on the event loop)."""
+        for step, priority in steps:
+            self._queues[priority].append((life, step))
+        self._kick()
+
     def _next(self) -> tuple[SessionLife, Callable[[], None]] | None:
         for queue in self._queues:
             while queue:
@@ -282,13 +307,16 @@ _PARTS: tuple[tuple[str, type, int], ...] = (
     ("time", GeneTimeView, 1),
 )
 
-#: room each part takes while it is built (width, height in pixels), so the page does not jump
+#: room each part takes while it is built (width, height in pixels), so the page does not jump.
+#: The layout is made for a 1600 x 1000 screen: the embedding, the phase portrait and the
+#: gene-over-time plots above the fold; the gene table (wide enough for its columns) and
+#: the cell inspector below them.
 _PLACEHOLDER_SIZE = {
-    "embedding": (580, 560),
-    "phase": (500, 520),
-    "genes": (620, 500),
-    "inspector": (440, 300),
-    "time": (1060, 360),
+    "embedding": (580, 530),
+    "phase": (500, 530),
+    "genes": (_GENES_WIDTH := 860, 560),
+    "inspector": (_INSPECTOR_WIDTH := 400, 300),
+    "time": (1180, 320),
 }
 
 
@@ -362,8 +390,11 @@ class ExplorerApp:
         slots = {name: _placeholder(name) for name, _, _ in _PARTS}
         explore = pn.Column(
             pn.Row(slots["embedding"], slots["phase"]),
-            pn.Row(pn.Column(slots["genes"], width=620), pn.Column(slots["inspector"], width=440)),
             slots["time"],
+            pn.Row(
+                pn.Column(slots["genes"], width=_GENES_WIDTH),
+                pn.Column(slots["inspector"], width=_INSPECTOR_WIDTH),
+            ),
         )
         compare = pn.Column(sizing_mode="stretch_width")
         tabs = pn.Tabs(("Explore", explore), ("Compare", compare), dynamic=True)
@@ -395,8 +426,7 @@ class ExplorerApp:
         """
         waiting, self._waiting = self._waiting or [], None
         if self.life is not None:
-            for step, priority in waiting:
-                _builder.add(self.life, step, priority=priority)
+            _builder.add_page(self.life, waiting)
 
     def _fill(self, generation: int, slot: pn.Column, name: str, view_class: type) -> None:
         """Build view ``name`` into ``slot``, unless the data changed (or the session ended) since."""

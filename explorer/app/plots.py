@@ -1,9 +1,11 @@
 """Arrays in, HoloViews elements out: every drawing the app makes.
 
-Functions here take plain arrays and options, never the state object, so tests call
-them without a server. Many cells (more than :data:`DATASHADE_THRESHOLD`) are drawn as
-a datashader image of the visible range (:func:`rasterize`), with one fixed colour per
-category so colours stay put when the selection or zoom changes.
+Functions here take plain arrays and the records of :mod:`explorer.app.readouts`, never
+the state object, so tests call them without a server. Many cells (more than
+:data:`DATASHADE_THRESHOLD`) are drawn as a datashader image of the visible range
+(:func:`rasterize`), with one fixed colour per category so colours stay put when the
+selection or zoom changes. Every continuous colouring gets a colour bar
+(:func:`sync_colorbar`), images included.
 """
 
 from __future__ import annotations
@@ -12,16 +14,25 @@ import functools
 import io
 from typing import TYPE_CHECKING, Any, Literal
 
+import datashader as ds
+import datashader.transfer_functions as tf
 import holoviews as hv
 import holoviews.plotting.bokeh  # noqa: F401 - registers the bokeh backend the options below are for
+import matplotlib as mpl
 import numpy as np
+import pandas as pd
+from bokeh.models import ColorBar, LinearColorMapper
+from matplotlib import colormaps
+from matplotlib.colors import to_hex
+from matplotlib.figure import Figure
 
 from explorer.app.escape import html_text
+from explorer.app.readouts import Coloring
 
 if TYPE_CHECKING:
-    import pandas as pd
+    from collections.abc import Callable, Sequence
 
-    from explorer.app.state import Coloring, PhaseFit
+    from explorer.app.readouts import PhaseFit
 
 #: above this many cells, scatter plots are rasterised with datashader
 DATASHADE_THRESHOLD = 50_000
@@ -54,13 +65,8 @@ def _size(n: int) -> float:
 
 
 def cmap_for(coloring: Coloring) -> str:
-    """Pick the colour map of a continuous colouring: diverging for velocities, else sequential."""
-    label = coloring.label.lower()
-    return (
-        DIVERGING_CMAP
-        if "velocity" in label and "confidence" not in label and "agreement" not in label
-        else CONTINUOUS_CMAP
-    )
+    """Pick the colour map of a continuous colouring: diverging where it says so, else sequential."""
+    return DIVERGING_CMAP if coloring.diverging else CONTINUOUS_CMAP
 
 
 def value_range(coloring: Coloring) -> tuple[float, float]:
@@ -128,6 +134,56 @@ def color_mapping(coloring: Coloring) -> tuple[np.ndarray, list[str], tuple[floa
     return np.zeros(len(coloring.values), dtype=np.float32), [MISSING_COLOR, MISSING_COLOR], (0.0, 1.0)
 
 
+#: name of the colour bar :func:`sync_colorbar` adds to a figure (found again by it)
+COLORBAR_NAME = "explorer-colorbar"
+
+
+def sync_colorbar(figure: Any, coloring: Coloring | None) -> ColorBar | None:
+    """Show ``coloring``'s colour bar at the right of a Bokeh ``figure``; hide it for other colourings.
+
+    The bar has its own colour mapper (the cells may be an image without one), spanning
+    :func:`value_range` on :func:`cmap_for`'s map. It is added on first need and then only
+    updated, so a plot that switches between a category and a continuous colouring keeps
+    its layout. Returns the bar, or None when the figure never needed one.
+    """
+    bar = next((r for r in figure.right if getattr(r, "name", None) == COLORBAR_NAME), None)
+    continuous = coloring is not None and coloring.kind == "continuous"
+    if bar is None and not continuous:
+        return None
+    if continuous:
+        low, high = value_range(coloring)
+        palette = list(_cmap_colors(cmap_for(coloring)))
+        if bar is None:
+            mapper = LinearColorMapper(palette=palette, low=low, high=high)
+            bar = ColorBar(
+                name=COLORBAR_NAME, color_mapper=mapper, width=10, padding=4, major_label_text_font_size="9px"
+            )
+            figure.add_layout(bar, "right")
+        else:
+            bar.color_mapper.update(palette=palette, low=low, high=high)
+    bar.visible = continuous
+    return bar
+
+
+def colorbar_hook(coloring: Coloring) -> Callable[[Any, Any], None]:
+    """Make a HoloViews hook that keeps the drawn figure's colour bar in step with ``coloring``.
+
+    It holds only the colouring's kind, colour map and range, never its values: HoloViews
+    keeps hooks in a process-wide options tree.
+    """
+    summary = Coloring(
+        kind=coloring.kind,
+        values=np.asarray(value_range(coloring) if coloring.kind == "continuous" else [0.0, 1.0]),
+        label=coloring.label,
+        diverging=coloring.diverging,
+    )
+
+    def hook(plot: Any, _element: Any) -> None:
+        sync_colorbar(plot.state, summary)
+
+    return hook
+
+
 def points(
     x: np.ndarray,
     y: np.ndarray,
@@ -138,8 +194,12 @@ def points(
     width: int = 480,
     height: int = 420,
     tools: tuple[str, ...] = PICK_TOOLS,
+    hooks: Sequence[Callable[[Any, Any], None]] = (),
 ) -> hv.Points:
-    """Draw cells coloured by :func:`color_mapping`; each point carries its row as ``cell``."""
+    """Draw cells coloured by :func:`color_mapping`; each point carries its row as ``cell``.
+
+    A continuous colouring gets a colour bar (:func:`colorbar_hook`); ``hooks`` run too.
+    """
     n = len(x)
     values, palette, clim = color_mapping(coloring)
     data = {labels[0]: x, labels[1]: y, "cell": np.arange(n), "value": values}
@@ -158,6 +218,7 @@ def points(
         framewise=True,
         title=title,
         line_alpha=0,
+        hooks=[*hooks, colorbar_hook(coloring)],
         backend="bokeh",
     )
 
@@ -190,10 +251,6 @@ def shade(
     fixed ``color_key`` (``count_cat``), continuous values the mean per pixel on a colour
     map, and ``color`` (with ``coloring=None``) one flat colour on a transparent background.
     """
-    import datashader as ds
-    import datashader.transfer_functions as tf
-    import pandas as pd
-
     x_range = _shade_range(x, None, None) if x_range is None else tuple(map(float, x_range))
     y_range = _shade_range(y, None, None) if y_range is None else tuple(map(float, y_range))
     frame = {"x": np.asarray(x, dtype=np.float32), "y": np.asarray(y, dtype=np.float32)}
@@ -238,8 +295,12 @@ def rasterize(
     labels: tuple[str, str] = ("x", "y"),
     title: str = "",
     tools: tuple[str, ...] = PICK_TOOLS,
+    hooks: Sequence[Callable[[Any, Any], None]] = (),
 ) -> hv.RGB:
-    """Cells drawn as a datashader image (see :func:`shade`) in a HoloViews ``RGB``."""
+    """Cells drawn as a datashader image (see :func:`shade`) in a HoloViews ``RGB``.
+
+    A continuous colouring gets a colour bar (:func:`colorbar_hook`); ``hooks`` run too.
+    """
     packed, bounds = shade(
         x, y, coloring, x_range=x_range, y_range=y_range, width=width, height=height, color=color
     )
@@ -252,15 +313,13 @@ def rasterize(
         tools=list(tools),
         default_tools=_DEFAULT_TOOLS,
         title=title,
+        hooks=[*hooks, *([colorbar_hook(coloring)] if coloring is not None else [])],
         backend="bokeh",
     )
 
 
 @functools.cache
 def _cmap_colors(name: str) -> tuple[str, ...]:
-    from matplotlib import colormaps
-    from matplotlib.colors import to_hex
-
     cmap = colormaps[name]
     return tuple(str(to_hex(cmap(i / 255))) for i in range(256))
 
@@ -346,16 +405,29 @@ def arrows(x: np.ndarray, y: np.ndarray, vx: np.ndarray, vy: np.ndarray) -> hv.V
 
 
 def phase_fits(fits: list[PhaseFit]) -> hv.Overlay:
-    """Each fit's trajectory and steady-state line ``u = slope * s``; the active fit solid, others dashed.
+    """Each fit's trajectory, steady-state line ``u = slope * s`` and predicted cells, in the fit's colour.
 
-    The curves carry no labels: a legend appearing in a plot already on the page breaks
-    Bokeh's views, so :func:`fits_legend_html` explains them beside the plot.
+    The active fit's lines are solid, the others dashed; predicted ``(s, u)`` of cells
+    (fits that show ``"cell_points"``) are small dots. The curves carry no labels: a legend
+    appearing in a plot already on the page breaks Bokeh's views, so
+    :func:`fits_legend_html` explains them beside the plot.
     """
     layers = []
     for i, fit in enumerate(fits):
         color = FIT_COLORS[i % len(FIT_COLORS)]
         dash = "solid" if fit.active else "dashed"
         width = 3 if fit.active else 2
+        if fit.points is not None and len(fit.points):
+            layers.append(
+                hv.Points((fit.points[:, 0], fit.points[:, 1]), ["Ms", "Mu"], group="CellPoints").opts(
+                    color=color,
+                    size=3,
+                    alpha=0.5 if fit.active else 0.3,
+                    line_alpha=0,
+                    nonselection_alpha=0.5 if fit.active else 0.3,
+                    backend="bokeh",
+                )
+            )
         if fit.s is not None and fit.u is not None:
             layers.append(
                 hv.Curve((fit.s, fit.u), "Ms", "Mu").opts(
@@ -387,7 +459,12 @@ def fits_legend_html(fits: list[PhaseFit]) -> str:
     for i, fit in enumerate(fits):
         color = FIT_COLORS[i % len(FIT_COLORS)]
         style = "solid" if fit.active else "dashed"
-        what = "trajectory and u = γ s (dash-dot)" if fit.s is not None else "u = γ s"
+        parts = [
+            *(["trajectory"] if fit.s is not None else []),
+            *(["u = γ s (dash-dot)" if fit.s is not None else "u = γ s"] if fit.line is not None else []),
+            *(["predicted cells (dots)"] if fit.points is not None else []),
+        ]
+        what = ", ".join(parts) or "nothing to draw for this gene"
         items.append(
             '<span style="white-space:nowrap;margin-right:12px">'
             '<span style="display:inline-block;width:22px;'
@@ -411,8 +488,6 @@ def comparison_scatter(
     finite = np.concatenate([a[np.isfinite(a)], b[np.isfinite(b)]])
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     if len(a) > DATASHADE_THRESHOLD:
-        from explorer.app.state import Coloring
-
         base: hv.Element = rasterize(
             a,
             b,
@@ -465,21 +540,29 @@ def figure_bytes(
     """Draw ``layers`` with matplotlib and return the file's bytes (PNG or SVG).
 
     Each layer is a dict with ``kind`` ``"points"`` (``x``, ``y``, ``coloring``),
+    ``"dots"`` (``x``, ``y``, ``color``: small dots in one colour, with a ``label``),
     ``"lines"`` (``lines``: list of ``(n, 2)`` arrays, ``color``, ``style``, ``label``),
     ``"marker"`` (``x``, ``y``, ``color``) or ``"highlight"`` (``x``, ``y``). Exports
     draw without a browser, so they work on a server with no display.
     """
-    import matplotlib as mpl
-
     mpl.use("Agg", force=False)
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(6, 5), dpi=150, layout="constrained")
     ax = fig.add_subplot()
     for layer in layers:
         kind = layer["kind"]
         if kind == "points":
             _mpl_points(ax, layer["x"], layer["y"], layer["coloring"])
+        elif kind == "dots":
+            ax.scatter(
+                layer["x"],
+                layer["y"],
+                s=3,
+                color=layer.get("color", STREAM_COLOR),
+                alpha=0.4,
+                linewidths=0,
+                label=layer.get("label"),
+                rasterized=True,
+            )
         elif kind == "lines":
             for line in layer["lines"]:
                 line = np.asarray(line)

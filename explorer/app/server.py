@@ -159,6 +159,7 @@ def serve(
     show: bool = False,
     address: str | None = None,
     allow_websocket_origin: Sequence[str] | None = None,
+    num_procs: int = 1,
     start: bool = True,
 ) -> Any:
     """Serve the explorer app; blocks until stopped when ``start`` is true.
@@ -182,6 +183,10 @@ def serve(
     allow_websocket_origin
         Host names (``host`` or ``host:port``) besides localhost that browsers may use to
         reach the app (Panel's option); requests naming any other host get 403.
+    num_procs
+        Worker processes (0: one per core). Each serves its own sessions and holds the
+        dataset, which is loaded once before they fork and shared until written to; a
+        browser stays on the process it connected to.
     start
         Run the server's event loop here (blocking); False returns the started server
         for the caller to run or stop.
@@ -197,6 +202,9 @@ def serve(
         if the port is in use or the address is not this machine's; the message is the
         CLI's.
     """
+    if isinstance(num_procs, bool) or not isinstance(num_procs, int) or num_procs < 0:
+        msg = f"Expected --num-procs to be 0 (one per core) or a positive whole number; found {num_procs!r}."
+        raise InputError(msg)
     folder = Path(data_dir if data_dir is not None else ".").resolve()
     if not folder.is_dir():
         msg = f"Expected --data-dir to be a folder; {str(data_dir)!r} is not one."
@@ -218,7 +226,9 @@ def serve(
 
     from explorer.app.main import TITLE, configure_process, create_app, shared_dataset
 
-    configure_process()
+    # several processes fork from this one: no background thread before the fork (each
+    # worker imports torch at its first fit)
+    configure_process(import_torch=num_procs == 1)
     _import_styler_without_pyplot()
     # Load (and preprocess) once before the first page: a bad file fails here, with the CLI's message.
     shared_dataset(name, folder)
@@ -234,6 +244,7 @@ def serve(
             start=False,
             title=TITLE,
             threaded=False,
+            num_procs=num_procs,
         )
     except OSError as err:  # the port was taken between the check and now
         msg = f"Cannot listen on {address} port {port}: {err.strerror}. Pass --port 0 to pick a free one."

@@ -1,4 +1,4 @@
-"""One browser session's state: the data, what is selected, and every fitted model.
+"""One browser session's state: its parameters, its intent methods and its running job.
 
 :class:`ExplorerState` holds everything a user can change or select (gene, cell,
 selected cells, active model, colouring, embedding) and the session's fits; views
@@ -9,364 +9,71 @@ itself may be shared read-only between sessions: nothing here writes into
 ``state.adata``; fits live in ``state.results`` and are written only into a copy on
 export.
 
-The accessors (``gene_values``, ``coloring``, ``phase_fits``, ...) return arrays
-ready for :mod:`explorer.app.plots`; nothing in this module draws.
+What the views show is computed by the pure functions of :mod:`explorer.app.readouts`
+(geometry in :mod:`explorer.app.geometry`, files in :mod:`explorer.app.fits`); the
+state's accessors (``gene_values``, ``coloring``, ``phase_fits``, ...) only pass them
+the session's data, fit and selection and remember the results in a bounded
+:class:`~explorer.app.memo.Memo`. Nothing in this module draws or imports Panel.
 """
 
 from __future__ import annotations
 
 import contextlib
 import difflib
-import inspect
-import logging
-import threading
-import weakref
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import pandas as pd
 import param
 from anndata import AnnData
 
 from explorer._types import InputError, Progress
-from explorer.app.escape import hex_colors
+from explorer.app import readouts
 from explorer.app.files import DATASET_SUFFIXES, export_target, resolve_under, write_new
+from explorer.app.fits import fit_from_adata, load_dataset, model_defaults, results_adata
+from explorer.app.geometry import nearest, points_in_box, points_in_polygon, time_bins
 from explorer.app.jobs import Fit, Job, fit_and_derive, fit_key, fit_label
+from explorer.app.memo import Memo, shared_memo
+from explorer.app.readouts import (
+    COLOR_CONFIDENCE,
+    COLOR_EXPRESSION,
+    COLOR_LATENT_TIME,
+    COLOR_RATES,
+    COLOR_UNCERTAINTY,
+    COLOR_VELOCITY,
+    CONTINUOUS_COLORINGS,
+    CellInfo,
+    Coloring,
+    PhaseFit,
+)
+from explorer.data.io import write
 from explorer.keys import Key
+from explorer.models import MODELS
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Hashable
 
-    from scipy.sparse import csr_matrix
+    import pandas as pd
 
-    from explorer.models.base import VelocityResult
+__all__ = [
+    "COLOR_CONFIDENCE",
+    "COLOR_EXPRESSION",
+    "COLOR_LATENT_TIME",
+    "COLOR_RATES",
+    "COLOR_UNCERTAINTY",
+    "COLOR_VELOCITY",
+    "CONTINUOUS_COLORINGS",
+    "CellInfo",
+    "Coloring",
+    "ExplorerState",
+    "PhaseFit",
+    "load_dataset",
+    "model_defaults",
+]
 
-logger = logging.getLogger(__name__)
-
-#: colourings besides the categorical obs columns (which are offered by their own names)
-COLOR_LATENT_TIME = "latent time"
-COLOR_CONFIDENCE = "velocity confidence"
-COLOR_UNCERTAINTY = "velocity uncertainty"
-COLOR_EXPRESSION = "gene: expression (Ms)"
-COLOR_VELOCITY = "gene: velocity"
-CONTINUOUS_COLORINGS = (
-    COLOR_LATENT_TIME,
-    COLOR_CONFIDENCE,
-    COLOR_UNCERTAINTY,
-    COLOR_EXPRESSION,
-    COLOR_VELOCITY,
-)
-
-#: a category-to-colour map read from ``uns['<column>_colors']`` (scanpy's convention) or
-#: else taken from this palette (Glasbey's distinct colours, as colorcet orders them)
-_FALLBACK_PALETTE = (
-    "#d60000", "#8c3bff", "#018700", "#00acc6", "#97ff00", "#ff7ed1", "#6b004f", "#ffa52f",
-    "#573b00", "#005659", "#0000dd", "#00fdcf", "#a17569", "#bcb6ff", "#95b577", "#bf03b8",
-    "#645474", "#790000", "#0774d8", "#fdf490", "#004b00", "#8e7900", "#ff7266", "#edb8b8",
-)  # fmt: skip
-
-#: per-gene columns of the gene table, by their ``var`` key, and the header shown
-GENE_COLUMNS: dict[str, str] = {
-    Key.var.FIT_LIKELIHOOD: "likelihood",
-    Key.var.FIT_R2: "R²",
-    Key.var.R2: "R²",
-    Key.var.GAMMA: "gamma",
-    Key.var.FIT_ALPHA: "alpha",
-    Key.var.FIT_BETA: "beta",
-    Key.var.FIT_GAMMA: "gamma",
-    Key.var.FIT_T_: "switch time",
-    Key.var.FIT_SCALING: "scaling",
-    Key.var.FIT_KINETIC_SIGNAL: "kinetic signal",
-    Key.var.FIT_DETECTION_POWER: "detection power",
-}
-
-#: how many bins of latent time the "fitted curve" of the time view averages over
-_TIME_BINS = 60
-
-#: points along a fitted phase trajectory
-_TRAJECTORY_POINTS = 200
-
-
-@dataclass(frozen=True, slots=True)
-class Coloring:
-    """Per-cell colour values: ``kind`` says how to read ``values``.
-
-    ``"category"``: ``values`` are category codes into ``categories`` with ``color_key``
-    (category -> hex colour, fixed for the dataset); ``"continuous"``: float values (NaN
-    drawn grey); ``"none"``: nothing to colour by (``label`` says why).
-    """
-
-    kind: Literal["category", "continuous", "none"]
-    values: np.ndarray
-    label: str
-    categories: tuple[str, ...] = ()
-    color_key: dict[str, str] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class PhaseFit:
-    """What the phase portrait draws for one fit of the selected gene."""
-
-    label: str
-    active: bool
-    slope: float | None
-    s: np.ndarray | None
-    u: np.ndarray | None
-    #: ``(2, 2)`` end points of the steady-state line ``u = slope * s`` within the cells' range
-    line: np.ndarray | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class CellInfo:
-    """What the cell inspector shows for the selected cell."""
-
-    index: int
-    name: str
-    cluster: str | None
-    latent_time: float | None
-    confidence: float | None
-    targets: pd.DataFrame  # columns: index, cell, cluster, probability; most likely first
-
-
-def nearest(x: np.ndarray, y: np.ndarray, x0: float, y0: float) -> int:
-    """Index of the point of ``(x, y)`` nearest to ``(x0, y0)``, each axis scaled by its range.
-
-    NaN points are never chosen. Scaling makes a click pick the visually nearest point
-    on plots whose axes have different units (the phase portrait, the time view).
-    """
-    x = np.asarray(x, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
-    sx = np.nanmax(x) - np.nanmin(x) or 1.0
-    sy = np.nanmax(y) - np.nanmin(y) or 1.0
-    d = ((x - x0) / sx) ** 2 + ((y - y0) / sy) ** 2
-    return int(np.nanargmin(d))
-
-
-def points_in_polygon(x: np.ndarray, y: np.ndarray, polygon: np.ndarray) -> np.ndarray:
-    """Find the points inside ``polygon`` (``(n, 2)`` vertices, as a lasso draws them)."""
-    from matplotlib.path import Path as MplPath
-
-    inside = MplPath(np.asarray(polygon, dtype=np.float64)).contains_points(np.column_stack([x, y]))
-    return np.flatnonzero(inside)
-
-
-def points_in_box(x: np.ndarray, y: np.ndarray, bounds: tuple[float, float, float, float]) -> np.ndarray:
-    """Find the points inside ``bounds = (x0, y0, x1, y1)``."""
-    x0, y0, x1, y1 = bounds
-    keep = (x >= min(x0, x1)) & (x <= max(x0, x1)) & (y >= min(y0, y1)) & (y <= max(y0, y1))
-    return np.flatnonzero(keep)
-
-
-def velocity_agreement(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Cosine similarity per cell of two ``(n_obs, n_vars)`` velocities, over genes finite in both.
-
-    Cells where either vector is zero get NaN.
-    """
-    genes = np.isfinite(a).all(axis=0) & np.isfinite(b).all(axis=0)
-    a, b = a[:, genes], b[:, genes]
-    dot = np.einsum("ij,ij->i", a, b, dtype=np.float64)
-    norm = np.sqrt(
-        np.einsum("ij,ij->i", a, a, dtype=np.float64) * np.einsum("ij,ij->i", b, b, dtype=np.float64)
-    )
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(norm > 0, dot / norm, np.nan).astype(np.float32)
-
-
-def time_bins(x: np.ndarray, *, n_bins: int = _TIME_BINS) -> tuple[np.ndarray, np.ndarray]:
-    """Assign ``x`` to ``n_bins`` equal bins: ``(bin per value, -1 for NaN; bin centres)``.
-
-    Plain arithmetic rather than a search: it runs on every gene click at a million cells.
-    """
-    x = np.asarray(x, dtype=np.float64)
-    finite = np.isfinite(x)
-    if not finite.any():
-        return np.full(len(x), -1, dtype=np.int64), np.empty(0)
-    lo, hi = float(x[finite].min()), float(x[finite].max())
-    span = (hi - lo) or 1.0
-    which = np.clip(((x - lo) / span * n_bins).astype(np.int64, copy=False), 0, n_bins - 1)
-    which[~finite] = -1
-    centres = lo + (np.arange(n_bins) + 0.5) * span / n_bins
-    return which, centres
-
-
-def binned_mean(
-    x: np.ndarray,
-    y: np.ndarray,
-    *,
-    n_bins: int = _TIME_BINS,
-    bins: tuple[np.ndarray, np.ndarray] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Mean of ``y`` in ``n_bins`` equal bins of ``x`` (empty bins left out), for a trend curve.
-
-    ``bins`` may pass :func:`time_bins` of ``x`` computed before.
-    """
-    which, centres = bins if bins is not None else time_bins(x, n_bins=n_bins)
-    y = np.asarray(y, dtype=np.float64)
-    ok = (which >= 0) & np.isfinite(y)
-    n = len(centres)
-    counts = np.bincount(which[ok], minlength=n)
-    sums = np.bincount(which[ok], weights=y[ok], minlength=n)
-    filled = counts > 0
-    return centres[filled], sums[filled] / counts[filled]
-
-
-def _dense_column(matrix: Any, j: int) -> np.ndarray:
-    col = matrix[:, j]
-    if hasattr(col, "toarray"):
-        col = col.toarray()
-    return np.asarray(col, dtype=np.float32).ravel()
-
-
-def _is_categorical(series: pd.Series) -> bool:
-    return isinstance(series.dtype, pd.CategoricalDtype)
-
-
-def result_from_adata(adata: AnnData) -> VelocityResult | None:
-    """Read the velocity already stored in ``adata`` (scVelo's keys) as a result, or None.
-
-    Lets a file written by ``explorer fit``, scVelo or an earlier export open with its
-    velocity in place.
-    """
-    from explorer.models import MODELS
-    from explorer.models.base import VelocityResult
-
-    if Key.layers.VELOCITY not in adata.layers:
-        return None
-    params = adata.uns.get(Key.uns.VELOCITY_PARAMS, {})
-    mode = (
-        str(params.get("model", params.get("mode", "velocity"))) if isinstance(params, dict) else "velocity"
-    )
-    if mode in MODELS:
-        # written by VelocityResult.to_adata (explorer fit, an export, the bundled sample):
-        # the model's own parameters and arrays come back as they were
-        return VelocityResult.from_adata(adata)
-    velocity = adata.layers[Key.layers.VELOCITY]
-    velocity = np.asarray(velocity.toarray() if hasattr(velocity, "toarray") else velocity, dtype=np.float32)
-    known = [
-        k for k in (*GENE_COLUMNS, Key.var.FIT_STD_U, Key.var.FIT_STD_S, Key.var.FIT_T_ON) if k in adata.var
-    ]
-    gene_params = adata.var[list(dict.fromkeys(known))].copy()
-    genes = (
-        adata.var[Key.var.VELOCITY_GENES].to_numpy(dtype=bool)
-        if Key.var.VELOCITY_GENES in adata.var
-        else np.isfinite(velocity).all(axis=0)
-    )
-    likelihood = None
-    for key in (Key.var.FIT_LIKELIHOOD, Key.var.R2):
-        if key in adata.var:
-            likelihood = adata.var[key].astype(float)
-            break
-    layers = {}
-    if Key.layers.FIT_T in adata.layers:
-        layers[Key.layers.FIT_T] = np.asarray(adata.layers[Key.layers.FIT_T], dtype=np.float32)
-    obs = adata.obs
-    return VelocityResult(
-        model=mode,
-        params={"source": "file"},
-        obs_names=adata.obs_names,
-        var_names=adata.var_names,
-        velocity=velocity,
-        gene_params=gene_params,
-        velocity_genes=genes,
-        likelihood=likelihood,
-        velocity_u=None,
-        latent_time=obs[Key.obs.LATENT_TIME].to_numpy(np.float32) if Key.obs.LATENT_TIME in obs else None,
-        uncertainty=(
-            obs[Key.obs.VELOCITY_UNCERTAINTY].to_numpy(np.float32)
-            if Key.obs.VELOCITY_UNCERTAINTY in obs
-            else None
-        ),
-        layers=layers,
-    )
-
-
-def fit_from_adata(adata: AnnData) -> Fit | None:
-    """:func:`result_from_adata` with the stored transitions, confidence and projections."""
-    result = result_from_adata(adata)
-    if result is None:
-        return None
-    transitions = adata.obsp.get(Key.obsp.TRANSITIONS)
-    if transitions is None and Key.obsp.VELOCITY_GRAPH in adata.obsp:
-        from explorer.graph.transition import transition_matrix
-
-        transitions = transition_matrix(
-            adata.obsp[Key.obsp.VELOCITY_GRAPH], adata.obsp.get(Key.obsp.VELOCITY_GRAPH_NEG)
-        )
-    confidence = (
-        adata.obs[Key.obs.VELOCITY_CONFIDENCE].to_numpy(np.float32)
-        if Key.obs.VELOCITY_CONFIDENCE in adata.obs
-        else None
-    )
-    embedding = {
-        key: np.asarray(adata.obsm[Key.obsm.velocity(key)])[:, :2]
-        for key in adata.obsm
-        if key.startswith("X_") and Key.obsm.velocity(key) in adata.obsm
-    }
-    transitions = None if transitions is None else transitions.tocsr()
-    derived = None
-    graph, graph_neg = adata.obsp.get(Key.obsp.VELOCITY_GRAPH), adata.obsp.get(Key.obsp.VELOCITY_GRAPH_NEG)
-    if graph is not None and graph_neg is not None and transitions is not None:
-        from explorer.pipeline import Derived
-
-        # lets the app project on another basis as `explorer fit` does (the signed kernel)
-        derived = Derived(
-            graph=graph.tocsr(),
-            graph_neg=graph_neg.tocsr(),
-            transitions=transitions,
-            velocity_embedding={},
-            obs=pd.DataFrame(index=adata.obs_names),
-            params={},
-        )
-    return Fit(
-        label=f"{result.model} (from file)",
-        key=(result.model, (("source", "'file'"),)),
-        result=result,
-        transitions=transitions,
-        confidence=confidence,
-        velocity_embedding=embedding,
-        derived=derived,
-    )
-
-
-#: per-dataset caches by ``id(adata)``; each entry is dropped with its AnnData
-_SHARED: dict[int, dict[Any, Any]] = {}
-_SHARED_LOCK = threading.Lock()
-
-
-def shared_cache(adata: AnnData) -> dict[Any, Any]:
-    """A cache shared by every session that shows ``adata`` (the same object), dropped with it.
-
-    The server loads a dataset once and every session shows that object read-only, so
-    what each would compute alike lives here once: the stored fit (whose streamlines are
-    then computed once), embedding coordinates, gene means, colour maps. Arrays put here
-    are made read-only.
-    """
-    key = id(adata)
-    with _SHARED_LOCK:
-        cache = _SHARED.get(key)
-        if cache is None:
-            cache = _SHARED[key] = {}
-            weakref.finalize(adata, _SHARED.pop, key, None)
-    return cache
-
-
-def _frozen(array: np.ndarray) -> np.ndarray:
-    array.flags.writeable = False
-    return array
-
-
-def model_defaults(model: str) -> dict[str, Any]:
-    """Return the constructor's keyword defaults of ``model`` (for the Run form)."""
-    from explorer.models import MODELS
-
-    signature = inspect.signature(MODELS[model].__init__)
-    return {
-        name: p.default
-        for name, p in signature.parameters.items()
-        if name != "self" and p.default is not inspect.Parameter.empty
-    }
+#: results one session remembers (a few genes' columns, colourings, time bins, the arrow
+#: grid, the agreement of two fits): each up to a few MB at a million cells
+SESSION_MEMO_ITEMS = 12
 
 
 class ExplorerState(param.Parameterized):
@@ -413,15 +120,18 @@ class ExplorerState(param.Parameterized):
     def __init__(self, adata: AnnData | None = None, **params: Any) -> None:
         super().__init__(**params)
         self._job: Job | None = None
-        self._cache: dict[Any, Any] = {}
-        #: what every session computes alike from the same dataset (see :func:`shared_cache`)
-        self._shared: dict[Any, Any] = {}
+        self._memo = Memo(SESSION_MEMO_ITEMS)
+        #: what every session computes alike from the same dataset (see :func:`shared_memo`)
+        self._shared = Memo(1)
         if adata is not None:
             self.set_data(adata, name=self.dataset or "data", path=self.dataset_path)
 
     def _batched(self) -> contextlib.AbstractContextManager[Any]:
         """One page update for everything an action changes (a no-op outside the app)."""
         return self.batch() if self.batch is not None else contextlib.nullcontext()
+
+    def _remember(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        return self._memo.get(key, compute)
 
     # ------------------------------------------------------------------ data
     def set_data(self, adata: AnnData, *, name: str, path: Path | None = None) -> None:
@@ -435,16 +145,12 @@ class ExplorerState(param.Parameterized):
                 "Preprocess it (`explorer fit` does) or open a raw file, which the app preprocesses."
             )
             raise InputError(msg)
-        self._cache = {}
-        self._shared = shared_cache(adata)
-        fits: dict[str, Fit] = {}
-        if "stored fit" not in self._shared:
-            # one Fit for every session: its streamlines and projections are computed once
-            self._shared["stored fit"] = fit_from_adata(adata)
-        stored = self._shared["stored fit"]
-        if stored is not None:
-            fits[stored.label] = stored
-        categorical = [c for c in adata.obs.columns if _is_categorical(adata.obs[c])]
+        self._memo.clear()
+        self._shared = shared_memo(adata)
+        # one Fit for every session: its streamlines and projections are computed once
+        stored = self._shared.get("stored fit", lambda: fit_from_adata(adata))
+        fits: dict[str, Fit] = {stored.label: stored} if stored is not None else {}
+        categorical = [c for c in adata.obs.columns if readouts.is_categorical(adata.obs[c])]
         preferred = Key.obsm.UMAP if Key.obsm.UMAP in bases else bases[0]
         default_color = (
             Key.obs.CLUSTERS
@@ -454,7 +160,7 @@ class ExplorerState(param.Parameterized):
         labels = list(fits)
         with self._batched(), param.parameterized.batch_call_watchers(self):
             self.param.basis.objects = bases
-            self.param.color_by.objects = [*categorical, *CONTINUOUS_COLORINGS]
+            self.param.color_by.objects = readouts.color_options(adata, fits)
             for p in (self.param.model, self.param.compare_a, self.param.compare_b):
                 p.objects = labels
             self.param.update(
@@ -569,7 +275,7 @@ class ExplorerState(param.Parameterized):
         else:
             t = self.latent_time()
             if t is None:
-                msg = "The time view has no latent time to pick a cell by; run the dynamical model."
+                msg = "The time view has no latent time to pick a cell by; run a model that has one."
                 raise InputError(msg)
             index = nearest(t, self.gene_values(what), x, y)
         self.select_cell(index)
@@ -585,13 +291,14 @@ class ExplorerState(param.Parameterized):
         elif bounds is not None:
             self.select_cells(points_in_box(xy[:, 0], xy[:, 1], bounds))
 
-    def set_model(self, label: str) -> None:
-        """Make the fit ``label`` the active model."""
-        if label not in self.results:
-            msg = f"No fit named {label!r}; fitted so far: {', '.join(self.results) or 'none'}."
-            raise InputError(msg)
-        with self._batched():
-            self.model = label
+    def select_gene_near(self, x: float, y: float) -> str | None:
+        """Select the gene nearest to a click on the A-against-B fit-quality plot."""
+        table = self.compare_quality()
+        if table is None or table.empty:
+            return None
+        i = nearest(table["a"].to_numpy(), table["b"].to_numpy(), x, y)
+        self.select_gene(table["gene"].iloc[i])
+        return self.gene
 
     # ---------------------------------------------------------------- runs
     def run_model(self, model: str, **params: Any) -> Job | None:
@@ -600,8 +307,6 @@ class ExplorerState(param.Parameterized):
         The fit lands in ``results`` (keyed by model and parameters) and becomes the
         active model; progress goes to ``progress``, failures to ``error``.
         """
-        from explorer.models import MODELS
-
         if model not in MODELS:
             self.error = f"Invalid model {model!r}. Valid options are: {', '.join(MODELS.keys())}."
             return None
@@ -630,6 +335,7 @@ class ExplorerState(param.Parameterized):
         with self._batched(), param.parameterized.batch_call_watchers(self):
             for p in (self.param.model, self.param.compare_a, self.param.compare_b):
                 p.objects = labels
+            self.param.color_by.objects = readouts.color_options(self.adata, results)
             previous = self.model
             self.param.update(
                 results=results,
@@ -656,8 +362,8 @@ class ExplorerState(param.Parameterized):
         """
         self.stop_job()
         self._job = None
-        self._cache = {}
-        self._shared = {}
+        self._memo.clear()
+        self._shared = Memo(1)
         with param.parameterized.discard_events(self):
             self.param.update(
                 results={},
@@ -705,385 +411,10 @@ class ExplorerState(param.Parameterized):
         )
         return self._job.start()
 
-    # ------------------------------------------------------------ accessors
-    @property
-    def fit(self) -> Fit | None:
-        """The active fit, or None."""
-        return self.results.get(self.model) if self.model else None
-
-    @property
-    def gene_index(self) -> int:
-        """Column of the selected gene."""
-        return int(self.adata.var_names.get_loc(self.gene))
-
-    def embedding(self, basis: str | None = None) -> np.ndarray:
-        """``(n_obs, 2)`` coordinates on ``basis`` (default: the current one)."""
-        key = basis or self.basis
-        cached = self._shared.get(("embedding", key))
-        if cached is None:
-            cached = _frozen(np.array(np.asarray(self.adata.obsm[key])[:, :2], dtype=np.float32, order="C"))
-            self._shared["embedding", key] = cached
-        return cached
-
-    def gene_values(
-        self, what: Literal["Ms", "Mu", "velocity"], gene: str | None = None, fit: Fit | None = None
-    ) -> np.ndarray:
-        """Return ``(n_obs,)`` values of a gene (default: selected); velocity of ``fit`` (default: active)."""
-        gene = gene or self.gene
-        fit = (fit or self.fit) if what == "velocity" else None
-        if what == "velocity" and fit is None:
-            return np.full(self.adata.n_obs, np.nan, dtype=np.float32)
-        # a click reads the same columns several times (phase portrait, time plots, curves):
-        # keep the last gene's, since copying a column out of a million rows takes milliseconds
-        key = ("column", what, gene, None if fit is None else fit.label)
-        cached = self._cache.get(key)
-        if cached is None:
-            j = int(self.adata.var_names.get_loc(gene))
-            if fit is not None:
-                cached = np.ascontiguousarray(fit.result.velocity[:, j], dtype=np.float32)
-            else:
-                layer = Key.layers.MS if what == "Ms" else Key.layers.MU
-                cached = _dense_column(self.adata.layers[layer], j)
-            stale = [k for k in self._cache if k[0] == "column" and k[2] != gene]
-            for k in stale:
-                del self._cache[k]
-            self._cache[key] = cached
-        return cached
-
-    def latent_time(self, fit: Fit | None = None) -> np.ndarray | None:
-        """Latent time of ``fit`` (default: the active one), else ``obs['latent_time']``, else None."""
-        fit = fit or self.fit
-        if fit is not None and fit.result.latent_time is not None:
-            return np.asarray(fit.result.latent_time, dtype=np.float32)
-        obs = self.adata.obs
-        if Key.obs.LATENT_TIME not in obs:
-            return None
-        if ("obs latent time",) not in self._shared:
-            self._shared["obs latent time",] = obs[Key.obs.LATENT_TIME].to_numpy(np.float32)
-        return self._shared["obs latent time",]
-
-    def confidence(self) -> np.ndarray | None:
-        """Velocity confidence of the active fit, else ``obs['velocity_confidence']``, else None."""
-        fit = self.fit
-        if fit is not None and fit.confidence is not None:
-            return fit.confidence
-        obs = self.adata.obs
-        return (
-            obs[Key.obs.VELOCITY_CONFIDENCE].to_numpy(np.float32)
-            if Key.obs.VELOCITY_CONFIDENCE in obs
-            else None
-        )
-
-    def uncertainty(self) -> np.ndarray | None:
-        """Per-cell uncertainty of the active fit, else ``obs['velocity_uncertainty']``, else None."""
-        fit = self.fit
-        if fit is not None and fit.result.uncertainty is not None:
-            return np.asarray(fit.result.uncertainty, dtype=np.float32)
-        obs = self.adata.obs
-        return (
-            obs[Key.obs.VELOCITY_UNCERTAINTY].to_numpy(np.float32)
-            if Key.obs.VELOCITY_UNCERTAINTY in obs
-            else None
-        )
-
-    def color_key(self, column: str) -> dict[str, str]:
-        """Map the categories of an obs column to fixed colours (``uns['<column>_colors']`` if valid)."""
-        cached = self._shared.get(("color_key", column))
-        if cached is None:
-            cats = [str(c) for c in self.adata.obs[column].cat.categories]
-            stored = self.adata.uns.get(f"{column}_colors")
-            colors = hex_colors(stored, len(cats))  # valid colours only: they go into CSS and Bokeh
-            if colors is None:
-                colors = [_FALLBACK_PALETTE[i % len(_FALLBACK_PALETTE)] for i in range(len(cats))]
-            cached = dict(zip(cats, colors, strict=False))
-            self._shared["color_key", column] = cached
-        return cached
-
-    def coloring(self, color_by: str | None = None) -> Coloring:
-        """Return the per-cell colour values for ``color_by`` (default: the current choice)."""
-        what = color_by or self.color_by
-        obs = self.adata.obs
-        if what in obs and _is_categorical(obs[what]):
-            column = obs[what]
-            return Coloring(
-                kind="category",
-                values=column.cat.codes.to_numpy(),
-                label=what,
-                categories=tuple(str(c) for c in column.cat.categories),
-                color_key=self.color_key(what),
-            )
-        values: np.ndarray | None
-        if what == COLOR_LATENT_TIME:
-            values, why = self.latent_time(), "no latent time: run the dynamical model"
-        elif what == COLOR_CONFIDENCE:
-            values, why = self.confidence(), "no velocity confidence: run a model"
-        elif what == COLOR_UNCERTAINTY:
-            values, why = self.uncertainty(), "the active model reports no uncertainty"
-        elif what == COLOR_EXPRESSION:
-            values, why = self.gene_values("Ms"), ""
-        elif what == COLOR_VELOCITY:
-            values, why = (
-                (self.gene_values("velocity"), "") if self.fit else (None, "no velocity: run a model")
-            )
-        else:
-            values, why = None, f"cannot colour by {what!r}"
-        if values is None:
-            return Coloring(kind="none", values=np.zeros(self.adata.n_obs, dtype=np.float32), label=why)
-        label = (
-            f"{self.gene} {what.removeprefix('gene: ')}"
-            if what in (COLOR_EXPRESSION, COLOR_VELOCITY)
-            else what
-        )
-        return Coloring(kind="continuous", values=values, label=label)
-
-    def cluster_column(self) -> str | None:
-        """Name the obs column of cell types: ``clusters`` if present, else the first categorical one."""
-        obs = self.adata.obs
-        if Key.obs.CLUSTERS in obs:
-            return Key.obs.CLUSTERS
-        return next((c for c in obs.columns if _is_categorical(obs[c])), None)
-
-    def velocity_embedding(self, fit: Fit | None = None) -> np.ndarray | None:
-        """``(n_obs, 2)`` velocity of ``fit`` (default: active) on the current basis, projected on demand."""
-        fit = fit or self.fit
-        if fit is None:
-            return None
-        if self.basis not in fit.velocity_embedding:
-            if fit.derived is not None:
-                # scVelo's signed projection, as explorer.pipeline.derive computes it
-                fit.velocity_embedding[self.basis] = fit.derived.project(self.embedding())
-            elif fit.transitions is not None:  # a file with T_fwd but no velocity graph
-                from explorer.graph.projection import project_velocity
-
-                fit.velocity_embedding[self.basis] = np.asarray(
-                    project_velocity(fit.transitions, self.embedding())
-                )
-        return fit.velocity_embedding.get(self.basis)
-
-    def streamlines(self) -> list[np.ndarray]:
-        """Streamlines of the active fit on the current basis (computed once per fit and basis)."""
-        fit = self.fit
-        if fit is None:
-            return []
-        if self.basis not in fit.streamlines:
-            v = self.velocity_embedding(fit)
-            if v is None:
-                return []
-            from explorer.graph.streamlines import compute_streamlines
-
-            fit.streamlines[self.basis] = compute_streamlines(self.embedding(), v)
-        return fit.streamlines[self.basis]
-
-    def arrow_grid(self) -> Any:
-        """Velocity averaged on a grid over the embedding (a ``GridField``), or None."""
-        v = self.velocity_embedding()
-        if v is None:
-            return None
-        key = ("grid", self.model, self.basis)
-        if key not in self._cache:
-            from explorer.graph.streamlines import velocity_on_grid
-
-            # half scVelo's grid density: 25 x 25 arrows stay readable beside the streamlines
-            self._cache[key] = velocity_on_grid(self.embedding(), v, density=0.5)
-        return self._cache[key]
-
-    def phase_fits(self) -> list[PhaseFit]:
-        """For each fit, the steady-state line and fitted curve of the selected gene.
-
-        Both come from :mod:`explorer.models.kinetics`: the curve from
-        :func:`~explorer.models.kinetics.fitted_gene` (the parameters that produced
-        ``fit_t`` and the velocities; the shared-axis onset ``fit_t_on`` is a diagnostic,
-        never drawn), the line ``u = slope * s`` from
-        :func:`~explorer.models.kinetics.steady_state_line`, kept inside the cells' range.
-        """
-        from explorer.models import kinetics
-
-        j = self.gene_index
-        ms, mu = self.gene_values("Ms"), self.gene_values("Mu")
-        s_max = float(np.nanmax(ms)) if np.isfinite(ms).any() else 1.0
-        u_max = float(np.nanmax(mu)) if np.isfinite(mu).any() else 1.0
-        out = []
-        for label, fit in self.results.items():
-            gp = fit.result.gene_params.iloc[j]
-            slope: float | None = None
-            s = u = None
-            if Key.var.GAMMA in gp and np.isfinite(gp[Key.var.GAMMA]):
-                slope = float(gp[Key.var.GAMMA])
-            gene = kinetics.fitted_gene(gp)
-            if gene is not None:
-                # u = (gamma / beta) s for the model's u = Mu / scaling: Mu = scaling gamma / beta s
-                slope = gene.scaling * gene.gamma / gene.beta
-                fit_t = fit.result.layers.get(Key.layers.FIT_T)
-                finite = fit_t is not None and np.isfinite(fit_t[:, j]).any()
-                s, u = gene.phase_curve(float(np.nanmax(fit_t[:, j])) if finite else np.nan)
-            out.append(
-                PhaseFit(
-                    label=label,
-                    active=label == self.model,
-                    slope=slope,
-                    s=s,
-                    u=u,
-                    line=kinetics.steady_state_line(slope, s_max, u_max),
-                )
-            )
-        return out
-
-    def time_curve(self, what: Literal["Ms", "Mu", "velocity"]) -> tuple[np.ndarray, np.ndarray, str] | None:
-        """``(t, value, kind)``: the selected gene's curve against latent time, or None without latent time.
-
-        For a kinetic fit (``fit_t``, rates) the curve is the fitted ``s``/``u``/velocity at
-        each cell's gene time (:func:`explorer.models.kinetics.fitted_gene`, as the phase
-        portrait), averaged in bins of latent time (``kind="fit"``); otherwise
-        the binned mean of the observed values (``kind="trend"``).
-        """
-        t = self.latent_time()
-        if t is None:
-            return None
-        from explorer.models import kinetics
-
-        fit = self.fit
-        j = self.gene_index
-        values = None
-        if fit is not None and Key.layers.FIT_T in fit.result.layers:
-            gene = kinetics.fitted_gene(fit.result.gene_params.iloc[j])
-            if gene is not None:
-                uu, ss, vs = gene.at(fit.result.layers[Key.layers.FIT_T][:, j])
-                values = {"Ms": ss, "Mu": uu, "velocity": vs}[what]
-        kind = "fit" if values is not None else "trend"
-        if values is None:
-            values = self.gene_values(what)
-        fit_time = fit is not None and fit.result.latent_time is not None
-        key = ("time bins", fit.label if fit_time else "obs")
-        if key not in self._cache:
-            self._cache = {k: v for k, v in self._cache.items() if k[0] != "time bins"}
-            self._cache[key] = time_bins(t)
-        x, y = binned_mean(t, values, bins=self._cache[key])
-        return x, y, kind
-
-    def cell_info(self, index: int | None = None) -> CellInfo | None:
-        """Collect what the inspector shows for cell ``index`` (default: the selected cell)."""
-        index = self.cell if index is None else index
-        if index is None:
-            return None
-        column = self.cluster_column()
-        clusters = self.adata.obs[column].to_numpy() if column else None  # index it, never convert all cells
-        t = self.latent_time()
-        conf = self.confidence()
-        rows = pd.DataFrame({"index": pd.Series(dtype=np.int64), "probability": pd.Series(dtype=float)})
-        fit = self.fit
-        if fit is not None and fit.transitions is not None:
-            row: csr_matrix = fit.transitions[index]
-            cols, probs = row.indices, row.data
-            keep = cols != index
-            cols, probs = cols[keep], probs[keep]
-            order = np.argsort(-probs, kind="stable")[: self.n_targets]
-            rows = pd.DataFrame(
-                {"index": cols[order].astype(np.int64), "probability": probs[order].astype(float)}
-            )
-        rows.insert(1, "cell", self.adata.obs_names[rows["index"].to_numpy()].astype(str))
-        rows.insert(
-            2, "cluster", clusters[rows["index"].to_numpy()].astype(str) if clusters is not None else ""
-        )
-        return CellInfo(
-            index=index,
-            name=str(self.adata.obs_names[index]),
-            cluster=str(clusters[index]) if clusters is not None else None,
-            latent_time=float(t[index]) if t is not None else None,
-            confidence=float(conf[index]) if conf is not None else None,
-            targets=rows,
-        )
-
-    def gene_table(self) -> pd.DataFrame:
-        """One row per gene: mean Ms/Mu and the active fit's per-gene figures.
-
-        The columns are always the same (``gene``, ``mean Ms``, ``mean Mu``, the headers
-        of :data:`GENE_COLUMNS`, ``velocity gene``), NaN where the active fit has no such
-        figure, so the table keeps its layout when the model changes.
-        """
-        if ("means",) not in self._shared:
-            ms, mu = self.adata.layers[Key.layers.MS], self.adata.layers[Key.layers.MU]
-            self._shared["means",] = (np.asarray(ms.mean(axis=0)).ravel(), np.asarray(mu.mean(axis=0)).ravel())
-        mean_s, mean_u = self._shared["means",]
-        n = self.adata.n_vars
-        table = pd.DataFrame({"gene": self.adata.var_names.astype(str), "mean Ms": mean_s, "mean Mu": mean_u})
-        for header in dict.fromkeys(GENE_COLUMNS.values()):
-            table[header] = np.full(n, np.nan)
-        table["velocity gene"] = np.zeros(n, dtype=bool)
-        fit = self.fit
-        if fit is not None:
-            gp = fit.result.gene_params
-            filled: set[str] = set()
-            if fit.result.likelihood is not None and Key.var.FIT_LIKELIHOOD not in gp:
-                table["likelihood"] = fit.result.likelihood.to_numpy(dtype=float)
-                filled.add("likelihood")
-            for key, header in GENE_COLUMNS.items():
-                if key in gp and header not in filled:
-                    table[header] = gp[key].to_numpy(dtype=float)
-                    filled.add(header)
-            table["velocity gene"] = np.asarray(fit.result.velocity_genes, dtype=bool)
-        return table
-
-    def compare_fits(self) -> tuple[Fit | None, Fit | None]:
-        """Return the two fits picked for comparison."""
-        return self.results.get(self.compare_a), self.results.get(self.compare_b)
-
-    def compare_quality(self) -> pd.DataFrame | None:
-        """Per-gene goodness of fit of A and B (columns gene, a, b), genes fitted by both."""
-        a, b = self.compare_fits()
-        if a is None or b is None or a.result.likelihood is None or b.result.likelihood is None:
-            return None
-        table = pd.DataFrame(
-            {
-                "gene": self.adata.var_names.astype(str),
-                "a": a.result.likelihood.to_numpy(dtype=float),
-                "b": b.result.likelihood.to_numpy(dtype=float),
-            }
-        )
-        return table[np.isfinite(table["a"]) & np.isfinite(table["b"])].reset_index(drop=True)
-
-    def compare_agreement(self) -> np.ndarray | None:
-        """Per-cell cosine of A's and B's velocity (cached per pair)."""
-        a, b = self.compare_fits()
-        if a is None or b is None:
-            return None
-        key = ("agreement", a.key, b.key)
-        if key not in self._cache:
-            self._cache[key] = velocity_agreement(a.result.velocity, b.result.velocity)
-        return self._cache[key]
-
-    def select_gene_near(self, x: float, y: float) -> str | None:
-        """Select the gene nearest to a click on the A-against-B fit-quality plot."""
-        table = self.compare_quality()
-        if table is None or table.empty:
-            return None
-        i = nearest(table["a"].to_numpy(), table["b"].to_numpy(), x, y)
-        self.select_gene(table["gene"].iloc[i])
-        return self.gene
-
-    # --------------------------------------------------------------- export
+    # -------------------------------------------------------------- export
     def results_adata(self) -> AnnData:
-        """Copy the data and write the active fit into it under scVelo's/CellRank's keys.
-
-        Returns
-        -------
-        A new AnnData: what ``VelocityResult.to_adata`` writes, plus obsp ``T_fwd``
-        (CellRank's transition matrix), obsm ``velocity_<basis>`` and obs
-        ``velocity_confidence`` when the fit has them.
-        """
-        out = self.adata.copy()
-        fit = self.fit
-        if fit is None:
-            return out
-        fit.result.to_adata(out)
-        if fit.derived is not None:  # the graphs, projection and confidence, as `explorer fit` writes them
-            fit.derived.to_adata(out)
-        if fit.transitions is not None:
-            out.obsp[Key.obsp.TRANSITIONS] = fit.transitions
-        for basis, v in fit.velocity_embedding.items():
-            out.obsm[Key.obsm.velocity(basis)] = v
-        if fit.confidence is not None:
-            out.obs[Key.obs.VELOCITY_CONFIDENCE] = fit.confidence
-        return out
+        """Copy the data and write the active fit in (:func:`explorer.app.fits.results_adata`)."""
+        return results_adata(self.adata, self.fit)
 
     def export_h5ad(self, name: str, *, overwrite: bool = False) -> Path:
         """Write :meth:`results_adata` to ``name`` under ``data_dir``, atomically.
@@ -1105,23 +436,154 @@ class ExplorerState(param.Parameterized):
         OSError
             When the file system refuses the write (permissions, a full disk).
         """
-        from explorer.data.io import write
-
-        protect = (self.dataset_path,)
-        path = export_target(self.data_dir, name, protect=protect, overwrite=overwrite)
+        path = export_target(self.data_dir, name, protect=(self.dataset_path,), overwrite=overwrite)
         adata = self.results_adata()
         write_new(lambda tmp: write(adata, tmp), path, overwrite=overwrite)
         self.status = f"saved {path.name}"
         return path
 
+    # ------------------------------------------------------------ read-outs
+    # Thin delegates to explorer.app.readouts with this session's data, fit and selection,
+    # remembered where a click would otherwise compute them again.
+    @property
+    def fit(self) -> Fit | None:
+        """The active fit, or None."""
+        return self.results.get(self.model) if self.model else None
 
-def load_dataset(path: Path, *, progress: Any = None) -> AnnData:
-    """Read a dataset file and preprocess it when it has no ``Ms``/``Mu`` yet (as ``explorer fit`` does)."""
-    from explorer.data.io import read
-    from explorer.data.preprocess import is_preprocessed, prepare
+    @property
+    def gene_index(self) -> int:
+        """Column of the selected gene."""
+        return int(self.adata.var_names.get_loc(self.gene))
 
-    adata = read(path)
-    if not is_preprocessed(adata) or Key.obsm.UMAP not in adata.obsm:
-        has_basis = any(k.startswith("X_") and k != Key.obsm.PCA for k in adata.obsm)
-        prepare(adata, compute_umap=not has_basis, progress=progress)
-    return adata
+    def embedding(self, basis: str | None = None) -> np.ndarray:
+        """``(n_obs, 2)`` read-only coordinates on ``basis`` (default: current), shared by sessions."""
+        key = basis or self.basis
+        return self._shared.get(("embedding", key), lambda: readouts.embedding(self.adata, key))
+
+    def gene_values(
+        self, what: Literal["Ms", "Mu", "velocity"], gene: str | None = None, fit: Fit | None = None
+    ) -> np.ndarray:
+        """Return ``(n_obs,)`` values of a gene (default: selected); velocity of ``fit`` (default: active)."""
+        gene = gene or self.gene
+        fit = (fit or self.fit) if what == "velocity" else None
+        j = int(self.adata.var_names.get_loc(gene))
+        # a click reads the same columns several times (phase portrait, time plots, curves)
+        key = ("column", what, gene, None if fit is None else fit.label)
+        return self._remember(key, lambda: readouts.gene_values(self.adata, what, j, fit))
+
+    def latent_time(self, fit: Fit | None = None) -> np.ndarray | None:
+        """Latent time of ``fit`` (default: the active one) if it shows one, else ``obs['latent_time']``."""
+        return readouts.latent_time(self.adata, fit or self.fit)
+
+    def fit_shows(self, fit: Fit | None = None) -> frozenset[str]:
+        """Say what ``fit`` (default: the active one) can show (:func:`explorer.app.readouts.fit_shows`)."""
+        fit = fit or self.fit
+        return readouts.fit_shows(fit) if fit is not None else frozenset()
+
+    def coloring(self, color_by: str | None = None) -> Coloring:
+        """Return the per-cell colour values for ``color_by`` (default: the current choice)."""
+        what = color_by or self.color_by
+        fit = self.fit
+        key = None
+        if what in self.adata.obs and readouts.is_categorical(self.adata.obs[what]):
+            key = self._shared.get(("color_key", what), lambda: readouts.color_key(self.adata, what))
+        gene = self.gene if what in readouts.GENE_COLORINGS else None
+        column = None
+        if what == COLOR_EXPRESSION or (what == COLOR_VELOCITY and fit is not None):
+            column = self.gene_values("Ms" if what == COLOR_EXPRESSION else "velocity")  # read once
+        return self._remember(
+            ("coloring", what, gene, None if fit is None else fit.label),
+            lambda: readouts.coloring(self.adata, what, fit=fit, gene=self.gene, key=key, column=column),
+        )
+
+    def velocity_embedding(self, fit: Fit | None = None) -> np.ndarray | None:
+        """``(n_obs, 2)`` velocity of ``fit`` (default: active) on the current basis, projected once."""
+        fit = fit or self.fit
+        if fit is None:
+            return None
+        if self.basis not in fit.velocity_embedding:
+            v = readouts.project(fit, self.embedding())
+            if v is not None:  # kept with the fit: an export writes it
+                fit.velocity_embedding[self.basis] = v
+        return fit.velocity_embedding.get(self.basis)
+
+    def streamlines(self) -> list[np.ndarray]:
+        """Streamlines of the active fit on the current basis (computed once per fit and basis)."""
+        fit = self.fit
+        if fit is None:
+            return []
+        if self.basis not in fit.streamlines:
+            v = self.velocity_embedding(fit)
+            if v is None:
+                return []
+            fit.streamlines[self.basis] = readouts.streamlines(self.embedding(), v)
+        return fit.streamlines[self.basis]
+
+    def arrow_grid(self) -> Any:
+        """Velocity averaged on a grid over the embedding (a ``GridField``), or None."""
+        v = self.velocity_embedding()
+        if v is None:
+            return None
+        return self._remember(
+            ("grid", self.model, self.basis), lambda: readouts.arrow_grid(self.embedding(), v)
+        )
+
+    def phase_fits(self) -> list[PhaseFit]:
+        """For each fit, what the phase portrait draws for the selected gene (:func:`readouts.phase_fits`)."""
+        return readouts.phase_fits(
+            self.gene_values("Ms"), self.gene_values("Mu"), self.results, j=self.gene_index, active=self.model
+        )
+
+    def time_curve(self, what: Literal["Ms", "Mu", "velocity"]) -> tuple[np.ndarray, np.ndarray, str] | None:
+        """``(t, value, kind)``: the selected gene's curve against latent time, or None without latent time.
+
+        See :func:`explorer.app.readouts.time_curve`: the active fit's values binned along
+        latent time (``kind="fit"``), else the observed values' mean (``"trend"``).
+        """
+        t = self.latent_time()
+        if t is None:
+            return None
+        fit = self.fit
+        time_of = fit.label if fit is not None and "latent_time" in self.fit_shows(fit) else "obs"
+        bins = self._remember(("time bins", time_of), lambda: time_bins(t))
+        fitted = readouts.fitted_values(fit, what, self.gene_index)
+        observed = self.gene_values(what) if fitted is None else None
+        return readouts.time_curve(t, observed, fitted, bins=bins)
+
+    def cell_info(self, index: int | None = None) -> CellInfo | None:
+        """Collect what the inspector shows for cell ``index`` (default: the selected cell)."""
+        index = self.cell if index is None else index
+        if index is None:
+            return None
+        fit = self.fit
+        return readouts.cell_info(
+            self.adata,
+            fit,
+            index,
+            n_targets=self.n_targets,
+            t=self.latent_time(),
+            conf=readouts.confidence(self.adata, fit),
+        )
+
+    def gene_table(self) -> pd.DataFrame:
+        """One row per gene: mean Ms/Mu, the active fit's per-gene figures (:func:`readouts.gene_table`)."""
+        means = self._shared.get("means", lambda: readouts.gene_means(self.adata))
+        return readouts.gene_table(self.adata.var_names, means, self.fit)
+
+    def compare_fits(self) -> tuple[Fit | None, Fit | None]:
+        """Return the two fits picked for comparison."""
+        return self.results.get(self.compare_a), self.results.get(self.compare_b)
+
+    def compare_quality(self) -> pd.DataFrame | None:
+        """Per-gene goodness of fit of A and B (columns gene, a, b), genes fitted by both."""
+        return readouts.compare_quality(self.adata.var_names, *self.compare_fits())
+
+    def compare_agreement(self) -> np.ndarray | None:
+        """Per-cell cosine of A's and B's velocity (remembered per pair)."""
+        a, b = self.compare_fits()
+        if a is None or b is None:
+            return None
+        return self._remember(
+            ("agreement", a.key, b.key),
+            lambda: readouts.velocity_agreement(a.result.velocity, b.result.velocity),
+        )

@@ -21,6 +21,8 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import anndata as ad
+import h5py
 import numpy as np
 from scipy import sparse
 
@@ -305,8 +307,6 @@ def _with_scvelo_graphs(adata: AnnData) -> AnnData:
     keys = [k for k in (Key.obsp.VELOCITY_GRAPH, Key.obsp.VELOCITY_GRAPH_NEG) if k in adata.obsp]
     if not keys or all(k in adata.uns for k in keys):
         return adata
-    import anndata as ad
-
     out = ad.AnnData(
         X=adata.X,
         obs=adata.obs,
@@ -339,8 +339,6 @@ def _check_hdf5(path: Path, suffix: str) -> None:
 
 def _stored_shapes(path: Path, suffix: str) -> dict[str, tuple[int, int]]:
     """Shapes (n_obs, n_vars) of X and every layer, read from the HDF5 metadata only."""
-    import h5py
-
     shapes: dict[str, tuple[int, int]] = {}
     try:
         with h5py.File(path, "r") as f:
@@ -405,8 +403,6 @@ def _check_layers(
 
 
 def _read_h5ad(path: Path) -> AnnData:
-    import anndata as ad
-
     try:
         with warnings.catch_warnings(record=True) as caught:
             # e.g. anndata's OldFormatWarning for files written by anndata < 0.7: they
@@ -422,9 +418,6 @@ def _read_h5ad(path: Path) -> AnnData:
 
 
 def _read_loom(path: Path) -> AnnData:
-    import anndata as ad
-    import h5py
-
     with h5py.File(path, "r") as f:
         row_attrs = set(f.get("row_attrs", {}).keys())
         col_attrs = set(f.get("col_attrs", {}).keys())

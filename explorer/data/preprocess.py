@@ -5,9 +5,9 @@
 did, which in scVelo 0.3.4 is ``scv.pp.filter_and_normalize(adata, min_shared_counts=20)``
 followed by ``sc.pp.log1p`` and scanpy's
 ``sc.pp.highly_variable_genes(flavor="seurat", n_top_genes=2000, subset=True)``.
-``prepare`` adds PCA, the kNN graph, the moments ``Ms``/``Mu`` (``scv.pp.moments(n_pcs=30,
-n_neighbors=30)``) and a UMAP, and leaves normalisation out for data that already has
-``Ms``/``Mu``.
+The defaults are :data:`explorer._types.PREPROCESS`. :func:`explorer.pipeline.prepare`
+runs this, then the graph steps (PCA, kNN graph, moments ``Ms``/``Mu``, UMAP); this
+module only works on the count matrices and never imports :mod:`explorer.graph`.
 """
 
 from __future__ import annotations
@@ -17,16 +17,15 @@ import warnings
 from typing import TYPE_CHECKING
 
 import numpy as np
+import scanpy as sc
 from scipy import sparse
 
-from explorer._types import InputError, option, report
+from explorer._types import PREPROCESS, InputError, option
 from explorer.data.io import MAX_VALUE, validate_counts
 from explorer.keys import Key
 
 if TYPE_CHECKING:
     from anndata import AnnData
-
-    from explorer._types import ProgressCallback
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +43,10 @@ _GENE_COUNT_CORR_MIN_GENES = 3000
 
 def check_options(
     *,
-    min_shared_counts: int = 20,
-    n_top_genes: int | None = 2000,
-    n_pcs: int = 30,
-    n_neighbors: int = 30,
+    min_shared_counts: int = PREPROCESS.min_shared_counts,
+    n_top_genes: int | None = PREPROCESS.n_top_genes,
+    n_pcs: int = PREPROCESS.n_pcs,
+    n_neighbors: int = PREPROCESS.n_neighbors,
 ) -> None:
     """Check the preprocessing options' types and ranges before any work starts.
 
@@ -171,8 +170,8 @@ def size_factors(counts_per_cell: np.ndarray) -> np.ndarray:
 def filter_and_normalize(
     adata: AnnData,
     *,
-    min_shared_counts: int = 20,
-    n_top_genes: int | None = 2000,
+    min_shared_counts: int = PREPROCESS.min_shared_counts,
+    n_top_genes: int | None = PREPROCESS.n_top_genes,
     log: bool = True,
 ) -> None:
     """Filter genes, normalise X/spliced/unspliced per cell, log1p X, keep variable genes.
@@ -255,108 +254,18 @@ def filter_and_normalize(
         _select_highly_variable(adata, n_top_genes=n_top_genes)
 
 
-def prepare(
-    adata: AnnData,
-    *,
-    min_shared_counts: int = 20,
-    n_top_genes: int | None = 2000,
-    n_pcs: int = 30,
-    n_neighbors: int = 30,
-    compute_umap: bool = True,
-    seed: int = 0,
-    progress: ProgressCallback | None = None,
-) -> None:
-    """Run the whole scVelo-compatible preprocessing in place.
-
-    Raw counts go through :func:`filter_and_normalize`, then PCA + kNN graph
-    (:func:`explorer.graph.neighbors.compute_neighbors`) and the moments ``Ms``/``Mu``
-    (:func:`explorer.graph.moments.compute_moments`). Data that already has ``Ms`` and
-    ``Mu`` is not normalised again: only a missing neighbour graph or UMAP is added.
-
-    Parameters
-    ----------
-    adata
-        Data from :func:`explorer.data.io.read`.
-    min_shared_counts, n_top_genes
-        Passed to :func:`filter_and_normalize`.
-    n_pcs, n_neighbors
-        PCA components and neighbours (including the cell itself) of the kNN graph.
-    compute_umap
-        Compute ``obsm['X_umap']`` when the data has none.
-    seed
-        Seed of PCA, neighbour search and UMAP.
-    progress
-        Receives one :class:`~explorer._types.Progress` per step.
-
-    Returns
-    -------
-    Nothing; sets what :func:`filter_and_normalize`, ``compute_neighbors``,
-    ``compute_moments`` and ``compute_umap`` set (layers ``Ms``, ``Mu``; obsm
-    ``X_pca``, ``X_umap``; obsp ``distances``, ``connectivities``; uns ``neighbors``,
-    ``pca``, ``umap``) and uns ``explorer_preprocess`` with the parameters used.
-
-    Raises
-    ------
-    InputError
-        Missing layers, no genes left, or fewer cells than ``n_neighbors``.
-    """
-    from explorer.graph.embedding import compute_umap as _compute_umap
-    from explorer.graph.moments import compute_moments
-    from explorer.graph.neighbors import compute_neighbors, has_neighbors
-
-    check_options(
-        min_shared_counts=min_shared_counts, n_top_genes=n_top_genes, n_pcs=n_pcs, n_neighbors=n_neighbors
-    )
-    validate_counts(adata)
-    _check_genes(adata)
-    if adata.n_obs < n_neighbors:
-        msg = (
-            f"too few cells: found {adata.n_obs}, fewer than n_neighbors={n_neighbors} asked for. "
-            f"Pass {option('n_neighbors')} at most {adata.n_obs} or load more cells."
-        )
-        raise InputError(msg)
-
-    already = is_preprocessed(adata)
-    steps = ["filter and normalise", "neighbours", "moments", "UMAP"]
-    total = len(steps)
-    if already:
-        logger.info("layers Ms/Mu present: using the data as it is (no normalisation)")
-    else:
-        report(progress, 0, total, "filtering and normalising")
-        n_before = adata.n_vars
-        filter_and_normalize(adata, min_shared_counts=min_shared_counts, n_top_genes=n_top_genes)
-        _check_genes(adata, n_before=n_before, min_shared_counts=min_shared_counts)
-    report(progress, 1, total, "neighbours")
-    if not already or not has_neighbors(adata):
-        compute_neighbors(adata, n_neighbors=n_neighbors, n_pcs=n_pcs, seed=seed)
-    report(progress, 2, total, "moments")
-    if not already:
-        compute_moments(adata)
-    report(progress, 3, total, "UMAP")
-    made_umap = False
-    if compute_umap and Key.obsm.UMAP not in adata.obsm:
-        _compute_umap(adata, seed=seed)
-        made_umap = True
-    report(progress, 4, total, "done")
-    adata.uns[Key.uns.PREPROCESS] = {
-        "normalized": not already,
-        "min_shared_counts": min_shared_counts,
-        "n_top_genes": "None" if n_top_genes is None else n_top_genes,
-        "n_pcs": n_pcs,
-        "n_neighbors": n_neighbors,
-        "seed": seed,
-        "umap_computed": made_umap,
-        "n_obs": adata.n_obs,
-        "n_vars": adata.n_vars,
-    }
-
-
 # ---------------------------------------------------------------------------------------
 # steps
 
 
-def _check_genes(adata: AnnData, *, n_before: int | None = None, min_shared_counts: int = 0) -> None:
-    """Refuse fewer than :data:`MIN_GENES` genes, in the data or left after filtering."""
+def check_genes(adata: AnnData, *, n_before: int | None = None, min_shared_counts: int = 0) -> None:
+    """Refuse fewer than :data:`MIN_GENES` genes, in the data or left after filtering (``n_before`` given).
+
+    Raises
+    ------
+    InputError
+        With what was found and what to do.
+    """
     if adata.n_vars >= MIN_GENES:
         return
     if n_before is None:
@@ -501,8 +410,6 @@ def _varies(matrix: sparse.spmatrix | np.ndarray) -> np.ndarray:
 
 
 def _select_highly_variable(adata: AnnData, *, n_top_genes: int) -> None:
-    import scanpy as sc
-
     if Key.uns.LOG1P not in adata.uns:
         # scanpy's seurat flavour expects log data and warns otherwise; scVelo 0.2 marked
         # unlogged data the same way when the user passed log=False

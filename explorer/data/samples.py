@@ -1,35 +1,41 @@
-"""Small simulated datasets shipped in ``sample_data/``, stored preprocessed and fitted.
+"""Small simulated datasets shipped inside the package, stored preprocessed and fitted.
 
-Each sample is made by :func:`explorer.data.simulate.simulate` with fixed arguments,
-then :func:`explorer.data.preprocess.prepare` (filtering, normalisation, PCA, kNN graph,
-moments ``Ms``/``Mu``, UMAP) and :func:`explorer.pipeline.run_velocity` with the
-stochastic model (layers ``velocity``, var ``velocity_gamma``/``velocity_r2``/...,
+The files live in ``explorer/sample_data/`` (package data: a wheel installs them, so
+``explorer serve`` opens the sample without the source tree); the repository's
+``sample_data/`` is a link to that folder. :func:`sample_path` finds them with
+:mod:`importlib.resources`.
+
+Each sample is made by :func:`explorer.data.simulate.simulate` with fixed arguments
+(:data:`RECIPES`), then :func:`explorer.pipeline.prepare` (filtering, normalisation, PCA,
+kNN graph, moments ``Ms``/``Mu``, UMAP) and :func:`explorer.pipeline.run_velocity` with
+the stochastic model (layers ``velocity``, var ``velocity_gamma``/``velocity_r2``/...,
 obsp ``velocity_graph``/``velocity_graph_neg``/``T_fwd``, obsm ``velocity_umap``, obs
 ``velocity_confidence``/``velocity_length``, uns ``velocity_params``), so the app opens
 it with streamlines and gene fits in place without computing anything; the
 simulator's ground truth (obs ``true_t``, ``true_lineage``, ``clusters``; var
 ``true_*``; layers ``true_s``, ``true_u``, ``true_velocity``; uns ``simulation``) is kept.
 
-``python -m explorer.data.samples`` rewrites the files from these recipes.
+``python -m explorer.data.samples`` rewrites the files from these recipes; the code that
+builds them uses the pipeline and so lives above it, in :mod:`explorer._samples_build`
+(this module only reads, and imports nothing above :mod:`explorer.data`).
 """
 
 from __future__ import annotations
 
 import logging
+from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from explorer._types import InputError
-from explorer.keys import Key
+from explorer._types import MissingInputError
+from explorer.data.io import read
 
 if TYPE_CHECKING:
     from anndata import AnnData
 
 logger = logging.getLogger(__name__)
 
-#: sample name -> file name in ``sample_data/``
+#: sample name -> file name in ``explorer/sample_data/``
 SAMPLES: dict[str, str] = {"default": "default.h5ad"}
 
 #: sample name -> arguments of :func:`~explorer.data.simulate.simulate`
@@ -39,42 +45,59 @@ RECIPES: dict[str, dict[str, Any]] = {
     "default": {"n_obs": 1000, "n_vars": 120, "seed": 0, "branches": 2, "noise": "poisson"},
 }
 
-#: ``sample_data/`` at the top of the source tree
-SAMPLE_DIR = Path(__file__).resolve().parents[2] / "sample_data"
+#: the package folder that holds the sample files (``sample_data/`` in the repository links to it)
+SAMPLE_PACKAGE, SAMPLE_FOLDER = "explorer", "sample_data"
 
-#: seed of PCA, neighbour search and UMAP in :func:`~explorer.data.preprocess.prepare`
+#: seed of PCA, neighbour search and UMAP in :func:`~explorer.pipeline.prepare`
 #: and of the model in :func:`~explorer.pipeline.run_velocity`
-_PREPARE_SEED = 0
+SAMPLE_SEED = 0
 
 #: the model fitted into every sample: fast (well under a second on 1,000 cells) and
 #: deterministic, so the shipped file is small and reproducible
 SAMPLE_MODEL = "stochastic"
 
 
-def _check_name(name: str) -> None:
+def sample_dir() -> Path:
+    """Return the installed folder of the sample files, found with :mod:`importlib.resources`.
+
+    In an editable install or the source tree it is ``explorer/sample_data/`` of the
+    checkout; from a wheel, the same folder in ``site-packages``.
+    """
+    folder = files(SAMPLE_PACKAGE).joinpath(SAMPLE_FOLDER)
+    if not isinstance(folder, Path):  # a zipped install: the files have no path to open
+        msg = (
+            f"the sample files are inside an archive ({folder}); explorer reads them from a folder. "
+            "Install explorer unzipped (`pip install explorer`)."
+        )
+        raise MissingInputError(msg)
+    return folder
+
+
+def check_sample_name(name: str) -> None:
+    """Raise :class:`~explorer._types.MissingInputError` listing the valid names for an unknown ``name``."""
     if name not in SAMPLES:
         valid = ", ".join(repr(n) for n in SAMPLES)
         msg = f"Invalid sample {name!r}. Valid options are: {valid}."
-        raise InputError(msg)
+        raise MissingInputError(msg)
 
 
 def sample_path(name: str = "default") -> Path:
-    """Path of the sample file ``name`` in ``sample_data/``.
+    """Path of the installed sample file ``name`` (see :func:`sample_dir`).
 
     Raises
     ------
-    InputError
-        Unknown name, or the file is missing (e.g. a wheel install without the source
-        tree); the message says how to regenerate it.
+    MissingInputError
+        Unknown name, or the file is missing from the installation; the message says how
+        to regenerate it.
     """
-    _check_name(name)
-    path = SAMPLE_DIR / SAMPLES[name]
+    check_sample_name(name)
+    path = sample_dir() / SAMPLES[name]
     if not path.is_file():
         msg = (
-            f"sample file {str(path)!r} not found; expected it in the source tree's sample_data/. "
-            "Regenerate it with `python -m explorer.data.samples` or call make_sample(name)."
+            f"sample file {str(path)!r} not found; expected it in the installed package's "
+            f"{SAMPLE_FOLDER}/ folder. Regenerate it with `python -m explorer.data.samples`."
         )
-        raise InputError(msg)
+        raise MissingInputError(msg)
     return path
 
 
@@ -87,55 +110,11 @@ def load_sample(name: str = "default") -> AnnData:
     >>> adata.layers["Ms"].shape  # doctest: +SKIP
     (1000, 120)
     """
-    from explorer.data.io import read
-
     return read(sample_path(name))
 
 
-def make_sample(name: str = "default") -> AnnData:
-    """Simulate, preprocess and fit the sample ``name`` from its recipe (deterministic).
-
-    Returns
-    -------
-    The prepared AnnData with a :data:`SAMPLE_MODEL` fit, its velocity graph,
-    transition matrix, UMAP projection and confidence, as stored in ``sample_data/``.
-    """
-    from explorer.data.preprocess import prepare
-    from explorer.data.simulate import simulate
-    from explorer.pipeline import run_velocity
-
-    _check_name(name)
-    adata = simulate(**RECIPES[name])
-    prepare(adata, seed=_PREPARE_SEED)
-    # run_velocity skips preprocessing when Ms/Mu exist, so this is fit + graph + projection
-    run_velocity(adata, model=SAMPLE_MODEL, seed=_PREPARE_SEED)
-    # T_fwd is stored so the app opens the sample without computing (or importing) the
-    # transition code; float32, as the graphs are, keeps the file half a megabyte smaller
-    adata.obsp[Key.obsp.TRANSITIONS] = adata.obsp[Key.obsp.TRANSITIONS].astype(np.float32)
-    return adata
-
-
-def make_samples(out_dir: str | Path = SAMPLE_DIR, *, names: list[str] | None = None) -> list[Path]:
-    """Write every sample (or those in ``names``) to ``out_dir``.
-
-    Returns
-    -------
-    The paths written.
-    """
-    from explorer.data.io import write
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name in names or list(SAMPLES):
-        adata = make_sample(name)
-        path = write(adata, out_dir / SAMPLES[name])
-        path.chmod(0o644)  # a file of the source tree, readable by all (the temp file was 0600)
-        paths.append(path)
-        logger.info("sample %r: %d cells x %d genes -> %s", name, adata.n_obs, adata.n_vars, paths[-1])
-    return paths
-
-
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    make_samples()
+    # a program, not part of this module: building needs the pipeline, a layer above data
+    from explorer._samples_build import main
+
+    main()

@@ -1,6 +1,6 @@
 """Seeded synthetic cells from the splicing ODE, with the ground truth written beside them.
 
-Every gene follows the on/off model of :mod:`explorer.models.kinetics` (La Manno et al.
+Every gene follows the on/off model of :mod:`explorer.kinetics` (La Manno et al.
 2018; Bergen et al. 2020): off until ``t_on``, induced with rate ``alpha`` until the
 switch time ``t_`` (absolute), then repressed. Cells are drawn along time (and, with
 ``branches > 1``, into lineages after a branch time); counts are Poisson or negative
@@ -52,15 +52,15 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
+from anndata import AnnData
 from scipy import sparse
 
+from explorer import kinetics
 from explorer.keys import Key
-from explorer.models import kinetics
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from anndata import AnnData
     from numpy.typing import ArrayLike
 
 logger = logging.getLogger(__name__)
@@ -281,8 +281,6 @@ def simulate(
     >>> adata.layers["spliced"].shape
     (500, 50)
     """
-    from anndata import AnnData
-
     kinds = dict(DEFAULT_KINDS if kinds is None else kinds)
     _check_options(noise, branches, kinds, n_obs, n_vars)
     _check_hard_options(time_density, terminal_fraction, rate_sd, unspliced_capture)

@@ -9,6 +9,10 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+import scanpy as sc
+
+from explorer._types import PREPROCESS
+from explorer.graph.neighbors import compute_neighbors, has_neighbors
 from explorer.keys import Key
 
 if TYPE_CHECKING:
@@ -24,7 +28,7 @@ def compute_umap(adata: AnnData, *, seed: int = 0) -> None:
     ----------
     adata
         Data with a neighbour graph; one is computed with
-        :func:`explorer.graph.neighbors.compute_neighbors` (30 neighbours) when missing.
+        :func:`explorer.graph.neighbors.compute_neighbors` (``PREPROCESS.n_neighbors``) when missing.
     seed
         UMAP's random state (the layout is reproducible for a given seed).
 
@@ -32,11 +36,7 @@ def compute_umap(adata: AnnData, *, seed: int = 0) -> None:
     -------
     Nothing; sets obsm ``X_umap`` and uns ``umap`` (its parameters).
     """
-    import scanpy as sc
-
-    from explorer.graph.neighbors import compute_neighbors, has_neighbors
-
     if not has_neighbors(adata):
-        compute_neighbors(adata, seed=seed, n_neighbors=min(30, adata.n_obs))
+        compute_neighbors(adata, seed=seed, n_neighbors=min(PREPROCESS.n_neighbors, adata.n_obs))
     sc.tl.umap(adata, random_state=seed)
     logger.info("computed %s", Key.obsm.UMAP)

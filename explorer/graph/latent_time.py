@@ -33,6 +33,13 @@ from scipy import sparse
 from scipy.sparse import linalg as splinalg
 from scipy.stats import rankdata
 
+from explorer._types import MissingInputError
+from explorer.graph.transition import (
+    cosine_correlations,
+    get_velocity_graph,
+    split_graph,
+    transition_matrix,
+)
 from explorer.keys import Key
 
 if TYPE_CHECKING:
@@ -324,8 +331,6 @@ def transitions_backward_from_velocity(
     expression: np.ndarray, velocity: np.ndarray, neighbors: sparse.spmatrix
 ) -> sparse.csr_matrix:
     """Backward transition matrix from velocities via :mod:`explorer.graph.transition`."""
-    from explorer.graph.transition import cosine_correlations, split_graph, transition_matrix
-
     corr = cosine_correlations(expression, velocity, neighbors)
     graph, graph_neg = split_graph(corr)
     return transition_matrix(graph, graph_neg, backward=True)
@@ -342,15 +347,13 @@ def compute_latent_time(adata: AnnData, *, min_likelihood: float = 0.1, min_conf
     -------
     None; sets ``obs['latent_time']`` and, if it was missing, ``obs['root_cells']``.
     """
-    from explorer.graph.transition import get_velocity_graph, transition_matrix
-
     for slot, key in ((adata.layers, Key.layers.FIT_T), (adata.var, Key.var.FIT_LIKELIHOOD)):
         if key not in slot:
             msg = f"{key!r} not found; fit the dynamical model first (explorer fit --model dynamical)."
-            raise KeyError(msg)
+            raise MissingInputError(msg)
     if Key.obsp.CONNECTIVITIES not in adata.obsp:
         msg = "obsp['connectivities'] not found; run explorer.graph.neighbors.compute_neighbors(adata) first."
-        raise KeyError(msg)
+        raise MissingInputError(msg)
     conn = adata.obsp[Key.obsp.CONNECTIVITIES]
     t = np.asarray(adata.layers[Key.layers.FIT_T], dtype=np.float64)
     genes = np.isfinite(t).all(0) & (np.asarray(adata.var[Key.var.FIT_LIKELIHOOD]) >= min_likelihood)

@@ -1,10 +1,11 @@
-"""Scores of a velocity field against known biology."""
+"""Scores of a velocity field: against known biology (CBDir) and its own coherence (consistency)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 from scipy import sparse
 
 from explorer.graph.transition import cosine_correlations
@@ -12,8 +13,12 @@ from explorer.keys import Key
 
 if TYPE_CHECKING:
     from anndata import AnnData
+    from numpy.typing import ArrayLike
 
-    from explorer._types import BoolArray, FloatArray
+    from explorer._types import BoolArray, FloatArray, IntArray
+
+#: elements of one ``(cells, neighbours, genes)`` block of the consistency scores (16 MiB)
+_BLOCK_ELEMENTS = 1 << 22
 
 
 def cross_boundary_correctness(
@@ -69,3 +74,75 @@ def cross_boundary_correctness(
     rows = np.flatnonzero(np.diff(pairs.indptr))
     per_cell = np.asarray(corr.sum(1)).ravel()[rows] / np.diff(pairs.indptr)[rows]
     return float(per_cell.mean())
+
+
+def _unit_rows(velocity: FloatArray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ``velocity`` scaled to length 1 (non-finite genes left out), and which rows are nonzero."""
+    V = np.asarray(velocity, dtype=np.float32)
+    V = V[:, np.isfinite(V).all(0)]
+    norm = np.sqrt(np.einsum("ij,ij->i", V, V, dtype=np.float64))
+    unit = np.divide(V, norm[:, None], out=np.zeros_like(V), where=norm[:, None] > 0)
+    return unit, norm > 0
+
+
+def velocity_consistency(velocity: FloatArray, indices: IntArray) -> FloatArray:
+    """Overall consistency (DeepVelo, Cui et al. 2022): mean cosine of a cell's velocity with its neighbours'.
+
+    Unlike :func:`~explorer.graph.transition.velocity_confidence` (scVelo's), velocities
+    are not centred and negative means are kept.
+
+    Parameters
+    ----------
+    velocity
+        ``(n_obs, n_vars)`` velocity; genes with a non-finite value are left out.
+    indices
+        ``(n_obs, k)`` neighbour indices
+        (:func:`~explorer.graph.transition.knn_indices` of obsp ``distances``).
+
+    Returns
+    -------
+    ``(n_obs,)`` float32 in [-1, 1]; NaN for a cell with zero velocity or no neighbour
+    with a nonzero one.
+    """
+    unit, has = _unit_rows(velocity)
+    out = np.full(unit.shape[0], np.nan)
+    step = max(1, _BLOCK_ELEMENTS // max(unit.shape[1] * indices.shape[1], 1))
+    for s in range(0, unit.shape[0], step):
+        idx = indices[s : s + step]
+        cos = np.einsum("ikg,ig->ik", unit[idx], unit[s : s + step])
+        valid = has[idx]
+        n_valid = valid.sum(axis=1)
+        mean = np.where(valid, cos, 0.0).sum(axis=1) / np.maximum(n_valid, 1)
+        out[s : s + step] = np.where(has[s : s + step] & (n_valid > 0), mean, np.nan)
+    return out.astype(np.float32)
+
+
+def velocity_consistency_by_type(velocity: FloatArray, labels: ArrayLike) -> FloatArray:
+    """Cell-type-wise consistency (DeepVelo): mean cosine of a cell's velocity with all cells of its type.
+
+    The mean runs over every cell of the type with a nonzero velocity, the cell itself
+    included (as the reference implementation, which compares with the mean of the
+    type's unit velocities).
+
+    Parameters
+    ----------
+    velocity
+        ``(n_obs, n_vars)`` velocity; genes with a non-finite value are left out.
+    labels
+        ``(n_obs,)`` cell types (``adata.obs['clusters']``); missing labels get NaN.
+
+    Returns
+    -------
+    ``(n_obs,)`` float32 in [-1, 1]; NaN for a cell with zero velocity or no type.
+    """
+    unit, has = _unit_rows(velocity)
+    codes, _ = pd.factorize(pd.Series(np.asarray(labels, dtype=object)), use_na_sentinel=True)
+    out = np.full(unit.shape[0], np.nan)
+    for c in np.unique(codes[codes >= 0]):
+        members = codes == c
+        mean_unit = unit[members & has].mean(axis=0) if (members & has).any() else None
+        if mean_unit is None:
+            continue
+        out[members] = unit[members] @ mean_unit
+    out[~has] = np.nan
+    return out.astype(np.float32)

@@ -14,9 +14,11 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import scanpy as sc
+from pynndescent import PyNNDescentTransformer
 from scipy import sparse
 
-from explorer._types import InputError
+from explorer._types import PREPROCESS, InputError
 from explorer.keys import Key
 
 if TYPE_CHECKING:
@@ -33,7 +35,9 @@ def has_neighbors(adata: AnnData) -> bool:
     return Key.obsp.CONNECTIVITIES in adata.obsp and Key.uns.NEIGHBORS in adata.uns
 
 
-def compute_neighbors(adata: AnnData, *, n_neighbors: int = 30, n_pcs: int = 30, seed: int = 0) -> None:
+def compute_neighbors(
+    adata: AnnData, *, n_neighbors: int = PREPROCESS.n_neighbors, n_pcs: int = PREPROCESS.n_pcs, seed: int = 0
+) -> None:
     """Compute PCA (if missing) and the kNN graph in place, as scVelo's ``pp.neighbors``.
 
     Parameters
@@ -60,8 +64,6 @@ def compute_neighbors(adata: AnnData, *, n_neighbors: int = 30, n_pcs: int = 30,
     InputError
         When there are fewer cells than ``n_neighbors``.
     """
-    import scanpy as sc
-
     if adata.n_obs < n_neighbors:
         msg = (
             f"too few cells: found {adata.n_obs}, fewer than n_neighbors={n_neighbors} asked for. "
@@ -141,8 +143,6 @@ def _approximate_knn(n_obs: int, n_neighbors: int, seed: int) -> Any:
     from sparse arrays: ``prepare`` failed on every dataset of more than ~10k cells. Same
     parameters as scanpy's (UMAP's ``nearest_neighbors`` defaults), one conversion more.
     """
-    from pynndescent import PyNNDescentTransformer
-
     class _CsrMatrixNNDescent(PyNNDescentTransformer):
         def fit_transform(self, X: Any, y: Any = None, **fit_params: Any) -> sparse.csr_matrix:
             return sparse.csr_matrix(super().fit_transform(X, y, **fit_params))
@@ -160,8 +160,6 @@ def _approximate_knn(n_obs: int, n_neighbors: int, seed: int) -> Any:
 
 
 def _compute_pca(adata: AnnData, *, n_pcs: int, seed: int) -> None:
-    import scanpy as sc
-
     hv = adata.var.get(Key.var.HIGHLY_VARIABLE)
     mask = None
     n_vars = adata.n_vars

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import sparse
 
+from explorer._types import MissingInputError
 from explorer.graph.transition import DEFAULT_SCALE, _vkey_name, get_velocity_graph, transition_matrix
 from explorer.keys import Key
 
@@ -152,7 +153,7 @@ def compute_velocity_embedding(
             f"Embedding {emb_key!r} not found; adata.obsm has {found}. "
             "Compute it first or pass another basis."
         )
-        raise KeyError(msg)
+        raise MissingInputError(msg)
     graph, graph_neg = get_velocity_graph(adata, vkey=vkey)
     T = transition_matrix(
         graph,

@@ -29,7 +29,7 @@ import numba
 import numpy as np
 from scipy import sparse
 
-from explorer._types import FloatArray, InputError, IntArray, ProgressCallback, report
+from explorer._types import FloatArray, InputError, IntArray, MissingInputError, ProgressCallback, report
 from explorer.keys import Key
 
 if TYPE_CHECKING:
@@ -647,7 +647,7 @@ def velocity_gene_mask(
         msg = (
             f"Velocity layer {vkey!r} not found; adata.layers has {sorted(adata.layers)}. Fit a model first."
         )
-        raise KeyError(msg)
+        raise MissingInputError(msg)
     mask = np.ones(adata.n_vars, dtype=bool)
     if genes is not None:
         arr = np.asarray(genes)
@@ -693,7 +693,7 @@ def get_velocity_graph(
             neg = slot.get(key_neg)
             return sparse.csr_matrix(slot[key]), None if neg is None else sparse.csr_matrix(neg)
     msg = f"No {key!r} in adata.obsp or adata.uns; compute it first with compute_velocity_graph(adata)."
-    raise KeyError(msg)
+    raise MissingInputError(msg)
 
 
 def neighbors_for_graph(
@@ -709,7 +709,7 @@ def neighbors_for_graph(
             f"Neighbour graph obsp[{key!r}] not found; adata.obsp has {sorted(adata.obsp)}. "
             "Run explorer.graph.neighbors.compute_neighbors(adata) first."
         )
-        raise KeyError(msg)
+        raise MissingInputError(msg)
     depth = _DEFAULT_RECURSE[mode_neighbors] if n_recurse_neighbors is None else n_recurse_neighbors
     if mode_neighbors == "distances":
         direct = knn_pattern(knn_indices(adata.obsp[key]))
@@ -769,7 +769,7 @@ def compute_velocity_graph(
                 f"Layer {layer!r} not found; adata.layers has {sorted(adata.layers)}. "
                 "Compute moments (Ms) and fit a velocity model first."
             )
-            raise KeyError(msg)
+            raise MissingInputError(msg)
     mask = velocity_gene_mask(adata, vkey=vkey, genes=genes)
     params_key = _vkey_name(Key.uns.VELOCITY_PARAMS, vkey)
     params = dict(adata.uns.get(params_key, {}))
@@ -836,7 +836,7 @@ def compute_velocity_confidence(adata: AnnData, *, vkey: str = Key.layers.VELOCI
             f"Neighbour graph obsp[{Key.obsp.DISTANCES!r}] not found; adata.obsp has {sorted(adata.obsp)}. "
             "Run explorer.graph.neighbors.compute_neighbors(adata) first."
         )
-        raise KeyError(msg)
+        raise MissingInputError(msg)
     V = _dense(adata.layers[vkey][:, mask]).astype(np.float32, copy=False)
     indices = knn_indices(adata.obsp[Key.obsp.DISTANCES])
     adata.obs[_vkey_name(Key.obs.VELOCITY_LENGTH, vkey)] = np.round(velocity_length(V), 2)

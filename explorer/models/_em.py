@@ -9,7 +9,7 @@ theislab/scvelo:scvelo/tools/_em_model_core.py and _em_model_utils.py):
 - the E-step assigns each cell a time on the induction branch (from ``(0, 0)`` with
   rate ``alpha`` until the switch time ``t_``) or the repression branch (from the
   switch point with ``alpha = 0``), or one of the two steady states, by projecting
-  it onto the analytic curve of :mod:`explorer.models.kinetics`;
+  it onto the analytic curve of :mod:`explorer.kinetics`;
 - the M-step lowers scVelo's loss, the mean squared scaled distance of the weighted
   cells to the curve plus its penalty on moving ``gamma / beta`` away from the
   steady-state ratio, with the times held fixed.
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from explorer.models import kinetics
+from explorer import kinetics
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -447,7 +447,7 @@ def curve(t: torch.Tensor, p: Params) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _curve(t: torch.Tensor, p: Params, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`explorer.models.kinetics.trajectory` with float masks instead of ``where``.
+    """:func:`explorer.kinetics.trajectory` with float masks instead of ``where``.
 
     The same three pieces (off before ``t_on``, induction until ``t_``, repression from
     the switch point), each from :func:`kinetics.unspliced` / :func:`kinetics.spliced`.

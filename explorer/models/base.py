@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 import numpy as np
 
 from explorer._types import InputError
+from explorer._version import __version__
 from explorer.keys import Key
+from explorer.models._params import check_params
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -71,8 +73,6 @@ class Hyperparameters:
     @classmethod
     def check_params(cls, params: Mapping[str, Any]) -> None:
         """Raise :class:`~explorer._types.InputError` for a value of the wrong type or out of range."""
-        from explorer.models._params import check_params
-
         check_params(cls, params)
 
     @classmethod
@@ -97,7 +97,7 @@ def require_layers(
     if missing:
         msg = (
             f"The {model!r} model needs layers {list(keys)}; {missing} not found "
-            f"(adata.layers has {list(adata.layers)}). Run explorer.data.preprocess.prepare(adata) "
+            f"(adata.layers has {list(adata.layers)}). Run explorer.pipeline.prepare(adata) "
             "first (or explorer.graph.moments.compute_moments(adata) on normalised data)."
         )
         raise InputError(msg)
@@ -158,6 +158,8 @@ class VelocityResult:
         Further ``(n_obs, n_vars)`` arrays by layer key (``fit_t``).
     obs
         Further per-cell columns by obs key (``root_cells``), indexed by ``obs_names``.
+    obsm
+        Optional further ``(n_obs, k)`` arrays by obsm key (VeloVAE's ``cell_state``).
     """
 
     model: str
@@ -173,6 +175,7 @@ class VelocityResult:
     uncertainty: FloatArray | None = None
     layers: dict[str, FloatArray] = field(default_factory=dict)
     obs: pd.DataFrame | None = None
+    obsm: dict[str, FloatArray] | None = None
 
     def __post_init__(self) -> None:
         n_obs, n_vars = len(self.obs_names), len(self.var_names)
@@ -192,6 +195,10 @@ class VelocityResult:
         if self.obs is not None and not self.obs.index.equals(self.obs_names):
             msg = "VelocityResult.obs must be indexed by obs_names in the same order."
             raise ValueError(msg)
+        for key, arr in (self.obsm or {}).items():
+            if arr.ndim != 2 or arr.shape[0] != n_obs:  # noqa: PLR2004
+                msg = f"VelocityResult.obsm[{key!r}] has shape {tuple(arr.shape)}; expected ({n_obs}, k)."
+                raise ValueError(msg)
 
     @property
     def n_obs(self) -> int:
@@ -213,11 +220,9 @@ class VelocityResult:
         None; sets ``layers['velocity']`` (and ``velocity_u`` and the keys of
         :attr:`layers`), every column of :attr:`gene_params` in ``var``,
         ``var['velocity_genes']``, ``obs['latent_time']`` and
-        ``obs['velocity_uncertainty']`` when present, the columns of :attr:`obs`, and
-        ``uns['velocity_params']`` (``mode``, ``model``, ``params``, ``explorer_version``).
+        ``obs['velocity_uncertainty']`` when present, the columns of :attr:`obs`, the
+        arrays of :attr:`obsm`, and ``uns['velocity_params']`` (``mode``, ``model``, ``params``, ``explorer_version``).
         """
-        from explorer import __version__
-
         if not adata.obs_names.equals(self.obs_names) or not adata.var_names.equals(self.var_names):
             msg = (
                 f"This {self.model!r} result was fitted on {self.n_obs} cells x {self.n_vars} genes, "
@@ -240,6 +245,8 @@ class VelocityResult:
         if self.obs is not None:
             for col in self.obs.columns:
                 adata.obs[col] = self.obs[col].to_numpy()
+        for key, arr in (self.obsm or {}).items():
+            adata.obsm[key] = arr
         adata.uns[Key.uns.VELOCITY_PARAMS] = _uns_safe(
             {
                 "mode": self.model,
@@ -251,7 +258,7 @@ class VelocityResult:
         )
 
     @classmethod
-    def from_adata(cls, adata: AnnData) -> VelocityResult:
+    def from_adata(cls, adata: AnnData, *, model: str | None = None) -> VelocityResult:
         """Rebuild the result that :meth:`to_adata` wrote into ``adata``.
 
         Reads the keys :meth:`to_adata` writes: ``uns['velocity_params']`` (the model's
@@ -261,6 +268,16 @@ class VelocityResult:
         ``obs['velocity_uncertainty']`` and ``obs['root_cells']``. Arrays are taken as
         stored (float32 as written); parameters get back the Python types
         :meth:`to_adata` had to change for h5ad (``"None"`` -> None, arrays -> tuples).
+        Per-cell layers read back: ``fit_t``, ``predicted_u``/``predicted_s`` and
+        ``rate_alpha``/``rate_beta``/``rate_gamma``.
+
+        Parameters
+        ----------
+        adata
+            The AnnData a fit was written into.
+        model
+            Name for a fit whose file names no model (``layers['velocity']`` written by
+            another tool without ``uns['velocity_params']``); by default such a file raises.
 
         Raises
         ------
@@ -274,9 +291,8 @@ class VelocityResult:
         >>> VelocityResult.from_adata(adata).velocity_genes.sum()  # doctest: +SKIP
         """
         stored = adata.uns.get(Key.uns.VELOCITY_PARAMS)
-        model = None
         if isinstance(stored, Mapping):
-            model = stored.get("model", stored.get("mode"))
+            model = stored.get("model", stored.get("mode", model))
         if Key.layers.VELOCITY not in adata.layers or model is None:
             msg = (
                 "Expected a fit written by VelocityResult.to_adata: layers['velocity'] and "
@@ -284,7 +300,7 @@ class VelocityResult:
                 f"uns['velocity_params'] = {stored!r}. Fit a model first (`explorer fit`)."
             )
             raise ValueError(msg)
-        params = stored.get("params", {})
+        params = stored.get("params", {}) if isinstance(stored, Mapping) else {}
         params = {str(k): _from_uns(v) for k, v in params.items()} if isinstance(params, Mapping) else {}
 
         def dense(key: str) -> FloatArray | None:
@@ -310,13 +326,34 @@ class VelocityResult:
             if Key.var.VELOCITY_GENES in adata.var
             else np.isfinite(velocity).all(axis=0)
         )
-        obs_cols = [c for c in (Key.obs.ROOT_CELLS,) if c in adata.obs]
+        obs_cols = [
+            c
+            for c in (
+                Key.obs.ROOT_CELLS, Key.obs.LATENT_TIME_STD, Key.obs.LATENT_TIME_CV, Key.obs.FIT_TRAIN,
+                Key.obs.VELOCITY_CONSISTENCY, Key.obs.VELOCITY_CONSISTENCY_TYPE,
+            )  # fmt: skip
+            if c in adata.obs
+        ]
         obs = adata.obs
 
         def per_cell(key: str) -> FloatArray | None:
             return obs[key].to_numpy() if key in obs else None
 
-        layers = {key: arr for key in (Key.layers.FIT_T,) if (arr := dense(key)) is not None}
+        per_cell_layers = (
+            Key.layers.FIT_T,
+            Key.layers.PREDICTED_U,
+            Key.layers.PREDICTED_S,
+            Key.layers.RATE_ALPHA,
+            Key.layers.RATE_BETA,
+            Key.layers.RATE_GAMMA,
+            Key.layers.RHO,
+        )
+        layers = {key: arr for key in per_cell_layers if (arr := dense(key)) is not None}
+        obsm = {
+            key: np.asarray(adata.obsm[key])
+            for key in (Key.obsm.CELL_STATE, Key.obsm.CELL_STATE_STD, Key.obsm.RATES_UMAP)
+            if key in adata.obsm
+        }
         return cls(
             model=str(model),
             params=params,
@@ -331,6 +368,7 @@ class VelocityResult:
             uncertainty=per_cell(Key.obs.VELOCITY_UNCERTAINTY),
             layers=layers,
             obs=obs[obs_cols].copy() if obs_cols else None,
+            obsm=obsm or None,
         )
 
 

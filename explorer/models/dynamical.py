@@ -1,7 +1,7 @@
 """scVelo's dynamical model, fitted for all genes at once as tensors.
 
 The model (Bergen et al. 2020, Nat. Biotechnol. 38:1408) describes each gene by the
-splicing ODE of :mod:`explorer.models.kinetics` with an induction phase (rate
+splicing ODE of :mod:`explorer.kinetics` with an induction phase (rate
 ``alpha``) until a switch time ``t_`` and a repression phase after it, and gives every
 cell a time per gene. Like scVelo's ``tl.recover_dynamics`` it alternates assigning
 times (projection of each cell onto the curve, four states: induction, repression and
@@ -15,7 +15,7 @@ Beyond scVelo:
   of VeloVAE, Gu et al. 2022), fitted after the latent time as a diagnostic; genes
   induced measurably after the root cells are flagged in ``var['fit_uses_t_on']``. The
   gene's curve, ``fit_t`` and velocities keep onset 0 on the gene's own clock, and
-  :func:`explorer.models.kinetics.fitted_gene` draws exactly them;
+  :func:`explorer.kinetics.fitted_gene` draws exactly them;
 - per-gene diagnostics: R² of the fitted curve, share of cells in each state, and the
   kinetic signal ``beta / (beta + gamma)`` and detection power ``s_inf * u_inf`` of
   Bergen et al. 2021 (Mol. Syst. Biol. 17:e10282, Box 1).
@@ -27,8 +27,6 @@ a total of ``t_max = 20``), so ``scv.pl.scatter(adata, basis=gene)`` draws our c
 from __future__ import annotations
 
 import logging
-import os
-import sys
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -37,9 +35,14 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from explorer._process import set_up_process
 from explorer._types import InputError, report
+from explorer.graph import latent_time as lt_mod
+from explorer.graph.latent_time import neighbor_average_matrix
+from explorer.graph.transition import neighbors_for_graph
 from explorer.keys import Key
 from explorer.models.base import Hyperparameters, VelocityResult, require_layers
+from explorer.models.steady_state import genes_to_fit
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -92,7 +95,8 @@ _STATE_COLUMNS = (
 class _BatchFit:
     """Results of one gene batch, aligned to ``t_max``, as numpy arrays."""
 
-    params: dict[str, np.ndarray]  # per gene, by var key
+    params: dict[str, np.ndarray]  # per gene, by var key: the columns of gene_params
+    em: _GeneEM
     fit_t: np.ndarray  # (n_obs, n_genes) time (neighbour-smoothed with smooth_time)
     latent_t: np.ndarray  # (n_obs, n_genes) neighbour-smoothed time, for the latent time
     velocity: np.ndarray
@@ -100,18 +104,28 @@ class _BatchFit:
     loss_history: list[np.ndarray]
 
 
-def _import_torch() -> Any:
-    """Import torch, letting idle OpenMP threads sleep instead of spin when it loads first.
+@dataclass(frozen=True, slots=True)
+class _GeneEM:
+    """Per gene, what the EM hands on to the onset fit and diagnostics but not to ``var``."""
 
-    With torch's default (GNU OpenMP's active waiting), each of the thousands of small
-    parallel operations of the EM waits for a thread the OS has descheduled whenever
-    other processes share the cores: on the 2-core development machine under load the
-    pancreas fit took 129 s instead of 6.7 s. ``OMP_WAIT_POLICY=PASSIVE`` must be set
-    before the OpenMP runtime loads, so it only takes effect if torch is not imported
-    yet, and a value the user set is kept. The thread count is left alone.
-    """
-    if "torch" not in sys.modules:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    #: ``(n_genes,)`` prior ratio ``gamma / fit_beta`` in count units (the EM's regulariser);
+    #: NaN where not recoverable
+    ratio: np.ndarray
+    #: ``(n_genes,)`` whether the gene had enough weighted cells and kept an amplitude above the floor
+    recoverable: np.ndarray
+
+    @classmethod
+    def concat(cls, parts: Sequence[_GeneEM]) -> _GeneEM:
+        """Join the batches' genes, in order."""
+        return cls(
+            ratio=np.concatenate([p.ratio for p in parts]),
+            recoverable=np.concatenate([p.recoverable for p in parts]),
+        )
+
+
+def _import_torch() -> Any:
+    """Import torch (lazily: see ``explorer/__init__.py``) after :func:`~explorer._process.set_up_process`."""
+    set_up_process()
     import torch
 
     return torch
@@ -131,9 +145,9 @@ def _resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _warn_few_em_cells(params: dict[str, np.ndarray], names: pd.Index) -> None:
+def _warn_few_em_cells(params: dict[str, np.ndarray], em: _GeneEM, names: pd.Index) -> None:
     """Log a warning naming the fitted genes whose EM saw fewer than ``_MIN_CELLS_EM`` weighted cells."""
-    few = (params[Key.var.FIT_N_CELLS_EM] < _MIN_CELLS_EM) & (params["_recoverable"] > 0)
+    few = (params[Key.var.FIT_N_CELLS_EM] < _MIN_CELLS_EM) & em.recoverable
     if few.any():
         logger.warning(
             "%d gene(s) were fitted on fewer than %d cells with both Mu and Ms above 0 (e.g. %s): "
@@ -303,7 +317,7 @@ class Dynamical(Hyperparameters):
             msg = (
                 "The dynamical model needs obsp['connectivities'] for latent_time=True or "
                 "connected_states=True; "
-                f"adata.obsp has {sorted(adata.obsp)}. Run explorer.data.preprocess.prepare(adata), or pass "
+                f"adata.obsp has {sorted(adata.obsp)}. Run explorer.pipeline.prepare(adata), or pass "
                 "latent_time=False, connected_states=False."
             )
             raise InputError(msg)
@@ -313,28 +327,8 @@ class Dynamical(Hyperparameters):
             raise ValueError(msg)
 
     def _select_genes(self, adata: AnnData) -> np.ndarray:
-        """``(n_vars,)`` mask of the genes to fit."""
-        if isinstance(self.genes, str):
-            if self.genes == "all":
-                return np.ones(adata.n_vars, dtype=bool)
-            if self.genes == "velocity_genes":
-                from explorer.models.steady_state import SteadyState
-
-                # scVelo's recover_dynamics: deterministic fit with perc=[5, 95], no HVG filter
-                return np.asarray(
-                    SteadyState(use_highly_variable=False).fit(adata).velocity_genes, dtype=bool
-                )
-            msg = (
-                f"Invalid genes {self.genes!r}. "
-                "Valid options are: 'velocity_genes', 'all', or a list of gene names."
-            )
-            raise ValueError(msg)
-        names = pd.Index([str(g) for g in self.genes])
-        unknown = names.difference(adata.var_names)
-        if len(unknown):
-            msg = f"{len(unknown)} of the genes to fit are not in adata.var_names, e.g. {list(unknown[:5])}."
-            raise InputError(msg)
-        return np.asarray(adata.var_names.isin(names), dtype=bool)
+        """``(n_vars,)`` mask of the genes to fit (:func:`~explorer.models.steady_state.genes_to_fit`)."""
+        return genes_to_fit(adata, self.genes)
 
     # ------------------------------------------------------------------------------ fit
 
@@ -353,8 +347,6 @@ class Dynamical(Hyperparameters):
         ``layers['fit_t']``, the latent time and ``obs['root_cells']``.
         """
         torch = _import_torch()
-
-        from explorer.graph.latent_time import neighbor_average_matrix
 
         self._check(adata)
         device = _resolve_device(self.device)
@@ -398,12 +390,13 @@ class Dynamical(Hyperparameters):
         timings["em"] = time.perf_counter() - clock
 
         params = {k: np.concatenate([p.params[k] for p in parts]) for k in parts[0].params}
+        em = _GeneEM.concat([p.em for p in parts])
         fit_t = np.concatenate([p.fit_t for p in parts], axis=1)
         latent_t = np.concatenate([p.latent_t for p in parts], axis=1)
         vel = np.concatenate([p.velocity for p in parts], axis=1)
         vel_u = np.concatenate([p.velocity_u for p in parts], axis=1)
         genes_ok = self._velocity_genes(params)
-        _warn_few_em_cells(params, adata.var_names[cols])
+        _warn_few_em_cells(params, em, adata.var_names[cols])
 
         lt, roots = None, None
         if self.latent_time:
@@ -414,7 +407,7 @@ class Dynamical(Hyperparameters):
             report(progress, step, total, "latent time")
             if self.fit_t_on:
                 clock = time.perf_counter()
-                self._fit_onsets(Mu, Ms, lt, params, device)
+                self._fit_onsets(Mu, Ms, lt, params, em, device)
                 timings["onsets"] = time.perf_counter() - clock
                 step += 1
                 report(progress, step, total, "onset times")
@@ -519,16 +512,15 @@ class Dynamical(Hyperparameters):
             # curvature of the phase portrait does not depend on the u scaling: internal beta
             Key.var.FIT_KINETIC_SIGNAL: masked(p.beta / (p.beta + p.gamma)),
             Key.var.FIT_DETECTION_POWER: masked((p.alpha / p.gamma) * (p.alpha / p.beta * p.scaling)),
-            "_ratio": masked(ratio),
         }
         for k, key in enumerate(_STATE_COLUMNS):
             params[key] = masked(fracs[:, k : k + 1])
-        params["_recoverable"] = col(recoverable.double()[:, None])
+        em = _GeneEM(ratio=masked(ratio), recoverable=recoverable.cpu().numpy().astype(bool))
 
         def cells(x: torch.Tensor) -> np.ndarray:
             return torch.where(bad, nan, x).T.float().cpu().numpy()
 
-        return _BatchFit(params, cells(t_out), cells(t_latent), cells(vs), cells(vu), history)
+        return _BatchFit(params, em, cells(t_out), cells(t_latent), cells(vs), cells(vu), history)
 
     def _velocity_genes(self, params: dict[str, np.ndarray]) -> np.ndarray:
         """ScVelo's dynamical velocity genes: likely enough, scaling not extreme."""
@@ -550,9 +542,6 @@ class Dynamical(Hyperparameters):
         cols: np.ndarray,
         weights: sparse.csr_matrix,
     ) -> tuple[np.ndarray, np.ndarray]:
-        from explorer.graph import latent_time as lt_mod
-        from explorer.graph.transition import neighbors_for_graph
-
         conn = adata.obsp[Key.obsp.CONNECTIVITIES]
         use = genes_ok & np.isfinite(vel).all(0)
         if not use.any():
@@ -585,6 +574,7 @@ class Dynamical(Hyperparameters):
         Ms: np.ndarray,
         lt: np.ndarray,
         params: dict[str, np.ndarray],
+        em: _GeneEM,
         device: torch.device,
     ) -> None:
         """Fit every gene on the shared time ``latent_time * t_max`` with and without ``t_on``.
@@ -613,7 +603,7 @@ class Dynamical(Hyperparameters):
         n_fit = Mu.shape[1]
         t_on_out = np.full(n_fit, np.nan)
         gain_out = np.full(n_fit, np.nan)
-        ok_all = params["_recoverable"] > 0
+        ok_all = em.recoverable
         batch = self.batch_size or max(1, _BATCH_ELEMENTS // max(len(lt), 1))
         t_cells = torch.from_numpy(lt.astype(np.float32) * self.t_max).to(device)
         grid = {
@@ -638,7 +628,10 @@ class Dynamical(Hyperparameters):
                 grid_data, grid_t = data.take_cells(grid_pos), t[:, grid_pos]
 
                 def vec(key: str, sl: slice = sl) -> torch.Tensor:
-                    x = torch.from_numpy(np.nan_to_num(params[key][sl], nan=1.0).astype(np.float32))
+                    return column(params[key], sl)
+
+                def column(values: np.ndarray, sl: slice = sl) -> torch.Tensor:
+                    x = torch.from_numpy(np.nan_to_num(values[sl], nan=1.0).astype(np.float32))
                     return x.to(device)[:, None]
 
                 start_p = _em.Params(
@@ -649,7 +642,7 @@ class Dynamical(Hyperparameters):
                     scaling=vec(Key.var.FIT_SCALING),
                     t_on=torch.zeros_like(vec(Key.var.FIT_T_)),
                 )
-                ratio = vec("_ratio")
+                ratio = column(em.ratio)
                 mom = _em.moments(fit_data)
 
                 def refine(
@@ -717,8 +710,6 @@ class Dynamical(Hyperparameters):
 
         columns: dict[str, np.ndarray] = {}
         for key, values in params.items():
-            if key.startswith("_"):
-                continue
             if values.dtype == bool:
                 out = np.zeros(n_vars, dtype=bool)
             else:

@@ -18,17 +18,22 @@ Grouped fits (``groupby``/``groups_for_fit``) and ``mode="bayes"`` are not imple
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pandas as pd
 
 from explorer._types import InputError, report
+from explorer.graph.moments import second_order_moments
 from explorer.keys import Key
 from explorer.models.base import Hyperparameters, VelocityResult, require_layers
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from anndata import AnnData
 
     from explorer._types import BoolArray, FloatArray, ProgressCallback
@@ -273,6 +278,21 @@ def select_velocity_genes(
 # ----------------------------------------------------------------------------- models
 
 
+@dataclass(frozen=True, slots=True)
+class _RatioFit:
+    """The deterministic steady-state fit of every gene, as :meth:`SteadyState._fit_ratios` returns it."""
+
+    Ms: FloatArray  # (n_obs, n_vars) the moments the fit read, dense float32
+    Mu: FloatArray
+    mask: BoolArray  # (n_obs, n_vars) cells in the extreme quantiles of each gene
+    offset: np.ndarray  # (n_vars,) intercepts (0 without fit_offset)
+    gamma: np.ndarray  # (n_vars,) steady-state ratios
+    r2: np.ndarray  # (n_vars,)
+    genes: BoolArray  # (n_vars,) velocity genes
+    velocity: FloatArray  # (n_obs, n_vars) Mu - gamma Ms (- offset)
+    offset2: np.ndarray | None = None  # (n_vars,) second-moment intercepts (stochastic, fit_offset2)
+
+
 def _dense32(matrix: Any) -> np.ndarray:
     if hasattr(matrix, "toarray"):
         matrix = matrix.toarray()
@@ -344,7 +364,7 @@ class SteadyState(Hyperparameters):
     def _check(self, adata: AnnData) -> None:
         require_layers(adata, self.name)
 
-    def _deterministic(self, adata: AnnData) -> dict[str, np.ndarray]:
+    def _fit_ratios(self, adata: AnnData) -> _RatioFit:
         Ms, Mu = _dense32(adata.layers[Key.layers.MS]), _dense32(adata.layers[Key.layers.MU])
         mask = extreme_quantile_mask(Ms, Mu, perc=_quantile_perc(self.perc, fit_offset=self.fit_offset))
         offset, gamma = linear_regression(Ms, Mu, fit_offset=self.fit_offset, mask=mask)
@@ -364,26 +384,19 @@ class SteadyState(Hyperparameters):
         genes = select_velocity_genes(
             r2, gamma, Ms, Mu, min_r2=self.min_r2, min_ratio=self.min_ratio, highly_variable=hv
         )
-        return {
-            "Ms": Ms,
-            "Mu": Mu,
-            "mask": mask,
-            "offset": offset,
-            "gamma": gamma,
-            "r2": r2,
-            "genes": genes,
-            "velocity": velocity,
-        }
+        return _RatioFit(
+            Ms=Ms, Mu=Mu, mask=mask, offset=offset, gamma=gamma, r2=r2, genes=genes, velocity=velocity
+        )
 
-    def _result(self, adata: AnnData, fit: dict[str, np.ndarray]) -> VelocityResult:
-        gamma32, offset32 = fit["gamma"].astype(np.float32), fit["offset"].astype(np.float32)
-        velocity = fit["velocity"]
-        r2 = fit["r2"].astype(np.float32)
+    def _result(self, adata: AnnData, fit: _RatioFit) -> VelocityResult:
+        gamma32, offset32 = fit.gamma.astype(np.float32), fit.offset.astype(np.float32)
+        velocity = fit.velocity
+        r2 = fit.r2.astype(np.float32)
         columns = {Key.var.GAMMA: gamma32, Key.var.R2: r2}
         if self.fit_offset:
             columns[Key.var.OFFSET] = offset32
-        if "offset2" in fit:
-            columns[Key.var.OFFSET2] = fit["offset2"].astype(np.float32)
+        if fit.offset2 is not None:
+            columns[Key.var.OFFSET2] = fit.offset2.astype(np.float32)
         var_names = adata.var_names.copy()
         return VelocityResult(
             model=self.name,
@@ -392,7 +405,7 @@ class SteadyState(Hyperparameters):
             var_names=var_names,
             velocity=np.ascontiguousarray(velocity, dtype=np.float32),
             gene_params=pd.DataFrame(columns, index=var_names),
-            velocity_genes=np.asarray(fit["genes"], dtype=bool),
+            velocity_genes=np.asarray(fit.genes, dtype=bool),
             likelihood=pd.Series(r2, index=var_names, name=Key.var.R2),
         )
 
@@ -408,7 +421,7 @@ class SteadyState(Hyperparameters):
         """
         self._check(adata)
         report(progress, 0, 1, "steady-state ratios")
-        fit = self._deterministic(adata)
+        fit = self._fit_ratios(adata)
         report(progress, 1, 1, "steady-state ratios")
         return self._result(adata, fit)
 
@@ -466,7 +479,7 @@ class Stochastic(SteadyState):
             msg = (
                 f"The {self.name!r} model needs the neighbour graph obsp[{Key.obsp.CONNECTIVITIES!r}] "
                 f"for second moments; adata.obsp has {list(adata.obsp)}. "
-                "Run explorer.data.preprocess.prepare(adata) first."
+                "Run explorer.pipeline.prepare(adata) first."
             )
             raise InputError(msg)
 
@@ -479,15 +492,13 @@ class Stochastic(SteadyState):
         gamma from the second-moment fit on the velocity genes (and ``velocity_offset2``
         with ``fit_offset2``).
         """
-        from explorer.graph.moments import second_order_moments
-
         self._check(adata)
         report(progress, 0, 2, "steady-state ratios")
-        fit = self._deterministic(adata)
+        fit = self._fit_ratios(adata)
         report(progress, 1, 2, "second moments")
-        idx = fit["genes"] if fit["genes"].any() else np.ones(adata.n_vars, dtype=bool)
-        Ms, Mu = fit["Ms"][:, idx], fit["Mu"][:, idx]
-        residual = fit["velocity"][:, idx]  # of the deterministic fit
+        idx = fit.genes if fit.genes.any() else np.ones(adata.n_vars, dtype=bool)
+        Ms, Mu = fit.Ms[:, idx], fit.Mu[:, idx]
+        residual = fit.velocity[:, idx]  # of the deterministic fit
         Mss, Mus = second_order_moments(adata if idx.all() else adata[:, idx])
         var_ss = 2 * Mss - Ms
         cov_us = 2 * Mus + Mu
@@ -503,15 +514,41 @@ class Stochastic(SteadyState):
             perc=self.perc,
             fit_offset=self.fit_offset,
             fit_offset2=self.fit_offset2,
-            mask_xy=fit["mask"][:, idx],  # the deterministic fit's quantiles, same columns
+            mask_xy=fit.mask[:, idx],  # the deterministic fit's quantiles, same columns
         )
-        fit["gamma"] = fit["gamma"].copy()
-        fit["gamma"][idx] = gamma
-        fit["offset"] = fit["offset"].copy()
-        fit["offset"][idx] = offset
-        fit["velocity"][:, idx] = _residual(Ms, Mu, gamma, offset if self.fit_offset else None)
+        all_gamma, all_offset = fit.gamma.copy(), fit.offset.copy()
+        all_gamma[idx] = gamma
+        all_offset[idx] = offset
+        velocity = fit.velocity  # the deterministic velocity, its refitted genes replaced in place
+        velocity[:, idx] = _residual(Ms, Mu, gamma, offset if self.fit_offset else None)
+        all_offset2 = None
         if self.fit_offset2:
-            fit["offset2"] = np.zeros(adata.n_vars)
-            fit["offset2"][idx] = offset2
+            all_offset2 = np.zeros(adata.n_vars)
+            all_offset2[idx] = offset2
         report(progress, 2, 2, "second moments")
+        fit = dataclasses.replace(
+            fit, gamma=all_gamma, offset=all_offset, velocity=velocity, offset2=all_offset2
+        )
         return self._result(adata, fit)
+
+
+def genes_to_fit(adata: AnnData, genes: str | Sequence[str]) -> np.ndarray:
+    """``(n_vars,)`` mask of the genes a model fits, as the models' ``genes`` parameter names them.
+
+    ``"all"``; ``"velocity_genes"``: the velocity genes of the deterministic steady-state
+    fit without the highly-variable filter (scVelo's ``recover_dynamics`` with
+    ``perc=[5, 95]``); or a list of gene names, all of which must be in ``adata``.
+    """
+    if isinstance(genes, str):
+        if genes == "all":
+            return np.ones(adata.n_vars, dtype=bool)
+        if genes == "velocity_genes":
+            return np.asarray(SteadyState(use_highly_variable=False).fit(adata).velocity_genes, dtype=bool)
+        msg = f"Invalid genes {genes!r}. Valid options are: 'velocity_genes', 'all', or a list of gene names."
+        raise InputError(msg)
+    names = pd.Index([str(g) for g in genes])
+    unknown = names.difference(adata.var_names)
+    if len(unknown):
+        msg = f"{len(unknown)} of the genes to fit are not in adata.var_names, e.g. {list(unknown[:5])}."
+        raise InputError(msg)
+    return np.asarray(adata.var_names.isin(names), dtype=bool)

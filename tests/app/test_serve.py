@@ -211,3 +211,42 @@ def test_allow_websocket_origin_opens_the_host_check(tmp_path):
     with _serving(tmp_path, "--address", "127.0.0.1", "--allow-websocket-origin", "lab.example.org") as port:
         assert _get("127.0.0.1", port, host_header=f"lab.example.org:{port}") == 200
         assert _get("127.0.0.1", port, host_header=f"evil.example:{port}") == 403
+
+
+def _processes_with(*args: str) -> list[int]:
+    """Pids of processes whose command line contains ``args`` in a row."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        words = [w.decode(errors="replace") for w in cmd]
+        if any(words[i : i + len(args)] == list(args) for i in range(len(words))):
+            found.append(int(entry.name))
+    return found
+
+
+def test_num_procs_forks_workers_that_keep_the_host_check(tmp_path):
+    """``--num-procs 2``: two workers under one supervisor, each answering and refusing foreign hosts."""
+    with _serving(tmp_path, "--num-procs", "2") as port:
+        assert len(_processes_with("--port", str(port))) == 3  # the supervisor and two workers
+        for _ in range(4):
+            assert _get("127.0.0.1", port) == 200
+            assert _get("127.0.0.1", port, host_header=f"evil.example:{port}") == 403
+
+
+@pytest.mark.parametrize("value", ["-1", "two"])
+def test_bad_num_procs_is_a_message(tmp_path, value):
+    proc = subprocess.run(  # noqa: S603
+        [EXE, "serve", "--num-procs", value, "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "--num-procs" in proc.stderr
+    assert "Traceback" not in proc.stderr

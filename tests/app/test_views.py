@@ -320,3 +320,37 @@ def test_many_cells_are_drawn_as_images_that_follow_clicks(tmp_path):
     assert after["y"][0] <= np.nanmin(ms)  # the image spans all of the new gene's values
     assert after["y"][0] + after["dh"][0] >= np.nanmax(ms)
     np.testing.assert_allclose(_shown(time_ms.marker_live), [[state.latent_time()[123], ms[123]]], rtol=1e-6)
+
+
+def test_gene_table_orders_by_trust_and_marks_the_selected_gene(app):
+    state, genes = app.state, app.views["genes"]
+    state.run_model("steady_state").join(120)
+    table = genes.table.value
+    assert "likelihood" not in table  # a steady-state fit: R², no likelihood column
+    # best first: the trust light, then R², genes without a fit last
+    trust = table["trust"].to_numpy()
+    finite = trust[np.isfinite(trust)]
+    assert (np.diff(finite) <= 0).all()
+    assert np.isnan(trust[len(finite) :]).all()
+    assert table.index.tolist() == list(range(len(table)))  # sorted in Python: rows are positions
+    r2 = state.fit.result.gene_params[Key.var.R2]
+    expected = (r2 >= 0.01).where(r2.notna()).astype(float)
+    np.testing.assert_allclose(table.set_index("gene").loc[r2.index, "trust"], expected)
+    assert genes.table.formatters["trust"]["type"] == "traffic"
+    assert "R² ≥ 0.01" in genes.legend.object
+    assert genes.table.header_tooltips["trust"].startswith("share of the fit checks")
+    # the selected gene's row is marked and its page shown, wherever it sorts
+    last = str(table["gene"].iloc[-1])
+    state.select_gene(last)
+    assert genes.table.value.loc[genes.table.selection[0], "gene"] == last
+    assert genes.table.page == (len(table) - 1) // genes.table.page_size + 1
+    genes._clicked(SimpleNamespace(row=0, column="gene"))
+    assert state.gene == str(table["gene"].iloc[0])
+    # the selected gene's verdict above the table; the notes and technical columns stay in the data
+    assert f"{state.gene}</b>: passes every check" in genes.verdict.object
+    failing = table.loc[table["trust"] == 0, "gene"]
+    if len(failing):
+        state.select_gene(str(failing.iloc[0]))
+        assert "fails: low R²" in genes.verdict.object
+    assert set(genes.table.hidden_columns) == {"mean Mu", "scaling", "trust notes"}
+    assert "trust notes" in genes.table.value

@@ -12,13 +12,13 @@ from explorer.data.preprocess import (
     filter_and_normalize,
     is_preprocessed,
     looks_like_counts,
-    prepare,
     shared_counts,
     size_factors,
     x_is_logged,
 )
 from explorer.graph.moments import moments
 from explorer.keys import Key
+from explorer.pipeline import prepare
 
 
 def test_shared_counts_by_hand():

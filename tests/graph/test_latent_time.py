@@ -157,7 +157,7 @@ def test_latent_time_on_a_hard_simulation_follows_true_time():
     # kinetic regimes, a fifth of the unspliced molecules): measured 0.984 (seed 0,
     # 1000 cells x 100 genes; 0.972 before the gene times were ranked); a linear
     # smoothing of the gene times gave 0.976 there, the unsmoothed times 0.938
-    from explorer.data.preprocess import prepare
+    from explorer.pipeline import prepare
     from explorer.data.simulate import HARD, simulate
     from explorer.models.dynamical import Dynamical
 

@@ -9,11 +9,12 @@ import torch
 from scipy.stats import spearmanr
 
 from explorer._types import FitCancelled, InputError, Progress
-from explorer.data.preprocess import prepare
+from explorer.pipeline import prepare
 from explorer.data.simulate import simulate
 from explorer.graph.metrics import cross_boundary_correctness
 from explorer.keys import Key
-from explorer.models import MODELS, _em, kinetics
+from explorer import kinetics
+from explorer.models import MODELS, _em
 from explorer.models.dynamical import Dynamical
 from explorer.models.steady_state import SteadyState
 

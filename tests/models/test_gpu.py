@@ -21,7 +21,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def prepared():
-    from explorer.data.preprocess import prepare
+    from explorer.pipeline import prepare
     from explorer.data.simulate import simulate
 
     adata = simulate(n_obs=2000, n_vars=150, seed=3, branches=2)

@@ -55,7 +55,7 @@ def test_likelihood_is_nan_without_cells_in_the_upper_set():
     rng = np.random.default_rng(0)
     t = rng.uniform(0, 15, n)
     p_np = {"alpha": 3.0, "beta": 1.0, "gamma": 0.5, "t_": 8.0}
-    from explorer.models import kinetics
+    from explorer import kinetics
 
     u1, s1 = kinetics.trajectory(t, 8.0, 3.0, 1.0, 0.5)
     noise = rng.lognormal(0, 0.1, (2, n))

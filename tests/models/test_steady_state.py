@@ -8,7 +8,7 @@ from scipy import sparse
 from scipy.stats import spearmanr
 
 from explorer._types import InputError
-from explorer.data.preprocess import prepare
+from explorer.pipeline import prepare
 from explorer.data.simulate import simulate
 from explorer.graph.moments import compute_moments
 from explorer.graph.neighbors import compute_neighbors

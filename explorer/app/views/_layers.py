@@ -23,13 +23,12 @@ import param
 
 from explorer._types import InputError
 from explorer.app import plots
-from explorer.app.state import COLOR_EXPRESSION, COLOR_VELOCITY, Coloring, ExplorerState
+from explorer.app.readouts import GENE_COLORINGS, Coloring
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-#: colourings that change with the selected gene / with the active model
-_GENE_COLORINGS = (COLOR_EXPRESSION, COLOR_VELOCITY)
+    from explorer.app.state import ExplorerState
 
 
 def _padded(values: np.ndarray, share: float = 0.05) -> tuple[float, float]:
@@ -67,7 +66,7 @@ class LiveLayer:
         self.hook = hook
 
     def remember(self, plot: Any, element: Any) -> None:
-        """What ``hook`` does: remember the plot's data source."""
+        """Remember the plot's data source (what ``hook`` does)."""
         source = plot.handles.get("source")
         if source is not None and all(source is not s for s in self.sources):
             self.sources.append(source)
@@ -240,6 +239,7 @@ class CellScatter(param.Parameterized):
                 if mapper is not None:
                     mapper.update(palette=palette, low=clim[0], high=clim[1])
             source.data = data
+            plots.sync_colorbar(plot.state, coloring)
             for axis, (lo, hi) in ranges.items():
                 plot.handles[axis].update(start=lo, end=hi)
             title = plot.handles["plot"].title
@@ -257,13 +257,13 @@ class CellScatter(param.Parameterized):
         names = {e.name for e in events}
         color_by = self.state.color_by
         categorical = color_by in self.state.adata.obs.columns
-        gene_only = names == {"gene"} and color_by in _GENE_COLORINGS and not self._own_coloring
+        gene_only = names == {"gene"} and color_by in GENE_COLORINGS and not self._own_coloring
         if gene_only and self._xy_at == self._xy_token and self._push_colors():
             return  # the same cells in new colours, sent directly
         if (
             "color_by" in names
             or self._own_coloring
-            or ("gene" in names and color_by in _GENE_COLORINGS)
+            or ("gene" in names and color_by in GENE_COLORINGS)
             or ({"model", "results"} & names and not categorical)
         ):
             self.color_revision += 1
@@ -298,6 +298,7 @@ class CellScatter(param.Parameterized):
                 values, palette, clim = plots.color_mapping(coloring)
                 source.data.update({column: values})
                 mapper.update(palette=palette, low=clim[0], high=clim[1])
+            plots.sync_colorbar(plot.state, coloring)
             title = plot.handles["plot"].title
             if title is not None:
                 title.text = self._title()
@@ -333,7 +334,8 @@ class CellScatter(param.Parameterized):
                 width=self._width,
                 height=self._height,
                 tools=tools,
-            ).opts(hooks=[self.base_live.hook], backend="bokeh")
+                hooks=[self.base_live.hook],
+            )
         if self._drawn_xy != self._xy_token:
             # new coordinates (another gene, basis or dataset): show all cells, forget the zoom
             x_range = y_range = None
@@ -349,7 +351,8 @@ class CellScatter(param.Parameterized):
             labels=self._labels,
             title=title,
             tools=tools,
-        ).opts(framewise=True, hooks=[self.base_live.hook], backend="bokeh")
+            hooks=[self.base_live.hook],
+        ).opts(framewise=True, backend="bokeh")
 
     def _draw_selection(self) -> hv.Element:
         data = self._selection_data()

@@ -10,8 +10,8 @@ import panel as pn
 import param
 
 from explorer._types import InputError
-from explorer.app import plots
-from explorer.app.state import Coloring, ExplorerState
+from explorer.app import plots, readouts
+from explorer.app.state import ExplorerState
 from explorer.app.views._layers import CellScatter
 from explorer.app.views.phase import PhasePortrait
 
@@ -44,20 +44,14 @@ class ComparisonView(pn.viewable.Viewer):
             height=360,
         )
 
-    def _agreement_coloring(self) -> Coloring:
-        values = self.state.compare_agreement()
-        if values is None:
-            return Coloring(kind="none", values=np.zeros(self.state.adata.n_obs), label="pick two fits")
-        return Coloring(kind="continuous", values=values, label="velocity agreement (cosine)")
+    def _agreement_coloring(self) -> readouts.Coloring:
+        return readouts.agreement_coloring(self.state.compare_agreement(), self.state.adata.n_obs)
 
     def _draw_latent(self, **_: Any) -> hv.Overlay:
         a, b = self.state.compare_fits()
-        ta = self.state.latent_time(a) if a is not None else None
-        tb = self.state.latent_time(b) if b is not None else None
+        ta, tb = readouts.own_latent_time(a), readouts.own_latent_time(b)
         if ta is None or tb is None:
-            return plots.message(
-                "latent time needs two fits that have one (dynamical)", width=400, height=340
-            )
+            return plots.message("latent time needs two fits that have one", width=400, height=340)
         return plots.comparison_scatter(
             ta,
             tb,
@@ -71,12 +65,14 @@ class ComparisonView(pn.viewable.Viewer):
     def _draw_quality(self, **_: Any) -> hv.Overlay:
         table = self.state.compare_quality()
         if table is None or table.empty:
-            return plots.message("fit quality needs two fits", width=400, height=340)
+            return plots.message("fit quality needs two fits that report one per gene", width=400, height=340)
         hit = np.flatnonzero(table["gene"].to_numpy() == self.state.gene)
+        a, b = self.state.compare_fits()
         return plots.comparison_scatter(
             table["a"].to_numpy(),
             table["b"].to_numpy(),
-            labels=("fit quality A", "fit quality B"),
+            # each fit's own measure (a likelihood, an R²): they need not be the same
+            labels=(f"A: {readouts.quality_name(a)}", f"B: {readouts.quality_name(b)}"),
             title="per-gene fit quality (click a gene)",
             width=400,
             height=340,

@@ -39,6 +39,16 @@ def figure_layers(state: ExplorerState, which: str) -> tuple[list[dict[str, Any]
         for i, fit in enumerate(state.phase_fits()):
             color = plots.FIT_COLORS[i % len(plots.FIT_COLORS)]
             style = "-" if fit.active else "--"
+            if fit.points is not None:
+                layers.append(
+                    {
+                        "kind": "dots",
+                        "x": fit.points[:, 0],
+                        "y": fit.points[:, 1],
+                        "color": color,
+                        "label": f"{fit.label}: predicted cells",
+                    }
+                )
             if fit.s is not None:
                 layers.append(
                     {
@@ -65,7 +75,7 @@ def figure_layers(state: ExplorerState, which: str) -> tuple[list[dict[str, Any]
     elif which == "gene over time":
         t = state.latent_time()
         if t is None:
-            msg = "There is no latent time to plot against; run the dynamical model first."
+            msg = "There is no latent time to plot against; run a model that has one first."
             raise InputError(msg)
         x, y = t, state.gene_values("Ms")
         layers.append({"kind": "points", "x": x, "y": y, "coloring": coloring})
@@ -116,9 +126,7 @@ class ExportView(pn.viewable.Viewer):
             label="Save results as (in the data directory)", value=f"{stem}_velocity.h5ad", width=250
         )
         self.save_button = pn.widgets.Button(label="Save .h5ad", color="success", width=110)
-        self.overwrite_button = pn.widgets.Button(
-            label="Overwrite", color="danger", width=110, visible=False
-        )
+        self.overwrite_button = pn.widgets.Button(label="Overwrite", color="danger", width=110, visible=False)
         self.message = pn.pane.Alert(
             "", name="export message", alert_type="info", visible=False, sizing_mode="stretch_width"
         )
@@ -127,12 +135,13 @@ class ExportView(pn.viewable.Viewer):
         self.save_button.on_click(self._save)
         self.overwrite_button.on_click(self._overwrite)
         self.filename.param.watch(self._renamed, "value")
-        self.which = pn.widgets.Select(label="Plot", options=list(PLOTS), width=160)
+        # the sidebar is 340 px wide: the plot menu and its two buttons share one row
+        self.which = pn.widgets.Select(label="Plot", options=list(PLOTS), width=140)
         self.png = pn.widgets.FileDownload(
-            callback=self._png, filename="plot.png", label="PNG", width=80, color="light"
+            callback=self._png, filename="plot.png", label="PNG", width=64, color="light", align="end"
         )
         self.svg = pn.widgets.FileDownload(
-            callback=self._svg, filename="plot.svg", label="SVG", width=80, color="light"
+            callback=self._svg, filename="plot.svg", label="SVG", width=64, color="light", align="end"
         )
         self.csv = pn.widgets.FileDownload(
             callback=self._csv,
@@ -149,7 +158,7 @@ class ExportView(pn.viewable.Viewer):
         self.png.filename, self.svg.filename = f"{base}.png", f"{base}.svg"
 
     def _renamed(self, *_: Any) -> None:
-        """A new name: the confirmation asked for the old one no longer applies."""
+        """Withdraw the offer to overwrite: it was for the old name."""
         if self._confirm is not None and self.filename.value != self._confirm:
             self._ask_overwrite(None)
 

@@ -1,4 +1,4 @@
-"""The phase portrait of the selected gene: ``Mu`` against ``Ms`` with every fit's trajectory."""
+"""The phase portrait of the selected gene: ``Mu`` against ``Ms`` with what each fit shows (curve, cells)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ from explorer.app import plots
 from explorer.app.escape import markdown_text
 from explorer.app.state import ExplorerState
 from explorer.app.views._layers import CellScatter
+
+#: ``only`` values that follow the comparison's picks, and how the title names them
+_PICKS = {"compare_a": "A", "compare_b": "B"}
 
 
 class PhasePortrait(pn.viewable.Viewer):
@@ -31,10 +34,11 @@ class PhasePortrait(pn.viewable.Viewer):
         self.scatter = CellScatter(
             state,
             xy=lambda: (state.gene_values("Ms"), state.gene_values("Mu")),
-            xy_depends=["gene", "adata"],
+            # a comparison's portrait is retitled when its pick changes
+            xy_depends=["gene", "adata", *([self.only] if self.only in _PICKS else [])],
             labels=("Ms", "Mu"),
             on_tap=lambda x, y: state.select_cell_at("phase", x, y),
-            title=lambda: f"{state.gene}: phase portrait" + (f" — {self.only}" if self.only else ""),
+            title=self._title,
             width=self.width,
             height=self.height,
         )
@@ -44,12 +48,22 @@ class PhasePortrait(pn.viewable.Viewer):
         )
         self.plot = self.scatter.overlay(self.fits)
 
+    def _only_label(self) -> str | None:
+        """Return the fit label ``only`` stands for (the comparison's A or B is read from the state)."""
+        if self.only in _PICKS:
+            return getattr(self.state, self.only, None)
+        return self.only
+
+    def _title(self) -> str:
+        title = f"{self.state.gene}: phase portrait"
+        if self.only in _PICKS:
+            return f"{title} — {_PICKS[self.only]}: {self._only_label() or 'no fit'}"
+        return f"{title} — {self.only}" if self.only else title
+
     def _fits(self) -> list[Any]:
         fits = self.state.phase_fits()
         if self.only is not None:
-            label = (
-                getattr(self.state, self.only, None) if self.only in ("compare_a", "compare_b") else self.only
-            )
+            label = self._only_label()
             fits = [f for f in fits if f.label == label]
         return fits
 

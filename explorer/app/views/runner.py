@@ -1,4 +1,9 @@
-"""Choose a model and its main parameters, run it in the background, watch its progress, cancel it."""
+"""Choose a model and its main parameters, run it in the background, watch its progress, cancel it.
+
+The models offered are those registered in :data:`explorer.models.MODELS` when the page
+is built, so a model registered after start-up (a plug-in, a test's toy model) shows on
+the next page without any change here.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,12 @@ import panel as pn
 import param
 
 from explorer.app.escape import markdown_text
-from explorer.app.state import ExplorerState, model_defaults
+from explorer.app.fits import model_defaults, model_names
+from explorer.app.state import ExplorerState
 from explorer.models import MODELS
+
+#: the model the form starts with, when registered
+_FIRST_MODEL = "stochastic"
 
 
 def _widget_for(name: str, default: Any) -> pn.widgets.Widget | None:
@@ -33,9 +42,14 @@ class ModelRunner(pn.viewable.Viewer):
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
         state = self.state
+        names = model_names()
         self.model_select = pn.widgets.Select(
-            label="Model", options=MODELS.keys(), value="stochastic", width=250
+            label="Model",
+            options=names,
+            value=_FIRST_MODEL if _FIRST_MODEL in names else (names[0] if names else None),
+            width=250,
         )
+        self.description = pn.pane.Markdown("", name="model description", sizing_mode="stretch_width")
         self.form = pn.Column(sizing_mode="stretch_width")
         self.run_button = pn.widgets.Button(label="Run", color="primary", width=110)
         self.cancel_button = pn.widgets.Button(label="Cancel", color="warning", width=110, disabled=True)
@@ -52,6 +66,8 @@ class ModelRunner(pn.viewable.Viewer):
         self._show_progress()
 
     def _build_form(self, *_: Any) -> None:
+        name = self.model_select.value
+        self.description.object = markdown_text(MODELS.spec(name).description) if name in MODELS else ""
         self._widgets = {}
         for name, default in model_defaults(self.model_select.value).items():
             widget = _widget_for(name, default)
@@ -81,6 +97,7 @@ class ModelRunner(pn.viewable.Viewer):
     def __panel__(self) -> pn.viewable.Viewable:
         return pn.Column(
             self.model_select,
+            self.description,
             self.form,
             pn.Row(self.run_button, self.cancel_button),
             self.bar,

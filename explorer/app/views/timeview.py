@@ -86,12 +86,15 @@ class GeneTimeView(pn.viewable.Viewer):
 
     def _note(self, *_: Any) -> str:
         if self.state.latent_time() is None:
-            return "*No latent time yet: run the **dynamical** model to order cells in time.*"
+            return (
+                "*No latent time yet: run a model that orders cells in time (one that shows a latent time).*"
+            )
         found = self.state.time_curve("Ms")
         if found is not None and found[2] == "fit":
-            model = self.state.model
+            model = markdown_text(self.state.model)
+            if "curve" in self.state.fit_shows():
+                return f"Red line: the **{model}** fit at each cell's gene time, averaged along latent time."
             return (
-                f"Red line: the **{markdown_text(model)}** fit at each cell's gene time, "
-                "averaged along latent time."
+                f"Red line: the **{model}** fit's predicted values of the cells, averaged along latent time."
             )
         return "Red line: the mean along latent time (no kinetic fit for this gene)."

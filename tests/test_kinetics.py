@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.integrate import odeint
 
-from explorer.models import kinetics
+from explorer import kinetics
 
 
 def _ode(y, _t, alpha, beta, gamma):

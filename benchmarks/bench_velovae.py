@@ -1,0 +1,285 @@
+"""Benchmark: explorer's VeloVAE against pip's ``velovae`` 0.1.2 (Gu et al. 2022), side by side.
+
+Runs on the same preprocessed inputs (``explorer.pipeline.prepare``):
+
+1. the real pancreas (3,696 cells) and a branching simulation with lineage-specific
+   rates (``simulate(n_obs=2000, n_vars=200, branches=2, kinds={"two_regimes": 0.3})``):
+   explorer's :class:`~explorer.models.vae.VeloVAE` here, the ``velovae`` package in its
+   own virtual environment (``--velovae-python``; never a dependency of explorer), and
+   on the pancreas explorer's dynamical model as the scVelo baseline. Each runs in a
+   fresh process whose peak memory (whole process tree) is sampled;
+2. explorer alone on simulations of 10k and 100k cells (``--sizes``), to show that
+   memory stays bounded by the data (minibatches).
+
+Every prediction is scored by one function, :func:`explorer.models.metrics.reconstruction_error`,
+on each tool's own held-out cells (and the dynamical model on explorer's held-out
+cells), with latent-time Spearman correlation against the simulator's true time.
+
+The package's environment (``--setup`` creates it)::
+
+    python3 -m venv .venv-velovae
+    .venv-velovae/bin/pip install torch==2.13.0 velovae==0.1.2
+
+It needs two shims on today's stack, applied by the worker before import: scipy's
+removed sparse ``.A`` and matplotlib's removed ``cbook.mplDeprecation``. Its own
+``preprocess`` crashes on current scVelo, so it gets our preprocessed file.
+Usage::
+
+    python benchmarks/bench_velovae.py [--setup] [--velovae-python .venv-velovae/bin/python]
+        [--package-epochs 1000 500] [--sizes 10000 100000] [--skip-package]
+
+It prints a table and writes ``benchmarks/results/velovae.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("EXPLORER_SHARED", ROOT.parent / "shared"))
+RESULTS = ROOT / "benchmarks" / "results"
+VENV = ROOT / ".venv-velovae"
+
+#: the package's worker, run with --velovae-python; shims first, then velovae's API
+PACKAGE_WORKER = r"""
+import sys, time, json
+import numpy as np
+import scipy.sparse as sp
+# shim 1: scipy removed the sparse .A shortcut that velovae calls
+for cls in (sp.csr_matrix, sp.csc_matrix, sp.coo_matrix):
+    if not hasattr(cls, "A"):
+        cls.A = property(lambda self: self.toarray())
+# shim 2: matplotlib removed cbook.mplDeprecation that velovae's plotting imports
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.cbook as cbook
+if not hasattr(cbook, "mplDeprecation"):
+    cbook.mplDeprecation = DeprecationWarning
+import anndata as ad
+import torch
+import velovae as vv
+
+path, out, n1, n2 = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+torch.manual_seed(0); np.random.seed(0)
+adata = ad.read_h5ad(path)
+t0 = time.perf_counter()
+vae = vv.VAE(adata, tmax=20, dim_z=5, device="cpu")
+vae.train(adata, config={"n_epochs": n1, "n_epochs_post": n2}, plot=False, embed="umap")
+train_s = time.perf_counter() - t0
+vae.save_anndata(adata, "vae", "/tmp", file_name=None)
+np.savez(out, t=adata.obs["vae_time"].to_numpy(), std_t=adata.obs["vae_std_t"].to_numpy(),
+         uhat=adata.layers["vae_uhat"], shat=adata.layers["vae_shat"],
+         train_idx=np.asarray(adata.uns["vae_train_idx"]), test_idx=np.asarray(adata.uns["vae_test_idx"]),
+         train_s=train_s)
+"""
+
+
+def _tree_rss(pid: int) -> int:
+    """Resident memory (bytes) of ``pid`` and all its descendants, from ``/proc`` (Linux)."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+            total += int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) * 1024
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo.extend(int(c) for c in (task / "children").read_text().split())
+        except (FileNotFoundError, ProcessLookupError, StopIteration, ValueError):
+            continue
+    return total
+
+
+def run_measured(cmd: list[str]) -> tuple[float, float]:
+    """Run ``cmd``; return (wall seconds, peak RSS in GB of its process tree, sampled every 50 ms)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd)
+    peak = 0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _tree_rss(proc.pid))
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    rc = proc.wait()
+    done.set()
+    thread.join()
+    if rc != 0:
+        msg = f"benchmark step failed (exit {rc}): {' '.join(cmd)}"
+        raise RuntimeError(msg)
+    return time.perf_counter() - start, peak / 1e9
+
+
+def explorer_worker(path: str, out: str, model: str, kwargs: str) -> None:
+    """Fit ``model`` on the file and save what the scores need (run in a fresh process)."""
+    import anndata as ad
+
+    from explorer.models import get_model
+    from explorer.models.metrics import predicted_abundances
+
+    adata = ad.read_h5ad(path)
+    start = time.perf_counter()
+    fitted = get_model(model, **json.loads(kwargs))
+    result = fitted.fit(adata)
+    train_s = time.perf_counter() - start
+    result.to_adata(adata)
+    u, s = predicted_abundances(adata)
+    extra = {}
+    if model == "velovae":
+        extra = {
+            "train": adata.obs["fit_train"].to_numpy(bool),
+            "epochs": np.array([len(fitted.history_["stage1"]), len(fitted.history_["stage2"])]),
+            "extract_s": fitted.timings_["extract"],
+        }
+    np.savez(
+        out,
+        u=u.astype(np.float32),
+        s=s.astype(np.float32),
+        latent_time=np.asarray(adata.obs.get("latent_time", np.full(adata.n_obs, np.nan))),
+        train_s=train_s,
+        **extra,
+    )
+
+
+def _prepare(tmp: Path, sizes: list[int]) -> dict[str, Path]:
+    import anndata as ad
+
+    from explorer.data.simulate import simulate
+    from explorer.pipeline import prepare
+
+    paths = {}
+    pancreas = ad.read_h5ad(SHARED / "data" / "pancreas_endocrinogenesis_3696.h5ad")
+    prepare(pancreas, seed=0)
+    paths["pancreas"] = tmp / "pancreas.h5ad"
+    pancreas.write_h5ad(paths["pancreas"])
+    sim = simulate(n_obs=2000, n_vars=200, seed=0, branches=2, kinds={"two_regimes": 0.3})
+    prepare(sim, seed=0)
+    paths["simulation"] = tmp / "simulation.h5ad"
+    sim.write_h5ad(paths["simulation"])
+    for n in sizes:
+        big = simulate(n_obs=n, n_vars=200, seed=0, branches=2)
+        prepare(big, seed=0, compute_umap=False)
+        paths[f"sim_{n}"] = tmp / f"sim_{n}.h5ad"
+        big.write_h5ad(paths[f"sim_{n}"])
+    return paths
+
+
+def _score(path: Path, u: np.ndarray, s: np.ndarray, train: np.ndarray, latent: np.ndarray) -> dict:
+    import anndata as ad
+    from scipy.stats import spearmanr
+
+    from explorer.models.metrics import reconstruction_error
+
+    adata = ad.read_h5ad(path)
+    err = reconstruction_error(adata.layers["Mu"], adata.layers["Ms"], u, s, train=train).summary
+    if "true_t" in adata.obs and np.isfinite(latent).all():
+        err["latent_time_spearman"] = float(spearmanr(latent, adata.obs["true_t"])[0])
+    if "clusters" in adata.obs and "true_t" not in adata.obs and np.isfinite(latent).all():
+        import pandas as pd
+
+        med = pd.Series(latent).groupby(adata.obs["clusters"].to_numpy()).median()
+        err["latent_time_median_by_cluster"] = {str(k): round(float(v), 3) for k, v in med.items()}
+    return err
+
+
+def setup_venv() -> Path:
+    """Create ``.venv-velovae`` with torch 2.13.0 and velovae 0.1.2 (pip's resolver relaxes the rest)."""
+    python = VENV / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "torch==2.13.0", "velovae==0.1.2"], check=True)
+    return python
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--velovae-python", default=str(VENV / "bin" / "python"))
+    parser.add_argument("--setup", action="store_true", help="create .venv-velovae first")
+    parser.add_argument("--skip-package", action="store_true")
+    parser.add_argument("--package-epochs", type=int, nargs=2, default=(1000, 500))
+    parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000])
+    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        explorer_worker(*args.worker)
+        return
+    package_python = str(setup_venv()) if args.setup else args.velovae_python
+    if not args.skip_package and not Path(package_python).exists():
+        parser.error(f"{package_python} not found: pass --setup, --velovae-python PY or --skip-package")
+    results: dict = {"machine": f"{os.cpu_count()} cores", "rows": []}
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        paths = _prepare(tmp, args.sizes)
+        for data in ("pancreas", "simulation"):
+            runs = [("explorer velovae", "velovae", {"device": "cpu"})]
+            if data == "pancreas":
+                runs.append(("explorer dynamical (scVelo)", "dynamical", {"device": "cpu"}))
+            train = None
+            for label, model, kwargs in runs:
+                out = tmp / f"{data}_{model}.npz"
+                cmd = [sys.executable, __file__, "--worker", str(paths[data]), str(out), model, json.dumps(kwargs)]
+                wall, peak = run_measured(cmd)
+                res = np.load(out)
+                if model == "velovae":
+                    train = res["train"]
+                row = {"data": data, "tool": label, "wall_s": round(wall, 1), "fit_s": round(float(res["train_s"]), 1)}
+                row["peak_gb"] = round(peak, 2)
+                row.update(_score(paths[data], res["u"], res["s"], train, res["latent_time"]))
+                if "epochs" in res:
+                    row["epochs"] = res["epochs"].tolist()
+                    row["uncertainty_s"] = round(float(res["extract_s"]), 1)
+                results["rows"].append(row)
+            if not args.skip_package:
+                out = tmp / f"{data}_package.npz"
+                script = tmp / "package_worker.py"
+                script.write_text(PACKAGE_WORKER)
+                n1, n2 = args.package_epochs
+                wall, peak = run_measured([package_python, str(script), str(paths[data]), str(out), str(n1), str(n2)])
+                res = np.load(out)
+                mask = np.zeros(len(res["t"]), dtype=bool)
+                mask[res["train_idx"]] = True
+                row = {"data": data, "tool": f"velovae 0.1.2 ({n1}+{n2} epochs)", "wall_s": round(wall, 1)}
+                row["fit_s"] = round(float(res["train_s"]), 1)
+                row["peak_gb"] = round(peak, 2)
+                row.update(_score(paths[data], res["uhat"], res["shat"], mask, res["t"]))
+                results["rows"].append(row)
+        for n in args.sizes:
+            out = tmp / f"sim_{n}.npz"
+            cmd = [sys.executable, __file__, "--worker", str(paths[f"sim_{n}"]), str(out), "velovae", '{"device": "cpu"}']
+            wall, peak = run_measured(cmd)
+            res = np.load(out)
+            size_gb = 4 * n * 200 * 2 / 1e9
+            results["rows"].append(
+                {
+                    "data": f"simulation {n} cells",
+                    "tool": "explorer velovae",
+                    "wall_s": round(wall, 1),
+                    "fit_s": round(float(res["train_s"]), 1),
+                    "peak_gb": round(peak, 2),
+                    "Mu+Ms_gb": round(size_gb, 3),
+                    "epochs": res["epochs"].tolist(),
+                }
+            )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "velovae.json").write_text(json.dumps(results, indent=2))
+    keys = ("data", "tool", "fit_s", "peak_gb", "mse_test", "mae_test", "latent_time_spearman", "epochs")
+    print(" | ".join(keys))
+    for row in results["rows"]:
+        print(" | ".join(str(row.get(k, "")) for k in keys))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,769 @@
+"""What the views show, as pure functions of (data, fit, selection): no Panel, no state.
+
+Each function takes the dataset (an AnnData, read only), a fit (:class:`~explorer.app.jobs.Fit`
+or its :class:`~explorer.VelocityResult`) and the selection (a gene's column index, a
+cell's row), and returns arrays or small frozen records that :mod:`explorer.app.plots`
+draws. The session's :class:`~explorer.app.state.ExplorerState` decides when to call
+them and remembers their results; tests call them directly.
+
+What a fit can show comes from the model registry (:func:`fit_shows`): a fit draws a
+fitted curve, per-cell predicted points, per-cell rates, a latent time or an
+uncertainty because its :class:`~explorer.models.ModelSpec` declares it, never because
+of its model's name. A fit read from a file whose model is not registered shows what its
+data holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from explorer import kinetics
+from explorer.app.escape import hex_colors
+from explorer.app.geometry import binned_mean, even_sample, time_bins
+from explorer.graph.projection import project_velocity as _project_on_transitions
+from explorer.graph.streamlines import compute_streamlines, velocity_on_grid
+from explorer.keys import Key
+from explorer.models import MODELS
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from anndata import AnnData
+
+    from explorer.app.jobs import Fit
+    from explorer.models.base import VelocityResult
+
+#: colourings besides the categorical obs columns (which are offered by their own names)
+COLOR_LATENT_TIME = "latent time"
+COLOR_CONFIDENCE = "velocity confidence"
+COLOR_UNCERTAINTY = "velocity uncertainty"
+COLOR_EXPRESSION = "gene: expression (Ms)"
+COLOR_VELOCITY = "gene: velocity"
+#: per-cell rates of the selected gene (fits that show ``"cell_rates"``), by layer
+COLOR_RATES: dict[str, str] = {
+    "gene: rate alpha (transcription)": Key.layers.RATE_ALPHA,
+    "gene: rate beta (splicing)": Key.layers.RATE_BETA,
+    "gene: rate gamma (degradation)": Key.layers.RATE_GAMMA,
+}
+#: every continuous colouring a session can offer
+CONTINUOUS_COLORINGS = (
+    COLOR_LATENT_TIME,
+    COLOR_CONFIDENCE,
+    COLOR_UNCERTAINTY,
+    COLOR_EXPRESSION,
+    COLOR_VELOCITY,
+    *COLOR_RATES,
+)
+#: colourings that change with the selected gene
+GENE_COLORINGS = (COLOR_EXPRESSION, COLOR_VELOCITY, *COLOR_RATES)
+
+#: a category-to-colour map read from ``uns['<column>_colors']`` (scanpy's convention) or
+#: else taken from this palette (Glasbey's distinct colours, as colorcet orders them)
+FALLBACK_PALETTE = (
+    "#d60000", "#8c3bff", "#018700", "#00acc6", "#97ff00", "#ff7ed1", "#6b004f", "#ffa52f",
+    "#573b00", "#005659", "#0000dd", "#00fdcf", "#a17569", "#bcb6ff", "#95b577", "#bf03b8",
+    "#645474", "#790000", "#0774d8", "#fdf490", "#004b00", "#8e7900", "#ff7266", "#edb8b8",
+)  # fmt: skip
+
+#: per-gene figures of the gene table: ``var`` key -> (header, what it means). A column is
+#: shown only for a fit that has it; where two keys share a header the first one wins
+#: (a dynamical fit's ``fit_r2`` before a stale steady-state ``velocity_r2`` in the file)
+GENE_COLUMNS: dict[str, tuple[str, str]] = {
+    Key.var.FIT_LIKELIHOOD: ("likelihood", "mean likelihood of the cells under the fitted curve (scVelo)"),
+    Key.var.FIT_R2: ("R²", "R² of the fit against Mu/Ms"),
+    Key.var.R2: ("R²", "R² of the steady-state line u = γ s against the extreme cells"),
+    Key.var.FIT_ALPHA: ("alpha", "transcription rate"),
+    Key.var.FIT_BETA: ("beta", "splicing rate"),
+    Key.var.FIT_GAMMA: ("gamma", "degradation rate"),
+    Key.var.GAMMA: ("gamma", "steady-state ratio u/s (degradation over splicing)"),
+    Key.var.FIT_RATE_ALPHA: ("alpha", "median over cells of the per-cell transcription rate"),
+    Key.var.FIT_RATE_BETA: ("beta", "median over cells of the per-cell splicing rate"),
+    Key.var.FIT_RATE_GAMMA: ("gamma", "median over cells of the per-cell degradation rate"),
+    Key.var.FIT_T_: ("switch time", "time the gene switches from induction to repression"),
+    Key.var.FIT_SCALING: ("scaling", "scale of u relative to s"),
+    Key.var.FIT_KINETIC_SIGNAL: (
+        "kinetic signal",
+        "β/(β+γ): 0 = a straight line, 1 = maximal curvature (Bergen et al. 2021, Box 1)",
+    ),
+    Key.var.FIT_DETECTION_POWER: ("detection power", "s∞·u∞, expression at steady state (same Box)"),
+}
+#: header of a fit's goodness of fit when no column above holds it
+FIT_QUALITY = "fit quality"
+TRUST = "trust"
+TRUST_NOTES = "trust notes"
+
+#: scVelo's ``tl.latent_time(min_likelihood=0.1)``: genes below it do not inform the latent time
+MIN_LIKELIHOOD = 0.1
+#: scVelo's ``tl.velocity_genes(min_r2=0.01)`` for the steady-state models
+MIN_R2 = 0.01
+#: below 0.5 degradation outpaces splicing (γ > β): s follows u, the almond flattens to a
+#: line and the fit has little curvature to time the cells by (Bergen et al. 2021, Box 1)
+MIN_KINETIC_SIGNAL = 0.5
+#: detection power below this quantile of the fitted genes counts as weak (it has units)
+WEAK_DETECTION_QUANTILE = 0.25
+#: above this share of cells in the two steady states, induction and repression rest on few cells
+MAX_STEADY_SHARE = 0.8
+#: fewer weighted cells in the EM than this: explorer.models.dynamical warns the fit is poorly determined
+MIN_CELLS_EM = 30
+
+#: at most this many cells' predicted points per fit in the phase portrait (an even sample)
+MAX_CELL_POINTS = 5_000
+
+
+@dataclass(frozen=True, slots=True)
+class Coloring:
+    """Per-cell colour values: ``kind`` says how to read ``values``.
+
+    ``"category"``: ``values`` are category codes into ``categories`` with ``color_key``
+    (category -> hex colour, fixed for the dataset); ``"continuous"``: float values (NaN
+    drawn grey), on a diverging colour map centred on 0 when ``diverging``; ``"none"``:
+    nothing to colour by (``label`` says why).
+    """
+
+    kind: Literal["category", "continuous", "none"]
+    values: np.ndarray
+    label: str
+    categories: tuple[str, ...] = ()
+    color_key: dict[str, str] | None = None
+    diverging: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PhaseFit:
+    """What the phase portrait draws for one fit of the selected gene."""
+
+    label: str
+    active: bool
+    slope: float | None
+    s: np.ndarray | None
+    u: np.ndarray | None
+    #: ``(2, 2)`` end points of the steady-state line ``u = slope * s`` within the cells' range
+    line: np.ndarray | None = None
+    #: ``(k, 2)`` predicted ``(s, u)`` of (a sample of) the cells, for fits that show ``"cell_points"``
+    points: np.ndarray | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CellInfo:
+    """What the cell inspector shows for the selected cell."""
+
+    index: int
+    name: str
+    cluster: str | None
+    latent_time: float | None
+    confidence: float | None
+    targets: pd.DataFrame  # columns: index, cell, cluster, probability; most likely first
+
+
+@dataclass(frozen=True, slots=True)
+class TrustCheck:
+    """One per-gene check of the trust summary: the ``var`` column it reads and what passing means."""
+
+    key: str
+    name: str
+    passes: str
+    fails: str
+
+
+#: the checks behind ``trust``, in the order the notes list them
+TRUST_CHECKS: tuple[TrustCheck, ...] = (
+    TrustCheck(
+        Key.var.FIT_LIKELIHOOD,
+        "fit",
+        f"likelihood ≥ {MIN_LIKELIHOOD} (scVelo's threshold for the latent time)",
+        "low likelihood",
+    ),
+    TrustCheck(Key.var.R2, "fit", f"R² ≥ {MIN_R2} (scVelo's threshold for velocity genes)", "low R²"),
+    TrustCheck(
+        Key.var.FIT_KINETIC_SIGNAL,
+        "curvature",
+        f"kinetic signal ≥ {MIN_KINETIC_SIGNAL} (splicing at least as fast as degradation)",
+        "little curvature",
+    ),
+    TrustCheck(
+        Key.var.FIT_DETECTION_POWER,
+        "detection",
+        f"detection power above the lowest {WEAK_DETECTION_QUANTILE:.0%} of fitted genes",
+        "weakly detected",
+    ),
+    TrustCheck(
+        Key.var.FIT_FRAC_STEADY_ON,
+        "transient cells",
+        f"at most {MAX_STEADY_SHARE:.0%} of cells in the two steady states",
+        "mostly steady",
+    ),
+    TrustCheck(
+        Key.var.FIT_N_CELLS_EM,
+        "cells",
+        f"at least {MIN_CELLS_EM} cells with Mu and Ms above 0 carried the fit",
+        "few cells",
+    ),
+)
+#: a note, not a check: the gene's own clock starts later than the latent time
+ONSET_NOTE = "induced after the root cells"
+
+
+# ----------------------------------------------------------------- the data
+def dense_column(matrix: Any, j: int) -> np.ndarray:
+    """Column ``j`` of a dense or sparse ``(n_obs, n_vars)`` matrix as float32 ``(n_obs,)``."""
+    col = matrix[:, j]
+    if hasattr(col, "toarray"):
+        col = col.toarray()
+    return np.asarray(col, dtype=np.float32).ravel()
+
+
+def is_categorical(series: pd.Series) -> bool:
+    """Whether an obs column is categorical (offered as a colouring by its name)."""
+    return isinstance(series.dtype, pd.CategoricalDtype)
+
+
+def cluster_column(adata: AnnData) -> str | None:
+    """Name the obs column of cell types: ``clusters`` if present, else the first categorical one."""
+    obs = adata.obs
+    if Key.obs.CLUSTERS in obs:
+        return Key.obs.CLUSTERS
+    return next((c for c in obs.columns if is_categorical(obs[c])), None)
+
+
+def embedding(adata: AnnData, basis: str) -> np.ndarray:
+    """``(n_obs, 2)`` float32 coordinates on ``basis``, C-ordered and read-only."""
+    xy = np.array(np.asarray(adata.obsm[basis])[:, :2], dtype=np.float32, order="C")
+    xy.flags.writeable = False
+    return xy
+
+
+def gene_means(adata: AnnData) -> tuple[np.ndarray, np.ndarray]:
+    """Mean ``Ms`` and ``Mu`` per gene, ``(n_vars,)`` each."""
+    ms, mu = adata.layers[Key.layers.MS], adata.layers[Key.layers.MU]
+    return np.asarray(ms.mean(axis=0)).ravel(), np.asarray(mu.mean(axis=0)).ravel()
+
+
+def color_key(adata: AnnData, column: str) -> dict[str, str]:
+    """Map the categories of an obs column to fixed colours (``uns['<column>_colors']`` if valid)."""
+    cats = [str(c) for c in adata.obs[column].cat.categories]
+    stored = adata.uns.get(f"{column}_colors")
+    colors = hex_colors(stored, len(cats))  # valid colours only: they go into CSS and Bokeh
+    if colors is None:
+        colors = [FALLBACK_PALETTE[i % len(FALLBACK_PALETTE)] for i in range(len(cats))]
+    return dict(zip(cats, colors, strict=False))
+
+
+# ----------------------------------------------------------------- the fits
+def _result(fit: Fit | VelocityResult) -> VelocityResult:
+    return getattr(fit, "result", fit)
+
+
+def held(fit: Fit | VelocityResult) -> frozenset[str]:
+    """Say what ``fit``'s arrays could show, whatever its model declares (:data:`explorer.models.SHOWS`)."""
+    result = _result(fit)
+    gp, layers = result.gene_params, result.layers
+    out = set()
+    rates = (Key.var.FIT_ALPHA, Key.var.FIT_BETA, Key.var.FIT_GAMMA, Key.var.FIT_T_)
+    if Key.layers.FIT_T in layers and all(k in gp for k in rates):
+        out.add("curve")
+    if Key.layers.PREDICTED_U in layers and Key.layers.PREDICTED_S in layers:
+        out.add("cell_points")
+    if any(key in layers for key in COLOR_RATES.values()):
+        out.add("cell_rates")
+    if result.latent_time is not None:
+        out.add("latent_time")
+    if result.uncertainty is not None:
+        out.add("uncertainty")
+    return frozenset(out)
+
+
+def fit_shows(fit: Fit | VelocityResult) -> frozenset[str]:
+    """Say what the app draws for ``fit``: its registered model's ``shows``, where its data holds them.
+
+    A fit of a model that is not registered (a file written by another tool) shows what
+    its data holds (:func:`held`).
+    """
+    result = _result(fit)
+    if result.model in MODELS:
+        return MODELS.shows(result.model) & held(result)
+    return held(result)
+
+
+def gene_values(
+    adata: AnnData, what: Literal["Ms", "Mu", "velocity"], j: int, fit: Fit | VelocityResult | None = None
+) -> np.ndarray:
+    """``(n_obs,)`` ``Ms``/``Mu`` of gene ``j``, or its velocity under ``fit`` (NaN without a fit)."""
+    if what == "velocity":
+        if fit is None:
+            return np.full(adata.n_obs, np.nan, dtype=np.float32)
+        return np.ascontiguousarray(_result(fit).velocity[:, j], dtype=np.float32)
+    return dense_column(adata.layers[Key.layers.MS if what == "Ms" else Key.layers.MU], j)
+
+
+def _obs_values(adata: AnnData, key: str) -> np.ndarray | None:
+    obs = adata.obs
+    return obs[key].to_numpy(np.float32) if key in obs else None
+
+
+def latent_time(adata: AnnData, fit: Fit | VelocityResult | None) -> np.ndarray | None:
+    """Latent time of ``fit`` (if it shows one), else ``obs['latent_time']``, else None."""
+    if fit is not None and "latent_time" in fit_shows(fit):
+        return np.asarray(_result(fit).latent_time, dtype=np.float32)
+    return _obs_values(adata, Key.obs.LATENT_TIME)
+
+
+def confidence(adata: AnnData, fit: Fit | None) -> np.ndarray | None:
+    """Velocity confidence of ``fit``, else ``obs['velocity_confidence']``, else None."""
+    if fit is not None and fit.confidence is not None:
+        return fit.confidence
+    return _obs_values(adata, Key.obs.VELOCITY_CONFIDENCE)
+
+
+def uncertainty(adata: AnnData, fit: Fit | VelocityResult | None) -> np.ndarray | None:
+    """Per-cell uncertainty of ``fit`` (if it shows one), else ``obs['velocity_uncertainty']``, else None."""
+    if fit is not None and "uncertainty" in fit_shows(fit):
+        return np.asarray(_result(fit).uncertainty, dtype=np.float32)
+    return _obs_values(adata, Key.obs.VELOCITY_UNCERTAINTY)
+
+
+def cell_rate(fit: Fit | VelocityResult, layer: str, j: int) -> np.ndarray | None:
+    """``(n_obs,)`` per-cell rate ``layer`` (``rate_alpha``...) of gene ``j``, if ``fit`` shows rates."""
+    result = _result(fit)
+    if "cell_rates" not in fit_shows(result) or layer not in result.layers:
+        return None
+    return np.ascontiguousarray(result.layers[layer][:, j], dtype=np.float32)
+
+
+def color_options(adata: AnnData, fits: Mapping[str, Fit]) -> list[str]:
+    """List what the cells can be coloured by: categorical obs columns, then the continuous colourings.
+
+    Uncertainty is offered when a fit shows one or the file holds one; per-cell rates when a
+    fit shows them.
+    """
+    shows = frozenset().union(*(fit_shows(f) for f in fits.values())) if fits else frozenset()
+    options = [c for c in adata.obs.columns if is_categorical(adata.obs[c])]
+    options += [COLOR_LATENT_TIME, COLOR_CONFIDENCE]
+    if "uncertainty" in shows or Key.obs.VELOCITY_UNCERTAINTY in adata.obs:
+        options.append(COLOR_UNCERTAINTY)
+    options += [COLOR_EXPRESSION, COLOR_VELOCITY]
+    if "cell_rates" in shows:
+        options += list(COLOR_RATES)
+    return options
+
+
+def coloring(
+    adata: AnnData,
+    what: str,
+    *,
+    fit: Fit | None = None,
+    gene: str | None = None,
+    key: dict[str, str] | None = None,
+    column: np.ndarray | None = None,
+) -> Coloring:
+    """Per-cell colour values for ``what`` (an obs column or one of :data:`CONTINUOUS_COLORINGS`).
+
+    ``fit`` is the active fit, ``gene`` the selected gene, ``key`` the column's colour map
+    if already known (default: :func:`color_key`) and ``column`` the gene's ``Ms`` or
+    velocity if already read (:func:`gene_values`; the phase portrait reads them too).
+    """
+    obs = adata.obs
+    if what in obs and is_categorical(obs[what]):
+        column = obs[what]
+        return Coloring(
+            kind="category",
+            values=column.cat.codes.to_numpy(),
+            label=what,
+            categories=tuple(str(c) for c in column.cat.categories),
+            color_key=key if key is not None else color_key(adata, what),
+        )
+    j = int(adata.var_names.get_loc(gene)) if gene is not None and what in GENE_COLORINGS else -1
+    values: np.ndarray | None
+    if what == COLOR_LATENT_TIME:
+        values, why = latent_time(adata, fit), "no latent time: run a model that orders cells in time"
+    elif what == COLOR_CONFIDENCE:
+        values, why = confidence(adata, fit), "no velocity confidence: run a model"
+    elif what == COLOR_UNCERTAINTY:
+        values, why = uncertainty(adata, fit), "the active model reports no uncertainty"
+    elif what == COLOR_EXPRESSION and j >= 0:
+        values, why = (column if column is not None else gene_values(adata, "Ms", j)), ""
+    elif what == COLOR_VELOCITY and j >= 0:
+        if fit is None:
+            values, why = None, "no velocity: run a model"
+        else:
+            values, why = (column if column is not None else gene_values(adata, "velocity", j, fit)), ""
+    elif what in COLOR_RATES and j >= 0:
+        values = cell_rate(fit, COLOR_RATES[what], j) if fit is not None else None
+        why = "the active model has no per-cell rates"
+    else:
+        values, why = None, f"cannot colour by {what!r}"
+    if values is None:
+        return Coloring(kind="none", values=np.zeros(adata.n_obs, dtype=np.float32), label=why)
+    label = f"{gene} {what.removeprefix('gene: ')}" if what in GENE_COLORINGS else what
+    return Coloring(kind="continuous", values=values, label=label, diverging=what == COLOR_VELOCITY)
+
+
+def agreement_coloring(values: np.ndarray | None, n_obs: int) -> Coloring:
+    """Colour the Compare tab's map by the cosine of two fits' velocities (:func:`velocity_agreement`)."""
+    if values is None:
+        return Coloring(kind="none", values=np.zeros(n_obs, dtype=np.float32), label="pick two fits")
+    return Coloring(kind="continuous", values=values, label="velocity agreement (cosine)")
+
+
+# ------------------------------------------------------------ the embedding
+def project(fit: Fit, xy: np.ndarray) -> np.ndarray | None:
+    """``(n_obs, 2)`` velocity of ``fit`` on the embedding ``xy``, or None without a transition matrix.
+
+    scVelo's signed projection as :func:`explorer.pipeline.derive` computes it when the fit
+    has its velocity graphs, else the projection on its transition matrix (a file with
+    ``T_fwd`` only).
+    """
+    if fit.derived is not None:
+        return fit.derived.project(xy)
+    if fit.transitions is not None:
+        return np.asarray(_project_on_transitions(fit.transitions, xy))
+    return None
+
+
+def streamlines(xy: np.ndarray, v: np.ndarray) -> list[np.ndarray]:
+    """Streamlines of the velocity ``v`` on the embedding ``xy`` (polylines ``(n_points, 2)``)."""
+    return compute_streamlines(xy, v)
+
+
+def arrow_grid(xy: np.ndarray, v: np.ndarray) -> Any:
+    """Velocity averaged on a grid over the embedding (a ``GridField``)."""
+    # half scVelo's grid density: 25 x 25 arrows stay readable beside the streamlines
+    return velocity_on_grid(xy, v, density=0.5)
+
+
+def transition_targets(fit: Fit | None, index: int, n_targets: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(cells, probabilities)``: the ``n_targets`` likeliest next cells of cell ``index``, in order."""
+    if fit is None or fit.transitions is None:
+        return np.empty(0, dtype=np.int64), np.empty(0)
+    row = fit.transitions[index]
+    cols, probs = row.indices, row.data
+    keep = cols != index
+    cols, probs = cols[keep], probs[keep]
+    order = np.argsort(-probs, kind="stable")[:n_targets]
+    return cols[order].astype(np.int64), probs[order].astype(float)
+
+
+def cell_info(
+    adata: AnnData,
+    fit: Fit | None,
+    index: int,
+    *,
+    n_targets: int,
+    t: np.ndarray | None = None,
+    conf: np.ndarray | None = None,
+) -> CellInfo:
+    """Collect what the inspector shows for cell ``index``: cluster, ``t``, ``conf``, next cells."""
+    column = cluster_column(adata)
+    clusters = adata.obs[column].to_numpy() if column else None  # index it, never convert all cells
+    cells, probs = transition_targets(fit, index, n_targets)
+    rows = pd.DataFrame({"index": cells, "probability": probs})
+    rows.insert(1, "cell", adata.obs_names[cells].astype(str))
+    rows.insert(2, "cluster", clusters[cells].astype(str) if clusters is not None else "")
+    return CellInfo(
+        index=index,
+        name=str(adata.obs_names[index]),
+        cluster=str(clusters[index]) if clusters is not None else None,
+        latent_time=float(t[index]) if t is not None else None,
+        confidence=float(conf[index]) if conf is not None else None,
+        targets=rows,
+    )
+
+
+# --------------------------------------------------------- phase and time
+def cell_points(fit: Fit | VelocityResult, j: int, *, max_points: int = MAX_CELL_POINTS) -> np.ndarray | None:
+    """``(k, 2)`` predicted ``(s, u)`` of gene ``j`` for an even sample of the (finite) cells, or None."""
+    result = _result(fit)
+    if "cell_points" not in fit_shows(result):
+        return None
+    s = np.asarray(result.layers[Key.layers.PREDICTED_S][:, j], dtype=np.float64)
+    u = np.asarray(result.layers[Key.layers.PREDICTED_U][:, j], dtype=np.float64)
+    ok = np.flatnonzero(np.isfinite(s) & np.isfinite(u))
+    if ok.size == 0:
+        return None
+    ok = ok[even_sample(ok.size, max_points)]
+    return np.column_stack([s[ok], u[ok]])
+
+
+def phase_fits(
+    ms: np.ndarray, mu: np.ndarray, fits: Mapping[str, Fit], *, j: int, active: str | None
+) -> list[PhaseFit]:
+    """For each fit, what the phase portrait draws for gene ``j`` (``ms``, ``mu``: its cells' values).
+
+    A fit that shows ``"curve"`` gets its trajectory from
+    :func:`explorer.kinetics.fitted_gene` (the parameters that produced ``fit_t`` and the
+    velocities; the shared-axis onset ``fit_t_on`` is a diagnostic, never drawn), up to the
+    latest cell's gene time, and the steady-state line ``u = (scaling γ / β) s``; a fit
+    with a ``velocity_gamma`` column the line ``u = γ s``. Lines stay inside the cells'
+    range (:func:`explorer.kinetics.steady_state_line`). A fit that shows
+    ``"cell_points"`` gets its cells' predicted ``(s, u)`` (:func:`cell_points`).
+    """
+    s_max = float(np.nanmax(ms)) if np.isfinite(ms).any() else 1.0
+    u_max = float(np.nanmax(mu)) if np.isfinite(mu).any() else 1.0
+    out = []
+    for label, fit in fits.items():
+        shows = fit_shows(fit)
+        gp = fit.result.gene_params.iloc[j]
+        slope: float | None = None
+        s = u = None
+        if Key.var.GAMMA in gp and np.isfinite(gp[Key.var.GAMMA]):
+            slope = float(gp[Key.var.GAMMA])
+        gene = kinetics.fitted_gene(gp) if "curve" in shows else None
+        if gene is not None:
+            # u = (gamma / beta) s for the model's u = Mu / scaling: Mu = scaling gamma / beta s
+            slope = gene.scaling * gene.gamma / gene.beta
+            fit_t = fit.result.layers[Key.layers.FIT_T][:, j]
+            s, u = gene.phase_curve(float(np.nanmax(fit_t)) if np.isfinite(fit_t).any() else np.nan)
+        out.append(
+            PhaseFit(
+                label=label,
+                active=label == active,
+                slope=slope,
+                s=s,
+                u=u,
+                line=kinetics.steady_state_line(slope, s_max, u_max),
+                points=cell_points(fit, j),
+            )
+        )
+    return out
+
+
+def fitted_values(
+    fit: Fit | VelocityResult | None, what: Literal["Ms", "Mu", "velocity"], j: int
+) -> np.ndarray | None:
+    """``(n_obs,)`` values of gene ``j`` that ``fit`` predicts for each cell, or None.
+
+    A fit that shows ``"curve"``: the fitted ``s``/``u``/velocity at each cell's gene time
+    (as the phase portrait); one that shows ``"cell_points"``: its predicted ``s``/``u``
+    (no predicted velocity: None).
+    """
+    if fit is None:
+        return None
+    result = _result(fit)
+    shows = fit_shows(result)
+    if "curve" in shows:
+        gene = kinetics.fitted_gene(result.gene_params.iloc[j])
+        if gene is not None:
+            uu, ss, vs = gene.at(result.layers[Key.layers.FIT_T][:, j])
+            return {"Ms": ss, "Mu": uu, "velocity": vs}[what]
+    if "cell_points" in shows and what != "velocity":
+        layer = Key.layers.PREDICTED_S if what == "Ms" else Key.layers.PREDICTED_U
+        return np.asarray(result.layers[layer][:, j], dtype=np.float64)
+    return None
+
+
+def time_curve(
+    t: np.ndarray,
+    observed: np.ndarray | None,
+    fitted: np.ndarray | None,
+    *,
+    bins: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray, Literal["fit", "trend"]]:
+    """``(t, value, kind)``: a gene's curve against latent time ``t``, averaged in bins of ``t``.
+
+    The fit's values per cell (:func:`fitted_values`, ``kind="fit"``) when there are any,
+    else the ``observed`` values (``kind="trend"``; needed only then). ``bins`` may pass
+    :func:`~explorer.app.geometry.time_bins` of ``t`` computed before.
+    """
+    bins = bins if bins is not None else time_bins(t)
+    values, kind = (observed, "trend") if fitted is None else (fitted, "fit")
+    x, y = binned_mean(t, values, bins=bins)
+    return x, y, kind
+
+
+# --------------------------------------------------------------- gene table
+def _check_values(gene_params: pd.DataFrame, check: TrustCheck) -> np.ndarray:
+    values = pd.to_numeric(gene_params[check.key], errors="coerce").to_numpy(dtype=float)
+    if check.key == Key.var.FIT_FRAC_STEADY_ON:
+        off = gene_params.get(Key.var.FIT_FRAC_STEADY_OFF)
+        values = values + (0.0 if off is None else pd.to_numeric(off, errors="coerce").to_numpy(dtype=float))
+    return values
+
+
+def trust_checks(gene_params: pd.DataFrame, *, scvelo_likelihood: bool = True) -> list[TrustCheck]:
+    """List the :data:`TRUST_CHECKS` a fit's ``gene_params`` allow (their column, with a finite value).
+
+    One goodness-of-fit check: the likelihood where there is one, else the steady-state
+    R². ``scvelo_likelihood`` says whether ``fit_likelihood`` is scVelo's EM likelihood (a
+    fit that shows ``"curve"``), which :data:`MIN_LIKELIHOOD` is the threshold for; another
+    model's likelihood (VeloVAE's) is on another scale and is not judged by it.
+    """
+    out, fit_checked = [], False
+    for check in TRUST_CHECKS:
+        if check.key not in gene_params or (check.name == "fit" and fit_checked):
+            continue
+        if check.key == Key.var.FIT_LIKELIHOOD and not scvelo_likelihood:
+            fit_checked = True  # the fit's own likelihood stands in for an R² it may also have
+            continue
+        if np.isfinite(_check_values(gene_params, check)).any():
+            out.append(check)
+            fit_checked = fit_checked or check.name == "fit"
+    return out
+
+
+def gene_trust(gene_params: pd.DataFrame, *, scvelo_likelihood: bool = True) -> pd.DataFrame | None:
+    """Per gene, the share of :func:`trust_checks` it passes and notes on those it fails.
+
+    Only the checks the fit's columns allow count; a gene with none of their values
+    finite (not fitted) gets NaN. ``fit_uses_t_on`` adds a note, not a check. None when the
+    fit has no column any check reads.
+
+    Returns
+    -------
+    A frame indexed like ``gene_params`` with columns ``trust`` (0 to 1) and ``trust notes``.
+    """
+    checks = trust_checks(gene_params, scvelo_likelihood=scvelo_likelihood)
+    if not checks:
+        return None
+    n = len(gene_params)
+    passed = np.zeros(n)
+    counted = np.zeros(n)
+    notes = [[] for _ in range(n)]
+    for check in checks:
+        values = _check_values(gene_params, check)
+        finite = np.isfinite(values)
+        if check.key == Key.var.FIT_LIKELIHOOD:
+            ok = values >= MIN_LIKELIHOOD
+        elif check.key == Key.var.R2:
+            ok = values >= MIN_R2
+        elif check.key == Key.var.FIT_KINETIC_SIGNAL:
+            ok = values >= MIN_KINETIC_SIGNAL
+        elif check.key == Key.var.FIT_DETECTION_POWER:
+            ok = values > np.quantile(values[finite], WEAK_DETECTION_QUANTILE)
+        elif check.key == Key.var.FIT_FRAC_STEADY_ON:
+            ok = values <= MAX_STEADY_SHARE
+        else:  # cells in the EM
+            ok = values >= MIN_CELLS_EM
+        ok &= finite
+        passed += ok
+        counted += finite
+        for i in np.flatnonzero(finite & ~ok):
+            notes[i].append(check.fails)
+    if Key.var.FIT_USES_T_ON in gene_params:
+        onset = gene_params[Key.var.FIT_USES_T_ON].to_numpy()
+        for i in np.flatnonzero(pd.notna(onset) & (onset == True)):  # noqa: E712 - bool or 0/1 columns
+            notes[i].append(ONSET_NOTE)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        score = np.where(counted > 0, passed / counted, np.nan)
+    return pd.DataFrame({TRUST: score, TRUST_NOTES: ["; ".join(x) for x in notes]}, index=gene_params.index)
+
+
+def gene_table(
+    var_names: pd.Index, means: tuple[np.ndarray, np.ndarray], fit: Fit | VelocityResult | None
+) -> pd.DataFrame:
+    """One row per gene: mean ``Ms``/``Mu``, then what the fit says about the gene.
+
+    Columns: ``gene``, ``mean Ms``, ``mean Mu``; with a fit, ``trust`` and ``trust notes``
+    (:func:`gene_trust`) when the fit has a figure they read, the headers of
+    :data:`GENE_COLUMNS` the fit has a value for, its goodness of fit as ``fit quality``
+    when none of those holds it, and ``velocity gene``. A column that would be all NaN
+    is left out: a steady-state fit's R² appears as ``R²``, never as a likelihood.
+    """
+    table = pd.DataFrame({"gene": var_names.astype(str), "mean Ms": means[0], "mean Mu": means[1]})
+    if fit is None:
+        return table
+    result = _result(fit)
+    gp = result.gene_params
+    trust = gene_trust(gp, scvelo_likelihood="curve" in fit_shows(result))
+    if trust is not None:
+        table[TRUST] = trust[TRUST].to_numpy()
+        table[TRUST_NOTES] = trust[TRUST_NOTES].to_numpy()
+    quality_keys = (Key.var.FIT_LIKELIHOOD, Key.var.FIT_R2, Key.var.R2)
+    for key, (header, _) in GENE_COLUMNS.items():
+        if key in gp and header not in table:
+            values = pd.to_numeric(gp[key], errors="coerce").to_numpy(dtype=float)
+            if np.isfinite(values).any():
+                table[header] = values
+    if result.likelihood is not None and not any(k in gp for k in quality_keys):
+        table[FIT_QUALITY] = result.likelihood.to_numpy(dtype=float)
+    table["velocity gene"] = np.asarray(result.velocity_genes, dtype=bool)
+    return table
+
+
+def column_help(table: pd.DataFrame, gene_params: pd.DataFrame | None = None) -> dict[str, str]:
+    """Explain each column of :func:`gene_table` (built from ``gene_params``), for header tooltips."""
+    text: dict[str, str] = {}
+    for key, (header, meaning) in GENE_COLUMNS.items():
+        # the key that filled the header: the first one the fit has (see gene_table)
+        if header not in text and (gene_params is None or key in gene_params):
+            text[header] = meaning
+    text.update(
+        {
+            "gene": "gene name (type in the box to filter)",
+            "mean Ms": "mean smoothed spliced abundance",
+            "mean Mu": "mean smoothed unspliced abundance",
+            TRUST: "share of the fit checks the gene passes (green: all); see the notes and the legend",
+            TRUST_NOTES: "the checks the gene fails",
+            FIT_QUALITY: "the model's per-gene goodness of fit",
+            "velocity gene": "used for the velocity graph and the embedding",
+        }
+    )
+    return {c: text[c] for c in table.columns if c in text}
+
+
+def trust_legend(fit: Fit | VelocityResult | None) -> list[str]:
+    """One line per check of :func:`gene_trust` that ``fit``'s columns allow, then the onset note."""
+    if fit is None:
+        return []
+    gene_params = _result(fit).gene_params
+    checks = trust_checks(gene_params, scvelo_likelihood="curve" in fit_shows(fit))
+    lines = [f"{check.name}: {check.passes} — else “{check.fails}”" for check in checks]
+    if lines and Key.var.FIT_USES_T_ON in gene_params:
+        lines.append(f"note “{ONSET_NOTE}”: the gene's own clock starts after latent time 0 (not a failure)")
+    return lines
+
+
+# ----------------------------------------------------------------- compare
+def own_latent_time(fit: Fit | VelocityResult | None) -> np.ndarray | None:
+    """``(n_obs,)`` latent time of ``fit`` itself if it shows one (never the file's ``obs``), else None.
+
+    The Compare tab sets two fits' times against each other: a fit without its own must
+    not borrow the dataset's (it would look like perfect agreement).
+    """
+    if fit is None or "latent_time" not in fit_shows(fit):
+        return None
+    return np.asarray(_result(fit).latent_time, dtype=np.float32)
+
+
+def quality_name(fit: Fit | VelocityResult | None) -> str:
+    """Name of ``fit``'s per-gene goodness of fit: ``likelihood``, ``R²``, or ``fit quality``."""
+    likelihood = None if fit is None else _result(fit).likelihood
+    if likelihood is None or likelihood.name not in GENE_COLUMNS:
+        return FIT_QUALITY
+    return GENE_COLUMNS[likelihood.name][0]
+
+
+def velocity_agreement(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity per cell of two ``(n_obs, n_vars)`` velocities, over genes finite in both.
+
+    Cells where either vector is zero get NaN.
+    """
+    genes = np.isfinite(a).all(axis=0) & np.isfinite(b).all(axis=0)
+    a, b = a[:, genes], b[:, genes]
+    dot = np.einsum("ij,ij->i", a, b, dtype=np.float64)
+    norm = np.sqrt(
+        np.einsum("ij,ij->i", a, a, dtype=np.float64) * np.einsum("ij,ij->i", b, b, dtype=np.float64)
+    )
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(norm > 0, dot / norm, np.nan).astype(np.float32)
+
+
+def compare_quality(
+    var_names: pd.Index, a: Fit | VelocityResult | None, b: Fit | VelocityResult | None
+) -> pd.DataFrame | None:
+    """Per-gene goodness of fit of A and B (columns gene, a, b) for the genes both fitted, or None."""
+    if a is None or b is None:
+        return None
+    ra, rb = _result(a), _result(b)
+    if ra.likelihood is None or rb.likelihood is None:
+        return None
+    table = pd.DataFrame(
+        {
+            "gene": var_names.astype(str),
+            "a": ra.likelihood.to_numpy(dtype=float),
+            "b": rb.likelihood.to_numpy(dtype=float),
+        }
+    )
+    return table[np.isfinite(table["a"]) & np.isfinite(table["b"])].reset_index(drop=True)

@@ -1,0 +1,942 @@
+r"""Where cells go: macrostates, initial and terminal states, fate probabilities and drivers.
+
+CellRank 2's GPCCA estimator on a transition matrix :math:`T` (Reuter et al. 2018, 2019;
+Lange et al. 2022), step by step:
+
+1. **Schur vectors.** A real basis :math:`X` of the invariant subspace of :math:`T` for
+   its ``n_states`` eigenvalues of largest real part, orthonormal for the uniform weights
+   and with a constant first column (:func:`schur_vectors`). CellRank without PETSc/SLEPc
+   computes the full dense Schur form of :math:`T` (``method="brandts"``); the subspace
+   is the same, and the sparse eigensolver (ARPACK) that finds it here needs only a few
+   products with the sparse matrix.
+2. **Macrostates.** ``pygpcca`` rotates :math:`X` into the memberships :math:`\chi`
+   (cells x macrostates, rows sum to 1) and coarse-grains :math:`T` to
+   :math:`T_c = (\chi^\top D \chi)^{-1} \chi^\top D T \chi`. Each macrostate is named after
+   the cluster most of its 30 most typical cells belong to (``Beta``, ``Beta_1``,
+   ``Beta_2`` when several share one) (:func:`macrostates`).
+3. **Terminal states**: macrostates whose coarse self-transition :math:`(T_c)_{kk}` is at
+   least 0.96 (CellRank's ``stability``); **initial states**: those with the smallest
+   coarse stationary probability (:func:`terminal_state_names`, :func:`initial_state_names`).
+4. **Fate probabilities**: with the terminal cells absorbing, the probability
+   :math:`B = (I - Q)^{-1} S` that a walk from each transient cell is absorbed in each
+   terminal state, by one sparse LU factorisation of :math:`I - Q` and one solve per
+   state (:func:`absorption_probabilities`).
+5. **Absorption times**: the mean number of steps to absorption, conditioned on the
+   state reached, :math:`m_k = ((I - Q)^{-1} B_k) / B_k` (CellRank's ``<state>_mean``)
+   (:func:`absorption_times`).
+6. **Drivers**: Pearson correlation of each gene's expression with each fate
+   probability, with Fisher-z p-values, Benjamini-Hochberg q-values and 95 % intervals
+   (:func:`lineage_drivers`).
+
+:func:`compute_fates` writes it all in CellRank 2's keys, so ``cellrank.estimators.GPCCA.
+from_adata`` and CellRank's plotting read our files.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numba
+import numpy as np
+import pandas as pd
+from scipy import sparse
+from scipy import stats
+from scipy.sparse import linalg as splinalg
+
+from explorer._types import InputError, report
+from explorer.keys import Key
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from anndata import AnnData
+
+    from explorer._types import IntArray, ProgressCallback
+
+logger = logging.getLogger(__name__)
+
+#: CellRank's cells per state: the most typical cells of each macrostate define it
+DEFAULT_N_CELLS = 30
+#: CellRank's ``predict_terminal_states(method="stability")`` threshold on diag(T_c)
+STABILITY_THRESHOLD = 0.96
+#: below this many cells the dense eigensolver is used (ARPACK needs k < n - 1)
+_DENSE_BELOW = 500
+#: eigenvalues whose imaginary part is below this are real
+_IMAG_TOL = 1e-9
+
+
+# --------------------------------------------------------------------------------------
+# checks
+# --------------------------------------------------------------------------------------
+
+
+def _pygpcca():
+    """Import pygpcca (installed without its pins: see .ci/setup), or say how to install it."""
+    try:
+        import pygpcca._gpcca
+        import pygpcca.utils
+    except ImportError:
+        msg = (
+            "The fate maps need pygpcca (CellRank's GPCCA), which is not installed. Install it "
+            "without its pins, which would downgrade jinja2 below what pandas needs: "
+            "`pip install --no-deps pygpcca==1.0.4` (its one import, docrep, comes with explorer)."
+        )
+        raise InputError(msg) from None
+    return pygpcca
+
+
+def _check_transitions(transitions: sparse.spmatrix) -> sparse.csr_matrix:
+    T = sparse.csr_matrix(transitions, dtype=np.float64)
+    if T.shape[0] != T.shape[1]:
+        msg = f"Expected a square (n_obs, n_obs) transition matrix, found shape {T.shape}."
+        raise ValueError(msg)
+    if T.nnz and (T.data < 0).any():
+        msg = "Expected non-negative transition probabilities, found negative entries."
+        raise ValueError(msg)
+    sums = np.asarray(T.sum(axis=1)).ravel()
+    bad = ~np.isclose(sums, 1.0, rtol=0, atol=1e-6)
+    if bad.any():
+        msg = (
+            f"Transition matrix is not row stochastic, {int(bad.sum())} rows do not sum to 1 "
+            f"(e.g. row {int(np.flatnonzero(bad)[0])} sums to {sums[bad][0]:.6g}). "
+            "Build it with explorer.graph.kernels.compute_velocity_kernel."
+        )
+        raise ValueError(msg)
+    return T
+
+
+# --------------------------------------------------------------------------------------
+# Schur vectors and macrostates
+# --------------------------------------------------------------------------------------
+
+
+def _top_eigen(T: sparse.csr_matrix, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` eigenvalues of largest real part (and eigenvectors), sorted descending."""
+    n = T.shape[0]
+    if n < _DENSE_BELOW or k >= n - 2:
+        vals, vecs = np.linalg.eig(T.toarray())
+    else:
+        # ARPACK's random start vector is seeded, so results do not change between runs
+        v0 = np.random.default_rng(0).random(n)
+        vals, vecs = splinalg.eigs(T, k=k, which="LR", v0=v0, tol=1e-12, maxiter=max(10 * n, 10_000))
+    order = np.lexsort((-vals.imag, -np.round(vals.real, 12)))
+    return vals[order][:k], vecs[:, order][:, :k]
+
+
+def _splits_pair(vals: np.ndarray, m: int) -> bool:
+    """Whether keeping the first ``m`` eigenvalues separates a complex-conjugate pair."""
+    if m >= vals.size:
+        return False
+    last = vals[m - 1]
+    if abs(last.imag) <= _IMAG_TOL:
+        return False
+    # the pair is kept together when the m-th value's conjugate is among the first m
+    return not np.any(np.isclose(vals[: m - 1], np.conj(last), atol=1e-8))
+
+
+def schur_vectors(
+    transitions: sparse.spmatrix, n_vectors: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Orthonormal basis of the dominant invariant subspace of ``T`` (what GPCCA needs).
+
+    Parameters
+    ----------
+    transitions
+        ``(n_obs, n_obs)`` row-stochastic matrix.
+    n_vectors
+        Dimension of the subspace: the eigenvalues of largest real part (CellRank's
+        ``which="LR"``). One more is taken where ``n_vectors`` would split a pair of
+        complex-conjugate eigenvalues.
+
+    Returns
+    -------
+    ``(X, R, eigenvalues)``: ``X`` ``(n_obs, m)`` with ``X[:, 0] == 1`` and
+    ``X.T @ X / n_obs == I`` (orthonormal for uniform weights :math:`\\eta`), ``R = X^T D T X``
+    ``(m, m)`` (so ``T X = X R``), and the ``m`` eigenvalues sorted by real part.
+    """
+    T = _check_transitions(transitions)
+    n = T.shape[0]
+    if not 2 <= n_vectors < n:
+        msg = f"Expected 2 <= number of Schur vectors < n_obs = {n}, found {n_vectors}."
+        raise ValueError(msg)
+    vals, vecs = _top_eigen(T, min(n_vectors + 1, n - 1) if n >= _DENSE_BELOW else n)
+    m = n_vectors + 1 if _splits_pair(vals, n_vectors) else n_vectors
+    if m > vals.size:
+        vals, vecs = _top_eigen(T, m + 1)
+    vals, vecs = vals[:m], vecs[:, :m]
+    # a real basis: (Re, Im) of each complex pair, the real part of real eigenvectors
+    basis = []
+    done = np.zeros(m, dtype=bool)
+    for i in range(m):
+        if done[i]:
+            continue
+        if abs(vals[i].imag) > _IMAG_TOL:
+            basis += [vecs[:, i].real, vecs[:, i].imag]
+            partner = np.flatnonzero(~done & np.isclose(vals, np.conj(vals[i]), atol=1e-8))
+            done[partner] = True
+        else:
+            basis.append(vecs[:, i].real)
+        done[i] = True
+    B = np.column_stack(basis)[:, :m]
+    ones = np.ones(n) / np.sqrt(n)
+    first = B[:, 0] / np.linalg.norm(B[:, 0])
+    if abs(first @ ones) > 1 - 1e-8:
+        # Gram-Schmidt of the eigenvectors in eigenvalue order, the constant one first: the
+        # sorted real Schur vectors (up to signs) that CellRank's dense Schur form gives, so
+        # that GPCCA's Nelder-Mead runs in the same coordinates as CellRank's
+        Q, _ = np.linalg.qr(np.column_stack([ones, B[:, 1:]]))
+        Q[:, 0] = ones
+    else:
+        # eigenvalue 1 is repeated (a reducible chain): constant first, the rest orthogonal
+        B = B - np.outer(ones, ones @ B)
+        U, _, _ = np.linalg.svd(B, full_matrices=False)
+        Q = np.column_stack([ones, U[:, : m - 1]])
+    X = Q * np.sqrt(n)
+    R = X.T @ (T @ X) / n
+    return X, R, vals
+
+
+@numba.njit(cache=True)
+def _gpcca_objective(alpha, X, norms):  # pragma: no cover
+    """PyGPCCA's ``_objective``: ``m - trace(diag(1 / A[0]) A^T A)`` for the feasible completion ``A``.
+
+    The same arithmetic as pygpcca's ``_fill_matrix`` + ``_objective``, compiled. The
+    maximum over cells of :math:`-X_{r,1:} a_j`, where its time goes, scans the rows by
+    decreasing norm (``X`` is sorted so, ``norms`` descending) and stops once
+    :math:`|X_{r,1:}| |a_j|` (Cauchy-Schwarz) cannot beat the best so far: exact, and
+    most rows are never read.
+    """
+    n, m = X.shape
+    k = m - 1
+    rot = np.zeros((m, m))
+    for i in range(k):
+        for j in range(k):
+            rot[i + 1, j + 1] = alpha[i * k + j]
+    for i in range(1, m):
+        total = 0.0
+        for j in range(1, m):
+            total += rot[i, j]
+        rot[i, 0] = -total
+    for j in range(m):
+        a_norm = 0.0
+        for q in range(1, m):
+            a_norm += rot[q, j] * rot[q, j]
+        a_norm = np.sqrt(a_norm)
+        best = -np.inf
+        for r in range(n):
+            if best >= 0.0 and norms[r] * a_norm < best:
+                break
+            d = 0.0
+            for q in range(1, m):
+                d += X[r, q] * rot[q, j]
+            if -d > best:
+                best = -d
+        rot[0, j] = best
+    scale = 0.0
+    for j in range(m):
+        scale += rot[0, j]
+    for i in range(m):
+        for j in range(m):
+            rot[i, j] /= scale
+    for j in range(m):
+        if rot[0, j] <= 0.0:
+            raise ValueError("First row of rotation matrix has elements <= 0.")
+    trace = 0.0
+    for j in range(m):
+        col = 0.0
+        for i in range(m):
+            col += rot[i, j] * rot[i, j]
+        trace += col / rot[0, j]
+    return m - trace
+
+
+def gpcca_memberships(X: np.ndarray) -> tuple[np.ndarray, float]:
+    """GPCCA's memberships from Schur vectors (pygpcca's ``_gpcca_core``, Roeblitz & Weber 2013).
+
+    The initial rotation (inner simplex algorithm), the Nelder-Mead optimisation
+    (``scipy.optimize.fmin`` with pygpcca's settings) and the feasible completion are
+    pygpcca's; only the objective runs compiled.
+
+    Parameters
+    ----------
+    X
+        ``(n_obs, m)`` Schur vectors with a constant first column (:func:`schur_vectors`).
+
+    Returns
+    -------
+    ``(chi, crispness)``: ``(n_obs, m)`` non-negative memberships whose rows sum to 1, and
+    the crispness ``(m - f_opt) / m`` (1 for a crisp clustering).
+    """
+    from scipy.optimize import fmin
+
+    gpcca = _pygpcca()._gpcca
+    _fill_matrix, _initialize_rot_matrix = gpcca._fill_matrix, gpcca._initialize_rot_matrix  # noqa: SLF001
+
+    X = np.ascontiguousarray(X, dtype=np.float64)
+    m = X.shape[1]
+    rot = _initialize_rot_matrix(X)
+    alpha = np.reshape(rot[1:, 1:], (m - 1) ** 2)
+    # rows by decreasing norm of X[:, 1:], with a margin against round-off in the bound
+    order = np.argsort(-np.linalg.norm(X[:, 1:], axis=1), kind="stable")
+    X_sorted = np.ascontiguousarray(X[order])
+    norms = np.linalg.norm(X_sorted[:, 1:], axis=1) * (1 + 1e-12)
+    try:
+        alpha, fopt, *_ = fmin(
+            _gpcca_objective, alpha, args=(X_sorted, norms), full_output=True, disp=False
+        )
+    except ValueError:
+        return np.full(X.shape, 1.0 / m), -1.0
+    rot[1:, 1:] = np.reshape(alpha, (m - 1, m - 1))
+    rot = _fill_matrix(rot, X)
+    chi = X @ rot
+    # pygpcca: round-off negatives are zeroed and rows renormalised; real ones are an error
+    if (chi < -1e4 * np.finfo(np.float64).eps).any():
+        return chi, -1.0
+    chi = np.clip(chi, 0.0, None)
+    chi /= chi.sum(axis=1, keepdims=True)
+    return chi, float((m - fopt) / m)
+
+
+@dataclass(frozen=True, slots=True)
+class Macrostates:
+    """GPCCA's macrostates of a transition matrix.
+
+    Attributes
+    ----------
+    names
+        ``(n_states,)`` state names (cluster names, ``Beta_1``... for repeats; ``"0"``,
+        ``"1"``... without clusters).
+    memberships
+        ``(n_obs, n_states)`` soft assignment of cells to states (rows sum to 1).
+    assignment
+        Categorical ``(n_obs,)``: the ``n_cells`` most typical cells of each state carry
+        its name, the others NaN (CellRank's ``macrostates_fwd``).
+    colors
+        One hex colour per state.
+    coarse_transitions
+        ``(n_states, n_states)`` coarse-grained transition matrix :math:`T_c`.
+    coarse_stationary
+        ``(n_states,)`` coarse stationary distribution, or None where :math:`T` has none.
+    coarse_initial
+        ``(n_states,)`` coarse input distribution (uniform weights pooled by state).
+    schur_vectors, schur_matrix, eigenvalues
+        What GPCCA rotated (:func:`schur_vectors`).
+    """
+
+    names: list[str]
+    memberships: np.ndarray
+    assignment: pd.Categorical
+    colors: list[str]
+    coarse_transitions: np.ndarray
+    coarse_stationary: np.ndarray | None
+    coarse_initial: np.ndarray
+    schur_vectors: np.ndarray
+    schur_matrix: np.ndarray
+    eigenvalues: np.ndarray
+
+    def stability(self) -> pd.Series:
+        """Coarse self-transition probability of each state, the diagonal of :math:`T_c`."""
+        return pd.Series(np.diag(self.coarse_transitions), index=self.names)
+
+
+def top_cells(memberships: np.ndarray, n_cells: int) -> np.ndarray:
+    """The ``n_cells`` cells of highest membership per state, each cell in at most one.
+
+    CellRank's ``_fuzzy_to_discrete(remove_overlap=False)``: a cell among the top of
+    several states goes to the one it belongs to most.
+
+    Returns
+    -------
+    ``(n_obs,)`` int64: the state of each chosen cell, -1 elsewhere.
+    """
+    chi = np.asarray(memberships, dtype=np.float64)
+    n_obs, n_states = chi.shape
+    if n_cells < 1 or n_cells * n_states > n_obs:
+        msg = (
+            f"Expected 1 <= n_cells <= n_obs / n_states = {n_obs // max(n_states, 1)}, found {n_cells}. "
+            "Choose fewer cells per state."
+        )
+        raise InputError(msg)
+    chosen = np.zeros((n_obs, n_states), dtype=bool)
+    for k in range(n_states):
+        chosen[np.argpartition(chi[:, k], -n_cells)[-n_cells:], k] = True
+    labels = np.full(n_obs, -1, dtype=np.int64)
+    has = chosen.any(axis=1)
+    labels[has] = np.argmax(np.where(chosen[has], chi[has], -np.inf), axis=1)
+    counts = np.bincount(labels[labels >= 0], minlength=n_states)
+    if (counts < max(int(0.2 * n_cells), 1)).any():
+        msg = (
+            f"A state kept only {int(counts.min())} of its {n_cells} most typical cells (the others belong "
+            "more to another state): the states overlap. Ask for fewer states."
+        )
+        raise InputError(msg)
+    return labels
+
+
+def _name_states(labels: np.ndarray, n_states: int, clusters: pd.Series | None, cluster_colors) -> tuple:
+    """Cluster name (and colour) with the most of each state's cells; repeats get ``_1``, ``_2``."""
+    from matplotlib import colors as mcolors
+
+    if clusters is None:
+        palette = [mcolors.to_hex(c) for c in _palette(n_states)]
+        return [str(k) for k in range(n_states)], palette
+    cats = list(clusters.cat.categories.astype(str))
+    codes = clusters.cat.codes.to_numpy()
+    base = []
+    for k in range(n_states):
+        counts = np.bincount(codes[(labels == k) & (codes >= 0)], minlength=len(cats))
+        base.append(cats[int(np.argmax(counts))])
+    if cluster_colors is not None and len(cluster_colors) >= len(cats):
+        ref = {c: mcolors.to_hex(cluster_colors[i]) for i, c in enumerate(cats)}
+    else:
+        ref = {c: mcolors.to_hex(col) for c, col in zip(cats, _palette(len(cats)), strict=False)}
+    names, colors = [], []
+    seen: dict[str, int] = {}
+    totals = pd.Series(base).value_counts()
+    for name in base:
+        if totals[name] == 1:
+            names.append(name)
+            colors.append(ref[name])
+            continue
+        seen[name] = seen.get(name, 0) + 1
+        names.append(f"{name}_{seen[name]}")
+        colors.append(_shade(ref[name], seen[name], int(totals[name])))
+    return names, colors
+
+
+def _palette(n: int) -> list:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab20"]
+    return [cmap(i % 20) for i in range(n)]
+
+
+def _shade(color: str, i: int, n: int) -> str:
+    """``color`` made lighter or darker, distinct for each of ``n`` repeats."""
+    import colorsys
+
+    from matplotlib import colors as mcolors
+
+    r, g, b = mcolors.to_rgb(color)
+    h, lightness, s = colorsys.rgb_to_hls(r, g, b)
+    lightness = float(np.clip(0.25 + 0.5 * i / (n + 1), 0.0, 1.0))
+    return mcolors.to_hex(colorsys.hls_to_rgb(h, lightness, s))
+
+
+def macrostates(
+    transitions: sparse.spmatrix,
+    n_states: int,
+    *,
+    clusters: pd.Series | pd.Categorical | np.ndarray | None = None,
+    cluster_colors: Sequence[str] | None = None,
+    n_cells: int = DEFAULT_N_CELLS,
+) -> Macrostates:
+    """GPCCA macrostates of a transition matrix (CellRank's ``GPCCA.compute_macrostates``).
+
+    Parameters
+    ----------
+    transitions
+        ``(n_obs, n_obs)`` row-stochastic matrix.
+    n_states
+        Number of macrostates (one more where ``n_states`` would split a complex pair of
+        eigenvalues, as in CellRank).
+    clusters
+        ``(n_obs,)`` cluster labels that name the states.
+    cluster_colors
+        Colours of the clusters' categories (``uns['clusters_colors']``).
+    n_cells
+        Most typical cells per state in the assignment.
+
+    Returns
+    -------
+    The :class:`Macrostates`.
+    """
+    pygpcca = _pygpcca()
+    _coarsegrain, stationary_distribution = pygpcca._gpcca._coarsegrain, pygpcca.utils.stationary_distribution  # noqa: SLF001
+
+    T = _check_transitions(transitions)
+    n_obs = T.shape[0]
+    if not 2 <= n_states <= n_obs // max(n_cells, 1):
+        msg = (
+            f"Expected 2 <= number of macrostates <= n_obs / n_cells = {n_obs // max(n_cells, 1)}, "
+            f"found {n_states}."
+        )
+        raise InputError(msg)
+    X, R, vals = schur_vectors(T, n_states)
+    m = X.shape[1]
+    if m != n_states:
+        logger.warning(
+            "%d macrostates would split a pair of complex-conjugate eigenvalues; using %d", n_states, m
+        )
+    chi, crispness = gpcca_memberships(X)
+    if crispness <= 0:
+        msg = (
+            f"GPCCA found no clustering of the cells into {m} macrostates (crispness {crispness:.3g}). "
+            "Ask for a different number of macrostates."
+        )
+        raise InputError(msg)
+    eta = np.full(n_obs, 1.0 / n_obs)
+    coarse = _coarsegrain(T, eta=eta, chi=chi)
+    try:
+        pi = stationary_distribution(T)
+        stat = chi.T @ pi
+    except Exception:  # noqa: BLE001 - pygpcca: no stationary distribution (reducible chain)
+        stat = None
+    labels = top_cells(chi, n_cells)
+    series = None
+    if clusters is not None:
+        series = pd.Series(pd.Categorical(np.asarray(clusters).astype(str) if not isinstance(
+            clusters, (pd.Series, pd.Categorical)) else clusters))
+        if not isinstance(series.dtype, pd.CategoricalDtype):
+            series = series.astype("category")
+        if len(series) != n_obs:
+            msg = f"Expected {n_obs} cluster labels, found {len(series)}."
+            raise ValueError(msg)
+    names, colors = _name_states(labels, m, series, cluster_colors)
+    assignment = pd.Categorical.from_codes(labels, categories=names)
+    return Macrostates(
+        names=names,
+        memberships=chi,
+        assignment=assignment,
+        colors=colors,
+        coarse_transitions=np.asarray(coarse, dtype=np.float64),
+        coarse_stationary=None if stat is None else np.asarray(stat, dtype=np.float64),
+        coarse_initial=chi.T @ eta,
+        schur_vectors=X,
+        schur_matrix=R,
+        eigenvalues=vals,
+    )
+
+
+def terminal_state_names(
+    macro: Macrostates, *, stability_threshold: float = STABILITY_THRESHOLD
+) -> list[str]:
+    """Macrostates whose coarse self-transition is at least ``stability_threshold`` (CellRank's rule).
+
+    Returns
+    -------
+    The names, in the order of ``macro.names``; all of them for a single state.
+    """
+    if len(macro.names) == 1:
+        return list(macro.names)
+    stab = macro.stability()
+    return [n for n in macro.names if stab[n] >= stability_threshold]
+
+
+def initial_state_names(macro: Macrostates, *, n_states: int = 1) -> list[str]:
+    """The ``n_states`` macrostates of smallest coarse stationary probability (CellRank's rule).
+
+    Returns
+    -------
+    The names; empty where :math:`T` has no stationary distribution.
+    """
+    if macro.coarse_stationary is None:
+        return []
+    order = np.argsort(macro.coarse_stationary, kind="stable")[:n_states]
+    return [macro.names[i] for i in order]
+
+
+def state_cells(
+    macro: Macrostates, names: Sequence[str], *, n_cells: int = DEFAULT_N_CELLS
+) -> tuple[pd.Categorical, np.ndarray, np.ndarray]:
+    """The cells of some macrostates (CellRank's ``set_terminal_states``).
+
+    Returns
+    -------
+    ``(states, probs, memberships)``: categorical ``(n_obs,)`` with the ``n_cells`` most
+    typical cells of each named state (NaN elsewhere), each cell's membership relative to
+    the best cell of its closest state ``(n_obs,)`` (CellRank's ``term_states_fwd_probs``),
+    and the ``(n_obs, len(names))`` memberships of those states.
+    """
+    idx = [macro.names.index(n) for n in names]
+    memb = macro.memberships[:, idx]
+    if len(idx) == 0:
+        msg = "Expected at least one state, found none."
+        raise ValueError(msg)
+    labels = top_cells(memb, n_cells)
+    states = pd.Categorical.from_codes(labels, categories=list(names))
+    top = memb.max(axis=0)
+    probs = (memb / np.where(top > 0, top, 1.0)).max(axis=1)
+    return states, probs, memb
+
+
+# --------------------------------------------------------------------------------------
+# absorption
+# --------------------------------------------------------------------------------------
+
+
+def _absorbing_split(
+    transitions: sparse.spmatrix, states: np.ndarray
+) -> tuple[sparse.csc_matrix, np.ndarray, np.ndarray, int]:
+    """LU-ready ``I - Q`` and the transient-to-state sums ``S`` (n_transient, n_states)."""
+    T = _check_transitions(transitions)
+    labels = np.asarray(states, dtype=np.int64)
+    if labels.shape != (T.shape[0],):
+        msg = f"Expected {T.shape[0]} state labels, found shape {labels.shape}."
+        raise ValueError(msg)
+    n_states = int(labels.max()) + 1 if (labels >= 0).any() else 0
+    if n_states == 0:
+        msg = "Expected at least one absorbing cell (a label >= 0), found none."
+        raise ValueError(msg)
+    trans = np.flatnonzero(labels < 0)
+    if trans.size == 0:
+        msg = "Every cell is absorbing: there are no transient cells to compute fates for."
+        raise ValueError(msg)
+    Q = T[trans][:, trans]
+    onehot = sparse.csr_matrix(
+        (np.ones(int((labels >= 0).sum())), (np.flatnonzero(labels >= 0), labels[labels >= 0])),
+        shape=(T.shape[0], n_states),
+    )
+    S = np.asarray((T[trans] @ onehot).todense())
+    A = sparse.csc_matrix(sparse.identity(trans.size, format="csc") - Q)
+    return A, S, trans, n_states
+
+
+_UNREACHABLE = (
+    "part of the graph has no path to the terminal states (a closed set of cells without a terminal "
+    "state). Use more macrostates, choose other terminal states, or give the connectivity kernel a "
+    "weight > 0."
+)
+
+
+def _factor(A: sparse.csc_matrix) -> splinalg.SuperLU:
+    """Sparse LU of ``I - Q``; singular exactly when some cells can never be absorbed."""
+    try:
+        return splinalg.splu(A)
+    except RuntimeError as err:
+        msg = f"Some cells reach no terminal state: {_UNREACHABLE}"
+        raise InputError(msg) from err
+
+
+def _solve(A: sparse.csc_matrix, B: np.ndarray) -> np.ndarray:
+    """``A^{-1} B`` by one sparse LU factorisation (SuperLU)."""
+    return _factor(A).solve(np.asarray(B, dtype=np.float64))
+
+
+def absorption_probabilities(transitions: sparse.spmatrix, states: IntArray) -> np.ndarray:
+    """Probability that a walk from each cell ends in each absorbing state.
+
+    Parameters
+    ----------
+    transitions
+        ``(n_obs, n_obs)`` row-stochastic matrix.
+    states
+        ``(n_obs,)`` int: the absorbing state of each terminal cell (0, 1, ...), -1 for
+        transient cells. Terminal cells are made absorbing: their rows are ignored.
+
+    Returns
+    -------
+    ``(n_obs, n_states)`` float64 rows summing to 1: :math:`B = (I - Q)^{-1} S` for transient
+    cells (``Q`` the transient block, ``S`` the transient-to-state sums), one-hot for
+    terminal cells.
+    """
+    A, S, trans, n_states = _absorbing_split(transitions, states)
+    labels = np.asarray(states, dtype=np.int64)
+    out = np.zeros((labels.size, n_states))
+    out[trans] = _solve(A, S)
+    term = np.flatnonzero(labels >= 0)
+    out[term, labels[term]] = 1.0
+    # LU round-off can leave -1e-17; probabilities are clipped and rows renormalised
+    out = np.clip(out, 0.0, None)
+    sums = out.sum(axis=1, keepdims=True)
+    bad = ~np.isclose(sums.ravel(), 1.0, atol=1e-3)
+    if bad.any():
+        msg = (
+            f"{int(bad.sum())} cells reach no terminal state (their absorption probabilities sum to "
+            f"{sums.ravel()[bad].min():.3g}): {_UNREACHABLE}"
+        )
+        raise InputError(msg)
+    return out / sums
+
+
+def absorption_times(transitions: sparse.spmatrix, states: IntArray) -> np.ndarray:
+    """Mean number of steps until absorption, per state reached (CellRank's ``<state>_mean``).
+
+    Parameters
+    ----------
+    transitions, states
+        As for :func:`absorption_probabilities`.
+
+    Returns
+    -------
+    ``(n_obs, n_states)`` float64: for transient cell :math:`i` and state :math:`k`, the
+    expected steps of the walks from :math:`i` that end in :math:`k`,
+    :math:`m_k = ((I - Q)^{-1} B_k) / B_k` (inf where :math:`B_{ik} = 0`); 0 for the cells of
+    state :math:`k`, inf for the cells of other states.
+    """
+    A, S, trans, n_states = _absorbing_split(transitions, states)
+    labels = np.asarray(states, dtype=np.int64)
+    lu = _factor(A)
+    B = np.clip(lu.solve(S), 0.0, None)
+    H = lu.solve(B)
+    out = np.full((labels.size, n_states), np.inf)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out[trans] = np.where(B > 0, H / np.where(B > 0, B, 1.0), np.inf)
+    term = np.flatnonzero(labels >= 0)
+    out[term, labels[term]] = 0.0
+    return out
+
+
+def mean_absorption_time(transitions: sparse.spmatrix, states: IntArray) -> np.ndarray:
+    """Mean number of steps until any absorbing state is reached, ``(I - Q)^{-1} 1``.
+
+    Returns
+    -------
+    ``(n_obs,)`` float64; 0 for absorbing cells.
+    """
+    A, _, trans, _ = _absorbing_split(transitions, states)
+    out = np.zeros(np.asarray(states).size)
+    out[trans] = _solve(A, np.ones(trans.size))
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# drivers
+# --------------------------------------------------------------------------------------
+
+
+def _bh(p: np.ndarray) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (NaN kept)."""
+    q = np.full_like(p, np.nan)
+    ok = np.isfinite(p)
+    if ok.any():
+        q[ok] = stats.false_discovery_control(p[ok], method="bh")
+    return q
+
+
+def lineage_drivers(
+    expression: np.ndarray | sparse.spmatrix,
+    fate_probabilities: np.ndarray,
+    *,
+    names: Sequence[str],
+    gene_names: Sequence[str] | pd.Index,
+    confidence_level: float = 0.95,
+) -> pd.DataFrame:
+    """Correlation of each gene with each fate probability (CellRank's ``compute_lineage_drivers``).
+
+    Parameters
+    ----------
+    expression
+        ``(n_obs, n_vars)`` expression (CellRank uses ``adata.X``).
+    fate_probabilities
+        ``(n_obs, n_states)``.
+    names
+        The states' names.
+    gene_names
+        ``(n_vars,)`` names for the index.
+    confidence_level
+        Of the Fisher-z confidence interval.
+
+    Returns
+    -------
+    DataFrame indexed by gene with ``<state>_corr``, ``<state>_pval`` (two-sided, Fisher z),
+    ``<state>_qval`` (Benjamini-Hochberg over genes), ``<state>_ci_low`` and
+    ``<state>_ci_high`` per state, in that order (CellRank's columns). Constant genes get NaN.
+    """
+    Y = np.asarray(fate_probabilities, dtype=np.float64)
+    n = Y.shape[0]
+    if sparse.issparse(expression):
+        E = sparse.csc_matrix(expression, dtype=np.float64)
+        mean = np.asarray(E.mean(axis=0)).ravel()
+        sq = np.asarray(E.multiply(E).sum(axis=0)).ravel()
+        cross = np.asarray(E.T @ Y)
+    else:
+        E = np.asarray(expression, dtype=np.float64)
+        mean = E.mean(axis=0)
+        sq = (E * E).sum(axis=0)
+        cross = E.T @ Y
+    x_ss = sq - n * mean**2
+    # a constant gene leaves only round-off in sum(x^2) - n mean^2: no correlation (NaN)
+    x_ss = np.where(x_ss > 1e-10 * sq, x_ss, 0.0)
+    y_mean = Y.mean(axis=0)
+    y_ss = ((Y - y_mean) ** 2).sum(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        corr = (cross - n * np.outer(mean, y_mean)) / np.sqrt(np.outer(np.maximum(x_ss, 0.0), y_ss))
+    corr[~np.isfinite(corr)] = np.nan
+    corr = np.clip(corr, -1.0, 1.0)
+    z_crit = stats.norm.ppf(confidence_level + (1 - confidence_level) / 2.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fisher = np.arctanh(corr)
+    se = 1.0 / np.sqrt(max(n - 3, 1))
+    pval = 2 * stats.norm.cdf(-np.abs(fisher / se))
+    low, high = np.tanh(fisher - z_crit * se), np.tanh(fisher + z_crit * se)
+    columns = {}
+    for k, name in enumerate(names):
+        columns[f"{name}_corr"] = corr[:, k]
+    for k, name in enumerate(names):
+        columns[f"{name}_pval"] = pval[:, k]
+        columns[f"{name}_qval"] = _bh(pval[:, k])
+        columns[f"{name}_ci_low"] = low[:, k]
+        columns[f"{name}_ci_high"] = high[:, k]
+    return pd.DataFrame(columns, index=pd.Index(gene_names))
+
+
+# --------------------------------------------------------------------------------------
+# AnnData wrapper
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Fates:
+    """What :func:`compute_fates` found (it also writes it to the AnnData)."""
+
+    macrostates: Macrostates
+    terminal_states: list[str]
+    initial_states: list[str]
+    fate_probabilities: np.ndarray
+    absorption_times: pd.DataFrame
+
+
+def compute_fates(
+    adata: AnnData,
+    *,
+    n_states: int = 10,
+    n_cells: int = DEFAULT_N_CELLS,
+    cluster_key: str | None = Key.obs.CLUSTERS,
+    stability_threshold: float = STABILITY_THRESHOLD,
+    terminal_states: Sequence[str] | None = None,
+    n_initial_states: int = 1,
+    driver_layer: str | None = None,
+    progress: ProgressCallback | None = None,
+) -> Fates:
+    """Macrostates, initial/terminal states, fate probabilities, absorption times and drivers.
+
+    Parameters
+    ----------
+    adata
+        Needs a transition matrix in ``obsp['T_fwd']``
+        (:func:`explorer.graph.kernels.compute_velocity_kernel`).
+    n_states
+        Number of macrostates.
+    n_cells
+        Most typical cells per state.
+    cluster_key
+        obs column whose categories name the states (None: states are numbered).
+    stability_threshold
+        Terminal states are the macrostates with a coarse self-transition at least this.
+    terminal_states
+        Choose the terminal states by name instead (they must be macrostate names).
+    n_initial_states
+        Number of initial states (smallest coarse stationary probability).
+    driver_layer
+        Layer whose expression is correlated with the fates; default ``adata.X`` (CellRank's).
+    progress
+        Receives one report per step.
+
+    Returns
+    -------
+    The :class:`Fates`; also sets ``obs['macrostates_fwd']``, ``obs['term_states_fwd']``,
+    ``obs['term_states_fwd_probs']``, ``obs['init_states_fwd']``,
+    ``obs['init_states_fwd_probs']`` (categoricals, NaN outside the states; probabilities
+    float), ``obsm['macrostates_fwd_memberships']``, ``obsm['term_states_fwd_memberships']``,
+    ``obsm['init_states_fwd_memberships']``, ``obsm['lineages_fwd']`` (``(n_obs, n_terminal)``
+    fate probabilities, columns in the order of ``obs['term_states_fwd']``'s categories),
+    ``obsm['absorption_times_fwd']`` (DataFrame, ``<state>_mean``), ``obsm['schur_vectors_fwd']``,
+    ``varm['terminal_lineage_drivers']`` (DataFrame), ``uns['<key>_colors']`` for the three
+    obs keys, ``uns['coarse_fwd']`` (AnnData of :math:`T_c` with obs ``coarse_init_dist``,
+    ``coarse_stat_dist``), ``uns['schur_matrix_fwd']``, ``uns['eigendecomposition_fwd']`` and
+    ``uns['fwd_estimator_params']``: CellRank 2's keys and layouts, which
+    ``cellrank.estimators.GPCCA.from_adata`` reads.
+    """
+    import anndata as ad
+
+    if Key.obsp.TRANSITIONS not in adata.obsp:
+        msg = (
+            f"No transition matrix obsp[{Key.obsp.TRANSITIONS!r}]; adata.obsp has {sorted(adata.obsp)}. "
+            "Compute one first (explorer.graph.kernels.compute_velocity_kernel)."
+        )
+        raise InputError(msg)
+    clusters, colors = None, None
+    if cluster_key is not None:
+        if cluster_key not in adata.obs:
+            msg = f"obs[{cluster_key!r}] not found; adata.obs has {list(adata.obs.columns)}."
+            raise InputError(msg)
+        clusters = adata.obs[cluster_key].astype(str).astype("category")
+        if isinstance(adata.obs[cluster_key].dtype, pd.CategoricalDtype):
+            clusters = adata.obs[cluster_key].cat.rename_categories(str)
+        colors = adata.uns.get(Key.uns.colors(cluster_key))
+    T = adata.obsp[Key.obsp.TRANSITIONS]
+    total = 5
+    report(progress, 0, total, "macrostates")
+    macro = macrostates(T, n_states, clusters=clusters, cluster_colors=colors, n_cells=n_cells)
+    report(progress, 1, total, "terminal states")
+    if terminal_states is None:
+        term = terminal_state_names(macro, stability_threshold=stability_threshold)
+        if not term:
+            msg = (
+                f"No macrostate is stable enough to be terminal (coarse self-transitions "
+                f"{macro.stability().round(3).to_dict()}, threshold {stability_threshold}). "
+                "Lower the stability threshold or compute more macrostates."
+            )
+            raise InputError(msg)
+    else:
+        term = list(terminal_states)
+        unknown = [t for t in term if t not in macro.names]
+        if unknown:
+            msg = f"Unknown terminal states {unknown}. Valid options are: {macro.names}."
+            raise InputError(msg)
+    init = [n for n in initial_state_names(macro, n_states=n_initial_states) if n not in term]
+    term_cells, term_probs, term_memb = state_cells(macro, term, n_cells=n_cells)
+    report(progress, 2, total, "fate probabilities")
+    codes = np.asarray(term_cells.codes, dtype=np.int64)
+    fates = absorption_probabilities(T, codes)
+    report(progress, 3, total, "absorption times")
+    times = pd.DataFrame(
+        absorption_times(T, codes), index=adata.obs_names, columns=[f"{t}_mean" for t in term]
+    )
+    report(progress, 4, total, "driver genes")
+    expr = adata.X if driver_layer is None else adata.layers[driver_layer]
+    drivers = lineage_drivers(expr, fates, names=term, gene_names=adata.var_names)
+    color_of = dict(zip(macro.names, macro.colors, strict=True))
+
+    # CellRank 2's keys
+    adata.obs[Key.obs.MACROSTATES] = pd.Categorical(macro.assignment)
+    adata.uns[Key.uns.colors(Key.obs.MACROSTATES)] = np.asarray(macro.colors, dtype=object)
+    adata.obsm[Key.obsm.MACROSTATES_MEMBERSHIPS] = macro.memberships
+    adata.obs[Key.obs.TERMINAL_STATES] = term_cells
+    adata.obs[Key.obs.TERMINAL_STATES_PROBS] = term_probs
+    adata.uns[Key.uns.colors(Key.obs.TERMINAL_STATES)] = np.asarray([color_of[t] for t in term], dtype=object)
+    adata.obsm[Key.obsm.TERMINAL_STATES_MEMBERSHIPS] = term_memb
+    if init:
+        init_cells, init_probs, init_memb = state_cells(macro, init, n_cells=n_cells)
+        adata.obs[Key.obs.INITIAL_STATES] = init_cells
+        adata.obs[Key.obs.INITIAL_STATES_PROBS] = init_probs
+        adata.uns[Key.uns.colors(Key.obs.INITIAL_STATES)] = np.asarray(
+            [color_of[t] for t in init], dtype=object
+        )
+        adata.obsm[Key.obsm.INITIAL_STATES_MEMBERSHIPS] = init_memb
+    adata.obsm[Key.obsm.FATE_PROBABILITIES] = fates
+    adata.obsm[Key.obsm.ABSORPTION_TIMES] = times
+    adata.obsm[Key.obsm.SCHUR_VECTORS] = macro.schur_vectors
+    adata.uns[Key.uns.SCHUR_MATRIX] = macro.schur_matrix
+    adata.uns[Key.uns.EIGENDECOMPOSITION] = {
+        "D": macro.eigenvalues,
+        "params": {"which": "LR", "k": int(macro.eigenvalues.size), "alpha": 1.0},
+    }
+    dists = pd.DataFrame({"coarse_init_dist": macro.coarse_initial}, index=macro.names)
+    if macro.coarse_stationary is not None:
+        dists["coarse_stat_dist"] = macro.coarse_stationary
+    adata.uns[Key.uns.COARSE_TRANSITIONS] = ad.AnnData(
+        pd.DataFrame(macro.coarse_transitions, index=macro.names, columns=macro.names), obs=dists
+    )
+    adata.varm[Key.varm.LINEAGE_DRIVERS] = drivers
+    adata.uns[Key.uns.ESTIMATOR_PARAMS] = {
+        Key.obs.MACROSTATES: {"n_states": int(macro.memberships.shape[1]), "n_cells": int(n_cells),
+                              "cluster_key": cluster_key or ""},
+        Key.obs.TERMINAL_STATES: {"method": "stability" if terminal_states is None else "set",
+                                  "stability_threshold": float(stability_threshold), "n_cells": int(n_cells)},
+        Key.obsm.FATE_PROBABILITIES: {"solver": "direct (SuperLU)"},
+        Key.obsm.ABSORPTION_TIMES: {"solver": "direct (SuperLU)"},
+        Key.varm.LINEAGE_DRIVERS: {"method": "fisher", "use_raw": False,
+                                   "layer": driver_layer or "X"},
+    }
+    report(progress, total, total, "fates done")
+    return Fates(
+        macrostates=macro,
+        terminal_states=term,
+        initial_states=init,
+        fate_probabilities=fates,
+        absorption_times=times,
+    )

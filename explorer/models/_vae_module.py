@@ -1,0 +1,250 @@
+"""The network of VeloVAE (Gu, Blaauw & Welch, ICML 2022): encoder, ODE decoder and ELBO.
+
+Kept apart from the AnnData-facing :class:`explorer.models.vae.VeloVAE`, as scvi-tools
+keeps velovi's ``VELOVAE`` module apart from its ``VELOVI`` model: nothing here reads
+AnnData, everything is a tensor of ``(n_cells, n_genes)`` or ``(n_genes,)``.
+
+Generative model, per cell ``i`` and gene ``g``:
+
+- a time ``t_i ~ N(t_prior_i, sd_prior_i^2)`` shared by all genes and, in the full
+  model, a cell state ``c_i ~ N(0, I)`` (``dim_c`` dimensions);
+- the full model's decoder ``rho_i = g(c_i)`` in ``[0, 1]^G`` scales each gene's
+  transcription rate: ``du/dt = rho alpha - beta u``, ``ds/dt = beta u - gamma s``,
+  on from the gene's onset ``t_on`` until its switch-off ``t_off`` (the basic model is
+  the same with ``rho = 1``: one rate per gene, gene-specific switch-on and -off);
+- the ODE is solved analytically by :mod:`explorer.kinetics` in ``u / scaling`` units
+  (scVelo's convention), so ``u_hat = scaling * u_ode`` and ``s_hat = s_ode``;
+- ``Mu ~ N(u_hat, sigma_u^2)`` and ``Ms ~ N(s_hat, sigma_s^2)`` with per-gene noise.
+
+Stage 1 solves from ``(0, 0)`` at ``t_on``. Stage 2 (the paper's second stage) starts
+each cell from the mean prediction ``(u0, s0)`` at the mean time ``t0`` of training
+cells just before it in time and close to it in cell state, so that lineages and
+repression need no global switch curve; see :meth:`VAEModule.decode`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from explorer import kinetics
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+Variant = Literal["full", "basic"]
+
+#: floors that keep rates, standard deviations and logs finite
+_TINY = 1e-6
+#: the package's learning rate of the ODE parameters is 8x the networks' (velovae 0.1.2)
+ODE_LR_FACTOR = 8.0
+
+
+@dataclass(frozen=True, slots=True)
+class Posterior:
+    """``q(t, c | u, s)`` of a batch: means and standard deviations, ``(n, 1)`` and ``(n, dim_c)``."""
+
+    t_mean: torch.Tensor
+    t_sd: torch.Tensor
+    c_mean: torch.Tensor | None
+    c_sd: torch.Tensor | None
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """Predictions at the given times and states, each ``(n, G)``: count units, ODE velocities."""
+
+    u: torch.Tensor
+    s: torch.Tensor
+    rho: torch.Tensor
+    #: ``du/dt`` in count units of ``Mu`` and ``ds/dt`` in those of ``Ms``
+    velocity_u: torch.Tensor
+    velocity: torch.Tensor
+
+
+@dataclass(frozen=True, slots=True)
+class InitialState:
+    """Stage 2's per-cell start: ``(n, G)`` ``u0`` (count units), ``s0`` and ``(n, 1)`` ``t0``."""
+
+    u0: torch.Tensor
+    s0: torch.Tensor
+    t0: torch.Tensor
+
+
+def _mlp(sizes: Sequence[int], dropout: float, *, leaky: bool) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True):
+        layers += [nn.Linear(n_in, n_out), nn.BatchNorm1d(n_out)]
+        layers.append(nn.LeakyReLU() if leaky else nn.ReLU())
+        layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+class VAEModule(nn.Module):
+    """Encoder ``q(t, c | u, s)``, ODE decoder and ELBO of VeloVAE.
+
+    Parameters
+    ----------
+    n_input
+        Genes the encoder reads (its input is their standardised ``(u, s)``, ``2 n_input``).
+    n_genes
+        Genes whose kinetics are fitted (the decoder's output).
+    variant
+        ``"full"``: time and cell state, ``rho = g(c)``; ``"basic"``: time only, ``rho = 1``.
+    dim_c
+        Dimensions of the cell state (the paper: 5).
+    hidden
+        Encoder hidden layers (the paper: 500, 250); the decoder is its mirror.
+    dropout
+        Dropout after every hidden layer.
+    init
+        Initial per-gene ``alpha, beta, gamma, scaling, t_on, t_off, sigma_u, sigma_s``
+        (``(n_genes,)`` tensors, by those names), from the steady-state fit.
+    t_init
+        Initial bias of the time head (the mean initial time).
+    """
+
+    def __init__(
+        self,
+        n_input: int,
+        n_genes: int,
+        *,
+        variant: Variant,
+        dim_c: int,
+        hidden: tuple[int, int],
+        dropout: float,
+        init: dict[str, torch.Tensor],
+        t_init: float,
+    ) -> None:
+        super().__init__()
+        self.variant = variant
+        self.dim_c = dim_c if variant == "full" else 0
+        self.encoder = _mlp([2 * n_input, *hidden], dropout, leaky=False)
+        self.t_head = nn.Linear(hidden[-1], 2)
+        with torch.no_grad():
+            self.t_head.bias.copy_(torch.tensor([t_init, -1.0]))
+        if self.dim_c:
+            self.c_head = nn.Linear(hidden[-1], 2 * self.dim_c)
+            self.decoder = _mlp([self.dim_c, *reversed(hidden)], dropout, leaky=True)
+            self.rho_head = nn.Linear(hidden[0], n_genes)
+            with torch.no_grad():
+                # start near rho = 1 (the basic model): sigmoid(3) = 0.95
+                self.rho_head.bias.fill_(3.0)
+        # ODE parameters, log-rates so that they stay positive
+        self.log_alpha = nn.Parameter(init["alpha"].clamp(min=_TINY).log())
+        self.log_beta = nn.Parameter(init["beta"].clamp(min=_TINY).log())
+        self.log_gamma = nn.Parameter(init["gamma"].clamp(min=_TINY).log())
+        self.log_scaling = nn.Parameter(init["scaling"].clamp(min=_TINY).log())
+        self.t_on = nn.Parameter(init["t_on"].clone())
+        self.t_off = nn.Parameter(init["t_off"].clone())
+        # per-gene noise: fixed within a stage, re-estimated between stages (as velovae)
+        self.register_buffer("sigma_u", init["sigma_u"].clone())
+        self.register_buffer("sigma_s", init["sigma_s"].clone())
+
+    # --------------------------------------------------------------------------- groups
+
+    def ode_parameters(self) -> list[nn.Parameter]:
+        """The per-gene kinetic parameters (trained with the ODE learning rate)."""
+        return [self.log_alpha, self.log_beta, self.log_gamma, self.log_scaling, self.t_on, self.t_off]
+
+    def network_parameters(self) -> list[nn.Parameter]:
+        """Encoder and decoder weights."""
+        ode = {id(p) for p in self.ode_parameters()}
+        return [p for p in self.parameters() if id(p) not in ode]
+
+    def rates(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(alpha, beta, gamma, scaling)``, each ``(G,)``; ``beta`` in ODE (``u / scaling``) units."""
+        return self.log_alpha.exp(), self.log_beta.exp(), self.log_gamma.exp(), self.log_scaling.exp()
+
+    # --------------------------------------------------------------------------- encoder
+
+    def encode(self, x: torch.Tensor) -> Posterior:
+        """``q(t, c | x)`` of ``x`` = standardised ``(u, s)``, ``(n, 2 n_input)``."""
+        h = self.encoder(x)
+        t = self.t_head(h)
+        t_sd = F.softplus(t[:, 1:2]) + 1e-3
+        if not self.dim_c:
+            return Posterior(t[:, :1], t_sd, None, None)
+        c = self.c_head(h)
+        c_sd = F.softplus(c[:, self.dim_c :]) + 1e-4
+        return Posterior(t[:, :1], t_sd, c[:, : self.dim_c], c_sd)
+
+    # --------------------------------------------------------------------------- decoder
+
+    def rho(self, c: torch.Tensor | None, n: int) -> torch.Tensor:
+        """``(n, G)`` relative transcription rate: ``g(c)`` (full) or 1 (basic)."""
+        if c is None or not self.dim_c:
+            return torch.ones(n, self.log_alpha.shape[0], device=self.log_alpha.device)
+        return torch.sigmoid(self.rho_head(self.decoder(c)))
+
+    def decode(self, t: torch.Tensor, c: torch.Tensor | None, x0: InitialState | None = None) -> Decoded:
+        """Solve every gene's ODE at each cell's time ``t`` ``(n, 1)`` and state ``c``.
+
+        Without ``x0`` (stage 1) each gene is off until ``t_on``, induced with rate
+        ``rho alpha`` until ``t_off`` and repressed after it, from ``(0, 0)``
+        (:func:`explorer.kinetics.trajectory`). With ``x0`` (stage 2) each cell evolves
+        from its own ``(u0, s0)`` at ``t0`` for ``max(t - t0, 0)`` with the rate in
+        force at ``t`` (``rho alpha`` between ``t_on`` and ``t_off``, else 0).
+        """
+        alpha, beta, gamma, scaling = self.rates()
+        rho = self.rho(c, t.shape[0])
+        a = rho * alpha
+        if x0 is None:
+            u, s = kinetics.trajectory(t, self.t_off, a, beta, gamma, t_on=self.t_on, xp=torch)
+            # the rate in force at t, for the velocity
+            on = ((t >= self.t_on) & (t < self.t_off)).to(a.dtype)
+        else:
+            on = ((t >= self.t_on) & (t < self.t_off)).to(a.dtype)
+            tau = (t - x0.t0).clamp(min=0)
+            u0 = x0.u0 / scaling
+            u = kinetics.unspliced(tau, u0, a * on, beta, xp=torch)
+            s = kinetics.spliced(tau, x0.s0, u0, a * on, beta, gamma, xp=torch)
+        u = u.clamp(min=0)
+        s = s.clamp(min=0)
+        vu = (a * on - beta * u) * scaling
+        vs = kinetics.velocity(u, s, beta, gamma)
+        return Decoded(u * scaling, s, rho, vu, vs)
+
+    # --------------------------------------------------------------------------- loss
+
+    def log_likelihood(self, u: torch.Tensor, s: torch.Tensor, dec: Decoded) -> torch.Tensor:
+        """``(n,)`` Gaussian log-likelihood of ``(u, s)`` summed over genes."""
+        ru = (u - dec.u) / self.sigma_u
+        rs = (s - dec.s) / self.sigma_s
+        const = torch.log(self.sigma_u).sum() + torch.log(self.sigma_s).sum() + u.shape[1] * math.log(2 * math.pi)
+        return -0.5 * (ru * ru + rs * rs).sum(1) - const
+
+    def loss(
+        self,
+        x: torch.Tensor,
+        u: torch.Tensor,
+        s: torch.Tensor,
+        t_prior: tuple[torch.Tensor, torch.Tensor],
+        *,
+        x0: InitialState | None = None,
+        sample: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Negative ELBO of the batch, and each cell's ELBO ``(n,)`` (detached).
+
+        ``t_prior`` is the ``(mean, sd)`` of the time prior, each ``(n, 1)``. With
+        ``sample``, one reparameterised draw of ``(t, c)``; else the posterior means.
+        """
+        q = self.encode(x)
+        t = q.t_mean + q.t_sd * torch.randn_like(q.t_sd) if sample else q.t_mean
+        c = None
+        if q.c_mean is not None:
+            c = q.c_mean + q.c_sd * torch.randn_like(q.c_sd) if sample else q.c_mean
+        dec = self.decode(t, c, x0)
+        ll = self.log_likelihood(u, s, dec)
+        mu0, sd0 = t_prior
+        kl_t = (torch.log(sd0 / q.t_sd) + (q.t_sd**2 + (q.t_mean - mu0) ** 2) / (2 * sd0**2) - 0.5).sum(1)
+        kl = kl_t
+        if q.c_mean is not None:
+            kl = kl + 0.5 * (q.c_sd**2 + q.c_mean**2 - 1 - 2 * torch.log(q.c_sd)).sum(1)
+        elbo = ll - kl
+        return -elbo.mean(), elbo.detach()

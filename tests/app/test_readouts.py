@@ -1,0 +1,484 @@
+"""The app's read-outs, memo and geometry as pure functions: no Panel, no state, no server.
+
+Values are computed by hand (a gene whose kinetics reach their steady state, a four-cell
+transition matrix, genes built to pass or fail each trust check) or taken from a fit.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from anndata import AnnData
+from scipy import sparse
+
+from explorer.app import readouts
+from explorer.app.fits import fit_from_adata, model_defaults, results_adata
+from explorer.app.geometry import even_sample, time_bins
+from explorer.app.jobs import Fit
+from explorer.app.memo import Memo, shared_memo
+from explorer.keys import Key
+from explorer.models import get_model
+from explorer.models.base import VelocityResult
+
+N_OBS, N_VARS = 6, 3
+#: what a fit that shows "curve" needs in var (with layer fit_t)
+_CURVE_KEYS = (Key.var.FIT_ALPHA, Key.var.FIT_BETA, Key.var.FIT_GAMMA, Key.var.FIT_T_)
+
+
+@pytest.fixture
+def toy_adata() -> AnnData:
+    """Six cells, three genes: ``Ms`` = row + column, ``Mu`` = half of it, an embedding and clusters."""
+    ms = np.add.outer(np.arange(N_OBS), np.arange(N_VARS)).astype(np.float32)
+    adata = AnnData(
+        np.zeros((N_OBS, N_VARS), dtype=np.float32),
+        obs=pd.DataFrame(index=[f"c{i}" for i in range(N_OBS)]),
+        var=pd.DataFrame(index=["g0", "g1", "g2"]),
+    )
+    adata.layers[Key.layers.MS] = ms
+    adata.layers[Key.layers.MU] = sparse.csr_matrix(ms / 2)
+    adata.obsm[Key.obsm.UMAP] = np.column_stack([np.arange(N_OBS), np.zeros(N_OBS)]).astype(np.float32)
+    adata.obs[Key.obs.CLUSTERS] = pd.Categorical(["a", "a", "b", "b", "c", "c"])
+    adata.uns["clusters_colors"] = ["#ff0000", "#00ff00", "#0000ff"]
+    return adata
+
+
+def _result(model: str, adata: AnnData, **fields) -> VelocityResult:
+    base = {
+        "model": model,
+        "params": {},
+        "obs_names": adata.obs_names,
+        "var_names": adata.var_names,
+        "velocity": np.ones((adata.n_obs, adata.n_vars), dtype=np.float32),
+        "gene_params": pd.DataFrame(index=adata.var_names),
+        "velocity_genes": np.ones(adata.n_vars, dtype=bool),
+    }
+    return VelocityResult(**{**base, **fields})
+
+
+def _fit(result: VelocityResult, label: str | None = None, **fields) -> Fit:
+    return Fit(label=label or result.model, key=(result.model, ()), result=result, **fields)
+
+
+def _kinetic_params(adata: AnnData) -> pd.DataFrame:
+    """Gene 0 induced for good (t_ = 1e4): alpha 4, fit_beta 1, scaling 2 (ODE beta 2), gamma 0.5."""
+    return pd.DataFrame(
+        {
+            Key.var.FIT_ALPHA: [4.0, np.nan, np.nan],
+            Key.var.FIT_BETA: [1.0, np.nan, np.nan],
+            Key.var.FIT_GAMMA: [0.5, np.nan, np.nan],
+            Key.var.FIT_T_: [1e4, np.nan, np.nan],
+            Key.var.FIT_SCALING: [2.0, np.nan, np.nan],
+            Key.var.FIT_LIKELIHOOD: [0.4, np.nan, np.nan],
+        },
+        index=adata.var_names,
+    )
+
+
+# ------------------------------------------------------------------ no Panel
+def test_readouts_state_and_fits_load_no_panel():
+    code = (
+        "import sys, explorer.app.readouts, explorer.app.state, explorer.app.fits, explorer.app.memo; "
+        "print(sorted({'panel', 'holoviews', 'bokeh'} & {m.split('.')[0] for m in sys.modules}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------------- memo
+def test_memo_keeps_the_most_recently_used_within_its_bound():
+    memo, calls = Memo(max_items=2), []
+
+    def compute(value):
+        def run():
+            calls.append(value)
+            return value
+
+        return run
+
+    assert memo.get("a", compute(1)) == 1
+    assert memo.get("b", compute(2)) == 2
+    assert memo.get("a", compute(99)) == 1  # remembered, and now the most recently used
+    assert memo.get("c", compute(3)) == 3  # drops "b", the least recently used
+    assert len(memo) == 2
+    assert "a" in memo
+    assert "b" not in memo
+    assert memo.get("b", compute(4)) == 4
+    assert calls == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match="max_items >= 1"):
+        Memo(0)
+
+
+def test_shared_memo_is_one_per_object_and_dropped_with_it(toy_adata):
+    assert shared_memo(toy_adata) is shared_memo(toy_adata)
+    other = toy_adata.copy()
+    assert shared_memo(other) is not shared_memo(toy_adata)
+
+
+def test_even_sample_and_time_bins():
+    assert even_sample(5, 10).tolist() == [0, 1, 2, 3, 4]
+    picked = even_sample(1000, 10)
+    assert len(picked) == 10
+    assert (np.diff(picked) > 0).all()
+    assert picked.tolist() == even_sample(1000, 10).tolist()  # the same sample every time
+    which, centres = time_bins(np.array([0.0, 0.5, 1.0, np.nan]), n_bins=2)
+    assert which.tolist() == [0, 1, 1, -1]
+    np.testing.assert_allclose(centres, [0.25, 0.75])
+
+
+# --------------------------------------------------------------------- shows
+def test_fit_shows_what_the_registry_declares_and_the_data_holds(toy_adata):
+    fit_t = np.full((N_OBS, N_VARS), 1.0, dtype=np.float32)
+    t = np.linspace(0, 1, N_OBS, dtype=np.float32)
+    dyn = _result(
+        "dynamical",
+        toy_adata,
+        gene_params=_kinetic_params(toy_adata),
+        layers={Key.layers.FIT_T: fit_t},
+        latent_time=t,
+        uncertainty=t,  # held, but the dynamical model does not declare it
+    )
+    assert readouts.fit_shows(dyn) == {"curve", "latent_time"}
+    assert readouts.held(dyn) == {"curve", "latent_time", "uncertainty"}
+    # steady state declares nothing: a latent time read from the file is not its own
+    assert readouts.fit_shows(_result("steady_state", toy_adata, latent_time=t)) == frozenset()
+    # a model nobody registered (a file from another tool) shows what its data holds
+    foreign = _result(
+        "someone_elses_model",
+        toy_adata,
+        layers={Key.layers.PREDICTED_U: fit_t, Key.layers.PREDICTED_S: fit_t, Key.layers.RATE_BETA: fit_t},
+        uncertainty=t,
+    )
+    assert readouts.fit_shows(foreign) == {"cell_points", "cell_rates", "uncertainty"}
+
+
+# ------------------------------------------------------------ cells and genes
+def test_gene_values_latent_time_and_uncertainty(toy_adata):
+    np.testing.assert_array_equal(readouts.gene_values(toy_adata, "Ms", 2), np.arange(N_OBS) + 2)
+    np.testing.assert_array_equal(readouts.gene_values(toy_adata, "Mu", 1), (np.arange(N_OBS) + 1) / 2)
+    assert np.isnan(readouts.gene_values(toy_adata, "velocity", 0)).all()
+    velocity = np.arange(N_OBS * N_VARS, dtype=np.float32).reshape(N_OBS, N_VARS)
+    fit = _fit(_result("steady_state", toy_adata, velocity=velocity))
+    np.testing.assert_array_equal(readouts.gene_values(toy_adata, "velocity", 1, fit), velocity[:, 1])
+
+    assert readouts.latent_time(toy_adata, None) is None
+    toy_adata.obs[Key.obs.LATENT_TIME] = np.linspace(0, 1, N_OBS)
+    own = np.linspace(1, 0, N_OBS, dtype=np.float32)
+    undeclared = _fit(_result("steady_state", toy_adata, latent_time=own))
+    np.testing.assert_allclose(readouts.latent_time(toy_adata, undeclared), np.linspace(0, 1, N_OBS))
+    declared = _fit(
+        _result(
+            "dynamical",
+            toy_adata,
+            latent_time=own,
+            gene_params=_kinetic_params(toy_adata),
+            layers={Key.layers.FIT_T: np.ones((N_OBS, N_VARS), dtype=np.float32)},
+        )
+    )
+    np.testing.assert_allclose(readouts.latent_time(toy_adata, declared), own)
+    assert readouts.uncertainty(toy_adata, declared) is None  # declares none, obs has none
+
+
+def test_coloring_by_category_gene_velocity_and_rates(toy_adata):
+    cats = readouts.coloring(toy_adata, Key.obs.CLUSTERS)
+    assert cats.kind == "category"
+    assert cats.values.tolist() == [0, 0, 1, 1, 2, 2]
+    assert cats.color_key == {"a": "#ff0000", "b": "#00ff00", "c": "#0000ff"}
+    expr = readouts.coloring(toy_adata, readouts.COLOR_EXPRESSION, gene="g1")
+    assert (expr.kind, expr.label, expr.diverging) == ("continuous", "g1 expression (Ms)", False)
+    np.testing.assert_array_equal(expr.values, np.arange(N_OBS) + 1)
+    assert readouts.coloring(toy_adata, readouts.COLOR_VELOCITY, gene="g1").kind == "none"
+    rates = np.arange(N_OBS * N_VARS, dtype=np.float32).reshape(N_OBS, N_VARS)
+    gcn = _fit(_result("someone_elses_model", toy_adata, layers={Key.layers.RATE_GAMMA: rates}))
+    velocity = readouts.coloring(toy_adata, readouts.COLOR_VELOCITY, gene="g1", fit=gcn)
+    assert velocity.diverging  # velocities are signed: a diverging map centred on 0
+    by_gamma = readouts.coloring(toy_adata, "gene: rate gamma (degradation)", gene="g2", fit=gcn)
+    assert by_gamma.kind == "continuous"
+    np.testing.assert_array_equal(by_gamma.values, rates[:, 2])
+    no_alpha = readouts.coloring(toy_adata, "gene: rate alpha (transcription)", gene="g2", fit=gcn)
+    assert no_alpha.kind == "none"  # the fit has no alpha layer
+    # the menu offers rates and uncertainty only when a fit has them
+    plain = readouts.color_options(toy_adata, {})
+    assert plain[0] == Key.obs.CLUSTERS
+    assert readouts.COLOR_UNCERTAINTY not in plain
+    assert not set(readouts.COLOR_RATES) & set(plain)
+    assert set(readouts.COLOR_RATES) <= set(readouts.color_options(toy_adata, {"gcn": gcn}))
+
+
+def test_agreement_coloring(toy_adata):
+    assert readouts.agreement_coloring(None, N_OBS).kind == "none"
+    shown = readouts.agreement_coloring(np.linspace(-1, 1, N_OBS), N_OBS)
+    assert (shown.kind, shown.label) == ("continuous", "velocity agreement (cosine)")
+
+
+def test_cell_info_lists_next_cells_by_probability(toy_adata):
+    # cell 0 moves to 2 (0.6), 1 (0.3) and stays (0.1, never listed)
+    rows = [[0.1, 0.3, 0.6, 0, 0, 0], *np.eye(N_OBS)[1:].tolist()]
+    fit = _fit(_result("steady_state", toy_adata), transitions=sparse.csr_matrix(np.array(rows)))
+    t = np.linspace(0, 1, N_OBS)
+    info = readouts.cell_info(toy_adata, fit, 0, n_targets=5, t=t, conf=np.full(N_OBS, 0.7))
+    assert (info.name, info.cluster, info.latent_time, info.confidence) == (
+        "c0",
+        "a",
+        0.0,
+        pytest.approx(0.7),
+    )
+    assert info.targets["index"].tolist() == [2, 1]
+    assert info.targets["cluster"].tolist() == ["b", "a"]
+    np.testing.assert_allclose(info.targets["probability"], [0.6, 0.3])
+    assert readouts.cell_info(toy_adata, fit, 0, n_targets=1).targets["cell"].tolist() == ["c2"]
+    assert readouts.cell_info(toy_adata, None, 3, n_targets=5).targets.empty
+
+
+def test_project_on_a_transition_matrix(toy_adata):
+    # cells on a line, each likelier to move right (0.8) than left (0.2): velocity along +x,
+    # prob * direction minus the mean over the neighbours (scVelo): 0.8 - 0.2 - 0.5 * 0 = 0.6
+    n = N_OBS
+    right, left = np.zeros((n, n)), np.zeros((n, n))
+    for i in range(1, n - 1):
+        right[i, i + 1], right[i, i - 1] = 0.8, 0.2
+        left[i, i + 1], left[i, i - 1] = 0.2, 0.8
+    xy = np.asarray(toy_adata.obsm[Key.obsm.UMAP])
+    v = readouts.project(_fit(_result("steady_state", toy_adata), transitions=sparse.csr_matrix(right)), xy)
+    assert v.shape == (n, 2)
+    assert np.allclose(v[:, 1], 0.0)
+    assert (v[1:-1, 0] > 0).all()
+    np.testing.assert_allclose(v[1:-1, 0], v[1, 0])  # the same for every inner cell
+    back = readouts.project(_fit(_result("steady_state", toy_adata), transitions=sparse.csr_matrix(left)), xy)
+    np.testing.assert_allclose(back, -v, atol=1e-6)
+    assert readouts.project(_fit(_result("steady_state", toy_adata)), xy) is None
+
+
+# ----------------------------------------------------------- phase and time
+def test_phase_fits_curve_line_and_cell_points(toy_adata):
+    fit_t = np.full((N_OBS, N_VARS), 50.0, dtype=np.float32)
+    curve = _fit(
+        _result(
+            "dynamical", toy_adata, gene_params=_kinetic_params(toy_adata), layers={Key.layers.FIT_T: fit_t}
+        )
+    )
+    predicted_s = np.arange(N_OBS * N_VARS, dtype=np.float32).reshape(N_OBS, N_VARS)
+    points = _fit(
+        _result(
+            "someone_elses_model",
+            toy_adata,
+            layers={Key.layers.PREDICTED_S: predicted_s, Key.layers.PREDICTED_U: predicted_s / 4},
+        )
+    )
+    ratio = _fit(
+        _result(
+            "steady_state",
+            toy_adata,
+            gene_params=pd.DataFrame({Key.var.GAMMA: [0.25, 0.5, 1.0]}, index=toy_adata.var_names),
+        )
+    )
+    ms = np.array([0, 1, 2, 3, 4, 10], dtype=np.float32)
+    mu = ms / 2
+    found = readouts.phase_fits(ms, mu, {"dyn": curve, "pts": points, "ss": ratio}, j=0, active="pts")
+    dyn, pts, ss = found
+    assert [f.active for f in found] == [False, True, False]
+    # slope = scaling gamma / beta_ode = 2 * 0.5 / 2, the steady state (alpha/gamma, alpha) = (8, 4)
+    assert dyn.slope == pytest.approx(0.5)
+    assert (dyn.s[0], dyn.u[0]) == (0.0, 0.0)
+    assert (dyn.s[-1], dyn.u[-1]) == (pytest.approx(8.0, rel=1e-6), pytest.approx(4.0, rel=1e-6))
+    np.testing.assert_allclose(dyn.line[-1], [10.0, 5.0])  # to the cells' largest Ms
+    assert dyn.points is None
+    assert pts.s is None
+    assert pts.line is None
+    np.testing.assert_array_equal(pts.points, np.column_stack([predicted_s[:, 0], predicted_s[:, 0] / 4]))
+    assert ss.slope == 0.25
+    assert ss.s is None
+    # a gene the dynamical model did not fit draws no curve
+    assert readouts.phase_fits(ms, mu, {"dyn": curve}, j=1, active="dyn")[0].s is None
+
+
+def test_cell_points_are_an_even_sample_of_finite_cells(toy_adata):
+    s = np.arange(N_OBS * N_VARS, dtype=np.float32).reshape(N_OBS, N_VARS)
+    s[0, 0] = np.nan
+    fit = _fit(
+        _result(
+            "someone_elses_model", toy_adata, layers={Key.layers.PREDICTED_S: s, Key.layers.PREDICTED_U: s}
+        )
+    )
+    assert len(readouts.cell_points(fit, 0)) == N_OBS - 1
+    few = readouts.cell_points(fit, 0, max_points=3)
+    assert len(few) == 3
+    assert np.isfinite(few).all()
+
+
+def test_fitted_values_and_time_curve(toy_adata):
+    fit_t = np.tile(np.array([[0.0], [1.0], [50.0], [50.0], [50.0], [50.0]], dtype=np.float32), (1, N_VARS))
+    fit = _fit(
+        _result(
+            "dynamical", toy_adata, gene_params=_kinetic_params(toy_adata), layers={Key.layers.FIT_T: fit_t}
+        )
+    )
+    mu = readouts.fitted_values(fit, "Mu", 0)
+    # u(t) = alpha / beta (1 - exp(-beta t)) with beta 2, Mu = scaling u
+    np.testing.assert_allclose(mu[:3], [0.0, 4 * (1 - np.exp(-2.0)), 4.0], rtol=1e-6)
+    np.testing.assert_allclose(readouts.fitted_values(fit, "velocity", 0)[2], 0.0, atol=1e-6)
+    assert readouts.fitted_values(fit, "Ms", 1) is None  # gene 1 not fitted
+    assert readouts.fitted_values(None, "Ms", 0) is None
+    t = np.array([0.0, 0.1, 0.9, 1.0, np.nan, 0.5])
+    x, y, kind = readouts.time_curve(t, np.array([1.0, 3.0, 10.0, 20.0, 99.0, 7.0]), None)
+    assert kind == "trend"
+    bins = time_bins(t, n_bins=2)
+    x, y, kind = readouts.time_curve(t, np.array([1.0, 3.0, 10.0, 20.0, 99.0, 7.0]), None, bins=bins)
+    np.testing.assert_allclose(x, [0.25, 0.75])
+    np.testing.assert_allclose(y, [2.0, (10 + 20 + 7) / 3])
+    _, y, kind = readouts.time_curve(t, None, np.array([2.0, 2.0, 4.0, 4.0, 4.0, 4.0]), bins=bins)
+    assert kind == "fit"
+    np.testing.assert_allclose(y, [2.0, 4.0])
+
+
+# --------------------------------------------------------------- gene table
+def test_gene_trust_by_hand():
+    index = pd.Index(["good", "poor", "unfitted", "late"])
+    params = pd.DataFrame(
+        {
+            Key.var.FIT_LIKELIHOOD: [0.5, 0.05, np.nan, 0.3],
+            Key.var.FIT_KINETIC_SIGNAL: [0.8, 0.3, np.nan, 0.6],
+            Key.var.FIT_FRAC_STEADY_ON: [0.2, 0.5, np.nan, 0.3],
+            Key.var.FIT_FRAC_STEADY_OFF: [0.2, 0.45, np.nan, 0.3],
+            Key.var.FIT_N_CELLS_EM: [200.0, 10.0, np.nan, 50.0],
+            Key.var.FIT_USES_T_ON: [False, False, False, True],
+        },
+        index=index,
+    )
+    trust = readouts.gene_trust(params)
+    np.testing.assert_allclose(trust[readouts.TRUST], [1.0, 0.0, np.nan, 1.0])
+    notes = trust[readouts.TRUST_NOTES].tolist()
+    assert notes[0] == ""
+    assert notes[2] == ""
+    assert notes[1] == "low likelihood; little curvature; mostly steady; few cells"
+    assert notes[3] == readouts.ONSET_NOTE  # a note, not a failed check
+    # the steady-state models: R² is the only check
+    r2 = readouts.gene_trust(pd.DataFrame({Key.var.R2: [0.5, 0.001], Key.var.GAMMA: [1.0, 1.0]}))
+    np.testing.assert_allclose(r2[readouts.TRUST], [1.0, 0.0])
+    assert readouts.gene_trust(pd.DataFrame({Key.var.GAMMA: [1.0]})) is None
+    # another model's likelihood (on another scale) is not judged by scVelo's threshold
+    other = readouts.gene_trust(
+        params[[Key.var.FIT_LIKELIHOOD, Key.var.FIT_N_CELLS_EM]], scvelo_likelihood=False
+    )
+    np.testing.assert_allclose(other[readouts.TRUST], [1.0, 0.0, np.nan, 1.0])
+    assert other[readouts.TRUST_NOTES].tolist()[1] == "few cells"
+    # the legend names the checks the columns allow
+    dynamical = VelocityResult(
+        model="dynamical",
+        params={},
+        obs_names=pd.Index(["c0"]),
+        var_names=index,
+        velocity=np.zeros((1, 4), dtype=np.float32),
+        gene_params=params.assign(**dict.fromkeys(_CURVE_KEYS, 1.0)),
+        velocity_genes=np.ones(4, dtype=bool),
+        layers={Key.layers.FIT_T: np.ones((1, 4), dtype=np.float32)},
+    )
+    assert readouts.fit_shows(dynamical) == {"curve"}  # scVelo's likelihood: judged by its threshold
+    legend = readouts.trust_legend(dynamical)
+    assert len(legend) == 5
+    assert legend[0].startswith("fit: likelihood ≥ 0.1")
+
+
+def test_detection_power_is_weak_in_the_lowest_quarter():
+    params = pd.DataFrame({Key.var.FIT_DETECTION_POWER: [1.0, 2.0, 3.0, 4.0, 5.0, np.nan, 7.0, 8.0, 9.0]})
+    trust = readouts.gene_trust(params)[readouts.TRUST].to_numpy()
+    # the 25th percentile of the eight finite values is 2.75: genes 0 and 1 are weak
+    np.testing.assert_allclose(trust, [0, 0, 1, 1, 1, np.nan, 1, 1, 1])
+
+
+def test_gene_table_of_a_steady_state_fit_has_r2_not_likelihood(app_adata):
+    result = get_model("steady_state").fit(app_adata)
+    means = readouts.gene_means(app_adata)
+    table = readouts.gene_table(app_adata.var_names, means, result)
+    assert "likelihood" not in table
+    assert "alpha" not in table
+    np.testing.assert_allclose(table["R²"], result.gene_params[Key.var.R2], equal_nan=True)
+    np.testing.assert_allclose(table["gamma"], result.gene_params[Key.var.GAMMA], equal_nan=True)
+    np.testing.assert_allclose(
+        table["mean Ms"], np.asarray(app_adata.layers[Key.layers.MS].mean(axis=0)).ravel()
+    )
+    expected = np.where(
+        np.isfinite(result.gene_params[Key.var.R2]), 1.0 * (result.gene_params[Key.var.R2] >= 0.01), np.nan
+    )
+    np.testing.assert_allclose(table[readouts.TRUST], expected)
+    assert table["velocity gene"].tolist() == list(result.velocity_genes)
+    no_fit = readouts.gene_table(app_adata.var_names, means, None)
+    assert no_fit.columns.tolist() == ["gene", "mean Ms", "mean Mu"]
+    help_text = readouts.column_help(table)
+    assert set(help_text) == set(table.columns)
+
+
+def test_gene_table_names_an_unknown_goodness_of_fit_fit_quality(toy_adata):
+    like = pd.Series([0.1, 0.2, np.nan], index=toy_adata.var_names)
+    table = readouts.gene_table(
+        toy_adata.var_names, readouts.gene_means(toy_adata), _result("x", toy_adata, likelihood=like)
+    )
+    np.testing.assert_allclose(table[readouts.FIT_QUALITY], [0.1, 0.2, np.nan])
+    assert readouts.TRUST not in table  # nothing to check
+
+
+def test_compare_quality_keeps_genes_both_fitted(toy_adata):
+    a = _result("a", toy_adata, likelihood=pd.Series([0.1, np.nan, 0.3], index=toy_adata.var_names))
+    b = _result("b", toy_adata, likelihood=pd.Series([0.5, 0.6, 0.7], index=toy_adata.var_names))
+    table = readouts.compare_quality(toy_adata.var_names, a, b)
+    assert table["gene"].tolist() == ["g0", "g2"]
+    np.testing.assert_allclose(table[["a", "b"]].to_numpy(), [[0.1, 0.5], [0.3, 0.7]])
+    assert readouts.compare_quality(toy_adata.var_names, a, None) is None
+    assert readouts.compare_quality(toy_adata.var_names, a, _result("c", toy_adata)) is None
+
+
+# ------------------------------------------------------------------- files
+def test_fit_from_adata_round_trips_and_reads_unnamed_velocity(toy_adata):
+    assert fit_from_adata(toy_adata) is None
+    fit_t = np.full((N_OBS, N_VARS), 2.0, dtype=np.float32)
+    rates = np.full((N_OBS, N_VARS), 0.5, dtype=np.float32)
+    result = _result(
+        "someone_elses_model",
+        toy_adata,
+        velocity=np.full((N_OBS, N_VARS), 0.25, dtype=np.float32),
+        layers={Key.layers.FIT_T: fit_t, Key.layers.RATE_ALPHA: rates},
+        likelihood=pd.Series([0.1, 0.2, 0.3], index=toy_adata.var_names, name=Key.var.FIT_LIKELIHOOD),
+        gene_params=pd.DataFrame({Key.var.FIT_LIKELIHOOD: [0.1, 0.2, 0.3]}, index=toy_adata.var_names),
+    )
+    written = results_adata(toy_adata, _fit(result))
+    assert Key.layers.VELOCITY not in toy_adata.layers  # the input is never written to
+    back = fit_from_adata(written)
+    assert back.label == "someone_elses_model (from file)"
+    np.testing.assert_array_equal(back.result.layers[Key.layers.RATE_ALPHA], rates)
+    assert readouts.fit_shows(back) == {"cell_rates"}  # not registered: what the file holds
+    # velocity written by another tool, without uns['velocity_params']
+    bare = toy_adata.copy()
+    bare.layers[Key.layers.VELOCITY] = np.full((N_OBS, N_VARS), 1.0)  # float64 in the file
+    unnamed = fit_from_adata(bare)
+    assert unnamed.label == "velocity (from file)"
+    assert unnamed.result.velocity.dtype == np.float32
+    assert unnamed.transitions is None
+
+
+def test_model_defaults_read_the_constructor():
+    defaults = model_defaults("steady_state")
+    assert defaults == get_model("steady_state").get_params()
+
+
+def test_compare_uses_a_fits_own_latent_time_and_names_its_measure(toy_adata):
+    t = np.linspace(0, 1, N_OBS, dtype=np.float32)
+    toy_adata.obs[Key.obs.LATENT_TIME] = t[::-1]
+    borrowed = _result("steady_state", toy_adata, latent_time=t)  # read from the file, not its own
+    assert readouts.own_latent_time(borrowed) is None
+    assert readouts.own_latent_time(None) is None
+    own = _result(
+        "dynamical",
+        toy_adata,
+        latent_time=t,
+        gene_params=_kinetic_params(toy_adata),
+        layers={Key.layers.FIT_T: np.ones((N_OBS, N_VARS), dtype=np.float32)},
+    )
+    np.testing.assert_array_equal(readouts.own_latent_time(own), t)
+    r2 = pd.Series([0.1, 0.2, 0.3], index=toy_adata.var_names, name=Key.var.R2)
+    like = r2.rename(Key.var.FIT_LIKELIHOOD)
+    assert readouts.quality_name(_result("steady_state", toy_adata, likelihood=r2)) == "R²"
+    assert readouts.quality_name(_result("dynamical", toy_adata, likelihood=like)) == "likelihood"
+    assert readouts.quality_name(_result("x", toy_adata, likelihood=r2.rename(None))) == "fit quality"

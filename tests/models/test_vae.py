@@ -1,0 +1,244 @@
+"""VeloVAE (explorer.models.vae) and the reconstruction scores (explorer.models.metrics)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+
+from explorer import kinetics
+from explorer._types import InputError
+from explorer.data.simulate import simulate
+from explorer.keys import Key
+from explorer.models.base import VelocityResult
+from explorer.models.metrics import predicted_abundances, reconstruction_error
+from explorer.models.vae import VeloVAE
+from explorer.pipeline import prepare
+
+#: a few epochs: enough to see the ELBO rise, fast on 2 shared cores
+FEW = {"max_epochs": 6, "max_epochs_stage2": 3, "n_samples": 4, "device": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def small():
+    """simulate(n_obs=300, n_vars=30, seed=0), prepared (15 neighbours, no UMAP)."""
+    adata = simulate(n_obs=300, n_vars=30, seed=0)
+    prepare(adata, n_neighbors=15, compute_umap=False)
+    return adata
+
+
+@pytest.fixture(scope="module")
+def small_fit(small):
+    model = VeloVAE(seed=0, **FEW)
+    return model, model.fit(small.copy())
+
+
+def test_few_epochs_raise_the_elbo(small):
+    """From a cold start (no warm start of the time), a few epochs raise the held-out ELBO."""
+    model = VeloVAE(seed=0, n_warmup_epochs=0, **{**FEW, "max_epochs": 5, "max_epochs_stage2": 0})
+    model.fit(small.copy())
+    elbo = model.history_["stage1"]
+    assert len(elbo) == 5
+    assert elbo[-1] > elbo[0] + 1
+
+
+def test_fit_gives_shapes_and_keys(small, small_fit):
+    model, result = small_fit
+    n_obs, n_vars = small.shape
+    # the warm start pulls the encoder's time to the initial time
+    assert model.history_["warmup"][-1] < model.history_["warmup"][0] / 4
+    assert result.velocity.shape == (n_obs, n_vars)
+    assert result.latent_time.shape == (n_obs,)
+    assert result.latent_time.min() == 0 and result.latent_time.max() == 1
+    assert result.uncertainty.shape == (n_obs,)
+    assert ((result.uncertainty >= 0) & (result.uncertainty <= 2)).all()
+    rho = result.layers[Key.layers.RHO]
+    assert ((rho >= 0) & (rho <= 1)).all()
+    assert result.obsm[Key.obsm.CELL_STATE].shape == (n_obs, 5)
+    assert (result.obsm[Key.obsm.CELL_STATE_STD] > 0).all()
+    train = result.obs[Key.obs.FIT_TRAIN].to_numpy()
+    assert train.sum() == round(0.7 * n_obs)
+
+    adata = small.copy()
+    result.to_adata(adata)
+    for key in (Key.obs.LATENT_TIME, Key.obs.LATENT_TIME_STD, Key.obs.LATENT_TIME_CV, Key.obs.VELOCITY_UNCERTAINTY):
+        assert np.isfinite(adata.obs[key]).all(), key
+    for key in (Key.layers.PREDICTED_U, Key.layers.PREDICTED_S, Key.layers.RHO, Key.layers.VELOCITY_U):
+        assert adata.layers[key].shape == (n_obs, n_vars)
+    for key in (Key.var.FIT_ALPHA, Key.var.FIT_BETA, Key.var.FIT_GAMMA, Key.var.FIT_MSE_TEST):
+        assert (adata.var[key] > 0).all(), key
+    assert Key.obsm.CELL_STATE in adata.obsm
+    back = VelocityResult.from_adata(adata)
+    np.testing.assert_array_equal(back.obsm[Key.obsm.CELL_STATE], result.obsm[Key.obsm.CELL_STATE])
+    np.testing.assert_array_equal(back.layers[Key.layers.RHO], rho)
+    np.testing.assert_array_equal(back.obs[Key.obs.LATENT_TIME_STD], result.obs[Key.obs.LATENT_TIME_STD])
+    # the predictions are what the per-gene MSE in var scores
+    err = reconstruction_error(
+        adata.layers[Key.layers.MU], adata.layers[Key.layers.MS], *predicted_abundances(adata), train=train
+    )
+    np.testing.assert_allclose(err.per_gene["mse_test"], adata.var[Key.var.FIT_MSE_TEST], rtol=1e-4)
+    assert err.summary["mse_test"] == pytest.approx(model.metrics_["mse_test"], rel=1e-5)
+    # ds/dt = beta u - gamma s in the ODE's units, from the written rates and predictions
+    beta = (adata.var[Key.var.FIT_BETA] * adata.var[Key.var.FIT_SCALING]).to_numpy()
+    u_ode = adata.layers[Key.layers.PREDICTED_U] / adata.var[Key.var.FIT_SCALING].to_numpy()
+    expected = beta * u_ode - adata.var[Key.var.FIT_GAMMA].to_numpy() * adata.layers[Key.layers.PREDICTED_S]
+    np.testing.assert_allclose(adata.layers[Key.layers.VELOCITY], expected, rtol=1e-3, atol=1e-3)
+
+
+def test_seeded_fits_are_equal_and_other_seeds_differ(small, small_fit):
+    _, result = small_fit
+    again = VeloVAE(seed=0, **FEW).fit(small.copy())
+    np.testing.assert_array_equal(result.velocity, again.velocity)
+    np.testing.assert_array_equal(result.latent_time, again.latent_time)
+    other = VeloVAE(seed=1, **FEW).fit(small.copy())
+    assert not np.array_equal(result.velocity, other.velocity)
+
+
+def test_basic_variant_has_no_cell_state(small):
+    result = VeloVAE(variant="basic", seed=0, **FEW).fit(small.copy())
+    assert result.obsm is None
+    assert Key.layers.RHO not in result.layers
+    assert Key.layers.PREDICTED_S in result.layers
+
+
+def test_capture_times_give_the_prior(small):
+    adata = small.copy()
+    # four capture days from the true time
+    adata.obs["day"] = np.digitize(adata.obs[Key.obs.TRUE_T], [5, 10, 15]).astype(float)
+    result = VeloVAE(time_key="day", seed=0, **FEW).fit(adata)
+    assert spearmanr(result.latent_time, adata.obs[Key.obs.TRUE_T])[0] > 0.8
+    adata.obs["bad"] = "x"
+    with pytest.raises(InputError, match="capture time"):
+        VeloVAE(time_key="bad", **FEW).fit(adata)
+    with pytest.raises(InputError, match="not an obs column"):
+        VeloVAE(time_key="nope", **FEW).fit(adata)
+
+
+def test_bad_parameters_are_refused():
+    with pytest.raises(InputError, match="variant"):
+        VeloVAE(variant="huge")
+    with pytest.raises(InputError, match="train_fraction"):
+        VeloVAE(train_fraction=0.0)
+
+
+# ------------------------------------------------------------------------ the score
+
+
+def test_reconstruction_error_by_hand():
+    Mu = np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0]])
+    Ms = Mu + 1
+    u_hat, s_hat = Mu.copy(), Ms.copy()
+    u_hat[:, 0] += [1.0, -1.0, 2.0, 0.0]  # residuals of gene 0's u
+    s_hat[:, 1] = np.nan  # gene 1 not predicted
+    train = np.array([True, True, False, False])
+    err = reconstruction_error(Mu, Ms, u_hat, s_hat, train=train)
+    assert err.summary["n_genes"] == 1
+    assert err.summary["mse_train"] == pytest.approx(1.0)  # (1 + 1) / 2
+    assert err.summary["mse_test"] == pytest.approx(2.0)  # (4 + 0) / 2
+    assert err.summary["mae_test"] == pytest.approx(1.0)
+    # sigma_u = 1 from the training residuals; sigma_s at its floor (perfect s)
+    sigma_s = 1e-6 * (Ms.max() + 1)
+    const = -np.log(sigma_s) - np.log(2 * np.pi)
+    assert err.summary["loglik_test"] == pytest.approx(np.mean([-0.5 * 4, 0.0]) + const)
+    assert np.isnan(err.per_gene["mse_test"].iloc[1])
+
+
+def test_dynamical_prediction_is_fitted_gene():
+    """predicted_abundances reads a dynamical fit as kinetics.fitted_gene draws it."""
+    import anndata as ad
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    var = pd.DataFrame(
+        {
+            Key.var.FIT_ALPHA: [2.0, 1.0, np.nan],
+            Key.var.FIT_BETA: [0.5, 2.0, 1.0],
+            Key.var.FIT_GAMMA: [0.3, 1.0, 1.0],
+            Key.var.FIT_T_: [4.0, 2.0, 1.0],
+            Key.var.FIT_SCALING: [2.0, 0.5, 1.0],
+            Key.var.FIT_U0: [0.1, 0.0, 0.0],
+        },
+        index=["a", "b", "c"],
+    )
+    fit_t = rng.uniform(0, 10, (5, 3))
+    adata = ad.AnnData(np.zeros((5, 3)), var=var, layers={Key.layers.FIT_T: fit_t})
+    u_hat, s_hat = predicted_abundances(adata)
+    for g in range(2):
+        u, s, _ = kinetics.fitted_gene(var.iloc[g]).at(fit_t[:, g])
+        np.testing.assert_allclose(u_hat[:, g], u, rtol=1e-10)
+        np.testing.assert_allclose(s_hat[:, g], s, rtol=1e-10)
+    assert np.isnan(u_hat[:, 2]).all()
+
+
+# ------------------------------------------------------------------------ against the truth
+
+
+@pytest.fixture(scope="module")
+def branching():
+    """Two lineages with lineage programmes and lineage-specific degradation (30% of genes)."""
+    adata = simulate(n_obs=600, n_vars=60, seed=1, branches=2, kinds={"two_regimes": 0.3})
+    prepare(adata, n_neighbors=15, compute_umap=False)
+    return adata
+
+
+@pytest.fixture(scope="module")
+def branching_full(branching):
+    model = VeloVAE(seed=0, device="cpu")
+    return model, model.fit(branching.copy())
+
+
+@pytest.mark.slow
+def test_full_model_reconstructs_lineage_rates_better_than_basic(branching, branching_full):
+    full_model, full = branching_full
+    basic_model = VeloVAE(variant="basic", seed=0, device="cpu")
+    basic = basic_model.fit(branching.copy())
+    true_t = branching.obs[Key.obs.TRUE_T]
+    # both order the cells by time (measured: full 0.89, basic 0.95)
+    assert spearmanr(full.latent_time, true_t)[0] > 0.8
+    assert spearmanr(basic.latent_time, true_t)[0] > 0.8
+    # the per-cell rates fit the lineages' own rates (measured: 58 against 76)
+    assert full_model.metrics_["mse_test"] < basic_model.metrics_["mse_test"]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 9 not met yet: the full model's latent time (Spearman 0.89 on this simulation) "
+    "is below the basic model's (0.95); its rates per cell trade against its time",
+)
+def test_full_model_latent_time_beats_basic(branching, branching_full):
+    _, full = branching_full
+    basic = VeloVAE(variant="basic", seed=0, device="cpu").fit(branching.copy())
+    true_t = branching.obs[Key.obs.TRUE_T]
+    assert spearmanr(full.latent_time, true_t)[0] >= spearmanr(basic.latent_time, true_t)[0]
+
+
+def _calibration(adata, model) -> tuple[float, float]:
+    """(Spearman of posterior SD with |time error|, coverage of nominal 90% intervals).
+
+    The model's clock is the true one up to a monotone map, fitted here (cubic, least
+    squares) from the posterior mean to the true time; intervals are mapped through it.
+    """
+    tp = model.time_posterior_
+    true_t = adata.obs[Key.obs.TRUE_T].to_numpy()
+    t, sd = tp["t_mean"].to_numpy(), tp["t_sd"].to_numpy()
+    f = np.poly1d(np.polyfit(t, true_t, 3))
+    err = np.abs(f(t) - true_t)
+    lo, hi = f(t - 1.6448536 * sd), f(t + 1.6448536 * sd)
+    coverage = np.mean((true_t >= np.minimum(lo, hi)) & (true_t <= np.maximum(lo, hi)))
+    return float(spearmanr(sd, err)[0]), float(coverage)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 9 not met yet: measured coverage of nominal 90% intervals 0.09-0.26 and "
+    "rank correlation of SD with error about -0.2 to 0.07; the error is a smooth distortion "
+    "of the clock per lineage, which no per-cell posterior width sees",
+)
+def test_time_uncertainty_is_calibrated(branching, branching_full):
+    """Posterior SD ranks cells by time error; nominal 90% intervals cover about 90%."""
+    model, _ = branching_full
+    rank, coverage = _calibration(branching, model)
+    assert rank > 0.2
+    assert abs(coverage - 0.9) <= 0.1

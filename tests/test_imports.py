@@ -1,0 +1,312 @@
+"""The package's import graph: no cycles, imports only go downhill, heavy libraries stay lazy.
+
+Every module under ``explorer/`` is parsed with :mod:`ast` (nothing is imported), and
+every ``import``/``from ... import`` in it counts, at module level or inside a function,
+``TYPE_CHECKING`` blocks included: a function-level import still fixes a direction. The
+layers, from the bottom:
+
+``_types``, ``_version``, ``_process``, ``keys`` -> ``kinetics`` -> ``data``, ``graph``
+-> ``models`` -> the package's public API (``explorer/__init__.py``), ``pipeline`` ->
+``app``, ``_samples_build`` -> ``cli``.
+
+A module may import its own layer and the layers below it, and ``data`` and ``graph``
+are peers that do not import each other. The ``if __name__ == "__main__":`` block of a
+module is a program, not part of the module: its imports are checked as the CLI's
+(``python -m explorer.data.samples`` builds the samples with the pipeline). What actually
+loads is checked in fresh interpreters: the core never loads Panel, and torch loads only
+with the models' tensor code.
+
+Run it alone with ``.venv/bin/python -m pytest tests/test_imports.py -q``.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import json
+import re
+import subprocess
+import sys
+import tomllib
+from importlib.metadata import packages_distributions
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "explorer"
+
+#: layer -> rank; a module may import modules of a lower rank, and of its own layer
+RANKS: dict[str, int] = {
+    "_types": 0,
+    "_version": 0,
+    "_process": 0,
+    "keys": 1,
+    "kinetics": 2,
+    "data": 3,
+    "graph": 3,
+    "models": 4,
+    "explorer": 5,  # explorer/__init__.py: the public API, re-exports only
+    "pipeline": 5,
+    "app": 6,
+    "_samples_build": 6,
+    "cli": 7,
+    "__main__": 7,  # the ``if __name__ == "__main__":`` block of a module
+}
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _resolve(node: ast.ImportFrom, module: str, is_package: bool, known: set[str]) -> list[str]:
+    """The explorer modules a ``from ... import ...`` loads (``from explorer import kinetics``: kinetics)."""
+    if node.level:
+        base = module.split(".") if is_package else module.split(".")[:-1]
+        base = base[: len(base) - (node.level - 1)]
+        source = ".".join([*base, node.module] if node.module else base)
+    else:
+        source = node.module or ""
+    if source != "explorer" and not source.startswith("explorer."):
+        return []
+    targets = []
+    for alias in node.names:
+        sub = f"{source}.{alias.name}"
+        targets.append(sub if sub in known else source)
+    return targets
+
+
+def _is_main_guard(node: ast.AST) -> bool:
+    """``if __name__ == "__main__":``."""
+    if not isinstance(node, ast.If) or not isinstance(node.test, ast.Compare):
+        return False
+    sides = [node.test.left, *node.test.comparators]
+    return any(isinstance(x, ast.Name) and x.id == "__name__" for x in sides) and any(
+        isinstance(x, ast.Constant) and x.value == "__main__" for x in sides
+    )
+
+
+def _edges(nodes: list[ast.AST], name: str, is_package: bool, known: set[str]) -> set[str]:
+    edges: set[str] = set()
+    for top in nodes:
+        for node in ast.walk(top):
+            if isinstance(node, ast.Import):
+                edges.update(
+                    a.name for a in node.names if a.name == "explorer" or a.name.startswith("explorer.")
+                )
+            elif isinstance(node, ast.ImportFrom):
+                edges.update(_resolve(node, name, is_package, known))
+    edges.discard(name)
+    return edges
+
+
+@functools.cache
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the explorer modules it imports anywhere in its source.
+
+    A module's ``if __name__ == "__main__":`` block is the node ``<module>:__main__``.
+    """
+    modules = _modules()
+    known = set(modules)
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        body = ast.parse(path.read_text(), filename=str(path)).body
+        is_package = path.name == "__init__.py"
+        main = [n for n in body if _is_main_guard(n)]
+        graph[name] = _edges([n for n in body if not _is_main_guard(n)], name, is_package, known)
+        if main:
+            graph[f"{name}:__main__"] = _edges(main, name, is_package, known)
+    for name, edges in graph.items():
+        unknown = {e for e in edges if e not in known}
+        assert not unknown, f"{name} imports {sorted(unknown)}, which are not modules of the package"
+    return graph
+
+
+def layer(module: str) -> str:
+    """``explorer.graph.moments`` -> ``graph``; ``explorer`` (the package's ``__init__``) -> ``explorer``."""
+    if module.endswith(":__main__"):
+        return "__main__"
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "explorer"
+
+
+def test_every_module_has_a_layer():
+    missing = sorted({layer(m) for m in import_graph()} - set(RANKS))
+    assert not missing, f"modules outside the known layers: {missing}; add them to RANKS"
+
+
+def test_the_graph_sees_function_level_imports():
+    """The parser finds what it must: a known downhill edge, and a known package-relative one."""
+    graph = import_graph()
+    assert "explorer.keys" in graph["explorer.kinetics"]
+    assert "explorer.models.base" in graph["explorer.models"]
+    assert "explorer.pipeline" in graph["explorer.cli"]
+    assert "explorer._samples_build" in graph["explorer.data.samples:__main__"]
+    assert "explorer._samples_build" not in graph["explorer.data.samples"]
+
+
+def test_no_import_cycles():
+    graph = import_graph()
+    cycles = []
+    state: dict[str, int] = {}  # 1: on the stack, 2: done
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append([*stack[stack.index(nxt) :], nxt])
+            elif nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_imports_go_downhill():
+    uphill = []
+    for module, targets in import_graph().items():
+        src = layer(module)
+        for target in targets:
+            dst = layer(target)
+            if dst == src:
+                continue
+            if RANKS[dst] >= RANKS[src]:
+                uphill.append(f"{module} ({src}) -> {target} ({dst})")
+    assert not uphill, "imports that climb or cross between peers:\n" + "\n".join(sorted(uphill))
+
+
+@pytest.mark.parametrize(
+    ("src", "dst"),
+    [("data", "models"), ("data", "pipeline"), ("data", "graph"), ("graph", "models"), ("graph", "data")],
+)
+def test_named_directions_are_absent(src, dst):
+    """The directions the issue names, spelled out (also implied by the ranks)."""
+    bad = [
+        f"{m} -> {t}"
+        for m, targets in import_graph().items()
+        if layer(m) == src
+        for t in targets
+        if layer(t) == dst
+    ]
+    assert not bad
+
+
+def test_only_model_files_import_torch():
+    """Torch is tensor code of the models; data, graph, pipeline and the CLI never name it."""
+    offenders = []
+    for name, path in _modules().items():
+        if layer(name) in {"models", "app"}:
+            continue  # models: their tensor code; app: checked by the app's own tests
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            if any(n == "torch" or n.startswith("torch.") for n in names):
+                offenders.append(name)
+    assert not offenders, f"modules outside explorer.models that import torch: {sorted(set(offenders))}"
+
+
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+#: installed by .ci/setup with ``pip install --no-deps`` (see there why), so not in pyproject.toml
+_INSTALLED_WITHOUT_PINS = {"pygpcca": Path(__file__).resolve().parents[1] / ".ci" / "setup"}
+
+
+def test_every_imported_library_is_declared():
+    """Each third-party package imported anywhere under ``explorer/`` is a dependency in pyproject.toml.
+
+    Except those .ci/setup installs without their pins (:data:`_INSTALLED_WITHOUT_PINS`),
+    which it must then name.
+    """
+    imported: dict[str, str] = {}
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                tops = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                tops = [node.module.split(".")[0]]
+            else:
+                continue
+            for top in tops:
+                if top != "explorer" and top not in sys.stdlib_module_names:
+                    imported.setdefault(top, name)
+    config = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())
+    dependencies = config["project"]["dependencies"]
+    declared = {_normalise(re.split(r"[<>=!~\[; ]", d, maxsplit=1)[0]) for d in dependencies}
+    providers = packages_distributions()
+    missing = {
+        top: module
+        for top, module in imported.items()
+        if not {_normalise(d) for d in providers.get(top, [top])} & declared
+    }
+    assert {"numpy", "scanpy", "torch", "panel"} <= set(imported)  # the scan sees the imports
+    for top, setup in _INSTALLED_WITHOUT_PINS.items():
+        if missing.pop(top, None) is not None:
+            assert f"--no-deps \"{top}==" in setup.read_text(), f"{top} is neither declared nor installed by {setup}"
+    assert not missing, f"imported but not declared in pyproject.toml (package: first importer): {missing}"
+
+
+def _loaded_after(*statements: str) -> list[set[str]]:
+    """Top-level packages in ``sys.modules`` after each of ``statements``, run in one fresh interpreter.
+
+    Imports only add modules, so what is loaded after statement ``k`` includes all that
+    statement ``k`` would load alone: one interpreter checks them all.
+    """
+    lines = ["import sys, json", "seen = []"]
+    for statement in statements:
+        lines += [statement, "seen.append(sorted({m.split('.')[0] for m in sys.modules}))"]
+    lines.append("print(json.dumps(seen))")
+    command = [sys.executable, "-c", "\n".join(lines)]
+    out = subprocess.run(command, capture_output=True, text=True, check=True, cwd=PACKAGE.parent)
+    return [set(x) for x in json.loads(out.stdout.strip().splitlines()[-1])]
+
+
+HEAVY = {"torch", "panel", "holoviews", "bokeh"}
+
+#: in this order, in one interpreter: none may load a library of :data:`HEAVY`
+CORE = (
+    "import explorer",
+    "import explorer.data",
+    "import explorer.graph",
+    "import explorer.data.io, explorer.data.preprocess, explorer.data.simulate, explorer.data.samples",
+    "import explorer.graph.neighbors, explorer.graph.moments, explorer.graph.transition",
+    "import explorer.pipeline",
+    "import explorer.cli",
+    "from explorer.models import MODELS; MODELS['stochastic']; MODELS['dynamical']",
+)
+
+
+def test_core_loads_no_torch_and_no_panel():
+    """``import explorer``, ``explorer.data``, ``explorer.graph``, the pipeline and the CLI load neither."""
+    found = {
+        statement: sorted(loaded & HEAVY)
+        for statement, loaded in zip(CORE, _loaded_after(*CORE), strict=True)
+        if loaded & HEAVY
+    }
+    assert not found, f"heavy libraries loaded (cumulatively, first offender first): {found}"
+
+
+def test_the_tensor_code_does_load_torch():
+    """The check above can fail: the dynamical model's EM is torch code."""
+    assert "torch" in _loaded_after("import explorer.models._em")[0]
+
+
+def test_app_state_loads_no_panel():
+    loaded = _loaded_after("import explorer.app.state")[0] & {"panel", "holoviews", "bokeh"}
+    assert not loaded, f"`import explorer.app.state` loaded {sorted(loaded)}"
