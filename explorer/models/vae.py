@@ -189,7 +189,7 @@ class VeloVAE(Hyperparameters):
             msg = (
                 "The velovae model orients its initial time with the neighbour graph "
                 f"obsp[{Key.obsp.CONNECTIVITIES!r}]; adata.obsp has {sorted(adata.obsp)}. Run "
-                "explorer.data.preprocess.prepare(adata), or pass time_key= naming an obs column "
+                "explorer.pipeline.prepare(adata), or pass time_key= naming an obs column "
                 "of capture times."
             )
             raise InputError(msg)
