@@ -281,6 +281,20 @@ def estimate_softmax_scale(
 # --------------------------------------------------------------------------------------
 
 
+@numba.njit(cache=True, inline="always")
+def _derivatives(d, w_norm, s, v, r, r2, lam, extra, scale):  # pragma: no cover
+    """``(A, B)`` of :func:`_stochastic_row` for one neighbour and gene: the first and second
+    derivative of the softmax argument by the gene's velocity ``v`` (centred), with ``d`` the
+    neighbour's (centred) displacement, ``w_norm`` its norm and ``s`` its similarity."""
+    if not scale:
+        return lam * d, 0.0
+    c = d / w_norm
+    u = v / r
+    a = lam * (c - s * u) / r
+    b = lam * (3.0 * s * u * u - 2.0 * u * c - s + extra * s) / r2
+    return a, b
+
+
 @numba.njit(cache=True)
 def _stochastic_row(X, mu, var, i, nbrs, center, scale, lam, p_out):  # pragma: no cover
     r"""Second-order expected transition probabilities of cell ``i`` (CellRank's ``Stochastic``).
@@ -342,15 +356,7 @@ def _stochastic_row(X, mu, var, i, nbrs, center, scale, lam, p_out):  # pragma: 
             continue
         j = nbrs[k]
         for g in range(n_genes):
-            d = X[j, g] - X[i, g] - w_mean[k]
-            if scale:
-                c = d / w_norm[k]
-                u = (mu[g] - v_mean) / r
-                a = lam * (c - s[k] * u) / r
-                b = lam * (3.0 * s[k] * u * u - 2.0 * u * c - s[k] + extra * s[k]) / r2
-            else:
-                a = lam * d
-                b = 0.0
+            a, b = _derivatives(X[j, g] - X[i, g] - w_mean[k], w_norm[k], s[k], mu[g] - v_mean, r, r2, lam, extra, scale)
             A_bar[g] += p0[k] * a
             A2_bar[g] += p0[k] * a * a
             B_bar[g] += p0[k] * b
@@ -363,15 +369,7 @@ def _stochastic_row(X, mu, var, i, nbrs, center, scale, lam, p_out):  # pragma: 
         for g in range(n_genes):
             if var[g] == 0.0:
                 continue
-            d = X[j, g] - X[i, g] - w_mean[k]
-            if scale:
-                c = d / w_norm[k]
-                u = (mu[g] - v_mean) / r
-                a = lam * (c - s[k] * u) / r
-                b = lam * (3.0 * s[k] * u * u - 2.0 * u * c - s[k] + extra * s[k]) / r2
-            else:
-                a = lam * d
-                b = 0.0
+            a, b = _derivatives(X[j, g] - X[i, g] - w_mean[k], w_norm[k], s[k], mu[g] - v_mean, r, r2, lam, extra, scale)
             spread = A2_bar[g] - A_bar[g] * A_bar[g]
             total += var[g] * ((a - A_bar[g]) ** 2 + b - B_bar[g] - spread)
         p = p0[k] + 0.5 * p0[k] * total
