@@ -30,20 +30,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_dynamical import TRANSITIONS  # endocrinogenesis (Bastidas-Ponce et al. 2019)
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("EXPLORER_SHARED", ROOT.parent / "shared"))
 RESULTS = ROOT / "benchmarks" / "results"
-#: endocrinogenesis (Bastidas-Ponce et al. 2019; scVelo's pancreas example), as bench_dynamical
-TRANSITIONS = (
-    ("Ductal", "Ngn3 low EP"),
-    ("Ngn3 low EP", "Ngn3 high EP"),
-    ("Ngn3 high EP", "Pre-endocrine"),
-    ("Pre-endocrine", "Alpha"),
-    ("Pre-endocrine", "Beta"),
-    ("Pre-endocrine", "Delta"),
-    ("Pre-endocrine", "Epsilon"),
-)
 OTHER_MODELS = ("steady_state", "stochastic", "dynamical")
 
 

@@ -39,11 +39,11 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
+from bench_dynamical import run_measured as peak_rss_of
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("EXPLORER_SHARED", ROOT.parent / "shared"))
@@ -84,43 +84,11 @@ np.savez(out, t=adata.obs["vae_time"].to_numpy(), std_t=adata.obs["vae_std_t"].t
 """
 
 
-def _tree_rss(pid: int) -> int:
-    """Resident memory (bytes) of ``pid`` and all its descendants, from ``/proc`` (Linux)."""
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            status = Path(f"/proc/{p}/status").read_text()
-            total += int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) * 1024
-            for task in Path(f"/proc/{p}/task").iterdir():
-                todo.extend(int(c) for c in (task / "children").read_text().split())
-        except (FileNotFoundError, ProcessLookupError, StopIteration, ValueError):
-            continue
-    return total
-
-
 def run_measured(cmd: list[str]) -> tuple[float, float]:
     """Run ``cmd``; return (wall seconds, peak RSS in GB of its process tree, sampled every 50 ms)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd)
-    peak = 0
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, _tree_rss(proc.pid))
-            time.sleep(0.05)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    rc = proc.wait()
-    done.set()
-    thread.join()
-    if rc != 0:
-        msg = f"benchmark step failed (exit {rc}): {' '.join(cmd)}"
-        raise RuntimeError(msg)
-    return time.perf_counter() - start, peak / 1e9
+    peak = peak_rss_of(cmd)
+    return time.perf_counter() - start, peak
 
 
 def explorer_worker(path: str, out: str, model: str, kwargs: str) -> None:
