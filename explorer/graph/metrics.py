@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from explorer.graph.transition import cosine_correlations
+from explorer.graph.transition import cosine_correlations, mean_neighbour_cosine
 from explorer.keys import Key
 
 if TYPE_CHECKING:
@@ -16,9 +16,6 @@ if TYPE_CHECKING:
     from numpy.typing import ArrayLike
 
     from explorer._types import BoolArray, FloatArray, IntArray
-
-#: elements of one ``(cells, neighbours, genes)`` block of the consistency scores (16 MiB)
-_BLOCK_ELEMENTS = 1 << 22
 
 
 def cross_boundary_correctness(
@@ -105,16 +102,7 @@ def velocity_consistency(velocity: FloatArray, indices: IntArray) -> FloatArray:
     with a nonzero one.
     """
     unit, has = _unit_rows(velocity)
-    out = np.full(unit.shape[0], np.nan)
-    step = max(1, _BLOCK_ELEMENTS // max(unit.shape[1] * indices.shape[1], 1))
-    for s in range(0, unit.shape[0], step):
-        idx = indices[s : s + step]
-        cos = np.einsum("ikg,ig->ik", unit[idx], unit[s : s + step])
-        valid = has[idx]
-        n_valid = valid.sum(axis=1)
-        mean = np.where(valid, cos, 0.0).sum(axis=1) / np.maximum(n_valid, 1)
-        out[s : s + step] = np.where(has[s : s + step] & (n_valid > 0), mean, np.nan)
-    return out.astype(np.float32)
+    return mean_neighbour_cosine(unit, has, indices).astype(np.float32)
 
 
 def velocity_consistency_by_type(velocity: FloatArray, labels: ArrayLike) -> FloatArray:

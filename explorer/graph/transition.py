@@ -587,17 +587,26 @@ def velocity_confidence(velocity: FloatArray, indices: IntArray) -> FloatArray:
     V = V - V.mean(axis=1, keepdims=True)
     norm = np.sqrt(np.einsum("ij,ij->i", V, V, dtype=np.float64))
     unit = np.divide(V, norm[:, None], out=np.zeros_like(V), where=norm[:, None] > 0)
-    has = norm > 0
-    out = np.full(V.shape[0], np.nan)
-    step = max(1, _BLOCK_ELEMENTS // max(V.shape[1] * indices.shape[1], 1))
-    for s in range(0, V.shape[0], step):
+    return np.clip(mean_neighbour_cosine(unit, norm > 0, indices), 0.0, None).astype(np.float32)
+
+
+def mean_neighbour_cosine(unit: np.ndarray, has: np.ndarray, indices: IntArray) -> np.ndarray:
+    """Mean dot product of each row of ``unit`` with its neighbours' rows, in blocks of cells.
+
+    ``unit``: ``(n_obs, n_genes)`` rows of length 1 (or 0); ``has``: ``(n_obs,)`` which rows
+    are nonzero; ``indices``: ``(n_obs, k)`` neighbours. Neighbours without a row are left
+    out of the mean; NaN for a cell without a row or without such a neighbour. Float64.
+    """
+    out = np.full(unit.shape[0], np.nan)
+    step = max(1, _BLOCK_ELEMENTS // max(unit.shape[1] * indices.shape[1], 1))
+    for s in range(0, unit.shape[0], step):
         idx = indices[s : s + step]
-        corr = np.einsum("ikg,ig->ik", unit[idx], unit[s : s + step])
+        cos = np.einsum("ikg,ig->ik", unit[idx], unit[s : s + step])
         valid = has[idx]
         n_valid = valid.sum(axis=1)
-        mean = np.where(valid, corr, 0.0).sum(axis=1) / np.maximum(n_valid, 1)
+        mean = np.where(valid, cos, 0.0).sum(axis=1) / np.maximum(n_valid, 1)
         out[s : s + step] = np.where(has[s : s + step] & (n_valid > 0), mean, np.nan)
-    return np.clip(out, 0.0, None).astype(np.float32)
+    return out
 
 
 def velocity_confidence_transition(
