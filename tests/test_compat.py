@@ -23,18 +23,24 @@ from explorer.pipeline import run_velocity
 _DEFAULT = Path(__file__).resolve().parent.parent / ".venv-compat" / "bin" / "python"
 COMPAT_PYTHON = os.environ.get("EXPLORER_COMPAT_PYTHON") or (str(_DEFAULT) if _DEFAULT.exists() else None)
 
+#: run before ``import cellrank`` in every script for .venv-compat: CellRank 2.0.7 (the last
+#: release for Python 3.11) calls assert_array_equal(x=..., y=...), names numpy 2 no longer
+#: accepts; map them so its kernels run at all
+CELLRANK_NUMPY2_SHIM = r"""
+import numpy as np
+_assert_equal = np.testing.assert_array_equal
+def _assert_equal_compat(*args, x=None, y=None, **kwargs):
+    return _assert_equal(x, y, **kwargs) if x is not None else _assert_equal(*args, **kwargs)
+np.testing.assert_array_equal = _assert_equal_compat
+"""
+
 SCRIPT = r"""
 import json, sys, warnings
 warnings.filterwarnings("ignore")
 import matplotlib
 matplotlib.use("Agg")
 import numpy as np, anndata as ad, scvelo as scv
-# CellRank 2.0.7 (the last release for Python 3.11) calls assert_array_equal(x=..., y=...),
-# names numpy 2 no longer accepts; map them so its VelocityKernel runs at all.
-_assert_equal = np.testing.assert_array_equal
-def _assert_equal_compat(*args, x=None, y=None, **kwargs):
-    return _assert_equal(x, y, **kwargs) if x is not None else _assert_equal(*args, **kwargs)
-np.testing.assert_array_equal = _assert_equal_compat
+""" + CELLRANK_NUMPY2_SHIM + r"""
 import cellrank as cr
 path, png = sys.argv[1], sys.argv[2]
 a = ad.read_h5ad(path)

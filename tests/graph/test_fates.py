@@ -26,6 +26,7 @@ from explorer.graph.kernels import (
 )
 from explorer.graph.transition import random_walks
 from explorer.keys import Key
+from tests.test_compat import CELLRANK_NUMPY2_SHIM
 
 # --------------------------------------------------------------------------------------
 # a chain of cells with velocity along it
@@ -450,10 +451,7 @@ CELLRANK_KERNELS = r"""
 import sys, warnings
 warnings.filterwarnings("ignore")
 import numpy as np, anndata as ad, scipy.sparse as sp
-_aae = np.testing.assert_array_equal
-def _aae_compat(*a, x=None, y=None, **k):
-    return _aae(x, y, **k) if x is not None else _aae(*a, **k)
-np.testing.assert_array_equal = _aae_compat
+""" + CELLRANK_NUMPY2_SHIM + r"""
 import cellrank as cr
 path, out = sys.argv[1], sys.argv[2]
 a = ad.read_h5ad(path)
@@ -537,10 +535,7 @@ CELLRANK_STOCHASTIC_ROWS = r"""
 import sys, warnings
 warnings.filterwarnings("ignore")
 import numpy as np, anndata as ad
-_aae = np.testing.assert_array_equal
-def _aae_compat(*a, x=None, y=None, **k):
-    return _aae(x, y, **k) if x is not None else _aae(*a, **k)
-np.testing.assert_array_equal = _aae_compat
+""" + CELLRANK_NUMPY2_SHIM + r"""
 import cellrank as cr
 path, out = sys.argv[1], sys.argv[2]
 vk = cr.kernels.VelocityKernel(ad.read_h5ad(path))
@@ -670,10 +665,7 @@ warnings.filterwarnings("ignore")
 import matplotlib
 matplotlib.use("Agg")
 import numpy as np, anndata as ad
-_aae = np.testing.assert_array_equal
-def _aae_compat(*a, x=None, y=None, **k):
-    return _aae(x, y, **k) if x is not None else _aae(*a, **k)
-np.testing.assert_array_equal = _aae_compat
+""" + CELLRANK_NUMPY2_SHIM + r"""
 import cellrank as cr
 a = ad.read_h5ad(sys.argv[1])
 g = cr.estimators.GPCCA.from_adata(a, obsp_key="T_fwd")
