@@ -13,9 +13,12 @@ Each case runs in a fresh process, whose peak resident memory (``ru_maxrss``) is
 reported beside its memory after loading the data. Prints a table and writes
 ``benchmarks/results/deepvelo.json``. Usage::
 
-    python benchmarks/bench_deepvelo.py [--sizes 10000 100000] [--sim-epochs 3] [--skip-pancreas]
+    python benchmarks/bench_deepvelo.py [--sizes 10000 100000] [--sim-epochs 3] [--skip-pancreas] [--threads 1]
 
-``--skip-pancreas`` keeps the pancreas figures already in the JSON.
+``--skip-pancreas`` keeps the pancreas figures already in the JSON. ``--threads`` sets
+torch's intra-op threads in the workers (default: torch's own, one per core); each
+record keeps the number used. On a machine shared with other jobs, one thread wastes
+far less time waiting for the others than two.
 """
 
 from __future__ import annotations
@@ -82,7 +85,10 @@ def pancreas_worker(out: str) -> None:
     w, c = time.perf_counter(), time.process_time()
     res = model.fit(adata)
     wall, cpu = time.perf_counter() - w, time.process_time() - c
+    import torch
+
     record = {
+        "torch_threads": torch.get_num_threads(),
         "cells": adata.n_obs,
         "genes": int(res.velocity_genes.sum()),
         "epochs": model.epochs,
@@ -124,7 +130,10 @@ def simulation_worker(n_obs: int, n_vars: int, epochs: int, out: str) -> None:
     w, c = time.perf_counter(), time.process_time()
     model.fit(adata)
     wall, cpu = time.perf_counter() - w, time.process_time() - c
+    import torch
+
     record = {
+        "torch_threads": torch.get_num_threads(),
         "cells": n_obs,
         "genes": n_vars,
         "epochs": epochs,
@@ -139,8 +148,8 @@ def simulation_worker(n_obs: int, n_vars: int, epochs: int, out: str) -> None:
     Path(out).write_text(json.dumps(record))
 
 
-def _run(args: list[str], out: Path) -> dict:
-    subprocess.run([sys.executable, __file__, *args, str(out)], check=True)
+def _run(args: list[str], out: Path, threads: int) -> dict:
+    subprocess.run([sys.executable, __file__, "--threads", str(threads), *args, str(out)], check=True)
     return json.loads(out.read_text())
 
 
@@ -150,13 +159,18 @@ def main() -> None:
     parser.add_argument("--sim-genes", type=int, default=300)
     parser.add_argument("--sim-epochs", type=int, default=3)
     parser.add_argument("--skip-pancreas", action="store_true")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads in the workers (0: torch's default)")
     parser.add_argument("--pancreas-worker", nargs=1, help=argparse.SUPPRESS)
     parser.add_argument("--simulation-worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.pancreas_worker or args.simulation_worker:
         import logging
 
+        import torch
+
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+        if args.threads > 0:
+            torch.set_num_threads(args.threads)
     if args.pancreas_worker:
         pancreas_worker(args.pancreas_worker[0])
         return
@@ -174,20 +188,23 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_pancreas:
-            results["pancreas"] = _run(["--pancreas-worker"], Path(tmp) / "pancreas.json")
+            results["pancreas"] = _run(["--pancreas-worker"], Path(tmp) / "pancreas.json", args.threads)
         results["simulations"] = [
             _run(
                 ["--simulation-worker", str(n), str(args.sim_genes), str(args.sim_epochs)],
                 Path(tmp) / f"sim_{n}.json",
+                args.threads,
             )
             for n in args.sizes
         ]
     path = RESULTS / "deepvelo.json"
-    if args.skip_pancreas and path.exists():
-        # keep the pancreas figures of an earlier run
+    if path.exists():
+        # keep the figures of an earlier run for the parts not run now
         earlier = json.loads(path.read_text())
-        if "pancreas" in earlier:
+        if args.skip_pancreas and "pancreas" in earlier:
             results["pancreas"] = earlier["pancreas"]
+        if not args.sizes and "simulations" in earlier:
+            results["simulations"] = earlier["simulations"]
     tmp_path = path.with_suffix(".json.tmp")
     tmp_path.write_text(json.dumps(results, indent=2))
     tmp_path.replace(path)

@@ -3,11 +3,16 @@
 Runs, in one go and on the same preprocessed inputs, genes and cores:
 
 1. the real pancreas (3,696 cells; scVelo's velocity genes) and a simulation
-   (``simulate(n_obs=3000, n_vars=1000)``): explorer's :class:`Dynamical` in this
-   environment and scVelo (``scv.tl.recover_dynamics(n_jobs=2)`` then
-   ``velocity(mode="dynamical")``, ``velocity_graph``, ``latent_time``) in its own
-   virtual environment (``pip install scvelo-modern``; never a dependency of explorer),
-   each in a fresh process whose peak memory (whole process tree) is sampled;
+   (``simulate(n_obs=3000, n_vars=1000)``): the whole ``explorer fit PRE.h5ad --model
+   dynamical`` command (start-up, read, fit, latent time, onsets, velocity graph,
+   projection, write), timed as a process, against the compute alone (no start-up, no
+   read or write) of scVelo (``scv.tl.recover_dynamics(n_jobs=2)`` then
+   ``velocity(mode="dynamical")``, ``velocity_graph``, ``latent_time``) and of
+   scvelo-rs (the same calls through its Rust kernels), both in scVelo's own virtual
+   environment (``pip install scvelo-modern``, and ``pip install scvelo-rs --no-deps``
+   beside it; never dependencies of explorer), each in a fresh process whose peak memory
+   (whole process tree) is sampled; every tool is scored by the same functions on what
+   it wrote;
 2. explorer alone on simulations of 1k, 10k and 100k cells (300 genes) to show how the
    cost grows with the number of cells.
 
@@ -18,7 +23,8 @@ simulator (:func:`latent_sweep`: heterogeneous rates, several seeds, cell counts
 ``t_max``), scored by one function for both tools, and writes
 ``benchmarks/results/dynamical_latent_time.json``. Usage::
 
-    python benchmarks/bench_dynamical.py [--scvelo-python /tmp/scvenv/bin/python]
+    python benchmarks/bench_dynamical.py [--scvelo-python .venv-compat/bin/python]
+        [--peers scvelo scvelo-rs] [--datasets pancreas_3696 simulation_3000x1000]
         [--sizes 1000 10000 100000] [--scaling-genes 300] [--skip-scvelo]
     python benchmarks/bench_dynamical.py --latent-sweep --scvelo-python PY
         [--sweep-seeds 0 1 2 3 4] [--sweep-settings 1000:25 1000:30 3000:25 3000:30]
@@ -39,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -61,6 +68,10 @@ TRANSITIONS = (
     ("Pre-endocrine", "Delta"),
     ("Pre-endocrine", "Epsilon"),
 )
+
+#: the other tools, each run by ``_scvelo_worker.py`` in the scVelo environment on the same
+#: file and genes: scVelo 0.3.4 and scvelo-rs (its Rust port, ``pip install scvelo-rs --no-deps``)
+PEERS = ("scvelo", "scvelo-rs")
 
 
 # ----------------------------------------------------------------------------------- workers
@@ -112,23 +123,31 @@ def _tree_rss(pid: int) -> int:
     return total
 
 
-def run_measured(cmd: list[str]) -> float:
-    """Run ``cmd``; return the peak RSS (GB) of its process tree, sampled every 50 ms."""
-    proc = subprocess.Popen(cmd)
-    peak = 0
-    done = threading.Event()
+def run_measured(cmd: list[str], *, stderr: Path | None = None) -> float:
+    """Run ``cmd``; return the peak RSS (GB) of its process tree, sampled every 50 ms.
 
-    def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, _tree_rss(proc.pid))
-            time.sleep(0.05)
+    ``stderr``: a file that receives the command's standard error (else it goes to ours).
+    """
+    err = stderr.open("w") if stderr is not None else None
+    try:
+        proc = subprocess.Popen(cmd, stderr=err)
+        peak = 0
+        done = threading.Event()
 
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    rc = proc.wait()
-    done.set()
-    thread.join()
+        def sample() -> None:
+            nonlocal peak
+            while not done.is_set():
+                peak = max(peak, _tree_rss(proc.pid))
+                time.sleep(0.05)
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        rc = proc.wait()
+        done.set()
+        thread.join()
+    finally:
+        if err is not None:
+            err.close()
     if rc != 0:
         msg = f"benchmark step failed (exit {rc}): {' '.join(cmd)}"
         raise RuntimeError(msg)
@@ -158,6 +177,41 @@ def _explorer_worker_cmd(path: Path, genes_path: Path, out: Path, kwargs: dict) 
     return [sys.executable, __file__, "--explorer-worker", *args]
 
 
+def _explorer_command(path: Path, out: Path, kwargs: dict) -> list[str]:
+    """The whole ``explorer fit PATH --model dynamical`` command, as a user runs it (logs on stderr)."""
+    script = Path(sys.executable).with_name("explorer")
+    prefix = [str(script)] if script.exists() else [sys.executable, "-m", "explorer.cli"]
+    params = [x for k, v in kwargs.items() for x in ("--param", f"{k}={v}")]
+    options = ["--out", str(out), "--force", "--quiet"]
+    return [*prefix, "-v", "fit", str(path), "--model", "dynamical", *params, *options]
+
+
+def _read_command_output(out: Path, genes: list[str], log: str) -> dict:
+    """What the command wrote for ``genes``, in the workers' npz layout, and its stage timings."""
+    import anndata
+
+    adata = anndata.read_h5ad(out)
+    gi = adata.var_names.get_indexer(genes)
+    var = adata.var.iloc[gi]
+    z = {
+        "genes": np.asarray(genes),
+        "fitted_genes": np.asarray(adata.var_names[adata.var["fit_alpha"].notna().to_numpy()]),
+        "fit_t": np.asarray(adata.layers["fit_t"][:, gi]),
+        "velocity": np.asarray(adata.layers["velocity"][:, gi]),
+        "velocity_genes": var["velocity_genes"].to_numpy(dtype=bool),
+        "latent_time": adata.obs["latent_time"].to_numpy(),
+        **{
+            c: var[c].to_numpy(dtype=np.float64)
+            for c in var.columns
+            if c.startswith("fit_") and var[c].dtype != bool
+        },
+    }
+    # "dynamical model timings (s): {...}", logged by Dynamical.fit under -v
+    match = re.search(r"dynamical model timings \(s\): (\{.*\})", log)
+    timings = json.loads(match.group(1).replace("'", '"')) if match else {}
+    return z, timings
+
+
 def cbdir(adata, velocity: np.ndarray, genes: np.ndarray, key: str = "clusters") -> dict[str, float]:
     """CBDir of every transition in :data:`TRANSITIONS` that has cells on both sides."""
     from explorer.graph.metrics import cross_boundary_correctness
@@ -174,19 +228,23 @@ def cbdir(adata, velocity: np.ndarray, genes: np.ndarray, key: str = "clusters")
 # ----------------------------------------------------------------------------------- driver
 
 
-def _prepare_inputs(tmp: Path) -> dict[str, Path]:
+def _prepare_inputs(tmp: Path, names: list[str]) -> dict[str, Path]:
+    """The preprocessed inputs (``explorer.pipeline.prepare``, with the UMAP the command projects on)."""
     import anndata
 
-    from explorer.pipeline import prepare
     from explorer.data.simulate import simulate
     from explorer.models.steady_state import SteadyState
+    from explorer.pipeline import prepare
 
     inputs = {}
-    panc = anndata.read_h5ad(SHARED / "data" / "pancreas_endocrinogenesis_3696.h5ad")
-    prepare(panc, compute_umap=False)
-    sim = simulate(n_obs=3000, n_vars=1000, seed=0)
-    prepare(sim, compute_umap=False)
-    for name, adata in (("pancreas_3696", panc), ("simulation_3000x1000", sim)):
+    makers = {
+        "pancreas_3696": lambda: anndata.read_h5ad(SHARED / "data" / "pancreas_endocrinogenesis_3696.h5ad"),
+        "simulation_3000x1000": lambda: simulate(n_obs=3000, n_vars=1000, seed=0),
+    }
+    for name in names:
+        adata = makers[name]()
+        # with the UMAP: the command projects the velocity on it, and would otherwise compute it
+        prepare(adata)
         path = tmp / f"{name}.h5ad"
         adata.write_h5ad(path)
         genes = SteadyState(use_highly_variable=False).fit(adata).velocity_genes
@@ -195,46 +253,49 @@ def _prepare_inputs(tmp: Path) -> dict[str, Path]:
     return inputs
 
 
-def compare(name: str, path: Path, tmp: Path, scvelo_python: str | None, kwargs: dict) -> dict:
+def compare(
+    name: str, path: Path, tmp: Path, scvelo_python: str | None, kwargs: dict, peers: tuple[str, ...] = PEERS
+) -> dict:
+    """Explorer's whole command and each of ``peers`` on one preprocessed file, scored alike."""
     import anndata
     from scipy.stats import spearmanr
 
     genes_path = tmp / f"{name}_genes.txt"
+    genes = [g for g in genes_path.read_text().split("\n") if g]
     row: dict = {"dataset": name}
     outs = {}
-    for tool in ("explorer", "scvelo"):
+    for tool in ("explorer", *peers):
         out = tmp / f"{name}_{tool}.npz"
         if tool == "explorer":
-            cmd = _explorer_worker_cmd(path, genes_path, out, kwargs)
+            # the whole command: start-up, read, fit, latent time, graph, projection, write
+            h5 = tmp / f"{name}_explorer.h5ad"
+            log = tmp / f"{name}_explorer.log"
+            t0 = time.perf_counter()
+            peak = run_measured(_explorer_command(path, h5, kwargs), stderr=log)
+            process_wall = time.perf_counter() - t0
+            z, timings = _read_command_output(h5, genes, log.read_text())
+            row["explorer_same_genes"] = bool(set(z.pop("fitted_genes")) == set(genes))
+            row["explorer_command_s"] = round(process_wall, 2)
+            row["explorer_timings"] = {k: round(v, 2) for k, v in timings.items()}
         elif scvelo_python:
-            cmd = [
-                scvelo_python,
-                str(ROOT / "benchmarks" / "_scvelo_worker.py"),
-                str(path),
-                str(genes_path),
-                str(out),
-                "2",
-            ]
+            cmd = [scvelo_python, str(ROOT / "benchmarks" / "_scvelo_worker.py")]
+            cmd += [str(path), str(genes_path), str(out), "2", tool]
+            t0 = time.perf_counter()
+            peak = run_measured(cmd)
+            process_wall = time.perf_counter() - t0
+            z = dict(np.load(out, allow_pickle=False))
+            t = z["times"]
+            row[f"{tool}_recover_dynamics_s"] = round(float(t[0]), 2)
+            # recover_dynamics + velocity + velocity_graph + latent_time: their compute, no start-up
+            row[f"{tool}_total_s"] = round(float(t.sum()), 2)
+            row[f"{tool}_steps_s"] = [round(float(x), 2) for x in t]
         else:
             continue
-        t0 = time.perf_counter()
-        peak = run_measured(cmd)
-        process_wall = time.perf_counter() - t0
-        z = dict(np.load(out, allow_pickle=False))
         outs[tool] = z
         row[f"{tool}_peak_gb"] = round(peak, 2)
         row[f"{tool}_process_s"] = round(process_wall, 1)
-        if tool == "explorer":
-            row["explorer_fit_s"] = round(float(z["times"][0]), 2)
-            row["explorer_timings"] = {k: round(v, 2) for k, v in json.loads(str(z["timings"])).items()}
-        else:
-            t = z["times"]
-            row["scvelo_recover_dynamics_s"] = round(float(t[0]), 2)
-            # recover_dynamics + velocity + velocity_graph + latent_time: what one explorer fit does
-            row["scvelo_total_s"] = round(float(t.sum()), 2)
 
     adata = anndata.read_h5ad(path)
-    genes = list(outs["explorer"]["genes"])
     gi = adata.var_names.get_indexer(genes)
     Mu = np.asarray(adata.layers["Mu"][:, gi])
     Ms = np.asarray(adata.layers["Ms"][:, gi])
@@ -254,8 +315,9 @@ def compare(name: str, path: Path, tmp: Path, scvelo_python: str | None, kwargs:
             vg = np.zeros(adata.n_vars, dtype=bool)
             vg[gi] = z["velocity_genes"]
             row[f"{tool}_cbdir"] = {k: round(v, 3) for k, v in cbdir(adata, vel, vg).items()}
-    if "scvelo" in outs:
-        a, b = outs["explorer"], outs["scvelo"]
+    for peer in (p for p in peers if p in outs):
+        a, b = outs["explorer"], outs[peer]
+        key = "" if peer == "scvelo" else f"_{peer.replace('-', '_')}"
         both = np.isfinite(a["fit_alpha"]) & np.isfinite(b["fit_alpha"])
         corr = []
         for j in np.flatnonzero(both):
@@ -264,19 +326,20 @@ def compare(name: str, path: Path, tmp: Path, scvelo_python: str | None, kwargs:
             if x[ok].std() > 0 and y[ok].std() > 0:
                 corr.append(np.corrcoef(x[ok], y[ok])[0, 1])
         corr = np.asarray(corr)
-        row["velocity_agreement_share_genes"] = round(float((corr > 0).mean()), 3)
-        row["velocity_agreement_median_corr"] = round(float(np.median(corr)), 3)
-        row["latent_time_spearman_between"] = round(
+        row[f"velocity_agreement_share_genes{key}"] = round(float((corr > 0).mean()), 3)
+        row[f"velocity_agreement_median_corr{key}"] = round(float(np.median(corr)), 3)
+        row[f"latent_time_spearman_between{key}"] = round(
             float(spearmanr(a["latent_time"], b["latent_time"])[0]), 3
         )
         ra = a["fit_gamma"][both] / a["fit_beta"][both]
         rb = b["fit_gamma"][both] / b["fit_beta"][both]
-        row["ratio_spearman_between"] = round(float(spearmanr(ra, rb)[0]), 3)
-        if "scvelo_total_s" in row:
-            row["speedup_recover_dynamics"] = round(
-                row["scvelo_recover_dynamics_s"] / row["explorer_timings"]["em"], 1
+        row[f"ratio_spearman_between{key}"] = round(float(spearmanr(ra, rb)[0]), 3)
+        # the issue's measure: the whole explorer command against the peer's compute alone
+        row[f"speedup_command_vs_{peer}"] = round(row[f"{peer}_total_s"] / row["explorer_command_s"], 1)
+        if "em" in row["explorer_timings"]:
+            row[f"speedup_fit_vs_{peer}"] = round(
+                row[f"{peer}_recover_dynamics_s"] / row["explorer_timings"]["em"], 1
             )
-            row["speedup_total"] = round(row["scvelo_total_s"] / row["explorer_fit_s"], 1)
     return row
 
 
@@ -382,9 +445,9 @@ def _prepare_large(adata) -> None:
 def scaling(tmp: Path, sizes: list[int], n_vars: int, kwargs: dict) -> list[dict]:
     from scipy.stats import spearmanr
 
-    from explorer.pipeline import prepare
     from explorer.data.simulate import simulate
     from explorer.keys import Key
+    from explorer.pipeline import prepare
 
     rows = []
     for n in sizes:
@@ -420,8 +483,22 @@ def scaling(tmp: Path, sizes: list[int], n_vars: int, kwargs: dict) -> list[dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--explorer-worker", nargs=4, metavar=("INPUT", "GENES", "OUT", "KWARGS"))
-    parser.add_argument("--scvelo-python", default="/tmp/scvenv/bin/python")
-    parser.add_argument("--skip-scvelo", action="store_true")
+    parser.add_argument(
+        "--scvelo-python",
+        default=str(ROOT / ".venv-compat" / "bin" / "python"),
+        help="python of the scVelo environment (.ci/setup makes .venv-compat; add scvelo-rs there by hand)",
+    )
+    parser.add_argument("--skip-scvelo", action="store_true", help="run explorer alone")
+    parser.add_argument(
+        "--peers",
+        nargs="*",
+        default=list(PEERS),
+        choices=list(PEERS),
+        help="the other tools to run in --scvelo-python (scvelo-rs: pip install scvelo-rs --no-deps there)",
+    )
+    parser.add_argument(
+        "--datasets", nargs="*", default=["pancreas_3696", "simulation_3000x1000"], help="comparison inputs"
+    )
     parser.add_argument("--skip-comparison", action="store_true")
     parser.add_argument("--sizes", type=int, nargs="*", default=[1000, 10000, 100000])
     parser.add_argument("--scaling-genes", type=int, default=300)
@@ -484,9 +561,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="explorer_bench_") as tmpdir:
         tmp = Path(tmpdir)
         if not args.skip_comparison:
-            inputs = _prepare_inputs(tmp)
+            inputs = _prepare_inputs(tmp, args.datasets)
             scvelo = None if args.skip_scvelo else args.scvelo_python
-            result["comparison"] = [compare(name, path, tmp, scvelo, kwargs) for name, path in inputs.items()]
+            peers = tuple(args.peers)
+            result["comparison"] = [
+                compare(name, path, tmp, scvelo, kwargs, peers) for name, path in inputs.items()
+            ]
             for row in result["comparison"]:
                 print(json.dumps(row), flush=True)
         if args.sizes:
@@ -519,18 +599,25 @@ def print_table(result: dict) -> None:
     """Markdown tables of the comparison and the scaling runs."""
     rows = result.get("comparison", [])
     if rows:
-        print("\n| dataset | tool | fit (s) | total (s) | peak GB | latent-time Spearman | mean likelihood |")
-        print("|---|---|---|---|---|---|---|")
+        print(
+            "\n| dataset | tool | fit (s) | whole (s) | peak GB | latent-time Spearman | mean likelihood |"
+            " whole command faster by |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
         for r in rows:
-            for tool in ("explorer", "scvelo"):
+            for tool in ("explorer", *PEERS):
                 if f"{tool}_mean_fit_r2" not in r:
                     continue
-                fit = r["explorer_timings"]["em"] if tool == "explorer" else r["scvelo_recover_dynamics_s"]
-                total = r["explorer_fit_s"] if tool == "explorer" else r["scvelo_total_s"]
+                if tool == "explorer":
+                    fit, total = r["explorer_timings"].get("em", float("nan")), r["explorer_command_s"]
+                    ratio = "-"
+                else:
+                    fit, total = r[f"{tool}_recover_dynamics_s"], r[f"{tool}_total_s"]
+                    ratio = f"{r[f'speedup_command_vs_{tool}']}x"
                 lt = r.get(f"{tool}_latent_time_spearman", "-")
                 print(
                     f"| {r['dataset']} | {tool} | {fit:.1f} | {total:.1f} | {r[f'{tool}_peak_gb']} | {lt} | "
-                    f"{r[f'{tool}_mean_likelihood']} |"
+                    f"{r[f'{tool}_mean_likelihood']} | {ratio} |"
                 )
     if result.get("scaling"):
         print("\n| cells | genes | fit (s) | EM (s) | latent time (s) | peak GB | latent-time Spearman |")

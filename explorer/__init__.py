@@ -2,8 +2,8 @@
 
 Layers, imported only downhill (``tests/test_imports.py`` checks it): ``cli`` -> ``app``
 -> ``pipeline`` -> ``models`` -> ``graph``, ``data`` -> ``kinetics`` -> ``keys``,
-``_types``. Every import sits at the top of its module, with two deliberate exceptions,
-both lazy loads of a heavy library that most uses never need:
+``_types``. Every import sits at the top of its module, with three deliberate exceptions,
+all lazy loads of heavy libraries that most uses never need:
 
 - **torch**, imported inside the model files' functions (``explorer.models.dynamical``
   calls ``_import_torch``, which first runs :func:`explorer._process.set_up_process`, as
@@ -14,6 +14,9 @@ both lazy loads of a heavy library that most uses never need:
 - **Panel** (and HoloViews, Bokeh), imported by ``explorer.app`` only: the CLI imports
   the app inside ``explorer serve``, and ``explorer.app`` loads its views on first use,
   so the core never loads Panel.
+- **scanpy** (with scikit-learn and matplotlib), **pynndescent** and **umap**, imported
+  inside the preprocessing steps that call them (gene selection, PCA, neighbours, UMAP):
+  `explorer fit` on data that is already preprocessed starts without them.
 """
 
 from __future__ import annotations

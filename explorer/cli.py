@@ -1,4 +1,6 @@
-"""Command line: ``explorer fit``, ``fates``, ``models``, ``info`` and ``serve``.
+"""Command line: ``explorer fit``, ``fates``, ``compare``, ``trajectories``, ``perturb`` and the rest.
+
+The other commands: ``models``, ``info`` and ``serve``.
 
 A thin argparse front-end over the Python API. Bad input (``InputError``) is printed as
 one clear message on stderr with exit code 2; progress goes to stderr as a bar. The app
@@ -215,7 +217,52 @@ def _check_fit_args(args: argparse.Namespace) -> tuple[dict[str, Any], Path, lis
     return params, out, protect
 
 
+def _wants_stream(args: argparse.Namespace) -> bool:
+    """``explorer fit`` streams gene blocks (explorer.stream) for a .zarr input or a Dask option."""
+    zarr_input = args.input is not None and str(args.input).rstrip("/").endswith(".zarr")
+    return zarr_input or args.stream or args.scheduler is not None or args.workers is not None
+
+
+def _cmd_fit_streamed(args: argparse.Namespace) -> int:
+    """``explorer fit atlas.zarr --model dynamical [--scheduler ADDR | --workers N]``."""
+    from explorer.stream import dask_client, fit_streamed
+
+    if args.input is None:
+        msg = "the streamed fit needs an input: an AnnData .zarr folder or .h5ad file."
+        raise InputError(msg)
+    if args.workers is not None and args.workers < 1:
+        msg = f"--workers expects at least 1; found {args.workers}."
+        raise InputError(msg)
+    in_path = Path(args.input)
+    out = Path(args.out) if args.out else Path(f"{in_path.name.split('.')[0]}_{args.model}.zarr")
+    params = {"seed": args.seed, **_model_params(args.param)}
+    with _Interrupt() as interrupt:
+        bar = _Bar(enabled=not args.quiet, interrupt=interrupt)
+        start = time.perf_counter()
+        kwargs = {
+            "model": args.model, "model_params": params, "basis": args.basis, "overwrite": args.force,
+            "spliced_layer": args.spliced_layer, "unspliced_layer": args.unspliced_layer, "progress": bar,
+        }  # fmt: skip
+        try:
+            if args.scheduler is None and args.workers is None:
+                summary = fit_streamed(in_path, out, **kwargs)
+            else:
+                with dask_client(scheduler=args.scheduler, n_workers=args.workers) as client:
+                    print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
+                    summary = fit_streamed(in_path, out, client=client, **kwargs)
+        finally:
+            bar.close()
+    print(
+        f"{args.model} (streamed): {summary.n_obs} cells, {summary.n_vars} genes, "
+        f"{summary.n_velocity_genes} velocity genes in {time.perf_counter() - start:.1f} s -> {summary.out}",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def _cmd_fit(args: argparse.Namespace) -> int:
+    if _wants_stream(args):
+        return _cmd_fit_streamed(args)
     params, out, protect = _check_fit_args(args)
     with _Interrupt() as interrupt:
         adata, _ = _load(args.input, spliced_layer=args.spliced_layer, unspliced_layer=args.unspliced_layer)
@@ -361,6 +408,331 @@ def _cmd_fates(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_field_args(args: argparse.Namespace) -> tuple[Path, Path | None]:
+    """``explorer trajectories`` / ``perturb``: the options, the input and the output, before any work."""
+    from explorer.data.io import _check_hdf5
+
+    if args.steps < 1:
+        msg = f"--steps must be at least 1; found {args.steps}. Pass e.g. --steps 200."
+        raise InputError(msg)
+    if args.dt is not None and not args.dt > 0:
+        msg = f"--dt must be a positive number; found {args.dt}. Leave it out for the fit's own step."
+        raise InputError(msg)
+    in_path = Path(args.input)
+    if not in_path.is_file() or in_path.suffix.lower() != ".h5ad":
+        found = "nothing"
+        if in_path.exists():
+            found = "a folder" if in_path.is_dir() else repr(in_path.suffix or "no extension")
+        msg = (
+            f"cannot read {args.input!r}: expected an .h5ad file with a vector-field fit, found {found}. "
+            "Fit one with `explorer fit DATA --model vector_field --out fit.h5ad`."
+        )
+        raise InputError(msg)
+    _check_hdf5(in_path, ".h5ad")
+    out = None
+    if args.out:
+        out = Path(args.out)
+        problems = (
+            (
+                out.suffix.lower() != ".csv",
+                f"expected a name ending in .csv, found {out.suffix or 'no extension'!r}",
+            ),
+            (out.resolve() == in_path.resolve(), "it is the input file"),
+            (not out.resolve().parent.is_dir(), f"folder {str(out.resolve().parent)!r} does not exist"),
+            (out.is_dir(), "it is a folder"),
+            (out.exists() and not args.force, "it exists already; pass --force to replace it"),
+        )
+        for bad, why in problems:
+            if bad:
+                msg = f"cannot write --out {str(out)!r}: {why}. Choose another file name (e.g. paths.csv)."
+                raise InputError(msg)
+    return in_path, out
+
+
+def _start_cells(adata: AnnData, selection: str) -> Any:
+    """``--from KEY=VALUE``: the cells whose obs column KEY equals VALUE (``all``: every cell)."""
+    import numpy as np
+
+    if selection == "all":
+        return np.ones(adata.n_obs, dtype=bool)
+    key, sep, value = selection.partition("=")
+    key, value = key.strip(), value.strip()
+    if not sep or not key or not value:
+        msg = f'--from expects KEY=VALUE (e.g. --from "clusters=Ngn3 high EP") or all; found {selection!r}.'
+        raise InputError(msg)
+    if key not in adata.obs:
+        msg = f"--from: {key!r} is not an obs column; the columns are {list(adata.obs.columns)}."
+        raise InputError(msg)
+    labels = adata.obs[key].astype(str).to_numpy()
+    mask = labels == value
+    if not mask.any():
+        values = sorted(set(labels))
+        shown = ", ".join(repr(v) for v in values[:30]) + (" ..." if len(values) > 30 else "")
+        msg = f"--from: no cell has {key} = {value!r}; its values are {shown}."
+        raise InputError(msg)
+    return mask
+
+
+def _write_csv(frame: Any, out: Path, *, cancelled: Any) -> Path:
+    """Write ``frame`` to ``out`` atomically (a temporary file in the same folder, then a rename)."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.resolve().parent)
+    os.close(fd)
+    try:
+        frame.to_csv(tmp, index=False)
+        if cancelled():
+            raise FitCancelled
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _cmd_trajectories(args: argparse.Namespace) -> int:
+    import anndata as ad
+
+    from explorer.models.vector_field import cancellable, load_field, simulate_trajectories
+
+    in_path, out = _check_field_args(args)
+    with _Interrupt() as interrupt:
+        adata = ad.read_h5ad(in_path)
+        field = load_field(adata, device=args.device)
+        cells = _start_cells(adata, args.start)
+        interrupt.check()
+        bar = _Bar(enabled=not args.quiet, interrupt=interrupt)
+        start = time.perf_counter()
+        try:
+            paths = simulate_trajectories(
+                adata, cells, n_steps=args.steps, dt=args.dt, on_data=not args.plain_ode,
+                basis=args.basis, field=field, check=cancellable(bar, args.steps, "integrating"),
+            )  # fmt: skip
+        finally:
+            bar.close()
+        interrupt.check()
+        ends = paths.loc[paths["step"] == args.steps, "end_cluster"].value_counts(normalize=True)
+        if out is not None:
+            _write_csv(paths, out, cancelled=interrupt.flag.is_set)
+    n = int(paths["cell"].nunique())
+    print(f"{n} trajectories of {args.steps} steps; where they end (nearest observed cell's group):")
+    for name, share in ends.items():
+        print(f"  {name:24s} {share:6.1%}")
+    where = f" -> {out}" if out is not None else " (no --out: nothing written)"
+    print(f"in {time.perf_counter() - start:.1f} s{where}", file=sys.stderr)
+    return 0
+
+
+def _cmd_perturb(args: argparse.Namespace) -> int:
+    import anndata as ad
+
+    from explorer.models.vector_field import load_field, perturb
+
+    if (args.factor is None) == (args.value is None):
+        msg = (
+            "explorer perturb needs exactly one of --factor F (0: knock-out) and --value V "
+            "(the gene's new Ms)."
+        )
+        raise InputError(msg)
+    if (args.factor is not None and args.factor < 0) or (args.value is not None and args.value < 0):
+        found = args.factor if args.factor is not None else args.value
+        msg = f"--factor and --value must be >= 0; found {found}."
+        raise InputError(msg)
+    in_path, out = _check_field_args(args)
+    with _Interrupt() as interrupt:
+        adata = ad.read_h5ad(in_path)
+        field = load_field(adata, device=args.device)
+        cells = _start_cells(adata, args.start)
+        interrupt.check()
+        start = time.perf_counter()
+        result = perturb(
+            adata, args.gene, cells=cells, factor=args.factor, value=args.value, n_steps=args.steps,
+            dt=args.dt, hold=not args.no_hold, on_data=not args.plain_ode, field=field,
+        )  # fmt: skip
+        interrupt.check()
+        table = result.table()
+        if out is not None:
+            _write_csv(table.rename_axis("fate").reset_index(), out, cancelled=interrupt.flag.is_set)
+    change = f"x {args.factor:g}" if args.factor is not None else f"= {args.value:g}"
+    print(f"{args.gene} {change} in {len(result.cells)} cells ({args.start}), {args.steps} steps:")
+    print(f"  {'fate':24s} {'control':>8s} {'perturbed':>10s} {'shift':>8s}")
+    for name, row in table.iterrows():
+        print(f"  {str(name):24s} {row['control']:8.1%} {row['perturbed']:10.1%} {row['shift']:+8.1%}")
+    where = f" -> {out}" if out is not None else ""
+    print(f"in {time.perf_counter() - start:.1f} s{where}", file=sys.stderr)
+    return 0
+
+
+def _add_field_options(parser: argparse.ArgumentParser, *, out_help: str) -> None:
+    """Options shared by ``explorer trajectories`` and ``explorer perturb``."""
+    parser.add_argument("input", help=".h5ad with a vector-field fit (`explorer fit --model vector_field`)")
+    parser.add_argument(
+        "--from",
+        dest="start",
+        default="all",
+        metavar="KEY=VALUE",
+        help='start cells: those whose obs column KEY is VALUE, e.g. "clusters=Ngn3 high EP" (default: all)',
+    )
+    parser.add_argument("--steps", type=int, default=200, help="RK4 steps (default 200)")
+    parser.add_argument(
+        "--dt", type=float, default=None, help="step size (default: the fit's, uns vector_field dt)"
+    )
+    parser.add_argument(
+        "--plain-ode", action="store_true", help="integrate the plain ODE (default: paths kept on the cells)"
+    )
+    parser.add_argument("--out", "-o", default=None, help=out_help)
+    parser.add_argument("--force", "-f", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="torch device")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+
+#: what `explorer compare` writes: a table (--out, .csv) and the same figures as JSON beside it
+_COMPARE_SUFFIX = ".csv"
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file in ``path``'s folder, then move it into place."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _check_compare_args(args: argparse.Namespace) -> tuple[list[str], list[tuple[str, str]], Path, Path]:
+    """Check the models, transitions and outputs before the data is read."""
+    from explorer.graph.metrics import parse_transitions
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not models:
+        msg = (
+            "--models expects model names separated by commas (see `explorer models`); "
+            f"found {args.models!r}."
+        )
+        raise InputError(msg)
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        msg = f"unknown model(s) {unknown} in --models; the models are {list(MODELS)}. See `explorer models`."
+        raise InputError(msg)
+    if len(set(models)) < len(models):
+        msg = f"--models names a model twice ({args.models!r}); name each once."
+        raise InputError(msg)
+    try:
+        transitions = parse_transitions(args.transitions) if args.transitions else []
+    except ValueError as err:
+        msg = f"--transitions: {err}"
+        raise InputError(msg) from None
+    check_options(
+        min_shared_counts=args.min_shared_counts,
+        n_top_genes=args.n_top_genes,
+        n_pcs=args.n_pcs,
+        n_neighbors=args.n_neighbors,
+    )
+    in_path = _input_path(args.input)
+    if args.input not in (None, SAMPLE) and in_path is not None and not in_path.is_file():
+        _load(args.input)  # the reader's message for a missing file or a folder
+    stem = in_path.stem if in_path is not None else "sample"
+    out = Path(args.out) if args.out else Path(f"{stem}_compare{_COMPARE_SUFFIX}")
+    if out.suffix.lower() != _COMPARE_SUFFIX:
+        msg = (
+            f"cannot write {out.name!r}: --out expects a name ending in .csv (the JSON goes beside it, "
+            f"same name with .json); found {out.suffix or 'no extension'!r}. "
+            f"Name it e.g. {out.stem or 'compare'}.csv."
+        )
+        raise InputError(msg)
+    json_out = out.with_suffix(".json")
+    protect = [in_path] if in_path is not None else []
+    for path in (out, json_out):
+        check_output(path, protect=protect, overwrite=args.force, suffixes=None)
+    return models, transitions, out, json_out
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    import json
+
+    import pandas as pd
+
+    from explorer.models.metrics import model_metrics
+    from explorer.pipeline import prepare
+
+    models, transitions, out, json_out = _check_compare_args(args)
+    with _Interrupt() as interrupt:
+        adata, _ = _load(args.input, spliced_layer=args.spliced_layer, unspliced_layer=args.unspliced_layer)
+        if transitions or args.cluster_key != "clusters":
+            if args.cluster_key not in adata.obs:
+                msg = (
+                    f"--cluster-key {args.cluster_key!r} is not an obs column of the input; its obs columns "
+                    f"are {list(adata.obs.columns)}. Name the column of clusters with --cluster-key."
+                )
+                raise InputError(msg)
+            known = set(adata.obs[args.cluster_key].astype(str))
+            unknown = sorted({c for pair in transitions for c in pair} - known)
+            if unknown:
+                msg = (
+                    f"--transitions names clusters {unknown} that obs[{args.cluster_key!r}] does not have; "
+                    f"its clusters are {sorted(known)}."
+                )
+                raise InputError(msg)
+        if args.time_key is not None and args.time_key not in adata.obs:
+            msg = (
+                f"--time-key {args.time_key!r} is not an obs column of the input; its obs columns are "
+                f"{list(adata.obs.columns)}. Name the column of capture times, or leave --time-key out."
+            )
+            raise InputError(msg)
+        bar = _Bar(enabled=not args.quiet, interrupt=interrupt)
+        start = time.perf_counter()
+        rows: dict[str, dict[str, float]] = {}
+        try:
+            prepare(
+                adata,
+                min_shared_counts=args.min_shared_counts,
+                n_top_genes=args.n_top_genes,
+                n_pcs=args.n_pcs,
+                n_neighbors=args.n_neighbors,
+                seed=args.seed,
+                progress=bar,
+            )
+            start = time.perf_counter()
+            for name in models:
+                work = adata.copy()
+                run_velocity(work, model=name, seed=args.seed, progress=bar)
+                interrupt.check()
+                metrics = model_metrics(
+                    work, transitions=transitions, cluster_key=args.cluster_key, time_key=args.time_key
+                )
+                rows[name] = {"fit_seconds": round(time.perf_counter() - start, 2), **metrics.summary}
+                start = time.perf_counter()
+        finally:
+            bar.close()
+        interrupt.check()
+        table = pd.DataFrame.from_dict(rows, orient="index")
+        table.index.name = "model"
+        payload = {
+            "input": str(_input_path(args.input)),
+            "models": models,
+            "transitions": [f"{a}>{b}" for a, b in transitions],
+            "cluster_key": args.cluster_key,
+            "time_key": args.time_key,
+            "seed": args.seed,
+            "explorer_version": __version__,
+            "metrics": {
+                m: {k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()}
+                for m, row in rows.items()
+            },
+        }
+        _write_text_atomic(out, table.to_csv())
+        _write_text_atomic(json_out, json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    with pd.option_context("display.width", 200, "display.max_columns", None):
+        print(table.T.to_string(float_format=lambda x: f"{x:.4g}"))
+    print(f"compare: {len(models)} model(s) -> {out}, {json_out}", file=sys.stderr)
+    return 0
+
+
 def _cmd_models(_args: argparse.Namespace) -> int:
     for name in MODELS:
         cls = MODELS[name]
@@ -488,6 +860,12 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--seed", type=int, default=0)
     _add_layer_options(fit)
     fit.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    atlas = fit.add_argument_group("atlas scale: streamed gene blocks, optionally on Dask (dynamical model)")
+    atlas.add_argument(
+        "--stream", action="store_true", help="stream gene blocks from disk and write a .zarr (implied by a .zarr input)"
+    )
+    atlas.add_argument("--scheduler", default=None, metavar="ADDR", help="Dask scheduler, e.g. tcp://host:8786")
+    atlas.add_argument("--workers", type=int, default=None, metavar="N", help="start a local Dask cluster of N workers")
     fit.set_defaults(func=_cmd_fit)
 
     fates = sub.add_parser(
@@ -539,6 +917,71 @@ def build_parser() -> argparse.ArgumentParser:
     fates.add_argument("--seed", type=int, default=0, help="seed of the monte_carlo draws")
     fates.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     fates.set_defaults(func=_cmd_fates)
+
+    compare = sub.add_parser(
+        "compare", help="fit several models and tabulate their metrics (CBDir, ICVCoh, consistency...)"
+    )
+    compare.add_argument(
+        "input",
+        nargs="?",
+        default=None,
+        help=".h5ad or .loom with layers spliced/unspliced, or preprocessed (default: the bundled sample)",
+    )
+    compare.add_argument(
+        "--models",
+        default="steady_state,stochastic,dynamical",
+        help="models to fit and compare, separated by commas (default: steady_state,stochastic,dynamical)",
+    )
+    compare.add_argument(
+        "--transitions",
+        default=None,
+        metavar="A>B,C>D",
+        help="cluster transitions for CBDir and ICVCoh, e.g. 'Ngn3 high EP>Pre-endocrine,Pre-endocrine>Beta'",
+    )
+    compare.add_argument(
+        "--out",
+        "-o",
+        default=None,
+        help="output table .csv (default: <input>_compare.csv here); the JSON goes beside it (.json)",
+    )
+    compare.add_argument("--force", "-f", action="store_true", help="replace the outputs if they exist")
+    _add_alias(compare, "cluster_key", default="clusters", help="obs column of clusters (default: clusters)")
+    _add_alias(
+        compare,
+        "time_key",
+        default=None,
+        help="obs column of capture times: Spearman correlation with each model's latent time",
+    )
+    cpre = compare.add_argument_group("preprocessing (scVelo's names and defaults)")
+    for name in ("min_shared_counts", "n_top_genes", "n_pcs", "n_neighbors"):
+        _add_alias(cpre, name, type=int, default=getattr(PREPROCESS, name))
+    compare.add_argument("--seed", type=int, default=0, help="seed of the preprocessing and every model")
+    _add_layer_options(compare)
+    compare.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    compare.set_defaults(func=_cmd_compare)
+
+    traj = sub.add_parser(
+        "trajectories", help="integrate a vector-field fit from chosen cells; one CSV row per cell and step"
+    )
+    _add_field_options(
+        traj, out_help="output .csv: cell, step, time, embedding coordinates, end cell and group"
+    )
+    traj.add_argument("--basis", default="umap", help="embedding for the coordinates (default: umap)")
+    traj.set_defaults(func=_cmd_trajectories)
+
+    pert = sub.add_parser(
+        "perturb", help="in-silico perturbation of a gene on a vector-field fit; prints the fate shift"
+    )
+    _add_field_options(pert, out_help="also write the fate table as .csv")
+    pert.add_argument("--gene", required=True, help="gene to perturb (one of the field's genes)")
+    pert.add_argument(
+        "--factor", type=float, default=None, help="multiply the gene's Ms by this (0: knock-out)"
+    )
+    pert.add_argument("--value", type=float, default=None, help="or set the gene's Ms to this")
+    pert.add_argument(
+        "--no-hold", action="store_true", help="perturb the start only (default: the gene is held all along)"
+    )
+    pert.set_defaults(func=_cmd_perturb)
 
     models = sub.add_parser("models", help="list the velocity models and their parameters")
     models.set_defaults(func=_cmd_models)

@@ -84,6 +84,20 @@ class _Var:
     FIT_RATE_ALPHA: str = "fit_rate_alpha"
     FIT_RATE_BETA: str = "fit_rate_beta"
     FIT_RATE_GAMMA: str = "fit_rate_gamma"
+    #: trust diagnostics (explorer.diagnostics); scVelo's names for its differential
+    #: kinetic test: clusters with p < 0.01 (comma-joined) and the largest of those p-values
+    FIT_DIFF_KINETICS: str = "fit_diff_kinetics"
+    FIT_PVAL_KINETICS: str = "fit_pval_kinetics"
+    DIAG_DK_MIN_PVAL: str = "diag_dk_min_pval"
+    DIAG_DK_N_CLUSTERS: str = "diag_dk_n_clusters"
+    DIAG_BOOST_SCORE: str = "diag_boost_score"
+    DIAG_BOOST_ABOVE: str = "diag_boost_above"
+    DIAG_BOOST: str = "diag_boost"
+    DIAG_RATE_SD: str = "diag_rate_sd"
+    DIAG_SIGN_AGREEMENT: str = "diag_sign_agreement"
+    DIAG_N_REFITS: str = "diag_n_refits"
+    DIAG_FLAGGED: str = "diag_flagged"
+    DIAG_FLAG_REASON: str = "diag_flag_reason"
     # simulator ground truth
     TRUE_ALPHA: str = "true_alpha"
     TRUE_BETA: str = "true_beta"
@@ -140,6 +154,11 @@ class _Obs:
     TERMINAL_STATES_PROBS: str = "term_states_fwd_probs"
     INITIAL_STATES: str = "init_states_fwd"
     INITIAL_STATES_PROBS: str = "init_states_fwd_probs"
+    #: learned vector field (explorer.models.vector_field): divergence (trace of the
+    #: Jacobian), curl magnitude (sqrt(2) ||(J - J^T) / 2||_F) and speed ||f|| per cell
+    VF_DIVERGENCE: str = "vf_divergence"
+    VF_CURL: str = "vf_curl"
+    VF_SPEED: str = "vf_speed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +178,16 @@ class _Obsm:
     TERMINAL_STATES_MEMBERSHIPS: str = "term_states_fwd_memberships"
     INITIAL_STATES_MEMBERSHIPS: str = "init_states_fwd_memberships"
     SCHUR_VECTORS: str = "schur_vectors_fwd"
+    #: learned vector field: each cell's state x (PCA of log1p(Ms) or a latent space),
+    #: the field f(x) there, and per-cell gene-pair Jacobians (DataFrame)
+    VF_STATE: str = "vf_state"
+    VF_VELOCITY: str = "vf_velocity"
+    VF_JACOBIAN: str = "vf_jacobian"
+
+    @staticmethod
+    def vf_velocity(basis: str) -> str:
+        """Key of the learned field carried onto ``X_<basis>``: ``vf_velocity_<basis>``."""
+        return f"vf_velocity_{basis.removeprefix('X_')}"
 
     @staticmethod
     def velocity(basis: str) -> str:
@@ -186,6 +215,10 @@ class _Obsp:
 class _Varm:
     #: CellRank 2's fate drivers: DataFrame with <lineage>_corr/_pval/_qval/_ci_low/_ci_high
     LINEAGE_DRIVERS: str = "terminal_lineage_drivers"
+    #: scVelo's differential kinetic test: (n_vars, n_clusters) p-values (explorer.diagnostics)
+    PVALS_KINETICS: str = "fit_pvals_kinetics"
+    #: learned vector field: loadings W of its PCA state (zero rows for genes outside it)
+    VF_LOADINGS: str = "vf_loadings"
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +245,8 @@ class _Uns:
     SCHUR_MATRIX: str = "schur_matrix_fwd"
     EIGENDECOMPOSITION: str = "eigendecomposition_fwd"
     ESTIMATOR_PARAMS: str = "fwd_estimator_params"
+    #: learned vector field: network weights, state space, time step, fixed points, grid
+    VECTOR_FIELD: str = "vector_field"
 
     @staticmethod
     def colors(key: str) -> str:

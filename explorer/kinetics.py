@@ -62,6 +62,30 @@ def spliced(tau: Any, s0: Any, u0: Any, alpha: Any, beta: Any, gamma: Any, *, xp
     return s0 * exps - alpha / gamma * xp.expm1(-gamma * tau) + cross
 
 
+def solution(
+    tau: Any, u0: Any, s0: Any, alpha: Any, beta: Any, gamma: Any, *, xp: Any = np
+) -> tuple[Any, Any]:
+    """``(u(tau), s(tau))`` together: :func:`unspliced` and :func:`spliced`, bit for bit.
+
+    The same formulas, in the same order of operations, with each exponential and
+    each exponent evaluated once for both (``e^{-beta tau}`` serves ``u`` and, where
+    ``beta <= gamma``, the cross term of ``s``): five transcendental functions per element
+    instead of six and two products fewer. The dynamical model's EM calls this for
+    every cell and gene thousands of times. ``beta`` and ``gamma`` broadcast against
+    ``tau`` as in the other functions.
+    """
+    x_beta = -beta * tau
+    x_gamma = -gamma * tau
+    e_beta = xp.exp(x_beta)
+    e_gamma = xp.exp(x_gamma)
+    u = u0 * e_beta - alpha / beta * xp.expm1(x_beta)
+    gap = _floor(xp.abs(gamma - beta), _RATE_GAP_FLOOR, xp)
+    # e^{-min(beta, gamma) tau}: the same number as exp(-minimum(beta, gamma) * tau)
+    slow = xp.where(beta <= gamma, e_beta, e_gamma)
+    cross = (alpha - beta * u0) * slow * xp.expm1(-gap * tau) / gap
+    return u, s0 * e_gamma - alpha / gamma * xp.expm1(x_gamma) + cross
+
+
 def switch_state(t_: Any, alpha: Any, beta: Any, gamma: Any, *, xp: Any = np) -> tuple[Any, Any]:
     """``(u0_, s0_)``: where induction from ``(0, 0)`` stands at the switch time ``t_``."""
     u0_ = unspliced(t_, 0.0, alpha, beta, xp=xp)

@@ -26,7 +26,6 @@ from anndata import AnnData
 from explorer._types import PREPROCESS, InputError, Progress, option, report
 from explorer.data.io import validate_counts
 from explorer.data.preprocess import check_genes, check_options, filter_and_normalize, is_preprocessed
-from explorer.graph.embedding import compute_umap as _compute_umap
 from explorer.graph.moments import compute_moments
 from explorer.graph.neighbors import compute_neighbors, has_neighbors
 from explorer.graph.projection import compute_velocity_embedding, project_velocity
@@ -214,6 +213,9 @@ def prepare(
     report(progress, 3, total, "UMAP")
     made_umap = False
     if compute_umap and Key.obsm.UMAP not in adata.obsm:
+        # scanpy's UMAP (and numba's compilation of umap-learn) loads only when drawn
+        from explorer.graph.embedding import compute_umap as _compute_umap
+
         _compute_umap(adata, seed=seed)
         made_umap = True
     report(progress, 4, total, "done")

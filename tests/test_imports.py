@@ -47,6 +47,8 @@ RANKS: dict[str, int] = {
     "models": 4,
     "explorer": 5,  # explorer/__init__.py: the public API, re-exports only
     "pipeline": 5,
+    "diagnostics": 5,  # per-gene trust diagnostics: reads fits, refits models (stability)
+    "stream": 5,  # the dynamical fit streamed over gene blocks, optionally on Dask
     "app": 6,
     "_samples_build": 6,
     "cli": 7,

@@ -144,3 +144,27 @@ def test_steady_state_line_stays_in_the_data_box():
     np.testing.assert_allclose(kinetics.steady_state_line(2.0, 10.0, 8.0), [[0, 0], [4, 8]])
     assert kinetics.steady_state_line(-1.0, 10.0, 8.0) is None
     assert kinetics.steady_state_line(None, 10.0, 8.0) is None
+
+
+@pytest.mark.parametrize("xp", [np, torch])
+def test_solution_is_unspliced_and_spliced_bit_for_bit(xp):
+    """The EM's one-pass evaluation gives exactly the two functions' numbers (float32),
+    for beta below, equal to and above gamma, from rest and from a switch point."""
+    rng = np.random.default_rng(0)
+    n_genes, n_cells = 6, 50
+    beta = rng.uniform(0.2, 3, (n_genes, 1)).astype(np.float32)
+    gamma = rng.uniform(0.2, 3, (n_genes, 1)).astype(np.float32)
+    gamma[:2] = beta[:2]  # equal rates: the expm1 limit
+    tau = rng.uniform(0, 20, (n_genes, n_cells)).astype(np.float32)
+    moving = rng.uniform(0, 5, (n_genes, n_cells))
+    u0 = np.where(rng.random((n_genes, n_cells)) < 0.5, 0, moving).astype(np.float32)
+    s0 = (u0 * 1.3).astype(np.float32)
+    alpha = np.where(u0 > 0, 0, rng.uniform(0.5, 4, (n_genes, n_cells))).astype(np.float32)
+    args = [x if xp is np else torch.from_numpy(x) for x in (tau, u0, s0, alpha, beta, gamma)]
+    tau, u0, s0, alpha, beta, gamma = args
+    u, s = kinetics.solution(tau, u0, s0, alpha, beta, gamma, xp=xp)
+    u_ref = kinetics.unspliced(tau, u0, alpha, beta, xp=xp)
+    s_ref = kinetics.spliced(tau, s0, u0, alpha, beta, gamma, xp=xp)
+    assert np.array_equal(np.asarray(u), np.asarray(u_ref))
+    assert np.array_equal(np.asarray(s), np.asarray(s_ref))
+    assert np.asarray(s).dtype == np.float32

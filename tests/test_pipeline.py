@@ -139,3 +139,20 @@ def test_one_pipeline_on_the_pancreas(shared_data, reference_dir):
     assert _same_sparse(fit.derived.graph, cli.obsp[Key.obsp.VELOCITY_GRAPH])
     np.testing.assert_array_equal(fit.velocity_embedding[Key.obsm.UMAP], cli.obsm["velocity_umap"])
     np.testing.assert_array_equal(fit.confidence, cli.obs[Key.obs.VELOCITY_CONFIDENCE].to_numpy(np.float32))
+
+
+def test_fit_command_starts_without_the_preprocessing_libraries():
+    """`explorer fit` on preprocessed data needs neither scanpy (with sklearn and matplotlib)
+    nor pynndescent/umap: they load only inside the steps that use them, not at start-up."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, json, explorer.cli, explorer.pipeline\n"
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = set(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert "anndata" in loaded  # the check sees what the CLI loads
+    assert not loaded & {"scanpy", "sklearn", "pynndescent", "umap", "matplotlib", "torch"}

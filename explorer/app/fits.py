@@ -7,7 +7,8 @@
   CellRank's keys, what the Export tab saves;
 - :func:`load_dataset`: read a file and preprocess it as ``explorer fit`` does;
 - :func:`model_names`, :func:`model_defaults`: the registered models and their
-  parameters, read from :data:`explorer.models.MODELS` when a page is built.
+  parameters, read from :data:`explorer.models.MODELS` when a page is built;
+- :func:`fit_fates`: a fit's terminal states and fate probabilities (a background job).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from explorer._types import Progress
 from explorer.app.jobs import Fit
 from explorer.data.io import read
 from explorer.data.preprocess import is_preprocessed
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
     from anndata import AnnData
 
     from explorer._types import ProgressCallback
+    from explorer.app.readouts import FateInfo
 
 #: the model name of a fit read from a file that names none (velocity from another tool)
 UNNAMED_MODEL = "velocity"
@@ -136,3 +139,137 @@ def load_dataset(path: Path, *, progress: ProgressCallback | None = None) -> Ann
         has_basis = any(k.startswith("X_") and k != Key.obsm.PCA for k in adata.obsm)
         prepare(adata, compute_umap=not has_basis, progress=progress)
     return adata
+
+
+def fit_fates(
+    adata: AnnData, fit: Fit, *, n_states: int = 10, progress: ProgressCallback | None = None
+) -> FateInfo:
+    """Terminal states and fate probabilities of ``fit``, as ``explorer fates`` computes them.
+
+    CellRank's velocity kernel (deterministic, correlation) mixed with 0.2 of the
+    connectivity kernel (:func:`explorer.graph.kernels.compute_velocity_kernel`), then
+    GPCCA macrostates, terminal states and absorption probabilities
+    (:func:`explorer.graph.fates.compute_fates`, ``n_states`` macrostates, named after the
+    clusters). Both write into a light AnnData that shares ``adata``'s arrays: the
+    session's data is never written to.
+
+    Raises
+    ------
+    InputError
+        Without a neighbour graph, or when no macrostate is stable enough to be terminal.
+    """
+    from anndata import AnnData
+
+    from explorer._types import InputError
+    from explorer.app.readouts import FateInfo, cluster_column, color_key
+    from explorer.graph.fates import compute_fates
+    from explorer.graph.kernels import compute_velocity_kernel
+
+    if Key.obsp.CONNECTIVITIES not in adata.obsp:
+        msg = (
+            f"Fates need a neighbour graph (obsp['connectivities']); the data has {sorted(adata.obsp)}. "
+            "Open a file preprocessed by `explorer fit`."
+        )
+        raise InputError(msg)
+    result = fit.result
+    column = cluster_column(adata)
+    light = AnnData(
+        X=adata.X,
+        obs=adata.obs[[column]].copy() if column else pd.DataFrame(index=adata.obs_names),
+        var=pd.DataFrame(
+            {Key.var.VELOCITY_GENES: np.asarray(result.velocity_genes, dtype=bool)}, index=adata.var_names
+        ),
+        layers={Key.layers.MS: adata.layers[Key.layers.MS], Key.layers.VELOCITY: result.velocity},
+        obsp={Key.obsp.CONNECTIVITIES: adata.obsp[Key.obsp.CONNECTIVITIES]},
+        uns={Key.uns.colors(column): adata.uns[Key.uns.colors(column)]}
+        if column and Key.uns.colors(column) in adata.uns
+        else {},
+    )
+
+    def step(share0: float, share1: float) -> ProgressCallback | None:
+        if progress is None:
+            return None
+        return lambda p: progress(
+            Progress(int(1000 * (share0 + (share1 - share0) * p.fraction)), 1000, p.message)
+        )
+
+    compute_velocity_kernel(light, progress=step(0.0, 0.3))
+    found = compute_fates(light, n_states=n_states, cluster_key=column, progress=step(0.3, 1.0))
+    states = light.obs[Key.obs.TERMINAL_STATES]
+    return FateInfo(
+        names=tuple(found.terminal_states),
+        probabilities=np.asarray(found.fate_probabilities, dtype=np.float32),
+        terminal=states.cat.codes.to_numpy().astype(np.int64),
+        colors=color_key(light, Key.obs.TERMINAL_STATES),
+        source=f"computed for {fit.label}",
+    )
+
+
+def fit_diagnostics(adata: AnnData, fit: Fit, *, progress: ProgressCallback | None = None) -> pd.DataFrame:
+    """Per-gene trust flags of ``fit`` (:func:`explorer.diagnostics.gene_diagnostics`), a background job.
+
+    The fit is written into a light AnnData sharing ``adata``'s arrays (the data is never
+    written to); no stability refits (they cost fits).
+
+    Returns
+    -------
+    DataFrame indexed by ``var_names`` with ``diag_flagged`` (bool) and ``diag_flag_reason``
+    (comma-joined reasons: ``differential_kinetics``, ``boost``, ``unstable``).
+    """
+    from anndata import AnnData
+
+    from explorer.app.readouts import cluster_column
+    from explorer.diagnostics import gene_diagnostics
+
+    if progress is not None:
+        progress(Progress(0, 1, "trust diagnostics"))
+    light = AnnData(
+        obs=adata.obs.copy(),
+        var=adata.var.copy(),
+        layers={k: adata.layers[k] for k in (Key.layers.MS, Key.layers.MU)},
+        obsp=dict(adata.obsp),
+        obsm=dict(adata.obsm),
+    )
+    fit.result.to_adata(light)
+    table = gene_diagnostics(light, groupby=cluster_column(adata), write=False)
+    if progress is not None:
+        progress(Progress(1, 1, "trust diagnostics"))
+    return table[[Key.var.DIAG_FLAGGED, Key.var.DIAG_FLAG_REASON]].copy()
+
+
+def without_genes(
+    adata: AnnData,
+    fit: Fit,
+    drop: np.ndarray,
+    *,
+    basis: str,
+    label: str,
+    progress: ProgressCallback | None = None,
+) -> Fit:
+    """``fit`` with the genes ``drop`` (a ``(n_vars,)`` mask) taken out of its velocity genes, re-derived.
+
+    The velocity graph, transitions, projection, confidence and streamlines are recomputed
+    by :func:`explorer.pipeline.derive` (what ``explorer fit`` runs after a fit) on the
+    remaining velocity genes; the per-gene fit itself is kept.
+    """
+    from explorer.graph.streamlines import compute_streamlines
+    from explorer.pipeline import derive
+
+    genes = np.asarray(fit.result.velocity_genes, dtype=bool) & ~np.asarray(drop, dtype=bool)
+    if not genes.any():
+        from explorer._types import InputError
+
+        msg = "Every velocity gene is flagged: nothing would be left to compute velocity from."
+        raise InputError(msg)
+    result = dataclasses.replace(fit.result, velocity_genes=genes)
+    key = (fit.key[0], (*fit.key[1], ("without_genes", repr(tuple(np.flatnonzero(drop))))))
+    out = Fit(label=label, key=key, result=result)
+    if Key.obsp.DISTANCES in adata.obsp:
+        derived = derive(adata, result, basis=basis, progress=progress)
+        out.derived = derived
+        out.transitions = derived.transitions
+        out.confidence = derived.confidence
+        out.velocity_embedding = {k: v[:, :2] for k, v in derived.velocity_embedding.items()}
+        for k, v in out.velocity_embedding.items():
+            out.streamlines[k] = compute_streamlines(np.asarray(adata.obsm[k])[:, :2], v)
+    return out

@@ -15,6 +15,7 @@ import gc
 import logging
 import os
 import threading
+import time
 import weakref
 from collections import deque
 from pathlib import Path
@@ -248,6 +249,10 @@ class _Builder:
             self._queues[priority].append((life, step))
         self._kick()
 
+    def idle(self) -> bool:
+        """Whether no part of any page is queued or under way."""
+        return self._current is None and not any(self._queues)
+
     def _next(self) -> tuple[SessionLife, Callable[[], None]] | None:
         for queue in self._queues:
             while queue:
@@ -307,6 +312,19 @@ _PARTS: tuple[tuple[str, type, int], ...] = (
     ("time", GeneTimeView, 1),
 )
 
+#: parts built into the page's first document (before the browser connects) when the page
+#: is opened alone, rather than by the builder after the browser shows it: the embedding is
+#: then drawn in the same pass as the page, one round trip earlier. When other pages are
+#: opening or being built, it waits in the builder's queue as before, so that a burst of
+#: page requests does not hold the server (and other users' clicks) for all their plots.
+_IN_FIRST_PAGE = frozenset({"embedding"})
+
+#: pages whose first document went out but which the browser has not shown yet, with the
+#: time they were requested; one requested longer ago than ``_OPENING_S`` (a tab closed
+#: while it loaded) no longer counts
+_opening: weakref.WeakKeyDictionary[ExplorerApp, float] = weakref.WeakKeyDictionary()
+_OPENING_S = 10.0
+
 #: room each part takes while it is built (width, height in pixels), so the page does not jump.
 #: The layout is made for a 1600 x 1000 screen: the embedding, the phase portrait and the
 #: gene-over-time plots above the fold; the gene table (wide enough for its columns) and
@@ -321,18 +339,25 @@ _PLACEHOLDER_SIZE = {
 
 
 def _placeholder(name: str) -> pn.Column:
+    """The room of part ``name`` until it is built, with a still "Loading" line.
+
+    Not an animated spinner: five of them per page kept the browser repainting for as
+    long as the page loaded, which under load (many pages at once) cost each browser
+    about a second of CPU more and slowed every page.
+    """
     width, height = _PLACEHOLDER_SIZE[name]
-    spinner = pn.indicators.LoadingSpinner(value=True, size=28)
-    return pn.Column(pn.Column(spinner, width=width, height=height))
+    note = pn.pane.HTML("<span style='color:#888'>Loading…</span>", margin=(10, 10))
+    return pn.Column(pn.Column(note, width=width, height=height))
 
 
 class ExplorerApp:
     """One session's views around its :class:`ExplorerState`; ``page`` is what the browser shows.
 
-    In a server session (``life`` given) the page starts with the header, the sidebar
-    and placeholders; the Explore tab's views replace them one by one through the
-    process's :class:`_Builder`, and the Compare tab's views are built when it is first
-    opened. Outside a server (tests, benchmarks) everything is built at once.
+    In a server session (``life`` given) the page starts with the header, the sidebar,
+    the embedding and placeholders; once the browser shows it, the Explore tab's other
+    views replace the placeholders one by one through the process's :class:`_Builder`,
+    and the Compare tab's views are built when it is first opened. Outside a server
+    (tests, benchmarks) everything is built at once.
     """
 
     def __init__(self, state: ExplorerState, *, life: SessionLife | None = None) -> None:
@@ -399,9 +424,17 @@ class ExplorerApp:
         compare = pn.Column(sizing_mode="stretch_width")
         tabs = pn.Tabs(("Explore", explore), ("Compare", compare), dynamic=True)
         self.content.objects = [tabs]
+        now = time.monotonic()
+        alone = (
+            self._waiting is not None
+            and _builder.idle()
+            and all(now - since > _OPENING_S for since in _opening.values())
+        )
+        if self._waiting is not None:
+            _opening[self] = now
         for name, view_class, priority in _PARTS:
             step = functools.partial(self._fill, generation, slots[name], name, view_class)
-            if self.life is None:
+            if self.life is None or (alone and name in _IN_FIRST_PAGE):
                 step()
             elif self._waiting is not None:
                 self._waiting.append((step, priority))
@@ -424,6 +457,7 @@ class ExplorerApp:
         Parts built before that were sometimes lost on the way to a page that was still
         connecting, under load; from here on they are ordinary updates of a shown page.
         """
+        _opening.pop(self, None)
         waiting, self._waiting = self._waiting or [], None
         if self.life is not None:
             _builder.add_page(self.life, waiting)
@@ -443,6 +477,7 @@ class ExplorerApp:
     def release(self) -> None:
         """Drop the views and the session's state (its session ended); the document is not touched."""
         self._generation += 1  # parts still queued are skipped
+        _opening.pop(self, None)  # a page closed before it was shown
         self.views = {}
         self.state.release()
 
@@ -527,6 +562,7 @@ def create_app(
     app = ExplorerApp(state, life=life)
     if life is not None:
         life.on_close(state.stop_job)
+        life.on_close(lambda: _opening.pop(app, None))  # a tab closed while it loaded
         doc.on_event(ConnectionLost, life.connection_lost)
 
         def destroyed(_context: Any) -> None:

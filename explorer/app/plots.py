@@ -386,6 +386,18 @@ def transition_targets(
     return segs * pts
 
 
+WALK_COLOR = "#7b2cbf"
+
+
+def random_walks(paths: list[np.ndarray]) -> hv.Overlay:
+    """Random walks as thin paths on the embedding, their end cells as dots (empty without walks)."""
+    paths = [np.asarray(p)[:, :2] for p in paths if len(p) > 1]
+    ends = np.array([p[-1] for p in paths]) if paths else np.empty((0, 2))
+    lines = hv.Path(paths).opts(color=WALK_COLOR, line_width=1.2, alpha=0.7, backend="bokeh")
+    dots = hv.Points(ends).opts(color=WALK_COLOR, size=7, line_color="white", backend="bokeh")
+    return lines * dots
+
+
 def streamlines(lines: list[np.ndarray]) -> hv.Path:
     """Velocity streamlines: polylines of shape ``(n_points, 2)``."""
     return hv.Path([np.asarray(line)[:, :2] for line in lines if len(line) > 1]).opts(
@@ -404,11 +416,56 @@ def arrows(x: np.ndarray, y: np.ndarray, vx: np.ndarray, vy: np.ndarray) -> hv.V
     ).opts(magnitude="Magnitude", color=STREAM_COLOR, backend="bokeh")
 
 
+#: the longest per-cell arrows (90th percentile) span this share of the portrait's axes
+ARROW_SHARE = 0.06
+#: arrow heads: share of the arrow's length, and half-angle (radians)
+_HEAD_SHARE, _HEAD_ANGLE = 0.35, 0.45
+
+
+def arrow_segments(arrows: np.ndarray, *, share: float = ARROW_SHARE) -> dict[str, np.ndarray]:
+    """Columns ``x0, y0, x1, y1`` of arrows (shafts, then two head strokes each) for ``(s, u, ds, du)`` rows.
+
+    Each axis is measured in units of the cells' span on it (Ms and Mu have different
+    scales), and the arrows are scaled together so the 90th percentile of their lengths
+    is ``share`` of the span: directions and relative speeds are kept, the overall scale
+    is for reading. Zero-length arrows are dropped.
+    """
+    a = np.asarray(arrows, dtype=np.float64).reshape(-1, 4)
+    s, u, ds, du = a.T
+    span_s = float(np.ptp(s)) if len(s) and np.ptp(s) > 0 else 1.0
+    span_u = float(np.ptp(u)) if len(u) and np.ptp(u) > 0 else 1.0
+    nx, ny = ds / span_s, du / span_u
+    length = np.hypot(nx, ny)
+    keep = np.isfinite(length) & (length > 0)
+    if not keep.any():
+        return {k: np.empty(0) for k in ("x0", "y0", "x1", "y1")}
+    s, u, nx, ny, length = s[keep], u[keep], nx[keep], ny[keep], length[keep]
+    scale = share / float(np.quantile(length, 0.9))
+    nx, ny = nx * scale, ny * scale
+    # head strokes: the shaft turned back by +-_HEAD_ANGLE, a share of its length
+    back = np.arctan2(-ny, -nx)
+    head = _HEAD_SHARE * np.minimum(np.hypot(nx, ny), share)
+    x1, y1 = s + nx * span_s, u + ny * span_u
+    xs0, ys0, xs1, ys1 = [s], [u], [x1], [y1]
+    for turn in (_HEAD_ANGLE, -_HEAD_ANGLE):
+        xs0.append(x1)
+        ys0.append(y1)
+        xs1.append(x1 + head * np.cos(back + turn) * span_s)
+        ys1.append(y1 + head * np.sin(back + turn) * span_u)
+    return {
+        "x0": np.concatenate(xs0),
+        "y0": np.concatenate(ys0),
+        "x1": np.concatenate(xs1),
+        "y1": np.concatenate(ys1),
+    }
+
+
 def phase_fits(fits: list[PhaseFit]) -> hv.Overlay:
     """Each fit's trajectory, steady-state line ``u = slope * s`` and predicted cells, in the fit's colour.
 
     The active fit's lines are solid, the others dashed; predicted ``(s, u)`` of cells
-    (fits that show ``"cell_points"``) are small dots. The curves carry no labels: a legend
+    (fits that show ``"cell_points"``) are small dots; per-cell velocities (fits that show
+    ``"cell_rates"``) are arrows (:func:`arrow_segments`). The curves carry no labels: a legend
     appearing in a plot already on the page breaks Bokeh's views, so
     :func:`fits_legend_html` explains them beside the plot.
     """
@@ -427,6 +484,14 @@ def phase_fits(fits: list[PhaseFit]) -> hv.Overlay:
                     nonselection_alpha=0.5 if fit.active else 0.3,
                     backend="bokeh",
                 )
+            )
+        if fit.arrows is not None and len(fit.arrows):
+            layers.append(
+                hv.Segments(
+                    tuple(arrow_segments(fit.arrows).values()),
+                    ["Ms", "Mu", "Ms end", "Mu end"],
+                    group="CellArrows",
+                ).opts(color=color, line_width=1.2, alpha=0.8 if fit.active else 0.45, backend="bokeh")
             )
         if fit.s is not None and fit.u is not None:
             layers.append(
@@ -463,6 +528,7 @@ def fits_legend_html(fits: list[PhaseFit]) -> str:
             *(["trajectory"] if fit.s is not None else []),
             *(["u = γ s (dash-dot)" if fit.s is not None else "u = γ s"] if fit.line is not None else []),
             *(["predicted cells (dots)"] if fit.points is not None else []),
+            *(["each cell's velocity from its own rates (arrows)"] if fit.arrows is not None else []),
         ]
         what = ", ".join(parts) or "nothing to draw for this gene"
         items.append(
@@ -519,7 +585,10 @@ def comparison_scatter(
     mark = cell_marker(
         *(a[highlight_index], b[highlight_index]) if highlight_index is not None else (None, None)
     )
-    return (base * diagonal * mark).opts(framewise=True, backend="bokeh")
+    # framewise on each layer: a plot first drawn empty (figures still being computed) takes
+    # the ranges of the data that arrives later
+    layers = [layer.opts(framewise=True, backend="bokeh") for layer in (base, diagonal, mark)]
+    return (layers[0] * layers[1] * layers[2]).opts(framewise=True, backend="bokeh")
 
 
 def message(text: str, *, width: int = 480, height: int = 420) -> hv.Overlay:

@@ -30,7 +30,7 @@ from explorer.keys import Key
 from explorer.models import MODELS
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Mapping, Sequence
 
     from anndata import AnnData
 
@@ -112,6 +112,15 @@ MIN_CELLS_EM = 30
 
 #: at most this many cells' predicted points per fit in the phase portrait (an even sample)
 MAX_CELL_POINTS = 5_000
+#: at most this many per-cell velocity arrows per fit in the phase portrait (an even sample)
+MAX_CELL_ARROWS = 400
+
+
+def _normal_quantile(p: float) -> float:
+    """Quantile of the standard normal (scipy's, imported here only: the read-outs stay light)."""
+    from scipy.stats import norm
+
+    return float(norm.ppf(p))
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +154,9 @@ class PhaseFit:
     line: np.ndarray | None = None
     #: ``(k, 2)`` predicted ``(s, u)`` of (a sample of) the cells, for fits that show ``"cell_points"``
     points: np.ndarray | None = None
+    #: ``(k, 4)`` each sampled cell's ``(s, u, ds, du)`` from its own rates (fits that show
+    #: ``"cell_rates"``; :func:`cell_arrows`)
+    arrows: np.ndarray | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +169,15 @@ class CellInfo:
     latent_time: float | None
     confidence: float | None
     targets: pd.DataFrame  # columns: index, cell, cluster, probability; most likely first
+    #: posterior standard deviation of the latent time (same scale), when the fit has one
+    latent_time_sd: float | None = None
+
+    def latent_time_interval(self, level: float = 0.9) -> tuple[float, float] | None:
+        """Return the central ``level`` interval ``t ± z sd`` of a Gaussian posterior (None without an SD)."""
+        if self.latent_time is None or self.latent_time_sd is None or not np.isfinite(self.latent_time_sd):
+            return None
+        z = float(_normal_quantile(0.5 + level / 2))
+        return self.latent_time - z * self.latent_time_sd, self.latent_time + z * self.latent_time_sd
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +253,23 @@ def cluster_column(adata: AnnData) -> str | None:
 def embedding(adata: AnnData, basis: str) -> np.ndarray:
     """``(n_obs, 2)`` float32 coordinates on ``basis``, C-ordered and read-only."""
     xy = np.array(np.asarray(adata.obsm[basis])[:, :2], dtype=np.float32, order="C")
+    xy.flags.writeable = False
+    return xy
+
+
+def fit_bases(fit: Fit | VelocityResult) -> list[str]:
+    """List the embeddings a fit holds (obsm ``X_*``, 2+ columns: ``X_rates_umap``), offered as bases."""
+    obsm = _result(fit).obsm or {}
+    return [
+        k
+        for k, v in obsm.items()
+        if k.startswith("X_") and np.asarray(v).ndim == 2 and np.asarray(v).shape[1] >= 2
+    ]  # noqa: PLR2004
+
+
+def fit_embedding(fit: Fit | VelocityResult, basis: str) -> np.ndarray:
+    """``(n_obs, 2)`` float32 coordinates of an embedding the fit holds (:func:`fit_bases`), read-only."""
+    xy = np.array(np.asarray(_result(fit).obsm[basis])[:, :2], dtype=np.float32, order="C")
     xy.flags.writeable = False
     return xy
 
@@ -333,11 +371,12 @@ def cell_rate(fit: Fit | VelocityResult, layer: str, j: int) -> np.ndarray | Non
     return np.ascontiguousarray(result.layers[layer][:, j], dtype=np.float32)
 
 
-def color_options(adata: AnnData, fits: Mapping[str, Fit]) -> list[str]:
+def color_options(adata: AnnData, fits: Mapping[str, Fit], fates: Sequence[FateInfo] = ()) -> list[str]:
     """List what the cells can be coloured by: categorical obs columns, then the continuous colourings.
 
     Uncertainty is offered when a fit shows one or the file holds one; per-cell rates when a
-    fit shows them.
+    fit shows them; fate probabilities (and computed terminal states) for every terminal
+    state in ``fates`` (the file's and those the session computed).
     """
     shows = frozenset().union(*(fit_shows(f) for f in fits.values())) if fits else frozenset()
     options = [c for c in adata.obs.columns if is_categorical(adata.obs[c])]
@@ -347,6 +386,8 @@ def color_options(adata: AnnData, fits: Mapping[str, Fit]) -> list[str]:
     options += [COLOR_EXPRESSION, COLOR_VELOCITY]
     if "cell_rates" in shows:
         options += list(COLOR_RATES)
+    for found in fates:
+        options += [o for o in fate_options(found) if o not in options]
     return options
 
 
@@ -358,12 +399,14 @@ def coloring(
     gene: str | None = None,
     key: dict[str, str] | None = None,
     column: np.ndarray | None = None,
+    fates: FateInfo | None = None,
 ) -> Coloring:
     """Per-cell colour values for ``what`` (an obs column or one of :data:`CONTINUOUS_COLORINGS`).
 
     ``fit`` is the active fit, ``gene`` the selected gene, ``key`` the column's colour map
     if already known (default: :func:`color_key`) and ``column`` the gene's ``Ms`` or
-    velocity if already read (:func:`gene_values`; the phase portrait reads them too).
+    velocity if already read (:func:`gene_values`; the phase portrait reads them too);
+    ``fates`` the fates a ``"fate: <state>"`` colouring reads (:func:`fate_coloring`).
     """
     obs = adata.obs
     if what in obs and is_categorical(obs[what]):
@@ -375,6 +418,8 @@ def coloring(
             categories=tuple(str(c) for c in column.cat.categories),
             color_key=key if key is not None else color_key(adata, what),
         )
+    if what.startswith(FATE_PREFIX) or what == COLOR_TERMINAL:
+        return fate_coloring(fates, what, adata.n_obs)
     j = int(adata.var_names.get_loc(gene)) if gene is not None and what in GENE_COLORINGS else -1
     values: np.ndarray | None
     if what == COLOR_LATENT_TIME:
@@ -446,6 +491,20 @@ def transition_targets(fit: Fit | None, index: int, n_targets: int) -> tuple[np.
     return cols[order].astype(np.int64), probs[order].astype(float)
 
 
+def latent_time_sd(fit: Fit | VelocityResult | None) -> np.ndarray | None:
+    """``(n_obs,)`` posterior SD of ``fit``'s own latent time (obs ``latent_time_std``), or None.
+
+    Only for a fit that shows ``"latent_time"`` and recorded the SD (VeloVAE): an SD
+    without its own time would describe another clock.
+    """
+    if fit is None or "latent_time" not in fit_shows(fit):
+        return None
+    obs = _result(fit).obs
+    if obs is None or Key.obs.LATENT_TIME_STD not in obs:
+        return None
+    return obs[Key.obs.LATENT_TIME_STD].to_numpy(dtype=np.float64)
+
+
 def cell_info(
     adata: AnnData,
     fit: Fit | None,
@@ -454,8 +513,9 @@ def cell_info(
     n_targets: int,
     t: np.ndarray | None = None,
     conf: np.ndarray | None = None,
+    t_sd: np.ndarray | None = None,
 ) -> CellInfo:
-    """Collect what the inspector shows for cell ``index``: cluster, ``t``, ``conf``, next cells."""
+    """Collect what the inspector shows for cell ``index``: cluster, ``t`` ± ``t_sd``, ``conf``, targets."""
     column = cluster_column(adata)
     clusters = adata.obs[column].to_numpy() if column else None  # index it, never convert all cells
     cells, probs = transition_targets(fit, index, n_targets)
@@ -469,6 +529,7 @@ def cell_info(
         latent_time=float(t[index]) if t is not None else None,
         confidence=float(conf[index]) if conf is not None else None,
         targets=rows,
+        latent_time_sd=float(t_sd[index]) if t_sd is not None and t is not None else None,
     )
 
 
@@ -487,6 +548,36 @@ def cell_points(fit: Fit | VelocityResult, j: int, *, max_points: int = MAX_CELL
     return np.column_stack([s[ok], u[ok]])
 
 
+def cell_arrows(
+    fit: Fit | VelocityResult,
+    ms: np.ndarray,
+    mu: np.ndarray,
+    j: int,
+    *,
+    max_arrows: int = MAX_CELL_ARROWS,
+) -> np.ndarray | None:
+    """``(k, 4)`` rows ``(s, u, ds, du)``: each sampled cell's velocity from its own rates, or None.
+
+    For a fit that shows ``"cell_rates"`` with all three rate layers: at the cell's
+    observed ``(Ms, Mu)``, ``du = alpha_i - beta_i u_i`` and ``ds = beta_i u_i - gamma_i s_i``
+    (DeepVelo's equations, rates of cell ``i``). An even sample of at most ``max_arrows``
+    cells whose values are all finite, so the portrait stays light.
+    """
+    result = _result(fit)
+    keys = (Key.layers.RATE_ALPHA, Key.layers.RATE_BETA, Key.layers.RATE_GAMMA)
+    if "cell_rates" not in fit_shows(result) or any(k not in result.layers for k in keys):
+        return None
+    alpha, beta, gamma = (np.asarray(result.layers[k][:, j], dtype=np.float64) for k in keys)
+    s, u = np.asarray(ms, dtype=np.float64), np.asarray(mu, dtype=np.float64)
+    du = alpha - beta * u
+    ds = beta * u - gamma * s
+    ok = np.flatnonzero(np.isfinite(s) & np.isfinite(u) & np.isfinite(ds) & np.isfinite(du))
+    if ok.size == 0:
+        return None
+    ok = ok[even_sample(ok.size, max_arrows)]
+    return np.column_stack([s[ok], u[ok], ds[ok], du[ok]])
+
+
 def phase_fits(
     ms: np.ndarray, mu: np.ndarray, fits: Mapping[str, Fit], *, j: int, active: str | None
 ) -> list[PhaseFit]:
@@ -498,7 +589,8 @@ def phase_fits(
     latest cell's gene time, and the steady-state line ``u = (scaling γ / β) s``; a fit
     with a ``velocity_gamma`` column the line ``u = γ s``. Lines stay inside the cells'
     range (:func:`explorer.kinetics.steady_state_line`). A fit that shows
-    ``"cell_points"`` gets its cells' predicted ``(s, u)`` (:func:`cell_points`).
+    ``"cell_points"`` gets its cells' predicted ``(s, u)`` (:func:`cell_points`), one that
+    shows ``"cell_rates"`` each sampled cell's own velocity (:func:`cell_arrows`).
     """
     s_max = float(np.nanmax(ms)) if np.isfinite(ms).any() else 1.0
     u_max = float(np.nanmax(mu)) if np.isfinite(mu).any() else 1.0
@@ -525,6 +617,7 @@ def phase_fits(
                 u=u,
                 line=kinetics.steady_state_line(slope, s_max, u_max),
                 points=cell_points(fit, j),
+                arrows=cell_arrows(fit, ms, mu, j),
             )
         )
     return out
@@ -650,8 +743,15 @@ def gene_trust(gene_params: pd.DataFrame, *, scvelo_likelihood: bool = True) -> 
     return pd.DataFrame({TRUST: score, TRUST_NOTES: ["; ".join(x) for x in notes]}, index=gene_params.index)
 
 
+#: the trust-diagnostics column of the gene table (explorer.diagnostics' flags, when computed)
+FLAG = "flag"
+
+
 def gene_table(
-    var_names: pd.Index, means: tuple[np.ndarray, np.ndarray], fit: Fit | VelocityResult | None
+    var_names: pd.Index,
+    means: tuple[np.ndarray, np.ndarray],
+    fit: Fit | VelocityResult | None,
+    flags: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """One row per gene: mean ``Ms``/``Mu``, then what the fit says about the gene.
 
@@ -659,7 +759,9 @@ def gene_table(
     (:func:`gene_trust`) when the fit has a figure they read, the headers of
     :data:`GENE_COLUMNS` the fit has a value for, its goodness of fit as ``fit quality``
     when none of those holds it, and ``velocity gene``. A column that would be all NaN
-    is left out: a steady-state fit's R² appears as ``R²``, never as a likelihood.
+    is left out: a steady-state fit's R² appears as ``R²``, never as a likelihood. With
+    ``flags`` (:func:`explorer.app.fits.fit_diagnostics`), ``flag``: the reasons a gene is
+    flagged (``differential_kinetics``, ``boost``, ``unstable``), empty for the others.
     """
     table = pd.DataFrame({"gene": var_names.astype(str), "mean Ms": means[0], "mean Mu": means[1]})
     if fit is None:
@@ -679,6 +781,8 @@ def gene_table(
     if result.likelihood is not None and not any(k in gp for k in quality_keys):
         table[FIT_QUALITY] = result.likelihood.to_numpy(dtype=float)
     table["velocity gene"] = np.asarray(result.velocity_genes, dtype=bool)
+    if flags is not None:
+        table[FLAG] = flags[Key.var.DIAG_FLAG_REASON].reindex(var_names).fillna("").astype(str).to_numpy()
     return table
 
 
@@ -698,6 +802,7 @@ def column_help(table: pd.DataFrame, gene_params: pd.DataFrame | None = None) ->
             TRUST_NOTES: "the checks the gene fails",
             FIT_QUALITY: "the model's per-gene goodness of fit",
             "velocity gene": "used for the velocity graph and the embedding",
+            FLAG: "trust diagnostics: differential kinetics across clusters, transcriptional boost, unstable",
         }
     )
     return {c: text[c] for c in table.columns if c in text}
@@ -767,3 +872,338 @@ def compare_quality(
         }
     )
     return table[np.isfinite(table["a"]) & np.isfinite(table["b"])].reset_index(drop=True)
+
+
+# ------------------------------------------------------- reconstruction
+@dataclass(frozen=True, slots=True)
+class ReconstructionComparison:
+    """Per-gene reconstruction error of fits A and B on the same cells (the Compare tab).
+
+    ``table`` has columns ``gene``, ``a``, ``b`` (MSE of ``(Mu, Ms)`` per gene,
+    :func:`explorer.models.metrics.reconstruction_error`) for the genes both predict;
+    ``cells`` says which cells were scored, ``n_cells`` how many; ``summary`` is each
+    fit's MSE over those genes and cells.
+    """
+
+    table: pd.DataFrame
+    cells: str
+    n_cells: int
+    summary: tuple[float, float]
+
+
+def predictions(fit: Fit | VelocityResult) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(u_hat, s_hat)``, each ``(n_obs, n_vars)``, of a fit that shows ``"cell_points"`` or ``"curve"``.
+
+    :func:`explorer.models.metrics.predicted_abundances` on the fit's own layers and
+    per-gene parameters (VeloVAE's predicted points, the dynamical model's curve at each
+    cell's gene time); None for a fit that predicts no abundances (NaN: genes not fitted).
+    """
+    from anndata import AnnData
+
+    from explorer.models.metrics import predicted_abundances
+
+    result = _result(fit)
+    if not {"cell_points", "curve"} & fit_shows(result):
+        return None
+    keys = (Key.layers.PREDICTED_U, Key.layers.PREDICTED_S, Key.layers.FIT_T)
+    light = AnnData(
+        obs=pd.DataFrame(index=result.obs_names),
+        var=result.gene_params.copy(),
+        layers={k: result.layers[k] for k in keys if k in result.layers},
+    )
+    return predicted_abundances(light)
+
+
+def held_out_cells(*fits: Fit | VelocityResult | None) -> tuple[np.ndarray | None, str]:
+    """``(mask, words)``: the cells every fit held out of its training (obs ``fit_train`` False).
+
+    Fits that recorded no split do not restrict the cells. None (score all cells) when no
+    fit recorded one, or when the fits held out no cell in common; ``words`` says which.
+    """
+    masks = []
+    for fit in fits:
+        obs = None if fit is None else _result(fit).obs
+        if obs is not None and Key.obs.FIT_TRAIN in obs:
+            masks.append(~obs[Key.obs.FIT_TRAIN].to_numpy(dtype=bool))
+    if not masks:
+        return None, "all cells (no fit recorded held-out cells)"
+    held = np.logical_and.reduce(masks)
+    if not held.any():
+        return None, "all cells (the fits held out no cell in common)"
+    who = "both fits" if len(masks) > 1 else "the fit that recorded a split"
+    return held, f"held-out cells ({int(held.sum()):,} cells that {who} did not train on)"
+
+
+def compare_reconstruction(
+    adata: AnnData, a: Fit | VelocityResult | None, b: Fit | VelocityResult | None
+) -> ReconstructionComparison | None:
+    """Per-gene MSE of A's and B's predicted ``(u, s)`` on the held-out cells (:func:`held_out_cells`).
+
+    Scored by :func:`explorer.models.metrics.reconstruction_error`, the one function
+    every model is scored by, on the genes both predict for every cell. None unless both
+    fits predict abundances (:func:`predictions`).
+    """
+    from explorer.models.metrics import common_genes, reconstruction_error
+
+    if a is None or b is None:
+        return None
+    pa, pb = predictions(a), predictions(b)
+    if pa is None or pb is None:
+        return None
+    held, words = held_out_cells(a, b)
+    genes = common_genes(*pa, *pb)
+    mu = np.asarray(_dense_layer(adata.layers[Key.layers.MU]), dtype=np.float64)
+    ms = np.asarray(_dense_layer(adata.layers[Key.layers.MS]), dtype=np.float64)
+    # reconstruction_error scores "test" on cells outside `train`
+    train = None if held is None else ~held
+    column = "mse_train" if held is None else "mse_test"
+    errors = [
+        reconstruction_error(mu, ms, u, s, train=train, genes=genes, var_names=adata.var_names)
+        for u, s in (pa, pb)
+    ]
+    table = pd.DataFrame(
+        {
+            "gene": adata.var_names.astype(str),
+            "a": errors[0].per_gene[column].to_numpy(),
+            "b": errors[1].per_gene[column].to_numpy(),
+        }
+    )
+    table = table[genes & np.isfinite(table["a"]) & np.isfinite(table["b"])].reset_index(drop=True)
+    n_cells = adata.n_obs if held is None else int(held.sum())
+    return ReconstructionComparison(
+        table=table,
+        cells=words,
+        n_cells=n_cells,
+        summary=(errors[0].summary[column], errors[1].summary[column]),
+    )
+
+
+def log10_positive(values: np.ndarray) -> np.ndarray:
+    """log10 of the positive values, NaN elsewhere (the reconstruction plot's axes: MSEs span decades)."""
+    values = np.asarray(values, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(values > 0, np.log10(np.where(values > 0, values, 1.0)), np.nan)
+
+
+def _dense_layer(matrix: Any) -> np.ndarray:
+    return matrix.toarray() if hasattr(matrix, "toarray") else np.asarray(matrix)
+
+
+# -------------------------------------------------------------------- fates
+#: colourings by fate probability are offered as this prefix + the terminal state's name
+FATE_PREFIX = "fate: "
+#: the terminal states a session computed (a file's own are its obs column ``term_states_fwd``)
+COLOR_TERMINAL = "terminal states (computed)"
+
+
+@dataclass(frozen=True, slots=True)
+class FateInfo:
+    """Terminal states and each cell's probability of reaching each (CellRank 2's ``lineages_fwd``).
+
+    ``names``: the terminal states; ``probabilities``: ``(n_obs, len(names))``;
+    ``terminal``: ``(n_obs,)`` code into ``names`` of the terminal state a cell belongs to
+    (-1: none); ``colors``: name -> colour; ``source``: where they come from, in words.
+    """
+
+    names: tuple[str, ...]
+    probabilities: np.ndarray
+    terminal: np.ndarray
+    colors: dict[str, str]
+    source: str
+
+
+def fates_from_adata(adata: AnnData) -> FateInfo | None:
+    """Read the fates stored in a file (``explorer fates`` or CellRank 2 wrote them), or None.
+
+    Reads obsm ``lineages_fwd`` (columns: the categories of obs ``term_states_fwd``) and
+    ``uns['term_states_fwd_colors']`` when they are valid colours.
+    """
+    key_probs, key_states = Key.obsm.FATE_PROBABILITIES, Key.obs.TERMINAL_STATES
+    if (
+        key_probs not in adata.obsm
+        or key_states not in adata.obs
+        or not is_categorical(adata.obs[key_states])
+    ):
+        return None
+    probs = np.asarray(adata.obsm[key_probs], dtype=np.float32)
+    states = adata.obs[key_states]
+    names = tuple(str(c) for c in states.cat.categories)
+    if probs.ndim != 2 or probs.shape[1] != len(names):  # noqa: PLR2004
+        return None
+    return FateInfo(
+        names=names,
+        probabilities=probs,
+        terminal=states.cat.codes.to_numpy().astype(np.int64),
+        colors=color_key(adata, key_states),
+        source="the file",
+    )
+
+
+def fate_options(fates: FateInfo | None) -> list[str]:
+    """List the colourings ``fates`` offers: one per terminal state, and the computed terminal states."""
+    if fates is None:
+        return []
+    return [
+        *(f"{FATE_PREFIX}{name}" for name in fates.names),
+        *([COLOR_TERMINAL] if fates.source != "the file" else []),
+    ]
+
+
+def fate_coloring(fates: FateInfo | None, what: str, n_obs: int) -> Coloring:
+    """Colour cells by a fate probability (``"fate: <state>"``) or by the computed terminal states."""
+    if fates is None:
+        return Coloring(
+            kind="none",
+            values=np.zeros(n_obs, dtype=np.float32),
+            label="no fates for the active fit: press Compute fates",
+        )
+    if what == COLOR_TERMINAL:
+        return Coloring(
+            kind="category",
+            values=fates.terminal,
+            label=f"terminal states ({fates.source})",
+            categories=fates.names,
+            color_key=fates.colors,
+        )
+    name = what.removeprefix(FATE_PREFIX)
+    if name not in fates.names:
+        return Coloring(
+            kind="none",
+            values=np.zeros(n_obs, dtype=np.float32),
+            label=f"no terminal state {name!r} in the fates of {fates.source}",
+        )
+    values = fates.probabilities[:, fates.names.index(name)]
+    return Coloring(
+        kind="continuous", values=values, label=f"probability of reaching {name} ({fates.source})"
+    )
+
+
+def cell_fates(fates: FateInfo | None, index: int) -> pd.DataFrame | None:
+    """Cell ``index``'s probability of reaching each terminal state, likeliest first (state, probability)."""
+    if fates is None:
+        return None
+    p = fates.probabilities[index]
+    table = pd.DataFrame({"state": list(fates.names), "probability": p.astype(float)})
+    return table.sort_values("probability", ascending=False, kind="stable").reset_index(drop=True)
+
+
+# ------------------------------------------------------------- random walks
+@dataclass(frozen=True, slots=True)
+class RandomWalks:
+    """Random walks from one cell on a fit's transition matrix, and where they ended.
+
+    ``walks``: ``(n_walks, n_steps + 1)`` cell indices (column 0 the start); ``ends``: a
+    table of the end cells' clusters (columns ``cluster``, ``walks``, ``share``), most
+    walks first; ``fit``: the fit's label.
+    """
+
+    start: int
+    walks: np.ndarray
+    ends: pd.DataFrame
+    fit: str
+
+
+def walk_ends(adata: AnnData, walks: np.ndarray) -> pd.DataFrame:
+    """Count the walks by the cluster of their last cell (columns cluster, walks, share), most first."""
+    column = cluster_column(adata)
+    last = np.asarray(walks)[:, -1]
+    labels = adata.obs[column].to_numpy()[last].astype(str) if column else np.full(len(last), "—")
+    counts = pd.Series(labels).value_counts(sort=True)
+    return pd.DataFrame(
+        {
+            "cluster": counts.index.astype(str),
+            "walks": counts.to_numpy(dtype=np.int64),
+            "share": counts.to_numpy(dtype=float) / max(len(last), 1),
+        }
+    )
+
+
+def walk_paths(xy: np.ndarray, walks: np.ndarray, *, max_paths: int = 30) -> list[np.ndarray]:
+    """Return the first ``max_paths`` walks as polylines ``(n_steps + 1, 2)`` on the embedding ``xy``."""
+    return [np.asarray(xy[w], dtype=np.float64) for w in np.asarray(walks)[:max_paths]]
+
+
+# ------------------------------------------------------------------ metrics
+def parse_transitions(text: str, clusters: Any) -> list[tuple[str, str]]:
+    """Read ``"A>B, C>D"`` into ``[("A", "B"), ("C", "D")]``, checking each name is a cluster.
+
+    Raises
+    ------
+    InputError
+        For a pair without ``>`` or a name that is not among ``clusters`` (the message
+        lists the valid names).
+    """
+    from explorer._types import InputError
+
+    valid = [str(c) for c in clusters]
+    pairs = []
+    for item in (p.strip() for p in str(text).split(",")):
+        if not item:
+            continue
+        if item.count(">") != 1:
+            msg = f"Expected transitions as 'source>target' separated by commas; found {item!r}."
+            raise InputError(msg)
+        source, target = (x.strip() for x in item.split(">"))
+        unknown = [x for x in (source, target) if x not in valid]
+        if unknown:
+            msg = f"Unknown cluster {unknown[0]!r} in {item!r}. Valid options are: {', '.join(valid)}."
+            raise InputError(msg)
+        pairs.append((source, target))
+    return pairs
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsTable:
+    """The Compare tab's scores: one row per fit (``table``), and per fit its per-cluster means."""
+
+    table: pd.DataFrame
+    per_cluster: dict[str, pd.DataFrame]
+
+
+def model_metrics(
+    adata: AnnData, fits: Mapping[str, Fit], transitions: list[tuple[str, str]]
+) -> MetricsTable:
+    """Score every fit by :func:`explorer.models.metrics.model_metrics`, the one metrics function.
+
+    Each fit is written into a light AnnData that shares ``adata``'s arrays (the data is
+    never written to) and scored there: CBDir per transition and their mean, ICVCoh of
+    the clusters named and their mean, overall and cell-type-wise consistency, velocity
+    confidence (recomputed alike for every fit), and reconstruction MSE for fits that
+    predict ``(u, s)``: on the cells the fit held out when it recorded a split (``MSE
+    cells``: ``held-out``), else on all cells.
+
+    Returns
+    -------
+    A :class:`MetricsTable`: ``table`` has a ``model`` column (the fit's label), then the
+    summary names of :func:`explorer.models.metrics.model_metrics` (``cbdir[A>B]``,
+    ``cbdir``, ``icvcoh[A]``, ``icvcoh``, ``consistency``, ``consistency_type``,
+    ``velocity_confidence``), ``MSE`` and ``MSE cells``; ``per_cluster`` maps each label
+    to the per-cluster means of the per-cell scores.
+    """
+    from anndata import AnnData
+
+    from explorer.models.metrics import model_metrics as score
+
+    column = cluster_column(adata)
+    rows, per_cluster = [], {}
+    for label, fit in fits.items():
+        result = _result(fit)
+        light = AnnData(
+            obs=adata.obs[[column]].copy() if column else pd.DataFrame(index=adata.obs_names),
+            var=pd.DataFrame(index=adata.var_names),
+            layers={k: adata.layers[k] for k in (Key.layers.MS, Key.layers.MU)},
+            obsp={k: adata.obsp[k] for k in (Key.obsp.DISTANCES,) if k in adata.obsp},
+        )
+        result.to_adata(light)
+        found = score(light, transitions=transitions, cluster_key=column or Key.obs.CLUSTERS)
+        summary = found.summary
+        held = Key.obs.FIT_TRAIN in light.obs and np.isfinite(summary.get("mse_test", np.nan))
+        row = {"model": label}
+        row.update({k: v for k, v in summary.items() if k.startswith(("cbdir", "icvcoh"))})
+        for k in ("consistency", "consistency_type", "velocity_confidence"):
+            row[k] = summary.get(k, float("nan"))
+        row["MSE"] = summary.get("mse_test" if held else "mse", float("nan"))
+        row["MSE cells"] = ("held-out" if held else "all") if np.isfinite(row["MSE"]) else ""
+        rows.append(row)
+        per_cluster[label] = found.per_cluster.rename_axis("cluster").reset_index()
+    return MetricsTable(pd.DataFrame(rows), per_cluster)

@@ -30,7 +30,15 @@ from anndata import AnnData
 from explorer._types import InputError, Progress
 from explorer.app import readouts
 from explorer.app.files import DATASET_SUFFIXES, export_target, resolve_under, write_new
-from explorer.app.fits import fit_from_adata, load_dataset, model_defaults, results_adata
+from explorer.app.fits import (
+    fit_diagnostics,
+    fit_fates,
+    fit_from_adata,
+    load_dataset,
+    model_defaults,
+    results_adata,
+    without_genes,
+)
 from explorer.app.geometry import nearest, points_in_box, points_in_polygon, time_bins
 from explorer.app.jobs import Fit, Job, fit_and_derive, fit_key, fit_label
 from explorer.app.memo import Memo, shared_memo
@@ -74,6 +82,10 @@ __all__ = [
 #: results one session remembers (a few genes' columns, colourings, time bins, the arrow
 #: grid, the agreement of two fits): each up to a few MB at a million cells
 SESSION_MEMO_ITEMS = 12
+#: read-outs computed in the background one session remembers (reconstruction, metrics tables)
+BACKGROUND_ITEMS = 6
+#: random walks started from a clicked cell, and their length (CellRank's plot_random_walks: 100 x 100)
+N_WALKS, N_WALK_STEPS = 100, 100
 
 
 class ExplorerState(param.Parameterized):
@@ -104,6 +116,20 @@ class ExplorerState(param.Parameterized):
     n_targets = param.Integer(
         default=5, bounds=(1, 30), doc="Most likely next cells shown for the selected cell."
     )
+    fates = param.Dict(default={}, doc="Fates computed in this session, by fit label (readouts.FateInfo).")
+    diagnostics = param.Dict(default={}, doc="Per-gene trust flags computed in this session, by fit label.")
+    fate_states = param.Integer(
+        default=10,
+        bounds=(2, 30),
+        doc="Macrostates that Compute fates looks for (`explorer fates --n-states`).",
+    )
+    walks = param.Parameter(default=None, doc="The last random walks from a cell (readouts.RandomWalks).")
+    metric_transitions = param.String(
+        default="", doc="Transitions 'A>B, C>D' between clusters that the metrics table scores (CBDir)."
+    )
+    readout_revision = param.Integer(
+        default=0, precedence=-1, doc="Counts read-outs finished in the background (views redraw on it)."
+    )
     status = param.String(default="", doc="What is going on, in words.")
     progress = param.Number(default=0.0, bounds=(0.0, 1.0), doc="Progress of the running job.")
     running = param.Boolean(default=False, doc="Whether a job runs.")
@@ -121,6 +147,9 @@ class ExplorerState(param.Parameterized):
         super().__init__(**params)
         self._job: Job | None = None
         self._memo = Memo(SESSION_MEMO_ITEMS)
+        #: read-outs computed off the event loop (:meth:`_background`), and those under way
+        self._computed = Memo(BACKGROUND_ITEMS)
+        self._pending: dict[Hashable, Job] = {}
         #: what every session computes alike from the same dataset (see :func:`shared_memo`)
         self._shared = Memo(1)
         if adata is not None:
@@ -146,6 +175,7 @@ class ExplorerState(param.Parameterized):
             )
             raise InputError(msg)
         self._memo.clear()
+        self._computed.clear()
         self._shared = shared_memo(adata)
         # one Fit for every session: its streamlines and projections are computed once
         stored = self._shared.get("stored fit", lambda: fit_from_adata(adata))
@@ -160,10 +190,13 @@ class ExplorerState(param.Parameterized):
         labels = list(fits)
         with self._batched(), param.parameterized.batch_call_watchers(self):
             self.param.basis.objects = bases
-            self.param.color_by.objects = readouts.color_options(adata, fits)
+            self.param.color_by.objects = readouts.color_options(adata, fits, self._all_fates({}, adata))
             for p in (self.param.model, self.param.compare_a, self.param.compare_b):
                 p.objects = labels
             self.param.update(
+                fates={},
+                diagnostics={},
+                walks=None,
                 adata=adata,
                 dataset=name,
                 dataset_path=path,
@@ -291,12 +324,21 @@ class ExplorerState(param.Parameterized):
         elif bounds is not None:
             self.select_cells(points_in_box(xy[:, 0], xy[:, 1], bounds))
 
-    def select_gene_near(self, x: float, y: float) -> str | None:
-        """Select the gene nearest to a click on the A-against-B fit-quality plot."""
-        table = self.compare_quality()
+    def select_gene_near(
+        self, x: float, y: float, *, plot: Literal["quality", "reconstruction"] = "quality"
+    ) -> str | None:
+        """Select the gene nearest to a click on an A-against-B plot (fit quality, log10 MSE)."""
+        if plot == "reconstruction":
+            found = self.compare_reconstruction()
+            table = None if found is None else found.table
+        else:
+            table = self.compare_quality()
         if table is None or table.empty:
             return None
-        i = nearest(table["a"].to_numpy(), table["b"].to_numpy(), x, y)
+        a, b = table["a"].to_numpy(dtype=float), table["b"].to_numpy(dtype=float)
+        if plot == "reconstruction":
+            a, b = readouts.log10_positive(a), readouts.log10_positive(b)
+        i = nearest(a, b, x, y)
         self.select_gene(table["gene"].iloc[i])
         return self.gene
 
@@ -332,10 +374,13 @@ class ExplorerState(param.Parameterized):
     def _add_fit(self, fit: Fit) -> None:
         results = {**self.results, fit.label: fit}
         labels = list(results)
+        bases = list(self.param.basis.objects)
+        bases += [b for b in readouts.fit_bases(fit) if b not in bases]
         with self._batched(), param.parameterized.batch_call_watchers(self):
+            self.param.basis.objects = bases
             for p in (self.param.model, self.param.compare_a, self.param.compare_b):
                 p.objects = labels
-            self.param.color_by.objects = readouts.color_options(self.adata, results)
+            self.param.color_by.objects = readouts.color_options(self.adata, results, self._all_fates())
             previous = self.model
             self.param.update(
                 results=results,
@@ -363,9 +408,14 @@ class ExplorerState(param.Parameterized):
         self.stop_job()
         self._job = None
         self._memo.clear()
+        self._computed.clear()
+        self._pending = {}
         self._shared = Memo(1)
         with param.parameterized.discard_events(self):
             self.param.update(
+                fates={},
+                diagnostics={},
+                walks=None,
                 results={},
                 model=None,
                 compare_a=None,
@@ -410,6 +460,193 @@ class ExplorerState(param.Parameterized):
             name=f"explorer-{what}",
         )
         return self._job.start()
+
+    # ------------------------------------------------------ fates and walks
+    def file_fates(self, adata: AnnData | None = None) -> readouts.FateInfo | None:
+        """Return the fates stored in the dataset (``explorer fates`` or CellRank wrote them), or None."""
+        adata = self.adata if adata is None else adata
+        return self._shared.get("file fates", lambda: readouts.fates_from_adata(adata))
+
+    def _all_fates(
+        self, computed: dict[str, readouts.FateInfo] | None = None, adata: AnnData | None = None
+    ) -> list[readouts.FateInfo]:
+        found = [self.file_fates(adata), *(self.fates if computed is None else computed).values()]
+        return [f for f in found if f is not None]
+
+    def active_fates(self) -> readouts.FateInfo | None:
+        """Fates of the active fit if computed in this session, else the file's, else None."""
+        fit = self.fit
+        if fit is not None and fit.label in self.fates:
+            return self.fates[fit.label]
+        return self.file_fates()
+
+    def compute_fates(self, *, n_states: int | None = None) -> Job | None:
+        """Compute the active fit's terminal states and fate probabilities in the background.
+
+        As ``explorer fates`` (:func:`explorer.app.fits.fit_fates`); progress goes to
+        ``progress``, failures to ``error``. When done, the fates join ``fates`` and the
+        cells are coloured by the terminal states found. ``n_states``: macrostates
+        (default: ``fate_states``).
+        """
+        n_states = self.fate_states if n_states is None else int(n_states)
+        fit = self.fit
+        if fit is None:
+            self.error = "Fates need a velocity fit: run a model first."
+            return None
+        if self.running:
+            self.error = "A job is already running; wait for it or press Cancel."
+            return None
+        if fit.label in self.fates:
+            self.color_by = readouts.COLOR_TERMINAL
+            self.status = f"fates of {fit.label}: cached"
+            return None
+        adata = self.adata
+        return self._start(
+            lambda progress: fit_fates(adata, fit, n_states=n_states, progress=progress),
+            on_done=lambda found: self._add_fates(fit.label, found),
+            what=f"fates of {fit.label}",
+        )
+
+    def _add_fates(self, label: str, found: readouts.FateInfo) -> None:
+        fates = {**self.fates, label: found}
+        with self._batched(), param.parameterized.batch_call_watchers(self):
+            self.param.color_by.objects = readouts.color_options(
+                self.adata, self.results, self._all_fates(fates)
+            )
+            self.param.update(
+                fates=fates, color_by=readouts.COLOR_TERMINAL if self.model == label else self.color_by
+            )
+        self.status = f"fates of {label}: terminal states {', '.join(found.names)}"
+
+    def start_walks(
+        self, index: int | None = None, *, n_walks: int = N_WALKS, n_steps: int = N_WALK_STEPS
+    ) -> None:
+        """Random walks from cell ``index`` (default: the selected one) on the active fit's transitions.
+
+        :func:`explorer.graph.transition.random_walks` (seeded), kept in ``walks`` with the
+        clusters they end in; None clears them.
+        """
+        from explorer.graph.transition import random_walks
+
+        index = self.cell if index is None else index
+        fit = self.fit
+        if index is None:
+            with self._batched():
+                self.walks = None
+            return
+        if fit is None or fit.transitions is None:
+            self.error = "Random walks need a transition matrix: run a model on data with a neighbour graph."
+            return
+        walks = random_walks(fit.transitions, int(index), n_steps=n_steps, n_walks=n_walks, seed=0)
+        found = readouts.RandomWalks(
+            start=int(index), walks=walks, ends=readouts.walk_ends(self.adata, walks), fit=fit.label
+        )
+        with self._batched():
+            self.walks = found
+
+    def walk_paths(self) -> list[np.ndarray]:
+        """Return the walks to draw on the current basis (the first 30), or none."""
+        if self.walks is None:
+            return []
+        return readouts.walk_paths(self.embedding(), self.walks.walks)
+
+    def cell_fates(self, index: int | None = None) -> pd.DataFrame | None:
+        """Cell ``index``'s (default: the selected one's) fate probabilities under :meth:`active_fates`."""
+        index = self.cell if index is None else index
+        return None if index is None else readouts.cell_fates(self.active_fates(), index)
+
+    # ------------------------------------------------------------ diagnostics
+    def compute_diagnostics(self) -> Job | None:
+        """Flag the active fit's genes not to trust (:func:`.fits.fit_diagnostics`), off the loop."""
+        fit = self.fit
+        if fit is None:
+            self.error = "Trust diagnostics need a fit: run a model first."
+            return None
+        if self.running:
+            self.error = "A job is already running; wait for it or press Cancel."
+            return None
+        adata = self.adata
+        return self._start(
+            lambda progress: fit_diagnostics(adata, fit, progress=progress),
+            on_done=lambda flags: self._add_diagnostics(fit.label, flags),
+            what=f"trust diagnostics of {fit.label}",
+        )
+
+    def _add_diagnostics(self, label: str, flags: pd.DataFrame) -> None:
+        with self._batched():
+            self.diagnostics = {**self.diagnostics, label: flags}
+        n = int(flags[Key.var.DIAG_FLAGGED].sum())
+        self.status = f"trust diagnostics of {label}: {n:,} genes flagged"
+
+    def flagged(self) -> np.ndarray | None:
+        """``(n_vars,)`` the active fit's flagged velocity genes, or None before its diagnostics."""
+        flags = self.diagnostics.get(self.model) if self.model else None
+        if flags is None:
+            return None
+        mask = flags[Key.var.DIAG_FLAGGED].reindex(self.adata.var_names).fillna(value=False).to_numpy(bool)
+        return mask & np.asarray(self.fit.result.velocity_genes, dtype=bool)
+
+    def recompute_without_flagged(self) -> Job | None:
+        """Re-derive the active fit's velocity graph without its flagged genes; the result is a new fit."""
+        drop = self.flagged()
+        fit = self.fit
+        if drop is None or not drop.any():
+            self.error = (
+                "No flagged velocity genes: compute the trust diagnostics first (or none was flagged)."
+            )
+            return None
+        if self.running:
+            self.error = "A job is already running; wait for it or press Cancel."
+            return None
+        adata = self.adata
+        basis = self.basis if self.basis in adata.obsm else next(iter(self.param.basis.objects))
+        label = f"{fit.label} without {int(drop.sum())} flagged genes"
+        return self._start(
+            lambda progress: without_genes(adata, fit, drop, basis=basis, label=label, progress=progress),
+            on_done=self._add_fit,
+            what=f"recomputing {fit.label} without flagged genes",
+        )
+
+    # --------------------------------------------------- background read-outs
+    def _background(self, key: Hashable, compute: Callable[[], Any], what: str) -> Any:
+        """Compute a read-out too slow for a click (over ~100 ms) off the event loop.
+
+        Returns the value when it is known; otherwise starts it on a worker thread (once)
+        and returns None; ``readout_revision`` is bumped when it lands, so views that
+        depend on it draw it then. Failures go to ``error``. Independent of the fit job:
+        a Run may go on meanwhile.
+        """
+        if key in self._computed:
+            return self._computed.get(key, lambda: None)
+        if key in self._pending:
+            return None
+
+        def done(value: Any) -> None:
+            self._pending.pop(key, None)
+            self._computed.get(key, lambda: value)
+            with self._batched():
+                self.readout_revision += 1
+
+        def failed(err: BaseException) -> None:
+            self._pending.pop(key, None)
+            message = (
+                str(err) if isinstance(err, InputError) else f"{what} failed: {type(err).__name__}: {err}"
+            )
+            self.error = message
+
+        self._pending[key] = job = Job(
+            lambda _progress: compute(),
+            on_done=done,
+            on_error=failed,
+            dispatch=self.dispatch,
+            name=f"explorer-{what}",
+        )
+        job.start()
+        return None
+
+    def background_jobs(self) -> list[Job]:
+        """List the read-outs under way (tests wait for them)."""
+        return list(self._pending.values())
 
     # -------------------------------------------------------------- export
     def results_adata(self) -> AnnData:
@@ -456,8 +693,18 @@ class ExplorerState(param.Parameterized):
         return int(self.adata.var_names.get_loc(self.gene))
 
     def embedding(self, basis: str | None = None) -> np.ndarray:
-        """``(n_obs, 2)`` read-only coordinates on ``basis`` (default: current), shared by sessions."""
+        """``(n_obs, 2)`` read-only coordinates on ``basis`` (default: current), shared by sessions.
+
+        A basis that only a fit of this session holds (a UMAP of DeepVelo's rates run with
+        ``rate_umap``) is read from that fit and kept with the session.
+        """
         key = basis or self.basis
+        if key not in self.adata.obsm:
+            holder = next((f for f in self.results.values() if key in (f.result.obsm or {})), None)
+            if holder is not None:
+                return self._remember(
+                    ("fit embedding", holder.label, key), lambda: readouts.fit_embedding(holder, key)
+                )
         return self._shared.get(("embedding", key), lambda: readouts.embedding(self.adata, key))
 
     def gene_values(
@@ -491,9 +738,22 @@ class ExplorerState(param.Parameterized):
         column = None
         if what == COLOR_EXPRESSION or (what == COLOR_VELOCITY and fit is not None):
             column = self.gene_values("Ms" if what == COLOR_EXPRESSION else "velocity")  # read once
+        fates = (
+            self.active_fates()
+            if what.startswith(readouts.FATE_PREFIX) or what == readouts.COLOR_TERMINAL
+            else None
+        )
         return self._remember(
-            ("coloring", what, gene, None if fit is None else fit.label),
-            lambda: readouts.coloring(self.adata, what, fit=fit, gene=self.gene, key=key, column=column),
+            (
+                "coloring",
+                what,
+                gene,
+                None if fit is None else fit.label,
+                None if fates is None else fates.source,
+            ),
+            lambda: readouts.coloring(
+                self.adata, what, fit=fit, gene=self.gene, key=key, column=column, fates=fates
+            ),
         )
 
     def velocity_embedding(self, fit: Fit | None = None) -> np.ndarray | None:
@@ -563,12 +823,14 @@ class ExplorerState(param.Parameterized):
             n_targets=self.n_targets,
             t=self.latent_time(),
             conf=readouts.confidence(self.adata, fit),
+            t_sd=readouts.latent_time_sd(fit),
         )
 
     def gene_table(self) -> pd.DataFrame:
         """One row per gene: mean Ms/Mu, the active fit's per-gene figures (:func:`readouts.gene_table`)."""
         means = self._shared.get("means", lambda: readouts.gene_means(self.adata))
-        return readouts.gene_table(self.adata.var_names, means, self.fit)
+        flags = self.diagnostics.get(self.model) if self.model else None
+        return readouts.gene_table(self.adata.var_names, means, self.fit, flags)
 
     def compare_fits(self) -> tuple[Fit | None, Fit | None]:
         """Return the two fits picked for comparison."""
@@ -587,3 +849,61 @@ class ExplorerState(param.Parameterized):
             ("agreement", a.key, b.key),
             lambda: readouts.velocity_agreement(a.result.velocity, b.result.velocity),
         )
+
+    def compare_reconstruction(self) -> readouts.ReconstructionComparison | None:
+        """Per-gene reconstruction error of A and B (:func:`readouts.compare_reconstruction`), or None.
+
+        Computed in the background (a second or so on the pancreas): None until it lands,
+        and for fits that do not both predict ``(u, s)`` (:meth:`reconstruction_pending` tells).
+        """
+        a, b = self.compare_fits()
+        predicts = {"cell_points", "curve"}
+        if a is None or b is None or not (predicts & self.fit_shows(a) and predicts & self.fit_shows(b)):
+            return None
+        adata = self.adata
+        return self._background(
+            ("reconstruction", a.key, b.key),
+            lambda: readouts.compare_reconstruction(adata, a, b),
+            "reconstruction error",
+        )
+
+    def reconstruction_pending(self) -> bool:
+        """Whether the reconstruction of the compared pair is being computed."""
+        a, b = self.compare_fits()
+        return a is not None and b is not None and ("reconstruction", a.key, b.key) in self._pending
+
+    def compute_metrics(self, transitions: str | None = None) -> None:
+        """Score every fit (:func:`readouts.model_metrics`) for ``transitions`` ``"A>B, C>D"``, off the loop.
+
+        Bad transitions (an unknown cluster) go to ``error``; the table is
+        :meth:`metrics_table` once it lands.
+        """
+        if transitions is not None:
+            self.metric_transitions = transitions
+        column = readouts.cluster_column(self.adata)
+        clusters = self.adata.obs[column].cat.categories if column else []
+        try:
+            pairs = readouts.parse_transitions(self.metric_transitions, clusters)
+        except InputError as err:
+            self.error = str(err)
+            return
+        self.error = ""
+        self.metrics_table(pairs, start=True)
+
+    def metrics_table(
+        self, pairs: list[tuple[str, str]] | None = None, *, start: bool = False
+    ) -> readouts.MetricsTable | None:
+        """Return every fit's metrics for the current transitions if computed (``start``: compute them)."""
+        if pairs is None:
+            column = readouts.cluster_column(self.adata)
+            clusters = self.adata.obs[column].cat.categories if column else []
+            try:
+                pairs = readouts.parse_transitions(self.metric_transitions, clusters)
+            except InputError:
+                return None
+        fits = dict(self.results)
+        key = ("metrics", tuple(f.key for f in fits.values()), tuple(pairs))
+        if not start and key not in self._computed:
+            return None
+        adata = self.adata
+        return self._background(key, lambda: readouts.model_metrics(adata, fits, pairs), "metrics")

@@ -174,6 +174,7 @@ def check_output(
     *,
     protect: Iterable[str | os.PathLike[str]] = (),
     overwrite: bool = True,
+    suffixes: tuple[str, ...] | None = SUFFIXES,
 ) -> Path:
     """Check, before any work, that :func:`write` can write ``path``; return it resolved.
 
@@ -185,6 +186,9 @@ def check_output(
         Paths that must never be overwritten, typically the input file.
     overwrite
         Whether an existing file at ``path`` may be replaced.
+    suffixes
+        The extensions ``path`` may have (default: what :func:`write` writes); None for
+        any (a caller that writes something else and checked the name itself).
 
     Raises
     ------
@@ -203,10 +207,10 @@ def check_output(
             )
             raise InputError(msg)
     suffix = path.suffix.lower()
-    if suffix not in SUFFIXES:
+    if suffixes is not None and suffix not in suffixes:
         msg = (
-            f"cannot write {path.name!r}: expected a name ending in {' or '.join(SUFFIXES)}, "
-            f"found {suffix or 'no extension'!r}. Name the output e.g. {path.stem or 'out'}.h5ad."
+            f"cannot write {path.name!r}: expected a name ending in {' or '.join(suffixes)}, "
+            f"found {suffix or 'no extension'!r}. Name the output e.g. {path.stem or 'out'}{suffixes[0]}."
         )
         raise InputError(msg)
     if not target.parent.is_dir():
@@ -216,7 +220,8 @@ def check_output(
         )
         raise InputError(msg)
     if target.is_dir():
-        msg = f"cannot write {str(path)!r}: it is a folder; expected a file name ending in .h5ad."
+        ending = f" ending in {suffixes[0]}" if suffixes else ""
+        msg = f"cannot write {str(path)!r}: it is a folder; expected a file name{ending}."
         raise InputError(msg)
     if target.exists() and not overwrite:
         msg = (

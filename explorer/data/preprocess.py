@@ -17,7 +17,6 @@ import warnings
 from typing import TYPE_CHECKING
 
 import numpy as np
-import scanpy as sc
 from scipy import sparse
 
 from explorer._types import PREPROCESS, InputError, option
@@ -421,6 +420,10 @@ def _select_highly_variable(adata: AnnData, *, n_top_genes: int) -> None:
             "layers hold per-cell counts."
         )
         raise InputError(msg)
+    # scanpy (and the sklearn, numba and matplotlib it loads) only when genes are selected:
+    # `explorer fit` on preprocessed data never needs it, and importing it is a second of start-up
+    import scanpy as sc
+
     with warnings.catch_warnings(record=True) as caught:
         # e.g. "n_top_genes > number of normalized dispersions" for constant genes: scanpy
         # then keeps every gene with a dispersion, which is what we want; say so in the log

@@ -238,7 +238,11 @@ def shared_time(t: np.ndarray, *, percentiles: tuple[float, ...] = SHARED_TIME_P
     """
     t = np.asarray(t, dtype=np.float64)
     t = t - t.min()
-    tx = np.percentile(t, percentiles, axis=1)
+    return best_percentiles(np.percentile(t, percentiles, axis=1))
+
+
+def best_percentiles(tx: np.ndarray) -> np.ndarray:
+    """:func:`shared_time`'s last step, from the ``(n_percentiles, n_obs)`` per-cell percentiles."""
     tx_max = tx.max(1)
     tx_max = np.where(tx_max == 0, 1, tx_max)
     tx = tx / tx_max[:, None]

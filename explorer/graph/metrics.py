@@ -134,3 +134,73 @@ def velocity_consistency_by_type(velocity: FloatArray, labels: ArrayLike) -> Flo
         out[members] = unit[members] @ mean_unit
     out[~has] = np.nan
     return out.astype(np.float32)
+
+
+def in_cluster_coherence(velocity: FloatArray, indices: IntArray, labels: ArrayLike) -> FloatArray:
+    """In-cluster velocity coherence (ICVCoh; Qiao & Huang 2021), per cell.
+
+    For cell ``i`` of cluster ``c``: the mean cosine similarity of its velocity with the
+    velocities of its kNN neighbours (``indices``) that are also in ``c``, the cell itself
+    left out (VeloAE's ``inner_cluster_coh`` keeps it, adding a 1 to every mean). A
+    cluster's ICVCoh is the mean over its cells with a value.
+
+    Parameters
+    ----------
+    velocity
+        ``(n_obs, n_vars)`` velocity; genes with a non-finite value are left out.
+    indices
+        ``(n_obs, k)`` neighbour indices (:func:`~explorer.graph.transition.knn_indices`).
+    labels
+        ``(n_obs,)`` clusters.
+
+    Returns
+    -------
+    ``(n_obs,)`` float32 in [-1, 1]; NaN for a cell with zero velocity, no label or no
+    neighbour of its cluster with a nonzero velocity.
+
+    Examples
+    --------
+    >>> v = np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
+    >>> in_cluster_coherence(v, np.array([[1], [0], [1]]), ["a", "a", "a"]).round(3).tolist()
+    [0.707, 0.707, 0.707]
+    """
+    unit, has = _unit_rows(velocity)
+    codes, _ = pd.factorize(pd.Series(np.asarray(labels, dtype=object)), use_na_sentinel=True)
+    idx = np.asarray(indices)
+    same = (
+        (codes[idx] == codes[:, None])
+        & (codes[:, None] >= 0)
+        & has[idx]
+        & (idx != np.arange(len(idx))[:, None])
+    )
+    cos = np.einsum("ij,ikj->ik", unit, unit[idx], dtype=np.float64)
+    n = same.sum(1)
+    out = np.where(n > 0, np.where(same, cos, 0.0).sum(1) / np.maximum(n, 1), np.nan)
+    out[~has] = np.nan
+    return out.astype(np.float32)
+
+
+def parse_transitions(text: str) -> list[tuple[str, str]]:
+    """``"A>B, C>D"`` -> ``[("A", "B"), ("C", "D")]``: cluster transitions for CBDir and ICVCoh.
+
+    Raises
+    ------
+    ValueError
+        If a part is not ``SOURCE>TARGET`` with both names non-empty.
+    """
+    pairs = []
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        source, sep, target = part.partition(">")
+        if not sep or not source.strip() or not target.strip() or ">" in target:
+            msg = (
+                f"Expected transitions as SOURCE>TARGET separated by commas (e.g. "
+                f"'Ngn3 high EP>Pre-endocrine,Pre-endocrine>Beta'); found {part.strip()!r}."
+            )
+            raise ValueError(msg)
+        pairs.append((source.strip(), target.strip()))
+    if not pairs:
+        msg = f"Expected at least one transition SOURCE>TARGET; found {text!r}."
+        raise ValueError(msg)
+    return pairs

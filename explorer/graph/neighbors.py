@@ -14,8 +14,6 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import scanpy as sc
-from pynndescent import PyNNDescentTransformer
 from scipy import sparse
 
 from explorer._types import PREPROCESS, InputError
@@ -84,6 +82,10 @@ def compute_neighbors(
         else:
             logger.info("using the existing obsm[%r] (%d components)", Key.obsm.PCA, pca.shape[1])
         use_rep, n_used = Key.obsm.PCA, min(n_pcs, adata.obsm[Key.obsm.PCA].shape[1])
+    # scanpy and pynndescent load only here (they compile numba code on import, about a
+    # second): reading and fitting data that has its neighbours never needs them
+    import scanpy as sc
+
     sc.pp.neighbors(
         adata,
         n_neighbors=n_neighbors,
@@ -143,6 +145,8 @@ def _approximate_knn(n_obs: int, n_neighbors: int, seed: int) -> Any:
     from sparse arrays: ``prepare`` failed on every dataset of more than ~10k cells. Same
     parameters as scanpy's (UMAP's ``nearest_neighbors`` defaults), one conversion more.
     """
+    from pynndescent import PyNNDescentTransformer
+
     class _CsrMatrixNNDescent(PyNNDescentTransformer):
         def fit_transform(self, X: Any, y: Any = None, **fit_params: Any) -> sparse.csr_matrix:
             return sparse.csr_matrix(super().fit_transform(X, y, **fit_params))
@@ -168,4 +172,6 @@ def _compute_pca(adata: AnnData, *, n_pcs: int, seed: int) -> None:
         n_vars = int(np.sum(hv))
     # scVelo's ``_set_pca``: at most n_vars - 1 and n_obs - 1 components, ARPACK
     n_comps = min(n_pcs, n_vars - 1, adata.n_obs - 1)
+    import scanpy as sc
+
     sc.pp.pca(adata, n_comps=n_comps, mask_var=mask, svd_solver="arpack", random_state=seed)

@@ -116,6 +116,14 @@ register_model(
     shows=("cell_points", "latent_time", "uncertainty"),
     description="VeloVAE: variational mixture of ODEs with latent time, cell state and uncertainty",
 )
+register_model(
+    "vector_field",
+    "vector_field:VectorField",
+    description=(
+        "a neural vector field over the cell state (velocity / OT flow matching): "
+        "trajectories, fixed points, perturbations"
+    ),
+)
 
 
 class _Models:

@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from explorer import kinetics
@@ -158,7 +159,11 @@ def masked_quantile(x: torch.Tensor, mask: torch.Tensor, q: float) -> torch.Tens
     Rows without any masked-in value give 0.
     """
     big = torch.where(mask, x, torch.full_like(x, math.inf))
-    ordered = torch.sort(big, dim=1).values
+    if big.device.type == "cpu":
+        # numpy's vectorised sort: the same values, about 20x faster than torch.sort on CPU
+        ordered = torch.from_numpy(np.sort(big.numpy(), axis=1))
+    else:
+        ordered = torch.sort(big, dim=1).values
     n = mask.sum(1, keepdim=True)
     pos = q * (n - 1).clamp(min=0).to(x.dtype)
     lo = pos.floor().long()
@@ -221,6 +226,20 @@ def tau_inv(
     decays with rate ``gamma`` (scVelo's ``tau_inv``; it uses ``u`` when
     ``gamma >= beta``). The ratio inside the log is clipped to ``[eps, 1 - eps]``.
     """
+    tau_u, tau_s = _tau_inv_both(u, s, u0, s0, alpha, beta, gamma)
+    return torch.where(use_u, tau_u, tau_s)
+
+
+def _tau_inv_both(
+    u: torch.Tensor,
+    s: torch.Tensor,
+    u0: torch.Tensor,
+    s0: torch.Tensor,
+    alpha: torch.Tensor,
+    beta: torch.Tensor,
+    gamma: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both inversions of :func:`tau_inv`: ``(from u, from s)``."""
     uinf = alpha / beta
     ratio_u = (u - uinf) / torch.where((u0 - uinf).abs() < _TINY, torch.full_like(uinf, -_TINY), u0 - uinf)
     tau_u = -torch.log(ratio_u.clamp(_LOG_EPS, 1 - _LOG_EPS)) / beta
@@ -231,7 +250,7 @@ def tau_inv(
     den = s0 - beta_ * u0 - xinf
     den = torch.where(den.abs() < _TINY, torch.full_like(den, _TINY), den)
     tau_s = -torch.log(((s - beta_ * u - xinf) / den).clamp(_LOG_EPS, 1 - _LOG_EPS)) / gamma
-    return torch.where(use_u, tau_u, tau_s)
+    return tau_u, tau_s
 
 
 def ratio_gap(p: Params, ratio: torch.Tensor) -> torch.Tensor:
@@ -327,8 +346,7 @@ def _branch_distance(
     data: GeneData, p: Params, tau: torch.Tensor, u0: torch.Tensor, s0: torch.Tensor, alpha: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Squared scaled distance of each cell to the branch point at ``tau``, and the point."""
-    ut = kinetics.unspliced(tau, u0, alpha, p.beta, xp=torch)
-    st = kinetics.spliced(tau, s0, u0, alpha, p.beta, p.gamma, xp=torch)
+    ut, st = kinetics.solution(tau, u0, s0, alpha, p.beta, p.gamma, xp=torch)
     du = (data.u - p.scaling * ut) / data.std_u
     ds = (data.s - st) / data.std_s
     return du * du + ds * ds, ut, st
@@ -351,16 +369,14 @@ def _project_branch(
     """
     us = data.u / p.scaling
     best = None
-    for use_u in (True, False):
-        flag = torch.full_like(p.beta, use_u, dtype=torch.bool)
-        tau = torch.minimum(
-            tau_inv(us, data.s, u0, s0, alpha, p.beta, p.gamma, use_u=flag).clamp(min=0), tau_max
-        )
+    # both inversions at once (each is tau_inv with use_u all true / all false)
+    for tau in _tau_inv_both(us, data.s, u0, s0, alpha, p.beta, p.gamma):
+        tau = torch.minimum(tau.clamp(min=0), tau_max)
         d, ut, st = _branch_distance(data, p, tau, u0, s0, alpha)
         if best is None:
             best = (tau, d, ut, st)
         else:
-            better = d < best[1]
+            better = _less(d, best[1])
             best = tuple(_pick(better, new, old) for new, old in zip((tau, d, ut, st), best, strict=True))
     tau, d, ut, st = best
     su, ss = data.std_u / p.scaling, data.std_s
@@ -371,7 +387,7 @@ def _project_branch(
         step = (ru * ju + rs * js) / (ju * ju + js * js + _TINY)
         new = torch.minimum((tau - step).clamp(min=0), tau_max)
         d_new, ut_new, st_new = _branch_distance(data, p, new, u0, s0, alpha)
-        better = d_new < d
+        better = _less(d_new, d)
         tau, ut, st = _pick(better, new, tau), _pick(better, ut_new, ut), _pick(better, st_new, st)
         d = torch.minimum(d_new, d)
     return tau, d
@@ -422,14 +438,14 @@ def assign(
     state = torch.zeros_like(d_rep)
     t, dist, crit = times[0], dists[0], crits[0]
     for k in range(1, 4):
-        better = (crits[k] < crit).to(t.dtype)
+        better = _less(crits[k], crit)
         state = state + better * (k - state)
         t = t + better * (times[k] - t)
         dist = dist + better * (dists[k] - dist)
         crit = torch.minimum(crits[k], crit)
     if t_prev is not None and smooth is None:
         d_prev = point_distance(data, p, t_prev)
-        keep = (d_prev < dist).to(t.dtype)
+        keep = _less(d_prev, dist)
         t = t + keep * (t_prev - t)
         dist = torch.minimum(d_prev, dist)
         state = state + keep * (state_of(t_prev, p) - state)
@@ -438,7 +454,7 @@ def assign(
 
 def state_of(t: torch.Tensor, p: Params) -> torch.Tensor:
     """Induction (1) before the switch time, repression (0) after it."""
-    return (t < p.t_).to(t.dtype) * (INDUCTION - REPRESSION) + REPRESSION
+    return _less(t, p.t_) * (INDUCTION - REPRESSION) + REPRESSION
 
 
 def curve(t: torch.Tensor, p: Params) -> tuple[torch.Tensor, torch.Tensor]:
@@ -450,19 +466,18 @@ def _curve(t: torch.Tensor, p: Params, alpha: torch.Tensor) -> tuple[torch.Tenso
     """:func:`explorer.kinetics.trajectory` with float masks instead of ``where``.
 
     The same three pieces (off before ``t_on``, induction until ``t_``, repression from
-    the switch point), each from :func:`kinetics.unspliced` / :func:`kinetics.spliced`.
+    the switch point), each from :func:`kinetics.solution` (:func:`kinetics.unspliced` and
+    :func:`kinetics.spliced` in one pass).
     An onset after the switch counts as at the switch (no induction; no overflow).
     """
-    ind = (t < p.t_).to(t.dtype)
+    ind = _less(t, p.t_)
     rep = 1 - ind
     dur = (p.t_ - p.t_on).clamp(min=0)
     u0_, s0_ = kinetics.switch_state(dur, alpha, p.beta, p.gamma, xp=torch)
     tau = ind * (t - (p.t_ - dur)).clamp(min=0) + rep * (t - p.t_)
     u0, s0 = rep * u0_, rep * s0_
     a = ind * alpha
-    return kinetics.unspliced(tau, u0, a, p.beta, xp=torch), kinetics.spliced(
-        tau, s0, u0, a, p.beta, p.gamma, xp=torch
-    )
+    return kinetics.solution(tau, u0, s0, a, p.beta, p.gamma, xp=torch)
 
 
 def point_distance(data: GeneData, p: Params, t: torch.Tensor) -> torch.Tensor:
@@ -483,8 +498,23 @@ def _sum(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def _pick(mask: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """Take ``new`` where ``mask`` else ``old``, by arithmetic (``torch.where`` is slow on CPU)."""
-    return old + mask.to(old.dtype) * (new - old)
+    """Take ``new`` where ``mask`` (1.0/0.0, or bool) else ``old``, by arithmetic.
+
+    ``torch.where`` is slow on CPU.
+    """
+    if mask.dtype == torch.bool:
+        mask = mask.to(old.dtype)
+    return old + mask * (new - old)
+
+
+def _less(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Compare ``a < b`` into 1.0/0.0 of ``a``'s dtype.
+
+    The same numbers as ``(a < b).to(a.dtype)``, written straight into a float tensor:
+    the bool-to-float cast costs about five times the comparison itself on CPU.
+    """
+    out = torch.empty(torch.broadcast_shapes(a.shape, b.shape), dtype=a.dtype, device=a.device)
+    return torch.lt(a, b, out=out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -578,7 +608,7 @@ def m_step(
                 try_params(p.replace(t_on=p.t_on + shift, t_=p.t_ + shift))
         else:
             # scVelo's alt_t_: end induction at the last cell assigned to it
-            on = (t < p.t_).to(t.dtype) * data.weights
+            on = _less(t, p.t_) * data.weights
             last = (on * t).amax(1, keepdim=True)
             ok = (last > p.t_on) & (last < p.t_)
             try_params(p.replace(t_=torch.where(ok, last * (1 + 1e-3), p.t_)))

@@ -27,6 +27,12 @@ wrapper (:mod:`explorer.models.gcn`), which builds the tensors, trains and extra
   implementation does), averaged over genes. The squared errors are divided per gene by
   the gene's mean squared displacement to its candidates, so that every gene weighs
   alike and the terms are unit-free.
+- **Cost.** Each step needs, besides the network, one sampled product (the sign of
+  ``(s_j - s_i) . v_i`` for every candidate pair) and one sparse-dense product (the sum
+  over the forward candidates; the backward sum is the fixed total minus it), and
+  ``L+ + L-`` is summed as ``w (2 v (v - (f - b)) + f^2 + b^2)``: the same value and
+  gradient as the two squared errors in a third of the passes over the data
+  (:class:`CandidateSearch`, :meth:`VeloGCN.loss`).
 """
 
 from __future__ import annotations
@@ -82,6 +88,23 @@ class VeloGCN(nn.Module):
         """Number of graph convolutions."""
         return len(self.convs)
 
+    def _rates(
+        self, first: torch.Tensor, adjacency: Sequence[torch.Tensor], u_out: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``alpha, beta, gamma`` and ``beta u`` of the output cells (see :meth:`forward`)."""
+        h = self.dropout(torch.relu(self.convs[0](first)))
+        for conv, adj in zip(self.convs[1:], adjacency, strict=True):
+            h = self.dropout(torch.relu(conv(torch.sparse.mm(adj, h))))
+        z = self.head(h).view(-1, 3, self.n_genes)
+        factor = nn.functional.softplus(z + _SOFTPLUS_ONE) + _MIN_RATE
+        beta = self.base[1] * factor[:, 1]
+        gamma = self.base[2] * factor[:, 2]
+        bu = beta * u_out
+        # alpha relative to the unspliced steady state beta u (plus a floor, so that cells
+        # without u can be induced): the network starts from du/dt = alpha - beta u near 0
+        alpha = (bu + self.base[0]) * factor[:, 0]
+        return alpha, beta, gamma, bu
+
     def forward(
         self, first: torch.Tensor, adjacency: Sequence[torch.Tensor], u_out: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -102,29 +125,19 @@ class VeloGCN(nn.Module):
         -------
         ``alpha, beta, gamma``, each ``(n_out, n_genes)``, positive.
         """
-        h = self.dropout(torch.relu(self.convs[0](first)))
-        for conv, adj in zip(self.convs[1:], adjacency, strict=True):
-            h = self.dropout(torch.relu(conv(torch.sparse.mm(adj, h))))
-        z = self.head(h).view(-1, 3, self.n_genes)
-        factor = nn.functional.softplus(z + _SOFTPLUS_ONE) + _MIN_RATE
-        beta = self.base[1] * factor[:, 1]
-        gamma = self.base[2] * factor[:, 2]
-        # alpha relative to the unspliced steady state beta u (plus a floor, so that cells
-        # without u can be induced): the network starts from du/dt = alpha - beta u near 0
-        alpha = (beta * u_out + self.base[0]) * factor[:, 0]
+        alpha, beta, gamma, _ = self._rates(first, adjacency, u_out)
         return alpha, beta, gamma
 
-    @staticmethod
-    def velocity(
-        alpha: torch.Tensor, beta: torch.Tensor, gamma: torch.Tensor, u: torch.Tensor, s: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Spliced and unspliced velocity: ``beta u - gamma s`` and ``alpha - beta u``."""
-        return beta * u - gamma * s, alpha - beta * u
+    def velocities(
+        self, first: torch.Tensor, adjacency: Sequence[torch.Tensor], u_out: torch.Tensor, s_out: torch.Tensor
+    ) -> torch.Tensor:
+        """``(n_out, 2 n_genes)``: the spliced velocity ``beta u - gamma s``, then ``alpha - beta u``."""
+        alpha, _, gamma, bu = self._rates(first, adjacency, u_out)
+        return torch.cat([bu - gamma * s_out, alpha - bu], dim=1)
 
     @staticmethod
     def loss(
-        v_s: torch.Tensor,
-        v_u: torch.Tensor,
+        v: torch.Tensor,
         targets: CandidateTargets,
         corr_u: PearsonTarget,
         corr_s: PearsonTarget,
@@ -134,21 +147,25 @@ class VeloGCN(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """The paper's objective on one batch of cells.
 
-        ``corr_u`` and ``corr_s`` are :class:`PearsonTarget` of the batch's ``u`` and
-        ``-s`` (fixed data: built once per batch, or once for a full batch).
+        ``v`` is :meth:`velocities`' ``[v_s, v_u]``. ``L+ + L-``, the weighted squared
+        errors ``w (v - f)^2 + w (v + b)^2`` of the forward and backward mean
+        displacements ``f, b`` (:class:`CandidateTargets`), is summed as
+        ``w (2 v (v - (f - b)) + f^2 + b^2)``: the same value and gradient in a third of
+        the passes over the data. ``corr_u`` and ``corr_s`` are :class:`PearsonTarget`
+        of the batch's ``u`` and ``-s`` (fixed data: built once per batch, or once for a
+        full batch).
 
         Returns
         -------
-        ``{"total", "forward", "backward", "pearson"}``: ``L+ + L- + L_pearson`` and its terms.
+        ``{"total", "neighbors", "pearson"}``: ``L+ + L- + L_pearson``, ``L+ + L-`` and
+        ``L_pearson``.
         """
-        fwd = ((v_s - targets.fwd_s) * targets.inv_scale_s).square().mean() + (
-            (v_u - targets.fwd_u) * targets.inv_scale_u
-        ).square().mean()
-        bwd = ((v_s + targets.bwd_s) * targets.inv_scale_s).square().mean() + (
-            (v_u + targets.bwd_u) * targets.inv_scale_u
-        ).square().mean()
+        n_genes = v.shape[1] // 2
+        n_cells = v.shape[0] * n_genes  # each of the s and u halves is a mean over these
+        neighbors = 2.0 * (targets.weight * v * (v - targets.target)).sum() / n_cells + targets.const
+        v_s = v[:, :n_genes]
         pearson = -(lambda_u * corr_u.correlation(v_s).mean() + lambda_s * corr_s.correlation(v_s).mean())
-        return {"total": fwd + bwd + pearson, "forward": fwd, "backward": bwd, "pearson": pearson}
+        return {"total": neighbors + pearson, "neighbors": neighbors, "pearson": pearson}
 
 
 class CandidateTargets:
@@ -156,88 +173,117 @@ class CandidateTargets:
 
     Attributes
     ----------
-    fwd_s, fwd_u, bwd_s, bwd_u
-        ``(n_batch, n_genes)`` mean of ``x_j - x_i`` over the candidates with positive
-        (forward) and negative (backward) cosine between ``s_j - s_i`` and ``v_i``; zero
-        where a cell has none.
-    inv_scale_s, inv_scale_u
-        ``(n_genes,)`` one over each gene's root mean squared displacement.
+    forward, backward
+        ``(n_batch, 2 n_genes)`` mean of ``x_j - x_i`` (``x = [s, u]``) over the
+        candidates with positive (forward) and negative (backward) cosine between
+        ``s_j - s_i`` and ``v_i``; zero where a cell has none.
+    target
+        ``forward - backward``.
+    weight
+        ``(2 n_genes,)`` one over each gene's mean squared displacement (``s`` then ``u``).
+    const
+        ``sum(weight (forward^2 + backward^2)) / (n_batch n_genes)``, the part of
+        ``L+ + L-`` that does not depend on ``v``.
     """
 
-    __slots__ = ("bwd_s", "bwd_u", "fwd_s", "fwd_u", "inv_scale_s", "inv_scale_u")
+    __slots__ = ("backward", "const", "forward", "target", "weight")
 
     def __init__(self, **values: torch.Tensor) -> None:
         for k, v in values.items():
             setattr(self, k, v)
 
 
-@torch.no_grad()
-def candidate_targets(
-    v_s: torch.Tensor,
-    cells: torch.Tensor,
-    candidates: torch.Tensor,
-    S: torch.Tensor,
-    U: torch.Tensor,
-    inv_scale_s: torch.Tensor,
-    inv_scale_u: torch.Tensor,
-    *,
-    S_T: torch.Tensor | None = None,
-) -> CandidateTargets:
-    """Split each cell's candidates by the sign of their cosine with ``v_s`` and average each side.
+class CandidateSearch:
+    """Each cell's candidate future and past cells, and their mean displacements for a velocity.
 
-    Sparse products keep it to ``O(n_batch k n_genes)`` work without materialising the
-    ``(n_batch, k, n_genes)`` displacements: ``s_j . v_i`` for every candidate pair is a
-    sampled product (SDDMM), and each side's mean ``x_j`` a sparse-dense product.
+    Everything fixed is prepared once: ``S.T``, the sum of ``x_j`` over
+    each cell's candidates and the full batch's sparsity pattern. Per batch,
+    :meth:`targets` then needs one sampled product (``s_j . v_i`` for every candidate
+    pair) and one sparse-dense product (the sum over the forward candidates; the
+    backward sum is the total minus it), ``O(n_batch k n_genes)`` work without
+    materialising the ``(n_batch, k, n_genes)`` displacements.
 
     Parameters
     ----------
-    v_s
-        ``(n_batch, n_genes)`` spliced velocity of the batch (no gradient flows through
-        the targets, as in the reference implementation).
-    cells
-        ``(n_batch,)`` indices of the batch's cells in ``S`` / ``U``.
     candidates
         ``(n_obs, k)`` candidate indices of every cell, each row sorted.
-    S, U
-        ``(n_obs, n_genes)`` spliced and unspliced abundances of all cells.
-    S_T
-        ``S.T`` contiguous, if the caller keeps one (else made here).
-
-    Returns
-    -------
-    The batch's :class:`CandidateTargets`.
+    X
+        ``(n_obs, 2 n_genes)``: the spliced abundances of all cells, then the unspliced.
+    inv_scale_s, inv_scale_u
+        ``(n_genes,)`` one over each gene's root mean squared displacement.
     """
-    n_batch = v_s.shape[0]
-    n_obs = S.shape[0]
-    k = candidates.shape[1]
-    device = v_s.device
-    crow = torch.arange(0, n_batch * k + 1, k, device=device)
-    col = candidates[cells].reshape(-1)
-    S_T = S.T.contiguous() if S_T is None else S_T
-    s_i, u_i = S[cells], U[cells]
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message="Sparse CSR tensor support is in beta", category=UserWarning
-        )
-        pattern = torch.sparse_csr_tensor(
-            crow, col, torch.ones(n_batch * k, device=device, dtype=v_s.dtype), (n_batch, n_obs),
-            check_invariants=False,
-        )  # fmt: skip
+
+    def __init__(
+        self, candidates: torch.Tensor, X: torch.Tensor, inv_scale_s: torch.Tensor, inv_scale_u: torch.Tensor
+    ) -> None:
+        n_obs, k = candidates.shape
+        self.n_obs, self.k, self.n_genes = n_obs, k, X.shape[1] // 2
+        self.candidates = candidates
+        self.X = X
+        self.S_T = X[:, : self.n_genes].T.contiguous()
+        self.weight = torch.cat([inv_scale_s, inv_scale_u]).square()
+        self._full_crow = self._crow(n_obs, X.device)
+        self._full_col = candidates.reshape(-1)
+        with torch.no_grad():
+            ones = torch.ones(n_obs * k, device=X.device, dtype=X.dtype)
+            self.totals = _csr(self._full_crow, self._full_col, ones, (n_obs, n_obs)) @ X
+
+    def _crow(self, n: int, device: torch.device) -> torch.Tensor:
+        return torch.arange(0, n * self.k + 1, self.k, device=device)
+
+    @torch.no_grad()
+    def targets(self, v_s: torch.Tensor, cells: torch.Tensor | None = None) -> CandidateTargets:
+        """Split each cell's candidates by the sign of their cosine with ``v_s`` and average each side.
+
+        Parameters
+        ----------
+        v_s
+            ``(n_batch, n_genes)`` spliced velocity of the batch (no gradient flows through
+            the targets, as in the reference implementation).
+        cells
+            ``(n_batch,)`` indices of the batch's cells; ``None`` for all cells in order.
+
+        Returns
+        -------
+        The batch's :class:`CandidateTargets`.
+        """
+        v_s = v_s.detach()
+        k, n_obs, g = self.k, self.n_obs, self.n_genes
+        if cells is None:
+            crow, col, x_i, totals = self._full_crow, self._full_col, self.X, self.totals
+        else:
+            crow, col = self._crow(len(cells), v_s.device), self.candidates[cells].reshape(-1)
+            x_i, totals = self.X[cells], self.totals[cells]
+        s_i = x_i[:, :g]
+        n_batch = v_s.shape[0]
+        ones = torch.ones(n_batch * k, device=v_s.device, dtype=v_s.dtype)
+        pattern = _csr(crow, col, ones, (n_batch, n_obs))
         # (s_j - s_i) . v_i = s_j . v_i - s_i . v_i: only its sign matters (the cosine's)
-        s_j_v = torch.sparse.sampled_addmm(pattern, v_s, S_T, beta=0.0).values().view(n_batch, k)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support", category=UserWarning)
+            s_j_v = torch.sparse.sampled_addmm(pattern, v_s, self.S_T, beta=0.0).values().view(n_batch, k)
         dot = s_j_v - (s_i * v_s).sum(1, keepdim=True)
+        pos, neg = dot > 0, dot < 0
+        w_pos = pos.to(v_s.dtype)
+        sum_pos = _csr(crow, col, w_pos.reshape(-1), (n_batch, n_obs)) @ self.X
+        sum_neg = totals - sum_pos
+        zero = ~(pos | neg)
+        if bool(zero.any()):  # exactly orthogonal candidates (a zero velocity) are on neither side
+            sum_neg -= _csr(crow, col, zero.to(v_s.dtype).reshape(-1), (n_batch, n_obs)) @ self.X
         out = {}
-        for side, mask in (("fwd", dot > 0), ("bwd", dot < 0)):
-            w = mask.to(v_s.dtype)
-            total = w.sum(1, keepdim=True)
-            w = w / total.clamp(min=1.0)
-            weights = torch.sparse_csr_tensor(
-                crow, col, w.reshape(-1), (n_batch, n_obs), check_invariants=False
-            )
-            has = (total > 0).to(v_s.dtype)
-            out[f"{side}_s"] = weights @ S - has * s_i
-            out[f"{side}_u"] = weights @ U - has * u_i
-    return CandidateTargets(**out, inv_scale_s=inv_scale_s, inv_scale_u=inv_scale_u)
+        for side, total, mask in (("forward", sum_pos, pos), ("backward", sum_neg, neg)):
+            count = mask.sum(1, keepdim=True).to(v_s.dtype)
+            has = (count > 0).to(v_s.dtype)
+            out[side] = total / count.clamp(min=1.0) - has * x_i
+        f, b = out["forward"], out["backward"]
+        const = (self.weight * (f.square() + b.square())).sum() / (n_batch * g)
+        return CandidateTargets(forward=f, backward=b, target=f - b, weight=self.weight, const=const)
+
+
+def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support", category=UserWarning)
+        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
 class PearsonTarget:

@@ -11,7 +11,12 @@ Tables 1 and 4) and its ``velovae`` package (``get_mse``, ``get_mae``) do:
   noise fitted without them; averaged over cells.
 
 Genes a model did not fit (NaN predictions) are left out, so compare two models on the
-genes both fitted (:func:`common_genes`). :func:`predicted_abundances` reads the
+genes both fitted (:func:`common_genes`).
+
+:func:`model_metrics` gathers every score of one fit written into an AnnData (CBDir and
+ICVCoh for given transitions, DeepVelo's consistencies, velocity confidence, Spearman
+correlation of the latent time with capture times, reconstruction error), as ``explorer
+compare`` tabulates them for several models. :func:`predicted_abundances` reads the
 prediction of a fit written into an AnnData: ``layers['predicted_u']`` /
 ``['predicted_s']`` (VeloVAE), or the dynamical model's curve at each cell's gene time
 ``layers['fit_t']`` through :func:`explorer.kinetics.trajectory`, exactly as
@@ -196,3 +201,196 @@ def common_genes(*predictions: np.ndarray) -> np.ndarray:
         ok = np.isfinite(p).all(0)
         out = ok if out is None else out & ok
     return out
+
+
+def latent_time_spearman(latent_time: FloatArray, capture_time: FloatArray) -> float:
+    """Spearman rank correlation of a latent time with capture times (cells with both finite).
+
+    Returns
+    -------
+    The correlation in [-1, 1]; NaN with fewer than 3 such cells or a constant input.
+    """
+    from scipy.stats import spearmanr
+
+    lt = np.asarray(latent_time, dtype=np.float64)
+    ct = np.asarray(pd.to_numeric(pd.Series(np.asarray(capture_time)), errors="coerce"), dtype=np.float64)
+    ok = np.isfinite(lt) & np.isfinite(ct)
+    if ok.sum() < 3 or np.ptp(lt[ok]) == 0 or np.ptp(ct[ok]) == 0:  # noqa: PLR2004
+        return float("nan")
+    return float(spearmanr(lt[ok], ct[ok])[0])
+
+
+@dataclass(frozen=True, slots=True)
+class ModelMetrics:
+    """Every score of one fit (:func:`model_metrics`).
+
+    Attributes
+    ----------
+    summary
+        Metric name -> value (NaN where the fit or the data cannot give it); the names are
+        those of the README's metrics table.
+    per_cell
+        ``(n_obs,)`` rows: ``velocity_consistency``, ``velocity_consistency_type``,
+        ``icvcoh``, ``velocity_confidence``.
+    per_cluster
+        One row per cluster: the means of :attr:`per_cell`'s columns over its cells, and
+        ``n_cells``.
+    """
+
+    summary: dict[str, float]
+    per_cell: pd.DataFrame
+    per_cluster: pd.DataFrame
+
+
+def model_metrics(
+    adata: AnnData,
+    *,
+    transitions: list[tuple[str, str]] | None = None,
+    cluster_key: str = Key.obs.CLUSTERS,
+    time_key: str | None = None,
+) -> ModelMetrics:
+    """All metrics of the fit written into ``adata`` (layers ``velocity``, ``Ms``; obsp ``distances``).
+
+    Velocities are compared on the fit's velocity genes (``var['velocity_genes']``, else
+    every gene with finite velocity), as the velocity graph uses them.
+
+    Parameters
+    ----------
+    adata
+        Cells with a fit (``explorer fit`` or ``run_velocity``).
+    transitions
+        ``(source, target)`` cluster pairs: ``cbdir[source>target]`` for each
+        (:func:`~explorer.graph.metrics.cross_boundary_correctness`), their mean
+        ``cbdir``, and ``icvcoh[cluster]`` for each cluster named, with their mean
+        ``icvcoh``.
+    cluster_key
+        obs column of clusters (transitions, ICVCoh, cell-type-wise consistency).
+    time_key
+        obs column of capture times: ``latent_time_spearman`` against ``obs['latent_time']``.
+
+    Returns
+    -------
+    A :class:`ModelMetrics`. Summary names: ``cbdir[A>B]``, ``cbdir``, ``icvcoh[A]``,
+    ``icvcoh``, ``consistency``, ``consistency_type``, ``velocity_confidence``,
+    ``latent_time_spearman``, ``mse``, ``mae``, ``loglik`` (training cells: all, or
+    ``obs['fit_train']``), ``mse_test``, ``mae_test``, ``loglik_test`` (held-out cells),
+    ``n_velocity_genes``.
+
+    Raises
+    ------
+    ValueError
+        If a needed key is missing, or a cluster of ``transitions`` is not in ``cluster_key``.
+    """
+    from explorer.graph.metrics import (
+        cross_boundary_correctness,
+        in_cluster_coherence,
+        velocity_consistency,
+        velocity_consistency_by_type,
+    )
+    from explorer.graph.transition import knn_indices, velocity_confidence
+
+    missing = [
+        k
+        for k, slot in (
+            (Key.layers.VELOCITY, adata.layers),
+            (Key.layers.MS, adata.layers),
+            (Key.obsp.DISTANCES, adata.obsp),
+        )
+        if k not in slot
+    ]
+    if missing:
+        msg = (
+            f"Expected a fitted AnnData with {missing}; found layers {sorted(adata.layers)}, obsp "
+            f"{sorted(adata.obsp)}. Fit a model first (`explorer fit`)."
+        )
+        raise ValueError(msg)
+    has_clusters = cluster_key in adata.obs
+    labels = adata.obs[cluster_key].astype(str).to_numpy() if has_clusters else None
+    transitions = list(transitions or [])
+    if transitions:
+        if labels is None:
+            msg = f"Transitions need obs[{cluster_key!r}]; the obs columns are {list(adata.obs.columns)}."
+            raise ValueError(msg)
+        known = set(labels)
+        unknown = sorted({c for pair in transitions for c in pair} - known)
+        if unknown:
+            msg = (
+                f"Clusters {unknown} of the transitions are not in obs[{cluster_key!r}]; its clusters are "
+                f"{sorted(known)}."
+            )
+            raise ValueError(msg)
+    V = _dense(adata.layers[Key.layers.VELOCITY])
+    genes = np.isfinite(V).all(0)
+    if Key.var.VELOCITY_GENES in adata.var:
+        vg = adata.var[Key.var.VELOCITY_GENES].fillna(value=False).to_numpy(bool) & genes
+        genes = vg if vg.any() else genes
+    Vg = V[:, genes]
+    indices = knn_indices(adata.obsp[Key.obsp.DISTANCES])
+    summary: dict[str, float] = {"n_velocity_genes": int(genes.sum())}
+    per_cell = pd.DataFrame(index=adata.obs_names.copy())
+    per_cell[Key.obs.VELOCITY_CONSISTENCY] = velocity_consistency(Vg, indices)
+    per_cell[Key.obs.VELOCITY_CONSISTENCY_TYPE] = (
+        velocity_consistency_by_type(Vg, labels) if labels is not None else np.nan
+    )
+    per_cell["icvcoh"] = in_cluster_coherence(Vg, indices, labels) if labels is not None else np.nan
+    per_cell[Key.obs.VELOCITY_CONFIDENCE] = velocity_confidence(Vg, indices)
+
+    cbdirs = []
+    for source, target in transitions:
+        value = cross_boundary_correctness(
+            adata, V, source=source, target=target, genes=genes, cluster_key=cluster_key
+        )
+        summary[f"cbdir[{source}>{target}]"] = value
+        cbdirs.append(value)
+    summary["cbdir"] = float(np.nanmean(cbdirs)) if np.isfinite(cbdirs).any() else float("nan")
+    named = list(dict.fromkeys(c for pair in transitions for c in pair))
+    icv = per_cell["icvcoh"].to_numpy()
+    coh = []
+    for c in named:
+        vals = icv[(labels == c) & np.isfinite(icv)]
+        summary[f"icvcoh[{c}]"] = float(vals.mean()) if vals.size else float("nan")
+        coh.append(summary[f"icvcoh[{c}]"])
+    summary["icvcoh"] = float(np.nanmean(coh)) if np.isfinite(coh).any() else float("nan")
+    for name, col in (
+        ("consistency", Key.obs.VELOCITY_CONSISTENCY),
+        ("consistency_type", Key.obs.VELOCITY_CONSISTENCY_TYPE),
+        ("velocity_confidence", Key.obs.VELOCITY_CONFIDENCE),
+    ):
+        x = per_cell[col].to_numpy(np.float64)
+        summary[name] = float(np.nanmean(x)) if np.isfinite(x).any() else float("nan")
+
+    summary["latent_time_spearman"] = float("nan")
+    if time_key is not None:
+        if time_key not in adata.obs:
+            msg = (
+                f"obs column {time_key!r} (capture times) not found; the obs columns are "
+                f"{list(adata.obs.columns)}."
+            )
+            raise ValueError(msg)
+        if Key.obs.LATENT_TIME in adata.obs:
+            summary["latent_time_spearman"] = latent_time_spearman(
+                adata.obs[Key.obs.LATENT_TIME].to_numpy(), adata.obs[time_key].to_numpy()
+            )
+
+    for k in ("mse", "mae", "loglik", "mse_test", "mae_test", "loglik_test"):
+        summary[k] = float("nan")
+    try:
+        u_hat, s_hat = predicted_abundances(adata)
+    except ValueError:
+        pass
+    else:
+        train = adata.obs[Key.obs.FIT_TRAIN].to_numpy(bool) if Key.obs.FIT_TRAIN in adata.obs else None
+        err = reconstruction_error(
+            adata.layers[Key.layers.MU], adata.layers[Key.layers.MS], u_hat, s_hat, train=train
+        ).summary
+        for k in ("mse", "mae", "loglik"):
+            summary[k] = err[f"{k}_train"]
+            summary[f"{k}_test"] = err[f"{k}_test"]
+
+    if labels is not None:
+        grouped = per_cell.groupby(labels, sort=True)
+        per_cluster = grouped.mean()
+        per_cluster["n_cells"] = grouped.size()
+    else:
+        per_cluster = pd.DataFrame(columns=[*per_cell.columns, "n_cells"])
+    return ModelMetrics(summary, per_cell, per_cluster)

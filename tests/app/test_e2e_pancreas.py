@@ -24,9 +24,10 @@ pytestmark = [*BROWSER_MARKS, pytest.mark.slow]
 SCREEN = {"width": 1600, "height": 1000}
 
 #: seconds from opening the page (the server already answering) until the embedding is drawn.
-#: The target is 5 s; measured 4.5 s alone and 5.5 s inside the whole suite on a quiet 2-core
-#: machine (the time is written to test-artifacts/e2e_pancreas_ready_s.txt), so this bound
-#: guards against a regression (twice the target) rather than asserting the target
+#: The target is 5 s; measured 3.5 s alone on a quiet 2-core machine (the time is written to
+#: test-artifacts/e2e_pancreas_ready_s.txt; 6.3 s inside the suite beside another CPU-bound
+#: job), so this bound guards against a regression (twice the target) on a busy machine
+#: rather than asserting the target
 PAGE_READY_S = 10.0
 
 
@@ -122,12 +123,15 @@ def test_gene_table_shows_every_column(page):
 def test_continuous_colourings_have_colour_bars(page):
     # colour by latent time: a continuous colouring of the embedding
     page.get_by_label("Colour by").select_option("latent time")
-    page.wait_for_timeout(1500)
-    bars = page.evaluate(
+    visible_bars = (
         "() => Bokeh.documents.flatMap(doc => [...doc.all_models]).filter(m => m.type === 'ColorBar')"
         ".filter(m => m.visible).length"
     )
-    assert bars >= 1
+    # the recolouring reaches the browser within a second on a quiet machine; wait longer
+    # for a busy one rather than read the page before it arrived
+    page.wait_for_function(f"({visible_bars})() >= 1", timeout=30_000)
+    assert page.evaluate(visible_bars) >= 1
+    page.wait_for_timeout(500)
     page.screenshot(path=ARTIFACTS / "e2e_pancreas_latent_time.png")
 
 

@@ -15,6 +15,7 @@ import pytest
 from anndata import AnnData
 from scipy import sparse
 
+from explorer._types import InputError
 from explorer.app import readouts
 from explorer.app.fits import fit_from_adata, model_defaults, results_adata
 from explorer.app.geometry import even_sample, time_bins
@@ -482,3 +483,145 @@ def test_compare_uses_a_fits_own_latent_time_and_names_its_measure(toy_adata):
     assert readouts.quality_name(_result("steady_state", toy_adata, likelihood=r2)) == "R²"
     assert readouts.quality_name(_result("dynamical", toy_adata, likelihood=like)) == "likelihood"
     assert readouts.quality_name(_result("x", toy_adata, likelihood=r2.rename(None))) == "fit quality"
+
+
+# ------------------------------------------------- per-cell rates, intervals, reconstruction
+def test_cell_arrows_are_each_cells_velocity_from_its_own_rates(toy_adata):
+    ms = np.asarray(toy_adata.layers[Key.layers.MS])
+    mu = toy_adata.layers[Key.layers.MU].toarray()
+    ones = np.ones_like(ms)
+    rates = {
+        Key.layers.RATE_ALPHA: 10 * ones,
+        Key.layers.RATE_BETA: np.arange(N_OBS, dtype=np.float32)[:, None] * ones,  # beta_i = i
+        Key.layers.RATE_GAMMA: 0.5 * ones,
+    }
+    fit = _fit(_result("deepvelo", toy_adata, layers=rates))  # the registry: shows cell_rates
+    arrows = readouts.cell_arrows(fit, ms[:, 1], mu[:, 1], 1)
+    # gene 1: Ms = i + 1, Mu = (i + 1) / 2; du = 10 - i Mu, ds = i Mu - 0.5 Ms
+    i = np.arange(N_OBS)
+    s, u = i + 1.0, (i + 1.0) / 2
+    np.testing.assert_allclose(arrows, np.column_stack([s, u, i * u - 0.5 * s, 10 - i * u]))
+    assert len(readouts.cell_arrows(fit, ms[:, 1], mu[:, 1], 1, max_arrows=4)) == 4
+    # a fit whose model does not declare cell_rates shows none, whatever its layers
+    assert (
+        readouts.cell_arrows(_fit(_result("velovae", toy_adata, layers=rates)), ms[:, 1], mu[:, 1], 1) is None
+    )
+    (drawn,) = [p for p in readouts.phase_fits(ms[:, 1], mu[:, 1], {"gcn": fit}, j=1, active="gcn")]
+    np.testing.assert_allclose(drawn.arrows, arrows)
+
+
+def test_latent_time_interval_from_the_posterior_sd(toy_adata):
+    obs = pd.DataFrame({Key.obs.LATENT_TIME_STD: np.full(N_OBS, 0.1)}, index=toy_adata.obs_names)
+    t = np.linspace(0, 1, N_OBS).astype(np.float32)
+    timed = _fit(_result("velovae", toy_adata, latent_time=t, obs=obs))
+    sd = readouts.latent_time_sd(timed)
+    info = readouts.cell_info(toy_adata, timed, 2, n_targets=3, t=t, t_sd=sd)
+    lo, hi = info.latent_time_interval(0.9)
+    # N(0.4, 0.1^2): 90 % within 1.6449 SD
+    assert (lo, hi) == pytest.approx((0.4 - 0.164485, 0.4 + 0.164485), abs=1e-5)
+    # a model without its own latent time has no SD to show, even if a column says so
+    assert readouts.latent_time_sd(_fit(_result("deepvelo", toy_adata, obs=obs))) is None
+    assert readouts.cell_info(toy_adata, timed, 2, n_targets=3, t=t).latent_time_interval() is None
+
+
+def test_held_out_reconstruction_of_two_fits_by_hand(toy_adata):
+    ms = np.asarray(toy_adata.layers[Key.layers.MS], dtype=np.float32)
+    mu = toy_adata.layers[Key.layers.MU].toarray()
+    train = np.array([1, 1, 1, 1, 0, 0], dtype=bool)  # cells 4 and 5 held out
+    split = pd.DataFrame({Key.obs.FIT_TRAIN: train}, index=toy_adata.obs_names)
+    # A misses s by 1 on every cell; B is exact but for gene 2, which it does not predict
+    a_layers = {Key.layers.PREDICTED_S: ms + 1, Key.layers.PREDICTED_U: mu}
+    b_s = ms.copy()
+    b_s[:, 2] = np.nan
+    b_layers = {Key.layers.PREDICTED_S: b_s, Key.layers.PREDICTED_U: mu}
+    a = _fit(_result("velovae", toy_adata, layers=a_layers, obs=split), "A")
+    b = _fit(_result("velovae", toy_adata, layers=b_layers), "B")
+    held, words = readouts.held_out_cells(a, b)
+    np.testing.assert_array_equal(held, ~train)
+    assert "2 cells" in words
+    found = readouts.compare_reconstruction(toy_adata, a, b)
+    assert list(found.table["gene"]) == ["g0", "g1"]  # genes both predict
+    np.testing.assert_allclose(found.table["a"], 1.0)
+    np.testing.assert_allclose(found.table["b"], 0.0)
+    assert found.n_cells == 2
+    assert found.summary == pytest.approx((1.0, 0.0))
+    # no split recorded: all cells; a fit that predicts nothing: no comparison
+    assert readouts.held_out_cells(b, None) == (None, "all cells (no fit recorded held-out cells)")
+    assert readouts.compare_reconstruction(toy_adata, a, _fit(_result("deepvelo", toy_adata))) is None
+    np.testing.assert_allclose(readouts.log10_positive(np.array([100.0, 0.0])), [2.0, np.nan])
+
+
+# --------------------------------------------------------------- fates and walks
+def test_fates_from_a_file_colour_cells_and_list_a_cells_probabilities(toy_adata):
+    adata = toy_adata.copy()
+    assert readouts.fates_from_adata(adata) is None
+    probs = np.column_stack([np.linspace(0, 1, N_OBS), 1 - np.linspace(0, 1, N_OBS)]).astype(np.float32)
+    adata.obsm[Key.obsm.FATE_PROBABILITIES] = probs
+    adata.obs[Key.obs.TERMINAL_STATES] = pd.Categorical([None, None, None, None, "<b>x", "y"])
+    fates = readouts.fates_from_adata(adata)
+    assert fates.names == ("<b>x", "y")
+    np.testing.assert_array_equal(fates.terminal, [-1, -1, -1, -1, 0, 1])
+    options = readouts.color_options(adata, {}, [fates])
+    assert options[-2:] == ["fate: <b>x", "fate: y"]  # a file's terminal states are its own obs column
+    coloring = readouts.coloring(adata, "fate: y", fates=fates)
+    assert coloring.kind == "continuous"
+    np.testing.assert_allclose(coloring.values, probs[:, 1])
+    assert readouts.coloring(adata, "fate: y").kind == "none"  # no fates: says so
+    table = readouts.cell_fates(fates, 1)  # 0.2 vs 0.8
+    assert list(table["state"]) == ["y", "<b>x"]
+    assert table["probability"].tolist() == pytest.approx([0.8, 0.2])
+    computed = readouts.FateInfo(fates.names, probs, fates.terminal, fates.colors, "computed for m")
+    assert readouts.COLOR_TERMINAL in readouts.fate_options(computed)
+    terminal = readouts.coloring(adata, readouts.COLOR_TERMINAL, fates=computed)
+    assert terminal.kind == "category"
+    assert terminal.categories == ("<b>x", "y")
+
+
+def test_walks_on_a_chain_end_at_its_end_and_are_counted_by_cluster(toy_adata):
+    from explorer.graph.transition import random_walks
+
+    # cells 0 -> 1 -> ... -> 5, the last absorbing: five steps from cell 0 always reach cell 5
+    chain = sparse.csr_matrix(
+        (np.ones(N_OBS), (np.arange(N_OBS), np.minimum(np.arange(N_OBS) + 1, N_OBS - 1)))
+    )
+    walks = random_walks(chain, 0, n_steps=7, n_walks=10, seed=0)
+    ends = readouts.walk_ends(toy_adata, walks)
+    assert ends.to_dict("list") == {"cluster": ["c"], "walks": [10], "share": [1.0]}
+    xy = np.asarray(toy_adata.obsm[Key.obsm.UMAP])
+    paths = readouts.walk_paths(xy, walks, max_paths=3)
+    assert len(paths) == 3
+    np.testing.assert_allclose(paths[0][:, 0], [0, 1, 2, 3, 4, 5, 5, 5])
+
+
+def test_transitions_are_parsed_and_checked():
+    clusters = ["a", "b", "c"]
+    assert readouts.parse_transitions(" a>b, b > c ,", clusters) == [("a", "b"), ("b", "c")]
+    assert readouts.parse_transitions("", clusters) == []
+    with pytest.raises(InputError, match="Valid options are: a, b, c"):
+        readouts.parse_transitions("a>z", clusters)
+    with pytest.raises(InputError, match="source>target"):
+        readouts.parse_transitions("a-b", clusters)
+
+
+def test_model_metrics_by_hand(app_adata):
+    from explorer.graph.metrics import cross_boundary_correctness
+
+    n_obs, n_vars = app_adata.shape
+    ms = readouts._dense_layer(app_adata.layers[Key.layers.MS]).astype(np.float32)
+    mu = readouts._dense_layer(app_adata.layers[Key.layers.MU]).astype(np.float32)
+    v = np.tile(np.linspace(-1, 1, n_vars, dtype=np.float32), (n_obs, 1))  # one velocity for every cell
+    layers = {Key.layers.PREDICTED_S: ms, Key.layers.PREDICTED_U: mu + 1}  # u off by 1
+    same = _fit(_result("velovae", app_adata, velocity=v, layers=layers), "same")
+    found = readouts.model_metrics(app_adata, {"same": same}, [("early", "mid")])
+    row = found.table.iloc[0]
+    # every neighbour moves the same way: cosines and correlations are 1
+    for name in ("consistency", "consistency_type", "velocity_confidence", "icvcoh[early]", "icvcoh"):
+        assert row[name] == pytest.approx(1.0), name
+    assert row["MSE"] == pytest.approx(1.0)
+    assert row["MSE cells"] == "all"
+    expected = cross_boundary_correctness(app_adata, v, source="early", target="mid")
+    assert row["cbdir[early>mid]"] == pytest.approx(expected)
+    assert row["cbdir"] == pytest.approx(expected)
+    detail = found.per_cluster["same"].set_index("cluster")
+    assert detail["n_cells"].sum() == n_obs
+    assert detail["velocity_consistency"].to_numpy() == pytest.approx(1.0)

@@ -149,6 +149,10 @@ def test_a_closed_session_releases_its_state(app_adata, caplog):
         assert server.started.wait(60)
         made = server.made[0]
         state = made["state"]()
+        # the first document already holds the embedding; the other parts come after it is shown
+        built_first = set(made["app"]().views)
+        assert "embedding" in built_first
+        assert "phase" not in built_first
         # Bokeh's client does not report the page as shown, as a browser does: say so for it
         app = made["app"]()
         app.life._loop.add_callback(app.page_shown)  # noqa: SLF001 - the server's event loop

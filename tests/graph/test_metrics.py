@@ -48,3 +48,36 @@ def test_genes_with_nan_velocity_are_left_out_and_empty_transitions_are_nan():
         cross_boundary_correctness(adata, velocity, source="A", target="B", genes=genes)
     )
     assert np.isnan(cross_boundary_correctness(adata, velocity, source="A", target="C"))
+
+
+def test_in_cluster_coherence_by_hand():
+    from explorer.graph.metrics import in_cluster_coherence
+
+    # cells 0, 1, 2 in cluster a, cell 3 in b; velocities at 0, 45, 90 and 180 degrees
+    v = np.array([[1, 0], [1, 1], [0, 1], [-1, 0]], dtype=np.float32)
+    indices = np.array([[1, 3], [0, 2], [1, 3], [0, 2]])
+    labels = ["a", "a", "a", "b"]
+    out = in_cluster_coherence(v, indices, labels)
+    # cell 0: only neighbour 1 is in a (cos 45 deg); cell 1: neighbours 0 and 2 (both 45 deg);
+    # cell 2: neighbour 1; cell 3: no neighbour of its cluster
+    c45 = np.sqrt(0.5)
+    np.testing.assert_allclose(out[:3], [c45, c45, c45], atol=1e-6)
+    assert np.isnan(out[3])
+    # the cell itself is never its own neighbour, and a zero velocity gives NaN
+    v[1] = 0
+    out = in_cluster_coherence(v, np.array([[0, 1], [0, 2], [1, 0], [0, 2]]), labels)
+    assert np.isnan(out[1])
+    assert np.isnan(out[0])  # its only other same-cluster neighbour has no velocity
+    assert out[2] == pytest.approx(0.0, abs=1e-6)  # 0 and 90 degrees
+
+
+def test_parse_transitions():
+    from explorer.graph.metrics import parse_transitions
+
+    assert parse_transitions("Ngn3 high EP>Pre-endocrine, Pre-endocrine>Beta") == [
+        ("Ngn3 high EP", "Pre-endocrine"),
+        ("Pre-endocrine", "Beta"),
+    ]
+    for bad in ("A-B", "A>", ">B", "A>B>C", " , "):
+        with pytest.raises(ValueError, match="SOURCE>TARGET"):
+            parse_transitions(bad)

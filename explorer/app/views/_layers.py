@@ -154,7 +154,9 @@ class CellScatter(param.Parameterized):
         n = state.adata.n_obs
         self.datashade = n > plots.DATASHADE_THRESHOLD
         state.param.watch(self._xy_changed, list(xy_depends))
-        state.param.watch(self._color_changed, ["color_by", "gene", "model", "results", *color_depends])
+        state.param.watch(
+            self._color_changed, ["color_by", "gene", "model", "results", "fates", *color_depends]
+        )
 
         base_streams: list[hv.streams.Stream] = [hv.streams.Params(self, ["xy_revision", "color_revision"])]
         if self.datashade:
@@ -264,7 +266,7 @@ class CellScatter(param.Parameterized):
             "color_by" in names
             or self._own_coloring
             or ("gene" in names and color_by in GENE_COLORINGS)
-            or ({"model", "results"} & names and not categorical)
+            or ({"model", "results", "fates"} & names and not categorical)
         ):
             self.color_revision += 1
 

@@ -1,4 +1,10 @@
-"""Two fitted models side by side: phase portraits, latent time, fit quality, velocity agreement."""
+"""Two fitted models side by side, and every fit scored.
+
+A against B: phase portraits, latent time, per-gene fit quality, per-gene held-out
+reconstruction error, velocity agreement. Then a table of metrics of all fits (CBDir for
+user-given transitions, consistency, confidence, reconstruction), computed in the
+background when asked for.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +12,14 @@ from typing import Any
 
 import holoviews as hv
 import numpy as np
+import pandas as pd
 import panel as pn
 import param
+from bokeh.models.widgets.tables import NumberFormatter
 
 from explorer._types import InputError
 from explorer.app import plots, readouts
+from explorer.app.escape import html_text, markdown_text
 from explorer.app.state import ExplorerState
 from explorer.app.views._layers import CellScatter
 from explorer.app.views.phase import PhasePortrait
@@ -31,6 +40,44 @@ class ComparisonView(pn.viewable.Viewer):
         self.quality = hv.DynamicMap(self._draw_quality, streams=[hv.streams.Params(state, [*pair, "gene"])])
         self._quality_tap = hv.streams.Tap(source=self.quality, transient=True)
         self._quality_tap.add_subscriber(self._quality_tapped)
+        # computed in the background when first drawn (readout_revision: it landed)
+        self.reconstruction = hv.DynamicMap(
+            self._draw_reconstruction, streams=[hv.streams.Params(state, [*pair, "gene", "readout_revision"])]
+        )
+        self._reconstruction_tap = hv.streams.Tap(source=self.reconstruction, transient=True)
+        self._reconstruction_tap.add_subscriber(self._reconstruction_tapped)
+        self.reconstruction_note = pn.pane.Markdown("", width=400, margin=(0, 10))
+        self.transitions = pn.widgets.TextInput.from_param(
+            state.param.metric_transitions,
+            name="Transitions (source>target, comma-separated) scored by CBDir",
+            placeholder="e.g. progenitor>mature, mature>terminal",
+            width=520,
+        )
+        self.metrics_button = pn.widgets.Button(label="Compute metrics", color="primary", width=150)
+        self.metrics_button.on_click(lambda _: state.compute_metrics())
+        self.metrics = pn.widgets.Tabulator(
+            pd.DataFrame(columns=["model"]),
+            show_index=False,
+            disabled=True,
+            selectable=False,
+            sizing_mode="stretch_width",
+            height=200,
+        )
+        self.metrics_note = pn.pane.Markdown(_METRICS_HELP, sizing_mode="stretch_width")
+        # a click on a fit's row: its per-cluster detail
+        self._per_cluster: dict[str, pd.DataFrame] = {}
+        self.metrics.on_click(self._metric_clicked)
+        self.per_cluster_note = pn.pane.Markdown("", sizing_mode="stretch_width")
+        self.per_cluster = pn.widgets.Tabulator(
+            pd.DataFrame(columns=["cluster"]),
+            show_index=False,
+            disabled=True,
+            selectable=False,
+            sizing_mode="stretch_width",
+            height=240,
+            visible=False,
+        )
+        state.param.watch(self._show_metrics, ["readout_revision", "results", "metric_transitions"])
         self.agreement = CellScatter(
             state,
             xy=lambda: tuple(state.embedding().T),
@@ -79,6 +126,65 @@ class ComparisonView(pn.viewable.Viewer):
             highlight_index=int(hit[0]) if hit.size else None,
         )
 
+    def _draw_reconstruction(self, **_: Any) -> hv.Overlay:
+        state = self.state
+        found = state.compare_reconstruction()
+        labels = ("A: log10 MSE", "B: log10 MSE")
+        # always the same kind of plot (an empty one while there is nothing to show), so that
+        # the drawn figure keeps its axes when the figures arrive from the background
+        empty = np.empty(0)
+        if found is None:
+            self.reconstruction_note.object = ""
+            title = (
+                "reconstruction error: computing…"
+                if state.reconstruction_pending()
+                else "reconstruction needs two fits that predict (u, s)"
+            )
+            return plots.comparison_scatter(empty, empty, labels=labels, title=title, width=400, height=340)
+        table = found.table
+        self.reconstruction_note.object = (
+            f"Scored on {markdown_text(found.cells)}, {len(table):,} genes both fits predict. "
+            f"MSE over them: A {found.summary[0]:.3g}, B {found.summary[1]:.3g} "
+            "(below the diagonal: B reconstructs the gene better)."
+        )
+        hit = np.flatnonzero(table["gene"].to_numpy() == state.gene)
+        return plots.comparison_scatter(
+            readouts.log10_positive(table["a"].to_numpy()),
+            readouts.log10_positive(table["b"].to_numpy()),
+            labels=labels,
+            title="per-gene reconstruction error (click a gene)",
+            highlight_index=int(hit[0]) if hit.size else None,
+            width=400,
+            height=340,
+        )
+
+    def _reconstruction_tapped(self, x: float | None = None, y: float | None = None) -> None:
+        if x is None or y is None:
+            return
+        try:
+            self.state.select_gene_near(x, y, plot="reconstruction")
+        except InputError as err:
+            self.state.error = str(err)
+
+    def _show_metrics(self, *_: Any) -> None:
+        found = self.state.metrics_table()
+        if found is not None:
+            self._per_cluster = found.per_cluster
+            _show_table(self.metrics, found.table)
+
+    def _metric_clicked(self, event: Any) -> None:
+        """Show the clicked fit's per-cluster means below the table."""
+        row = getattr(event, "row", None)
+        table = self.metrics.value
+        if row is None or not 0 <= row < len(table) or "model" not in table:
+            return
+        label = str(table["model"].iloc[row])
+        detail = self._per_cluster.get(label)
+        if detail is not None:
+            _show_table(self.per_cluster, detail)
+            self.per_cluster_note.object = f"Per cluster, **{markdown_text(label)}** (mean over its cells):"
+            self.per_cluster.visible = True
+
     def _quality_tapped(self, x: float | None = None, y: float | None = None) -> None:
         if x is None or y is None:
             return
@@ -101,5 +207,44 @@ class ComparisonView(pn.viewable.Viewer):
                 pn.pane.HoloViews(self.quality, name="fit quality"),
                 pn.pane.HoloViews(self.agreement.overlay()),
             ),
+            pn.Row(
+                pn.Column(
+                    pn.pane.HoloViews(self.reconstruction, name="reconstruction"), self.reconstruction_note
+                ),
+                pn.Column(
+                    "### Every fit scored",
+                    pn.Row(self.transitions, self.metrics_button),
+                    self.metrics,
+                    self.metrics_note,
+                    self.per_cluster_note,
+                    self.per_cluster,
+                    sizing_mode="stretch_width",
+                ),
+                sizing_mode="stretch_width",
+            ),
             name="Compare",
         )
+
+
+def _show_table(widget: pn.widgets.Tabulator, table: pd.DataFrame) -> None:
+    """Show ``table`` in ``widget``, numbers to three decimals.
+
+    Tabulator puts column titles into the page as HTML: the cluster names in them come
+    from the dataset, so they go in escaped (and show literally).
+    """
+    table = table.rename(columns=html_text)
+    numeric = [c for c in table.columns if pd.api.types.is_float_dtype(table[c])]
+    widget.formatters = {c: NumberFormatter(format="0.000") for c in numeric}
+    widget.value = table
+
+
+_METRICS_HELP = (
+    "*cbdir[A>B]*: mean correlation of a cell's velocity with the displacement to its neighbours "
+    "in the target cluster, over the source cells that have such neighbours (−1 to 1; Qiao & Huang 2021); "
+    "*icvcoh[A]*: mean cosine of a cell's velocity with its neighbours' in the same cluster. "
+    "*consistency* / *consistency_type*: mean cosine with its neighbours' / with its cell type's (DeepVelo). "
+    "*velocity_confidence*: scVelo's, mean over cells. "
+    "*MSE*: reconstruction error of the predicted (u, s), on the fit's held-out cells when it "
+    "recorded a split (*MSE cells*), else all cells, over the genes it predicts. "
+    "Click a fit's row for its means per cluster. All by `explorer.models.metrics.model_metrics`."
+)

@@ -45,7 +45,9 @@ class EmbeddingView(pn.viewable.Viewer):
         self.targets_live = (LiveLayer(), LiveLayer())
         self.targets = hv.DynamicMap(self._draw_targets)
         state.param.watch(self._push_targets, ["cell", "model", "basis", "n_targets", "results"])
-        self.plot = self.scatter.overlay(self.streamlines, self.arrows, self.targets)
+        # random walks from a cell (the inspector's button): redrawn only when they change
+        self.walks = hv.DynamicMap(self._draw_walks, streams=[hv.streams.Params(state, ["walks", "basis"])])
+        self.plot = self.scatter.overlay(self.streamlines, self.arrows, self.walks, self.targets)
 
     def _xy(self) -> tuple[np.ndarray, np.ndarray]:
         xy = self.state.embedding()
@@ -61,6 +63,9 @@ class EmbeddingView(pn.viewable.Viewer):
         if grid is None:
             return plots.arrows(np.empty(0), np.empty(0), np.empty(0), np.empty(0))
         return plots.arrows(*_grid_arrays(grid))
+
+    def _draw_walks(self, **_: Any) -> hv.Overlay:
+        return plots.random_walks(self.state.walk_paths())
 
     def _targets(self) -> tuple[Any, np.ndarray, np.ndarray]:
         state = self.state

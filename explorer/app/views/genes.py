@@ -110,7 +110,15 @@ class GeneBrowser(pn.viewable.Viewer):
             "", name="gene trust", sizing_mode="stretch_width", margin=(22, 10, 0, 10)
         )
         self.table.on_click(self._clicked)
-        state.param.watch(self._refresh, ["model", "results"])
+        # trust diagnostics (explorer.diagnostics) of the active fit, and a refit without the flagged genes
+        self.diagnose_button = pn.widgets.Button(label="Trust diagnostics", width=150)
+        self.without_button = pn.widgets.Button(label="Recompute without flagged genes", width=240)
+        self.diagnose_button.on_click(lambda _: state.compute_diagnostics())
+        self.without_button.on_click(lambda _: state.recompute_without_flagged())
+        self.flags_note = pn.pane.Markdown("", sizing_mode="stretch_width", margin=(12, 10, 0, 10))
+        state.param.watch(self._refresh, ["model", "results", "diagnostics"])
+        state.param.watch(self._show_flags, ["model", "results", "diagnostics", "running"])
+        self._show_flags()
         state.param.watch(self._follow, ["gene"])
         self._follow()
 
@@ -194,6 +202,19 @@ class GeneBrowser(pn.viewable.Viewer):
         if shown.size:
             self.table.page = int(shown[0]) // self.table.page_size + 1
 
+    def _show_flags(self, *_: Any) -> None:
+        state = self.state
+        flagged = state.flagged()
+        self.diagnose_button.disabled = state.fit is None or state.running
+        self.without_button.disabled = flagged is None or not flagged.any() or state.running
+        if flagged is None:
+            self.flags_note.object = ""
+        else:
+            self.flags_note.object = (
+                f"**{int(flagged.sum()):,}** velocity genes flagged (column *flag*: differential kinetics "
+                "across clusters, transcriptional boost)."
+            )
+
     def _clicked(self, event: Any) -> None:
         row = getattr(event, "row", None)
         if row is None:
@@ -213,6 +234,7 @@ class GeneBrowser(pn.viewable.Viewer):
             pn.Row(self.search, self.verdict, sizing_mode="stretch_width"),
             self.table,
             self.legend,
+            pn.Row(self.diagnose_button, self.without_button, self.flags_note, sizing_mode="stretch_width"),
             name="Genes",
             sizing_mode="stretch_width",
         )

@@ -1,4 +1,9 @@
-"""The cell inspector: the selected cell's cluster, latent time, confidence and likely next cells."""
+"""The cell inspector: the selected cell's cluster, latent time, confidence, likely next cells and fates.
+
+Below the next cells: **Random walks from this cell** (drawn on the embedding, their end
+clusters counted here) and **Compute fates** (terminal states and fate probabilities of
+the active fit, in the background; the selected cell's probabilities are listed here).
+"""
 
 from __future__ import annotations
 
@@ -33,8 +38,20 @@ class CellInspector(pn.viewable.Viewer):
         )
         self.targets.on_click(self._clicked)
         self._indices: list[int] = []
+        self.walk_button = pn.widgets.Button(label="Random walks from this cell", width=200, disabled=True)
+        self.fates_button = pn.widgets.Button(label="Compute fates", width=140)
+        self.walk_button.on_click(lambda _: state.start_walks())
+        self.fates_button.on_click(lambda _: state.compute_fates())
+        self.fate_states = pn.widgets.IntInput.from_param(
+            state.param.fate_states, name="macrostates", width=90
+        )
+        self.where = pn.pane.Markdown("", name="where the cell goes", sizing_mode="stretch_width")
         state.param.watch(self._update, ["cell", "model", "results", "n_targets", "adata"])
+        state.param.watch(
+            self._update_where, ["cell", "model", "results", "walks", "fates", "running", "adata"]
+        )
         self._update()
+        self._update_where()
 
     def _update(self, *_: Any) -> None:
         info = self.state.cell_info()
@@ -50,7 +67,7 @@ class CellInspector(pn.viewable.Viewer):
         lines = [
             f"**Cell** {markdown_text(info.name)} (row {info.index})",
             f"- cluster: **{cluster}**",
-            f"- latent time: **{_fmt(info.latent_time)}**",
+            f"- latent time: **{_fmt(info.latent_time)}**{_interval(info)}",
             f"- velocity confidence: **{_fmt(info.confidence)}**",
         ]
         if info.targets.empty:
@@ -61,13 +78,57 @@ class CellInspector(pn.viewable.Viewer):
         self._indices = [int(i) for i in info.targets["index"]]
         self.targets.value = info.targets[["cell", "cluster", "probability"]].reset_index(drop=True)
 
+    def _update_where(self, *_: Any) -> None:
+        state = self.state
+        fit = state.fit
+        self.walk_button.disabled = state.cell is None or fit is None or fit.transitions is None
+        self.fates_button.disabled = fit is None or state.running
+        lines = []
+        fates = state.active_fates()
+        table = state.cell_fates()
+        if table is not None and fates is not None:
+            probs = ", ".join(
+                f"{markdown_text(row.state)} **{row.probability:.2f}**" for row in table.itertuples()
+            )
+            lines.append(f"- fate probabilities ({markdown_text(fates.source)}): {probs}")
+        elif fates is None and fit is not None:
+            lines.append(
+                "- fates: *press Compute fates (terminal states and fate probabilities of this fit)*"
+            )
+        walks = state.walks
+        if walks is not None:
+            n_walks, n_steps = walks.walks.shape[0], walks.walks.shape[1] - 1
+            ends = ", ".join(
+                f"{markdown_text(row.cluster)} **{row.walks}**" for row in walks.ends.itertuples()
+            )
+            lines.append(
+                f"- {n_walks} random walks of {n_steps} steps from row {walks.start} "
+                f"({markdown_text(walks.fit)}; 30 drawn in purple on the embedding) end in: {ends}"
+            )
+        self.where.object = "\n".join(lines)
+
     def _clicked(self, event: Any) -> None:
         row = getattr(event, "row", None)
         if row is not None and 0 <= row < len(self._indices):
             self.state.select_cell(self._indices[row])
 
     def __panel__(self) -> pn.viewable.Viewable:
-        return pn.Column(self.summary, self.targets, name="Cell", sizing_mode="stretch_width")
+        return pn.Column(
+            self.summary,
+            self.targets,
+            pn.Row(self.walk_button, pn.Column(self.fates_button, self.fate_states)),
+            self.where,
+            name="Cell",
+            sizing_mode="stretch_width",
+        )
+
+
+def _interval(info: Any) -> str:
+    """`` (90 % interval a–b, SD s)`` after the latent time, when the fit gives a posterior SD."""
+    interval = info.latent_time_interval(0.9)
+    if interval is None:
+        return ""
+    return f" (90 % posterior interval {interval[0]:.3f}–{interval[1]:.3f}, SD {info.latent_time_sd:.4f})"
 
 
 def _fmt(value: float | None) -> str:

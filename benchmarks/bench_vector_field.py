@@ -1,0 +1,210 @@
+"""Benchmark: the learned vector field's training and integration time, and what it finds on the pancreas.
+
+1. The real pancreas (3,696 cells, ``prepare``'s genes; base model ``stochastic`` or
+   ``dynamical``, default parameters): time to fit the base (when needed) and the field
+   (wall and CPU), to integrate 200 RK4 steps from every Ngn3 high EP cell, where those
+   paths end (group of the nearest observed cell), the fixed points (type and group),
+   and the fate shift of a knock-out (factor 0, held) of Pdx1, Nkx6-1 and Neurog3 in the
+   Ngn3 high EP cells, for those among the field's genes.
+2. Simulations (``simulate(n_obs, n_vars=100, branches=2)``; the state built directly from
+   the true abundances and velocity, ``base=None``, so no preprocessing is timed): time
+   per training epoch and of 100 RK4 steps from 1,000 cells, against cells.
+
+Each case runs in a fresh process (peak resident memory ``ru_maxrss``). Prints a table
+and writes ``benchmarks/results/vector_field.json``. Usage::
+
+    python benchmarks/bench_vector_field.py [--base stochastic] [--sizes 10000 100000]
+        [--sim-epochs 5] [--skip-pancreas] [--device auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("EXPLORER_SHARED", ROOT.parent / "shared"))
+RESULTS = ROOT / "benchmarks" / "results"
+PANCREAS = SHARED / "data" / "pancreas_endocrinogenesis_3696.h5ad"
+KNOCKOUTS = ("Pdx1", "Nkx6-1", "Neurog3")
+START = "Ngn3 high EP"
+
+
+def _rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def lap(self) -> dict[str, float]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        out = {"wall_s": round(wall - self.wall, 2), "cpu_s": round(cpu - self.cpu, 2)}
+        self.wall, self.cpu = wall, cpu
+        return out
+
+
+def pancreas_worker(base: str, device: str, out: str) -> None:
+    from explorer.data.io import read
+    from explorer.models import get_model
+    from explorer.models.vector_field import VectorField, load_field, perturb, simulate_trajectories
+    from explorer.pipeline import prepare
+
+    adata = read(PANCREAS)
+    clock = _Clock()
+    prepare(adata)
+    result: dict = {"cells": adata.n_obs, "genes": adata.n_vars, "base": base, "prepare": clock.lap()}
+    get_model(base, seed=0).fit(adata).to_adata(adata)
+    result["base_fit"] = clock.lap()
+    model = VectorField(base=base, seed=0, device=device)
+    fit = model.fit(adata)
+    result["field_fit"] = clock.lap()
+    result["train"] = round(model.timings_["train"], 2)
+    result["epochs"] = model.epochs
+    result["device"] = str(model.module_.speed.device)
+    fit.to_adata(adata)
+    fixed = adata.uns["vector_field"]["fixed_points"]
+    result["fixed_points"] = [
+        {"type": str(t), "cluster": str(c), "unstable_directions": int((er > 0).sum())}
+        for t, c, er in zip(fixed["type"], fixed["cluster"], fixed["eig_real"], strict=True)
+    ]
+    field = load_field(adata, device=device)
+    cells = (adata.obs["clusters"] == START).to_numpy()
+    clock.lap()
+    paths = simulate_trajectories(adata, cells, n_steps=200, field=field)
+    result["trajectories"] = {"cells": int(cells.sum()), "steps": 200, **clock.lap()}
+    ends = paths.loc[paths["step"] == 200, "end_cluster"].value_counts(normalize=True)
+    result["ends"] = {str(k): round(float(v), 4) for k, v in ends.items()}
+    result["knockouts"] = {}
+    for gene in KNOCKOUTS:
+        if gene not in set(field.genes):
+            result["knockouts"][gene] = "not among the field's genes"
+            continue
+        p = perturb(adata, gene, cells=cells, factor=0.0, n_steps=200, field=field)
+        result["knockouts"][gene] = {
+            str(k): {"control": round(float(r["control"]), 4), "perturbed": round(float(r["perturbed"]), 4)}
+            for k, r in p.table().iterrows()
+            if r["control"] > 0 or r["perturbed"] > 0
+        }
+    result["n_field_genes"] = len(field.genes)
+    result["peak_gb"] = round(_rss_gb(), 2)
+    Path(out).write_text(json.dumps(result))
+
+
+def simulation_worker(n_obs: int, epochs: int, device: str, out: str) -> None:
+    import anndata as ad
+    import pandas as pd
+
+    from explorer.data.simulate import simulate
+    from explorer.models.vector_field import VectorField, load_field
+
+    sim = simulate(n_obs=n_obs, n_vars=100, branches=2, seed=0)
+    adata = ad.AnnData(
+        obs=pd.DataFrame(index=sim.obs_names),
+        var=pd.DataFrame(index=sim.var_names),
+        layers={"Ms": sim.layers["true_s"], "velocity": sim.layers["true_velocity"]},
+    )
+    adata.var["velocity_genes"] = True
+    loaded = _rss_gb()
+    clock = _Clock()
+    model = VectorField(base=None, epochs=epochs, seed=0, device=device, basis="none")
+    model.fit(adata).to_adata(adata)
+    fit = clock.lap()
+    field = load_field(adata, device=device)
+    starts = np.random.default_rng(0).choice(n_obs, min(1000, n_obs), replace=False)
+    clock.lap()
+    field.integrate(field.states[starts], n_steps=100)
+    result = {
+        "cells": n_obs,
+        "epochs": epochs,
+        "fit": fit,
+        "s_per_epoch": round(model.timings_["train"] / epochs, 3),
+        "integrate_1000x100": clock.lap(),
+        "gb_loaded": round(loaded, 2),
+        "peak_gb": round(_rss_gb(), 2),
+    }
+    Path(out).write_text(json.dumps(result))
+
+
+def _run(args: list[str], out: Path) -> dict:
+    subprocess.run([sys.executable, __file__, *args, "--out", str(out)], check=True)
+    return json.loads(out.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--worker", choices=["pancreas", "simulation"])
+    parser.add_argument("--out")
+    parser.add_argument("--base", default="stochastic")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000])
+    parser.add_argument("--sim-epochs", type=int, default=5)
+    parser.add_argument("--n-obs", type=int)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--skip-pancreas", action="store_true")
+    args = parser.parse_args()
+    if args.worker == "pancreas":
+        pancreas_worker(args.base, args.device, args.out)
+        return
+    if args.worker == "simulation":
+        simulation_worker(args.n_obs, args.sim_epochs, args.device, args.out)
+        return
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "vector_field.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    tmp = RESULTS / ".vector_field_case.json"
+    result = {"load_average_at_start": os.getloadavg(), "cpus": os.cpu_count()}
+    if args.skip_pancreas:
+        result["pancreas"] = previous.get("pancreas", {})
+    else:
+        result["pancreas"] = _run(["--worker", "pancreas", "--base", args.base, "--device", args.device], tmp)
+    result["simulation"] = [
+        _run(
+            [
+                "--worker",
+                "simulation",
+                "--n-obs",
+                str(n),
+                "--sim-epochs",
+                str(args.sim_epochs),
+                "--device",
+                args.device,
+            ],
+            tmp,
+        )  # fmt: skip
+        for n in args.sizes
+    ]
+    result["load_average_at_end"] = os.getloadavg()
+    tmp.unlink(missing_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+
+    p = result["pancreas"]
+    if p:
+        print(f"pancreas ({p['cells']} cells, base {p['base']}, {p['epochs']} epochs on {p['device']}):")
+        for step in ("prepare", "base_fit", "field_fit", "trajectories"):
+            print(f"  {step:14s} wall {p[step]['wall_s']:8.1f} s   cpu {p[step]['cpu_s']:8.1f} s")
+        print(f"  paths from {START} end in: {p['ends']}")
+        print(f"  fixed points: {p['fixed_points']}")
+        for gene, shift in p["knockouts"].items():
+            print(f"  {gene} knock-out: {shift}")
+    print(f"{'cells':>8s} {'s/epoch':>8s} {'fit wall':>9s} {'fit cpu':>8s} {'RK4 wall':>9s} {'peak GB':>8s}")
+    for r in result["simulation"]:
+        print(
+            f"{r['cells']:8d} {r['s_per_epoch']:8.3f} {r['fit']['wall_s']:9.1f} {r['fit']['cpu_s']:8.1f} "
+            f"{r['integrate_1000x100']['wall_s']:9.1f} {r['peak_gb']:8.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1124 @@
+"""The dynamical model at atlas scale: streamed over gene batches, on one machine or on Dask.
+
+Velocity genes are independent until the velocity graph, so nothing here holds a
+``(n_obs, n_vars)`` matrix: every step reads a block of genes (or of cells) from a chunked
+on-disk store, and memory is ``O(n_obs x batch + n_edges)``.
+
+1. **Read** the input (AnnData's zarr format, or an ``.h5ad`` read lazily through h5py) in
+   blocks of cells, into gene-chunked dense arrays of the output store (``Ms``/``Mu`` when
+   the input has them, else scratch copies of ``spliced``/``unspliced``).
+2. **Moments** per gene block: ``Ms = W @ spliced[:, block]`` with scVelo's neighbour
+   weights ``W`` (:func:`explorer.graph.moments.neighbor_weights`), the same float32
+   product as :func:`~explorer.graph.moments.compute_moments`; and the steady-state fit
+   that picks the genes to fit (:func:`~explorer.models.steady_state.genes_to_fit`).
+3. **Fit** per gene block: :class:`~explorer.models.dynamical.Dynamical`'s own per-batch
+   EM, on the same batches and seeds as the in-memory fit, so the kinetics are identical.
+   Velocities and times go to the store.
+4. **Velocity graph** from per-edge sums: for the edge ``(i, j)`` and displacement
+   ``d = Ms[j] - Ms[i]``, the Pearson correlation with ``v = velocity[i]`` over the genes
+   needs ``sum d``, ``sum d^2``, ``sum d v`` per edge and ``sum v``, ``sum v^2`` per cell;
+   every gene block adds its share and the blocks' sums are added up (on Dask, in a tree).
+   The kNN sums ``sum v_i v_j`` give the velocity confidence the same way.
+5. **Transition matrix, projection, root cells** on the ``(n_obs, n_obs)`` graph
+   (:mod:`explorer.graph.transition`, :mod:`explorer.graph.projection`), then the
+   **latent time** (:func:`explorer.graph.latent_time.latent_time` split into gene-block
+   and cell-block passes) and the onset fit.
+
+:func:`fit_streamed` runs the passes in this process; given a ``dask.distributed``
+client (or a scheduler address, or a number of local workers) it sends each block to the
+cluster as one task. The results equal the in-memory ``explorer fit --model dynamical``
+(``tests/test_stream.py``) up to float rounding in the sums.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numba
+import numpy as np
+import pandas as pd
+import zarr
+from anndata import AnnData
+from scipy import sparse
+
+from explorer._types import InputError, report
+from explorer.graph import latent_time as lt_mod
+from explorer.graph.moments import neighbor_weights
+from explorer.graph.projection import compute_velocity_embedding
+from explorer.graph.transition import (
+    compute_transition_matrix,
+    knn_indices,
+    knn_pattern,
+    neighbor_pattern,
+    self_transition_probabilities,
+    split_graph,
+    transition_matrix,
+)
+from explorer.keys import Key
+from explorer.models.base import _uns_safe
+from explorer.models.dynamical import (
+    _BATCH_ELEMENTS,
+    _LARGE_GRAPH_CELLS,
+    _LARGE_GRAPH_POWER_STEPS,
+    Dynamical,
+    _batch_seed,
+    _GeneEM,
+    _resolve_device,
+    _Smoother,
+    _warn_few_em_cells,
+)
+from explorer.models.steady_state import SteadyState, select_velocity_genes
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from explorer._types import ProgressCallback
+
+logger = logging.getLogger(__name__)
+
+#: float32 elements of one block read by a task (64 MiB): bounds a task's memory
+_BLOCK_ELEMENTS = 1 << 24
+#: edges of the graph scored at once by the per-edge kernel (a block of cells' edges)
+_EDGE_BLOCK = 1 << 20
+#: scVelo's threshold below which a displacement has no direction (explorer.graph.transition)
+_ZERO_DISPLACEMENT = 1e-10
+#: scratch arrays in the output store, removed before it is renamed into place
+_SCRATCH = "_explorer_scratch"
+#: anndata's on-disk encodings (anndata.io.write_elem writes the same attributes)
+_ARRAY_ATTRS = {"encoding-type": "array", "encoding-version": "0.2.0"}
+_DICT_ATTRS = {"encoding-type": "dict", "encoding-version": "0.1.0"}
+_ANNDATA_ATTRS = {"encoding-type": "anndata", "encoding-version": "0.1.0"}
+#: per-process cache of what every task of one run rebuilds from the plan (the torch
+#: smoother): a Dask worker runs many tasks of a run, and building it costs seconds at 10^6 cells
+_PROCESS_CACHE: dict[str, Any] = {}
+
+
+# --------------------------------------------------------------------------------------
+# reading the input in blocks
+# --------------------------------------------------------------------------------------
+
+
+def _open_root(path: Path) -> Any:
+    """The input's root group: zarr for a ``.zarr`` folder, h5py for an ``.h5ad`` file (read only)."""
+    if path.is_dir():
+        return zarr.open_group(str(path), mode="r")
+    import h5py
+
+    return h5py.File(path, "r")
+
+
+def _encoding(elem: Any) -> str:
+    value = elem.attrs.get("encoding-type", "")
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _read_rows(elem: Any, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of a stored matrix (dense, or anndata's CSR/CSC encoding), dense float32."""
+    kind = _encoding(elem)
+    if kind in ("csr_matrix", "csc_matrix"):
+        from anndata.io import sparse_dataset
+
+        block = sparse_dataset(elem)[start:stop]
+        return np.asarray(block.toarray(), dtype=np.float32)
+    return np.asarray(elem[start:stop], dtype=np.float32)
+
+
+def _read_elem(root: Any, key: str) -> Any:
+    from anndata.io import read_elem
+
+    return read_elem(root[key])
+
+
+@dataclass(frozen=True, slots=True)
+class _Input:
+    """What the passes need from the input, read once: names, tables, graphs and layer keys."""
+
+    path: Path
+    obs: pd.DataFrame
+    var: pd.DataFrame
+    obsm: dict[str, np.ndarray]
+    obsp: dict[str, sparse.csr_matrix]
+    uns: dict[str, Any]
+    has_moments: bool
+
+    @property
+    def n_obs(self) -> int:
+        return len(self.obs)
+
+    @property
+    def n_vars(self) -> int:
+        return len(self.var)
+
+
+def _read_input(path: Path, *, spliced_layer: str, unspliced_layer: str) -> _Input:
+    """Read the small parts of an AnnData store and check it holds what the streamed fit needs."""
+    try:
+        root = _open_root(path)
+    except (OSError, ValueError) as err:
+        msg = (
+            f"cannot read {path.name!r} as an AnnData store ({err}); expected an AnnData .zarr folder "
+            "or .h5ad file (anndata >= 0.8 encoding). Rewrite it with anndata.write_zarr."
+        )
+        raise InputError(msg) from None
+    names = set(root.keys())
+    if "obs" not in names or "var" not in names:
+        msg = f"{path.name!r} is not an AnnData store: expected groups 'obs' and 'var', found {sorted(names)}."
+        raise InputError(msg)
+    layers = set(root["layers"].keys()) if "layers" in names else set()
+    has_moments = {Key.layers.MS, Key.layers.MU} <= layers
+    need = {spliced_layer, unspliced_layer}
+    if not has_moments and not need <= layers:
+        msg = (
+            f"{path.name!r} has neither layers Ms/Mu nor {sorted(need)}: found layers {sorted(layers)}. "
+            "The streamed fit needs normalised spliced/unspliced layers (or Ms/Mu) and a neighbour graph: "
+            "preprocess with explorer.pipeline.prepare (or scanpy) and write the result with write_zarr."
+        )
+        raise InputError(msg)
+    obsp = {}
+    if "obsp" in names:
+        for key in (Key.obsp.CONNECTIVITIES, Key.obsp.DISTANCES):
+            if key in root["obsp"]:
+                obsp[key] = sparse.csr_matrix(_read_elem(root, f"obsp/{key}"))
+    missing = [k for k in (Key.obsp.CONNECTIVITIES, Key.obsp.DISTANCES) if k not in obsp]
+    if missing:
+        msg = (
+            f"{path.name!r} has no neighbour graph: obsp {missing} missing (found {sorted(obsp)}). The streamed "
+            "fit reads the kNN graph (scanpy's obsp['distances'] and obsp['connectivities']); compute it "
+            "with explorer.graph.neighbors.compute_neighbors (or scanpy.pp.neighbors) first."
+        )
+        raise InputError(msg)
+    if not has_moments:
+        dtype = np.dtype(
+            root[f"layers/{spliced_layer}/data"].dtype
+            if _encoding(root[f"layers/{spliced_layer}"]).endswith("matrix")
+            else root[f"layers/{spliced_layer}"].dtype
+        )
+        if np.issubdtype(dtype, np.integer):
+            msg = (
+                f"layer {spliced_layer!r} of {path.name!r} holds integer counts: the streamed fit expects "
+                "normalised layers (it does not filter or normalise). Preprocess with "
+                "explorer.pipeline.prepare and write the result with write_zarr."
+            )
+            raise InputError(msg)
+    obsm = {}
+    if "obsm" in names:
+        obsm = {k: np.asarray(_read_elem(root, f"obsm/{k}")) for k in root["obsm"].keys()}
+    uns = _read_elem(root, "uns") if "uns" in names else {}
+    return _Input(
+        path=path,
+        obs=_read_elem(root, "obs"),
+        var=_read_elem(root, "var"),
+        obsm=obsm,
+        obsp=obsp,
+        uns=dict(uns),
+        has_moments=has_moments,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# the output store
+# --------------------------------------------------------------------------------------
+
+
+def _create(group: Any, name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: Any) -> None:
+    arr = group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=np.nan)
+    arr.attrs.update(_ARRAY_ATTRS)
+
+
+def _array(store: Path, name: str) -> Any:
+    return zarr.open_array(str(store / name), mode="r+")
+
+
+def _layer(name: str) -> str:
+    return f"layers/{name}"
+
+
+def _scratch(name: str) -> str:
+    return f"{_SCRATCH}/{name}"
+
+
+# --------------------------------------------------------------------------------------
+# the plan every task receives
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything a task needs, sent once to each Dask worker (``O(n_obs + n_edges)``)."""
+
+    token: str
+    source: Path
+    store: Path
+    model: Dynamical
+    n_obs: int
+    n_vars: int
+    cell_chunk: int
+    var_chunk: int
+    #: source layers read into the store by blocks of cells: (source key, store array)
+    copies: tuple[tuple[str, str], ...]
+    weights: sparse.csr_matrix  # scVelo's neighbour weights (Ms = weights @ spliced)
+    smoother_weights: sparse.csr_matrix  # Dynamical's: neighbor_average_matrix(connectivities)
+    pattern: sparse.csr_matrix  # the edges the velocity graph scores
+    knn: np.ndarray  # (n_obs, k) kNN indices for the velocity confidence
+    connectivities: sparse.csr_matrix
+    fit_cols: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    model_batch: int = 1
+    graph_cols: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    lt_cols: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+
+def _replace(plan: _Plan, **changes: Any) -> _Plan:
+    return dataclasses.replace(plan, **changes)
+
+
+# --------------------------------------------------------------------------------------
+# tasks (module level: Dask pickles them by name)
+# --------------------------------------------------------------------------------------
+
+
+def _copy_rows_task(plan: _Plan, start: int) -> None:
+    """Read a block of cells of each source layer into its gene-chunked array of the store."""
+    root = _open_root(plan.source)
+    stop = min(start + plan.cell_chunk, plan.n_obs)
+    for key, name in plan.copies:
+        _array(plan.store, name)[start:stop] = _read_rows(root[key], start, stop)
+
+
+def _moments_task(plan: _Plan, lo: int) -> dict[str, np.ndarray]:
+    """Ms/Mu of genes ``lo:lo + var_chunk`` (unless read), and their steady-state fit for the gene choice."""
+    hi = min(lo + plan.var_chunk, plan.n_vars)
+    ms_arr, mu_arr = _array(plan.store, _layer(Key.layers.MS)), _array(plan.store, _layer(Key.layers.MU))
+    if plan.copies and plan.copies[0][1] == _scratch(Key.layers.SPLICED):
+        s = np.ascontiguousarray(_array(plan.store, _scratch(Key.layers.SPLICED))[:, lo:hi])
+        u = np.ascontiguousarray(_array(plan.store, _scratch(Key.layers.UNSPLICED))[:, lo:hi])
+        # the float32 product of explorer.graph.moments.compute_moments, one gene block at a time
+        Ms = np.asarray(plan.weights @ s, dtype=np.float32)
+        Mu = np.asarray(plan.weights @ u, dtype=np.float32)
+        ms_arr[:, lo:hi] = Ms
+        mu_arr[:, lo:hi] = Mu
+    else:
+        Ms, Mu = np.asarray(ms_arr[:, lo:hi]), np.asarray(mu_arr[:, lo:hi])
+    out = {"any_s": (Ms > 0).any(0), "any_u": (Mu > 0).any(0)}
+    if isinstance(plan.model.genes, str) and plan.model.genes == "velocity_genes":
+        block = AnnData(
+            obs=pd.DataFrame(index=pd.RangeIndex(plan.n_obs).astype(str)),
+            var=pd.DataFrame(index=pd.RangeIndex(lo, hi).astype(str)),
+            layers={Key.layers.MS: Ms, Key.layers.MU: Mu},
+        )
+        fit = SteadyState(use_highly_variable=False).fit(block)
+        out["gamma"] = fit.gene_params[Key.var.GAMMA].to_numpy(np.float64)
+        out["r2"] = fit.gene_params[Key.var.R2].to_numpy(np.float64)
+    return out
+
+
+def _smoother(plan: _Plan, device: Any) -> _Smoother | None:
+    if not plan.model.connected_states:
+        return None
+    key = f"{plan.token}:smoother"
+    if key not in _PROCESS_CACHE:
+        _PROCESS_CACHE.clear()  # one run at a time per process: drop the previous run's
+        _PROCESS_CACHE[key] = _Smoother(plan.smoother_weights, device)
+    return _PROCESS_CACHE[key]
+
+
+def _fit_task(plan: _Plan, k0: int) -> dict[str, Any]:
+    """Fit the genes ``fit_cols[k0:k1]`` in the model's own batches; write velocities and times."""
+    from explorer.models.dynamical import _import_torch
+
+    torch = _import_torch()
+    model = plan.model
+    k1 = min(k0 + plan.var_chunk, len(plan.fit_cols))
+    cols = plan.fit_cols[k0:k1]
+    Mu = np.asarray(_array(plan.store, _layer(Key.layers.MU)).oindex[:, cols], dtype=np.float32)
+    Ms = np.asarray(_array(plan.store, _layer(Key.layers.MS)).oindex[:, cols], dtype=np.float32)
+    device = _resolve_device(model.device)
+    smoother = _smoother(plan, device)
+    parts = []
+    with torch.inference_mode():
+        for start in range(k0, k1, plan.model_batch):
+            sl = slice(start - k0, min(start + plan.model_batch, k1) - k0)
+            parts.append(
+                model._fit_batch(
+                    Mu[:, sl], Ms[:, sl], smoother, device,
+                    progress=None, step0=0, total=1, seed=_batch_seed(model.seed, start),
+                )
+            )  # fmt: skip
+    for name, attr in (("velocity", "velocity"), ("velocity_u", "velocity_u"), ("fit_t", "fit_t")):
+        _array(plan.store, _scratch(name))[:, k0:k1] = np.concatenate([getattr(p, attr) for p in parts], axis=1)
+    latent_t = np.concatenate([p.latent_t for p in parts], axis=1)
+    if model.smooth_time:
+        _array(plan.store, _scratch("latent_t"))[:, k0:k1] = latent_t
+    vel = np.concatenate([p.velocity for p in parts], axis=1)
+    return {
+        "params": {k: np.concatenate([p.params[k] for p in parts]) for k in parts[0].params},
+        "em": _GeneEM.concat([p.em for p in parts]),
+        "history": [np.stack(p.loss_history, axis=0) if p.loss_history else None for p in parts],
+        "finite_v": np.isfinite(vel).all(0),
+        "finite_t": np.isfinite(latent_t).all(0),
+    }
+
+
+@numba.njit(parallel=True, cache=True)
+def _edge_sums_kernel(X, V, indptr, indices, first, last, sum_d, sum_d2, sum_dv):  # pragma: no cover
+    """Add ``sum d``, ``sum d^2``, ``sum d v`` over a block of genes for every edge of rows ``first:last``.
+
+    ``d = X[j] - X[i]`` (float32, as the in-memory kernel), products and sums in float64.
+    """
+    n_genes = X.shape[1]
+    for i in numba.prange(first, last):
+        for k in range(indptr[i], indptr[i + 1]):
+            j = indices[k]
+            total = 0.0
+            squares = 0.0
+            dot = 0.0
+            for g in range(n_genes):
+                d = np.float64(X[j, g] - X[i, g])
+                total += d
+                squares += d * d
+                dot += d * np.float64(V[i, g])
+            sum_d[k] += total
+            sum_d2[k] += squares
+            sum_dv[k] += dot
+
+
+@numba.njit(parallel=True, cache=True)
+def _knn_dot_kernel(V, knn, out):  # pragma: no cover
+    """Add ``sum_g V[i, g] V[knn[i, m], g]`` to ``out[i, m]``."""
+    n_genes = V.shape[1]
+    for i in numba.prange(knn.shape[0]):
+        for m in range(knn.shape[1]):
+            j = knn[i, m]
+            acc = 0.0
+            for g in range(n_genes):
+                acc += np.float64(V[i, g]) * np.float64(V[j, g])
+            out[i, m] += acc
+
+
+def _graph_columns(plan: _Plan, lo: int) -> tuple[np.ndarray, np.ndarray]:
+    """``Ms`` and velocity of graph genes ``lo:lo + var_chunk``, dense float32."""
+    sel = plan.graph_cols[lo : lo + plan.var_chunk]
+    X = np.asarray(_array(plan.store, _layer(Key.layers.MS)).oindex[:, plan.fit_cols[sel]], dtype=np.float32)
+    V = np.asarray(_array(plan.store, _scratch("velocity")).oindex[:, sel], dtype=np.float32)
+    return np.ascontiguousarray(X), np.ascontiguousarray(V)
+
+
+def _graph_task(plan: _Plan, lo: int, *, into: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Per-edge and per-cell sums of one block of graph genes, added to ``into`` (or to zeros).
+
+    In one process every block adds into one set of sums: three float64 per edge is the
+    largest thing the streamed fit holds (4.8 GB at 10^6 cells and 200 edges per cell).
+    """
+    X, V = _graph_columns(plan, lo)
+    nnz = plan.pattern.nnz
+    sums = into if into is not None else {name: np.zeros(nnz) for name in ("d", "d2", "dv")}
+    indptr, indices = plan.pattern.indptr, plan.pattern.indices
+    step = max(1, _EDGE_BLOCK // max(int(np.diff(indptr).max(initial=1)), 1))
+    for first in range(0, plan.n_obs, step):
+        last = min(first + step, plan.n_obs)
+        _edge_sums_kernel(X, V, indptr, indices, first, last, sums["d"], sums["d2"], sums["dv"])
+    if into is None:
+        sums.update(v=np.zeros(plan.n_obs), v2=np.zeros(plan.n_obs), knn_dot=np.zeros(plan.knn.shape))
+    _knn_dot_kernel(V, plan.knn, sums["knn_dot"])
+    V64 = V.astype(np.float64)
+    sums["v"] += V64.sum(1)
+    sums["v2"] += np.einsum("ij,ij->i", V64, V64)
+    return sums
+
+
+def _transition_task(
+    plan: _Plan, lo: int, T: sparse.csr_matrix, *, into: dict[str, np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
+    """Per-cell sums of ``dX = T X - X`` against the velocity (velocity_confidence_transition)."""
+    X, V = _graph_columns(plan, lo)
+    dX = np.asarray(T @ X, dtype=np.float64) - X
+    V64 = V.astype(np.float64)
+    part = {
+        "x": dX.sum(1),
+        "x2": np.einsum("ij,ij->i", dX, dX),
+        "xv": np.einsum("ij,ij->i", dX, V64),
+        "v": V64.sum(1),
+        "v2": np.einsum("ij,ij->i", V64, V64),
+    }
+    return part if into is None else _add_into(into, part)
+
+
+def _rank_task(plan: _Plan, lo: int) -> np.ndarray:
+    """Rank and clock-smooth the times of latent-time genes ``lo:lo + var_chunk``; return their row sums."""
+    sel = plan.lt_cols[lo : lo + plan.var_chunk]
+    name = _scratch("latent_t") if plan.model.smooth_time else _scratch("fit_t")
+    t = lt_mod.rank_gene_times(np.asarray(_array(plan.store, name).oindex[:, sel], dtype=np.float64))
+    _array(plan.store, _scratch("lt_smooth"))[:, lo : lo + len(sel)] = lt_mod.smooth_gene_times(
+        t, plan.connectivities
+    )
+    return t.sum(1)
+
+
+def _origin_task(plan: _Plan, lo: int, roots: np.ndarray) -> np.ndarray:
+    """Per root, each gene's ``t_origin`` (latest time after the root's), for genes ``lo:lo + var_chunk``."""
+    t = np.asarray(_array(plan.store, _scratch("lt_smooth"))[:, lo : lo + plan.var_chunk])
+    out = []
+    for r in roots:
+        t_root = t[r]
+        out.append(((t - t_root) * (t >= t_root)).max(0))
+    return np.stack(out)
+
+
+def _shared_time_task(
+    plan: _Plan, start: int, roots: np.ndarray, t_origin: np.ndarray, t_roots: np.ndarray
+) -> np.ndarray:
+    """Per root, the per-cell percentiles of the re-rooted gene times, for cells ``start:start + cell_chunk``."""
+    t = np.asarray(_array(plan.store, _scratch("lt_smooth"))[start : start + plan.cell_chunk])
+    out = []
+    for k in range(len(roots)):
+        after = t >= t_roots[k]
+        rooted = (t - t_roots[k]) * after + (t + t_origin[k]) * ~after
+        out.append(np.percentile(rooted, lt_mod.SHARED_TIME_PERCENTILES, axis=1))
+    return np.stack(out)
+
+
+def _expand_task(plan: _Plan, start: int) -> None:
+    """Write the fitted genes' velocities and times of a block of cells into full ``(n_obs, n_vars)`` layers."""
+    stop = min(start + plan.cell_chunk, plan.n_obs)
+    for name in ("velocity", "velocity_u", "fit_t"):
+        full = np.full((stop - start, plan.n_vars), np.nan, dtype=np.float32)
+        full[:, plan.fit_cols] = _array(plan.store, _scratch(name))[start:stop]
+        _array(plan.store, _layer(name))[start:stop] = full
+
+
+# --------------------------------------------------------------------------------------
+# running the tasks: here, or on a Dask cluster
+# --------------------------------------------------------------------------------------
+
+
+def _add(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: a[k] + b[k] for k in a}
+
+
+def _add_into(total: dict[str, np.ndarray], part: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    for k, v in part.items():
+        total[k] += v
+    return total
+
+
+class _Runner:
+    """Run one pass's tasks: in this process, or as Dask tasks (reductions as a tree of additions)."""
+
+    def __init__(self, client: Any | None, progress: ProgressCallback | None) -> None:
+        self.client = client
+        self.progress = progress
+        self._plan: Any = None
+        self.task_seconds: dict[str, float] = {}
+
+    def set_plan(self, plan: _Plan) -> None:
+        self.plan = plan
+        if self.client is not None:
+            self._plan = self.client.scatter(plan, broadcast=True, hash=False)
+
+    def _report(self, name: str, done: int, total: int) -> None:
+        report(self.progress, done, total, f"{name} {done}/{total}")
+
+    def map(self, name: str, fn: Callable[..., Any], items: Sequence[Any], *args: Any) -> list[Any]:
+        clock = time.perf_counter()
+        if self.client is None:
+            out = []
+            for n, item in enumerate(items, 1):
+                out.append(fn(self.plan, item, *args))
+                self._report(name, n, len(items))
+        else:
+            from distributed import as_completed
+
+            extra = [self.client.scatter(a, broadcast=True, hash=False) for a in args]
+            futures = [
+                self.client.submit(fn, self._plan, item, *extra, key=f"{name}-{n}-{uuid.uuid4().hex[:8]}")
+                for n, item in enumerate(items)
+            ]
+            for n, _ in enumerate(as_completed(futures), 1):
+                self._report(name, n, len(items))
+            out = self.client.gather(futures)
+        self.task_seconds[name] = time.perf_counter() - clock
+        return out
+
+    def sum(self, name: str, fn: Callable[..., dict[str, np.ndarray]], items: Sequence[Any], *args: Any) -> dict:
+        """Sum the tasks' dicts of arrays (one accumulator here; a tree of additions on Dask)."""
+        clock = time.perf_counter()
+        if self.client is None:
+            total = None
+            for n, item in enumerate(items, 1):
+                total = fn(self.plan, item, *args, into=total)
+                self._report(name, n, len(items))
+        else:
+            extra = [self.client.scatter(a, broadcast=True, hash=False) for a in args]
+            level = [self.client.submit(fn, self._plan, item, *extra, pure=False) for item in items]
+            while len(level) > 1:
+                pairs = [self.client.submit(_add, level[i], level[i + 1], pure=False) for i in range(0, len(level) - 1, 2)]
+                level = pairs + ([level[-1]] if len(level) % 2 else [])
+            total = level[0].result()
+            self._report(name, len(items), len(items))
+        self.task_seconds[name] = time.perf_counter() - clock
+        return total
+
+
+@contextlib.contextmanager
+def dask_client(*, scheduler: str | None = None, n_workers: int | None = None) -> Any:
+    """A ``dask.distributed`` client: connected to ``scheduler``, or to a local cluster of ``n_workers``.
+
+    Parameters
+    ----------
+    scheduler
+        Address of a running scheduler (``tcp://host:8786``), e.g. one started by
+        ``dask-ssh``, ``dask-kubernetes`` or ``dask-jobqueue``.
+    n_workers
+        Start a ``LocalCluster`` of this many single-threaded worker processes.
+
+    Yields
+    ------
+    The client; the local cluster, if one was started, is closed on exit.
+    """
+    from distributed import Client, LocalCluster
+
+    if scheduler is not None:
+        try:
+            client = Client(scheduler, timeout="20s")
+        except OSError as err:
+            msg = (
+                f"cannot reach the Dask scheduler at {scheduler!r} ({err}). Start one (dask-scheduler, "
+                "dask-ssh, dask-kubernetes or dask-jobqueue) and pass its address, or use --workers N."
+            )
+            raise InputError(msg) from None
+        with client:
+            yield client
+        return
+    n = n_workers or 1
+    with (
+        LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
+        logger.info("Dask dashboard: %s", client.dashboard_link)
+        yield client
+
+
+# --------------------------------------------------------------------------------------
+# the whole streamed fit
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StreamSummary:
+    """What :func:`fit_streamed` did.
+
+    Attributes
+    ----------
+    out
+        The AnnData zarr store written.
+    n_obs, n_vars, n_fitted, n_velocity_genes
+        Cells, genes, genes fitted and velocity genes.
+    n_edges
+        Edges of the velocity graph.
+    seconds
+        Wall time of each pass.
+    """
+
+    out: Path
+    n_obs: int
+    n_vars: int
+    n_fitted: int
+    n_velocity_genes: int
+    n_edges: int
+    seconds: dict[str, float]
+
+
+def _check_model(model: str, model_params: dict[str, Any] | None) -> Dynamical:
+    if model != "dynamical":
+        msg = (
+            f"the streamed (atlas-scale) fit runs the dynamical model only; found --model {model!r}. "
+            "Use --model dynamical, or fit other models in memory (without --scheduler/--workers/.zarr)."
+        )
+        raise InputError(msg)
+    try:
+        estimator = Dynamical(**(model_params or {}))
+    except TypeError as err:
+        msg = f"Invalid parameters for model 'dynamical': {err}. Run `explorer models` to see them."
+        raise InputError(msg) from None
+    if isinstance(estimator.genes, str) and estimator.genes not in ("velocity_genes", "all"):
+        msg = f"Invalid genes {estimator.genes!r}. Valid options are: 'velocity_genes', 'all', or a list of names."
+        raise InputError(msg)
+    return estimator
+
+
+def fit_streamed(
+    source: str | Path,
+    out: str | Path,
+    *,
+    model: str = "dynamical",
+    model_params: dict[str, Any] | None = None,
+    basis: str = "umap",
+    spliced_layer: str = Key.layers.SPLICED,
+    unspliced_layer: str = Key.layers.UNSPLICED,
+    client: Any | None = None,
+    genes_per_task: int | None = None,
+    overwrite: bool = False,
+    progress: ProgressCallback | None = None,
+) -> StreamSummary:
+    """Fit the dynamical model gene block by gene block and write an AnnData zarr store.
+
+    Parameters
+    ----------
+    source
+        AnnData ``.zarr`` folder or ``.h5ad`` file, read in blocks: normalised layers
+        ``spliced``/``unspliced`` (or ``Ms``/``Mu``), obsp ``distances`` and
+        ``connectivities`` (preprocessed, e.g. by :func:`explorer.pipeline.prepare`).
+    out
+        Output ``.zarr`` folder, never ``source``; written under a temporary name and renamed.
+    model
+        ``"dynamical"`` (the only model streamed).
+    model_params
+        Hyperparameters of :class:`~explorer.models.dynamical.Dynamical`; its
+        ``batch_size`` (genes per EM batch) keeps its meaning and default, so the batches
+        and their seeds are those of the in-memory fit.
+    basis
+        Embedding to project the velocity on; skipped (with a log line) if absent.
+    spliced_layer, unspliced_layer
+        Layers holding the normalised abundances, when the input has no ``Ms``/``Mu``.
+    client
+        A ``dask.distributed.Client`` to run the tasks on (:func:`dask_client`); ``None``
+        runs them in this process.
+    genes_per_task
+        Genes per task and per gene chunk of the store; default: ``2**24`` cells x genes,
+        rounded to the model's gene batch.
+    overwrite
+        Replace ``out`` if it exists.
+    progress
+        Receives a report per task.
+
+    Returns
+    -------
+    A :class:`StreamSummary`. The store holds the input's obs, var, obsm, obsp and uns
+    with what ``explorer fit --model dynamical`` adds: layers ``Ms``, ``Mu``,
+    ``velocity``, ``velocity_u``, ``fit_t``; var ``fit_*`` and ``velocity_genes``; obs
+    ``latent_time``, ``root_cells``, ``velocity_self_transition``, ``velocity_length``,
+    ``velocity_confidence``, ``velocity_confidence_transition``; obsp
+    ``velocity_graph``, ``velocity_graph_neg``, ``T_fwd``; obsm ``velocity_<basis>``;
+    uns ``velocity_params``. The counts stay in the input.
+    """
+    source, out = Path(source), Path(out)
+    if not source.exists():
+        msg = f"file not found: {str(source)!r}; expected an AnnData .zarr folder or .h5ad file."
+        raise InputError(msg)
+    if out.resolve() == source.resolve():
+        msg = f"--out {out} is the input; explorer never overwrites its input. Choose another output path."
+        raise InputError(msg)
+    if out.exists() and not overwrite:
+        msg = f"{out} exists; pass overwrite=True (--force) to replace it, or choose another path."
+        raise InputError(msg)
+    estimator = _check_model(model, model_params)
+    _resolve_device(estimator.device)
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+    data = _read_input(source, spliced_layer=spliced_layer, unspliced_layer=unspliced_layer)
+    n_obs, n_vars = data.n_obs, data.n_vars
+    if n_obs < 3:
+        msg = f"too few cells: found {n_obs}; the velocity graph needs at least 3."
+        raise InputError(msg)
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        summary = _run(
+            data, tmp, estimator, basis=basis, spliced_layer=spliced_layer, unspliced_layer=unspliced_layer,
+            client=client, genes_per_task=genes_per_task, progress=progress, seconds=seconds,
+        )  # fmt: skip
+        shutil.rmtree(tmp / _SCRATCH, ignore_errors=True)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    seconds["total"] = time.perf_counter() - clock
+    return StreamSummary(out=out, seconds=seconds, **summary)
+
+
+def _run(
+    data: _Input,
+    tmp: Path,
+    estimator: Dynamical,
+    *,
+    basis: str,
+    spliced_layer: str,
+    unspliced_layer: str,
+    client: Any | None,
+    genes_per_task: int | None,
+    progress: ProgressCallback | None,
+    seconds: dict[str, float],
+) -> dict[str, int]:
+    n_obs, n_vars = data.n_obs, data.n_vars
+    model_batch = estimator.batch_size or max(1, _BATCH_ELEMENTS // max(n_obs, 1))
+    per_task = genes_per_task or max(1, _BLOCK_ELEMENTS // n_obs)
+    # a task holds whole model batches, so each batch (and its seed) is the in-memory fit's
+    per_task = max(model_batch, per_task // model_batch * model_batch)
+    cell_chunk = max(1, min(n_obs, _BLOCK_ELEMENTS // max(n_vars, 1)))
+    conn = data.obsp[Key.obsp.CONNECTIVITIES]
+    large = n_obs > _LARGE_GRAPH_CELLS
+    knn = knn_indices(data.obsp[Key.obsp.DISTANCES])
+    direct = knn_pattern(knn)
+    # scVelo's velocity graph: the kNN recursed twice (explorer.graph.transition, mode "distances")
+    pattern = neighbor_pattern(direct, n_recurse_neighbors=2)
+
+    root = zarr.open_group(str(tmp), mode="w", zarr_format=_zarr_format())
+    root.attrs.update(_ANNDATA_ATTRS)
+    layers = root.create_group("layers")
+    layers.attrs.update(_DICT_ATTRS)
+    scratch = root.create_group(_SCRATCH)
+    full_chunks = (cell_chunk, per_task)
+    for name in (Key.layers.MS, Key.layers.MU, "velocity", "velocity_u", "fit_t"):
+        _create(layers, name, (n_obs, n_vars), full_chunks, np.float32)
+    if data.has_moments:
+        copies = ((_layer(Key.layers.MS), _layer(Key.layers.MS)), (_layer(Key.layers.MU), _layer(Key.layers.MU)))
+    else:
+        for name in (Key.layers.SPLICED, Key.layers.UNSPLICED):
+            _create(scratch, name, (n_obs, n_vars), full_chunks, np.float32)
+        copies = (
+            (_layer(spliced_layer), _scratch(Key.layers.SPLICED)),
+            (_layer(unspliced_layer), _scratch(Key.layers.UNSPLICED)),
+        )
+    plan = _Plan(
+        token=uuid.uuid4().hex,
+        source=data.path,
+        store=tmp,
+        model=estimator,
+        n_obs=n_obs,
+        n_vars=n_vars,
+        cell_chunk=cell_chunk,
+        var_chunk=per_task,
+        copies=copies,
+        weights=neighbor_weights(conn),
+        smoother_weights=lt_mod.neighbor_average_matrix(conn),
+        pattern=pattern,
+        knn=knn,
+        connectivities=conn,
+        model_batch=model_batch,
+    )
+    runner = _Runner(client, progress)
+    runner.set_plan(plan)
+    cell_starts = list(range(0, n_obs, cell_chunk))
+
+    # 1. read the input by blocks of cells; 2. moments and the steady-state gene choice
+    runner.map("read", _copy_rows_task, cell_starts)
+    stats = runner.map("moments", _moments_task, list(range(0, n_vars, per_task)))
+    fitted = _genes_to_fit(estimator, data.var.index, stats)
+    cols = np.flatnonzero(fitted)
+    if len(cols) == 0:
+        msg = "No gene to fit: no gene passes the steady-state velocity-gene filter. Pass genes='all'."
+        raise InputError(msg)
+    fit_chunks = (cell_chunk, per_task)
+    for name in ("velocity", "velocity_u", "fit_t", *(("latent_t",) if estimator.smooth_time else ())):
+        _create(scratch, name, (n_obs, len(cols)), fit_chunks, np.float32)
+
+    # 3. the fit, in the model's batches
+    plan = _replace(plan, fit_cols=cols)
+    runner.set_plan(plan)
+    logger.info("streamed dynamical fit: %d genes x %d cells, %d genes per task", len(cols), n_obs, per_task)
+    parts = runner.map("fit", _fit_task, list(range(0, len(cols), per_task)))
+    params = {k: np.concatenate([p["params"][k] for p in parts]) for k in parts[0]["params"]}
+    em = _GeneEM.concat([p["em"] for p in parts])
+    finite_v = np.concatenate([p["finite_v"] for p in parts])
+    finite_t = np.concatenate([p["finite_t"] for p in parts])
+    estimator.history_ = [h for p in parts for h in p["history"]]
+    genes_ok = estimator._velocity_genes(params)
+    _warn_few_em_cells(params, em, data.var.index[cols])
+
+    # 4. the velocity graph from per-edge sums over the velocity genes
+    use = genes_ok & finite_v
+    if not use.any():
+        use = finite_v.copy()
+    if not use.any():
+        msg = "No gene left for the velocity graph: every fitted gene has NaN velocities. Load more cells or genes."
+        raise InputError(msg)
+    graph_cols = np.flatnonzero(use)
+    plan = _replace(plan, graph_cols=graph_cols)
+    runner.set_plan(plan)
+    graph_starts = list(range(0, len(graph_cols), per_task))
+    sums = runner.sum("velocity graph", _graph_task, graph_starts)
+    corr = _correlations(sums, pattern, len(graph_cols))
+    graph, graph_neg = split_graph(corr)
+
+    obs = pd.DataFrame(index=data.obs.index.copy())
+    obs[Key.obs.VELOCITY_SELF_TRANSITION] = self_transition_probabilities(graph)
+    light = AnnData(
+        obs=pd.DataFrame(index=data.obs.index.copy()),
+        obsp={Key.obsp.VELOCITY_GRAPH: graph, Key.obsp.VELOCITY_GRAPH_NEG: graph_neg},
+        obsm={k: v for k, v in data.obsm.items() if k == Key.obsm.embedding(basis)},
+    )
+    transitions = compute_transition_matrix(light)
+    obsm: dict[str, np.ndarray] = {}
+    embeddings: list[str] = []
+    if Key.obsm.embedding(basis) in light.obsm:
+        compute_velocity_embedding(light, basis=basis)
+        name = Key.obsm.embedding(basis).removeprefix("X_")
+        obsm[Key.obsm.velocity(name)] = np.asarray(light.obsm[Key.obsm.velocity(name)])
+        embeddings = [name]
+    else:
+        logger.info("no obsm[%r]: the velocity is not projected", Key.obsm.embedding(basis))
+    length, confidence = _confidence(sums, knn, len(graph_cols))
+    obs[Key.obs.VELOCITY_LENGTH] = np.round(length, 2)
+    obs[Key.obs.VELOCITY_CONFIDENCE] = confidence
+    T32 = sparse.csr_matrix(transition_matrix(graph, graph_neg), dtype=np.float32)
+    tsums = runner.sum("confidence", _transition_task, graph_starts, T32)
+    obs[Key.obs.VELOCITY_CONFIDENCE_TRANSITION] = _transition_confidence(tsums, len(graph_cols))
+
+    # 5. root cells and latent time, then the onsets
+    lt, roots_score = None, None
+    if estimator.latent_time:
+        pos, neg = graph, graph_neg
+        if large:
+            # Dynamical._latent_time's choice above 20,000 cells: the direct kNN only
+            mask = neighbor_pattern(direct, n_recurse_neighbors=1)
+            pos, neg = graph.multiply(mask).tocsr(), graph_neg.multiply(mask).tocsr()
+        T_bwd = transition_matrix(pos, neg, backward=True)
+        roots_score = lt_mod.root_cells(
+            T_bwd, conn, seed=estimator.seed, n_power_steps=_LARGE_GRAPH_POWER_STEPS if large else None
+        )
+        lt = _latent_time(runner, plan, params, finite_t, roots_score, conn, scratch, cell_starts)
+        if estimator.fit_t_on:
+            clock = time.perf_counter()
+            device = _resolve_device(estimator.device)
+            ms_arr, mu_arr = _array(tmp, _layer(Key.layers.MS)), _array(tmp, _layer(Key.layers.MU))
+            estimator._fit_onsets(_Columns(mu_arr, cols), _Columns(ms_arr, cols), lt, params, em, device)
+            runner.task_seconds["onsets"] = time.perf_counter() - clock
+
+    # 6. full layers, then obs, var, obsm, obsp, uns
+    runner.map("write layers", _expand_task, cell_starts)
+    velocity_genes = np.zeros(n_vars, dtype=bool)
+    velocity_genes[cols] = genes_ok
+    var = data.var.copy()
+    for key, values in params.items():
+        full = np.zeros(n_vars, dtype=bool) if values.dtype == bool else np.full(n_vars, np.nan, dtype=np.float32)
+        full[cols] = values
+        var[key] = full
+    var[Key.var.VELOCITY_GENES] = velocity_genes
+    obs_out = data.obs.copy()
+    if lt is not None:
+        obs_out[Key.obs.LATENT_TIME] = lt
+        obs_out[Key.obs.ROOT_CELLS] = roots_score.astype(np.float32)
+    for col in obs.columns:
+        obs_out[col] = obs[col].to_numpy()
+    uns = dict(data.uns)
+    uns[Key.uns.VELOCITY_PARAMS] = _uns_safe(
+        {
+            "mode": estimator.name,
+            "model": estimator.name,
+            "params": estimator.get_params(),
+            "seed": estimator.seed,
+            "explorer_version": _version(),
+            Key.uns.MODE_NEIGHBORS: "distances",
+            Key.uns.N_RECURSE_NEIGHBORS: 2,
+            **({Key.uns.EMBEDDINGS: embeddings} if embeddings else {}),
+        }
+    )
+    obsp = dict(data.obsp)
+    obsp.update(
+        {Key.obsp.VELOCITY_GRAPH: graph, Key.obsp.VELOCITY_GRAPH_NEG: graph_neg, Key.obsp.TRANSITIONS: transitions}
+    )
+    _write_tables(root, obs_out, var, {**data.obsm, **obsm}, obsp, uns)
+    seconds.update(runner.task_seconds)
+    return {
+        "n_obs": n_obs,
+        "n_vars": n_vars,
+        "n_fitted": len(cols),
+        "n_velocity_genes": int(velocity_genes.sum()),
+        "n_edges": int(pattern.nnz),
+    }
+
+
+class _Columns:
+    """The columns ``cols`` of a stored ``(n_obs, n_vars)`` array, read a slice at a time.
+
+    :meth:`Dynamical._fit_onsets` reads ``Mu[:, batch]`` for one gene batch at a time, in
+    the fit's batches and seeds; this hands it those columns from the store.
+    """
+
+    def __init__(self, arr: Any, cols: np.ndarray) -> None:
+        self.arr, self.cols = arr, cols
+        self.shape = (arr.shape[0], len(cols))
+
+    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+        rows, sl = key
+        return np.asarray(self.arr.oindex[rows, self.cols[sl]], dtype=np.float32)
+
+
+def _genes_to_fit(estimator: Dynamical, names: pd.Index, stats: list[dict[str, np.ndarray]]) -> np.ndarray:
+    """The genes :func:`~explorer.models.steady_state.genes_to_fit` picks, from the blocks' statistics."""
+    genes = estimator.genes
+    if isinstance(genes, str):
+        if genes == "all":
+            return np.ones(len(names), dtype=bool)
+        r2 = np.concatenate([s["r2"] for s in stats])
+        gamma = np.concatenate([s["gamma"] for s in stats])
+        any_s = np.concatenate([s["any_s"] for s in stats])[None, :].astype(np.float32)
+        any_u = np.concatenate([s["any_u"] for s in stats])[None, :].astype(np.float32)
+        # SteadyState(use_highly_variable=False)'s defaults, as genes_to_fit uses them
+        defaults = SteadyState()
+        return np.asarray(
+            select_velocity_genes(r2, gamma, any_s, any_u, min_r2=defaults.min_r2, min_ratio=defaults.min_ratio),
+            dtype=bool,
+        )
+    wanted = pd.Index([str(g) for g in genes])
+    unknown = wanted.difference(names)
+    if len(unknown):
+        msg = f"{len(unknown)} of the genes to fit are not in var_names, e.g. {list(unknown[:5])}."
+        raise InputError(msg)
+    return np.asarray(names.isin(wanted), dtype=bool)
+
+
+def _correlations(sums: dict[str, np.ndarray], pattern: sparse.csr_matrix, n_genes: int) -> sparse.csr_matrix:
+    """Pearson correlation per edge from the summed ``d``, ``d^2``, ``d v`` and the cells' ``v``, ``v^2``.
+
+    As :func:`explorer.graph.transition.cosine_correlations`: unscored where the cell's
+    centred velocity is zero or the displacement has no direction. In blocks of edges, so
+    the temporaries stay small beside the sums.
+    """
+    vnorm2 = np.maximum(sums["v2"] - sums["v"] ** 2 / n_genes, 0.0)
+    values = np.zeros(pattern.nnz, dtype=np.float32)
+    step = _EDGE_BLOCK * 16
+    for lo in range(0, pattern.nnz, step):
+        hi = min(lo + step, pattern.nnz)
+        # the row of each edge in this block
+        rows = np.searchsorted(pattern.indptr, np.arange(lo, hi), side="right") - 1
+        total, squares, dv = sums["d"][lo:hi], sums["d2"][lo:hi], sums["dv"][lo:hi]
+        norm2 = squares - total * total / n_genes
+        dot = dv - total * sums["v"][rows] / n_genes
+        vn = vnorm2[rows]
+        ok = (norm2 > _ZERO_DISPLACEMENT * squares) & (norm2 > 0) & (vn > 0)
+        values[lo:hi][ok] = np.clip(dot[ok] / np.sqrt(norm2[ok] * vn[ok]), -1.0, 1.0)
+    out = sparse.csr_matrix((values, pattern.indices.copy(), pattern.indptr.copy()), shape=pattern.shape)
+    out.eliminate_zeros()
+    return out
+
+
+def _confidence(sums: dict[str, np.ndarray], knn: np.ndarray, n_genes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Velocity length and confidence (:func:`explorer.graph.transition.velocity_confidence`) from sums."""
+    mean = sums["v"] / n_genes
+    norm = np.sqrt(np.maximum(sums["v2"] - sums["v"] * mean, 0.0))
+    has = norm > 0
+    centred = sums["knn_dot"] - n_genes * mean[:, None] * mean[knn]
+    denom = norm[:, None] * norm[knn]
+    cos = np.divide(centred, denom, out=np.zeros_like(centred), where=denom > 0)
+    valid = has[knn]
+    n_valid = valid.sum(1)
+    mean_cos = np.where(valid, cos, 0.0).sum(1) / np.maximum(n_valid, 1)
+    conf = np.where(has & (n_valid > 0), mean_cos, np.nan)
+    return norm.astype(np.float32), np.clip(conf, 0.0, None).astype(np.float32)
+
+
+def _transition_confidence(sums: dict[str, np.ndarray], n_genes: int) -> np.ndarray:
+    """:func:`explorer.graph.transition.velocity_confidence_transition` from per-cell sums."""
+    dot = sums["xv"] - sums["x"] * sums["v"] / n_genes
+    nx = np.sqrt(np.maximum(sums["x2"] - sums["x"] ** 2 / n_genes, 0.0))
+    nv = np.sqrt(np.maximum(sums["v2"] - sums["v"] ** 2 / n_genes, 0.0))
+    norms = nx * nv
+    norms[norms == 0] = 1.0
+    return (dot / norms).astype(np.float32)
+
+
+def _latent_time(
+    runner: _Runner,
+    plan: _Plan,
+    params: dict[str, np.ndarray],
+    finite_t: np.ndarray,
+    score: np.ndarray,
+    conn: sparse.csr_matrix,
+    scratch: Any,
+    cell_starts: list[int],
+) -> np.ndarray:
+    """:func:`explorer.graph.latent_time.latent_time` in gene-block and cell-block passes.
+
+    Ranks and clock smoothing are per gene (gene blocks); the roots need the summed
+    ranks (added up); each root's re-rooted times need each gene's latest time after
+    the root (gene blocks); the shared time takes per-cell percentiles over the genes
+    (cell blocks). The steps and constants are those of ``latent_time``.
+    """
+    lik = params[Key.var.FIT_LIKELIHOOD]
+    genes = finite_t & (lik >= 0.1)
+    if not genes.any():
+        genes = finite_t
+    lt_cols = np.flatnonzero(genes)
+    _create(scratch, "lt_smooth", (plan.n_obs, len(lt_cols)), (plan.cell_chunk, plan.var_chunk), np.float64)
+    plan = _replace(plan, lt_cols=lt_cols)
+    runner.set_plan(plan)
+    starts = list(range(0, len(lt_cols), plan.var_chunk))
+    t_sum = runner.sum("latent time", _rank_sum_task, starts)["t"]
+    order = np.argsort(t_sum, kind="stable")
+    is_root = np.asarray(score)[order] > lt_mod._ROOT_THRESHOLD
+    is_root[max(1, int(np.ceil(lt_mod._ROOT_MAX_QUANTILE * len(order)))) :] = False
+    roots = order[is_root] if is_root.any() else order[:1]
+    if not is_root.any():
+        logger.warning(
+            "No root cells among the %d%% of cells earliest by summed gene time; rooting latent "
+            "time at the cell with the smallest summed gene time.",
+            round(100 * lt_mod._ROOT_MAX_QUANTILE),
+        )
+    roots = roots[: lt_mod._N_ROOTS].astype(np.int64)
+    t_origin = np.concatenate(runner.map("latent time roots", _origin_task, starts, roots), axis=1)
+    smooth = _array(plan.store, _scratch("lt_smooth"))
+    t_roots = np.stack([np.asarray(smooth[int(r)]) for r in roots])
+    tx_all = np.concatenate(
+        runner.map("shared time", _shared_time_task, cell_starts, roots, t_origin, t_roots), axis=2
+    )
+    times = []
+    for tx in tx_all:  # shared_time after its percentiles (the re-rooted times' minimum is 0: the root)
+        times.append(lt_mod.best_percentiles(tx))
+    lt = lt_mod.scale01(np.stack(times).mean(0))
+    # latent_time's last step: neighbour smoothing, skipping cells out of line with theirs
+    w = lt_mod.neighbor_average_matrix(conn)
+    tc = w @ lt
+    z = lt.dot(tc) / max(tc.dot(tc), 1e-12)
+    lt_max = lt.max() if lt.max() > 0 else 1.0
+    conf = (1 - np.abs(lt / lt_max - tc * z / lt_max)) ** 2
+    low = conf < 0.75
+    w_new = sparse.csr_matrix(w, copy=True)
+    if low.any():
+        w_new = w_new @ sparse.diags((~low).astype(np.float32))
+        w_new.eliminate_zeros()
+    return lt_mod.scale01(w_new @ lt).astype(np.float32)
+
+
+def _rank_sum_task(plan: _Plan, lo: int, *, into: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    part = {"t": _rank_task(plan, lo)}
+    return part if into is None else _add_into(into, part)
+
+
+def _zarr_format() -> int:
+    import anndata
+
+    return int(anndata.settings.zarr_write_format)
+
+
+def _version() -> str:
+    from explorer._version import __version__
+
+    return __version__
+
+
+def _write_tables(
+    root: Any,
+    obs: pd.DataFrame,
+    var: pd.DataFrame,
+    obsm: dict[str, np.ndarray],
+    obsp: dict[str, sparse.spmatrix],
+    uns: dict[str, Any],
+) -> None:
+    """Write obs, var, obsm, obsp and uns with anndata's own encoders (the layers are written)."""
+    from anndata.io import write_elem
+
+    write_elem(root, "obs", obs)
+    write_elem(root, "var", var)
+    write_elem(root, "obsm", obsm)
+    write_elem(root, "obsp", obsp)
+    write_elem(root, "varm", {})
+    write_elem(root, "varp", {})
+    write_elem(root, "uns", uns)

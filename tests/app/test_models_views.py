@@ -1,0 +1,211 @@
+"""What the newer models show in the app, through a toy model registered in the test (no model names).
+
+The toy declares ``shows=("cell_points", "cell_rates", "latent_time", "uncertainty")`` and
+records a seeded training split, as VeloVAE and DeepVelo do; nothing in ``explorer/app``
+names it. Checked: per-cell velocity arrows in the phase portrait, the latent time's
+interval in the cell inspector, held-out reconstruction of A against B, random walks from
+a cell, fates computed in the background and shown as colourings, the metrics table, trust
+diagnostics with a recompute without flagged genes, and a basis the fit holds.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+from bokeh.document import Document
+from panel.io.state import set_curdoc
+
+from explorer.app import readouts
+from explorer.app.main import create_app
+from explorer.keys import Key
+from explorer.models import MODELS, register_model, unregister_model
+from explorer.models.base import VelocityResult
+
+TOY = "toy_rates"
+
+
+def _dense(matrix) -> np.ndarray:
+    return np.asarray(matrix.toarray() if hasattr(matrix, "toarray") else matrix, dtype=np.float32)
+
+
+class ToyRates:
+    """Predicts each cell at ``shrink`` times its (Ms, Mu), with per-cell rates and a timed posterior.
+
+    Rates of cell i: alpha 2, beta 1 + Mu_i, gamma 0.5; velocity beta Mu - gamma Ms. Latent
+    time: the simulator's, SD 0.05; training split: a seeded 70 %, the same for every fit.
+    """
+
+    name = TOY
+
+    def __init__(self, *, shrink: float = 0.9, seed: int = 0) -> None:
+        self.shrink = shrink
+        self.seed = seed
+
+    def get_params(self) -> dict[str, float]:
+        return {"shrink": self.shrink, "seed": self.seed}
+
+    def fit(self, adata, *, progress=None) -> VelocityResult:
+        ms, mu = _dense(adata.layers[Key.layers.MS]), _dense(adata.layers[Key.layers.MU])
+        beta, gamma = 1 + mu, np.full_like(ms, 0.5)
+        t = adata.obs[Key.obs.TRUE_T].to_numpy(dtype=np.float32)
+        train = np.random.default_rng(self.seed).random(adata.n_obs) < 0.7
+        return VelocityResult(
+            model=TOY,
+            params=self.get_params(),
+            obs_names=adata.obs_names,
+            var_names=adata.var_names,
+            velocity=beta * mu - gamma * ms,
+            gene_params=pd.DataFrame(index=adata.var_names),
+            velocity_genes=np.ones(adata.n_vars, dtype=bool),
+            latent_time=(t - t.min()) / (t.max() - t.min()),
+            uncertainty=ms[:, 0].copy(),
+            layers={
+                Key.layers.PREDICTED_S: self.shrink * ms,
+                Key.layers.PREDICTED_U: self.shrink * mu,
+                Key.layers.RATE_ALPHA: np.full_like(ms, 2.0),
+                Key.layers.RATE_BETA: beta,
+                Key.layers.RATE_GAMMA: gamma,
+            },
+            obs=pd.DataFrame(
+                {Key.obs.LATENT_TIME_STD: np.full(adata.n_obs, 0.05), Key.obs.FIT_TRAIN: train},
+                index=adata.obs_names,
+            ),
+            obsm={Key.obsm.RATES_UMAP: np.column_stack([ms[:, 0], mu[:, 0]])},  # an embedding of its own
+        )
+
+
+@pytest.fixture
+def app(app_adata, tmp_path):
+    register_model(
+        TOY, ToyRates, shows=("cell_points", "cell_rates", "latent_time", "uncertainty"), description="toy"
+    )
+    doc = Document()
+    with set_curdoc(doc):
+        page = create_app(app_adata, data_dir=tmp_path)
+        page.server_doc(doc)
+        yield page.app
+    unregister_model(TOY)
+    assert TOY not in MODELS
+
+
+def _wait(state) -> None:
+    for job in state.background_jobs():
+        assert job.join(120)
+    assert state.error == ""
+
+
+def test_rates_intervals_reconstruction_walks_fates_and_metrics(app):
+    state, views = app.state, app.views
+    assert state.run_model(TOY).join(120), state.error
+    first = state.model
+
+    # each cell's own velocity as arrows: an even sample of at most 400 cells
+    gene = str(state.adata.var_names[3])
+    state.select_gene(gene)
+    (arrows,) = [layer for layer in views["phase"].fits.last if layer.group == "CellArrows"]
+    n_arrows = min(state.adata.n_obs, readouts.MAX_CELL_ARROWS)
+    assert len(arrows) == 3 * n_arrows  # a shaft and two head strokes each
+    shafts = arrows.array()[:n_arrows]
+    ms, mu = state.gene_values("Ms"), state.gene_values("Mu")
+    cells = np.arange(state.adata.n_obs)[readouts.even_sample(state.adata.n_obs, n_arrows)]
+    np.testing.assert_allclose(shafts[:, 0], ms[cells], rtol=1e-6)
+    # du = 2 - (1 + u) u points up exactly where the cell's u is below 1
+    np.testing.assert_array_equal(shafts[:, 3] > shafts[:, 1], 2 - (1 + mu[cells]) * mu[cells] > 0)
+    assert "own rates (arrows)" in views["phase"]._legend()
+
+    # the inspector: latent time with its 90 % interval (SD 0.05: ± 0.082)
+    state.select_cell(10)
+    t = state.latent_time()[10]
+    assert f"{t - 1.6449 * 0.05:.3f}–{t + 1.6449 * 0.05:.3f}" in views["inspector"].summary.object
+
+    # held-out reconstruction, A (shrink 0.9) against B (shrink 0.8), on the cells both held out
+    assert state.run_model(TOY, shrink=0.8).join(120), state.error
+    assert (state.compare_a, state.compare_b) == (first, state.model)
+    compare = views["compare"]
+    compare.reconstruction[()]  # drawing it starts the computation
+    _wait(state)
+    found = state.compare_reconstruction()
+    held = ~state.fit.result.obs[Key.obs.FIT_TRAIN].to_numpy()
+    sq = (ms**2 + mu**2)[held].mean()  # for the selected gene: MSE = (1 - shrink)^2 mean(Ms^2 + Mu^2)
+    row = found.table.set_index("gene").loc[gene]
+    assert (row["a"], row["b"]) == pytest.approx((0.01 * sq, 0.04 * sq), rel=1e-4)
+    assert found.n_cells == held.sum()
+    frame = compare._draw_reconstruction()  # what the plot draws once the figures landed
+    assert len(frame.get(0)) == state.adata.n_vars
+    assert f"{held.sum():,} cells" in compare.reconstruction_note.object
+    state.select_gene_near(float(np.log10(row["a"])), float(np.log10(row["b"])), plot="reconstruction")
+    assert state.gene == gene
+
+    # random walks from the selected cell: drawn on the embedding, their ends counted
+    inspector = views["inspector"]
+    assert not inspector.walk_button.disabled
+    inspector.walk_button.clicks += 1
+    assert state.walks.start == 10
+    assert int(state.walks.ends["walks"].sum()) == 100
+    paths = views["embedding"].walks.last.get(0)
+    assert len(paths.split()) == 30
+    assert "random walks of 100 steps" in inspector.where.object
+
+    # fates of the active fit in the background, then its colourings
+    state.fate_states = 3  # GPCCA's time grows with the macrostates
+    inspector.fates_button.clicks += 1
+    assert state.job.join(300), state.error
+    assert state.error == ""
+    fates = state.active_fates()
+    assert len(fates.names) >= 1
+    np.testing.assert_allclose(fates.probabilities.sum(axis=1), 1.0, atol=1e-6)
+    assert state.color_by == readouts.COLOR_TERMINAL
+    assert state.coloring().kind == "category"
+    state.color_by = f"{readouts.FATE_PREFIX}{fates.names[0]}"
+    coloring = state.coloring()
+    np.testing.assert_allclose(coloring.values, fates.probabilities[:, 0])
+    bars = [r for r in views["embedding"].scatter.base_live.plots[-1].state.right if r.visible]
+    assert bars  # a continuous colouring: its colour bar shows
+    assert "fate probabilities" in inspector.where.object
+
+    # every fit scored, for transitions between clusters
+    state.compute_metrics("early>mid, mid>late")
+    _wait(state)
+    table = compare.metrics.value
+    assert list(table["model"]) == list(state.results)
+    columns = {"cbdir[early&gt;mid]", "cbdir[mid&gt;late]", "cbdir", "icvcoh", "consistency", "MSE"}
+    assert columns <= set(table.columns)  # column titles are HTML in Tabulator: escaped
+    assert table["MSE cells"].tolist() == ["held-out"] * len(state.results)
+    compare._metric_clicked(SimpleNamespace(row=1))  # a fit's row: its per-cluster detail
+    assert compare.per_cluster.visible
+    assert set(compare.per_cluster.value["cluster"]) == set(state.adata.obs[Key.obs.CLUSTERS].astype(str))
+    state.compute_metrics("early>nowhere")
+    assert "Unknown cluster 'nowhere'" in state.error
+    # Tabulator writes column titles as HTML: dataset names go into them escaped
+    payload = pd.DataFrame({"model": ["m"], "cbdir[<img src=x>>b]": [0.5]})
+    state.metrics_table = lambda *a, **k: readouts.MetricsTable(payload, {})
+    compare._show_metrics()
+    assert list(compare.metrics.value.columns) == ["model", "cbdir[&lt;img src=x&gt;&gt;b]"]
+    del state.metrics_table
+
+    # trust diagnostics (explorer.diagnostics) in the gene table, then one click to drop the flagged genes
+    genes = views["genes"]
+    assert genes.without_button.disabled
+    genes.diagnose_button.clicks += 1
+    assert state.job.join(120), state.error
+    flagged = state.flagged()
+    table = state.gene_table().set_index("gene")
+    assert (table[readouts.FLAG] != "").to_numpy().sum() == flagged.sum() > 0
+    assert not genes.without_button.disabled
+    before = state.fit.result.velocity_genes.copy()
+    genes.without_button.clicks += 1
+    assert state.job.join(120), state.error
+    assert state.model.endswith(f"without {int(flagged.sum())} flagged genes")
+    np.testing.assert_array_equal(state.fit.result.velocity_genes, before & ~flagged)
+    assert state.fit.transitions is not None
+
+    # an embedding the fit holds (DeepVelo's UMAP of rates) is offered as a basis
+    assert Key.obsm.RATES_UMAP in state.param.basis.objects
+    state.basis = Key.obsm.RATES_UMAP
+    np.testing.assert_allclose(
+        state.embedding()[:, 0], state.gene_values("Ms", gene=str(state.adata.var_names[0]))
+    )
+    assert len(state.streamlines()) > 0

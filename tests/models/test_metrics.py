@@ -1,0 +1,99 @@
+"""Metrics of a fitted model, against values computed by hand, and ``model_metrics``' table."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import sparse
+
+from explorer.keys import Key
+from explorer.models.metrics import latent_time_spearman, model_metrics, reconstruction_error
+
+
+def test_latent_time_spearman_by_hand():
+    # ranks (1, 2, 3, 4) against (1, 3, 2, 4): d = (0, 1, 1, 0), rho = 1 - 6 * 2 / (4 * 15) = 0.8
+    assert latent_time_spearman(np.array([0.1, 0.2, 0.3, 0.4]), np.array([1, 3, 2, 4])) == pytest.approx(0.8)
+    assert latent_time_spearman(np.array([0.1, 0.2, 0.3]), np.array(["0", "1", "2"])) == pytest.approx(1.0)
+    # NaN capture times are left out; a constant time has no correlation
+    assert latent_time_spearman(np.array([0.1, 0.2, 0.3, 0.9]), np.array([3, 2, 1, np.nan])) == pytest.approx(
+        -1.0
+    )
+    assert np.isnan(latent_time_spearman(np.array([0.5, 0.5, 0.5]), np.array([1, 2, 3])))
+
+
+def test_reconstruction_error_by_hand():
+    Mu = np.array([[1.0], [2.0]])
+    Ms = np.array([[1.0], [1.0]])
+    err = reconstruction_error(Mu, Ms, Mu + np.array([[1.0], [-1.0]]), Ms + np.array([[0.0], [2.0]]))
+    # residuals (u, s): cell 0 (-1, 0), cell 1 (1, -2): MSE mean(1 + 0, 1 + 4) = 3; MAE mean(1, 3) = 2
+    assert err.summary["mse_train"] == pytest.approx(3.0)
+    assert err.summary["mae_train"] == pytest.approx(2.0)
+    # noise = root mean square residual: sigma_u = 1, sigma_s = sqrt(2)
+    sigma_s = np.sqrt(2)
+    ll = [
+        -0.5 * (1 + 0) - np.log(sigma_s) - np.log(2 * np.pi),
+        -0.5 * (1 + 4 / 2) - np.log(sigma_s) - np.log(2 * np.pi),
+    ]
+    assert err.summary["loglik_train"] == pytest.approx(np.mean(ll))
+
+
+def _four_cells() -> ad.AnnData:
+    """Cells A0, A1 at x=0 and B0, B1 at x=1 (three genes); every cell's kNN holds the other three."""
+    ms = np.array([[0, 0, 0], [0, 1, 0], [1, 0, 0], [1, 1, 0]], dtype=np.float32)
+    dist = sparse.csr_matrix(
+        np.array([[0, 1, 1, 1.4], [1, 0, 1.4, 1], [1, 1.4, 0, 1], [1.4, 1, 1, 0]], dtype=np.float32)
+    )
+    adata = ad.AnnData(
+        X=ms,
+        obs=pd.DataFrame({Key.obs.CLUSTERS: ["A", "A", "B", "B"]}, index=["A0", "A1", "B0", "B1"]),
+    )
+    adata.layers[Key.layers.MS] = ms
+    adata.obsp[Key.obsp.DISTANCES] = dist
+    adata.obs["day"] = [0, 1, 2, 3]
+    adata.obs[Key.obs.LATENT_TIME] = [0.0, 0.2, 0.1, 0.9]
+    return adata
+
+
+def test_model_metrics_by_hand():
+    adata = _four_cells()
+    # A cells move along gene 0, B cells along gene 1
+    adata.layers[Key.layers.VELOCITY] = np.array(
+        [[1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 1, 0]], dtype=np.float32
+    )
+    m = model_metrics(adata, transitions=[("A", "B")], time_key="day")
+    s = m.summary
+    # CBDir by hand (Pearson r over 3 genes): A0 -> B0 (1,0,0): 1, A0 -> B1 (1,1,0): 0.5;
+    # A1 -> B0 (1,-1,0): sqrt(3)/2, A1 -> B1 (1,0,0): 1
+    assert s["cbdir[A>B]"] == pytest.approx(((1 + 0.5) / 2 + (np.sqrt(3) / 2 + 1) / 2) / 2, abs=1e-5)
+    assert s["cbdir"] == pytest.approx(s["cbdir[A>B]"])
+    # same-cluster neighbours have the same velocity: ICVCoh 1 in both clusters
+    assert s["icvcoh[A]"] == pytest.approx(1.0)
+    assert s["icvcoh[B]"] == pytest.approx(1.0)
+    # overall consistency: each cell has 1 parallel and 2 orthogonal neighbours -> 1/3
+    assert s["consistency"] == pytest.approx(1 / 3)
+    # cell-type-wise: every cell is parallel to its type's mean unit velocity -> 1
+    assert s["consistency_type"] == pytest.approx(1.0)
+    # latent time ranks (1, 3, 2, 4) against days (1, 2, 3, 4): rho = 0.8
+    assert s["latent_time_spearman"] == pytest.approx(0.8)
+    # no model here predicts (u, s): reconstruction is NaN, not an error
+    assert np.isnan(s["mse"])
+    assert list(m.per_cluster.index) == ["A", "B"]
+    assert m.per_cluster["n_cells"].tolist() == [2, 2]
+
+
+def test_model_metrics_reuses_the_pipeline_figures(sample_adata):
+    """On the sample (stochastic fit): confidence as the pipeline wrote it, CBDir as the library's."""
+    from explorer.graph.metrics import cross_boundary_correctness
+
+    m = model_metrics(sample_adata, transitions=[("A_2", "A_3")])
+    stored = sample_adata.obs[Key.obs.VELOCITY_CONFIDENCE].to_numpy()
+    np.testing.assert_allclose(m.per_cell[Key.obs.VELOCITY_CONFIDENCE].to_numpy(), stored, atol=1e-5)
+    genes = sample_adata.var[Key.var.VELOCITY_GENES].to_numpy(bool)
+    direct = cross_boundary_correctness(
+        sample_adata, sample_adata.layers[Key.layers.VELOCITY], source="A_2", target="A_3", genes=genes
+    )
+    assert m.summary["cbdir[A_2>A_3]"] == pytest.approx(direct)
+    with pytest.raises(ValueError, match="not in obs"):
+        model_metrics(sample_adata, transitions=[("A_2", "Z")])
