@@ -11,26 +11,31 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import logging
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import anndata as ad
+import numpy as np
+import pandas as pd
 from tqdm import tqdm
 
 from explorer._process import set_up_process
 from explorer._types import CALLER, PREPROCESS, FitCancelled, InputError
 from explorer._version import __version__
-from explorer.data.io import check_output, read, write
+from explorer.data.io import _check_hdf5, _stored_shapes, check_output, read, write
 from explorer.data.preprocess import check_options
 from explorer.data.samples import load_sample, sample_path
 from explorer.keys import Key
 from explorer.models import MODELS
-from explorer.pipeline import run_velocity
+from explorer.pipeline import prepare, run_velocity
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -301,8 +306,6 @@ _FATES_LAYERS = (Key.layers.VELOCITY, Key.layers.MS)
 
 def _check_fates_args(args: argparse.Namespace) -> tuple[Path, Path]:
     """Check the options, the input's layers (HDF5 metadata only) and the output before any work."""
-    from explorer.data.io import _check_hdf5, _stored_shapes
-
     checks = (
         (args.n_states >= 2, f"--n-states must be at least 2; found {args.n_states}."),
         (args.n_cells >= 1, f"--n-cells must be at least 1; found {args.n_cells}."),
@@ -351,8 +354,6 @@ def _check_fates_args(args: argparse.Namespace) -> tuple[Path, Path]:
 
 
 def _cmd_fates(args: argparse.Namespace) -> int:
-    import anndata as ad
-
     from explorer.graph.fates import compute_fates
     from explorer.graph.kernels import compute_velocity_kernel
 
@@ -410,8 +411,6 @@ def _cmd_fates(args: argparse.Namespace) -> int:
 
 def _check_field_args(args: argparse.Namespace) -> tuple[Path, Path | None]:
     """``explorer trajectories`` / ``perturb``: the options, the input and the output, before any work."""
-    from explorer.data.io import _check_hdf5
-
     if args.steps < 1:
         msg = f"--steps must be at least 1; found {args.steps}. Pass e.g. --steps 200."
         raise InputError(msg)
@@ -451,8 +450,6 @@ def _check_field_args(args: argparse.Namespace) -> tuple[Path, Path | None]:
 
 def _start_cells(adata: AnnData, selection: str) -> Any:
     """``--from KEY=VALUE``: the cells whose obs column KEY equals VALUE (``all``: every cell)."""
-    import numpy as np
-
     if selection == "all":
         return np.ones(adata.n_obs, dtype=bool)
     key, sep, value = selection.partition("=")
@@ -475,8 +472,6 @@ def _start_cells(adata: AnnData, selection: str) -> Any:
 
 def _write_csv(frame: Any, out: Path, *, cancelled: Any) -> Path:
     """Write ``frame`` to ``out`` atomically (a temporary file in the same folder, then a rename)."""
-    import tempfile
-
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.resolve().parent)
     os.close(fd)
     try:
@@ -491,8 +486,6 @@ def _write_csv(frame: Any, out: Path, *, cancelled: Any) -> Path:
 
 
 def _cmd_trajectories(args: argparse.Namespace) -> int:
-    import anndata as ad
-
     from explorer.models.vector_field import cancellable, load_field, simulate_trajectories
 
     in_path, out = _check_field_args(args)
@@ -524,8 +517,6 @@ def _cmd_trajectories(args: argparse.Namespace) -> int:
 
 
 def _cmd_perturb(args: argparse.Namespace) -> int:
-    import anndata as ad
-
     from explorer.models.vector_field import load_field, perturb
 
     if (args.factor is None) == (args.value is None):
@@ -592,8 +583,6 @@ _COMPARE_SUFFIX = ".csv"
 
 def _write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to a temporary file in ``path``'s folder, then move it into place."""
-    import tempfile
-
     fd, tmp = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -653,12 +642,7 @@ def _check_compare_args(args: argparse.Namespace) -> tuple[list[str], list[tuple
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    import json
-
-    import pandas as pd
-
     from explorer.models.metrics import model_metrics
-    from explorer.pipeline import prepare
 
     models, transitions, out, json_out = _check_compare_args(args)
     with _Interrupt() as interrupt:

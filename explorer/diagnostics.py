@@ -39,6 +39,7 @@ from scipy import sparse, stats
 from explorer import kinetics
 from explorer._types import InputError, Progress
 from explorer.keys import Key
+from explorer.models import MODELS
 from explorer.models.base import _from_uns
 from explorer.models.metrics import predicted_abundances
 
@@ -524,8 +525,6 @@ def stability(
     velocity has the full fit's sign; ``diag_n_refits``, the refits where the gene was
     fitted. NaN for genes no refit fitted.
     """
-    from explorer.models import MODELS
-
     if n_refits < 1:
         msg = f"n_refits must be at least 1; found {n_refits}."
         raise InputError(msg)

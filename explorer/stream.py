@@ -42,14 +42,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import anndata
 import numba
 import numpy as np
 import pandas as pd
 import zarr
 from anndata import AnnData
+from anndata.io import read_elem, sparse_dataset, write_elem
 from scipy import sparse
 
 from explorer._types import InputError, report
+from explorer._version import __version__
 from explorer.graph import latent_time as lt_mod
 from explorer.graph.moments import neighbor_weights
 from explorer.graph.projection import compute_velocity_embedding
@@ -71,6 +74,7 @@ from explorer.models.dynamical import (
     Dynamical,
     _batch_seed,
     _GeneEM,
+    _import_torch,
     _resolve_device,
     _Smoother,
     _warn_few_em_cells,
@@ -124,16 +128,12 @@ def _read_rows(elem: Any, start: int, stop: int) -> np.ndarray:
     """Rows ``start:stop`` of a stored matrix (dense, or anndata's CSR/CSC encoding), dense float32."""
     kind = _encoding(elem)
     if kind in ("csr_matrix", "csc_matrix"):
-        from anndata.io import sparse_dataset
-
         block = sparse_dataset(elem)[start:stop]
         return np.asarray(block.toarray(), dtype=np.float32)
     return np.asarray(elem[start:stop], dtype=np.float32)
 
 
 def _read_elem(root: Any, key: str) -> Any:
-    from anndata.io import read_elem
-
     return read_elem(root[key])
 
 
@@ -331,8 +331,6 @@ def _smoother(plan: _Plan, device: Any) -> _Smoother | None:
 
 def _fit_task(plan: _Plan, k0: int) -> dict[str, Any]:
     """Fit the genes ``fit_cols[k0:k1]`` in the model's own batches; write velocities and times."""
-    from explorer.models.dynamical import _import_torch
-
     torch = _import_torch()
     model = plan.model
     k1 = min(k0 + plan.var_chunk, len(plan.fit_cols))
@@ -1093,14 +1091,10 @@ def _rank_sum_task(plan: _Plan, lo: int, *, into: dict[str, np.ndarray] | None =
 
 
 def _zarr_format() -> int:
-    import anndata
-
     return int(anndata.settings.zarr_write_format)
 
 
 def _version() -> str:
-    from explorer._version import __version__
-
     return __version__
 
 
@@ -1113,8 +1107,6 @@ def _write_tables(
     uns: dict[str, Any],
 ) -> None:
     """Write obs, var, obsm, obsp and uns with anndata's own encoders (the layers are written)."""
-    from anndata.io import write_elem
-
     write_elem(root, "obs", obs)
     write_elem(root, "var", var)
     write_elem(root, "obsm", obsm)

@@ -19,24 +19,24 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+from anndata import AnnData
 
-from explorer._types import Progress
+from explorer._types import InputError, Progress
 from explorer.app.jobs import Fit
+from explorer.app.readouts import FateInfo, cluster_column, color_key
 from explorer.data.io import read
 from explorer.data.preprocess import is_preprocessed
+from explorer.graph.streamlines import compute_streamlines
 from explorer.graph.transition import transition_matrix
 from explorer.keys import Key
 from explorer.models import MODELS
 from explorer.models.base import VelocityResult
-from explorer.pipeline import Derived, prepare
+from explorer.pipeline import Derived, derive, prepare
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from anndata import AnnData
-
     from explorer._types import ProgressCallback
-    from explorer.app.readouts import FateInfo
 
 #: the model name of a fit read from a file that names none (velocity from another tool)
 UNNAMED_MODEL = "velocity"
@@ -158,10 +158,6 @@ def fit_fates(
     InputError
         Without a neighbour graph, or when no macrostate is stable enough to be terminal.
     """
-    from anndata import AnnData
-
-    from explorer._types import InputError
-    from explorer.app.readouts import FateInfo, cluster_column, color_key
     from explorer.graph.fates import compute_fates
     from explorer.graph.kernels import compute_velocity_kernel
 
@@ -216,9 +212,6 @@ def fit_diagnostics(adata: AnnData, fit: Fit, *, progress: ProgressCallback | No
     DataFrame indexed by ``var_names`` with ``diag_flagged`` (bool) and ``diag_flag_reason``
     (comma-joined reasons: ``differential_kinetics``, ``boost``, ``unstable``).
     """
-    from anndata import AnnData
-
-    from explorer.app.readouts import cluster_column
     from explorer.diagnostics import gene_diagnostics
 
     if progress is not None:
@@ -252,13 +245,8 @@ def without_genes(
     by :func:`explorer.pipeline.derive` (what ``explorer fit`` runs after a fit) on the
     remaining velocity genes; the per-gene fit itself is kept.
     """
-    from explorer.graph.streamlines import compute_streamlines
-    from explorer.pipeline import derive
-
     genes = np.asarray(fit.result.velocity_genes, dtype=bool) & ~np.asarray(drop, dtype=bool)
     if not genes.any():
-        from explorer._types import InputError
-
         msg = "Every velocity gene is flagged: nothing would be left to compute velocity from."
         raise InputError(msg)
     result = dataclasses.replace(fit.result, velocity_genes=genes)

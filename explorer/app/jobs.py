@@ -26,7 +26,10 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import numpy as np
 
 from explorer._types import FitCancelled, Progress
+from explorer.graph.streamlines import compute_streamlines
 from explorer.keys import Key
+from explorer.models import get_model
+from explorer.pipeline import derive
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -251,10 +254,6 @@ def fit_and_derive(
     streamlines on ``basis``. Without a neighbour graph in ``adata`` the fit has
     velocities only. ``progress`` sees one bar of 1000 steps: the fit fills the first 80 %.
     """
-    from explorer.graph.streamlines import compute_streamlines
-    from explorer.models import get_model
-    from explorer.pipeline import derive
-
     if _torch_serving.is_set():
         configure_torch()
     estimator = get_model(model, **params)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import holoviews as hv
 import panel as pn
 import param
+from anndata import AnnData
 
 from explorer._types import InputError
 from explorer.app.escape import markdown_text
@@ -42,11 +43,11 @@ from explorer.app.views import (
     ModelRunner,
     PhasePortrait,
 )
+from explorer.data.samples import load_sample, sample_path
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from anndata import AnnData
     from bokeh.document import Document
 
 logger = logging.getLogger(__name__)
@@ -120,8 +121,6 @@ def shared_dataset(data: str | Path | None, data_dir: str | Path) -> tuple[AnnDa
     the object read-only.
     """
     if data is None:
-        from explorer.data.samples import load_sample, sample_path
-
         adata = pn.state.as_cached("explorer-sample-default", load_sample, name="default")
         return adata, "sample dataset", sample_path("default")
     path = resolve_under(data_dir, str(data))
@@ -538,7 +537,6 @@ def create_app(
     -------
     The page (a Panel layout); its ``.app`` attribute is the :class:`ExplorerApp`.
     """
-    from anndata import AnnData
     from bokeh.events import ConnectionLost
 
     folder = Path(data_dir if data_dir is not None else os.environ.get(ENV_DATA_DIR, ".")).resolve()

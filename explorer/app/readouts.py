@@ -20,8 +20,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
+from anndata import AnnData
 
 from explorer import kinetics
+from explorer._types import InputError
 from explorer.app.escape import hex_colors
 from explorer.app.geometry import binned_mean, even_sample, time_bins
 from explorer.graph.projection import project_velocity as _project_on_transitions
@@ -31,8 +33,6 @@ from explorer.models import MODELS
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
-
-    from anndata import AnnData
 
     from explorer.app.jobs import Fit
     from explorer.models.base import VelocityResult
@@ -898,8 +898,6 @@ def predictions(fit: Fit | VelocityResult) -> tuple[np.ndarray, np.ndarray] | No
     per-gene parameters (VeloVAE's predicted points, the dynamical model's curve at each
     cell's gene time); None for a fit that predicts no abundances (NaN: genes not fitted).
     """
-    from anndata import AnnData
-
     from explorer.models.metrics import predicted_abundances
 
     result = _result(fit)
@@ -1133,8 +1131,6 @@ def parse_transitions(text: str, clusters: Any) -> list[tuple[str, str]]:
         For a pair without ``>`` or a name that is not among ``clusters`` (the message
         lists the valid names).
     """
-    from explorer._types import InputError
-
     valid = [str(c) for c in clusters]
     pairs = []
     for item in (p.strip() for p in str(text).split(",")):
@@ -1180,8 +1176,6 @@ def model_metrics(
     ``velocity_confidence``), ``MSE`` and ``MSE cells``; ``per_cluster`` maps each label
     to the per-cluster means of the per-cell scores.
     """
-    from anndata import AnnData
-
     from explorer.models.metrics import model_metrics as score
 
     column = cluster_column(adata)

@@ -55,6 +55,7 @@ from explorer.app.readouts import (
     PhaseFit,
 )
 from explorer.data.io import write
+from explorer.graph.transition import random_walks
 from explorer.keys import Key
 from explorer.models import MODELS
 
@@ -526,8 +527,6 @@ class ExplorerState(param.Parameterized):
         :func:`explorer.graph.transition.random_walks` (seeded), kept in ``walks`` with the
         clusters they end in; None clears them.
         """
-        from explorer.graph.transition import random_walks
-
         index = self.cell if index is None else index
         fit = self.fit
         if index is None:

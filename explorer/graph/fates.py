@@ -34,15 +34,18 @@ from_adata`` and CellRank's plotting read our files.
 
 from __future__ import annotations
 
+import colorsys
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import anndata as ad
 import numba
 import numpy as np
 import pandas as pd
 from scipy import sparse
 from scipy import stats
+from scipy.optimize import fmin
 from scipy.sparse import linalg as splinalg
 
 from explorer._types import InputError, report
@@ -269,8 +272,6 @@ def gpcca_memberships(X: np.ndarray) -> tuple[np.ndarray, float]:
     ``(chi, crispness)``: ``(n_obs, m)`` non-negative memberships whose rows sum to 1, and
     the crispness ``(m - f_opt) / m`` (1 for a crisp clustering).
     """
-    from scipy.optimize import fmin
-
     gpcca = _pygpcca()._gpcca
     _fill_matrix, _initialize_rot_matrix = gpcca._fill_matrix, gpcca._initialize_rot_matrix  # noqa: SLF001
 
@@ -415,8 +416,6 @@ def _palette(n: int) -> list:
 
 def _shade(color: str, i: int, n: int) -> str:
     """``color`` made lighter or darker, distinct for each of ``n`` repeats."""
-    import colorsys
-
     from matplotlib import colors as mcolors
 
     r, g, b = mcolors.to_rgb(color)
@@ -840,8 +839,6 @@ def compute_fates(
     ``uns['fwd_estimator_params']``: CellRank 2's keys and layouts, which
     ``cellrank.estimators.GPCCA.from_adata`` reads.
     """
-    import anndata as ad
-
     if Key.obsp.TRANSITIONS not in adata.obsp:
         msg = (
             f"No transition matrix obsp[{Key.obsp.TRANSITIONS!r}]; adata.obsp has {sorted(adata.obsp)}. "

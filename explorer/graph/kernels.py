@@ -50,7 +50,7 @@ from scipy import sparse
 
 from explorer._types import InputError, report
 from explorer.graph.moments import neighbor_weights
-from explorer.graph.transition import _dense, mix, velocity_gene_mask
+from explorer.graph.transition import _dense, _normalize_rows, mix, velocity_gene_mask
 from explorer.keys import Key
 
 if TYPE_CHECKING:
@@ -641,8 +641,6 @@ def connectivity_transition_matrix(
     -------
     ``(n_obs, n_obs)`` row-stochastic CSR float64 matrix; an isolated cell stays put.
     """
-    from explorer.graph.transition import _normalize_rows
-
     C = sparse.csr_matrix(connectivities, dtype=np.float64, copy=True)
     if C.shape[0] != C.shape[1]:
         msg = f"Expected square (n_obs, n_obs) connectivities, found shape {C.shape}."

@@ -30,9 +30,12 @@ import pandas as pd
 from scipy import sparse
 
 from explorer._types import InputError, report
+from explorer.graph.metrics import velocity_consistency, velocity_consistency_by_type
+from explorer.graph.transition import knn_indices
 from explorer.keys import Key
 from explorer.models.base import Hyperparameters, VelocityResult, require_layers
 from explorer.models.dynamical import _dense32, _import_torch, _resolve_device
+from explorer.models.steady_state import genes_to_fit
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -178,8 +181,6 @@ class DeepVelo(Hyperparameters):
 
     def _select_genes(self, adata: AnnData) -> np.ndarray:
         """``(n_vars,)`` mask of the genes to fit (:func:`~explorer.models.steady_state.genes_to_fit`)."""
-        from explorer.models.steady_state import genes_to_fit
-
         return genes_to_fit(adata, self.genes)
 
     # ------------------------------------------------------------------------------ fit
@@ -208,7 +209,6 @@ class DeepVelo(Hyperparameters):
             From ``progress``, which is called once per epoch.
         """
         torch = _import_torch()
-        from explorer.graph.transition import knn_indices
         from explorer.models._gcn_module import CandidateSearch, VeloGCN
 
         self._check(adata)
@@ -318,9 +318,6 @@ class DeepVelo(Hyperparameters):
         velocity_u: np.ndarray,
         rates: tuple[np.ndarray, np.ndarray, np.ndarray],
     ) -> VelocityResult:
-        from explorer.graph.metrics import velocity_consistency, velocity_consistency_by_type
-        from explorer.graph.transition import knn_indices
-
         n_obs, n_vars = adata.n_obs, adata.n_vars
 
         def full(x: np.ndarray) -> np.ndarray:

@@ -33,6 +33,13 @@ import numpy as np
 import pandas as pd
 
 from explorer import kinetics
+from explorer.graph.metrics import (
+    cross_boundary_correctness,
+    in_cluster_coherence,
+    velocity_consistency,
+    velocity_consistency_by_type,
+)
+from explorer.graph.transition import knn_indices, velocity_confidence
 from explorer.keys import Key
 
 if TYPE_CHECKING:
@@ -281,14 +288,6 @@ def model_metrics(
     ValueError
         If a needed key is missing, or a cluster of ``transitions`` is not in ``cluster_key``.
     """
-    from explorer.graph.metrics import (
-        cross_boundary_correctness,
-        in_cluster_coherence,
-        velocity_consistency,
-        velocity_consistency_by_type,
-    )
-    from explorer.graph.transition import knn_indices, velocity_confidence
-
     missing = [
         k
         for k, slot in (

@@ -37,10 +37,16 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
+from scipy import sparse
 
 from explorer._types import InputError, report
+from explorer.graph import latent_time as lt_mod
+from explorer.graph.transition import neighbors_for_graph
 from explorer.keys import Key
 from explorer.models.base import Hyperparameters, VelocityResult, require_layers
+from explorer.models.dynamical import _import_torch, _resolve_device
+from explorer.models.metrics import reconstruction_error
+from explorer.models.steady_state import SteadyState, genes_to_fit
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -223,8 +229,6 @@ class VeloVAE(Hyperparameters):
 
     def _select_genes(self, adata: AnnData) -> np.ndarray:
         """``(n_vars,)`` mask of the genes to fit (:func:`~explorer.models.steady_state.genes_to_fit`)."""
-        from explorer.models.steady_state import genes_to_fit
-
         return genes_to_fit(adata, self.genes)
 
     # ------------------------------------------------------------------------------ fit
@@ -245,8 +249,6 @@ class VeloVAE(Hyperparameters):
         and ``cell_state_std`` (full model). Held-out figures are in ``self.metrics_``,
         the ELBO per epoch in ``self.history_``.
         """
-        from explorer.models.dynamical import _import_torch, _resolve_device
-
         torch = _import_torch()
         self._check(adata)
         device = _resolve_device(self.device)
@@ -340,7 +342,6 @@ class VeloVAE(Hyperparameters):
         self.history_ = history
         self.timings_ = timings
         result = self._result(adata, cols, out, train, module)
-        from explorer.models.metrics import reconstruction_error
 
         self.metrics_ = reconstruction_error(
             Mu, Ms, out["u"], out["s"], train=train
@@ -446,12 +447,7 @@ class VeloVAE(Hyperparameters):
 
     def _steady_state_time(self, adata: AnnData, data: Any, init: Any, cols: np.ndarray) -> np.ndarray:
         """``(n_obs,)`` initial time in [0, 1] from the steady-state fit (see :meth:`_initialize`)."""
-        from scipy import sparse
-
-        from explorer.graph import latent_time as lt_mod
-        from explorer.graph.transition import neighbors_for_graph
         from explorer.models import _em
-        from explorer.models.steady_state import SteadyState
 
         a = _em.assign(data, init.params, n_newton=2)
         gene_t = a.t.T.double().cpu().numpy()
@@ -856,8 +852,6 @@ class VeloVAE(Hyperparameters):
     def _result(
         self, adata: AnnData, cols: np.ndarray, out: dict[str, np.ndarray], train: np.ndarray, module: VAEModule
     ) -> VelocityResult:
-        from explorer.models.metrics import reconstruction_error
-
         n_obs, n_vars = adata.n_obs, adata.n_vars
         var_names, obs_names = adata.var_names.copy(), adata.obs_names.copy()
 

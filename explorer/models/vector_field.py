@@ -44,7 +44,9 @@ from scipy import sparse
 from scipy.spatial import cKDTree
 
 from explorer._types import FitCancelled, InputError, Progress, report
+from explorer.graph.streamlines import velocity_on_grid
 from explorer.keys import Key
+from explorer.models import MODELS, get_model
 from explorer.models.base import Hyperparameters, VelocityResult, require_layers
 from explorer.models.dynamical import _dense32, _import_torch, _resolve_device
 
@@ -219,8 +221,6 @@ class VectorField(Hyperparameters):
 
     def _base_fit(self, adata: AnnData, progress: _Fraction) -> _Base:
         """Return the base model's velocity, trusted genes and latent time, read from ``adata`` or fitted."""
-        from explorer.models import MODELS, get_model
-
         needs_time = self._uses_flow and self.time_key is None
         if not self._uses_velocity and not needs_time:
             return _Base(None, None, None)
@@ -448,8 +448,6 @@ class VectorField(Hyperparameters):
         obsm: dict[str, np.ndarray] = {Key.obsm.VF_STATE: x, Key.obsm.VF_VELOCITY: f_cells.astype(np.float32)}
         grid = None
         if emb is not None:
-            from explorer.graph.streamlines import velocity_on_grid
-
             mapper = _EmbeddingMap(tree, emb, h)
             delta = dt_default
             v_emb = (mapper(x + delta * f_cells) - mapper(x)) / delta

@@ -57,12 +57,15 @@ def app_page(server):
 
 def _click_gene(page, gene: str) -> None:
     """Filter the gene table to ``gene`` (its rows are sorted by fit quality) and click its row."""
+    from playwright.sync_api import expect
+
     box = page.get_by_placeholder("filter genes")
     box.fill("")
     box.press_sequentially(gene)  # Tabulator filters on key presses, not on a pasted value
     box.press("Enter")
     # the server has filtered once the pager offers one page (the browser shows the rows sooner;
     # a click before then is mapped to a row of the unfiltered table)
+    expect(page.locator(".tabulator-pages .tabulator-page")).to_have_count(1, timeout=30_000)
     page.get_by_role("gridcell", name=gene, exact=True).click()
 
 
