@@ -1,19 +1,25 @@
-"""Time and peak memory of the streamed dynamical fit (explorer.stream) at increasing sizes, and on Dask.
+"""Time and peak memory of the streamed pipeline (explorer.stream) at increasing sizes, and on Dask.
 
-For each size, simulated data (``explorer.data.simulate``) is preprocessed in memory
-(``explorer.pipeline.prepare`` without UMAP: the setup, not measured) and stored as an
-AnnData ``.zarr`` without ``Ms``/``Mu``. The measured run is then a fresh process running
-:func:`explorer.stream.fit_streamed` on it: moments per gene block, the gene choice, the
-dynamical fit, the velocity graph from per-edge sums, transition matrix, projection on the
-PCA, confidence, root cells, latent time and the onsets, writing the output store. Its
-peak memory is the process's maximum resident set (and, on Dask, the largest worker's and
-the sum over the workers).
+Two modes:
 
-The 10^6-cell and 10^7-cell figures are an extrapolation from the measured per-cell costs,
-printed as such.
+``--end-to-end`` (the atlas target): raw counts are simulated block by block
+(``explorer.data.simulate`` with the same genes in every block, Poisson counts) straight into
+a chunked AnnData ``.zarr`` (never a whole matrix in memory). The measured run is a fresh
+process running :func:`explorer.stream.fit_streamed` on the counts: streamed preprocessing
+(filter, normalise, log, variable genes, PCA from the streamed Gram matrix, pynndescent kNN,
+UMAP unless ``--no-umap``), moments per gene block, the dynamical fit, the velocity graph from
+per-edge sums, transition matrix, projection, confidence, root cells, latent time, onsets, the
+written store. A watchdog kills the run when its resident memory passes ``--max-gib``.
+
+Default (the older table): the data is preprocessed in memory as setup (not timed) and
+stored without ``Ms``/``Mu``; only the streamed fit is measured.
+
+Peak memory is the measured process's maximum resident set (on Dask, plus the workers').
+Figures for sizes that were not run are an extrapolation, printed as such.
 
 Usage::
 
+    python benchmarks/bench_atlas.py --end-to-end --cells 100000 200000 --genes 2000 --workers 0
     python benchmarks/bench_atlas.py [--cells 2000 5000 10000] [--genes 2000] [--workers 0 1 2]
         [--out benchmarks/results/atlas.json]
 
@@ -27,12 +33,16 @@ import json
 import os
 import platform
 import resource
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
+
+from bench_dynamical import _tree_rss
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,19 +67,69 @@ def _setup(n_obs: int, n_vars: int, path: Path) -> dict:
     return {"n_vars_kept": int(adata.n_vars), "setup_s": time.perf_counter() - clock}
 
 
-def _child(path: str, out: str, workers: int) -> None:
+#: cells simulated at once (every block the same size: the same genes, drawn from one seed)
+_SIM_BLOCK = 10_000
+
+
+def _setup_counts(n_obs: int, n_vars: int, path: Path) -> dict:
+    """Simulate raw counts block by block into a chunked AnnData .zarr (not measured)."""
+    import numpy as np
+    import pandas as pd
+    import zarr
+    from anndata.io import write_elem
+
+    from explorer.data.simulate import simulate
+
+    clock = time.perf_counter()
+    block = min(_SIM_BLOCK, n_obs)
+    if n_obs % block:
+        raise SystemExit(f"--cells must be multiples of {block:,} in --end-to-end mode; found {n_obs:,}")
+    root = zarr.open_group(str(path), mode="w", zarr_format=2)
+    root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+    layers = root.create_group("layers")
+    layers.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
+    arrays = {}
+    for name in ("spliced", "unspliced"):
+        arrays[name] = layers.create_array(name, shape=(n_obs, n_vars), chunks=(block, n_vars), dtype="int32")
+        arrays[name].attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+    t_max = 20.0
+    clusters = []
+    for k, start in enumerate(range(0, n_obs, block)):
+        times = np.sort(np.random.default_rng(1000 + k).uniform(0.0, t_max, block))
+        # seed 0 in every block: the same gene kinetics, different cells (their times)
+        sim = simulate(n_obs=block, n_vars=n_vars, seed=0, cell_times=times, t_max=t_max)
+        for name in ("spliced", "unspliced"):
+            layer = sim.layers[name]
+            arrays[name][start : start + block] = np.asarray(
+                layer.toarray() if hasattr(layer, "toarray") else layer, dtype=np.int32
+            )
+        clusters.append(np.asarray(sim.obs["clusters"].astype(str)))
+        var_names = sim.var_names
+    obs = pd.DataFrame({"clusters": pd.Categorical(np.concatenate(clusters))}, index=[f"cell{i}" for i in range(n_obs)])
+    write_elem(root, "obs", obs)
+    write_elem(root, "var", pd.DataFrame(index=var_names))
+    for name in ("obsm", "obsp", "varm", "varp", "uns"):
+        write_elem(root, name, {})
+    return {"n_vars_kept": n_vars, "setup_s": time.perf_counter() - clock}
+
+
+def _child(path: str, out: str, workers: int, end_to_end: bool = False, umap: bool = True, genes: int = 2000) -> None:
     """The measured run (a fresh process): print one JSON line."""
     from explorer.stream import dask_client, fit_streamed
 
+    kwargs: dict = {"basis": "pca", "overwrite": True}
+    if end_to_end:
+        kwargs.update(basis="umap" if umap else "pca", preprocess=True,
+                      prepare_params={"n_top_genes": genes, "compute_umap": umap})  # fmt: skip
     clock = time.perf_counter()
     worker_peaks: list[float] = []
     if workers:
         with dask_client(n_workers=workers) as client:
-            summary = fit_streamed(path, out, basis="pca", client=client, overwrite=True)
+            summary = fit_streamed(path, out, client=client, **kwargs)
             peaks = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
             worker_peaks = [v / 2**20 for v in peaks.values()]
     else:
-        summary = fit_streamed(path, out, basis="pca", overwrite=True)
+        summary = fit_streamed(path, out, **kwargs)
     wall = time.perf_counter() - clock
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     print(
@@ -82,10 +142,31 @@ def _child(path: str, out: str, workers: int) -> None:
                 "n_fitted": summary.n_fitted,
                 "n_velocity_genes": summary.n_velocity_genes,
                 "n_edges": summary.n_edges,
+                "cpu_s": resource.getrusage(resource.RUSAGE_SELF).ru_utime + resource.getrusage(resource.RUSAGE_SELF).ru_stime,
                 "passes_s": {k: round(v, 2) for k, v in summary.seconds.items()},
             }
         )
     )
+
+
+def _run_watched(cmd: list[str], max_gib: float) -> subprocess.CompletedProcess:
+    """Run ``cmd``, killing it (and its Dask workers) when their resident memory passes ``max_gib``."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        # its own session: a kill reaches the Dask workers it starts too
+        child = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=dict(os.environ), start_new_session=True)
+        peak = 0
+        while child.poll() is None:
+            peak = max(peak, _tree_rss(child.pid))
+            if peak > max_gib * 2**30:
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
+                print(f"killed: resident memory passed {max_gib} GiB", file=sys.stderr)
+                break
+            time.sleep(1.0)
+        out.seek(0)
+        err.seek(0)
+        stderr = err.read() + f"\nwatchdog: largest resident set seen {peak / 2**30:.2f} GiB"
+        return subprocess.CompletedProcess(cmd, child.returncode, out.read(), stderr)
 
 
 def _extrapolate(rows: list[dict], n_vars: int) -> list[dict]:
@@ -113,35 +194,45 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--dask-cells", type=int, default=None, help="size the Dask runs use (default: the smallest)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "atlas.json"))
+    parser.add_argument("--end-to-end", action="store_true", help="from simulated raw counts, preprocessing streamed too")
+    parser.add_argument("--no-umap", action="store_true", help="(--end-to-end) project on the PCA, no UMAP")
+    parser.add_argument("--max-gib", type=float, default=6.0, help="kill a run whose resident memory passes this")
     parser.add_argument("--child", nargs=3, metavar=("STORE", "OUT", "WORKERS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        _child(args.child[0], args.child[1], int(args.child[2]))
+        _child(args.child[0], args.child[1], int(args.child[2]), args.end_to_end, not args.no_umap, args.genes)
         return
     rows = []
     dask_cells = args.dask_cells or min(args.cells)
     with tempfile.TemporaryDirectory(prefix="bench_atlas_") as tmp:
         for n_obs in args.cells:
             store = Path(tmp) / f"sim_{n_obs}.zarr"
-            info = _setup(n_obs, args.genes, store)
+            info = _setup_counts(n_obs, args.genes, store) if args.end_to_end else _setup(n_obs, args.genes, store)
             for workers in args.workers:
                 if workers and n_obs != dask_cells:
                     continue
-                cmd = [sys.executable, __file__, "--child", str(store), str(Path(tmp) / "out.zarr"), str(workers)]
-                done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=dict(os.environ))
+                cmd = [sys.executable, __file__, "--child", str(store), str(Path(tmp) / "out.zarr"), str(workers),
+                       "--genes", str(args.genes), *(["--end-to-end"] if args.end_to_end else []),
+                       *(["--no-umap"] if args.no_umap else [])]  # fmt: skip
+                done = _run_watched(cmd, args.max_gib)
                 if done.returncode != 0:
                     print(done.stderr[-3000:], file=sys.stderr)
-                    raise SystemExit(done.returncode)
-                row = {"n_obs": n_obs, "n_vars": args.genes, "workers": workers, **info}
+                    raise SystemExit(done.returncode or 1)
+                row = {"n_obs": n_obs, "n_vars": args.genes, "workers": workers, "end_to_end": args.end_to_end,
+                       "umap": args.end_to_end and not args.no_umap, **info}  # fmt: skip
                 row.update(json.loads(done.stdout.strip().splitlines()[-1]))
                 rows.append(row)
                 print(
                     f"{n_obs:>9,} cells x {args.genes:,} genes ({row['n_fitted']} fitted) "
                     f"{'in process' if workers == 0 else f'Dask, {workers} worker(s)':>18}: "
-                    f"{row['wall_s']:7.1f} s, peak {row['peak_gib']:.2f} GiB"
+                    f"{row['wall_s']:7.1f} s (CPU {row['cpu_s']:.0f} s), peak {row['peak_gib']:.2f} GiB"
                     + (f" (+ workers {row['workers_total_gib']:.2f} GiB)" if workers else ""),
                     flush=True,
                 )
+                print(f"  passes (s): {row['passes_s']}", flush=True)
+                shutil.rmtree(Path(tmp) / "out.zarr", ignore_errors=True)
+                _write_result(args.out, rows, args.genes)  # after every run: a later one may be killed
+            shutil.rmtree(store, ignore_errors=True)
     extra = _extrapolate(rows, args.genes)
     print("\n| cells | genes | where | wall (s) | peak memory (GiB) | genes fitted |")
     print("| ---: | ---: | --- | ---: | ---: | ---: |")
@@ -153,18 +244,20 @@ def main() -> None:
         print("\nEXTRAPOLATED (a straight line through the single-process runs; not measured):")
         for e in extra:
             print(f"  {e['quantity']:>9} at {e['n_obs']:>10,} cells: {e['value']:,.1f} ({e['per_1000_cells']:.3f} per 1,000 cells)")
-    load = os.getloadavg()
+    print(f"\nload average at the end: {os.getloadavg()}; written {args.out}")
+
+
+def _write_result(out: str, rows: list[dict], n_vars: int) -> None:
     result = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg": load},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg": os.getloadavg()},
         "note": "measured on a shared machine; other processes were running (see loadavg)",
         "rows": rows,
-        "extrapolated": extra,
+        "extrapolated": _extrapolate(rows, n_vars),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = Path(args.out).with_suffix(".json.tmp")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = Path(out).with_suffix(".json.tmp")
     tmp_out.write_text(json.dumps(result, indent=2))
-    tmp_out.replace(args.out)
-    print(f"\nload average at the end: {load}; written {args.out}")
+    tmp_out.replace(out)
 
 
 if __name__ == "__main__":

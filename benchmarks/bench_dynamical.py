@@ -46,6 +46,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -123,12 +124,25 @@ def _tree_rss(pid: int) -> int:
     return total
 
 
+#: CPU seconds (user + system, every thread) of the last :func:`run_measured` command and
+#: the children it waited for: on a shared machine the CPU a tool spends is the measure
+#: that load does not inflate (much); wall-clock ratios need a quiet machine
+LAST_CPU_S: list[float] = [float("nan")]
+
+
+def _children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def run_measured(cmd: list[str], *, stderr: Path | None = None) -> float:
     """Run ``cmd``; return the peak RSS (GB) of its process tree, sampled every 50 ms.
 
     ``stderr``: a file that receives the command's standard error (else it goes to ours).
+    The command's CPU seconds go to ``LAST_CPU_S[0]``.
     """
     err = stderr.open("w") if stderr is not None else None
+    cpu0 = _children_cpu()
     try:
         proc = subprocess.Popen(cmd, stderr=err)
         peak = 0
@@ -145,6 +159,7 @@ def run_measured(cmd: list[str], *, stderr: Path | None = None) -> float:
         rc = proc.wait()
         done.set()
         thread.join()
+        LAST_CPU_S[0] = _children_cpu() - cpu0
     finally:
         if err is not None:
             err.close()
@@ -209,6 +224,18 @@ def _read_command_output(out: Path, genes: list[str], log: str) -> dict:
     # "dynamical model timings (s): {...}", logged by Dynamical.fit under -v
     match = re.search(r"dynamical model timings \(s\): (\{.*\})", log)
     timings = json.loads(match.group(1).replace("'", '"')) if match else {}
+    # [wall, cpu] per stage: the command's own (start-up, read, fit, write), the pipeline's
+    # (preprocess, model fit, graph, to adata) and the model's CPU (em, latent_time, onsets)
+    stages = {}
+    for what in ("fit command", "pipeline"):
+        match = re.search(what + r" stages \(s, \[wall, cpu\]\): (\{.*\})", log)
+        if match:
+            stages.update(json.loads(match.group(1).replace("'", '"')))
+    match = re.search(r"dynamical model CPU \(s\): (\{.*\})", log)
+    if match:
+        for k, v in json.loads(match.group(1).replace("'", '"')).items():
+            stages[f"  {k}"] = [timings.get(k, float("nan")), v]
+    timings["stages"] = stages
     return z, timings
 
 
@@ -254,9 +281,20 @@ def _prepare_inputs(tmp: Path, names: list[str]) -> dict[str, Path]:
 
 
 def compare(
-    name: str, path: Path, tmp: Path, scvelo_python: str | None, kwargs: dict, peers: tuple[str, ...] = PEERS
+    name: str,
+    path: Path,
+    tmp: Path,
+    scvelo_python: str | None,
+    kwargs: dict,
+    peers: tuple[str, ...] = PEERS,
+    peer_cache: Path | None = None,
 ) -> dict:
-    """Explorer's whole command and each of ``peers`` on one preprocessed file, scored alike."""
+    """Explorer's whole command and each of ``peers`` on one preprocessed file, scored alike.
+
+    ``peer_cache``: a folder keeping each peer's output and timings; a peer found there is
+    not rerun (its row says when it was measured). For a quick rerun of explorer's side
+    only; the ratios of record come from a run without it.
+    """
     import anndata
     from scipy.stats import spearmanr
 
@@ -276,19 +314,41 @@ def compare(
             z, timings = _read_command_output(h5, genes, log.read_text())
             row["explorer_same_genes"] = bool(set(z.pop("fitted_genes")) == set(genes))
             row["explorer_command_s"] = round(process_wall, 2)
+            row["explorer_command_cpu_s"] = round(LAST_CPU_S[0], 2)
+            stages = timings.pop("stages")
             row["explorer_timings"] = {k: round(v, 2) for k, v in timings.items()}
+            row["explorer_stages_wall_cpu_s"] = stages
         elif scvelo_python:
-            cmd = [scvelo_python, str(ROOT / "benchmarks" / "_scvelo_worker.py")]
-            cmd += [str(path), str(genes_path), str(out), "2", tool]
-            t0 = time.perf_counter()
-            peak = run_measured(cmd)
-            process_wall = time.perf_counter() - t0
-            z = dict(np.load(out, allow_pickle=False))
+            cached = peer_cache / f"{name}_{tool}.npz" if peer_cache else None
+            if cached is not None and cached.exists():
+                # measured by an earlier run (--peer-cache): not side by side, say so
+                meta = json.loads(cached.with_suffix(".json").read_text())
+                peak, process_wall, LAST_CPU_S[0] = meta["peak_gb"], meta["process_s"], meta["process_cpu_s"]
+                z = dict(np.load(cached, allow_pickle=False))
+                row[f"{tool}_from_earlier_run"] = meta["when"]
+            else:
+                cmd = [scvelo_python, str(ROOT / "benchmarks" / "_scvelo_worker.py")]
+                cmd += [str(path), str(genes_path), str(out), "2", tool]
+                t0 = time.perf_counter()
+                peak = run_measured(cmd)
+                process_wall = time.perf_counter() - t0
+                z = dict(np.load(out, allow_pickle=False))
+                if cached is not None:
+                    cached.parent.mkdir(parents=True, exist_ok=True)
+                    np.savez(cached, **z)
+                    meta = {"peak_gb": peak, "process_s": process_wall, "process_cpu_s": LAST_CPU_S[0]}
+                    meta["when"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+                    cached.with_suffix(".json").write_text(json.dumps(meta))
             t = z["times"]
             row[f"{tool}_recover_dynamics_s"] = round(float(t[0]), 2)
             # recover_dynamics + velocity + velocity_graph + latent_time: their compute, no start-up
             row[f"{tool}_total_s"] = round(float(t.sum()), 2)
             row[f"{tool}_steps_s"] = [round(float(x), 2) for x in t]
+            if "cpu_times" in z:
+                # CPU seconds of the same steps, the worker's process tree (joblib's workers too)
+                row[f"{tool}_total_cpu_s"] = round(float(z["cpu_times"].sum()), 2)
+                row[f"{tool}_steps_cpu_s"] = [round(float(x), 2) for x in z["cpu_times"]]
+            row[f"{tool}_process_cpu_s"] = round(LAST_CPU_S[0], 2)
         else:
             continue
         outs[tool] = z
@@ -336,6 +396,11 @@ def compare(
         row[f"ratio_spearman_between{key}"] = round(float(spearmanr(ra, rb)[0]), 3)
         # the issue's measure: the whole explorer command against the peer's compute alone
         row[f"speedup_command_vs_{peer}"] = round(row[f"{peer}_total_s"] / row["explorer_command_s"], 1)
+        if f"{peer}_total_cpu_s" in row:
+            # the same in CPU seconds: the command's whole process against the peer's compute
+            row[f"cpu_ratio_command_vs_{peer}"] = round(
+                row[f"{peer}_total_cpu_s"] / row["explorer_command_cpu_s"], 1
+            )
         if "em" in row["explorer_timings"]:
             row[f"speedup_fit_vs_{peer}"] = round(
                 row[f"{peer}_recover_dynamics_s"] / row["explorer_timings"]["em"], 1
@@ -500,6 +565,10 @@ def main() -> None:
         "--datasets", nargs="*", default=["pancreas_3696", "simulation_3000x1000"], help="comparison inputs"
     )
     parser.add_argument("--skip-comparison", action="store_true")
+    parser.add_argument(
+        "--peer-cache",
+        help="folder keeping the peers' outputs: a peer found there is reused, not rerun (not side by side)",
+    )
     parser.add_argument("--sizes", type=int, nargs="*", default=[1000, 10000, 100000])
     parser.add_argument("--scaling-genes", type=int, default=300)
     parser.add_argument("--kwargs", default="{}", help="JSON of Dynamical keyword arguments")
@@ -564,8 +633,9 @@ def main() -> None:
             inputs = _prepare_inputs(tmp, args.datasets)
             scvelo = None if args.skip_scvelo else args.scvelo_python
             peers = tuple(args.peers)
+            cache = Path(args.peer_cache) if args.peer_cache else None
             result["comparison"] = [
-                compare(name, path, tmp, scvelo, kwargs, peers) for name, path in inputs.items()
+                compare(name, path, tmp, scvelo, kwargs, peers, cache) for name, path in inputs.items()
             ]
             for row in result["comparison"]:
                 print(json.dumps(row), flush=True)
@@ -600,25 +670,34 @@ def print_table(result: dict) -> None:
     rows = result.get("comparison", [])
     if rows:
         print(
-            "\n| dataset | tool | fit (s) | whole (s) | peak GB | latent-time Spearman | mean likelihood |"
-            " whole command faster by |"
+            "\n| dataset | tool | fit (s) | whole (s) | whole CPU (s) | peak GB | latent-time Spearman |"
+            " mean likelihood | whole command faster by (wall) | (CPU) |"
         )
-        print("|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             for tool in ("explorer", *PEERS):
                 if f"{tool}_mean_fit_r2" not in r:
                     continue
                 if tool == "explorer":
                     fit, total = r["explorer_timings"].get("em", float("nan")), r["explorer_command_s"]
-                    ratio = "-"
+                    cpu, ratio, cpu_ratio = r.get("explorer_command_cpu_s", "-"), "-", "-"
                 else:
                     fit, total = r[f"{tool}_recover_dynamics_s"], r[f"{tool}_total_s"]
+                    cpu = r.get(f"{tool}_total_cpu_s", "-")
                     ratio = f"{r[f'speedup_command_vs_{tool}']}x"
+                    cpu_ratio = r.get(f"cpu_ratio_command_vs_{tool}", "-")
+                    cpu_ratio = f"{cpu_ratio}x" if cpu_ratio != "-" else cpu_ratio
+                    if f"{tool}_from_earlier_run" in r:
+                        ratio += f" (peer from {r[f'{tool}_from_earlier_run']})"
                 lt = r.get(f"{tool}_latent_time_spearman", "-")
                 print(
-                    f"| {r['dataset']} | {tool} | {fit:.1f} | {total:.1f} | {r[f'{tool}_peak_gb']} | {lt} | "
-                    f"{r[f'{tool}_mean_likelihood']} | {ratio} |"
+                    f"| {r['dataset']} | {tool} | {fit:.1f} | {total:.1f} | {cpu} | {r[f'{tool}_peak_gb']} | "
+                    f"{lt} | {r[f'{tool}_mean_likelihood']} | {ratio} | {cpu_ratio} |"
                 )
+        print("\nexplorer's command, stage by stage ([wall, CPU] s; indented: inside the model fit)")
+        for r in rows:
+            stages = r.get("explorer_stages_wall_cpu_s", {})
+            print(f"- {r['dataset']}: " + "; ".join(f"{k.strip()} {v[0]}/{v[1]}" for k, v in stages.items()))
     if result.get("scaling"):
         print("\n| cells | genes | fit (s) | EM (s) | latent time (s) | peak GB | latent-time Spearman |")
         print("|---|---|---|---|---|---|---|")

@@ -13,10 +13,20 @@ matrices' largest difference, the macrostate and terminal-state names, and the
 correlation of the fate probabilities per terminal state. The JSON goes to
 ``benchmarks/results/fates.json``.
 
+Then the same at scale (``--simulated``, default 100,000 cells; 0 skips it): the
+simulator's two lineages (50 genes), preprocessed and fitted (stochastic model) here, the
+deterministic kernel with 0.2 connectivities and, with ``--simulated-fates``, fate
+probabilities, absorption times and drivers towards given terminal cells (each lineage's
+latest 2% by true time; off by default: explorer's sparse LU needs over 4 GB at 100k
+cells), explorer and CellRank each in its own process (peak memory of each reported).
+GPCCA is left out there on both sides: CellRank without PETSc/SLEPc computes a dense
+Schur form, 80 GB at 100k cells.
+
 Usage::
 
     python benchmarks/bench_fates.py [--fitted fitted.h5ad] [--mode deterministic] [--n-states 10]
-        [--cellrank-python .venv-compat/bin/python] [--out benchmarks/results/fates.json]
+        [--simulated 100000] [--simulated-fates] [--cellrank-python .venv-compat/bin/python]
+        [--out benchmarks/results/fates.json]
 """
 
 from __future__ import annotations
@@ -37,18 +47,21 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "pancreas_endocrinogenesis_3696.h5ad"
 DEFAULT_COMPAT = ROOT / ".venv-compat" / "bin" / "python"
 
+#: CellRank 2.0.7 calls assert_array_equal(x=..., y=...), names numpy 2 no longer accepts
+NUMPY2_SHIM = r'''
+_aae = np.testing.assert_array_equal
+def _aae_compat(*a, x=None, y=None, **k):
+    return _aae(x, y, **k) if x is not None else _aae(*a, **k)
+np.testing.assert_array_equal = _aae_compat
+'''
+
 #: CellRank's side: argv = input .h5ad, output .npz, kernel mode, n_states[, stability threshold];
 #: prints one JSON line
 CELLRANK_SCRIPT = r'''
 import json, sys, time, warnings
 warnings.filterwarnings("ignore")
 import numpy as np, anndata as ad, scipy.sparse as sp
-# CellRank 2.0.7 calls assert_array_equal(x=..., y=...), names numpy 2 no longer accepts
-_aae = np.testing.assert_array_equal
-def _aae_compat(*a, x=None, y=None, **k):
-    return _aae(x, y, **k) if x is not None else _aae(*a, **k)
-np.testing.assert_array_equal = _aae_compat
-import cellrank as cr
+''' + NUMPY2_SHIM + r'''import cellrank as cr
 path, out, mode, n_states = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 threshold = float(sys.argv[5]) if len(sys.argv) > 5 else 0.96
 a = ad.read_h5ad(path)
@@ -157,6 +170,175 @@ def run_explorer(
     return summary, adata
 
 
+# ---------------------------------------------------------------- simulated cells (100k)
+#: CellRank's side on the simulation: kernel, then fates to the given terminal cells
+#: (obs ``bench_terminal``); argv = input .h5ad, output .npz, kernel mode; prints one JSON line
+CELLRANK_SIM_SCRIPT = r'''
+import json, resource, sys, time, warnings
+warnings.filterwarnings("ignore")
+import numpy as np, anndata as ad, scipy.sparse as sp
+''' + NUMPY2_SHIM + r'''import cellrank as cr
+path, out, mode, steps = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+a = ad.read_h5ad(path)
+times = {}
+t = time.perf_counter()
+vk = cr.kernels.VelocityKernel(a).compute_transition_matrix(model=mode, show_progress_bar=False)
+ck = cr.kernels.ConnectivityKernel(a).compute_transition_matrix()
+k = 0.8 * vk + 0.2 * ck
+T = sp.csr_matrix(k.transition_matrix)
+times["kernel"] = time.perf_counter() - t
+if steps == "kernel":
+    np.savez(out, T_data=T.data, T_indices=T.indices, T_indptr=T.indptr, fate_probabilities=np.zeros((0, 0)))
+    print(json.dumps({"times": times, "lineage_names": [],
+                      "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+    sys.exit(0)
+g = cr.estimators.GPCCA(k)
+g.set_terminal_states(a.obs["bench_terminal"])
+t = time.perf_counter()
+g.compute_fate_probabilities(show_progress_bar=False)
+times["fate_probabilities"] = time.perf_counter() - t
+t = time.perf_counter()
+g.compute_absorption_times(show_progress_bar=False)
+times["absorption_times"] = time.perf_counter() - t
+t = time.perf_counter()
+g.compute_lineage_drivers()
+times["drivers"] = time.perf_counter() - t
+fp = g.fate_probabilities
+np.savez(out, T_data=T.data, T_indices=T.indices, T_indptr=T.indptr, fate_probabilities=np.asarray(fp.X))
+print(json.dumps({
+    "times": times,
+    "lineage_names": [str(n) for n in fp.names],
+    "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+}))
+'''
+
+#: explorer's side on the simulation, in its own process too (its peak memory alone)
+EXPLORER_SIM_SCRIPT = r'''
+import json, resource, sys, time
+import numpy as np, anndata as ad
+from explorer.graph import fates as F
+from explorer.graph.kernels import compute_velocity_kernel
+path, out, mode, steps = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+a = ad.read_h5ad(path)
+terminal = a.obs["bench_terminal"]
+names = [str(c) for c in terminal.cat.categories]
+codes = np.asarray(terminal.cat.codes, dtype=np.int64)
+times = {}
+t = time.perf_counter()
+T = compute_velocity_kernel(a, mode=mode, connectivity_weight=0.2)
+times["kernel"] = time.perf_counter() - t
+if steps == "kernel":
+    np.savez(out, T_data=T.data, T_indices=T.indices, T_indptr=T.indptr, fate_probabilities=np.zeros((0, 0)))
+    print(json.dumps({"times": times, "lineage_names": [],
+                      "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+    sys.exit(0)
+t = time.perf_counter()
+fp = F.absorption_probabilities(T, codes)
+times["fate_probabilities"] = time.perf_counter() - t
+t = time.perf_counter()
+F.absorption_times(T, codes)
+times["absorption_times"] = time.perf_counter() - t
+t = time.perf_counter()
+F.lineage_drivers(a.X, fp, names=names, gene_names=a.var_names)
+times["drivers"] = time.perf_counter() - t
+np.savez(out, T_data=T.data, T_indices=T.indices, T_indptr=T.indptr, fate_probabilities=fp)
+print(json.dumps({
+    "times": times,
+    "lineage_names": names,
+    "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+}))
+'''
+
+
+def fit_simulation(n_obs: int, out: Path, *, n_vars: int = 50, terminal_share: float = 0.02) -> Path:
+    """Simulate ``n_obs`` cells on two lineages, preprocess, fit the stochastic model; write ``out``.
+
+    ``obs['bench_terminal']`` marks the terminal cells both tools absorb into: per lineage,
+    its ``terminal_share`` latest cells by the simulator's true time.
+    """
+    import pandas as pd
+
+    from explorer.data.io import write
+    from explorer.data.simulate import simulate
+    from explorer.models import get_model
+    from explorer.pipeline import prepare
+
+    adata = simulate(n_obs=n_obs, n_vars=n_vars, branches=2, seed=0)
+    prepare(adata, compute_umap=False, seed=0)
+    get_model("stochastic", seed=0).fit(adata).to_adata(adata)
+    lineage = adata.obs["true_lineage"].astype(str).to_numpy()
+    t = adata.obs["true_t"].to_numpy()
+    terminal = np.full(adata.n_obs, None, dtype=object)
+    for name in sorted(set(lineage) - {"root"}):
+        cells = np.flatnonzero(lineage == name)
+        late = cells[np.argsort(t[cells])[-max(1, int(terminal_share * cells.size)) :]]
+        terminal[late] = name
+    adata.obs["bench_terminal"] = pd.Categorical(terminal)
+    return write(adata, out)
+
+
+def _run_json(argv: list[str]) -> dict:
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        msg = f"{argv[0]} failed:\n{proc.stderr[-3000:]}"
+        raise RuntimeError(msg)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_simulated(
+    n_obs: int, *, mode: str, cellrank_python: str, workdir: Path, fates: bool = False
+) -> dict:
+    """Kernel (and with ``fates`` the fates) on ``n_obs`` simulated cells, each tool in its own process.
+
+    The GPCCA step is left out on both sides: CellRank without PETSc/SLEPc computes a dense
+    Schur form (``n_obs^2`` doubles, 80 GB at 100k cells). Both absorb into the same
+    terminal cells (:func:`fit_simulation`). The fates are off by default: explorer's
+    sparse LU of ``I - Q`` needs over 4 GB at 100k cells.
+    """
+    from scipy import sparse
+
+    path = fit_simulation(n_obs, workdir / f"sim_{n_obs}.h5ad")
+    steps = "all" if fates else "kernel"
+    ours = _run_json(
+        [sys.executable, "-c", EXPLORER_SIM_SCRIPT, str(path), str(workdir / "ours.npz"), mode, steps]
+    )
+    theirs = _run_json(
+        [cellrank_python, "-c", CELLRANK_SIM_SCRIPT, str(path), str(workdir / "theirs.npz"), mode, steps]
+    )
+    a, b = np.load(workdir / "ours.npz"), np.load(workdir / "theirs.npz")
+    shape = (n_obs, n_obs)
+    Ta = sparse.csr_matrix((a["T_data"], a["T_indices"], a["T_indptr"]), shape=shape)
+    Tb = sparse.csr_matrix((b["T_data"], b["T_indices"], b["T_indptr"]), shape=shape)
+    corr = {}
+    for j, name in enumerate(theirs["lineage_names"]):
+        if name in ours["lineage_names"]:
+            k = ours["lineage_names"].index(name)
+            corr[name] = float(np.corrcoef(a["fate_probabilities"][:, k], b["fate_probabilities"][:, j])[0, 1])
+    total_a, total_b = sum(ours["times"].values()), sum(theirs["times"].values())
+    return {
+        "n_obs": n_obs,
+        "mode": mode,
+        "explorer_s": ours["times"],
+        "cellrank_s": theirs["times"],
+        "explorer_total_s": total_a,
+        "cellrank_total_s": total_b,
+        "speedup": total_b / total_a,
+        "explorer_peak_rss_gb": ours["peak_rss_gb"],
+        "cellrank_peak_rss_gb": theirs["peak_rss_gb"],
+        "T_max_abs_diff": float(abs(Ta - Tb).max()),
+        "fate_probability_correlation": corr,
+    }
+
+
+def print_table(ours: dict, theirs: dict) -> None:
+    print(f"{'step':22s} {'explorer s':>11s} {'CellRank s':>11s} {'speed-up':>9s}")
+    for step in ours:
+        a, b = ours[step], theirs.get(step, float("nan"))
+        print(f"{step:22s} {a:11.2f} {b:11.2f} {b / a:8.1f}x")
+    ta, tb = sum(ours.values()), sum(theirs.values())
+    print(f"{'total':22s} {ta:11.2f} {tb:11.2f} {tb / ta:8.1f}x")
+
+
 def fit_pancreas(data: Path, out: Path) -> Path:
     from explorer.data.io import read, write
     from explorer.pipeline import run_velocity
@@ -176,6 +358,12 @@ def main() -> None:
     parser.add_argument("--n-states", type=int, default=10)
     parser.add_argument("--stability-threshold", type=float, default=0.96)
     parser.add_argument("--cellrank-python", default=str(DEFAULT_COMPAT))
+    parser.add_argument(
+        "--simulated", type=int, default=100_000, help="cells of the simulated comparison (0: skip it)"
+    )
+    parser.add_argument(
+        "--simulated-fates", action="store_true", help="also the fates on the simulation (explorer: > 4 GB at 100k)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "fates.json")
     args = parser.parse_args()
 
@@ -190,6 +378,15 @@ def main() -> None:
         theirs, arrays = run_cellrank(
             args.cellrank_python, fitted, mode=args.mode, n_states=args.n_states, workdir=work,
             stability_threshold=args.stability_threshold,
+        )
+        # the deterministic kernel at scale: CellRank's stochastic mode is a jax Hessian per cell
+        simulated = (
+            run_simulated(
+                args.simulated, mode="deterministic", cellrank_python=args.cellrank_python, workdir=work,
+                fates=args.simulated_fates,
+            )
+            if args.simulated
+            else None
         )
 
     T_theirs = sparse.csr_matrix(
@@ -228,18 +425,25 @@ def main() -> None:
         "cellrank_initial_states": theirs["initial_states"],
         "fate_probability_correlation": fate_corr,
         "terminal_cells_agree": float(np.mean(ours["terminal_cells"] == arrays["terminal"])),
+        "simulated": simulated,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
-    print(f"{'step':22s} {'explorer s':>11s} {'CellRank s':>11s} {'speed-up':>9s}")
-    for step in steps:
-        a, b = ours["times"][step], theirs["times"].get(step, float("nan"))
-        print(f"{step:22s} {a:11.2f} {b:11.2f} {b / a:8.1f}x")
-    print(f"{'total':22s} {ours_total:11.2f} {theirs_total:11.2f} {theirs_total / ours_total:8.1f}x")
+    print(f"pancreas, {ours['n_obs']:,} cells, {args.mode} kernel")
+    print_table({k: ours["times"][k] for k in steps}, theirs["times"])
     print(f"T max |diff|: {T_diff:.2e}")
     print(f"terminal states: explorer {ours['terminal_states']}, CellRank {theirs['terminal_states']}")
     print(f"fate probability correlation: {fate_corr}")
+    if simulated is not None:
+        print(f"\nsimulation, {simulated['n_obs']:,} cells, deterministic kernel (+ fates to given terminal cells)")
+        print_table(simulated["explorer_s"], simulated["cellrank_s"])
+        print(f"T max |diff|: {simulated['T_max_abs_diff']:.2e}")
+        print(f"fate probability correlation: {simulated['fate_probability_correlation']}")
+        print(
+            f"peak memory: explorer {simulated['explorer_peak_rss_gb']:.2f} GB, "
+            f"CellRank {simulated['cellrank_peak_rss_gb']:.2f} GB"
+        )
     print(f"-> {args.out}")
     sys.stdout.flush()
 

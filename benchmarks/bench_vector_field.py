@@ -3,9 +3,11 @@
 1. The real pancreas (3,696 cells, ``prepare``'s genes; base model ``stochastic`` or
    ``dynamical``, default parameters): time to fit the base (when needed) and the field
    (wall and CPU), to integrate 200 RK4 steps from every Ngn3 high EP cell, where those
-   paths end (group of the nearest observed cell), the fixed points (type and group),
-   and the fate shift of a knock-out (factor 0, held) of Pdx1, Nkx6-1 and Neurog3 in the
-   Ngn3 high EP cells, for those among the field's genes.
+   paths end (group of the nearest observed cell; also for the plain ODE), one cell's
+   200-step path as the app draws it, the velocity-matching cosine at the cells, the
+   fixed points (type and group), and the fate shift of a knock-out (factor 0, held) of
+   Pdx1, Nkx6-1 and Neurog3 in the Ngn3 high EP cells, for those among the field's genes;
+   the same on a second field over all genes (``genes="all"``, which holds Nkx6-1).
 2. Simulations (``simulate(n_obs, n_vars=100, branches=2)``; the state built directly from
    the true abundances and velocity, ``base=None``, so no preprocessing is timed): time
    per training epoch and of 100 RK4 steps from 1,000 cells, against cells.
@@ -53,10 +55,43 @@ class _Clock:
         return out
 
 
+ENDOCRINE = ("Alpha", "Beta", "Delta", "Epsilon")
+
+
+def _fixed(adata) -> list[dict]:
+    fixed = adata.uns["vector_field"]["fixed_points"]
+    return [
+        {"type": str(t), "cluster": str(c), "unstable_directions": int((er > 0).sum())}
+        for t, c, er in zip(fixed["type"], fixed["cluster"], fixed["eig_real"], strict=True)
+    ]
+
+
+def _knockouts(adata, field, cells, genes) -> dict:
+    from explorer.models.vector_field import perturb
+
+    out: dict = {}
+    for gene in genes:
+        if gene not in set(field.genes):
+            out[gene] = "not among the field's genes"
+            continue
+        p = perturb(adata, gene, cells=cells, factor=0.0, n_steps=200, field=field)
+        out[gene] = {
+            str(k): {"control": round(float(r["control"]), 4), "perturbed": round(float(r["perturbed"]), 4)}
+            for k, r in p.table().iterrows()
+            if r["control"] > 0 or r["perturbed"] > 0
+        }
+    return out
+
+
+def _ends(paths, steps: int) -> dict[str, float]:
+    ends = paths.loc[paths["step"] == steps, "end_cluster"].value_counts(normalize=True)
+    return {str(k): round(float(v), 4) for k, v in ends.items()}
+
+
 def pancreas_worker(base: str, device: str, out: str) -> None:
     from explorer.data.io import read
     from explorer.models import get_model
-    from explorer.models.vector_field import VectorField, load_field, perturb, simulate_trajectories
+    from explorer.models.vector_field import VectorField, load_field, simulate_trajectories
     from explorer.pipeline import prepare
 
     adata = read(PANCREAS)
@@ -65,6 +100,7 @@ def pancreas_worker(base: str, device: str, out: str) -> None:
     result: dict = {"cells": adata.n_obs, "genes": adata.n_vars, "base": base, "prepare": clock.lap()}
     get_model(base, seed=0).fit(adata).to_adata(adata)
     result["base_fit"] = clock.lap()
+    input_velocity = adata.layers["velocity"].copy()
     model = VectorField(base=base, seed=0, device=device)
     fit = model.fit(adata)
     result["field_fit"] = clock.lap()
@@ -72,30 +108,47 @@ def pancreas_worker(base: str, device: str, out: str) -> None:
     result["epochs"] = model.epochs
     result["device"] = str(model.module_.speed.device)
     fit.to_adata(adata)
-    fixed = adata.uns["vector_field"]["fixed_points"]
-    result["fixed_points"] = [
-        {"type": str(t), "cluster": str(c), "unstable_directions": int((er > 0).sum())}
-        for t, c, er in zip(fixed["type"], fixed["cluster"], fixed["eig_real"], strict=True)
-    ]
+    result["fixed_points"] = _fixed(adata)
+    attractors = [f["cluster"] for f in result["fixed_points"] if f["type"] == "attractor"]
+    result["attractors_endocrine"] = f"{sum(c in ENDOCRINE for c in attractors)}/{len(attractors)}"
     field = load_field(adata, device=device)
+    # velocity matching at the cells: cosine of the field with the input velocity in the state
+    ms = adata.layers["Ms"][:, field.cols]
+    ms = ms.toarray() if hasattr(ms, "toarray") else np.asarray(ms)
+    v = (np.nan_to_num(input_velocity[:, field.cols]) / (1 + ms)) @ field.loadings
+    f = adata.obsm["vf_velocity"]
+    cos = (f * v).sum(1) / np.linalg.norm(f, axis=1) / np.linalg.norm(v, axis=1)
+    result["velocity_cosine"] = round(float(np.mean(cos)), 4)
     cells = (adata.obs["clusters"] == START).to_numpy()
     clock.lap()
     paths = simulate_trajectories(adata, cells, n_steps=200, field=field)
     result["trajectories"] = {"cells": int(cells.sum()), "steps": 200, **clock.lap()}
-    ends = paths.loc[paths["step"] == 200, "end_cluster"].value_counts(normalize=True)
-    result["ends"] = {str(k): round(float(v), 4) for k, v in ends.items()}
-    result["knockouts"] = {}
-    for gene in KNOCKOUTS:
-        if gene not in set(field.genes):
-            result["knockouts"][gene] = "not among the field's genes"
-            continue
-        p = perturb(adata, gene, cells=cells, factor=0.0, n_steps=200, field=field)
-        result["knockouts"][gene] = {
-            str(k): {"control": round(float(r["control"]), 4), "perturbed": round(float(r["perturbed"]), 4)}
-            for k, r in p.table().iterrows()
-            if r["control"] > 0 or r["perturbed"] > 0
-        }
+    result["ends"] = _ends(paths, 200)
+    plain = simulate_trajectories(adata, cells, n_steps=200, field=field, on_data=False)
+    result["ends_plain_ode"] = _ends(plain, 200)
+    # one cell, as the app draws it on a click (the field already loaded)
+    one = []
+    for cell in np.flatnonzero(cells)[:5]:
+        clock.lap()
+        simulate_trajectories(adata, [int(cell)], n_steps=200, field=field)
+        one.append(clock.lap())
+    result["one_cell_200_steps"] = {
+        "wall_s": round(float(np.median([o["wall_s"] for o in one])), 3),
+        "cpu_s": round(float(np.median([o["cpu_s"] for o in one])), 3),
+    }
+    result["knockouts"] = _knockouts(adata, field, cells, KNOCKOUTS)
     result["n_field_genes"] = len(field.genes)
+    # genes="all": a field over every gene with a velocity, so that Nkx6-1 and Neurog3
+    # (not among the stochastic model's velocity genes) can be knocked down
+    every = adata.copy()
+    VectorField(base=base, seed=0, device=device, genes="all").fit(every).to_adata(every)
+    field_all = load_field(every, device=device)
+    result["all_genes"] = {
+        "n_field_genes": len(field_all.genes),
+        "fixed_points": _fixed(every),
+        "ends": _ends(simulate_trajectories(every, cells, n_steps=200, field=field_all), 200),
+        "knockouts": _knockouts(every, field_all, cells, KNOCKOUTS),
+    }
     result["peak_gb"] = round(_rss_gb(), 2)
     Path(out).write_text(json.dumps(result))
 
@@ -194,10 +247,14 @@ def main() -> None:
         print(f"pancreas ({p['cells']} cells, base {p['base']}, {p['epochs']} epochs on {p['device']}):")
         for step in ("prepare", "base_fit", "field_fit", "trajectories"):
             print(f"  {step:14s} wall {p[step]['wall_s']:8.1f} s   cpu {p[step]['cpu_s']:8.1f} s")
-        print(f"  paths from {START} end in: {p['ends']}")
+        print(f"  velocity cosine at the cells {p['velocity_cosine']}")
+        print(f"  one cell, 200 steps: {p['one_cell_200_steps']}")
+        print(f"  paths from {START} end in: {p['ends']} (plain ODE: {p['ends_plain_ode']})")
         print(f"  fixed points: {p['fixed_points']}")
+        print(f"  attractors in endocrine clusters: {p['attractors_endocrine']}")
         for gene, shift in p["knockouts"].items():
             print(f"  {gene} knock-out: {shift}")
+        print(f"  genes='all': {p['all_genes']}")
     print(f"{'cells':>8s} {'s/epoch':>8s} {'fit wall':>9s} {'fit cpu':>8s} {'RK4 wall':>9s} {'peak GB':>8s}")
     for r in result["simulation"]:
         print(

@@ -25,7 +25,7 @@ all lazy loads of heavy libraries that most uses never need:
 - **explorer's own optional parts**: ``explorer.cli`` imports the modules of ``compare``,
   ``fates``, ``trajectories``/``perturb`` and the streamed fit inside those subcommands;
   ``explorer.app.fits`` and ``explorer.app.readouts`` import the fates, kernels,
-  diagnostics and metrics modules when first used; ``explorer.pipeline`` imports the
+  diagnostics, metrics and vector-field modules when first used; ``explorer.pipeline`` imports the
   UMAP step when it runs. So ``explorer fit`` and a page load pay only for what they use
   (``tests/test_imports.py`` checks what ``explorer.cli`` and ``explorer.app.state`` load).
 """

@@ -265,12 +265,28 @@ def _cmd_fit_streamed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stage_clock() -> tuple[float, float]:
+    """Wall and CPU seconds (all threads) now, for ``explorer -v fit``'s stage timings."""
+    return time.perf_counter(), time.process_time()
+
+
 def _cmd_fit(args: argparse.Namespace) -> int:
     if _wants_stream(args):
         return _cmd_fit_streamed(args)
+    # CPU seconds so far: interpreter start-up and imports (the wall clock started before us)
+    stages: dict[str, list[float]] = {"start-up": [float("nan"), time.process_time()]}
+    clock = _stage_clock()
+
+    def stage(name: str) -> None:
+        nonlocal clock
+        now = _stage_clock()
+        stages[name] = [now[0] - clock[0], now[1] - clock[1]]
+        clock = now
+
     params, out, protect = _check_fit_args(args)
     with _Interrupt() as interrupt:
         adata, _ = _load(args.input, spliced_layer=args.spliced_layer, unspliced_layer=args.unspliced_layer)
+        stage("read")
         interrupt.check()
         bar = _Bar(enabled=not args.quiet, interrupt=interrupt)
         start = time.perf_counter()
@@ -289,8 +305,14 @@ def _cmd_fit(args: argparse.Namespace) -> int:
             )
         finally:
             bar.close()
+        stage("fit")
         interrupt.check()
         written = write(adata, out, protect=protect, overwrite=args.force, cancelled=interrupt.flag.is_set)
+        stage("write")
+    logger.info(
+        "fit command stages (s, [wall, cpu]): %s",
+        json.dumps({k: [round(x, 2) for x in v] for k, v in stages.items()}),
+    )
     n_genes = int(result.velocity_genes.sum())
     print(
         f"{args.model}: {adata.n_obs} cells, {adata.n_vars} genes, {n_genes} velocity genes "

@@ -125,6 +125,8 @@ class _Obs:
     #: its coefficient of variation on the model's own clock
     LATENT_TIME_STD: str = "latent_time_std"
     LATENT_TIME_CV: str = "latent_time_cv"
+    #: VeloVAE: posterior mean time on the model's own clock (that of fit_t_on, fit_t_)
+    LATENT_TIME_MODEL: str = "latent_time_model"
     #: VeloVAE: whether the cell was in the seeded training split (else held out)
     FIT_TRAIN: str = "fit_train"
     #: scVelo: transition confidence (velocity vs the expected displacement under T)

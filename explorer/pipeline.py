@@ -16,6 +16,7 @@ the app and CLI above it) do they meet.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -34,11 +35,14 @@ from explorer.graph.transition import (
     compute_velocity_confidence,
     compute_velocity_graph,
     transition_matrix,
+    velocity_gene_mask,
 )
 from explorer.keys import Key
 from explorer.models import get_model
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from scipy import sparse
 
     from explorer._types import FloatArray, ProgressCallback
@@ -251,6 +255,7 @@ def derive(
     *,
     basis: str = "umap",
     progress: ProgressCallback | None = None,
+    velocity_graph: Mapping[str, Any] | None = None,
 ) -> Derived:
     """Everything after the fit: velocity graph, transition matrix, projection, confidence.
 
@@ -269,6 +274,10 @@ def derive(
         Embedding to project the velocity on (``umap`` or ``X_umap``).
     progress
         Receives 1000 steps: the velocity graph fills the first 80 %.
+    velocity_graph
+        The model's own velocity graph, if it computed scVelo's (the dynamical model's
+        ``velocity_graph_``: ``graph``, ``graph_neg`` and the ``genes`` mask it used):
+        reused when those genes are the ones the graph step would use, else ignored.
 
     Returns
     -------
@@ -286,7 +295,14 @@ def derive(
     work = _graph_adata(adata, basis_key)
     result.to_adata(work)
     before = set(work.obs.columns)
-    compute_velocity_graph(work, progress=_derive_step(progress, 0))
+    graphs = None
+    if (
+        velocity_graph is not None
+        and velocity_graph["graph"].shape == (work.n_obs, work.n_obs)
+        and np.array_equal(velocity_graph["genes"], velocity_gene_mask(work))
+    ):
+        graphs = (velocity_graph["graph"], velocity_graph["graph_neg"])
+    compute_velocity_graph(work, progress=_derive_step(progress, 0), graphs=graphs)
     transitions = compute_transition_matrix(work)
     report(_derive_step(progress, 1), 0, 1)
     compute_velocity_embedding(work, basis=basis_key)
@@ -374,6 +390,14 @@ def run_velocity(
         raise InputError(msg) from None
 
     basis_key = Key.obsm.embedding(basis)
+    clock = [(time.perf_counter(), time.process_time())]
+    stages: dict[str, list[float]] = {}
+
+    def stage(name: str) -> None:
+        now = (time.perf_counter(), time.process_time())
+        stages[name] = [round(now[0] - clock[0][0], 2), round(now[1] - clock[0][1], 2)]
+        clock[0] = now
+
     report(progress, 0, len(STEPS), "preprocess")
     prepare(
         adata,
@@ -393,10 +417,19 @@ def run_velocity(
         )
         raise InputError(msg)
 
+    stage("preprocess")
     result = estimator.fit(adata, progress=_substep(progress, 1))
-    derived = derive(adata, result, basis=basis_key, progress=_derive_progress(progress))
+    stage("model fit")
+    # the dynamical model computes scVelo's velocity graph for its root cells: not twice
+    graph = getattr(estimator, "velocity_graph_", None)
+    derived = derive(
+        adata, result, basis=basis_key, progress=_derive_progress(progress), velocity_graph=graph
+    )
     result.to_adata(adata)
+    stage("graph, projection, confidence")
     derived.to_adata(adata)
+    stage("to adata")
+    logger.info("pipeline stages (s, [wall, cpu]): %s", stages)
     report(progress, len(STEPS), len(STEPS), "done")
     return result
 

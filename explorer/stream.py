@@ -24,6 +24,11 @@ on-disk store, and memory is ``O(n_obs x batch + n_edges)``.
    **latent time** (:func:`explorer.graph.latent_time.latent_time` split into gene-block
    and cell-block passes) and the onset fit.
 
+From raw counts, :func:`prepare_streamed` first runs :func:`explorer.pipeline.prepare`'s
+steps over blocks of cells (filter, normalise, log, seurat variable genes, an exact PCA from
+the streamed Gram matrix, then the kNN graph and UMAP on ``X_pca``), writing the normalised
+layers that step 1 reads; :func:`fit_streamed` calls it when the input has raw counts.
+
 :func:`fit_streamed` runs the passes in this process; given a ``dask.distributed``
 client (or a scheduler address, or a number of local workers) it sends each block to the
 cluster as one task. The results equal the in-memory ``explorer fit --model dynamical``
@@ -51,13 +56,28 @@ from anndata import AnnData
 from anndata.io import read_elem, sparse_dataset, write_elem
 from scipy import sparse
 
-from explorer._types import InputError, report
+from explorer._types import PREPROCESS, InputError, option, report
 from explorer._version import __version__
+from explorer.data.io import MAX_VALUE
+from explorer.data.preprocess import (
+    _GENE_COUNT_CORR_MIN_GENES,
+    _N_ROWS_CHECKED,
+    _N_ROWS_LOG_ADVISED,
+    MAX_LOGGED,
+    MIN_GENES,
+    _row_sums,
+    _scale_rows,
+    check_options,
+    highly_variable_from_moments,
+    looks_like_counts,
+    shared_counts,
+    size_factors,
+)
 from explorer.graph import latent_time as lt_mod
 from explorer.graph.moments import neighbor_weights
-from explorer.graph.projection import compute_velocity_embedding
+from explorer.graph.neighbors import _MIN_GENES_FOR_PCA, compute_neighbors
+from explorer.graph.projection import project_velocity, quiver_scale
 from explorer.graph.transition import (
-    compute_transition_matrix,
     knn_indices,
     knn_pattern,
     neighbor_pattern,
@@ -203,9 +223,9 @@ def _read_input(path: Path, *, spliced_layer: str, unspliced_layer: str) -> _Inp
         )
         if np.issubdtype(dtype, np.integer):
             msg = (
-                f"layer {spliced_layer!r} of {path.name!r} holds integer counts: the streamed fit expects "
-                "normalised layers (it does not filter or normalise). Preprocess with "
-                "explorer.pipeline.prepare and write the result with write_zarr."
+                f"layer {spliced_layer!r} of {path.name!r} holds integer counts: the fit expects normalised "
+                "layers. Leave preprocess unset (or pass preprocess=True) to filter and normalise them "
+                "in blocks (explorer.stream.prepare_streamed) first."
             )
             raise InputError(msg)
     obsm = {}
@@ -604,6 +624,483 @@ def dask_client(*, scheduler: str | None = None, n_workers: int | None = None) -
 
 
 # --------------------------------------------------------------------------------------
+# streamed preprocessing: counts -> normalised layers, variable genes, PCA, kNN graph
+# --------------------------------------------------------------------------------------
+
+
+def _read_block(elem: Any, start: int, stop: int, dtype: Any = None) -> sparse.csr_matrix | np.ndarray:
+    """Rows ``start:stop`` of a stored matrix as it is stored (CSR for anndata's sparse encodings)."""
+    if _encoding(elem) in ("csr_matrix", "csc_matrix"):
+        block = sparse.csr_matrix(sparse_dataset(elem)[start:stop])
+    else:
+        block = np.asarray(elem[start:stop])
+    return block if dtype is None or block.dtype == dtype else block.astype(dtype)
+
+
+def _values_of(block: sparse.csr_matrix | np.ndarray) -> np.ndarray:
+    return np.asarray(block.data if sparse.issparse(block) else block).ravel()
+
+
+def _value_stats(block: sparse.csr_matrix | np.ndarray) -> np.ndarray:
+    """``[non-finite, negative, above MAX_VALUE, min, max]`` of a block, for validate_counts' checks."""
+    values = _values_of(block)
+    if values.size == 0:
+        return np.array([0, 0, 0, np.inf, -np.inf])
+    finite = values[np.isfinite(values)]
+    return np.array([
+        values.size - finite.size, np.count_nonzero(finite < 0), np.count_nonzero(np.abs(finite) > MAX_VALUE),
+        finite.min(initial=np.inf), finite.max(initial=-np.inf),
+    ], dtype=np.float64)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _PrepPlan:
+    """What every preprocessing task needs (``O(n_obs + n_vars)``; the PCA loadings at the end)."""
+
+    source: Path
+    store: Path
+    n_obs: int
+    cell_chunk: int
+    #: source keys of X, spliced, unspliced (X is the spliced key when the input has no X)
+    keys: tuple[str, str, str]
+    normalise: tuple[bool, bool, bool] = (False, False, False)
+    log_x: bool = False
+    divisors: tuple[np.ndarray | None, ...] = (None, None, None)
+    keep: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    count_corr: bool = False
+    final: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    centre: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    components: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+
+
+def _prep_rows(plan: _PrepPlan, start: int) -> tuple[int, Any]:
+    return min(start + plan.cell_chunk, plan.n_obs), _open_root(plan.source)
+
+
+def _sizes_task(plan: _PrepPlan, start: int) -> dict[str, np.ndarray]:
+    """Cell sizes over all genes, per-gene shared counts and the value checks of a block of cells."""
+    stop, root = _prep_rows(plan, start)
+    x_key, s_key, u_key = plan.keys
+    s = _read_block(root[s_key], start, stop, np.float32)
+    u = _read_block(root[u_key], start, stop, np.float32)
+    x = s if x_key == s_key else _read_block(root[x_key], start, stop)
+    return {
+        "size_x": _row_sums(x), "size_s": _row_sums(s), "size_u": _row_sums(u),
+        "shared": shared_counts(s, u), "check_x": _value_stats(x), "check_s": _value_stats(s),
+        "check_u": _value_stats(u),
+    }  # fmt: skip
+
+
+def _normalised(plan: _PrepPlan, start: int, stop: int, root: Any, which: int, cols: np.ndarray) -> Any:
+    """Layer ``which`` (0 X, 1 spliced, 2 unspliced) of a block of cells on genes ``cols``, normalised."""
+    block = _read_block(root[plan.keys[which]], start, stop)
+    block = block[:, cols]
+    if not np.issubdtype(block.dtype, np.floating):
+        block = block.astype(np.float32)
+    if plan.normalise[which]:
+        block = _scale_rows(block, plan.divisors[which][start:stop])
+    return block
+
+
+def _log1p_block(x: Any) -> Any:
+    if sparse.issparse(x):
+        x = x.copy()
+        np.log1p(x.data, out=x.data)
+        return x
+    return np.log1p(x)
+
+
+def _gene_stats_task(plan: _PrepPlan, start: int) -> dict[str, np.ndarray]:
+    """Per-gene sums of ``expm1(log X)`` and its square (the seurat flavour's mean and variance)."""
+    stop, root = _prep_rows(plan, start)
+    x = _normalised(plan, start, stop, root, 0, plan.keep)
+    out: dict[str, np.ndarray] = {"n_counts": _row_sums(x)}
+    if plan.count_corr:  # scVelo's gene_count_corr, on the normalised X before the log
+        detected = np.asarray((x > 0).sum(axis=1), dtype=np.float64).ravel()
+        x64 = sparse.csr_matrix(x, dtype=np.float64) if sparse.issparse(x) else np.asarray(x, np.float64)
+        out.update(
+            cc_x=np.asarray(x64.sum(axis=0)).ravel(),
+            cc_xx=np.asarray((x64.multiply(x64) if sparse.issparse(x64) else x64 * x64).sum(axis=0)).ravel(),
+            cc_xd=np.asarray(x64.T @ detected).ravel(),
+            cc_d=np.array([detected.sum(), detected @ detected]),
+        )
+    if plan.log_x:
+        x = _log1p_block(x)
+    lo = np.asarray(x.min(axis=0).toarray() if sparse.issparse(x) else x.min(axis=0)).ravel()
+    hi = np.asarray(x.max(axis=0).toarray() if sparse.issparse(x) else x.max(axis=0)).ravel()
+    e = x.expm1() if sparse.issparse(x) else np.expm1(x)
+    if sparse.issparse(e):
+        data = e.data.astype(np.float64)
+        n = e.shape[1]
+        out.update(sum=np.bincount(e.indices, weights=data, minlength=n),
+                   sum2=np.bincount(e.indices, weights=data * data, minlength=n))  # fmt: skip
+    else:
+        e64 = np.asarray(e, dtype=np.float64)
+        out.update(sum=e64.sum(0), sum2=(e64 * e64).sum(0))
+    out.update(min=lo, max=hi)
+    return out
+
+
+def _write_task(plan: _PrepPlan, start: int, *, into: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Write a block of cells' normalised layers and log X on the selected genes; add X's Gram matrix."""
+    stop, root = _prep_rows(plan, start)
+    cols = plan.keep[plan.final]
+    out = {}
+    for which, name in ((0, "X"), (1, _layer(Key.layers.SPLICED)), (2, _layer(Key.layers.UNSPLICED))):
+        block = _normalised(plan, start, stop, root, which, cols)
+        if which == 0 and plan.log_x:
+            block = _log1p_block(block)
+        dense = np.asarray(block.toarray() if sparse.issparse(block) else block, dtype=np.float32)
+        _array(plan.store, name)[start:stop] = dense
+        if which == 0:
+            x64 = dense.astype(np.float64)
+            out = {"gram": x64.T @ x64, "sum": x64.sum(0)}
+    return out if into is None else _add_into(into, out)
+
+
+def _project_task(plan: _PrepPlan, start: int) -> np.ndarray:
+    """PCA coordinates of a block of cells (or, with no loadings, their log X itself)."""
+    stop = min(start + plan.cell_chunk, plan.n_obs)
+    x = np.asarray(_array(plan.store, "X")[start:stop], dtype=np.float64)
+    if plan.components.size == 0:
+        return x.astype(np.float32)
+    return ((x - plan.centre) @ plan.components).astype(np.float32)
+
+
+@dataclass(frozen=True, slots=True)
+class PrepareSummary:
+    """What :func:`prepare_streamed` did: the store written, its cells and genes, seconds per pass."""
+
+    out: Path
+    n_obs: int
+    n_vars_input: int
+    n_vars_kept: int
+    n_vars: int
+    seconds: dict[str, float]
+
+
+def _check_values(name: str, stats: np.ndarray, *, counts: bool) -> None:
+    n_bad, n_neg, n_big = (int(v) for v in stats[:3])
+    if n_bad:
+        msg = f"layer {name!r} has {n_bad} non-finite values (NaN or inf); expected finite counts. Fix those values."
+        raise InputError(msg)
+    if counts and n_neg:
+        msg = (
+            f"layer {name!r} has {n_neg} negative values (lowest {stats[3]:g}); expected counts >= 0. "
+            "Pass raw or normalised (not scaled/centred) counts."
+        )
+        raise InputError(msg)
+    if n_big:
+        msg = f"layer {name!r} has {n_big} values above {MAX_VALUE:g}; expected counts. Check the layer."
+        raise InputError(msg)
+
+
+def _x_logged(root: Any, plan: _PrepPlan, uns: dict[str, Any], stats: np.ndarray) -> bool:
+    """:func:`explorer.data.preprocess.x_is_logged` from the blocks' statistics (min, max) and the first rows."""
+    if Key.uns.LOG1P in uns:
+        return True
+    lowest, highest = stats[3], stats[4]
+    if not np.isfinite(highest):
+        return True
+    if lowest < -1:
+        return True
+    x_key, s_key, _ = plan.keys
+    head = min(_N_ROWS_LOG_ADVISED, plan.n_obs)
+    head_x = _read_block(root[x_key], 0, head).sum()
+    head_s = _read_block(root[s_key], 0, head, np.float32).sum()
+    if np.allclose(float(head_x), float(head_s)):
+        return False
+    return not highest > MAX_LOGGED
+
+
+def prepare_streamed(
+    source: str | Path,
+    out: str | Path,
+    *,
+    min_shared_counts: int = PREPROCESS.min_shared_counts,
+    n_top_genes: int | None = PREPROCESS.n_top_genes,
+    n_pcs: int = PREPROCESS.n_pcs,
+    n_neighbors: int = PREPROCESS.n_neighbors,
+    compute_umap: bool = True,
+    seed: int = 0,
+    spliced_layer: str = Key.layers.SPLICED,
+    unspliced_layer: str = Key.layers.UNSPLICED,
+    client: Any | None = None,
+    cells_per_task: int | None = None,
+    overwrite: bool = False,
+    progress: ProgressCallback | None = None,
+) -> PrepareSummary:
+    """:func:`explorer.pipeline.prepare` (without the moments) over blocks of cells, from a chunked store.
+
+    Never holds a ``(n_obs, n_vars)`` matrix: four passes over blocks of cells, each a
+    set of independent tasks (here, or on the Dask ``client``):
+
+    1. cell sizes over all genes and per-gene shared counts (scVelo's ``min_shared_counts``);
+    2. on the kept genes, per-gene sums of ``expm1(log X)`` and its square, from which
+       :func:`~explorer.data.preprocess.highly_variable_from_moments` picks the
+       ``n_top_genes`` as scanpy's seurat flavour does;
+    3. the selected genes' normalised ``spliced``/``unspliced`` and log ``X`` written to the
+       store, and X's ``genes x genes`` Gram matrix summed: the PCA is the eigen
+       decomposition of the covariance (exact, not randomised; ``O(n_genes^2)`` memory);
+    4. each block's PCA coordinates.
+
+    Then the kNN graph on ``X_pca`` with :func:`explorer.graph.neighbors.compute_neighbors`
+    (scanpy's, pynndescent above 4,096 cells) and, when asked, the UMAP: ``O(n_obs x k)``.
+    The moments ``Ms``/``Mu`` are left to :func:`fit_streamed`, which computes them per
+    gene block. The result equals the in-memory :func:`~explorer.pipeline.prepare` up to
+    float rounding in the sums (``tests/test_stream.py``).
+
+    Parameters
+    ----------
+    source
+        AnnData ``.zarr`` folder or ``.h5ad`` (read lazily) with raw counts in
+        ``spliced``/``unspliced`` (dense or CSR), and optionally X.
+    out
+        Output ``.zarr`` folder (never ``source``), written under a temporary name and renamed.
+    min_shared_counts, n_top_genes, n_pcs, n_neighbors, compute_umap, seed
+        As :func:`explorer.pipeline.prepare`.
+    client
+        A ``dask.distributed.Client`` to run the tasks on; ``None`` runs them here.
+    cells_per_task
+        Cells per task and per chunk of the written layers; default ``2**24`` elements.
+
+    Returns
+    -------
+    A :class:`PrepareSummary`.
+    """
+    check_options(
+        min_shared_counts=min_shared_counts, n_top_genes=n_top_genes, n_pcs=n_pcs, n_neighbors=n_neighbors
+    )
+    source, out = Path(source), Path(out)
+    _check_paths(source, out, overwrite)
+    clock = time.perf_counter()
+    try:
+        root = _open_root(source)
+    except (OSError, ValueError) as err:
+        msg = f"cannot read {source.name!r} as an AnnData store ({err}); expected an AnnData .zarr folder or .h5ad file."
+        raise InputError(msg) from None
+    names = set(root.keys())
+    layers = set(root["layers"].keys()) if "layers" in names else set()
+    for key, arg in ((spliced_layer, "spliced_layer"), (unspliced_layer, "unspliced_layer")):
+        if key not in layers:
+            msg = (
+                f"layer {key!r} not found in {source.name!r}; it has layers {sorted(layers)}. Load "
+                f"velocyto/STARsolo output with spliced and unspliced counts, or pass {option(arg)}."
+            )
+            raise InputError(msg)
+    obs, var = _read_elem(root, "obs"), _read_elem(root, "var")
+    n_obs, n_vars = len(obs), len(var)
+    if n_obs < n_neighbors:
+        msg = (
+            f"too few cells: found {n_obs}, fewer than n_neighbors={n_neighbors} asked for. "
+            f"Pass {option('n_neighbors')} at most {n_obs} or load more cells."
+        )
+        raise InputError(msg)
+    s_key, u_key = _layer(spliced_layer), _layer(unspliced_layer)
+    x_key = "X" if "X" in names and _encoding(root["X"]) in ("array", "csr_matrix", "csc_matrix") else s_key
+    uns = dict(_read_elem(root, "uns")) if "uns" in names else {}
+    chunk = cells_per_task or max(1, min(n_obs, _BLOCK_ELEMENTS // max(n_vars, 1)))
+    plan = _PrepPlan(source=source, store=out, n_obs=n_obs, cell_chunk=chunk, keys=(x_key, s_key, u_key))
+    runner = _Runner(client, progress)
+    runner.set_plan(plan)
+    starts = list(range(0, n_obs, chunk))
+
+    # 1. sizes and shared counts
+    parts = runner.map("sizes", _sizes_task, starts)
+    for name, key in (("X", "check_x"), (spliced_layer, "check_s"), (unspliced_layer, "check_u")):
+        stats = np.stack([p[key] for p in parts])
+        _check_values(name, np.r_[stats[:, :3].sum(0), stats[:, 3].min(), stats[:, 4].max()], counts=name != "X")
+    x_stats = np.stack([p["check_x"] for p in parts])
+    obs = obs.copy()
+    for key, part in (
+        (Key.obs.INITIAL_SIZE_UNSPLICED, "size_u"), (Key.obs.INITIAL_SIZE_SPLICED, "size_s"), (Key.obs.INITIAL_SIZE, "size_x"),
+    ):  # fmt: skip
+        if key not in obs:
+            obs[key] = np.concatenate([p[part] for p in parts])
+    shared = np.sum([p["shared"] for p in parts], axis=0)
+    keep = np.flatnonzero(shared >= min_shared_counts)
+    if len(keep) == 0:
+        msg = (
+            f"no genes left after filtering: none of the {n_vars} genes has min_shared_counts={min_shared_counts} "
+            "(spliced + unspliced counts over cells where both are detected). Lower `min_shared_counts` or "
+            "check that the layers hold raw counts."
+        )
+        raise InputError(msg)
+    head = min(_N_ROWS_CHECKED, n_obs)
+    normalise = tuple(looks_like_counts(_read_block(root[k], 0, head)) for k in plan.keys)
+    sizes = (Key.obs.INITIAL_SIZE, Key.obs.INITIAL_SIZE_SPLICED, Key.obs.INITIAL_SIZE_UNSPLICED)
+    divisors = tuple(size_factors(np.asarray(obs[k])) if flag else None for k, flag in zip(sizes, normalise, strict=True))
+    for name, flag in zip(("X", spliced_layer, unspliced_layer), normalise, strict=True):
+        if not flag:
+            logger.warning("did not normalise %s: it does not look like raw counts", name)
+    plan = _replace(plan, normalise=normalise, divisors=divisors, keep=keep)
+    if normalise[0]:
+        log_x = Key.uns.LOG1P not in uns
+    else:
+        log_x = not _x_logged(root, plan, uns, np.r_[0, 0, 0, x_stats[:, 3].min(), x_stats[:, 4].max()])
+        if log_x:
+            logger.warning("X is not raw counts and not log-transformed: taking log1p of it")
+    plan = _replace(plan, log_x=log_x, count_corr=len(keep) > _GENE_COUNT_CORR_MIN_GENES)
+    runner.set_plan(plan)
+
+    # 2. per-gene statistics and the variable genes
+    parts = runner.map("gene statistics", _gene_stats_task, starts)
+    obs[Key.obs.N_COUNTS] = np.concatenate([p["n_counts"] for p in parts])
+    var_out = var.iloc[keep].copy()
+    if plan.count_corr and Key.var.GENE_COUNT_CORR not in var_out:
+        d_sum, d_sq = np.sum([p["cc_d"] for p in parts], axis=0)
+        sx, sxx, sxd = (np.sum([p[k] for p in parts], axis=0) for k in ("cc_x", "cc_xx", "cc_xd"))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            yy = d_sq - d_sum**2 / n_obs
+            corr = (sxd - d_sum / n_obs * sx) / np.sqrt((sxx - sx**2 / n_obs) * yy)
+        var_out[Key.var.GENE_COUNT_CORR] = np.round(corr, 4)
+    final = np.arange(len(keep))
+    if n_top_genes is not None:
+        lo = np.min([p["min"] for p in parts], axis=0)
+        hi = np.max([p["max"] for p in parts], axis=0)
+        if not (hi > lo).any():
+            msg = (
+                f"every one of the {len(keep)} genes has the same value in all {n_obs} cells; expected expression "
+                "that varies between cells (velocity needs it). Check that the layers hold per-cell counts."
+            )
+            raise InputError(msg)
+        total = np.sum([p["sum"] for p in parts], axis=0)
+        total2 = np.sum([p["sum2"] for p in parts], axis=0)
+        mean = total / n_obs
+        variance = (total2 - total * mean) / max(n_obs - 1, 1)
+        hvg = highly_variable_from_moments(mean, variance, n_top_genes=n_top_genes)
+        for key, values in hvg.items():
+            var_out[key] = values
+        final = np.flatnonzero(hvg[Key.var.HIGHLY_VARIABLE])
+        var_out = var_out.iloc[final].copy()
+        uns["hvg"] = {"flavor": "seurat"}
+    if len(final) < MIN_GENES:
+        msg = (
+            f"too few genes left after filtering: {len(final)} of the {n_vars} genes passed "
+            f"(min_shared_counts={min_shared_counts} and gene selection); velocity needs at least "
+            f"{MIN_GENES}. Lower {option('min_shared_counts')} or load more genes."
+        )
+        raise InputError(msg)
+    if log_x:
+        uns[Key.uns.LOG1P] = {"base": None}
+
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        store = zarr.open_group(str(tmp), mode="w", zarr_format=_zarr_format())
+        store.attrs.update(_ANNDATA_ATTRS)
+        group = store.create_group("layers")
+        group.attrs.update(_DICT_ATTRS)
+        n_final = len(final)
+        for name in (Key.layers.SPLICED, Key.layers.UNSPLICED):
+            _create(group, name, (n_obs, n_final), (chunk, n_final), np.float32)
+        _create(store, "X", (n_obs, n_final), (chunk, n_final), np.float32)
+        plan = _replace(plan, store=tmp, final=final)
+        runner.set_plan(plan)
+
+        # 3. the layers, and X's Gram matrix for the PCA
+        sums = runner.sum("normalise", _write_task, starts)
+        obsm = {k: np.asarray(_read_elem(root, f"obsm/{k}")) for k in root["obsm"].keys()} if "obsm" in names else {}
+        varm: dict[str, np.ndarray] = {}
+        n_comps = min(n_pcs, n_final - 1, n_obs - 1)
+        if n_final >= _MIN_GENES_FOR_PCA:
+            centre, components, variance, ratio = _pca_from_gram(sums["gram"], sums["sum"], n_obs, n_comps)
+            plan = _replace(plan, centre=centre, components=components)
+            varm["PCs"] = components.astype(np.float32)
+            uns[Key.uns.PCA] = {
+                "params": {"zero_center": True, "use_highly_variable": False, "mask_var": None},
+                "variance": variance, "variance_ratio": ratio,
+            }  # fmt: skip
+        runner.set_plan(plan)
+
+        # 4. PCA coordinates (or X itself below 50 genes, as scanpy), then the graph
+        rep = np.concatenate(runner.map("PCA", _project_task, starts))
+        if plan.components.size:
+            light = AnnData(obs=pd.DataFrame(index=obs.index.copy()), obsm={Key.obsm.PCA: rep})
+        else:
+            light = AnnData(X=rep, obs=pd.DataFrame(index=obs.index.copy()), var=pd.DataFrame(index=var_out.index.copy()))
+        clock2 = time.perf_counter()
+        compute_neighbors(light, n_neighbors=n_neighbors, n_pcs=n_pcs, seed=seed)
+        runner.task_seconds["neighbours"] = time.perf_counter() - clock2
+        made_umap = False
+        if compute_umap and Key.obsm.UMAP not in obsm:
+            # scanpy's UMAP loads only when drawn (explorer/__init__.py's lazy loads)
+            from explorer.graph.embedding import compute_umap as _compute_umap
+
+            clock2 = time.perf_counter()
+            _compute_umap(light, seed=seed)
+            runner.task_seconds["UMAP"] = time.perf_counter() - clock2
+            made_umap = True
+        obsm.update({k: np.asarray(v) for k, v in light.obsm.items()})
+        obsp = {k: v for k, v in (_read_elem(root, "obsp").items() if "obsp" in names else ())}
+        obsp.update({k: sparse.csr_matrix(v) for k, v in light.obsp.items()})
+        uns.update({k: v for k, v in light.uns.items() if k in (Key.uns.NEIGHBORS, "umap")})
+        uns[Key.uns.PREPROCESS] = {
+            "normalized": True, "min_shared_counts": min_shared_counts,
+            "n_top_genes": "None" if n_top_genes is None else n_top_genes, "n_pcs": n_pcs,
+            "n_neighbors": n_neighbors, "seed": seed, "umap_computed": made_umap, "n_obs": n_obs,
+            "n_vars": n_final, "streamed": True,
+        }  # fmt: skip
+        _write_tables(store, obs, var_out, obsm, obsp, uns)
+        write_elem(store, "varm", varm)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    seconds = dict(runner.task_seconds)
+    seconds["total"] = time.perf_counter() - clock
+    return PrepareSummary(
+        out=out, n_obs=n_obs, n_vars_input=n_vars, n_vars_kept=len(keep), n_vars=len(final), seconds=seconds
+    )
+
+
+def _pca_from_gram(
+    gram: np.ndarray, total: np.ndarray, n_obs: int, n_comps: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Zero-centred PCA from ``X^T X`` and ``sum X``: centre, ``(n_vars, n_comps)`` loadings, variances.
+
+    The covariance's leading eigenvectors are the PCA's components (scanpy's ARPACK solves
+    for the same ones); signs as scikit-learn's ``svd_flip`` (largest loading positive).
+    """
+    from scipy.linalg import eigh
+
+    centre = total / n_obs
+    cov = (gram - n_obs * np.outer(centre, centre)) / max(n_obs - 1, 1)
+    n = cov.shape[0]
+    values, vectors = eigh(cov, subset_by_index=(n - n_comps, n - 1))
+    order = np.argsort(values)[::-1]
+    values, vectors = values[order], vectors[:, order]
+    signs = np.sign(vectors[np.argmax(np.abs(vectors), axis=0), np.arange(n_comps)])
+    vectors *= np.where(signs == 0, 1.0, signs)
+    return centre, vectors, values, values / max(np.trace(cov), 1e-300)
+
+
+def _needs_preprocessing(source: Path, spliced_layer: str) -> bool:
+    """Whether a store holds raw counts or lacks a neighbour graph (and has no ``Ms``/``Mu``)."""
+    try:
+        root = _open_root(source)
+        layers = set(root["layers"].keys()) if "layers" in root else set()
+        if {Key.layers.MS, Key.layers.MU} <= layers or spliced_layer not in layers:
+            return False  # fitted as it is, or _read_input says what is missing
+        graph = "obsp" in root and {Key.obsp.CONNECTIVITIES, Key.obsp.DISTANCES} <= set(root["obsp"].keys())
+        return not graph or looks_like_counts(_read_block(root[_layer(spliced_layer)], 0, _N_ROWS_CHECKED))
+    except (OSError, ValueError, KeyError):
+        return False  # _read_input explains
+
+
+def _check_paths(source: Path, out: Path, overwrite: bool) -> None:
+    if not source.exists():
+        msg = f"file not found: {str(source)!r}; expected an AnnData .zarr folder or .h5ad file."
+        raise InputError(msg)
+    if out.resolve() == source.resolve():
+        msg = f"--out {out} is the input; explorer never overwrites its input. Choose another output path."
+        raise InputError(msg)
+    if out.exists() and not overwrite:
+        msg = f"{out} exists; pass overwrite=True (--force) to replace it, or choose another path."
+        raise InputError(msg)
+
+
+# --------------------------------------------------------------------------------------
 # the whole streamed fit
 # --------------------------------------------------------------------------------------
 
@@ -664,6 +1161,8 @@ def fit_streamed(
     genes_per_task: int | None = None,
     overwrite: bool = False,
     progress: ProgressCallback | None = None,
+    preprocess: bool | None = None,
+    prepare_params: dict[str, Any] | None = None,
 ) -> StreamSummary:
     """Fit the dynamical model gene block by gene block and write an AnnData zarr store.
 
@@ -672,7 +1171,8 @@ def fit_streamed(
     source
         AnnData ``.zarr`` folder or ``.h5ad`` file, read in blocks: normalised layers
         ``spliced``/``unspliced`` (or ``Ms``/``Mu``), obsp ``distances`` and
-        ``connectivities`` (preprocessed, e.g. by :func:`explorer.pipeline.prepare`).
+        ``connectivities`` (preprocessed, e.g. by :func:`explorer.pipeline.prepare`), or
+        raw counts, which :func:`prepare_streamed` preprocesses first (``preprocess``).
     out
         Output ``.zarr`` folder, never ``source``; written under a temporary name and renamed.
     model
@@ -695,6 +1195,12 @@ def fit_streamed(
         Replace ``out`` if it exists.
     progress
         Receives a report per task.
+    preprocess
+        Run :func:`prepare_streamed` first (into a scratch store next to ``out``, removed
+        at the end). ``None``: when the input has raw counts (whole numbers in the first
+        cells) or no neighbour graph, and no ``Ms``/``Mu``.
+    prepare_params
+        Keyword arguments of :func:`prepare_streamed` (``n_top_genes``, ``n_pcs``, ...).
 
     Returns
     -------
@@ -707,19 +1213,30 @@ def fit_streamed(
     uns ``velocity_params``. The counts stay in the input.
     """
     source, out = Path(source), Path(out)
-    if not source.exists():
-        msg = f"file not found: {str(source)!r}; expected an AnnData .zarr folder or .h5ad file."
-        raise InputError(msg)
-    if out.resolve() == source.resolve():
-        msg = f"--out {out} is the input; explorer never overwrites its input. Choose another output path."
-        raise InputError(msg)
-    if out.exists() and not overwrite:
-        msg = f"{out} exists; pass overwrite=True (--force) to replace it, or choose another path."
-        raise InputError(msg)
+    _check_paths(source, out, overwrite)
     estimator = _check_model(model, model_params)
     _resolve_device(estimator.device)
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
+    if preprocess is None:
+        preprocess = _needs_preprocessing(source, spliced_layer)
+    if preprocess:
+        prepared = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.prepared.zarr")
+        try:
+            prep = prepare_streamed(
+                source, prepared, spliced_layer=spliced_layer, unspliced_layer=unspliced_layer,
+                client=client, progress=progress, **({"seed": estimator.seed} | (prepare_params or {})),
+            )  # fmt: skip
+            summary = fit_streamed(
+                prepared, out, model=model, model_params=model_params, basis=basis, client=client,
+                genes_per_task=genes_per_task, overwrite=overwrite, progress=progress, preprocess=False,
+            )  # fmt: skip
+        finally:
+            shutil.rmtree(prepared, ignore_errors=True)
+        times = {f"prepare: {k}": v for k, v in prep.seconds.items()}
+        times.update(summary.seconds)
+        times["total"] = time.perf_counter() - clock
+        return dataclasses.replace(summary, seconds=times)
     data = _read_input(source, spliced_layer=spliced_layer, unspliced_layer=unspliced_layer)
     n_obs, n_vars = data.n_obs, data.n_vars
     if n_obs < 3:
@@ -843,29 +1360,32 @@ def _run(
     graph_starts = list(range(0, len(graph_cols), per_task))
     sums = runner.sum("velocity graph", _graph_task, graph_starts)
     corr = _correlations(sums, pattern, len(graph_cols))
+    for key in ("d", "d2", "dv"):  # the per-edge sums (24 bytes an edge): used up
+        del sums[key]
+    n_edges = int(pattern.nnz)
+    # the edge pattern too (the graph holds the same edges): the later passes do not read it
+    plan = _replace(plan, pattern=sparse.csr_matrix((n_obs, n_obs), dtype=np.float32))
+    runner.set_plan(plan)
+    del pattern
     graph, graph_neg = split_graph(corr)
+    del corr
 
     obs = pd.DataFrame(index=data.obs.index.copy())
     obs[Key.obs.VELOCITY_SELF_TRANSITION] = self_transition_probabilities(graph)
-    light = AnnData(
-        obs=pd.DataFrame(index=data.obs.index.copy()),
-        obsp={Key.obsp.VELOCITY_GRAPH: graph, Key.obsp.VELOCITY_GRAPH_NEG: graph_neg},
-        obsm={k: v for k, v in data.obsm.items() if k == Key.obsm.embedding(basis)},
-    )
-    transitions = compute_transition_matrix(light)
+    self_p = obs[Key.obs.VELOCITY_SELF_TRANSITION].to_numpy()
+    transitions = _transitions(graph, graph_neg, self_p)  # compute_transition_matrix's T_fwd
     obsm: dict[str, np.ndarray] = {}
     embeddings: list[str] = []
-    if Key.obsm.embedding(basis) in light.obsm:
-        compute_velocity_embedding(light, basis=basis)
+    if Key.obsm.embedding(basis) in data.obsm:
         name = Key.obsm.embedding(basis).removeprefix("X_")
-        obsm[Key.obsm.velocity(name)] = np.asarray(light.obsm[Key.obsm.velocity(name)])
+        obsm[Key.obsm.velocity(name)] = _project(graph, graph_neg, self_p, data.obsm[Key.obsm.embedding(basis)])
         embeddings = [name]
     else:
         logger.info("no obsm[%r]: the velocity is not projected", Key.obsm.embedding(basis))
     length, confidence = _confidence(sums, knn, len(graph_cols))
     obs[Key.obs.VELOCITY_LENGTH] = np.round(length, 2)
     obs[Key.obs.VELOCITY_CONFIDENCE] = confidence
-    T32 = sparse.csr_matrix(transition_matrix(graph, graph_neg), dtype=np.float32)
+    T32 = sparse.csr_matrix(transitions, dtype=np.float32)  # transition_matrix(graph, graph_neg), as T_fwd
     tsums = runner.sum("confidence", _transition_task, graph_starts, T32)
     obs[Key.obs.VELOCITY_CONFIDENCE_TRANSITION] = _transition_confidence(tsums, len(graph_cols))
 
@@ -929,8 +1449,63 @@ def _run(
         "n_vars": n_vars,
         "n_fitted": len(cols),
         "n_velocity_genes": int(velocity_genes.sum()),
-        "n_edges": int(pattern.nnz),
+        "n_edges": n_edges,
     }
+
+
+def _row_blocks(matrix: sparse.csr_matrix, per_block: int) -> list[tuple[int, int]]:
+    """Ranges of rows of ``matrix`` holding about ``per_block`` stored entries each."""
+    n = matrix.shape[0]
+    bounds = np.searchsorted(matrix.indptr, np.arange(0, matrix.nnz + per_block, per_block), side="right") - 1
+    bounds = np.unique(np.r_[0, np.clip(bounds, 0, n), n])
+    return list(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True))
+
+
+def _rows(matrix: sparse.csr_matrix, a: int, b: int) -> sparse.csr_matrix:
+    """``matrix`` with only rows ``a:b`` kept (same shape; the others empty), sharing its arrays."""
+    m = sparse.csr_matrix(matrix)
+    lo, hi = m.indptr[a], m.indptr[b]
+    n = m.shape[0]
+    indptr = np.concatenate([np.zeros(a, dtype=np.int64), m.indptr[a : b + 1] - lo, np.full(n - b, hi - lo)])
+    return sparse.csr_matrix((m.data[lo:hi], m.indices[lo:hi], indptr), shape=m.shape)
+
+
+def _transitions(graph: sparse.csr_matrix, graph_neg: sparse.csr_matrix, self_p: np.ndarray) -> sparse.csr_matrix:
+    """:func:`~explorer.graph.transition.transition_matrix` (scVelo's defaults), built a block of cells at a time.
+
+    Each row of it depends on that row of the graphs only (self transition, kernel,
+    normalisation) and the self-transition probabilities ``self_p`` (whose percentile spans
+    all cells), so the blocks' rows are its rows; its temporaries (five float64 copies of
+    the graph) stay the size of a block.
+    """
+    parts = []
+    for a, b in _row_blocks(graph, _BLOCK_ELEMENTS // 4):
+        parts.append(transition_matrix(_rows(graph, a, b), _rows(graph_neg, a, b), self_probabilities=self_p)[a:b])
+    return sparse.vstack(parts, format="csr") if len(parts) > 1 else parts[0]
+
+
+def _project(
+    graph: sparse.csr_matrix, graph_neg: sparse.csr_matrix, self_p: np.ndarray, embedding: np.ndarray
+) -> np.ndarray:
+    """:func:`~explorer.graph.projection.compute_velocity_embedding`'s projection, by blocks of cells.
+
+    ``project_velocity`` holds three ``(n_edges, n_dims)`` float64 arrays at once (720
+    bytes an edge on a 30-component PCA); here each block of cells' edges goes through it
+    (and through the signed transition matrix) alone: rows outside the block are empty, so
+    their output is zero and ignored. The arrows are scaled once at the end, as it does.
+    """
+    E = np.asarray(embedding, dtype=np.float64)
+    n_obs, n_dims = E.shape
+    V = np.zeros((n_obs, n_dims))
+    for a, b in _row_blocks(graph, max(1, _BLOCK_ELEMENTS // max(4 * n_dims, 1))):
+        T = transition_matrix(
+            _rows(graph, a, b), _rows(graph_neg, a, b), use_negative_cosines=True, self_probabilities=self_p
+        )
+        V[a:b] = project_velocity(_rows(T, a, b), E, autoscale=False)[a:b]
+    scale = quiver_scale(E, V)
+    if scale > 0:
+        V /= 3.0 * scale
+    return V.astype(np.float32)
 
 
 class _Columns:

@@ -1,4 +1,4 @@
-"""The streamed (gene-batch) dynamical fit equals the in-memory one; on Dask too.
+"""The streamed (gene-batch) dynamical fit and the streamed preprocessing equal the in-memory ones; on Dask too.
 
 The in-memory path is ``Dynamical().fit`` + :func:`explorer.pipeline.derive`, what
 ``explorer fit --model dynamical`` runs. The streamed path reads the stored AnnData in
@@ -21,7 +21,7 @@ from explorer.graph import latent_time as lt_mod
 from explorer.graph.transition import transition_matrix
 from explorer.models.dynamical import Dynamical
 from explorer.pipeline import derive, prepare
-from explorer.stream import dask_client, fit_streamed
+from explorer.stream import _needs_preprocessing, dask_client, fit_streamed, prepare_streamed
 
 pytestmark = pytest.mark.filterwarnings("ignore:Writing zarr v2 data:UserWarning")
 
@@ -105,7 +105,12 @@ def small_store(tmp_path_factory):
     return path
 
 
-def test_dask_cluster_of_two_equals_one_process(small_store, tmp_path):
+def test_dask_cluster_of_two_equals_one_process(small_store, raw_store, tmp_path):
+    """The streamed fit and the streamed preprocessing on a LocalCluster of 2 workers equal one process."""
+    # raw counts are preprocessed first when fit_streamed is not told otherwise; a prepared store is not
+    assert _needs_preprocessing(raw_store, "spliced") and not _needs_preprocessing(small_store, "spliced")
+    prep = {"n_top_genes": 80, "compute_umap": False, "cells_per_task": 500}
+    here = ad.read_zarr(prepare_streamed(raw_store, tmp_path / "here.zarr", **prep).out)
     params = {"batch_size": 8, "max_iter": 3, "fit_t_on": False, "genes": "all"}
     # the single-process run through the command line (a .zarr input streams)
     flags = [f"--param={k}={v}" for k, v in params.items()]
@@ -116,6 +121,13 @@ def test_dask_cluster_of_two_equals_one_process(small_store, tmp_path):
         summary = fit_streamed(
             small_store, tmp_path / "dask.zarr", model_params=params, genes_per_task=16, client=client
         )
+        there = ad.read_zarr(prepare_streamed(raw_store, tmp_path / "there.zarr", client=client, **prep).out)
+    # preprocessing: per-block values identical; the PCA's Gram sums added in another order
+    for key in ("spliced", "unspliced"):
+        np.testing.assert_array_equal(there.layers[key], here.layers[key], err_msg=key)
+    assert list(there.var_names) == list(here.var_names)
+    np.testing.assert_allclose(there.obsm["X_pca"], here.obsm["X_pca"], atol=1e-5)
+    assert (there.obsp["distances"] != here.obsp["distances"]).nnz == 0
     on_dask = ad.read_zarr(summary.out)
     assert summary.n_fitted == 40  # three fit tasks, three graph tasks, reduced as a tree
     for key in ("velocity", "velocity_u", "fit_t"):
@@ -139,3 +151,62 @@ def test_bad_input_is_explained(small_store, tmp_path, capsys):
         fit_streamed(source, source)
     assert main(["fit", str(source), "--model", "stochastic", "-o", str(tmp_path / "x.zarr")]) != 0
     assert "dynamical model only" in capsys.readouterr().err
+    # the streamed preprocessing: a missing layer and negative counts are named, nothing is written
+    del no_graph.layers["unspliced"]
+    no_graph.write_zarr(tmp_path / "no_unspliced.zarr")
+    with pytest.raises(InputError, match="layer 'unspliced' not found"):
+        prepare_streamed(tmp_path / "no_unspliced.zarr", tmp_path / "prepared.zarr")
+    negative = ad.AnnData(
+        obs=no_graph.obs, var=no_graph.var,
+        layers={"spliced": -np.ones(no_graph.shape, np.float32), "unspliced": np.ones(no_graph.shape, np.float32)},
+    )  # fmt: skip
+    negative.write_zarr(tmp_path / "negative.zarr")
+    with pytest.raises(InputError, match="negative values"):
+        prepare_streamed(tmp_path / "negative.zarr", tmp_path / "prepared.zarr", n_neighbors=5)
+    assert not (tmp_path / "prepared.zarr").exists()
+
+
+#: the raw pancreas file: counts in X, spliced, unspliced (CSR), no graph
+RAW = "pancreas_endocrinogenesis_3696.h5ad"
+
+
+def _same_preprocessing(got: ad.AnnData, want: ad.AnnData) -> None:
+    """The streamed preprocessing's output against the in-memory one's (same cells, genes, values)."""
+    assert list(got.var_names) == list(want.var_names)  # same filter and same variable genes
+    for key in ("spliced", "unspliced"):
+        np.testing.assert_allclose(_dense(got.layers[key]), _dense(want.layers[key]), rtol=1e-6, err_msg=key)
+    np.testing.assert_allclose(_dense(got.X), _dense(want.X), rtol=1e-6)
+    for col in ("initial_size", "initial_size_spliced", "initial_size_unspliced", "n_counts"):
+        np.testing.assert_allclose(got.obs[col], want.obs[col], rtol=1e-6, err_msg=col)
+    for col in ("means", "dispersions", "dispersions_norm"):
+        np.testing.assert_allclose(got.var[col], want.var[col], rtol=1e-5, err_msg=col)
+    # the PCA from the streamed Gram matrix: scanpy's ARPACK components, signs included
+    np.testing.assert_allclose(got.uns["pca"]["variance"], want.uns["pca"]["variance"], rtol=1e-5)
+    np.testing.assert_allclose(got.obsm["X_pca"], want.obsm["X_pca"], atol=1e-3)
+    # the kNN graph on it: the same neighbours but for near ties at float rounding
+    a, b = got.obsp["distances"].tocsr(), want.obsp["distances"].tocsr()
+    assert a.nnz == b.nnz
+    differ = ((a > 0) != (b > 0)).nnz
+    assert differ <= 1e-4 * b.nnz, differ
+    # UMAP's weights from those distances (exponentials of the rounding): equal to 1e-3 but near the ties
+    rows_equal = np.isclose(_dense(got.obsp["connectivities"]), _dense(want.obsp["connectivities"]), atol=1e-3).all(1)
+    assert rows_equal.mean() > 0.99, rows_equal.mean()
+
+
+def test_streamed_preprocessing_equals_in_memory_on_the_pancreas(pancreas_subset, shared_data, tmp_path):
+    """Filter, normalise, log, variable genes, PCA and kNN over blocks of cells equal scVelo's pipeline in memory."""
+    want, _ = pancreas_subset  # explorer.pipeline.prepare(n_top_genes=60) of the raw file
+    summary = prepare_streamed(
+        shared_data / RAW, tmp_path / "prepared.zarr", n_top_genes=60, compute_umap=False, cells_per_task=1000
+    )
+    assert (summary.n_vars_input, summary.n_vars) == (2000, 60)
+    assert summary.n_vars_kept == 1126  # scVelo's min_shared_counts=20 on the pancreas
+    _same_preprocessing(ad.read_zarr(summary.out), want)
+
+
+@pytest.fixture(scope="module")
+def raw_store(shared_data, tmp_path_factory):
+    """1,500 cells of the raw pancreas counts as a .zarr store (CSR, as anndata writes them)."""
+    path = tmp_path_factory.mktemp("raw") / "raw.zarr"
+    ad.read_h5ad(shared_data / RAW)[:1500].copy().write_zarr(path)
+    return path

@@ -22,8 +22,17 @@ from explorer._types import InputError
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
 
-#: file endings the app offers as datasets (what ``explorer.data.io.read`` understands)
-DATASET_SUFFIXES: tuple[str, ...] = (".h5ad", ".loom")
+#: file endings the app offers as datasets (what ``explorer.data.io.read`` understands;
+#: ``.zarr`` is a folder, AnnData's chunked store, opened lazily)
+DATASET_SUFFIXES: tuple[str, ...] = (".h5ad", ".loom", ".zarr")
+
+
+def is_dataset(path: Path) -> bool:
+    """Whether ``path`` is a dataset the app opens: an ``.h5ad``/``.loom`` file or a ``.zarr`` folder."""
+    suffix = path.suffix.lower()
+    if suffix == ".zarr":
+        return path.is_dir()
+    return suffix in DATASET_SUFFIXES and path.is_file()
 
 #: how deep :func:`list_datasets` looks below ``data_dir`` (a folder of folders is common)
 _MAX_DEPTH = 2
@@ -77,7 +86,7 @@ def resolve_under(data_dir: str | Path, name: str) -> Path:
 
 
 def list_datasets(data_dir: str | Path) -> list[str]:
-    """Dataset files (``.h5ad``, ``.loom``) under ``data_dir``, as sorted relative names.
+    """Datasets (``.h5ad``, ``.loom`` files, ``.zarr`` folders) under ``data_dir``, as sorted relative names.
 
     Looks at most two folders deep, skips hidden entries, and leaves out links that lead
     outside ``data_dir``.
@@ -101,10 +110,10 @@ def list_datasets(data_dir: str | Path) -> list[str]:
                 continue
             if not target.is_relative_to(root):
                 continue
-            if target.is_dir() and depth < _MAX_DEPTH:
-                walk(entry, depth + 1)
-            elif target.is_file() and entry.suffix.lower() in DATASET_SUFFIXES:
+            if is_dataset(entry):
                 found.append(entry.relative_to(root).as_posix())
+            elif target.is_dir() and depth < _MAX_DEPTH:
+                walk(entry, depth + 1)
 
     walk(root, 0)
     return found

@@ -13,8 +13,11 @@
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import inspect
+import sys
+import typing
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -55,6 +58,74 @@ def model_defaults(model: str) -> dict[str, Any]:
         for name, p in signature.parameters.items()
         if name != "self" and p.default is not inspect.Parameter.empty
     }
+
+
+def model_choices(model: str) -> dict[str, list[Any]]:
+    """Return the parameters of ``model`` that take one of a few values, with those values (for menus).
+
+    A ``Literal[...]`` annotation gives its values; a ``base`` parameter (a model another
+    learns from, as ``vector_field``'s) the other registered models.
+    """
+    cls = MODELS[model]
+    module = vars(sys.modules[cls.__module__])
+
+    class Known(dict):
+        """Names of the model's module; a name only type checkers import reads as ``Any``."""
+
+        def __missing__(self, key: str) -> Any:
+            return module.get(key, getattr(builtins, key, Any))
+
+    out: dict[str, list[Any]] = {}
+    for name, p in inspect.signature(cls.__init__).parameters.items():
+
+        def one() -> None: ...
+
+        one.__annotations__ = {name: p.annotation}
+        try:  # one parameter at a time: another's annotation may not evaluate at run time
+            hint = typing.get_type_hints(one, globalns=module, localns=Known())[name]
+        except (NameError, TypeError, AttributeError, SyntaxError):
+            continue
+        if typing.get_origin(hint) is typing.Literal:
+            out[name] = list(typing.get_args(hint))
+    if "base" in model_defaults(model):
+        out["base"] = [m for m in model_names() if m != model]
+    return out
+
+
+def base_fit(model: str, params: dict[str, Any], fits: dict[str, Fit], *, active: str | None) -> Fit | None:
+    """The session's fit that ``model`` (with a ``base`` parameter) can learn from instead of refitting it.
+
+    The active fit when its model is the base, else the latest fit of that model; None for
+    a model without a ``base`` or when the session has no fit of it.
+    """
+    defaults = model_defaults(model)
+    if "base" not in defaults:
+        return None
+    base = params.get("base", defaults["base"])
+    found = [f for f in fits.values() if f.result.model == base]
+    if not found or base is None:
+        return None
+    chosen = fits.get(active) if active is not None else None
+    return chosen if chosen is not None and chosen.result.model == base else found[-1]
+
+
+def with_fit(adata: AnnData, fit: Fit) -> AnnData:
+    """A light AnnData sharing ``adata``'s arrays, with ``fit`` written in (the data is never written to).
+
+    What a model that learns from another fit's velocity reads (``layers['velocity']``,
+    ``uns['velocity_params']``, ``obs['latent_time']``...) beside the data's layers,
+    embeddings and neighbour graph.
+    """
+    light = AnnData(
+        obs=adata.obs.copy(),
+        var=adata.var.copy(),
+        layers=dict(adata.layers),
+        obsm=dict(adata.obsm),
+        obsp=dict(adata.obsp),
+        uns={k: adata.uns[k] for k in (Key.uns.NEIGHBORS,) if k in adata.uns},
+    )
+    fit.result.to_adata(light)
+    return light
 
 
 def fit_from_adata(adata: AnnData) -> Fit | None:

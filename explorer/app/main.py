@@ -28,7 +28,7 @@ from anndata import AnnData
 
 from explorer._types import InputError
 from explorer.app.escape import markdown_text
-from explorer.app.files import resolve_under
+from explorer.app.files import is_dataset, resolve_under
 from explorer.app.jobs import configure_torch
 from explorer.app.resources import divider, use_local_resources
 from explorer.app.state import ExplorerState, load_dataset
@@ -124,7 +124,7 @@ def shared_dataset(data: str | Path | None, data_dir: str | Path) -> tuple[AnnDa
         adata = pn.state.as_cached("explorer-sample-default", load_sample, name="default")
         return adata, "sample dataset", sample_path("default")
     path = resolve_under(data_dir, str(data))
-    if not path.is_file():
+    if not (path.is_file() or is_dataset(path)):
         folder = Path(data_dir).resolve()
         msg = f"Expected a dataset file {str(data)!r} in the data directory {folder}; it does not exist."
         raise InputError(msg)

@@ -389,15 +389,6 @@ def transition_targets(
 WALK_COLOR = "#7b2cbf"
 
 
-def random_walks(paths: list[np.ndarray]) -> hv.Overlay:
-    """Random walks as thin paths on the embedding, their end cells as dots (empty without walks)."""
-    paths = [np.asarray(p)[:, :2] for p in paths if len(p) > 1]
-    ends = np.array([p[-1] for p in paths]) if paths else np.empty((0, 2))
-    lines = hv.Path(paths).opts(color=WALK_COLOR, line_width=1.2, alpha=0.7, backend="bokeh")
-    dots = hv.Points(ends).opts(color=WALK_COLOR, size=7, line_color="white", backend="bokeh")
-    return lines * dots
-
-
 def streamlines(lines: list[np.ndarray]) -> hv.Path:
     """Velocity streamlines: polylines of shape ``(n_points, 2)``."""
     return hv.Path([np.asarray(line)[:, :2] for line in lines if len(line) > 1]).opts(
@@ -485,6 +476,17 @@ def phase_fits(fits: list[PhaseFit]) -> hv.Overlay:
                     backend="bokeh",
                 )
             )
+        if fit.lineages:
+            # one curve per lineage (VeloVAE's full model), each in its lineage's cluster colour
+            layers.append(
+                # Contours: one colour per line (a Path would map the colours through a colour map)
+                hv.Contours(
+                    [{"Ms": c.s, "Mu": c.u, "lineage": c.color} for c in fit.lineages],
+                    ["Ms", "Mu"],
+                    vdims=["lineage"],
+                    group="Lineages",
+                ).opts(color=hv.dim("lineage"), line_width=width + 1, line_dash=dash, backend="bokeh")
+            )
         if fit.arrows is not None and len(fit.arrows):
             layers.append(
                 hv.Segments(
@@ -529,6 +531,7 @@ def fits_legend_html(fits: list[PhaseFit]) -> str:
             *(["u = γ s (dash-dot)" if fit.s is not None else "u = γ s"] if fit.line is not None else []),
             *(["predicted cells (dots)"] if fit.points is not None else []),
             *(["each cell's velocity from its own rates (arrows)"] if fit.arrows is not None else []),
+            *([_lineages_html(fit.lineages)] if fit.lineages else []),
         ]
         what = ", ".join(parts) or "nothing to draw for this gene"
         items.append(
@@ -537,6 +540,14 @@ def fits_legend_html(fits: list[PhaseFit]) -> str:
             f'border-top:3px {style} {color};margin:0 4px 3px 0"></span>{html_text(fit.label)}: {what}</span>'
         )
     return "<div style='font-size:12px'>" + " ".join(items) + "</div>" if items else ""
+
+
+def _lineages_html(curves: Any) -> str:
+    """``per-lineage curves: Alpha, Beta`` with each name in its curve's colour (names escaped)."""
+    names = ", ".join(
+        f'<span style="color:{c.color};font-weight:bold">{html_text(c.name)}</span>' for c in curves
+    )
+    return f"per-lineage curves along latent time: {names}"
 
 
 def comparison_scatter(

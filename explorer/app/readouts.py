@@ -15,7 +15,9 @@ data holds.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import functools
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -23,7 +25,7 @@ import pandas as pd
 from anndata import AnnData
 
 from explorer import kinetics
-from explorer._types import InputError
+from explorer._types import InputError, Progress
 from explorer.app.escape import hex_colors
 from explorer.app.geometry import binned_mean, even_sample, time_bins
 from explorer.graph.projection import project_velocity as _project_on_transitions
@@ -43,6 +45,8 @@ COLOR_CONFIDENCE = "velocity confidence"
 COLOR_UNCERTAINTY = "velocity uncertainty"
 COLOR_EXPRESSION = "gene: expression (Ms)"
 COLOR_VELOCITY = "gene: velocity"
+#: a vector field's divergence per cell (``obs['vf_divergence']``), offered when a fit holds one
+COLOR_DIVERGENCE = "vector field: divergence"
 #: per-cell rates of the selected gene (fits that show ``"cell_rates"``), by layer
 COLOR_RATES: dict[str, str] = {
     "gene: rate alpha (transcription)": Key.layers.RATE_ALPHA,
@@ -57,6 +61,7 @@ CONTINUOUS_COLORINGS = (
     COLOR_EXPRESSION,
     COLOR_VELOCITY,
     *COLOR_RATES,
+    COLOR_DIVERGENCE,
 )
 #: colourings that change with the selected gene
 GENE_COLORINGS = (COLOR_EXPRESSION, COLOR_VELOCITY, *COLOR_RATES)
@@ -157,6 +162,8 @@ class PhaseFit:
     #: ``(k, 4)`` each sampled cell's ``(s, u, ds, du)`` from its own rates (fits that show
     #: ``"cell_rates"``; :func:`cell_arrows`)
     arrows: np.ndarray | None = None
+    #: each lineage's predicted ``(s, u)`` along latent time (fits with a cell state; :func:`lineage_curves`)
+    lineages: tuple[LineageCurve, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -375,7 +382,8 @@ def color_options(adata: AnnData, fits: Mapping[str, Fit], fates: Sequence[FateI
     """List what the cells can be coloured by: categorical obs columns, then the continuous colourings.
 
     Uncertainty is offered when a fit shows one or the file holds one; per-cell rates when a
-    fit shows them; fate probabilities (and computed terminal states) for every terminal
+    fit shows them; a vector field's divergence when a fit has one; fate probabilities (and
+    computed terminal states) for every terminal
     state in ``fates`` (the file's and those the session computed).
     """
     shows = frozenset().union(*(fit_shows(f) for f in fits.values())) if fits else frozenset()
@@ -386,6 +394,8 @@ def color_options(adata: AnnData, fits: Mapping[str, Fit], fates: Sequence[FateI
     options += [COLOR_EXPRESSION, COLOR_VELOCITY]
     if "cell_rates" in shows:
         options += list(COLOR_RATES)
+    if any(field_coloring(adata, f) is not None for f in fits.values()):
+        options.append(COLOR_DIVERGENCE)
     for found in fates:
         options += [o for o in fate_options(found) if o not in options]
     return options
@@ -435,6 +445,8 @@ def coloring(
             values, why = None, "no velocity: run a model"
         else:
             values, why = (column if column is not None else gene_values(adata, "velocity", j, fit)), ""
+    elif what == COLOR_DIVERGENCE:
+        values, why = field_coloring(adata, fit), "the active model has no vector field"
     elif what in COLOR_RATES and j >= 0:
         values = cell_rate(fit, COLOR_RATES[what], j) if fit is not None else None
         why = "the active model has no per-cell rates"
@@ -443,7 +455,8 @@ def coloring(
     if values is None:
         return Coloring(kind="none", values=np.zeros(adata.n_obs, dtype=np.float32), label=why)
     label = f"{gene} {what.removeprefix('gene: ')}" if what in GENE_COLORINGS else what
-    return Coloring(kind="continuous", values=values, label=label, diverging=what == COLOR_VELOCITY)
+    diverging = what in (COLOR_VELOCITY, COLOR_DIVERGENCE)  # both signed: 0 in the middle
+    return Coloring(kind="continuous", values=values, label=label, diverging=diverging)
 
 
 def agreement_coloring(values: np.ndarray | None, n_obs: int) -> Coloring:
@@ -579,7 +592,13 @@ def cell_arrows(
 
 
 def phase_fits(
-    ms: np.ndarray, mu: np.ndarray, fits: Mapping[str, Fit], *, j: int, active: str | None
+    ms: np.ndarray,
+    mu: np.ndarray,
+    fits: Mapping[str, Fit],
+    *,
+    j: int,
+    active: str | None,
+    lineages: Mapping[str, Lineages | None] | None = None,
 ) -> list[PhaseFit]:
     """For each fit, what the phase portrait draws for gene ``j`` (``ms``, ``mu``: its cells' values).
 
@@ -590,7 +609,9 @@ def phase_fits(
     with a ``velocity_gamma`` column the line ``u = γ s``. Lines stay inside the cells'
     range (:func:`explorer.kinetics.steady_state_line`). A fit that shows
     ``"cell_points"`` gets its cells' predicted ``(s, u)`` (:func:`cell_points`), one that
-    shows ``"cell_rates"`` each sampled cell's own velocity (:func:`cell_arrows`).
+    shows ``"cell_rates"`` each sampled cell's own velocity (:func:`cell_arrows`); one
+    with lineages in ``lineages`` (label -> :func:`lineages`) a curve per lineage
+    (:func:`lineage_curves`).
     """
     s_max = float(np.nanmax(ms)) if np.isfinite(ms).any() else 1.0
     u_max = float(np.nanmax(mu)) if np.isfinite(mu).any() else 1.0
@@ -618,6 +639,7 @@ def phase_fits(
                 line=kinetics.steady_state_line(slope, s_max, u_max),
                 points=cell_points(fit, j),
                 arrows=cell_arrows(fit, ms, mu, j),
+                lineages=lineage_curves(fit, j, (lineages or {}).get(label)),
             )
         )
     return out
@@ -855,10 +877,38 @@ def velocity_agreement(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.where(norm > 0, dot / norm, np.nan).astype(np.float32)
 
 
+def quality_axes(a: Fit | VelocityResult, b: Fit | VelocityResult) -> tuple[str, str, str]:
+    """Axis labels and title of the per-gene fit-quality plot of A against B: honest about scales.
+
+    Each model reports its own measure: scVelo's likelihood of the dynamical model (a
+    Gaussian of the distance to the curve, noise per gene), VeloVAE's (exp of the mean
+    log-density under its own noise model), an R². Two fits are on one scale when they
+    are fits of one model (any parameters) or both report the steady-state line's R²
+    (``var['velocity_r2']``, computed alike by every steady-state model). Otherwise the
+    title says so and points at the reconstruction error (:func:`compare_reconstruction`:
+    one scorer, the same cells and genes), and a measure both name alike (a likelihood)
+    carries its model's name on its axis.
+    """
+    ra, rb = _result(a), _result(b)
+    name_a, name_b = quality_name(a), quality_name(b)
+    same_name = (
+        ra.likelihood is not None and rb.likelihood is not None and ra.likelihood.name == rb.likelihood.name
+    )
+    if same_name and (ra.model == rb.model or ra.likelihood.name == Key.var.R2):
+        return f"A: {name_a}", f"B: {name_b}", "per-gene fit quality (click a gene)"
+    if name_a == name_b:
+        name_a, name_b = f"{name_a} ({ra.model})", f"{name_b} ({rb.model})"
+    title = "each fit's own measure, not one scale: see reconstruction error (click a gene)"
+    return f"A: {name_a}", f"B: {name_b}", title
+
+
 def compare_quality(
     var_names: pd.Index, a: Fit | VelocityResult | None, b: Fit | VelocityResult | None
 ) -> pd.DataFrame | None:
-    """Per-gene goodness of fit of A and B (columns gene, a, b) for the genes both fitted, or None."""
+    """Per-gene goodness of fit of A and B (columns gene, a, b) for the genes both fitted, or None.
+
+    Each fit's own measure: :func:`quality_axes` says whether the two are on one scale.
+    """
     if a is None or b is None:
         return None
     ra, rb = _result(a), _result(b)
@@ -1150,10 +1200,120 @@ def parse_transitions(text: str, clusters: Any) -> list[tuple[str, str]]:
 
 @dataclass(frozen=True, slots=True)
 class MetricsTable:
-    """The Compare tab's scores: one row per fit (``table``), and per fit its per-cluster means."""
+    """The Compare tab's scores: one row per fit (``table``), per fit its per-cluster means.
+
+    ``per_cell`` maps each fit's label to its ``(n_obs,)`` per-cell scores, one column per
+    column of ``table`` that has them (``cbdir[A>B]``, ``icvcoh``, ``consistency``,
+    ``consistency_type``, ``velocity_confidence``, ``MSE``: NaN for the cells a score
+    leaves out); ``clusters`` is each cell's cluster (None without clusters).
+    """
 
     table: pd.DataFrame
     per_cluster: dict[str, pd.DataFrame]
+    per_cell: dict[str, pd.DataFrame] = field(default_factory=dict)
+    clusters: np.ndarray | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MetricDetail:
+    """What a click on the metrics table shows: a table, a sentence, and per-cell values to colour by.
+
+    ``values`` (``(n_obs,)``, NaN for cells not scored) and ``label`` are the clicked fit's
+    per-cell scores of the clicked metric; None when the click has none (a fit's name).
+    """
+
+    title: str
+    table: pd.DataFrame
+    values: np.ndarray | None = None
+    label: str = ""
+
+
+#: the metrics table's summary of several per-cell scores -> the per-cell column it averages
+_PER_CELL_OF = {
+    "consistency": Key.obs.VELOCITY_CONSISTENCY,
+    "consistency_type": Key.obs.VELOCITY_CONSISTENCY_TYPE,
+    "velocity_confidence": Key.obs.VELOCITY_CONFIDENCE,
+}
+
+
+def _cluster_means(columns: dict[str, np.ndarray], clusters: np.ndarray | None) -> pd.DataFrame:
+    """Per cluster (and ``all cells`` first), the mean of each column over its finite values, and the cells scored."""
+    groups = {"all cells": np.ones(len(next(iter(columns.values()))), dtype=bool)}
+    if clusters is not None:
+        groups.update({str(c): clusters == c for c in pd.unique(clusters)})
+    rows = []
+    for name, cells in groups.items():
+        row: dict[str, Any] = {"cluster": name}
+        scored = np.zeros(cells.sum(), dtype=bool)
+        for label, values in columns.items():
+            x = np.asarray(values, dtype=np.float64)[cells]
+            ok = np.isfinite(x)
+            scored |= ok
+            row[label] = float(x[ok].mean()) if ok.any() else float("nan")
+        row["cells scored"] = int(scored.sum())
+        if row["cells scored"]:
+            rows.append(row)
+    return pd.DataFrame(rows, columns=["cluster", *columns, "cells scored"])
+
+
+def metric_detail(found: MetricsTable, model: str, metric: str) -> MetricDetail | None:
+    """The detail behind one cell of the metrics table: row ``model``, column ``metric``.
+
+    - the ``model`` column (or ``MSE cells``): that fit's per-cluster means of every per-cell score;
+    - ``cbdir``: every transition's CBDir, one column per fit;
+    - any other metric with per-cell scores (``cbdir[A>B]``, ``icvcoh[A]``, ``icvcoh``,
+      ``consistency``, ``consistency_type``, ``velocity_confidence``, ``MSE``): its mean
+      per cluster over the cells it scores, one column per fit, with ``all cells`` first,
+      and the clicked fit's per-cell values (to colour the cells by).
+
+    None for an unknown fit or column.
+    """
+    if model not in found.per_cluster or metric not in found.table.columns:
+        return None
+    if metric in ("model", "MSE cells"):
+        return MetricDetail(f"Per cluster, {model} (mean over its cells)", found.per_cluster[model])
+    fits = list(found.table["model"].astype(str))
+    if metric == "cbdir":
+        names = [c for c in found.table.columns if c.startswith("cbdir[")]
+        table = found.table.set_index("model")[names].T.rename_axis("transition").reset_index()
+        table.columns = ["transition", *fits]
+        return MetricDetail("CBDir per transition (cbdir is their mean)", table)
+    clusters = found.clusters
+    if metric.startswith("icvcoh"):
+        column = "icvcoh"
+        inside = (
+            np.isin(clusters, [metric[len("icvcoh[") : -1]])
+            if metric.startswith("icvcoh[")
+            else np.isin(clusters, [c[len("icvcoh[") : -1] for c in found.table.columns if c.startswith("icvcoh[")])
+        )
+    else:
+        column, inside = metric, None
+    per_model = {}
+    for label in fits:
+        cells = found.per_cell.get(label)
+        if cells is None or column not in cells:
+            continue
+        values = cells[column].to_numpy(dtype=np.float64).copy()
+        if inside is not None:
+            values[~inside] = np.nan
+        per_model[label] = values
+    if not per_model:
+        return None
+    where = "over the source cells with neighbours in the target" if metric.startswith("cbdir[") else "over its cells"
+    values = per_model.get(model)
+    return MetricDetail(
+        f"{metric} per cluster, mean {where}, every fit",
+        _cluster_means(per_model, clusters),
+        values,
+        f"{metric}, {model} (per cell)",
+    )
+
+
+def metric_coloring(detail: MetricDetail | None, n_obs: int) -> Coloring | None:
+    """Colour the cells by a clicked metric's per-cell values (None when the detail has none)."""
+    if detail is None or detail.values is None:
+        return None
+    return Coloring(kind="continuous", values=detail.values.astype(np.float32), label=detail.label)
 
 
 def model_metrics(
@@ -1179,7 +1339,7 @@ def model_metrics(
     from explorer.models.metrics import model_metrics as score
 
     column = cluster_column(adata)
-    rows, per_cluster = [], {}
+    rows, per_cluster, per_cell = [], {}, {}
     for label, fit in fits.items():
         result = _result(fit)
         light = AnnData(
@@ -1200,4 +1360,410 @@ def model_metrics(
         row["MSE cells"] = ("held-out" if held else "all") if np.isfinite(row["MSE"]) else ""
         rows.append(row)
         per_cluster[label] = found.per_cluster.rename_axis("cluster").reset_index()
-    return MetricsTable(pd.DataFrame(rows), per_cluster)
+        cells = found.per_cell.rename(columns={v: k for k, v in _PER_CELL_OF.items()})
+        cells = cells.drop(columns=[c for c in ("mse", "mae") if c in cells])
+        if "mse" in found.per_cell:
+            mse = found.per_cell["mse"].to_numpy(dtype=np.float64).copy()
+            if held:  # the table's MSE is the held-out cells'
+                mse[light.obs[Key.obs.FIT_TRAIN].to_numpy(dtype=bool)] = np.nan
+            cells["MSE"] = mse
+        per_cell[label] = cells
+    clusters = adata.obs[column].astype(str).to_numpy() if column else None
+    return MetricsTable(pd.DataFrame(rows), per_cluster, per_cell, clusters)
+
+
+# ------------------------------------------------------------- vector field
+#: RK4 steps of the path drawn from a clicked cell (each moves a cell at the median speed by
+#: about one length scale: 100 cross the pancreas from Ngn3 high EP to the endocrine cells)
+TRAJECTORY_STEPS = 100
+#: paths of a perturbation drawn on the embedding (the fate shift counts every start cell)
+MAX_PERTURBED_PATHS = 30
+
+
+@dataclass(frozen=True, slots=True)
+class FieldInfo:
+    """A fit's learned vector field, ready to integrate (:func:`field_info`).
+
+    ``adata`` is a light AnnData holding what :mod:`explorer.models.vector_field` reads (the
+    field's ``uns``/``obsm``/``varm`` keys, ``Ms``, the cluster column and the embedding
+    ``basis``, sharing the data's arrays); ``field`` the rebuilt
+    :class:`~explorer.models.vector_field.FittedField`; ``genes`` the genes a perturbation
+    can move (the PCA state's; empty for a field over an ``obsm`` space).
+    """
+
+    label: str
+    adata: AnnData
+    field: Any
+    basis: str
+    genes: tuple[str, ...]
+
+
+def has_field(adata: AnnData, fit: Fit | VelocityResult | None) -> bool:
+    """Whether ``fit`` carries a vector field (its own, or the file's when it is the file's fit)."""
+    return fit is not None and _field_data(adata, fit) is not None
+
+
+def _field_data(adata: AnnData, fit: Fit | VelocityResult) -> tuple[dict, np.ndarray, Any] | None:
+    """``(uns['vector_field'], obsm['vf_state'], varm['vf_loadings'] or None)`` of ``fit``, or None."""
+    result = _result(fit)
+    data = getattr(result, "field_data", None)
+    state = (result.obsm or {}).get(Key.obsm.VF_STATE)
+    if isinstance(data, dict) and data and state is not None:
+        return data, state, getattr(result, "loadings", None)
+    # a field read from a file: VelocityResult.from_adata keeps no field, the file does
+    stored = adata.uns.get(Key.uns.VECTOR_FIELD)
+    if (
+        result.model == "vector_field"
+        and isinstance(stored, dict)
+        and Key.obsm.VF_STATE in adata.obsm
+        and getattr(fit, "key", ("", ()))[1] == (("source", "'file'"),)
+    ):
+        return stored, np.asarray(adata.obsm[Key.obsm.VF_STATE]), adata.varm.get(Key.varm.VF_LOADINGS)
+    return None
+
+
+def field_info(adata: AnnData, fit: Fit, xy: np.ndarray, *, basis: str) -> FieldInfo | None:
+    """Rebuild ``fit``'s vector field (:func:`explorer.models.vector_field.load_field`), or None.
+
+    ``xy`` are the cells' coordinates on ``basis`` (where paths are drawn). The data is
+    never written to: the field's keys go into a light AnnData sharing its arrays.
+    """
+    from explorer.models.vector_field import load_field
+
+    found = _field_data(adata, fit)
+    if found is None:
+        return None
+    data, state, loadings = found
+    column = cluster_column(adata)
+    name = basis.removeprefix("X_")
+    light = AnnData(
+        obs=adata.obs[[column]].copy() if column else pd.DataFrame(index=adata.obs_names),
+        var=pd.DataFrame(index=adata.var_names),
+        layers={Key.layers.MS: adata.layers[Key.layers.MS]},
+        obsm={Key.obsm.VF_STATE: np.asarray(state), Key.obsm.embedding(name): np.asarray(xy)[:, :2]},
+        varm={Key.varm.VF_LOADINGS: np.asarray(loadings)} if loadings is not None else {},
+        uns={Key.uns.VECTOR_FIELD: {**data, "cluster_key": column or data.get("cluster_key")}},
+    )
+    fld = load_field(light)
+    genes = tuple(str(g) for g in fld.genes) if fld.cols is not None else ()
+    return FieldInfo(label=fit.label, adata=light, field=fld, basis=name, genes=genes)
+
+
+@dataclass(frozen=True, slots=True)
+class Trajectory:
+    """A path integrated on the learned field from one cell (:func:`field_trajectory`).
+
+    ``path``: ``(n_steps + 1, 2)`` on the embedding; ``end_cell``/``end_cluster``: the
+    observed cell nearest to the path's end and its cluster; ``fit``: the fit's label.
+    """
+
+    start: int
+    path: np.ndarray
+    end_cell: str
+    end_cluster: str
+    n_steps: int
+    fit: str
+
+
+def field_trajectory(info: FieldInfo, index: int, *, n_steps: int = TRAJECTORY_STEPS) -> Trajectory:
+    """Integrate ``info``'s field from cell ``index`` (:func:`.vector_field.simulate_trajectories`)."""
+    from explorer.models.vector_field import simulate_trajectories
+
+    frame = simulate_trajectories(
+        info.adata, np.array([int(index)]), n_steps=n_steps, basis=info.basis, field=info.field
+    )
+    path = frame[[f"{info.basis}_1", f"{info.basis}_2"]].to_numpy(dtype=np.float64)
+    return Trajectory(
+        start=int(index),
+        path=path,
+        end_cell=str(frame["end_cell"].iloc[-1]),
+        end_cluster=str(frame["end_cluster"].iloc[-1]),
+        n_steps=n_steps,
+        fit=info.label,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class FixedPoints:
+    """The field's fixed points on the embedding: ``xy`` ``(k, 2)``, ``kind`` (attractor...), ``cluster``."""
+
+    xy: np.ndarray
+    kind: tuple[str, ...]
+    cluster: tuple[str, ...]
+
+
+def fixed_points(info: FieldInfo) -> FixedPoints:
+    """Where the field's fixed points (``uns['vector_field']['fixed_points']``) lie on the embedding.
+
+    On the basis the fit carried them to (``fixed_points['embedding']``, the weighted mean
+    of the nearest cells' positions, as paths are carried), else at their nearest cell.
+    """
+    data = info.adata.uns[Key.uns.VECTOR_FIELD]
+    fixed = data.get("fixed_points", {})
+    states = np.asarray(fixed.get("state", np.zeros((0, 0))), dtype=np.float32)
+    if states.ndim != 2 or len(states) == 0:  # noqa: PLR2004
+        return FixedPoints(np.zeros((0, 2)), (), ())
+    nearest_cells = info.field.nearest_cells(states)
+    grid_basis = str((data.get("grid") or {}).get("basis", ""))
+    stored = np.asarray(fixed.get("embedding", np.zeros((0, 2))), dtype=np.float64)
+    if grid_basis == Key.obsm.embedding(info.basis) and stored.shape == (len(states), 2):
+        xy = stored
+    else:
+        xy = np.asarray(info.adata.obsm[Key.obsm.embedding(info.basis)], dtype=np.float64)[nearest_cells]
+    column = cluster_column(info.adata)
+    labels = info.adata.obs[column].astype(str).to_numpy() if column else np.asarray(info.adata.obs_names)
+    return FixedPoints(
+        xy=xy,
+        kind=tuple(str(k) for k in np.asarray(fixed.get("type", ["?"] * len(states)))),
+        cluster=tuple(str(c) for c in labels[nearest_cells]),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PerturbationRun:
+    """An in-silico perturbation on a fit's field (:func:`field_perturbation`).
+
+    ``table``: one row per cluster the paths end in (index), columns ``control``,
+    ``perturbed`` and ``shift`` (shares of the start cells; :func:`explorer.models.vector_field.perturb`);
+    ``control_paths``/``perturbed_paths``: polylines on the embedding of an even sample of
+    at most :data:`MAX_PERTURBED_PATHS` start cells, unperturbed and perturbed.
+    """
+
+    gene: str
+    factor: float
+    n_cells: int
+    n_steps: int
+    fit: str
+    basis: str
+    table: pd.DataFrame
+    control_paths: list[np.ndarray]
+    perturbed_paths: list[np.ndarray]
+
+
+def _carry(field: Any, points: np.ndarray, xy: np.ndarray, k: int = 15) -> np.ndarray:
+    """``(n, 2)`` places of states on the embedding, as the field carries its paths there.
+
+    The Gaussian-weighted mean (width: the field's length scale) of the positions of the
+    ``k`` nearest cells in the state, weights relative to the nearest one
+    (:func:`explorer.models.vector_field.simulate_trajectories` places its paths so).
+    """
+    k = min(k, len(xy))
+    d, idx = field.tree.query(np.asarray(points, dtype=np.float64), k=k)
+    d, idx = d.reshape(len(points), k), idx.reshape(len(points), k)
+    w = np.exp(-0.5 * (d**2 - d[:, :1] ** 2) / field.length_scale**2)
+    w /= w.sum(1, keepdims=True)
+    return np.einsum("nk,nkd->nd", w, np.asarray(xy, dtype=np.float64)[idx])
+
+
+def field_perturbation(
+    info: FieldInfo,
+    gene: str,
+    *,
+    cells: Any,
+    factor: float,
+    n_steps: int = TRAJECTORY_STEPS,
+    progress: Any = None,
+    max_paths: int = MAX_PERTURBED_PATHS,
+) -> PerturbationRun:
+    """Scale ``gene``'s ``Ms`` by ``factor`` in ``cells`` (rows), integrate, and compare where they go.
+
+    The fate shift is :func:`explorer.models.vector_field.perturb` (the gene held at its new
+    level all along the path; fates: the clusters of the cells nearest to the paths' ends)
+    over every start cell. The paths drawn are those of an even sample of ``max_paths``
+    cells, integrated the same way: the start moved by the gene's change carried through
+    the state's transform and loadings, then held. ``progress`` (a
+    :class:`~explorer.ProgressCallback`) sees every RK4 step, and can stop the run there.
+
+    Raises
+    ------
+    InputError
+        An empty selection, a factor below 0, a gene outside the field's genes or a field
+        over an ``obsm`` space (from :func:`~explorer.models.vector_field.perturb`).
+    """
+    from explorer.models.vector_field import perturb
+
+    idx = np.unique(np.asarray(cells, dtype=np.int64).ravel())
+    if idx.size == 0:
+        msg = "No cells to perturb: click a cell, or box/lasso a group of cells on the embedding."
+        raise InputError(msg)
+    if not np.isfinite(factor) or factor < 0:
+        msg = f"Expected a factor >= 0 (0: knock-out, 0.5: halve, 2: double); found {factor}."
+        raise InputError(msg)
+    sample = idx[even_sample(idx.size, max_paths)]
+    total, done = 4 * n_steps, [0]
+
+    def check(_step: int) -> None:
+        done[0] += 1
+        if progress is not None:
+            progress(Progress(min(done[0], total), total, f"perturbing {gene}"))
+
+    # the same field, whose every integration reports its steps (perturb takes no callback)
+    fld = dataclasses.replace(info.field)
+    fld.integrate = functools.partial(type(info.field).integrate, fld, check=check)
+    found = perturb(info.adata, gene, cells=idx, factor=float(factor), n_steps=n_steps, field=fld)
+    # the drawn sample: the start moved as perturb moves it (log1p state: by log1p(f s) - log1p(s))
+    g = int(np.flatnonzero(np.asarray(fld.genes) == gene)[0])
+    w = np.asarray(fld.loadings[g], dtype=np.float64)
+    s = dense_column(info.adata.layers[Key.layers.MS], int(fld.cols[g]))[sample].astype(np.float64)
+    change = np.log1p(factor * s) - np.log1p(s) if fld.transform == "log1p" else factor * s - s
+    starts = np.asarray(fld.states[sample], dtype=np.float64)
+    moved = starts + change[:, None] * w[None, :]
+    control = fld.integrate(starts.astype(np.float32), n_steps=n_steps)
+    perturbed = fld.integrate(moved.astype(np.float32), n_steps=n_steps, hold=g, level=moved @ w)
+    xy = np.asarray(info.adata.obsm[Key.obsm.embedding(info.basis)])
+
+    def on_embedding(paths: np.ndarray) -> list[np.ndarray]:
+        n, steps, dim = paths.shape
+        return list(_carry(fld, paths.reshape(-1, dim), xy).reshape(n, steps, 2))
+
+    return PerturbationRun(
+        gene=gene,
+        factor=float(factor),
+        n_cells=int(idx.size),
+        n_steps=n_steps,
+        fit=info.label,
+        basis=info.basis,
+        table=found.table(),
+        control_paths=on_embedding(control),
+        perturbed_paths=on_embedding(perturbed),
+    )
+
+
+def field_coloring(adata: AnnData, fit: Fit | VelocityResult | None) -> np.ndarray | None:
+    """``(n_obs,)`` divergence of ``fit``'s field per cell (``obs['vf_divergence']``), or None."""
+    if fit is None:
+        return None
+    obs = _result(fit).obs
+    if obs is not None and Key.obs.VF_DIVERGENCE in obs:
+        return obs[Key.obs.VF_DIVERGENCE].to_numpy(dtype=np.float64)
+    if _field_data(adata, fit) is not None and Key.obs.VF_DIVERGENCE in adata.obs:
+        return adata.obs[Key.obs.VF_DIVERGENCE].to_numpy(dtype=np.float64)
+    return None
+
+
+# ------------------------------------------------------------- lineages in the phase portrait
+#: k-means centres sought among the late cells' cell states; centres whose late cells share
+#: a majority cluster are one lineage (so more centres than lineages do no harm)
+LINEAGE_CENTRES = 8
+#: share of cells, latest in latent time, whose cell states define the lineages' ends
+LATE_SHARE = 0.3
+#: a lineage needs this share of the cells to get a curve
+MIN_LINEAGE_SHARE = 0.02
+#: bins of latent time along each lineage's curve, and the fewest cells a bin needs
+LINEAGE_BINS, MIN_BIN_CELLS = 20, 5
+
+
+@dataclass(frozen=True, slots=True)
+class Lineages:
+    """Cells split into lineages by a fit's cell state (:func:`lineages`).
+
+    ``codes``: ``(n_obs,)`` lineage of each cell (-1: none); ``names``: each lineage's name
+    (the majority cluster of its late cells); ``colors``: its cluster's colour.
+    """
+
+    codes: np.ndarray
+    names: tuple[str, ...]
+    colors: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class LineageCurve:
+    """One lineage's predicted ``(s, u)`` of a gene along latent time (means in time bins)."""
+
+    name: str
+    color: str
+    s: np.ndarray
+    u: np.ndarray
+
+
+def _cell_state(adata: AnnData, fit: Fit | VelocityResult) -> np.ndarray | None:
+    result = _result(fit)
+    state = (result.obsm or {}).get(Key.obsm.CELL_STATE)
+    if state is None and getattr(fit, "key", ("", ()))[1] == (("source", "'file'"),):
+        state = adata.obsm.get(Key.obsm.CELL_STATE)  # the file's own fit: its obsm stayed in the file
+    return None if state is None else np.asarray(state, dtype=np.float64)
+
+
+def lineages(adata: AnnData, fit: Fit | VelocityResult) -> Lineages | None:
+    """Split the cells into lineages by ``fit``'s cell state (VeloVAE's full model), or None.
+
+    For a fit that shows ``"cell_points"`` and ``"latent_time"`` and has a cell state
+    (``obsm['cell_state']``, VeloVAE's ``c``, whose decoder sets each cell's transcription
+    rates): the cell states of the latest :data:`LATE_SHARE` of cells (standardised) are
+    grouped by seeded k-means (:data:`LINEAGE_CENTRES` centres); centres whose late cells
+    share a majority cluster are merged into one lineage named after it; every cell joins
+    the lineage of its nearest centre. Lineages with under :data:`MIN_LINEAGE_SHARE` of
+    the cells are dropped.
+    """
+    from scipy.cluster.vq import kmeans2
+
+    result = _result(fit)
+    shows = fit_shows(result)
+    state = _cell_state(adata, fit)
+    t = result.latent_time
+    needs = {"cell_points", "latent_time"}
+    if state is None or t is None or not needs <= shows or state.shape[0] != adata.n_obs:
+        return None
+    t = np.asarray(t, dtype=np.float64)
+    ok = np.isfinite(t) & np.isfinite(state).all(1)
+    if ok.sum() < LINEAGE_CENTRES * MIN_BIN_CELLS:
+        return None
+    z = (state - state[ok].mean(0)) / np.maximum(state[ok].std(0), 1e-12)
+    late = np.flatnonzero(ok & (t >= np.quantile(t[ok], 1 - LATE_SHARE)))
+    centres, _ = kmeans2(z[late], min(LINEAGE_CENTRES, len(late)), seed=0, minit="++")
+    nearest_centre = np.argmin(((z[:, None, :] - centres[None]) ** 2).sum(-1), axis=1)
+    column = cluster_column(adata)
+    labels = (
+        adata.obs[column].astype(str).to_numpy()
+        if column
+        else np.array([f"lineage {c + 1}" for c in nearest_centre])
+    )
+    centre_name = {}
+    for c in range(len(centres)):
+        mine = late[nearest_centre[late] == c]
+        if mine.size:
+            centre_name[c] = pd.Series(labels[mine]).value_counts().index[0]
+    names = sorted(set(centre_name.values()))
+    codes = np.full(adata.n_obs, -1, dtype=np.int64)
+    for c, name in centre_name.items():
+        codes[ok & (nearest_centre == c)] = names.index(name)
+    keep = [i for i in range(len(names)) if (codes == i).mean() >= MIN_LINEAGE_SHARE]
+    remap = np.full(len(names) + 1, -1, dtype=np.int64)
+    remap[keep] = np.arange(len(keep))
+    codes = remap[codes]
+    names = [names[i] for i in keep]
+    key = color_key(adata, column) if column else {}
+    colors = tuple(key.get(n, FALLBACK_PALETTE[i % len(FALLBACK_PALETTE)]) for i, n in enumerate(names))
+    return Lineages(codes=codes, names=tuple(names), colors=colors)
+
+
+def lineage_curves(
+    fit: Fit | VelocityResult, j: int, found: Lineages | None
+) -> tuple[LineageCurve, ...] | None:
+    """Each lineage's predicted ``(s, u)`` of gene ``j`` along latent time, or None without lineages.
+
+    Per lineage, the cells' predicted ``(s, u)`` (``layers['predicted_s'/'predicted_u']``)
+    are averaged in :data:`LINEAGE_BINS` equal bins of latent time (bins with fewer than
+    :data:`MIN_BIN_CELLS` cells left out), in time order: the path the model's cells of
+    that lineage take through the phase plane.
+    """
+    if found is None or not found.names:
+        return None
+    result = _result(fit)
+    t = np.asarray(result.latent_time, dtype=np.float64)
+    s = np.asarray(result.layers[Key.layers.PREDICTED_S][:, j], dtype=np.float64)
+    u = np.asarray(result.layers[Key.layers.PREDICTED_U][:, j], dtype=np.float64)
+    out = []
+    for i, (name, color) in enumerate(zip(found.names, found.colors, strict=True)):
+        mine = (found.codes == i) & np.isfinite(t) & np.isfinite(s) & np.isfinite(u)
+        if mine.sum() < MIN_BIN_CELLS:
+            continue
+        which, _ = time_bins(t[mine], n_bins=LINEAGE_BINS)
+        counts = np.bincount(which, minlength=LINEAGE_BINS)
+        filled = counts >= MIN_BIN_CELLS
+        if filled.sum() < 2:  # noqa: PLR2004 - a curve needs two points
+            continue
+        ms = np.bincount(which, weights=s[mine], minlength=LINEAGE_BINS)[filled] / counts[filled]
+        mu = np.bincount(which, weights=u[mine], minlength=LINEAGE_BINS)[filled] / counts[filled]
+        out.append(LineageCurve(name=name, color=color, s=ms, u=mu))
+    return tuple(out)

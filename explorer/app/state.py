@@ -29,14 +29,16 @@ from anndata import AnnData
 
 from explorer._types import InputError, Progress
 from explorer.app import readouts
-from explorer.app.files import DATASET_SUFFIXES, export_target, resolve_under, write_new
+from explorer.app.files import DATASET_SUFFIXES, export_target, is_dataset, resolve_under, write_new
 from explorer.app.fits import (
     fit_diagnostics,
+    base_fit,
     fit_fates,
     fit_from_adata,
     load_dataset,
     model_defaults,
     results_adata,
+    with_fit,
     without_genes,
 )
 from explorer.app.geometry import nearest, points_in_box, points_in_polygon, time_bins
@@ -87,6 +89,8 @@ SESSION_MEMO_ITEMS = 12
 BACKGROUND_ITEMS = 6
 #: random walks started from a clicked cell, and their length (CellRank's plot_random_walks: 100 x 100)
 N_WALKS, N_WALK_STEPS = 100, 100
+#: per-fit objects one session keeps besides the memo (rebuilt vector fields, lineages)
+FIT_MEMO_ITEMS = 6
 
 
 class ExplorerState(param.Parameterized):
@@ -125,6 +129,12 @@ class ExplorerState(param.Parameterized):
         doc="Macrostates that Compute fates looks for (`explorer fates --n-states`).",
     )
     walks = param.Parameter(default=None, doc="The last random walks from a cell (readouts.RandomWalks).")
+    trajectory = param.Parameter(
+        default=None, doc="The selected cell's path on the active fit's vector field (readouts.Trajectory)."
+    )
+    perturbation = param.Parameter(
+        default=None, doc="The last in-silico perturbation on a vector field (readouts.PerturbationRun)."
+    )
     metric_transitions = param.String(
         default="", doc="Transitions 'A>B, C>D' between clusters that the metrics table scores (CBDir)."
     )
@@ -151,10 +161,14 @@ class ExplorerState(param.Parameterized):
         #: read-outs computed off the event loop (:meth:`_background`), and those under way
         self._computed = Memo(BACKGROUND_ITEMS)
         self._pending: dict[Hashable, Job] = {}
+        #: per fit: its rebuilt vector field (by basis) and its lineages
+        self._per_fit = Memo(FIT_MEMO_ITEMS)
         #: what every session computes alike from the same dataset (see :func:`shared_memo`)
         self._shared = Memo(1)
         if adata is not None:
             self.set_data(adata, name=self.dataset or "data", path=self.dataset_path)
+        # a click on a cell integrates its path when the active fit has a vector field
+        self.param.watch(self._follow_cell, ["cell", "model", "basis", "results"])
 
     def _batched(self) -> contextlib.AbstractContextManager[Any]:
         """One page update for everything an action changes (a no-op outside the app)."""
@@ -177,6 +191,7 @@ class ExplorerState(param.Parameterized):
             raise InputError(msg)
         self._memo.clear()
         self._computed.clear()
+        self._per_fit.clear()
         self._shared = shared_memo(adata)
         # one Fit for every session: its streamlines and projections are computed once
         stored = self._shared.get("stored fit", lambda: fit_from_adata(adata))
@@ -198,6 +213,8 @@ class ExplorerState(param.Parameterized):
                 fates={},
                 diagnostics={},
                 walks=None,
+                trajectory=None,
+                perturbation=None,
                 adata=adata,
                 dataset=name,
                 dataset_path=path,
@@ -234,7 +251,7 @@ class ExplorerState(param.Parameterized):
             if path.suffix.lower() not in DATASET_SUFFIXES:
                 msg = f"Expected a dataset file ending in {', '.join(DATASET_SUFFIXES)}; found {name!r}."
                 raise InputError(msg)  # noqa: TRY301 - one place turns input errors into the message
-            if not path.is_file():
+            if not is_dataset(path):
                 msg = f"No file {name!r} in the data directory {Path(self.data_dir).resolve()}."
                 raise InputError(msg)  # noqa: TRY301
         except InputError as err:
@@ -364,13 +381,25 @@ class ExplorerState(param.Parameterized):
                 return None
         label = fit_label(model, params, model_defaults(model))
         adata, basis = self.adata, self.basis
-        return self._start(
-            lambda progress: fit_and_derive(
-                adata, model, params, basis=basis, label=label, progress=progress
-            ),
-            on_done=self._add_fit,
-            what=f"fitting {label}",
-        )
+        # a model that learns from another's fit (vector_field's base) uses the session's, not a refit
+        base = base_fit(model, params, self.results, active=self.model)
+        if base is not None:
+            others = {k: v for k, v in params.items() if k != "base"}
+            label = f"{fit_label(model, others, model_defaults(model))} on {base.label}"
+            key = (key[0], (*key[1], ("base fit", repr(base.key))))
+            for name, fit in self.results.items():
+                if fit.key == key:
+                    self.model = name
+                    self.status = f"{name}: cached"
+                    return None
+
+        def fit(progress: Callable[[Progress], None]) -> Fit:
+            data = adata if base is None else with_fit(adata, base)
+            found = fit_and_derive(data, model, params, basis=basis, label=label, progress=progress)
+            found.key = key
+            return found
+
+        return self._start(fit, on_done=self._add_fit, what=f"fitting {label}")
 
     def _add_fit(self, fit: Fit) -> None:
         results = {**self.results, fit.label: fit}
@@ -410,6 +439,7 @@ class ExplorerState(param.Parameterized):
         self._job = None
         self._memo.clear()
         self._computed.clear()
+        self._per_fit.clear()
         self._pending = {}
         self._shared = Memo(1)
         with param.parameterized.discard_events(self):
@@ -417,6 +447,8 @@ class ExplorerState(param.Parameterized):
                 fates={},
                 diagnostics={},
                 walks=None,
+                trajectory=None,
+                perturbation=None,
                 results={},
                 model=None,
                 compare_a=None,
@@ -790,8 +822,93 @@ class ExplorerState(param.Parameterized):
     def phase_fits(self) -> list[PhaseFit]:
         """For each fit, what the phase portrait draws for the selected gene (:func:`readouts.phase_fits`)."""
         return readouts.phase_fits(
-            self.gene_values("Ms"), self.gene_values("Mu"), self.results, j=self.gene_index, active=self.model
+            self.gene_values("Ms"),
+            self.gene_values("Mu"),
+            self.results,
+            j=self.gene_index,
+            active=self.model,
+            lineages={label: self.lineages(fit) for label, fit in self.results.items()},
         )
+
+    def lineages(self, fit: Fit | None = None) -> readouts.Lineages | None:
+        """Lineages of ``fit``'s (default: active) cells by cell state (:func:`readouts.lineages`), or None."""
+        fit = fit or self.fit
+        if fit is None:
+            return None
+        return self._per_fit.get(("lineages", fit.key), lambda: readouts.lineages(self.adata, fit))
+
+    # ---------------------------------------------------------- vector field
+    def field_info(self, fit: Fit | None = None) -> readouts.FieldInfo | None:
+        """``fit``'s (default: active) vector field on the current basis (:func:`readouts.field_info`), once."""
+        fit = fit or self.fit
+        if fit is None or self.adata is None or not readouts.has_field(self.adata, fit):
+            return None
+        basis = self.basis
+        return self._per_fit.get(
+            ("field", fit.key, basis),
+            lambda: readouts.field_info(self.adata, fit, self.embedding(basis), basis=basis),
+        )
+
+    def _follow_cell(self, *_: Any) -> None:
+        """Integrate the selected cell's path on the active fit's field (None without a cell or a field)."""
+        info = self.field_info() if self.cell is not None else None
+        found = None
+        if info is not None:
+            try:
+                found = readouts.field_trajectory(info, self.cell)
+            except InputError as err:
+                self.error = str(err)
+        if found is not None or self.trajectory is not None:
+            with self._batched():
+                self.trajectory = found
+
+    def fixed_points(self) -> readouts.FixedPoints | None:
+        """The active fit's fixed points on the current basis, or None without a field."""
+        info = self.field_info()
+        if info is None:
+            return None
+        key = ("fixed points", info.label, info.basis)
+        return self._per_fit.get(key, lambda: readouts.fixed_points(info))
+
+    def run_perturbation(self, gene: str, *, factor: float, cells: Any = None) -> Job | None:
+        """Perturb ``gene`` by ``factor`` in ``cells`` (default: the selected group, else the selected cell).
+
+        Runs :func:`readouts.field_perturbation` on the active fit's field in the
+        background (progress per RK4 step, Cancel stops it); the result lands in
+        ``perturbation``. Bad input (no field, no cells, an unknown gene) goes to ``error``.
+        """
+        info = self.field_info()
+        if info is None:
+            self.error = "Perturbations need a vector field: run vector_field (with its base model) first."
+            return None
+        if self.running:
+            self.error = "A job is already running; wait for it or press Cancel."
+            return None
+        if cells is None:
+            cells = self.selected if len(self.selected) else ([] if self.cell is None else [self.cell])
+        idx = np.asarray(cells, dtype=np.int64).ravel()
+        if gene not in info.genes:
+            close = [g for g in info.genes if str(gene).strip().lower() in g.lower()][:5]
+            hint = f" Similar: {', '.join(close)}." if close and str(gene).strip() else ""
+            self.error = (
+                f"Gene {gene!r} is not one of the field's {len(info.genes)} genes (its state's genes); "
+                f"choose one of them.{hint}"
+            )
+            return None
+        if idx.size == 0:
+            self.error = "No cells to perturb: click a cell, or box/lasso a group of cells on the embedding."
+            return None
+        return self._start(
+            lambda progress: readouts.field_perturbation(
+                info, gene, cells=idx, factor=float(factor), progress=progress
+            ),
+            on_done=self._perturbed,
+            what=f"perturbing {gene} (x{factor:g}) in {idx.size:,} cells",
+        )
+
+    def _perturbed(self, found: readouts.PerturbationRun) -> None:
+        with self._batched():
+            self.perturbation = found
 
     def time_curve(self, what: Literal["Ms", "Mu", "velocity"]) -> tuple[np.ndarray, np.ndarray, str] | None:
         """``(t, value, kind)``: the selected gene's curve against latent time, or None without latent time.

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 import anndata as ad
 import h5py
 import numpy as np
+import zarr
+from anndata.io import read_elem
 from scipy import sparse
 
 from explorer._types import FitCancelled, InputError, option
@@ -39,6 +41,8 @@ logger = logging.getLogger(__name__)
 #: the first bytes of every HDF5 file (.h5ad and .loom are both HDF5)
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 SUFFIXES: tuple[str, ...] = (".h5ad", ".loom")
+#: AnnData's zarr store, a folder: :func:`read` opens it lazily (:func:`read_zarr_lazy`)
+ZARR_SUFFIX = ".zarr"
 #: velocyto's loom attributes for gene and cell names (loompy's defaults come second)
 _LOOM_VAR_NAMES = ("Gene", "var_names", "gene_names", "Accession")
 _LOOM_OBS_NAMES = ("CellID", "obs_names", "cell_names")
@@ -54,6 +58,9 @@ def read(
     unspliced_layer: str = Key.layers.UNSPLICED,
 ) -> AnnData:
     """Read an ``.h5ad`` or velocyto ``.loom`` file with spliced and unspliced counts.
+
+    An AnnData ``.zarr`` folder is opened lazily instead (:func:`read_zarr_lazy`): its
+    layers stay on disk and are read by chunks when used.
 
     Parameters
     ----------
@@ -87,6 +94,8 @@ def read(
             "Check the path."
         )
         raise InputError(msg)
+    if path.is_dir() and path.suffix.lower() == ZARR_SUFFIX:
+        return read_zarr_lazy(path, spliced_layer=spliced_layer, unspliced_layer=unspliced_layer)
     if path.is_dir():
         msg = f"{str(path)!r} is a folder; expected an {' or '.join(SUFFIXES)} file."
         raise InputError(msg)
@@ -111,6 +120,75 @@ def read(
         adata.X = adata.layers[Key.layers.SPLICED].copy()
     validate_counts(adata)
     logger.info("read %s: %d cells x %d genes", path, adata.n_obs, adata.n_vars)
+    return adata
+
+
+def read_zarr_lazy(
+    path: str | os.PathLike[str],
+    *,
+    spliced_layer: str = Key.layers.SPLICED,
+    unspliced_layer: str = Key.layers.UNSPLICED,
+) -> AnnData:
+    """Open an AnnData ``.zarr`` store with its layers left on disk, read by chunks on demand.
+
+    obs, var, obsm, obsp and uns are read into memory (``O(n_obs x k + n_edges)``); every
+    layer (and X) is a Dask array over the store's chunks (anndata's ``read_elem_lazy``),
+    so ``adata.layers['Ms'][:, j]`` reads only the chunks that hold gene ``j``, and nothing
+    holds a ``(n_obs, n_vars)`` matrix until asked. This is how ``explorer serve
+    atlas.zarr`` opens what :func:`explorer.stream.fit_streamed` writes.
+
+    The layers' values are not checked on open (that would read them all): the store must
+    have ``spliced``/``unspliced`` or ``Ms``/``Mu`` layers; their shapes are checked.
+
+    Raises
+    ------
+    InputError
+        Not an AnnData store, or neither pair of layers in it.
+    """
+    # anndata's lazy reader imports Dask (a deliberate lazy load, explorer/__init__.py)
+    from anndata.experimental import read_elem_lazy
+
+    path = Path(path)
+    try:
+        root = zarr.open_group(str(path), mode="r")
+        names = set(root.keys())
+    except Exception as err:  # zarr raises several types for what is not a store
+        msg = f"could not open {path.name!r} as a zarr store ({type(err).__name__}: {err}); expected an AnnData .zarr folder."
+        raise InputError(msg) from None
+    if "obs" not in names or "var" not in names:
+        msg = f"{path.name!r} is not an AnnData store: expected groups 'obs' and 'var', found {sorted(names)}."
+        raise InputError(msg)
+    layer_names = sorted(root["layers"].keys()) if "layers" in names else []
+    counts = {spliced_layer, unspliced_layer} <= set(layer_names)
+    moments = {Key.layers.MS, Key.layers.MU} <= set(layer_names)
+    if not counts and not moments:
+        msg = (
+            f"{path.name!r} has neither layers {[spliced_layer, unspliced_layer]} nor Ms/Mu: found layers "
+            f"{layer_names}. Open a store written by `explorer fit` (or anndata's write_zarr of one), or pass "
+            f"{option('spliced_layer')} and {option('unspliced_layer')}."
+        )
+        raise InputError(msg)
+    obs, var = read_elem(root["obs"]), read_elem(root["var"])
+    shape = (len(obs), len(var))
+    layers = {}
+    for name in layer_names:
+        layers[name] = read_elem_lazy(root["layers"][name])
+        if tuple(layers[name].shape) != shape:
+            msg = f"layer {name!r} of {path.name!r} has shape {tuple(layers[name].shape)}; expected {shape} (cells x genes)."
+            raise InputError(msg)
+    adata = ad.AnnData(
+        X=read_elem_lazy(root["X"]) if "X" in names else None,
+        obs=obs,
+        var=var,
+        obsm=read_elem(root["obsm"]) if "obsm" in names else None,
+        obsp=read_elem(root["obsp"]) if "obsp" in names else None,
+        uns=read_elem(root["uns"]) if "uns" in names else None,
+        layers=layers,
+    )
+    if counts:
+        _rename_layers(adata, spliced_layer=spliced_layer, unspliced_layer=unspliced_layer)
+    _move_graphs_to_obsp(adata)
+    logger.info("opened %s lazily: %d cells x %d genes, layers %s", path, adata.n_obs, adata.n_vars, layer_names)
     return adata
 
 

@@ -17,6 +17,7 @@ import warnings
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 from scipy import sparse
 
 from explorer._types import PREPROCESS, InputError, option
@@ -432,3 +433,56 @@ def _select_highly_variable(adata: AnnData, *, n_top_genes: int) -> None:
     for w in caught:
         logger.info("selecting variable genes: %s", w.message)
     logger.info("kept %d highly variable genes", adata.n_vars)
+
+
+def highly_variable_from_moments(
+    mean: np.ndarray, var: np.ndarray, *, n_top_genes: int, n_bins: int = 20
+) -> dict[str, np.ndarray]:
+    """scanpy's ``highly_variable_genes(flavor="seurat")`` from per-gene mean and variance.
+
+    The streamed preprocessing (:func:`explorer.stream.prepare_streamed`) never holds X:
+    it sums ``expm1(log X)`` and its square per gene over blocks of cells, and this does
+    the rest as scanpy 1.11 does it: log dispersion against ``log1p`` mean, 20 equal-width
+    bins of the mean, dispersions z-scored within their bin (a bin of one gene gets a
+    normalised dispersion of 1), and the ``n_top_genes`` largest kept.
+
+    Parameters
+    ----------
+    mean, var
+        ``(n_vars,)`` mean and variance (``ddof=1``) of the normalised, unlogged X, float64.
+    n_top_genes
+        Genes to keep (all genes with a dispersion when there are fewer).
+
+    Returns
+    -------
+    ``means``, ``dispersions``, ``dispersions_norm`` (float32) and ``highly_variable``
+    (bool), as scanpy writes them into ``var``.
+    """
+    mean = np.array(mean, dtype=np.float64)
+    mean[mean == 0] = 1e-12
+    dispersion = np.asarray(var, dtype=np.float64) / mean
+    dispersion[dispersion == 0] = np.nan
+    with np.errstate(divide="ignore", invalid="ignore"):
+        dispersion = np.log(dispersion)
+    mean = np.log1p(mean)
+    df = pd.DataFrame({"means": mean, "dispersions": dispersion})
+    df["mean_bin"] = pd.cut(df["means"], bins=n_bins)
+    stats = df.groupby("mean_bin", observed=True)["dispersions"].agg(avg="mean", dev="std")
+    single = stats["dev"].isnull()
+    stats.loc[single, "dev"] = stats.loc[single, "avg"]
+    stats.loc[single, "avg"] = 0
+    stats = stats.loc[df["mean_bin"]].set_index(df.index)
+    norm = ((df["dispersions"] - stats["avg"]) / stats["dev"]).to_numpy()
+    finite = norm[~np.isnan(norm)]
+    n = min(n_top_genes, len(mean), finite.size)
+    if n == 0:
+        highly_variable = np.zeros(len(mean), dtype=bool)
+    else:
+        cut = np.sort(finite)[::-1][n - 1]
+        highly_variable = np.nan_to_num(norm, nan=-np.inf) >= cut
+    return {
+        Key.var.HIGHLY_VARIABLE: highly_variable,
+        "means": mean,
+        "dispersions": dispersion,
+        "dispersions_norm": norm.astype(np.float32),
+    }

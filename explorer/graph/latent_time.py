@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import sparse
 from scipy.sparse import linalg as splinalg
-from scipy.stats import rankdata
 
 from explorer._types import MissingInputError
 from explorer.graph.transition import (
@@ -212,7 +211,31 @@ def rank_gene_times(t: np.ndarray) -> np.ndarray:
     0.999 (README, "Speed and accuracy against scVelo").
     """
     t = np.asarray(t, dtype=np.float64)
-    return rankdata(t, axis=0) / max(t.shape[0], 1)
+    return average_ranks(t) / max(t.shape[0], 1)
+
+
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks (1 to n) of each column of ``(n, m)`` ``x``, ties given their average rank.
+
+    ``scipy.stats.rankdata(x, axis=0)`` in numpy: importing ``scipy.stats`` costs about
+    half a second of CPU, a tenth of the command's start-up, for this one function.
+    No NaN in ``x``.
+    """
+    x = np.asarray(x)
+    n = x.shape[0]
+    order = np.argsort(x, axis=0, kind="stable")
+    xs = np.take_along_axis(x, order, axis=0)
+    pos = np.arange(n)[:, None]
+    starts = np.ones(xs.shape, dtype=bool)
+    starts[1:] = xs[1:] != xs[:-1]
+    ends = np.ones(xs.shape, dtype=bool)
+    ends[:-1] = starts[1:]
+    # first and last sorted position of each run of ties, spread over the run
+    first = np.maximum.accumulate(np.where(starts, pos, 0), axis=0)
+    last = np.minimum.accumulate(np.where(ends, pos, n - 1)[::-1], axis=0)[::-1]
+    ranks = np.empty(xs.shape, dtype=np.float64)
+    np.put_along_axis(ranks, order, (first + last) / 2 + 1, axis=0)
+    return ranks
 
 
 def root_time(t: np.ndarray, root: int) -> np.ndarray:

@@ -51,6 +51,27 @@ def cross_boundary_correctness(
     -------
     The score in [-1, 1]; NaN when no cell of ``source`` has a neighbour in ``target``.
     """
+    per_cell = cross_boundary_correctness_per_cell(
+        adata, velocity, source=source, target=target, genes=genes, cluster_key=cluster_key
+    )
+    scored = per_cell[np.isfinite(per_cell)]
+    return float(scored.astype(np.float64).mean()) if scored.size else float("nan")
+
+
+def cross_boundary_correctness_per_cell(
+    adata: AnnData,
+    velocity: FloatArray,
+    *,
+    source: str,
+    target: str,
+    genes: BoolArray | None = None,
+    cluster_key: str = Key.obs.CLUSTERS,
+) -> FloatArray:
+    """Each cell's term of :func:`cross_boundary_correctness`: ``(n_obs,)``, NaN for the cells it skips.
+
+    A cell of ``source`` with kNN neighbours in ``target`` gets the mean correlation of its
+    velocity with the displacements to those neighbours; every other cell gets NaN.
+    """
     labels = adata.obs[cluster_key].astype(str).to_numpy()
     knn = sparse.csr_matrix(adata.obsp[Key.obsp.DISTANCES], copy=True)
     knn.data[:] = 1
@@ -60,8 +81,9 @@ def cross_boundary_correctness(
         @ sparse.diags((labels == target).astype(np.float32))
     )
     pairs.eliminate_zeros()
+    out = np.full(adata.n_obs, np.nan, dtype=np.float64)
     if pairs.nnz == 0:
-        return float("nan")
+        return out
     use = np.isfinite(velocity).all(0)
     if genes is not None:
         use &= np.asarray(genes, dtype=bool)
@@ -69,8 +91,8 @@ def cross_boundary_correctness(
     corr = cosine_correlations(X, np.asarray(velocity[:, use], dtype=np.float32), pairs)
     # a pair with exactly zero correlation is dropped from the sparse result; it counts as 0
     rows = np.flatnonzero(np.diff(pairs.indptr))
-    per_cell = np.asarray(corr.sum(1)).ravel()[rows] / np.diff(pairs.indptr)[rows]
-    return float(per_cell.mean())
+    out[rows] = np.asarray(corr.sum(1), dtype=np.float64).ravel()[rows] / np.diff(pairs.indptr)[rows]
+    return out
 
 
 def _unit_rows(velocity: FloatArray) -> tuple[np.ndarray, np.ndarray]:

@@ -342,6 +342,7 @@ def transition_matrix(
     self_transitions: bool = True,
     use_negative_cosines: bool = False,
     backward: bool = False,
+    self_probabilities: FloatArray | None = None,
 ) -> sparse.csr_matrix:
     r"""Transition probabilities from a velocity graph, as scVelo's ``tl.transition_matrix``.
 
@@ -371,6 +372,10 @@ def transition_matrix(
     backward
         Transpose before normalising: transitions into the past (scVelo's and
         CellRank's ``backward``).
+    self_probabilities
+        ``(n_obs,)`` self-transition probabilities to use instead of
+        :func:`self_transition_probabilities` of ``graph`` (whose percentile spans all
+        cells): :mod:`explorer.stream` builds the matrix a block of rows at a time.
 
     Returns
     -------
@@ -388,7 +393,8 @@ def transition_matrix(
         raise ValueError(msg)
     pos = _drop_diagonal(pos)
     if self_transitions:
-        pos = pos + sparse.diags(self_transition_probabilities(graph).astype(np.float64), format="csr")
+        self_p = self_transition_probabilities(graph) if self_probabilities is None else self_probabilities
+        pos = pos + sparse.diags(np.asarray(self_p, dtype=np.float64), format="csr")
     pos.eliminate_zeros()
     weights = pos.copy()
     weights.data = np.expm1(scale * weights.data)
@@ -737,6 +743,7 @@ def compute_velocity_graph(
     n_recurse_neighbors: int | None = None,
     sqrt_transform: bool | None = None,
     progress: ProgressCallback | None = None,
+    graphs: tuple[sparse.csr_matrix, sparse.csr_matrix] | None = None,
 ) -> None:
     """Compute the velocity graph of ``adata`` (scVelo's ``tl.velocity_graph``).
 
@@ -763,6 +770,10 @@ def compute_velocity_graph(
         ``uns['velocity_params']['mode']`` is ``"stochastic"``, as scVelo decides.
     progress
         Receives one report per block of cells.
+    graphs
+        ``(velocity_graph, velocity_graph_neg)`` already computed from these layers, genes
+        and neighbour pattern (the dynamical model's root cells need them): stored as
+        they are instead of computed again.
 
     Returns
     -------
@@ -785,19 +796,22 @@ def compute_velocity_graph(
     if sqrt_transform is None:
         sqrt_transform = str(params.get("mode", "")) == "stochastic"
     depth = _DEFAULT_RECURSE.get(mode_neighbors, 1) if n_recurse_neighbors is None else n_recurse_neighbors
-    pattern = neighbors_for_graph(adata, mode_neighbors=mode_neighbors, n_recurse_neighbors=depth)
-    X = _dense(adata.layers[xkey][:, mask]).astype(np.float32, copy=False)
-    V = _dense(adata.layers[vkey][:, mask]).astype(np.float32, copy=False)
-    logger.info(
-        "velocity graph on %d genes, %d cell pairs (mode_neighbors=%s, depth %d, sqrt_transform=%s)",
-        int(mask.sum()),
-        pattern.nnz,
-        mode_neighbors,
-        depth,
-        sqrt_transform,
-    )
-    corr = cosine_correlations(X, V, pattern, sqrt_transform=bool(sqrt_transform), progress=progress)
-    graph, graph_neg = split_graph(corr)
+    if graphs is not None:
+        graph, graph_neg = graphs
+    else:
+        pattern = neighbors_for_graph(adata, mode_neighbors=mode_neighbors, n_recurse_neighbors=depth)
+        X = _dense(adata.layers[xkey][:, mask]).astype(np.float32, copy=False)
+        V = _dense(adata.layers[vkey][:, mask]).astype(np.float32, copy=False)
+        logger.info(
+            "velocity graph on %d genes, %d cell pairs (mode_neighbors=%s, depth %d, sqrt_transform=%s)",
+            int(mask.sum()),
+            pattern.nnz,
+            mode_neighbors,
+            depth,
+            sqrt_transform,
+        )
+        corr = cosine_correlations(X, V, pattern, sqrt_transform=bool(sqrt_transform), progress=progress)
+        graph, graph_neg = split_graph(corr)
     adata.obsp[_vkey_name(Key.obsp.VELOCITY_GRAPH, vkey)] = graph
     adata.obsp[_vkey_name(Key.obsp.VELOCITY_GRAPH_NEG, vkey)] = graph_neg
     adata.obs[_vkey_name(Key.obs.VELOCITY_SELF_TRANSITION, vkey)] = self_transition_probabilities(graph)

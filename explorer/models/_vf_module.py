@@ -100,20 +100,26 @@ def restoring_loss(
     norm: float,
     generator: torch.Generator,
 ) -> torch.Tensor:
-    """Teach the field off the data: at ``x + sigma * eps``, ``target - rate * sigma * eps``.
+    """Teach the field off the data: at ``x + d``, ``target - rate * d``, with ``|d|`` up to ``sigma``.
 
     The cells sit on a thin manifold of the state space, and nothing else tells the
     network what to do beside it: a path integrated over an unconstrained field drifts
     off within a few steps and then diverges. Here a point displaced from a cell is
     taught the cell's velocity plus a pull back toward the cell, at ``rate`` (1/time).
+    The displacement ``d`` has a uniform random direction and a length drawn uniformly
+    in ``[0, sigma]``: Gaussian noise in many dimensions would put every copy on a thin
+    shell at ``sigma * sqrt(dim)``, leaving the field untaught inside and outside it.
     Averaged over the cells around a point, the pulls along the manifold cancel and
-    those across it add up: a denoising estimate of the score of the cells' density,
-    the term [SF]2M (Tong et al. 2024) adds to the flow's drift, which keeps paths near
-    the cells and makes the ends of the data attracting.
+    those across it add up: a (multi-scale) denoising estimate of the score of the
+    cells' density, the term [SF]2M (Tong et al. 2024) adds to the flow's drift, which
+    keeps paths near the cells, splits them at a branch point toward either branch
+    (between two branches the pulls toward each make a saddle) and makes the ends of
+    the data attracting.
     """
     eps = torch.randn(x.shape, generator=generator).to(x.device)
-    noisy = x + sigma * eps
-    return ((field(noisy) - (target - rate * sigma * eps)) ** 2).sum(1).mean() / norm
+    length = sigma * torch.rand((x.shape[0], 1), generator=generator).to(x.device)
+    d = eps / eps.norm(dim=1, keepdim=True).clamp_min(1e-12) * length
+    return ((field(x + d) - (target - rate * d)) ** 2).sum(1).mean() / norm
 
 
 def ot_pairs(x0: np.ndarray, x1: np.ndarray) -> np.ndarray:

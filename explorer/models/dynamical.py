@@ -39,7 +39,7 @@ from explorer._process import set_up_process
 from explorer._types import InputError, report
 from explorer.graph import latent_time as lt_mod
 from explorer.graph.latent_time import neighbor_average_matrix
-from explorer.graph.transition import neighbors_for_graph
+from explorer.graph.transition import cosine_correlations, neighbors_for_graph, split_graph, transition_matrix
 from explorer.keys import Key
 from explorer.models.base import Hyperparameters, VelocityResult, require_layers
 from explorer.models.steady_state import genes_to_fit
@@ -349,6 +349,7 @@ class Dynamical(Hyperparameters):
         torch = _import_torch()
 
         self._check(adata)
+        self.velocity_graph_: dict[str, Any] | None = None
         device = _resolve_device(self.device)
         fitted = self._select_genes(adata)
         cols = np.flatnonzero(fitted)
@@ -373,8 +374,9 @@ class Dynamical(Hyperparameters):
             "dynamical model: %d genes x %d cells in %d batch(es) on %s", n_fit, n_obs, len(starts), device
         )
 
-        clock = time.perf_counter()
+        clock, cpu_clock = time.perf_counter(), time.process_time()
         timings: dict[str, float] = {}
+        cpu_timings: dict[str, float] = {}
         parts: list[_BatchFit] = []
         with torch.inference_mode():
             for b, start in enumerate(starts):
@@ -388,6 +390,7 @@ class Dynamical(Hyperparameters):
                 )  # fmt: skip
         step = len(starts) * (self.max_iter + 1)
         timings["em"] = time.perf_counter() - clock
+        cpu_timings["em"] = time.process_time() - cpu_clock
 
         params = {k: np.concatenate([p.params[k] for p in parts]) for k in parts[0].params}
         em = _GeneEM.concat([p.em for p in parts])
@@ -400,21 +403,26 @@ class Dynamical(Hyperparameters):
 
         lt, roots = None, None
         if self.latent_time:
-            clock = time.perf_counter()
+            clock, cpu_clock = time.perf_counter(), time.process_time()
             lt, roots = self._latent_time(adata, latent_t, vel, genes_ok, params, cols, weights)
             timings["latent_time"] = time.perf_counter() - clock
+            cpu_timings["latent_time"] = time.process_time() - cpu_clock
             step += 1
             report(progress, step, total, "latent time")
             if self.fit_t_on:
-                clock = time.perf_counter()
+                clock, cpu_clock = time.perf_counter(), time.process_time()
                 self._fit_onsets(Mu, Ms, lt, params, em, device)
                 timings["onsets"] = time.perf_counter() - clock
+                cpu_timings["onsets"] = time.process_time() - cpu_clock
                 step += 1
                 report(progress, step, total, "onset times")
-        # learned state, for diagnostics: seconds per stage and the EM loss per iteration
+        # learned state, for diagnostics: seconds per stage (wall; CPU of all threads) and
+        # the EM loss per iteration
         self.timings_ = timings
+        self.cpu_timings_ = cpu_timings
         self.history_ = [np.stack(p.loss_history, axis=0) if p.loss_history else None for p in parts]
         logger.info("dynamical model timings (s): %s", {k: round(v, 2) for k, v in timings.items()})
+        logger.info("dynamical model CPU (s): %s", {k: round(v, 2) for k, v in cpu_timings.items()})
 
         return self._result(adata, cols, params, fit_t, vel, vel_u, genes_ok, lt, roots)
 
@@ -558,7 +566,14 @@ class Dynamical(Hyperparameters):
             pattern = neighbors_for_graph(adata, n_recurse_neighbors=1 if large else None)
         else:
             pattern = sparse.csr_matrix(conn)
-        T_bwd = lt_mod.transitions_backward_from_velocity(Ms, vel[:, use], pattern)
+        graph, graph_neg = split_graph(cosine_correlations(Ms, vel[:, use], pattern))
+        T_bwd = transition_matrix(graph, graph_neg, backward=True)
+        if not large and Key.obsp.DISTANCES in adata.obsp:
+            # scVelo's velocity graph itself (the kNN recursed twice, these genes): kept for
+            # explorer.pipeline.derive, which would otherwise compute it again
+            genes = np.zeros(adata.n_vars, dtype=bool)
+            genes[cols[use]] = True
+            self.velocity_graph_ = {"graph": graph, "graph_neg": graph_neg, "genes": genes}
         steps = _LARGE_GRAPH_POWER_STEPS if large else None
         roots = lt_mod.root_cells(T_bwd, conn, seed=self.seed, n_power_steps=steps)
         lik = params[Key.var.FIT_LIKELIHOOD]

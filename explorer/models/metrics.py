@@ -34,7 +34,7 @@ import pandas as pd
 
 from explorer import kinetics
 from explorer.graph.metrics import (
-    cross_boundary_correctness,
+    cross_boundary_correctness_per_cell,
     in_cluster_coherence,
     velocity_consistency,
     velocity_consistency_by_type,
@@ -59,10 +59,14 @@ class ReconstructionError:
         ``loglik_test`` (NaN for an empty set) and ``n_genes``.
     per_gene
         The same figures per gene, ``(n_vars,)`` rows (NaN for genes not predicted).
+    per_cell
+        ``mse``, ``mae`` per cell, ``(n_obs,)`` rows: the mean over the scored genes, for
+        training and held-out cells alike.
     """
 
     summary: dict[str, float]
     per_gene: pd.DataFrame
+    per_cell: pd.DataFrame | None = None
 
 
 def _dense(x: object) -> np.ndarray:
@@ -150,7 +154,13 @@ def reconstruction_error(
                 col[genes] = arr[np.ix_(cells, genes)].mean(0)
             per_gene[f"{k}_{name}"] = col
     index = var_names if var_names is not None else pd.RangeIndex(n_vars)
-    return ReconstructionError(summary, pd.DataFrame(per_gene, index=index))
+    cells = pd.DataFrame(
+        {
+            "mse": sq[:, genes].mean(1) if genes.any() else np.full(n_obs, np.nan),
+            "mae": ab[:, genes].mean(1) if genes.any() else np.full(n_obs, np.nan),
+        }
+    )
+    return ReconstructionError(summary, pd.DataFrame(per_gene, index=index), cells)
 
 
 def predicted_abundances(adata: AnnData) -> tuple[np.ndarray, np.ndarray]:
@@ -238,7 +248,9 @@ class ModelMetrics:
         those of the README's metrics table.
     per_cell
         ``(n_obs,)`` rows: ``velocity_consistency``, ``velocity_consistency_type``,
-        ``icvcoh``, ``velocity_confidence``.
+        ``icvcoh``, ``velocity_confidence``; ``cbdir[A>B]`` per transition (the cell's
+        term of CBDir, NaN outside the scored cells of A); ``mse``, ``mae`` (mean over the
+        fit's predicted genes; only for fits that predict ``(u, s)``).
     per_cluster
         One row per cluster: the means of :attr:`per_cell`'s columns over its cells, and
         ``n_cells``.
@@ -336,9 +348,11 @@ def model_metrics(
 
     cbdirs = []
     for source, target in transitions:
-        value = cross_boundary_correctness(
+        terms = cross_boundary_correctness_per_cell(
             adata, V, source=source, target=target, genes=genes, cluster_key=cluster_key
         )
+        per_cell[f"cbdir[{source}>{target}]"] = terms
+        value = float(terms[np.isfinite(terms)].mean()) if np.isfinite(terms).any() else float("nan")
         summary[f"cbdir[{source}>{target}]"] = value
         cbdirs.append(value)
     summary["cbdir"] = float(np.nanmean(cbdirs)) if np.isfinite(cbdirs).any() else float("nan")
@@ -379,12 +393,16 @@ def model_metrics(
         pass
     else:
         train = adata.obs[Key.obs.FIT_TRAIN].to_numpy(bool) if Key.obs.FIT_TRAIN in adata.obs else None
-        err = reconstruction_error(
+        found = reconstruction_error(
             adata.layers[Key.layers.MU], adata.layers[Key.layers.MS], u_hat, s_hat, train=train
-        ).summary
+        )
+        err = found.summary
         for k in ("mse", "mae", "loglik"):
             summary[k] = err[f"{k}_train"]
             summary[f"{k}_test"] = err[f"{k}_test"]
+        if found.per_cell is not None:
+            for k in ("mse", "mae"):
+                per_cell[k] = found.per_cell[k].to_numpy()
 
     if labels is not None:
         grouped = per_cell.groupby(labels, sort=True)

@@ -17,15 +17,14 @@ then the paper's second stage: each cell starts from the cells just before it in
 and close in cell state, and the ODE parameters are fine-tuned with time and state
 fixed.
 
-Beyond the paper, the reported time SD adds to the encoder's SD the
-misspecification-robust ("sandwich") variance of the time's likelihood around the
-posterior mean, which widens a cell's interval where genes disagree about its time.
-It is still not calibrated: on a two-lineage simulation nominal 90 % intervals cover
-14 % of the true times and the SD does not rank cells by their error; the SD (median
-0.3 on a 20-unit clock) is 10-15x below the error, which is dominated by a smooth
-distortion of the clock within each lineage that no per-cell width sees (a Laplace
-approximation of the joint posterior of time and cell state was tried: 3-15 % wider
-than the time-only one). See README, "VeloVAE".
+Beyond the paper, each cell's reported time is not the encoder's amortised mean but the
+mean of its own time posterior given its cell state and the fitted ODE, evaluated on a
+grid (on a two-lineage simulation this raised the latent time's Spearman correlation
+with the truth from 0.87 to 0.98); its SD is that posterior's, with the likelihood
+tempered by ``2 G / n_eff`` because the genes' residuals are correlated (``n_eff``: the
+participation ratio of the residual covariance). Nominal 90 % intervals then cover 65 %
+of the simulator's true times (88 % for the basic model), from 14 %, but the SD does not
+yet rank cells by their error. See README, "VeloVAE".
 """
 
 from __future__ import annotations
@@ -39,6 +38,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from explorer import kinetics
 from explorer._types import InputError, report
 from explorer.graph import latent_time as lt_mod
 from explorer.graph.transition import neighbors_for_graph
@@ -73,6 +73,10 @@ _X0_WINDOW = 60
 _X0_NEIGHBORS = 10
 #: weight of the rate factors against the time in the warm start's loss
 _RHO_WARMUP_WEIGHT = 10.0
+#: points of the grid on which each cell's time posterior is evaluated, and the margin
+#: beyond the encoder's range of times (a share of that range)
+_T_GRID = 64
+_T_GRID_MARGIN = 0.1
 #: z of the two-sided 90 % interval
 _Z90 = 1.6448536
 
@@ -245,9 +249,11 @@ class VeloVAE(Hyperparameters):
         ``fit_scaling``, ``fit_t_on``, ``fit_t_`` (switch-off), ``fit_sigma_u``,
         ``fit_sigma_s``, ``fit_r2``, ``fit_likelihood``, ``fit_mse_train``,
         ``fit_mse_test``; layers ``predicted_u``, ``predicted_s`` and ``rho``; obs
-        ``latent_time_std``, ``latent_time_cv`` and ``fit_train``; obsm ``cell_state``
-        and ``cell_state_std`` (full model). Held-out figures are in ``self.metrics_``,
-        the ELBO per epoch in ``self.history_``.
+        ``latent_time_std``, ``latent_time_cv``, ``latent_time_model`` and
+        ``fit_train``; obsm ``cell_state`` and ``cell_state_std`` (full model).
+        Held-out figures are in ``self.metrics_``, the ELBO per epoch in
+        ``self.history_``, the encoder's and the grid's time posterior in
+        ``self.time_posterior_``.
         """
         torch = _import_torch()
         self._check(adata)
@@ -322,6 +328,11 @@ class VeloVAE(Hyperparameters):
             report(progress, step, total, "stage 1 converged")
 
         post = self._posterior(module, tensors)
+        # close the amortisation gap: each cell's time posterior given its state and the
+        # fitted ODE, on a grid, tempered for the genes' correlated residuals
+        clock = time.perf_counter()
+        post = self._refine_time(module, tensors, post, train_idx)
+        timings["refine_time"] = time.perf_counter() - clock
         x0 = None
         if self.variant == "full" and self.max_epochs_stage2 > 0:
             clock = time.perf_counter()
@@ -336,7 +347,7 @@ class VeloVAE(Hyperparameters):
         self.module_ = module
         # the time posterior's parts, on the model's own clock (diagnostics)
         self.time_posterior_ = pd.DataFrame(
-            {k: out[k] for k in ("t_mean", "t_sd", "t_sd_encoder", "t_sd_sandwich", "t_sd_information")},
+            {k: out[k] for k in ("t_mean", "t_sd", "t_mean_encoder", "t_sd_encoder")},
             index=adata.obs_names,
         )
         self.history_ = history
@@ -633,6 +644,74 @@ class VeloVAE(Hyperparameters):
                     parts["c_sd"].append(q.c_sd)
         return {k: torch.cat(v) for k, v in parts.items() if v}
 
+    def _refine_time(
+        self, module: VAEModule, tensors: _Tensors, post: dict[str, torch.Tensor], train_idx: np.ndarray
+    ) -> dict[str, torch.Tensor]:
+        """Each cell's time posterior on a grid, given its state ``c`` and the fitted ODE.
+
+        The encoder's Gaussian ``q(t | u, s)`` is an amortised approximation: on a
+        two-lineage simulation its mean ordered cells by true time with Spearman 0.87
+        while the exact one-dimensional posterior of the same fit (state and ODE fixed)
+        gave 0.96, and 0.98 tempered as below. Here the posterior of ``t`` is evaluated on ``_T_GRID`` points
+        spanning the encoder's times (plus a margin), with the time prior.
+
+        The likelihood treats the ``2 G`` values of a cell as independent given
+        ``(t, c)``, but the fit's residuals are correlated across genes (a misfit of the
+        ODE moves many genes together), so the posterior is far too narrow. As for a
+        composite likelihood (Pauli, Racugno & Ventura 2011; Ribatet, Cooley & Davison
+        2012), the log-likelihood is divided by ``2 G / n_eff``, where ``n_eff`` is the
+        participation ratio ``(sum lambda)^2 / sum lambda^2`` of the eigenvalues of the
+        standardised training residuals' covariance across genes: the number of
+        independent directions the residuals actually have. It uses no true time.
+
+        Returns ``post`` with ``t_mean`` and ``t_sd`` replaced by the grid posterior's
+        moments, and the encoder's in ``t_mean_encoder`` / ``t_sd_encoder``; the
+        temperature is in ``self.time_temperature_``.
+        """
+        import torch
+
+        t_enc, c = post["t_mean"], post.get("c_mean")
+        dec = self._decode_all(module, t_enc, c, None)
+        idx = torch.from_numpy(train_idx).to(t_enc.device)
+        with torch.inference_mode():
+            ru = (tensors.u[idx] - dec.u[idx]) / module.sigma_u
+            r = torch.cat([ru, (tensors.s[idx] - dec.s[idx]) / module.sigma_s], 1)
+            r = r - r.mean(0)
+            # the covariance's eigenvalues are the squared singular values of the residuals
+            lam = torch.linalg.svdvals(r.double()) ** 2
+            n_eff = float(lam.sum() ** 2 / (lam**2).sum().clamp(min=1e-300))
+        temperature = max(r.shape[1] / max(n_eff, 1.0), 1.0)
+        lo, hi = float(t_enc.min()), float(t_enc.max())
+        margin = _T_GRID_MARGIN * max(hi - lo, 1e-3 * self.t_max)
+        grid = torch.linspace(lo - margin, hi + margin, _T_GRID, device=t_enc.device)
+        n = t_enc.shape[0]
+        module.eval()
+        means, sds = [], []
+        with torch.inference_mode():
+            for start in range(0, n, _CHUNK // 4):
+                sl = slice(start, min(start + _CHUNK // 4, n))
+                m = sl.stop - sl.start
+                cc = None if c is None else c[sl]
+                logp = torch.empty(m, _T_GRID, device=t_enc.device)
+                mu0, sd0 = tensors.prior_mean[sl, 0], tensors.prior_sd[sl, 0]
+                for j in range(_T_GRID):
+                    tj = grid[j].expand(m, 1)
+                    d = module.decode(tj, cc, None)
+                    ll = module.log_likelihood(tensors.u[sl], tensors.s[sl], d)
+                    logp[:, j] = ll / temperature - 0.5 * ((grid[j] - mu0) / sd0) ** 2
+                w = torch.softmax(logp, 1)
+                mean = (w * grid).sum(1)
+                sd = (w * (grid - mean[:, None]) ** 2).sum(1).sqrt()
+                means.append(mean)
+                sds.append(sd)
+        self.time_temperature_ = {"temperature": temperature, "n_eff": n_eff, "n_features": int(r.shape[1])}
+        out = dict(post)
+        out["t_mean_encoder"], out["t_sd_encoder"] = t_enc, post["t_sd"]
+        out["t_mean"] = torch.cat(means)[:, None]
+        # the grid's spacing bounds the resolution of the SD from below
+        out["t_sd"] = torch.cat(sds).clamp(min=float(grid[1] - grid[0]) / 2)[:, None]
+        return out
+
     def _decode_all(
         self, module: VAEModule, t: torch.Tensor, c: torch.Tensor | None, x0: InitialState | None
     ) -> Any:
@@ -743,6 +822,10 @@ class VeloVAE(Hyperparameters):
             report(progress, step, total, f"stage 2 epoch {epoch + 1}: held-out log-likelihood {score:.1f}")
             if self._converged(history["stage2"]):
                 break
+            if epoch + 1 >= 2 * self.patience and best_score <= stage1_score:
+                # it would not be kept (below): on the pancreas its held-out log-likelihood
+                # stayed below stage 1's for all 99 epochs (106 s of 274)
+                break
         history["stage2_vs_stage1"] = [stage1_score, best_score]
         history["stage2_vs_stage1_mse"] = [stage1_mse, best_mse]
         if best_score <= stage1_score or best_mse > stage1_mse:
@@ -793,17 +876,8 @@ class VeloVAE(Hyperparameters):
         t, c = post["t_mean"], post.get("c_mean")
         dec = self._decode_all(module, t, c, x0)
         with torch.inference_mode():
-            # time SD: the encoder's plus the sandwich variance of the time's likelihood. Per gene,
-            # the score of t is r_u v_u / sigma_u^2 + r_s v_s / sigma_s^2 (v = d(u, s)/dt),
-            # the Fisher information v_u^2 / sigma_u^2 + v_s^2 / sigma_s^2; var = J / H^2
-            # is the information's inverse when genes agree and wider when they do not.
-            iu, is_ = 1 / module.sigma_u**2, 1 / module.sigma_s**2
-            ru, rs = tensors.u - dec.u, tensors.s - dec.s
-            score = ru * dec.velocity_u * iu + rs * dec.velocity * is_
-            info = (dec.velocity_u**2 * iu + dec.velocity**2 * is_).sum(1) + 1 / tensors.prior_sd[:, 0] ** 2
-            J = (score**2).sum(1)
-            t_sd_sandwich = (J.clamp(min=0) / info**2).sqrt()
-            t_sd = torch.sqrt(t_sd_sandwich**2 + post["t_sd"][:, 0] ** 2)
+            # time SD: the tempered grid posterior's (see _refine_time)
+            t_sd = post["t_sd"][:, 0]
 
             # velocity uncertainty: 1 - mean cosine between sampled and mean velocity
             n = t.shape[0]
@@ -826,9 +900,8 @@ class VeloVAE(Hyperparameters):
         out = {
             "t_mean": np_(t[:, 0]),
             "t_sd": np_(t_sd),
-            "t_sd_encoder": np_(post["t_sd"][:, 0]),
-            "t_sd_sandwich": np_(t_sd_sandwich),
-            "t_sd_information": np_(info.rsqrt()),
+            "t_mean_encoder": np_(post["t_mean_encoder"][:, 0]),
+            "t_sd_encoder": np_(post["t_sd_encoder"][:, 0]),
             "u": np_(dec.u),
             "s": np_(dec.s),
             "rho": np_(dec.rho),
@@ -904,6 +977,7 @@ class VeloVAE(Hyperparameters):
                 # on the model's own clock, which starts at the earliest onset (t >= 0 mostly)
                 Key.obs.LATENT_TIME_CV: (out["t_sd"] / np.maximum(np.abs(t), 1e-3 * self.t_max)).astype(np.float32),
                 Key.obs.FIT_TRAIN: train,
+                Key.obs.LATENT_TIME_MODEL: t.astype(np.float32),
             },
             index=obs_names,
         )
@@ -932,6 +1006,60 @@ class VeloVAE(Hyperparameters):
             obs=obs,
             obsm=obsm or None,
         )
+
+
+def lineage_curves(adata: AnnData, gene: str, groupby: str, *, n_points: int = 200) -> pd.DataFrame:
+    """Each group's predicted ``(u, s)`` curve of ``gene`` from a VeloVAE fit written to ``adata``.
+
+    A group's curve is the first-stage ODE (off until ``fit_t_on``, induced until
+    ``fit_t_``, then repressed) with the transcription rate ``fit_alpha`` scaled by the
+    group's mean ``rho`` for the gene (1 for the basic model), over the group's range of
+    ``obs['latent_time_model']`` (``n_points`` times). Stage 2 starts each cell from
+    earlier cells, so its predictions (``layers['predicted_u' / 'predicted_s']``) can
+    differ from these curves.
+
+    Returns
+    -------
+    A data frame with columns ``group``, ``t`` (the model's clock), ``u`` (count units
+    of ``Mu``) and ``s``, ``n_points`` rows per group with cells.
+    """
+    needed = [Key.var.FIT_ALPHA, Key.var.FIT_BETA, Key.var.FIT_GAMMA, Key.var.FIT_SCALING, Key.var.FIT_T_ON]
+    missing = [k for k in [*needed, Key.var.FIT_T_] if k not in adata.var]
+    if Key.obs.LATENT_TIME_MODEL not in adata.obs:
+        missing.append(f"obs[{Key.obs.LATENT_TIME_MODEL!r}]")
+    if missing:
+        msg = (
+            f"lineage_curves needs a velovae fit written to the AnnData; missing {missing}. "
+            "Run VeloVAE().fit(adata).to_adata(adata)."
+        )
+        raise InputError(msg)
+    if gene not in adata.var_names:
+        msg = f"gene {gene!r} is not in var_names; pass one of the fitted genes."
+        raise InputError(msg)
+    if groupby not in adata.obs:
+        msg = f"groupby={groupby!r} is not an obs column; adata.obs has {list(adata.obs.columns)}."
+        raise InputError(msg)
+    j = adata.var_names.get_loc(gene)
+    row = adata.var.iloc[j]
+    alpha, beta, gamma, scaling = (float(row[k]) for k in needed[:4])
+    t_on, t_off = float(row[Key.var.FIT_T_ON]), float(row[Key.var.FIT_T_])
+    if not np.isfinite([alpha, beta, gamma, scaling, t_on, t_off]).all():
+        msg = f"gene {gene!r} was not fitted by velovae (its rates are NaN); pick a fitted gene."
+        raise InputError(msg)
+    rho = None
+    if Key.layers.RHO in adata.layers:
+        rho = np.asarray(adata.layers[Key.layers.RHO][:, j], dtype=np.float64).ravel()
+    t_cells = adata.obs[Key.obs.LATENT_TIME_MODEL].to_numpy(dtype=np.float64)
+    labels = adata.obs[groupby].astype(str).to_numpy()
+    frames = []
+    for group in pd.unique(labels):
+        cells = labels == group
+        r = 1.0 if rho is None else float(np.nanmean(rho[cells]))
+        t = np.linspace(t_cells[cells].min(), t_cells[cells].max(), n_points)
+        u, s = kinetics.trajectory(t, t_off, r * alpha, beta * scaling, gamma, t_on=t_on)
+        u, s = np.clip(u, 0, None) * scaling, np.clip(s, 0, None)
+        frames.append(pd.DataFrame({"group": group, "t": t, "u": u, "s": s}))
+    return pd.concat(frames, ignore_index=True)
 
 
 class _Tensors:

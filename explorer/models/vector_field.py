@@ -73,8 +73,10 @@ _EMBED_NEIGHBORS = 15
 _FIXED_TOL = 1e-2
 #: and when it lies within this many h of an observed cell
 _FIXED_NEAR = 3.0
-#: a path farther than this many h from every cell is pulled fully back toward them
-_ESCAPE = 1.0
+#: a path farther than this many h from every cell is pulled fully back toward them (at
+#: one h, paths from the simulator's root cells stopped at the branch point, between the
+#: branches; that threshold was needed only while the field had no off-cells term)
+_ESCAPE = 2.0
 #: eigenvalues whose real part is within this share of the largest |eigenvalue| are neutral
 _EIG_TOL = 1e-6
 
@@ -122,15 +124,18 @@ class VectorField(Hyperparameters):
     jacobian_weight
         Weight of the Jacobian penalty ``||J||_F^2`` (standardised units); 0 turns it off.
     sigma
-        Noise of the copies of the training points that teach the field what to do off
-        the cells, as a share of the length scale ``h`` (median distance of a cell to
-        its 10th nearest cell in the state); 0 turns them off.
+        Reach of the copies of the training points that teach the field what to do off
+        the cells: each copy is displaced in a random direction by a length drawn
+        uniformly up to ``sigma`` times the length scale ``h`` (median distance of a
+        cell to its 10th nearest cell in the state); 0 turns them off.
     restore
         Pull of those copies back toward their point: a copy displaced by ``h`` is
-        taught the point's velocity plus ``restore`` times the median speed toward it.
-        Without it integrated paths leave the cells within a few steps (the state has
-        many more dimensions than the cells span); with it they stay near them and the
-        ends of the data attract (see :func:`explorer.models._vf_module.restoring_loss`).
+        taught the point's velocity plus ``restore`` times the median speed toward it
+        (see :func:`explorer.models._vf_module.restoring_loss`). Without it the field is
+        unconstrained off the cells, in the many directions of the state they do not
+        span: on the pancreas its zeros then all lay 6-30 length scales off the data
+        and were saddles, and plain-ODE paths diverged; with it the ends of the data
+        attract, and paths stay near the cells.
     n_fixed_point_starts
         Cells (seeded draw) the fixed-point search starts from.
     cluster_key
@@ -180,7 +185,7 @@ class VectorField(Hyperparameters):
         batch_size: int = 256,
         learning_rate: float = 3e-3,
         jacobian_weight: float = 0.0,
-        sigma: float = 0.0,
+        sigma: float = 3.0,
         restore: float = 1.0,
         n_fixed_point_starts: int = 200,
         cluster_key: str = Key.obs.CLUSTERS,
@@ -947,10 +952,11 @@ class FittedField:
             After each RK4 step, pull the point toward the Gaussian-weighted mean of its
             15 nearest cells' states (width: the length scale), less the pull's part
             along the step: a projected integrator that keeps paths on the cells without
-            slowing them. Paths of the plain ODE (``False``) leave the cells within a few
-            steps in a 30-dimensional PCA state (the field is only known on the cells)
-            and then wander. A full pull (toward the mean, along the step too) traps
-            paths at a branch point, between the two branches' cells.
+            slowing them. Paths of the plain ODE (``False``) stay near the cells where
+            the off-cells term (``sigma``, ``restore``) holds them (the pancreas), but
+            can drift to a zero of the field beyond the end of the data (the
+            simulator's observed sample). A full pull (toward the mean, along the step
+            too) traps paths at a branch point, between the two branches' cells.
         hold
             A position among :attr:`genes` that is held: its velocity is removed from
             the field (carried back by the same loadings) and, after each step, its
@@ -1318,6 +1324,49 @@ def perturb(
     )
 
 
+def fixed_point_table(adata: AnnData) -> pd.DataFrame:
+    """The fixed points a fit found (``uns['vector_field']['fixed_points']``), one row each.
+
+    Returns
+    -------
+    Columns ``type`` (attractor, saddle, repeller, neutral), ``cluster`` and ``cell`` (of
+    the nearest observed cell), ``residual`` (``||f||`` there), ``unstable`` (number of
+    Jacobian eigenvalues with a positive real part), ``distance`` (to the nearest cell,
+    in length scales) and, when the fit carried them onto an embedding, ``x``, ``y``
+    there. Empty (same columns) when none was found.
+
+    Raises
+    ------
+    InputError
+        When ``adata`` holds no vector field.
+    """
+    data = adata.uns.get(Key.uns.VECTOR_FIELD)
+    if not isinstance(data, dict) or "fixed_points" not in data or Key.obsm.VF_STATE not in adata.obsm:
+        msg = (
+            "Expected a vector-field fit (uns['vector_field'] and obsm['vf_state']); found none. Fit one "
+            "first: `explorer fit DATA --model vector_field --out fit.h5ad`."
+        )
+        raise InputError(msg)
+    fixed = data["fixed_points"]
+    states = np.asarray(fixed["state"], dtype=np.float64).reshape(-1, adata.obsm[Key.obsm.VF_STATE].shape[1])
+    tree = cKDTree(np.asarray(adata.obsm[Key.obsm.VF_STATE], dtype=np.float64))
+    dist = tree.query(states)[0] if len(states) else np.zeros(0)
+    frame = pd.DataFrame(
+        {
+            "type": np.asarray(fixed["type"], dtype=str),
+            "cluster": np.asarray(fixed.get("cluster", np.zeros(0, dtype=str)), dtype=str),
+            "cell": np.asarray(fixed.get("cell", np.zeros(0, dtype=str)), dtype=str),
+            "residual": np.asarray(fixed["residual"], dtype=np.float64),
+            "unstable": (np.asarray(fixed["eig_real"]).reshape(len(states), -1) > 0).sum(1),
+            "distance": dist / float(data.get("length_scale", 1.0)),
+        }
+    )
+    emb = np.asarray(fixed.get("embedding", np.zeros((0, 2))), dtype=np.float64)
+    if emb.shape == (len(states), 2):
+        frame["x"], frame["y"] = emb[:, 0], emb[:, 1]
+    return frame
+
+
 def _fate_names(adata: AnnData, n: int) -> list[str]:
     states = adata.obs.get(Key.obs.TERMINAL_STATES)
     if states is not None and hasattr(states, "cat") and len(states.cat.categories) == n:
@@ -1410,6 +1459,7 @@ __all__ = [
     "cancellable",
     "classify",
     "compute_gene_jacobian",
+    "fixed_point_table",
     "gene_jacobian",
     "load_field",
     "perturb",

@@ -19,10 +19,14 @@ from bokeh.document import Document
 from panel.io.state import set_curdoc
 
 from explorer.app import readouts
+from explorer.app.fits import with_fit
 from explorer.app.main import create_app
+from explorer.app.plots import WALK_COLOR
+from explorer.app.views.field import PERTURBED_COLOR, TRAJECTORY_COLOR
 from explorer.keys import Key
 from explorer.models import MODELS, register_model, unregister_model
 from explorer.models.base import VelocityResult
+from explorer.models.vector_field import VectorField
 
 TOY = "toy_rates"
 
@@ -146,7 +150,7 @@ def test_rates_intervals_reconstruction_walks_fates_and_metrics(app):
     assert state.walks.start == 10
     assert int(state.walks.ends["walks"].sum()) == 100
     paths = views["embedding"].walks.last.get(0)
-    assert len(paths.split()) == 30
+    assert sum(p["color"] == WALK_COLOR for p in paths.split(datatype="columns")) == 30
     assert "random walks of 100 steps" in inspector.where.object
 
     # fates of the active fit in the background, then its colourings
@@ -177,6 +181,20 @@ def test_rates_intervals_reconstruction_walks_fates_and_metrics(app):
     compare._metric_clicked(SimpleNamespace(row=1))  # a fit's row: its per-cluster detail
     assert compare.per_cluster.visible
     assert set(compare.per_cluster.value["cluster"]) == set(state.adata.obs[Key.obs.CLUSTERS].astype(str))
+    # a metric's cell: that metric per cluster for every fit, and the clicked fit's per-cell values on the map
+    compare._metric_clicked(SimpleNamespace(row=1, column="MSE"))
+    detail = compare.per_cluster.value.set_index("cluster")
+    assert list(detail.columns) == [*table["model"], "cells scored"]
+    assert detail.loc["all cells"].iloc[:2].tolist() == pytest.approx(table["MSE"].tolist(), rel=1e-5)
+    assert detail.loc["all cells", "cells scored"] == held.sum()  # the held-out cells, as the MSE
+    coloring = compare.agreement._coloring()
+    assert coloring.label == f"MSE, {table['model'].iloc[1]} (per cell)"
+    assert np.nanmean(coloring.values) == pytest.approx(table["MSE"].iloc[1], rel=1e-4)
+    assert compare._agreement_title() == coloring.label
+    picked = state.compare_a
+    state.compare_a = state.compare_b  # other fits picked: the map shows their agreement again
+    assert compare.agreement._coloring().label == "velocity agreement (cosine)"
+    state.compare_a = picked
     state.compute_metrics("early>nowhere")
     assert "Unknown cluster 'nowhere'" in state.error
     # Tabulator writes column titles as HTML: dataset names go into them escaped
@@ -209,3 +227,54 @@ def test_rates_intervals_reconstruction_walks_fates_and_metrics(app):
         state.embedding()[:, 0], state.gene_values("Ms", gene=str(state.adata.var_names[0]))
     )
     assert len(state.streamlines()) > 0
+
+
+def test_a_vector_field_on_its_base_draws_paths_and_perturbs(app):
+    """vector_field learns from the session's own base fit; a click draws its path, the panel perturbs."""
+    state, views = app.state, app.views
+    assert state.run_model("stochastic").join(120), state.error
+    base = state.fit
+    statuses: list[str] = []
+    state.param.watch(lambda e: statuses.append(e.new), ["status"])
+    params = {"n_pcs": 5, "epochs": 20, "n_fixed_point_starts": 0, "device": "cpu"}
+    assert state.run_model("vector_field", **params).join(120)
+    assert state.error == ""
+    label = "vector_field (device=cpu, epochs=20, n_fixed_point_starts=0, n_pcs=5) on stochastic"
+    assert state.model == label
+    assert not [s for s in statuses if "base stochastic" in s]  # the base was not fitted again
+    # ... and the field is the one a fit from the base's velocity gives
+    direct = VectorField(**params).fit(with_fit(state.adata, base))
+    np.testing.assert_allclose(
+        state.fit.result.obsm[Key.obsm.VF_VELOCITY], direct.obsm[Key.obsm.VF_VELOCITY], rtol=1e-5, atol=1e-6
+    )
+    assert readouts.COLOR_DIVERGENCE in state.param.color_by.objects
+    # a click on a cell draws its path (black) on the embedding; the inspector says where it ends
+    state.select_cell(3)
+    found = state.trajectory
+    assert found is not None and found.start == 3 and found.path.shape == (readouts.TRAJECTORY_STEPS + 1, 2)
+    lines = views["embedding"].walks.last.get(0).split(datatype="columns")
+    (path,) = [p for p in lines if p["color"] == TRAJECTORY_COLOR]
+    np.testing.assert_allclose(np.column_stack([path["x"], path["y"]]), found.path)
+    panel = views["inspector"].field
+    assert panel is not None
+    assert "ends near a cell of" in panel.summary.object
+    # the perturbation panel: a gene, a factor, the selected cells -> moved paths and the fate shift
+    state.select_cells(np.arange(12))
+    panel.gene.value, panel.factor.value = panel.gene.options[0], 0.0
+    assert panel.perturb().join(120), state.error
+    run = state.perturbation
+    assert run.n_cells == 12 and run.factor == 0.0
+    lines = views["embedding"].walks.last.get(0).split(datatype="columns")
+    assert sum(p["color"] == PERTURBED_COLOR for p in lines) == 12
+    assert "| control | perturbed | shift |" in panel.result.object
+    # a name typed in the box without Enter is what runs, not the gene chosen before
+    typed = panel.gene.options[1]
+    panel.gene.value_input = typed
+    assert panel.perturb().join(120), state.error
+    assert state.perturbation.gene == typed
+    panel.gene.value_input = "no such gene"
+    assert panel.perturb() is None and "not one of the field's" in state.error
+    # another fit active: no path, no panel result
+    state.model = base.label
+    assert state.trajectory is None
+    assert panel.result.object == ""

@@ -625,3 +625,151 @@ def test_model_metrics_by_hand(app_adata):
     detail = found.per_cluster["same"].set_index("cluster")
     assert detail["n_cells"].sum() == n_obs
     assert detail["velocity_consistency"].to_numpy() == pytest.approx(1.0)
+
+
+# ------------------------------------------------------- lineages and vector fields
+def test_lineage_curves_follow_each_lineages_predicted_cells_by_hand():
+    """300 cells: 100 root cells (state near lineage A's), 100 of lineage A, 100 of B, late ones last.
+
+    Predicted ``u`` is ``2 s`` on the root and A cells and ``-s`` on B's: each lineage's curve
+    keeps its own relation only if the cells were split right.
+    """
+    rng = np.random.default_rng(0)
+    n = 100
+    t = np.concatenate([rng.uniform(0, 0.3, n), rng.uniform(0.5, 1, n), rng.uniform(0.5, 1, n)])
+    state = np.concatenate(
+        [rng.normal([1, 0], 0.1, (n, 2)), rng.normal([5, 0], 0.1, (n, 2)), rng.normal([0, 5], 0.1, (n, 2))]
+    )
+    labels = ["root"] * n + ["A"] * n + ["B"] * n
+    adata = AnnData(
+        np.zeros((3 * n, 1), dtype=np.float32),
+        obs=pd.DataFrame({Key.obs.CLUSTERS: pd.Categorical(labels)}, index=[f"c{i}" for i in range(3 * n)]),
+        var=pd.DataFrame(index=["g"]),
+    )
+    adata.uns["clusters_colors"] = ["#aa0000", "#00aa00", "#0000aa"]  # A, B, root
+    s = t[:, None]
+    u = np.where(np.arange(3 * n)[:, None] < 2 * n, 2 * s, -s)
+    result = _result(
+        "velovae",
+        adata,
+        latent_time=t,
+        layers={Key.layers.PREDICTED_S: s, Key.layers.PREDICTED_U: u},
+        obsm={Key.obsm.CELL_STATE: state},
+    )
+    found = readouts.lineages(adata, _fit(result))
+    assert found.names == ("A", "B")
+    assert found.colors == ("#aa0000", "#00aa00")
+    assert (found.codes[: 2 * n] == 0).all() and (found.codes[2 * n :] == 1).all()
+    curves = {c.name: c for c in readouts.lineage_curves(_fit(result), 0, found)}
+    assert curves["A"].s.min() < 0.3 < 0.5 < curves["A"].s.max()  # root then A, in time order
+    assert np.all(np.diff(curves["A"].s) > 0)
+    np.testing.assert_allclose(curves["A"].u, 2 * curves["A"].s)
+    np.testing.assert_allclose(curves["B"].u, -curves["B"].s)
+    assert curves["B"].s.min() >= 0.5
+    # a fit without a cell state (VeloVAE's basic model, any other model) has none
+    points = {Key.layers.PREDICTED_S: s, Key.layers.PREDICTED_U: u}
+    plain = _result("velovae", adata, latent_time=t, layers=points)
+    assert readouts.lineages(adata, _fit(plain)) is None
+    fits = readouts.phase_fits(
+        s[:, 0], u[:, 0], {"full": _fit(result)}, j=0, active="full", lineages={"full": found}
+    )
+    assert [c.name for c in fits[0].lineages] == ["A", "B"]
+    hv = pytest.importorskip("holoviews")
+    from explorer.app import plots
+
+    hv.extension("bokeh")
+    (drawn,) = [layer for layer in plots.phase_fits(fits) if layer.group == "Lineages"]
+    figure = hv.render(drawn)  # drawn in each lineage's cluster colour
+    assert list(figure.renderers[0].data_source.data["color"]) == ["#aa0000", "#00aa00"]
+    assert "per-lineage curves along latent time" in plots.fits_legend_html(fits)
+
+
+@pytest.fixture(scope="module")
+def field_fit(app_adata):
+    """A vector field on the two-lineage simulation (stochastic base, 5 PCs, 40 epochs) as a Fit."""
+    from explorer.models.vector_field import VectorField
+
+    result = VectorField(base="stochastic", n_pcs=5, epochs=40, n_fixed_point_starts=20, device="cpu").fit(
+        app_adata
+    )
+    return Fit(label="vector_field", key=("vector_field", ()), result=result)
+
+
+def test_a_fields_path_divergence_and_fixed_points(app_adata, field_fit):
+    xy = np.asarray(app_adata.obsm[Key.obsm.UMAP])
+    assert readouts.has_field(app_adata, field_fit)
+    assert not readouts.has_field(app_adata, _fit(_result("stochastic", app_adata)))
+    info = readouts.field_info(app_adata, field_fit, xy, basis=Key.obsm.UMAP)
+    assert info.basis == "umap" and len(info.genes) > 0
+    assert Key.uns.VECTOR_FIELD not in app_adata.uns  # the data is never written to
+    # the simulation runs forward in time: a path from an early cell ends among later cells
+    t = app_adata.obs[Key.obs.TRUE_T].to_numpy()
+    early = int(np.argsort(t)[10])
+    found = readouts.field_trajectory(info, early, n_steps=60)
+    assert found.path.shape == (61, 2)
+    end = app_adata.obs_names.get_loc(found.end_cell)
+    assert t[end] > t[early] + 0.2 * np.ptp(t)
+    assert found.end_cluster == str(app_adata.obs[Key.obs.CLUSTERS].iloc[end])
+    # the divergence colouring is the fit's obs column, offered only with a field
+    coloring = readouts.coloring(app_adata, readouts.COLOR_DIVERGENCE, fit=field_fit)
+    np.testing.assert_array_equal(coloring.values, field_fit.result.obs[Key.obs.VF_DIVERGENCE].to_numpy())
+    assert coloring.diverging
+    assert readouts.COLOR_DIVERGENCE in readouts.color_options(app_adata, {"f": field_fit})
+    assert readouts.COLOR_DIVERGENCE not in readouts.color_options(
+        app_adata, {"s": _fit(_result("stochastic", app_adata))}
+    )
+    # fixed points: on the fit's basis where the fit carried them, named after their nearest cell
+    cell = 7
+    state = field_fit.result.obsm[Key.obsm.VF_STATE][[cell]]
+    data = {
+        **field_fit.result.field_data,
+        "fixed_points": {
+            "state": state,
+            "type": np.array(["attractor"]),
+            "embedding": np.array([[0.5, -0.5]]),
+        },
+    }
+    marked = AnnData(obs=info.adata.obs, obsm=dict(info.adata.obsm), uns={Key.uns.VECTOR_FIELD: data})
+    fixed = readouts.fixed_points(readouts.FieldInfo("f", marked, info.field, "umap", info.genes))
+    np.testing.assert_allclose(fixed.xy, [[0.5, -0.5]])
+    assert fixed.kind == ("attractor",)
+    assert fixed.cluster == (str(app_adata.obs[Key.obs.CLUSTERS].iloc[cell]),)
+    # on another basis: at the nearest cell
+    other = readouts.FieldInfo("f", marked, info.field, "pca", info.genes)
+    marked.obsm[Key.obsm.PCA] = np.asarray(app_adata.obsm[Key.obsm.PCA])[:, :2]
+    np.testing.assert_allclose(readouts.fixed_points(other).xy, marked.obsm[Key.obsm.PCA][[cell]])
+
+
+def test_a_perturbation_moves_the_start_by_the_gene_and_reports_each_step(app_adata, field_fit, progress_log):
+    xy = np.asarray(app_adata.obsm[Key.obsm.UMAP])
+    info = readouts.field_info(app_adata, field_fit, xy, basis=Key.obsm.UMAP)
+    cells = np.arange(40)
+    log, callback = progress_log
+    gene = info.genes[0]
+    run = readouts.field_perturbation(info, gene, cells=cells, factor=0.0, n_steps=20, progress=callback)
+    assert run.n_cells == 40 and len(run.control_paths) == len(run.perturbed_paths) == 30
+    assert [p.step for p in log] == list(range(1, 81))  # 4 x 20 RK4 steps: all cells and the drawn ones
+    for column in ("control", "perturbed"):
+        assert run.table[column].sum() == pytest.approx(1.0)
+    np.testing.assert_allclose(run.table["shift"], run.table["perturbed"] - run.table["control"])
+    # a knock-out of an expressed gene moves the start; factor 1 leaves it where it was
+    ms = readouts.dense_column(app_adata.layers[Key.layers.MS], app_adata.var_names.get_loc(gene))
+    moved = [i for i, c in enumerate(cells[readouts.even_sample(40, 30)]) if ms[c] > 0]
+    assert any(not np.allclose(run.perturbed_paths[i][0], run.control_paths[i][0]) for i in moved)
+    same = readouts.field_perturbation(info, gene, cells=cells, factor=1.0, n_steps=2)
+    for a, b in zip(same.control_paths, same.perturbed_paths, strict=True):
+        np.testing.assert_allclose(a[0], b[0])
+    with pytest.raises(InputError, match="factor >= 0"):
+        readouts.field_perturbation(info, gene, cells=cells, factor=-1.0)
+    with pytest.raises(InputError, match="No cells"):
+        readouts.field_perturbation(info, gene, cells=[], factor=0.0)
+
+
+def test_model_choices_offer_literal_values_and_other_models_as_base():
+    from explorer.app.fits import model_choices
+
+    choices = model_choices("vector_field")
+    assert choices["objective"] == ["velocity", "flow", "both"]
+    assert "vector_field" not in choices["base"] and "dynamical" in choices["base"]
+    assert model_choices("velovae")["variant"] == ["full", "basic"]
+    assert "base" not in model_choices("dynamical")

@@ -195,6 +195,16 @@ def test_latent_time_on_scvelos_own_simulator_follows_true_time():
     assert np.median(true[roots]) < np.quantile(true, 0.1)
 
 
+def test_average_ranks_are_scipys_rankdata_with_ties():
+    from scipy.stats import rankdata
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 5, size=(300, 7)).astype(float)
+    x[::4] = 0.0  # long runs of ties, as the off cells at time 0
+    for values in (x, rng.random((50, 3)), x[:1], x[:, :0]):
+        np.testing.assert_array_equal(lt.average_ranks(values), rankdata(values, axis=0))
+
+
 def test_rank_gene_times_ranks_each_gene_over_the_cells():
     t = np.array([[0.0, 5.0], [2.0, 5.0], [1.0, 9.0]])
     # gene 0: ranks 1, 3, 2; gene 1: the tie shares ranks 1 and 2 (1.5 each), then 3

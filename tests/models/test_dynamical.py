@@ -250,6 +250,27 @@ def test_default_genes_are_the_steady_state_velocity_genes(small):
     assert not res.velocity_genes[~genes].any()
 
 
+def test_velocity_graph_of_the_root_cells_is_the_pipelines(sim):
+    """The graph the latent time scores is the one `explorer fit` writes: derive reuses it
+    (computing it once), and the reuse is identical to computing it again."""
+    from explorer.pipeline import derive
+
+    adata = sim.copy()
+    adata.obsm[Key.obsm.UMAP] = adata.obsm["X_pca"][:, :2]
+    model = Dynamical(genes="all", fit_t_on=False)
+    res = model.fit(adata)
+    assert model.velocity_graph_ is not None
+    reused = derive(adata, res, velocity_graph=model.velocity_graph_)
+    fresh = derive(adata, res)
+    assert reused.graph is model.velocity_graph_["graph"]
+    assert (reused.graph != fresh.graph).nnz == 0 and (reused.graph_neg != fresh.graph_neg).nnz == 0
+    assert reused.graph.nnz > 0
+    np.testing.assert_array_equal(reused.confidence, fresh.confidence)
+    # genes other than the graph step's: not reused
+    other = dict(model.velocity_graph_, genes=~model.velocity_graph_["genes"])
+    assert derive(adata, res, velocity_graph=other).graph is not model.velocity_graph_["graph"]
+
+
 def test_seeded_fits_are_equal(small):
     kw = {"genes": "all", "max_cells_em": 150, "seed": 3}
     a, b = Dynamical(**kw).fit(small), Dynamical(**kw).fit(small)

@@ -64,8 +64,9 @@ class ComparisonView(pn.viewable.Viewer):
             height=200,
         )
         self.metrics_note = pn.pane.Markdown(_METRICS_HELP, sizing_mode="stretch_width")
-        # a click on a fit's row: its per-cluster detail
-        self._per_cluster: dict[str, pd.DataFrame] = {}
+        # a click on the table: a fit's per-cluster detail, or a metric's per cluster and per cell
+        self._found: readouts.MetricsTable | None = None
+        self._detail: readouts.MetricDetail | None = None
         self.metrics.on_click(self._metric_clicked)
         self.per_cluster_note = pn.pane.Markdown("", sizing_mode="stretch_width")
         self.per_cluster = pn.widgets.Tabulator(
@@ -78,6 +79,8 @@ class ComparisonView(pn.viewable.Viewer):
             visible=False,
         )
         state.param.watch(self._show_metrics, ["readout_revision", "results", "metric_transitions"])
+        # picking other fits returns the map to their agreement (watched before the map's own redraw)
+        state.param.watch(self._forget_cell_metric, pair)
         self.agreement = CellScatter(
             state,
             xy=lambda: tuple(state.embedding().T),
@@ -86,13 +89,22 @@ class ComparisonView(pn.viewable.Viewer):
             on_tap=lambda x, y: state.select_cell_at("embedding", x, y),
             coloring=self._agreement_coloring,
             color_depends=pair,
-            title=lambda: "velocity agreement of A and B (cosine)",
+            title=self._agreement_title,
             width=420,
             height=360,
         )
 
     def _agreement_coloring(self) -> readouts.Coloring:
-        return readouts.agreement_coloring(self.state.compare_agreement(), self.state.adata.n_obs)
+        n_obs = self.state.adata.n_obs
+        clicked = readouts.metric_coloring(self._detail, n_obs)
+        return clicked or readouts.agreement_coloring(self.state.compare_agreement(), n_obs)
+
+    def _agreement_title(self) -> str:
+        clicked = readouts.metric_coloring(self._detail, self.state.adata.n_obs)
+        return clicked.label if clicked is not None else "velocity agreement of A and B (cosine)"
+
+    def _forget_cell_metric(self, *_: Any) -> None:
+        self._detail = None
 
     def _draw_latent(self, **_: Any) -> hv.Overlay:
         a, b = self.state.compare_fits()
@@ -114,13 +126,13 @@ class ComparisonView(pn.viewable.Viewer):
         if table is None or table.empty:
             return plots.message("fit quality needs two fits that report one per gene", width=400, height=340)
         hit = np.flatnonzero(table["gene"].to_numpy() == self.state.gene)
-        a, b = self.state.compare_fits()
+        # each fit's own measure; the title says when they are not on one scale
+        label_a, label_b, title = readouts.quality_axes(*self.state.compare_fits())
         return plots.comparison_scatter(
             table["a"].to_numpy(),
             table["b"].to_numpy(),
-            # each fit's own measure (a likelihood, an R²): they need not be the same
-            labels=(f"A: {readouts.quality_name(a)}", f"B: {readouts.quality_name(b)}"),
-            title="per-gene fit quality (click a gene)",
+            labels=(label_a, label_b),
+            title=title,
             width=400,
             height=340,
             highlight_index=int(hit[0]) if hit.size else None,
@@ -169,21 +181,33 @@ class ComparisonView(pn.viewable.Viewer):
     def _show_metrics(self, *_: Any) -> None:
         found = self.state.metrics_table()
         if found is not None:
-            self._per_cluster = found.per_cluster
+            self._found = found
             _show_table(self.metrics, found.table)
 
     def _metric_clicked(self, event: Any) -> None:
-        """Show the clicked fit's per-cluster means below the table."""
-        row = getattr(event, "row", None)
-        table = self.metrics.value
-        if row is None or not 0 <= row < len(table) or "model" not in table:
+        """Show the clicked cell's detail below the table (:func:`readouts.metric_detail`).
+
+        A fit's name: its per-cluster means. A metric: its per-cluster means for every fit,
+        and the clicked fit's per-cell values on the map.
+        """
+        row, column = getattr(event, "row", None), getattr(event, "column", None) or "model"
+        table, found = self.metrics.value, self._found
+        if found is None or row is None or not 0 <= row < len(table) or "model" not in table:
             return
-        label = str(table["model"].iloc[row])
-        detail = self._per_cluster.get(label)
-        if detail is not None:
-            _show_table(self.per_cluster, detail)
-            self.per_cluster_note.object = f"Per cluster, **{markdown_text(label)}** (mean over its cells):"
-            self.per_cluster.visible = True
+        label = str(found.table["model"].iloc[row])
+        # Tabulator's column titles are the escaped names
+        names = {html_text(c): c for c in found.table.columns}
+        detail = readouts.metric_detail(found, label, names.get(str(column), str(column)))
+        if detail is None:
+            return
+        _show_table(self.per_cluster, detail.table)
+        self.per_cluster_note.object = f"**{markdown_text(detail.title)}**" + (
+            f"; the map shows {markdown_text(detail.label)}." if detail.values is not None else ":"
+        )
+        self.per_cluster.visible = True
+        if detail.values is not None or self._detail is not None:
+            self._detail = detail if detail.values is not None else None
+            self.agreement.param.update(color_revision=self.agreement.color_revision + 1)
 
     def _quality_tapped(self, x: float | None = None, y: float | None = None) -> None:
         if x is None or y is None:
@@ -246,5 +270,7 @@ _METRICS_HELP = (
     "*velocity_confidence*: scVelo's, mean over cells. "
     "*MSE*: reconstruction error of the predicted (u, s), on the fit's held-out cells when it "
     "recorded a split (*MSE cells*), else all cells, over the genes it predicts. "
-    "Click a fit's row for its means per cluster. All by `explorer.models.metrics.model_metrics`."
+    "Click a fit's name for its means per cluster; click a score for that metric per cluster for every "
+    "fit and the clicked fit's value per cell on the map (picking fits A/B brings back their agreement). "
+    "All by `explorer.models.metrics.model_metrics`."
 )

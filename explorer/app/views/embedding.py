@@ -1,4 +1,9 @@
-"""The embedding: cells on UMAP (or any ``X_*`` basis), streamlines, the selected cell's next cells."""
+"""The embedding: cells on UMAP (or any ``X_*`` basis), streamlines, the selected cell's next cells.
+
+Random walks from a cell, the selected cell's path on a vector field, a perturbation's
+paths and the field's fixed points share one layer of lines and dots
+(:func:`explorer.app.views.field.path_layers`).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import param
 from explorer.app import plots
 from explorer.app.state import ExplorerState
 from explorer.app.views._layers import CellScatter, LiveLayer
+from explorer.app.views.field import path_layers
 
 
 class EmbeddingView(pn.viewable.Viewer):
@@ -45,8 +51,14 @@ class EmbeddingView(pn.viewable.Viewer):
         self.targets_live = (LiveLayer(), LiveLayer())
         self.targets = hv.DynamicMap(self._draw_targets)
         state.param.watch(self._push_targets, ["cell", "model", "basis", "n_targets", "results"])
-        # random walks from a cell (the inspector's button): redrawn only when they change
-        self.walks = hv.DynamicMap(self._draw_walks, streams=[hv.streams.Params(state, ["walks", "basis"])])
+        # random walks from a cell (the inspector's button), the selected cell's path on a vector
+        # field, a perturbation's paths and the field's fixed points: redrawn only when they change
+        self.walks = hv.DynamicMap(
+            self._draw_walks,
+            streams=[
+                hv.streams.Params(state, ["walks", "basis", "trajectory", "perturbation", "model", "results"])
+            ],
+        )
         self.plot = self.scatter.overlay(self.streamlines, self.arrows, self.walks, self.targets)
 
     def _xy(self) -> tuple[np.ndarray, np.ndarray]:
@@ -65,7 +77,17 @@ class EmbeddingView(pn.viewable.Viewer):
         return plots.arrows(*_grid_arrays(grid))
 
     def _draw_walks(self, **_: Any) -> hv.Overlay:
-        return plots.random_walks(self.state.walk_paths())
+        state = self.state
+        found, run = state.trajectory, state.perturbation
+        basis = state.basis.removeprefix("X_") if state.basis else None
+        shown = run is not None and run.fit == state.model and run.basis == basis
+        return path_layers(
+            state.walk_paths(),
+            found.path if found is not None and found.fit == state.model else None,
+            run.control_paths if shown else [],
+            run.perturbed_paths if shown else [],
+            state.fixed_points(),
+        )
 
     def _targets(self) -> tuple[Any, np.ndarray, np.ndarray]:
         state = self.state

@@ -16,6 +16,7 @@ from bokeh.models.widgets.tables import NumberFormatter
 
 from explorer.app.escape import markdown_text
 from explorer.app.state import ExplorerState
+from explorer.app.views.field import FieldPanel
 
 
 class CellInspector(pn.viewable.Viewer):
@@ -46,6 +47,11 @@ class CellInspector(pn.viewable.Viewer):
             state.param.fate_states, name="macrostates", width=90
         )
         self.where = pn.pane.Markdown("", name="where the cell goes", sizing_mode="stretch_width")
+        # the vector-field panel is built the first time the active fit has a field (no cost before)
+        self.field_slot = pn.Column(sizing_mode="stretch_width")
+        self.field: FieldPanel | None = None
+        state.param.watch(self._show_field, ["model", "results"])
+        self._show_field()
         state.param.watch(self._update, ["cell", "model", "results", "n_targets", "adata"])
         state.param.watch(
             self._update_where, ["cell", "model", "results", "walks", "fates", "running", "adata"]
@@ -107,6 +113,11 @@ class CellInspector(pn.viewable.Viewer):
             )
         self.where.object = "\n".join(lines)
 
+    def _show_field(self, *_: Any) -> None:
+        if self.field is None and self.state.field_info() is not None:
+            self.field = FieldPanel(state=self.state)
+            self.field_slot.objects = [self.field]
+
     def _clicked(self, event: Any) -> None:
         row = getattr(event, "row", None)
         if row is not None and 0 <= row < len(self._indices):
@@ -118,6 +129,7 @@ class CellInspector(pn.viewable.Viewer):
             self.targets,
             pn.Row(self.walk_button, pn.Column(self.fates_button, self.fate_states)),
             self.where,
+            self.field_slot,
             name="Cell",
             sizing_mode="stretch_width",
         )

@@ -13,7 +13,7 @@ import panel as pn
 import param
 
 from explorer.app.escape import markdown_text
-from explorer.app.fits import model_defaults, model_names
+from explorer.app.fits import model_choices, model_defaults, model_names
 from explorer.app.state import ExplorerState
 from explorer.models import MODELS
 
@@ -21,8 +21,10 @@ from explorer.models import MODELS
 _FIRST_MODEL = "stochastic"
 
 
-def _widget_for(name: str, default: Any) -> pn.widgets.Widget | None:
-    """Make an input for one constructor parameter, by the type of its default (None for others)."""
+def _widget_for(name: str, default: Any, choices: list[Any] | None = None) -> pn.widgets.Widget | None:
+    """Make an input for one constructor parameter: a menu of its ``choices``, else by its default's type."""
+    if choices and default in choices:
+        return pn.widgets.Select(label=name, options=choices, value=default, width=120)
     if isinstance(default, bool):
         return pn.widgets.Checkbox(label=name, value=default)
     if isinstance(default, int):
@@ -69,8 +71,9 @@ class ModelRunner(pn.viewable.Viewer):
         name = self.model_select.value
         self.description.object = markdown_text(MODELS.spec(name).description) if name in MODELS else ""
         self._widgets = {}
+        choices = model_choices(self.model_select.value) if name in MODELS else {}
         for name, default in model_defaults(self.model_select.value).items():
-            widget = _widget_for(name, default)
+            widget = _widget_for(name, default, choices.get(name))
             if widget is not None:
                 self._widgets[name] = widget
         self.form.objects = [pn.FlexBox(*self._widgets.values())]
