@@ -55,15 +55,17 @@ def _aae_compat(*a, x=None, y=None, **k):
 np.testing.assert_array_equal = _aae_compat
 '''
 
-#: CellRank's side: argv = input .h5ad, output .npz, kernel mode, n_states[, stability threshold];
-#: prints one JSON line
-CELLRANK_SCRIPT = r'''
-import json, sys, time, warnings
+#: both CellRank scripts start so: imports, the shim, CellRank
+CELLRANK_PREAMBLE = r'''
+import json, resource, sys, time, warnings
 warnings.filterwarnings("ignore")
 import numpy as np, anndata as ad, scipy.sparse as sp
 ''' + NUMPY2_SHIM + r'''import cellrank as cr
-path, out, mode, n_states = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-threshold = float(sys.argv[5]) if len(sys.argv) > 5 else 0.96
+'''
+
+#: CellRank's velocity kernel mixed 0.8/0.2 with its connectivity kernel, timed; needs
+#: ``path`` and ``mode``, leaves ``a``, ``k``, ``T`` and ``times``
+CELLRANK_KERNEL = r'''
 a = ad.read_h5ad(path)
 times = {}
 t = time.perf_counter()
@@ -72,7 +74,14 @@ ck = cr.kernels.ConnectivityKernel(a).compute_transition_matrix()
 k = 0.8 * vk + 0.2 * ck
 T = sp.csr_matrix(k.transition_matrix)
 times["kernel"] = time.perf_counter() - t
-t = time.perf_counter()
+'''
+
+#: CellRank's side: argv = input .h5ad, output .npz, kernel mode, n_states[, stability threshold];
+#: prints one JSON line
+CELLRANK_SCRIPT = CELLRANK_PREAMBLE + r'''
+path, out, mode, n_states = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+threshold = float(sys.argv[5]) if len(sys.argv) > 5 else 0.96
+''' + CELLRANK_KERNEL + r'''t = time.perf_counter()
 g = cr.estimators.GPCCA(k)
 g.compute_schur(n_components=n_states + 1)
 g.compute_macrostates(n_states=n_states, cluster_key="clusters")
@@ -173,21 +182,9 @@ def run_explorer(
 # ---------------------------------------------------------------- simulated cells (100k)
 #: CellRank's side on the simulation: kernel, then fates to the given terminal cells
 #: (obs ``bench_terminal``); argv = input .h5ad, output .npz, kernel mode; prints one JSON line
-CELLRANK_SIM_SCRIPT = r'''
-import json, resource, sys, time, warnings
-warnings.filterwarnings("ignore")
-import numpy as np, anndata as ad, scipy.sparse as sp
-''' + NUMPY2_SHIM + r'''import cellrank as cr
+CELLRANK_SIM_SCRIPT = CELLRANK_PREAMBLE + r'''
 path, out, mode, steps = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
-a = ad.read_h5ad(path)
-times = {}
-t = time.perf_counter()
-vk = cr.kernels.VelocityKernel(a).compute_transition_matrix(model=mode, show_progress_bar=False)
-ck = cr.kernels.ConnectivityKernel(a).compute_transition_matrix()
-k = 0.8 * vk + 0.2 * ck
-T = sp.csr_matrix(k.transition_matrix)
-times["kernel"] = time.perf_counter() - t
-if steps == "kernel":
+''' + CELLRANK_KERNEL + r'''if steps == "kernel":
     np.savez(out, T_data=T.data, T_indices=T.indices, T_indptr=T.indptr, fate_probabilities=np.zeros((0, 0)))
     print(json.dumps({"times": times, "lineage_names": [],
                       "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
