@@ -15,8 +15,6 @@ data holds.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -1569,9 +1567,8 @@ def field_perturbation(
 
     The fate shift is :func:`explorer.models.vector_field.perturb` (the gene held at its new
     level all along the path; fates: the clusters of the cells nearest to the paths' ends)
-    over every start cell. The paths drawn are those of an even sample of ``max_paths``
-    cells, integrated the same way: the start moved by the gene's change carried through
-    the state's transform and loadings, then held. ``progress`` (a
+    over every start cell; the paths drawn are those of an even sample of ``max_paths``
+    of its cells. ``progress`` (a
     :class:`~explorer.ProgressCallback`) sees every RK4 step, and can stop the run there.
 
     Raises
@@ -1589,27 +1586,19 @@ def field_perturbation(
     if not np.isfinite(factor) or factor < 0:
         msg = f"Expected a factor >= 0 (0: knock-out, 0.5: halve, 2: double); found {factor}."
         raise InputError(msg)
-    sample = idx[even_sample(idx.size, max_paths)]
-    total, done = 4 * n_steps, [0]
+    sample = even_sample(idx.size, max_paths)  # positions in idx of the paths drawn
+    total, done = 2 * n_steps, [0]
 
     def check(_step: int) -> None:
         done[0] += 1
         if progress is not None:
             progress(Progress(min(done[0], total), total, f"perturbing {gene}"))
 
-    # the same field, whose every integration reports its steps (perturb takes no callback)
-    fld = dataclasses.replace(info.field)
-    fld.integrate = functools.partial(type(info.field).integrate, fld, check=check)
-    found = perturb(info.adata, gene, cells=idx, factor=float(factor), n_steps=n_steps, field=fld)
-    # the drawn sample: the start moved as perturb moves it (log1p state: by log1p(f s) - log1p(s))
-    g = int(np.flatnonzero(np.asarray(fld.genes) == gene)[0])
-    w = np.asarray(fld.loadings[g], dtype=np.float64)
-    s = dense_column(info.adata.layers[Key.layers.MS], int(fld.cols[g]))[sample].astype(np.float64)
-    change = np.log1p(factor * s) - np.log1p(s) if fld.transform == "log1p" else factor * s - s
-    starts = np.asarray(fld.states[sample], dtype=np.float64)
-    moved = starts + change[:, None] * w[None, :]
-    control = fld.integrate(starts.astype(np.float32), n_steps=n_steps)
-    perturbed = fld.integrate(moved.astype(np.float32), n_steps=n_steps, hold=g, level=moved @ w)
+    fld = info.field
+    found = perturb(
+        info.adata, gene, cells=idx, factor=float(factor), n_steps=n_steps, field=fld, check=check, keep_paths=True
+    )
+    control, perturbed = found.control_paths[sample], found.perturbed_paths[sample]
     xy = np.asarray(info.adata.obsm[Key.obsm.embedding(info.basis)])
 
     def on_embedding(paths: np.ndarray) -> list[np.ndarray]:

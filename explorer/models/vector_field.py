@@ -1200,6 +1200,8 @@ class Perturbation:
         mean of the nearest end cell's ``obsm['lineages_fwd']``).
     control_end, perturbed_end
         Per start cell, the group its path ends in.
+    control_paths, perturbed_paths
+        With ``keep_paths``: the ``(cells, n_steps + 1, dim)`` paths in the field's state.
     """
 
     gene: str
@@ -1210,6 +1212,8 @@ class Perturbation:
     perturbed: pd.Series
     control_end: pd.Series
     perturbed_end: pd.Series
+    control_paths: np.ndarray | None = None
+    perturbed_paths: np.ndarray | None = None
 
     @property
     def shift(self) -> pd.Series:
@@ -1235,6 +1239,8 @@ def perturb(
     cluster_key: str | None = None,
     use_fates: bool = True,
     field: FittedField | None = None,
+    check: Callable[[int], None] | None = None,
+    keep_paths: bool = False,
 ) -> Perturbation:
     """In-silico perturbation: set or scale a gene in ``cells``, integrate, compare fates.
 
@@ -1243,8 +1249,8 @@ def perturb(
     and the loadings. With ``hold`` (default) the gene's own velocity is then removed
     from the field all along the path and its coordinate reset after each step, so it
     stays at the set level (a sustained knock-down); without, only the start moves.
-    Both runs integrate ``n_steps`` RK4 steps (``on_data`` as
-    :meth:`FittedField.integrate`).
+    Both runs integrate ``n_steps`` RK4 steps (``on_data`` and ``check``, called at every
+    step, as :meth:`FittedField.integrate`); ``keep_paths`` keeps their whole paths.
 
     Returns
     -------
@@ -1289,11 +1295,12 @@ def perturb(
     shift = np.log1p(new) - np.log1p(s) if fld.transform == "log1p" else new - s
     starts = fld.states[idx]
     moved = starts + shift[:, None] * fld.loadings[g][None, :]
-    control = fld.integrate(starts, n_steps=n_steps, dt=dt, on_data=on_data)[:, -1]
+    control_paths = fld.integrate(starts, n_steps=n_steps, dt=dt, on_data=on_data, check=check)
     level = moved @ fld.loadings[g].astype(np.float64)
-    perturbed = fld.integrate(
-        moved, n_steps=n_steps, dt=dt, on_data=on_data, hold=g if hold else None, level=level
-    )[:, -1]
+    perturbed_paths = fld.integrate(
+        moved, n_steps=n_steps, dt=dt, on_data=on_data, hold=g if hold else None, level=level, check=check
+    )
+    control, perturbed = control_paths[:, -1], perturbed_paths[:, -1]
     key = cluster_key or str(adata.uns[Key.uns.VECTOR_FIELD].get("cluster_key", Key.obs.CLUSTERS))
     labels = _labels(adata, key)
     if labels is None:
@@ -1321,6 +1328,8 @@ def perturb(
         perturbed=dist_p,
         control_end=pd.Series(labels[end_c], index=names),
         perturbed_end=pd.Series(labels[end_p], index=names),
+        control_paths=control_paths if keep_paths else None,
+        perturbed_paths=perturbed_paths if keep_paths else None,
     )
 
 
