@@ -244,7 +244,7 @@ def page_ready(
             opened = time.perf_counter()
             page.goto(url)
             page.get_by_text("No cell selected").wait_for(timeout=60_000)
-            page.locator(".bk-Canvas").nth(4).wait_for(timeout=60_000)
+            page.locator(".bk-Canvas").nth(1).wait_for(timeout=60_000)
             ready = time.perf_counter()
             if screenshot is not None:
                 page.wait_for_timeout(1500)

@@ -5,9 +5,11 @@
    (wall and CPU), to integrate 200 RK4 steps from every Ngn3 high EP cell, where those
    paths end (group of the nearest observed cell; also for the plain ODE), one cell's
    200-step path as the app draws it, the velocity-matching cosine at the cells, the
-   fixed points (type and group), and the fate shift of a knock-out (factor 0, held) of
-   Pdx1, Nkx6-1 and Neurog3 in the Ngn3 high EP cells, for those among the field's genes;
-   the same on a second field over all genes (``genes="all"``, which holds Nkx6-1).
+   fixed points (type, group, the cells' support), and the fate shift of a knock-out
+   (factor 0, held) of Pdx1, Nkx6-1 and Neurog3 in the Ngn3 high EP cells, for those
+   among the field's genes: as fate probabilities (``explorer fates`` on the base's
+   velocity, computed here) and as the nearest cluster; the same on a second field over
+   all genes (``genes="all"``, which holds Nkx6-1).
 2. Simulations (``simulate(n_obs, n_vars=100, branches=2)``; the state built directly from
    the true abundances and velocity, ``base=None``, so no preprocessing is timed): time
    per training epoch and of 100 RK4 steps from 1,000 cells, against cells.
@@ -15,8 +17,11 @@
 Each case runs in a fresh process (peak resident memory ``ru_maxrss``). Prints a table
 and writes ``benchmarks/results/vector_field.json``. Usage::
 
-    python benchmarks/bench_vector_field.py [--base stochastic] [--sizes 10000 100000]
+    python benchmarks/bench_vector_field.py [--base stochastic dynamical] [--sizes 10000 100000]
         [--sim-epochs 5] [--skip-pancreas] [--device auto]
+
+The first base's pancreas case is ``pancreas`` in the JSON, the others
+``pancreas_other_bases``.
 """
 
 from __future__ import annotations
@@ -60,9 +65,22 @@ ENDOCRINE = ("Alpha", "Beta", "Delta", "Epsilon")
 
 def _fixed(adata) -> list[dict]:
     fixed = adata.uns["vector_field"]["fixed_points"]
+    n = len(fixed["type"])
+    basin = fixed.get("basin", [float("nan")] * n)
+    visits = fixed.get("visits", [float("nan")] * n)
+    supported = fixed.get("supported", [True] * n)
     return [
-        {"type": str(t), "cluster": str(c), "unstable_directions": int((er > 0).sum())}
-        for t, c, er in zip(fixed["type"], fixed["cluster"], fixed["eig_real"], strict=True)
+        {
+            "type": str(t),
+            "cluster": str(c),
+            "unstable_directions": int((er > 0).sum()),
+            "basin": round(float(b), 3),
+            "visits": round(float(v), 3),
+            "supported": bool(ok),
+        }
+        for t, c, er, b, v, ok in zip(
+            fixed["type"], fixed["cluster"], fixed["eig_real"], basin, visits, supported, strict=True
+        )
     ]
 
 
@@ -74,12 +92,17 @@ def _knockouts(adata, field, cells, genes) -> dict:
         if gene not in set(field.genes):
             out[gene] = "not among the field's genes"
             continue
-        p = perturb(adata, gene, cells=cells, factor=0.0, n_steps=200, field=field)
-        out[gene] = {
-            str(k): {"control": round(float(r["control"]), 4), "perturbed": round(float(r["perturbed"]), 4)}
-            for k, r in p.table().iterrows()
-            if r["control"] > 0 or r["perturbed"] > 0
-        }
+        out[gene] = {}
+        for use_fates in (True, False):
+            p = perturb(adata, gene, cells=cells, factor=0.0, n_steps=200, field=field, use_fates=use_fates)
+            out[gene][p.measure] = {
+                str(k): {
+                    "control": round(float(r["control"]), 4),
+                    "perturbed": round(float(r["perturbed"]), 4),
+                }
+                for k, r in p.table().iterrows()
+                if r["control"] > 0 or r["perturbed"] > 0
+            }
     return out
 
 
@@ -90,6 +113,8 @@ def _ends(paths, steps: int) -> dict[str, float]:
 
 def pancreas_worker(base: str, device: str, out: str) -> None:
     from explorer.data.io import read
+    from explorer.graph.fates import compute_fates
+    from explorer.graph.kernels import compute_velocity_kernel
     from explorer.models import get_model
     from explorer.models.vector_field import VectorField, load_field, simulate_trajectories
     from explorer.pipeline import prepare
@@ -100,6 +125,10 @@ def pancreas_worker(base: str, device: str, out: str) -> None:
     result: dict = {"cells": adata.n_obs, "genes": adata.n_vars, "base": base, "prepare": clock.lap()}
     get_model(base, seed=0).fit(adata).to_adata(adata)
     result["base_fit"] = clock.lap()
+    # fate probabilities of the base's velocity (as `explorer fates`), which perturb reports
+    compute_velocity_kernel(adata, seed=0)
+    fates = compute_fates(adata, cluster_key="clusters")
+    result["fates"] = {"terminal_states": list(fates.terminal_states), **clock.lap()}
     input_velocity = adata.layers["velocity"].copy()
     model = VectorField(base=base, seed=0, device=device)
     fit = model.fit(adata)
@@ -109,7 +138,7 @@ def pancreas_worker(base: str, device: str, out: str) -> None:
     result["device"] = str(model.module_.speed.device)
     fit.to_adata(adata)
     result["fixed_points"] = _fixed(adata)
-    attractors = [f["cluster"] for f in result["fixed_points"] if f["type"] == "attractor"]
+    attractors = [f["cluster"] for f in result["fixed_points"] if f["type"] == "attractor" and f["supported"]]
     result["attractors_endocrine"] = f"{sum(c in ENDOCRINE for c in attractors)}/{len(attractors)}"
     field = load_field(adata, device=device)
     # velocity matching at the cells: cosine of the field with the input velocity in the state
@@ -199,7 +228,7 @@ def main() -> None:
     )
     parser.add_argument("--worker", choices=["pancreas", "simulation"])
     parser.add_argument("--out")
-    parser.add_argument("--base", default="stochastic")
+    parser.add_argument("--base", nargs="+", default=["stochastic", "dynamical"])
     parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000])
     parser.add_argument("--sim-epochs", type=int, default=5)
     parser.add_argument("--n-obs", type=int)
@@ -207,7 +236,7 @@ def main() -> None:
     parser.add_argument("--skip-pancreas", action="store_true")
     args = parser.parse_args()
     if args.worker == "pancreas":
-        pancreas_worker(args.base, args.device, args.out)
+        pancreas_worker(args.base[0], args.device, args.out)
         return
     if args.worker == "simulation":
         simulation_worker(args.n_obs, args.sim_epochs, args.device, args.out)
@@ -220,8 +249,13 @@ def main() -> None:
     result = {"load_average_at_start": os.getloadavg(), "cpus": os.cpu_count()}
     if args.skip_pancreas:
         result["pancreas"] = previous.get("pancreas", {})
+        result["pancreas_other_bases"] = previous.get("pancreas_other_bases", {})
     else:
-        result["pancreas"] = _run(["--worker", "pancreas", "--base", args.base, "--device", args.device], tmp)
+        runs = {
+            b: _run(["--worker", "pancreas", "--base", b, "--device", args.device], tmp) for b in args.base
+        }
+        result["pancreas"] = runs.pop(args.base[0])
+        result["pancreas_other_bases"] = runs
     result["simulation"] = [
         _run(
             [
@@ -242,8 +276,9 @@ def main() -> None:
     tmp.unlink(missing_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
 
-    p = result["pancreas"]
-    if p:
+    for p in (result["pancreas"], *result["pancreas_other_bases"].values()):
+        if not p:
+            continue
         print(f"pancreas ({p['cells']} cells, base {p['base']}, {p['epochs']} epochs on {p['device']}):")
         for step in ("prepare", "base_fit", "field_fit", "trajectories"):
             print(f"  {step:14s} wall {p[step]['wall_s']:8.1f} s   cpu {p[step]['cpu_s']:8.1f} s")
@@ -251,7 +286,8 @@ def main() -> None:
         print(f"  one cell, 200 steps: {p['one_cell_200_steps']}")
         print(f"  paths from {START} end in: {p['ends']} (plain ODE: {p['ends_plain_ode']})")
         print(f"  fixed points: {p['fixed_points']}")
-        print(f"  attractors in endocrine clusters: {p['attractors_endocrine']}")
+        print(f"  attractors supported by the cells in endocrine clusters: {p['attractors_endocrine']}")
+        print(f"  fates: {p.get('fates')}")
         for gene, shift in p["knockouts"].items():
             print(f"  {gene} knock-out: {shift}")
         print(f"  genes='all': {p['all_genes']}")

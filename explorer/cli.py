@@ -568,6 +568,13 @@ def _cmd_perturb(args: argparse.Namespace) -> int:
             _write_csv(table.rename_axis("fate").reset_index(), out, cancelled=interrupt.flag.is_set)
     change = f"x {args.factor:g}" if args.factor is not None else f"= {args.value:g}"
     print(f"{args.gene} {change} in {len(result.cells)} cells ({args.start}), {args.steps} steps:")
+    if result.measure == "fate probabilities":
+        print("  fate probabilities (obsm['lineages_fwd']) of the cells nearest to the paths' ends, mean:")
+    else:
+        print(
+            "  share of paths ending nearest to each cluster (no fate probabilities in the file: "
+            "run `explorer fates` on it for those):"
+        )
     print(f"  {'fate':24s} {'control':>8s} {'perturbed':>10s} {'shift':>8s}")
     for name, row in table.iterrows():
         print(f"  {str(name):24s} {row['control']:8.1%} {row['perturbed']:10.1%} {row['shift']:+8.1%}")

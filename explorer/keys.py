@@ -92,6 +92,7 @@ class _Var:
     DIAG_DK_N_CLUSTERS: str = "diag_dk_n_clusters"
     DIAG_BOOST_SCORE: str = "diag_boost_score"
     DIAG_BOOST_ABOVE: str = "diag_boost_above"
+    DIAG_BOOST_KINK: str = "diag_boost_kink"
     DIAG_BOOST: str = "diag_boost"
     DIAG_RATE_SD: str = "diag_rate_sd"
     DIAG_SIGN_AGREEMENT: str = "diag_sign_agreement"

@@ -1495,12 +1495,22 @@ def fixed_points(info: FieldInfo) -> FixedPoints:
 
     On the basis the fit carried them to (``fixed_points['embedding']``, the weighted mean
     of the nearest cells' positions, as paths are carried), else at their nearest cell.
+    Only those the cells support (``fixed_points['supported']``, when the fit has it:
+    see :func:`explorer.models.vector_field.fixed_point_table`).
     """
     data = info.adata.uns[Key.uns.VECTOR_FIELD]
-    fixed = data.get("fixed_points", {})
+    fixed = dict(data.get("fixed_points", {}))
     states = np.asarray(fixed.get("state", np.zeros((0, 0))), dtype=np.float32)
     if states.ndim != 2 or len(states) == 0:  # noqa: PLR2004
         return FixedPoints(np.zeros((0, 2)), (), ())
+    keep = np.asarray(fixed.get("supported", np.ones(len(states), bool)), dtype=bool)
+    if keep.shape == (len(states),) and not keep.all():
+        for name in ("type", "embedding"):
+            if name in fixed and len(fixed[name]) == len(states):
+                fixed[name] = np.asarray(fixed[name])[keep]
+        states = states[keep]
+        if len(states) == 0:
+            return FixedPoints(np.zeros((0, 2)), (), ())
     nearest_cells = info.field.nearest_cells(states)
     grid_basis = str((data.get("grid") or {}).get("basis", ""))
     stored = np.asarray(fixed.get("embedding", np.zeros((0, 2))), dtype=np.float64)
@@ -1521,8 +1531,10 @@ def fixed_points(info: FieldInfo) -> FixedPoints:
 class PerturbationRun:
     """An in-silico perturbation on a fit's field (:func:`field_perturbation`).
 
-    ``table``: one row per cluster the paths end in (index), columns ``control``,
-    ``perturbed`` and ``shift`` (shares of the start cells; :func:`explorer.models.vector_field.perturb`);
+    ``table``: one row per fate (index), columns ``control``, ``perturbed`` and ``shift``
+    (:func:`explorer.models.vector_field.perturb`): with fate probabilities, the mean fate
+    probabilities of the cells nearest to the paths' ends; without, the share of the
+    start cells whose path ends nearest to each cluster; ``measure`` says which, in words;
     ``control_paths``/``perturbed_paths``: polylines on the embedding of an even sample of
     at most :data:`MAX_PERTURBED_PATHS` start cells, unperturbed and perturbed.
     """
@@ -1536,6 +1548,7 @@ class PerturbationRun:
     table: pd.DataFrame
     control_paths: list[np.ndarray]
     perturbed_paths: list[np.ndarray]
+    measure: str = "nearest cluster"
 
 
 def _carry(field: Any, points: np.ndarray, xy: np.ndarray, k: int = 15) -> np.ndarray:
@@ -1562,13 +1575,15 @@ def field_perturbation(
     n_steps: int = TRAJECTORY_STEPS,
     progress: Any = None,
     max_paths: int = MAX_PERTURBED_PATHS,
+    fates: FateInfo | None = None,
 ) -> PerturbationRun:
     """Scale ``gene``'s ``Ms`` by ``factor`` in ``cells`` (rows), integrate, and compare where they go.
 
     The fate shift is :func:`explorer.models.vector_field.perturb` (the gene held at its new
-    level all along the path; fates: the clusters of the cells nearest to the paths' ends)
-    over every start cell; the paths drawn are those of an even sample of ``max_paths``
-    of its cells. ``progress`` (a
+    level all along the path) over every start cell: with ``fates`` (the session's or the
+    file's, :class:`FateInfo`), the mean fate probabilities of the cells nearest to the
+    paths' ends; without, the clusters of those cells. The paths drawn are those of an
+    even sample of ``max_paths`` of its cells. ``progress`` (a
     :class:`~explorer.ProgressCallback`) sees every RK4 step, and can stop the run there.
 
     Raises
@@ -1595,9 +1610,13 @@ def field_perturbation(
             progress(Progress(min(done[0], total), total, f"perturbing {gene}"))
 
     fld = info.field
+    probabilities = None
+    if fates is not None and fates.probabilities.shape[0] == info.adata.n_obs:
+        probabilities = pd.DataFrame(fates.probabilities, columns=list(fates.names))
     found = perturb(
-        info.adata, gene, cells=idx, factor=float(factor), n_steps=n_steps, field=fld, check=check, keep_paths=True
-    )
+        info.adata, gene, cells=idx, factor=float(factor), n_steps=n_steps, field=fld, check=check,
+        keep_paths=True, fates=probabilities,
+    )  # fmt: skip
     control, perturbed = found.control_paths[sample], found.perturbed_paths[sample]
     xy = np.asarray(info.adata.obsm[Key.obsm.embedding(info.basis)])
 
@@ -1615,6 +1634,11 @@ def field_perturbation(
         table=found.table(),
         control_paths=on_embedding(control),
         perturbed_paths=on_embedding(perturbed),
+        measure=(
+            f"fate probabilities ({fates.source}) of the cells nearest to the paths' ends"
+            if found.measure == "fate probabilities" and fates is not None
+            else "the cluster nearest to each path's end (no fate probabilities: Compute fates for those)"
+        ),
     )
 
 

@@ -898,9 +898,10 @@ class ExplorerState(param.Parameterized):
         if idx.size == 0:
             self.error = "No cells to perturb: click a cell, or box/lasso a group of cells on the embedding."
             return None
+        fates = self.active_fates()  # read here, not in the job's thread
         return self._start(
             lambda progress: readouts.field_perturbation(
-                info, gene, cells=idx, factor=float(factor), progress=progress
+                info, gene, cells=idx, factor=float(factor), progress=progress, fates=fates
             ),
             on_done=self._perturbed,
             what=f"perturbing {gene} (x{factor:g}) in {idx.size:,} cells",

@@ -20,7 +20,9 @@ Lange et al. 2022), step by step:
 4. **Fate probabilities**: with the terminal cells absorbing, the probability
    :math:`B = (I - Q)^{-1} S` that a walk from each transient cell is absorbed in each
    terminal state, by one sparse LU factorisation of :math:`I - Q` and one solve per
-   state (:func:`absorption_probabilities`).
+   state, or above :data:`ITERATIVE_ABOVE` transient cells by GMRES preconditioned with
+   an incomplete LU, to a relative residual of :data:`ITERATIVE_RTOL`
+   (:func:`absorption_probabilities`).
 5. **Absorption times**: the mean number of steps to absorption, conditioned on the
    state reached, :math:`m_k = ((I - Q)^{-1} B_k) / B_k` (CellRank's ``<state>_mean``)
    (:func:`absorption_times`).
@@ -37,7 +39,7 @@ from __future__ import annotations
 import colorsys
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import anndata as ad
 import numba
@@ -68,6 +70,24 @@ STABILITY_THRESHOLD = 0.96
 _DENSE_BELOW = 500
 #: eigenvalues whose imaginary part is below this are real
 _IMAG_TOL = 1e-9
+#: ``solver="auto"`` solves ``I - Q`` iteratively above this many transient cells: the
+#: sparse LU's fill-in grows much faster than the graph (over 4 GB at 100k simulated cells)
+ITERATIVE_ABOVE = 30_000
+#: the iterative solve's tolerance: each column's relative residual
+#: ``||(I - Q) x - b|| / ||b||`` (checked on the true residual after GMRES)
+ITERATIVE_RTOL = 1e-10
+#: SuperLU's incomplete LU (ILUTP) as GMRES's preconditioner: drop tolerance and fill cap
+#: (nnz of L + U at most this times nnz of ``I - Q``). At 100k simulated cells: 16.8M
+#: entries, 30-50 GMRES iterations per column, 0.72 GB peak for the whole solve; a finer
+#: ILU (1e-4) costs more to build than it saves in iterations
+_ILU_DROP_TOL = 1e-3
+_ILU_FILL_FACTOR = 5.0
+#: GMRES restart length and the most restart cycles before giving up
+_GMRES_RESTART = 50
+_GMRES_MAXITER = 200
+
+Solver = Literal["auto", "direct", "iterative"]
+_SOLVERS = ("auto", "direct", "iterative")
 
 
 # --------------------------------------------------------------------------------------
@@ -609,12 +629,113 @@ def _factor(A: sparse.csc_matrix) -> splinalg.SuperLU:
         raise InputError(msg) from err
 
 
-def _solve(A: sparse.csc_matrix, B: np.ndarray) -> np.ndarray:
-    """``A^{-1} B`` by one sparse LU factorisation (SuperLU)."""
-    return _factor(A).solve(np.asarray(B, dtype=np.float64))
+class _LinearSolver:
+    """``(I - Q)^{-1} B`` column by column, by SuperLU or by GMRES with an incomplete-LU preconditioner.
+
+    ``solver="auto"`` factorises exactly up to :data:`ITERATIVE_ABOVE` unknowns and solves
+    iteratively above (CellRank solves these systems by GMRES too, preconditioned when it has
+    PETSc). Built once, it serves several right-hand sides (fates, then absorption times).
+    """
+
+    def __init__(self, A: sparse.csc_matrix, *, solver: Solver = "auto", tol: float = ITERATIVE_RTOL) -> None:
+        if solver not in _SOLVERS:
+            msg = f"Invalid option {solver!r} for `solver`. Valid options are: {list(_SOLVERS)}."
+            raise ValueError(msg)
+        if not 0 < tol < 1:
+            msg = f"Expected a tolerance `tol` between 0 and 1, found {tol!r}."
+            raise ValueError(msg)
+        if solver == "auto":
+            solver = "iterative" if A.shape[0] > ITERATIVE_ABOVE else "direct"
+        self.method = solver
+        self.tol = tol
+        self._A = A
+        if solver == "direct":
+            self._lu = _factor(A)
+            return
+        try:
+            ilu = splinalg.spilu(A, drop_tol=_ILU_DROP_TOL, fill_factor=_ILU_FILL_FACTOR)
+        except RuntimeError as err:
+            msg = f"Some cells reach no terminal state: {_UNREACHABLE}"
+            raise InputError(msg) from err
+        self._M = splinalg.LinearOperator(A.shape, ilu.solve, dtype=np.float64)
+
+    @property
+    def description(self) -> str:
+        """How the systems are solved, for ``uns['fwd_estimator_params']``."""
+        if self.method == "direct":
+            return "direct (SuperLU)"
+        return f"iterative (GMRES + incomplete LU, relative residual <= {self.tol:g})"
+
+    def solve(self, B: np.ndarray) -> np.ndarray:
+        """``(I - Q)^{-1} B`` for ``B`` of shape ``(n, k)`` or ``(n,)``."""
+        B = np.asarray(B, dtype=np.float64)
+        if self.method == "direct":
+            return self._lu.solve(B)
+        cols = B.reshape(B.shape[0], -1)
+        X = np.zeros_like(cols)
+        for j in range(cols.shape[1]):
+            X[:, j] = self._gmres(cols[:, j])
+        return X.reshape(B.shape)
+
+    def _gmres(self, b: np.ndarray) -> np.ndarray:
+        norm = np.linalg.norm(b)
+        if norm == 0:
+            return np.zeros_like(b)
+        x, _ = splinalg.gmres(
+            self._A, b, M=self._M, rtol=self.tol, atol=0.0, restart=_GMRES_RESTART, maxiter=_GMRES_MAXITER
+        )
+        # GMRES stops on the preconditioned residual; the tolerance is on the true one
+        residual = np.linalg.norm(self._A @ x - b) / norm
+        if residual > self.tol:
+            x, _ = splinalg.gmres(
+                self._A, b, x0=x, M=self._M, rtol=self.tol * 0.1, atol=0.0, restart=_GMRES_RESTART,
+                maxiter=_GMRES_MAXITER,
+            )
+            residual = np.linalg.norm(self._A @ x - b) / norm
+        if residual > self.tol:
+            msg = (
+                f"The iterative solve of I - Q stopped at a relative residual of {residual:.2g}, above the "
+                f"tolerance {self.tol:g}. Either {_UNREACHABLE} Or pass "
+                "solver='direct' (exact, but its memory grows fast with the cells) or a larger `tol`."
+            )
+            raise InputError(msg)
+        return x
 
 
-def absorption_probabilities(transitions: sparse.spmatrix, states: IntArray) -> np.ndarray:
+def _absorption(
+    transitions: sparse.spmatrix, states: IntArray, *, solver: Solver, tol: float, with_times: bool
+) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """Fate probabilities (and conditional absorption times) from one factorisation of ``I - Q``."""
+    A, S, trans, n_states = _absorbing_split(transitions, states)
+    lin = _LinearSolver(A, solver=solver, tol=tol)
+    labels = np.asarray(states, dtype=np.int64)
+    term = np.flatnonzero(labels >= 0)
+    # round-off (LU or the iterative tolerance) can leave -1e-17: probabilities are clipped
+    B = np.clip(lin.solve(S), 0.0, None)
+    out = np.zeros((labels.size, n_states))
+    out[trans] = B
+    out[term, labels[term]] = 1.0
+    sums = out.sum(axis=1, keepdims=True)
+    bad = ~np.isclose(sums.ravel(), 1.0, atol=1e-3)
+    if bad.any():
+        msg = (
+            f"{int(bad.sum())} cells reach no terminal state (their absorption probabilities sum to "
+            f"{sums.ravel()[bad].min():.3g}): {_UNREACHABLE}"
+        )
+        raise InputError(msg)
+    times = None
+    if with_times:
+        H = lin.solve(B)
+        times = np.full((labels.size, n_states), np.inf)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            times[trans] = np.where(B > 0, H / np.where(B > 0, B, 1.0), np.inf)
+        times[term, labels[term]] = 0.0
+    return out / sums, times, lin.description
+
+
+def absorption_probabilities(
+    transitions: sparse.spmatrix, states: IntArray, *, solver: Solver = "auto", tol: float = ITERATIVE_RTOL
+) -> np.ndarray:
     """Probability that a walk from each cell ends in each absorbing state.
 
     Parameters
@@ -624,6 +745,14 @@ def absorption_probabilities(transitions: sparse.spmatrix, states: IntArray) -> 
     states
         ``(n_obs,)`` int: the absorbing state of each terminal cell (0, 1, ...), -1 for
         transient cells. Terminal cells are made absorbing: their rows are ignored.
+    solver
+        ``"direct"``: one sparse LU factorisation (SuperLU); ``"iterative"``: GMRES
+        preconditioned by an incomplete LU; ``"auto"``: direct up to
+        :data:`ITERATIVE_ABOVE` transient cells, iterative above.
+    tol
+        Iterative solve: each column's relative residual ``||(I - Q) x - b|| / ||b||`` is
+        at most this (checked after the solve; an :class:`~explorer._types.InputError` if
+        it cannot be reached).
 
     Returns
     -------
@@ -631,31 +760,17 @@ def absorption_probabilities(transitions: sparse.spmatrix, states: IntArray) -> 
     cells (``Q`` the transient block, ``S`` the transient-to-state sums), one-hot for
     terminal cells.
     """
-    A, S, trans, n_states = _absorbing_split(transitions, states)
-    labels = np.asarray(states, dtype=np.int64)
-    out = np.zeros((labels.size, n_states))
-    out[trans] = _solve(A, S)
-    term = np.flatnonzero(labels >= 0)
-    out[term, labels[term]] = 1.0
-    # LU round-off can leave -1e-17; probabilities are clipped and rows renormalised
-    out = np.clip(out, 0.0, None)
-    sums = out.sum(axis=1, keepdims=True)
-    bad = ~np.isclose(sums.ravel(), 1.0, atol=1e-3)
-    if bad.any():
-        msg = (
-            f"{int(bad.sum())} cells reach no terminal state (their absorption probabilities sum to "
-            f"{sums.ravel()[bad].min():.3g}): {_UNREACHABLE}"
-        )
-        raise InputError(msg)
-    return out / sums
+    return _absorption(transitions, states, solver=solver, tol=tol, with_times=False)[0]
 
 
-def absorption_times(transitions: sparse.spmatrix, states: IntArray) -> np.ndarray:
+def absorption_times(
+    transitions: sparse.spmatrix, states: IntArray, *, solver: Solver = "auto", tol: float = ITERATIVE_RTOL
+) -> np.ndarray:
     """Mean number of steps until absorption, per state reached (CellRank's ``<state>_mean``).
 
     Parameters
     ----------
-    transitions, states
+    transitions, states, solver, tol
         As for :func:`absorption_probabilities`.
 
     Returns
@@ -665,21 +780,18 @@ def absorption_times(transitions: sparse.spmatrix, states: IntArray) -> np.ndarr
     :math:`m_k = ((I - Q)^{-1} B_k) / B_k` (inf where :math:`B_{ik} = 0`); 0 for the cells of
     state :math:`k`, inf for the cells of other states.
     """
-    A, S, trans, n_states = _absorbing_split(transitions, states)
-    labels = np.asarray(states, dtype=np.int64)
-    lu = _factor(A)
-    B = np.clip(lu.solve(S), 0.0, None)
-    H = lu.solve(B)
-    out = np.full((labels.size, n_states), np.inf)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out[trans] = np.where(B > 0, H / np.where(B > 0, B, 1.0), np.inf)
-    term = np.flatnonzero(labels >= 0)
-    out[term, labels[term]] = 0.0
-    return out
+    return _absorption(transitions, states, solver=solver, tol=tol, with_times=True)[1]
 
 
-def mean_absorption_time(transitions: sparse.spmatrix, states: IntArray) -> np.ndarray:
+def mean_absorption_time(
+    transitions: sparse.spmatrix, states: IntArray, *, solver: Solver = "auto", tol: float = ITERATIVE_RTOL
+) -> np.ndarray:
     """Mean number of steps until any absorbing state is reached, ``(I - Q)^{-1} 1``.
+
+    Parameters
+    ----------
+    transitions, states, solver, tol
+        As for :func:`absorption_probabilities`.
 
     Returns
     -------
@@ -687,7 +799,7 @@ def mean_absorption_time(transitions: sparse.spmatrix, states: IntArray) -> np.n
     """
     A, _, trans, _ = _absorbing_split(transitions, states)
     out = np.zeros(np.asarray(states).size)
-    out[trans] = _solve(A, np.ones(trans.size))
+    out[trans] = _LinearSolver(A, solver=solver, tol=tol).solve(np.ones(trans.size))
     return out
 
 
@@ -798,6 +910,8 @@ def compute_fates(
     terminal_states: Sequence[str] | None = None,
     n_initial_states: int = 1,
     driver_layer: str | None = None,
+    solver: Solver = "auto",
+    tol: float = ITERATIVE_RTOL,
     progress: ProgressCallback | None = None,
 ) -> Fates:
     """Macrostates, initial/terminal states, fate probabilities, absorption times and drivers.
@@ -821,6 +935,9 @@ def compute_fates(
         Number of initial states (smallest coarse stationary probability).
     driver_layer
         Layer whose expression is correlated with the fates; default ``adata.X`` (CellRank's).
+    solver, tol
+        How ``I - Q`` is solved (:func:`absorption_probabilities`): exactly up to
+        :data:`ITERATIVE_ABOVE` transient cells, by GMRES above.
     progress
         Receives one report per step.
 
@@ -876,13 +993,11 @@ def compute_fates(
             raise InputError(msg)
     init = [n for n in initial_state_names(macro, n_states=n_initial_states) if n not in term]
     term_cells, term_probs, term_memb = state_cells(macro, term, n_cells=n_cells)
-    report(progress, 2, total, "fate probabilities")
+    report(progress, 2, total, "fate probabilities and absorption times")
     codes = np.asarray(term_cells.codes, dtype=np.int64)
-    fates = absorption_probabilities(T, codes)
+    fates, steps, how = _absorption(T, codes, solver=solver, tol=tol, with_times=True)
     report(progress, 3, total, "absorption times")
-    times = pd.DataFrame(
-        absorption_times(T, codes), index=adata.obs_names, columns=[f"{t}_mean" for t in term]
-    )
+    times = pd.DataFrame(steps, index=adata.obs_names, columns=[f"{t}_mean" for t in term])
     report(progress, 4, total, "driver genes")
     expr = adata.X if driver_layer is None else adata.layers[driver_layer]
     drivers = lineage_drivers(expr, fates, names=term, gene_names=adata.var_names)
@@ -924,8 +1039,8 @@ def compute_fates(
                               "cluster_key": cluster_key or ""},
         Key.obs.TERMINAL_STATES: {"method": "stability" if terminal_states is None else "set",
                                   "stability_threshold": float(stability_threshold), "n_cells": int(n_cells)},
-        Key.obsm.FATE_PROBABILITIES: {"solver": "direct (SuperLU)"},
-        Key.obsm.ABSORPTION_TIMES: {"solver": "direct (SuperLU)"},
+        Key.obsm.FATE_PROBABILITIES: {"solver": how},
+        Key.obsm.ABSORPTION_TIMES: {"solver": how},
         Key.varm.LINEAGE_DRIVERS: {"method": "fisher", "use_raw": False,
                                    "layer": driver_layer or "X"},
     }

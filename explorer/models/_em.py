@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from explorer import kinetics
+from explorer.models import _em_kernels
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -40,6 +41,24 @@ _LOG_EPS = 1e-6
 _TINY = 1e-8
 #: the four states of scVelo's assignment, in the order of its distance array
 REPRESSION, INDUCTION, STEADY_OFF, STEADY_ON = 0, 1, 2, 3
+#: run the E-step and the profiled loss through the compiled kernels of
+#: :mod:`explorer.models._em_kernels` on the CPU (the tests also run the torch code)
+USE_KERNELS = True
+
+
+def _compiled(x: torch.Tensor) -> bool:
+    """Whether ``x``'s computations go to the compiled CPU kernels (else: torch, e.g. on CUDA)."""
+    return USE_KERNELS and x.device.type == "cpu"
+
+
+def _cells(x: torch.Tensor) -> np.ndarray:
+    """``(n_genes, n_cells)`` float32 tensor as a C-contiguous numpy array (no copy when it is one)."""
+    return np.ascontiguousarray(x.numpy(), dtype=np.float32)
+
+
+def _genes(x: torch.Tensor) -> np.ndarray:
+    """``(n_genes, 1)`` tensor as a ``(n_genes,)`` float64 numpy array."""
+    return np.ascontiguousarray(x.reshape(-1).numpy(), dtype=np.float64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -420,22 +439,15 @@ def assign(
     over each cell's neighbours, compares neighbourhood-averaged distances instead
     (scVelo's ``fit_connected_states``).
     """
-    zero = torch.zeros_like(p.alpha)
-    dur = (p.t_ - p.t_on).clamp(min=0)
-    tau, d_ind = _project_branch(data, p, zero, zero, p.alpha, dur, n_newton=n_newton)
-    u0_, s0_ = p.switch_point()
-    # the repression branch is followed until u has decayed to 1e-4 of its start
-    rate = torch.minimum(p.beta, p.gamma).clamp(min=_TINY)
-    tau_, d_rep = _project_branch(data, p, u0_, s0_, zero, math.log(1e4) / rate, n_newton=n_newton)
-    du_off, ds_off = data.u / data.std_u, data.s / data.std_s
-    d_off = du_off * du_off + ds_off * ds_off
-    du_on, ds_on = (data.u - p.scaling * u0_) / data.std_u, (data.s - s0_) / data.std_s
-    d_on = du_on * du_on + ds_on * ds_on
-    dists = (d_rep, d_ind, d_off, d_on)
-    times = (p.t_ + tau_, p.t_on + tau, torch.zeros_like(tau), p.t_.expand_as(tau))
+    if _compiled(data.u):
+        if smooth is None:
+            return _assign_compiled(data, p, n_newton=n_newton, t_prev=t_prev)
+        dists, times = _branch_states_compiled(data, p, n_newton=n_newton)
+    else:
+        dists, times = _branch_states(data, p, n_newton=n_newton)
     crits = dists if smooth is None else tuple(smooth(d) for d in dists)
     # running minimum over the states (ties keep the earlier state, as argmin does)
-    state = torch.zeros_like(d_rep)
+    state = torch.zeros_like(dists[0])
     t, dist, crit = times[0], dists[0], crits[0]
     for k in range(1, 4):
         better = _less(crits[k], crit)
@@ -450,6 +462,57 @@ def assign(
         dist = torch.minimum(d_prev, dist)
         state = state + keep * (state_of(t_prev, p) - state)
     return Assignment(t, state.round().to(torch.int8), dist)
+
+
+def _branch_states(
+    data: GeneData, p: Params, *, n_newton: int
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """Distances to the four states (repression, induction, off, on) and their times, in torch."""
+    zero = torch.zeros_like(p.alpha)
+    dur = (p.t_ - p.t_on).clamp(min=0)
+    tau, d_ind = _project_branch(data, p, zero, zero, p.alpha, dur, n_newton=n_newton)
+    u0_, s0_ = p.switch_point()
+    # the repression branch is followed until u has decayed to 1e-4 of its start
+    rate = torch.minimum(p.beta, p.gamma).clamp(min=_TINY)
+    tau_, d_rep = _project_branch(data, p, u0_, s0_, zero, math.log(1e4) / rate, n_newton=n_newton)
+    du_off, ds_off = data.u / data.std_u, data.s / data.std_s
+    d_off = du_off * du_off + ds_off * ds_off
+    du_on, ds_on = (data.u - p.scaling * u0_) / data.std_u, (data.s - s0_) / data.std_s
+    d_on = du_on * du_on + ds_on * ds_on
+    dists = (d_rep, d_ind, d_off, d_on)
+    times = (p.t_ + tau_, p.t_on + tau, torch.zeros_like(tau), p.t_.expand_as(tau))
+    return dists, times
+
+
+def _run_assign_kernel(
+    data: GeneData, p: Params, *, n_newton: int, t_prev: torch.Tensor | None, keep_all: bool
+) -> tuple[np.ndarray, ...]:
+    """Call :func:`explorer.models._em_kernels.assign_states`: ``(t, state, dist, dists, times)``."""
+    shape = (4, *data.u.shape) if keep_all else (1, 1, 1)
+    dists = np.empty(shape, dtype=np.float32)
+    times = np.empty((2, *shape[1:]), dtype=np.float32)
+    prev = _cells(t_prev) if t_prev is not None else np.empty((1, 1), dtype=np.float32)
+    t, state, dist = _em_kernels.assign_states(
+        _cells(data.u), _cells(data.s), _genes(data.std_u), _genes(data.std_s),
+        _genes(p.alpha), _genes(p.beta), _genes(p.gamma), _genes(p.t_), _genes(p.scaling), _genes(p.t_on),
+        n_newton, prev, t_prev is not None, dists, times,
+    )  # fmt: skip
+    return t, state, dist, dists, times
+
+
+def _assign_compiled(data: GeneData, p: Params, *, n_newton: int, t_prev: torch.Tensor | None) -> Assignment:
+    """:func:`assign` without ``smooth``, in one compiled pass (CPU)."""
+    t, state, dist, _, _ = _run_assign_kernel(data, p, n_newton=n_newton, t_prev=t_prev, keep_all=False)
+    return Assignment(torch.from_numpy(t), torch.from_numpy(state), torch.from_numpy(dist))
+
+
+def _branch_states_compiled(
+    data: GeneData, p: Params, *, n_newton: int
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """:func:`_branch_states` through the compiled kernel (CPU)."""
+    _, _, _, dists, times = _run_assign_kernel(data, p, n_newton=n_newton, t_prev=None, keep_all=True)
+    d, tau = torch.from_numpy(dists), torch.from_numpy(times)
+    return (d[0], d[1], d[2], d[3]), (tau[0], tau[1], torch.zeros_like(tau[0]), p.t_.expand_as(tau[0]))
 
 
 def state_of(t: torch.Tensor, p: Params) -> torch.Tensor:
@@ -548,10 +611,20 @@ def profiled_loss(
     -------
     ``(n_genes, 1)`` float64 loss and the parameters with ``alpha``, ``scaling`` set.
     """
-    f, g = _curve(t, p, torch.ones_like(p.alpha))
-    w = data.weights
-    suf, sff = _sum(data.u * f, w), _sum(f * f, w).clamp(min=_TINY)
-    ssg, sgg = _sum(data.s * g, w), _sum(g * g, w).clamp(min=_TINY)
+    if _compiled(data.u):
+        sums = torch.from_numpy(
+            _em_kernels.curve_sums(
+                _cells(data.u), _cells(data.s), _cells(data.weights), _cells(t),
+                _genes(p.t_), _genes(p.t_on), _genes(p.beta), _genes(p.gamma),
+            )
+        )  # fmt: skip
+        suf, sff, ssg, sgg = (sums[:, k : k + 1] for k in range(4))
+        sff, sgg = sff.clamp(min=_TINY), sgg.clamp(min=_TINY)
+    else:
+        f, g = _curve(t, p, torch.ones_like(p.alpha))
+        w = data.weights
+        suf, sff = _sum(data.u * f, w), _sum(f * f, w).clamp(min=_TINY)
+        ssg, sgg = _sum(data.s * g, w), _sum(g * g, w).clamp(min=_TINY)
     amp_u = (suf / sff).clamp(min=_TINY)
     amp_s = (ssg / sgg).clamp(min=_TINY)
     sse_u = (mom.uu - 2 * amp_u * suf + amp_u * amp_u * sff).clamp(min=0) / data.std_u.double() ** 2

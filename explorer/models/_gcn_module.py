@@ -26,7 +26,8 @@ wrapper (:mod:`explorer.models.gcn`), which builds the tensors, trains and extra
   cells of the batch (cells with zero ``u``, resp. ``s``, left out, as the reference
   implementation does), averaged over genes. The squared errors are divided per gene by
   the gene's mean squared displacement to its candidates, so that every gene weighs
-  alike and the terms are unit-free.
+  alike and the terms are unit-free. The unspliced half trains ``alpha`` only
+  (:meth:`VeloGCN.velocities`).
 - **Cost.** Each step needs, besides the network, one sampled product (the sign of
   ``(s_j - s_i) . v_i`` for every candidate pair) and one sparse-dense product (the sum
   over the forward candidates; the backward sum is the fixed total minus it), and
@@ -89,21 +90,20 @@ class VeloGCN(nn.Module):
         return len(self.convs)
 
     def _rates(
-        self, first: torch.Tensor, adjacency: Sequence[torch.Tensor], u_out: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``alpha, beta, gamma`` and ``beta u`` of the output cells (see :meth:`forward`)."""
+        self, first: torch.Tensor, adjacency: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``alpha``'s factor, ``beta`` and ``gamma`` of the output cells (see :meth:`forward`)."""
         h = self.dropout(torch.relu(self.convs[0](first)))
         for conv, adj in zip(self.convs[1:], adjacency, strict=True):
             h = self.dropout(torch.relu(conv(torch.sparse.mm(adj, h))))
         z = self.head(h).view(-1, 3, self.n_genes)
         factor = nn.functional.softplus(z + _SOFTPLUS_ONE) + _MIN_RATE
-        beta = self.base[1] * factor[:, 1]
-        gamma = self.base[2] * factor[:, 2]
-        bu = beta * u_out
+        return factor[:, 0], self.base[1] * factor[:, 1], self.base[2] * factor[:, 2]
+
+    def _alpha(self, alpha_factor: torch.Tensor, bu: torch.Tensor) -> torch.Tensor:
         # alpha relative to the unspliced steady state beta u (plus a floor, so that cells
         # without u can be induced): the network starts from du/dt = alpha - beta u near 0
-        alpha = (bu + self.base[0]) * factor[:, 0]
-        return alpha, beta, gamma, bu
+        return (bu + self.base[0]) * alpha_factor
 
     def forward(
         self, first: torch.Tensor, adjacency: Sequence[torch.Tensor], u_out: torch.Tensor
@@ -125,15 +125,24 @@ class VeloGCN(nn.Module):
         -------
         ``alpha, beta, gamma``, each ``(n_out, n_genes)``, positive.
         """
-        alpha, beta, gamma, _ = self._rates(first, adjacency, u_out)
-        return alpha, beta, gamma
+        alpha_factor, beta, gamma = self._rates(first, adjacency)
+        return self._alpha(alpha_factor, beta * u_out), beta, gamma
 
     def velocities(
         self, first: torch.Tensor, adjacency: Sequence[torch.Tensor], u_out: torch.Tensor, s_out: torch.Tensor
     ) -> torch.Tensor:
-        """``(n_out, 2 n_genes)``: the spliced velocity ``beta u - gamma s``, then ``alpha - beta u``."""
-        alpha, _, gamma, bu = self._rates(first, adjacency, u_out)
-        return torch.cat([bu - gamma * s_out, alpha - bu], dim=1)
+        """``(n_out, 2 n_genes)``: the spliced velocity ``beta u - gamma s``, then ``alpha - beta u``.
+
+        The unspliced velocity's gradient reaches ``alpha`` only (``beta u`` enters it
+        detached): ``beta`` and ``gamma`` are trained by the spliced velocity, as in the
+        reference implementation's default, which has no unspliced term. Through ``beta``
+        the unspliced term pulled a faster-degrading regime toward the wrong spliced sign
+        (see :class:`~explorer.models.gcn.DeepVelo`, ``lambda_u``).
+        """
+        alpha_factor, beta, gamma = self._rates(first, adjacency)
+        bu = beta * u_out
+        bu_fixed = bu.detach()
+        return torch.cat([bu - gamma * s_out, self._alpha(alpha_factor, bu_fixed) - bu_fixed], dim=1)
 
     @staticmethod
     def loss(

@@ -22,9 +22,10 @@ mean of its own time posterior given its cell state and the fitted ODE, evaluate
 grid (on a two-lineage simulation this raised the latent time's Spearman correlation
 with the truth from 0.87 to 0.98); its SD is that posterior's, with the likelihood
 tempered by ``2 G / n_eff`` because the genes' residuals are correlated (``n_eff``: the
-participation ratio of the residual covariance). Nominal 90 % intervals then cover 65 %
-of the simulator's true times (88 % for the basic model), from 14 %, but the SD does not
-yet rank cells by their error. See README, "VeloVAE".
+participation ratio of the residual covariance). Nominal 90 % intervals then cover 84 %
+and 92 % of the true times on two branching simulations, read through a cross-fitted
+monotone map of the model's clock (:func:`time_calibration`; 65-66 % through a cubic),
+but the SD does not rank cells by their error. See README, "VeloVAE".
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from statistics import NormalDist
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
@@ -1060,6 +1062,92 @@ def lineage_curves(adata: AnnData, gene: str, groupby: str, *, n_points: int = 2
         u, s = np.clip(u, 0, None) * scaling, np.clip(s, 0, None)
         frames.append(pd.DataFrame({"group": group, "t": t, "u": u, "s": s}))
     return pd.concat(frames, ignore_index=True)
+
+
+def time_calibration(
+    true_t: np.ndarray, t: np.ndarray, sd: np.ndarray, *, level: float = 0.9, seed: int = 0
+) -> dict[str, float]:
+    """How well a time posterior's intervals match a known time (a simulator's).
+
+    A model's clock equals the true one only up to a monotone map, so each cell's time
+    and interval ``t ± z sd`` (``z`` of the two-sided ``level``) are mapped to the true
+    axis by the monotone (isotonic, least-squares) regression of ``true_t`` on ``t``,
+    cross-fitted: fitted on a seeded half of the cells and applied to the other half,
+    and the reverse, so that no cell's own true time places its interval. Figures
+    through a cubic map fitted on all cells (the measure used before; a cubic cannot
+    follow a clock that stalls or speeds up, and counts that as per-cell error) are
+    given beside them.
+
+    Parameters
+    ----------
+    true_t, t, sd
+        ``(n_obs,)`` true time, posterior mean and posterior SD (model clock).
+    level
+        Nominal coverage of the intervals.
+    seed
+        Seed of the split into halves.
+
+    Returns
+    -------
+    ``coverage`` (share of true times inside the mapped intervals), ``width_error_spearman``
+    (rank correlation of each mapped interval's width with the cell's absolute error, both
+    on the true axis), ``sd_error_spearman`` (of the SD itself with that error),
+    ``median_error``, and ``coverage_cubic``, ``sd_error_spearman_cubic``.
+    """
+    true_t, t, sd = (np.asarray(x, dtype=np.float64).ravel() for x in (true_t, t, sd))
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    n = len(t)
+    half = np.random.default_rng(seed).permutation(n) < n // 2
+    err, width, inside = np.empty(n), np.empty(n), np.empty(n, dtype=bool)
+    for part in (half, ~half):
+        xs, ys = _isotonic(t[~part], true_t[~part])
+        lo, hi = np.interp(t[part] - z * sd[part], xs, ys), np.interp(t[part] + z * sd[part], xs, ys)
+        err[part] = np.abs(np.interp(t[part], xs, ys) - true_t[part])
+        width[part] = hi - lo
+        inside[part] = (true_t[part] >= lo) & (true_t[part] <= hi)
+    cubic = np.poly1d(np.polyfit(t, true_t, 3))
+    err_c = np.abs(cubic(t) - true_t)
+    lo_c, hi_c = cubic(t - z * sd), cubic(t + z * sd)
+    inside_c = (true_t >= np.minimum(lo_c, hi_c)) & (true_t <= np.maximum(lo_c, hi_c))
+
+    def rank_corr(a: np.ndarray, b: np.ndarray) -> float:
+        return float(pd.Series(a).corr(pd.Series(b), method="spearman"))
+
+    return {
+        "coverage": float(inside.mean()),
+        "width_error_spearman": rank_corr(width, err),
+        "sd_error_spearman": rank_corr(sd, err),
+        "median_error": float(np.median(err)),
+        "coverage_cubic": float(inside_c.mean()),
+        "sd_error_spearman_cubic": rank_corr(sd, err_c),
+    }
+
+
+def _isotonic(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Centred isotonic regression of ``y`` on ``x`` (Oron & Flournoy 2017), as knots for ``np.interp``.
+
+    Pool adjacent violators gives the non-decreasing least-squares fit, a staircase; each
+    pooled block is then one knot at its mean ``x`` and mean ``y``, so the map is
+    piecewise linear and increasing. (A staircase maps a short interval to zero width
+    inside a step and to a whole step across one: on a clock known exactly, nominal 90%
+    intervals covered 83%.)
+    """
+    order = np.argsort(x, kind="stable")
+    # blocks of pooled points: sums of x and y, and how many points each holds
+    sx: list[float] = []
+    sy: list[float] = []
+    n: list[int] = []
+    for xi, yi in zip(x[order], y[order], strict=True):
+        sx.append(float(xi))
+        sy.append(float(yi))
+        n.append(1)
+        while len(n) > 1 and sy[-2] * n[-1] >= sy[-1] * n[-2]:
+            last_x, last_y, last_n = sx.pop(), sy.pop(), n.pop()
+            sx[-1] += last_x
+            sy[-1] += last_y
+            n[-1] += last_n
+    counts = np.asarray(n, dtype=np.float64)
+    return np.asarray(sx) / counts, np.asarray(sy) / counts
 
 
 class _Tensors:

@@ -25,9 +25,9 @@ space (``obsm['vf_velocity']``), in gene space (``layers['velocity']``, so the v
 graph, projection and fates of :mod:`explorer.graph` work on it as on any model) and on
 the embedding (``obsm['vf_velocity_<basis>']``, and a grid in
 ``uns['vector_field']['grid']``); divergence, curl and speed per cell; fixed points with
-their Jacobian eigenvalues and type. From a fitted AnnData: :func:`simulate_trajectories`,
-:func:`perturb` and :func:`gene_jacobian` (:func:`load_field` rebuilds the network from
-the file).
+their Jacobian eigenvalues, type and support by the cells' paths (basin, visits). From a
+fitted AnnData: :func:`simulate_trajectories`, :func:`perturb` and :func:`gene_jacobian`
+(:func:`load_field` rebuilds the network from the file).
 """
 
 from __future__ import annotations
@@ -79,6 +79,12 @@ _FIXED_NEAR = 3.0
 _ESCAPE = 2.0
 #: eigenvalues whose real part is within this share of the largest |eigenvalue| are neutral
 _EIG_TOL = 1e-6
+#: support of a fixed point by the cells: paths of this many RK4 steps (default dt: one
+#: length scale at the median speed each) from a seeded draw of this many cells ...
+_SUPPORT_CELLS, _SUPPORT_STEPS = 500, 200
+#: ... ending (attractor) or passing (saddle, repeller) within this many h of it, for at
+#: least this share of them (1%: 5 of the 500 paths)
+_SUPPORT_NEAR, _SUPPORT_SHARE = 2.0, 0.01
 
 
 class VectorField(Hyperparameters):
@@ -137,7 +143,9 @@ class VectorField(Hyperparameters):
         and were saddles, and plain-ODE paths diverged; with it the ends of the data
         attract, and paths stay near the cells.
     n_fixed_point_starts
-        Cells (seeded draw) the fixed-point search starts from.
+        Cells (seeded draw) the fixed-point search starts from. Each fixed point found
+        is then checked against paths from 500 cells (``basin``, ``visits``,
+        ``supported``; :func:`fixed_point_table`).
     cluster_key
         obs column naming the cell groups (fixed points and trajectory ends are named
         after the group of their nearest cell).
@@ -442,6 +450,7 @@ class VectorField(Hyperparameters):
             fixed = fitted.fixed_points(
                 n_starts=self.n_fixed_point_starts, seed=self.seed, speed=float(np.median(speed_cells))
             )
+            fixed.update(_cell_support(fixed, model, device, x, tree, h, dt_default, seed=self.seed))
         self.module_ = model
         self.history_ = history
         self.timings_ = {"train": train_s, "total": time.perf_counter() - clock}
@@ -874,6 +883,55 @@ class _Fitted:
         }
 
 
+def _cell_support(
+    fixed: dict[str, np.ndarray],
+    model: Any,
+    device: Any,
+    x: np.ndarray,
+    tree: cKDTree,
+    h: float,
+    dt: float,
+    *,
+    seed: int,
+) -> dict[str, np.ndarray]:
+    """Whether the cells support each fixed point: ``basin``, ``visits`` (shares) and ``supported``.
+
+    A zero of the learned field need not be one of the cells' dynamics: the off-cells
+    term and the network's smoothing can make one where no cell goes (on the pancreas,
+    an attractor in Beta that no path reached). So paths are integrated as
+    :func:`simulate_trajectories` does (:data:`_SUPPORT_STEPS` steps of the default
+    ``dt``) from a seeded draw of :data:`_SUPPORT_CELLS` cells; ``basin`` is the share
+    of them that end within :data:`_SUPPORT_NEAR` length scales of the point (and nearer
+    it than any other), ``visits``
+    the share that pass that close at any step. An attractor is supported when its
+    basin, a saddle or repeller when its visits, reach :data:`_SUPPORT_SHARE`.
+    """
+    states = np.asarray(fixed["state"], dtype=np.float64)
+    k = len(states)
+    if k == 0:
+        none = np.zeros(0, np.float32)
+        return {"basin": none, "visits": none.copy(), "supported": np.zeros(0, bool)}
+    rng = np.random.default_rng(seed)
+    starts = x[np.sort(rng.choice(len(x), min(_SUPPORT_CELLS, len(x)), replace=False))]
+    placeholder = np.zeros(0, dtype=str)
+    runner = FittedField(
+        model=model, device=device, states=x, dt=dt, length_scale=h, genes=placeholder, cols=None,
+        loadings=None, mean=np.zeros(0, np.float32), transform="none", tree=tree,
+    )  # fmt: skip
+    paths = runner.integrate(starts, n_steps=_SUPPORT_STEPS).astype(np.float64)
+    near = _SUPPORT_NEAR * h
+    closest = np.full((len(starts), k), np.inf)
+    for step in range(paths.shape[1]):
+        d = np.linalg.norm(paths[:, step, None, :] - states[None], axis=2)
+        closest = np.minimum(closest, d)
+    end = np.linalg.norm(paths[:, -1, None, :] - states[None], axis=2)
+    basin = ((end <= near) & (end == end.min(1, keepdims=True))).mean(0)
+    visits = (closest <= near).mean(0)
+    attractor = np.asarray(fixed["type"]) == "attractor"
+    supported = np.where(attractor, basin >= _SUPPORT_SHARE, visits >= _SUPPORT_SHARE)
+    return {"basin": basin.astype(np.float32), "visits": visits.astype(np.float32), "supported": supported}
+
+
 def classify(eigenvalues: np.ndarray) -> str:
     """``"attractor"`` (all real parts < 0), ``"repeller"`` (all > 0), ``"saddle"`` (both signs).
 
@@ -1195,13 +1253,16 @@ class Perturbation:
     cells
         Names of the perturbed start cells.
     control, perturbed
-        Fate distribution of the unperturbed and perturbed runs: share of the cells whose
-        path ends nearest to each group (or, with fate probabilities in the data, the
-        mean of the nearest end cell's ``obsm['lineages_fwd']``).
+        Fate distribution of the unperturbed and perturbed runs: with fate probabilities
+        (``measure == "fate probabilities"``), the mean over the start cells of the fate
+        probabilities of the observed cell nearest to each path's end; without, the share
+        of the start cells whose path ends nearest to a cell of each group.
     control_end, perturbed_end
         Per start cell, the group its path ends in.
     control_paths, perturbed_paths
         With ``keep_paths``: the ``(cells, n_steps + 1, dim)`` paths in the field's state.
+    measure
+        ``"fate probabilities"`` or ``"nearest cluster"``: what ``control``/``perturbed`` hold.
     """
 
     gene: str
@@ -1214,6 +1275,7 @@ class Perturbation:
     perturbed_end: pd.Series
     control_paths: np.ndarray | None = None
     perturbed_paths: np.ndarray | None = None
+    measure: Literal["fate probabilities", "nearest cluster"] = "nearest cluster"
 
     @property
     def shift(self) -> pd.Series:
@@ -1238,6 +1300,7 @@ def perturb(
     on_data: bool = True,
     cluster_key: str | None = None,
     use_fates: bool = True,
+    fates: pd.DataFrame | None = None,
     field: FittedField | None = None,
     check: Callable[[int], None] | None = None,
     keep_paths: bool = False,
@@ -1252,12 +1315,20 @@ def perturb(
     Both runs integrate ``n_steps`` RK4 steps (``on_data`` and ``check``, called at every
     step, as :meth:`FittedField.integrate`); ``keep_paths`` keeps their whole paths.
 
+    Parameters
+    ----------
+    use_fates, fates
+        The fate distribution is the mean, over the start cells, of the fate
+        probabilities of the observed cell nearest to each path's end: those of
+        ``fates`` (``(n_obs, n_fates)``, rows in ``adata``'s order, columns named by
+        fate) or else of CellRank's ``obsm['lineages_fwd']`` (``explorer fates``; names
+        from obs ``term_states_fwd``). Without either, or with ``use_fates=False``, it
+        is the share of the start cells whose path ends nearest to a cell of each group
+        (``cluster_key``); ``Perturbation.measure`` says which.
+
     Returns
     -------
-    A :class:`Perturbation`; ``.shift`` is the change in fate distribution. Fates are
-    the groups (``cluster_key``) of the nearest observed cell at each path's end, or,
-    when the data holds CellRank's ``obsm['lineages_fwd']`` (``explorer fates``) and
-    ``use_fates``, the mean fate probabilities of those end cells.
+    A :class:`Perturbation`; ``.shift`` is the change in fate distribution.
 
     Raises
     ------
@@ -1310,12 +1381,19 @@ def perturb(
         raise InputError(msg)
     end_c, end_p = fld.nearest_cells(control), fld.nearest_cells(perturbed)
     names = pd.Index(adata.obs_names[idx])
-    if use_fates and Key.obsm.FATE_PROBABILITIES in adata.obsm:
+    if use_fates and fates is None and Key.obsm.FATE_PROBABILITIES in adata.obsm:
         probs = np.asarray(adata.obsm[Key.obsm.FATE_PROBABILITIES], dtype=np.float64)
-        fates = _fate_names(adata, probs.shape[1])
-        dist_c = pd.Series(probs[end_c].mean(0), index=fates)
-        dist_p = pd.Series(probs[end_p].mean(0), index=fates)
+        fates = pd.DataFrame(probs, columns=_fate_names(adata, probs.shape[1]))
+    if use_fates and fates is not None:
+        if fates.shape[0] != adata.n_obs:
+            msg = f"Expected fate probabilities for the {adata.n_obs} cells; found {fates.shape[0]} rows."
+            raise InputError(msg)
+        probs = fates.to_numpy(dtype=np.float64)
+        dist_c = pd.Series(probs[end_c].mean(0), index=[str(c) for c in fates.columns])
+        dist_p = pd.Series(probs[end_p].mean(0), index=[str(c) for c in fates.columns])
+        measure = "fate probabilities"
     else:
+        measure = "nearest cluster"
         cats = sorted(set(labels))
         dist_c = pd.Series(labels[end_c]).value_counts(normalize=True).reindex(cats, fill_value=0.0)
         dist_p = pd.Series(labels[end_p]).value_counts(normalize=True).reindex(cats, fill_value=0.0)
@@ -1330,6 +1408,7 @@ def perturb(
         perturbed_end=pd.Series(labels[end_p], index=names),
         control_paths=control_paths if keep_paths else None,
         perturbed_paths=perturbed_paths if keep_paths else None,
+        measure=measure,
     )
 
 
@@ -1341,8 +1420,11 @@ def fixed_point_table(adata: AnnData) -> pd.DataFrame:
     Columns ``type`` (attractor, saddle, repeller, neutral), ``cluster`` and ``cell`` (of
     the nearest observed cell), ``residual`` (``||f||`` there), ``unstable`` (number of
     Jacobian eigenvalues with a positive real part), ``distance`` (to the nearest cell,
-    in length scales) and, when the fit carried them onto an embedding, ``x``, ``y``
-    there. Empty (same columns) when none was found.
+    in length scales), ``basin`` and ``visits`` (shares of the cells' paths ending, or
+    passing, within two length scales of it), ``supported`` (an attractor with a basin,
+    a saddle or repeller with visits, of at least 1% of the paths; fits made before
+    this check: all True) and, when the fit carried them onto an embedding, ``x``,
+    ``y`` there. Empty (same columns) when none was found.
 
     Raises
     ------
@@ -1366,8 +1448,11 @@ def fixed_point_table(adata: AnnData) -> pd.DataFrame:
             "cluster": np.asarray(fixed.get("cluster", np.zeros(0, dtype=str)), dtype=str),
             "cell": np.asarray(fixed.get("cell", np.zeros(0, dtype=str)), dtype=str),
             "residual": np.asarray(fixed["residual"], dtype=np.float64),
-            "unstable": (np.asarray(fixed["eig_real"]).reshape(len(states), -1) > 0).sum(1),
+            "unstable": (np.asarray(fixed["eig_real"]).reshape(len(states), states.shape[1]) > 0).sum(1),
             "distance": dist / float(data.get("length_scale", 1.0)),
+            "basin": np.asarray(fixed.get("basin", np.full(len(states), np.nan)), dtype=np.float64),
+            "visits": np.asarray(fixed.get("visits", np.full(len(states), np.nan)), dtype=np.float64),
+            "supported": np.asarray(fixed.get("supported", np.ones(len(states), bool)), dtype=bool),
         }
     )
     emb = np.asarray(fixed.get("embedding", np.zeros((0, 2))), dtype=np.float64)

@@ -23,13 +23,6 @@ pytestmark = [*BROWSER_MARKS, pytest.mark.slow]
 
 SCREEN = {"width": 1600, "height": 1000}
 
-#: seconds from opening the page (the server already answering) until the embedding is drawn.
-#: The target is 5 s; measured 3.5 s alone on a quiet 2-core machine (the time is written to
-#: test-artifacts/e2e_pancreas_ready_s.txt; 6.3 s inside the suite beside another CPU-bound
-#: job), so this bound guards against a regression (twice the target) on a busy machine
-#: rather than asserting the target
-PAGE_READY_S = 10.0
-
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, shared_data):
@@ -85,17 +78,14 @@ def page(browser, data_dir):
         page.locator(".tabulator-row").first.wait_for(timeout=60_000)
         page.locator(".bk-Canvas").nth(4).wait_for(timeout=60_000)
         page.all_s = time.monotonic() - start
+        # timings are recorded, not asserted (speed is measured by benchmarks/bench_app.py)
+        (ARTIFACTS / "e2e_pancreas_ready_s.txt").write_text(
+            f"embedding drawn: {page.ready_s:.2f} s; every part drawn: {page.all_s:.2f} s\n"
+        )
         page.wait_for_timeout(1500)
         page.screenshot(path=ARTIFACTS / "e2e_pancreas.png")
         yield page
         page.close()
-
-
-def test_page_ready_soon_after_the_server_answers(page):
-    (ARTIFACTS / "e2e_pancreas_ready_s.txt").write_text(
-        f"embedding drawn: {page.ready_s:.2f} s; every part drawn: {page.all_s:.2f} s\n"
-    )
-    assert page.ready_s < PAGE_READY_S, f"page ready after {page.ready_s:.1f} s"
 
 
 def test_time_views_are_above_the_fold(page):

@@ -267,11 +267,20 @@ def test_a_vector_field_on_its_base_draws_paths_and_perturbs(app):
     lines = views["embedding"].walks.last.get(0).split(datatype="columns")
     assert sum(p["color"] == PERTURBED_COLOR for p in lines) == 12
     assert "| control | perturbed | shift |" in panel.result.object
+    assert "fates: the cluster nearest to each path" in panel.result.object  # no fates computed
     # a name typed in the box without Enter is what runs, not the gene chosen before
     typed = panel.gene.options[1]
     panel.gene.value_input = typed
     assert panel.perturb().join(120), state.error
     assert state.perturbation.gene == typed
+    # with the field's fates in the session, the shift is in fate probabilities
+    n = state.adata.n_obs
+    probabilities = np.tile([0.25, 0.75], (n, 1))
+    state.fates = {state.model: readouts.FateInfo(("X", "Y"), probabilities, np.full(n, -1), {}, "a test")}
+    assert panel.perturb().join(120), state.error
+    assert state.perturbation.measure.startswith("fate probabilities (a test)")
+    assert "fates: fate probabilities" in panel.result.object
+    np.testing.assert_allclose(state.perturbation.table["control"], [0.25, 0.75], atol=1e-6)
     panel.gene.value_input = "no such gene"
     assert panel.perturb() is None and "not one of the field's" in state.error
     # another fit active: no path, no panel result

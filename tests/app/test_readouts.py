@@ -734,6 +734,13 @@ def test_a_fields_path_divergence_and_fixed_points(app_adata, field_fit):
     np.testing.assert_allclose(fixed.xy, [[0.5, -0.5]])
     assert fixed.kind == ("attractor",)
     assert fixed.cluster == (str(app_adata.obs[Key.obs.CLUSTERS].iloc[cell]),)
+    # one the cells do not support (no path ends near it) is not marked
+    marked.uns[Key.uns.VECTOR_FIELD] = {
+        **data, "fixed_points": {**data["fixed_points"], "supported": np.array([False])}
+    }
+    unsupported = readouts.fixed_points(readouts.FieldInfo("f", marked, info.field, "umap", info.genes))
+    assert unsupported.kind == () and unsupported.xy.shape == (0, 2)
+    marked.uns[Key.uns.VECTOR_FIELD] = data
     # on another basis: at the nearest cell
     other = readouts.FieldInfo("f", marked, info.field, "pca", info.genes)
     marked.obsm[Key.obsm.PCA] = np.asarray(app_adata.obsm[Key.obsm.PCA])[:, :2]
@@ -759,6 +766,18 @@ def test_a_perturbation_moves_the_start_by_the_gene_and_reports_each_step(app_ad
     same = readouts.field_perturbation(info, gene, cells=cells, factor=1.0, n_steps=2)
     for a, b in zip(same.control_paths, same.perturbed_paths, strict=True):
         np.testing.assert_allclose(a[0], b[0])
+    assert same.measure.startswith("the cluster nearest")
+    # with fate probabilities: their mean at the cells nearest to the ends. One-hot fates
+    # of the clusters give back the clusters' shares; the table is named by fate
+    labels = app_adata.obs[Key.obs.CLUSTERS].astype(str).to_numpy()
+    names = tuple(sorted(set(labels)))
+    onehot = (labels[:, None] == np.asarray(names)[None, :]).astype(np.float32)
+    fates = readouts.FateInfo(names, onehot, np.full(len(labels), -1), {}, "a test")
+    by_fate = readouts.field_perturbation(info, gene, cells=cells, factor=0.0, n_steps=2, fates=fates)
+    assert by_fate.measure.startswith("fate probabilities (a test)")
+    by_cluster = readouts.field_perturbation(info, gene, cells=cells, factor=0.0, n_steps=2)
+    table = by_cluster.table.reindex(list(names), fill_value=0.0)
+    np.testing.assert_allclose(by_fate.table.loc[list(names)].to_numpy(), table.to_numpy(), atol=1e-6)
     with pytest.raises(InputError, match="factor >= 0"):
         readouts.field_perturbation(info, gene, cells=cells, factor=-1.0)
     with pytest.raises(InputError, match="No cells"):

@@ -354,3 +354,26 @@ def test_gene_table_orders_by_trust_and_marks_the_selected_gene(app):
         assert "fails: low R²" in genes.verdict.object
     assert set(genes.table.hidden_columns) == {"mean Mu", "scaling", "trust notes"}
     assert "trust notes" in genes.table.value
+
+
+def test_time_plots_and_next_cells_table_join_the_page_once_they_have_something_to_show(app_adata, tmp_path):
+    """Empty plots and tables are left out of an opening page; they appear when there is data."""
+    doc = Document()
+    with set_curdoc(doc):
+        page = create_app(app_adata, data_dir=tmp_path)
+        page.server_doc(doc)
+        app = page.app
+
+        def count(kind: str) -> int:
+            return sum(type(m).__name__ == kind for m in doc.models)
+
+        assert app.state.latent_time() is None
+        assert count("figure") == 2  # the embedding and the phase portrait, not three empty time plots
+        tables = count("DataTabulator")
+        app.state.select_cell(3)
+        assert count("DataTabulator") == tables + 1  # the selected cell's likely next cells
+        app.state.adata.obs[Key.obs.LATENT_TIME] = np.linspace(0, 1, app.state.adata.n_obs)
+        app.state.param.trigger("adata")
+        assert count("figure") == 5
+        time_ms = app.views["time"].scatters["Ms"]
+        np.testing.assert_allclose(_frame(time_ms.base).dimension_values(0), app.state.latent_time())

@@ -212,12 +212,13 @@ def _walk(n: int, p: float) -> sparse.csr_matrix:
     return sparse.csr_matrix(T)
 
 
+@pytest.mark.parametrize("solver", ["direct", "iterative"])
 @pytest.mark.parametrize("p", [0.5, 0.7])
-def test_absorption_probabilities_are_gamblers_ruin(p):
+def test_absorption_probabilities_are_gamblers_ruin(p, solver):
     n = 12
     states = np.full(n + 1, -1)
     states[0], states[n] = 0, 1
-    B = F.absorption_probabilities(_walk(n, p), states)
+    B = F.absorption_probabilities(_walk(n, p), states, solver=solver)
     i = np.arange(n + 1)
     r = (1 - p) / p
     reach_n = i / n if p == 0.5 else (1 - r**i) / (1 - r**n)
@@ -225,24 +226,28 @@ def test_absorption_probabilities_are_gamblers_ruin(p):
     np.testing.assert_allclose(B.sum(axis=1), 1.0)
 
 
-def test_absorption_times_are_the_closed_forms():
+@pytest.mark.parametrize("solver", ["direct", "iterative"])
+def test_absorption_times_are_the_closed_forms(solver):
     n = 10
     states = np.full(n + 1, -1)
     states[0], states[n] = 0, 1
     T = _walk(n, 0.5)
     i = np.arange(n + 1)
     # symmetric walk: E[steps] = i (n - i); given it ends at n: (n^2 - i^2) / 3
-    np.testing.assert_allclose(F.mean_absorption_time(T, states), i * (n - i), rtol=1e-10)
-    times = F.absorption_times(T, states)
+    np.testing.assert_allclose(F.mean_absorption_time(T, states, solver=solver), i * (n - i), rtol=1e-10)
+    times = F.absorption_times(T, states, solver=solver)
     np.testing.assert_allclose(times[1:, 1], (n**2 - i[1:] ** 2) / 3, rtol=1e-10)
     np.testing.assert_allclose(times[:-1, 0], (n**2 - (n - i[:-1]) ** 2) / 3, rtol=1e-10)
     assert times[0, 1] == np.inf  # the other end is never reached from an absorbed cell
 
 
-def test_absorption_rejects_unreachable_cells():
+@pytest.mark.parametrize("solver", ["direct", "iterative"])
+def test_absorption_rejects_unreachable_cells(solver):
     T = sparse.csr_matrix(np.array([[1.0, 0, 0], [0, 0, 1.0], [0, 1.0, 0]]))
     with pytest.raises(ValueError, match="reach no terminal state"):
-        F.absorption_probabilities(T, np.array([0, -1, -1]))
+        F.absorption_probabilities(T, np.array([0, -1, -1]), solver=solver)
+    with pytest.raises(ValueError, match=r"Valid options are: \['auto', 'direct', 'iterative'\]"):
+        F.absorption_probabilities(T, np.array([0, -1, -1]), solver="lu")
 
 
 # --------------------------------------------------------------------------------------
@@ -312,12 +317,15 @@ def test_lineage_drivers_are_pearson_with_fisher_tests():
 # --------------------------------------------------------------------------------------
 
 
-def test_terminal_states_at_the_simulated_lineage_ends(sample_adata):
+def test_terminal_states_at_the_simulated_lineage_ends(sample_adata, monkeypatch):
     adata = sample_adata
     compute_velocity_kernel(adata)
     T = adata.obsp[Key.obsp.TRANSITIONS]
     np.testing.assert_allclose(np.asarray(T.sum(axis=1)).ravel(), 1.0)
+    # solver="auto" goes iterative above ITERATIVE_ABOVE transient cells: here, and says so
+    monkeypatch.setattr(F, "ITERATIVE_ABOVE", adata.n_obs // 2)
     result = F.compute_fates(adata, n_states=4, cluster_key=Key.obs.TRUE_LINEAGE, n_cells=20)
+    assert adata.uns[Key.uns.ESTIMATOR_PARAMS][Key.obsm.FATE_PROBABILITIES]["solver"].startswith("iterative")
     true_t = adata.obs[Key.obs.TRUE_T].to_numpy()
     lineage = adata.obs[Key.obs.TRUE_LINEAGE].astype(str).to_numpy()
     states = adata.obs[Key.obs.TERMINAL_STATES]
@@ -334,6 +342,7 @@ def test_terminal_states_at_the_simulated_lineage_ends(sample_adata):
     assert len(ends) == 2
     fp = adata.obsm[Key.obsm.FATE_PROBABILITIES]
     np.testing.assert_allclose(fp.sum(axis=1), 1.0)
+    np.testing.assert_allclose(fp, F.absorption_probabilities(T, states.cat.codes, solver="direct"), atol=1e-8)
     # the keys CellRank reads, in its layouts
     assert list(states.cat.categories) == result.terminal_states
     assert fp.shape == (adata.n_obs, len(result.terminal_states))
@@ -344,6 +353,29 @@ def test_terminal_states_at_the_simulated_lineage_ends(sample_adata):
     drivers = adata.varm[Key.varm.LINEAGE_DRIVERS]
     assert list(drivers.index) == list(adata.var_names)
     assert isinstance(adata.obs[Key.obs.MACROSTATES].dtype, pd.CategoricalDtype)
+
+
+def test_iterative_fates_equal_the_direct_solve(sample_adata):
+    """GMRES + incomplete LU (chosen above ITERATIVE_ABOVE cells) against SuperLU on a kNN graph."""
+    adata = sample_adata
+    compute_velocity_kernel(adata)
+    T = adata.obsp[Key.obsp.TRANSITIONS]
+    lineage = adata.obs[Key.obs.TRUE_LINEAGE].astype(str).to_numpy()
+    true_t = adata.obs[Key.obs.TRUE_T].to_numpy()
+    states = np.full(adata.n_obs, -1)
+    for k, name in enumerate(sorted(set(lineage) - {"root"})):
+        cells = np.flatnonzero(lineage == name)
+        states[cells[np.argsort(true_t[cells])[-10:]]] = k
+    direct = F.absorption_probabilities(T, states, solver="direct")
+    iterative = F.absorption_probabilities(T, states, solver="iterative")
+    assert 0.05 < direct[:, 0].mean() < 0.95  # both lineage ends are reached
+    np.testing.assert_allclose(iterative, direct, atol=1e-8)
+    t_direct = F.absorption_times(T, states, solver="direct")
+    t_iterative = F.absorption_times(T, states, solver="iterative")
+    finite = np.isfinite(t_direct) & (direct > 1e-6)
+    np.testing.assert_allclose(t_iterative[finite], t_direct[finite], rtol=1e-6)
+    # "auto" is the direct solve up to ITERATIVE_ABOVE cells (above: the test before)
+    np.testing.assert_array_equal(F.absorption_probabilities(T, states), direct)
 
 
 # --------------------------------------------------------------------------------------

@@ -71,8 +71,11 @@ def test_masked_quantile_matches_numpy():
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
-def test_projection_recovers_times_on_noise_free_curves():
-    # points on known curves must be assigned their own time (E-step exactness)
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch"])
+def test_projection_recovers_times_on_noise_free_curves(compiled, monkeypatch):
+    # points on known curves must be assigned their own time (E-step exactness), by the
+    # compiled CPU kernels and by the torch code (the CUDA path)
+    monkeypatch.setattr(_em, "USE_KERNELS", compiled)
     alpha, beta, gamma, t_ = (torch.tensor([[2.0], [1.0]]), torch.tensor([[1.0], [2.5]]),
                               torch.tensor([[0.4], [0.8]]), torch.tensor([[6.0], [3.0]]))  # fmt: skip
     t = torch.linspace(0.05, 12, 300).expand(2, 300).contiguous()
@@ -86,6 +89,48 @@ def test_projection_recovers_times_on_noise_free_curves():
     moving = t < t_ + 3 / gamma.clamp(max=1)
     assert torch.allclose(a.t[moving], t[moving], atol=0.05)
     assert (a.dist[moving] < 1e-4).all()
+
+
+def test_compiled_kernels_match_the_torch_code(monkeypatch):
+    # the E-step and the profiled loss of explorer.models._em_kernels against _em's torch
+    # code, on noisy cells around known curves (one gene with beta == gamma)
+    from explorer.models import _em_kernels
+
+    for name in ("_LOG_EPS", "_TINY"):
+        assert getattr(_em_kernels, name) == getattr(_em, name)
+    assert _em_kernels._RATE_GAP_FLOOR == kinetics._RATE_GAP_FLOOR
+    x = np.concatenate([np.linspace(0, 2e-3, 50), np.linspace(0, 60, 500), [699.0, 800.0]])
+    exp_neg = np.array([_em_kernels._exp_neg.py_func(v) for v in x])
+    np.testing.assert_allclose(exp_neg, np.exp(-x), rtol=1e-10, atol=1e-300)
+
+    rng = np.random.default_rng(0)
+    alpha, beta = torch.tensor([[2.0], [1.0], [0.5]]), torch.tensor([[1.0], [2.5], [0.7]])
+    gamma, t_ = torch.tensor([[0.4], [0.8], [0.7]]), torch.tensor([[6.0], [3.0], [4.0]])
+    t = torch.from_numpy(rng.uniform(0, 12, (3, 400)).astype(np.float32))
+    u, s = kinetics.trajectory(t, t_, alpha, beta, gamma, xp=torch)
+    noise = torch.from_numpy(rng.normal(1, 0.05, (2, 3, 400)).astype(np.float32))
+    data, _ = _em.prepare(u * noise[0], s * noise[1])
+    p = _em.Params(alpha, beta * 1.1, gamma, t_ * 0.9, torch.ones_like(alpha), torch.zeros_like(alpha))
+    t_prev = t * 1.05
+
+    def run(compiled):
+        monkeypatch.setattr(_em, "USE_KERNELS", compiled)
+        plain = _em.assign(data, p, n_newton=2)
+        prev = _em.assign(data, p, n_newton=2, t_prev=t_prev)
+        smooth = _em.assign(data, p, n_newton=2, smooth=lambda d: d)
+        loss, fitted = _em.profiled_loss(data, _em.moments(data), p, plain.t, torch.full_like(alpha, 0.5))
+        return plain, prev, smooth, loss, fitted
+
+    for got, want in zip(run(True)[:3], run(False)[:3], strict=True):
+        # float64 against float32 arithmetic: near-ties may pick another state
+        assert (got.state == want.state).float().mean() > 0.995
+        same = got.state == want.state
+        torch.testing.assert_close(got.t[same], want.t[same], atol=1e-3, rtol=1e-4)
+        torch.testing.assert_close(got.dist[same], want.dist[same], atol=1e-5, rtol=1e-4)
+    got, want = run(True)[3:], run(False)[3:]
+    # the loss is a difference of sums (float64 sums in the kernel, float32 in torch)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got[1].alpha, want[1].alpha, rtol=1e-5, atol=1e-7)
 
 
 def test_tau_inv_inverts_the_induction_branch():

@@ -72,9 +72,11 @@ def test_sign_in_both_regimes_where_one_rate_fails(regimes):
     # one gamma per gene: lineage B's faster degradation gets the wrong sign in most cells
     assert _sign_accuracy(adata, single, 0) > 0.75
     assert _sign_accuracy(adata, single, 1) < 0.4
-    # per-cell rates: right in most cells of both (0.84 and 0.80 with these seeds)
-    assert _sign_accuracy(adata, result.velocity, 0) > 0.8
-    assert _sign_accuracy(adata, result.velocity, 1) > 0.75
+    # per-cell rates: right in about 9 of 10 cells of both (0.90 and 0.89 with these seeds;
+    # 0.89-0.90 and 0.89-0.94 over model seeds 0-5; 0.84-0.85 and 0.78-0.82 before the
+    # unspliced term's gradient was kept off beta and the Pearson weight lowered to 0.1)
+    assert _sign_accuracy(adata, result.velocity, 0) > 0.85
+    assert _sign_accuracy(adata, result.velocity, 1) > 0.85
 
 
 def test_gamma_separates_lineages(regimes):
@@ -82,11 +84,17 @@ def test_gamma_separates_lineages(regimes):
     lineage_b = adata.obs[Key.obs.TRUE_REGIME].to_numpy() == 1
     gamma = result.layers[Key.layers.RATE_GAMMA]
     Ms = adata.layers[Key.layers.MS]
+    aucs = []
     for j in _regime_genes(adata):
         # among the cells that express the gene (where gamma acts on the velocity), B's
-        # cells have the higher gamma (2.5-4x in truth); one gamma per gene gives 0.5
+        # cells have the higher gamma (2.5-4x in truth); one gamma per gene gives an AUC
+        # of 0.5 and a ratio of 1 (model seeds 0-5: AUC 0.80-1.0, mean 0.91-0.94; ratio 1.4-1.8)
         expressed = Ms[:, j] > 0.1 * Ms[:, j].max()
-        assert roc_auc_score(lineage_b[expressed], gamma[expressed, j]) > 0.8
+        aucs.append(roc_auc_score(lineage_b[expressed], gamma[expressed, j]))
+        b, a = expressed & lineage_b, expressed & ~lineage_b
+        assert np.median(gamma[b, j]) > 1.3 * np.median(gamma[a, j])
+    assert min(aucs) > 0.75
+    assert np.mean(aucs) > 0.9
 
 
 def test_outputs(regimes):
@@ -194,6 +202,22 @@ def test_mini_batch_blocks_are_exact():
         some = net(*part(cells), u[cells])
     for x, y in zip(all_rates, some, strict=True):
         torch.testing.assert_close(x[cells], y)
+
+
+def test_unspliced_velocity_trains_alpha_only():
+    """``alpha - beta u`` sends no gradient to ``beta``; ``beta u - gamma s`` none to ``alpha``."""
+    rng = np.random.default_rng(0)
+    n, g = 30, 4
+    torch.manual_seed(0)
+    net = VeloGCN(g, torch.ones(3, g), hidden=(8,), dropout=0.0)
+    first = torch.from_numpy(rng.random((n, 2 * g)).astype(np.float32))
+    u, s = (torch.from_numpy(rng.random((n, g)).astype(np.float32)) for _ in range(2))
+    for half, trained in ((slice(g, None), [0]), (slice(None, g), [1, 2])):
+        net.zero_grad()
+        net.velocities(first, [], u, s)[:, half].square().sum().backward()
+        grad = net.head.weight.grad.view(3, g, -1).abs().sum((1, 2))  # alpha, beta, gamma rows
+        assert (grad[trained] > 0).all()
+        assert (grad[[k for k in range(3) if k not in trained]] == 0).all()
 
 
 def test_mini_batch_fit(regimes):

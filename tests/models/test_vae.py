@@ -12,7 +12,7 @@ from explorer.data.simulate import simulate
 from explorer.keys import Key
 from explorer.models.base import VelocityResult
 from explorer.models.metrics import predicted_abundances, reconstruction_error
-from explorer.models.vae import VeloVAE, lineage_curves
+from explorer.models.vae import VeloVAE, lineage_curves, time_calibration
 from explorer.pipeline import prepare
 
 #: a few epochs: enough to see the ELBO rise, fast on 2 shared cores
@@ -251,33 +251,49 @@ def test_full_model_latent_time_beats_basic(branching, branching_full):
     assert spearmanr(full.latent_time, true_t)[0] >= spearmanr(basic.latent_time, true_t)[0]
 
 
-def _calibration(adata, model) -> tuple[float, float]:
-    """(Spearman of posterior SD with |time error|, coverage of nominal 90% intervals).
+@pytest.mark.slow
+def test_time_intervals_cover_near_nominal(branching, branching_full):
+    """Nominal 90% intervals cover 80-100% of the true times (through a cross-fitted monotone map).
 
-    The model's clock is the true one up to a monotone map, fitted here (cubic, least
-    squares) from the posterior mean to the true time; intervals are mapped through it.
+    The model's clock is the true one up to a monotone map; time_calibration fits it on
+    one half of the cells and maps the other half's intervals through it. Measured: 0.838
+    on this simulation (0.92 on seed 2); through a cubic fitted on all cells, 0.65-0.66.
     """
+    model, _ = branching_full
     tp = model.time_posterior_
-    true_t = adata.obs[Key.obs.TRUE_T].to_numpy()
-    t, sd = tp["t_mean"].to_numpy(), tp["t_sd"].to_numpy()
-    f = np.poly1d(np.polyfit(t, true_t, 3))
-    err = np.abs(f(t) - true_t)
-    lo, hi = f(t - 1.6448536 * sd), f(t + 1.6448536 * sd)
-    coverage = np.mean((true_t >= np.minimum(lo, hi)) & (true_t <= np.maximum(lo, hi)))
-    return float(spearmanr(sd, err)[0]), float(coverage)
+    cal = time_calibration(branching.obs[Key.obs.TRUE_T], tp["t_mean"], tp["t_sd"])
+    assert abs(cal["coverage"] - 0.9) <= 0.1
+    # the temperature comes from the residuals, not from the truth (measured 8.8 of 120)
+    assert model.time_temperature_["temperature"] > 1
 
 
 @pytest.mark.slow
 @pytest.mark.xfail(
     strict=True,
-    reason="issue 9 not met yet: with the grid posterior tempered for correlated residuals, "
-    "nominal 90% intervals cover 0.65 of the true times (from 0.14-0.20) but the SD does not "
-    "rank cells by their error (Spearman -0.19): the error after the cubic map is dominated by "
-    "root cells the model confidently puts at one time (the cubic cannot follow that clock)",
+    reason="issue 9 not met yet: the posterior SD does not rank cells by their time error "
+    "(Spearman -0.21 through the monotone map, -0.19 through a cubic): the largest errors are "
+    "lineage B's cells after true time 14, whose model time stalls at 15-16 while lineage A's "
+    "goes on to 20, with posteriors as narrow as elsewhere (the model is confidently wrong there)",
 )
-def test_time_uncertainty_is_calibrated(branching, branching_full):
-    """Posterior SD ranks cells by time error; nominal 90% intervals cover about 90%."""
+def test_time_sd_ranks_cells_by_error(branching, branching_full):
     model, _ = branching_full
-    rank, coverage = _calibration(branching, model)
-    assert rank > 0.2
-    assert abs(coverage - 0.9) <= 0.1
+    tp = model.time_posterior_
+    cal = time_calibration(branching.obs[Key.obs.TRUE_T], tp["t_mean"], tp["t_sd"])
+    assert cal["sd_error_spearman"] > 0.2
+
+
+def test_time_calibration_by_hand():
+    """Exact Gaussian posteriors, read on a clock that is a monotone map of their means, cover as nominal."""
+    rng = np.random.default_rng(0)
+    n = 4000
+    true_t = rng.normal(0, 2, n)
+    noise = rng.uniform(0.3, 1.5, n)
+    x = true_t + noise * rng.normal(size=n)
+    # the exact posterior of true_t given x: prior N(0, 4), noise N(0, noise^2)
+    mean, sd = x * 4 / (4 + noise**2), np.sqrt(4 * noise**2 / (4 + noise**2))
+    clock = np.exp(mean / 4)  # E[true_t | clock] = mean, so the monotone map is log(clock) * 4
+    cal = time_calibration(true_t, clock, sd * clock / 4)  # the SD on that clock (delta method)
+    assert cal["coverage"] == pytest.approx(0.9, abs=0.02)  # measured 0.903
+    assert cal["width_error_spearman"] > 0.2  # 0.34
+    # intervals half as wide cover about 59% (the normal mass within 0.82 SD); measured 0.60
+    assert time_calibration(true_t, clock, sd * clock / 8)["coverage"] == pytest.approx(0.59, abs=0.03)

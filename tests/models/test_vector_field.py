@@ -108,6 +108,49 @@ def test_learned_field_finds_the_hand_made_fixed_points():
     assert dict(zip(table["type"], table["unstable"], strict=False))["saddle"] == 1
     assert (table.loc[table["type"] == "attractor", "unstable"] == 0).all()
     assert (table["distance"] < 3).all()
+    # supported by the cells: each attractor is where the paths of the cells on its side
+    # end (half of them, uniform cells), the saddle is where paths from near x = 0 pass
+    assert table["supported"].all()
+    attractors = table[table["type"] == "attractor"]
+    side = np.sign(attractors["x"]) if "x" in attractors else None
+    assert attractors["basin"].sum() > 0.95, attractors
+    assert attractors["basin"].between(0.35, 0.65).all(), attractors
+    assert side is None or len(set(side)) == 2
+    assert table.loc[table["type"] == "saddle", "visits"].iloc[0] >= 0.01
+
+
+def test_a_field_over_an_obsm_space_and_the_jacobian_penalty():
+    """``space=`` an obsm key learns from ``obsm['velocity_<key>']``; ``jacobian_weight`` smooths the field.
+
+    The hand-made field's Jacobian ``diag(1 - 3x^2, -1)`` has a mean squared Frobenius
+    norm of 8.7 over the cells: the penalty must lower the learned field's; without it the
+    field explains over 90% of the velocity's sum of squares. No gene Jacobians or
+    perturbations in such a space.
+    """
+    adata = _cells_of_field(n=300)
+    adata.obsm["X_toy"] = adata.layers["Ms"].copy()
+    adata.obsm["velocity_toy"] = adata.layers["velocity"].copy()
+    norms, r2 = {}, {}
+    for weight in (0.0, 1.0):
+        fit = adata.copy()
+        VectorField(
+            base=None, space="toy", epochs=30, batch_size=32, learning_rate=1e-2, hidden=(32, 32), sigma=0.0,
+            n_fixed_point_starts=0, jacobian_weight=weight, basis="none", seed=0,
+        ).fit(fit).to_adata(fit)
+        field = load_field(fit)
+        assert field.cols is None
+        J = field.fitted().jacobians(field.states)
+        norms[weight] = float((J**2).sum((1, 2)).mean())
+        err = fit.obsm[Key.obsm.VF_VELOCITY] - adata.obsm["velocity_toy"]
+        r2[weight] = 1 - float((err**2).sum() / (adata.obsm["velocity_toy"] ** 2).sum())
+    assert r2[0.0] > 0.9, r2
+    x = adata.obsm["X_toy"][:, 0].astype(np.float64)
+    assert norms[0.0] == pytest.approx(np.mean((1 - 3 * x**2) ** 2 + 1), rel=0.25), norms
+    assert norms[1.0] < 0.5 * norms[0.0], norms
+    with pytest.raises(InputError, match="PCA state"):
+        perturb(fit, "g1", cells=[0], factor=0.0, field=field)
+    with pytest.raises(InputError, match="PCA state"):
+        gene_jacobian(fit, [("g1", "g2")], field=field)
 
 
 # ------------------------------------------------------------------------ the simulator
@@ -288,6 +331,22 @@ def test_knocking_out_a_lineage_programme_moves_fate(sample_fit):
     # reported whichever way it goes; a one-gene knock-out of a lineage programme does
     # not move every path, but it must not send more of them into B
     assert shift["B"] <= 0.0
+    assert result.measure == "nearest cluster"
+    # with fate probabilities in the file (as `explorer fates` writes them), the shift is
+    # their mean at the cells nearest to the ends: one-hot fates of the lineages give back
+    # the shares above
+    names = ["A", "B", "root"]
+    lineage_of = adata.obs["lineage"].astype(str).to_numpy()
+    fates = adata.copy()
+    fates.obsm[Key.obsm.FATE_PROBABILITIES] = (lineage_of[:, None] == np.array(names)[None, :]).astype(float)
+    fates.obs[Key.obs.TERMINAL_STATES] = pd.Categorical([None] * fates.n_obs, categories=names)
+    by_fate = perturb(
+        fates, genes[0], cells=cells, factor=0.0, n_steps=150, cluster_key="lineage", field=field
+    )
+    assert by_fate.measure == "fate probabilities"
+    assert list(by_fate.control.index) == names
+    np.testing.assert_allclose(by_fate.control, result.control.reindex(names, fill_value=0.0), atol=1e-9)
+    np.testing.assert_allclose(by_fate.perturbed, result.perturbed.reindex(names, fill_value=0.0), atol=1e-9)
     with pytest.raises(InputError, match="not one of the field's genes|not in the data"):
         perturb(adata, "no_such_gene", cells=cells, factor=0.0, field=field)
 
@@ -338,6 +397,26 @@ def test_cli_trajectories_bad_input(fit_file, tmp_path, capsys, extra, expected,
     assert "Traceback" not in err
 
 
+def test_cli_fit_trains_on_the_base_it_names(tmp_path, capsys):
+    """``explorer fit --model vector_field --param base=...``: the base is fitted first, the field written."""
+    from explorer.data.samples import sample_path
+
+    out = tmp_path / "fit.h5ad"
+    args = ["fit", str(sample_path()), "--model", "vector_field", "--param", "base=steady_state",
+            "--param", "epochs=2", "--param", "n_fixed_point_starts=0", "--out", str(out), "-q"]  # fmt: skip
+    assert main(args) == 0, capsys.readouterr().err
+    fit = ad.read_h5ad(out)
+    assert fit.uns[Key.uns.VELOCITY_PARAMS]["model"] == "vector_field"
+    assert fit.uns[Key.uns.VECTOR_FIELD]["fixed_points"]["state"].shape[0] == 0
+    assert fit.obsm[Key.obsm.VF_STATE].shape == (fit.n_obs, 30)
+    assert load_field(fit).genes.size > 0
+    bad = ["fit", str(sample_path()), "--model", "vector_field", "--param", "base=no_such_model",
+           "--out", str(tmp_path / "bad.h5ad"), "-q"]  # fmt: skip
+    assert main(bad) == EXIT_INPUT
+    assert not (tmp_path / "bad.h5ad").exists()
+    assert "Valid options are" in capsys.readouterr().err
+
+
 def test_cli_needs_a_vector_field_fit(tmp_path, capsys):
     from explorer.data.samples import sample_path
 
@@ -354,6 +433,7 @@ def test_cli_perturb_prints_the_fate_shift(fit_file, capsys):
     out = capsys.readouterr().out
     assert f"{gene} x 0" in out
     assert "shift" in out
+    assert "no fate probabilities in the file" in out
     assert main(["perturb", str(fit_file), "--gene", "nope", "--factor", "0"]) == EXIT_INPUT
     assert "cannot be perturbed" in capsys.readouterr().err
     assert main(["perturb", str(fit_file), "--gene", gene]) == EXIT_INPUT

@@ -191,8 +191,9 @@ class FieldPanel(pn.viewable.Viewer):
         )
         self.result.object = (
             f"**{markdown_text(run.gene)} x{run.factor:g}** in {run.n_cells:,} cells, {run.n_steps} steps: "
-            f"where the paths end (grey: unperturbed, red: perturbed; {len(run.perturbed_paths)} drawn)\n\n"
-            "| ends in | control | perturbed | shift |\n|---|---|---|---|\n" + rows
+            f"where the paths end (grey: unperturbed, red: perturbed; {len(run.perturbed_paths)} drawn); "
+            f"fates: {markdown_text(run.measure)}\n\n"
+            "| fate | control | perturbed | shift |\n|---|---|---|---|\n" + rows
         )
 
     def __panel__(self) -> pn.viewable.Viewable:

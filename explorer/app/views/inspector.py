@@ -38,6 +38,10 @@ class CellInspector(pn.viewable.Viewer):
             formatters={"probability": NumberFormatter(format="0.000")},
         )
         self.targets.on_click(self._clicked)
+        # the table joins the page at the first selected cell (an empty table costs every page)
+        self.targets_slot = pn.Column(sizing_mode="stretch_width")
+        state.param.watch(self._show_targets, ["cell"])
+        self._show_targets()
         self._indices: list[int] = []
         self.walk_button = pn.widgets.Button(label="Random walks from this cell", width=200, disabled=True)
         self.fates_button = pn.widgets.Button(label="Compute fates", width=140)
@@ -123,10 +127,14 @@ class CellInspector(pn.viewable.Viewer):
         if row is not None and 0 <= row < len(self._indices):
             self.state.select_cell(self._indices[row])
 
+    def _show_targets(self, *_: Any) -> None:
+        if not self.targets_slot.objects and self.state.cell is not None:
+            self.targets_slot.objects = [self.targets]
+
     def __panel__(self) -> pn.viewable.Viewable:
         return pn.Column(
             self.summary,
-            self.targets,
+            self.targets_slot,
             pn.Row(self.walk_button, pn.Column(self.fates_button, self.fate_states)),
             self.where,
             self.field_slot,

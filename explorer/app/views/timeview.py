@@ -81,8 +81,17 @@ class GeneTimeView(pn.viewable.Viewer):
         note = pn.pane.Markdown(
             pn.bind(self._note, state.param.model, state.param.results, state.param.gene), margin=(0, 10)
         )
-        panes = [pn.pane.HoloViews(self.plots[w], name=f"time {w}") for w in _WHAT]
-        return pn.Column(note, pn.Row(*panes), name="Gene over time")
+        # the three plots join the page when the active fit first has a latent time: until
+        # then they would be empty axes, which cost every opening page a third of its drawing
+        slot = pn.Column()
+
+        def show(*_: Any) -> None:
+            if not slot.objects and state.latent_time() is not None:
+                slot.objects = [pn.Row(*(pn.pane.HoloViews(self.plots[w], name=f"time {w}") for w in _WHAT))]
+
+        state.param.watch(show, ["model", "results", "adata"])
+        show()
+        return pn.Column(note, slot, name="Gene over time")
 
     def _note(self, *_: Any) -> str:
         if self.state.latent_time() is None:
