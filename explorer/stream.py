@@ -58,7 +58,7 @@ from scipy import sparse
 
 from explorer._types import PREPROCESS, InputError, option, report
 from explorer._version import __version__
-from explorer.data.io import MAX_VALUE
+from explorer.data.io import MAX_VALUE, require_layers
 from explorer.data.preprocess import (
     _GENE_COUNT_CORR_MIN_GENES,
     _N_ROWS_CHECKED,
@@ -880,14 +880,8 @@ def prepare_streamed(
         msg = f"cannot read {source.name!r} as an AnnData store ({err}); expected an AnnData .zarr folder or .h5ad file."
         raise InputError(msg) from None
     names = set(root.keys())
-    layers = set(root["layers"].keys()) if "layers" in names else set()
-    for key, arg in ((spliced_layer, "spliced_layer"), (unspliced_layer, "unspliced_layer")):
-        if key not in layers:
-            msg = (
-                f"layer {key!r} not found in {source.name!r}; it has layers {sorted(layers)}. Load "
-                f"velocyto/STARsolo output with spliced and unspliced counts, or pass {option(arg)}."
-            )
-            raise InputError(msg)
+    layers = sorted(root["layers"].keys()) if "layers" in names else []
+    require_layers(layers, spliced_layer=spliced_layer, unspliced_layer=unspliced_layer, path=source)
     obs, var = _read_elem(root, "obs"), _read_elem(root, "var")
     n_obs, n_vars = len(obs), len(var)
     if n_obs < n_neighbors:

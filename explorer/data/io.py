@@ -459,10 +459,8 @@ def _h5ad_shape(node: object) -> tuple[int, int]:
     return tuple(int(n) for n in node.shape)
 
 
-def _check_layers(
-    shapes: dict[str, tuple[int, int]], *, spliced_layer: str, unspliced_layer: str, path: Path
-) -> None:
-    layers = [name for name in shapes if name != "X"]
+def require_layers(layers: list[str], *, spliced_layer: str, unspliced_layer: str, path: Path) -> None:
+    """Raise InputError naming the layers there are when ``layers`` lacks the spliced or unspliced one."""
     for name, arg in ((spliced_layer, "spliced_layer"), (unspliced_layer, "unspliced_layer")):
         if name not in layers:
             msg = (
@@ -470,6 +468,13 @@ def _check_layers(
                 f"output with spliced and unspliced counts, or pass {option(arg)} naming one of {layers}."
             )
             raise InputError(msg)
+
+
+def _check_layers(
+    shapes: dict[str, tuple[int, int]], *, spliced_layer: str, unspliced_layer: str, path: Path
+) -> None:
+    layers = [name for name in shapes if name != "X"]
+    require_layers(layers, spliced_layer=spliced_layer, unspliced_layer=unspliced_layer, path=path)
     wanted = {
         "X": shapes.get("X"),
         spliced_layer: shapes[spliced_layer],
