@@ -297,6 +297,17 @@ def _start_server(
     return proc, f"http://127.0.0.1:{port}/", time.perf_counter() - start
 
 
+def _stop_server(proc: subprocess.Popen) -> str:
+    """Stop a server from :func:`_start_server`; returns what it wrote to stderr (if piped)."""
+    proc.terminate()
+    try:
+        _, stderr = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, stderr = proc.communicate()
+    return stderr or ""
+
+
 async def _open_page(browser, url: str, timeout_ms: float):
     """Open ``url`` in a new context (a separate user); returns the page and seconds until usable."""
     context = await browser.new_context(viewport={"width": 1600, "height": 1400})
@@ -404,12 +415,7 @@ def load_scenario(
         report = asyncio.run(run())
     finally:
         stop.set()
-        proc.terminate()
-        try:
-            _, stderr = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            _, stderr = proc.communicate()
+        stderr = _stop_server(proc)
     report["serve to listening (s)"] = listening
     report["pages"] = n_pages
     report["settle (s)"] = settle_s

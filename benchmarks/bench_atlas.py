@@ -11,6 +11,16 @@ UMAP unless ``--no-umap``), moments per gene block, the dynamical fit, the veloc
 per-edge sums, transition matrix, projection, confidence, root cells, latent time, onsets, the
 written store. A watchdog kills the run when its resident memory passes ``--max-gib``.
 
+``--app N`` (the app at atlas scale): a fitted store of ``N`` cells is written block by
+block (simulated kinetics: the noise-free abundances as ``Ms``/``Mu``, the true velocity and
+time as the fit's ``velocity``/``fit_t``, the true rates as ``var['fit_*']``, a 2-D
+embedding drawn from the simulated time and its derivative as ``velocity_umap``; chunks as
+:func:`explorer.stream.fit_streamed` writes them, or ``--app-chunks``), then ``explorer serve``
+runs on it in a subprocess and chromium (playwright) opens the page: seconds until the
+embedding, phase portrait and gene table are drawn, gene clicks until the phase portrait
+names the gene, cell clicks until the inspector shows the cell, and the server's resident
+memory sampled every 0.2 s.
+
 Default (the older table): the data is preprocessed in memory as setup (not timed) and
 stored without ``Ms``/``Mu``; only the streamed fit is measured.
 
@@ -20,6 +30,7 @@ Figures for sizes that were not run are an extrapolation, printed as such.
 Usage::
 
     python benchmarks/bench_atlas.py --end-to-end --cells 100000 200000 --genes 2000 --workers 0
+    python benchmarks/bench_atlas.py --app 1000000 [--app-genes 100]
     python benchmarks/bench_atlas.py [--cells 2000 5000 10000] [--genes 2000] [--workers 0 1 2]
         [--out benchmarks/results/atlas.json]
 
@@ -113,6 +124,134 @@ def _setup_counts(n_obs: int, n_vars: int, path: Path) -> dict:
     return {"n_vars_kept": n_vars, "setup_s": time.perf_counter() - clock}
 
 
+#: cells per block of the app's store (written one block at a time)
+_APP_BLOCK = 50_000
+
+
+def _app_store(n_obs: int, n_vars: int, path: Path, chunks: tuple[int, int] | None = None) -> dict:
+    """A fitted AnnData .zarr store of ``n_obs`` simulated cells, written a block of cells at a time."""
+    import numpy as np
+    import pandas as pd
+    import zarr
+    from anndata.io import write_elem
+
+    from explorer.data.simulate import simulate
+    from explorer.keys import Key
+
+    clock = time.perf_counter()
+    block = min(_APP_BLOCK, n_obs)
+    root = zarr.open_group(str(path), mode="w", zarr_format=2)
+    root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+    layers = root.create_group("layers")
+    layers.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
+    # the chunks fit_streamed writes: a gene wide (explorer.stream._LAYER_CHUNK_CELLS)
+    chunks = chunks or (min(n_obs, 1 << 17), 1)
+    names = {Key.layers.MS: "true_s", Key.layers.MU: "true_u", Key.layers.VELOCITY: "true_velocity", "fit_t": None}
+    arrays = {}
+    for name in names:
+        arrays[name] = layers.create_array(name, shape=(n_obs, n_vars), chunks=chunks, dtype="float32")
+        arrays[name].attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+    t_max, rng = 20.0, np.random.default_rng(0)
+    clusters, times = [], []
+    for k, start in enumerate(range(0, n_obs, block)):
+        stop = min(start + block, n_obs)
+        t = np.sort(np.random.default_rng(1000 + k).uniform(0.0, t_max, stop - start))
+        sim = simulate(n_obs=stop - start, n_vars=n_vars, seed=0, cell_times=t, t_max=t_max)
+        for name, source in names.items():
+            values = np.repeat(t[:, None], n_vars, axis=1) if source is None else sim.layers[source]
+            arrays[name][start:stop] = np.asarray(values, dtype=np.float32)
+        clusters.append(np.asarray(sim.obs["clusters"].astype(str)))
+        times.append(t)
+        var = sim.var
+    t = np.concatenate(times) / t_max
+    # a spiral arm: position and its derivative in the simulated time (the projected velocity)
+    angle = 3.0 * t
+    xy = np.column_stack([10 * t * np.cos(angle), 10 * t * np.sin(angle)])
+    dxy = np.column_stack([10 * np.cos(angle) - 30 * t * np.sin(angle), 10 * np.sin(angle) + 30 * t * np.cos(angle)])
+    xy += rng.normal(scale=0.15, size=xy.shape)
+    obs = pd.DataFrame(
+        {"clusters": pd.Categorical(np.concatenate(clusters)), Key.obs.LATENT_TIME: t.astype(np.float32)},
+        index=[f"cell{i}" for i in range(n_obs)],
+    )
+    fit_var = pd.DataFrame(index=var.index)
+    for fit_key, true_key in (("fit_alpha", "true_alpha"), ("fit_beta", "true_beta"), ("fit_gamma", "true_gamma"),
+                              ("fit_t_", "true_t_"), ("fit_scaling", "true_scaling")):  # fmt: skip
+        fit_var[fit_key] = var[true_key].to_numpy(np.float32)
+    fit_var["fit_likelihood"] = np.float32(1.0)
+    fit_var[Key.var.VELOCITY_GENES] = True
+    write_elem(root, "obs", obs)
+    write_elem(root, "var", fit_var)
+    write_elem(root, "obsm", {Key.obsm.UMAP: xy.astype(np.float32), "velocity_umap": (0.05 * dxy).astype(np.float32)})
+    write_elem(root, "uns", {Key.uns.VELOCITY_PARAMS: {"mode": "dynamical", "model": "dynamical", "params": {}}})
+    for name in ("obsp", "varm", "varp"):
+        write_elem(root, name, {})
+    zarr.consolidate_metadata(str(path))
+    return {"n_obs": n_obs, "n_vars": n_vars, "chunks": list(chunks), "setup_s": time.perf_counter() - clock}
+
+
+def _app_measure(path: Path, *, n_clicks: int = 6, timeout_s: float = 600.0) -> dict:
+    """``explorer serve`` on the store; chromium's page-ready, gene-click and cell-click times; server memory."""
+    import asyncio
+    import re
+    import statistics
+    import threading
+
+    from bench_app import BROWSER_ARGS, CHROMIUM, _gene_click, _open_page, _rss_mb, _start_server, _stop_server
+    from playwright.async_api import async_playwright
+
+    proc, url, listening = _start_server(path.name, path.parent, timeout_s=timeout_s)
+    samples: list[float] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set() and proc.poll() is None:
+            samples.append(_rss_mb(proc.pid))
+            stop.wait(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+
+    async def run() -> dict:
+        async with async_playwright() as p:
+            browser = await p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+            page, ready = await _open_page(browser, url, timeout_s * 1e3)
+            rss_ready = _rss_mb(proc.pid)
+            gene = [await _gene_click(page, row % 6, timeout_s * 1e3) for row in range(1, n_clicks + 1)]
+            canvas = page.locator(".bk-Canvas").first
+            box = await canvas.bounding_box()
+            inspector = page.get_by_text(re.compile(r"\(row \d+\)"))
+            cells: list[float | None] = []
+            # points on the spiral's arm (the store's embedding is the same at every size)
+            for fx, fy in ((0.6, 0.15), (0.45, 0.18), (0.7, 0.2), (0.5, 0.16), (0.75, 0.35), (0.55, 0.15))[:n_clicks]:
+                before = await inspector.first.inner_text() if await inspector.count() else ""
+                start = time.perf_counter()
+                await page.mouse.click(box["x"] + box["width"] * fx, box["y"] + box["height"] * fy)
+                took = None
+                while time.perf_counter() - start < 30:
+                    if await inspector.count() and await inspector.first.inner_text() != before:
+                        took = time.perf_counter() - start
+                        break
+                    await asyncio.sleep(0.02)
+                cells.append(took)  # None: no other cell selected within 30 s (a click off the arm)
+            await page.screenshot(path=str(path.parent / "atlas_app.png"))
+            await browser.close()
+        return {"page_ready_s": ready, "rss_at_ready_mb": rss_ready, "gene_click_s": gene, "cell_click_s": cells}
+
+    try:
+        out = asyncio.run(run())
+    finally:
+        stop.set()
+        stderr = _stop_server(proc)
+    out.update(
+        serve_to_listening_s=listening,
+        gene_click_median_s=statistics.median(out["gene_click_s"]),
+        cell_click_median_s=statistics.median([c for c in out["cell_click_s"] if c is not None] or [float("nan")]),
+        rss_peak_mb=max(samples, default=float("nan")),
+        server_errors=[line for line in stderr.splitlines() if "Error" in line or "Traceback" in line],
+    )
+    return out
+
+
 def _child(path: str, out: str, workers: int, end_to_end: bool = False, umap: bool = True, genes: int = 2000) -> None:
     """The measured run (a fresh process): print one JSON line."""
     from explorer.stream import dask_client, fit_streamed
@@ -121,6 +260,25 @@ def _child(path: str, out: str, workers: int, end_to_end: bool = False, umap: bo
     if end_to_end:
         kwargs.update(basis="umap" if umap else "pca", preprocess=True,
                       prepare_params={"n_top_genes": genes, "compute_umap": umap})  # fmt: skip
+    # the largest resident set seen in each pass (named by its progress reports), sampled every 0.2 s
+    import re
+    import threading
+
+    phase = {"name": "start (before the first pass)"}
+    by_pass: dict[str, float] = {}
+    stop = threading.Event()
+
+    def progress(p) -> None:
+        phase["name"] = re.sub(r"\s*\d+/\d+\)?$", "", p.message).strip() or "unnamed"
+
+    def sample() -> None:
+        while not stop.is_set():
+            rss = int(next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmRSS:")).split()[1])
+            by_pass[phase["name"]] = max(by_pass.get(phase["name"], 0.0), rss / 2**20)
+            stop.wait(0.2)
+
+    threading.Thread(target=sample, daemon=True).start()
+    kwargs["progress"] = progress
     clock = time.perf_counter()
     worker_peaks: list[float] = []
     if workers:
@@ -144,6 +302,7 @@ def _child(path: str, out: str, workers: int, end_to_end: bool = False, umap: bo
                 "n_edges": summary.n_edges,
                 "cpu_s": resource.getrusage(resource.RUSAGE_SELF).ru_utime + resource.getrusage(resource.RUSAGE_SELF).ru_stime,
                 "passes_s": {k: round(v, 2) for k, v in summary.seconds.items()},
+                "peak_by_pass_gib": {k: round(v, 2) for k, v in by_pass.items()},
             }
         )
     )
@@ -193,15 +352,25 @@ def main() -> None:
     parser.add_argument("--genes", type=int, default=2000)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--dask-cells", type=int, default=None, help="size the Dask runs use (default: the smallest)")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "atlas.json"))
+    parser.add_argument("--out", default=None, help="default: results/atlas.json, or results/atlas_app.json with --app")
     parser.add_argument("--end-to-end", action="store_true", help="from simulated raw counts, preprocessing streamed too")
     parser.add_argument("--no-umap", action="store_true", help="(--end-to-end) project on the PCA, no UMAP")
     parser.add_argument("--max-gib", type=float, default=6.0, help="kill a run whose resident memory passes this")
+    parser.add_argument("--app", type=int, default=None, metavar="N", help="the app on a fitted store of N cells")
+    parser.add_argument("--app-genes", type=int, default=100, help="(--app) genes in the store")
+    parser.add_argument("--app-chunks", type=int, nargs=2, default=None, metavar=("CELLS", "GENES"),
+                        help="(--app) the layers' chunks (default: fit_streamed's, 131072 x 1)")  # fmt: skip
+    parser.add_argument("--keep", default=None, help="(--app) build the store here and keep it (reused if present)")
     parser.add_argument("--child", nargs=3, metavar=("STORE", "OUT", "WORKERS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         _child(args.child[0], args.child[1], int(args.child[2]), args.end_to_end, not args.no_umap, args.genes)
         return
+    if args.app:
+        args.out = args.out or str(ROOT / "benchmarks" / "results" / "atlas_app.json")
+        _main_app(args)
+        return
+    args.out = args.out or str(ROOT / "benchmarks" / "results" / "atlas.json")
     rows = []
     dask_cells = args.dask_cells or min(args.cells)
     with tempfile.TemporaryDirectory(prefix="bench_atlas_") as tmp:
@@ -230,6 +399,7 @@ def main() -> None:
                     flush=True,
                 )
                 print(f"  passes (s): {row['passes_s']}", flush=True)
+                print(f"  largest resident set in each pass (GiB): {row.get('peak_by_pass_gib')}", flush=True)
                 shutil.rmtree(Path(tmp) / "out.zarr", ignore_errors=True)
                 _write_result(args.out, rows, args.genes)  # after every run: a later one may be killed
             shutil.rmtree(store, ignore_errors=True)
@@ -245,6 +415,27 @@ def main() -> None:
         for e in extra:
             print(f"  {e['quantity']:>9} at {e['n_obs']:>10,} cells: {e['value']:,.1f} ({e['per_1000_cells']:.3f} per 1,000 cells)")
     print(f"\nload average at the end: {os.getloadavg()}; written {args.out}")
+
+
+def _main_app(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(prefix="bench_atlas_app_") as tmp:
+        folder = Path(args.keep) if args.keep else Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        store = folder / f"atlas_{args.app}.zarr"
+        info = {"n_obs": args.app, "n_vars": args.app_genes, "setup_s": 0.0, "reused": True}
+        if not (store / "obs").exists():
+            info = _app_store(args.app, args.app_genes, store, tuple(args.app_chunks) if args.app_chunks else None)
+        print(f"store: {store} ({info})", flush=True)
+        row = {**info, **_app_measure(store)}
+    print(
+        f"{args.app:,} cells x {args.app_genes} genes: page ready {row['page_ready_s']:.1f} s; gene click median "
+        f"{row['gene_click_median_s'] * 1e3:.0f} ms (max {max(row['gene_click_s']) * 1e3:.0f}); cell click median "
+        f"{row['cell_click_median_s'] * 1e3:.0f} ms; server memory peak {row['rss_peak_mb'] / 1024:.2f} GiB"
+    )
+    result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg": os.getloadavg()},
+              "note": "measured on a shared machine; other processes were running (see loadavg)", "app": row}  # fmt: skip
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
 
 
 def _write_result(out: str, rows: list[dict], n_vars: int) -> None:

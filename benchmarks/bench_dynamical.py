@@ -369,6 +369,16 @@ def compare(
             row[f"{tool}_latent_time_spearman"] = round(
                 float(spearmanr(z["latent_time"], adata.obs["true_t"])[0]), 3
             )
+        reference = SHARED / "reference" / f"{name}_scvelo_cells.csv"
+        if reference.exists():
+            # the accuracy check of issue 12: latent time against scVelo's stored reference
+            import pandas as pd
+
+            cells = pd.read_csv(reference, index_col=0)
+            lt = pd.Series(z["latent_time"], index=adata.obs_names)[cells.index]
+            row[f"{tool}_latent_time_spearman_vs_scvelo_reference"] = round(
+                float(spearmanr(lt, cells["latent_time"])[0]), 4
+            )
         if "clusters" in adata.obs and "Ductal" in set(adata.obs["clusters"].astype(str)):
             vel = np.full((adata.n_obs, adata.n_vars), np.nan, dtype=np.float32)
             vel[:, gi] = z["velocity"]
@@ -690,6 +700,9 @@ def print_table(result: dict) -> None:
                     if f"{tool}_from_earlier_run" in r:
                         ratio += f" (peer from {r[f'{tool}_from_earlier_run']})"
                 lt = r.get(f"{tool}_latent_time_spearman", "-")
+                ref = r.get(f"{tool}_latent_time_spearman_vs_scvelo_reference")
+                if lt == "-" and ref is not None:
+                    lt = f"{ref} (with scVelo's reference)"
                 print(
                     f"| {r['dataset']} | {tool} | {fit:.1f} | {total:.1f} | {cpu} | {r[f'{tool}_peak_gb']} | "
                     f"{lt} | {r[f'{tool}_mean_likelihood']} | {ratio} | {cpu_ratio} |"

@@ -17,8 +17,10 @@ Then the same at scale (``--simulated``, default 100,000 cells; 0 skips it): the
 simulator's two lineages (50 genes), preprocessed and fitted (stochastic model) here, the
 deterministic kernel with 0.2 connectivities, then fate probabilities, absorption times
 and drivers towards given terminal cells (each lineage's latest 2% by true time; explorer
-solves ``I - Q`` iteratively at that size), explorer and CellRank each in its own process:
-wall and CPU seconds per step, peak memory of each. CellRank 2.0.7 refuses its own fate
+solves ``I - Q`` iteratively at that size: GMRES with an ILU(0) preconditioner in flow
+order), explorer and CellRank each in its own process: wall and CPU seconds per step
+(explorer's fate step also split into solver set-up, fates and times), peak memory of
+each. ``--threads 1`` limits both processes' thread pools alike. CellRank 2.0.7 refuses its own fate
 probabilities at 100k cells (GMRES round-off leaves negative values); its solution is then
 kept as its solver returned it, clipped at 0 and renormalised, so that the rest is timed,
 and the refusal is reported. GPCCA is left out there on both sides: CellRank without
@@ -28,7 +30,7 @@ Usage::
 
     python benchmarks/bench_fates.py [--fitted fitted.h5ad] [--mode deterministic] [--n-states 10]
         [--simulated 100000] [--simulated-input sim.h5ad] [--kernel-only] [--skip-pancreas]
-        [--cellrank-python .venv-compat/bin/python] [--out benchmarks/results/fates.json]
+        [--cellrank-python .venv-compat/bin/python] [--threads 1] [--out benchmarks/results/fates.json]
 """
 
 from __future__ import annotations
@@ -276,9 +278,24 @@ if steps == "kernel":
     print(json.dumps({"times": times, "cpu_s": cpu_times, "lineage_names": [],
                       "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
     sys.exit(0)
-# as `explorer fates` does: one factorisation (or preconditioner) of I - Q for both
+# as `explorer fates` does (F._absorption): one factorisation (or preconditioner) of I - Q
+# for both, here step by step so that each part is timed
+detail, detail_cpu = {}, {}
 t, c = time.perf_counter(), cpu()
-fp, _, solver = F._absorption(T, codes, solver="auto", tol=F.ITERATIVE_RTOL, with_times=True)
+A, S, trans, n_states = F._absorbing_split(T, codes)
+lin = F._LinearSolver(A, solver="auto", tol=F.ITERATIVE_RTOL)
+detail["setup"], detail_cpu["setup"] = time.perf_counter() - t, cpu() - c
+t1, c1 = time.perf_counter(), cpu()
+B = np.clip(lin.solve(S), 0.0, None)
+detail["fate_probabilities"], detail_cpu["fate_probabilities"] = time.perf_counter() - t1, cpu() - c1
+t1, c1 = time.perf_counter(), cpu()
+H = lin.solve(B)
+detail["absorption_times"], detail_cpu["absorption_times"] = time.perf_counter() - t1, cpu() - c1
+fp = np.zeros((a.n_obs, n_states))
+fp[trans] = B
+fp[codes >= 0, codes[codes >= 0]] = 1.0
+fp /= fp.sum(axis=1, keepdims=True)
+solver = lin.description
 times[FATES], cpu_times[FATES] = time.perf_counter() - t, cpu() - c
 t, c = time.perf_counter(), cpu()
 F.lineage_drivers(a.X, fp, names=names, gene_names=a.var_names)
@@ -288,6 +305,8 @@ print(json.dumps({
     "times": times,
     "cpu_s": cpu_times,
     "solver": solver,
+    "fates_detail_s": detail,
+    "fates_detail_cpu_s": detail_cpu,
     "lineage_names": names,
     "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
 }))
@@ -381,6 +400,9 @@ def run_simulated(
         "speedup": total_b / total_a,
         "speedup_cpu": cpu_b / cpu_a,
         "explorer_solver": ours.get("solver"),
+        "explorer_fates_detail_s": ours.get("fates_detail_s"),
+        "explorer_fates_detail_cpu_s": ours.get("fates_detail_cpu_s"),
+        "threads": os.environ.get("OPENBLAS_NUM_THREADS", "default"),
         "cellrank_refused": theirs.get("refused"),
         "cellrank_negative_values": theirs.get("negatives", 0),
         "explorer_peak_rss_gb": ours["peak_rss_gb"],
@@ -429,8 +451,16 @@ def main() -> None:
         help="a simulation this script wrote before (keeps its cells; skips simulating and fitting)",
     )
     parser.add_argument("--skip-pancreas", action="store_true", help="only the simulation")
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="thread pools (BLAS, OpenMP, numba) of both tools' processes limited to this many",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "fates.json")
     args = parser.parse_args()
+    if args.threads is not None:
+        # inherited by both tools' subprocesses (and by this one's own libraries, loaded later)
+        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+            os.environ[var] = str(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -447,7 +477,8 @@ def main() -> None:
             if args.simulated
             else None
         )
-    result["simulated"] = simulated
+    # a run with --threads keeps the default run's figures beside its own
+    result["simulated" if args.threads is None else f"simulated_threads_{args.threads}"] = simulated
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     if simulated is not None:
@@ -456,6 +487,8 @@ def main() -> None:
         print_table(simulated["explorer_s"], simulated["cellrank_s"])
         print("CPU seconds (process and children):")
         print_table(simulated["explorer_cpu_s"], simulated["cellrank_cpu_s"])
+        detail = simulated["explorer_fates_detail_cpu_s"] or {}
+        print("explorer's fate step, CPU s: " + ", ".join(f"{k} {v:.2f}" for k, v in detail.items()))
         print(f"T max |diff|: {simulated['T_max_abs_diff']:.2e}")
         print(f"fate probability correlation: {simulated['fate_probability_correlation']}")
         if simulated["cellrank_refused"]:

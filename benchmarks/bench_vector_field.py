@@ -4,7 +4,8 @@
    ``dynamical``, default parameters): time to fit the base (when needed) and the field
    (wall and CPU), to integrate 200 RK4 steps from every Ngn3 high EP cell, where those
    paths end (group of the nearest observed cell; also for the plain ODE), one cell's
-   200-step path as the app draws it, the velocity-matching cosine at the cells, the
+   200-step path as the app draws it, the velocity-matching cosine at the cells, where
+   the progenitors' (Ductal, Ngn3 low EP) input velocity leads (``progenitor_flow``), the
    fixed points (type, group, the cells' support), and the fate shift of a knock-out
    (factor 0, held) of Pdx1, Nkx6-1 and Neurog3 in the Ngn3 high EP cells, for those
    among the field's genes: as fate probabilities (``explorer fates`` on the base's
@@ -17,11 +18,11 @@
 Each case runs in a fresh process (peak resident memory ``ru_maxrss``). Prints a table
 and writes ``benchmarks/results/vector_field.json``. Usage::
 
-    python benchmarks/bench_vector_field.py [--base stochastic dynamical] [--sizes 10000 100000]
+    python benchmarks/bench_vector_field.py [--base dynamical stochastic] [--sizes 10000 100000]
         [--sim-epochs 5] [--skip-pancreas] [--device auto]
 
-The first base's pancreas case is ``pancreas`` in the JSON, the others
-``pancreas_other_bases``.
+The first base's pancreas case (by default the model's default base, ``dynamical``) is
+``pancreas`` in the JSON, the others ``pancreas_other_bases``.
 """
 
 from __future__ import annotations
@@ -106,6 +107,30 @@ def _knockouts(adata, field, cells, genes) -> dict:
     return out
 
 
+def _progenitor_flow(adata, field, velocity) -> dict:
+    """Where the input velocity of the progenitors leads, in the field's state (why a Ductal attractor).
+
+    Per cluster (Ductal, Ngn3 low EP): the cosine of the cells' mean velocity (carried into
+    the state exactly) with the way from Ductal's centre to Ngn3 high EP's, and its
+    coherence ``|mean v| / mean |v|`` (near 0: noise around zero; near 1: a common drift).
+    """
+    ms = adata.layers["Ms"][:, field.cols]
+    ms = ms.toarray() if hasattr(ms, "toarray") else np.asarray(ms)
+    v = (np.nan_to_num(velocity[:, field.cols]) / (1 + ms)) @ field.loadings
+    x, clusters = field.states, adata.obs["clusters"].astype(str).to_numpy()
+    way = x[clusters == START].mean(0) - x[clusters == "Ductal"].mean(0)
+    out = {}
+    for name in ("Ductal", "Ngn3 low EP"):
+        vc = v[clusters == name]
+        mean = vc.mean(0)
+        cos = mean @ way / np.linalg.norm(mean) / np.linalg.norm(way)
+        out[name] = {
+            "cos_mean_velocity_to_ngn3_high": round(float(cos), 3),
+            "coherence": round(float(np.linalg.norm(mean) / np.linalg.norm(vc, axis=1).mean()), 3),
+        }
+    return out
+
+
 def _ends(paths, steps: int) -> dict[str, float]:
     ends = paths.loc[paths["step"] == steps, "end_cluster"].value_counts(normalize=True)
     return {str(k): round(float(v), 4) for k, v in ends.items()}
@@ -148,6 +173,7 @@ def pancreas_worker(base: str, device: str, out: str) -> None:
     f = adata.obsm["vf_velocity"]
     cos = (f * v).sum(1) / np.linalg.norm(f, axis=1) / np.linalg.norm(v, axis=1)
     result["velocity_cosine"] = round(float(np.mean(cos)), 4)
+    result["progenitor_flow"] = _progenitor_flow(adata, field, input_velocity)
     cells = (adata.obs["clusters"] == START).to_numpy()
     clock.lap()
     paths = simulate_trajectories(adata, cells, n_steps=200, field=field)
@@ -228,7 +254,7 @@ def main() -> None:
     )
     parser.add_argument("--worker", choices=["pancreas", "simulation"])
     parser.add_argument("--out")
-    parser.add_argument("--base", nargs="+", default=["stochastic", "dynamical"])
+    parser.add_argument("--base", nargs="+", default=["dynamical", "stochastic"])
     parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000])
     parser.add_argument("--sim-epochs", type=int, default=5)
     parser.add_argument("--n-obs", type=int)
@@ -287,6 +313,7 @@ def main() -> None:
         print(f"  paths from {START} end in: {p['ends']} (plain ODE: {p['ends_plain_ode']})")
         print(f"  fixed points: {p['fixed_points']}")
         print(f"  attractors supported by the cells in endocrine clusters: {p['attractors_endocrine']}")
+        print(f"  progenitors' input velocity toward Ngn3 high EP: {p.get('progenitor_flow')}")
         print(f"  fates: {p.get('fates')}")
         for gene, shift in p["knockouts"].items():
             print(f"  {gene} knock-out: {shift}")

@@ -399,11 +399,18 @@ def _cmd_fates(args: argparse.Namespace) -> int:
         interrupt.check()
         bar = _Bar(enabled=not args.quiet, interrupt=interrupt)
         start = time.perf_counter()
+        # a model that gives a velocity distribution (VeloVAE's posterior) feeds it in directly
+        variance_key = (
+            Key.layers.VELOCITY_VARIANCE
+            if args.mode != "deterministic" and Key.layers.VELOCITY_VARIANCE in adata.layers
+            else None
+        )
         try:
             compute_velocity_kernel(
                 adata,
                 mode=args.mode,
                 similarity=args.similarity,
+                variance_key=variance_key,
                 connectivity_weight=args.connectivity_weight,
                 n_samples=args.n_samples,
                 seed=args.seed,
@@ -892,7 +899,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--mode",
         default="deterministic",
         choices=["deterministic", "stochastic", "monte_carlo"],
-        help="velocity kernel mode, as CellRank's VelocityKernel (default: deterministic)",
+        help="velocity kernel mode, as CellRank's VelocityKernel (default: deterministic); "
+        "stochastic and monte_carlo use a fit's layers['velocity_variance'] (VeloVAE's posterior) "
+        "when present, else the kNN estimate",
     )
     fates.add_argument(
         "--similarity",

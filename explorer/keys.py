@@ -34,6 +34,9 @@ class _Layers:
     RATE_GAMMA: str = "rate_gamma"
     #: VeloVAE: per-cell relative transcription rate rho = g(c) in [0, 1] (full model)
     RHO: str = "rho"
+    #: VeloVAE: per-cell, per-gene variance of the spliced velocity over posterior samples of
+    #: (t, c) (mean in ``velocity``); the fates kernel's stochastic and Monte Carlo modes use it
+    VELOCITY_VARIANCE: str = "velocity_variance"
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,9 @@ on-disk store, and memory is ``O(n_obs x batch + n_edges)``.
    ``d = Ms[j] - Ms[i]``, the Pearson correlation with ``v = velocity[i]`` over the genes
    needs ``sum d``, ``sum d^2``, ``sum d v`` per edge and ``sum v``, ``sum v^2`` per cell;
    every gene block adds its share and the blocks' sums are added up (on Dask, in a tree).
-   The kNN sums ``sum v_i v_j`` give the velocity confidence the same way.
+   The kNN sums ``sum v_i v_j`` give the velocity confidence the same way. A graph of more
+   than ``_GRAPH_PASS_EDGES`` edges is scored in passes over blocks of cells, so the
+   per-edge sums never exist for more edges than that; the graph keeps float32 rows.
 5. **Transition matrix, projection, root cells** on the ``(n_obs, n_obs)`` graph
    (:mod:`explorer.graph.transition`, :mod:`explorer.graph.projection`), then the
    **latent time** (:func:`explorer.graph.latent_time.latent_time` split into gene-block
@@ -112,6 +114,13 @@ logger = logging.getLogger(__name__)
 _BLOCK_ELEMENTS = 1 << 24
 #: edges of the graph scored at once by the per-edge kernel (a block of cells' edges)
 _EDGE_BLOCK = 1 << 20
+#: edges of the velocity graph whose per-edge sums one pass holds (about 40 bytes each with
+#: their pattern and correlations: 2.7 GB); a larger graph is scored in several passes over
+#: blocks of cells, each reading the graph genes' Ms again
+_GRAPH_PASS_EDGES = 1 << 26
+#: cells per chunk of the output's layers, which are one gene wide: the app (and every pass
+#: here) reads a gene's column, 2**17 x 4 bytes a chunk (a gene of 10^6 cells is 8 chunks)
+_LAYER_CHUNK_CELLS = 1 << 17
 #: scVelo's threshold below which a displacement has no direction (explorer.graph.transition)
 _ZERO_DISPLACEMENT = 1e-10
 #: scratch arrays in the output store, removed before it is renamed into place
@@ -286,13 +295,14 @@ class _Plan:
     copies: tuple[tuple[str, str], ...]
     weights: sparse.csr_matrix  # scVelo's neighbour weights (Ms = weights @ spliced)
     smoother_weights: sparse.csr_matrix  # Dynamical's: neighbor_average_matrix(connectivities)
-    pattern: sparse.csr_matrix  # the edges the velocity graph scores
+    pattern: sparse.csr_matrix  # the edges the velocity graph scores, of rows row0:row0 + pattern.shape[0]
     knn: np.ndarray  # (n_obs, k) kNN indices for the velocity confidence
     connectivities: sparse.csr_matrix
     fit_cols: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     model_batch: int = 1
     graph_cols: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     lt_cols: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    row0: int = 0
 
 
 def _replace(plan: _Plan, **changes: Any) -> _Plan:
@@ -385,14 +395,15 @@ def _fit_task(plan: _Plan, k0: int) -> dict[str, Any]:
 
 
 @numba.njit(parallel=True, cache=True)
-def _edge_sums_kernel(X, V, indptr, indices, first, last, sum_d, sum_d2, sum_dv):  # pragma: no cover
+def _edge_sums_kernel(X, V, indptr, indices, row0, first, last, sum_d, sum_d2, sum_dv):  # pragma: no cover
     """Add ``sum d``, ``sum d^2``, ``sum d v`` over a block of genes for every edge of rows ``first:last``.
 
     ``d = X[j] - X[i]`` (float32, as the in-memory kernel), products and sums in float64.
+    ``indptr``/``indices`` hold the edges of rows ``row0:`` (row ``i`` is their ``i - row0``).
     """
     n_genes = X.shape[1]
     for i in numba.prange(first, last):
-        for k in range(indptr[i], indptr[i + 1]):
+        for k in range(indptr[i - row0], indptr[i - row0 + 1]):
             j = indices[k]
             total = 0.0
             squares = 0.0
@@ -408,16 +419,16 @@ def _edge_sums_kernel(X, V, indptr, indices, first, last, sum_d, sum_d2, sum_dv)
 
 
 @numba.njit(parallel=True, cache=True)
-def _knn_dot_kernel(V, knn, out):  # pragma: no cover
-    """Add ``sum_g V[i, g] V[knn[i, m], g]`` to ``out[i, m]``."""
+def _knn_dot_kernel(V, knn, row0, row1, out):  # pragma: no cover
+    """Add ``sum_g V[i, g] V[knn[i, m], g]`` to ``out[i - row0, m]`` for the rows ``row0:row1``."""
     n_genes = V.shape[1]
-    for i in numba.prange(knn.shape[0]):
+    for i in numba.prange(row0, row1):
         for m in range(knn.shape[1]):
             j = knn[i, m]
             acc = 0.0
             for g in range(n_genes):
                 acc += np.float64(V[i, g]) * np.float64(V[j, g])
-            out[i, m] += acc
+            out[i - row0, m] += acc
 
 
 def _graph_columns(plan: _Plan, lo: int) -> tuple[np.ndarray, np.ndarray]:
@@ -431,21 +442,24 @@ def _graph_columns(plan: _Plan, lo: int) -> tuple[np.ndarray, np.ndarray]:
 def _graph_task(plan: _Plan, lo: int, *, into: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Per-edge and per-cell sums of one block of graph genes, added to ``into`` (or to zeros).
 
-    In one process every block adds into one set of sums: three float64 per edge is the
-    largest thing the streamed fit holds (4.8 GB at 10^6 cells and 200 edges per cell).
+    For the edges of the pass's cells ``row0:row0 + pattern.shape[0]`` only: three float64
+    per edge is the largest thing the streamed fit holds, so a large graph is scored in
+    passes of at most ``_GRAPH_PASS_EDGES`` edges (:func:`_graph_passes`).
     """
     X, V = _graph_columns(plan, lo)
     nnz = plan.pattern.nnz
+    row0, row1 = plan.row0, plan.row0 + plan.pattern.shape[0]
     sums = into if into is not None else {name: np.zeros(nnz) for name in ("d", "d2", "dv")}
     indptr, indices = plan.pattern.indptr, plan.pattern.indices
     step = max(1, _EDGE_BLOCK // max(int(np.diff(indptr).max(initial=1)), 1))
-    for first in range(0, plan.n_obs, step):
-        last = min(first + step, plan.n_obs)
-        _edge_sums_kernel(X, V, indptr, indices, first, last, sums["d"], sums["d2"], sums["dv"])
+    for first in range(row0, row1, step):
+        last = min(first + step, row1)
+        _edge_sums_kernel(X, V, indptr, indices, row0, first, last, sums["d"], sums["d2"], sums["dv"])
     if into is None:
-        sums.update(v=np.zeros(plan.n_obs), v2=np.zeros(plan.n_obs), knn_dot=np.zeros(plan.knn.shape))
-    _knn_dot_kernel(V, plan.knn, sums["knn_dot"])
-    V64 = V.astype(np.float64)
+        n = row1 - row0
+        sums.update(v=np.zeros(n), v2=np.zeros(n), knn_dot=np.zeros((n, plan.knn.shape[1])))
+    _knn_dot_kernel(V, plan.knn, row0, row1, sums["knn_dot"])
+    V64 = V[row0:row1].astype(np.float64)
     sums["v"] += V64.sum(1)
     sums["v2"] += np.einsum("ij,ij->i", V64, V64)
     return sums
@@ -502,13 +516,19 @@ def _shared_time_task(
     return np.stack(out)
 
 
-def _expand_task(plan: _Plan, start: int) -> None:
-    """Write the fitted genes' velocities and times of a block of cells into full ``(n_obs, n_vars)`` layers."""
-    stop = min(start + plan.cell_chunk, plan.n_obs)
+def _expand_task(plan: _Plan, lo: int) -> None:
+    """Write the fitted genes' velocities and times into genes ``lo:lo + var_chunk`` of the full layers.
+
+    By blocks of genes over all cells: the layers are chunked a gene wide, so each write
+    fills whole chunks. Genes not fitted are NaN.
+    """
+    hi = min(lo + plan.var_chunk, plan.n_vars)
+    k = np.flatnonzero((plan.fit_cols >= lo) & (plan.fit_cols < hi))
     for name in ("velocity", "velocity_u", "fit_t"):
-        full = np.full((stop - start, plan.n_vars), np.nan, dtype=np.float32)
-        full[:, plan.fit_cols] = _array(plan.store, _scratch(name))[start:stop]
-        _array(plan.store, _layer(name))[start:stop] = full
+        full = np.full((plan.n_obs, hi - lo), np.nan, dtype=np.float32)
+        if len(k):
+            full[:, plan.fit_cols[k] - lo] = _array(plan.store, _scratch(name)).oindex[:, k]
+        _array(plan.store, _layer(name))[:, lo:hi] = full
 
 
 # --------------------------------------------------------------------------------------
@@ -1275,8 +1295,9 @@ def _run(
     large = n_obs > _LARGE_GRAPH_CELLS
     knn = knn_indices(data.obsp[Key.obsp.DISTANCES])
     direct = knn_pattern(knn)
-    # scVelo's velocity graph: the kNN recursed twice (explorer.graph.transition, mode "distances")
-    pattern = neighbor_pattern(direct, n_recurse_neighbors=2)
+    # scVelo's velocity graph scores the kNN recursed twice (explorer.graph.transition, mode
+    # "distances"): the cells two steps of (I + kNN) away, built a pass of cells at a time
+    reach = _reach_step(direct)
 
     root = zarr.open_group(str(tmp), mode="w", zarr_format=_zarr_format())
     root.attrs.update(_ANNDATA_ATTRS)
@@ -1284,8 +1305,11 @@ def _run(
     layers.attrs.update(_DICT_ATTRS)
     scratch = root.create_group(_SCRATCH)
     full_chunks = (cell_chunk, per_task)
+    # a gene wide (see _LAYER_CHUNK_CELLS); Ms/Mu copied from the input by blocks of
+    # cells are chunked by those blocks, so every copy fills whole chunks
+    rows = cell_chunk if data.has_moments else min(n_obs, _LAYER_CHUNK_CELLS)
     for name in (Key.layers.MS, Key.layers.MU, "velocity", "velocity_u", "fit_t"):
-        _create(layers, name, (n_obs, n_vars), full_chunks, np.float32)
+        _create(layers, name, (n_obs, n_vars), (rows, 1), np.float32)
     if data.has_moments:
         copies = ((_layer(Key.layers.MS), _layer(Key.layers.MS)), (_layer(Key.layers.MU), _layer(Key.layers.MU)))
     else:
@@ -1307,7 +1331,7 @@ def _run(
         copies=copies,
         weights=neighbor_weights(conn),
         smoother_weights=lt_mod.neighbor_average_matrix(conn),
-        pattern=pattern,
+        pattern=sparse.csr_matrix((0, n_obs), dtype=np.float32),
         knn=knn,
         connectivities=conn,
         model_batch=model_batch,
@@ -1352,17 +1376,10 @@ def _run(
     plan = _replace(plan, graph_cols=graph_cols)
     runner.set_plan(plan)
     graph_starts = list(range(0, len(graph_cols), per_task))
-    sums = runner.sum("velocity graph", _graph_task, graph_starts)
-    corr = _correlations(sums, pattern, len(graph_cols))
-    for key in ("d", "d2", "dv"):  # the per-edge sums (24 bytes an edge): used up
-        del sums[key]
-    n_edges = int(pattern.nnz)
-    # the edge pattern too (the graph holds the same edges): the later passes do not read it
-    plan = _replace(plan, pattern=sparse.csr_matrix((n_obs, n_obs), dtype=np.float32))
-    runner.set_plan(plan)
-    del pattern
-    graph, graph_neg = split_graph(corr)
-    del corr
+    # Dynamical._latent_time's choice above 20,000 cells: root cells on the direct kNN's edges only
+    mask = neighbor_pattern(direct, n_recurse_neighbors=1) if estimator.latent_time and large else None
+    graph, graph_neg, knn_graphs, sums, n_edges = _velocity_graph(runner, plan, reach, mask, graph_starts)
+    del reach, mask
 
     obs = pd.DataFrame(index=data.obs.index.copy())
     obs[Key.obs.VELOCITY_SELF_TRANSITION] = self_transition_probabilities(graph)
@@ -1379,18 +1396,13 @@ def _run(
     length, confidence = _confidence(sums, knn, len(graph_cols))
     obs[Key.obs.VELOCITY_LENGTH] = np.round(length, 2)
     obs[Key.obs.VELOCITY_CONFIDENCE] = confidence
-    T32 = sparse.csr_matrix(transitions, dtype=np.float32)  # transition_matrix(graph, graph_neg), as T_fwd
-    tsums = runner.sum("confidence", _transition_task, graph_starts, T32)
+    tsums = runner.sum("confidence", _transition_task, graph_starts, transitions)
     obs[Key.obs.VELOCITY_CONFIDENCE_TRANSITION] = _transition_confidence(tsums, len(graph_cols))
 
     # 5. root cells and latent time, then the onsets
     lt, roots_score = None, None
     if estimator.latent_time:
-        pos, neg = graph, graph_neg
-        if large:
-            # Dynamical._latent_time's choice above 20,000 cells: the direct kNN only
-            mask = neighbor_pattern(direct, n_recurse_neighbors=1)
-            pos, neg = graph.multiply(mask).tocsr(), graph_neg.multiply(mask).tocsr()
+        pos, neg = knn_graphs if knn_graphs is not None else (graph, graph_neg)
         T_bwd = transition_matrix(pos, neg, backward=True)
         roots_score = lt_mod.root_cells(
             T_bwd, conn, seed=estimator.seed, n_power_steps=_LARGE_GRAPH_POWER_STEPS if large else None
@@ -1404,7 +1416,7 @@ def _run(
             runner.task_seconds["onsets"] = time.perf_counter() - clock
 
     # 6. full layers, then obs, var, obsm, obsp, uns
-    runner.map("write layers", _expand_task, cell_starts)
+    runner.map("write layers", _expand_task, list(range(0, n_vars, per_task)))
     velocity_genes = np.zeros(n_vars, dtype=bool)
     velocity_genes[cols] = genes_ok
     var = data.var.copy()
@@ -1449,10 +1461,124 @@ def _run(
 
 def _row_blocks(matrix: sparse.csr_matrix, per_block: int) -> list[tuple[int, int]]:
     """Ranges of rows of ``matrix`` holding about ``per_block`` stored entries each."""
-    n = matrix.shape[0]
-    bounds = np.searchsorted(matrix.indptr, np.arange(0, matrix.nnz + per_block, per_block), side="right") - 1
+    return _blocks_of(matrix.indptr, per_block)
+
+
+def _blocks_of(indptr: np.ndarray, per_block: int) -> list[tuple[int, int]]:
+    """Ranges of rows holding about ``per_block`` entries each, given the rows' CSR ``indptr``."""
+    n = len(indptr) - 1
+    bounds = np.searchsorted(indptr, np.arange(0, indptr[-1] + per_block, per_block), side="right") - 1
     bounds = np.unique(np.r_[0, np.clip(bounds, 0, n), n])
     return list(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True))
+
+
+def _reach_step(direct: sparse.csr_matrix) -> sparse.csr_matrix:
+    """``I + kNN`` as a 0/1 float32 pattern: one step of :func:`neighbor_pattern`."""
+    step = sparse.csr_matrix(direct, dtype=np.float32, copy=True)
+    step.data[:] = 1.0
+    step = (step + sparse.identity(step.shape[0], dtype=np.float32, format="csr")).tocsr()
+    step.data[:] = 1.0
+    return step
+
+
+def _pattern_rows(step: sparse.csr_matrix, a: int, b: int) -> sparse.csr_matrix:
+    """Rows ``a:b`` of ``neighbor_pattern(direct, n_recurse_neighbors=2)``, as a ``(b - a, n_obs)`` pattern."""
+    block = sparse.csr_matrix(step[a:b] @ step)
+    rows = np.repeat(np.arange(b - a), np.diff(block.indptr))
+    off = block.indices != rows + a  # the cell itself is not its own neighbour
+    counts = np.bincount(rows[off], minlength=b - a)
+    out = sparse.csr_matrix(
+        (np.ones(int(off.sum()), dtype=np.float32), block.indices[off], np.r_[0, np.cumsum(counts)]),
+        shape=(b - a, step.shape[1]),
+    )
+    out.sort_indices()
+    return out
+
+
+def _graph_passes(step: sparse.csr_matrix, per_pass: int) -> list[tuple[int, int]]:
+    """Blocks of cells whose velocity-graph edges number about ``per_pass`` each (one block if all fit)."""
+    n_obs = step.shape[0]
+    widest = int(np.diff(step.indptr).max(initial=1))
+    if n_obs * widest * widest <= per_pass:  # (I + kNN)^2 bounds the rows' edges
+        return [(0, n_obs)]
+    counts = np.zeros(n_obs, dtype=np.int64)
+    chunk = max(1, per_pass // (4 * widest * widest))  # a counting product of per_pass / 4 entries at most
+    for a in range(0, n_obs, chunk):
+        b = min(a + chunk, n_obs)
+        counts[a:b] = np.diff(sparse.csr_matrix(step[a:b] @ step).indptr) - 1  # less the diagonal
+    return _blocks_of(np.r_[0, np.cumsum(counts)], per_pass)
+
+
+class _RowParts:
+    """Row blocks of a CSR matrix, stacked once at the end with one array's copy alive at a time.
+
+    ``scipy.sparse.vstack`` holds every part and the whole result together (twice the
+    graph); here the parts' data go as the stacked data is made, then their indices.
+    """
+
+    def __init__(self) -> None:
+        self.data: list[np.ndarray] = []
+        self.indices: list[np.ndarray] = []
+        self.counts: list[np.ndarray] = []
+
+    def add(self, block: sparse.csr_matrix, dtype: Any = None) -> None:
+        block = sparse.csr_matrix(block)
+        self.data.append(block.data if dtype is None else block.data.astype(dtype))
+        self.indices.append(block.indices)
+        self.counts.append(np.diff(block.indptr))
+
+    def stack(self, n_cols: int) -> sparse.csr_matrix:
+        counts = np.concatenate(self.counts)
+        data = np.concatenate(self.data)
+        self.data.clear()
+        indices = np.concatenate(self.indices)
+        self.indices.clear()
+        return sparse.csr_matrix((data, indices, np.r_[0, np.cumsum(counts)]), shape=(len(counts), n_cols))
+
+
+def _velocity_graph(
+    runner: _Runner, plan: _Plan, step: sparse.csr_matrix, mask: sparse.csr_matrix | None, starts: list[int]
+) -> tuple[
+    sparse.csr_matrix, sparse.csr_matrix, tuple[sparse.csr_matrix, sparse.csr_matrix] | None, dict[str, np.ndarray], int
+]:
+    """The velocity graph's positive and negative parts from per-edge sums, a pass of cells at a time.
+
+    Each pass builds its cells' rows of the edge pattern, sums every graph-gene block's
+    share of their edges (``_graph_task``), turns the sums into correlations and keeps only
+    the split float32 graph rows (8 bytes an edge): the per-edge sums and the pattern (32
+    bytes an edge) never exist for more than ``_GRAPH_PASS_EDGES`` edges. With ``mask``
+    (the direct kNN) also the graph on its edges only, for the root cells. Returns the two
+    graphs, the masked pair (or ``None``), the per-cell sums and the number of edges scored.
+    """
+    n_obs, n_genes = plan.n_obs, len(plan.graph_cols)
+    parts = [_RowParts() for _ in range(4)]
+    cell_sums: dict[str, list[np.ndarray]] = {"v": [], "v2": [], "knn_dot": []}
+    n_edges, seconds = 0, 0.0
+    passes = _graph_passes(step, _GRAPH_PASS_EDGES)
+    for n, (a, b) in enumerate(passes, 1):
+        pattern = _pattern_rows(step, a, b)
+        n_edges += int(pattern.nnz)
+        runner.set_plan(_replace(plan, pattern=pattern, row0=a))
+        name = "velocity graph" if len(passes) == 1 else f"velocity graph (cells pass {n}/{len(passes)})"
+        sums = runner.sum(name, _graph_task, starts)
+        seconds += runner.task_seconds.pop(name)
+        corr = _correlations(sums, pattern, n_genes)
+        for key, values in cell_sums.items():
+            values.append(sums[key])
+        del sums, pattern
+        pos, neg = split_graph(corr)
+        del corr
+        parts[0].add(pos)
+        parts[1].add(neg)
+        if mask is not None:
+            parts[2].add(pos.multiply(mask[a:b]))
+            parts[3].add(neg.multiply(mask[a:b]))
+    runner.task_seconds["velocity graph"] = seconds
+    runner.set_plan(plan)
+    sums = {key: np.concatenate(values) for key, values in cell_sums.items()}
+    graph, graph_neg = parts[0].stack(n_obs), parts[1].stack(n_obs)
+    knn_graphs = (parts[2].stack(n_obs), parts[3].stack(n_obs)) if mask is not None else None
+    return graph, graph_neg, knn_graphs, sums, n_edges
 
 
 def _rows(matrix: sparse.csr_matrix, a: int, b: int) -> sparse.csr_matrix:
@@ -1470,12 +1596,14 @@ def _transitions(graph: sparse.csr_matrix, graph_neg: sparse.csr_matrix, self_p:
     Each row of it depends on that row of the graphs only (self transition, kernel,
     normalisation) and the self-transition probabilities ``self_p`` (whose percentile spans
     all cells), so the blocks' rows are its rows; its temporaries (five float64 copies of
-    the graph) stay the size of a block.
+    the graph) stay the size of a block. Kept as float32 (8 bytes an edge with its
+    indices; the float64 matrix is 12), the precision the transition confidence used.
     """
-    parts = []
+    parts = _RowParts()
     for a, b in _row_blocks(graph, _BLOCK_ELEMENTS // 4):
-        parts.append(transition_matrix(_rows(graph, a, b), _rows(graph_neg, a, b), self_probabilities=self_p)[a:b])
-    return sparse.vstack(parts, format="csr") if len(parts) > 1 else parts[0]
+        block = transition_matrix(_rows(graph, a, b), _rows(graph_neg, a, b), self_probabilities=self_p)[a:b]
+        parts.add(block, dtype=np.float32)
+    return parts.stack(graph.shape[1])
 
 
 def _project(

@@ -20,6 +20,7 @@ from explorer.cli import main
 from explorer.graph import latent_time as lt_mod
 from explorer.graph.transition import transition_matrix
 from explorer.models.dynamical import Dynamical
+from explorer import stream
 from explorer.pipeline import derive, prepare
 from explorer.stream import _needs_preprocessing, dask_client, fit_streamed, prepare_streamed
 
@@ -54,9 +55,14 @@ def pancreas_subset(shared_data, tmp_path_factory):
     return adata, path
 
 
-def test_streamed_equals_in_memory_on_the_pancreas(pancreas_subset, tmp_path):
+def test_streamed_equals_in_memory_on_the_pancreas(pancreas_subset, tmp_path, monkeypatch):
     adata, path = pancreas_subset
     expected = _in_memory(adata, "pca", PARAMS)
+    # the velocity graph scored in passes over blocks of cells, as at 10^6 cells (here 864,505
+    # edges: five passes of at most 200,000)
+    monkeypatch.setattr(stream, "_GRAPH_PASS_EDGES", 200_000)
+    step = stream._reach_step(stream.knn_pattern(stream.knn_indices(adata.obsp["distances"])))
+    assert len(stream._graph_passes(step, 200_000)) == 5
     summary = fit_streamed(path, tmp_path / "out.zarr", model_params=PARAMS, basis="pca", genes_per_task=24)
     got = ad.read_zarr(summary.out)
     n_fit = int(np.isfinite(expected.var["fit_alpha"]).sum())

@@ -342,6 +342,29 @@ def gene_values(
     return dense_column(adata.layers[Key.layers.MS if what == "Ms" else Key.layers.MU], j)
 
 
+def velocity_gap(adata: AnnData, fit: Fit | VelocityResult | None, j: int) -> str | None:
+    """Why ``fit`` gives gene ``j`` no velocity to draw (plain text, not escaped), or None when it gives one.
+
+    A vector field's velocity covers the genes of its state only (the base model's
+    velocity genes by default): another gene's column is NaN, so the velocity-over-time
+    plot would be empty axes without a word.
+    """
+    if fit is None or np.isfinite(gene_values(adata, "velocity", j, fit)).any():
+        return None
+    gene, result = str(adata.var_names[j]), _result(fit)
+    found = _field_data(adata, fit)
+    if found is not None:
+        genes = np.asarray(found[0].get("genes", np.zeros(0, dtype=str))).astype(str)
+        if len(genes) == 0:
+            return f"no velocity to draw for {gene}: this vector field is over an embedding, not genes"
+        return (
+            f"no velocity to draw for {gene}: it is not among the {len(genes):,} genes of the vector "
+            "field's state (its base model's velocity genes); pick one of those, or fit the field with "
+            "genes=all"
+        )
+    return f"no velocity to draw for {gene}: the {result.model} fit gives it none (not fitted)"
+
+
 def _obs_values(adata: AnnData, key: str) -> np.ndarray | None:
     obs = adata.obs
     return obs[key].to_numpy(np.float32) if key in obs else None

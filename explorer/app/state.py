@@ -911,6 +911,12 @@ class ExplorerState(param.Parameterized):
         with self._batched():
             self.perturbation = found
 
+    def velocity_gap(self) -> str | None:
+        """Why the active fit gives the selected gene no velocity (:func:`.readouts.velocity_gap`)."""
+        if self.adata is None or self.gene is None:
+            return None
+        return readouts.velocity_gap(self.adata, self.fit, self.gene_index)
+
     def time_curve(self, what: Literal["Ms", "Mu", "velocity"]) -> tuple[np.ndarray, np.ndarray, str] | None:
         """``(t, value, kind)``: the selected gene's curve against latent time, or None without latent time.
 

@@ -20,9 +20,9 @@ Lange et al. 2022), step by step:
 4. **Fate probabilities**: with the terminal cells absorbing, the probability
    :math:`B = (I - Q)^{-1} S` that a walk from each transient cell is absorbed in each
    terminal state, by one sparse LU factorisation of :math:`I - Q` and one solve per
-   state, or above :data:`ITERATIVE_ABOVE` transient cells by GMRES preconditioned with
-   an incomplete LU, to a relative residual of :data:`ITERATIVE_RTOL`
-   (:func:`absorption_probabilities`).
+   state, or above :data:`ITERATIVE_ABOVE` transient cells by GMRES (all states at once)
+   preconditioned with an incomplete LU without fill of the cells in flow order, to a
+   relative residual of :data:`ITERATIVE_RTOL` (:func:`absorption_probabilities`).
 5. **Absorption times**: the mean number of steps to absorption, conditioned on the
    state reached, :math:`m_k = ((I - Q)^{-1} B_k) / B_k` (CellRank's ``<state>_mean``)
    (:func:`absorption_times`).
@@ -46,9 +46,11 @@ import numba
 import numpy as np
 import pandas as pd
 from scipy import sparse
-from scipy import stats
+from scipy import linalg, stats
 from scipy.optimize import fmin
+from scipy.sparse import csgraph
 from scipy.sparse import linalg as splinalg
+from threadpoolctl import threadpool_limits
 
 from explorer._types import InputError, report
 from explorer.keys import Key
@@ -76,15 +78,19 @@ ITERATIVE_ABOVE = 30_000
 #: the iterative solve's tolerance: each column's relative residual
 #: ``||(I - Q) x - b|| / ||b||`` (checked on the true residual after GMRES)
 ITERATIVE_RTOL = 1e-10
-#: SuperLU's incomplete LU (ILUTP) as GMRES's preconditioner: drop tolerance and fill cap
-#: (nnz of L + U at most this times nnz of ``I - Q``). At 100k simulated cells: 16.8M
-#: entries, 30-50 GMRES iterations per column, 0.72 GB peak for the whole solve; a finer
-#: ILU (1e-4) costs more to build than it saves in iterations
-_ILU_DROP_TOL = 1e-3
-_ILU_FILL_FACTOR = 5.0
-#: GMRES restart length and the most restart cycles before giving up
-_GMRES_RESTART = 50
-_GMRES_MAXITER = 200
+#: The iterative solve's preconditioner is an incomplete LU without fill (ILU(0), on the
+#: pattern of ``I - Q``) with the cells ordered along the flow (nearest to absorption
+#: first: :func:`_flow_order`). At 100k simulated cells it is built in about 1 CPU-s
+#: (SuperLU's ILUTP with drop tolerance 1e-3, used before, took 40) and GMRES needs 56
+#: iterations per column to 1e-10 (restart 50: 77-85; 94-101 in a random cell order).
+#: GMRES restart length (Krylov vectors kept: 100 x 8 bytes per transient cell and
+#: right-hand side) and the most restart cycles before giving up. At 100k simulated cells
+#: a restart of 50 took 77 iterations to 1e-10, 100 took 56
+_GMRES_RESTART = 100
+_GMRES_MAXITER = 100
+#: at most this many bytes of Krylov vectors (all right-hand sides): fewer vectors kept
+#: (a shorter restart, down to 20) where more would not fit
+_KRYLOV_BYTES = 5e8
 
 Solver = Literal["auto", "direct", "iterative"]
 _SOLVERS = ("auto", "direct", "iterative")
@@ -588,8 +594,8 @@ def state_cells(
 
 def _absorbing_split(
     transitions: sparse.spmatrix, states: np.ndarray
-) -> tuple[sparse.csc_matrix, np.ndarray, np.ndarray, int]:
-    """LU-ready ``I - Q`` and the transient-to-state sums ``S`` (n_transient, n_states)."""
+) -> tuple[sparse.csr_matrix, np.ndarray, np.ndarray, int]:
+    """``I - Q`` (CSR) and the transient-to-state sums ``S`` (n_transient, n_states)."""
     T = _check_transitions(transitions)
     labels = np.asarray(states, dtype=np.int64)
     if labels.shape != (T.shape[0],):
@@ -609,7 +615,7 @@ def _absorbing_split(
         shape=(T.shape[0], n_states),
     )
     S = np.asarray((T[trans] @ onehot).todense())
-    A = sparse.csc_matrix(sparse.identity(trans.size, format="csc") - Q)
+    A = sparse.csr_matrix(sparse.identity(trans.size, format="csr") - Q)
     return A, S, trans, n_states
 
 
@@ -620,24 +626,186 @@ _UNREACHABLE = (
 )
 
 
-def _factor(A: sparse.csc_matrix) -> splinalg.SuperLU:
+def _factor(A: sparse.spmatrix) -> splinalg.SuperLU:
     """Sparse LU of ``I - Q``; singular exactly when some cells can never be absorbed."""
     try:
-        return splinalg.splu(A)
+        return splinalg.splu(sparse.csc_matrix(A))
     except RuntimeError as err:
         msg = f"Some cells reach no terminal state: {_UNREACHABLE}"
         raise InputError(msg) from err
 
 
+def _flow_order(A: sparse.spmatrix) -> np.ndarray:
+    """The transient cells ordered along the flow: those nearest to absorption first.
+
+    A cell's distance is the smallest ``-log`` probability of a path from it out of the
+    transient set (Dijkstra from a virtual exit node over the reversed edges of ``Q``, each
+    edge weighted ``-log Q_ij``, each cell's exit step ``-log s_i`` with ``s = (I - Q) 1``
+    the probability of leaving in one step). In this order the likely steps of a cell go
+    to cells before it, so that an incomplete LU without fill keeps most of the flow.
+    Cells that cannot leave come last.
+    """
+    A = sparse.csr_matrix(A)
+    n = A.shape[0]
+    exit_prob = np.asarray(A.sum(axis=1)).ravel()
+    rows = np.repeat(np.arange(n), np.diff(A.indptr))
+    step = (A.indices != rows) & (A.data < 0)  # the entries -Q_ij of the steps i -> j
+    leaves = np.flatnonzero(exit_prob > 1e-12)
+    # the reversed steps j -> i, and a virtual node n with n -> i for each cell i with an exit
+    reverse = sparse.csr_matrix(
+        (
+            -np.log(np.clip(np.concatenate([-A.data[step], exit_prob[leaves]]), 1e-300, 1.0)),
+            (np.concatenate([A.indices[step], np.full(leaves.size, n)]), np.concatenate([rows[step], leaves])),
+        ),
+        shape=(n + 1, n + 1),
+    )
+    # a zero weight would be read as no edge: certain steps get the smallest positive one
+    reverse.data = np.maximum(reverse.data, np.finfo(np.float64).tiny)
+    dist = csgraph.dijkstra(reverse, directed=True, indices=n)[:n]
+    return np.argsort(dist, kind="stable")
+
+
+@numba.njit(cache=True)
+def _ilu0(indptr, indices, data):  # pragma: no cover
+    """ILU(0) of a CSR matrix with sorted indices: ``L`` (unit diagonal) and ``U`` on its pattern.
+
+    Returns the factors' values on ``data``'s pattern and the position of each diagonal
+    entry; ``ok`` is False at a pivot that is not positive (for ``I - Q``, an M-matrix, the
+    pivots are positive exactly when it is non-singular; Meijerink & van der Vorst 1977).
+    """
+    n = indptr.size - 1
+    lu = data.copy()
+    diag = np.full(n, -1, dtype=np.int64)
+    where = np.full(n, -1, dtype=np.int64)
+    for i in range(n):
+        for p in range(indptr[i], indptr[i + 1]):
+            where[indices[p]] = p
+        for p in range(indptr[i], indptr[i + 1]):
+            k = indices[p]
+            if k >= i:
+                break
+            lu[p] /= lu[diag[k]]
+            for q in range(diag[k] + 1, indptr[k + 1]):
+                r = where[indices[q]]
+                if r >= 0:
+                    lu[r] -= lu[p] * lu[q]
+        for p in range(indptr[i], indptr[i + 1]):
+            where[indices[p]] = -1
+            if indices[p] == i:
+                diag[i] = p
+        if diag[i] < 0 or not lu[diag[i]] > 0.0:
+            return lu, diag, False
+    return lu, diag, True
+
+
+@numba.njit(cache=True)
+def _ilu0_solve(indptr, indices, lu, diag, b):  # pragma: no cover
+    """``(LU)^{-1} b`` for the factors of :func:`_ilu0`, ``b`` of shape ``(n, k)``.
+
+    All ``k`` columns in one pass over the factors (the solve is bound by reading them).
+    """
+    n, k = b.shape
+    x = b.copy()
+    for i in range(n):
+        for p in range(indptr[i], diag[i]):
+            v, j = lu[p], indices[p]
+            for c in range(k):
+                x[i, c] -= v * x[j, c]
+    for i in range(n - 1, -1, -1):
+        for p in range(diag[i] + 1, indptr[i + 1]):
+            v, j = lu[p], indices[p]
+            for c in range(k):
+                x[i, c] -= v * x[j, c]
+        d = lu[diag[i]]
+        for c in range(k):
+            x[i, c] /= d
+    return x
+
+
+def _gmres(
+    A: sparse.csr_matrix, precondition, B: np.ndarray, *, tol: float, restart: int, maxiter: int
+) -> tuple[np.ndarray, np.ndarray]:
+    r"""Right-preconditioned restarted GMRES for all columns of ``B`` at once (Saad & Schultz 1986).
+
+    Each column has its own Krylov space; the products with ``A`` and the preconditioner
+    are taken for all columns together. With right preconditioning the residual GMRES
+    minimises is the true one, :math:`\|B_k - A X_k\|`; a column stops once it is at most
+    ``tol`` times :math:`\|B_k\|` (classical Gram-Schmidt, applied twice).
+
+    Returns
+    -------
+    ``(X, relative_residuals)``, ``(n, k)`` and ``(k,)``, the residuals recomputed at the end.
+    """
+    n = B.shape[0]
+    X = np.zeros(B.shape)
+    b_norm = np.linalg.norm(B, axis=0)
+    target = tol * b_norm
+    R = B.copy()
+    for _ in range(maxiter):
+        beta = np.linalg.norm(R, axis=0)
+        active = np.flatnonzero(beta > target)
+        if active.size == 0:
+            break
+        m = active.size
+        V = np.zeros((m, restart + 1, n))
+        V[:, 0] = (R[:, active] / beta[active]).T
+        H = np.zeros((m, restart + 1, restart))
+        cs, sn = np.zeros((m, restart)), np.zeros((m, restart))
+        g = np.zeros((m, restart + 1))
+        g[:, 0] = beta[active]
+        steps = np.full(m, restart)
+        running = np.ones(m, dtype=bool)
+        for j in range(restart):
+            W = A @ precondition(V[:, j].T)
+            for c in range(m):
+                basis, w = V[c, : j + 1], W[:, c]
+                h = basis @ w
+                w -= basis.T @ h
+                h2 = basis @ w
+                w -= basis.T @ h2
+                H[c, : j + 1, j] = h + h2
+                H[c, j + 1, j] = np.linalg.norm(w)
+                if H[c, j + 1, j] > 0:
+                    V[c, j + 1] = w / H[c, j + 1, j]
+                for i in range(j):
+                    a, b = H[c, i, j], H[c, i + 1, j]
+                    H[c, i, j], H[c, i + 1, j] = cs[c, i] * a + sn[c, i] * b, -sn[c, i] * a + cs[c, i] * b
+                a, b = H[c, j, j], H[c, j + 1, j]
+                r = np.hypot(a, b)
+                cs[c, j], sn[c, j] = (a / r, b / r) if r > 0 else (1.0, 0.0)
+                H[c, j, j], H[c, j + 1, j] = r, 0.0
+                g[c, j + 1] = -sn[c, j] * g[c, j]
+                g[c, j] *= cs[c, j]
+                if running[c] and (abs(g[c, j + 1]) <= target[active[c]] or H[c, j, j] == 0):
+                    running[c] = False
+                    steps[c] = j + 1
+            if not running.any():
+                break
+        update = np.zeros((n, m))
+        for c in range(m):
+            j = steps[c]
+            diagonal = np.diag(H[c, :j, :j])
+            j = int(np.argmax(diagonal == 0)) if (diagonal == 0).any() else j
+            if j:
+                y = linalg.solve_triangular(H[c, :j, :j], g[c, :j])
+                update[:, c] = V[c, :j].T @ y
+        X[:, active] += precondition(update)
+        R = B - A @ X
+    residuals = np.linalg.norm(R, axis=0) / np.where(b_norm > 0, b_norm, 1.0)
+    return X, residuals
+
+
 class _LinearSolver:
-    """``(I - Q)^{-1} B`` column by column, by SuperLU or by GMRES with an incomplete-LU preconditioner.
+    """``(I - Q)^{-1} B``, by SuperLU or by GMRES (all columns at once) with an incomplete-LU preconditioner.
 
     ``solver="auto"`` factorises exactly up to :data:`ITERATIVE_ABOVE` unknowns and solves
     iteratively above (CellRank solves these systems by GMRES too, preconditioned when it has
     PETSc). Built once, it serves several right-hand sides (fates, then absorption times).
+    The iterative solve works on the cells in flow order (:func:`_flow_order`) with an
+    ILU(0) preconditioner (:func:`_ilu0`).
     """
 
-    def __init__(self, A: sparse.csc_matrix, *, solver: Solver = "auto", tol: float = ITERATIVE_RTOL) -> None:
+    def __init__(self, A: sparse.spmatrix, *, solver: Solver = "auto", tol: float = ITERATIVE_RTOL) -> None:
         if solver not in _SOLVERS:
             msg = f"Invalid option {solver!r} for `solver`. Valid options are: {list(_SOLVERS)}."
             raise ValueError(msg)
@@ -648,58 +816,56 @@ class _LinearSolver:
             solver = "iterative" if A.shape[0] > ITERATIVE_ABOVE else "direct"
         self.method = solver
         self.tol = tol
-        self._A = A
         if solver == "direct":
             self._lu = _factor(A)
             return
-        try:
-            ilu = splinalg.spilu(A, drop_tol=_ILU_DROP_TOL, fill_factor=_ILU_FILL_FACTOR)
-        except RuntimeError as err:
+        A = sparse.csr_matrix(A)
+        self._order = _flow_order(A)
+        A = A[self._order][:, self._order]
+        A.sort_indices()
+        self._A = A
+        indptr, indices = A.indptr, A.indices
+        lu, diag, ok = _ilu0(indptr, indices, A.data)
+        if not ok:
             msg = f"Some cells reach no terminal state: {_UNREACHABLE}"
-            raise InputError(msg) from err
-        self._M = splinalg.LinearOperator(A.shape, ilu.solve, dtype=np.float64)
+            raise InputError(msg)
+        self._precondition = lambda b: _ilu0_solve(indptr, indices, lu, diag, np.ascontiguousarray(b))
 
     @property
     def description(self) -> str:
         """How the systems are solved, for ``uns['fwd_estimator_params']``."""
         if self.method == "direct":
             return "direct (SuperLU)"
-        return f"iterative (GMRES + incomplete LU, relative residual <= {self.tol:g})"
+        return f"iterative (GMRES + ILU(0) in flow order, relative residual <= {self.tol:g})"
+
+    def _restart(self, n_columns: int) -> int:
+        """GMRES's restart length: :data:`_GMRES_RESTART`, fewer where the Krylov vectors would pass 0.5 GB."""
+        fits = int(_KRYLOV_BYTES // (8 * self._A.shape[0] * n_columns))
+        return int(np.clip(fits, 20, _GMRES_RESTART))
 
     def solve(self, B: np.ndarray) -> np.ndarray:
         """``(I - Q)^{-1} B`` for ``B`` of shape ``(n, k)`` or ``(n,)``."""
         B = np.asarray(B, dtype=np.float64)
         if self.method == "direct":
             return self._lu.solve(B)
-        cols = B.reshape(B.shape[0], -1)
-        X = np.zeros_like(cols)
-        for j in range(cols.shape[1]):
-            X[:, j] = self._gmres(cols[:, j])
-        return X.reshape(B.shape)
-
-    def _gmres(self, b: np.ndarray) -> np.ndarray:
-        norm = np.linalg.norm(b)
-        if norm == 0:
-            return np.zeros_like(b)
-        x, _ = splinalg.gmres(
-            self._A, b, M=self._M, rtol=self.tol, atol=0.0, restart=_GMRES_RESTART, maxiter=_GMRES_MAXITER
-        )
-        # GMRES stops on the preconditioned residual; the tolerance is on the true one
-        residual = np.linalg.norm(self._A @ x - b) / norm
-        if residual > self.tol:
-            x, _ = splinalg.gmres(
-                self._A, b, x0=x, M=self._M, rtol=self.tol * 0.1, atol=0.0, restart=_GMRES_RESTART,
+        cols = B.reshape(B.shape[0], -1)[self._order]
+        # GMRES's vector operations are short BLAS calls: threads only add overhead (and
+        # busy-waiting CPU time on a loaded machine)
+        with threadpool_limits(limits=1, user_api="blas"):
+            X, residuals = _gmres(
+                self._A, self._precondition, cols, tol=self.tol, restart=self._restart(cols.shape[1]),
                 maxiter=_GMRES_MAXITER,
             )
-            residual = np.linalg.norm(self._A @ x - b) / norm
-        if residual > self.tol:
+        if (residuals > self.tol).any():
             msg = (
-                f"The iterative solve of I - Q stopped at a relative residual of {residual:.2g}, above the "
-                f"tolerance {self.tol:g}. Either {_UNREACHABLE} Or pass "
+                f"The iterative solve of I - Q stopped at a relative residual of {residuals.max():.2g}, above "
+                f"the tolerance {self.tol:g}. Either {_UNREACHABLE} Or pass "
                 "solver='direct' (exact, but its memory grows fast with the cells) or a larger `tol`."
             )
             raise InputError(msg)
-        return x
+        out = np.empty_like(X)
+        out[self._order] = X
+        return out.reshape(B.shape)
 
 
 def _absorption(
@@ -747,7 +913,7 @@ def absorption_probabilities(
         transient cells. Terminal cells are made absorbing: their rows are ignored.
     solver
         ``"direct"``: one sparse LU factorisation (SuperLU); ``"iterative"``: GMRES
-        preconditioned by an incomplete LU; ``"auto"``: direct up to
+        preconditioned by an incomplete LU without fill, cells in flow order; ``"auto"``: direct up to
         :data:`ITERATIVE_ABOVE` transient cells, iterative above.
     tol
         Iterative solve: each column's relative residual ``||(I - Q) x - b|| / ||b||`` is

@@ -52,6 +52,13 @@ logger = logging.getLogger(__name__)
 SHARED_TIME_PERCENTILES: tuple[float, ...] = (15, 20, 25, 30, 35)
 #: eigenvalues within this of 1 count as stationary (scVelo's ``eigs(eps=1e-3)``)
 _EIG_EPS = 1e-3
+#: relative accuracy of the eigen solve. scVelo solves to machine precision; on the
+#: pancreas (six eigenvalues at exactly 1, two more above 1 - 1e-3) 1e-6 takes 271
+#: matrix products instead of 1,349 (0.31 s of CPU instead of 1.13 s), and the latent time's
+#: Spearman correlation with scVelo's is 0.9845 (0.9855 at machine precision). With
+#: eigenvalue 1 repeated, the solver returns an arbitrary basis of its eigenspace at
+#: any accuracy (a larger Krylov space changes 10-20% of the root cells too)
+_EIG_TOL = 1e-6
 #: root-cell scores above this are root cells (scVelo's ``1 - 1e-3`` threshold)
 _ROOT_THRESHOLD = 1 - 1e-3
 #: scVelo averages the latent time over this many root cells
@@ -103,7 +110,9 @@ def root_cells(
     seed
         Seeds the start vector of the eigen solver.
     n_power_steps
-        ``None``: scVelo's eigen solve (ARPACK to machine precision). Its eigenvalues near
+        ``None``: scVelo's eigen solve (ARPACK; here to a relative accuracy of 1e-6,
+        where scVelo's machine precision takes about 5x the matrix products on the
+        pancreas for a latent time as close to scVelo's). Its eigenvalues near
         1 cluster tighter as cells are added, and the Arnoldi restarts grow with them
         (18,000 restarts, 280 s, at 100,000 cells even with a 1e-6 tolerance). An
         integer: instead push a uniform distribution through the backward chain this
@@ -128,7 +137,7 @@ def root_cells(
         k = min(n_eigs, n - 2)
         rng = np.random.default_rng(seed)
         v0 = rng.random(n)
-        vals, vecs = splinalg.eigs(T.T, k=k, which="LR", v0=v0)
+        vals, vecs = splinalg.eigs(T.T, k=k, which="LR", v0=v0, tol=_EIG_TOL)
         order = np.argsort(vals.real)[::-1]
         vals, vecs = vals.real[order], np.abs(vecs.real[:, order])
         keep = vals >= 1 - _EIG_EPS

@@ -576,7 +576,10 @@ def _less(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     The same numbers as ``(a < b).to(a.dtype)``, written straight into a float tensor:
     the bool-to-float cast costs about five times the comparison itself on CPU.
     """
-    out = torch.empty(torch.broadcast_shapes(a.shape, b.shape), dtype=a.dtype, device=a.device)
+    # numpy's broadcast_shapes: torch's imports torch.fx's symbolic shapes and with them
+    # sympy, 0.4 s of CPU (1 s of wall) of the command's start-up for this one shape
+    shape = np.broadcast_shapes(tuple(a.shape), tuple(b.shape))
+    out = torch.empty(shape, dtype=a.dtype, device=a.device)
     return torch.lt(a, b, out=out)
 
 

@@ -14,7 +14,8 @@ The maths is that of the torch code it replaces (and is tested against it):
 exponentials per evaluation instead of five transcendental calls, each in plain
 arithmetic (:func:`_exp_neg`) so that the loss's loop over cells vectorises; the
 projection is :func:`explorer.models._em._project_branch` (both analytic inversions,
-the better one, then Gauss-Newton steps kept only where they help). Compiled once and
+the better one, then Gauss-Newton steps kept only where they help), with the logarithm
+also in plain arithmetic (:func:`_log_unit`) so that every loop vectorises. Compiled once and
 cached on disk (``cache=True``: next to the source, or under ``NUMBA_CACHE_DIR``), so a
 command pays the compilation only after this file changes.
 """
@@ -63,6 +64,41 @@ def _exp_neg(x):  # pragma: no cover - compiled
     p = p * p
     p = p * p
     return p * p
+
+
+@numba.njit(inline="always", fastmath=True, cache=True)
+def _log_unit(x):  # pragma: no cover - compiled
+    """``log(x)`` for ``2^-31 <= x <= 1`` in plain arithmetic, so that loops over cells vectorise.
+
+    ``x`` is scaled by powers of two into ``[sqrt(1/2), sqrt(2))`` (selections, no
+    branch), then ``log(x) = 2 atanh((x - 1) / (x + 1))`` by its series to the 23rd power
+    (``|z| < 0.172``: truncation below 1e-17): within 1e-14 of libm's ``log`` (tested).
+    The time inversion's ratios are clipped to ``[1e-6, 1 - 1e-6]``, inside that range.
+    """
+    e = 0.0
+    small = x < 1.0 / 65536.0
+    x = x * 65536.0 if small else x
+    e = e - 16.0 if small else e
+    small = x < 1.0 / 256.0
+    x = x * 256.0 if small else x
+    e = e - 8.0 if small else e
+    small = x < 1.0 / 16.0
+    x = x * 16.0 if small else x
+    e = e - 4.0 if small else e
+    small = x < 0.25
+    x = x * 4.0 if small else x
+    e = e - 2.0 if small else e
+    small = x < 0.5
+    x = x * 2.0 if small else x
+    e = e - 1.0 if small else e
+    small = x < 0.7071067811865476
+    x = x * 2.0 if small else x
+    e = e - 1.0 if small else e
+    z = (x - 1.0) / (x + 1.0)
+    z2 = z * z
+    p = 1.0 + z2 * (1.0 / 3 + z2 * (1.0 / 5 + z2 * (1.0 / 7 + z2 * (1.0 / 9 + z2 * (1.0 / 11 + z2 * (
+        1.0 / 13 + z2 * (1.0 / 15 + z2 * (1.0 / 17 + z2 * (1.0 / 19 + z2 * (1.0 / 21 + z2 / 23))))))))))
+    return e * 0.6931471805599453 + 2.0 * z * p
 
 
 @numba.njit(inline="always", fastmath=True, cache=True)
@@ -149,17 +185,23 @@ def _distance(u, s, ut, st, sc, std_u, std_s):  # pragma: no cover - compiled
     return du * du + ds * ds
 
 
-@numba.njit(fastmath=_NO_CONTRACT, cache=True)
+@numba.njit(fastmath=_NO_CONTRACT, error_model="numpy", cache=True)
 def _project_row(
-    u, s, sc, std_u, std_s, u0, s0, alpha, beta, gamma, tau_max, n_newton, out
+    u, s, sc, std_u, std_s, u0, s0, alpha, beta, gamma, tau_max, n_newton, t_o, d_o, ut_o, st_o, tb_o
 ):  # pragma: no cover - compiled
-    """``_em._project_branch`` for one gene's cells: ``out[:, 0]`` the time, ``out[:, 1]`` the distance.
+    """``_em._project_branch`` for one gene's cells: the time in ``t_o``, the distance in ``d_o``.
 
-    ``out`` is ``(n_cells, 5)``: columns 2-3 keep the curve point and 4 the second
-    inversion. Both analytic inversions (libm's ``log``, one loop), the better one, then
-    ``n_newton`` Gauss-Newton passes, each a loop over the cells without branches that
-    writes one array. (LLVM does not vectorise these loops, measured: the E-step gains
-    1.2-1.4x over torch, the loss's vectorised loop 3x.)
+    ``ut_o``, ``st_o`` keep the curve point and ``tb_o`` the second inversion: all
+    ``(n_cells,)`` float64 arrays of their own. Both analytic inversions, the better one,
+    then ``n_newton`` Gauss-Newton passes, each a loop over the cells without branches.
+    Every loop vectorises (LLVM, AVX2 here), which took three things, each measured
+    necessary: separate output arrays (the rows of one ``(5, n_cells)`` array, or its
+    columns as before, are "unsafe dependent memory operations" to LLVM, which cannot
+    prove that they do not overlap), numpy's error model (Python's raises on a division
+    by zero, a branch out of the Gauss-Newton loop) and the logarithm in plain arithmetic
+    (:func:`_log_unit`, as the exponential). 3-4x less CPU per E-step than the loops over
+    interleaved columns with libm's ``log`` (0.12 s -> 0.035 s, 328 genes x 1,000 cells,
+    one thread), with the same times, states and distances on that test bit for bit.
     """
     n = u.shape[0]
     uinf = alpha / beta
@@ -177,32 +219,32 @@ def _project_row(
     for j in range(n):
         us = u[j] / sc
         ratio_u = min(max((us - uinf) / den_u, _LOG_EPS), 1 - _LOG_EPS)
-        out[j, 0] = min(max(-math.log(ratio_u) / beta, 0.0), tau_max)
+        t_o[j] = min(max(-_log_unit(ratio_u) / beta, 0.0), tau_max)
         ratio_s = min(max((s[j] - beta_ * us - xinf) / den_s, _LOG_EPS), 1 - _LOG_EPS)
-        out[j, 4] = min(max(-math.log(ratio_s) / gamma, 0.0), tau_max)
+        tb_o[j] = min(max(-_log_unit(ratio_s) / gamma, 0.0), tau_max)
     for j in range(n):
         uj = np.float64(u[j])
         sj = np.float64(s[j])
-        ta = out[j, 0]
-        tb = out[j, 4]
+        ta = t_o[j]
+        tb = tb_o[j]
         ua, sa = _solution(ta, u0, s0, alpha, beta, gamma)
         da = _distance(uj, sj, ua, sa, sc, std_u, std_s)
         ub, sb = _solution(tb, u0, s0, alpha, beta, gamma)
         db = _distance(uj, sj, ub, sb, sc, std_u, std_s)
         better = db < da
-        out[j, 0] = tb if better else ta
-        out[j, 1] = db if better else da
-        out[j, 2] = ub if better else ua
-        out[j, 3] = sb if better else sa
+        t_o[j] = tb if better else ta
+        d_o[j] = db if better else da
+        ut_o[j] = ub if better else ua
+        st_o[j] = sb if better else sa
     su = std_u / sc
     for _ in range(n_newton):
         for j in range(n):
             uj = np.float64(u[j])
             sj = np.float64(s[j])
-            tau = out[j, 0]
-            d = out[j, 1]
-            ut = out[j, 2]
-            st = out[j, 3]
+            tau = t_o[j]
+            d = d_o[j]
+            ut = ut_o[j]
+            st = st_o[j]
             ru = (ut - uj / sc) / su
             rs = (st - sj) / std_s
             ju = (alpha - beta * ut) / su
@@ -212,13 +254,13 @@ def _project_row(
             un, sn = _solution(new, u0, s0, alpha, beta, gamma)
             dn = _distance(uj, sj, un, sn, sc, std_u, std_s)
             better = dn < d
-            out[j, 0] = new if better else tau
-            out[j, 1] = dn if better else d
-            out[j, 2] = un if better else ut
-            out[j, 3] = sn if better else st
+            t_o[j] = new if better else tau
+            d_o[j] = dn if better else d
+            ut_o[j] = un if better else ut
+            st_o[j] = sn if better else st
 
 
-@numba.njit(parallel=True, fastmath=_NO_CONTRACT, cache=True)
+@numba.njit(parallel=True, fastmath=_NO_CONTRACT, error_model="numpy", cache=True)
 def assign_states(
     u, s, std_u, std_s, alpha, beta, gamma, t_, scaling, t_on, n_newton, t_prev, use_prev, dists, times
 ):  # pragma: no cover - compiled
@@ -244,33 +286,38 @@ def assign_states(
         start = ts - dur
         u0_, s0_ = _solution(dur, 0.0, 0.0, a, b, c)
         ug, sg = u[g], s[g]
-        ind = np.empty((n_cells, 5))
-        rep = np.empty((n_cells, 5))
-        _project_row(ug, sg, sc, sdu, sds, 0.0, 0.0, a, b, c, dur, n_newton, ind)
+        # one array per quantity (see _project_row); w0-w2 are scratch, then the choices
+        t_ind, d_ind_row = np.empty(n_cells), np.empty(n_cells)
+        t_rep, d_rep = np.empty(n_cells), np.empty(n_cells)
+        w0, w1, w2 = np.empty(n_cells), np.empty(n_cells), np.empty(n_cells)
+        _project_row(ug, sg, sc, sdu, sds, 0.0, 0.0, a, b, c, dur, n_newton, t_ind, d_ind_row, w0, w1, w2)
         tau_max_rep = _LOG_1E4 / max(min(b, c), _TINY)
-        _project_row(ug, sg, sc, sdu, sds, u0_, s0_, 0.0, b, c, tau_max_rep, n_newton, rep)
+        _project_row(
+            ug, sg, sc, sdu, sds, u0_, s0_, 0.0, b, c, tau_max_rep, n_newton, t_rep, d_rep, w0, w1, w2
+        )
         if keep_all:
             for j in range(n_cells):
                 uj = np.float64(ug[j])
                 sj = np.float64(sg[j])
-                dists[0, g, j] = rep[j, 1]
-                dists[1, g, j] = ind[j, 1]
+                dists[0, g, j] = d_rep[j]
+                dists[1, g, j] = d_ind_row[j]
                 dists[2, g, j] = _distance(uj, sj, 0.0, 0.0, 1.0, sdu, sds)
                 dists[3, g, j] = _distance(uj, sj, u0_, s0_, sc, sdu, sds)
-                times[0, g, j] = ts + rep[j, 0]
-                times[1, g, j] = ton + ind[j, 0]
+                times[0, g, j] = ts + t_rep[j]
+                times[1, g, j] = ton + t_ind[j]
             continue
-        # choices in float64 (t, dist, state) in rep's spare columns, one array written per pass
+        # choices in float64 (t, dist, state) in the scratch arrays, one written per pass
+        t_best, d_best, s_best = w0, w1, w2
         for j in range(n_cells):
             uj = np.float64(ug[j])
             sj = np.float64(sg[j])
             d_off = _distance(uj, sj, 0.0, 0.0, 1.0, sdu, sds)
             d_on = _distance(uj, sj, u0_, s0_, sc, sdu, sds)
-            state, t, d = 0.0, ts + rep[j, 0], rep[j, 1]
-            d_ind = ind[j, 1]
+            state, t, d = 0.0, ts + t_rep[j], d_rep[j]
+            d_ind = d_ind_row[j]
             better = d_ind < d
             state = 1.0 if better else state
-            t = ton + ind[j, 0] if better else t
+            t = ton + t_ind[j] if better else t
             d = d_ind if better else d
             better = d_off < d
             state = 2.0 if better else state
@@ -280,9 +327,9 @@ def assign_states(
             state = 3.0 if better else state
             t = ts if better else t
             d = d_on if better else d
-            rep[j, 2] = t
-            rep[j, 3] = d
-            rep[j, 4] = state
+            t_best[j] = t
+            d_best[j] = d
+            s_best[j] = state
         if use_prev:
             tpg = t_prev[g]
             for j in range(n_cells):
@@ -293,12 +340,12 @@ def assign_states(
                     tau, 0.0 if before else u0_, 0.0 if before else s0_, a if before else 0.0, b, c
                 )
                 d_prev = _distance(np.float64(ug[j]), np.float64(sg[j]), ut, st, sc, sdu, sds)
-                better = d_prev < rep[j, 3]
-                rep[j, 2] = tp if better else rep[j, 2]
-                rep[j, 4] = (1.0 if before else 0.0) if better else rep[j, 4]
-                rep[j, 3] = d_prev if better else rep[j, 3]
+                better = d_prev < d_best[j]
+                t_best[j] = tp if better else t_best[j]
+                s_best[j] = (1.0 if before else 0.0) if better else s_best[j]
+                d_best[j] = d_prev if better else d_best[j]
         for j in range(n_cells):
-            t_out[g, j] = rep[j, 2]
-            dist_out[g, j] = rep[j, 3]
-            state_out[g, j] = np.int8(rep[j, 4])
+            t_out[g, j] = t_best[j]
+            dist_out[g, j] = d_best[j]
+            state_out[g, j] = np.int8(s_best[j])
     return t_out, state_out, dist_out

@@ -182,8 +182,13 @@ class VAEModule(nn.Module):
             return torch.ones(n, self.log_alpha.shape[0], device=self.log_alpha.device)
         return torch.sigmoid(self.rho_head(self.decoder(c)))
 
-    def decode(self, t: torch.Tensor, c: torch.Tensor | None, x0: InitialState | None = None) -> Decoded:
+    def decode(
+        self, t: torch.Tensor, c: torch.Tensor | None, x0: InitialState | None = None, *, rho: torch.Tensor | None = None
+    ) -> Decoded:
         """Solve every gene's ODE at each cell's time ``t`` ``(n, 1)`` and state ``c``.
+
+        ``rho``, when given, is :meth:`rho` of ``c`` already computed (a caller that
+        decodes the same cells at many times needs the decoder network once).
 
         Without ``x0`` (stage 1) each gene is off until ``t_on``, induced with rate
         ``rho alpha`` until ``t_off`` and repressed after it, from ``(0, 0)``
@@ -192,7 +197,8 @@ class VAEModule(nn.Module):
         force at ``t`` (``rho alpha`` between ``t_on`` and ``t_off``, else 0).
         """
         alpha, beta, gamma, scaling = self.rates()
-        rho = self.rho(c, t.shape[0])
+        if rho is None:
+            rho = self.rho(c, t.shape[0])
         a = rho * alpha
         if x0 is None:
             u, s = kinetics.trajectory(t, self.t_off, a, beta, gamma, t_on=self.t_on, xp=torch)

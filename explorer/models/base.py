@@ -221,7 +221,8 @@ class VelocityResult:
         :attr:`layers`), every column of :attr:`gene_params` in ``var``,
         ``var['velocity_genes']``, ``obs['latent_time']`` and
         ``obs['velocity_uncertainty']`` when present, the columns of :attr:`obs`, the
-        arrays of :attr:`obsm`, and ``uns['velocity_params']`` (``mode``, ``model``, ``params``, ``explorer_version``).
+        arrays of :attr:`obsm` (and removes an earlier fit's ``layers['velocity_variance']``
+        when this fit has none), and ``uns['velocity_params']`` (``mode``, ``model``, ``params``, ``explorer_version``).
         """
         if not adata.obs_names.equals(self.obs_names) or not adata.var_names.equals(self.var_names):
             msg = (
@@ -235,6 +236,9 @@ class VelocityResult:
             adata.layers[Key.layers.VELOCITY_U] = self.velocity_u
         for key, arr in self.layers.items():
             adata.layers[key] = arr
+        if Key.layers.VELOCITY_VARIANCE not in self.layers:
+            # an earlier fit's velocity variance would pair with this fit's velocity in the fates kernel
+            adata.layers.pop(Key.layers.VELOCITY_VARIANCE, None)
         for col in self.gene_params.columns:
             adata.var[col] = self.gene_params[col].to_numpy()
         adata.var[Key.var.VELOCITY_GENES] = np.asarray(self.velocity_genes, dtype=bool)
@@ -269,7 +273,7 @@ class VelocityResult:
         stored (float32 as written); parameters get back the Python types
         :meth:`to_adata` had to change for h5ad (``"None"`` -> None, arrays -> tuples).
         Per-cell layers read back: ``fit_t``, ``predicted_u``/``predicted_s`` and
-        ``rate_alpha``/``rate_beta``/``rate_gamma``.
+        ``rate_alpha``/``rate_beta``/``rate_gamma``, ``rho`` and ``velocity_variance``.
 
         Parameters
         ----------
@@ -307,6 +311,9 @@ class VelocityResult:
             if key not in adata.layers:
                 return None
             arr = adata.layers[key]
+            if type(arr).__module__.startswith("dask"):
+                # a store opened lazily (explorer.data.io.read_zarr_lazy): read a gene's chunks when asked
+                return arr
             return np.asarray(arr.toarray() if hasattr(arr, "toarray") else arr)
 
         # the model's own columns: scVelo's velocity_* (steady state) and fit_* (dynamical) names
@@ -324,7 +331,7 @@ class VelocityResult:
         genes = (
             adata.var[Key.var.VELOCITY_GENES].to_numpy(dtype=bool)
             if Key.var.VELOCITY_GENES in adata.var
-            else np.isfinite(velocity).all(axis=0)
+            else np.asarray(np.isfinite(velocity).all(axis=0))  # computed chunk by chunk when lazy
         )
         obs_cols = [
             c
@@ -347,6 +354,7 @@ class VelocityResult:
             Key.layers.RATE_BETA,
             Key.layers.RATE_GAMMA,
             Key.layers.RHO,
+            Key.layers.VELOCITY_VARIANCE,
         )
         layers = {key: arr for key in per_cell_layers if (arr := dense(key)) is not None}
         obsm = {

@@ -170,11 +170,20 @@ def _dense32(matrix: Any) -> np.ndarray:
 
 
 class _Smoother:
-    """Average ``(n_genes, n_cells)`` tensors over each cell's neighbours (scVelo's connectivities)."""
+    """Average ``(n_genes, n_cells)`` tensors over each cell's neighbours (scVelo's connectivities).
+
+    On the CPU through scipy's CSR product on the tensors' numpy views: building torch's
+    sparse tensor (its invariant check and coalescing) cost more than the products.
+    """
 
     def __init__(self, weights: sparse.csr_matrix, device: torch.device) -> None:
         import torch
 
+        self.csr: sparse.csr_matrix | None = None
+        self.matrix: torch.Tensor | None = None
+        if device.type == "cpu":
+            self.csr = sparse.csr_matrix(weights, dtype=np.float32)
+            return
         coo = weights.tocoo()
         idx = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64))
         self.matrix = (
@@ -188,6 +197,8 @@ class _Smoother:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         import torch
 
+        if self.csr is not None:
+            return torch.from_numpy(np.ascontiguousarray((self.csr @ x.numpy().T).T))
         return torch.sparse.mm(self.matrix, x.T.contiguous()).T
 
 

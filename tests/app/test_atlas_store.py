@@ -16,9 +16,10 @@ import pytest
 import zarr
 
 from explorer.app.files import list_datasets
-from explorer.app.fits import load_dataset
+from explorer.app.fits import fit_from_adata, load_dataset
 from explorer.app.readouts import dense_column
 from explorer.keys import Key
+from explorer.models.steady_state import SteadyState
 from tests.app.conftest import ARTIFACTS, BROWSER_ARGS, BROWSER_MARKS, CHROMIUM, running_server
 
 pytestmark = pytest.mark.filterwarnings("ignore:Writing zarr v2 data:UserWarning")
@@ -55,6 +56,21 @@ def test_a_zarr_store_opens_with_its_layers_on_disk(atlas_dir, app_adata):
     # one gene's column, as the phase portrait reads it: the stored values
     np.testing.assert_array_equal(dense_column(ms, 7), app_adata.layers[Key.layers.MS][:, 7])
     np.testing.assert_array_equal(adata.obsm[Key.obsm.UMAP], app_adata.obsm[Key.obsm.UMAP])
+
+
+def test_a_fit_in_a_store_is_read_per_gene(app_adata, tmp_path):
+    """The app's fit from a store keeps velocity and fit_t on disk; a gene's column is the stored one."""
+    fitted = app_adata.copy()
+    result = SteadyState().fit(fitted)
+    result.to_adata(fitted)
+    fitted.layers[Key.layers.FIT_T] = np.tile(fitted.obs[Key.obs.TRUE_T].to_numpy(np.float32)[:, None], (1, fitted.n_vars))
+    fitted.write_zarr(tmp_path / STORE)
+    fit = fit_from_adata(load_dataset(tmp_path / STORE))
+    for arr in (fit.result.velocity, fit.result.layers[Key.layers.FIT_T]):
+        assert isinstance(arr, da.Array)  # not read when the fit is taken
+    j = int(np.flatnonzero(result.velocity_genes)[0])
+    np.testing.assert_array_equal(dense_column(fit.result.velocity, j), result.velocity[:, j].astype(np.float32))
+    np.testing.assert_array_equal(dense_column(fit.result.layers[Key.layers.FIT_T], j), fitted.layers[Key.layers.FIT_T][:, j])
 
 
 @pytest.mark.e2e

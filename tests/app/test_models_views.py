@@ -19,6 +19,7 @@ from bokeh.document import Document
 from panel.io.state import set_curdoc
 
 from explorer.app import readouts
+from explorer.app.escape import markdown_text
 from explorer.app.fits import with_fit
 from explorer.app.main import create_app
 from explorer.app.plots import WALK_COLOR
@@ -229,14 +230,14 @@ def test_rates_intervals_reconstruction_walks_fates_and_metrics(app):
     assert len(state.streamlines()) > 0
 
 
-def test_a_vector_field_on_its_base_draws_paths_and_perturbs(app):
+def test_a_vector_field_on_its_base_draws_paths_and_perturbs(app, monkeypatch):
     """vector_field learns from the session's own base fit; a click draws its path, the panel perturbs."""
     state, views = app.state, app.views
     assert state.run_model("stochastic").join(120), state.error
     base = state.fit
     statuses: list[str] = []
     state.param.watch(lambda e: statuses.append(e.new), ["status"])
-    params = {"n_pcs": 5, "epochs": 20, "n_fixed_point_starts": 0, "device": "cpu"}
+    params = {"base": "stochastic", "n_pcs": 5, "epochs": 20, "n_fixed_point_starts": 0, "device": "cpu"}
     assert state.run_model("vector_field", **params).join(120)
     assert state.error == ""
     label = "vector_field (device=cpu, epochs=20, n_fixed_point_starts=0, n_pcs=5) on stochastic"
@@ -248,6 +249,14 @@ def test_a_vector_field_on_its_base_draws_paths_and_perturbs(app):
         state.fit.result.obsm[Key.obsm.VF_VELOCITY], direct.obsm[Key.obsm.VF_VELOCITY], rtol=1e-5, atol=1e-6
     )
     assert readouts.COLOR_DIVERGENCE in state.param.color_by.objects
+    # a gene outside the field's state: the time view says why its velocity plot is empty
+    genes = state.adata.var_names
+    (outside, *_) = genes[~np.asarray(state.fit.result.velocity_genes)]
+    state.select_gene(outside)
+    time_of_cells = np.linspace(0, 1, state.adata.n_obs)  # a base with a latent time shows the time view
+    monkeypatch.setattr(state, "latent_time", lambda fit=None: time_of_cells)
+    assert f"Velocity plot: no velocity to draw for {markdown_text(outside)}" in views["time"]._note()
+    monkeypatch.undo()
     # a click on a cell draws its path (black) on the embedding; the inspector says where it ends
     state.select_cell(3)
     found = state.trajectory

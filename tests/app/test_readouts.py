@@ -702,6 +702,14 @@ def test_a_fields_path_divergence_and_fixed_points(app_adata, field_fit):
     info = readouts.field_info(app_adata, field_fit, xy, basis=Key.obsm.UMAP)
     assert info.basis == "umap" and len(info.genes) > 0
     assert Key.uns.VECTOR_FIELD not in app_adata.uns  # the data is never written to
+    # a gene outside the field's state has no velocity: the time view says why, not empty axes
+    outside = [j for j, g in enumerate(app_adata.var_names) if g not in info.genes]
+    inside = app_adata.var_names.get_loc(info.genes[0])
+    assert outside and readouts.velocity_gap(app_adata, field_fit, inside) is None
+    gap = readouts.velocity_gap(app_adata, field_fit, outside[0])
+    assert gap.startswith(f"no velocity to draw for {app_adata.var_names[outside[0]]}: it is not among")
+    assert f"the {len(info.genes)} genes of the vector field's state" in gap
+    assert readouts.velocity_gap(app_adata, None, outside[0]) is None
     # the simulation runs forward in time: a path from an early cell ends among later cells
     t = app_adata.obs[Key.obs.TRUE_T].to_numpy()
     early = int(np.argsort(t)[10])

@@ -376,6 +376,35 @@ def test_iterative_fates_equal_the_direct_solve(sample_adata):
     np.testing.assert_allclose(t_iterative[finite], t_direct[finite], rtol=1e-6)
     # "auto" is the direct solve up to ITERATIVE_ABOVE cells (above: the test before)
     np.testing.assert_array_equal(F.absorption_probabilities(T, states), direct)
+    # the simulator stores its cells in time order; the iterative solve orders them itself
+    perm = np.random.default_rng(0).permutation(adata.n_obs)
+    shuffled = F.absorption_probabilities(T[perm][:, perm], states[perm], solver="iterative")
+    np.testing.assert_allclose(shuffled, direct[perm], atol=1e-8)
+
+
+def test_block_gmres_restarts_to_the_exact_solution():
+    """Several right-hand sides, restarted every 3 steps, against a dense solve (and a zero column)."""
+    rng = np.random.default_rng(1)
+    A = np.eye(30) * 4 + rng.uniform(-1, 1, (30, 30)) * (rng.random((30, 30)) < 0.2)
+    B = rng.normal(size=(30, 3))
+    B[:, 1] = 0.0
+    X, residuals = F._gmres(
+        sparse.csr_matrix(A), lambda b: b / 4, B, tol=1e-12, restart=3, maxiter=200
+    )
+    np.testing.assert_allclose(X, np.linalg.solve(A, B), atol=1e-10)
+    assert residuals.max() <= 1e-12 and residuals[1] == 0
+
+
+def test_flow_order_puts_the_cells_nearest_to_absorption_first():
+    """A chain drifting right (0.8 right, 0.2 left) into an absorbing end: the order is right to left."""
+    n = 6
+    T = np.zeros((n, n))
+    for i in range(n - 1):
+        T[i, i + 1] = 0.8
+        T[i, max(i - 1, 0)] += 0.2
+    T[n - 1, n - 1] = 1.0
+    Q = T[: n - 1, : n - 1]
+    np.testing.assert_array_equal(F._flow_order(sparse.csr_matrix(np.eye(n - 1) - Q)), [4, 3, 2, 1, 0])
 
 
 # --------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from explorer.keys import Key
 #: hyperparameters that keep a trained model's contract checks fast (a few epochs)
 FAST_PARAMS: dict[str, dict] = {
     "velovae": {"max_epochs": 4, "max_epochs_stage2": 2, "n_samples": 4},
-    "vector_field": {"epochs": 5, "hidden": (32, 32)},
+    "vector_field": {"epochs": 5, "hidden": (32, 32), "base": "stochastic"},  # the default base fits a dynamical model first
 }
 
 

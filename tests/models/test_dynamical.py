@@ -102,6 +102,10 @@ def test_compiled_kernels_match_the_torch_code(monkeypatch):
     x = np.concatenate([np.linspace(0, 2e-3, 50), np.linspace(0, 60, 500), [699.0, 800.0]])
     exp_neg = np.array([_em_kernels._exp_neg.py_func(v) for v in x])
     np.testing.assert_allclose(exp_neg, np.exp(-x), rtol=1e-10, atol=1e-300)
+    # the time inversion's logarithm, over its whole domain (ratios clipped to [1e-6, 1 - 1e-6])
+    x = np.concatenate([np.geomspace(2.0**-31, 1, 400), np.linspace(1e-6, 1 - 1e-6, 400), [0.5, 2**-0.5]])
+    log_unit = np.array([_em_kernels._log_unit.py_func(v) for v in x])
+    np.testing.assert_allclose(log_unit, np.log(x), rtol=1e-14, atol=1e-14)
 
     rng = np.random.default_rng(0)
     alpha, beta = torch.tensor([[2.0], [1.0], [0.5]]), torch.tensor([[1.0], [2.5], [0.7]])

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import anndata as ad
 import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
 from explorer import kinetics
 from explorer._types import InputError
+from explorer.cli import main
 from explorer.data.simulate import simulate
+from explorer.graph.kernels import compute_velocity_kernel
 from explorer.keys import Key
 from explorer.models.base import VelocityResult
 from explorer.models.metrics import predicted_abundances, reconstruction_error
@@ -83,6 +88,44 @@ def test_fit_gives_shapes_and_keys(small, small_fit):
     u_ode = adata.layers[Key.layers.PREDICTED_U] / adata.var[Key.var.FIT_SCALING].to_numpy()
     expected = beta * u_ode - adata.var[Key.var.FIT_GAMMA].to_numpy() * adata.layers[Key.layers.PREDICTED_S]
     np.testing.assert_allclose(adata.layers[Key.layers.VELOCITY], expected, rtol=1e-3, atol=1e-3)
+
+
+def test_posterior_velocity_variance_feeds_the_fates_kernel(small, small_fit, tmp_path, capsys):
+    """layers['velocity_variance'] is the posterior samples' variance; the stochastic kernel uses it."""
+    model, result = small_fit
+    variance = result.layers[Key.layers.VELOCITY_VARIANCE]
+    samples = model.sample_velocity()
+    assert samples.shape == (FEW["n_samples"], *small.shape)
+    np.testing.assert_allclose(variance, samples.var(0, ddof=1), rtol=1e-3, atol=1e-7)
+    # the draws scatter: positive variance in most cells and genes
+    assert np.median(variance) > 0
+
+    adata = small.copy()
+    result.to_adata(adata)
+    posterior = compute_velocity_kernel(
+        adata, mode="stochastic", variance_key=Key.layers.VELOCITY_VARIANCE, connectivity_weight=0
+    )
+    knn = compute_velocity_kernel(adata, mode="stochastic", connectivity_weight=0)
+    np.testing.assert_allclose(np.asarray(posterior.sum(1)).ravel(), 1.0, rtol=1e-10)
+    assert abs(posterior - knn).max() > 0.01
+    # a variance of zero is the deterministic kernel: the posterior's variance is what moves it
+    adata.layers["zero"] = np.zeros_like(variance)
+    zero = compute_velocity_kernel(adata, mode="stochastic", variance_key="zero", connectivity_weight=0)
+    deterministic = compute_velocity_kernel(adata, mode="deterministic", connectivity_weight=0)
+    np.testing.assert_allclose(zero.toarray(), deterministic.toarray(), atol=1e-10)
+
+    # explorer fates --mode stochastic reads the layer; a later fit without one removes it
+    del adata.layers["zero"]
+    path, out = tmp_path / "fit.h5ad", tmp_path / "fates.h5ad"
+    adata.write_h5ad(path)
+    code = main(["fates", str(path), "--out", str(out), "--mode", "stochastic", "--n-states", "2",
+                 "--cluster-key", "true_lineage", "-q"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    params = ad.read_h5ad(out).uns[Key.uns.TRANSITIONS_PARAMS]["params"]
+    assert params["variance_key"] == Key.layers.VELOCITY_VARIANCE
+    without = {k: v for k, v in result.layers.items() if k != Key.layers.VELOCITY_VARIANCE}
+    dataclasses.replace(result, layers=without).to_adata(adata)
+    assert Key.layers.VELOCITY_VARIANCE not in adata.layers
 
 
 def test_seeded_fits_are_equal_and_other_seeds_differ(small, small_fit):
@@ -165,7 +208,6 @@ def test_reconstruction_error_by_hand():
 
 def test_dynamical_prediction_is_fitted_gene():
     """predicted_abundances reads a dynamical fit as kinetics.fitted_gene draws it."""
-    import anndata as ad
     import pandas as pd
 
     rng = np.random.default_rng(0)

@@ -59,7 +59,37 @@ class EmbeddingView(pn.viewable.Viewer):
                 hv.streams.Params(state, ["walks", "basis", "trajectory", "perturbation", "model", "results"])
             ],
         )
-        self.plot = self.scatter.overlay(self.streamlines, self.arrows, self.walks, self.targets)
+        # the arrows and the paths join the plot when they first have something to draw (then
+        # stay): drawn empty on every page, they cost half the embedding's server time
+        self._joined = self._layers_to_show({"arrows": False, "paths": False})
+        self._panes: list[pn.pane.HoloViews] = []
+        self.plot = self._overlay()
+        state.param.watch(
+            self._join_layers, ["show_arrows", "walks", "trajectory", "perturbation", "model", "results"]
+        )
+
+    def _layers_to_show(self, joined: dict[str, bool]) -> dict[str, bool]:
+        state = self.state
+        paths = (
+            state.walks is not None
+            or state.trajectory is not None
+            or state.perturbation is not None
+            or state.fixed_points() is not None
+        )
+        return {"arrows": joined["arrows"] or state.show_arrows, "paths": joined["paths"] or paths}
+
+    def _overlay(self) -> hv.Overlay:
+        extra = [self.arrows] if self._joined["arrows"] else []
+        extra += [self.walks] if self._joined["paths"] else []
+        return self.scatter.overlay(self.streamlines, *extra, self.targets)
+
+    def _join_layers(self, *_: Any) -> None:
+        joined = self._layers_to_show(self._joined)
+        if joined != self._joined:
+            self._joined = joined
+            self.plot = self._overlay()
+            for pane in self._panes:
+                pane.object = self.plot
 
     def _xy(self) -> tuple[np.ndarray, np.ndarray]:
         xy = self.state.embedding()
@@ -128,7 +158,9 @@ class EmbeddingView(pn.viewable.Viewer):
             sizing_mode="stretch_width",
             margin=(0, 10),
         )
-        return pn.Column(controls, pn.pane.HoloViews(self.plot, name="embedding"), legend, name="Embedding")
+        pane = pn.pane.HoloViews(self.plot, name="embedding")
+        self._panes.append(pane)
+        return pn.Column(controls, pane, legend, name="Embedding")
 
     def _legend(self, *_: Any) -> str:
         return plots.legend_html(self.state.coloring())

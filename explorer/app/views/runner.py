@@ -26,7 +26,7 @@ def _widget_for(name: str, default: Any, choices: list[Any] | None = None) -> pn
     if choices and default in choices:
         return pn.widgets.Select(label=name, options=choices, value=default, width=120)
     if isinstance(default, bool):
-        return pn.widgets.Checkbox(label=name, value=default)
+        return pn.widgets.Checkbox(label=name, value=default, width=140)
     if isinstance(default, int):
         return pn.widgets.IntInput(label=name, value=default, width=120)
     if isinstance(default, float):
@@ -76,7 +76,8 @@ class ModelRunner(pn.viewable.Viewer):
             widget = _widget_for(name, default, choices.get(name))
             if widget is not None:
                 self._widgets[name] = widget
-        self.form.objects = [pn.FlexBox(*self._widgets.values())]
+        # a grid of plain Bokeh layout, not a FlexBox (a ReactiveHTML template: costlier to build and draw)
+        self.form.objects = [pn.GridBox(*self._widgets.values(), ncols=2)]
 
     def params(self) -> dict[str, Any]:
         """Return the form's parameter values (only those changed from the model's defaults)."""

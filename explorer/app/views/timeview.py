@@ -98,6 +98,11 @@ class GeneTimeView(pn.viewable.Viewer):
             return (
                 "*No latent time yet: run a model that orders cells in time (one that shows a latent time).*"
             )
+        # the velocity plot of a gene the fit has no velocity for is empty axes: say why
+        gap = self.state.velocity_gap()
+        return self._curve_note() + (f"  \n*Velocity plot: {markdown_text(gap)}.*" if gap else "")
+
+    def _curve_note(self) -> str:
         found = self.state.time_curve("Ms")
         if found is not None and found[2] == "fit":
             model = markdown_text(self.state.model)
