@@ -70,13 +70,14 @@ class EmbeddingView(pn.viewable.Viewer):
 
     def _layers_to_show(self, joined: dict[str, bool]) -> dict[str, bool]:
         state = self.state
-        paths = (
+        # a joined layer stays: no need to look at the state (or a field's fixed points) again
+        paths = joined["paths"] or (
             state.walks is not None
             or state.trajectory is not None
             or state.perturbation is not None
             or state.fixed_points() is not None
         )
-        return {"arrows": joined["arrows"] or state.show_arrows, "paths": joined["paths"] or paths}
+        return {"arrows": joined["arrows"] or state.show_arrows, "paths": paths}
 
     def _overlay(self) -> hv.Overlay:
         extra = [self.arrows] if self._joined["arrows"] else []
