@@ -630,11 +630,12 @@ def main() -> None:
         print_sweep(rows)
         return
 
-    import torch
+    import numba
 
     kwargs = json.loads(args.kwargs)
     result: dict = {
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        # the command's CPU path runs numpy and numba's kernels (torch only on CUDA)
+        "machine": {"cpus": os.cpu_count(), "numba_threads": numba.config.NUMBA_NUM_THREADS},
         "explorer_kwargs": kwargs,
     }
     with tempfile.TemporaryDirectory(prefix="explorer_bench_") as tmpdir:

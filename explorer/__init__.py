@@ -6,9 +6,11 @@ Layers, imported only downhill (``tests/test_imports.py`` checks it): ``cli`` ->
 all lazy loads of heavy libraries that most uses never need:
 
 - **torch**, imported inside the model files' functions, as are the network modules that
-  import it at top (``explorer.models._*_module``, ``_em``); ``explorer.models.dynamical``
+  import it at top (``explorer.models._*_module``); ``explorer.models.dynamical``
   calls ``_import_torch``, which first runs :func:`explorer._process.set_up_process`, as
-  OpenMP settings only take effect before torch loads. The registry
+  OpenMP settings only take effect before torch loads. The dynamical model's EM
+  (``explorer.models._em``) runs on numpy arrays on the CPU and on torch tensors on CUDA,
+  so ``explorer fit --model dynamical`` (in memory or streamed) does not load torch without a GPU. The registry
   (:data:`explorer.models.MODELS`) imports a model's module only when it is asked for,
   so ``import explorer``, ``explorer.data``, ``explorer.graph``, ``explorer.pipeline``
   and the CLI run without loading torch.

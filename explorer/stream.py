@@ -96,8 +96,8 @@ from explorer.models.dynamical import (
     Dynamical,
     _batch_seed,
     _GeneEM,
-    _import_torch,
-    _resolve_device,
+    _em_device,
+    _inference_mode,
     _Smoother,
     _warn_few_em_cells,
 )
@@ -129,7 +129,7 @@ _SCRATCH = "_explorer_scratch"
 _ARRAY_ATTRS = {"encoding-type": "array", "encoding-version": "0.2.0"}
 _DICT_ATTRS = {"encoding-type": "dict", "encoding-version": "0.1.0"}
 _ANNDATA_ATTRS = {"encoding-type": "anndata", "encoding-version": "0.1.0"}
-#: per-process cache of what every task of one run rebuilds from the plan (the torch
+#: per-process cache of what every task of one run rebuilds from the plan (the EM
 #: smoother): a Dask worker runs many tasks of a run, and building it costs seconds at 10^6 cells
 _PROCESS_CACHE: dict[str, Any] = {}
 
@@ -361,16 +361,15 @@ def _smoother(plan: _Plan, device: Any) -> _Smoother | None:
 
 def _fit_task(plan: _Plan, k0: int) -> dict[str, Any]:
     """Fit the genes ``fit_cols[k0:k1]`` in the model's own batches; write velocities and times."""
-    torch = _import_torch()
     model = plan.model
     k1 = min(k0 + plan.var_chunk, len(plan.fit_cols))
     cols = plan.fit_cols[k0:k1]
     Mu = np.asarray(_array(plan.store, _layer(Key.layers.MU)).oindex[:, cols], dtype=np.float32)
     Ms = np.asarray(_array(plan.store, _layer(Key.layers.MS)).oindex[:, cols], dtype=np.float32)
-    device = _resolve_device(model.device)
+    device = _em_device(model.device)  # None: numpy on the CPU, torch not imported
     smoother = _smoother(plan, device)
     parts = []
-    with torch.inference_mode():
+    with _inference_mode(device):
         for start in range(k0, k1, plan.model_batch):
             sl = slice(start - k0, min(start + plan.model_batch, k1) - k0)
             parts.append(
@@ -1229,7 +1228,7 @@ def fit_streamed(
     source, out = Path(source), Path(out)
     _check_paths(source, out, overwrite)
     estimator = _check_model(model, model_params)
-    _resolve_device(estimator.device)
+    _em_device(estimator.device)  # a bad device fails before any work
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
     if preprocess is None:
@@ -1410,7 +1409,7 @@ def _run(
         lt = _latent_time(runner, plan, params, finite_t, roots_score, conn, scratch, cell_starts)
         if estimator.fit_t_on:
             clock = time.perf_counter()
-            device = _resolve_device(estimator.device)
+            device = _em_device(estimator.device)
             ms_arr, mu_arr = _array(tmp, _layer(Key.layers.MS)), _array(tmp, _layer(Key.layers.MU))
             estimator._fit_onsets(_Columns(mu_arr, cols), _Columns(ms_arr, cols), lt, params, em, device)
             runner.task_seconds["onsets"] = time.perf_counter() - clock

@@ -305,8 +305,45 @@ def test_core_loads_no_torch_and_no_panel():
 
 
 def test_the_tensor_code_does_load_torch():
-    """The check above can fail: the dynamical model's EM is torch code."""
-    assert "torch" in _loaded_after("import explorer.models._em")[0]
+    """The check above can fail: VeloVAE's network is torch code."""
+    assert "torch" in _loaded_after("import explorer.models._vae_module")[0]
+
+
+@pytest.fixture(scope="module")
+def small_h5ad(tmp_path_factory) -> Path:
+    """A small preprocessed simulation on disk, written by this process (which may load anything)."""
+    from explorer.data.simulate import simulate
+    from explorer.pipeline import prepare
+
+    adata = simulate(n_obs=300, n_vars=40, seed=0)
+    prepare(adata)
+    path = tmp_path_factory.mktemp("imports") / "small.h5ad"
+    adata.write_h5ad(path)
+    return path
+
+
+def _fit_command_loads(path: Path, *, before: str = "") -> set[str]:
+    """Top-level packages loaded by ``explorer fit PATH --model dynamical``, in a fresh interpreter."""
+    out = path.with_name("out.h5ad")
+    args = ["fit", str(path), "--model", "dynamical", "--out", str(out), "--force", "--quiet"]
+    statement = f"{before}\nfrom explorer.cli import main\nassert main({args!r}) == 0"
+    return _loaded_after(statement)[0]
+
+
+def test_dynamical_fit_command_on_the_cpu_loads_no_torch(small_h5ad):
+    """The whole ``explorer fit --model dynamical`` on the CPU: numpy around the compiled kernels, no torch.
+
+    Importing torch is about 1.4 s of CPU, a quarter of the command on the pancreas.
+    """
+    loaded = _fit_command_loads(small_h5ad)
+    assert not loaded & HEAVY, f"`explorer fit --model dynamical` loaded {sorted(loaded & HEAVY)}"
+    assert "numba" in loaded  # it did run the compiled kernels
+
+
+def test_dynamical_fit_command_with_the_torch_backend_loads_torch(small_h5ad):
+    """The check above can fail: the same command on the torch code (the CUDA path's) loads it."""
+    before = "import explorer.models.dynamical as d; d.CPU_BACKEND = 'torch'"
+    assert "torch" in _fit_command_loads(small_h5ad, before=before)
 
 
 def test_app_state_loads_no_panel():

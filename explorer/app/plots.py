@@ -282,6 +282,31 @@ def shade(
     )
 
 
+@functools.cache
+def warm_up() -> None:
+    """Compile datashader's kernels now (once per process) rather than on a page's first image.
+
+    datashader's aggregation, shading and spreading kernels are compiled by numba on first
+    use, not cached on disk: 20-30 s of CPU on this 2-core machine. ``explorer serve``
+    calls this at start-up for a dataset drawn as images (more than
+    :data:`DATASHADE_THRESHOLD` cells), so that no page waits for it.
+    """
+    x = np.linspace(0.0, 1.0, 64, dtype=np.float32)
+    codes = np.arange(64) % 3
+    for coloring in (
+        Coloring(kind="category", values=codes, label="", categories=("a", "b", "c"),
+                 color_key={"a": "#000000", "b": "#ff0000", "c": "#00ff00"}),
+        Coloring(kind="continuous", values=x, label=""),
+        Coloring(kind="continuous", values=x - 0.5, label="", diverging=True),
+        None,
+    ):  # fmt: skip
+        shade(x, x[::-1], coloring, width=16, height=16)
+    # a sparse image: dynspread then compiles its spreading kernel (a dense one returns early)
+    canvas = ds.Canvas(plot_width=64, plot_height=64, x_range=(0.0, 1.0), y_range=(0.0, 1.0))
+    sparse_img = tf.shade(canvas.points(pd.DataFrame({"x": x[:4], "y": x[:4]}), "x", "y", agg=ds.count()))
+    tf.dynspread(sparse_img, threshold=1.0, max_px=2)
+
+
 def rasterize(
     x: np.ndarray,
     y: np.ndarray,

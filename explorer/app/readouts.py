@@ -666,14 +666,12 @@ def phase_fits(
     return out
 
 
-def fitted_values(
-    fit: Fit | VelocityResult | None, what: Literal["Ms", "Mu", "velocity"], j: int
-) -> np.ndarray | None:
-    """``(n_obs,)`` values of gene ``j`` that ``fit`` predicts for each cell, or None.
+def fitted_at_cells(fit: Fit | VelocityResult | None, j: int) -> dict[str, np.ndarray] | None:
+    """``{"Ms", "Mu"[, "velocity"]}``: ``(n_obs,)`` values of gene ``j`` that ``fit`` predicts per cell, or None.
 
     A fit that shows ``"curve"``: the fitted ``s``/``u``/velocity at each cell's gene time
-    (as the phase portrait); one that shows ``"cell_points"``: its predicted ``s``/``u``
-    (no predicted velocity: None).
+    (as the phase portrait), from one evaluation of the curve; one that shows
+    ``"cell_points"``: its predicted ``s``/``u`` (no predicted velocity).
     """
     if fit is None:
         return None
@@ -683,11 +681,21 @@ def fitted_values(
         gene = kinetics.fitted_gene(result.gene_params.iloc[j])
         if gene is not None:
             uu, ss, vs = gene.at(result.layers[Key.layers.FIT_T][:, j])
-            return {"Ms": ss, "Mu": uu, "velocity": vs}[what]
-    if "cell_points" in shows and what != "velocity":
-        layer = Key.layers.PREDICTED_S if what == "Ms" else Key.layers.PREDICTED_U
-        return np.asarray(result.layers[layer][:, j], dtype=np.float64)
+            return {"Ms": ss, "Mu": uu, "velocity": vs}
+    if "cell_points" in shows:
+        return {
+            what: np.asarray(result.layers[layer][:, j], dtype=np.float64)
+            for what, layer in (("Ms", Key.layers.PREDICTED_S), ("Mu", Key.layers.PREDICTED_U))
+        }
     return None
+
+
+def fitted_values(
+    fit: Fit | VelocityResult | None, what: Literal["Ms", "Mu", "velocity"], j: int
+) -> np.ndarray | None:
+    """``(n_obs,)`` values of gene ``j`` that ``fit`` predicts for each cell, or None (:func:`fitted_at_cells`)."""
+    found = fitted_at_cells(fit, j)
+    return None if found is None else found.get(what)
 
 
 def time_curve(

@@ -12,6 +12,7 @@ import errno
 import logging
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -151,6 +152,27 @@ def _import_styler_without_pyplot() -> None:
         del sys.modules["matplotlib.pyplot"]
 
 
+def _stop_with_supervisor() -> None:
+    """Have this worker process get SIGTERM when its supervisor ends (Linux).
+
+    With ``--num-procs`` tornado forks the workers from a supervisor that only waits on
+    them: a ``kill`` (or a service manager's stop) of the supervisor left the workers
+    serving, holding the port and the memory. Ctrl-C reaches every process of the
+    terminal's group, so it stopped them anyway.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0) != 0:
+        logger.warning("could not tie this worker to its supervisor (prctl: errno %s)", ctypes.get_errno())
+    if os.getppid() == 1:  # the supervisor ended before the call
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def serve(
     data: str | Path | None = None,
     *,
@@ -224,14 +246,14 @@ def serve(
     # Panel and the app are imported only now: a busy port or a bad path fails in a second
     import panel as pn
 
-    from explorer.app.main import TITLE, configure_process, create_app, shared_dataset
+    from explorer.app.main import TITLE, configure_process, create_app, prepare_dataset
 
     # several processes fork from this one: no background thread before the fork (each
     # worker imports torch at its first fit)
     configure_process(import_torch=num_procs == 1)
     _import_styler_without_pyplot()
     # Load (and preprocess) once before the first page: a bad file fails here, with the CLI's message.
-    shared_dataset(name, folder)
+    prepare_dataset(name, folder)
     logger.info("serving explorer on %s port %s (data directory %s)", address, port, folder)
     origins = [f"localhost:{port}", f"127.0.0.1:{port}", *(allow_websocket_origin or [])]
     try:
@@ -249,6 +271,9 @@ def serve(
     except OSError as err:  # the port was taken between the check and now
         msg = f"Cannot listen on {address} port {port}: {err.strerror}. Pass --port 0 to pick a free one."
         raise InputError(msg) from None
+    if num_procs != 1:
+        # only the forked workers get here: the supervisor waits on them inside pn.serve
+        _stop_with_supervisor()
     if hosts is not None:
         _refuse_foreign_hosts(server._tornado, hosts)  # noqa: SLF001 - Bokeh keeps its tornado app there
     if start:

@@ -190,6 +190,20 @@ def schur_vectors(
     if not 2 <= n_vectors < n:
         msg = f"Expected 2 <= number of Schur vectors < n_obs = {n}, found {n_vectors}."
         raise ValueError(msg)
+    with _one_blas_thread():
+        return _schur_vectors(T, n_vectors)
+
+
+def _one_blas_thread() -> threadpool_limits:
+    """GPCCA's dense steps on one BLAS thread: they are small (``n_obs x m``), and a second
+    thread only waits (a QR of the pancreas's 3696 x 10 Schur vectors takes 1 ms on one
+    thread, 15-60 ms on two of a loaded machine, and ARPACK's orthogonalisations likewise)."""
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def _schur_vectors(T: sparse.csr_matrix, n_vectors: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`schur_vectors` of a checked matrix."""
+    n = T.shape[0]
     vals, vecs = _top_eigen(T, min(n_vectors + 1, n - 1) if n >= _DENSE_BELOW else n)
     m = n_vectors + 1 if _splits_pair(vals, n_vectors) else n_vectors
     if m > vals.size:
@@ -227,15 +241,30 @@ def schur_vectors(
     return X, R, vals
 
 
-@numba.njit(cache=True)
-def _gpcca_objective(alpha, X, norms):  # pragma: no cover
-    """PyGPCCA's ``_objective``: ``m - trace(diag(1 / A[0]) A^T A)`` for the feasible completion ``A``.
+#: rows of each column the GPCCA objective keeps as candidates for its maximum
+_CANDIDATES = 1024
+#: relative margin on the objective's bounds against round-off (its products are exact to ~1e-15)
+_BOUND_MARGIN = 1e-12
 
-    The same arithmetic as pygpcca's ``_fill_matrix`` + ``_objective``, compiled. The
-    maximum over cells of :math:`-X_{r,1:} a_j`, where its time goes, scans the rows by
-    decreasing norm (``X`` is sorted so, ``norms`` descending) and stops once
-    :math:`|X_{r,1:}| |a_j|` (Cauchy-Schwarz) cannot beat the best so far: exact, and
-    most rows are never read.
+
+@numba.njit(cache=True)
+def _gpcca_objective(alpha, X, Xt, row_norms, ref, cand, cand_val, n_cand, floor):  # pragma: no cover
+    r"""PyGPCCA's ``_objective``: ``m - trace(diag(1 / A[0]) A^T A)`` for the feasible completion ``A``.
+
+    The same arithmetic as pygpcca's ``_fill_matrix`` + ``_objective``, compiled. Its time
+    goes to the maximum over cells :math:`r` of :math:`v_r = -X_{r,1:} a_j` for each column
+    :math:`a_j` of the rotation, which is found exactly without reading most rows.
+    Nelder-Mead's points lie close together, and a row's value moves by at most
+    :math:`|X_{r,1:}| \, |a_j - a^0_j|` from its value :math:`v^0_r` at an earlier
+    point :math:`a^0_j` (Cauchy-Schwarz). So each column keeps a reference
+    point, its :data:`_CANDIDATES` rows of largest :math:`v^0_r` sorted descending
+    (``cand``, ``cand_val``) and the largest :math:`v^0_r` of the other rows (``floor``),
+    and reads candidates until no later candidate, nor any other row, can beat the best
+    so far (with a margin for round-off). Where that does not settle it, the column is
+    scanned in full (``Xt``, ``X[:, 1:]`` transposed) and becomes the new reference
+    (``ref``, ``cand``, ``cand_val``, ``n_cand`` and ``floor`` are updated in place). Each
+    row's product is summed in the same order either way, so the maximum, and the
+    objective, are bit for bit those of a full scan.
     """
     n, m = X.shape
     k = m - 1
@@ -248,21 +277,66 @@ def _gpcca_objective(alpha, X, norms):  # pragma: no cover
         for j in range(1, m):
             total += rot[i, j]
         rot[i, 0] = -total
+    norm_max = row_norms.max()
     for j in range(m):
-        a_norm = 0.0
-        for q in range(1, m):
-            a_norm += rot[q, j] * rot[q, j]
-        a_norm = np.sqrt(a_norm)
-        best = -np.inf
+        delta, a_norm, ref_norm = 0.0, 0.0, 0.0
+        for q in range(k):
+            delta += (rot[q + 1, j] - ref[j, q]) ** 2
+            a_norm += rot[q + 1, j] ** 2
+            ref_norm += ref[j, q] ** 2
+        delta = np.sqrt(delta)
+        margin = _BOUND_MARGIN * norm_max * (np.sqrt(a_norm) + np.sqrt(ref_norm))
+        shift = norm_max * delta + margin
+        if n_cand[j] > 0:
+            best = -np.inf
+            settled = False
+            for i in range(n_cand[j]):
+                v0 = cand_val[j, i]
+                if v0 + shift < best:
+                    settled = True
+                    break
+                r = cand[j, i]
+                if v0 + row_norms[r] * delta + margin < best:
+                    continue
+                d = 0.0
+                for q in range(1, m):
+                    d += X[r, q] * rot[q, j]
+                if -d > best:
+                    best = -d
+            if settled or floor[j] + shift < best:
+                rot[0, j] = best
+                continue
+        # a full scan, which becomes the column's new reference
+        v = np.zeros(n)
+        for q in range(k):
+            aq = rot[q + 1, j]
+            for r in range(n):
+                v[r] += Xt[q, r] * aq
         for r in range(n):
-            if best >= 0.0 and norms[r] * a_norm < best:
-                break
-            d = 0.0
-            for q in range(1, m):
-                d += X[r, q] * rot[q, j]
-            if -d > best:
-                best = -d
-        rot[0, j] = best
+            v[r] = -v[r]
+        rot[0, j] = v.max()
+        keep = min(cand.shape[1], n)
+        if keep == n:
+            rows = np.argsort(-v, kind="mergesort")
+            floor[j] = -np.inf
+        else:
+            threshold = np.partition(v, n - keep)[n - keep]
+            rows = np.flatnonzero(v >= threshold)[:keep]
+            rows = rows[np.argsort(-v[rows], kind="mergesort")]
+            # the other rows' best: below the threshold, or a tie with it left out
+            below = -np.inf
+            chosen = np.zeros(n, dtype=np.bool_)
+            chosen[rows] = True
+            for r in range(n):
+                if not chosen[r] and v[r] > below:
+                    below = v[r]
+            floor[j] = below
+        for i in range(rows.size):
+            cand[j, i] = rows[i]
+            cand_val[j, i] = v[rows[i]]
+        n_cand[j] = rows.size
+        for q in range(k):
+            ref[j, q] = rot[q + 1, j]
     scale = 0.0
     for j in range(m):
         scale += rot[0, j]
@@ -281,12 +355,80 @@ def _gpcca_objective(alpha, X, norms):  # pragma: no cover
     return m - trace
 
 
+def _objective_args(X: np.ndarray) -> tuple:
+    """What :func:`_gpcca_objective` takes after ``alpha``: ``X``, its transpose, row norms and empty references."""
+    n, m = X.shape
+    keep = min(_CANDIDATES, n)
+    Y = X[:, 1:]
+    return (
+        X,
+        np.ascontiguousarray(Y.T),
+        np.linalg.norm(Y, axis=1),
+        np.zeros((m, m - 1)),
+        np.zeros((m, keep), dtype=np.int64),
+        np.zeros((m, keep)),
+        np.zeros(m, dtype=np.int64),
+        np.full(m, -np.inf),
+    )
+
+
+def _inner_simplex(X: np.ndarray) -> np.ndarray:
+    """PyGPCCA's ``_indexsearch`` (the inner simplex algorithm), vectorised over the rows.
+
+    The row of largest norm, then ``m - 1`` times the row farthest from the span of the
+    rows chosen so far (all rows projected at once rather than in a Python loop).
+
+    Returns
+    -------
+    ``(m,)`` int64 row indices, the vertices of the start simplex.
+    """
+    n, m = X.shape
+    diffs = np.abs(X.max(axis=0) - X.min(axis=0))
+    if not np.isclose(1.0 + diffs[0], 1.0, rtol=1e-6) or not np.all(diffs[1:] > 1e-6):
+        msg = (
+            "Expected Schur vectors with a constant first column and no other constant column "
+            f"(ranges {diffs.round(8).tolist()}): no simplex structure to search."
+        )
+        raise ValueError(msg)
+    ortho = X.copy()
+    index = np.zeros(m, dtype=np.int64)
+    index[0] = int(np.argmax(np.linalg.norm(ortho, axis=1)))
+    ortho -= ortho[index[0]]
+    for j in range(1, m):
+        temp = ortho[index[j - 1]].copy()
+        ortho -= np.outer(ortho @ temp, temp)
+        dist = np.linalg.norm(ortho, axis=1)
+        index[j] = int(np.argmax(dist))
+        if not dist[index[j]] > 0:
+            msg = f"The Schur vectors span fewer than {m} dimensions: no {m}-vertex simplex in the data."
+            raise ValueError(msg)
+        ortho /= dist[index[j]]
+    return index
+
+
+def _initial_rotation(X: np.ndarray) -> np.ndarray:
+    """PyGPCCA's ``_initialize_rot_matrix``: the inverse of the start simplex's vertices."""
+    vertices = X[_inner_simplex(X)]
+    condition = np.linalg.cond(vertices)
+    if condition >= 1.0 / np.finfo(np.float64).eps:
+        msg = (
+            f"The condition number {condition:.3g} of the start simplex's vertices is too high for a "
+            "safe inversion (to build the initial rotation matrix)."
+        )
+        raise ValueError(msg)
+    if condition > 1e4:
+        logger.warning("The start simplex's vertices are ill-conditioned (condition number %.3g)", condition)
+    return np.linalg.pinv(vertices)
+
+
 def gpcca_memberships(X: np.ndarray) -> tuple[np.ndarray, float]:
     """GPCCA's memberships from Schur vectors (pygpcca's ``_gpcca_core``, Roeblitz & Weber 2013).
 
-    The initial rotation (inner simplex algorithm), the Nelder-Mead optimisation
-    (``scipy.optimize.fmin`` with pygpcca's settings) and the feasible completion are
-    pygpcca's; only the objective runs compiled.
+    The initial rotation (inner simplex algorithm, :func:`_inner_simplex`), the
+    Nelder-Mead optimisation (``scipy.optimize.fmin`` with pygpcca's settings) and the
+    feasible completion are pygpcca's; the objective runs compiled, reading only the rows
+    that can hold each column's maximum (:func:`_gpcca_objective`): the same values, and
+    so the same optimisation, as the full scan's.
 
     Parameters
     ----------
@@ -298,21 +440,20 @@ def gpcca_memberships(X: np.ndarray) -> tuple[np.ndarray, float]:
     ``(chi, crispness)``: ``(n_obs, m)`` non-negative memberships whose rows sum to 1, and
     the crispness ``(m - f_opt) / m`` (1 for a crisp clustering).
     """
-    gpcca = _pygpcca()._gpcca
-    _fill_matrix, _initialize_rot_matrix = gpcca._fill_matrix, gpcca._initialize_rot_matrix  # noqa: SLF001
+    _pygpcca()
+    with _one_blas_thread():
+        return _memberships(X)
 
+
+def _memberships(X: np.ndarray) -> tuple[np.ndarray, float]:
+    """:func:`gpcca_memberships`, on the calling thread pools."""
+    _fill_matrix = _pygpcca()._gpcca._fill_matrix  # noqa: SLF001
     X = np.ascontiguousarray(X, dtype=np.float64)
     m = X.shape[1]
-    rot = _initialize_rot_matrix(X)
+    rot = _initial_rotation(X)
     alpha = np.reshape(rot[1:, 1:], (m - 1) ** 2)
-    # rows by decreasing norm of X[:, 1:], with a margin against round-off in the bound
-    order = np.argsort(-np.linalg.norm(X[:, 1:], axis=1), kind="stable")
-    X_sorted = np.ascontiguousarray(X[order])
-    norms = np.linalg.norm(X_sorted[:, 1:], axis=1) * (1 + 1e-12)
     try:
-        alpha, fopt, *_ = fmin(
-            _gpcca_objective, alpha, args=(X_sorted, norms), full_output=True, disp=False
-        )
+        alpha, fopt, *_ = fmin(_gpcca_objective, alpha, args=_objective_args(X), full_output=True, disp=False)
     except ValueError:
         return np.full(X.shape, 1.0 / m), -1.0
     rot[1:, 1:] = np.reshape(alpha, (m - 1, m - 1))
@@ -489,26 +630,27 @@ def macrostates(
             f"found {n_states}."
         )
         raise InputError(msg)
-    X, R, vals = schur_vectors(T, n_states)
+    with _one_blas_thread():
+        X, R, vals = _schur_vectors(T, n_states)
+        chi, crispness = _memberships(X)
+        eta = np.full(n_obs, 1.0 / n_obs)
+        coarse = _coarsegrain(T, eta=eta, chi=chi)
+        try:
+            pi = stationary_distribution(T)
+            stat = chi.T @ pi
+        except Exception:  # noqa: BLE001 - pygpcca: no stationary distribution (reducible chain)
+            stat = None
     m = X.shape[1]
     if m != n_states:
         logger.warning(
             "%d macrostates would split a pair of complex-conjugate eigenvalues; using %d", n_states, m
         )
-    chi, crispness = gpcca_memberships(X)
     if crispness <= 0:
         msg = (
             f"GPCCA found no clustering of the cells into {m} macrostates (crispness {crispness:.3g}). "
             "Ask for a different number of macrostates."
         )
         raise InputError(msg)
-    eta = np.full(n_obs, 1.0 / n_obs)
-    coarse = _coarsegrain(T, eta=eta, chi=chi)
-    try:
-        pi = stationary_distribution(T)
-        stat = chi.T @ pi
-    except Exception:  # noqa: BLE001 - pygpcca: no stationary distribution (reducible chain)
-        stat = None
     labels = top_cells(chi, n_cells)
     series = None
     if clusters is not None:

@@ -230,21 +230,23 @@ def average_ranks(x: np.ndarray) -> np.ndarray:
     half a second of CPU, a tenth of the command's start-up, for this one function.
     No NaN in ``x``.
     """
-    x = np.asarray(x)
-    n = x.shape[0]
-    order = np.argsort(x, axis=0, kind="stable")
-    xs = np.take_along_axis(x, order, axis=0)
-    pos = np.arange(n)[:, None]
+    # along rows of the transpose: each column's values contiguous, 1.5x faster than
+    # sorting the strided columns in place
+    xt = np.ascontiguousarray(np.asarray(x).T)
+    n = xt.shape[1]
+    order = np.argsort(xt, axis=1, kind="stable")
+    xs = np.take_along_axis(xt, order, axis=1)
+    pos = np.arange(n)
     starts = np.ones(xs.shape, dtype=bool)
-    starts[1:] = xs[1:] != xs[:-1]
+    starts[:, 1:] = xs[:, 1:] != xs[:, :-1]
     ends = np.ones(xs.shape, dtype=bool)
-    ends[:-1] = starts[1:]
+    ends[:, :-1] = starts[:, 1:]
     # first and last sorted position of each run of ties, spread over the run
-    first = np.maximum.accumulate(np.where(starts, pos, 0), axis=0)
-    last = np.minimum.accumulate(np.where(ends, pos, n - 1)[::-1], axis=0)[::-1]
+    first = np.maximum.accumulate(np.where(starts, pos, 0), axis=1)
+    last = np.minimum.accumulate(np.where(ends, pos, n - 1)[:, ::-1], axis=1)[:, ::-1]
     ranks = np.empty(xs.shape, dtype=np.float64)
-    np.put_along_axis(ranks, order, (first + last) / 2 + 1, axis=0)
-    return ranks
+    np.put_along_axis(ranks, order, (first + last) / 2 + 1, axis=1)
+    return np.ascontiguousarray(ranks.T)
 
 
 def root_time(t: np.ndarray, root: int) -> np.ndarray:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+from scipy.ndimage import gaussian_filter, map_coordinates
 from scipy.spatial import cKDTree
 
 if TYPE_CHECKING:
@@ -36,6 +37,13 @@ _GRID_PAD = 0.01
 #: scVelo: nodes whose gaussian mass is below ``min_mass`` % of the 99th percentile of
 #: all nodes' mass are empty (``compute_velocity_on_grid``, arrows variant).
 _MASS_PERCENTILE = 99.0
+#: above this many cells (with the default ``n_neighbors``) :func:`velocity_on_grid` sums
+#: the gaussian weights over binned cells instead of scVelo's ``n_obs / 50`` nearest cells
+#: per node: at 10^6 cells that is 20,000 neighbours for each of 2,500 nodes, a minute
+_BINNED_ABOVE = 100_000
+#: bins per gaussian width in the binned sum, and the kernel's reach in widths
+_BINS_PER_SIGMA = 4
+_KERNEL_REACH = 4.0
 #: matplotlib ``streamplot``: a 30 x 30 occupancy grid at density 1; lengths in axes units.
 _MASK_CELLS = 30
 #: integration step, as a share of one occupancy cell (matplotlib's adaptive RK12 never
@@ -121,6 +129,13 @@ def velocity_on_grid(
     -------
     The :class:`GridField`. Velocities are ``sum_k w_k v_k / max(1, sum_k w_k)`` over the
     node's nearest cells, with ``w`` the gaussian density of the distance, as in scVelo.
+
+    Above ``_BINNED_ABOVE`` cells with the default ``n_neighbors``, the sums run over every
+    cell within four gaussian widths of the node instead (cells binned at a quarter width,
+    the binned sums smoothed by a gaussian filter; :func:`_binned_sums`), and the
+    near-still rule uses the gaussian-weighted mean speed: the same field where the
+    ``n_obs / 50`` nearest cells reach beyond the kernel, in a second rather than a minute
+    at 10^6 cells.
     """
     X = np.asarray(X_emb, dtype=np.float64)
     V = np.asarray(V_emb, dtype=np.float64)
@@ -141,16 +156,22 @@ def velocity_on_grid(
     gx, gy = np.meshgrid(axes[0], axes[1])
     nodes = np.column_stack([gx.ravel(), gy.ravel()])
 
-    k = max(1, min(len(X), int(len(X) / 50) if n_neighbors is None else int(n_neighbors)))
-    dists, neighs = cKDTree(X).query(nodes, k=k)
-    dists, neighs = dists.reshape(len(nodes), k), neighs.reshape(len(nodes), k)
     sigma = np.mean([a[1] - a[0] for a in axes]) * smooth
-    weight = np.exp(-0.5 * (dists / sigma) ** 2) / (sigma * np.sqrt(2.0 * np.pi))
-    mass = weight.sum(axis=1)
-    grid_v = np.einsum("nk,nkd->nd", weight, V[neighs]) / np.maximum(1.0, mass)[:, None]
+    if n_neighbors is None and len(X) > _BINNED_ABOVE:
+        mass, weighted_v, still = _binned_sums(X, V, axes, sigma)
+    else:
+        k = max(1, min(len(X), int(len(X) / 50) if n_neighbors is None else int(n_neighbors)))
+        dists, neighs = cKDTree(X).query(nodes, k=k)
+        dists, neighs = dists.reshape(len(nodes), k), neighs.reshape(len(nodes), k)
+        weight = np.exp(-0.5 * (dists / sigma) ** 2)
+        mass = weight.sum(axis=1)
+        weighted_v = np.einsum("nk,nkd->nd", weight, V[neighs])
+        still = np.abs(V[neighs]).mean(axis=1).sum(axis=1)
+    norm = 1.0 / (sigma * np.sqrt(2.0 * np.pi))  # scVelo's gaussian density (1-D normalisation)
+    mass, weighted_v = mass * norm, weighted_v * norm
+    grid_v = weighted_v / np.maximum(1.0, mass)[:, None]
 
     empty = mass < min_mass / 100.0 * np.percentile(mass, _MASS_PERCENTILE)
-    still = np.abs(V[neighs]).mean(axis=1).sum(axis=1)
     empty |= still < np.percentile(still, cutoff_perc)
     grid_v[empty] = np.nan
     shape = (n_nodes, n_nodes)
@@ -161,6 +182,45 @@ def velocity_on_grid(
         v=grid_v[:, 1].reshape(shape).astype(np.float32),
         mass=mass.reshape(shape).astype(np.float32),
     )
+
+
+def _binned_sums(
+    X: FloatArray, V: FloatArray, axes: list[FloatArray], sigma: float
+) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """Per grid node: ``sum w``, ``sum w v`` and the ``w``-weighted mean of ``|vx| + |vy|``.
+
+    ``w = exp(-d^2 / 2 sigma^2)`` over every cell within ``_KERNEL_REACH`` widths of the
+    node. The cells are binned on a fine grid (``_BINS_PER_SIGMA`` bins per ``sigma``,
+    laid so that every node is a bin centre), the binned counts and sums smoothed by a
+    separable gaussian filter and read at the nodes; the filter's normalisation is undone,
+    so the sums are the kernel sums up to each cell's shift to its bin centre (at most an
+    eighth of ``sigma``).
+    """
+    h = sigma / _BINS_PER_SIGMA
+    sigma_bins = float(_BINS_PER_SIGMA)
+    margin = int(np.ceil(_KERNEL_REACH * sigma_bins)) + 1
+    edges, node_bins = [], []
+    for a in axes:
+        step = a[1] - a[0]
+        per_step = step / h  # bins between two nodes (not an integer in general)
+        # bin centres at a[0] + (i - margin) * h; node j sits in bin margin + j * per_step
+        n_bins = int(np.ceil((a[-1] - a[0]) / h)) + 2 * margin + 1
+        edges.append(a[0] + (np.arange(n_bins + 1) - margin - 0.5) * h)
+        node_bins.append(margin + np.arange(len(a)) * per_step)
+    speed = np.abs(V).sum(axis=1)
+    layers = [np.histogram2d(X[:, 1], X[:, 0], bins=(edges[1], edges[0]), weights=w)[0]
+              for w in (None, V[:, 0], V[:, 1], speed)]  # fmt: skip
+    # gaussian_filter normalises its 1-D kernel to sum 1: scale back to the plain sum of exp
+    offsets = np.arange(-int(_KERNEL_REACH * sigma_bins + 0.5), int(_KERNEL_REACH * sigma_bins + 0.5) + 1)
+    kernel_sum = float(np.exp(-0.5 * (offsets / sigma_bins) ** 2).sum()) ** 2
+    gy, gx = np.meshgrid(node_bins[1], node_bins[0], indexing="ij")
+    smoothed = []
+    for layer in layers:
+        f = gaussian_filter(layer, sigma_bins, mode="constant", truncate=_KERNEL_REACH) * kernel_sum
+        smoothed.append(map_coordinates(f, [gy.ravel(), gx.ravel()], order=1))
+    mass, vx, vy, speed_sum = smoothed
+    still = speed_sum / np.maximum(mass, 1e-12)
+    return mass, np.column_stack([vx, vy]), still
 
 
 def compute_streamlines(

@@ -18,22 +18,32 @@ Where scVelo runs Nelder-Mead per gene, this core profiles out ``alpha`` and the
 ``u`` scaling in closed form (the curve is linear in ``alpha``) and moves ``beta``,
 ``gamma`` and ``t_`` by a vectorised coordinate search, and projects cells by analytic
 inversion followed by Gauss-Newton steps. Nothing here reads AnnData.
+
+Every function takes numpy arrays or torch tensors and answers in the same kind: on the
+CPU the dynamical model runs numpy around the compiled kernels of
+:mod:`explorer.models._em_kernels` (this module never imports torch: a command that fits
+on the CPU does not load it); on CUDA, torch. Both run the same code here, and the
+tests check that they give the same fits.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from explorer import kinetics
 from explorer.models import _em_kernels
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+    import torch
+
+    #: a numpy array or a torch tensor; one call takes and gives one kind
+    Array = np.ndarray | torch.Tensor
 
 #: scVelo clips the logarithm in its analytic time inversion to [eps, 1 - eps]
 _LOG_EPS = 1e-6
@@ -42,23 +52,94 @@ _TINY = 1e-8
 #: the four states of scVelo's assignment, in the order of its distance array
 REPRESSION, INDUCTION, STEADY_OFF, STEADY_ON = 0, 1, 2, 3
 #: run the E-step and the profiled loss through the compiled kernels of
-#: :mod:`explorer.models._em_kernels` on the CPU (the tests also run the torch code)
+#: :mod:`explorer.models._em_kernels` on the CPU (the tests also run the array code)
 USE_KERNELS = True
 
 
-def _compiled(x: torch.Tensor) -> bool:
-    """Whether ``x``'s computations go to the compiled CPU kernels (else: torch, e.g. on CUDA)."""
-    return USE_KERNELS and x.device.type == "cpu"
+# ---------------------------------------------------------------------------------------------
+# numpy or torch: the few operations whose spelling differs
 
 
-def _cells(x: torch.Tensor) -> np.ndarray:
-    """``(n_genes, n_cells)`` float32 tensor as a C-contiguous numpy array (no copy when it is one)."""
-    return np.ascontiguousarray(x.numpy(), dtype=np.float32)
+def _is_np(x: Array) -> bool:
+    return isinstance(x, np.ndarray)
 
 
-def _genes(x: torch.Tensor) -> np.ndarray:
-    """``(n_genes, 1)`` tensor as a ``(n_genes,)`` float64 numpy array."""
-    return np.ascontiguousarray(x.reshape(-1).numpy(), dtype=np.float64)
+def _xp(x: Array) -> Any:
+    """The array library of ``x``: numpy, or torch (imported already when ``x`` is a tensor)."""
+    if isinstance(x, np.ndarray):
+        return np
+    import torch
+
+    return torch
+
+
+def _rsum(x: Array) -> Array:
+    """Row sums, ``(n, 1)``."""
+    return x.sum(1, keepdims=True) if _is_np(x) else x.sum(1, keepdim=True)
+
+
+def _rmax(x: Array) -> Array:
+    """Row maxima, ``(n, 1)``."""
+    return x.max(1, keepdims=True) if _is_np(x) else x.amax(1, keepdim=True)
+
+
+def _rmean(x: Array) -> Array:
+    """Row means, ``(n, 1)``."""
+    return x.mean(1, keepdims=True) if _is_np(x) else x.mean(1, keepdim=True)
+
+
+def _clamp(x: Array, lo: Any = None, hi: Any = None) -> Array:
+    """``x`` clipped to ``[lo, hi]`` (either may be None), in ``x``'s dtype for a float bound."""
+    if not _is_np(x):
+        return x.clamp(min=lo, max=hi)
+    if lo is not None:
+        x = np.maximum(x, lo)
+    if hi is not None:
+        x = np.minimum(x, hi)
+    return x
+
+
+def _cast(x: Array, like: Array) -> Array:
+    """``x`` in the dtype of ``like`` (numbers, or a mask as 1.0/0.0)."""
+    return x.astype(like.dtype, copy=False) if _is_np(x) else x.to(like.dtype)
+
+
+def _f64(x: Array) -> Array:
+    return x.astype(np.float64, copy=False) if _is_np(x) else x.double()
+
+
+def _gather(x: Array, idx: Array) -> Array:
+    """``x[i, idx[i, j]]``: each row its own columns."""
+    return np.take_along_axis(x, idx, 1) if _is_np(x) else x.gather(1, idx)
+
+
+def to_numpy(x: Array) -> np.ndarray:
+    """``x`` as a numpy array (a tensor moved to the CPU; an array as it is)."""
+    return x if isinstance(x, np.ndarray) else x.detach().cpu().numpy()
+
+
+def _like(x: np.ndarray, ref: Array) -> Array:
+    """A kernel's numpy output in ``ref``'s kind (the kernels run on the CPU only)."""
+    if isinstance(ref, np.ndarray):
+        return x
+    import torch
+
+    return torch.from_numpy(x)
+
+
+def _compiled(x: Array) -> bool:
+    """Whether ``x``'s computations go to the compiled CPU kernels (else: the array code, e.g. on CUDA)."""
+    return USE_KERNELS and (_is_np(x) or x.device.type == "cpu")
+
+
+def _cells(x: Array) -> np.ndarray:
+    """``(n_genes, n_cells)`` float32 array as a C-contiguous numpy array (no copy when it is one)."""
+    return np.ascontiguousarray(to_numpy(x), dtype=np.float32)
+
+
+def _genes(x: Array) -> np.ndarray:
+    """``(n_genes, 1)`` array as a ``(n_genes,)`` float64 numpy array."""
+    return np.ascontiguousarray(to_numpy(x).reshape(-1), dtype=np.float64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,31 +161,31 @@ class GeneData:
         ``(n_genes, 1)`` standard deviations over the weighted cells.
     """
 
-    u: torch.Tensor
-    s: torch.Tensor
-    weights: torch.Tensor
-    weights_upper: torch.Tensor
-    std_u: torch.Tensor
-    std_s: torch.Tensor
+    u: Array
+    s: Array
+    weights: Array
+    weights_upper: Array
+    std_u: Array
+    std_s: Array
 
     @property
-    def n_weighted(self) -> torch.Tensor:
+    def n_weighted(self) -> Array:
         """``(n_genes, 1)`` number of weighted cells (at least 1)."""
-        return self.weights.sum(1, keepdim=True).clamp(min=1).to(self.u.dtype)
+        return _cast(_clamp(_rsum(self.weights), 1), self.u)
 
-    def take_cells(self, idx: torch.Tensor) -> GeneData:
+    def take_cells(self, idx: Array) -> GeneData:
         """Return the same genes on the cells ``idx`` only (standard deviations kept).
 
         ``idx`` is ``(n,)`` (the same cells for every gene) or ``(n_genes, n)`` (each gene
         its own cells, as :func:`weighted_cells` draws them).
         """
-        if idx.dim() == 2:
+        if idx.ndim == 2:
 
-            def take(x: torch.Tensor) -> torch.Tensor:
-                return x.gather(1, idx)
+            def take(x: Array) -> Array:
+                return _gather(x, idx)
         else:
 
-            def take(x: torch.Tensor) -> torch.Tensor:
+            def take(x: Array) -> Array:
                 return x[:, idx]
 
         return GeneData(
@@ -117,20 +198,35 @@ class GeneData:
         )
 
 
-def weighted_cells(weights: torch.Tensor, n: int, *, seed: int) -> torch.Tensor:
+def weighted_cells(weights: Array, n: int, *, seed: int) -> Array:
     """``(n_genes, min(n, n_cells))`` cell indices per gene, drawn from the cells that carry its weight.
 
     A uniform draw without replacement among each gene's weighted cells (``weights >
     0``), topped up with unweighted cells when it has fewer than ``n``. One uniform draw
     for all genes would keep about ``n / n_cells`` of a rare population: a gene
     expressed in 1 % of 50,000 cells would be fitted on 10 cells; this keeps all its
-    500. Seeded: the same ``seed`` and weights give the same cells.
+    500. Seeded: the same ``seed`` and weights give the same cells, in numpy and in torch.
+
+    The keys are the numbers of ``torch.rand`` with a generator seeded ``seed`` (mod
+    2**32), drawn by numpy: both are MT19937 with the same seeding, and torch makes a
+    float32 of the low 24 bits of each 32-bit draw (a test checks they are equal).
     """
-    generator = torch.Generator().manual_seed(seed)
-    keys = torch.rand(weights.shape, generator=generator).to(weights.device)
-    # unweighted cells rank after every weighted one
-    keys = keys + (weights <= 0).to(keys.dtype)
-    idx = keys.topk(min(n, weights.shape[1]), dim=1, largest=False).indices
+    bits = np.random.RandomState(seed % 2**32).randint(0, 2**32, size=tuple(weights.shape), dtype=np.uint32)
+    keys = (bits & np.uint32(0xFFFFFF)).astype(np.float32) * np.float32(2.0**-24)
+    k = min(n, weights.shape[1])
+    if _is_np(weights):
+        # unweighted cells rank after every weighted one
+        keys += weights <= 0
+        idx = np.argpartition(keys, k - 1, axis=1)[:, :k] if k < keys.shape[1] else None
+        if idx is None:
+            return np.broadcast_to(np.arange(k), keys.shape).copy()
+        idx.sort(axis=1)
+        return idx
+    import torch
+
+    keys_t = torch.from_numpy(keys).to(weights.device)
+    keys_t = keys_t + (weights <= 0).to(keys_t.dtype)
+    idx = keys_t.topk(k, dim=1, largest=False).indices
     return idx.sort(dim=1).values
 
 
@@ -143,67 +239,73 @@ class Params:
     ``t_`` is the absolute switch time and ``t_on`` the onset of induction.
     """
 
-    alpha: torch.Tensor
-    beta: torch.Tensor
-    gamma: torch.Tensor
-    t_: torch.Tensor
-    scaling: torch.Tensor
-    t_on: torch.Tensor
+    alpha: Array
+    beta: Array
+    gamma: Array
+    t_: Array
+    scaling: Array
+    t_on: Array
 
-    def replace(self, **changes: torch.Tensor) -> Params:
+    def replace(self, **changes: Array) -> Params:
         """Return a copy with some fields changed."""
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         values.update(changes)
         return Params(**values)
 
-    def where(self, mask: torch.Tensor, other: Params) -> Params:
+    def where(self, mask: Array, other: Params) -> Params:
         """Take ``other``'s value for genes where ``mask`` (``(n_genes, 1)``) is true."""
+        xp = _xp(mask)
         return Params(
-            **{f.name: torch.where(mask, getattr(other, f.name), getattr(self, f.name)) for f in fields(self)}
+            **{f.name: xp.where(mask, getattr(other, f.name), getattr(self, f.name)) for f in fields(self)}
         )
 
-    def switch_point(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def switch_point(self) -> tuple[Array, Array]:
         """``(u0_, s0_)`` in scaled units: where induction stands at ``t_`` (none if ``t_on >= t_``)."""
-        dur = (self.t_ - self.t_on).clamp(min=0)
-        return kinetics.switch_state(dur, self.alpha, self.beta, self.gamma, xp=torch)
+        dur = _clamp(self.t_ - self.t_on, 0.0)
+        return kinetics.switch_state(dur, self.alpha, self.beta, self.gamma, xp=_xp(dur))
 
 
 # ---------------------------------------------------------------------------------------------
 # data preparation and initialisation
 
 
-def masked_quantile(x: torch.Tensor, mask: torch.Tensor, q: float) -> torch.Tensor:
+def masked_quantile(x: Array, mask: Array, q: float) -> Array:
     """Per-row ``q`` quantile of ``x`` over ``mask`` (linear interpolation, as numpy).
 
     Rows without any masked-in value give 0.
     """
-    big = torch.where(mask, x, torch.full_like(x, math.inf))
-    if big.device.type == "cpu":
+    xp = _xp(x)
+    big = xp.where(mask, x, xp.full_like(x, math.inf))
+    if _is_np(big):
+        ordered = np.sort(big, axis=1)
+    elif big.device.type == "cpu":
         # numpy's vectorised sort: the same values, about 20x faster than torch.sort on CPU
-        ordered = torch.from_numpy(np.sort(big.numpy(), axis=1))
+        ordered = _like(np.sort(big.numpy(), axis=1), big)
     else:
-        ordered = torch.sort(big, dim=1).values
-    n = mask.sum(1, keepdim=True)
-    pos = q * (n - 1).clamp(min=0).to(x.dtype)
-    lo = pos.floor().long()
-    hi = torch.minimum(lo + 1, (n - 1).clamp(min=0))
-    frac = pos - lo.to(x.dtype)
-    vlo, vhi = ordered.gather(1, lo), ordered.gather(1, hi)
+        ordered = xp.sort(big, dim=1).values
+    n = _rsum(mask)
+    pos = q * _cast(_clamp(n - 1, 0), x)
+    lo = xp.floor(pos)
+    lo = lo.astype(np.int64) if _is_np(lo) else lo.long()
+    hi = xp.minimum(lo + 1, _clamp(n - 1, 0))
+    frac = pos - _cast(lo, x)
+    vlo, vhi = _gather(ordered, lo), _gather(ordered, hi)
     res = vlo + (vhi - vlo) * frac
-    return torch.where(n > 0, res, torch.zeros_like(res))
+    return xp.where(n > 0, res, xp.zeros_like(res))
 
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    n = mask.sum(1, keepdim=True).clamp(min=1).to(x.dtype)
-    return torch.where(mask, x, torch.zeros_like(x)).sum(1, keepdim=True) / n
+def _masked_mean(x: Array, mask: Array) -> Array:
+    xp = _xp(x)
+    n = _cast(_clamp(_rsum(mask), 1), x)
+    return _rsum(xp.where(mask, x, xp.zeros_like(x))) / n
 
 
-def _masked_std(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _masked_std(x: Array, mask: Array) -> Array:
     mean = _masked_mean(x, mask)
-    return _masked_mean((x - mean) ** 2, mask).sqrt()
+    return _xp(x).sqrt(_masked_mean((x - mean) ** 2, mask))
 
 
-def prepare(u: torch.Tensor, s: torch.Tensor, *, perc: float = 99.0) -> tuple[GeneData, torch.Tensor]:
+def prepare(u: Array, s: Array, *, perc: float = 99.0) -> tuple[GeneData, Array]:
     """ScVelo's weights and spreads for each gene.
 
     Returns
@@ -211,6 +313,7 @@ def prepare(u: torch.Tensor, s: torch.Tensor, *, perc: float = 99.0) -> tuple[Ge
     The :class:`GeneData` and a ``(n_genes,)`` mask of genes with more than two
     weighted cells (scVelo's ``recoverable``).
     """
+    xp = _xp(u)
     weights = (s > 0) & (u > 0)
     ub_s = masked_quantile(s, weights, perc / 100)
     ub_u = masked_quantile(u, weights, perc / 100)
@@ -219,26 +322,26 @@ def prepare(u: torch.Tensor, s: torch.Tensor, *, perc: float = 99.0) -> tuple[Ge
     std_u, std_s = _masked_std(u, weights), _masked_std(s, weights)
     # scVelo sets both spreads to 1 when either is 0
     degenerate = (std_u == 0) | (std_s == 0)
-    std_u = torch.where(degenerate, torch.ones_like(std_u), std_u)
-    std_s = torch.where(degenerate, torch.ones_like(std_s), std_s)
-    max_u = torch.where(weights, u, torch.zeros_like(u)).amax(1, keepdim=True)
-    max_s = torch.where(weights, s, torch.zeros_like(s)).amax(1, keepdim=True)
+    std_u = xp.where(degenerate, xp.ones_like(std_u), std_u)
+    std_s = xp.where(degenerate, xp.ones_like(std_s), std_s)
+    max_u = _rmax(xp.where(weights, u, xp.zeros_like(u)))
+    max_s = _rmax(xp.where(weights, s, xp.zeros_like(s)))
     # scVelo measures the likelihood on cells above a third of the weighted maximum
     upper = weights & (u > max_u / 3) & (s > max_s / 3)
-    return GeneData(u, s, weights.to(u.dtype), upper.to(u.dtype), std_u, std_s), recoverable
+    return GeneData(u, s, _cast(weights, u), _cast(upper, u), std_u, std_s), recoverable
 
 
 def tau_inv(
-    u: torch.Tensor,
-    s: torch.Tensor,
-    u0: torch.Tensor,
-    s0: torch.Tensor,
-    alpha: torch.Tensor,
-    beta: torch.Tensor,
-    gamma: torch.Tensor,
+    u: Array,
+    s: Array,
+    u0: Array,
+    s0: Array,
+    alpha: Array,
+    beta: Array,
+    gamma: Array,
     *,
-    use_u: torch.Tensor,
-) -> torch.Tensor:
+    use_u: Array,
+) -> Array:
     """Time to go from ``(u0, s0)`` to ``(u, s)`` on the curve, by analytic inversion.
 
     From ``u`` alone where ``use_u``, else from ``s - beta/(gamma-beta) u``, which
@@ -246,33 +349,35 @@ def tau_inv(
     ``gamma >= beta``). The ratio inside the log is clipped to ``[eps, 1 - eps]``.
     """
     tau_u, tau_s = _tau_inv_both(u, s, u0, s0, alpha, beta, gamma)
-    return torch.where(use_u, tau_u, tau_s)
+    return _xp(tau_u).where(use_u, tau_u, tau_s)
 
 
 def _tau_inv_both(
-    u: torch.Tensor,
-    s: torch.Tensor,
-    u0: torch.Tensor,
-    s0: torch.Tensor,
-    alpha: torch.Tensor,
-    beta: torch.Tensor,
-    gamma: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    u: Array,
+    s: Array,
+    u0: Array,
+    s0: Array,
+    alpha: Array,
+    beta: Array,
+    gamma: Array,
+) -> tuple[Array, Array]:
     """Both inversions of :func:`tau_inv`: ``(from u, from s)``."""
+    xp = _xp(alpha)
     uinf = alpha / beta
-    ratio_u = (u - uinf) / torch.where((u0 - uinf).abs() < _TINY, torch.full_like(uinf, -_TINY), u0 - uinf)
-    tau_u = -torch.log(ratio_u.clamp(_LOG_EPS, 1 - _LOG_EPS)) / beta
+    den_u = u0 - uinf
+    ratio_u = (u - uinf) / xp.where(xp.abs(den_u) < _TINY, xp.full_like(den_u, -_TINY), den_u)
+    tau_u = -xp.log(_clamp(ratio_u, _LOG_EPS, 1 - _LOG_EPS)) / beta
     diff = gamma - beta
-    diff = torch.where(diff.abs() < _TINY, torch.full_like(diff, _TINY), diff)
+    diff = xp.where(xp.abs(diff) < _TINY, xp.full_like(diff, _TINY), diff)
     beta_ = beta / diff
     xinf = alpha / gamma - beta_ * uinf
     den = s0 - beta_ * u0 - xinf
-    den = torch.where(den.abs() < _TINY, torch.full_like(den, _TINY), den)
-    tau_s = -torch.log(((s - beta_ * u - xinf) / den).clamp(_LOG_EPS, 1 - _LOG_EPS)) / gamma
+    den = xp.where(xp.abs(den) < _TINY, xp.full_like(den, _TINY), den)
+    tau_s = -xp.log(_clamp((s - beta_ * u - xinf) / den, _LOG_EPS, 1 - _LOG_EPS)) / gamma
     return tau_u, tau_s
 
 
-def ratio_gap(p: Params, ratio: torch.Tensor) -> torch.Tensor:
+def ratio_gap(p: Params, ratio: Array) -> Array:
     """``gamma / beta - ratio / scaling``: distance of the fit from the prior ratio.
 
     scVelo penalises ``gamma / beta`` (scaled units) moving from its initial value with
@@ -287,7 +392,7 @@ class Init:
     """Initial parameters and the prior ratio ``gamma / fit_beta`` (count units) per gene."""
 
     params: Params
-    ratio: torch.Tensor
+    ratio: Array
 
 
 def initialize(data: GeneData, *, perc: float = 98.0) -> Init:
@@ -299,24 +404,23 @@ def initialize(data: GeneData, *, perc: float = 98.0) -> Init:
     optional bimodality test is not used.)
     """
     u, s, w = data.u, data.s, data.weights > 0
+    xp = _xp(u)
     scaling = data.std_u / data.std_s
     us = u / scaling
     weights_s = w & (s >= masked_quantile(s, w, perc / 100))
     weights_u = w & (us >= masked_quantile(us, w, perc / 100))
-    zero = torch.zeros_like(s)
-    num = torch.where(weights_s, us * s, zero).sum(1, keepdim=True)
-    den = torch.where(weights_s, s * s, zero).sum(1, keepdim=True).clamp(min=_TINY)
+    zero = xp.zeros_like(s)
+    num = _rsum(xp.where(weights_s, us * s, zero))
+    den = _clamp(_rsum(xp.where(weights_s, s * s, zero)), _TINY)
     # + 1e-6 avoids beta == gamma (scVelo)
-    gamma = (num / den).clamp(min=_TINY) + 1e-6
+    gamma = _clamp(num / den, _TINY) + 1e-6
     # scVelo nudges extreme initial ratios towards the middle by a factor 1.2
-    gamma = torch.where(
-        gamma < 0.05 / scaling, gamma * 1.2, torch.where(gamma > 1.5 / scaling, gamma / 1.2, gamma)
-    )
-    beta = torch.ones_like(gamma)
-    u_inf = _masked_mean(us, weights_u | weights_s).clamp(min=_TINY)
-    s_inf = _masked_mean(s, weights_s).clamp(min=_TINY)
+    gamma = xp.where(gamma < 0.05 / scaling, gamma * 1.2, xp.where(gamma > 1.5 / scaling, gamma / 1.2, gamma))
+    beta = xp.ones_like(gamma)
+    u_inf = _clamp(_masked_mean(us, weights_u | weights_s), _TINY)
+    s_inf = _clamp(_masked_mean(s, weights_s), _TINY)
     alpha = u_inf * beta
-    zero1 = torch.zeros_like(alpha)
+    zero1 = xp.zeros_like(alpha)
     t_ = tau_inv(u_inf, s_inf, zero1, zero1, alpha, beta, gamma, use_u=gamma >= beta)
     params = Params(alpha, beta, gamma, t_, scaling, zero1)
     return Init(params, gamma / beta * scaling)
@@ -333,19 +437,20 @@ def initialize_shape(data: GeneData, init: Init, *, factors: tuple[float, ...], 
     The prior ratio becomes the chosen ``gamma / beta``.
     """
     p0 = init.params
+    xp = _xp(p0.alpha)
     mom = moments(data)
     best, best_loss = p0, None
     for k in factors:
         beta = p0.beta * k
         cand = p0.replace(beta=beta, scaling=p0.scaling * k)
         u_inf = cand.alpha / beta
-        zero = torch.zeros_like(beta)
+        zero = xp.zeros_like(beta)
         # the switch time puts the end of induction at the initial extreme point
-        s_inf = kinetics.switch_state(p0.t_, p0.alpha, p0.beta, p0.gamma, xp=torch)[1]
+        s_inf = kinetics.switch_state(p0.t_, p0.alpha, p0.beta, p0.gamma, xp=xp)[1]
         t_ = tau_inv(
             u_inf * (1 - 1e-3), s_inf, zero, zero, cand.alpha, beta, cand.gamma, use_u=cand.gamma >= beta
         )
-        cand = cand.replace(t_=t_.clamp(min=_TINY))
+        cand = cand.replace(t_=_clamp(t_, _TINY))
         ratio = cand.gamma / cand.beta * cand.scaling
         a = assign(data, cand, n_newton=n_newton)
         loss = em_loss(data, mom, cand, a.dist, ratio)
@@ -353,7 +458,7 @@ def initialize_shape(data: GeneData, init: Init, *, factors: tuple[float, ...], 
             best, best_loss = cand, loss
         else:
             better = loss < best_loss
-            best, best_loss = best.where(better, cand), torch.where(better, loss, best_loss)
+            best, best_loss = best.where(better, cand), xp.where(better, loss, best_loss)
     return Init(best, best.gamma / best.beta * best.scaling)
 
 
@@ -362,10 +467,10 @@ def initialize_shape(data: GeneData, init: Init, *, factors: tuple[float, ...], 
 
 
 def _branch_distance(
-    data: GeneData, p: Params, tau: torch.Tensor, u0: torch.Tensor, s0: torch.Tensor, alpha: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    data: GeneData, p: Params, tau: Array, u0: Array, s0: Array, alpha: Array
+) -> tuple[Array, Array, Array]:
     """Squared scaled distance of each cell to the branch point at ``tau``, and the point."""
-    ut, st = kinetics.solution(tau, u0, s0, alpha, p.beta, p.gamma, xp=torch)
+    ut, st = kinetics.solution(tau, u0, s0, alpha, p.beta, p.gamma, xp=_xp(tau))
     du = (data.u - p.scaling * ut) / data.std_u
     ds = (data.s - st) / data.std_s
     return du * du + ds * ds, ut, st
@@ -374,23 +479,24 @@ def _branch_distance(
 def _project_branch(
     data: GeneData,
     p: Params,
-    u0: torch.Tensor,
-    s0: torch.Tensor,
-    alpha: torch.Tensor,
-    tau_max: torch.Tensor,
+    u0: Array,
+    s0: Array,
+    alpha: Array,
+    tau_max: Array,
     *,
     n_newton: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[Array, Array]:
     """Closest point of one branch to each cell: ``(tau, squared distance)``.
 
     Starts from the better of the two analytic inversions (from ``u`` and from ``s``)
     and takes Gauss-Newton steps on the distance, keeping a step only where it helps.
     """
+    xp = _xp(data.u)
     us = data.u / p.scaling
     best = None
     # both inversions at once (each is tau_inv with use_u all true / all false)
     for tau in _tau_inv_both(us, data.s, u0, s0, alpha, p.beta, p.gamma):
-        tau = torch.minimum(tau.clamp(min=0), tau_max)
+        tau = xp.minimum(_clamp(tau, 0.0), tau_max)
         d, ut, st = _branch_distance(data, p, tau, u0, s0, alpha)
         if best is None:
             best = (tau, d, ut, st)
@@ -404,11 +510,11 @@ def _project_branch(
         ju = (alpha - p.beta * ut) / su
         js = (p.beta * ut - p.gamma * st) / ss
         step = (ru * ju + rs * js) / (ju * ju + js * js + _TINY)
-        new = torch.minimum((tau - step).clamp(min=0), tau_max)
+        new = xp.minimum(_clamp(tau - step, 0.0), tau_max)
         d_new, ut_new, st_new = _branch_distance(data, p, new, u0, s0, alpha)
         better = _less(d_new, d)
         tau, ut, st = _pick(better, new, tau), _pick(better, ut_new, ut), _pick(better, st_new, st)
-        d = torch.minimum(d_new, d)
+        d = xp.minimum(d_new, d)
     return tau, d
 
 
@@ -416,9 +522,9 @@ def _project_branch(
 class Assignment:
     """Per cell and gene: absolute time ``t``, state (0-3) and squared distance."""
 
-    t: torch.Tensor
-    state: torch.Tensor
-    dist: torch.Tensor
+    t: Array
+    state: Array
+    dist: Array
 
 
 def assign(
@@ -426,8 +532,8 @@ def assign(
     p: Params,
     *,
     n_newton: int = 2,
-    t_prev: torch.Tensor | None = None,
-    smooth: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    t_prev: Array | None = None,
+    smooth: Callable[[Array], Array] | None = None,
 ) -> Assignment:
     """E-step: scVelo's four-state time assignment for every cell and gene.
 
@@ -445,47 +551,55 @@ def assign(
         dists, times = _branch_states_compiled(data, p, n_newton=n_newton)
     else:
         dists, times = _branch_states(data, p, n_newton=n_newton)
+    xp = _xp(data.u)
     crits = dists if smooth is None else tuple(smooth(d) for d in dists)
     # running minimum over the states (ties keep the earlier state, as argmin does)
-    state = torch.zeros_like(dists[0])
+    state = xp.zeros_like(dists[0])
     t, dist, crit = times[0], dists[0], crits[0]
     for k in range(1, 4):
         better = _less(crits[k], crit)
         state = state + better * (k - state)
         t = t + better * (times[k] - t)
         dist = dist + better * (dists[k] - dist)
-        crit = torch.minimum(crits[k], crit)
+        crit = xp.minimum(crits[k], crit)
     if t_prev is not None and smooth is None:
         d_prev = point_distance(data, p, t_prev)
         keep = _less(d_prev, dist)
         t = t + keep * (t_prev - t)
-        dist = torch.minimum(d_prev, dist)
+        dist = xp.minimum(d_prev, dist)
         state = state + keep * (state_of(t_prev, p) - state)
-    return Assignment(t, state.round().to(torch.int8), dist)
+    state = xp.round(state)
+    return Assignment(t, state.astype(np.int8) if _is_np(state) else state.to(xp.int8), dist)
 
 
 def _branch_states(
     data: GeneData, p: Params, *, n_newton: int
-) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-    """Distances to the four states (repression, induction, off, on) and their times, in torch."""
-    zero = torch.zeros_like(p.alpha)
-    dur = (p.t_ - p.t_on).clamp(min=0)
+) -> tuple[tuple[Array, ...], tuple[Array, ...]]:
+    """Distances to the four states (repression, induction, off, on) and their times, as arrays."""
+    xp = _xp(p.alpha)
+    zero = xp.zeros_like(p.alpha)
+    dur = _clamp(p.t_ - p.t_on, 0.0)
     tau, d_ind = _project_branch(data, p, zero, zero, p.alpha, dur, n_newton=n_newton)
     u0_, s0_ = p.switch_point()
     # the repression branch is followed until u has decayed to 1e-4 of its start
-    rate = torch.minimum(p.beta, p.gamma).clamp(min=_TINY)
+    rate = _clamp(xp.minimum(p.beta, p.gamma), _TINY)
     tau_, d_rep = _project_branch(data, p, u0_, s0_, zero, math.log(1e4) / rate, n_newton=n_newton)
     du_off, ds_off = data.u / data.std_u, data.s / data.std_s
     d_off = du_off * du_off + ds_off * ds_off
     du_on, ds_on = (data.u - p.scaling * u0_) / data.std_u, (data.s - s0_) / data.std_s
     d_on = du_on * du_on + ds_on * ds_on
     dists = (d_rep, d_ind, d_off, d_on)
-    times = (p.t_ + tau_, p.t_on + tau, torch.zeros_like(tau), p.t_.expand_as(tau))
+    times = (p.t_ + tau_, p.t_on + tau, xp.zeros_like(tau), _expand(p.t_, tau))
     return dists, times
 
 
+def _expand(x: Array, like: Array) -> Array:
+    """``(n_genes, 1)`` ``x`` as a view of ``like``'s shape."""
+    return np.broadcast_to(x, like.shape) if _is_np(x) else x.expand_as(like)
+
+
 def _run_assign_kernel(
-    data: GeneData, p: Params, *, n_newton: int, t_prev: torch.Tensor | None, keep_all: bool
+    data: GeneData, p: Params, *, n_newton: int, t_prev: Array | None, keep_all: bool
 ) -> tuple[np.ndarray, ...]:
     """Call :func:`explorer.models._em_kernels.assign_states`: ``(t, state, dist, dists, times)``."""
     shape = (4, *data.u.shape) if keep_all else (1, 1, 1)
@@ -500,32 +614,35 @@ def _run_assign_kernel(
     return t, state, dist, dists, times
 
 
-def _assign_compiled(data: GeneData, p: Params, *, n_newton: int, t_prev: torch.Tensor | None) -> Assignment:
+def _assign_compiled(data: GeneData, p: Params, *, n_newton: int, t_prev: Array | None) -> Assignment:
     """:func:`assign` without ``smooth``, in one compiled pass (CPU)."""
     t, state, dist, _, _ = _run_assign_kernel(data, p, n_newton=n_newton, t_prev=t_prev, keep_all=False)
-    return Assignment(torch.from_numpy(t), torch.from_numpy(state), torch.from_numpy(dist))
+    ref = data.u
+    return Assignment(_like(t, ref), _like(state, ref), _like(dist, ref))
 
 
 def _branch_states_compiled(
     data: GeneData, p: Params, *, n_newton: int
-) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+) -> tuple[tuple[Array, ...], tuple[Array, ...]]:
     """:func:`_branch_states` through the compiled kernel (CPU)."""
     _, _, _, dists, times = _run_assign_kernel(data, p, n_newton=n_newton, t_prev=None, keep_all=True)
-    d, tau = torch.from_numpy(dists), torch.from_numpy(times)
-    return (d[0], d[1], d[2], d[3]), (tau[0], tau[1], torch.zeros_like(tau[0]), p.t_.expand_as(tau[0]))
+    d, tau = _like(dists, data.u), _like(times, data.u)
+    # time 0 of the off state, broadcast (assign only blends it in)
+    zero = _xp(d).zeros_like(tau[0, :1, :1])
+    return (d[0], d[1], d[2], d[3]), (tau[0], tau[1], zero, _expand(p.t_, tau[0]))
 
 
-def state_of(t: torch.Tensor, p: Params) -> torch.Tensor:
+def state_of(t: Array, p: Params) -> Array:
     """Induction (1) before the switch time, repression (0) after it."""
     return _less(t, p.t_) * (INDUCTION - REPRESSION) + REPRESSION
 
 
-def curve(t: torch.Tensor, p: Params) -> tuple[torch.Tensor, torch.Tensor]:
+def curve(t: Array, p: Params) -> tuple[Array, Array]:
     """``(u(t), s(t))`` in scaled units (multiply ``u`` by ``scaling`` for counts)."""
     return _curve(t, p, p.alpha)
 
 
-def _curve(t: torch.Tensor, p: Params, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _curve(t: Array, p: Params, alpha: Array) -> tuple[Array, Array]:
     """:func:`explorer.kinetics.trajectory` with float masks instead of ``where``.
 
     The same three pieces (off before ``t_on``, induction until ``t_``, repression from
@@ -533,17 +650,18 @@ def _curve(t: torch.Tensor, p: Params, alpha: torch.Tensor) -> tuple[torch.Tenso
     :func:`kinetics.spliced` in one pass).
     An onset after the switch counts as at the switch (no induction; no overflow).
     """
+    xp = _xp(t)
     ind = _less(t, p.t_)
     rep = 1 - ind
-    dur = (p.t_ - p.t_on).clamp(min=0)
-    u0_, s0_ = kinetics.switch_state(dur, alpha, p.beta, p.gamma, xp=torch)
-    tau = ind * (t - (p.t_ - dur)).clamp(min=0) + rep * (t - p.t_)
+    dur = _clamp(p.t_ - p.t_on, 0.0)
+    u0_, s0_ = kinetics.switch_state(dur, alpha, p.beta, p.gamma, xp=xp)
+    tau = ind * _clamp(t - (p.t_ - dur), 0.0) + rep * (t - p.t_)
     u0, s0 = rep * u0_, rep * s0_
     a = ind * alpha
-    return kinetics.solution(tau, u0, s0, a, p.beta, p.gamma, xp=torch)
+    return kinetics.solution(tau, u0, s0, a, p.beta, p.gamma, xp=xp)
 
 
-def point_distance(data: GeneData, p: Params, t: torch.Tensor) -> torch.Tensor:
+def point_distance(data: GeneData, p: Params, t: Array) -> Array:
     """Squared scaled distance of each cell to the curve at its time ``t``."""
     ut, st = curve(t, p)
     du = (data.u - p.scaling * ut) / data.std_u
@@ -555,22 +673,22 @@ def point_distance(data: GeneData, p: Params, t: torch.Tensor) -> torch.Tensor:
 # M-step: parameters for fixed times
 
 
-def _sum(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def _sum(x: Array, w: Array) -> Array:
     """Row sums of ``x`` over the cells weighted 1 in ``w``, as float64 ``(n_genes, 1)``."""
-    return (x * w).sum(1, keepdim=True).double()
+    return _f64(_rsum(x * w))
 
 
-def _pick(mask: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+def _pick(mask: Array, new: Array, old: Array) -> Array:
     """Take ``new`` where ``mask`` (1.0/0.0, or bool) else ``old``, by arithmetic.
 
     ``torch.where`` is slow on CPU.
     """
-    if mask.dtype == torch.bool:
-        mask = mask.to(old.dtype)
+    if mask.dtype == bool or str(mask.dtype) == "torch.bool":
+        mask = _cast(mask, old)
     return old + mask * (new - old)
 
 
-def _less(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _less(a: Array, b: Array) -> Array:
     """Compare ``a < b`` into 1.0/0.0 of ``a``'s dtype.
 
     The same numbers as ``(a < b).to(a.dtype)``, written straight into a float tensor:
@@ -579,6 +697,10 @@ def _less(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     # numpy's broadcast_shapes: torch's imports torch.fx's symbolic shapes and with them
     # sympy, 0.4 s of CPU (1 s of wall) of the command's start-up for this one shape
     shape = np.broadcast_shapes(tuple(a.shape), tuple(b.shape))
+    if _is_np(a):
+        return np.less(a, b, out=np.empty(shape, dtype=a.dtype))
+    import torch
+
     out = torch.empty(shape, dtype=a.dtype, device=a.device)
     return torch.lt(a, b, out=out)
 
@@ -587,21 +709,21 @@ def _less(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class Moments:
     """Per-gene sums over the weighted cells that do not depend on the parameters."""
 
-    uu: torch.Tensor
-    ss: torch.Tensor
-    n: torch.Tensor
+    uu: Array
+    ss: Array
+    n: Array
 
 
 def moments(data: GeneData) -> Moments:
     """``sum(u^2)``, ``sum(s^2)`` and the count over the weighted cells, in float64."""
     return Moments(
-        _sum(data.u * data.u, data.weights), _sum(data.s * data.s, data.weights), data.n_weighted.double()
+        _sum(data.u * data.u, data.weights), _sum(data.s * data.s, data.weights), _f64(data.n_weighted)
     )
 
 
 def profiled_loss(
-    data: GeneData, mom: Moments, p: Params, t: torch.Tensor, ratio: torch.Tensor, *, reg: float = 1.0
-) -> tuple[torch.Tensor, Params]:
+    data: GeneData, mom: Moments, p: Params, t: Array, ratio: Array, *, reg: float = 1.0
+) -> tuple[Array, Params]:
     """ScVelo's loss at the best ``alpha`` and ``scaling`` for the other parameters.
 
     The curve is linear in ``alpha`` (the switch point is too), so with ``f, g`` the
@@ -615,26 +737,26 @@ def profiled_loss(
     ``(n_genes, 1)`` float64 loss and the parameters with ``alpha``, ``scaling`` set.
     """
     if _compiled(data.u):
-        sums = torch.from_numpy(
+        sums = _like(
             _em_kernels.curve_sums(
                 _cells(data.u), _cells(data.s), _cells(data.weights), _cells(t),
                 _genes(p.t_), _genes(p.t_on), _genes(p.beta), _genes(p.gamma),
-            )
+            ),
+            data.u,
         )  # fmt: skip
         suf, sff, ssg, sgg = (sums[:, k : k + 1] for k in range(4))
-        sff, sgg = sff.clamp(min=_TINY), sgg.clamp(min=_TINY)
+        sff, sgg = _clamp(sff, _TINY), _clamp(sgg, _TINY)
     else:
-        f, g = _curve(t, p, torch.ones_like(p.alpha))
+        f, g = _curve(t, p, _xp(p.alpha).ones_like(p.alpha))
         w = data.weights
-        suf, sff = _sum(data.u * f, w), _sum(f * f, w).clamp(min=_TINY)
-        ssg, sgg = _sum(data.s * g, w), _sum(g * g, w).clamp(min=_TINY)
-    amp_u = (suf / sff).clamp(min=_TINY)
-    amp_s = (ssg / sgg).clamp(min=_TINY)
-    sse_u = (mom.uu - 2 * amp_u * suf + amp_u * amp_u * sff).clamp(min=0) / data.std_u.double() ** 2
-    sse_s = (mom.ss - 2 * amp_s * ssg + amp_s * amp_s * sgg).clamp(min=0) / data.std_s.double() ** 2
-    dtype = p.alpha.dtype
-    p = p.replace(alpha=amp_s.to(dtype), scaling=(amp_u / amp_s).to(dtype))
-    penalty = (ratio_gap(p, ratio).double() ** 2) * mom.ss / data.std_s.double() ** 2
+        suf, sff = _sum(data.u * f, w), _clamp(_sum(f * f, w), _TINY)
+        ssg, sgg = _sum(data.s * g, w), _clamp(_sum(g * g, w), _TINY)
+    amp_u = _clamp(suf / sff, _TINY)
+    amp_s = _clamp(ssg / sgg, _TINY)
+    sse_u = _clamp(mom.uu - 2 * amp_u * suf + amp_u * amp_u * sff, 0.0) / _f64(data.std_u) ** 2
+    sse_s = _clamp(mom.ss - 2 * amp_s * ssg + amp_s * amp_s * sgg, 0.0) / _f64(data.std_s) ** 2
+    p = p.replace(alpha=_cast(amp_s, p.alpha), scaling=_cast(amp_u / amp_s, p.alpha))
+    penalty = (_f64(ratio_gap(p, ratio)) ** 2) * mom.ss / _f64(data.std_s) ** 2
     return (sse_u + sse_s + reg * penalty) / mom.n, p
 
 
@@ -642,14 +764,14 @@ def m_step(
     data: GeneData,
     mom: Moments,
     p: Params,
-    t: torch.Tensor,
-    ratio: torch.Tensor,
-    step: torch.Tensor,
+    t: Array,
+    ratio: Array,
+    step: Array,
     *,
     n_rounds: int = 2,
     reg: float = 1.0,
     fit_t_on: bool = False,
-) -> tuple[Params, torch.Tensor, torch.Tensor]:
+) -> tuple[Params, Array, Array]:
     """Lower the loss for fixed times by a coordinate search on the log parameters.
 
     Each round tries ``beta``, ``gamma`` and ``t_`` (and ``t_on`` if ``fit_t_on``)
@@ -661,34 +783,35 @@ def m_step(
     -------
     The new parameters, their ``(n_genes, 1)`` loss and the new step sizes.
     """
+    xp = _xp(p.alpha)
     loss, p = profiled_loss(data, mom, p, t, ratio, reg=reg)
 
     def try_params(cand: Params) -> None:
         nonlocal loss, p, improved
         c_loss, cand = profiled_loss(data, mom, cand, t, ratio, reg=reg)
         better = c_loss < loss
-        loss = torch.where(better, c_loss, loss)
+        loss = xp.where(better, c_loss, loss)
         p = p.where(better, cand)
         improved |= better
 
     for _ in range(n_rounds):
-        improved = torch.zeros_like(p.alpha, dtype=torch.bool)
-        factor = torch.exp(step)
+        improved = xp.zeros_like(p.alpha, dtype=bool if _is_np(p.alpha) else xp.bool)
+        factor = xp.exp(step)
         for name in ("beta", "gamma", "t_"):
             for f in (factor, 1 / factor):
                 try_params(p.replace(**{name: getattr(p, name) * f}))
         if fit_t_on:
-            span = (p.t_ - p.t_on).abs().clamp(min=_TINY)
+            span = _clamp(xp.abs(p.t_ - p.t_on), _TINY)
             for sign in (1.0, -1.0):
                 shift = sign * span * (factor - 1)
                 try_params(p.replace(t_on=p.t_on + shift, t_=p.t_ + shift))
         else:
             # scVelo's alt_t_: end induction at the last cell assigned to it
             on = _less(t, p.t_) * data.weights
-            last = (on * t).amax(1, keepdim=True)
+            last = _rmax(on * t)
             ok = (last > p.t_on) & (last < p.t_)
-            try_params(p.replace(t_=torch.where(ok, last * (1 + 1e-3), p.t_)))
-        step = torch.where(improved, step, step * 0.5)
+            try_params(p.replace(t_=xp.where(ok, last * (1 + 1e-3), p.t_)))
+        step = xp.where(improved, step, step * 0.5)
     return p, loss, step
 
 
@@ -696,7 +819,9 @@ def m_step(
 # read-outs
 
 
-def likelihood(data: GeneData, p: Params, t: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+def likelihood(
+    data: GeneData, p: Params, t: Array, ratio: Array, *, at: tuple[Array, Array] | None = None
+) -> Array:
     """ScVelo's gene likelihood (``get_likelihood``, normal noise), ``(n_genes, 1)``.
 
     On the cells of ``weights_upper``: ``exp(-sum(d^2) / (2 n varx) - log(2 pi varx) / 2)``
@@ -705,85 +830,92 @@ def likelihood(data: GeneData, p: Params, t: torch.Tensor, ratio: torch.Tensor) 
     cells (at least 2). NaN for a gene without any such cell, as scVelo (whose mean over
     no cells is NaN), so it fails every likelihood filter.
     """
-    ut, st = curve(t, p)
+    xp = _xp(t)
+    ut, st = curve(t, p) if at is None else at
     du = (p.scaling * ut - data.u) / data.std_u
     ds = (st - data.s) / data.std_s
     reg = ratio_gap(p, ratio) * data.s / data.std_s
     distx = du * du + ds * ds + reg * reg
     w = data.weights_upper
-    cnt = w.sum(1, keepdim=True).clamp(min=1).double()
+    cnt = _f64(_clamp(_rsum(w), 1))
     mean_d = _sum(distx, w) / cnt
-    mean_signed = _sum(torch.sign(ds) * distx.sqrt(), w) / cnt
+    mean_signed = _sum(xp.sign(ds) * xp.sqrt(distx), w) / cnt
     varx = mean_d - mean_signed**2
     # scVelo replaces a variance of 0 by 1; rounding can also leave it just below 0
-    varx = torch.where(varx <= 0, torch.ones_like(varx), varx)
-    n = (w.sum(1, keepdim=True).double() - 0.01 * data.u.shape[1]).clamp(min=2)
-    loglik = -0.5 / n * _sum(distx, w) / varx - 0.5 * torch.log(2 * math.pi * varx.clamp(min=1e-30))
-    loglik = torch.where(w.sum(1, keepdim=True) > 0, loglik, torch.full_like(loglik, math.nan))
-    return torch.exp(loglik).to(p.alpha.dtype)
+    varx = xp.where(varx <= 0, xp.ones_like(varx), varx)
+    n = _clamp(_f64(_rsum(w)) - 0.01 * data.u.shape[1], 2.0)
+    loglik = -0.5 / n * _sum(distx, w) / varx - 0.5 * xp.log(2 * math.pi * _clamp(varx, 1e-30))
+    loglik = xp.where(_rsum(w) > 0, loglik, xp.full_like(loglik, math.nan))
+    return _cast(xp.exp(loglik), p.alpha)
 
 
-def r2(data: GeneData, p: Params, t: torch.Tensor) -> torch.Tensor:
-    """R² of the fitted curve on the weighted cells, ``u`` and ``s`` in units of their spread."""
-    ut, st = curve(t, p)
+def r2(data: GeneData, p: Params, t: Array, *, at: tuple[Array, Array] | None = None) -> Array:
+    """R² of the fitted curve on the weighted cells, ``u`` and ``s`` in units of their spread.
+
+    ``at``: :func:`curve` at ``t``, when the caller has it (likewise for :func:`likelihood`
+    and :func:`velocities`).
+    """
+    ut, st = curve(t, p) if at is None else at
     w = data.weights
     du = (data.u - p.scaling * ut) / data.std_u
     ds = (data.s - st) / data.std_s
     sse = _sum(du * du + ds * ds, w)
     cu = (data.u - _masked_mean(data.u, w > 0)) / data.std_u
     cs = (data.s - _masked_mean(data.s, w > 0)) / data.std_s
-    sst = _sum(cu * cu + cs * cs, w).clamp(min=_TINY)
-    return (1 - sse / sst).to(p.alpha.dtype)
+    sst = _clamp(_sum(cu * cu + cs * cs, w), _TINY)
+    return _cast(1 - sse / sst, p.alpha)
 
 
 def velocities(
-    data: GeneData, p: Params, t: torch.Tensor, state: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+    data: GeneData, p: Params, t: Array, state: Array, *, at: tuple[Array, Array] | None = None
+) -> tuple[Array, Array]:
     """ScVelo's dynamical velocity at the cells' times, in count units.
 
     ``ds/dt = beta u(t) - gamma s(t)`` and ``du/dt = (alpha 1[induction] - beta u(t))
     scaling``, zero for cells in a steady state (scVelo's ``mode='velocity'``), clipped
     below at ``-s`` and ``-u`` as scVelo does.
     """
-    ut, st = curve(t, p)
+    xp = _xp(t)
+    ut, st = curve(t, p) if at is None else at
     moving = (state == INDUCTION) | (state == REPRESSION)
     on = t < p.t_
-    alpha = (on & (t >= p.t_on)).to(t.dtype) * p.alpha
+    alpha = _cast(on & (t >= p.t_on), t) * p.alpha
     vs = kinetics.velocity(ut, st, p.beta, p.gamma)
     vu = (alpha - p.beta * ut) * p.scaling
-    vs = vs * moving.to(vs.dtype)
-    vu = vu * moving.to(vu.dtype)
-    return torch.maximum(vs, -data.s), torch.maximum(vu, -data.u)
+    vs = vs * _cast(moving, vs)
+    vu = vu * _cast(moving, vu)
+    return xp.maximum(vs, -data.s), xp.maximum(vu, -data.u)
 
 
-def em_loss(data: GeneData, mom: Moments, p: Params, dist: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+def em_loss(data: GeneData, mom: Moments, p: Params, dist: Array, ratio: Array) -> Array:
     """ScVelo's loss from the assigned distances: mean over weighted cells plus the ratio penalty."""
-    penalty = (ratio_gap(p, ratio).double() ** 2) * mom.ss / data.std_s.double() ** 2
+    penalty = (_f64(ratio_gap(p, ratio)) ** 2) * mom.ss / _f64(data.std_s) ** 2
     return (_sum(dist, data.weights) + penalty) / mom.n
 
 
-def alignment_factor(t: torch.Tensor, p: Params, t_max: float) -> torch.Tensor:
+def alignment_factor(t: Array, p: Params, t_max: float) -> Array:
     """ScVelo's ``align_dynamics``: the factor that stretches a gene's time span to ``t_max``.
 
     The span is the longest induction time plus the longest repression time, divided by
     the share of cells not sitting exactly at time 0 or ``t_``.
     """
-    zero = torch.zeros_like(t)
-    span = torch.where(t < p.t_, t - p.t_on, zero).amax(1, keepdim=True)
-    span = span + torch.where(t > p.t_, t - p.t_, zero).amax(1, keepdim=True)
-    pinned = ((t == p.t_) | (t == 0)).to(t.dtype).mean(1, keepdim=True)
+    xp = _xp(t)
+    zero = xp.zeros_like(t)
+    span = _rmax(xp.where(t < p.t_, t - p.t_on, zero))
+    span = span + _rmax(xp.where(t > p.t_, t - p.t_, zero))
+    pinned = _rmean(_cast((t == p.t_) | (t == 0), t))
     denom = 1 - pinned
-    denom = torch.where(denom == 0, torch.ones_like(denom), denom)
+    denom = xp.where(denom == 0, xp.ones_like(denom), denom)
     span = span / denom
-    span = torch.where(span <= 0, torch.ones_like(span), span)
+    span = xp.where(span <= 0, xp.ones_like(span), span)
     return t_max / span
 
 
 def grid_onset(
     data: GeneData,
     p: Params,
-    t: torch.Tensor,
-    ratio: torch.Tensor,
+    t: Array,
+    ratio: Array,
     *,
     t_on_grid: list[float],
     duration_grid: list[float],
@@ -796,14 +928,15 @@ def grid_onset(
     ``gamma`` are multiplied by each factor of ``rate_grid`` (the gene's clock speed on
     the shared axis); ``alpha`` and ``scaling`` are profiled (:func:`profiled_loss`).
     """
+    xp = _xp(p.alpha)
     mom = moments(data)
     best_loss, best = None, p
     for k in rate_grid:
         for t_on in t_on_grid:
             for dur in duration_grid:
                 cand = p.replace(
-                    t_on=torch.full_like(p.t_on, t_on),
-                    t_=torch.full_like(p.t_, t_on + dur),
+                    t_on=xp.full_like(p.t_on, t_on),
+                    t_=xp.full_like(p.t_, t_on + dur),
                     beta=p.beta * k,
                     gamma=p.gamma * k,
                 )
@@ -812,6 +945,6 @@ def grid_onset(
                     best_loss, best = loss, cand
                 else:
                     better = loss < best_loss
-                    best_loss = torch.where(better, loss, best_loss)
+                    best_loss = xp.where(better, loss, best_loss)
                     best = best.where(better, cand)
     return best

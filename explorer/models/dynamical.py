@@ -6,8 +6,9 @@ splicing ODE of :mod:`explorer.kinetics` with an induction phase (rate
 cell a time per gene. Like scVelo's ``tl.recover_dynamics`` it alternates assigning
 times (projection of each cell onto the curve, four states: induction, repression and
 the two steady states) and updating the parameters (expectation-maximisation), but for
-a whole batch of genes at once in torch (:mod:`explorer.models._em`), so it is many times
-faster than fitting gene after gene.
+a whole batch of genes at once as arrays (:mod:`explorer.models._em`: numpy around
+compiled kernels on the CPU, where torch is not even imported; torch on CUDA), so it is
+many times faster than fitting gene after gene.
 
 Beyond scVelo:
 
@@ -27,6 +28,8 @@ a total of ``t_max = 20``), so ``scv.pl.scatter(adata, basis=gene)`` draws our c
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -123,6 +126,71 @@ class _GeneEM:
         )
 
 
+#: the array library of the EM on the CPU: ``"numpy"`` (around the compiled kernels of
+#: :mod:`explorer.models._em_kernels`; torch is not imported) or ``"torch"`` (the CUDA
+#: path's code run on the CPU: the tests compare the two)
+CPU_BACKEND: Literal["numpy", "torch"] = "numpy"
+
+
+def _cuda_possible() -> bool:
+    """Whether torch might find a CUDA device, answered without importing torch where possible.
+
+    No when torch is a CPU build (``+cpu`` in its version) or, on Linux, when no NVIDIA
+    driver is loaded; otherwise torch is imported and asked.
+    """
+    if "torch" in sys.modules:
+        return bool(sys.modules["torch"].cuda.is_available())
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        if "+cpu" in version("torch"):
+            return False
+    except PackageNotFoundError:
+        return False
+    if sys.platform == "darwin":
+        return False
+    if sys.platform.startswith("linux") and not (
+        os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidiactl")
+    ):
+        return False
+    return bool(_import_torch().cuda.is_available())
+
+
+def _em_device(device: str) -> torch.device | None:
+    """Where the EM runs: ``None`` for numpy on the CPU (torch not imported), else a torch device.
+
+    ``"auto"`` is CUDA when there is one; ``"cpu"`` runs numpy, or torch on the CPU when
+    :data:`CPU_BACKEND` says ``"torch"``.
+    """
+    if device not in ("auto", "cpu", "cuda"):
+        msg = f"Invalid device {device!r}. Valid options are: 'auto', 'cpu', 'cuda'."
+        raise ValueError(msg)
+    if CPU_BACKEND == "numpy" and (device == "cpu" or (device == "auto" and not _cuda_possible())):
+        return None
+    _import_torch()
+    return _array_device(_resolve_device(device))
+
+
+def _array_device(device: torch.device | None) -> torch.device | None:
+    """``device``, or ``None`` (numpy) for the CPU unless :data:`CPU_BACKEND` is ``"torch"``."""
+    if device is not None and device.type == "cpu" and CPU_BACKEND == "numpy":
+        return None
+    return device
+
+
+def _inference_mode(device: torch.device | None) -> Any:
+    """torch's inference mode for a torch device; for numpy, IEEE results without warnings, as torch.
+
+    (A gene without weighted cells has an infinite quantile, ``inf - inf`` is NaN, and
+    the NaN is masked out after; numpy would warn on the way.)
+    """
+    if device is None:
+        return np.errstate(divide="ignore", invalid="ignore", over="ignore", under="ignore")
+    import torch
+
+    return torch.inference_mode()
+
+
 def _import_torch() -> Any:
     """Import torch (lazily: see ``explorer/__init__.py``) after :func:`~explorer._process.set_up_process`."""
     set_up_process()
@@ -170,20 +238,21 @@ def _dense32(matrix: Any) -> np.ndarray:
 
 
 class _Smoother:
-    """Average ``(n_genes, n_cells)`` tensors over each cell's neighbours (scVelo's connectivities).
+    """Average ``(n_genes, n_cells)`` arrays over each cell's neighbours (scVelo's connectivities).
 
-    On the CPU through scipy's CSR product on the tensors' numpy views: building torch's
-    sparse tensor (its invariant check and coalescing) cost more than the products.
+    On the CPU (``device`` None or a CPU torch device) through scipy's CSR product, on
+    numpy arrays or the tensors' numpy views: building torch's sparse tensor (its
+    invariant check and coalescing) cost more than the products.
     """
 
-    def __init__(self, weights: sparse.csr_matrix, device: torch.device) -> None:
-        import torch
-
+    def __init__(self, weights: sparse.csr_matrix, device: torch.device | None) -> None:
         self.csr: sparse.csr_matrix | None = None
         self.matrix: torch.Tensor | None = None
-        if device.type == "cpu":
+        if device is None or device.type == "cpu":
             self.csr = sparse.csr_matrix(weights, dtype=np.float32)
             return
+        import torch
+
         coo = weights.tocoo()
         idx = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64))
         self.matrix = (
@@ -194,11 +263,15 @@ class _Smoother:
             .to(device)
         )
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: Any) -> Any:
+        if self.csr is not None:
+            if isinstance(x, np.ndarray):
+                return np.ascontiguousarray((self.csr @ x.T).T)
+            import torch
+
+            return torch.from_numpy(np.ascontiguousarray((self.csr @ x.numpy().T).T))
         import torch
 
-        if self.csr is not None:
-            return torch.from_numpy(np.ascontiguousarray((self.csr @ x.numpy().T).T))
         return torch.sparse.mm(self.matrix, x.T.contiguous()).T
 
 
@@ -261,7 +334,10 @@ class Dynamical(Hyperparameters):
     seed
         Seed of every random choice (cell subsets, eigen solver start).
     device
-        ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
+        ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``. On the CPU the EM runs
+        in numpy around compiled kernels and torch is not imported (on a machine without
+        an NVIDIA driver or with torch's CPU build, ``"auto"`` finds that out without
+        importing torch either).
 
     Examples
     --------
@@ -357,11 +433,12 @@ class Dynamical(Hyperparameters):
         ``fit_frac_repression``, ``fit_frac_steady_on``, ``fit_frac_steady_off``),
         ``layers['fit_t']``, the latent time and ``obs['root_cells']``.
         """
-        torch = _import_torch()
-
+        # before the compiled kernels' OpenMP threads start (and torch's, on CUDA): they
+        # sleep instead of spinning when idle (see set_up_process)
+        set_up_process()
         self._check(adata)
         self.velocity_graph_: dict[str, Any] | None = None
-        device = _resolve_device(self.device)
+        device = _em_device(self.device)
         fitted = self._select_genes(adata)
         cols = np.flatnonzero(fitted)
         if len(cols) == 0:
@@ -382,14 +459,15 @@ class Dynamical(Hyperparameters):
         n_extra = int(self.latent_time) + int(self.latent_time and self.fit_t_on)
         total = len(starts) * (self.max_iter + 1) + n_extra
         logger.info(
-            "dynamical model: %d genes x %d cells in %d batch(es) on %s", n_fit, n_obs, len(starts), device
-        )
+            "dynamical model: %d genes x %d cells in %d batch(es) on %s",
+            n_fit, n_obs, len(starts), "cpu (numpy)" if device is None else device,
+        )  # fmt: skip
 
         clock, cpu_clock = time.perf_counter(), time.process_time()
         timings: dict[str, float] = {}
         cpu_timings: dict[str, float] = {}
         parts: list[_BatchFit] = []
-        with torch.inference_mode():
+        with _inference_mode(device):
             for b, start in enumerate(starts):
                 sl = slice(start, start + batch)
                 parts.append(
@@ -442,19 +520,41 @@ class Dynamical(Hyperparameters):
         u_np: np.ndarray,
         s_np: np.ndarray,
         smoother: _Smoother | None,
-        device: torch.device,
+        device: torch.device | None,
         *,
         progress: ProgressCallback | None,
         step0: int,
         total: int,
         seed: int,
     ) -> _BatchFit:
-        import torch
+        """One gene batch's EM; ``device`` None: numpy on the CPU (see :func:`_em_device`)."""
+        device = _array_device(device)
+        with _inference_mode(device):
+            return self._fit_batch_on(
+                u_np, s_np, smoother, device, progress=progress, step0=step0, total=total, seed=seed
+            )
 
+    def _fit_batch_on(
+        self,
+        u_np: np.ndarray,
+        s_np: np.ndarray,
+        smoother: _Smoother | None,
+        device: torch.device | None,
+        *,
+        progress: ProgressCallback | None,
+        step0: int,
+        total: int,
+        seed: int,
+    ) -> _BatchFit:
         from explorer.models import _em
 
-        u = torch.from_numpy(np.ascontiguousarray(u_np.T)).to(device)
-        s = torch.from_numpy(np.ascontiguousarray(s_np.T)).to(device)
+        u = np.ascontiguousarray(u_np.T, dtype=np.float32)
+        s = np.ascontiguousarray(s_np.T, dtype=np.float32)
+        if device is not None:
+            import torch
+
+            u, s = torch.from_numpy(u).to(device), torch.from_numpy(s).to(device)
+        xp = _em._xp(u)
         data, recoverable = _em.prepare(u, s)
         n_obs = u.shape[1]
         em_data = data
@@ -466,18 +566,18 @@ class Dynamical(Hyperparameters):
         )
         p, ratio = init.params, init.ratio
         mom = _em.moments(em_data)
-        step = torch.full_like(p.alpha, float(np.log(1.5)))
+        step = xp.full_like(p.alpha, float(np.log(1.5)))
         a = _em.assign(em_data, p, n_newton=self.n_newton)
         prev = None
         history: list[np.ndarray] = []
         for it in range(self.max_iter):
             p, _, step = _em.m_step(em_data, mom, p, a.t, ratio, step, n_rounds=self.n_rounds)
             a = _em.assign(em_data, p, n_newton=self.n_newton, t_prev=a.t)
-            loss = _em.em_loss(em_data, mom, p, a.dist, ratio)
-            history.append(loss.squeeze(1).cpu().numpy())
+            loss = _em.to_numpy(_em.em_loss(em_data, mom, p, a.dist, ratio))[:, 0]
+            history.append(loss)
             report(progress, step0 + it + 1, total, f"EM iteration {it + 1}/{self.max_iter}")
             if prev is not None:
-                gain = ((prev - loss) / prev.clamp(min=1e-12)).max().item()
+                gain = float(((prev - loss) / np.maximum(prev, 1e-12)).max())
                 if gain < self.tol:
                     break
             prev = loss
@@ -485,15 +585,17 @@ class Dynamical(Hyperparameters):
         # final assignment on all cells, comparing neighbourhood-averaged distances
         a = _em.assign(data, p, n_newton=self.n_newton, smooth=smoother)
         # an amplitude at its floor is no fit (no weighted cell left on the curve): not recoverable
-        recoverable = recoverable & (p.alpha > 2 * _em._TINY).squeeze(1)
+        recoverable = _em.to_numpy(recoverable & (p.alpha > 2 * _em._TINY)[:, 0])
         # scVelo's align_dynamics: stretch each gene's time to a total of t_max
         m = _em.alignment_factor(a.t, p, self.t_max)
         p = p.replace(
             alpha=p.alpha / m, beta=p.beta / m, gamma=p.gamma / m, t_=p.t_ * m, t_on=p.t_on * m
         )  # fmt: skip
         t = a.t * m
-        lik = _em.likelihood(data, p, t, ratio)
-        r2 = _em.r2(data, p, t)
+        # the curve at the cells' times, once for the likelihood, R² and velocities
+        at = _em.curve(t, p)
+        lik = _em.likelihood(data, p, t, ratio, at=at)
+        r2 = _em.r2(data, p, t, at=at)
         t_smooth = t if smoother is None else smoother(t)
         t_out = t_smooth if self.smooth_time else t
         # the latent time reads the unsmoothed times (scVelo's reads its smoothed fit_t):
@@ -501,18 +603,18 @@ class Dynamical(Hyperparameters):
         # of repression into mid-range times (the wrap at (0, 0)), which on scVelo's own
         # simulator cost the latent time up to 0.25 of Spearman correlation
         t_latent = t
-        vs, vu = _em.velocities(data, p, t_out, a.state)
-        fracs = torch.stack([(a.state == k).float().mean(1) for k in range(4)], 1)
+        vs, vu = _em.velocities(data, p, t_out, a.state, at=at if t_out is t else None)
+        state = _em.to_numpy(a.state)
+        fracs = np.stack([(state == k).mean(1, dtype=np.float32) for k in range(4)], 1)
         report(progress, step0 + self.max_iter + 1, total, "velocities")
 
-        def col(x: torch.Tensor) -> np.ndarray:
-            return x.reshape(-1).double().cpu().numpy()
+        def col(x: Any) -> np.ndarray:
+            return _em.to_numpy(x).reshape(-1).astype(np.float64)
 
         bad = ~recoverable[:, None]
-        nan = torch.full_like(p.alpha, float("nan"))
 
-        def masked(x: torch.Tensor) -> np.ndarray:
-            return col(torch.where(bad, nan, x))
+        def masked(x: Any) -> np.ndarray:
+            return col(np.where(bad, np.nan, _em.to_numpy(x)))
 
         params = {
             Key.var.FIT_ALPHA: masked(p.alpha),
@@ -523,10 +625,10 @@ class Dynamical(Hyperparameters):
             Key.var.FIT_STD_U: masked(data.std_u),
             Key.var.FIT_STD_S: masked(data.std_s),
             Key.var.FIT_LIKELIHOOD: masked(lik),
-            Key.var.FIT_U0: masked(torch.zeros_like(p.alpha)),
-            Key.var.FIT_S0: masked(torch.zeros_like(p.alpha)),
+            Key.var.FIT_U0: masked(np.zeros(bad.shape, dtype=np.float32)),
+            Key.var.FIT_S0: masked(np.zeros(bad.shape, dtype=np.float32)),
             Key.var.FIT_ALIGNMENT_SCALING: masked(m),
-            Key.var.FIT_N_CELLS_EM: col(em_data.weights.sum(1, keepdim=True)),
+            Key.var.FIT_N_CELLS_EM: col(_em._rsum(em_data.weights)),
             Key.var.FIT_R2: masked(r2),
             # curvature of the phase portrait does not depend on the u scaling: internal beta
             Key.var.FIT_KINETIC_SIGNAL: masked(p.beta / (p.beta + p.gamma)),
@@ -534,10 +636,10 @@ class Dynamical(Hyperparameters):
         }
         for k, key in enumerate(_STATE_COLUMNS):
             params[key] = masked(fracs[:, k : k + 1])
-        em = _GeneEM(ratio=masked(ratio), recoverable=recoverable.cpu().numpy().astype(bool))
+        em = _GeneEM(ratio=masked(ratio), recoverable=recoverable.astype(bool))
 
-        def cells(x: torch.Tensor) -> np.ndarray:
-            return torch.where(bad, nan, x).T.float().cpu().numpy()
+        def cells(x: Any) -> np.ndarray:
+            return np.where(bad, np.float32(np.nan), _em.to_numpy(x)).T
 
         return _BatchFit(params, em, cells(t_out), cells(t_latent), cells(vs), cells(vu), history)
 
@@ -601,7 +703,7 @@ class Dynamical(Hyperparameters):
         lt: np.ndarray,
         params: dict[str, np.ndarray],
         em: _GeneEM,
-        device: torch.device,
+        device: torch.device | None,
     ) -> None:
         """Fit every gene on the shared time ``latent_time * t_max`` with and without ``t_on``.
 
@@ -622,43 +724,59 @@ class Dynamical(Hyperparameters):
         ``fit_uses_t_on`` (gain above ``t_on_min_gain`` and onset after 0) to
         ``params``, in place.
         """
-        import torch
-
         from explorer.models import _em
+
+        device = _array_device(device)
+
+        def array(x: np.ndarray) -> Any:
+            x = np.ascontiguousarray(x, dtype=np.float32)
+            if device is None:
+                return x
+            import torch
+
+            return torch.from_numpy(x).to(device)
+
+        def positions(first: int, m: int) -> Any:
+            x = np.arange(first, m, 2)
+            if device is None:
+                return x
+            import torch
+
+            return torch.from_numpy(x).to(device)
 
         n_fit = Mu.shape[1]
         t_on_out = np.full(n_fit, np.nan)
         gain_out = np.full(n_fit, np.nan)
         ok_all = em.recoverable
         batch = self.batch_size or max(1, _BATCH_ELEMENTS // max(len(lt), 1))
-        t_cells = torch.from_numpy(lt.astype(np.float32) * self.t_max).to(device)
+        t_cells = array(lt.astype(np.float32) * self.t_max)
         grid = {
             "duration_grid": [x * self.t_max for x in _GRID_DURATION],
             "rate_grid": list(_GRID_RATE),
         }
-        with torch.inference_mode():
+        with _inference_mode(device):
             for start in range(0, n_fit, batch):
                 sl = slice(start, start + batch)
-                u = torch.from_numpy(np.ascontiguousarray(Mu[:, sl].T)).to(device)
-                s = torch.from_numpy(np.ascontiguousarray(Ms[:, sl].T)).to(device)
+                u = array(Mu[:, sl].T)
+                s = array(Ms[:, sl].T)
+                xp = _em._xp(u)
                 data, _ = _em.prepare(u, s)
                 # a regression on fixed times: a seeded subset of each gene's cells is enough
                 idx = _em.weighted_cells(data.weights, _ONSET_CELLS, seed=_batch_seed(self.seed + 1, start))
-                data, t = data.take_cells(idx), t_cells.expand_as(u).gather(1, idx)
+                data, t = data.take_cells(idx), t_cells[idx]
                 m = idx.shape[1]
-                fit_pos = torch.arange(0, m, 2, device=device)
-                test_pos = torch.arange(1, m, 2, device=device)
+                fit_pos = positions(0, m)
+                test_pos = positions(1, m)
                 grid_pos = fit_pos[:: max(1, len(fit_pos) // _GRID_CELLS)]
                 fit_data, fit_t = data.take_cells(fit_pos), t[:, fit_pos]
                 test_data, test_t = data.take_cells(test_pos), t[:, test_pos]
                 grid_data, grid_t = data.take_cells(grid_pos), t[:, grid_pos]
 
-                def vec(key: str, sl: slice = sl) -> torch.Tensor:
+                def vec(key: str, sl: slice = sl) -> Any:
                     return column(params[key], sl)
 
-                def column(values: np.ndarray, sl: slice = sl) -> torch.Tensor:
-                    x = torch.from_numpy(np.nan_to_num(values[sl], nan=1.0).astype(np.float32))
-                    return x.to(device)[:, None]
+                def column(values: np.ndarray, sl: slice = sl) -> Any:
+                    return array(np.nan_to_num(values[sl], nan=1.0)[:, None])
 
                 start_p = _em.Params(
                     alpha=vec(Key.var.FIT_ALPHA),
@@ -666,25 +784,25 @@ class Dynamical(Hyperparameters):
                     gamma=vec(Key.var.FIT_GAMMA),
                     t_=vec(Key.var.FIT_T_),
                     scaling=vec(Key.var.FIT_SCALING),
-                    t_on=torch.zeros_like(vec(Key.var.FIT_T_)),
+                    t_on=xp.zeros_like(vec(Key.var.FIT_T_)),
                 )
                 ratio = column(em.ratio)
                 mom = _em.moments(fit_data)
 
                 def refine(
-                    p: _em.Params, *, free: bool, data=fit_data, mom=mom, t=fit_t, ratio=ratio
-                ) -> tuple[_em.Params, torch.Tensor]:
-                    stp = torch.full_like(p.alpha, float(np.log(1.5)))
+                    p: _em.Params, *, free: bool, data=fit_data, mom=mom, t=fit_t, ratio=ratio, xp=xp
+                ) -> tuple[_em.Params, Any]:
+                    stp = xp.full_like(p.alpha, float(np.log(1.5)))
                     p, loss, _ = _em.m_step(
                         data, mom, p, t, ratio, stp, n_rounds=_ONSET_ROUNDS, fit_t_on=free
                     )
                     return p, loss
 
                 def best(
-                    a: tuple[_em.Params, torch.Tensor], b: tuple[_em.Params, torch.Tensor]
-                ) -> tuple[_em.Params, torch.Tensor]:
+                    a: tuple[_em.Params, Any], b: tuple[_em.Params, Any], xp=xp
+                ) -> tuple[_em.Params, Any]:
                     better = b[1] < a[1]
-                    return a[0].where(better, b[0]), torch.where(better, b[1], a[1])
+                    return a[0].where(better, b[0]), xp.where(better, b[1], a[1])
 
                 c = refine(
                     _em.grid_onset(grid_data, start_p, grid_t, ratio, t_on_grid=[0.0], **grid), free=False
@@ -699,15 +817,16 @@ class Dynamical(Hyperparameters):
                     refine(c[0], free=True),
                 )
                 # and the constrained model gets the free one's start: the same search for both
-                c = best(c, refine(f[0].replace(t_on=torch.zeros_like(f[0].t_on)), free=False))
+                c = best(c, refine(f[0].replace(t_on=xp.zeros_like(f[0].t_on)), free=False))
 
-                def held_out(p: _em.Params, data=test_data, t=test_t) -> torch.Tensor:
+                def held_out(p: _em.Params, data=test_data, t=test_t) -> np.ndarray:
                     dist = _em.point_distance(data, p, t)
-                    return (dist * data.weights).sum(1).double() / data.n_weighted.double().squeeze(1)
+                    total = _em.to_numpy(_em._sum(dist, data.weights))[:, 0]
+                    return total / _em.to_numpy(data.n_weighted)[:, 0].astype(np.float64)
 
                 l0, l1 = held_out(c[0]), held_out(f[0])
-                gain_out[sl] = ((l0 - l1) / l0.clamp(min=1e-12)).cpu().numpy()
-                t_on_out[sl] = f[0].t_on.squeeze(1).double().cpu().numpy()
+                gain_out[sl] = (l0 - l1) / np.maximum(l0, 1e-12)
+                t_on_out[sl] = _em.to_numpy(f[0].t_on)[:, 0].astype(np.float64)
         uses = ok_all & (gain_out > self.t_on_min_gain) & (t_on_out > 0)
         params[Key.var.FIT_T_ON] = np.where(ok_all, np.where(uses, t_on_out, 0.0), np.nan)
         params[Key.var.FIT_USES_T_ON] = uses

@@ -236,6 +236,11 @@ def test_num_procs_forks_workers_that_keep_the_host_check(tmp_path):
         for _ in range(4):
             assert _get("127.0.0.1", port) == 200
             assert _get("127.0.0.1", port, host_header=f"evil.example:{port}") == 403
+    # stopping the supervisor (SIGTERM, as a service manager does) stops its workers too
+    deadline = time.monotonic() + 30
+    while _processes_with("--port", str(port)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _processes_with("--port", str(port)) == []
 
 
 @pytest.mark.parametrize("value", ["-1", "two"])

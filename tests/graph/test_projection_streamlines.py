@@ -125,6 +125,27 @@ def test_grid_of_constant_field_is_constant(disc):
     np.testing.assert_allclose(field.v[inner], 0.5, rtol=1e-5)
 
 
+def test_binned_grid_equals_the_gaussian_sum_over_every_cell(monkeypatch):
+    """Above ``_BINNED_ABOVE`` cells the node sums come from binned cells: the same field as
+    the exact gaussian sum over all cells (``n_neighbors = n_obs``) up to the binning."""
+    import explorer.graph.streamlines as streamlines
+
+    rng = np.random.default_rng(0)
+    n = 20_000
+    t = rng.uniform(0, 6, n)
+    X = np.column_stack([np.cos(t) * t, np.sin(t) * t]) + rng.normal(0, 0.3, (n, 2))
+    V = np.column_stack([np.cos(t) - t * np.sin(t), np.sin(t) + t * np.cos(t)]) + rng.normal(0, 0.5, (n, 2))
+    exact = velocity_on_grid(X, V, n_neighbors=n, density=0.5)
+    monkeypatch.setattr(streamlines, "_BINNED_ABOVE", 1000)
+    binned = velocity_on_grid(X, V, density=0.5)
+    assert np.abs(binned.mass - exact.mass).max() < 0.01 * exact.mass.max()
+    both = exact.valid & binned.valid
+    assert both.sum() > 0.95 * exact.valid.sum() > 100
+    err = np.hypot(binned.u - exact.u, binned.v - exact.v)[both] / np.hypot(exact.u, exact.v)[both]
+    assert np.median(err) < 0.005
+    assert err.max() < 0.05
+
+
 def test_grid_masks_empty_regions():
     rng = np.random.default_rng(1)
     left = rng.normal([-5.0, 0.0], 0.5, size=(500, 2))
