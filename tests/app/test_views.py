@@ -377,3 +377,37 @@ def test_time_plots_and_next_cells_table_join_the_page_once_they_have_something_
         assert count("figure") == 5
         time_ms = app.views["time"].scatters["Ms"]
         np.testing.assert_allclose(_frame(time_ms.base).dimension_values(0), app.state.latent_time())
+
+
+def test_the_table_light_and_the_verdict_agree_for_a_partial_score():
+    """A gene that passes 5 of 6 checks is amber in the table and in the line above it.
+
+    Tabulator's "traffic" formatter (Tabulator 6: ``index = floor(percent / (100 / n_colors))``)
+    drew a score of 0.83 green while the verdict said amber; the table now shows the light.
+    """
+    from explorer.app import readouts
+    from explorer.app.views.genes import _TRUST_FORMAT, GeneBrowser
+
+    table = pd.DataFrame(
+        {
+            "gene": ["all", "five of six", "one of six", "none", "unfitted"],
+            readouts.TRUST: [1.0, 5 / 6, 1 / 6, 0.0, np.nan],
+            readouts.TRUST_NOTES: ["", "little curvature", "a; b; c; d; e", "a", ""],
+            "likelihood": [0.3, 0.9, 0.8, 0.7, np.nan],
+        }
+    )
+    shown = GeneBrowser._ordered(table)
+    assert shown["gene"].tolist() == ["all", "five of six", "one of six", "none", "unfitted"]  # sorted by score
+    colors = _TRUST_FORMAT["color"]
+
+    def tabulator_color(value: float) -> str:  # Tabulator's traffic formatter, min 0, max 1
+        percent = round(min(max(value, 0.0), 1.0) * 100)
+        return colors[max(0, min(len(colors) - 1, int(percent // (100 / len(colors)))))]
+
+    expected = [colors[2], colors[1], colors[1], colors[0]]
+    assert [tabulator_color(v) for v in shown[readouts.TRUST][:4]] == expected
+    for i in range(4):
+        verdict = GeneBrowser._verdict(None, shown.loc[i])
+        assert f"color:{expected[i]}" in verdict
+    assert GeneBrowser._verdict(None, shown.loc[4]) == ""
+    assert "fails: little curvature" in GeneBrowser._verdict(None, shown.loc[1])

@@ -33,6 +33,16 @@ _FLOAT_FORMAT = "0.000"
 #: the trust score as a traffic light (Tabulator's "traffic" formatter): red, amber, green
 _TRUST_FORMAT = {"type": "traffic", "min": 0, "max": 1, "color": ["#d73027", "#fdae61", "#1a9850"]}
 
+def _light(score: np.ndarray) -> np.ndarray:
+    """The trust light of a score (share of checks passed): 0 red (none), 0.5 amber (some), 1 green (all).
+
+    The table shows this rather than the score (the CSV keeps the score): Tabulator's
+    "traffic" formatter splits ``[min, max]`` into equal thirds, so a gene passing 5 of 6
+    checks (0.83) was drawn green beside a header saying which check it fails.
+    """
+    return np.where(np.isnan(score), np.nan, np.where(score >= 1, 1.0, np.where(score <= 0, 0.0, 0.5)))
+
+
 #: shorter headers for long column names (the tooltips say what each means)
 _TITLES = {
     "likelihood": "likeli\u00adhood",  # a soft hyphen: it may break there
@@ -143,7 +153,10 @@ class GeneBrowser(pn.viewable.Viewer):
         if not keys:
             return table
         ordered = table.sort_values(keys, ascending=False, na_position="last", kind="stable")
-        return ordered.reset_index(drop=True)
+        ordered = ordered.reset_index(drop=True)
+        if readouts.TRUST in ordered:
+            ordered[readouts.TRUST] = _light(ordered[readouts.TRUST].to_numpy(dtype=float))
+        return ordered
 
     def _help(self, table: pd.DataFrame) -> dict[str, str]:
         fit = self.state.fit
@@ -170,8 +183,7 @@ class GeneBrowser(pn.viewable.Viewer):
         """Say the selected gene's trust in words: its light and the checks it fails (names as text)."""
         if row is None or readouts.TRUST not in row or not np.isfinite(row[readouts.TRUST]):
             return ""
-        score = float(row[readouts.TRUST])
-        color = _TRUST_FORMAT["color"][0 if score <= 0 else 2 if score >= 1 else 1]
+        color = _TRUST_FORMAT["color"][int(2 * _light(np.array([float(row[readouts.TRUST])]))[0])]
         notes = str(row[readouts.TRUST_NOTES])
         failed = [n for n in notes.split("; ") if n and n != readouts.ONSET_NOTE]
         words = f"fails: {'; '.join(failed)}" if failed else "passes every check"
