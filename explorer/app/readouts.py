@@ -690,14 +690,6 @@ def fitted_at_cells(fit: Fit | VelocityResult | None, j: int) -> dict[str, np.nd
     return None
 
 
-def fitted_values(
-    fit: Fit | VelocityResult | None, what: Literal["Ms", "Mu", "velocity"], j: int
-) -> np.ndarray | None:
-    """``(n_obs,)`` values of gene ``j`` that ``fit`` predicts for each cell, or None (:func:`fitted_at_cells`)."""
-    found = fitted_at_cells(fit, j)
-    return None if found is None else found.get(what)
-
-
 def time_curve(
     t: np.ndarray,
     observed: np.ndarray | None,
@@ -707,7 +699,7 @@ def time_curve(
 ) -> tuple[np.ndarray, np.ndarray, Literal["fit", "trend"]]:
     """``(t, value, kind)``: a gene's curve against latent time ``t``, averaged in bins of ``t``.
 
-    The fit's values per cell (:func:`fitted_values`, ``kind="fit"``) when there are any,
+    The fit's values per cell (:func:`fitted_at_cells`, ``kind="fit"``) when there are any,
     else the ``observed`` values (``kind="trend"``; needed only then). ``bins`` may pass
     :func:`~explorer.app.geometry.time_bins` of ``t`` computed before.
     """

@@ -191,10 +191,11 @@ def _binned_sums(
 
     ``w = exp(-d^2 / 2 sigma^2)`` over every cell within ``_KERNEL_REACH`` widths of the
     node. The cells are binned on a fine grid (``_BINS_PER_SIGMA`` bins per ``sigma``,
-    laid so that every node is a bin centre), the binned counts and sums smoothed by a
-    separable gaussian filter and read at the nodes; the filter's normalisation is undone,
-    so the sums are the kernel sums up to each cell's shift to its bin centre (at most an
-    eighth of ``sigma``).
+    starting at the first node), the binned counts and sums smoothed by a separable
+    gaussian filter and read at the nodes by bilinear interpolation between bin centres;
+    the filter's normalisation is undone, so the sums are the kernel sums up to each
+    cell's shift to its bin centre (at most an eighth of ``sigma``) and the interpolation
+    between bins a quarter of ``sigma`` apart.
     """
     h = sigma / _BINS_PER_SIGMA
     sigma_bins = float(_BINS_PER_SIGMA)

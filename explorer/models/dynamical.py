@@ -168,14 +168,17 @@ def _em_device(device: str) -> torch.device | None:
     if CPU_BACKEND == "numpy" and (device == "cpu" or (device == "auto" and not _cuda_possible())):
         return None
     _import_torch()
-    return _array_device(_resolve_device(device))
+    resolved = _resolve_device(device)
+    return None if resolved.type == "cpu" and CPU_BACKEND == "numpy" else resolved
 
 
-def _array_device(device: torch.device | None) -> torch.device | None:
-    """``device``, or ``None`` (numpy) for the CPU unless :data:`CPU_BACKEND` is ``"torch"``."""
-    if device is not None and device.type == "cpu" and CPU_BACKEND == "numpy":
-        return None
-    return device
+def _on_device(x: np.ndarray, device: torch.device | None) -> Any:
+    """``x`` as the EM's array on ``device``: itself for numpy (``None``), else a torch tensor there."""
+    if device is None:
+        return x
+    import torch
+
+    return torch.from_numpy(x).to(device)
 
 
 def _inference_mode(device: torch.device | None) -> Any:
@@ -527,33 +530,14 @@ class Dynamical(Hyperparameters):
         total: int,
         seed: int,
     ) -> _BatchFit:
-        """One gene batch's EM; ``device`` None: numpy on the CPU (see :func:`_em_device`)."""
-        device = _array_device(device)
-        with _inference_mode(device):
-            return self._fit_batch_on(
-                u_np, s_np, smoother, device, progress=progress, step0=step0, total=total, seed=seed
-            )
+        """One gene batch's EM, on ``device`` from :func:`_em_device` (``None``: numpy on the CPU).
 
-    def _fit_batch_on(
-        self,
-        u_np: np.ndarray,
-        s_np: np.ndarray,
-        smoother: _Smoother | None,
-        device: torch.device | None,
-        *,
-        progress: ProgressCallback | None,
-        step0: int,
-        total: int,
-        seed: int,
-    ) -> _BatchFit:
+        The callers run it under :func:`_inference_mode` of that device.
+        """
         from explorer.models import _em
 
-        u = np.ascontiguousarray(u_np.T, dtype=np.float32)
-        s = np.ascontiguousarray(s_np.T, dtype=np.float32)
-        if device is not None:
-            import torch
-
-            u, s = torch.from_numpy(u).to(device), torch.from_numpy(s).to(device)
+        u = _on_device(np.ascontiguousarray(u_np.T, dtype=np.float32), device)
+        s = _on_device(np.ascontiguousarray(s_np.T, dtype=np.float32), device)
         xp = _em._xp(u)
         data, recoverable = _em.prepare(u, s)
         n_obs = u.shape[1]
@@ -726,23 +710,11 @@ class Dynamical(Hyperparameters):
         """
         from explorer.models import _em
 
-        device = _array_device(device)
-
         def array(x: np.ndarray) -> Any:
-            x = np.ascontiguousarray(x, dtype=np.float32)
-            if device is None:
-                return x
-            import torch
-
-            return torch.from_numpy(x).to(device)
+            return _on_device(np.ascontiguousarray(x, dtype=np.float32), device)
 
         def positions(first: int, m: int) -> Any:
-            x = np.arange(first, m, 2)
-            if device is None:
-                return x
-            import torch
-
-            return torch.from_numpy(x).to(device)
+            return _on_device(np.arange(first, m, 2), device)
 
         n_fit = Mu.shape[1]
         t_on_out = np.full(n_fit, np.nan)

@@ -810,12 +810,7 @@ class VeloVAE(Hyperparameters):
         # simulation the held-out log-likelihood fell by 19 in three epochs)
 
         def held_out(x0_: InitialState | None) -> tuple[float, float]:
-            d = _take_dec(self._decode_all(module, t, c, x0_), test_idx)
-            u, s = tensors.u[test_idx], tensors.s[test_idx]
-            with torch.inference_mode():
-                ll = module.log_likelihood(u, s, d)
-                mse = ((u - d.u) ** 2 + (s - d.s) ** 2).mean()
-            return float(ll.mean()), float(mse)
+            return self._held_out_fit(module, tensors, t, c, x0_, test_idx)
 
         stage1_score, stage1_mse = held_out(None)
         stage1_state = copy.deepcopy(module.state_dict())
@@ -826,19 +821,7 @@ class VeloVAE(Hyperparameters):
         rates = [module.log_alpha, module.log_beta, module.log_gamma, module.log_scaling]
         opt_ode = torch.optim.Adam(rates, lr=self.learning_rate * 8)
         for epoch in range(self.max_epochs_stage2):
-            module.train()
-            module.encoder.eval()
-            for b in self._batches(train_idx, generator):
-                if len(b) < 2:
-                    continue
-                bt = torch.from_numpy(b).to(t.device)
-                d = module.decode(t[bt], c[bt], _take(x0, bt))
-                loss = -module.log_likelihood(tensors.u[bt], tensors.s[bt], d).mean()
-                opt.zero_grad()
-                opt_ode.zero_grad()
-                loss.backward()
-                opt.step()
-                opt_ode.step()
+            self._fixed_time_epoch(module, tensors, t, c, x0, train_idx, generator, [opt, opt_ode])
             score, mse = held_out(x0)
             history["stage2"].append(score)
             if score > best_score:
@@ -872,6 +855,57 @@ class VeloVAE(Hyperparameters):
         module.load_state_dict(best_state)
         return x0, step
 
+    def _held_out_fit(
+        self,
+        module: VAEModule,
+        tensors: _Tensors,
+        t: torch.Tensor,
+        c: torch.Tensor | None,
+        x0: InitialState | None,
+        test_idx: np.ndarray,
+    ) -> tuple[float, float]:
+        """Mean held-out log-likelihood and MSE of the predictions at the fixed ``(t, c)``, from ``x0``."""
+        import torch
+
+        d = _take_dec(self._decode_all(module, t, c, x0), test_idx)
+        u, s = tensors.u[test_idx], tensors.s[test_idx]
+        with torch.inference_mode():
+            ll = module.log_likelihood(u, s, d)
+            mse = ((u - d.u) ** 2 + (s - d.s) ** 2).mean()
+        return float(ll.mean()), float(mse)
+
+    def _fixed_time_epoch(
+        self,
+        module: VAEModule,
+        tensors: _Tensors,
+        t: torch.Tensor,
+        c: torch.Tensor | None,
+        x0: InitialState | None,
+        train_idx: np.ndarray,
+        generator: torch.Generator,
+        optimizers: list[torch.optim.Optimizer],
+    ) -> None:
+        """One epoch of maximum likelihood at the fixed ``(t, c)`` (from ``x0``), the encoder frozen.
+
+        ``optimizers`` hold the parameters trained (stage 2 and :meth:`_polish` train
+        different ones).
+        """
+        import torch
+
+        module.train()
+        module.encoder.eval()
+        for b in self._batches(train_idx, generator):
+            if len(b) < 2:
+                continue
+            bt = torch.from_numpy(b).to(t.device)
+            d = module.decode(t[bt], None if c is None else c[bt], _take(x0, bt))
+            loss = -module.log_likelihood(tensors.u[bt], tensors.s[bt], d).mean()
+            for opt in optimizers:
+                opt.zero_grad()
+            loss.backward()
+            for opt in optimizers:
+                opt.step()
+
     def _polish(
         self,
         module: VAEModule,
@@ -897,12 +931,7 @@ class VeloVAE(Hyperparameters):
         t, c = post["t_mean"], post.get("c_mean")
 
         def held_out() -> tuple[float, float]:
-            d = _take_dec(self._decode_all(module, t, c, None), test_idx)
-            u, s = tensors.u[test_idx], tensors.s[test_idx]
-            with torch.inference_mode():
-                ll = module.log_likelihood(u, s, d)
-                mse = ((u - d.u) ** 2 + (s - d.s) ** 2).mean()
-            return float(ll.mean()), float(mse)
+            return self._held_out_fit(module, tensors, t, c, None, test_idx)
 
         self._update_sigma(module, tensors, self._decode_all(module, t, c, None), train_idx)
         start_score, start_mse = held_out()
@@ -912,26 +941,13 @@ class VeloVAE(Hyperparameters):
         net: list[Any] = []
         if module.dim_c:
             net = [*module.decoder.parameters(), *module.rho_head.parameters()]
-        opt_ode = torch.optim.Adam(params, lr=self.learning_rate * 8)
-        opt = torch.optim.Adam(net, lr=self.learning_rate) if net else None
+        optimizers = [torch.optim.Adam(params, lr=self.learning_rate * 8)]
+        if net:
+            optimizers.append(torch.optim.Adam(net, lr=self.learning_rate))
         history["polish"] = []
         history["polish_mse_test"] = []
         for epoch in range(self.max_epochs_polish):
-            module.train()
-            module.encoder.eval()
-            for b in self._batches(train_idx, generator):
-                if len(b) < 2:
-                    continue
-                bt = torch.from_numpy(b).to(t.device)
-                d = module.decode(t[bt], None if c is None else c[bt], None)
-                loss = -module.log_likelihood(tensors.u[bt], tensors.s[bt], d).mean()
-                opt_ode.zero_grad()
-                if opt is not None:
-                    opt.zero_grad()
-                loss.backward()
-                opt_ode.step()
-                if opt is not None:
-                    opt.step()
+            self._fixed_time_epoch(module, tensors, t, c, None, train_idx, generator, optimizers)
             if self._sigma_every and (epoch + 1) % self._sigma_every == 0:
                 self._update_sigma(module, tensors, self._decode_all(module, t, c, None), train_idx)
             score, mse = held_out()

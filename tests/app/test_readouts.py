@@ -310,19 +310,20 @@ def test_cell_points_are_an_even_sample_of_finite_cells(toy_adata):
     assert np.isfinite(few).all()
 
 
-def test_fitted_values_and_time_curve(toy_adata):
+def test_fitted_at_cells_and_time_curve(toy_adata):
     fit_t = np.tile(np.array([[0.0], [1.0], [50.0], [50.0], [50.0], [50.0]], dtype=np.float32), (1, N_VARS))
     fit = _fit(
         _result(
             "dynamical", toy_adata, gene_params=_kinetic_params(toy_adata), layers={Key.layers.FIT_T: fit_t}
         )
     )
-    mu = readouts.fitted_values(fit, "Mu", 0)
+    at_cells = readouts.fitted_at_cells(fit, 0)
+    mu = at_cells["Mu"]
     # u(t) = alpha / beta (1 - exp(-beta t)) with beta 2, Mu = scaling u
     np.testing.assert_allclose(mu[:3], [0.0, 4 * (1 - np.exp(-2.0)), 4.0], rtol=1e-6)
-    np.testing.assert_allclose(readouts.fitted_values(fit, "velocity", 0)[2], 0.0, atol=1e-6)
-    assert readouts.fitted_values(fit, "Ms", 1) is None  # gene 1 not fitted
-    assert readouts.fitted_values(None, "Ms", 0) is None
+    np.testing.assert_allclose(at_cells["velocity"][2], 0.0, atol=1e-6)
+    assert readouts.fitted_at_cells(fit, 1) is None  # gene 1 not fitted
+    assert readouts.fitted_at_cells(None, 0) is None
     t = np.array([0.0, 0.1, 0.9, 1.0, np.nan, 0.5])
     x, y, kind = readouts.time_curve(t, np.array([1.0, 3.0, 10.0, 20.0, 99.0, 7.0]), None)
     assert kind == "trend"

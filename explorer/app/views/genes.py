@@ -33,6 +33,7 @@ _FLOAT_FORMAT = "0.000"
 #: the trust score as a traffic light (Tabulator's "traffic" formatter): red, amber, green
 _TRUST_FORMAT = {"type": "traffic", "min": 0, "max": 1, "color": ["#d73027", "#fdae61", "#1a9850"]}
 
+
 def _light(score: np.ndarray) -> np.ndarray:
     """The trust light of a score (share of checks passed): 0 red (none), 0.5 amber (some), 1 green (all).
 
@@ -183,7 +184,7 @@ class GeneBrowser(pn.viewable.Viewer):
         """Say the selected gene's trust in words: its light and the checks it fails (names as text)."""
         if row is None or readouts.TRUST not in row or not np.isfinite(row[readouts.TRUST]):
             return ""
-        color = _TRUST_FORMAT["color"][int(2 * _light(np.array([float(row[readouts.TRUST])]))[0])]
+        color = _TRUST_FORMAT["color"][int(2 * _light(np.asarray(float(row[readouts.TRUST]))))]
         notes = str(row[readouts.TRUST_NOTES])
         failed = [n for n in notes.split("; ") if n and n != readouts.ONSET_NOTE]
         words = f"fails: {'; '.join(failed)}" if failed else "passes every check"
