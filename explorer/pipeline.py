@@ -307,7 +307,7 @@ def derive(
     report(_derive_step(progress, 1), 0, 1)
     compute_velocity_embedding(work, basis=basis_key)
     report(_derive_step(progress, 2), 0, 1)
-    compute_velocity_confidence(work)
+    compute_velocity_confidence(work, transitions=transitions)
     report(progress, 1000, 1000, "done")
     added = [c for c in work.obs.columns if c not in before]
     params = work.uns[Key.uns.VELOCITY_PARAMS]

@@ -349,3 +349,39 @@ def test_dynamical_fit_command_with_the_torch_backend_loads_torch(small_h5ad):
 def test_app_state_loads_no_panel():
     loaded = _loaded_after("import explorer.app.state")[0] & {"panel", "holoviews", "bokeh"}
     assert not loaded, f"`import explorer.app.state` loaded {sorted(loaded)}"
+
+
+def test_in_memory_fit_is_told_from_the_command_line():
+    from explorer._process import is_in_memory_fit
+
+    assert is_in_memory_fit(["/venv/bin/explorer", "-v", "fit", "a.h5ad", "--model", "dynamical"])
+    assert is_in_memory_fit(["/repo/explorer/cli.py", "fit", "a.h5ad"])
+    for argv in (
+        ["/venv/bin/explorer", "fit", "atlas.zarr"],
+        ["/venv/bin/explorer", "fit", "atlas.zarr/", "--model", "dynamical"],
+        ["/venv/bin/explorer", "fit", "a.h5ad", "--stream"],
+        ["/venv/bin/explorer", "fit", "a.h5ad", "--sched", "tcp://h:8786"],  # argparse's prefixes
+        ["/venv/bin/explorer", "fit", "a.h5ad", "--workers=2"],
+        ["/venv/bin/explorer", "serve", "a.h5ad"],
+        ["/venv/bin/explorer"],
+        ["pytest", "fit", "a.h5ad"],  # a program that imports the CLI
+        [],
+    ):
+        assert not is_in_memory_fit(argv), argv
+
+
+def test_fit_command_imports_anndata_without_dask(small_h5ad):
+    """``explorer fit`` in memory: anndata loads without dask.array and xarray (0.5 s of CPU).
+
+    The same process run as another program (here ``python -c``) loads them as usual,
+    so the check can fail.
+    """
+    out = small_h5ad.with_name("out_lean.h5ad")
+    args = ["fit", str(small_h5ad), "--model", "dynamical", "--out", str(out), "--force", "--quiet"]
+    as_command = (
+        f"sys.argv = ['explorer', *{args!r}]\nfrom explorer.cli import main\nassert main(sys.argv[1:]) == 0"
+    )
+    (lean,) = _loaded_after(as_command)
+    assert not lean & {"dask", "xarray"}, sorted(lean & {"dask", "xarray"})
+    assert "anndata" in lean
+    assert {"dask", "xarray"} <= _loaded_after("from explorer.cli import main")[0]

@@ -476,68 +476,88 @@ def arrow_segments(arrows: np.ndarray, *, share: float = ARROW_SHARE) -> dict[st
     }
 
 
-def phase_fits(fits: list[PhaseFit]) -> hv.Overlay:
+def phase_fit_layers(fits: list[PhaseFit]) -> list[tuple[tuple[str, bool, str], dict[str, Any]]]:
+    """The layers :func:`phase_fits` draws, in drawing order: ``((fit label, active, kind), columns)``.
+
+    ``kind`` is ``"points"``, ``"lineages"``, ``"arrows"``, ``"curve"`` or ``"line"``;
+    ``columns`` maps the layer's dimensions (``Ms``, ``Mu``; arrows also ``Ms end``,
+    ``Mu end``) to their arrays (for ``"lineages"``: ``{"curves": the lineage curves}``).
+    The keys tell whether a new gene's fits can be shown in the layers already drawn
+    (same keys: same styles).
+    """
+    layers: list[tuple[tuple[str, bool, str], dict[str, Any]]] = []
+    for fit in fits:
+        key = (fit.label, fit.active)
+        if fit.points is not None and len(fit.points):
+            layers.append(((*key, "points"), {"Ms": fit.points[:, 0], "Mu": fit.points[:, 1]}))
+        if fit.lineages:
+            layers.append(((*key, "lineages"), {"curves": tuple(fit.lineages)}))
+        if fit.arrows is not None and len(fit.arrows):
+            x0, y0, x1, y1 = arrow_segments(fit.arrows).values()
+            layers.append(((*key, "arrows"), {"Ms": x0, "Mu": y0, "Ms end": x1, "Mu end": y1}))
+        if fit.s is not None and fit.u is not None:
+            layers.append(((*key, "curve"), {"Ms": fit.s, "Mu": fit.u}))
+        if fit.line is not None:
+            layers.append(((*key, "line"), {"Ms": fit.line[:, 0], "Mu": fit.line[:, 1]}))
+    return layers
+
+
+def phase_fits(
+    fits: list[PhaseFit], *, hooks: Sequence[Callable[[Any, Any], None]] = ()
+) -> hv.Overlay:
     """Each fit's trajectory, steady-state line ``u = slope * s`` and predicted cells, in the fit's colour.
 
     The active fit's lines are solid, the others dashed; predicted ``(s, u)`` of cells
     (fits that show ``"cell_points"``) are small dots; per-cell velocities (fits that show
     ``"cell_rates"``) are arrows (:func:`arrow_segments`). The curves carry no labels: a legend
     appearing in a plot already on the page breaks Bokeh's views, so
-    :func:`fits_legend_html` explains them beside the plot.
+    :func:`fits_legend_html` explains them beside the plot. ``hooks[i]``, when given, goes
+    on the ``i``-th layer of :func:`phase_fit_layers`.
     """
-    layers = []
-    for i, fit in enumerate(fits):
-        color = FIT_COLORS[i % len(FIT_COLORS)]
-        dash = "solid" if fit.active else "dashed"
-        width = 3 if fit.active else 2
-        if fit.points is not None and len(fit.points):
-            layers.append(
-                hv.Points((fit.points[:, 0], fit.points[:, 1]), ["Ms", "Mu"], group="CellPoints").opts(
-                    color=color,
-                    size=3,
-                    alpha=0.5 if fit.active else 0.3,
-                    line_alpha=0,
-                    nonselection_alpha=0.5 if fit.active else 0.3,
-                    backend="bokeh",
-                )
+    labels = [fit.label for fit in fits]
+    elements = []
+    for i, ((label, active, kind), columns) in enumerate(phase_fit_layers(fits)):
+        color = FIT_COLORS[labels.index(label) % len(FIT_COLORS)]
+        dash = "solid" if active else "dashed"
+        width = 3 if active else 2
+        xy = (columns["Ms"], columns["Mu"]) if "Ms" in columns else None
+        if kind == "points":
+            element = hv.Points(xy, ["Ms", "Mu"], group="CellPoints").opts(
+                color=color,
+                size=3,
+                alpha=0.5 if active else 0.3,
+                line_alpha=0,
+                nonselection_alpha=0.5 if active else 0.3,
+                backend="bokeh",
             )
-        if fit.lineages:
+        elif kind == "lineages":
             # one curve per lineage (VeloVAE's full model), each in its lineage's cluster colour
-            layers.append(
-                # Contours: one colour per line (a Path would map the colours through a colour map)
-                hv.Contours(
-                    [{"Ms": c.s, "Mu": c.u, "lineage": c.color} for c in fit.lineages],
-                    ["Ms", "Mu"],
-                    vdims=["lineage"],
-                    group="Lineages",
-                ).opts(color=hv.dim("lineage"), line_width=width + 1, line_dash=dash, backend="bokeh")
+            # (Contours: one colour per line; a Path would map the colours through a colour map)
+            element = hv.Contours(
+                [{"Ms": c.s, "Mu": c.u, "lineage": c.color} for c in columns["curves"]],
+                ["Ms", "Mu"],
+                vdims=["lineage"],
+                group="Lineages",
+            ).opts(color=hv.dim("lineage"), line_width=width + 1, line_dash=dash, backend="bokeh")
+        elif kind == "arrows":
+            dims = ["Ms", "Mu", "Ms end", "Mu end"]
+            element = hv.Segments(tuple(columns[d] for d in dims), dims, group="CellArrows").opts(
+                color=color, line_width=1.2, alpha=0.8 if active else 0.45, backend="bokeh"
             )
-        if fit.arrows is not None and len(fit.arrows):
-            layers.append(
-                hv.Segments(
-                    tuple(arrow_segments(fit.arrows).values()),
-                    ["Ms", "Mu", "Ms end", "Mu end"],
-                    group="CellArrows",
-                ).opts(color=color, line_width=1.2, alpha=0.8 if fit.active else 0.45, backend="bokeh")
+        elif kind == "curve":
+            element = hv.Curve(xy, "Ms", "Mu").opts(
+                color=color, line_width=width, line_dash=dash, backend="bokeh"
             )
-        if fit.s is not None and fit.u is not None:
-            layers.append(
-                hv.Curve((fit.s, fit.u), "Ms", "Mu").opts(
-                    color=color, line_width=width, line_dash=dash, backend="bokeh"
-                )
+        else:
+            element = hv.Curve(xy, "Ms", "Mu", group="SteadyState").opts(
+                color=color, line_width=1.5, line_dash="dotdash" if active else "dotted", backend="bokeh"
             )
-        if fit.line is not None:
-            layers.append(
-                hv.Curve((fit.line[:, 0], fit.line[:, 1]), "Ms", "Mu", group="SteadyState").opts(
-                    color=color,
-                    line_width=1.5,
-                    line_dash="dotted" if not fit.active else "dotdash",
-                    backend="bokeh",
-                )
-            )
-    if not layers:
+        if i < len(hooks):
+            element = element.opts(hooks=[hooks[i]], backend="bokeh")
+        elements.append(element)
+    if not elements:
         return hv.Overlay([hv.Curve([], "Ms", "Mu")])
-    return hv.Overlay(layers)
+    return hv.Overlay(elements)
 
 
 def curve(x: np.ndarray, y: np.ndarray, *, labels: tuple[str, str]) -> hv.Curve:

@@ -666,26 +666,33 @@ def phase_fits(
     return out
 
 
-def fitted_at_cells(fit: Fit | VelocityResult | None, j: int) -> dict[str, np.ndarray] | None:
-    """``{"Ms", "Mu"[, "velocity"]}``: ``(n_obs,)`` values of gene ``j`` that ``fit`` predicts per cell, or None.
+def fitted_at_cells(
+    fit: Fit | VelocityResult | None, j: int, cells: np.ndarray | None = None
+) -> dict[str, np.ndarray] | None:
+    """``{"Ms", "Mu"[, "velocity"]}``: values of gene ``j`` that ``fit`` predicts per cell, or None.
 
     A fit that shows ``"curve"``: the fitted ``s``/``u``/velocity at each cell's gene time
     (as the phase portrait), from one evaluation of the curve; one that shows
-    ``"cell_points"``: its predicted ``s``/``u`` (no predicted velocity).
+    ``"cell_points"``: its predicted ``s``/``u`` (no predicted velocity). ``cells``: only
+    these cells (indices), in their order; default all ``(n_obs,)``.
     """
     if fit is None:
         return None
     result = _result(fit)
     shows = fit_shows(result)
+
+    def column(layer: str) -> np.ndarray:
+        values = np.asarray(result.layers[layer][:, j], dtype=np.float64)
+        return values if cells is None else values[cells]
+
     if "curve" in shows:
         gene = kinetics.fitted_gene(result.gene_params.iloc[j])
         if gene is not None:
-            uu, ss, vs = gene.at(result.layers[Key.layers.FIT_T][:, j])
+            uu, ss, vs = gene.at(column(Key.layers.FIT_T))
             return {"Ms": ss, "Mu": uu, "velocity": vs}
     if "cell_points" in shows:
         return {
-            what: np.asarray(result.layers[layer][:, j], dtype=np.float64)
-            for what, layer in (("Ms", Key.layers.PREDICTED_S), ("Mu", Key.layers.PREDICTED_U))
+            what: column(layer) for what, layer in (("Ms", Key.layers.PREDICTED_S), ("Mu", Key.layers.PREDICTED_U))
         }
     return None
 

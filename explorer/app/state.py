@@ -41,7 +41,7 @@ from explorer.app.fits import (
     with_fit,
     without_genes,
 )
-from explorer.app.geometry import nearest, points_in_box, points_in_polygon, time_bins
+from explorer.app.geometry import even_sample, nearest, points_in_box, points_in_polygon, time_bins
 from explorer.app.jobs import Fit, Job, fit_and_derive, fit_key, fit_label
 from explorer.app.memo import Memo, shared_memo
 from explorer.app.readouts import (
@@ -82,9 +82,12 @@ __all__ = [
     "model_defaults",
 ]
 
+#: a gene's curve along latent time is averaged over at most this many cells (an even sample)
+CURVE_CELLS = 100_000
+
 #: results one session remembers (a few genes' columns, colourings, time bins, the arrow
 #: grid, the agreement of two fits): each up to a few MB at a million cells
-SESSION_MEMO_ITEMS = 12
+SESSION_MEMO_ITEMS = 16
 #: read-outs computed in the background one session remembers (reconstruction, metrics tables)
 BACKGROUND_ITEMS = 6
 #: random walks started from a clicked cell, and their length (CellRank's plot_random_walks: 100 x 100)
@@ -820,14 +823,22 @@ class ExplorerState(param.Parameterized):
         )
 
     def phase_fits(self) -> list[PhaseFit]:
-        """For each fit, what the phase portrait draws for the selected gene (:func:`readouts.phase_fits`)."""
-        return readouts.phase_fits(
-            self.gene_values("Ms"),
-            self.gene_values("Mu"),
-            self.results,
-            j=self.gene_index,
-            active=self.model,
-            lineages={label: self.lineages(fit) for label, fit in self.results.items()},
+        """For each fit, what the phase portrait draws for the selected gene (:func:`readouts.phase_fits`).
+
+        Computed once per gene and set of fits: a click reads it for the plot, its axes and
+        the legend (each a read of the fits' gene times from disk at atlas scale).
+        """
+        fits = tuple((label, fit.key, id(fit)) for label, fit in self.results.items())
+        return self._remember(
+            ("phase fits", self.gene_index, self.model, fits),
+            lambda: readouts.phase_fits(
+                self.gene_values("Ms"),
+                self.gene_values("Mu"),
+                self.results,
+                j=self.gene_index,
+                active=self.model,
+                lineages={label: self.lineages(fit) for label, fit in self.results.items()},
+            ),
         )
 
     def lineages(self, fit: Fit | None = None) -> readouts.Lineages | None:
@@ -915,7 +926,10 @@ class ExplorerState(param.Parameterized):
         """Why the active fit gives the selected gene no velocity (:func:`.readouts.velocity_gap`)."""
         if self.adata is None or self.gene is None:
             return None
-        return readouts.velocity_gap(self.adata, self.fit, self.gene_index)
+        fit, j = self.fit, self.gene_index
+        if fit is not None and np.isfinite(self.gene_values("velocity")).any():
+            return None  # the common case, from the column the plots read (no second read)
+        return readouts.velocity_gap(self.adata, fit, j)
 
     def time_curve(self, what: Literal["Ms", "Mu", "velocity"]) -> tuple[np.ndarray, np.ndarray, str] | None:
         """``(t, value, kind)``: the selected gene's curve against latent time, or None without latent time.
@@ -928,15 +942,26 @@ class ExplorerState(param.Parameterized):
             return None
         fit = self.fit
         time_of = fit.label if fit is not None and "latent_time" in self.fit_shows(fit) else "obs"
-        bins = self._remember(("time bins", time_of), lambda: time_bins(t))
+        # many cells: the curve is the mean over an even sample of them (CURVE_CELLS, about
+        # 1,700 a bin), not every cell: at 10^6 cells evaluating the fit at every cell and
+        # binning it took most of a gene click
+        cells = None
+        if len(t) > CURVE_CELLS:
+            cells = self._shared.get(("curve cells", len(t)), lambda: even_sample(len(t), CURVE_CELLS))
+        t_used = t if cells is None else t[cells]
+        bins = self._remember(("time bins", time_of), lambda: time_bins(t_used))
         j = self.gene_index
-        # the three time plots read one evaluation of the curve (at 10^6 cells, 0.2 s each)
+        # the three time plots read one evaluation of the curve
         at_cells = (
-            None if fit is None else self._remember(("fitted", fit.key, j), lambda: readouts.fitted_at_cells(fit, j))
+            None
+            if fit is None
+            else self._remember(("fitted", fit.key, j), lambda: readouts.fitted_at_cells(fit, j, cells))
         )
         fitted = None if at_cells is None else at_cells.get(what)
-        observed = self.gene_values(what) if fitted is None else None
-        return readouts.time_curve(t, observed, fitted, bins=bins)
+        observed = None
+        if fitted is None:
+            observed = self.gene_values(what) if cells is None else self.gene_values(what)[cells]
+        return readouts.time_curve(t_used, observed, fitted, bins=bins)
 
     def cell_info(self, index: int | None = None) -> CellInfo | None:
         """Collect what the inspector shows for cell ``index`` (default: the selected cell)."""

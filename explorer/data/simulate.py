@@ -193,6 +193,7 @@ def simulate(
     terminal_fraction: float = 0.0,
     rate_sd: float = 0.0,
     unspliced_capture: float = 1.0,
+    lineage_rate_range: tuple[float, float] | None = None,
 ) -> AnnData:
     """Simulate spliced/unspliced counts of ``n_obs`` cells with known kinetics.
 
@@ -263,6 +264,15 @@ def simulate(
     unspliced_capture
         Share of the unspliced molecules that are counted: the unspliced means are
         multiplied by it before the counts are drawn (``layers['true_u']`` is not).
+    lineage_rate_range
+        With ``branches > 1``: range ``(low, high)`` (log-uniform) of a factor, drawn per
+        lineage and gene, on the transcription rate ``alpha`` of every shared dynamic gene
+        (not a lineage programme, not ``"steady"``) in that lineage's cells from the
+        branch time on (from ``t_on`` if later) until the gene's switch-off: lineages
+        that run the same genes at different rates, the case a per-cell rate factor
+        (VeloVAE's ``rho``) models. ``var['true_alpha_<lineage>']`` holds the factors.
+        Default ``None``: no factor (drawn from its own random stream, so the other
+        outputs are unchanged).
 
     Returns
     -------
@@ -291,6 +301,14 @@ def simulate(
     _check_hard_options(time_density, terminal_fraction, rate_sd, unspliced_capture)
     if not 0 <= boost_start < 1:
         msg = f"boost_start must lie in [0, 1) (a share of the induction); got {boost_start}."
+        raise ValueError(msg)
+    if lineage_rate_range is not None and not (
+        branches > 1 and len(lineage_rate_range) == 2 and 0 < lineage_rate_range[0] <= lineage_rate_range[1]
+    ):
+        msg = (
+            "lineage_rate_range must be (low, high) with 0 < low <= high, and needs branches > 1; "
+            f"got {lineage_rate_range!r} with branches={branches}."
+        )
         raise ValueError(msg)
     if branch_time is None:
         branch_time = 0.4 * t_max
@@ -389,6 +407,20 @@ def simulate(
             tt, dyn_t_, extra, beta_ode, gamma_cell, t_on=np.where(is_boost, t_boost, 0.0)
         )
         u_ode, s = u_ode + u_b, s + s_b
+    lineage_factor = None
+    if lineage_rate_range is not None:
+        # each lineage's rate factor from the branch time on: a second induction of rate
+        # (factor - 1) * alpha from max(branch_time, t_on) to t_, added by linearity
+        rng_lin = np.random.default_rng([seed, 2])
+        lineage_factor = _loguniform(rng_lin, *lineage_rate_range, branches * n_vars)
+        lineage_factor = lineage_factor.reshape(branches, n_vars)
+        scaled = (program == _SHARED) & ~steady
+        lineage_factor[:, ~scaled] = 1.0
+        extra = (lineage_factor[lineage_idx] - 1.0) * alpha_cell
+        start = np.where(scaled, np.maximum(dyn_t_on, branch_time), 0.0)
+        u_l, s_l = kinetics.trajectory(tt, dyn_t_, extra, beta_ode, gamma_cell, t_on=start)
+        after = (start < dyn_t_)[None, :]
+        u_ode, s = u_ode + np.where(after, u_l, 0.0), s + np.where(after, s_l, 0.0)
     u_inf, s_inf_ = kinetics.steady_state(alpha, beta_ode, gamma)
     u_ode = np.where(steady[None, :], u_inf[None, :], u_ode)
     s = np.where(steady[None, :], s_inf_[None, :], s)
@@ -441,6 +473,9 @@ def simulate(
         },
         index=pd.Index([f"gene_{j:04d}" for j in range(n_vars)]),
     )
+    if lineage_factor is not None:
+        for i, name in enumerate(lineage_names):
+            var[f"{Key.var.TRUE_ALPHA}_{name}"] = lineage_factor[i] * alpha
     spliced_csr = sparse.csr_matrix(spliced.astype(np.float32))
     adata = AnnData(
         X=spliced_csr.copy(),
@@ -479,6 +514,8 @@ def simulate(
         "convention": "true_u = scaling * u_ode; ODE rates (alpha, beta * scaling, gamma); "
         "true_velocity = true_beta * true_u - true_gamma * true_s (true_gamma_2 in regime 1)",
     }
+    if lineage_rate_range is not None:
+        adata.uns[Key.uns.SIMULATION]["lineage_rate_range"] = np.asarray(lineage_rate_range, dtype=float)
     if boost_start != 0.5:  # noqa: PLR2004 - recorded only when set, so default files stay byte-identical
         adata.uns[Key.uns.SIMULATION]["boost_start"] = boost_start
     logger.info("simulated %d cells x %d genes (seed %d, noise %s)", n_obs, n_vars, seed, noise)

@@ -26,8 +26,11 @@ Pure array functions; :func:`compute_latent_time` is the AnnData wrapper.
 from __future__ import annotations
 
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
+import numba
 import numpy as np
 from scipy import sparse
 from scipy.sparse import linalg as splinalg
@@ -195,13 +198,35 @@ def smooth_gene_times(t: np.ndarray, connectivities: sparse.spmatrix) -> np.ndar
     -------
     ``(n_obs, n_genes)`` float64 times in ``[0, 1.05 x`` the gene's latest time``)``.
     """
-    t = np.asarray(t, dtype=np.float64)
+    t = np.ascontiguousarray(t, dtype=np.float64)
     period = t.max(0) * (1 + _CLOCK_GAP)
     period = np.where(period > 0, period, 1.0)
     angle = 2 * np.pi * t / period
-    W = sparse.csr_matrix(neighbor_average_matrix(connectivities), dtype=np.float64)
-    mean = np.arctan2(W @ np.sin(angle), W @ np.cos(angle)) % (2 * np.pi)
+    W = neighbor_average_matrix(connectivities)
+    sums = np.empty((2, *t.shape))
+    _neighbour_sums_kernel(np.sin(angle), np.cos(angle), W.indptr, W.indices, W.data.astype(np.float64), sums)
+    mean = np.arctan2(sums[0], sums[1]) % (2 * np.pi)
     return mean / (2 * np.pi) * period
+
+
+@numba.njit(parallel=True, cache=True)
+def _neighbour_sums_kernel(sin, cos, indptr, indices, weights, out):  # pragma: no cover - compiled
+    """``W @ sin`` and ``W @ cos`` into ``out[0]``, ``out[1]`` for CSR ``W``, cells in parallel.
+
+    Each neighbour's row is added in the order of the sparse row, as scipy's sparse-dense
+    product does: the same sums, bit for bit, on both cores.
+    """
+    n_obs, n_genes = sin.shape
+    for i in numba.prange(n_obs):
+        for g in range(n_genes):
+            out[0, i, g] = 0.0
+            out[1, i, g] = 0.0
+        for k in range(indptr[i], indptr[i + 1]):
+            j = indices[k]
+            w = weights[k]
+            for g in range(n_genes):
+                out[0, i, g] += w * sin[j, g]
+                out[1, i, g] += w * cos[j, g]
 
 
 def rank_gene_times(t: np.ndarray) -> np.ndarray:
@@ -226,27 +251,41 @@ def rank_gene_times(t: np.ndarray) -> np.ndarray:
 def average_ranks(x: np.ndarray) -> np.ndarray:
     """Ranks (1 to n) of each column of ``(n, m)`` ``x``, ties given their average rank.
 
-    ``scipy.stats.rankdata(x, axis=0)`` in numpy: importing ``scipy.stats`` costs about
-    half a second of CPU, a tenth of the command's start-up, for this one function.
-    No NaN in ``x``.
+    ``scipy.stats.rankdata(x, axis=0)``, compiled with the columns in parallel
+    (:func:`_average_ranks_kernel`): importing ``scipy.stats`` costs about half a second
+    of CPU, a tenth of the command's start-up, for this one function. No NaN in ``x``.
     """
-    # along rows of the transpose: each column's values contiguous, 1.5x faster than
-    # sorting the strided columns in place
-    xt = np.ascontiguousarray(np.asarray(x).T)
-    n = xt.shape[1]
-    order = np.argsort(xt, axis=1, kind="stable")
-    xs = np.take_along_axis(xt, order, axis=1)
-    pos = np.arange(n)
-    starts = np.ones(xs.shape, dtype=bool)
-    starts[:, 1:] = xs[:, 1:] != xs[:, :-1]
-    ends = np.ones(xs.shape, dtype=bool)
-    ends[:, :-1] = starts[:, 1:]
-    # first and last sorted position of each run of ties, spread over the run
-    first = np.maximum.accumulate(np.where(starts, pos, 0), axis=1)
-    last = np.minimum.accumulate(np.where(ends, pos, n - 1)[:, ::-1], axis=1)[:, ::-1]
-    ranks = np.empty(xs.shape, dtype=np.float64)
-    np.put_along_axis(ranks, order, (first + last) / 2 + 1, axis=1)
+    # along rows of the transpose: each column's values contiguous. The sort need not be
+    # stable (ties share their mean position): numpy's default sort is vectorised, about
+    # 4x faster than its stable one here
+    xt = np.ascontiguousarray(np.asarray(x, dtype=np.float64).T)
+    order = np.argsort(xt, axis=1)
+    ranks = np.empty(xt.shape, dtype=np.float64)
+    _average_ranks_kernel(xt, order, ranks)
     return np.ascontiguousarray(ranks.T)
+
+
+@numba.njit(parallel=True, cache=True)
+def _average_ranks_kernel(xt, order, out):  # pragma: no cover - compiled
+    """Average ranks (1 to n) of each row of ``xt`` into ``out``, rows in parallel.
+
+    ``order`` sorts each row; ties share the mean of the positions they occupy in it, so
+    their order within the run does not change the result.
+    """
+    n = xt.shape[1]
+    for g in numba.prange(xt.shape[0]):
+        row = xt[g]
+        idx = order[g]
+        first = 0
+        while first < n:
+            last = first
+            value = row[idx[first]]
+            while last + 1 < n and row[idx[last + 1]] == value:
+                last += 1
+            rank = (first + last) / 2 + 1
+            for k in range(first, last + 1):
+                out[g, idx[k]] = rank
+            first = last + 1
 
 
 def root_time(t: np.ndarray, root: int) -> np.ndarray:
@@ -349,7 +388,10 @@ def latent_time(
             "time at the cell with the smallest summed gene time.",
             round(100 * _ROOT_MAX_QUANTILE),
         )
-    times = np.stack([shared_time(root_time(t, int(r))) for r in roots[:_N_ROOTS]])
+    # one root per thread (numpy's partition and arithmetic release the GIL)
+    roots = [int(r) for r in roots[:_N_ROOTS]]
+    with ThreadPoolExecutor(max_workers=min(len(roots), os.cpu_count() or 1)) as pool:
+        times = np.stack(list(pool.map(lambda r: shared_time(root_time(t, r)), roots)))
     lt = scale01(times.mean(0))
     conn = neighbor_average_matrix(connectivities)
     tc = conn @ lt

@@ -18,6 +18,7 @@ import logging
 import math
 from typing import TYPE_CHECKING
 
+import numba
 import numpy as np
 from scipy import sparse
 
@@ -66,26 +67,48 @@ def project_velocity(
         n = E.shape[0]
         msg = f"Expected a ({n}, {n}) transition matrix for {n} cells, found {T.shape}."
         raise ValueError(msg)
-    T = T.tocoo()
-    keep = (T.row != T.col) & (T.data != 0)
-    rows, cols, probs = T.row[keep], T.col[keep], T.data[keep]
-    dX = E[cols] - E[rows]
-    norm = np.linalg.norm(dX, axis=1)
-    # identical positions carry no direction (scVelo sets their NaN to 0)
-    dX = np.divide(dX, norm[:, None], out=np.zeros_like(dX), where=norm[:, None] > 0)
-    n_obs, n_dims = E.shape
-    count = np.bincount(rows, minlength=n_obs)
-    mean_prob = np.bincount(rows, weights=probs, minlength=n_obs) / np.maximum(count, 1)
-    V = np.empty((n_obs, n_dims))
-    for k in range(n_dims):
-        V[:, k] = np.bincount(rows, weights=probs * dX[:, k], minlength=n_obs) - mean_prob * np.bincount(
-            rows, weights=dX[:, k], minlength=n_obs
-        )
+    V = np.zeros(E.shape)
+    _project_kernel(T.indptr, T.indices, T.data, np.ascontiguousarray(E), V)
     if autoscale:
         scale = quiver_scale(E, V)
         if scale > 0:
             V /= 3.0 * scale
     return V.astype(np.float32)
+
+
+@numba.njit(parallel=True, cache=True)
+def _project_kernel(indptr, indices, probs, E, out):  # pragma: no cover - compiled
+    """Per cell ``sum p (dx / |dx|) - mean(p) sum dx / |dx|`` over its off-diagonal nonzero transitions.
+
+    ``dx`` is the neighbour's position minus the cell's, unit length (0 for identical
+    positions, which carry no direction; scVelo sets their NaN to 0). Cells in parallel.
+    """
+    n_dims = E.shape[1]
+    for i in numba.prange(E.shape[0]):
+        weighted = np.zeros(n_dims)
+        plain = np.zeros(n_dims)
+        dx = np.empty(n_dims)
+        total = 0.0
+        count = 0
+        for k in range(indptr[i], indptr[i + 1]):
+            j = indices[k]
+            p = probs[k]
+            if j == i or p == 0:
+                continue
+            norm2 = 0.0
+            for d in range(n_dims):
+                dx[d] = E[j, d] - E[i, d]
+                norm2 += dx[d] * dx[d]
+            norm = np.sqrt(norm2)
+            for d in range(n_dims):
+                unit = dx[d] / norm if norm > 0 else 0.0
+                weighted[d] += p * unit
+                plain[d] += unit
+            total += p
+            count += 1
+        mean_prob = total / max(count, 1)
+        for d in range(n_dims):
+            out[i, d] = weighted[d] - mean_prob * plain[d]
 
 
 def quiver_scale(embedding: FloatArray, velocity: FloatArray) -> float:

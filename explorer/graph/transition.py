@@ -92,6 +92,12 @@ def knn_indices(distances: sparse.spmatrix, *, n_neighbors: int | None = None) -
         )
         raise ValueError(msg)
     k = int(counts.min()) if n_neighbors is None else int(min(counts.min(), n_neighbors))
+    if counts.max() == counts.min():
+        # the usual kNN graph, the same number stored per row: sort the rows as a block
+        # (stable, as the lexsort below; 6x faster)
+        n, c = dist.shape[0], int(counts[0])
+        order = np.argsort(dist.data.reshape(n, c), axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(dist.indices.reshape(n, c), order, axis=1).astype(np.int64)
     rows = np.repeat(np.arange(dist.shape[0]), counts)
     # sort by row, then by distance inside each row; keep the first k of every row
     order = np.lexsort((dist.data, rows))
@@ -597,22 +603,66 @@ def velocity_confidence(velocity: FloatArray, indices: IntArray) -> FloatArray:
 
 
 def mean_neighbour_cosine(unit: np.ndarray, has: np.ndarray, indices: IntArray) -> np.ndarray:
-    """Mean dot product of each row of ``unit`` with its neighbours' rows, in blocks of cells.
+    """Mean dot product of each row of ``unit`` with its neighbours' rows.
 
     ``unit``: ``(n_obs, n_genes)`` rows of length 1 (or 0); ``has``: ``(n_obs,)`` which rows
     are nonzero; ``indices``: ``(n_obs, k)`` neighbours. Neighbours without a row are left
-    out of the mean; NaN for a cell without a row or without such a neighbour. Float64.
+    out of the mean; NaN for a cell without a row or without such a neighbour. Float64
+    (the dot products summed in float64, cells in parallel).
     """
     out = np.full(unit.shape[0], np.nan)
-    step = max(1, _BLOCK_ELEMENTS // max(unit.shape[1] * indices.shape[1], 1))
-    for s in range(0, unit.shape[0], step):
-        idx = indices[s : s + step]
-        cos = np.einsum("ikg,ig->ik", unit[idx], unit[s : s + step])
-        valid = has[idx]
-        n_valid = valid.sum(axis=1)
-        mean = np.where(valid, cos, 0.0).sum(axis=1) / np.maximum(n_valid, 1)
-        out[s : s + step] = np.where(has[s : s + step] & (n_valid > 0), mean, np.nan)
+    unit = np.asarray(unit)
+    _mean_neighbour_cosine_kernel(
+        np.ascontiguousarray(unit, dtype=unit.dtype if unit.dtype == np.float64 else np.float32),
+        np.ascontiguousarray(has, dtype=np.bool_),
+        np.ascontiguousarray(indices, dtype=np.int64),
+        out,
+    )
     return out
+
+
+@numba.njit(parallel=True, cache=True)
+def _mean_neighbour_cosine_kernel(unit, has, indices, out):  # pragma: no cover - compiled
+    n_genes = unit.shape[1]
+    for i in numba.prange(unit.shape[0]):
+        if not has[i]:
+            continue
+        total = 0.0
+        n_valid = 0
+        for m in range(indices.shape[1]):
+            j = indices[i, m]
+            if not has[j]:
+                continue
+            dot = 0.0
+            for g in range(n_genes):
+                dot += unit[j, g] * unit[i, g]
+            total += dot
+            n_valid += 1
+        if n_valid > 0:
+            out[i] = total / n_valid
+
+
+def sparse_dense_product(matrix: sparse.spmatrix, dense: np.ndarray) -> np.ndarray:
+    """``matrix @ dense`` for a CSR matrix and a float32 C-ordered array, rows in parallel.
+
+    scipy's sparse-dense product runs on one core; this is the same sum, in the order
+    of each sparse row, in float32 like scipy's on float32 operands.
+    """
+    m = sparse.csr_matrix(matrix, dtype=np.float32)
+    x = np.ascontiguousarray(dense, dtype=np.float32)
+    out = np.zeros((m.shape[0], x.shape[1]), dtype=np.float32)
+    _csr_dense_kernel(m.indptr, m.indices, m.data, x, out)
+    return out
+
+
+@numba.njit(parallel=True, cache=True)
+def _csr_dense_kernel(indptr, indices, data, x, out):  # pragma: no cover - compiled
+    for i in numba.prange(out.shape[0]):
+        for k in range(indptr[i], indptr[i + 1]):
+            j = indices[k]
+            w = data[k]
+            for g in range(x.shape[1]):
+                out[i, g] += w * x[j, g]
 
 
 def velocity_confidence_transition(
@@ -627,7 +677,7 @@ def velocity_confidence_transition(
     X = np.asarray(expression, dtype=np.float32)
     V = np.asarray(velocity, dtype=np.float64)
     # float32 product: twice as fast, and the correlation needs no more digits
-    dX = np.asarray(sparse.csr_matrix(transitions, dtype=np.float32) @ X, dtype=np.float64) - X
+    dX = np.asarray(sparse_dense_product(transitions, X), dtype=np.float64) - X
     dX -= dX.mean(axis=1, keepdims=True)
     V = V - V.mean(axis=1, keepdims=True)
     norms = np.linalg.norm(dX, axis=1) * np.linalg.norm(V, axis=1)
@@ -842,10 +892,15 @@ def compute_transition_matrix(
     return T
 
 
-def compute_velocity_confidence(adata: AnnData, *, vkey: str = Key.layers.VELOCITY) -> None:
+def compute_velocity_confidence(
+    adata: AnnData, *, vkey: str = Key.layers.VELOCITY, transitions: sparse.spmatrix | None = None
+) -> None:
     """Velocity length and confidence per cell (scVelo's ``tl.velocity_confidence``).
 
     Uses the velocity genes without NaN and the kNN of ``obsp['distances']``.
+    ``transitions``: the default :func:`transition_matrix` of the stored velocity graph,
+    if the caller has it (:func:`compute_transition_matrix`'s result), so it is not
+    built again.
 
     Returns
     -------
@@ -870,7 +925,7 @@ def compute_velocity_confidence(adata: AnnData, *, vkey: str = Key.layers.VELOCI
         return
     if Key.layers.MS in adata.layers:
         X = _dense(adata.layers[Key.layers.MS][:, mask])
-        T = transition_matrix(graph, graph_neg)
+        T = transition_matrix(graph, graph_neg) if transitions is None else transitions
         adata.obs[_vkey_name(Key.obs.VELOCITY_CONFIDENCE_TRANSITION, vkey)] = velocity_confidence_transition(
             X, V, T
         )

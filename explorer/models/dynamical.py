@@ -42,7 +42,13 @@ from explorer._process import set_up_process
 from explorer._types import InputError, report
 from explorer.graph import latent_time as lt_mod
 from explorer.graph.latent_time import neighbor_average_matrix
-from explorer.graph.transition import cosine_correlations, neighbors_for_graph, split_graph, transition_matrix
+from explorer.graph.transition import (
+    cosine_correlations,
+    neighbors_for_graph,
+    sparse_dense_product,
+    split_graph,
+    transition_matrix,
+)
 from explorer.keys import Key
 from explorer.models.base import Hyperparameters, VelocityResult, require_layers
 from explorer.models.steady_state import genes_to_fit
@@ -243,9 +249,10 @@ def _dense32(matrix: Any) -> np.ndarray:
 class _Smoother:
     """Average ``(n_genes, n_cells)`` arrays over each cell's neighbours (scVelo's connectivities).
 
-    On the CPU (``device`` None or a CPU torch device) through scipy's CSR product, on
-    numpy arrays or the tensors' numpy views: building torch's sparse tensor (its
-    invariant check and coalescing) cost more than the products.
+    On the CPU (``device`` None or a CPU torch device) through a compiled CSR product
+    with the cells in parallel (scipy's sums, in its order), on numpy arrays or the
+    tensors' numpy views: building torch's sparse tensor (its invariant check and
+    coalescing) cost more than the products.
     """
 
     def __init__(self, weights: sparse.csr_matrix, device: torch.device | None) -> None:
@@ -269,10 +276,10 @@ class _Smoother:
     def __call__(self, x: Any) -> Any:
         if self.csr is not None:
             if isinstance(x, np.ndarray):
-                return np.ascontiguousarray((self.csr @ x.T).T)
+                return np.ascontiguousarray(sparse_dense_product(self.csr, x.T).T)
             import torch
 
-            return torch.from_numpy(np.ascontiguousarray((self.csr @ x.numpy().T).T))
+            return torch.from_numpy(np.ascontiguousarray(sparse_dense_product(self.csr, x.numpy().T).T))
         import torch
 
         return torch.sparse.mm(self.matrix, x.T.contiguous()).T

@@ -165,3 +165,21 @@ def running_server(data: str, data_dir: Path, *, log_name: str) -> Iterator[str]
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
+
+
+def phase_layers(phase, kind: str) -> list[np.ndarray]:
+    """What the browser is sent for the phase portrait's fitted layers of ``kind``.
+
+    ``kind`` as :func:`explorer.app.plots.phase_fit_layers` names it (``"points"``,
+    ``"arrows"``, ...); each layer as an ``(n, 2)`` array ``Ms, Mu`` read from its data
+    source by column name, ``(n, 4)`` ``Ms, Mu, Ms end, Mu end`` (``x0, y0, x1, y1``) for
+    arrows. A gene click gives these sources new data directly, so the HoloViews element
+    drawn last may be an earlier gene's.
+    """
+    out = []
+    for (_, _, found), live in zip(phase._drawn_keys, phase._fits_live, strict=True):
+        if found == kind:
+            shown = live.shown
+            names = ["Ms", "Mu", "Ms_end", "Mu_end"] if kind == "arrows" else ["Ms", "Mu"]
+            out.append(np.column_stack([np.asarray(shown[n], dtype=float) for n in names]))
+    return out

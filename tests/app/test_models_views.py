@@ -28,6 +28,7 @@ from explorer.keys import Key
 from explorer.models import MODELS, register_model, unregister_model
 from explorer.models.base import VelocityResult
 from explorer.models.vector_field import VectorField
+from tests.app.conftest import phase_layers
 
 TOY = "toy_rates"
 
@@ -110,13 +111,14 @@ def test_rates_intervals_reconstruction_walks_fates_and_metrics(app):
     # each cell's own velocity as arrows: an even sample of at most 400 cells
     gene = str(state.adata.var_names[3])
     state.select_gene(gene)
-    (arrows,) = [layer for layer in views["phase"].fits.last if layer.group == "CellArrows"]
+    (arrows,) = phase_layers(views["phase"], "arrows")  # x0, y0, x1, y1
     n_arrows = min(state.adata.n_obs, readouts.MAX_CELL_ARROWS)
     assert len(arrows) == 3 * n_arrows  # a shaft and two head strokes each
-    shafts = arrows.array()[:n_arrows]
+    shafts = arrows[:n_arrows]
     ms, mu = state.gene_values("Ms"), state.gene_values("Mu")
     cells = np.arange(state.adata.n_obs)[readouts.even_sample(state.adata.n_obs, n_arrows)]
     np.testing.assert_allclose(shafts[:, 0], ms[cells], rtol=1e-6)
+    np.testing.assert_allclose(shafts[:, 1], mu[cells], rtol=1e-6)  # each shaft starts at its cell
     # du = 2 - (1 + u) u points up exactly where the cell's u is below 1
     np.testing.assert_array_equal(shafts[:, 3] > shafts[:, 1], 2 - (1 + mu[cells]) * mu[cells] > 0)
     assert "own rates (arrows)" in views["phase"]._legend()

@@ -23,6 +23,7 @@ from explorer.app.readouts import COLOR_EXPRESSION, COLOR_UNCERTAINTY, Coloring
 from explorer.keys import Key
 from explorer.models import MODELS, register_model, unregister_model
 from explorer.models.base import VelocityResult
+from tests.app.conftest import phase_layers
 
 TOY = "toy_cloud"
 
@@ -116,8 +117,9 @@ def test_a_registered_toy_model_runs_and_is_drawn_without_app_changes(app):
     assert "predicted cells" in views["phase"]._legend()
     # ... and follows the selected gene
     state.select_gene(str(state.adata.var_names[4]))
-    cloud = _cell_points(_frame(views["phase"].fits))
-    np.testing.assert_allclose(cloud[0].dimension_values("Ms"), 0.5 * state.gene_values("Ms"), rtol=1e-6)
+    (cloud,) = phase_layers(views["phase"], "points")
+    np.testing.assert_allclose(cloud[:, 0], 0.5 * state.gene_values("Ms"), rtol=1e-6)
+    np.testing.assert_allclose(cloud[:, 1], 0.5 * state.gene_values("Mu"), rtol=1e-6)
 
     # its uncertainty colours the embedding
     assert COLOR_UNCERTAINTY in state.param.color_by.objects

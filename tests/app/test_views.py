@@ -66,14 +66,27 @@ def test_page_builds_every_view(app):
 
 def test_selecting_a_gene_updates_phase_time_table_and_colouring(app):
     state, views = app.state, app.views
+    state.run_model("stochastic").join(120)  # a fit, so the phase portrait has lines to move
     state.color_by = COLOR_EXPRESSION
-    gene = str(state.adata.var_names[7])
-    assert state.gene != gene
-    views["genes"]._clicked(SimpleNamespace(row=7, column="gene"))  # a click on the table row
+    row = int(np.flatnonzero(views["genes"].table.value["gene"] != state.gene)[0])
+    gene = str(views["genes"].table.value.loc[row, "gene"])
+    views["genes"]._clicked(SimpleNamespace(row=row, column="gene"))  # a click on the table row
     assert state.gene == gene
-    phase = _frame(views["phase"].scatter.base)
-    np.testing.assert_allclose(phase.dimension_values("Ms"), state.gene_values("Ms"))
-    np.testing.assert_allclose(phase.dimension_values("Mu"), state.gene_values("Mu"))
+    # the phase portrait's cells and fitted lines get the new gene's data directly
+    phase = views["phase"].scatter.base_live
+    np.testing.assert_allclose(phase.shown["Ms"], state.gene_values("Ms"))
+    np.testing.assert_allclose(phase.shown["Mu"], state.gene_values("Mu"))
+    layers = plots.phase_fit_layers(state.phase_fits())
+    assert layers
+    for live, (_, columns) in zip(views["phase"]._fits_live, layers, strict=True):
+        assert set(live.shown) == {"Ms", "Mu"}
+        np.testing.assert_allclose(live.shown["Ms"], columns["Ms"])
+        np.testing.assert_allclose(live.shown["Mu"], columns["Mu"])
+    # its axes span the cells and the lines
+    x_range = phase.plots[-1].handles["x_range"]
+    lines_x = np.concatenate([np.asarray(c["Ms"], dtype=float) for _, c in layers])
+    assert x_range.start <= min(state.gene_values("Ms").min(), np.nanmin(lines_x))
+    assert x_range.end >= max(state.gene_values("Ms").max(), np.nanmax(lines_x))
     # the time plots get the new gene's values, axis range and title sent directly
     time_ms = views["time"].scatters["Ms"]
     np.testing.assert_allclose(time_ms.base_live.shown["Ms"], state.gene_values("Ms"))
@@ -86,7 +99,7 @@ def test_selecting_a_gene_updates_phase_time_table_and_colouring(app):
     np.testing.assert_allclose(embedding.shown["color"], state.gene_values("Ms"))
     mapper = embedding.plots[-1].handles["color_color_mapper"]
     assert (mapper.low, mapper.high) == pytest.approx(plots.value_range(state.coloring()))
-    assert views["genes"].table.selection == [7]
+    assert views["genes"].table.selection == [row]
     # the search box selects too, whatever the case
     views["genes"].search.value = str(state.adata.var_names[2]).upper()
     assert state.gene == str(state.adata.var_names[2])
@@ -360,7 +373,7 @@ def test_time_plots_and_next_cells_table_join_the_page_once_they_have_something_
     """Empty plots and tables are left out of an opening page; they appear when there is data."""
     doc = Document()
     with set_curdoc(doc):
-        page = create_app(app_adata, data_dir=tmp_path)
+        page = create_app(app_adata.copy(), data_dir=tmp_path)  # a latent time is added below
         page.server_doc(doc)
         app = page.app
 

@@ -341,3 +341,47 @@ def test_hard_options_say_what_is_valid():
         simulate(n_obs=10, n_vars=3, rate_sd=-0.1)
     with pytest.raises(ValueError, match="unspliced_capture"):
         simulate(n_obs=10, n_vars=3, unspliced_capture=0.0)
+
+
+def test_lineage_rate_range_scales_each_lineage_rate_after_the_branch():
+    """Each lineage's shared genes run at their own transcription rate from the branch time on."""
+    kw = {"n_obs": 400, "n_vars": 30, "seed": 4, "noise": "none", "kinds": {}, "branches": 2}
+    plain = simulate(**kw)
+    scaled = simulate(**kw, lineage_rate_range=(0.2, 0.6))
+    # same genes, cells and times (the factors draw from their own stream)
+    np.testing.assert_array_equal(plain.obs[Key.obs.TRUE_T], scaled.obs[Key.obs.TRUE_T])
+    assert plain.var.equals(scaled.var[plain.var.columns])
+    shared = (scaled.var[Key.var.TRUE_PROGRAM] == "shared").to_numpy()
+    alpha = scaled.var[Key.var.TRUE_ALPHA].to_numpy()
+    factors = {lin: scaled.var[f"{Key.var.TRUE_ALPHA}_{lin}"].to_numpy() / alpha for lin in "AB"}
+    for f in factors.values():
+        assert (f[shared] >= 0.2).all() and (f[shared] <= 0.6).all()
+        np.testing.assert_array_equal(f[~shared], 1.0)  # lineage programmes keep their rate
+    t = scaled.obs[Key.obs.TRUE_T].to_numpy()
+    lineage = scaled.obs[Key.obs.TRUE_LINEAGE].astype(str).to_numpy()
+    # the root is unchanged
+    root = lineage == "root"
+    s_plain, s_scaled = plain.layers[Key.layers.TRUE_S], scaled.layers[Key.layers.TRUE_S]
+    np.testing.assert_allclose(s_scaled[root], s_plain[root], rtol=1e-6)
+    # a lineage's cells follow the ODE whose rate changes to factor * alpha at the branch time
+    branch_time = scaled.uns[Key.uns.SIMULATION]["branch_time"]
+    var = scaled.var
+    checked = 0
+    for g in np.flatnonzero(shared):
+        t_on, t_off = var[Key.var.TRUE_T_ON].iloc[g], var[Key.var.TRUE_T_].iloc[g]
+        if not t_on < branch_time < t_off:
+            continue
+        beta_ode = var[Key.var.TRUE_BETA].iloc[g] * var[Key.var.TRUE_SCALING].iloc[g]
+        gamma = var[Key.var.TRUE_GAMMA].iloc[g]
+        for lin in "AB":
+            cells = np.flatnonzero(lineage == lin)
+            cells = cells[np.argsort(t[cells])]
+            segments = [(t_on, alpha[g]), (branch_time, factors[lin][g] * alpha[g]), (t_off, 0.0)]
+            _, s = _odeint_u_s(t[cells], segments, beta_ode, gamma)
+            np.testing.assert_allclose(scaled.layers[Key.layers.TRUE_S][cells, g], s, rtol=1e-4, atol=1e-5)
+        checked += 1
+    assert checked >= 3
+    with pytest.raises(ValueError, match="lineage_rate_range"):
+        simulate(n_obs=10, n_vars=3, lineage_rate_range=(0.5, 1.0))  # one lineage
+    with pytest.raises(ValueError, match="lineage_rate_range"):
+        simulate(n_obs=10, n_vars=3, branches=2, lineage_rate_range=(0.0, 1.0))

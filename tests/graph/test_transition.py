@@ -322,3 +322,32 @@ def test_missing_inputs_say_what_to_do(cellrank_adata):
         compute_velocity_graph(adata)
     with pytest.raises(ValueError, match="Valid options are"):
         compute_velocity_graph(cellrank_adata.copy(), mode_neighbors="umap")
+
+
+def test_sparse_dense_product_is_scipys_bit_for_bit():
+    from explorer.graph.transition import sparse_dense_product
+
+    rng = np.random.default_rng(0)
+    m = sparse.random(80, 60, density=0.2, format="csr", random_state=1, dtype=np.float32)
+    x = rng.standard_normal((60, 7)).astype(np.float32)
+    np.testing.assert_array_equal(sparse_dense_product(m, x), m @ x)
+    # a transposed (Fortran-ordered) operand, as the EM's smoother passes
+    y = np.ascontiguousarray(rng.standard_normal((7, 60)).astype(np.float32))
+    np.testing.assert_array_equal(sparse_dense_product(m, y.T), m @ y.T)
+
+
+def test_knn_indices_rows_of_equal_length_match_the_general_sort():
+    rng = np.random.default_rng(2)
+    n, c = 40, 6
+    # column indices sorted in each row, so that adding an entry below keeps the stored order
+    cols = np.stack([np.sort(rng.choice(np.delete(np.arange(n), i), c, replace=False)) for i in range(n)])
+    data = rng.integers(1, 4, size=(n, c)).astype(float)  # many ties: stable order decides
+    dist = sparse.csr_matrix((data.ravel(), cols.ravel(), np.arange(0, n * c + 1, c)), shape=(n, n))
+    fast = knn_indices(dist, n_neighbors=4)
+    # the general path (rows of unequal length): one more, farthest entry in row 0 changes nothing
+    extra = dist.tolil()
+    extra[0, next(j for j in range(n) if j != 0 and dist[0, j] == 0)] = 100.0
+    general = knn_indices(sparse.csr_matrix(extra), n_neighbors=4)
+    np.testing.assert_array_equal(fast, general)
+    order = np.argsort(data, axis=1, kind="stable")[:, :4]
+    np.testing.assert_array_equal(fast, np.take_along_axis(cols, order, axis=1))

@@ -180,14 +180,27 @@ class CellScatter(param.Parameterized):
 
     # -------------------------------------------------------------- watchers
     def _xy_changed(self, *events: param.parameterized.Event) -> None:
+        self.refresh(live={e.name for e in events} <= self._live_on)
+
+    def refresh(self, *, live: bool, extent: tuple[np.ndarray, np.ndarray] | None = None) -> bool:
+        """The coordinates changed: redraw the cells, directly if ``live`` and possible.
+
+        Returns whether the drawn plot got its new data directly (else HoloViews redraws
+        the cells). ``extent``: more ``(x, y)`` values the axes must show (another layer's,
+        pushed directly at the same time). A caller that redraws another layer of the same
+        plot through HoloViews must pass ``live=False``: that redraw sets the axes from
+        every layer's last HoloViews data, which a direct push does not update.
+        """
         self._xy_token += 1
-        if not ({e.name for e in events} <= self._live_on and self._push_base()):
+        pushed = live and self._push_base(extent)
+        if not pushed:
             self.param.update(xy_revision=self.xy_revision + 1, color_revision=self.color_revision + 1)
         # the selection and the selected cell move with the points
         if len(self.state.selected):
             self._push_selection()
         if self.state.cell is not None:
             self._push_marker()
+        return pushed
 
     def _selection_data(self) -> dict[str, np.ndarray]:
         xy = self.xy()
@@ -206,8 +219,11 @@ class CellScatter(param.Parameterized):
             return {"x": np.empty(0), "y": np.empty(0)}
         return {"x": np.array([xy[0][i]]), "y": np.array([xy[1][i]])}
 
-    def _push_base(self) -> bool:
-        """Give the drawn cells new coordinates and colours directly; False if that cannot be done."""
+    def _push_base(self, extent: tuple[np.ndarray, np.ndarray] | None = None) -> bool:
+        """Give the drawn cells new coordinates and colours directly; False if that cannot be done.
+
+        The axes span the cells and ``extent`` (more ``(x, y)`` values to show).
+        """
         if not self.base_live.sources:
             return False
         xy = self.xy()
@@ -220,10 +236,16 @@ class CellScatter(param.Parameterized):
             image, (x0, y0, x1, y1) = plots.shade(x, y, coloring, width=self._width, height=self._height)
             self._drawn_xy = self._xy_token
             ranges = {"x_range": (x0, x1), "y_range": (y0, y1)}
+            if extent is not None:
+                ranges = {
+                    "x_range": _padded(np.concatenate([[x0, x1], extent[0]]), 0.0),
+                    "y_range": _padded(np.concatenate([[y0, y1], extent[1]]), 0.0),
+                }
             columns = {"image": [image], "x": [x0], "y": [y0], "dw": [x1 - x0], "dh": [y1 - y0]}
         else:
             values, palette, clim = plots.color_mapping(coloring)
-            ranges = {"x_range": _padded(x), "y_range": _padded(y)}
+            ex, ey = extent if extent is not None else (np.empty(0), np.empty(0))
+            ranges = {"x_range": _padded(np.concatenate([x, ex])), "y_range": _padded(np.concatenate([y, ey]))}
             # x, y, then the colour value as 'value' or as HoloViews' mapped 'color'
             # column, and 'cell' when it is kept: the columns plots.points draws
             extra = {"cell": np.arange(len(x)), "value": values, "color": values}

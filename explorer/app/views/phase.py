@@ -5,16 +5,30 @@ from __future__ import annotations
 from typing import Any
 
 import holoviews as hv
+import numpy as np
 import panel as pn
 import param
 
 from explorer.app import plots
 from explorer.app.escape import markdown_text
 from explorer.app.state import ExplorerState
-from explorer.app.views._layers import CellScatter
+from explorer.app.views._layers import CellScatter, LiveLayer
 
 #: ``only`` values that follow the comparison's picks, and how the title names them
 _PICKS = {"compare_a": "A", "compare_b": "B"}
+
+
+def _extent(layers: list[tuple[tuple[str, bool, str], dict[str, Any]]]) -> tuple[np.ndarray, np.ndarray]:
+    """Every ``Ms`` and every ``Mu`` value of the fitted layers (arrow ends included)."""
+    xs: list[np.ndarray] = [np.empty(0)]
+    ys: list[np.ndarray] = [np.empty(0)]
+    for _, columns in layers:
+        for name, values in columns.items():
+            if name.startswith("Ms"):
+                xs.append(np.asarray(values, dtype=np.float64).ravel())
+            elif name.startswith("Mu"):
+                ys.append(np.asarray(values, dtype=np.float64).ravel())
+    return np.concatenate(xs), np.concatenate(ys)
 
 
 class PhasePortrait(pn.viewable.Viewer):
@@ -27,6 +41,7 @@ class PhasePortrait(pn.viewable.Viewer):
     only = param.String(default=None, allow_None=True)
     width = param.Integer(default=480)
     height = param.Integer(default=420)
+    fits_revision = param.Integer(default=0)
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
@@ -34,19 +49,20 @@ class PhasePortrait(pn.viewable.Viewer):
         self.scatter = CellScatter(
             state,
             xy=lambda: (state.gene_values("Ms"), state.gene_values("Mu")),
-            # a comparison's portrait is retitled when its pick changes
-            xy_depends=["gene", "adata", *([self.only] if self.only in _PICKS else [])],
+            xy_depends=["adata"],  # a gene, model or pick changes both layers: see _changed
             labels=("Ms", "Mu"),
             on_tap=lambda x, y: state.select_cell_at("phase", x, y),
             title=self._title,
             width=self.width,
             height=self.height,
         )
-        self.fits = hv.DynamicMap(
-            self._draw_fits,
-            streams=[hv.streams.Params(state, ["gene", "model", "results", "compare_a", "compare_b"])],
-        )
+        #: the fitted layers of the last HoloViews drawing: their keys and their data sources
+        self._drawn_keys: list[tuple[str, bool, str]] | None = None
+        self._fits_live: list[LiveLayer] = []
+        self.fits = hv.DynamicMap(self._draw_fits, streams=[hv.streams.Params(self, ["fits_revision"])])
         self.plot = self.scatter.overlay(self.fits)
+        # registered after the scatter's own watcher, as the fits' DynamicMap stream was
+        state.param.watch(self._changed, ["gene", "model", "results", "compare_a", "compare_b"])
 
     def _only_label(self) -> str | None:
         """Return the fit label ``only`` stands for (the comparison's A or B is read from the state)."""
@@ -68,7 +84,35 @@ class PhasePortrait(pn.viewable.Viewer):
         return fits
 
     def _draw_fits(self, **_: Any) -> hv.Overlay:
-        return plots.phase_fits(self._fits())
+        fits = self._fits()
+        layers = plots.phase_fit_layers(fits)
+        self._drawn_keys = [key for key, _ in layers]
+        self._fits_live = [LiveLayer() for _ in layers]
+        return plots.phase_fits(fits, hooks=[live.hook for live in self._fits_live])
+
+    def _changed(self, *_: Any) -> None:
+        """Another gene, fit or pick: new cells and curves, sent directly when only their data changed.
+
+        A gene click whose fits draw the same layers (same fits, same kinds of lines) gives
+        the drawn data sources new columns and the axes a range over cells and curves,
+        without a HoloViews update of the plot (most of a click's server time). Anything
+        else (other fits, another kind of layer, lineage curves) redraws both layers
+        through HoloViews, so that the axes are computed from current data.
+        """
+        layers = plots.phase_fit_layers(self._fits())
+        keys = [key for key, _ in layers]
+        # each drawn layer's data source holds the layer's dimensions (a space as "_")
+        sources = [{name.replace(" ", "_"): values for name, values in columns.items()} for _, columns in layers]
+        live = keys == self._drawn_keys and all(
+            live.sources and all(set(s.data) == set(data) for s in live.sources)
+            for live, data in zip(self._fits_live, sources, strict=True)
+        )
+        extent = _extent(layers) if live else None
+        if self.scatter.refresh(live=live, extent=extent):
+            for live_layer, data in zip(self._fits_live, sources, strict=True):
+                live_layer.push(data)
+        else:
+            self.fits_revision += 1
 
     def __panel__(self) -> pn.viewable.Viewable:
         state = self.state
