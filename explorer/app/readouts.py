@@ -342,14 +342,19 @@ def gene_values(
     return dense_column(adata.layers[Key.layers.MS if what == "Ms" else Key.layers.MU], j)
 
 
-def velocity_gap(adata: AnnData, fit: Fit | VelocityResult | None, j: int) -> str | None:
+def velocity_gap(
+    adata: AnnData, fit: Fit | VelocityResult | None, j: int, velocity: np.ndarray | None = None
+) -> str | None:
     """Why ``fit`` gives gene ``j`` no velocity to draw (plain text, not escaped), or None when it gives one.
 
     A vector field's velocity covers the genes of its state only (the base model's
     velocity genes by default): another gene's column is NaN, so the velocity-over-time
-    plot would be empty axes without a word.
+    plot would be empty axes without a word. ``velocity``: gene ``j``'s velocity column
+    under ``fit`` when the caller has read it already.
     """
-    if fit is None or np.isfinite(gene_values(adata, "velocity", j, fit)).any():
+    if fit is None:
+        return None
+    if np.isfinite(gene_values(adata, "velocity", j, fit) if velocity is None else velocity).any():
         return None
     gene, result = str(adata.var_names[j]), _result(fit)
     found = _field_data(adata, fit)

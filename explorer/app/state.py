@@ -926,10 +926,10 @@ class ExplorerState(param.Parameterized):
         """Why the active fit gives the selected gene no velocity (:func:`.readouts.velocity_gap`)."""
         if self.adata is None or self.gene is None:
             return None
-        fit, j = self.fit, self.gene_index
-        if fit is not None and np.isfinite(self.gene_values("velocity")).any():
-            return None  # the common case, from the column the plots read (no second read)
-        return readouts.velocity_gap(self.adata, fit, j)
+        fit = self.fit
+        # the velocity column the plots read (no second read from a store)
+        velocity = self.gene_values("velocity") if fit is not None else None
+        return readouts.velocity_gap(self.adata, fit, self.gene_index, velocity)
 
     def time_curve(self, what: Literal["Ms", "Mu", "velocity"]) -> tuple[np.ndarray, np.ndarray, str] | None:
         """``(t, value, kind)``: the selected gene's curve against latent time, or None without latent time.

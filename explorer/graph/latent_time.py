@@ -39,6 +39,7 @@ from explorer._types import MissingInputError
 from explorer.graph.transition import (
     cosine_correlations,
     get_velocity_graph,
+    sparse_dense_product,
     split_graph,
     transition_matrix,
 )
@@ -203,30 +204,11 @@ def smooth_gene_times(t: np.ndarray, connectivities: sparse.spmatrix) -> np.ndar
     period = np.where(period > 0, period, 1.0)
     angle = 2 * np.pi * t / period
     W = neighbor_average_matrix(connectivities)
-    sums = np.empty((2, *t.shape))
-    _neighbour_sums_kernel(np.sin(angle), np.cos(angle), W.indptr, W.indices, W.data.astype(np.float64), sums)
-    mean = np.arctan2(sums[0], sums[1]) % (2 * np.pi)
+    # scipy's sums in its order, bit for bit, on both cores
+    sin = sparse_dense_product(W, np.sin(angle), dtype=np.float64)
+    cos = sparse_dense_product(W, np.cos(angle), dtype=np.float64)
+    mean = np.arctan2(sin, cos) % (2 * np.pi)
     return mean / (2 * np.pi) * period
-
-
-@numba.njit(parallel=True, cache=True)
-def _neighbour_sums_kernel(sin, cos, indptr, indices, weights, out):  # pragma: no cover - compiled
-    """``W @ sin`` and ``W @ cos`` into ``out[0]``, ``out[1]`` for CSR ``W``, cells in parallel.
-
-    Each neighbour's row is added in the order of the sparse row, as scipy's sparse-dense
-    product does: the same sums, bit for bit, on both cores.
-    """
-    n_obs, n_genes = sin.shape
-    for i in numba.prange(n_obs):
-        for g in range(n_genes):
-            out[0, i, g] = 0.0
-            out[1, i, g] = 0.0
-        for k in range(indptr[i], indptr[i + 1]):
-            j = indices[k]
-            w = weights[k]
-            for g in range(n_genes):
-                out[0, i, g] += w * sin[j, g]
-                out[1, i, g] += w * cos[j, g]
 
 
 def rank_gene_times(t: np.ndarray) -> np.ndarray:

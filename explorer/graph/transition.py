@@ -642,15 +642,15 @@ def _mean_neighbour_cosine_kernel(unit, has, indices, out):  # pragma: no cover 
             out[i] = total / n_valid
 
 
-def sparse_dense_product(matrix: sparse.spmatrix, dense: np.ndarray) -> np.ndarray:
-    """``matrix @ dense`` for a CSR matrix and a float32 C-ordered array, rows in parallel.
+def sparse_dense_product(matrix: sparse.spmatrix, dense: np.ndarray, *, dtype: type = np.float32) -> np.ndarray:
+    """``matrix @ dense`` for a CSR matrix and a C-ordered array, in ``dtype``, rows in parallel.
 
     scipy's sparse-dense product runs on one core; this is the same sum, in the order
-    of each sparse row, in float32 like scipy's on float32 operands.
+    of each sparse row, in ``dtype`` like scipy's on operands of that type.
     """
-    m = sparse.csr_matrix(matrix, dtype=np.float32)
-    x = np.ascontiguousarray(dense, dtype=np.float32)
-    out = np.zeros((m.shape[0], x.shape[1]), dtype=np.float32)
+    m = sparse.csr_matrix(matrix, dtype=dtype)
+    x = np.ascontiguousarray(dense, dtype=dtype)
+    out = np.zeros((m.shape[0], x.shape[1]), dtype=dtype)
     _csr_dense_kernel(m.indptr, m.indices, m.data, x, out)
     return out
 

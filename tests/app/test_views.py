@@ -424,3 +424,13 @@ def test_the_table_light_and_the_verdict_agree_for_a_partial_score():
         assert f"color:{expected[i]}" in verdict
     assert GeneBrowser._verdict(None, shown.loc[4]) == ""
     assert "fails: little curvature" in GeneBrowser._verdict(None, shown.loc[1])
+
+
+def test_axis_range_pads_by_its_share_and_widens_a_single_value():
+    """``_padded``: ``share`` of the span on each side (none with 0, as the datashaded phase
+    portrait asks when it joins the image's range with its lines); half a unit around one value."""
+    from explorer.app.views._layers import _padded
+
+    assert _padded(np.array([0.0, 2.0, np.nan]), 0.0) == (0.0, 2.0)
+    assert _padded(np.array([0.0, 2.0])) == pytest.approx((-0.1, 2.1))
+    assert _padded(np.array([1.0, 1.0]), 0.0) == (0.5, 1.5)

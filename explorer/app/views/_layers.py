@@ -37,7 +37,7 @@ def _padded(values: np.ndarray, share: float = 0.05) -> tuple[float, float]:
     if finite.size == 0:
         return 0.0, 1.0
     lo, hi = float(finite.min()), float(finite.max())
-    pad = share * (hi - lo) or 0.5
+    pad = share * (hi - lo) if hi > lo else 0.5
     return lo - pad, hi + pad
 
 
