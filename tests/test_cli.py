@@ -127,3 +127,47 @@ def test_fit_pancreas_writes_scvelo_keys(tmp_path, shared_data, reference_dir):
     raw = ad.read_h5ad(src)
     assert Key.layers.VELOCITY not in raw.layers
     assert float(raw.layers["spliced"].max()) == float(np.round(raw.layers["spliced"].max()))
+
+
+@pytest.fixture
+def small_prepared(tmp_path):
+    """A small simulated data set, preprocessed (neighbours, moments, UMAP), as a file."""
+    from explorer.data.simulate import simulate
+    from explorer.pipeline import prepare
+
+    adata = simulate(n_obs=300, n_vars=40, seed=0)
+    prepare(adata)
+    path = tmp_path / "small.h5ad"
+    adata.write_h5ad(path)
+    return path
+
+
+def test_fit_command_exits_after_writing_with_logs_flushed(tmp_path, small_prepared):
+    """The console fit ends without the interpreter's teardown, its file and logs complete."""
+    out = tmp_path / "out.h5ad"
+    proc = subprocess.run(
+        [sys.executable, "-m", "explorer.cli", "-v", "fit", str(small_prepared), "--model", "steady_state",
+         "--out", str(out), "--quiet"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    # the last log lines come after the write: lost if the handlers were not flushed
+    assert "fit command stages" in proc.stderr
+    assert "wrote" in proc.stderr
+    res = ad.read_h5ad(out)
+    assert Key.layers.VELOCITY in res.layers
+    assert np.isfinite(res.layers[Key.layers.VELOCITY][:, res.var[Key.var.VELOCITY_GENES].to_numpy()]).all()
+
+
+def test_fit_called_with_argv_returns_its_code(tmp_path, small_prepared, monkeypatch):
+    """A program calling ``main([...])`` gets the code back even when ``sys.argv`` looks like the command."""
+    from explorer import cli
+
+    out = tmp_path / "out.h5ad"
+    argv = ["fit", str(small_prepared), "--model", "steady_state", "--out", str(out), "--quiet"]
+    monkeypatch.setattr(sys, "argv", ["explorer", *argv])
+    exits = []
+    monkeypatch.setattr(cli.os, "_exit", exits.append)
+    assert main(argv) == 0
+    assert exits == []
+    assert out.exists()

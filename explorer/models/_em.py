@@ -183,6 +183,12 @@ class GeneData:
 
             def take(x: Array) -> Array:
                 return _gather(x, idx)
+        elif _is_np(idx):
+
+            def take(x: Array) -> Array:
+                # C-contiguous (``x[:, idx]`` is a transposed copy, which every compiled
+                # kernel call would copy again: 0.15-0.2 s of the onset fit's CPU)
+                return np.take(x, idx, axis=1)
         else:
 
             def take(x: Array) -> Array:

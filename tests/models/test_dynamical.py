@@ -601,3 +601,26 @@ def test_pancreas_phase_portrait_curves_stay_with_the_cells(pancreas, pancreas_f
     n_fitted = res.gene_params[Key.var.FIT_ALPHA if model == "dynamical" else Key.var.GAMMA].notna().sum()
     assert checked >= n_fitted >= 300
     assert not bad, bad[:10]
+
+
+def test_take_cells_gives_contiguous_copies_of_the_same_values():
+    """``GeneData.take_cells`` with one index for all genes: C-contiguous (the kernels copy
+    anything else on every call), the values of ``x[:, idx]``; and per-gene indices as before."""
+    rng = np.random.default_rng(0)
+    u = rng.random((7, 50), dtype=np.float32)
+    s = rng.random((7, 50), dtype=np.float32)
+    data, _ = _em.prepare(u, s)
+    idx = np.arange(1, 50, 3)
+    sub = data.take_cells(idx)
+    for name in ("u", "s", "weights", "weights_upper"):
+        got = getattr(sub, name)
+        assert got.flags.c_contiguous
+        np.testing.assert_array_equal(got, getattr(data, name)[:, idx])
+    per_gene = np.sort(rng.permuted(np.tile(np.arange(50), (7, 1)), axis=1)[:, :10], axis=1)
+    sub2 = data.take_cells(per_gene)
+    np.testing.assert_array_equal(sub2.u, np.take_along_axis(u, per_gene, 1))
+    # torch tensors keep torch's indexing
+    fields = ("u", "s", "weights", "weights_upper", "std_u", "std_s")
+    data_t = _em.GeneData(*(torch.from_numpy(np.asarray(getattr(data, f))) for f in fields))
+    sub_t = data_t.take_cells(torch.from_numpy(idx))
+    np.testing.assert_array_equal(sub_t.u.numpy(), sub.u)
