@@ -723,10 +723,6 @@ class Dynamical(Hyperparameters):
         def positions(first: int, m: int) -> Any:
             return _on_device(np.arange(first, m, 2), device)
 
-        def take(x: Any, pos: Any) -> Any:
-            """Take the cells ``pos`` of ``(n_genes, n_cells)`` ``x``, C-contiguous for the kernels."""
-            return np.take(x, pos, axis=1) if isinstance(x, np.ndarray) else x[:, pos]
-
         n_fit = Mu.shape[1]
         t_on_out = np.full(n_fit, np.nan)
         gain_out = np.full(n_fit, np.nan)
@@ -751,9 +747,9 @@ class Dynamical(Hyperparameters):
                 fit_pos = positions(0, m)
                 test_pos = positions(1, m)
                 grid_pos = fit_pos[:: max(1, len(fit_pos) // _GRID_CELLS)]
-                fit_data, fit_t = data.take_cells(fit_pos), take(t, fit_pos)
-                test_data, test_t = data.take_cells(test_pos), take(t, test_pos)
-                grid_data, grid_t = data.take_cells(grid_pos), take(t, grid_pos)
+                fit_data, fit_t = data.take_cells(fit_pos), _em.take_columns(t, fit_pos)
+                test_data, test_t = data.take_cells(test_pos), _em.take_columns(t, test_pos)
+                grid_data, grid_t = data.take_cells(grid_pos), _em.take_columns(t, grid_pos)
 
                 def vec(key: str, sl: slice = sl) -> Any:
                     return column(params[key], sl)
