@@ -26,8 +26,8 @@ times it until chromium shows the page. ``--screenshot PATH`` saves the pancreas
 ``--load N`` is the many-users scenario (:func:`load_scenario`): ``explorer serve`` in a
 subprocess, one page opened first (the user who is already there), then ``N`` pages
 opened at once in chromium (one browser context each, as separate users). It reports
-each page's seconds until usable (the cell inspector's text and the plots drawn),
-the latency of gene clicks on the first page while the ``N`` pages load (click a row
+each page's seconds until usable (the cell inspector's text and the plots drawn) and
+until complete (the gene-over-time view and the sidebar's Run button shown too), the latency of gene clicks on the first page while the ``N`` pages load (click a row
 of the gene table until the phase portrait's header names the gene), and the server's
 resident memory (``/proc/<pid>/status``): idle after the first page, peak, and each
 second for ``--settle`` seconds after every page closed. ``--rounds`` repeats the
@@ -254,6 +254,25 @@ _READY_JS = """() => {
   return canvases >= 2 && rows >= 1 && inspector;
 }"""
 
+#: the whole page is built: the gene-over-time view too (its three plots, five plot canvases in all,
+#: or its note that the fit has no latent time), and the sidebar's Run button
+_COMPLETE_JS = """() => {
+  let canvases = 0, run = false, notime = false;
+  const shown = (el) => el.offsetWidth > 0 && el.offsetHeight > 0;
+  const walk = (root) => {
+    for (const el of root.querySelectorAll('*')) {
+      if (el.shadowRoot) walk(el.shadowRoot);
+      if (el.classList.contains('bk-Canvas')) { if (shown(el)) canvases++; }
+      else if (!run && el.tagName === 'BUTTON' && el.textContent.trim() === 'Run' && shown(el)) run = true;
+      else if (!notime && el.childElementCount === 0 && el.textContent.startsWith('No latent time yet')) {
+        notime = true;
+      }
+    }
+  };
+  walk(document);
+  return (canvases >= 5 || notime) && run;
+}"""
+
 #: the phase portrait's header names ``gene`` ("Gene <gene> — fit: ...")
 _HEADER_JS = """(gene) => {
   const find = (root) => {
@@ -355,7 +374,12 @@ def _stop_server(proc: subprocess.Popen) -> str:
 
 
 async def _open_page(browser, url: str, timeout_ms: float):
-    """Open ``url`` in a new context (a separate user); returns the page and seconds until usable."""
+    """Open ``url`` in a new context (a separate user); returns the page and seconds until usable.
+
+    ``page.complete`` is then a task giving the seconds until the whole page is built.
+    """
+    import asyncio
+
     context = await browser.new_context(viewport={"width": 1600, "height": 1400})
     page = await context.new_page()
     start = time.perf_counter()
@@ -367,7 +391,15 @@ async def _open_page(browser, url: str, timeout_ms: float):
         # the embedding, the phase portrait and the gene table are drawn
         await page.locator(".bk-Canvas").nth(1).wait_for(timeout=timeout_ms)
         await page.locator(".tabulator-row").first.wait_for(timeout=timeout_ms)
-    return page, time.perf_counter() - start
+    ready = time.perf_counter() - start
+
+    async def complete() -> float:
+        # every part built (the time plots and the sidebar come after the usable parts)
+        await page.wait_for_function(_COMPLETE_JS, polling=100, timeout=timeout_ms)
+        return time.perf_counter() - start
+
+    page.complete = asyncio.ensure_future(complete())
+    return page, ready
 
 
 async def _gene_click(page, row: int, timeout_ms: float) -> float:
@@ -398,12 +430,14 @@ async def _load_round(browser, url: str, n_pages: int, first, *, timeout_s: floa
         clicks.append(await _gene_click(first, row, timeout_ms))
         await asyncio.sleep(0.2)
     opened = [t.result() for t in tasks]
+    complete = [await page.complete for page, _ in opened]
     # one click on each new page, now that it is usable
     new_clicks = [await _gene_click(page, 2, timeout_ms) for page, _ in opened]
     for page, _ in opened:
         await page.context.close()
     return {
         "ready_s": [ready for _, ready in opened],
+        "complete_s": complete,
         "clicks_while_loading_s": clicks,
         "first_click_on_new_pages_s": new_clicks,
     }
@@ -442,6 +476,7 @@ def load_scenario(
         async with async_playwright() as p:
             browser = await p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
             first, first_ready = await _open_page(browser, url, timeout_s * 1e3)
+            await first.complete
             await _gene_click(first, 5, timeout_s * 1e3)  # warm: the first click imports what it needs
             await asyncio.sleep(5)
             out["first page ready (s)"] = first_ready
@@ -485,16 +520,17 @@ def print_load(report: dict[str, object]) -> None:
     )
     n = report["pages"]
     print(
-        f"\n| round | {n} pages: all ready (s) | median ready (s) | gene clicks while loading: "
-        "median / max (s) | first click on a new page: max (s) | RSS peak (MB) | "
-        f"RSS 5 s / {report['settle (s)']:.0f} s after close (MB) |\n|---|---|---|---|---|---|---|"
+        f"\n| round | {n} pages: all ready (s) | median ready (s) | all complete (s) | gene clicks while "
+        "loading: median / max (s) | first click on a new page: max (s) | RSS peak (MB) | "
+        f"RSS 5 s / {report['settle (s)']:.0f} s after close (MB) |\n|---|---|---|---|---|---|---|---|"
     )
     for i, r in enumerate(report["rounds"], 1):
         ready, clicks = r["ready_s"], r["clicks_while_loading_s"] or [float("nan")]
         after = list(r["rss after close (MB)"].values())
         print(
-            f"| {i} | {max(ready):.1f} | {statistics.median(ready):.1f} | "
-            f"{statistics.median(clicks):.2f} / {max(clicks):.2f} ({len(r['clicks_while_loading_s'])} clicks) | "
+            f"| {i} | {max(ready):.1f} | {statistics.median(ready):.1f} | {max(r['complete_s']):.1f} | "
+            f"{statistics.median(clicks):.2f} / {max(clicks):.2f} "
+            f"({len(r['clicks_while_loading_s'])} clicks) | "
             f"{max(r['first_click_on_new_pages_s']):.2f} | {r['rss peak (MB)']:.0f} | "
             f"{after[0]:.0f} / {after[-1]:.0f} |"
         )

@@ -21,6 +21,7 @@ import holoviews.plotting.bokeh  # noqa: F401 - registers the bokeh backend the 
 import matplotlib as mpl
 import numpy as np
 import pandas as pd
+import xarray as xr
 from bokeh.models import ColorBar, LinearColorMapper
 from matplotlib import colormaps
 from matplotlib.colors import to_hex
@@ -224,13 +225,54 @@ def points(
 
 
 def _shade_range(values: np.ndarray, lo: float | None, hi: float | None) -> tuple[float, float]:
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
-        return 0.0, 1.0
-    lo = float(finite.min()) if lo is None else lo
-    hi = float(finite.max()) if hi is None else hi
+    # finite min and max mean no NaN or inf anywhere: no copy of the finite values needed
+    low, high = (float(values.min()), float(values.max())) if values.size else (np.nan, np.nan)
+    if not np.isfinite([low, high]).all():
+        finite = values[np.isfinite(values)]
+        if finite.size == 0:
+            return 0.0, 1.0
+        low, high = float(finite.min()), float(finite.max())
+    lo = low if lo is None else lo
+    hi = high if hi is None else hi
     pad = (hi - lo) * 0.02 or 0.5
     return lo - pad, hi + pad
+
+
+def shade_filled(agg: xr.DataArray, **options: Any) -> xr.DataArray:
+    """``datashader.transfer_functions.shade(agg, **options)``, computed on the pixels that hold cells.
+
+    Shading works pixel by pixel, except for what it takes over all pixels with data
+    (the colour baseline, the alpha's histogram and span), and every empty pixel (no
+    count, or NaN) gets the same colour. So the filled pixels and one empty pixel are
+    shaded as a one-row image and the others copied from that empty pixel: the same
+    image, bit for bit (``tests/app/test_views.py`` compares them), at the cost of the
+    filled pixels. A phase portrait of 10^6 cells fills a few thousand of its 200,000
+    pixels; shading them all was most of each image's time.
+    """
+    data = agg.data
+    empty = None  # other kinds of aggregate: shaded whole
+    if data.dtype.kind == "f" and data.ndim == 2:  # noqa: PLR2004 - a mean: NaN where no cell
+        empty = np.isnan(data)
+    elif data.dtype.kind == "u" and data.ndim == 3:  # noqa: PLR2004 - counts per category (last)
+        # one category at a time: numpy reduces a short last axis ten times slower
+        empty = data[..., 0] == 0
+        for k in range(1, data.shape[2]):
+            empty &= data[..., k] == 0
+    elif data.dtype.kind == "u":  # counts (datashader leaves zero counts transparent)
+        empty = data == 0
+    filled = None if empty is None else np.flatnonzero(~empty)
+    if filled is None or filled.size in (0, empty.size):
+        return tf.shade(agg, **options)
+    picked = np.append(filled, np.flatnonzero(empty)[0])
+    rows = data.reshape(empty.size, *data.shape[2:])[picked][None]
+    dims = agg.dims
+    coords = {dims[0]: [0.0], dims[1]: np.arange(picked.size, dtype=np.float64)}
+    if data.ndim == 3:
+        coords[dims[2]] = agg.coords[dims[2]].values
+    shaded = tf.shade(xr.DataArray(rows, coords=coords, dims=dims), **options).data[0]
+    values = np.full(empty.size, shaded[-1], dtype=shaded.dtype)
+    values[filled] = shaded[:-1]
+    return tf.Image(values.reshape(empty.shape), coords={d: agg.coords[d] for d in dims[:2]}, dims=dims[:2])
 
 
 def shade(
@@ -263,16 +305,16 @@ def shade(
         frame["c"] = pd.Categorical.from_codes(np.where(codes >= 0, codes, 0), categories=cats)
         agg = canvas.points(pd.DataFrame(frame), "x", "y", agg=ds.count_cat("c"))
         key = coloring.color_key or {}
-        img = tf.shade(agg, color_key=[key.get(c, MISSING_COLOR) for c in cats], min_alpha=200)
+        img = shade_filled(agg, color_key=[key.get(c, MISSING_COLOR) for c in cats], min_alpha=200)
     elif coloring is not None and coloring.kind == "continuous":
         frame["v"] = np.asarray(coloring.values, dtype=np.float32)
         agg = canvas.points(pd.DataFrame(frame), "x", "y", agg=ds.mean("v"))
-        img = tf.shade(
+        img = shade_filled(
             agg, cmap=list(_cmap_colors(cmap_for(coloring))), how="linear", span=value_range(coloring)
         )
     else:
         agg = canvas.points(pd.DataFrame(frame), "x", "y", agg=ds.count())
-        img = tf.shade(agg, cmap=[color or MISSING_COLOR, color or MISSING_COLOR], min_alpha=255)
+        img = shade_filled(agg, cmap=[color or MISSING_COLOR, color or MISSING_COLOR], min_alpha=255)
     img = tf.dynspread(img, threshold=0.5, max_px=2)
     return np.ascontiguousarray(img.to_numpy(), dtype=np.uint32), (
         x_range[0],
@@ -482,23 +524,29 @@ def phase_fit_layers(fits: list[PhaseFit]) -> list[tuple[tuple[str, bool, str], 
     ``kind`` is ``"points"``, ``"lineages"``, ``"arrows"``, ``"curve"`` or ``"line"``;
     ``columns`` maps the layer's dimensions (``Ms``, ``Mu``; arrows also ``Ms end``,
     ``Mu end``) to their arrays (for ``"lineages"``: ``{"curves": the lineage curves}``).
-    The keys tell whether a new gene's fits can be shown in the layers already drawn
-    (same keys: same styles).
+    A layer of one of the fit's ``kinds`` is there even when the gene has nothing to draw
+    in it (empty columns), so the layers stay the same from gene to gene. The keys tell
+    whether a new gene's fits can be shown in the layers already drawn (same keys: same
+    styles).
     """
+    empty = np.empty(0)
     layers: list[tuple[tuple[str, bool, str], dict[str, Any]]] = []
     for fit in fits:
         key = (fit.label, fit.active)
-        if fit.points is not None and len(fit.points):
-            layers.append(((*key, "points"), {"Ms": fit.points[:, 0], "Mu": fit.points[:, 1]}))
+        if (fit.points is not None and len(fit.points)) or "points" in fit.kinds:
+            points = np.empty((0, 2)) if fit.points is None else fit.points
+            layers.append(((*key, "points"), {"Ms": points[:, 0], "Mu": points[:, 1]}))
         if fit.lineages:
             layers.append(((*key, "lineages"), {"curves": tuple(fit.lineages)}))
-        if fit.arrows is not None and len(fit.arrows):
-            x0, y0, x1, y1 = arrow_segments(fit.arrows).values()
+        if (fit.arrows is not None and len(fit.arrows)) or "arrows" in fit.kinds:
+            x0, y0, x1, y1 = arrow_segments(np.empty((0, 4)) if fit.arrows is None else fit.arrows).values()
             layers.append(((*key, "arrows"), {"Ms": x0, "Mu": y0, "Ms end": x1, "Mu end": y1}))
-        if fit.s is not None and fit.u is not None:
-            layers.append(((*key, "curve"), {"Ms": fit.s, "Mu": fit.u}))
-        if fit.line is not None:
-            layers.append(((*key, "line"), {"Ms": fit.line[:, 0], "Mu": fit.line[:, 1]}))
+        if (fit.s is not None and fit.u is not None) or "curve" in fit.kinds:
+            curve = (empty, empty) if fit.s is None or fit.u is None else (fit.s, fit.u)
+            layers.append(((*key, "curve"), {"Ms": curve[0], "Mu": curve[1]}))
+        if fit.line is not None or "line" in fit.kinds:
+            line = np.empty((0, 2)) if fit.line is None else fit.line
+            layers.append(((*key, "line"), {"Ms": line[:, 0], "Mu": line[:, 1]}))
     return layers
 
 

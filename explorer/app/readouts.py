@@ -26,6 +26,7 @@ from explorer import kinetics
 from explorer._types import InputError, Progress
 from explorer.app.escape import hex_colors
 from explorer.app.geometry import binned_mean, even_sample, time_bins
+from explorer.data.io import read_column
 from explorer.graph.projection import project_velocity as _project_on_transitions
 from explorer.graph.streamlines import compute_streamlines, velocity_on_grid
 from explorer.keys import Key
@@ -162,6 +163,10 @@ class PhaseFit:
     arrows: np.ndarray | None = None
     #: each lineage's predicted ``(s, u)`` along latent time (fits with a cell state; :func:`lineage_curves`)
     lineages: tuple[LineageCurve, ...] | None = None
+    #: the layers the fit draws for a gene that has them (``"curve"``, ``"line"``, ``"points"``,
+    #: ``"arrows"``), whether or not this gene has: drawn empty when it has not, so that the
+    #: portrait keeps its layers from gene to gene (:func:`explorer.app.plots.phase_fit_layers`)
+    kinds: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,12 +239,13 @@ ONSET_NOTE = "induced after the root cells"
 
 
 # ----------------------------------------------------------------- the data
-def dense_column(matrix: Any, j: int) -> np.ndarray:
-    """Column ``j`` of a dense or sparse ``(n_obs, n_vars)`` matrix as float32 ``(n_obs,)``."""
-    col = matrix[:, j]
-    if hasattr(col, "toarray"):
-        col = col.toarray()
-    return np.asarray(col, dtype=np.float32).ravel()
+def dense_column(matrix: Any, j: int, dtype: type = np.float32) -> np.ndarray:
+    """Column ``j`` of a dense, sparse or on-disk ``(n_obs, n_vars)`` matrix as ``dtype`` ``(n_obs,)``.
+
+    A layer left on disk (:func:`explorer.data.io.read_zarr_lazy`) is read straight from
+    its store (:func:`explorer.data.io.read_column`).
+    """
+    return np.ascontiguousarray(read_column(matrix, j), dtype=dtype)
 
 
 def is_categorical(series: pd.Series) -> bool:
@@ -338,7 +344,7 @@ def gene_values(
     if what == "velocity":
         if fit is None:
             return np.full(adata.n_obs, np.nan, dtype=np.float32)
-        return np.ascontiguousarray(_result(fit).velocity[:, j], dtype=np.float32)
+        return dense_column(_result(fit).velocity, j)
     return dense_column(adata.layers[Key.layers.MS if what == "Ms" else Key.layers.MU], j)
 
 
@@ -401,7 +407,7 @@ def cell_rate(fit: Fit | VelocityResult, layer: str, j: int) -> np.ndarray | Non
     result = _result(fit)
     if "cell_rates" not in fit_shows(result) or layer not in result.layers:
         return None
-    return np.ascontiguousarray(result.layers[layer][:, j], dtype=np.float32)
+    return dense_column(result.layers[layer], j)
 
 
 def color_options(adata: AnnData, fits: Mapping[str, Fit], fates: Sequence[FateInfo] = ()) -> list[str]:
@@ -578,8 +584,8 @@ def cell_points(fit: Fit | VelocityResult, j: int, *, max_points: int = MAX_CELL
     result = _result(fit)
     if "cell_points" not in fit_shows(result):
         return None
-    s = np.asarray(result.layers[Key.layers.PREDICTED_S][:, j], dtype=np.float64)
-    u = np.asarray(result.layers[Key.layers.PREDICTED_U][:, j], dtype=np.float64)
+    s = dense_column(result.layers[Key.layers.PREDICTED_S], j, np.float64)
+    u = dense_column(result.layers[Key.layers.PREDICTED_U], j, np.float64)
     ok = np.flatnonzero(np.isfinite(s) & np.isfinite(u))
     if ok.size == 0:
         return None
@@ -606,7 +612,7 @@ def cell_arrows(
     keys = (Key.layers.RATE_ALPHA, Key.layers.RATE_BETA, Key.layers.RATE_GAMMA)
     if "cell_rates" not in fit_shows(result) or any(k not in result.layers for k in keys):
         return None
-    alpha, beta, gamma = (np.asarray(result.layers[k][:, j], dtype=np.float64) for k in keys)
+    alpha, beta, gamma = (dense_column(result.layers[k], j, np.float64) for k in keys)
     s, u = np.asarray(ms, dtype=np.float64), np.asarray(mu, dtype=np.float64)
     du = alpha - beta * u
     ds = beta * u - gamma * s
@@ -644,7 +650,18 @@ def phase_fits(
     out = []
     for label, fit in fits.items():
         shows = fit_shows(fit)
-        gp = fit.result.gene_params.iloc[j]
+        params = fit.result.gene_params
+        gp = params.iloc[j]
+        kinds = {
+            kind
+            for kind, shown in (
+                ("curve", "curve" in shows),
+                ("line", "curve" in shows or Key.var.GAMMA in params.columns),
+                ("points", "cell_points" in shows),
+                ("arrows", "cell_rates" in shows),
+            )
+            if shown
+        }
         slope: float | None = None
         s = u = None
         if Key.var.GAMMA in gp and np.isfinite(gp[Key.var.GAMMA]):
@@ -653,7 +670,7 @@ def phase_fits(
         if gene is not None:
             # u = (gamma / beta) s for the model's u = Mu / scaling: Mu = scaling gamma / beta s
             slope = gene.scaling * gene.gamma / gene.beta
-            fit_t = fit.result.layers[Key.layers.FIT_T][:, j]
+            fit_t = dense_column(fit.result.layers[Key.layers.FIT_T], j)
             s, u = gene.phase_curve(float(np.nanmax(fit_t)) if np.isfinite(fit_t).any() else np.nan)
         out.append(
             PhaseFit(
@@ -666,6 +683,7 @@ def phase_fits(
                 points=cell_points(fit, j),
                 arrows=cell_arrows(fit, ms, mu, j),
                 lineages=lineage_curves(fit, j, (lineages or {}).get(label)),
+                kinds=frozenset(kinds),
             )
         )
     return out
@@ -687,7 +705,7 @@ def fitted_at_cells(
     shows = fit_shows(result)
 
     def column(layer: str) -> np.ndarray:
-        values = np.asarray(result.layers[layer][:, j], dtype=np.float64)
+        values = dense_column(result.layers[layer], j, np.float64)
         return values if cells is None else values[cells]
 
     if "curve" in shows:
@@ -1799,8 +1817,8 @@ def lineage_curves(
         return None
     result = _result(fit)
     t = np.asarray(result.latent_time, dtype=np.float64)
-    s = np.asarray(result.layers[Key.layers.PREDICTED_S][:, j], dtype=np.float64)
-    u = np.asarray(result.layers[Key.layers.PREDICTED_U][:, j], dtype=np.float64)
+    s = dense_column(result.layers[Key.layers.PREDICTED_S], j, np.float64)
+    u = dense_column(result.layers[Key.layers.PREDICTED_U], j, np.float64)
     out = []
     for i, (name, color) in enumerate(zip(found.names, found.colors, strict=True)):
         mine = (found.codes == i) & np.isfinite(t) & np.isfinite(s) & np.isfinite(u)

@@ -18,6 +18,7 @@ import zarr
 from explorer.app.files import list_datasets
 from explorer.app.fits import fit_from_adata, load_dataset
 from explorer.app.readouts import dense_column
+from explorer.data import io
 from explorer.keys import Key
 from explorer.models.steady_state import SteadyState
 from tests.app.conftest import ARTIFACTS, BROWSER_ARGS, BROWSER_MARKS, CHROMIUM, running_server
@@ -73,6 +74,35 @@ def test_a_fit_in_a_store_is_read_per_gene(app_adata, tmp_path):
     np.testing.assert_array_equal(dense_column(fit.result.layers[Key.layers.FIT_T], j), fitted.layers[Key.layers.FIT_T][:, j])
 
 
+def test_a_gene_column_is_read_straight_from_the_store(atlas_dir, app_adata, monkeypatch):
+    """A layer the app opened is read through zarr (no Dask task), and gives Dask's values."""
+    adata = load_dataset(atlas_dir / STORE)
+    ms = adata.layers[Key.layers.MS]
+    expected = app_adata.layers[Key.layers.MS][:, 5]
+
+    def no_dask(*_, **__):
+        msg = "read through Dask"
+        raise AssertionError(msg)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(da.Array, "__array__", no_dask)
+        patch.setattr(da.Array, "compute", no_dask)
+        column = io.read_column(ms, 5)
+    np.testing.assert_array_equal(column, expected)
+    assert column.dtype == ms.dtype
+    np.testing.assert_array_equal(column, np.asarray(ms[:, 5]))
+    # an array derived from the layer (a subset of cells) is not the store's: read through Dask
+    np.testing.assert_array_equal(io.read_column(ms[10:50], 5), expected[10:50])
+    # the note of the zarr array goes with the layer
+    key = id(ms)
+    assert key in io._ZARR_BEHIND
+    del adata, ms
+    import gc
+
+    gc.collect()
+    assert key not in io._ZARR_BEHIND
+
+
 @pytest.mark.e2e
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (.ci/setup installs it)")
 def test_the_browser_opens_a_chunked_store(atlas_dir):
@@ -89,7 +119,7 @@ def test_the_browser_opens_a_chunked_store(atlas_dir):
             page.get_by_text("No cell selected").wait_for(timeout=60_000)
             page.locator("canvas").first.wait_for(timeout=60_000)
             assert time.monotonic() - start < 120
-            assert page.get_by_text(STORE).first.is_visible()
+            page.get_by_text(STORE).first.wait_for(timeout=60_000)  # the sidebar is built after the plots
             # a gene click reads that gene's Ms/Mu chunks and redraws the phase portrait
             phase = page.locator(".bk-Canvas").nth(1)
             before = phase.screenshot()

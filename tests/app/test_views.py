@@ -12,6 +12,7 @@ from panel.io.state import set_curdoc
 
 from explorer.app import plots
 from explorer.app.main import create_app
+from explorer.app.readouts import PhaseFit
 from explorer.app.state import COLOR_EXPRESSION, COLOR_VELOCITY, Coloring
 from explorer.app.views.export import plot_file
 from explorer.keys import Key
@@ -56,6 +57,53 @@ def _shown(live):
     """What the browser is sent for a live layer: its data source's ``(x, y)`` rows."""
     data = live.shown
     return np.column_stack([data["x"], data["y"]])
+
+
+def test_shading_the_filled_pixels_gives_datashaders_image():
+    """plots.shade_filled shades only pixels with cells, and gives tf.shade's image bit for bit."""
+    import datashader as ds
+    import datashader.transfer_functions as tf
+
+    rng = np.random.default_rng(3)
+    n = 3_000
+    x = rng.normal(size=n).astype(np.float32)
+    y = (x**2 + rng.normal(scale=0.05, size=n)).astype(np.float32)  # a thin arc: most pixels empty
+    frame = pd.DataFrame(
+        {"x": x, "y": y, "c": pd.Categorical.from_codes(rng.integers(0, 3, n), ["a", "b", "c"]), "v": x * y}
+    )
+    cases = [
+        (ds.count_cat("c"), {"color_key": ["#1f77b4", "#ff7f0e", "#2ca02c"], "min_alpha": 200}),
+        (ds.mean("v"), {"cmap": ["#440154", "#21918c", "#fde725"], "how": "linear", "span": (-1.0, 2.0)}),
+        (ds.count(), {"cmap": ["#123456", "#123456"], "min_alpha": 255}),
+    ]
+    for size, x_range in ((200, (-3.0, 3.0)), (3, (-0.5, 0.5)), (50, (10.0, 11.0))):  # sparse, full, empty
+        canvas = ds.Canvas(plot_width=size, plot_height=size, x_range=x_range, y_range=(-0.5, 9.0))
+        for reduction, options in cases:
+            agg = canvas.points(frame, "x", "y", agg=reduction)
+            expected = tf.shade(agg, **options)
+            found = plots.shade_filled(agg, **options)
+            assert found.dtype == expected.dtype
+            np.testing.assert_array_equal(found.data, expected.data)
+            np.testing.assert_array_equal(found.coords["x"], expected.coords["x"])
+    # the axis range of an image skips what is not finite, as before
+    assert plots._shade_range(np.array([1.0, np.nan, 3.0, np.inf]), None, None) == pytest.approx((0.96, 3.04))
+    assert plots._shade_range(np.array([np.nan]), None, None) == (0.0, 1.0)
+
+
+def test_a_fits_phase_layers_stay_for_a_gene_without_them():
+    """A fit's curve and line layers stay (empty) for a gene it did not fit: a click keeps the layers."""
+    fitted = PhaseFit(
+        label="dynamical", active=True, slope=0.5, s=np.array([0.0, 1.0]), u=np.array([0.0, 0.4]),
+        line=np.array([[0.0, 0.0], [2.0, 1.0]]), kinds=frozenset({"curve", "line"}),
+    )  # fmt: skip
+    unfitted = PhaseFit(label="dynamical", active=True, slope=None, s=None, u=None, kinds=fitted.kinds)
+    with_data, without = plots.phase_fit_layers([fitted]), plots.phase_fit_layers([unfitted])
+    assert [key for key, _ in with_data] == [key for key, _ in without]
+    assert [sorted(columns) for _, columns in with_data] == [sorted(columns) for _, columns in without]
+    assert all(len(values) == 0 for _, columns in without for values in columns.values())
+    # drawn as empty elements, and nothing at all for a fit that never draws them
+    assert len(plots.phase_fits([unfitted])) == len(with_data)
+    assert plots.phase_fit_layers([PhaseFit(label="x", active=False, slope=None, s=None, u=None)]) == []
 
 
 def test_page_builds_every_view(app):
