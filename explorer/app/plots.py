@@ -21,7 +21,6 @@ import holoviews.plotting.bokeh  # noqa: F401 - registers the bokeh backend the 
 import matplotlib as mpl
 import numpy as np
 import pandas as pd
-import xarray as xr
 from bokeh.models import ColorBar, LinearColorMapper
 from matplotlib import colormaps
 from matplotlib.colors import to_hex
@@ -238,7 +237,7 @@ def _shade_range(values: np.ndarray, lo: float | None, hi: float | None) -> tupl
     return lo - pad, hi + pad
 
 
-def shade_filled(agg: xr.DataArray, **options: Any) -> xr.DataArray:
+def shade_filled(agg: Any, **options: Any) -> Any:
     """``datashader.transfer_functions.shade(agg, **options)``, computed on the pixels that hold cells.
 
     Shading works pixel by pixel, except for what it takes over all pixels with data
@@ -269,7 +268,7 @@ def shade_filled(agg: xr.DataArray, **options: Any) -> xr.DataArray:
     coords = {dims[0]: [0.0], dims[1]: np.arange(picked.size, dtype=np.float64)}
     if data.ndim == 3:
         coords[dims[2]] = agg.coords[dims[2]].values
-    shaded = tf.shade(xr.DataArray(rows, coords=coords, dims=dims), **options).data[0]
+    shaded = tf.shade(type(agg)(rows, coords=coords, dims=dims), **options).data[0]  # an xarray DataArray
     values = np.full(empty.size, shaded[-1], dtype=shaded.dtype)
     values[filled] = shaded[:-1]
     return tf.Image(values.reshape(empty.shape), coords={d: agg.coords[d] for d in dims[:2]}, dims=dims[:2])
