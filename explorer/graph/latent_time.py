@@ -308,6 +308,23 @@ def best_percentiles(tx: np.ndarray) -> np.ndarray:
     return out / out.max() if out.max() > 0 else out
 
 
+def earliest_roots(root_score: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Root cells, earliest by ``t`` first, and whether any cell qualified.
+
+    A root's score passes scVelo's ``1 - 1e-3`` and it is among the 5% of cells earliest
+    by ``t``. Without any such cell: the earliest cell, and False.
+    """
+    order = np.argsort(t, kind="stable")
+    is_root = np.asarray(root_score)[order] > _ROOT_THRESHOLD
+    # a root must also be early by the genes' own clocks: the backward chain can settle
+    # in the middle of a trajectory (on one 3,000-cell scVelo simulation all 62 root
+    # candidates sat at true time ~125 of 0-296, and the latent time scored 0.24)
+    is_root[max(1, int(np.ceil(_ROOT_MAX_QUANTILE * len(order)))) :] = False
+    if is_root.any():
+        return order[is_root], True
+    return order[:1], False
+
+
 def latent_time(
     fit_t: np.ndarray,
     root_score: np.ndarray,
@@ -357,14 +374,8 @@ def latent_time(
     t_sum = t.sum(1)
     if smooth_times:
         t = smooth_gene_times(t, connectivities)
-    order = np.argsort(t_sum, kind="stable")
-    is_root = np.asarray(root_score)[order] > _ROOT_THRESHOLD
-    # a root must also be early by the genes' own clocks: the backward chain can settle
-    # in the middle of a trajectory (on one 3,000-cell scVelo simulation all 62 root
-    # candidates sat at true time ~125 of 0-296, and the latent time scored 0.24)
-    is_root[max(1, int(np.ceil(_ROOT_MAX_QUANTILE * len(order)))) :] = False
-    roots = order[is_root] if is_root.any() else order[:1]
-    if not is_root.any():
+    roots, found = earliest_roots(root_score, t_sum)
+    if not found:
         logger.warning(
             "No root cells among the %d%% of cells earliest by summed gene time; rooting latent "
             "time at the cell with the smallest summed gene time.",

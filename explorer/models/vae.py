@@ -520,7 +520,7 @@ class VeloVAE(Hyperparameters):
         t_ss, root_score = self._steady_state_time(adata, data, init, cols)
         if self.initial_time == "steady_state":
             return t_ss
-        return diffusion_pseudotime(adata, _first_root(root_score, t_ss))
+        return diffusion_pseudotime(adata, int(lt_mod.earliest_roots(root_score, t_ss)[0][0]))
 
     def _steady_state_time(
         self, adata: AnnData, data: Any, init: Any, cols: np.ndarray
@@ -1334,18 +1334,6 @@ def lineage_curves(adata: AnnData, gene: str, groupby: str, *, n_points: int = 2
         u, s = np.clip(u, 0, None) * scaling, np.clip(s, 0, None)
         frames.append(pd.DataFrame({"group": group, "t": t, "u": u, "s": s}))
     return pd.concat(frames, ignore_index=True)
-
-
-def _first_root(root_score: np.ndarray, t: np.ndarray) -> int:
-    """The earliest cell by ``t`` whose root score passes scVelo's threshold, among the earliest 5 %.
-
-    As :func:`explorer.graph.latent_time.latent_time` picks its roots (the earliest cell
-    when none passes).
-    """
-    order = np.argsort(t, kind="stable")
-    is_root = root_score[order] > lt_mod._ROOT_THRESHOLD
-    is_root[max(1, int(np.ceil(lt_mod._ROOT_MAX_QUANTILE * len(order)))) :] = False
-    return int(order[is_root][0]) if is_root.any() else int(order[0])
 
 
 def diffusion_pseudotime(adata: AnnData, root: int, *, n_comps: int = _DPT_COMPONENTS) -> np.ndarray:
