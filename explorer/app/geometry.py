@@ -73,8 +73,10 @@ def binned_mean(
     y = np.asarray(y, dtype=np.float64)
     ok = (which >= 0) & np.isfinite(y)
     n = len(centres)
-    counts = np.bincount(which[ok], minlength=n)
-    sums = np.bincount(which[ok], weights=y[ok], minlength=n)
+    if not ok.all():  # the same sums in the same order; no copies when every value counts
+        which, y = which[ok], y[ok]
+    counts = np.bincount(which, minlength=n)
+    sums = np.bincount(which, weights=y, minlength=n)
     filled = counts > 0
     return centres[filled], sums[filled] / counts[filled]
 

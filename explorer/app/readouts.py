@@ -705,8 +705,9 @@ def fitted_at_cells(
     shows = fit_shows(result)
 
     def column(layer: str) -> np.ndarray:
-        values = dense_column(result.layers[layer], j, np.float64)
-        return values if cells is None else values[cells]
+        # the cells picked first, then converted: a tenth of the copy at 10^6 cells
+        values = read_column(result.layers[layer], j)
+        return np.ascontiguousarray(values if cells is None else values[cells], dtype=np.float64)
 
     if "curve" in shows:
         gene = kinetics.fitted_gene(result.gene_params.iloc[j])

@@ -100,6 +100,55 @@ def _refuse_foreign_hosts(tornado_app: Any, hosts: frozenset[str]) -> None:
     router.rules.insert(0, router.rules.pop())
 
 
+def _pace_page_requests(tornado_app: Any) -> None:
+    """Route page requests and websocket messages through the app's :class:`~explorer.app.main.PageGate`.
+
+    Panel's page handler builds a session's document in the request; this makes each
+    request wait for its turn, so that clicks on open pages are handled between the
+    requests of a burst instead of after all of them.
+    """
+    from panel.io.server import DocHandler
+    from tornado.websocket import WebSocketHandler
+
+    from explorer.app.main import page_gate
+
+    def paced(handler: type) -> type:
+        if issubclass(handler, WebSocketHandler):
+
+            class PacedMessages(handler):  # type: ignore[misc, valid-type]
+                async def on_message(self, fragment: Any) -> None:
+                    page_gate.message_started()
+                    try:
+                        await super().on_message(fragment)
+                    finally:
+                        page_gate.message_done()
+
+            return PacedMessages
+
+        class PacedPage(handler):  # type: ignore[misc, valid-type]
+            async def get(self, *args: Any, **kwargs: Any) -> None:
+                await page_gate.enter()
+                try:
+                    await super().get(*args, **kwargs)
+                finally:
+                    page_gate.leave()
+
+        return PacedPage
+
+    def walk(router: Any) -> None:
+        for rule in router.rules:
+            target = rule.target
+            if isinstance(target, type) and issubclass(target, (DocHandler, WebSocketHandler)):
+                if not getattr(target, "_explorer_paced", False):  # a rule both routers hold
+                    rule.target = paced(target)
+                    rule.target._explorer_paced = True
+            elif hasattr(target, "rules"):
+                walk(target)
+
+    walk(tornado_app.default_router)
+    walk(tornado_app.wildcard_router)
+
+
 def _free_port(address: str, port: int) -> int:
     """Check that ``port`` can be bound on ``address`` before any work; return it (or a free one for 0)."""
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
@@ -274,8 +323,9 @@ def serve(
     if num_procs != 1:
         # only the forked workers get here: the supervisor waits on them inside pn.serve
         _stop_with_supervisor()
+    _pace_page_requests(server._tornado)  # noqa: SLF001 - Bokeh keeps its tornado app there
     if hosts is not None:
-        _refuse_foreign_hosts(server._tornado, hosts)  # noqa: SLF001 - Bokeh keeps its tornado app there
+        _refuse_foreign_hosts(server._tornado, hosts)  # noqa: SLF001
     if start:
         server.start()
         server.io_loop.start()

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numba
@@ -364,6 +365,40 @@ def latent_time(
     -------
     ``(n_obs,)`` float32 latent time in [0, 1].
     """
+    times = gene_clock_times(fit_t, connectivities, smooth_times=smooth_times, rank_times=rank_times)
+    return latent_time_from_gene_times(times, root_score, connectivities, min_confidence=min_confidence)
+
+
+@dataclass(frozen=True, slots=True)
+class GeneClockTimes:
+    """The gene times :func:`latent_time` combines, before any root is chosen.
+
+    Attributes
+    ----------
+    times
+        ``(n_obs, n_genes)`` float64 times (ranked and smoothed as asked).
+    summed
+        ``(n_obs,)`` float64 sum of each cell's times before the smoothing: the roots are
+        the earliest root cells by it.
+    """
+
+    times: np.ndarray
+    summed: np.ndarray
+
+
+def gene_clock_times(
+    fit_t: np.ndarray,
+    connectivities: sparse.spmatrix,
+    *,
+    smooth_times: bool = True,
+    rank_times: bool = True,
+) -> GeneClockTimes:
+    """:func:`latent_time`'s first half, which needs no root-cell score.
+
+    So a caller can compute it while the score (:func:`root_cells`, an eigen solve
+    that spends most of its time in scipy's sparse products, outside the GIL) is being
+    computed. Parameters as :func:`latent_time`'s.
+    """
     t = np.asarray(fit_t, dtype=np.float64)
     if rank_times:
         t = rank_gene_times(t)
@@ -374,6 +409,22 @@ def latent_time(
     t_sum = t.sum(1)
     if smooth_times:
         t = smooth_gene_times(t, connectivities)
+    return GeneClockTimes(t, t_sum)
+
+
+def latent_time_from_gene_times(
+    gene_times: GeneClockTimes,
+    root_score: np.ndarray,
+    connectivities: sparse.spmatrix,
+    *,
+    min_confidence: float = 0.75,
+) -> FloatArray:
+    """:func:`latent_time`'s second half: roots, shared time, smoothing over neighbours.
+
+    ``gene_times`` from :func:`gene_clock_times`; the other parameters and the result
+    as :func:`latent_time`'s.
+    """
+    t, t_sum = gene_times.times, gene_times.summed
     roots, found = earliest_roots(root_score, t_sum)
     if not found:
         logger.warning(

@@ -31,6 +31,7 @@ import logging
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -655,6 +656,34 @@ class Dynamical(Hyperparameters):
         weights: sparse.csr_matrix,
     ) -> tuple[np.ndarray, np.ndarray]:
         conn = adata.obsp[Key.obsp.CONNECTIVITIES]
+        lik = params[Key.var.FIT_LIKELIHOOD]
+        genes = np.isfinite(fit_t).all(0) & (lik >= 0.1)
+        if not genes.any():
+            genes = np.isfinite(fit_t).all(0)
+        large = adata.n_obs > _LARGE_GRAPH_CELLS
+        T_bwd = self._backward_transitions(adata, vel, genes_ok, cols, conn, large=large)
+        # the root cells' eigen solve (its time mostly in scipy's sparse products, which
+        # run outside the GIL) in a second thread, beside the gene times' ranks and
+        # smoothing, which need no root cells (their compiled kernels stay on this thread
+        # and its OpenMP team): the same numbers as one after the other
+        steps = _LARGE_GRAPH_POWER_STEPS if large else None
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            score = pool.submit(lt_mod.root_cells, T_bwd, conn, seed=self.seed, n_power_steps=steps)
+            clock_times = lt_mod.gene_clock_times(fit_t[:, genes], conn)
+            roots = score.result()
+        return lt_mod.latent_time_from_gene_times(clock_times, roots, conn), roots
+
+    def _backward_transitions(
+        self,
+        adata: AnnData,
+        vel: np.ndarray,
+        genes_ok: np.ndarray,
+        cols: np.ndarray,
+        conn: sparse.spmatrix,
+        *,
+        large: bool,
+    ) -> sparse.csr_matrix:
+        """Backward transitions of scVelo's velocity graph of the velocity genes (``velocity_graph_``)."""
         use = genes_ok & np.isfinite(vel).all(0)
         if not use.any():
             use = np.isfinite(vel).all(0)
@@ -665,7 +694,6 @@ class Dynamical(Hyperparameters):
         # _LARGE_GRAPH_CELLS the direct kNN and a fixed number of backward-chain steps
         # are used instead (root_cells' n_power_steps): the root cells are the top 2% of
         # a smoothed score, and the earliest of them by summed gene time are used.
-        large = adata.n_obs > _LARGE_GRAPH_CELLS
         if Key.obsp.DISTANCES in adata.obsp:
             pattern = neighbors_for_graph(adata, n_recurse_neighbors=1 if large else None)
         else:
@@ -678,14 +706,7 @@ class Dynamical(Hyperparameters):
             genes = np.zeros(adata.n_vars, dtype=bool)
             genes[cols[use]] = True
             self.velocity_graph_ = {"graph": graph, "graph_neg": graph_neg, "genes": genes}
-        steps = _LARGE_GRAPH_POWER_STEPS if large else None
-        roots = lt_mod.root_cells(T_bwd, conn, seed=self.seed, n_power_steps=steps)
-        lik = params[Key.var.FIT_LIKELIHOOD]
-        genes = np.isfinite(fit_t).all(0) & (lik >= 0.1)
-        if not genes.any():
-            genes = np.isfinite(fit_t).all(0)
-        lt = lt_mod.latent_time(fit_t[:, genes], roots, conn)
-        return lt, roots
+        return T_bwd
 
     def _fit_onsets(
         self,

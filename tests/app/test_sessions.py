@@ -222,3 +222,155 @@ def test_an_atlas_is_prepared_before_the_first_page(app_adata, tmp_path, monkeyp
     memo = shared_memo(prepared)
     assert "means" in memo  # the gene table's column means: 4 s at 10^6 cells
     assert "stored fit" in memo
+
+
+# --- many pages at once: page requests wait for the clicks in flight (main.PageGate) ---
+
+
+def _run(coro):
+    import asyncio
+
+    return asyncio.run(coro)
+
+
+def test_a_page_request_waits_for_the_message_in_flight_and_a_quiet_moment():
+    import asyncio
+
+    from explorer.app.main import _GATE_QUIET_S, PageGate
+
+    async def scenario():
+        gate = PageGate()
+        gate.message_started()  # a click on an open page is being handled
+        entered = asyncio.Event()
+
+        async def request():
+            await gate.enter()
+            entered.set()
+
+        task = asyncio.create_task(request())
+        await asyncio.sleep(0.3)
+        assert not entered.is_set()
+        assert gate.waiting == 1
+        gate.message_done()
+        done_at = time.monotonic()
+        await asyncio.wait_for(entered.wait(), 5)
+        waited = time.monotonic() - done_at
+        assert waited >= 0.9 * _GATE_QUIET_S, waited  # Panel runs the click's callbacks on later turns
+        assert gate.waiting == 0
+        gate.leave()
+        await task
+
+    _run(scenario())
+
+
+def test_page_requests_build_one_at_a_time():
+    import asyncio
+
+    from explorer.app.main import PageGate
+
+    async def scenario():
+        gate = PageGate()
+        order: list[str] = []
+
+        async def request(name: str, hold: float):
+            await gate.enter()
+            order.append(f"{name} in")
+            await asyncio.sleep(hold)  # a build (synchronous in the real handler)
+            order.append(f"{name} out")
+            gate.leave()
+
+        await asyncio.gather(request("a", 0.2), request("b", 0.0), request("c", 0.0))
+        assert order == ["a in", "a out", "b in", "b out", "c in", "c out"]
+
+    _run(scenario())
+
+
+def test_a_busy_page_holds_new_pages_off_only_for_a_while(monkeypatch):
+    import asyncio
+
+    from explorer.app import main
+
+    monkeypatch.setattr(main, "_GATE_MAX_WAIT_S", 0.4)
+
+    async def scenario():
+        gate = main.PageGate()
+        gate.message_started()  # never ends
+        start = time.monotonic()
+        await asyncio.wait_for(gate.enter(), 5)
+        gate.leave()
+        return time.monotonic() - start
+
+    waited = _run(scenario())
+    assert 0.35 <= waited < 2.0, waited
+
+
+def test_a_page_is_built_whole_only_when_no_open_page_is_in_use(monkeypatch):
+    """A whole build holds the server for 1-2 s under load: not while someone clicks."""
+    from types import SimpleNamespace
+
+    from explorer.app import main
+
+    monkeypatch.setattr(main, "page_gate", main.PageGate())
+    monkeypatch.setattr(main, "_opening", {})
+    opening = SimpleNamespace(life=object(), _waiting=[])
+    assert main.ExplorerApp._build_whole(opening)
+    main.page_gate.message_started()
+    main.page_gate.message_done()  # an open page was just used
+    assert not main.ExplorerApp._build_whole(opening)
+    main.page_gate.last_message -= main._IN_USE_S + 1
+    assert main.ExplorerApp._build_whole(opening)
+    main.page_gate.waiting = 1  # another page request waits: a burst
+    assert not main.ExplorerApp._build_whole(opening)
+
+
+def test_explorer_serve_routes_pages_and_messages_through_the_gate(monkeypatch):
+    import asyncio
+
+    from panel.io.server import DocHandler
+    from tornado.websocket import WebSocketHandler
+
+    from explorer.app import main
+    from explorer.app.server import serve
+
+    monkeypatch.setattr(main, "configure_process", lambda **_: None)  # no process-wide settings here
+    asyncio.set_event_loop(asyncio.new_event_loop())
+    server = serve(None, port=0, start=False)
+    try:
+        targets = []
+
+        def walk(router):
+            for rule in router.rules:
+                if isinstance(rule.target, type):
+                    targets.append(rule.target)
+                elif hasattr(rule.target, "rules"):
+                    walk(rule.target)
+
+        walk(server._tornado.default_router)
+        walk(server._tornado.wildcard_router)
+        pages = [t for t in targets if issubclass(t, DocHandler)]
+        sockets = [t for t in targets if issubclass(t, WebSocketHandler)]
+        assert pages
+        assert sockets
+        assert all(getattr(t, "_explorer_paced", False) for t in pages + sockets)
+        # wrapped once, not twice (a rule both routers hold)
+        assert all(not getattr(t.__mro__[1], "_explorer_paced", False) for t in pages + sockets)
+    finally:
+        server.stop()
+        server.unlisten()
+
+
+def test_torch_is_imported_only_once_the_pages_are_idle(monkeypatch):
+    """The background import holds the interpreter for a second or two: not while a user clicks."""
+    from explorer.app import main
+
+    monkeypatch.setattr(main, "page_gate", main.PageGate())
+    assert main._pages_idle()  # a fresh server: nobody there
+    main.page_gate.message_started()
+    assert not main._pages_idle()  # a click in hand
+    main.page_gate.message_done()
+    assert not main._pages_idle()  # just clicked
+    main.page_gate.last_message -= main._TORCH_IMPORT_IDLE_S + 0.1
+    time.sleep(main._GATE_QUIET_S + 0.02)
+    assert main._pages_idle()
+    main.page_gate.waiting = 1  # a page request waits
+    assert not main._pages_idle()

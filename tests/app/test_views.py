@@ -432,7 +432,13 @@ def test_time_plots_and_next_cells_table_join_the_page_once_they_have_something_
         assert count("figure") == 2  # the embedding and the phase portrait, not three empty time plots
         tables = count("DataTabulator")
         app.state.select_cell(3)
+        # no fit, so no transitions: the next-cells table would stay empty and stays out
+        assert "no transition matrix" in app.views["inspector"].summary.object
+        assert count("DataTabulator") == tables
+        app.state.run_model("stochastic").join(120)
+        app.state.select_cell(4)
         assert count("DataTabulator") == tables + 1  # the selected cell's likely next cells
+        assert len(app.views["inspector"].targets.value) == app.state.n_targets
         app.state.adata.obs[Key.obs.LATENT_TIME] = np.linspace(0, 1, app.state.adata.n_obs)
         app.state.param.trigger("adata")
         assert count("figure") == 5

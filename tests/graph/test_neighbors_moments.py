@@ -126,17 +126,25 @@ def test_small_data_uses_x_and_umap(shared_data):
 
 
 @pytest.mark.slow
-def test_neighbors_above_exact_search_size():
+def test_neighbors_above_exact_search_size(monkeypatch):
     """Above 4,096 cells scanpy searches approximately (pynndescent); that path used to crash.
 
     scanpy 1.11 called ``getnnz`` on the ``csr_array`` pynndescent returns, which scipy 1.17
-    removed. The result must still be the kNN graph: compare with an exact search.
+    removed. The result must still be the kNN graph: compare with an exact search. The
+    index is never prepared for queries (``NNDescent.prepare``: a search tree and graph
+    nobody reads, and half of this test's time compiling them in a fresh numba cache).
     """
     import anndata as ad
+    from pynndescent import NNDescent
     from sklearn.neighbors import NearestNeighbors
 
     from explorer.graph.neighbors import compute_neighbors
 
+    def no_prepare(*_args, **_kwargs):
+        msg = "the kNN search prepared its index for queries"
+        raise AssertionError(msg)
+
+    monkeypatch.setattr(NNDescent, "prepare", no_prepare)
     rng = np.random.default_rng(0)
     n_obs, k = 4500, 15
     pcs = rng.normal(size=(n_obs, 10)).astype(np.float32)

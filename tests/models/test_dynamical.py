@@ -407,6 +407,21 @@ def test_velocity_graph_of_the_root_cells_is_the_pipelines(sim):
     assert derive(adata, res, velocity_graph=other).graph is not model.velocity_graph_["graph"]
 
 
+def test_latent_time_beside_the_root_cells_equals_the_serial_latent_time(sim, fit):
+    """The fit computes the gene times' ranks and smoothing in a second thread while it
+    solves for the root cells: the same latent time as :func:`latent_time` on the fit's
+    own times and root-cell score, one step after the other, bit for bit."""
+    from explorer.graph.latent_time import latent_time
+
+    gp = fit.gene_params
+    fit_t = np.asarray(fit.layers[Key.layers.FIT_T], dtype=np.float64)
+    genes = np.isfinite(fit_t).all(0) & (gp[Key.var.FIT_LIKELIHOOD].to_numpy() >= 0.1)
+    assert genes.sum() > 10
+    score = fit.obs[Key.obs.ROOT_CELLS].to_numpy(dtype=np.float64)
+    serial = latent_time(fit_t[:, genes], score, sim.obsp[Key.obsp.CONNECTIVITIES])
+    np.testing.assert_array_equal(fit.latent_time, serial)
+
+
 def test_seeded_fits_are_equal(small):
     kw = {"genes": "all", "max_cells_em": 150, "seed": 3}
     a, b = Dynamical(**kw).fit(small), Dynamical(**kw).fit(small)
