@@ -335,17 +335,15 @@ class _Builder:
         if token is self._current:
             self._current = None
             # let the loop read the sockets first, and finish the clicks that came meanwhile
-            IOLoop.current().call_later(_BUILD_GAP_S, self._kick_when_quiet, time.monotonic())
+            IOLoop.current().spawn_callback(self._kick_when_quiet)
 
-    def _kick_when_quiet(self, since: float) -> None:
-        """Start the next step once no websocket message is in hand (at most a while after ``since``)."""
-        from tornado.ioloop import IOLoop
+    async def _kick_when_quiet(self) -> None:
+        """Start the next step once no websocket message is in hand (:meth:`PageGate.until_quiet`)."""
+        import asyncio
 
-        wait = page_gate.quiet_in()
-        if wait > 0 and time.monotonic() - since < _GATE_MAX_WAIT_S:
-            IOLoop.current().call_later(wait, self._kick_when_quiet, since)
-        else:
-            self._kick()
+        await asyncio.sleep(_BUILD_GAP_S)
+        await page_gate.until_quiet()
+        self._kick()
 
 
 #: pause between two build steps, for requests and clicks that arrived meanwhile
@@ -391,14 +389,20 @@ class PageGate:
         try:
             await self._lock.acquire()
             try:
-                deadline = time.monotonic() + _GATE_MAX_WAIT_S
-                while time.monotonic() < deadline and (wait := self.quiet_in()) > 0:
-                    await asyncio.sleep(wait)
+                await self.until_quiet()
             except BaseException:
                 self._lock.release()
                 raise
         finally:
             self.waiting -= 1
+
+    async def until_quiet(self) -> None:
+        """Wait until no message has been in hand for :data:`_GATE_QUIET_S` (at most ``_GATE_MAX_WAIT_S``)."""
+        import asyncio
+
+        deadline = time.monotonic() + _GATE_MAX_WAIT_S
+        while time.monotonic() < deadline and (wait := self.quiet_in()) > 0:
+            await asyncio.sleep(wait)
 
     def quiet_in(self) -> float:
         """Seconds until no message will have been handled for :data:`_GATE_QUIET_S` (0: quiet now)."""
