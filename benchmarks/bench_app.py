@@ -35,8 +35,9 @@ open-and-close to show whether memory comes back every time. ``--sizes`` with no
 value skips the latency part.
 
 How a page is seen to be ready, or a click answered (``--probe``): ``js`` (default) runs one
-small script in the page every 100 ms (50 ms for a click) that walks the page's elements,
-shadow roots included, and checks what a user would look for; ``locator`` waits with
+small script in the page every 100 ms that walks the page's elements, shadow roots
+included, and checks what a user would look for (for a click: on every animation frame,
+reading only the phase portrait's header, found once); ``locator`` waits with
 Playwright's text and CSS locators, as the measurements before did. The locators re-run
 their text search through the page's ~4,500 elements on every animation frame while they
 wait, which cost each loading page about a second of chromium's CPU in a burst of 8: the
@@ -273,17 +274,34 @@ _COMPLETE_JS = """() => {
   return (canvases >= 5 || notime) && run;
 }"""
 
-#: the phase portrait's header names ``gene`` ("Gene <gene> — fit: ...")
+#: the phase portrait's header names ``gene`` ("Gene <gene> — fit: ..."). The header's shadow root
+#: is found once by a walk of the page and kept; each poll then reads its paragraphs only (the
+#: walk again if the header was replaced). Run on every animation frame, so a click is seen in
+#: the frame that shows it (and counted until that frame is painted, :data:`_PAINTED_JS`): the
+#: walk of the whole page every 50 ms it replaces cost the page about 20 ms of CPU a poll and
+#: saw the header up to 50 ms late.
 _HEADER_JS = """(gene) => {
   const find = (root) => {
     for (const el of root.querySelectorAll('*')) {
-      if (el.shadowRoot && find(el.shadowRoot)) return true;
-      if (el.tagName === 'P' && el.textContent.startsWith('Gene ' + gene + ' ')) return true;
+      if (el.shadowRoot) { const r = find(el.shadowRoot); if (r) return r; }
+      if (el.tagName === 'P' && el.textContent.startsWith('Gene ')) return el.getRootNode();
     }
-    return false;
+    return null;
   };
-  return find(document);
+  let root = window.__explorerHeader;
+  if (!root || !(root.host ? root.host.isConnected : root.isConnected)) {
+    root = window.__explorerHeader = find(document);
+    if (!root) return false;
+  }
+  for (const p of root.querySelectorAll('p')) {
+    if (p.textContent.startsWith('Gene ' + gene + ' ')) return true;
+  }
+  return false;
 }"""
+
+
+#: resolves once the next frame has been painted: a callback of the frame after it
+_PAINTED_JS = "() => new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(done)))"
 
 
 def _free_port() -> int:
@@ -411,7 +429,9 @@ async def _gene_click(page, row: int, timeout_ms: float) -> float:
     # for a moment by a layout that is still filling in
     await cell.dispatch_event("click")
     if PROBE == "js":
-        await page.wait_for_function(_HEADER_JS, arg=gene, polling=50, timeout=timeout_ms)
+        await page.wait_for_function(_HEADER_JS, arg=gene, polling="raf", timeout=timeout_ms)
+        # and until the frame that shows the header is painted (the plots' new images with it)
+        await page.evaluate(_PAINTED_JS)
     else:
         await page.get_by_text(f"Gene {gene} ").first.wait_for(timeout=timeout_ms)
     return time.perf_counter() - start

@@ -10,6 +10,7 @@ one clear message on stderr with exit code 2; progress goes to stderr as a bar. 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import logging
@@ -33,7 +34,7 @@ from tqdm import tqdm
 
 from explorer._types import CALLER, PREPROCESS, FitCancelled, InputError
 from explorer._version import __version__
-from explorer.data.io import _check_hdf5, _stored_shapes, check_output, read, write
+from explorer.data.io import H5adWriter, _check_hdf5, _stored_shapes, check_output, read, write
 from explorer.data.preprocess import check_options
 from explorer.data.samples import load_sample, sample_path
 from explorer.keys import Key
@@ -273,6 +274,31 @@ def _stage_clock() -> tuple[float, float]:
     return time.perf_counter(), time.process_time()
 
 
+def _load_compiler_in_background() -> None:
+    """Have numba load its compiler's registries in a daemon thread, beside the gene selection.
+
+    The first compiled kernel a process calls (the EM's, the velocity graph's) first makes
+    numba import and install the typing and lowering registries of everything it can
+    compile: about 0.6 s of CPU of the pancreas command (mostly imports, under the GIL),
+    on the main thread just before the EM. Started after the read (mostly Python: the two
+    would only take turns at the GIL), it runs while the main thread selects the genes
+    and sets up the EM (mostly numpy, outside the GIL: the two run side by side). numba's
+    compiler lock orders it with the kernels' own loading: a kernel called before it is
+    done waits for it, as it would have done the work itself.
+    """
+
+    def load() -> None:
+        from numba.core.compiler_lock import global_compiler_lock
+        from numba.core.registry import cpu_target
+
+        # under the lock a kernel's own compile or cache load holds: two refreshes at once
+        # race on the registries (an intermittent failure of the command, seen in the tests)
+        with global_compiler_lock:
+            cpu_target.target_context.refresh()
+
+    threading.Thread(target=load, name="explorer-numba-registries", daemon=True).start()
+
+
 def _cmd_fit(args: argparse.Namespace) -> int:
     if _wants_stream(args):
         return _cmd_fit_streamed(args)
@@ -287,10 +313,13 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         clock = now
 
     params, out, protect = _check_fit_args(args)
-    with _Interrupt() as interrupt:
+    # an .h5ad output gets the input's arrays while the model fits (H5adWriter)
+    writer = H5adWriter(out, protect=protect, overwrite=args.force) if out.suffix.lower() == ".h5ad" else None
+    with _Interrupt() as interrupt, writer or contextlib.nullcontext():
         adata, _ = _load(args.input, spliced_layer=args.spliced_layer, unspliced_layer=args.unspliced_layer)
         stage("read")
         interrupt.check()
+        _load_compiler_in_background()
         bar = _Bar(enabled=not args.quiet, interrupt=interrupt)
         start = time.perf_counter()
         try:
@@ -305,12 +334,17 @@ def _cmd_fit(args: argparse.Namespace) -> int:
                 n_neighbors=args.n_neighbors,
                 seed=args.seed,
                 progress=bar,
+                on_arrays=None if writer is None else writer.add,
             )
         finally:
             bar.close()
         stage("fit")
         interrupt.check()
-        written = write(adata, out, protect=protect, overwrite=args.force, cancelled=interrupt.flag.is_set)
+        cancelled = interrupt.flag.is_set
+        if writer is None:
+            written = write(adata, out, protect=protect, overwrite=args.force, cancelled=cancelled)
+        else:
+            written = writer.finish(adata, cancelled=cancelled)
         stage("write")
     logger.info(
         "fit command stages (s, [wall, cpu]): %s",

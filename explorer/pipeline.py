@@ -41,7 +41,7 @@ from explorer.keys import Key
 from explorer.models import get_model
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
 
     from scipy import sparse
 
@@ -350,6 +350,7 @@ def run_velocity(
     n_neighbors: int = PREPROCESS.n_neighbors,
     seed: int = 0,
     progress: ProgressCallback | None = None,
+    on_arrays: Callable[[AnnData], None] | None = None,
 ) -> VelocityResult:
     """Preprocess ``adata`` if needed, fit ``model`` and compute the velocity graph and embedding.
 
@@ -371,6 +372,11 @@ def run_velocity(
         Seed for PCA/UMAP and the model.
     progress
         Receives the pipeline's progress, each step's own reports folded in.
+    on_arrays
+        Called with ``adata`` when a set of its arrays is final: once it is preprocessed
+        (before the model's fit) and once the fit's result is in it (before the velocity
+        graph). ``explorer fit`` writes them to its output there, beside the work
+        (:class:`explorer.data.io.H5adWriter`).
 
     Returns
     -------
@@ -418,14 +424,19 @@ def run_velocity(
         raise InputError(msg)
 
     stage("preprocess")
+    if on_arrays is not None:
+        on_arrays(adata)
     result = estimator.fit(adata, progress=_substep(progress, 1))
     stage("model fit")
+    # derive reads none of the keys the result writes (it works on a light copy)
+    result.to_adata(adata)
+    if on_arrays is not None:
+        on_arrays(adata)
     # the dynamical model computes scVelo's velocity graph for its root cells: not twice
     graph = getattr(estimator, "velocity_graph_", None)
     derived = derive(
         adata, result, basis=basis_key, progress=_derive_progress(progress), velocity_graph=graph
     )
-    result.to_adata(adata)
     stage("graph, projection, confidence")
     derived.to_adata(adata)
     stage("to adata")

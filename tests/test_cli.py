@@ -13,6 +13,7 @@ import pytest
 
 from explorer.cli import EXIT_INPUT, main
 from explorer.keys import Key
+from tests.data.conftest import h5_entries
 
 
 def test_models_lists_every_model(capsys):
@@ -171,3 +172,19 @@ def test_fit_called_with_argv_returns_its_code(tmp_path, small_prepared, monkeyp
     assert main(argv) == 0
     assert exits == []
     assert out.exists()
+
+
+def test_fit_file_equals_a_plain_write_of_the_fit(tmp_path, small_prepared):
+    """``explorer fit`` writes arrays during the fit (``H5adWriter``): the file ``write`` makes after it."""
+    from explorer.data.io import read, write
+    from explorer.pipeline import run_velocity
+
+    out = tmp_path / "out.h5ad"
+    assert main(["fit", str(small_prepared), "--model", "dynamical", "--out", str(out), "--quiet"]) == 0
+    adata = read(small_prepared)
+    run_velocity(adata, model="dynamical", model_params={"seed": 0}, seed=0)
+    write(adata, tmp_path / "plain.h5ad")
+    written, plain = h5_entries(out), h5_entries(tmp_path / "plain.h5ad")
+    assert written.keys() == plain.keys()
+    assert [k for k in written if written[k] != plain[k]] == []
+    assert {"layers/Ms", "layers/velocity", "uns/velocity_graph/data"} <= written.keys()

@@ -275,7 +275,8 @@ def _loaded_after(*statements: str) -> list[set[str]]:
         lines += [statement, "seen.append(sorted({m.split('.')[0] for m in sys.modules}))"]
     lines.append("print(json.dumps(seen))")
     command = [sys.executable, "-c", "\n".join(lines)]
-    out = subprocess.run(command, capture_output=True, text=True, check=True, cwd=PACKAGE.parent)
+    out = subprocess.run(command, capture_output=True, text=True, check=False, cwd=PACKAGE.parent)
+    assert out.returncode == 0, f"exit code {out.returncode}; stderr:\n{out.stderr[-4000:]}"
     return [set(x) for x in json.loads(out.stdout.strip().splitlines()[-1])]
 
 

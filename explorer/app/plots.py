@@ -262,7 +262,7 @@ def shade_filled(agg: Any, **options: Any) -> Any:
     filled = None if empty is None else np.flatnonzero(~empty)
     if filled is None or filled.size in (0, empty.size):
         return tf.shade(agg, **options)
-    picked = np.append(filled, np.flatnonzero(empty)[0])
+    picked = np.append(filled, np.argmax(empty))  # the first empty pixel
     rows = data.reshape(empty.size, *data.shape[2:])[picked][None]
     dims = agg.dims
     coords = {dims[0]: [0.0], dims[1]: np.arange(picked.size, dtype=np.float64)}
@@ -272,6 +272,15 @@ def shade_filled(agg: Any, **options: Any) -> Any:
     values = np.full(empty.size, shaded[-1], dtype=shaded.dtype)
     values[filled] = shaded[:-1]
     return tf.Image(values.reshape(empty.shape), coords={d: agg.coords[d] for d in dims[:2]}, dims=dims[:2])
+
+
+def _frame(columns: dict[str, Any]) -> pd.DataFrame:
+    """The cells' columns as the DataFrame datashader bins, without copying them.
+
+    pandas' default stacks columns of one dtype (``x`` and ``y``) into one new block: at
+    10^6 cells a copy of 8 MB for every image, about a tenth of its time.
+    """
+    return pd.DataFrame(columns, copy=False)
 
 
 def shade(
@@ -301,18 +310,20 @@ def shade(
     if coloring is not None and coloring.kind == "category":
         cats = list(coloring.categories) or ["NA"]
         codes = np.asarray(coloring.values)
-        frame["c"] = pd.Categorical.from_codes(np.where(codes >= 0, codes, 0), categories=cats)
-        agg = canvas.points(pd.DataFrame(frame), "x", "y", agg=ds.count_cat("c"))
+        if codes.size and codes.min() < 0:  # cells without a category are counted in the first
+            codes = np.where(codes >= 0, codes, 0)
+        frame["c"] = pd.Categorical.from_codes(codes, categories=cats)
+        agg = canvas.points(_frame(frame), "x", "y", agg=ds.count_cat("c"))
         key = coloring.color_key or {}
         img = shade_filled(agg, color_key=[key.get(c, MISSING_COLOR) for c in cats], min_alpha=200)
     elif coloring is not None and coloring.kind == "continuous":
         frame["v"] = np.asarray(coloring.values, dtype=np.float32)
-        agg = canvas.points(pd.DataFrame(frame), "x", "y", agg=ds.mean("v"))
+        agg = canvas.points(_frame(frame), "x", "y", agg=ds.mean("v"))
         img = shade_filled(
             agg, cmap=list(_cmap_colors(cmap_for(coloring))), how="linear", span=value_range(coloring)
         )
     else:
-        agg = canvas.points(pd.DataFrame(frame), "x", "y", agg=ds.count())
+        agg = canvas.points(_frame(frame), "x", "y", agg=ds.count())
         img = shade_filled(agg, cmap=[color or MISSING_COLOR, color or MISSING_COLOR], min_alpha=255)
     img = tf.dynspread(img, threshold=0.5, max_px=2)
     return np.ascontiguousarray(img.to_numpy(), dtype=np.uint32), (

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import tempfile
+import threading
 import warnings
 import weakref
 from pathlib import Path
@@ -404,6 +406,195 @@ def write(
         tmp.unlink(missing_ok=True)
     logger.info("wrote %s", target)
     return target
+
+
+#: the AnnData slots that hold one array per key (what :class:`H5adWriter` may write early)
+_ARRAY_SLOTS = ("layers", "obsm", "obsp", "varm", "varp")
+
+
+class H5adWriter:
+    """An atomic ``.h5ad`` write (as :func:`write`) whose arrays go to disk while the fit runs.
+
+    ``explorer fit`` reads a file, fits, and writes the input back with the fit's keys
+    added; about half of the output's bytes (``X``, the count and moment layers, the kNN
+    graphs, the embeddings) are the input's arrays, unchanged by the fit, and the
+    velocity layers are known before the velocity graph is. :meth:`add` hands the
+    AnnData's arrays to a background thread that writes them into the temporary file
+    (h5py releases the GIL while it writes a dataset, so the fit keeps its core), and can
+    be called again as arrays appear; :meth:`finish` writes the rest as
+    ``AnnData.write_h5ad`` would (obs, var, uns, raw and every array that is new,
+    replaced or removed since it was added) and puts the file in place. The file holds
+    the same groups, datasets and attributes as :func:`write`'s.
+
+    An array written early is kept only if the AnnData still holds the very same object
+    at :meth:`finish` (explorer's fits add and replace keys, never modify an array in
+    place). Used as a context manager, the temporary file is removed whenever
+    :meth:`finish` did not complete (an error, Ctrl-C), after the thread has stopped.
+
+    Parameters
+    ----------
+    path
+        Target ``.h5ad`` file.
+    protect, overwrite
+        As :func:`write` (checked here, before any work, and again in :meth:`finish`).
+
+    Examples
+    --------
+    >>> with H5adWriter("out.h5ad") as writer:  # doctest: +SKIP
+    ...     writer.add(adata)  # the input's arrays, while ...
+    ...     fit_and_add_keys(adata)  # ... the fit runs
+    ...     writer.finish(adata)
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        protect: Iterable[str | os.PathLike[str]] = (),
+        overwrite: bool = True,
+    ) -> None:
+        self.path = Path(path)
+        self._protect = list(protect)
+        self._overwrite = overwrite
+        check_output(self.path, protect=self._protect, overwrite=overwrite, suffixes=(".h5ad",))
+        self._tmp: Path | None = None
+        self._thread: threading.Thread | None = None
+        self._queue: queue.SimpleQueue[tuple[str, str, object] | None] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        #: (slot, key) -> the array handed to the thread; ("X", "") for X
+        self._early: dict[tuple[str, str], object] = {}
+
+    def __enter__(self) -> H5adWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def add(self, adata: AnnData) -> None:
+        """Hand ``adata``'s arrays not handed over yet to the background thread, which writes them.
+
+        Arrays of ``X``, ``layers``, ``obsm``, ``obsp``, ``varm`` and ``varp`` that are
+        numpy arrays or scipy sparse matrices; a key already handed over is skipped (even
+        if its array was replaced since: :meth:`finish` rewrites it).
+        """
+        if self._thread is None:
+            target = self.path.resolve()
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".h5ad", dir=target.parent)
+            os.close(fd)
+            self._tmp = Path(tmp_name)
+            self._thread = threading.Thread(target=self._write_queued, name="explorer-h5ad", daemon=True)
+            self._thread.start()
+        items = [("X", "", adata.X)]
+        items += [(slot, key, value) for slot in _ARRAY_SLOTS for key, value in getattr(adata, slot).items()]
+        for slot, key, value in items:
+            if (slot, key) not in self._early and _plain_array(value):
+                self._early[slot, key] = value
+                self._queue.put((slot, key, value))
+
+    def _write_queued(self) -> None:
+        from anndata.io import write_elem
+
+        assert self._tmp is not None
+        try:
+            with h5py.File(self._tmp, "w") as f:
+                # write_h5ad's root attributes
+                f.attrs.setdefault("encoding-type", "anndata")
+                f.attrs.setdefault("encoding-version", "0.1.0")
+                while (item := self._queue.get()) is not None:
+                    if self._stop.is_set():
+                        return
+                    slot, key, value = item
+                    if slot == "X":
+                        write_elem(f, "X", value)
+                        continue
+                    if slot not in f:
+                        write_elem(f, slot, {})  # the mapping's group with its encoding attributes
+                    write_elem(f[slot], key, value)
+        except BaseException as err:  # noqa: BLE001 - handed to finish(), which raises it
+            self._error = err
+
+    def _join(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+
+    def finish(self, adata: AnnData, *, cancelled: Callable[[], bool] | None = None) -> Path:
+        """Write what :meth:`add` did not, then put the file in place; return the path written.
+
+        Raises
+        ------
+        InputError
+            As :func:`check_output`.
+        FitCancelled
+            When ``cancelled()`` is true before the file is put in place (nothing written).
+        """
+        from anndata.io import write_elem
+
+        target = check_output(self.path, protect=self._protect, overwrite=self._overwrite)
+        out = _with_scvelo_graphs(adata)
+        # as write_h5ad does before it writes
+        out.strings_to_categoricals()
+        if out.raw is not None:
+            out.strings_to_categoricals(out.raw.var)
+        during_fit = set(self._early)
+        self.add(out)  # whatever is still missing (all of it if add() was never called)
+        self._join()
+        if self._error is not None:
+            raise self._error
+        assert self._tmp is not None
+        with h5py.File(self._tmp, "a") as f:
+            if out.X is None:
+                f.pop("X", None)
+            elif "X" not in f or self._early.get(("X", "")) is not out.X:
+                write_elem(f, "X", out.X)
+            if out.raw is not None:
+                write_elem(f, "raw", out.raw)
+            write_elem(f, "obs", out.obs)
+            write_elem(f, "var", out.var)
+            for slot in _ARRAY_SLOTS:
+                current = dict(getattr(out, slot))
+                if slot not in f:
+                    write_elem(f, slot, current)
+                    continue
+                group = f[slot]
+                for key in list(group):
+                    if key not in current or self._early.get((slot, key)) is not current[key]:
+                        del group[key]  # replaced or removed since it was added
+                for key, value in current.items():
+                    if key not in group:
+                        write_elem(group, key, value)
+            write_elem(f, "uns", dict(out.uns))
+        kept = [k for k in during_fit if self._early[k] is _array_at(out, *k)]
+        logger.info("%d arrays were written during the fit", len(kept))
+        # mkstemp makes the file private (0600): keep the replaced file's mode, else rw-r--r--
+        self._tmp.chmod(target.stat().st_mode & 0o777 if target.exists() else 0o644)
+        if cancelled is not None and cancelled():
+            raise FitCancelled
+        os.replace(self._tmp, target)
+        self._tmp = None
+        logger.info("wrote %s", target)
+        return target
+
+    def close(self) -> None:
+        """Stop the background write and remove the temporary file, unless :meth:`finish` completed."""
+        self._stop.set()
+        try:
+            self._join()
+        finally:  # even if a second Ctrl-C cuts the wait short (the thread's open file goes with it)
+            if self._tmp is not None:
+                self._tmp.unlink(missing_ok=True)
+                self._tmp = None
+
+
+def _array_at(adata: AnnData, slot: str, key: str) -> object:
+    """``adata.X`` for slot ``"X"``, else ``adata.<slot>[key]`` (None when absent)."""
+    return adata.X if slot == "X" else getattr(adata, slot).get(key)
+
+
+def _plain_array(value: object) -> bool:
+    """Whether ``value`` is an in-memory numpy array or scipy sparse matrix (what is written early)."""
+    return isinstance(value, np.ndarray) or sparse.issparse(value)
 
 
 # ---------------------------------------------------------------------------------------

@@ -90,6 +90,33 @@ def test_shading_the_filled_pixels_gives_datashaders_image():
     assert plots._shade_range(np.array([np.nan]), None, None) == (0.0, 1.0)
 
 
+def test_a_shaded_image_is_datashaders_image_of_the_cells():
+    """plots.shade draws datashader's image of the cells; cells without a category count in the first."""
+    import datashader as ds
+    import datashader.transfer_functions as tf
+
+    rng = np.random.default_rng(4)
+    n = 2_000
+    x, y = rng.normal(size=n).astype(np.float32), rng.normal(size=n).astype(np.float32)
+    codes = rng.integers(-1, 3, n).astype(np.int8)
+    key = {"a": "#1f77b4", "b": "#ff7f0e", "c": "#2ca02c"}
+    coloring = Coloring("category", codes, "c", ("a", "b", "c"), key)
+    found, bounds = plots.shade(x, y, coloring, x_range=(-2.0, 2.0), y_range=(-1.0, 3.0), width=40, height=30)
+    assert bounds == (-2.0, -1.0, 2.0, 3.0)
+    first_if_missing = pd.Categorical.from_codes(np.maximum(codes, 0), ["a", "b", "c"])
+    frame = pd.DataFrame({"x": x, "y": y, "c": first_if_missing})
+    canvas = ds.Canvas(plot_width=40, plot_height=30, x_range=(-2.0, 2.0), y_range=(-1.0, 3.0))
+    agg = canvas.points(frame, "x", "y", agg=ds.count_cat("c"))
+    shaded = tf.shade(agg, color_key=list(key.values()), min_alpha=200)
+    expected = tf.dynspread(shaded, threshold=0.5, max_px=2)
+    np.testing.assert_array_equal(found, expected.to_numpy())
+    # read-only arrays (a store's columns) are binned as they are
+    x.flags.writeable = y.flags.writeable = codes.flags.writeable = False
+    np.testing.assert_array_equal(
+        plots.shade(x, y, coloring, x_range=(-2.0, 2.0), y_range=(-1.0, 3.0), width=40, height=30)[0], found
+    )
+
+
 def test_a_fits_phase_layers_stay_for_a_gene_without_them():
     """A fit's curve and line layers stay (empty) for a gene it did not fit: a click keeps the layers."""
     fitted = PhaseFit(
@@ -141,6 +168,12 @@ def test_selecting_a_gene_updates_phase_time_table_and_colouring(app):
     plot = time_ms.base_live.plots[-1]
     assert plot.handles["y_range"].end >= state.gene_values("Ms").max()
     assert plot.handles["plot"].title.text == f"{gene}: Ms"
+    # the plots whose y range follows the gene draw its tick labels along the axis (a y axis
+    # of constant width: no re-layout of the page in the browser); the embedding's stay level
+    for scatter in (views["phase"].scatter, *views["time"].scatters.values()):
+        assert scatter.base_live.plots[-1].state.left[0].major_label_orientation == pytest.approx(np.pi / 2)
+    embedding_axis = views["embedding"].scatter.base_live.plots[-1].state.left[0]
+    assert embedding_axis.major_label_orientation == "horizontal"
     np.testing.assert_allclose(views["time"].curves_live["Mu"].shown["Mu"], state.time_curve("Mu")[1])
     # the embedding, coloured by the gene, is recoloured in place
     embedding = views["embedding"].scatter.base_live
@@ -381,6 +414,9 @@ def test_many_cells_are_drawn_as_images_that_follow_clicks(tmp_path):
     assert after["y"][0] <= np.nanmin(ms)  # the image spans all of the new gene's values
     assert after["y"][0] + after["dh"][0] >= np.nanmax(ms)
     np.testing.assert_allclose(_shown(time_ms.marker_live), [[state.latent_time()[123], ms[123]]], rtol=1e-6)
+    # the images' y axes keep their width from gene to gene too (tick labels along the axis)
+    for scatter in (views["phase"].scatter, time_ms):
+        assert scatter.base_live.plots[-1].state.left[0].major_label_orientation == pytest.approx(np.pi / 2)
 
 
 def test_gene_table_orders_by_trust_and_marks_the_selected_gene(app):

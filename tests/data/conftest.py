@@ -29,3 +29,31 @@ def make_counts(n_obs: int = 40, n_vars: int = 12, *, seed: int = 0) -> ad.AnnDa
 def counts_adata() -> ad.AnnData:
     """40 cells x 12 genes of seeded Poisson counts (spliced rate 0.5-8, unspliced a third)."""
     return make_counts()
+
+
+def h5_entries(path) -> dict[str, tuple]:
+    """Every group, dataset and attribute of an HDF5 file, by name, in comparable form.
+
+    A dataset is its dtype, shape and bytes (strings as a list), so NaN equals NaN; a
+    group is its attributes. Two files with equal entries hold the same AnnData layout
+    and values, whatever order their objects were written in.
+    """
+    import h5py
+
+    def plain(value):
+        arr = np.asarray(value)
+        return (str(arr.dtype), arr.shape, arr.tolist() if arr.dtype.kind in "OSU" else arr.tobytes())
+
+    entries: dict[str, tuple] = {}
+
+    def visit(name, obj):
+        attrs = tuple(sorted((k, plain(v)) for k, v in obj.attrs.items()))
+        if isinstance(obj, h5py.Dataset):
+            entries[name] = ("dataset", attrs, plain(obj[()]))
+        else:
+            entries[name] = ("group", attrs)
+
+    with h5py.File(path, "r") as f:
+        entries["/"] = ("group", tuple(sorted((k, plain(v)) for k, v in f.attrs.items())))
+        f.visititems(visit)
+    return entries

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from scipy import sparse
 
-from explorer._types import InputError
-from explorer.data.io import read, validate_counts, write
+from explorer._types import FitCancelled, InputError
+from explorer.data.io import H5adWriter, read, validate_counts, write
 from explorer.keys import Key
-from tests.data.conftest import make_counts
+from tests.data.conftest import h5_entries, make_counts
 
 
 def _sha(path) -> str:
@@ -214,3 +214,108 @@ def test_write_loom_round_trip(tmp_path, counts_adata):
         adata.layers["unspliced"].toarray(), counts_adata.layers["unspliced"].toarray()
     )
     assert list(adata.obs_names) == list(counts_adata.obs_names)
+
+
+def _fitted_later(adata: ad.AnnData) -> None:
+    """What a fit does to the AnnData after the writer started: new keys, one replaced, one removed."""
+    rng = np.random.default_rng(1)
+    adata.layers["velocity"] = rng.normal(size=adata.shape).astype(np.float32)
+    adata.layers["Ms"] = adata.layers["Ms"] * 2  # replaced by another array
+    del adata.obsm["X_pca"]
+    n = adata.n_obs
+    adata.obsp[Key.obsp.VELOCITY_GRAPH] = sparse.random(n, n, density=0.1, format="csr", rng=2)
+    adata.var["fit_alpha"] = np.where(np.arange(adata.n_vars) % 3 == 0, np.nan, 1.5)
+    adata.obs["latent_time"] = np.linspace(0, 1, adata.n_obs)
+    adata.uns["velocity_params"] = {"mode": "dynamical", "params": {"seed": 0}}
+
+
+def _with_arrays(adata: ad.AnnData) -> ad.AnnData:
+    rng = np.random.default_rng(0)
+    adata.obs["clusters"] = ["a", "b"] * (adata.n_obs // 2)  # strings: categorical when written
+    adata.layers["Ms"] = rng.random(adata.shape, dtype=np.float32)
+    adata.obsm["X_pca"] = rng.random((adata.n_obs, 3))
+    adata.obsm["X_umap"] = rng.random((adata.n_obs, 2))
+    adata.obsp["connectivities"] = sparse.random(adata.n_obs, adata.n_obs, density=0.2, format="csr", rng=0)
+    adata.varm["PCs"] = rng.random((adata.n_vars, 3))
+    adata.uns["neighbors"] = {"params": {"n_neighbors": 5, "method": "umap"}}
+    return adata
+
+
+def test_h5ad_writer_writes_what_write_writes(tmp_path, counts_adata):
+    """Arrays written during the fit, the rest after: the file write() makes, entry for entry."""
+    adata = _with_arrays(counts_adata)
+    early_x, early_spliced = adata.X, adata.layers["spliced"]
+    with H5adWriter(tmp_path / "early.h5ad") as writer:
+        writer.add(adata)
+        _fitted_later(adata)
+        writer.add(adata)  # the fit's arrays, while the graph is computed
+        adata.layers["velocity"] = adata.layers["velocity"] + 1  # replaced after it was handed over
+        written = writer.finish(adata)
+    assert written == (tmp_path / "early.h5ad").resolve()
+    # the writer copies nothing
+    assert adata.X is early_x
+    assert adata.layers["spliced"] is early_spliced
+    write(adata, tmp_path / "plain.h5ad")
+    early, plain = h5_entries(tmp_path / "early.h5ad"), h5_entries(tmp_path / "plain.h5ad")
+    assert early.keys() == plain.keys()
+    assert [k for k in early if early[k] != plain[k]] == []
+    assert "obsm/X_pca" not in early
+    assert "uns/velocity_graph/data" in early
+    back = ad.read_h5ad(written)
+    for key in ("Ms", "velocity"):  # the replaced arrays' new values
+        np.testing.assert_array_equal(back.layers[key], adata.layers[key])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["early.h5ad", "plain.h5ad"]  # no temp left
+
+
+def test_h5ad_writer_without_add_writes_everything(tmp_path, counts_adata):
+    """finish() alone is a plain atomic write."""
+    adata = _with_arrays(counts_adata)
+    H5adWriter(tmp_path / "late.h5ad").finish(adata)
+    write(adata, tmp_path / "plain.h5ad")
+    assert h5_entries(tmp_path / "late.h5ad") == h5_entries(tmp_path / "plain.h5ad")
+
+
+def _write_with(path, adata, *, fail: bool = False, cancel: bool = False) -> None:
+    """An ``explorer fit`` in miniature: arrays handed over, then the fit fails, or the write is cancelled."""
+    with H5adWriter(path) as writer:
+        writer.add(adata)
+        if fail:
+            msg = "the fit failed"
+            raise RuntimeError(msg)
+        writer.finish(adata, cancelled=lambda: cancel)
+
+
+def test_h5ad_writer_leaves_nothing_on_error_or_cancel(tmp_path, counts_adata):
+    """A failed or cancelled fit leaves the old output as it was and no temporary file."""
+    out = tmp_path / "o.h5ad"
+    out.write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="the fit failed"):
+        _write_with(out, counts_adata, fail=True)
+    assert out.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.h5ad"]
+    with pytest.raises(FitCancelled):
+        _write_with(out, counts_adata, cancel=True)
+    assert out.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.h5ad"]
+    _write_with(out, counts_adata)
+    assert ad.read_h5ad(out).shape == counts_adata.shape
+
+
+def test_h5ad_writer_raises_the_background_error(tmp_path, counts_adata):
+    """An array the background thread cannot write fails the write, as write() would."""
+    n_obs, n_vars = counts_adata.shape
+    counts_adata.layers["bad"] = np.array([[{"a": 1}] * n_vars] * n_obs, dtype=object)
+    with pytest.raises(Exception) as plain_err:  # noqa: PT011 - whatever anndata raises
+        write(counts_adata, tmp_path / "plain.h5ad")
+    with pytest.raises(type(plain_err.value)):
+        _write_with(tmp_path / "early.h5ad", counts_adata)
+    assert not list(tmp_path.iterdir())
+
+
+def test_h5ad_writer_checks_its_target_first(tmp_path, counts_adata):
+    source = tmp_path / "input.h5ad"
+    source.write_bytes(b"input")
+    with pytest.raises(InputError, match="refusing to overwrite"):
+        H5adWriter(source, protect=[source])
+    with pytest.raises(InputError, match=r"expected a name ending in \.h5ad, found '\.loom'"):
+        H5adWriter(tmp_path / "out.loom")

@@ -114,6 +114,15 @@ class CellScatter(param.Parameterized):
     color_depends
         State parameters that change the colouring besides ``color_by`` (and ``gene``
         or ``model`` when the colouring needs them).
+    y_labels_along_axis
+        Draw the y axis' tick labels along the axis (turned a quarter). Its width is then
+        the labels' line height whatever their text, so a new y range (another gene) keeps
+        the plot's layout: a y axis that gets wider or narrower makes BokehJS lay out the
+        whole page again before it paints (``compute_layout`` climbs to the page's root; 13
+        layouts a gene click instead of 2, 20-60 ms of chromium's main thread at 10^6 cells).
+        Bokeh's maintainers suggest rotated labels for plots whose range changes
+        (bokeh/bokeh#12129); their other suggestion, a wide enough ``min_border``, does not
+        stop the re-layout in Bokeh 3.9 (the check compares the axis' own width).
     """
 
     xy_revision = param.Integer(default=0)
@@ -134,6 +143,7 @@ class CellScatter(param.Parameterized):
         width: int = 480,
         height: int = 420,
         title: Callable[[], str] | None = None,
+        y_labels_along_axis: bool = False,
     ) -> None:
         super().__init__()
         self.state = state
@@ -144,6 +154,7 @@ class CellScatter(param.Parameterized):
         self._labels = labels
         self._width, self._height = width, height
         self._title = title or (lambda: "")
+        self._axis_opts = {"yrotation": 90} if y_labels_along_axis else {}
         self._own_coloring = coloring is not None
         self._on_tap = on_tap
         self._on_select = on_select
@@ -359,7 +370,7 @@ class CellScatter(param.Parameterized):
                 height=self._height,
                 tools=tools,
                 hooks=[self.base_live.hook],
-            )
+            ).opts(**self._axis_opts, backend="bokeh")
         if self._drawn_xy != self._xy_token:
             # new coordinates (another gene, basis or dataset): show all cells, forget the zoom
             x_range = y_range = None
@@ -376,7 +387,7 @@ class CellScatter(param.Parameterized):
             title=title,
             tools=tools,
             hooks=[self.base_live.hook],
-        ).opts(framewise=True, backend="bokeh")
+        ).opts(framewise=True, **self._axis_opts, backend="bokeh")
 
     def _draw_selection(self) -> hv.Element:
         data = self._selection_data()

@@ -55,6 +55,7 @@ class PhasePortrait(pn.viewable.Viewer):
             title=self._title,
             width=self.width,
             height=self.height,
+            y_labels_along_axis=True,  # Mu's range changes with the gene: see CellScatter
         )
         #: the fitted layers of the last HoloViews drawing: their keys and their data sources
         self._drawn_keys: list[tuple[str, bool, str]] | None = None

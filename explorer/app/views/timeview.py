@@ -39,6 +39,7 @@ class GeneTimeView(pn.viewable.Viewer):
                 title=(lambda what=what: f"{state.gene}: {what}"),
                 width=380,
                 height=260,
+                y_labels_along_axis=True,  # the gene's range changes: see CellScatter
             )
             # the fitted curve follows the gene without a HoloViews update (see LiveLayer)
             self.curves_live[what] = LiveLayer()
