@@ -387,9 +387,7 @@ def write(
     path = Path(path)
     target = check_output(path, protect=protect, overwrite=overwrite)
     suffix = path.suffix.lower()
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _temporary_beside(target, suffix)
     try:
         if suffix == ".loom":
             logger.warning("loom keeps layers, obs, var and obsm only (no obsp, uns); use .h5ad to keep all")
@@ -397,15 +395,27 @@ def write(
             adata.write_loom(tmp, write_obsm_varm=True)
         else:
             _with_scvelo_graphs(adata).write_h5ad(tmp)
-        # mkstemp makes the file private (0600): keep the replaced file's mode, else rw-r--r--
-        tmp.chmod(target.stat().st_mode & 0o777 if target.exists() else 0o644)
-        if cancelled is not None and cancelled():
-            raise FitCancelled
-        os.replace(tmp, target)
+        _put_in_place(tmp, target, cancelled)
     finally:
         tmp.unlink(missing_ok=True)
-    logger.info("wrote %s", target)
     return target
+
+
+def _temporary_beside(target: Path, suffix: str) -> Path:
+    """Make a new empty file in ``target``'s folder, for an atomic write of it (:func:`_put_in_place`)."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
+    os.close(fd)
+    return Path(tmp_name)
+
+
+def _put_in_place(tmp: Path, target: Path, cancelled: Callable[[], bool] | None) -> None:
+    """Replace ``target`` by the written ``tmp`` in one step; :class:`FitCancelled` if ``cancelled()``."""
+    # mkstemp makes the file private (0600): keep the replaced file's mode, else rw-r--r--
+    tmp.chmod(target.stat().st_mode & 0o777 if target.exists() else 0o644)
+    if cancelled is not None and cancelled():
+        raise FitCancelled
+    os.replace(tmp, target)
+    logger.info("wrote %s", target)
 
 
 #: the AnnData slots that hold one array per key (what :class:`H5adWriter` may write early)
@@ -479,10 +489,7 @@ class H5adWriter:
         if its array was replaced since: :meth:`finish` rewrites it).
         """
         if self._thread is None:
-            target = self.path.resolve()
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".h5ad", dir=target.parent)
-            os.close(fd)
-            self._tmp = Path(tmp_name)
+            self._tmp = _temporary_beside(self.path.resolve(), ".h5ad")
             self._thread = threading.Thread(target=self._write_queued, name="explorer-h5ad", daemon=True)
             self._thread.start()
         items = [("X", "", adata.X)]
@@ -567,13 +574,8 @@ class H5adWriter:
             write_elem(f, "uns", dict(out.uns))
         kept = [k for k in during_fit if self._early[k] is _array_at(out, *k)]
         logger.info("%d arrays were written during the fit", len(kept))
-        # mkstemp makes the file private (0600): keep the replaced file's mode, else rw-r--r--
-        self._tmp.chmod(target.stat().st_mode & 0o777 if target.exists() else 0o644)
-        if cancelled is not None and cancelled():
-            raise FitCancelled
-        os.replace(self._tmp, target)
+        _put_in_place(self._tmp, target, cancelled)
         self._tmp = None
-        logger.info("wrote %s", target)
         return target
 
     def close(self) -> None:

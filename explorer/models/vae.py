@@ -483,9 +483,7 @@ class VeloVAE(Hyperparameters):
         )
         obs = res.obs.copy()
         obs[Key.obs.LATENT_TIME_STD] = self.ensemble_["latent_time_std"].to_numpy(dtype=np.float32)
-        obs[Key.obs.LATENT_TIME_CV] = (
-            self.ensemble_["latent_time_std"] / np.maximum(latent, 1e-3)
-        ).to_numpy(dtype=np.float32)
+        obs[Key.obs.LATENT_TIME_CV] = _time_cv(self.ensemble_["latent_time_std"].to_numpy(), latent, 1.0)
         # the first start's fitted state, so sample_velocity and the diagnostics read it
         fitted = (
             "module_", "posterior_state_", "time_posterior_", "history_",
@@ -1341,7 +1339,7 @@ class VeloVAE(Hyperparameters):
             {
                 Key.obs.LATENT_TIME_STD: (out["t_sd"] / span).astype(np.float32),
                 # on the model's own clock, which starts at the earliest onset (t >= 0 mostly)
-                Key.obs.LATENT_TIME_CV: (out["t_sd"] / np.maximum(np.abs(t), 1e-3 * self.t_max)).astype(np.float32),
+                Key.obs.LATENT_TIME_CV: _time_cv(out["t_sd"], t, self.t_max),
                 Key.obs.FIT_TRAIN: train,
                 Key.obs.LATENT_TIME_MODEL: t.astype(np.float32),
             },
@@ -1460,6 +1458,14 @@ def diffusion_pseudotime(adata: AnnData, root: int, *, n_comps: int = _DPT_COMPO
     finite = np.isfinite(t)
     t[~finite] = t[finite].max() if finite.any() else 0.0
     return np.asarray(lt_mod.scale01(t), dtype=np.float64)
+
+
+def _time_cv(sd: np.ndarray, t: np.ndarray, length: float) -> np.ndarray:
+    """Float32 coefficient of variation of times ``t`` on a clock of ``length``: ``sd / |t|``.
+
+    ``|t|`` is floored at a thousandth of the clock, so cells at its start get a finite CV.
+    """
+    return (sd / np.maximum(np.abs(t), 1e-3 * length)).astype(np.float32)
 
 
 def ensemble_time(t_mean: np.ndarray, t_sd: np.ndarray) -> dict[str, np.ndarray]:
