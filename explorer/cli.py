@@ -23,23 +23,32 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from explorer._process import is_in_memory_fit, lean_anndata_import, set_up_process
+from explorer._process import (
+    collector_paused,
+    fit_settings,
+    is_in_memory_fit,
+    lean_anndata_import,
+    set_up_process,
+)
 
-# an in-memory `explorer fit` imports anndata without dask and xarray (0.5 s of CPU)
-with lean_anndata_import(sys.argv):
-    import anndata as ad
-import numpy as np
-import pandas as pd
-from tqdm import tqdm
+# an in-memory `explorer fit` imports anndata without dask and xarray (0.5 s of CPU); no
+# garbage collection while the modules load, and the console fit's modules then frozen
+# out of the collector's reach (collector_paused)
+with collector_paused(freeze=is_in_memory_fit(sys.argv)):
+    with lean_anndata_import(sys.argv):
+        import anndata as ad
+    import numpy as np
+    import pandas as pd
+    from tqdm import tqdm
 
-from explorer._types import CALLER, PREPROCESS, FitCancelled, InputError
-from explorer._version import __version__
-from explorer.data.io import H5adWriter, _check_hdf5, _stored_shapes, check_output, read, write
-from explorer.data.preprocess import check_options
-from explorer.data.samples import load_sample, sample_path
-from explorer.keys import Key
-from explorer.models import MODELS
-from explorer.pipeline import prepare, run_velocity
+    from explorer._types import CALLER, PREPROCESS, FitCancelled, InputError
+    from explorer._version import __version__
+    from explorer.data.io import H5adWriter, _check_hdf5, _stored_shapes, check_output, read, write
+    from explorer.data.preprocess import check_options
+    from explorer.data.samples import load_sample, sample_path
+    from explorer.keys import Key
+    from explorer.models import MODELS
+    from explorer.pipeline import prepare, run_velocity
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -315,7 +324,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     params, out, protect = _check_fit_args(args)
     # an .h5ad output gets the input's arrays while the model fits (H5adWriter)
     writer = H5adWriter(out, protect=protect, overwrite=args.force) if out.suffix.lower() == ".h5ad" else None
-    with _Interrupt() as interrupt, writer or contextlib.nullcontext():
+    # one BLAS thread, no huge pages for numpy's temporaries (fit_settings says why)
+    with fit_settings(), _Interrupt() as interrupt, writer or contextlib.nullcontext():
         adata, _ = _load(args.input, spliced_layer=args.spliced_layer, unspliced_layer=args.unspliced_layer)
         stage("read")
         interrupt.check()

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import ast
 import functools
+import gc
 import json
+import os
 import re
 import subprocess
 import sys
@@ -386,3 +388,74 @@ def test_fit_command_imports_anndata_without_dask(small_h5ad):
     assert not lean & {"dask", "xarray"}, sorted(lean & {"dask", "xarray"})
     assert "anndata" in lean
     assert {"dask", "xarray"} <= _loaded_after("from explorer.cli import main")[0]
+
+
+def test_fit_settings_limit_blas_and_huge_pages_and_put_them_back():
+    """Inside ``fit_settings`` every loaded BLAS has one thread and numpy asks for no huge pages.
+
+    Run in a fresh interpreter (the settings are process-wide): before, the BLAS libraries
+    keep their thread counts (two or more on a multi-core machine) and numpy its default;
+    after the block, both are as they were.
+    """
+    statement = """
+from threadpoolctl import threadpool_info
+from explorer._process import _numpy_hugepage_switch, fit_settings
+def blas():
+    return sorted((i["filepath"], i["num_threads"]) for i in threadpool_info() if i["user_api"] == "blas")
+switch = _numpy_hugepage_switch()
+assert switch is not None, "numpy has no _set_madvise_hugepage"
+huge = switch(True); switch(huge)
+with fit_settings():
+    inside, huge_inside = blas(), switch(False)
+after, huge_after = blas(), switch(huge)
+assert {n for _, n in inside} == {1}, inside
+assert len(inside) >= 2, inside  # numpy's OpenBLAS and scipy's own (scipy.linalg loaded by the block)
+assert not huge_inside and huge_after == huge, (huge, huge_inside, huge_after)
+print("BLAS", json.dumps(after))
+"""
+    lines = ["import json", statement]
+    command = [sys.executable, "-c", "\n".join(lines)]
+    out = subprocess.run(command, capture_output=True, text=True, check=False, cwd=PACKAGE.parent)
+    assert out.returncode == 0, f"exit code {out.returncode}; stderr:\n{out.stderr[-4000:]}"
+    after = json.loads(out.stdout.split("BLAS", 1)[1])
+    if (os.cpu_count() or 1) > 1:
+        assert {n for _, n in after} != {1}, after  # put back: the check above can fail
+
+
+def test_collector_paused_restores_the_collector_and_freezes_on_request():
+    from explorer._process import collector_paused
+
+    assert gc.isenabled()
+    frozen = gc.get_freeze_count()
+    with collector_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    assert gc.get_freeze_count() == frozen
+    gc.disable()
+    try:
+        with collector_paused():
+            pass
+        assert not gc.isenabled()  # a collector that was off stays off
+    finally:
+        gc.enable()
+    try:
+        with collector_paused(freeze=True):
+            kept = [[]]  # noqa: F841  (an object made inside the block)
+        assert gc.get_freeze_count() > frozen
+    finally:
+        gc.unfreeze()
+
+
+def test_fit_command_freezes_its_modules_only_as_the_console_command(small_h5ad):
+    """The console fit takes its modules out of the collector's reach; a program importing the CLI not."""
+    out = small_h5ad.with_name("out_frozen.h5ad")
+    args = ["fit", str(small_h5ad), "--model", "dynamical", "--out", str(out), "--force", "--quiet"]
+    check = "import gc; print('FROZEN', gc.get_freeze_count(), gc.isenabled())"
+    for argv0, frozen in (("explorer", True), ("python", False)):
+        lines = [f"import sys; sys.argv = [{argv0!r}, *{args!r}]", "import explorer.cli", check]
+        command = [sys.executable, "-c", "\n".join(lines)]
+        run = subprocess.run(command, capture_output=True, text=True, check=False, cwd=PACKAGE.parent)
+        assert run.returncode == 0, run.stderr[-4000:]
+        count, enabled = run.stdout.split("FROZEN", 1)[1].split()
+        assert (int(count) > 0) is frozen, (argv0, count)
+        assert enabled == "True"

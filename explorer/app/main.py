@@ -284,25 +284,41 @@ class _Builder:
 
     def add(self, life: SessionLife, step: Callable[[], None], *, priority: int = 0) -> None:
         """Queue ``step`` for ``life``'s page (call on the event loop)."""
-        self._queues[priority].append((life, step))
-        self._kick()
+        self._queues[priority].append((life, step, None))
+        self._kick_soon()
 
     def add_page(self, life: SessionLife, steps: list[tuple[Callable[[], None], int]]) -> None:
         """Queue a page's ``(step, priority)`` parts (call on the event loop)."""
         for step, priority in steps:
-            self._queues[priority].append((life, step))
-        self._kick()
+            self._queues[priority].append((life, step, None))
+        self._kick_soon()
+
+    def _kick_soon(self) -> None:
+        """Start the next step now if no websocket message is in hand, else once none is.
+
+        Parts are queued while a message is handled (a page's "shown" message, a new
+        dataset): started at once, a step ran ahead of the clicks that came meanwhile.
+        """
+        from tornado.ioloop import IOLoop
+
+        if self._current is not None:
+            return  # the step under way starts the next one when it ends
+        if page_gate.quiet_in() == 0:
+            self._kick()
+        else:
+            IOLoop.current().spawn_callback(self._kick_when_quiet)
 
     def idle(self) -> bool:
         """Whether no part of any page is queued or under way."""
         return self._current is None and not any(self._queues)
 
-    def _next(self) -> tuple[SessionLife, Callable[[], None]] | None:
-        for queue in self._queues:
+    def _next(self) -> tuple[SessionLife, Callable[[], None], int, float] | None:
+        """Return the next step to build: its page, the step, its priority and when it was first due."""
+        for priority, queue in enumerate(self._queues):
             while queue:
-                life, step = queue.popleft()
+                life, step, since = queue.popleft()
                 if not life.closed.is_set():
-                    return life, step
+                    return life, step, priority, time.monotonic() if since is None else since
         return None
 
     def _kick(self) -> None:
@@ -310,18 +326,31 @@ class _Builder:
         from tornado.ioloop import IOLoop
 
         while self._current is None and (item := self._next()) is not None:
-            life, step = item
+            life, step, priority, since = item
             token = object()
             self._current = token
-            if life.next_tick(self._guarded(step), after=lambda token=token: self._done(token)):
+            run = self._when_free(life, step, priority, since)
+            if life.next_tick(run, after=lambda token=token: self._done(token)):
                 # a session destroyed before its step ran never runs it: go on after a while
                 IOLoop.current().call_later(_STEP_TIMEOUT_S, self._done, token)
             else:
                 self._current = None
 
-    @staticmethod
-    def _guarded(step: Callable[[], None]) -> Callable[[], None]:
+    def _when_free(
+        self, life: SessionLife, step: Callable[[], None], priority: int, since: float
+    ) -> Callable[[], None]:
+        """``step`` as the next-tick callback: put back at the head of its queue if a message came in first.
+
+        A step is scheduled for the next loop turn; a click's first frame that arrived in
+        between would otherwise wait for the whole step (0.3-1 s on a loaded machine). A
+        step first scheduled more than :data:`_GATE_MAX_WAIT_S` ago runs anyway, so a
+        page in constant use cannot hold the others' parts off for long.
+        """
+
         def run() -> None:
+            if page_gate.quiet_in() > 0 and time.monotonic() - since < _GATE_MAX_WAIT_S:
+                self._queues[priority].appendleft((life, step, since))
+                return
             try:
                 step()
             except Exception:  # noqa: BLE001 - a broken part must not stop other pages

@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 COLOR_LATENT_TIME = "latent time"
 COLOR_CONFIDENCE = "velocity confidence"
 COLOR_UNCERTAINTY = "velocity uncertainty"
+#: the posterior SD of the active fit's own latent time (VeloVAE's ``obs['latent_time_std']``)
+COLOR_TIME_SD = "latent time SD"
 COLOR_EXPRESSION = "gene: expression (Ms)"
 COLOR_VELOCITY = "gene: velocity"
 #: a vector field's divergence per cell (``obs['vf_divergence']``), offered when a fit holds one
@@ -57,6 +59,7 @@ CONTINUOUS_COLORINGS = (
     COLOR_LATENT_TIME,
     COLOR_CONFIDENCE,
     COLOR_UNCERTAINTY,
+    COLOR_TIME_SD,
     COLOR_EXPRESSION,
     COLOR_VELOCITY,
     *COLOR_RATES,
@@ -413,7 +416,8 @@ def cell_rate(fit: Fit | VelocityResult, layer: str, j: int) -> np.ndarray | Non
 def color_options(adata: AnnData, fits: Mapping[str, Fit], fates: Sequence[FateInfo] = ()) -> list[str]:
     """List what the cells can be coloured by: categorical obs columns, then the continuous colourings.
 
-    Uncertainty is offered when a fit shows one or the file holds one; per-cell rates when a
+    Uncertainty is offered when a fit shows one or the file holds one, the latent time's SD
+    when a fit has one (:func:`latent_time_sd`); per-cell rates when a
     fit shows them; a vector field's divergence when a fit has one; fate probabilities (and
     computed terminal states) for every terminal
     state in ``fates`` (the file's and those the session computed).
@@ -423,6 +427,8 @@ def color_options(adata: AnnData, fits: Mapping[str, Fit], fates: Sequence[FateI
     options += [COLOR_LATENT_TIME, COLOR_CONFIDENCE]
     if "uncertainty" in shows or Key.obs.VELOCITY_UNCERTAINTY in adata.obs:
         options.append(COLOR_UNCERTAINTY)
+    if any(latent_time_sd(f) is not None for f in fits.values()):
+        options.append(COLOR_TIME_SD)
     options += [COLOR_EXPRESSION, COLOR_VELOCITY]
     if "cell_rates" in shows:
         options += list(COLOR_RATES)
@@ -470,6 +476,8 @@ def coloring(
         values, why = confidence(adata, fit), "no velocity confidence: run a model"
     elif what == COLOR_UNCERTAINTY:
         values, why = uncertainty(adata, fit), "the active model reports no uncertainty"
+    elif what == COLOR_TIME_SD:
+        values, why = latent_time_sd(fit), "the active model reports no latent-time SD (VeloVAE does)"
     elif what == COLOR_EXPRESSION and j >= 0:
         values, why = (column if column is not None else gene_values(adata, "Ms", j)), ""
     elif what == COLOR_VELOCITY and j >= 0:

@@ -100,12 +100,28 @@ def _refuse_foreign_hosts(tornado_app: Any, hosts: frozenset[str]) -> None:
     router.rules.insert(0, router.rules.pop())
 
 
+def _mid_message(handler: Any) -> bool:
+    """Whether ``handler``'s websocket has received part of a Bokeh message and waits for the rest.
+
+    A Bokeh message is three websocket frames or more (header, metadata, content,
+    buffers), and Tornado hands each frame to ``on_message`` in its own event-loop turn.
+    """
+    from bokeh.protocol.receiver import Receiver
+
+    consumer = getattr(getattr(handler, "receiver", None), "_current_consumer", None)
+    return consumer is not None and getattr(consumer, "__func__", None) is not Receiver._HEADER  # noqa: SLF001
+
+
 def _pace_page_requests(tornado_app: Any) -> None:
     """Route page requests and websocket messages through the app's :class:`~explorer.app.main.PageGate`.
 
     Panel's page handler builds a session's document in the request; this makes each
     request wait for its turn, so that clicks on open pages are handled between the
-    requests of a burst instead of after all of them.
+    requests of a burst instead of after all of them. A message counts as in hand from
+    its first frame until its last one is handled: counted frame by frame, a click was
+    "handled" once its header frame was, and a page request or a build step (0.3-1 s on a
+    loaded machine) then ran before its content frame was read, each frame of the click
+    waiting for one (gene clicks on an open page waited up to 2.5 s in a burst of 8 pages).
     """
     from panel.io.server import DocHandler
     from tornado.websocket import WebSocketHandler
@@ -116,12 +132,25 @@ def _pace_page_requests(tornado_app: Any) -> None:
         if issubclass(handler, WebSocketHandler):
 
             class PacedMessages(handler):  # type: ignore[misc, valid-type]
+                #: a message's first fragment came and its last has not been handled yet
+                _explorer_in_hand = False
+
                 async def on_message(self, fragment: Any) -> None:
-                    page_gate.message_started()
+                    if not self._explorer_in_hand:
+                        self._explorer_in_hand = True
+                        page_gate.message_started()
                     try:
                         await super().on_message(fragment)
                     finally:
+                        if not _mid_message(self):
+                            self._explorer_in_hand = False
+                            page_gate.message_done()
+
+                def on_close(self) -> None:
+                    if self._explorer_in_hand:  # closed between two fragments of a message
+                        self._explorer_in_hand = False
                         page_gate.message_done()
+                    super().on_close()
 
             return PacedMessages
 

@@ -130,6 +130,30 @@ def _uns_safe(value: Any) -> Any:
     return str(value)
 
 
+#: the key of ``uns['velocity_params']`` that lists what :meth:`VelocityResult.to_adata` wrote
+FIT_KEYS = "fit_keys"
+
+
+def _drop_earlier_fit_keys(adata: AnnData, written: Mapping[str, list[str]]) -> None:
+    """Remove what an earlier explorer fit wrote into ``adata`` and this one does not rewrite.
+
+    Only keys listed in the earlier fit's ``uns['velocity_params']['fit_keys']`` go: an
+    earlier VeloVAE's ``obs['latent_time_std']`` would otherwise sit beside a later
+    dynamical fit's ``latent_time`` as if it were its SD. Columns the file had from
+    elsewhere (the user's, scVelo's) are kept.
+    """
+    earlier = adata.uns.get(Key.uns.VELOCITY_PARAMS, {})
+    earlier = earlier.get(FIT_KEYS) if isinstance(earlier, Mapping) else None
+    if not isinstance(earlier, Mapping):
+        return
+    for kind, where in (("layers", adata.layers), ("obsm", adata.obsm)):
+        for key in {str(k) for k in np.atleast_1d(earlier.get(kind, []))} - set(written[kind]):
+            where.pop(key, None)
+    for kind, frame in (("obs", adata.obs), ("var", adata.var)):
+        gone = sorted({str(k) for k in np.atleast_1d(earlier.get(kind, []))} - set(written[kind]))
+        frame.drop(columns=[c for c in gone if c in frame.columns], inplace=True)
+
+
 @dataclass(frozen=True, slots=True)
 class VelocityResult:
     """What a fit learned, aligned to the cells and genes it was fitted on.
@@ -231,6 +255,8 @@ class VelocityResult:
                 "Write it into the AnnData it was fitted on (or a copy of it)."
             )
             raise ValueError(msg)
+        written = self._written_keys()
+        _drop_earlier_fit_keys(adata, written)
         adata.layers[Key.layers.VELOCITY] = self.velocity
         if self.velocity_u is not None:
             adata.layers[Key.layers.VELOCITY_U] = self.velocity_u
@@ -258,8 +284,22 @@ class VelocityResult:
                 "params": self.params,
                 "seed": self.params.get("seed"),
                 "explorer_version": __version__,
+                FIT_KEYS: written,
             }
         )
+
+    def _written_keys(self) -> dict[str, list[str]]:
+        """Return the ``layers``, ``var``, ``obs`` and ``obsm`` keys :meth:`to_adata` writes for this fit."""
+        layers = [Key.layers.VELOCITY]
+        layers += [Key.layers.VELOCITY_U] if self.velocity_u is not None else []
+        obs = [Key.obs.LATENT_TIME] if self.latent_time is not None else []
+        obs += [Key.obs.VELOCITY_UNCERTAINTY] if self.uncertainty is not None else []
+        return {
+            "layers": layers + [k for k in self.layers if k not in layers],
+            "var": [*self.gene_params.columns, Key.var.VELOCITY_GENES],
+            "obs": obs + [str(c) for c in (() if self.obs is None else self.obs.columns) if c not in obs],
+            "obsm": list(self.obsm or {}),
+        }
 
     @classmethod
     def from_adata(cls, adata: AnnData, *, model: str | None = None) -> VelocityResult:

@@ -105,6 +105,74 @@ def test_a_gene_column_is_read_straight_from_the_store(atlas_dir, app_adata, mon
 
 @pytest.mark.e2e
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (.ci/setup installs it)")
+@pytest.mark.parametrize("n_categories", [1, 2, 3, 4, 5, 6])
+def test_an_atlas_image_is_datashaders_for_any_number_of_clusters(n_categories):
+    """Above the datashader threshold the cells are images: plots.shade_filled gives tf.shade's, bit for bit.
+
+    Its empty-pixel test reads two clusters' counts at once (one 64-bit word) when their
+    number is even, one at a time when it is odd; both must find the same pixels.
+    """
+    import datashader as ds
+    import datashader.transfer_functions as tf
+    import pandas as pd
+
+    from explorer.app import plots
+
+    rng = np.random.default_rng(n_categories)
+    n = 4_000
+    x = rng.normal(size=n).astype(np.float32)
+    y = (x**2 + rng.normal(scale=0.05, size=n)).astype(np.float32)  # a thin arc: most pixels empty
+    cats = [f"c{k}" for k in range(n_categories)]
+    codes = rng.integers(0, n_categories, n)
+    codes[x > 1.5] = n_categories - 1  # a stretch of pixels holding the last cluster only
+    frame = pd.DataFrame({"x": x, "y": y, "c": pd.Categorical.from_codes(codes, cats)})
+    key = [f"#{rng.integers(0, 2**24):06x}" for _ in cats]
+    for size in (120, 7):  # sparse, full
+        canvas = ds.Canvas(plot_width=size, plot_height=size + 3, x_range=(-3.0, 3.0), y_range=(-0.5, 9.0))
+        agg = canvas.points(frame, "x", "y", agg=ds.count_cat("c"))
+        expected = tf.shade(agg, color_key=key, min_alpha=200)
+        found = plots.shade_filled(agg, color_key=key, min_alpha=200)
+        np.testing.assert_array_equal(found.data, expected.data)
+
+
+def test_a_colouring_by_the_gene_spans_its_finite_values_and_keeps_the_colour_bars_palette(monkeypatch):
+    """A click coloured by the gene asks each plot's colour range and bar again (10^6 values at atlas scale).
+
+    The range is the finite values' (NaN and inf skipped; symmetric around 0 for a diverging
+    map), whatever the values' dtype; the colour bar gets the new range, and keeps its
+    palette when the map did not change (Bokeh validates every colour of a palette it is given).
+    """
+    from bokeh.plotting import figure
+
+    from explorer.app import plots
+    from explorer.app.readouts import Coloring
+
+    values = np.array([0.5, np.nan, -2.0, np.inf, 3.0, -np.inf], dtype=np.float32)
+    assert plots.value_range(Coloring("continuous", values, "Ms")) == (-2.0, 3.0)
+    assert plots.value_range(Coloring("continuous", values, "velocity", diverging=True)) == (-3.0, 3.0)
+    assert plots.value_range(Coloring("continuous", values[:2], "Ms")) == (0.5, 0.5)
+    assert plots.value_range(Coloring("continuous", np.array([np.nan, np.inf]), "Ms")) == (0.0, 1.0)
+    assert plots.value_range(Coloring("continuous", np.empty(0), "Ms")) == (0.0, 1.0)
+    counts = Coloring("continuous", np.array([3, -7]), "count", diverging=True)
+    assert plots.value_range(counts) == (-7.0, 7.0)
+    assert all(type(v) is float for v in plots.value_range(Coloring("continuous", values, "Ms")))
+
+    fig = figure()
+    bar = plots.sync_colorbar(fig, Coloring("continuous", values, "gene A"))
+    mapper_type = type(bar.color_mapper)
+    given: list[set[str]] = []
+    update = mapper_type.update
+    monkeypatch.setattr(mapper_type, "update", lambda self, **kw: (given.append(set(kw)), update(self, **kw)))
+    assert plots.sync_colorbar(fig, Coloring("continuous", np.array([1.0, 9.0]), "gene B")) is bar
+    assert (bar.color_mapper.low, bar.color_mapper.high) == (1.0, 9.0)
+    assert given == [{"low", "high"}]  # the same map: its palette is not given again
+    plots.sync_colorbar(fig, Coloring("continuous", np.array([1.0, 9.0]), "gene C"))
+    assert given == [{"low", "high"}]  # nothing changed: nothing set
+    plots.sync_colorbar(fig, Coloring("continuous", np.array([-1.0, 9.0]), "velocity", diverging=True))
+    assert given[-1] == {"palette", "low"} and (bar.color_mapper.low, bar.color_mapper.high) == (-9.0, 9.0)
+    assert bar.color_mapper.palette == list(plots._cmap_colors(plots.DIVERGING_CMAP))
+
+
 def test_the_browser_opens_a_chunked_store(atlas_dir):
     from playwright.sync_api import expect, sync_playwright
 

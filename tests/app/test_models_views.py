@@ -127,6 +127,10 @@ def test_rates_intervals_reconstruction_walks_fates_and_metrics(app):
     state.select_cell(10)
     t = state.latent_time()[10]
     assert f"{t - 1.6449 * 0.05:.3f}–{t + 1.6449 * 0.05:.3f}" in views["inspector"].summary.object
+    # ... and the embedding coloured by that SD
+    assert readouts.COLOR_TIME_SD in state.param.color_by.objects
+    state.color_by = readouts.COLOR_TIME_SD
+    np.testing.assert_allclose(views["embedding"].scatter.base.last.dimension_values("value"), 0.05)
 
     # held-out reconstruction, A (shrink 0.9) against B (shrink 0.8), on the cells both held out
     assert state.run_model(TOY, shrink=0.8).join(120), state.error

@@ -523,6 +523,17 @@ def test_latent_time_interval_from_the_posterior_sd(toy_adata):
     # a model without its own latent time has no SD to show, even if a column says so
     assert readouts.latent_time_sd(_fit(_result("deepvelo", toy_adata, obs=obs))) is None
     assert readouts.cell_info(toy_adata, timed, 2, n_targets=3, t=t).latent_time_interval() is None
+    # the SD colours the cells when the active fit has one, and is offered only then
+    assert readouts.COLOR_TIME_SD in readouts.color_options(toy_adata, {"vae": timed})
+    dynamical = _fit(_result("dynamical", toy_adata, latent_time=t))
+    assert readouts.COLOR_TIME_SD not in readouts.color_options(toy_adata, {"dyn": dynamical})
+    shown = readouts.coloring(toy_adata, readouts.COLOR_TIME_SD, fit=timed)
+    assert (shown.kind, shown.label) == ("continuous", readouts.COLOR_TIME_SD)
+    np.testing.assert_allclose(shown.values, 0.1)
+    untimed = _fit(_result("deepvelo", toy_adata, obs=obs))
+    nothing = readouts.coloring(toy_adata, readouts.COLOR_TIME_SD, fit=untimed)
+    assert nothing.kind == "none"
+    assert nothing.label == "the active model reports no latent-time SD (VeloVAE does)"
 
 
 def test_held_out_reconstruction_of_two_fits_by_hand(toy_adata):

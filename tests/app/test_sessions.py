@@ -304,6 +304,146 @@ def test_a_busy_page_holds_new_pages_off_only_for_a_while(monkeypatch):
     assert 0.35 <= waited < 2.0, waited
 
 
+def test_a_message_is_in_hand_from_its_first_frame_to_its_last(monkeypatch):
+    """Tornado hands each websocket frame of a Bokeh message to the handler in its own loop turn.
+
+    Counted frame by frame, a click's header frame ended its "message" and a page request
+    or a build step ran before its content frame was read.
+    """
+    from types import SimpleNamespace
+
+    from bokeh.protocol import Protocol
+    from bokeh.protocol.receiver import Receiver
+    from bokeh.server.views.ws import WSHandler
+    from tornado.web import Application
+
+    from explorer.app import main
+    from explorer.app.server import _pace_page_requests
+
+    gate = main.PageGate()
+    monkeypatch.setattr(main, "page_gate", gate)
+    app = Application([(r"/ws", WSHandler)])
+    _pace_page_requests(app)
+    paced = next(rule.target for rule in app.wildcard_router.rules if isinstance(rule.target, type))
+    assert issubclass(paced, WSHandler)
+    assert paced is not WSHandler
+
+    handled = []
+
+    async def handle(message, _connection):
+        handled.append(message.msgtype)
+
+    socket = object.__new__(paced)  # no connection needed: the frames are fed by hand
+    socket.receiver = Receiver(Protocol())
+    socket.handler = SimpleNamespace(handle=handle)
+    socket.connection = None
+    socket.close_code = socket.close_reason = None
+    message = Protocol().create("PULL-DOC-REQ")
+
+    async def scenario():
+        in_hand = []
+        for frame in (message.header_json, message.metadata_json, message.content_json):
+            await socket.on_message(frame)
+            in_hand.append(gate._busy)
+        assert in_hand == [1, 1, 0]
+        assert handled == ["PULL-DOC-REQ"]
+        assert gate.quiet_in() > 0  # and a page request still waits a quiet moment after it
+        # a tab closed between two frames of a message does not leave the gate busy
+        await socket.on_message(message.header_json)
+        assert gate._busy == 1
+        socket.on_close()
+        assert gate._busy == 0
+
+    _run(scenario())
+
+
+def test_parts_queued_while_a_message_is_in_hand_wait_for_it(monkeypatch):
+    """A page's parts are queued while its "shown" message is handled: not started before the clicks."""
+    import asyncio
+
+    from explorer.app import main
+
+    gate = main.PageGate()
+    monkeypatch.setattr(main, "page_gate", gate)
+    builder = main._Builder()
+    ran: list[float] = []
+
+    class Life:
+        closed = threading.Event()
+
+        def next_tick(self, fn, *, after=None):
+            def run():
+                fn()
+                after()
+
+            asyncio.get_running_loop().call_soon(run)
+            return True
+
+    async def scenario():
+        gate.message_started()
+        builder.add_page(Life(), [(lambda: ran.append(time.monotonic()), 0)])
+        await asyncio.sleep(0.3)
+        assert ran == []
+        gate.message_done()
+        done_at = time.monotonic()
+        await asyncio.sleep(main._GATE_QUIET_S + 0.3)
+        assert len(ran) == 1
+        assert ran[0] - done_at >= 0.9 * main._GATE_QUIET_S
+        # with nothing in hand a part starts at once
+        gate._quiet_since -= 1
+        builder.add(Life(), lambda: ran.append(time.monotonic()))
+        await asyncio.sleep(0.05)
+        assert len(ran) == 2
+
+    _run(scenario())
+
+
+def test_a_step_due_when_a_click_comes_in_waits_for_the_click(monkeypatch):
+    """A step due on the next loop turn is put back when a message arrives first, for a while at most."""
+    import asyncio
+
+    from explorer.app import main
+
+    monkeypatch.setattr(main, "_GATE_MAX_WAIT_S", 0.5)
+    gate = main.PageGate()
+    monkeypatch.setattr(main, "page_gate", gate)
+    builder = main._Builder()
+    ran: list[str] = []
+
+    class Life:
+        closed = threading.Event()
+
+        def next_tick(self, fn, *, after=None):
+            def run():
+                fn()
+                after()
+
+            asyncio.get_running_loop().call_soon(run)
+            return True
+
+    async def scenario():
+        gate._quiet_since -= 1
+        builder.add(Life(), lambda: ran.append("a"))  # scheduled for the next loop turn
+        gate.message_started()  # a click's first frame comes in before it runs
+        await asyncio.sleep(0.2)
+        assert ran == []
+        assert not builder.idle()
+        gate.message_done()
+        await asyncio.sleep(main._GATE_QUIET_S + 0.2)
+        assert ran == ["a"]
+        # a page in constant use holds a step off only until it was due that long ago
+        gate._quiet_since -= 1
+        builder.add(Life(), lambda: ran.append("b"))
+        gate.message_started()  # never ends
+        start = time.monotonic()
+        while ran != ["a", "b"] and time.monotonic() - start < 5:
+            await asyncio.sleep(0.05)
+        assert ran == ["a", "b"]
+        assert 0.4 <= time.monotonic() - start < 2.5
+
+    _run(scenario())
+
+
 def test_a_page_is_built_whole_only_when_no_open_page_is_in_use(monkeypatch):
     """A whole build holds the server for 1-2 s under load: not while someone clicks."""
     from types import SimpleNamespace

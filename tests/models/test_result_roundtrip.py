@@ -94,3 +94,36 @@ def test_shipped_sample_holds_its_stochastic_fit(sample_adata):
     assert stored.model == "stochastic"
     np.testing.assert_allclose(stored.velocity, fresh.velocity, rtol=1e-6, atol=1e-7)
     np.testing.assert_array_equal(stored.velocity_genes, fresh.velocity_genes)
+
+
+def test_a_later_fit_removes_what_the_earlier_fit_wrote_and_nothing_else(sample_adata, tmp_path):
+    import anndata as ad
+
+    from explorer.models.dynamical import Dynamical
+
+    adata = _strip_fit(sample_adata)
+    adata.obs["my_score"] = np.arange(adata.n_obs, dtype=float)  # the user's own columns stay
+    adata.var["fit_note"] = "mine"  # a fit-looking name no fit wrote: kept too
+    dynamical = Dynamical(seed=0, max_iter=3).fit(adata)
+    dynamical.to_adata(adata)
+    assert {Key.obs.LATENT_TIME, Key.obs.ROOT_CELLS} <= set(adata.obs.columns)
+    assert Key.layers.FIT_T in adata.layers
+    assert Key.var.FIT_ALPHA in adata.var
+    path = tmp_path / "dyn.h5ad"
+    adata.write_h5ad(path)  # the record of what was written survives the file
+    adata = ad.read_h5ad(path)
+
+    stochastic = Stochastic(seed=0).fit(adata)
+    stochastic.to_adata(adata)
+    # the dynamical model's time, its per-cell fit and its rates no longer pose as the stochastic fit's
+    assert Key.obs.LATENT_TIME not in adata.obs
+    assert Key.obs.ROOT_CELLS not in adata.obs
+    assert Key.layers.FIT_T not in adata.layers
+    assert not {Key.var.FIT_ALPHA, Key.var.FIT_T_, Key.var.FIT_LIKELIHOOD} & set(adata.var.columns)
+    assert set(stochastic.gene_params.columns) <= set(adata.var.columns)
+    np.testing.assert_array_equal(adata.obs["my_score"], np.arange(adata.n_obs))
+    assert (adata.var["fit_note"] == "mine").all()
+    back = VelocityResult.from_adata(adata)
+    assert back.model == "stochastic"
+    assert back.latent_time is None
+    assert back.layers == {}
