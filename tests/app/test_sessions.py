@@ -357,6 +357,22 @@ def test_a_message_is_in_hand_from_its_first_frame_to_its_last(monkeypatch):
     _run(scenario())
 
 
+class _LoopLife:
+    """A page's life whose next tick is the running asyncio loop's next turn (never closed)."""
+
+    closed = threading.Event()
+
+    def next_tick(self, fn, *, after=None):
+        import asyncio
+
+        def run():
+            fn()
+            after()
+
+        asyncio.get_running_loop().call_soon(run)
+        return True
+
+
 def test_parts_queued_while_a_message_is_in_hand_wait_for_it(monkeypatch):
     """A page's parts are queued while its "shown" message is handled: not started before the clicks."""
     import asyncio
@@ -368,20 +384,9 @@ def test_parts_queued_while_a_message_is_in_hand_wait_for_it(monkeypatch):
     builder = main._Builder()
     ran: list[float] = []
 
-    class Life:
-        closed = threading.Event()
-
-        def next_tick(self, fn, *, after=None):
-            def run():
-                fn()
-                after()
-
-            asyncio.get_running_loop().call_soon(run)
-            return True
-
     async def scenario():
         gate.message_started()
-        builder.add_page(Life(), [(lambda: ran.append(time.monotonic()), 0)])
+        builder.add_page(_LoopLife(), [(lambda: ran.append(time.monotonic()), 0)])
         await asyncio.sleep(0.3)
         assert ran == []
         gate.message_done()
@@ -391,7 +396,7 @@ def test_parts_queued_while_a_message_is_in_hand_wait_for_it(monkeypatch):
         assert ran[0] - done_at >= 0.9 * main._GATE_QUIET_S
         # with nothing in hand a part starts at once
         gate._quiet_since -= 1
-        builder.add(Life(), lambda: ran.append(time.monotonic()))
+        builder.add(_LoopLife(), lambda: ran.append(time.monotonic()))
         await asyncio.sleep(0.05)
         assert len(ran) == 2
 
@@ -410,20 +415,9 @@ def test_a_step_due_when_a_click_comes_in_waits_for_the_click(monkeypatch):
     builder = main._Builder()
     ran: list[str] = []
 
-    class Life:
-        closed = threading.Event()
-
-        def next_tick(self, fn, *, after=None):
-            def run():
-                fn()
-                after()
-
-            asyncio.get_running_loop().call_soon(run)
-            return True
-
     async def scenario():
         gate._quiet_since -= 1
-        builder.add(Life(), lambda: ran.append("a"))  # scheduled for the next loop turn
+        builder.add(_LoopLife(), lambda: ran.append("a"))  # scheduled for the next loop turn
         gate.message_started()  # a click's first frame comes in before it runs
         await asyncio.sleep(0.2)
         assert ran == []
@@ -433,7 +427,7 @@ def test_a_step_due_when_a_click_comes_in_waits_for_the_click(monkeypatch):
         assert ran == ["a"]
         # a page in constant use holds a step off only until it was due that long ago
         gate._quiet_since -= 1
-        builder.add(Life(), lambda: ran.append("b"))
+        builder.add(_LoopLife(), lambda: ran.append("b"))
         gate.message_started()  # never ends
         start = time.monotonic()
         while ran != ["a", "b"] and time.monotonic() - start < 5:
