@@ -284,7 +284,7 @@ class VelocityResult:
                 "params": self.params,
                 "seed": self.params.get("seed"),
                 "explorer_version": __version__,
-                FIT_KEYS: written,
+                FIT_KEYS: {kind: np.asarray(keys, dtype=str) for kind, keys in written.items()},
             }
         )
 
