@@ -9,7 +9,6 @@ cannot reach it through DNS rebinding (its requests carry that site's host name)
 from __future__ import annotations
 
 import errno
-import gc
 import logging
 import os
 import socket
@@ -333,14 +332,6 @@ def serve(
     _import_styler_without_pyplot()
     # Load (and preprocess) once before the first page: a bad file fails here, with the CLI's message.
     prepare_dataset(name, folder)
-    if start:
-        # What lives as long as the server (modules, the dataset and what every page shares)
-        # is taken out of the garbage collector's reach: at 10^6 cells its full collections
-        # went over it every ~7 s, 0.1-0.4 s each, holding whatever click came then. Only
-        # when this process is the server (``start``), and before any session exists: a
-        # frozen session would never be freed. Before the workers fork, as Python advises.
-        gc.collect()
-        gc.freeze()
     logger.info("serving explorer on %s port %s (data directory %s)", address, port, folder)
     origins = [f"localhost:{port}", f"127.0.0.1:{port}", *(allow_websocket_origin or [])]
     try:
