@@ -75,18 +75,15 @@ def value_range(coloring: Coloring) -> tuple[float, float]:
     A gene click coloured by the gene asks for it once or twice per plot (the image's span,
     the colour bar) over 10^6 values: the values' own minimum and maximum are read first
     (no float64 copy, no copy of the finite values), and only values with NaN or inf in
-    them are filtered, as :func:`_shade_range` does.
+    them are filtered (:func:`_finite_min_max`).
     """
     values = np.asarray(coloring.values)
     if values.dtype.kind != "f":
         values = values.astype(np.float64)
-    low, high = (values.min(), values.max()) if values.size else (np.nan, np.nan)
-    if not np.isfinite([low, high]).all():
-        finite = values[np.isfinite(values)]
-        if finite.size == 0:
-            return 0.0, 1.0
-        low, high = finite.min(), finite.max()
-    low, high = float(low), float(high)
+    span = _finite_min_max(values)
+    if span is None:
+        return 0.0, 1.0
+    low, high = span
     if cmap_for(coloring) == DIVERGING_CMAP:
         lim = max(abs(low), abs(high)) or 1.0
         return -lim, lim
@@ -241,14 +238,23 @@ def points(
     )
 
 
-def _shade_range(values: np.ndarray, lo: float | None, hi: float | None) -> tuple[float, float]:
+def _finite_min_max(values: np.ndarray) -> tuple[float, float] | None:
+    """Return the finite values' minimum and maximum, or None without any finite value."""
     # finite min and max mean no NaN or inf anywhere: no copy of the finite values needed
     low, high = (float(values.min()), float(values.max())) if values.size else (np.nan, np.nan)
     if not np.isfinite([low, high]).all():
         finite = values[np.isfinite(values)]
         if finite.size == 0:
-            return 0.0, 1.0
+            return None
         low, high = float(finite.min()), float(finite.max())
+    return low, high
+
+
+def _shade_range(values: np.ndarray, lo: float | None, hi: float | None) -> tuple[float, float]:
+    span = _finite_min_max(values)
+    if span is None:
+        return 0.0, 1.0
+    low, high = span
     lo = low if lo is None else lo
     hi = high if hi is None else hi
     pad = (hi - lo) * 0.02 or 0.5
