@@ -156,3 +156,74 @@ def test_fit_command_starts_without_the_preprocessing_libraries():
     loaded = set(json.loads(out.stdout.strip().splitlines()[-1]))
     assert "anndata" in loaded  # the check sees what the CLI loads
     assert not loaded & {"scanpy", "sklearn", "pynndescent", "umap", "matplotlib", "torch"}
+
+
+@pytest.mark.parametrize("early", [True, False], ids=["beside the fit", "after the fit"])
+def test_run_velocity_derives_beside_the_dynamical_fit(sample_adata, monkeypatch, early):
+    """The dynamical model hands its velocities over before its latent time and onsets:
+    derive then runs in a second thread (only where compiled kernels may run in two threads
+    at once), the arrays it makes go to ``on_arrays`` as soon as they exist, and the AnnData
+    ends up as with derive after the fit."""
+    import os
+    import sys
+    import threading
+
+    import explorer.pipeline as pipeline
+    from explorer.models.dynamical import Dynamical
+
+    monkeypatch.setattr(pipeline, "_kernels_thread_safe", lambda: early)
+    threads, handed, nice = [], [], []
+    plain_derive = pipeline.derive
+    main_nice = os.getpriority(os.PRIO_PROCESS, 0)
+
+    def recording_derive(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        if sys.platform.startswith("linux"):  # per-thread nice values
+            nice.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return plain_derive(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "derive", recording_derive)
+    params = {"max_iter": 3}
+    adata = sample_adata.copy()
+
+    def on_arrays(a):
+        slots = ("layers", "obsp", "obsm")
+        handed.append({(slot, key): value for slot in slots for key, value in getattr(a, slot).items()})
+
+    run_velocity(adata, model="dynamical", seed=0, model_params=params, on_arrays=on_arrays)
+    assert len(threads) == 1
+    assert threads[0].startswith("explorer-derive") if early else threads[0] == threading.main_thread().name
+    # beside the fit, derive yields the cores to the fit's threads (Linux); this thread keeps its nice value
+    assert os.getpriority(os.PRIO_PROCESS, 0) == main_nice
+    if nice:
+        assert nice[0] == (min(19, main_nice + pipeline._DERIVE_NICENESS) if early else main_nice)
+    # the whole AnnData before and after the fit; with derive beside the fit, light ones
+    # in between, whose arrays are the very ones the AnnData holds at the end
+    light = [arrays for arrays in handed if ("layers", Key.layers.MS) not in arrays]
+    assert len(handed) == 2 + len(light)
+    early_keys = set()
+    for arrays in light:
+        for (slot, key), value in arrays.items():
+            early_keys.add((slot, key))
+            assert getattr(adata, slot)[key] is value, (slot, key)
+    written = {
+        ("obsp", Key.obsp.VELOCITY_GRAPH),
+        ("obsp", Key.obsp.TRANSITIONS),
+        ("layers", Key.layers.VELOCITY),
+    }
+    assert written <= early_keys if early else not light
+
+    monkeypatch.setattr(pipeline, "derive", plain_derive)
+    reference = sample_adata.copy()
+    model = Dynamical(seed=0, **params)
+    result = model.fit(reference)
+    derived = plain_derive(reference, result, basis="umap", velocity_graph=model.velocity_graph_)
+    result.to_adata(reference)
+    derived.to_adata(reference)
+    for key in (Key.obsp.VELOCITY_GRAPH, Key.obsp.VELOCITY_GRAPH_NEG, Key.obsp.TRANSITIONS):
+        assert _same_sparse(adata.obsp[key], reference.obsp[key]), key
+    np.testing.assert_array_equal(adata.obsm["velocity_umap"], reference.obsm["velocity_umap"])
+    assert list(adata.obs.columns) == list(reference.obs.columns)
+    for col in reference.obs.columns:
+        np.testing.assert_array_equal(adata.obs[col].to_numpy(), reference.obs[col].to_numpy(), err_msg=col)
+    assert list(adata.var.columns) == list(reference.var.columns)

@@ -85,6 +85,53 @@ def use_canvas_rendering() -> None:
     hv.renderer("bokeh").webgl = False
 
 
+#: Bokeh property defaults that are the same immutable value for every instance of a class
+#: without a theme: ``(class, property name) -> value`` (see :func:`cache_bokeh_defaults`)
+_BOKEH_DEFAULTS: dict[tuple[type, str], Any] = {}
+
+_IMMUTABLE_DEFAULT = (type(None), bool, int, float, str)
+
+
+def cache_bokeh_defaults() -> None:
+    """Compute each Bokeh property's plain default once per model class, not at every read.
+
+    Bokeh works a property's default out again each time an unset property is read
+    (``PropertyDescriptor._get_default``: the class's overridden defaults merged over
+    its MRO, then the value validated), and reading unset properties is most of what
+    building and serialising a page does: every model's every property is read when it
+    is sent. In an 8-page burst that was about a quarter of the server's CPU (cProfile of
+    the served process). Cached here: defaults that are not themed for the instance,
+    not made fresh per instance (Bokeh's "unstable" defaults: lists, models, functions,
+    which it already keeps per instance), and immutable (None, bool, number, string), so
+    every instance gets the value it would have got. Idempotent.
+    """
+    from bokeh.core.property.descriptors import PropertyDescriptor
+
+    original = getattr(PropertyDescriptor, "_get_default", None)
+    if original is None or not hasattr(PropertyDescriptor, "has_unstable_default"):
+        logger.debug("Bokeh's PropertyDescriptor has changed: its defaults are not cached")
+        return  # a Bokeh whose internals differ: every default computed as Bokeh does
+    if getattr(original, "_explorer_cached", False):
+        return
+
+    def _get_default(self: PropertyDescriptor, obj: Any) -> Any:
+        themed = obj.themed_values()
+        if themed is not None and self.name in themed:
+            return original(self, obj)
+        key = (obj.__class__, self.name)
+        try:
+            return _BOKEH_DEFAULTS[key]
+        except KeyError:
+            pass
+        value = original(self, obj)
+        if type(value) in _IMMUTABLE_DEFAULT and not self.has_unstable_default(obj):
+            _BOKEH_DEFAULTS[key] = value
+        return value
+
+    _get_default._explorer_cached = True  # type: ignore[attr-defined]
+    PropertyDescriptor._get_default = _get_default  # type: ignore[method-assign]
+
+
 def configure_process(*, background: bool = True, import_torch: bool = True) -> None:
     """Process-wide set-up for serving: import torch and give it one thread.
 
@@ -96,10 +143,12 @@ def configure_process(*, background: bool = True, import_torch: bool = True) -> 
     It then waits until the pages are idle (:func:`_pages_idle`; at most
     ``_TORCH_IMPORT_IDLE_MAX_S``): imported while a user clicked, it held that click
     (0.8 s for a gene of 10^6 cells).
-    Plots are drawn on a canvas (:func:`use_canvas_rendering`). Without
+    Plots are drawn on a canvas (:func:`use_canvas_rendering`), and Bokeh's plain
+    property defaults are computed once per class (:func:`cache_bokeh_defaults`). Without
     ``import_torch`` torch is only marked for one thread, and imported at the first fit.
     """
     use_canvas_rendering()
+    cache_bokeh_defaults()
     if not import_torch:
         configure_torch(now=False)
         return

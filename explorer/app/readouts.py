@@ -33,7 +33,7 @@ from explorer.keys import Key
 from explorer.models import MODELS
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Callable, Mapping, Sequence
 
     from explorer.app.jobs import Fit
     from explorer.models.base import VelocityResult
@@ -639,6 +639,7 @@ def phase_fits(
     j: int,
     active: str | None,
     lineages: Mapping[str, Lineages | None] | None = None,
+    fit_t: Callable[[Fit], np.ndarray] | None = None,
 ) -> list[PhaseFit]:
     """For each fit, what the phase portrait draws for gene ``j`` (``ms``, ``mu``: its cells' values).
 
@@ -651,7 +652,8 @@ def phase_fits(
     ``"cell_points"`` gets its cells' predicted ``(s, u)`` (:func:`cell_points`), one that
     shows ``"cell_rates"`` each sampled cell's own velocity (:func:`cell_arrows`); one
     with lineages in ``lineages`` (label -> :func:`lineages`) a curve per lineage
-    (:func:`lineage_curves`).
+    (:func:`lineage_curves`). ``fit_t``: returns a fit's ``fit_t`` column of gene ``j`` as
+    stored (a caller that keeps the column read, so a store's column is read once a click).
     """
     s_max = float(np.nanmax(ms)) if np.isfinite(ms).any() else 1.0
     u_max = float(np.nanmax(mu)) if np.isfinite(mu).any() else 1.0
@@ -678,8 +680,9 @@ def phase_fits(
         if gene is not None:
             # u = (gamma / beta) s for the model's u = Mu / scaling: Mu = scaling gamma / beta s
             slope = gene.scaling * gene.gamma / gene.beta
-            fit_t = dense_column(fit.result.layers[Key.layers.FIT_T], j)
-            s, u = gene.phase_curve(float(np.nanmax(fit_t)) if np.isfinite(fit_t).any() else np.nan)
+            column = fit_t(fit) if fit_t is not None else read_column(fit.result.layers[Key.layers.FIT_T], j)
+            times = np.asarray(column, dtype=np.float32)
+            s, u = gene.phase_curve(float(np.nanmax(times)) if np.isfinite(times).any() else np.nan)
         out.append(
             PhaseFit(
                 label=label,
@@ -698,14 +701,19 @@ def phase_fits(
 
 
 def fitted_at_cells(
-    fit: Fit | VelocityResult | None, j: int, cells: np.ndarray | None = None
+    fit: Fit | VelocityResult | None,
+    j: int,
+    cells: np.ndarray | None = None,
+    *,
+    fit_t: Callable[[Fit | VelocityResult], np.ndarray] | None = None,
 ) -> dict[str, np.ndarray] | None:
     """``{"Ms", "Mu"[, "velocity"]}``: values of gene ``j`` that ``fit`` predicts per cell, or None.
 
     A fit that shows ``"curve"``: the fitted ``s``/``u``/velocity at each cell's gene time
     (as the phase portrait), from one evaluation of the curve; one that shows
     ``"cell_points"``: its predicted ``s``/``u`` (no predicted velocity). ``cells``: only
-    these cells (indices), in their order; default all ``(n_obs,)``.
+    these cells (indices), in their order; default all ``(n_obs,)``. ``fit_t``: returns ``fit``'s
+    ``fit_t`` column of gene ``j`` (all cells; a caller that keeps the column read).
     """
     if fit is None:
         return None
@@ -714,7 +722,10 @@ def fitted_at_cells(
 
     def column(layer: str) -> np.ndarray:
         # the cells picked first, then converted: a tenth of the copy at 10^6 cells
-        values = read_column(result.layers[layer], j)
+        if layer == Key.layers.FIT_T and fit_t is not None:
+            values = fit_t(fit)
+        else:
+            values = read_column(result.layers[layer], j)
         return np.ascontiguousarray(values if cells is None else values[cells], dtype=np.float64)
 
     if "curve" in shows:

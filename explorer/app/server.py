@@ -324,6 +324,7 @@ def serve(
     # Panel and the app are imported only now: a busy port or a bad path fails in a second
     import panel as pn
 
+    from explorer.app.collector import collect_when_idle
     from explorer.app.main import TITLE, configure_process, create_app, prepare_dataset
 
     # several processes fork from this one: no background thread before the fork (each
@@ -356,6 +357,9 @@ def serve(
     if hosts is not None:
         _refuse_foreign_hosts(server._tornado, hosts)  # noqa: SLF001
     if start:
+        # this process is the server from now on: its long-lived objects frozen, full
+        # garbage collections while it is idle (explorer.app.collector); before any session
+        collect_when_idle(server.io_loop)
         server.start()
         server.io_loop.start()
     return server

@@ -56,7 +56,7 @@ from explorer.app.readouts import (
     Coloring,
     PhaseFit,
 )
-from explorer.data.io import write
+from explorer.data.io import read_column, write
 from explorer.graph.transition import random_walks
 from explorer.keys import Key
 from explorer.models import MODELS
@@ -838,8 +838,14 @@ class ExplorerState(param.Parameterized):
                 j=self.gene_index,
                 active=self.model,
                 lineages={label: self.lineages(fit) for label, fit in self.results.items()},
+                fit_t=lambda fit: self._fit_t(fit, self.gene_index),
             ),
         )
+
+    def _fit_t(self, fit: Fit, j: int) -> np.ndarray:
+        """Gene ``j``'s ``fit_t`` under ``fit`` as stored (read once a click: phase curve, time curves)."""
+        layer = fit.result.layers[Key.layers.FIT_T]
+        return self._remember(("fit_t", fit.key, j), lambda: read_column(layer, j))
 
     def lineages(self, fit: Fit | None = None) -> readouts.Lineages | None:
         """Lineages of ``fit``'s (default: active) cells by cell state (:func:`readouts.lineages`), or None."""
@@ -955,7 +961,10 @@ class ExplorerState(param.Parameterized):
         at_cells = (
             None
             if fit is None
-            else self._remember(("fitted", fit.key, j), lambda: readouts.fitted_at_cells(fit, j, cells))
+            else self._remember(
+                ("fitted", fit.key, j),
+                lambda: readouts.fitted_at_cells(fit, j, cells, fit_t=lambda fit: self._fit_t(fit, j)),
+            )
         )
         fitted = None if at_cells is None else at_cells.get(what)
         observed = None

@@ -474,6 +474,8 @@ class H5adWriter:
         self._error: BaseException | None = None
         #: (slot, key) -> the array handed to the thread; ("X", "") for X
         self._early: dict[tuple[str, str], object] = {}
+        #: add() may be called from the fit's threads (explorer.pipeline.run_velocity)
+        self._lock = threading.Lock()
 
     def __enter__(self) -> H5adWriter:
         return self
@@ -486,18 +488,21 @@ class H5adWriter:
 
         Arrays of ``X``, ``layers``, ``obsm``, ``obsp``, ``varm`` and ``varp`` that are
         numpy arrays or scipy sparse matrices; a key already handed over is skipped (even
-        if its array was replaced since: :meth:`finish` rewrites it).
+        if its array was replaced since: :meth:`finish` rewrites it). ``adata`` may also be
+        a light AnnData holding some of the arrays the written one will hold (the same
+        objects); safe to call from several threads.
         """
-        if self._thread is None:
-            self._tmp = _temporary_beside(self.path.resolve(), ".h5ad")
-            self._thread = threading.Thread(target=self._write_queued, name="explorer-h5ad", daemon=True)
-            self._thread.start()
         items = [("X", "", adata.X)]
         items += [(slot, key, value) for slot in _ARRAY_SLOTS for key, value in getattr(adata, slot).items()]
-        for slot, key, value in items:
-            if (slot, key) not in self._early and _plain_array(value):
-                self._early[slot, key] = value
-                self._queue.put((slot, key, value))
+        with self._lock:
+            if self._thread is None:
+                self._tmp = _temporary_beside(self.path.resolve(), ".h5ad")
+                self._thread = threading.Thread(target=self._write_queued, name="explorer-h5ad", daemon=True)
+                self._thread.start()
+            for slot, key, value in items:
+                if (slot, key) not in self._early and _plain_array(value):
+                    self._early[slot, key] = value
+                    self._queue.put((slot, key, value))
 
     def _write_queued(self) -> None:
         from anndata.io import write_elem

@@ -31,7 +31,7 @@ import logging
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -55,7 +55,7 @@ from explorer.models.base import Hyperparameters, VelocityResult, require_layers
 from explorer.models.steady_state import genes_to_fit
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
     import torch
     from anndata import AnnData
@@ -112,6 +112,9 @@ class _BatchFit:
     velocity: np.ndarray
     velocity_u: np.ndarray
     loss_history: list[np.ndarray]
+    #: the batch's prepared data (:func:`explorer.models._em.prepare`), kept for the onset
+    #: fit only when asked (``keep_data``), else None
+    data: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,6 +238,11 @@ def _warn_few_em_cells(params: dict[str, np.ndarray], em: _GeneEM, names: pd.Ind
             ", ".join(map(str, names[few][:5])),
             Key.var.FIT_N_CELLS_EM,
         )
+
+
+def _graph_recursion(large: bool) -> int | None:  # noqa: FBT001
+    """``n_recurse_neighbors`` of the latent time's velocity graph: scVelo's default, or the direct kNN."""
+    return 1 if large else None
 
 
 def _batch_seed(seed: int, start: int) -> int:
@@ -430,8 +438,30 @@ class Dynamical(Hyperparameters):
 
     # ------------------------------------------------------------------------------ fit
 
-    def fit(self, adata: AnnData, *, progress: ProgressCallback | None = None) -> VelocityResult:
+    def fit(
+        self,
+        adata: AnnData,
+        *,
+        progress: ProgressCallback | None = None,
+        on_velocity: Callable[[VelocityResult], None] | None = None,
+    ) -> VelocityResult:
         """Fit the genes' kinetics on layers ``Mu``/``Ms``; ``adata`` is left unchanged.
+
+        Parameters
+        ----------
+        adata
+            Cells with layers ``Mu``, ``Ms`` (and obsp ``connectivities``, see ``latent_time``).
+        progress
+            Receives one report per EM iteration of each gene batch, and one each for the
+            latent time and the onsets.
+        on_velocity
+            Called once, on the fitting thread, as soon as the velocities are final: with
+            a result that holds everything but the latent time, the root cells and the
+            onset columns (``fit_t_on``, ``fit_uses_t_on``, ``fit_t_on_gain``), and with
+            :attr:`velocity_graph_` already set (the latent time computes it first). Its
+            velocity, velocity genes and ``fit_t`` are the very arrays of the returned
+            result. :func:`explorer.pipeline.run_velocity` starts the velocity graph's
+            steps there, in another thread, while the latent time and onsets are fitted.
 
         Returns
         -------
@@ -474,10 +504,14 @@ class Dynamical(Hyperparameters):
             n_fit, n_obs, len(starts), "cpu (numpy)" if device is None else device,
         )  # fmt: skip
 
+        pattern = self._start_graph_pattern(adata)
         clock, cpu_clock = time.perf_counter(), time.process_time()
         timings: dict[str, float] = {}
         cpu_timings: dict[str, float] = {}
         parts: list[_BatchFit] = []
+        # the onset fit prepares the same genes' data as the EM: with one batch (whose data
+        # lives through the EM anyway) it is kept for it instead of prepared again
+        keep_data = self.latent_time and self.fit_t_on and len(starts) == 1
         with _inference_mode(device):
             for b, start in enumerate(starts):
                 sl = slice(start, start + batch)
@@ -485,7 +519,7 @@ class Dynamical(Hyperparameters):
                     self._fit_batch(
                         Mu[:, sl], Ms[:, sl], smoother, device,
                         progress=progress, step0=b * (self.max_iter + 1), total=total,
-                        seed=_batch_seed(self.seed, start),
+                        seed=_batch_seed(self.seed, start), keep_data=keep_data,
                     )
                 )  # fmt: skip
         step = len(starts) * (self.max_iter + 1)
@@ -500,22 +534,33 @@ class Dynamical(Hyperparameters):
         vel_u = np.concatenate([p.velocity_u for p in parts], axis=1)
         genes_ok = self._velocity_genes(params)
         _warn_few_em_cells(params, em, adata.var_names[cols])
+        cell_layers = self._cell_layers(adata, cols, fit_t, vel, vel_u)
+
+        def velocity_known() -> None:
+            if on_velocity is not None:
+                on_velocity(self._result(adata, cols, params, cell_layers, genes_ok, None, None))
 
         lt, roots = None, None
         if self.latent_time:
             clock, cpu_clock = time.perf_counter(), time.process_time()
-            lt, roots = self._latent_time(adata, latent_t, vel, genes_ok, params, cols, weights)
+            lt, roots = self._latent_time(
+                adata, latent_t, vel, genes_ok, params, cols, weights,
+                pattern=pattern, on_graph=velocity_known,
+            )  # fmt: skip
             timings["latent_time"] = time.perf_counter() - clock
             cpu_timings["latent_time"] = time.process_time() - cpu_clock
             step += 1
             report(progress, step, total, "latent time")
             if self.fit_t_on:
                 clock, cpu_clock = time.perf_counter(), time.process_time()
-                self._fit_onsets(Mu, Ms, lt, params, em, device)
+                prepared = [p.data for p in parts] if keep_data else None
+                self._fit_onsets(Mu, Ms, lt, params, em, device, prepared=prepared)
                 timings["onsets"] = time.perf_counter() - clock
                 cpu_timings["onsets"] = time.process_time() - cpu_clock
                 step += 1
                 report(progress, step, total, "onset times")
+        else:
+            velocity_known()
         # learned state, for diagnostics: seconds per stage (wall; CPU of all threads) and
         # the EM loss per iteration
         self.timings_ = timings
@@ -524,7 +569,7 @@ class Dynamical(Hyperparameters):
         logger.info("dynamical model timings (s): %s", {k: round(v, 2) for k, v in timings.items()})
         logger.info("dynamical model CPU (s): %s", {k: round(v, 2) for k, v in cpu_timings.items()})
 
-        return self._result(adata, cols, params, fit_t, vel, vel_u, genes_ok, lt, roots)
+        return self._result(adata, cols, params, cell_layers, genes_ok, lt, roots)
 
     def _fit_batch(
         self,
@@ -537,6 +582,7 @@ class Dynamical(Hyperparameters):
         step0: int,
         total: int,
         seed: int,
+        keep_data: bool = False,
     ) -> _BatchFit:
         """One gene batch's EM, on ``device`` from :func:`_em_device` (``None``: numpy on the CPU).
 
@@ -633,7 +679,8 @@ class Dynamical(Hyperparameters):
         def cells(x: Any) -> np.ndarray:
             return np.where(bad, np.float32(np.nan), _em.to_numpy(x)).T
 
-        return _BatchFit(params, em, cells(t_out), cells(t_latent), cells(vs), cells(vu), history)
+        kept = data if keep_data else None
+        return _BatchFit(params, em, cells(t_out), cells(t_latent), cells(vs), cells(vu), history, kept)
 
     def _velocity_genes(self, params: dict[str, np.ndarray]) -> np.ndarray:
         """ScVelo's dynamical velocity genes: likely enough, scaling not extreme."""
@@ -654,14 +701,23 @@ class Dynamical(Hyperparameters):
         params: dict[str, np.ndarray],
         cols: np.ndarray,
         weights: sparse.csr_matrix,
+        *,
+        pattern: Future[sparse.csr_matrix] | None,
+        on_graph: Callable[[], None],
     ) -> tuple[np.ndarray, np.ndarray]:
+        """Latent time and root-cell score; ``on_graph()`` is called once the velocity graph is set.
+
+        ``pattern``: the velocity graph's neighbour pattern (:meth:`_start_graph_pattern`).
+        """
         conn = adata.obsp[Key.obsp.CONNECTIVITIES]
         lik = params[Key.var.FIT_LIKELIHOOD]
         genes = np.isfinite(fit_t).all(0) & (lik >= 0.1)
         if not genes.any():
             genes = np.isfinite(fit_t).all(0)
         large = adata.n_obs > _LARGE_GRAPH_CELLS
-        T_bwd = self._backward_transitions(adata, vel, genes_ok, cols, conn, large=large)
+        knn = None if pattern is None else pattern.result()
+        T_bwd = self._backward_transitions(adata, vel, genes_ok, cols, conn, large=large, pattern=knn)
+        on_graph()
         # the root cells' eigen solve (its time mostly in scipy's sparse products, which
         # run outside the GIL) in a second thread, beside the gene times' ranks and
         # smoothing, which need no root cells (their compiled kernels stay on this thread
@@ -673,6 +729,23 @@ class Dynamical(Hyperparameters):
             roots = score.result()
         return lt_mod.latent_time_from_gene_times(clock_times, roots, conn), roots
 
+    def _start_graph_pattern(self, adata: AnnData) -> Future[sparse.csr_matrix] | None:
+        """Start the velocity graph's neighbour pattern in a second thread, beside the EM.
+
+        The latent time's velocity graph scores the kNN recursed twice
+        (:func:`neighbors_for_graph`, about 0.1 s of CPU on the pancreas, mostly scipy's
+        sparse products): it needs only the kNN graph, and the EM keeps the second core
+        idle between its compiled kernels. None when the latent time does not use it.
+        """
+        if not self.latent_time or Key.obsp.DISTANCES not in adata.obsp:
+            return None
+        large = adata.n_obs > _LARGE_GRAPH_CELLS
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="explorer-graph-pattern")
+        try:
+            return pool.submit(neighbors_for_graph, adata, n_recurse_neighbors=_graph_recursion(large))
+        finally:
+            pool.shutdown(wait=False)  # the thread ends with its one task
+
     def _backward_transitions(
         self,
         adata: AnnData,
@@ -682,8 +755,13 @@ class Dynamical(Hyperparameters):
         conn: sparse.spmatrix,
         *,
         large: bool,
+        pattern: sparse.csr_matrix | None = None,
     ) -> sparse.csr_matrix:
-        """Backward transitions of scVelo's velocity graph of the velocity genes (``velocity_graph_``)."""
+        """Backward transitions of scVelo's velocity graph of the velocity genes (``velocity_graph_``).
+
+        ``pattern``: the neighbour pattern :func:`neighbors_for_graph` gives for this
+        ``large``, if computed already.
+        """
         use = genes_ok & np.isfinite(vel).all(0)
         if not use.any():
             use = np.isfinite(vel).all(0)
@@ -694,9 +772,9 @@ class Dynamical(Hyperparameters):
         # _LARGE_GRAPH_CELLS the direct kNN and a fixed number of backward-chain steps
         # are used instead (root_cells' n_power_steps): the root cells are the top 2% of
         # a smoothed score, and the earliest of them by summed gene time are used.
-        if Key.obsp.DISTANCES in adata.obsp:
-            pattern = neighbors_for_graph(adata, n_recurse_neighbors=1 if large else None)
-        else:
+        if pattern is None and Key.obsp.DISTANCES in adata.obsp:
+            pattern = neighbors_for_graph(adata, n_recurse_neighbors=_graph_recursion(large))
+        elif pattern is None:
             pattern = sparse.csr_matrix(conn)
         graph, graph_neg = split_graph(cosine_correlations(Ms, vel[:, use], pattern))
         T_bwd = transition_matrix(graph, graph_neg, backward=True)
@@ -716,6 +794,8 @@ class Dynamical(Hyperparameters):
         params: dict[str, np.ndarray],
         em: _GeneEM,
         device: torch.device | None,
+        *,
+        prepared: Sequence[Any] | None = None,
     ) -> None:
         """Fit every gene on the shared time ``latent_time * t_max`` with and without ``t_on``.
 
@@ -734,7 +814,8 @@ class Dynamical(Hyperparameters):
         Adds ``fit_t_on`` (onset on the shared axis where used, else 0; NaN where not
         fitted), ``fit_t_on_gain`` (held-out share of loss removed by ``t_on``) and
         ``fit_uses_t_on`` (gain above ``t_on_min_gain`` and onset after 0) to
-        ``params``, in place.
+        ``params``, in place. ``prepared``: each gene batch's data from
+        :func:`explorer.models._em.prepare`, if the EM kept it (the same batches).
         """
         from explorer.models import _em
 
@@ -755,12 +836,13 @@ class Dynamical(Hyperparameters):
             "rate_grid": list(_GRID_RATE),
         }
         with _inference_mode(device):
-            for start in range(0, n_fit, batch):
+            for b, start in enumerate(range(0, n_fit, batch)):
                 sl = slice(start, start + batch)
-                u = array(Mu[:, sl].T)
-                s = array(Ms[:, sl].T)
-                xp = _em._xp(u)
-                data, _ = _em.prepare(u, s)
+                if prepared is None:
+                    data, _ = _em.prepare(array(Mu[:, sl].T), array(Ms[:, sl].T))
+                else:
+                    data = prepared[b]
+                xp = _em._xp(data.u)
                 # a regression on fixed times: a seeded subset of each gene's cells is enough
                 idx = _em.weighted_cells(data.weights, _ONSET_CELLS, seed=_batch_seed(self.seed + 1, start))
                 data, t = data.take_cells(idx), t_cells[idx]
@@ -832,26 +914,37 @@ class Dynamical(Hyperparameters):
         params[Key.var.FIT_USES_T_ON] = uses
         params[Key.var.FIT_T_ON_GAIN] = np.where(ok_all, gain_out, np.nan)
 
-    def _result(
-        self,
-        adata: AnnData,
-        cols: np.ndarray,
-        params: dict[str, np.ndarray],
-        fit_t: np.ndarray,
-        vel: np.ndarray,
-        vel_u: np.ndarray,
-        genes_ok: np.ndarray,
-        lt: np.ndarray | None,
-        roots: np.ndarray | None,
-    ) -> VelocityResult:
+    @staticmethod
+    def _cell_layers(
+        adata: AnnData, cols: np.ndarray, fit_t: np.ndarray, vel: np.ndarray, vel_u: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        """``velocity``, ``velocity_u`` and ``fit_t`` over all genes (NaN where not fitted), by layer key."""
         n_obs, n_vars = adata.n_obs, adata.n_vars
-        var_names = adata.var_names.copy()
-        obs_names = adata.obs_names.copy()
 
         def full_cells(x: np.ndarray) -> np.ndarray:
             out = np.full((n_obs, n_vars), np.nan, dtype=np.float32)
             out[:, cols] = x
             return out
+
+        return {
+            Key.layers.VELOCITY: full_cells(vel),
+            Key.layers.VELOCITY_U: full_cells(vel_u),
+            Key.layers.FIT_T: full_cells(fit_t),
+        }
+
+    def _result(
+        self,
+        adata: AnnData,
+        cols: np.ndarray,
+        params: dict[str, np.ndarray],
+        cell_layers: dict[str, np.ndarray],
+        genes_ok: np.ndarray,
+        lt: np.ndarray | None,
+        roots: np.ndarray | None,
+    ) -> VelocityResult:
+        n_vars = adata.n_vars
+        var_names = adata.var_names.copy()
+        obs_names = adata.obs_names.copy()
 
         columns: dict[str, np.ndarray] = {}
         for key, values in params.items():
@@ -872,14 +965,14 @@ class Dynamical(Hyperparameters):
             params=self.get_params(),
             obs_names=obs_names,
             var_names=var_names,
-            velocity=full_cells(vel),
+            velocity=cell_layers[Key.layers.VELOCITY],
             gene_params=gene_params,
             velocity_genes=velocity_genes,
             likelihood=pd.Series(
                 columns[Key.var.FIT_LIKELIHOOD], index=var_names, name=Key.var.FIT_LIKELIHOOD
             ),
-            velocity_u=full_cells(vel_u),
+            velocity_u=cell_layers[Key.layers.VELOCITY_U],
             latent_time=None if lt is None else lt.astype(np.float32),
-            layers={Key.layers.FIT_T: full_cells(fit_t)},
+            layers={Key.layers.FIT_T: cell_layers[Key.layers.FIT_T]},
             obs=obs,
         )

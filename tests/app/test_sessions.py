@@ -508,3 +508,50 @@ def test_torch_is_imported_only_once_the_pages_are_idle(monkeypatch):
     assert main._pages_idle()
     main.page_gate.waiting = 1  # a page request waits
     assert not main._pages_idle()
+
+
+def test_cached_bokeh_defaults_are_the_values_bokeh_computes_per_instance():
+    """``cache_bokeh_defaults``: every unset property of a page's models reads what Bokeh itself computes.
+
+    The page (the sample, built whole) is read property by property against Bokeh's own,
+    uncached default; a theme's value still wins for a themed instance, and a default
+    Bokeh makes per instance (a list) is not shared.
+    """
+    from bokeh.core.property.descriptors import PropertyDescriptor
+    from bokeh.document import Document
+    from bokeh.models import Title
+    from bokeh.themes import Theme
+    from panel.io.state import set_curdoc
+
+    from explorer.app.main import _BOKEH_DEFAULTS, cache_bokeh_defaults, create_app
+
+    cache_bokeh_defaults()
+    cache_bokeh_defaults()  # idempotent: one wrapper
+    assert PropertyDescriptor._get_default._explorer_cached
+    doc = Document()
+    with set_curdoc(doc):
+        doc.add_root(create_app(None).get_root(doc))
+    compared = 0
+    for model in list(doc.models):
+        for name in model.properties():
+            descriptor = model.lookup(name)
+            if not isinstance(descriptor, PropertyDescriptor) or not hasattr(descriptor, "instance_default"):
+                continue  # an alias of another property
+            if name in model._property_values or descriptor.has_unstable_default(model):
+                continue
+            expected = descriptor.instance_default(model)  # Bokeh's computation, no cache
+            value = descriptor._get(model)  # as a read does (without raising for an unset value)
+            assert value == expected or (value != value and expected != expected), (model, name)  # NaN
+            compared += 1
+    assert compared > 1000
+    assert any(cls.__name__ == "Scatter" for cls, _ in _BOKEH_DEFAULTS)
+
+    plain, themed = Title(), Title()
+    assert plain.text_font_size == "13px"  # cached for Title now
+    themed_doc = Document(theme=Theme(json={"attrs": {"Title": {"text_font_size": "30px"}}}))
+    themed_doc.add_root(themed)
+    assert themed.text_font_size == "30px"
+    assert Title().text_font_size == "13px"
+    a, b = Title(), Title()
+    a.tags.append("x")
+    assert b.tags == []

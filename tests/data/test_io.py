@@ -6,6 +6,7 @@ import anndata as ad
 import h5py
 import loompy
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import sparse
 
@@ -265,6 +266,57 @@ def test_h5ad_writer_writes_what_write_writes(tmp_path, counts_adata):
     for key in ("Ms", "velocity"):  # the replaced arrays' new values
         np.testing.assert_array_equal(back.layers[key], adata.layers[key])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["early.h5ad", "plain.h5ad"]  # no temp left
+
+
+def test_h5ad_writer_takes_light_anndatas_from_several_threads(tmp_path, counts_adata, caplog):
+    """Light AnnDatas holding some of the final arrays, handed over from several threads at
+    once (the pipeline's derive thread and the fit's): each array written once, those still
+    held at the end kept, the file as write() makes it."""
+    import logging
+    import threading
+
+    adata = _with_arrays(counts_adata)
+    rng = np.random.default_rng(3)
+    n = adata.n_obs
+    late = {f"graph_{i}": sparse.random(n, n, density=0.1, format="csr", rng=i) for i in range(8)}
+    late_layers = {f"layer_{i}": rng.random(adata.shape, dtype=np.float32) for i in range(8)}
+
+    def light(**slots):
+        index = {"obs": pd.DataFrame(index=adata.obs_names), "var": pd.DataFrame(index=adata.var_names)}
+        return ad.AnnData(**index, **slots)
+
+    caplog.set_level(logging.INFO, logger="explorer.data.io")
+    with H5adWriter(tmp_path / "early.h5ad") as writer:
+        start = threading.Barrier(3)
+
+        def hand_over(a):
+            start.wait()
+            writer.add(a)
+
+        threads = [
+            threading.Thread(target=hand_over, args=(light(obsp=late),)),
+            threading.Thread(target=hand_over, args=(light(layers=late_layers),)),
+        ]
+        for t in threads:
+            t.start()
+        start.wait()
+        writer.add(adata)
+        for t in threads:
+            t.join()
+        for key, value in late.items():
+            adata.obsp[key] = value
+        for key, value in late_layers.items():
+            adata.layers[key] = value
+        adata.layers["layer_0"] = adata.layers["layer_0"] + 1  # replaced: written again at the end
+        writer.finish(adata)
+    write(adata, tmp_path / "plain.h5ad")
+    early, plain = h5_entries(tmp_path / "early.h5ad"), h5_entries(tmp_path / "plain.h5ad")
+    assert early.keys() == plain.keys()
+    assert [k for k in early if early[k] != plain[k]] == []
+    # every array of the final AnnData was handed over once; all but the replaced one kept
+    n_arrays = 1 + sum(len(getattr(adata, slot)) for slot in ("layers", "obsm", "obsp", "varm", "varp"))
+    n_early = n_arrays - 1
+    assert f"{n_early} arrays were written during the fit" in caplog.text
 
 
 def test_h5ad_writer_without_add_writes_everything(tmp_path, counts_adata):

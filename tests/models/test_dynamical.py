@@ -422,6 +422,83 @@ def test_latent_time_beside_the_root_cells_equals_the_serial_latent_time(sim, fi
     np.testing.assert_array_equal(fit.latent_time, serial)
 
 
+@pytest.mark.parametrize("latent", [True, False], ids=["latent time", "no latent time"])
+def test_on_velocity_gets_the_final_velocities_before_the_latent_time(sim, latent):
+    """``fit(on_velocity=...)`` is called once, before the latent time and onsets, with the
+    very velocity arrays of the final result and the velocity graph already set; the
+    final result is the one a fit without it gives."""
+    model = Dynamical(genes="all", latent_time=latent, fit_t_on=latent)
+    calls = []
+
+    def hook(partial):
+        calls.append((partial, model.velocity_graph_))
+
+    res = model.fit(sim, on_velocity=hook)
+    assert len(calls) == 1
+    partial, graph = calls[0]
+    assert partial.velocity is res.velocity
+    assert partial.velocity_u is res.velocity_u
+    assert partial.layers[Key.layers.FIT_T] is res.layers[Key.layers.FIT_T]
+    np.testing.assert_array_equal(partial.velocity_genes, res.velocity_genes)
+    assert partial.latent_time is None
+    assert partial.obs is None
+    assert Key.var.FIT_T_ON not in partial.gene_params
+    shared = list(partial.gene_params.columns)
+    pd.testing.assert_frame_equal(partial.gene_params, res.gene_params[shared])
+    if latent:
+        assert graph is not None
+        assert graph is model.velocity_graph_
+        assert Key.var.FIT_T_ON in res.gene_params
+    else:
+        assert graph is None
+    plain = Dynamical(genes="all", latent_time=latent, fit_t_on=latent).fit(sim)
+    np.testing.assert_array_equal(plain.velocity, res.velocity)
+    pd.testing.assert_frame_equal(plain.gene_params, res.gene_params)
+    if latent:
+        np.testing.assert_array_equal(plain.latent_time, res.latent_time)
+
+
+@pytest.mark.parametrize("batch_size", [None, 25], ids=["one batch", "three batches"])
+def test_onset_fit_on_the_ems_prepared_data_equals_preparing_again(sim, batch_size):
+    """With one gene batch the onset fit takes the EM's prepared data instead of preparing
+    the same genes again: the same onsets; with several batches nothing is kept."""
+    model = Dynamical(genes="all", batch_size=batch_size)
+    plain_onsets = model._fit_onsets
+    seen = {}
+
+    def spy(Mu, Ms, lt, params, em, device, *, prepared=None):
+        seen.update(args=(Mu, Ms, lt, dict(params), em, device), prepared=prepared)
+        return plain_onsets(Mu, Ms, lt, params, em, device, prepared=prepared)
+
+    model._fit_onsets = spy
+    model.fit(sim)
+    if batch_size is not None:
+        assert seen["prepared"] is None
+        return
+    assert len(seen["prepared"]) == 1
+    Mu, Ms, lt, params, em, device = seen["args"]
+    kept, again = dict(params), dict(params)
+    plain_onsets(Mu, Ms, lt, kept, em, device, prepared=seen["prepared"])
+    plain_onsets(Mu, Ms, lt, again, em, device)
+    for key in (Key.var.FIT_T_ON, Key.var.FIT_USES_T_ON, Key.var.FIT_T_ON_GAIN):
+        np.testing.assert_array_equal(kept[key], again[key], err_msg=key)
+    assert np.isfinite(kept[Key.var.FIT_T_ON_GAIN]).any()
+
+
+def test_graph_pattern_started_beside_the_em_is_the_graphs(sim):
+    """The velocity graph's neighbour pattern, started in a thread before the EM, is what
+    :func:`neighbors_for_graph` gives; nothing is started without the latent time."""
+    from explorer.graph.transition import neighbors_for_graph
+
+    started = Dynamical()._start_graph_pattern(sim)
+    assert started is not None
+    assert (started.result() != neighbors_for_graph(sim)).nnz == 0
+    assert Dynamical(latent_time=False)._start_graph_pattern(sim) is None
+    no_knn = sim.copy()
+    del no_knn.obsp[Key.obsp.DISTANCES]
+    assert Dynamical()._start_graph_pattern(no_knn) is None
+
+
 def test_seeded_fits_are_equal(small):
     kw = {"genes": "all", "max_cells_em": 150, "seed": 3}
     a, b = Dynamical(**kw).fit(small), Dynamical(**kw).fit(small)

@@ -177,6 +177,40 @@ def test_capture_times_give_the_prior(small):
         VeloVAE(time_key="nope", **FEW).fit(adata)
 
 
+def test_polish_trains_only_the_kinetics_and_rho_head(small, progress_log):
+    """The polish refits rates, onsets and the rho head at fixed (t, c); the decoder's hidden layers stay.
+
+    Two seeded fits that differ only in max_epochs_polish share stage 1 and the time grid,
+    so everything the polish does not train must be equal, the time included; its epochs
+    are reported as progress, in order.
+    """
+    log, callback = progress_log
+    few = {**FEW, "max_epochs_stage2": 0}
+    plain = VeloVAE(seed=0, max_epochs_polish=0, **few)
+    plain_result = plain.fit(small.copy())
+    model = VeloVAE(seed=0, max_epochs_polish=4, **few)
+    result = model.fit(small.copy(), progress=callback)
+    before, after = plain.module_.state_dict(), model.module_.state_dict()
+    for name in before:
+        same = bool((before[name] == after[name]).all())
+        if name.startswith(("log_", "t_on", "t_off", "rho_head.", "sigma_")):
+            continue  # trained (or re-estimated) by the polish; whether they moved is below
+        assert same, name
+    start_ll, best_ll = model.history_["polish_vs_start"]
+    if best_ll > start_ll:  # kept: the kinetics moved
+        assert not bool((before["log_alpha"] == after["log_alpha"]).all())
+    np.testing.assert_array_equal(result.latent_time, plain_result.latent_time)
+    assert len(model.history_["polish"]) <= 4
+    steps = [p.step for p in log]
+    assert steps == sorted(steps)
+    assert steps[-1] == log[-1].total
+    assert sum("polish epoch" in p.message for p in log) == len(model.history_["polish"])
+    # the MSE recorded for the epoch kept is the held-out MSE of the written predictions
+    start_mse, best_mse = model.history_["polish_vs_start_mse"]
+    assert best_mse <= start_mse
+    assert model.metrics_["mse_test"] == pytest.approx(best_mse, rel=1e-3)
+
+
 def test_diffusion_pseudotime_initial_time(small):
     """initial_time="dpt": scanpy's diffusion pseudotime from the steady-state fit's root orders the cells."""
     from explorer.models.vae import diffusion_pseudotime
@@ -357,18 +391,21 @@ def test_full_model_reconstructs_lineage_rates_better_than_basic(branching, bran
 
 
 def test_polish_lowers_the_held_out_error(branching, branching_full):
-    """Refitting the kinetics at the refined times (max_epochs_polish) lowers the held-out MSE.
+    """Refitting the kinetics at the refined times (max_epochs_polish, default 25) lowers the held-out MSE.
 
-    Measured on this simulation: 26.0 without, 6.95 with 50 epochs (seed 2: 23.1 -> 7.1);
-    the times are fixed, so the latent time is unchanged.
+    Measured on this simulation (before stage 2): 27.8 without, 6.0 with the polish
+    (seed 2: 23.9 -> 5.8); the old polish (the whole decoder in train mode, stage 1's
+    learning rates) reached 6.9 in 50 epochs. The times are fixed, so the latent time is
+    unchanged.
     """
-    base_model, base = branching_full
-    model = VeloVAE(seed=0, device="cpu", max_epochs_polish=50)
-    result = model.fit(branching.copy())
-    assert model.metrics_["mse_test"] < 0.5 * base_model.metrics_["mse_test"]
+    model, result = branching_full
+    assert model.max_epochs_polish > 0
+    plain_model = VeloVAE(seed=0, device="cpu", max_epochs_polish=0)
+    plain = plain_model.fit(branching.copy())
+    assert model.metrics_["mse_test"] < 0.5 * plain_model.metrics_["mse_test"]
     start_ll, best_ll = model.history_["polish_vs_start"]
     assert best_ll > start_ll
-    np.testing.assert_allclose(result.latent_time, base.latent_time, atol=1e-6)
+    np.testing.assert_allclose(result.latent_time, plain.latent_time, atol=1e-6)
 
 
 def test_grid_posterior_closes_the_amortisation_gap(branching, branching_full):

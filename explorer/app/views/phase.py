@@ -16,6 +16,8 @@ from explorer.app.views._layers import CellScatter, LiveLayer
 
 #: ``only`` values that follow the comparison's picks, and how the title names them
 _PICKS = {"compare_a": "A", "compare_b": "B"}
+#: state parameters on which the portrait redraws its cells and curves (:meth:`PhasePortrait._changed`)
+_REDRAWN_ON = ("gene", "model", "results", "compare_a", "compare_b")
 
 
 def _extent(layers: list[tuple[tuple[str, bool, str], dict[str, Any]]]) -> tuple[np.ndarray, np.ndarray]:
@@ -50,6 +52,7 @@ class PhasePortrait(pn.viewable.Viewer):
             state,
             xy=lambda: (state.gene_values("Ms"), state.gene_values("Mu")),
             xy_depends=["adata"],  # a gene, model or pick changes both layers: see _changed
+            redrawn_on=_REDRAWN_ON,
             labels=("Ms", "Mu"),
             on_tap=lambda x, y: state.select_cell_at("phase", x, y),
             title=self._title,
@@ -63,7 +66,7 @@ class PhasePortrait(pn.viewable.Viewer):
         self.fits = hv.DynamicMap(self._draw_fits, streams=[hv.streams.Params(self, ["fits_revision"])])
         self.plot = self.scatter.overlay(self.fits)
         # registered after the scatter's own watcher, as the fits' DynamicMap stream was
-        state.param.watch(self._changed, ["gene", "model", "results", "compare_a", "compare_b"])
+        state.param.watch(self._changed, list(_REDRAWN_ON))
 
     def _only_label(self) -> str | None:
         """Return the fit label ``only`` stands for (the comparison's A or B is read from the state)."""
