@@ -53,23 +53,13 @@ def column_percentile(a: np.ndarray, q: float) -> np.ndarray:
     part, which is cheaper than asking ``np.partition`` for a second ``kth``; the
     interpolation is numpy's ``_lerp``, so the result is bit-identical.
     """
-    return _row_percentile(np.asarray(a).T, q)
-
-
-def _row_percentile(a: np.ndarray, q: float) -> np.ndarray:
-    """``np.percentile(a, q, axis=1)`` as :func:`column_percentile`; fastest on C-ordered rows.
-
-    ``np.partition`` along the rows of a C-ordered array works on contiguous memory:
-    on the pancreas's ``(1126, 3696)`` float32 about 5x faster than along its columns
-    (0.014 s against 0.065 s of CPU).
-    """
-    n = a.shape[1]
+    n = a.shape[0]
     virtual = q / 100 * (n - 1)
     lo = int(np.floor(virtual))
     frac = virtual - lo
-    part = np.partition(a, lo, axis=1)
-    below = part[:, lo]
-    above = part[:, lo + 1 :].min(axis=1) if lo + 1 < n else below
+    part = np.partition(a, lo, axis=0)
+    below = part[lo]
+    above = part[lo + 1 :].min(axis=0) if lo + 1 < n else below
     diff = above - below
     return above - diff * (1 - frac) if frac >= 0.5 else below + diff * frac
 
@@ -95,22 +85,14 @@ def extreme_quantile_mask(
     -------
     ``(n_obs, n_vars)`` boolean mask.
     """
-    # computed gene by gene in rows (the transpose), where the partitions run on
-    # contiguous memory; the same numbers, and the mask comes back C-ordered
     if y is None:
-        norm_t = np.ascontiguousarray(np.asarray(x).T)
+        norm = np.asarray(x)
     else:
-        x_max, y_max = np.clip(x.max(axis=0), _MAX_FLOOR, None), np.clip(y.max(axis=0), _MAX_FLOOR, None)
-        dtype = np.result_type(x[:1] / x_max, y[:1] / y_max)  # as the whole-array expression's
-        norm_t = np.empty(x.shape[::-1], dtype=dtype)
-        np.divide(x, x_max, out=norm_t.T)
-        norm_t.T[...] += y / y_max
+        norm = x / np.clip(x.max(axis=0), _MAX_FLOOR, None) + y / np.clip(y.max(axis=0), _MAX_FLOOR, None)
     if np.ndim(perc) == 0:
-        mask_t = norm_t >= _row_percentile(norm_t, float(perc))[:, None]
-    else:
-        lower, upper = (_row_percentile(norm_t, float(p))[:, None] for p in perc)
-        mask_t = (norm_t <= lower) | (norm_t >= upper)
-    return np.ascontiguousarray(mask_t.T)
+        return norm >= column_percentile(norm, float(perc))
+    lower, upper = (column_percentile(norm, float(p)) for p in perc)
+    return (norm <= lower) | (norm >= upper)
 
 
 def _colsum(a: np.ndarray) -> np.ndarray:

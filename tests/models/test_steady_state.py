@@ -100,31 +100,6 @@ def test_column_percentile_is_numpys(q):
     np.testing.assert_array_equal(column_percentile(a, q), np.percentile(a, q, axis=0))
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("perc", [95, (5, 95), 100])
-@pytest.mark.parametrize("with_y", [True, False])
-def test_extreme_quantile_mask_is_the_plain_numpy_expression(dtype, perc, with_y):
-    """Computed gene by gene in rows of the transpose: the mask of the plain expression
-    over columns, bit for bit, C-ordered, for one or two tails, with and without y."""
-    rng = np.random.default_rng(4)
-    x = (rng.poisson(1.5, (403, 9)) * rng.random((403, 9))).astype(dtype)  # ties at 0
-    y = (rng.poisson(0.8, (403, 9)) * rng.random((403, 9))).astype(np.float32)
-    x[:, 2] = 0
-    if with_y:
-        norm = x / np.clip(x.max(axis=0), 1e-3, None) + y / np.clip(y.max(axis=0), 1e-3, None)
-    else:
-        norm = x
-    if np.ndim(perc) == 0:
-        expected = norm >= np.percentile(norm, perc, axis=0)
-    else:
-        lower, upper = np.percentile(norm, perc[0], axis=0), np.percentile(norm, perc[1], axis=0)
-        expected = (norm <= lower) | (norm >= upper)
-    mask = extreme_quantile_mask(x, y if with_y else None, perc=perc)
-    np.testing.assert_array_equal(mask, expected)
-    assert mask.flags["C_CONTIGUOUS"]
-    assert 0 < mask.sum() < mask.size
-
-
 def test_extreme_quantile_mask_both_tails():
     x = np.arange(20, dtype=np.float32)[:, None]
     mask = extreme_quantile_mask(x, x, perc=(10, 90))
