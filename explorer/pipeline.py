@@ -515,22 +515,15 @@ class _EarlyDerive:
     def _derive(self, inputs: AnnData, partial: VelocityResult, graph: Mapping[str, Any] | None) -> Derived:
         _yield_to_other_threads()
         if self._on_arrays is not None:
-            layers = {Key.layers.VELOCITY: partial.velocity, **partial.layers}
-            if partial.velocity_u is not None:
-                layers[Key.layers.VELOCITY_U] = partial.velocity_u
-            self._on_arrays(self._light({"layers": layers}))
+            self._on_arrays(self._light(layers=partial.layer_arrays()))
         derived = derive(inputs, partial, basis=self._basis_key, velocity_graph=graph)
         if self._on_arrays is not None:
-            obsp = {
-                Key.obsp.VELOCITY_GRAPH: derived.graph,
-                Key.obsp.VELOCITY_GRAPH_NEG: derived.graph_neg,
-                Key.obsp.TRANSITIONS: derived.transitions,
-            }
-            obsm = {Key.obsm.velocity(k): v for k, v in derived.velocity_embedding.items()}
-            self._on_arrays(self._light({"obsp": obsp, "obsm": obsm}))
+            light = self._light()
+            derived.to_adata(light)  # the graphs and projections, as run_velocity writes them after
+            self._on_arrays(light)
         return derived
 
-    def _light(self, slots: dict[str, dict[str, Any]]) -> AnnData:
+    def _light(self, **slots: dict[str, Any]) -> AnnData:
         """Build an AnnData of ``adata``'s cells and genes holding only ``slots``' arrays (not copied)."""
         return AnnData(
             obs=pd.DataFrame(index=self._adata.obs_names),

@@ -257,10 +257,7 @@ class VelocityResult:
             raise ValueError(msg)
         written = self._written_keys()
         _drop_earlier_fit_keys(adata, written)
-        adata.layers[Key.layers.VELOCITY] = self.velocity
-        if self.velocity_u is not None:
-            adata.layers[Key.layers.VELOCITY_U] = self.velocity_u
-        for key, arr in self.layers.items():
+        for key, arr in self.layer_arrays().items():
             adata.layers[key] = arr
         if Key.layers.VELOCITY_VARIANCE not in self.layers:
             # an earlier fit's velocity variance would pair with this fit's velocity in the fates kernel
@@ -288,14 +285,23 @@ class VelocityResult:
             }
         )
 
+    def layer_arrays(self) -> dict[str, np.ndarray]:
+        """Return the per-cell layers :meth:`to_adata` writes, by key, in its order.
+
+        ``velocity``, ``velocity_u`` when present, then :attr:`layers` (the very arrays).
+        """
+        out = {Key.layers.VELOCITY: self.velocity}
+        if self.velocity_u is not None:
+            out[Key.layers.VELOCITY_U] = self.velocity_u
+        out.update(self.layers)
+        return out
+
     def _written_keys(self) -> dict[str, list[str]]:
         """Return the ``layers``, ``var``, ``obs`` and ``obsm`` keys :meth:`to_adata` writes for this fit."""
-        layers = [Key.layers.VELOCITY]
-        layers += [Key.layers.VELOCITY_U] if self.velocity_u is not None else []
         obs = [Key.obs.LATENT_TIME] if self.latent_time is not None else []
         obs += [Key.obs.VELOCITY_UNCERTAINTY] if self.uncertainty is not None else []
         return {
-            "layers": layers + [k for k in self.layers if k not in layers],
+            "layers": list(self.layer_arrays()),
             "var": [*self.gene_params.columns, Key.var.VELOCITY_GENES],
             "obs": obs + [str(c) for c in (() if self.obs is None else self.obs.columns) if c not in obs],
             "obsm": list(self.obsm or {}),
