@@ -269,6 +269,71 @@ class Params:
         return kinetics.switch_state(dur, self.alpha, self.beta, self.gamma, xp=_xp(dur))
 
 
+def stack_genes(*parts: Any) -> Any:
+    """Join gene batches along the genes: arrays, or :class:`GeneData`, :class:`Moments` or :class:`Params`.
+
+    Every step of the EM is per gene (element-wise, or sums along each gene's cells), so
+    a step on the joined genes gives each part the numbers it gives that part alone:
+    two fits of the same genes from different starts can run as one (the onset fit).
+    """
+    first = parts[0]
+    if first is None:
+        return None
+    if not hasattr(first, "shape"):
+        joined = {f.name: stack_genes(*(getattr(p, f.name) for p in parts)) for f in fields(first)}
+        return type(first)(**joined)
+    return np.concatenate(parts) if _is_np(first) else _xp(first).cat(parts)
+
+
+def split_genes(x: Any, n: int) -> tuple[Any, Any]:
+    """:func:`stack_genes`'s inverse for two parts: ``(first n genes, the rest)``."""
+    if not hasattr(x, "shape"):
+        halves = [split_genes(getattr(x, f.name), n) for f in fields(x)]
+        names = [f.name for f in fields(x)]
+        return tuple(type(x)(**{name: h[i] for name, h in zip(names, halves, strict=True)}) for i in (0, 1))
+    return x[:n], x[n:]
+
+
+#: below this many cells x genes a step is not worth a second thread
+_MIN_SPLIT_ELEMENTS = 1 << 16
+
+
+def in_two_halves(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` with the genes cut in two halves, one computed in a second thread.
+
+    For the EM's serial numpy steps (data preparation, initial guess, read-outs after
+    the loop), which leave the second core idle: numpy releases the GIL in its loops
+    over these arrays, so the halves run side by side. Every argument with genes
+    (arrays with the genes first, or :class:`GeneData`, :class:`Params`) is cut, others
+    are passed to both; ``fn`` must be per gene (element-wise, or reductions along each
+    gene's cells), and its result (an array, such a dataclass, or a tuple of them) is
+    joined: the same numbers as one call, bit for bit. Torch tensors and small batches
+    take the one call.
+    """
+    first = args[0]
+    data = first.u if isinstance(first, GeneData) else first
+    n = data.shape[0]
+    if not _is_np(data) or n < 2 or data.size < _MIN_SPLIT_ELEMENTS:
+        return fn(*args)
+    from concurrent.futures import ThreadPoolExecutor
+
+    half = n // 2
+
+    def cut(a: Any) -> tuple[Any, Any]:
+        per_gene = isinstance(a, np.ndarray) and a.ndim > 0 and a.shape[0] == n
+        has_genes = per_gene or isinstance(a, (GeneData, Params, Init))
+        return split_genes(a, half) if has_genes else (a, a)
+
+    parts = [cut(a) for a in args]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="explorer-em-half") as pool:
+        second = pool.submit(fn, *(p[1] for p in parts))
+        one = fn(*(p[0] for p in parts))
+        two = second.result()
+    if isinstance(one, tuple):
+        return tuple(stack_genes(a, b) for a, b in zip(one, two, strict=True))
+    return stack_genes(one, two)
+
+
 # ---------------------------------------------------------------------------------------------
 # data preparation and initialisation
 
@@ -755,6 +820,19 @@ def profiled_loss(
         w = data.weights
         suf, sff = _sum(data.u * f, w), _clamp(_sum(f * f, w), _TINY)
         ssg, sgg = _sum(data.s * g, w), _clamp(_sum(g * g, w), _TINY)
+    return _profile(data, mom, p, ratio, (suf, sff, ssg, sgg), reg=reg)
+
+
+def _profile(
+    data: GeneData, mom: Moments, p: Params, ratio: Array, sums: tuple[Array, ...], *, reg: float
+) -> tuple[Array, Params]:
+    """:func:`profiled_loss` from the sums ``u f, f f (floored), s g, g g (floored)``.
+
+    Element-wise over genes, so ``p`` and the sums may carry a leading axis of candidates
+    (``(n_cand, n_genes, 1)``, :func:`grid_onset`): each candidate gets the numbers a call
+    of its own gives.
+    """
+    suf, sff, ssg, sgg = sums
     amp_u = _clamp(suf / sff, _TINY)
     amp_s = _clamp(ssg / sgg, _TINY)
     sse_u = _clamp(mom.uu - 2 * amp_u * suf + amp_u * amp_u * sff, 0.0) / _f64(data.std_u) ** 2
@@ -934,21 +1012,85 @@ def grid_onset(
     """
     xp = _xp(p.alpha)
     mom = moments(data)
+    if _compiled(data.u):
+        grid = {"t_on_grid": t_on_grid, "duration_grid": duration_grid, "rate_grid": rate_grid}
+        return _grid_onset_compiled(data, mom, p, t, ratio, reg=reg, **grid)
     best_loss, best = None, p
-    for k in rate_grid:
-        for t_on in t_on_grid:
-            for dur in duration_grid:
-                cand = p.replace(
-                    t_on=xp.full_like(p.t_on, t_on),
-                    t_=xp.full_like(p.t_, t_on + dur),
-                    beta=p.beta * k,
-                    gamma=p.gamma * k,
-                )
-                loss, cand = profiled_loss(data, mom, cand, t, ratio, reg=reg)
-                if best_loss is None:
-                    best_loss, best = loss, cand
-                else:
-                    better = loss < best_loss
-                    best_loss = xp.where(better, loss, best_loss)
-                    best = best.where(better, cand)
+    for cand in _grid_candidates(p, t_on_grid, duration_grid, rate_grid):
+        loss, cand = profiled_loss(data, mom, cand, t, ratio, reg=reg)
+        if best_loss is None:
+            best_loss, best = loss, cand
+        else:
+            better = loss < best_loss
+            best_loss = xp.where(better, loss, best_loss)
+            best = best.where(better, cand)
     return best
+
+
+def _grid_candidates(
+    p: Params, t_on_grid: list[float], duration_grid: list[float], rate_grid: list[float]
+) -> list[Params]:
+    """:func:`grid_onset`'s candidates, in its order (rates, then onsets, then durations)."""
+    xp = _xp(p.alpha)
+    return [
+        p.replace(
+            t_on=xp.full_like(p.t_on, t_on),
+            t_=xp.full_like(p.t_, t_on + dur),
+            beta=p.beta * k,
+            gamma=p.gamma * k,
+        )
+        for k in rate_grid
+        for t_on in t_on_grid
+        for dur in duration_grid
+    ]
+
+
+def _grid_onset_compiled(
+    data: GeneData,
+    mom: Moments,
+    p: Params,
+    t: Array,
+    ratio: Array,
+    *,
+    t_on_grid: list[float],
+    duration_grid: list[float],
+    rate_grid: list[float],
+    reg: float,
+) -> Params:
+    """:func:`grid_onset` with every candidate's sums in one compiled call (CPU).
+
+    The same numbers as one :func:`profiled_loss` per candidate (the kernels share their
+    loop, and the rest is element-wise), in one kernel call instead of up to 120, and
+    the same choice: per gene the first candidate whose loss no later one undercuts,
+    where a NaN loss never wins unless it is the first.
+    """
+    cands = _grid_candidates(p, t_on_grid, duration_grid, rate_grid)
+    stacked = {f.name: _stack([getattr(c, f.name) for c in cands]) for f in fields(Params)}
+
+    def per_cand(name: str) -> np.ndarray:
+        return np.ascontiguousarray(to_numpy(stacked[name])[:, :, 0], dtype=np.float64)
+
+    sums = _em_kernels.curve_sums_grid(
+        _cells(data.u), _cells(data.s), _cells(data.weights), _cells(t),
+        per_cand("t_"), per_cand("t_on"), per_cand("beta"), per_cand("gamma"),
+    )  # fmt: skip
+    sums = _like(sums, data.u)
+    suf, sff, ssg, sgg = (sums[:, :, k : k + 1] for k in range(4))
+    loss, fitted = _profile(
+        data, mom, Params(**stacked), ratio, (suf, _clamp(sff, _TINY), ssg, _clamp(sgg, _TINY)), reg=reg
+    )
+    # the serial choice (``loss < best``, first candidate kept on ties) as an argmin
+    losses = to_numpy(loss)[:, :, 0]
+    first_nan = np.isnan(losses[0])
+    pick = np.where(first_nan, 0, np.argmin(np.where(np.isnan(losses), np.inf, losses), axis=0))
+    pick = _like(pick.astype(np.int64), data.u)
+
+    def choose(x: Array) -> Array:  # (n_cand, n_genes, 1) -> each gene's picked candidate
+        return x[pick, _xp(x).arange(x.shape[1])]
+
+    return Params(**{f.name: choose(getattr(fitted, f.name)) for f in fields(Params)})
+
+
+def _stack(xs: list[Array]) -> Array:
+    """Arrays of one shape stacked on a new leading axis (numpy or torch)."""
+    return np.stack(xs) if _is_np(xs[0]) else _xp(xs[0]).stack(xs)

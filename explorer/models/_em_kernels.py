@@ -139,6 +139,32 @@ def _solution(tau, u0, s0, alpha, beta, gamma):  # pragma: no cover - compiled
     return u, s0 * e_g - alpha / gamma * em_g + cross
 
 
+@numba.njit(inline="always", fastmath=True, cache=True)
+def _gene_curve_sums(u, s, w, t, g, ts, ton, b, c):  # pragma: no cover - compiled
+    """Row ``g``'s four sums of :func:`curve_sums` for the parameters ``ts, ton, b, c``."""
+    n_cells = u.shape[1]
+    dur = max(ts - ton, 0.0)
+    u0_, s0_ = _solution(dur, 0.0, 0.0, 1.0, b, c)
+    start = ts - dur
+    suf = 0.0
+    sff = 0.0
+    ssg = 0.0
+    sgg = 0.0
+    for j in range(n_cells):
+        tj = np.float64(t[g, j])
+        ind = tj < ts
+        tau = max(tj - start, 0.0) if ind else tj - ts
+        f, gg = _solution(tau, 0.0 if ind else u0_, 0.0 if ind else s0_, 1.0 if ind else 0.0, b, c)
+        wj = np.float64(w[g, j])
+        f = f * wj
+        gg = gg * wj
+        suf += u[g, j] * f
+        sff += f * f
+        ssg += s[g, j] * gg
+        sgg += gg * gg
+    return suf, sff, ssg, sgg
+
+
 @numba.njit(parallel=True, fastmath=True, cache=True)
 def curve_sums(u, s, w, t, t_, t_on, beta, gamma):  # pragma: no cover - compiled
     """``(n_genes, 4)`` float64 sums over the cells weighted in ``w``: ``u f, f f, s g, g g``.
@@ -147,33 +173,37 @@ def curve_sums(u, s, w, t, t_, t_on, beta, gamma):  # pragma: no cover - compile
     w, t`` are ``(n_genes, n_cells)``, the parameters ``(n_genes,)`` float64. The loop
     over cells has no branch (selections), so it vectorises.
     """
-    n_genes, n_cells = u.shape
+    n_genes = u.shape[0]
     out = np.zeros((n_genes, 4))
     for g in numba.prange(n_genes):
-        b, c, ts = beta[g], gamma[g], t_[g]
-        dur = max(ts - t_on[g], 0.0)
-        u0_, s0_ = _solution(dur, 0.0, 0.0, 1.0, b, c)
-        start = ts - dur
-        suf = 0.0
-        sff = 0.0
-        ssg = 0.0
-        sgg = 0.0
-        for j in range(n_cells):
-            tj = np.float64(t[g, j])
-            ind = tj < ts
-            tau = max(tj - start, 0.0) if ind else tj - ts
-            f, gg = _solution(tau, 0.0 if ind else u0_, 0.0 if ind else s0_, 1.0 if ind else 0.0, b, c)
-            wj = np.float64(w[g, j])
-            f = f * wj
-            gg = gg * wj
-            suf += u[g, j] * f
-            sff += f * f
-            ssg += s[g, j] * gg
-            sgg += gg * gg
+        suf, sff, ssg, sgg = _gene_curve_sums(u, s, w, t, g, t_[g], t_on[g], beta[g], gamma[g])
         out[g, 0] = suf
         out[g, 1] = sff
         out[g, 2] = ssg
         out[g, 3] = sgg
+    return out
+
+
+@numba.njit(parallel=True, fastmath=True, cache=True)
+def curve_sums_grid(u, s, w, t, t_, t_on, beta, gamma):  # pragma: no cover - compiled
+    """:func:`curve_sums` for many candidate parameter sets in one call: ``(n_cand, n_genes, 4)``.
+
+    The parameters are ``(n_cand, n_genes)`` float64, the data as :func:`curve_sums`'s;
+    each gene and candidate is the same sums as that kernel's (the same compiled loop),
+    with the candidates and genes in parallel together. The onset fit's grid
+    (:func:`explorer.models._em.grid_onset`, 15 and 120 candidates) is then one call instead
+    of one per candidate.
+    """
+    n_cand, n_genes = t_.shape
+    out = np.zeros((n_cand, n_genes, 4))
+    for i in numba.prange(n_cand * n_genes):
+        k = i // n_genes
+        g = i - k * n_genes
+        suf, sff, ssg, sgg = _gene_curve_sums(u, s, w, t, g, t_[k, g], t_on[k, g], beta[k, g], gamma[k, g])
+        out[k, g, 0] = suf
+        out[k, g, 1] = sff
+        out[k, g, 2] = ssg
+        out[k, g, 3] = sgg
     return out
 
 

@@ -245,6 +245,28 @@ def _graph_recursion(large: bool) -> int | None:  # noqa: FBT001
     return 1 if large else None
 
 
+def _aligned_readouts(
+    data: Any, p: Any, t: Any, state: Any, ratio: Any, t_max: float, with_velocities: bool  # noqa: FBT001
+) -> tuple[Any, ...]:
+    """The EM's read-outs of a gene batch after its final assignment, per gene.
+
+    scVelo's ``align_dynamics`` (each gene's time stretched to a total of ``t_max``), then
+    the curve at the cells' times, once for the likelihood, R² and (``with_velocities``)
+    the velocities at those times. Returns ``(factor, aligned params, aligned times,
+    likelihood, R², velocity, velocity_u)``, the velocities None without them.
+    """
+    from explorer.models import _em
+
+    m = _em.alignment_factor(t, p, t_max)
+    p = p.replace(alpha=p.alpha / m, beta=p.beta / m, gamma=p.gamma / m, t_=p.t_ * m, t_on=p.t_on * m)
+    t = t * m
+    at = _em.curve(t, p)
+    lik = _em.likelihood(data, p, t, ratio, at=at)
+    r2 = _em.r2(data, p, t, at=at)
+    vs, vu = _em.velocities(data, p, t, state, at=at) if with_velocities else (None, None)
+    return m, p, t, lik, r2, vs, vu
+
+
 def _batch_seed(seed: int, start: int) -> int:
     """Seed of the gene batch starting at gene ``start``: distinct per batch, fixed by ``seed``."""
     return int(np.random.SeedSequence([seed, start]).generate_state(1)[0])
@@ -593,14 +615,15 @@ class Dynamical(Hyperparameters):
         u = _on_device(np.ascontiguousarray(u_np.T, dtype=np.float32), device)
         s = _on_device(np.ascontiguousarray(s_np.T, dtype=np.float32), device)
         xp = _em._xp(u)
-        data, recoverable = _em.prepare(u, s)
+        # numpy's per-gene steps on two halves of the genes, in two threads (same numbers)
+        data, recoverable = _em.in_two_halves(_em.prepare, u, s)
         n_obs = u.shape[1]
         em_data = data
         if self.max_cells_em is not None and n_obs > self.max_cells_em:
             # each gene's own draw from the cells that carry its weight (rare populations stay)
             em_data = data.take_cells(_em.weighted_cells(data.weights, self.max_cells_em, seed=seed))
         init = _em.initialize_shape(
-            em_data, _em.initialize(data), factors=_SHAPE_FACTORS, n_newton=self.n_newton
+            em_data, _em.in_two_halves(_em.initialize, data), factors=_SHAPE_FACTORS, n_newton=self.n_newton
         )
         p, ratio = init.params, init.ratio
         mom = _em.moments(em_data)
@@ -624,24 +647,19 @@ class Dynamical(Hyperparameters):
         a = _em.assign(data, p, n_newton=self.n_newton, smooth=smoother)
         # an amplitude at its floor is no fit (no weighted cell left on the curve): not recoverable
         recoverable = _em.to_numpy(recoverable & (p.alpha > 2 * _em._TINY)[:, 0])
-        # scVelo's align_dynamics: stretch each gene's time to a total of t_max
-        m = _em.alignment_factor(a.t, p, self.t_max)
-        p = p.replace(
-            alpha=p.alpha / m, beta=p.beta / m, gamma=p.gamma / m, t_=p.t_ * m, t_on=p.t_on * m
-        )  # fmt: skip
-        t = a.t * m
-        # the curve at the cells' times, once for the likelihood, R² and velocities
-        at = _em.curve(t, p)
-        lik = _em.likelihood(data, p, t, ratio, at=at)
-        r2 = _em.r2(data, p, t, at=at)
-        t_smooth = t if smoother is None else smoother(t)
-        t_out = t_smooth if self.smooth_time else t
+        # the read-outs, per gene: on two halves of the genes in two threads (same numbers)
+        smooth_out = self.smooth_time and smoother is not None
+        m, p, t, lik, r2, vs, vu = _em.in_two_halves(
+            _aligned_readouts, data, p, a.t, a.state, ratio, self.t_max, not smooth_out
+        )
+        t_out = smoother(t) if smooth_out else t
+        if smooth_out:
+            vs, vu = _em.velocities(data, p, t_out, a.state)
         # the latent time reads the unsmoothed times (scVelo's reads its smoothed fit_t):
         # averaging over neighbours mixes off cells placed at time 0 with those at the end
         # of repression into mid-range times (the wrap at (0, 0)), which on scVelo's own
         # simulator cost the latent time up to 0.25 of Spearman correlation
         t_latent = t
-        vs, vu = _em.velocities(data, p, t_out, a.state, at=at if t_out is t else None)
         state = _em.to_numpy(a.state)
         fracs = np.stack([(state == k).mean(1, dtype=np.float32) for k in range(4)], 1)
         report(progress, step0 + self.max_iter + 1, total, "velocities")
@@ -890,14 +908,21 @@ class Dynamical(Hyperparameters):
                     _em.grid_onset(grid_data, start_p, grid_t, ratio, t_on_grid=[0.0], **grid), free=False
                 )
                 t_on_grid = [x * self.t_max for x in _GRID_T_ON]
-                f = best(
-                    refine(
-                        _em.grid_onset(grid_data, c[0], grid_t, ratio, t_on_grid=t_on_grid, **grid),
-                        free=True,
-                    ),
-                    # the free model contains the constrained one: also start it from there
-                    refine(c[0], free=True),
+                # the free model from the grid's best and, as it contains the constrained
+                # one, also from there: two independent fits, run as one on the genes twice
+                # (each gene's numbers are those of its own fit, in half the kernel calls)
+                n_genes = c[0].alpha.shape[0]
+                from_grid = _em.grid_onset(grid_data, c[0], grid_t, ratio, t_on_grid=t_on_grid, **grid)
+                p2, loss2 = refine(
+                    _em.stack_genes(from_grid, c[0]),
+                    free=True,
+                    data=_em.stack_genes(fit_data, fit_data),
+                    mom=_em.stack_genes(mom, mom),
+                    t=_em.stack_genes(fit_t, fit_t),
+                    ratio=_em.stack_genes(ratio, ratio),
                 )
+                (p_grid, p_c), (l_grid, l_c) = _em.split_genes(p2, n_genes), _em.split_genes(loss2, n_genes)
+                f = best((p_grid, l_grid), (p_c, l_c))
                 # and the constrained model gets the free one's start: the same search for both
                 c = best(c, refine(f[0].replace(t_on=xp.zeros_like(f[0].t_on)), free=False))
 

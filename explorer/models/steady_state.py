@@ -57,9 +57,19 @@ def column_percentile(a: np.ndarray, q: float) -> np.ndarray:
     virtual = q / 100 * (n - 1)
     lo = int(np.floor(virtual))
     frac = virtual - lo
-    part = np.partition(a, lo, axis=0)
-    below = part[lo]
-    above = part[lo + 1 :].min(axis=0) if lo + 1 < n else below
+    if a.ndim == 2 and a.shape[1] > 1 and a.flags.c_contiguous:
+        # each column's values contiguous (a transposed copy): the partition runs along
+        # memory, half the time of partitioning the strided columns, and the order
+        # statistics are the same numbers (the caller's mask, built from them on ``a``
+        # itself, is the same bit for bit and in the same layout)
+        part = np.ascontiguousarray(a.T)  # a copy (a is 2-D with several columns), sorted in place
+        part.partition(lo, axis=1)
+        below = part[:, lo]
+        above = part[:, lo + 1 :].min(axis=1) if lo + 1 < n else below
+    else:
+        part = np.partition(a, lo, axis=0)
+        below = part[lo]
+        above = part[lo + 1 :].min(axis=0) if lo + 1 < n else below
     diff = above - below
     return above - diff * (1 - frac) if frac >= 0.5 else below + diff * frac
 

@@ -716,3 +716,77 @@ def test_take_cells_gives_contiguous_copies_of_the_same_values():
     data_t = _em.GeneData(*(torch.from_numpy(np.asarray(getattr(data, f))) for f in fields))
     sub_t = data_t.take_cells(torch.from_numpy(idx))
     np.testing.assert_array_equal(sub_t.u.numpy(), sub.u)
+
+
+def test_grid_onset_in_one_kernel_call_is_the_candidates_one_by_one():
+    """The onset grid's candidates in one compiled call give, bit for bit, the parameters of
+    one ``profiled_loss`` per candidate and the serial choice (first of equal losses kept)."""
+    rng = np.random.default_rng(4)
+    n_genes, n_cells = 9, 300
+    t = rng.uniform(0, 20, (n_genes, n_cells)).astype(np.float32)
+    t_ = np.full((n_genes, 1), 9.0, dtype=np.float32)
+    alpha = rng.uniform(0.5, 2, (n_genes, 1)).astype(np.float32)
+    beta = rng.uniform(0.3, 2, (n_genes, 1)).astype(np.float32)
+    gamma = rng.uniform(0.1, 1, (n_genes, 1)).astype(np.float32)
+    u, s = kinetics.trajectory(t, t_, alpha, beta, gamma, xp=np)
+    noise = rng.normal(1, 0.1, (2, n_genes, n_cells)).astype(np.float32)
+    data, _ = _em.prepare(np.abs(u * noise[0]).astype(np.float32), np.abs(s * noise[1]).astype(np.float32))
+    p = _em.Params(alpha, beta, gamma, t_, np.ones_like(alpha), np.zeros_like(alpha))
+    ratio = gamma / beta
+    grid = {"t_on_grid": [-2.0, 0.0, 3.0], "duration_grid": [4.0, 8.0], "rate_grid": [0.5, 1.0, 1.0, 2.0]}
+    got = _em.grid_onset(data, p, t, ratio, **grid)
+    mom = _em.moments(data)
+    best_loss, want = None, None
+    for cand in _em._grid_candidates(p, grid["t_on_grid"], grid["duration_grid"], grid["rate_grid"]):
+        loss, cand = _em.profiled_loss(data, mom, cand, t, ratio)
+        if best_loss is None:
+            best_loss, want = loss, cand
+        else:
+            better = loss < best_loss
+            best_loss, want = np.where(better, loss, best_loss), want.where(better, cand)
+    for name in ("alpha", "beta", "gamma", "t_", "scaling", "t_on"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+
+
+def test_em_steps_on_two_halves_of_the_genes_are_the_one_call(monkeypatch):
+    """``in_two_halves`` (the data preparation, initial guess and read-outs in two threads)
+    and ``stack_genes`` (two onset refinements as one) give each gene its own numbers."""
+    from explorer.models import dynamical
+
+    rng = np.random.default_rng(5)
+    u = rng.gamma(2.0, 1.0, (40, 3000)).astype(np.float32)
+    s = rng.gamma(2.0, 1.0, (40, 3000)).astype(np.float32)
+    u[::4, ::3] = 0
+    one_data, one_rec = _em.prepare(u, s)
+    two_data, two_rec = _em.in_two_halves(_em.prepare, u, s)
+    np.testing.assert_array_equal(one_rec, two_rec)
+    for name in ("u", "s", "weights", "weights_upper", "std_u", "std_s"):
+        np.testing.assert_array_equal(getattr(one_data, name), getattr(two_data, name), err_msg=name)
+    one_init = _em.initialize(one_data)
+    two_init = _em.in_two_halves(_em.initialize, one_data)
+    p = one_init.params
+    np.testing.assert_array_equal(one_init.ratio, two_init.ratio)
+    for name in ("alpha", "beta", "gamma", "t_", "scaling", "t_on"):
+        np.testing.assert_array_equal(getattr(p, name), getattr(two_init.params, name), err_msg=name)
+    a = _em.assign(one_data, p, n_newton=2)
+    args = (one_data, p, a.t, a.state, one_init.ratio, 20.0, True)
+    halves = _em.in_two_halves(dynamical._aligned_readouts, *args)
+    for x, y in zip(dynamical._aligned_readouts(*args), halves, strict=True):
+        if isinstance(x, _em.Params):
+            x, y = x.alpha, y.alpha
+        np.testing.assert_array_equal(x, y)
+    # two m-steps from different starts as one on the genes twice
+    mom = _em.moments(one_data)
+    start_b = p.replace(t_=p.t_ * 1.3)
+    step = np.full_like(p.alpha, np.log(1.5))
+    each = [_em.m_step(one_data, mom, q, a.t, one_init.ratio, step, fit_t_on=True)[:2] for q in (p, start_b)]
+    both, loss = _em.m_step(
+        _em.stack_genes(one_data, one_data), _em.stack_genes(mom, mom), _em.stack_genes(p, start_b),
+        _em.stack_genes(a.t, a.t), _em.stack_genes(one_init.ratio, one_init.ratio),
+        _em.stack_genes(step, step), fit_t_on=True,
+    )[:2]  # fmt: skip
+    halves, losses = _em.split_genes(both, 40), _em.split_genes(loss, 40)
+    for (want_p, want_loss), got_p, got_loss in zip(each, halves, losses, strict=True):
+        np.testing.assert_array_equal(got_loss, want_loss)
+        np.testing.assert_array_equal(got_p.t_on, want_p.t_on)
+        np.testing.assert_array_equal(got_p.gamma, want_p.gamma)

@@ -92,12 +92,19 @@ def test_generalized_least_squares_recovers_exact_lines():
     np.testing.assert_allclose(offset2, 0.1, rtol=1e-2)
 
 
+@pytest.mark.parametrize("order", ["C", "F"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("q", [5, 50, 95, 97.3, 100])
-def test_column_percentile_is_numpys(q):
+def test_column_percentile_is_numpys(q, dtype, order):
+    """Bit for bit, both memory layouts (C-ordered columns are partitioned as rows of a copy)."""
     rng = np.random.default_rng(1)
-    a = rng.poisson(2.0, (301, 7)).astype(np.float32)  # many ties
+    a = rng.poisson(2.0, (301, 7)).astype(dtype)  # many ties
     a[:, 3] = 0
-    np.testing.assert_array_equal(column_percentile(a, q), np.percentile(a, q, axis=0))
+    a[:, 5] = rng.random(301)
+    a = np.asarray(a, order=order)
+    got = column_percentile(a, q)
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(got, np.percentile(a, q, axis=0))
 
 
 def test_extreme_quantile_mask_both_tails():

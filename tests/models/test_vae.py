@@ -312,6 +312,40 @@ def test_bad_parameters_are_refused():
         VeloVAE(n_starts=0)
 
 
+def test_decoder_and_time_grid_match_the_ode_by_hand():
+    """Stage 1's decode is rho times the gene's curve at rate alpha (the ODE from (0, 0) is linear
+    in the rate), and the time grid's matrix log-likelihood equals a decode at every grid time."""
+    torch = pytest.importorskip("torch")
+    from explorer.models._vae_module import VAEModule
+
+    g, n = 7, 5
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(lo: float, hi: float, *shape: int):
+        return lo + (hi - lo) * torch.rand(*shape, generator=gen)
+
+    init = {
+        "alpha": rand(0.5, 3, g), "beta": rand(0.2, 2, g), "gamma": rand(0.1, 1, g),
+        "scaling": rand(0.5, 2, g), "t_on": rand(-2, 4, g), "t_off": rand(5, 15, g),
+        "sigma_u": rand(0.1, 1, g), "sigma_s": rand(0.1, 1, g),
+    }  # fmt: skip
+    module = VAEModule(g, g, variant="full", dim_c=2, hidden=(8, 4), dropout=0.0, init=init, t_init=5.0)
+    module.eval()
+    rho, t = rand(0.05, 1, n, g), rand(-1, 18, n, 1)
+    alpha, beta, gamma, scaling = module.rates()
+    with torch.no_grad():
+        dec = module.decode(t, None, rho=rho)
+        u, s = kinetics.trajectory(t, module.t_off, rho * alpha, beta, gamma, t_on=module.t_on, xp=torch)
+        torch.testing.assert_close(dec.u, u.clamp(min=0) * scaling)
+        torch.testing.assert_close(dec.s, s.clamp(min=0))
+        u_obs, s_obs = rand(0, 3, n, g), rand(0, 3, n, g)
+        grid = torch.linspace(-2, 20, 9)
+        decoded = [module.decode(tj.expand(n, 1), None, rho=rho) for tj in grid]
+        loop = torch.stack([module.log_likelihood(u_obs, s_obs, d) for d in decoded], 1)
+        matrix = module.grid_log_likelihood(u_obs, s_obs, rho, grid)
+        torch.testing.assert_close(matrix, loop, rtol=1e-5, atol=1e-3)
+
+
 # ------------------------------------------------------------------------ the score
 
 
