@@ -1012,11 +1012,11 @@ def grid_onset(
     """
     xp = _xp(p.alpha)
     mom = moments(data)
+    cands = _grid_candidates(p, t_on_grid, duration_grid, rate_grid)
     if _compiled(data.u):
-        grid = {"t_on_grid": t_on_grid, "duration_grid": duration_grid, "rate_grid": rate_grid}
-        return _grid_onset_compiled(data, mom, p, t, ratio, reg=reg, **grid)
+        return _grid_onset_compiled(data, mom, cands, t, ratio, reg=reg)
     best_loss, best = None, p
-    for cand in _grid_candidates(p, t_on_grid, duration_grid, rate_grid):
+    for cand in cands:
         loss, cand = profiled_loss(data, mom, cand, t, ratio, reg=reg)
         if best_loss is None:
             best_loss, best = loss, cand
@@ -1046,25 +1046,15 @@ def _grid_candidates(
 
 
 def _grid_onset_compiled(
-    data: GeneData,
-    mom: Moments,
-    p: Params,
-    t: Array,
-    ratio: Array,
-    *,
-    t_on_grid: list[float],
-    duration_grid: list[float],
-    rate_grid: list[float],
-    reg: float,
+    data: GeneData, mom: Moments, cands: list[Params], t: Array, ratio: Array, *, reg: float
 ) -> Params:
-    """:func:`grid_onset` with every candidate's sums in one compiled call (CPU).
+    """:func:`grid_onset` over its candidates ``cands``, every candidate's sums in one compiled call (CPU).
 
     The same numbers as one :func:`profiled_loss` per candidate (the kernels share their
     loop, and the rest is element-wise), in one kernel call instead of up to 120, and
     the same choice: per gene the first candidate whose loss no later one undercuts,
     where a NaN loss never wins unless it is the first.
     """
-    cands = _grid_candidates(p, t_on_grid, duration_grid, rate_grid)
     stacked = {f.name: _stack([getattr(c, f.name) for c in cands]) for f in fields(Params)}
 
     def per_cand(name: str) -> np.ndarray:

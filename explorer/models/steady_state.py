@@ -64,12 +64,11 @@ def column_percentile(a: np.ndarray, q: float) -> np.ndarray:
         # itself, is the same bit for bit and in the same layout)
         part = np.ascontiguousarray(a.T)  # a copy (a is 2-D with several columns), sorted in place
         part.partition(lo, axis=1)
-        below = part[:, lo]
-        above = part[:, lo + 1 :].min(axis=1) if lo + 1 < n else below
+        part = part.T
     else:
         part = np.partition(a, lo, axis=0)
-        below = part[lo]
-        above = part[lo + 1 :].min(axis=0) if lo + 1 < n else below
+    below = part[lo]
+    above = part[lo + 1 :].min(axis=0) if lo + 1 < n else below
     diff = above - below
     return above - diff * (1 - frac) if frac >= 0.5 else below + diff * frac
 
