@@ -35,7 +35,11 @@ is also timed inside the page (from its click event to the painted frame, the pa
 clock): the time seen from here adds this script's round trips through the browser
 process, which creates the other pages' contexts meanwhile. ``--rounds`` repeats the
 open-and-close to show whether memory comes back every time. ``--sizes`` with no
-value skips the latency part.
+value skips the latency part. Each round also reports the CPU seconds the server and
+every chromium process (renderers, browser, GPU process...) spent from the burst's start
+until its last page was usable (``cpu_s_until_last_usable``, read from ``/proc/<pid>/stat``):
+on a shared machine that figure moves far less with other work than the wall time, and on
+2 cores the last page cannot be usable much before half of it.
 
 How a page is seen to be ready, or a click answered (``--probe``): ``js`` (default) runs one
 small script in the page every 100 ms that walks the page's elements, shadow roots
@@ -393,6 +397,85 @@ async def _torch_loaded(pid: int, timeout_s: float) -> bool:
         await asyncio.sleep(0.5)
 
 
+def _cpu_by_process(server_pid: int) -> dict[int, tuple[str, float]]:
+    """CPU seconds so far of the server and of every chromium process this script started.
+
+    Returns pid -> (kind, user + system seconds), read from ``/proc/<pid>/stat``; kinds:
+    ``server``, ``renderer``, ``gpu-process``, ``utility``, ``zygote``, ``browser``
+    (chromium's main process), ``crashpad``, ``other`` (playwright's driver and anything
+    else below this script).
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    parents: dict[int, int] = {}
+    stats: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(entry.name)
+        parents[pid] = int(fields[1])
+        stats[pid] = (int(fields[11]) + int(fields[12])) / tick
+    out: dict[int, tuple[str, float]] = {}
+    if server_pid in stats:
+        out[server_pid] = ("server", stats[server_pid])
+    me = os.getpid()
+    for pid, cpu in stats.items():
+        ancestor = parents.get(pid)
+        while ancestor not in (None, 0, 1, me):
+            ancestor = parents.get(ancestor)
+        if ancestor != me or pid == server_pid:
+            continue
+        try:
+            # chromium's children rewrite their command line as one string with spaces
+            cmd = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").split()
+        except OSError:
+            continue
+        name = Path(cmd[0].decode(errors="replace")).name if cmd else ""
+        kind = "other"
+        if "crashpad" in name:
+            kind = "crashpad"
+        elif name.startswith(("chromium", "chrome", "headless_shell")):
+            kind = next((c.split(b"=", 1)[1].decode() for c in cmd if c.startswith(b"--type=")), "browser")
+        out[pid] = (kind, cpu)
+    return out
+
+
+def _cpu_spent(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds spent between two :func:`_cpu_by_process` readings, by kind (and ``total``).
+
+    A process that started in between counts from zero; one that ended in between is lost
+    (chromium's pages are closed only after the readings).
+    """
+    spent: dict[str, float] = {}
+    for pid, (kind, cpu) in after.items():
+        spent[kind] = spent.get(kind, 0.0) + cpu - (before[pid][1] if pid in before else 0.0)
+    spent["chromium"] = sum(v for k, v in spent.items() if k not in ("server", "other", "crashpad"))
+    spent["total"] = spent["chromium"] + spent.get("server", 0.0)
+    return {k: round(v, 2) for k, v in sorted(spent.items())}
+
+
+async def _rss_steady(pid: int, timeout_s: float, *, within_mb: float = 1.0, for_s: float = 3.0) -> bool:
+    """Wait (at most ``timeout_s``) until process ``pid``'s RSS moved less than ``within_mb`` in ``for_s``."""
+    import asyncio
+
+    deadline = time.perf_counter() + timeout_s
+    readings: list[tuple[float, float]] = []
+    while time.perf_counter() < deadline:
+        now = time.perf_counter()
+        try:
+            readings.append((now, _rss_mb(pid)))
+        except OSError:
+            return False
+        recent = [m for t, m in readings if t >= now - for_s]
+        if readings[0][0] <= now - for_s and max(recent) - min(recent) < within_mb:
+            return True
+        await asyncio.sleep(0.5)
+    return False
+
+
 def _rss_mb(pid: int) -> float:
     """Resident memory of process ``pid`` in MB (``VmRSS``)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -503,12 +586,27 @@ async def _gene_click_in_page(page, row: int, timeout_ms: float) -> tuple[float,
     return time.perf_counter() - start, in_page
 
 
-async def _load_round(browser, url: str, n_pages: int, first, *, timeout_s: float) -> dict[str, object]:
-    """Open ``n_pages`` at once while clicking genes on ``first``; returns the timings."""
+async def _load_round(
+    browser, url: str, n_pages: int, first, *, timeout_s: float, server_pid: int | None = None
+) -> dict[str, object]:
+    """Open ``n_pages`` at once while clicking genes on ``first``; returns the timings.
+
+    With ``server_pid``, also the CPU seconds the server and chromium spent from the
+    burst's start until its last page was usable (:func:`_cpu_spent`).
+    """
     import asyncio
 
     timeout_ms = timeout_s * 1e3
+    cpu_start = _cpu_by_process(server_pid) if server_pid is not None else None
+    cpu_usable: dict[str, float] = {}
     tasks = [asyncio.ensure_future(_open_page(browser, url, timeout_ms)) for _ in range(n_pages)]
+
+    def page_usable(_task: object) -> None:
+        if cpu_start is not None and not cpu_usable and all(t.done() for t in tasks):
+            cpu_usable.update(_cpu_spent(cpu_start, _cpu_by_process(server_pid)))
+
+    for task in tasks:
+        task.add_done_callback(page_usable)
     clicks: list[float] = []
     clicks_in_page: list[float] = []
     row = 0
@@ -533,6 +631,7 @@ async def _load_round(browser, url: str, n_pages: int, first, *, timeout_s: floa
         "clicks_while_loading_s": clicks,
         "clicks_while_loading_in_page_s": clicks_in_page,
         "first_click_on_new_pages_s": new_clicks,
+        "cpu_s_until_last_usable": cpu_usable,
     }
 
 
@@ -576,11 +675,16 @@ def load_scenario(
             # (explorer.app.main.configure_process): the idle level is read after it, or a
             # late import lands between this reading and the one after the close
             out["torch loaded before the idle reading"] = await _torch_loaded(proc.pid, 60)
+            # torch's library is mapped when its import starts, not when it ends: one idle
+            # reading taken right then was 20 MB under the others (535 against 555 MB)
+            out["rss steady before the idle reading"] = await _rss_steady(proc.pid, 30)
             out["first page ready (s)"] = first_ready
             out["rss idle with one page (MB)"] = _rss_mb(proc.pid)
             for _ in range(rounds):
                 begin = time.perf_counter() - t0
-                result = await _load_round(browser, url, n_pages, first, timeout_s=timeout_s)
+                result = await _load_round(
+                    browser, url, n_pages, first, timeout_s=timeout_s, server_pid=proc.pid
+                )
                 closed = time.perf_counter() - t0
                 await asyncio.sleep(settle_s)
                 result["rss peak (MB)"] = max(m for t, m in samples if t >= begin)
@@ -613,7 +717,9 @@ def print_load(report: dict[str, object]) -> None:
     """Print the load scenario as a Markdown table, one row per round."""
     print(
         f"\nfirst page ready: {report['first page ready (s)']:.1f} s; "
-        f"server RSS idle with one page: {report['rss idle with one page (MB)']:.0f} MB (torch loaded: {report['torch loaded before the idle reading']})"
+        f"server RSS idle with one page: {report['rss idle with one page (MB)']:.0f} MB "
+        f"(torch loaded: {report['torch loaded before the idle reading']}, "
+        f"RSS steady: {report.get('rss steady before the idle reading')})"
     )
     n = report["pages"]
     print(
@@ -634,6 +740,9 @@ def print_load(report: dict[str, object]) -> None:
             f"{max(r['first_click_on_new_pages_s']):.2f} | {r['rss peak (MB)']:.0f} | "
             f"{after[0]:.0f} / {after[-1]:.0f} |"
         )
+    for i, r in enumerate(report["rounds"], 1):
+        if r.get("cpu_s_until_last_usable"):
+            print(f"round {i}: CPU seconds until the last page was usable: {r['cpu_s_until_last_usable']}")
     if report["server errors logged"]:
         print("\nserver errors logged:\n" + "\n".join(report["server errors logged"]))
 

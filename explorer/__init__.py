@@ -22,6 +22,9 @@ all lazy loads of heavy libraries that most uses never need:
   `explorer fit` on data that is already preprocessed starts without them.
 - **distributed** (Dask) and **h5py**, imported inside :mod:`explorer.stream` by the Dask
   client and the ``.h5ad`` block reader only.
+- **zarr**, imported inside :func:`explorer.data.io.read_zarr_lazy` (and by
+  :mod:`explorer.stream`): an in-memory ``explorer fit`` loads anndata with a stand-in for
+  it (:func:`explorer._process.lean_anndata_import`) and never the real one.
 - **pygpcca**, imported inside :mod:`explorer.graph.fates` when GPCCA macrostates are computed.
 - **scipy.stats**, imported inside ``explorer.app.readouts`` and ``explorer.models.metrics``.
 - **explorer's own optional parts**: ``explorer.cli`` imports the modules of ``compare``,

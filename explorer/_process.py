@@ -1,17 +1,20 @@
 """Process-wide settings that must be in place before a library loads: set once, here.
 
-The OpenMP wait policy, and the libraries that anndata need not load for an in-memory
-``explorer fit``. The CLI's ``main``, a torch model's ``fit`` (before it first imports
-torch) and the test suite's ``conftest.py`` call :func:`set_up_process`; ``explorer.cli``
-imports anndata under :func:`lean_anndata_import` and its modules under
-:func:`collector_paused`; ``explorer fit`` (in memory) runs under :func:`fit_settings`.
+The OpenMP wait policy, the libraries that anndata need not load for an in-memory
+``explorer fit``, and how the command's memory is allocated. The CLI's ``main``, a torch
+model's ``fit`` (before it first imports torch) and the test suite's ``conftest.py`` call
+:func:`set_up_process`; ``explorer.cli`` imports anndata under :func:`lean_anndata_import`
+and its modules under :func:`collector_paused`; ``explorer fit`` (in memory) runs under
+:func:`fit_settings`, and the console command under :func:`keep_freed_memory` too.
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 import sys
+import types
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,8 +27,20 @@ if TYPE_CHECKING:
 #: CPU of the command's start-up (dask.array alone 0.4 s, most of it rewriting numpy's
 #: docstrings), a tenth of the whole command on the pancreas
 _ANNDATA_OPTIONAL = ("dask", "xarray")
+#: zarr, which anndata 0.12 imports unconditionally (with numcodecs, asyncio and fsspec:
+#: about 0.1 s of CPU of the command's start-up) for its ``.zarr`` reader and writer and to
+#: register them by zarr's ``Array`` and ``Group`` types; an in-memory ``explorer fit``
+#: never reads or writes ``.zarr`` (:func:`is_in_memory_fit` says no to any ``.zarr``
+#: argument), so anndata gets a stand-in whose two types no object is an instance of
+_ANNDATA_ZARR = "zarr"
 #: ``explorer fit`` options (as argparse prefixes) that stream gene blocks, on Dask
 _STREAM_OPTIONS = ("--st", "--sc", "--w")
+#: glibc's ``mallopt`` parameters (``malloc.h``) and the values :func:`keep_freed_memory`
+#: sets: blocks up to 32 MB (glibc's ceiling for the threshold on 64-bit) come from the
+#: heap, whose freed memory is kept (trimmed only above 1 GB free at its top) and which
+#: grows 64 MB at a time
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_KEEP_FREED = ((_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, 1 << 30), (_M_TOP_PAD, 64 << 20))
 
 
 def set_up_process() -> None:
@@ -60,28 +75,66 @@ def is_in_memory_fit(argv: Sequence[str]) -> bool:
 
 @contextmanager
 def lean_anndata_import(argv: Sequence[str]) -> Iterator[None]:
-    """Import anndata inside this block without dask and xarray when ``argv`` is an in-memory fit.
+    """Import anndata inside this block without dask, xarray and zarr when ``argv`` is an in-memory fit.
 
     anndata loads dask.array and xarray at its own import only to recognise their types
     (``find_spec``); an in-memory ``explorer fit`` holds neither, so the block hides them
     (``sys.modules[name] = None`` reads as not installed) and restores them after: a
     later ``import dask`` works, only anndata in this process does not know its arrays.
-    The streamed fit (:mod:`explorer.stream`, on Dask) and every other command import
-    anndata as usual, as does a process that has loaded anndata already.
+    zarr, which anndata imports whether or not it is used, is replaced by a stand-in
+    module (:func:`_zarr_stand_in`) while anndata loads and removed after: a later
+    ``import zarr`` loads the real one, but anndata in this process cannot read or
+    write ``.zarr`` stores (an in-memory fit has none). The streamed fit
+    (:mod:`explorer.stream`, on Dask and zarr) and every other command import anndata as
+    usual, as does a process that has loaded anndata already.
     """
-    hide = (
-        [m for m in _ANNDATA_OPTIONAL if m not in sys.modules]
-        if "anndata" not in sys.modules and is_in_memory_fit(argv)
-        else []
-    )
+    lean = "anndata" not in sys.modules and is_in_memory_fit(argv)
+    hide = [m for m in _ANNDATA_OPTIONAL if m not in sys.modules] if lean else []
+    stand_in = _zarr_stand_in() if lean and _ANNDATA_ZARR not in sys.modules else None
     for name in hide:
         sys.modules[name] = None  # type: ignore[assignment]
+    if stand_in is not None:
+        sys.modules[_ANNDATA_ZARR] = stand_in
     try:
         yield
     finally:
         for name in hide:
             if name in sys.modules and sys.modules[name] is None:
                 del sys.modules[name]
+        if stand_in is not None and sys.modules.get(_ANNDATA_ZARR) is stand_in:
+            del sys.modules[_ANNDATA_ZARR]
+
+
+def import_anndata(argv: Sequence[str]) -> types.ModuleType:
+    """Import anndata, under :func:`lean_anndata_import` for an in-memory fit, whole if that fails.
+
+    The stand-ins fit the anndata releases tested here; should another release need more of
+    zarr (or dask) at its import than the stand-in gives, the partly loaded anndata is
+    dropped and imported again with every library it asks for, so the command only loses
+    the saving, never its start.
+    """
+    try:
+        with lean_anndata_import(argv):
+            import anndata
+    except Exception:  # noqa: BLE001 - any failure under the stand-ins: import it the usual way
+        for name in [m for m in sys.modules if m == "anndata" or m.startswith("anndata.")]:
+            del sys.modules[name]
+        import anndata
+    return anndata
+
+
+def _zarr_stand_in() -> types.ModuleType:
+    """Make a module named ``zarr`` with the two names anndata takes from zarr at its import.
+
+    ``Array`` and ``Group`` (anndata's ``ZarrArray``/``ZarrGroup``, keys of its reader and
+    writer registries and targets of its ``isinstance`` checks): empty classes, so no
+    object in the process is taken for a zarr store. Anything else (anndata's zarr
+    reader and writer) raises ``AttributeError``, which an in-memory fit never reaches.
+    """
+    module = types.ModuleType(_ANNDATA_ZARR, "Stand-in for zarr while anndata loads (explorer._process).")
+    module.Array = type("Array", (), {"__module__": _ANNDATA_ZARR})  # type: ignore[attr-defined]
+    module.Group = type("Group", (), {"__module__": _ANNDATA_ZARR})  # type: ignore[attr-defined]
+    return module
 
 
 @contextmanager
@@ -105,6 +158,34 @@ def collector_paused(*, freeze: bool = False) -> Iterator[None]:
             gc.freeze()
         if enabled:
             gc.enable()
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep the memory the process frees, for its next allocations.
+
+    By default glibc gives each block of more than 128 kB (a threshold it raises, up to
+    32 MB, as such blocks are freed) its own ``mmap`` and returns it to the kernel when it
+    is freed, and trims the heap whenever 128 kB lie free at its top; the next array of
+    that size is fresh memory again, which the kernel zeroes page by page on first touch.
+    The dynamical fit makes hundreds of short-lived arrays of 1-30 MB, and on this VM
+    those first touches cost 0.5-0.75 s of system time per pancreas command (about
+    200,000 page faults). With the thresholds raised (:data:`_KEEP_FREED`) freed blocks
+    are reused: about 145,000 faults and 0.1-0.15 s less system time, the same numbers.
+
+    For a process that exits after its work, as the console ``explorer fit`` does (a
+    program importing explorer keeps glibc's defaults; ``mallopt`` cannot put back the
+    adaptive threshold). Returns whether the settings were applied: False where the C
+    library is not glibc (musl, macOS, Windows).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt.restype = ctypes.c_int
+    return all(mallopt(param, value) == 1 for param, value in _KEEP_FREED)
 
 
 def _numpy_hugepage_switch() -> Any:

@@ -26,17 +26,17 @@ from typing import TYPE_CHECKING, Any
 from explorer._process import (
     collector_paused,
     fit_settings,
+    import_anndata,
     is_in_memory_fit,
-    lean_anndata_import,
+    keep_freed_memory,
     set_up_process,
 )
 
-# an in-memory `explorer fit` imports anndata without dask and xarray (0.5 s of CPU); no
+# an in-memory `explorer fit` imports anndata without dask, xarray and zarr (0.6 s of CPU); no
 # garbage collection while the modules load, and the console fit's modules then frozen
 # out of the collector's reach (collector_paused)
 with collector_paused(freeze=is_in_memory_fit(sys.argv)):
-    with lean_anndata_import(sys.argv):
-        import anndata as ad
+    ad = import_anndata(sys.argv)
     import numpy as np
     import pandas as pd
     from tqdm import tqdm
@@ -322,6 +322,9 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         clock = now
 
     params, out, protect = _check_fit_args(args)
+    if is_in_memory_fit(sys.argv):
+        # the console command exits after its write: freed arrays are reused, not handed back
+        keep_freed_memory()
     # an .h5ad output gets the input's arrays while the model fits (H5adWriter)
     writer = H5adWriter(out, protect=protect, overwrite=args.force) if out.suffix.lower() == ".h5ad" else None
     # one BLAS thread, no huge pages for numpy's temporaries (fit_settings says why)

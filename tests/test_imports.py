@@ -26,6 +26,7 @@ import functools
 import gc
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -374,7 +375,7 @@ def test_in_memory_fit_is_told_from_the_command_line():
 
 
 def test_fit_command_imports_anndata_without_dask(small_h5ad):
-    """``explorer fit`` in memory: anndata loads without dask.array and xarray (0.5 s of CPU).
+    """``explorer fit`` in memory: anndata loads without dask.array, xarray and zarr (0.6 s of CPU).
 
     The same process run as another program (here ``python -c``) loads them as usual,
     so the check can fail.
@@ -385,9 +386,96 @@ def test_fit_command_imports_anndata_without_dask(small_h5ad):
         f"sys.argv = ['explorer', *{args!r}]\nfrom explorer.cli import main\nassert main(sys.argv[1:]) == 0"
     )
     (lean,) = _loaded_after(as_command)
-    assert not lean & {"dask", "xarray"}, sorted(lean & {"dask", "xarray"})
+    optional = {"dask", "xarray", "zarr", "numcodecs"}
+    assert not lean & optional, sorted(lean & optional)
     assert "anndata" in lean
-    assert {"dask", "xarray"} <= _loaded_after("from explorer.cli import main")[0]
+    assert optional <= _loaded_after("from explorer.cli import main")[0]
+
+
+def test_lean_anndata_import_leaves_the_real_zarr_to_later_imports():
+    """After the lean import, anndata knows no zarr type, and ``import zarr`` loads the real zarr.
+
+    In a fresh interpreter, as the console command imports anndata.
+    """
+    statement = """
+import sys
+from explorer._process import lean_anndata_import
+with lean_anndata_import(["explorer", "fit", "a.h5ad"]):
+    import anndata
+assert "zarr" not in sys.modules, "the stand-in stayed"
+from anndata.compat import ZarrArray, ZarrGroup
+assert ZarrArray.__module__ == ZarrGroup.__module__ == "zarr", (ZarrArray, ZarrGroup)
+import zarr
+assert hasattr(zarr, "open_group") and zarr.Array is not ZarrArray, zarr
+print("OK")
+"""
+    command = [sys.executable, "-c", statement]
+    out = subprocess.run(command, capture_output=True, text=True, check=False, cwd=PACKAGE.parent)
+    assert out.returncode == 0, f"exit code {out.returncode}; stderr:\n{out.stderr[-4000:]}"
+    assert out.stdout.strip() == "OK"
+
+
+def test_an_anndata_the_stand_in_does_not_fit_is_imported_whole():
+    """Should anndata need more of zarr than the stand-in gives, the command still starts.
+
+    In a fresh interpreter, with a stand-in that lacks ``Group`` (as a release needing
+    another zarr name would find it): anndata's import fails under it, and
+    ``import_anndata`` drops the partial import and loads anndata with the real zarr.
+    """
+    statement = """
+import sys, types
+import explorer._process as process
+process._zarr_stand_in = lambda: types.ModuleType("zarr")
+anndata = process.import_anndata(["explorer", "fit", "a.h5ad"])
+from anndata.compat import ZarrArray
+import zarr
+assert ZarrArray is zarr.Array, ZarrArray
+assert anndata.AnnData is sys.modules["anndata"].AnnData
+print("OK")
+"""
+    command = [sys.executable, "-c", statement]
+    out = subprocess.run(command, capture_output=True, text=True, check=False, cwd=PACKAGE.parent)
+    assert out.returncode == 0, f"exit code {out.returncode}; stderr:\n{out.stderr[-4000:]}"
+    assert out.stdout.strip() == "OK"
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only"
+)
+def test_keep_freed_memory_reuses_freed_blocks():
+    """After ``keep_freed_memory``, arrays of 9-25 MB freed and made again touch no fresh page.
+
+    In fresh interpreters (the setting is process-wide), without numpy's huge pages (as
+    in ``explorer fit``): with glibc's defaults each new largest block is a fresh
+    ``mmap``, returned to the kernel when freed, so the second round faults on most of
+    its pages again (6,361 of 6,400 when written); with the setting the first round's
+    blocks are reused (0).
+    """
+    statement = """
+import resource, sys
+import numpy as np
+from explorer._process import _numpy_hugepage_switch, keep_freed_memory
+_numpy_hugepage_switch()(False)  # as inside fit_settings: 4 kB pages, counted one by one
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+def round_():
+    for mb in (9, 17, 25):
+        a = np.ones(mb << 18, dtype=np.float32)
+        del a
+round_()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+round_()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+    faults = {}
+    for mode in ("default", "keep"):
+        command = [sys.executable, "-c", statement, mode]
+        out = subprocess.run(command, capture_output=True, text=True, check=False, cwd=PACKAGE.parent)
+        assert out.returncode == 0, f"exit code {out.returncode}; stderr:\n{out.stderr[-4000:]}"
+        faults[mode] = int(out.stdout.strip())
+    pages = (25 << 20) // 4096
+    assert faults["default"] > pages // 2, faults  # the check below can fail
+    assert faults["keep"] < pages // 20, faults
 
 
 def test_fit_settings_limit_blas_and_huge_pages_and_put_them_back():

@@ -90,7 +90,10 @@ GENE_COLUMNS: dict[str, tuple[str, str]] = {
     Key.var.FIT_RATE_ALPHA: ("alpha", "median over cells of the per-cell transcription rate"),
     Key.var.FIT_RATE_BETA: ("beta", "median over cells of the per-cell splicing rate"),
     Key.var.FIT_RATE_GAMMA: ("gamma", "median over cells of the per-cell degradation rate"),
-    Key.var.FIT_T_: ("switch time", "time the gene switches from induction to repression"),
+    Key.var.FIT_T_: (
+        "switch time",
+        "time the gene switches from induction to repression (none: it does not switch off)",
+    ),
     Key.var.FIT_SCALING: ("scaling", "scale of u relative to s"),
     Key.var.FIT_KINETIC_SIGNAL: (
         "kinetic signal",

@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any
 import anndata as ad
 import h5py
 import numpy as np
-import zarr
 from anndata.io import read_elem
 from scipy import sparse
 
@@ -37,6 +36,7 @@ from explorer.keys import Key
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
 
+    import zarr
     from anndata import AnnData
 
 logger = logging.getLogger(__name__)
@@ -152,7 +152,9 @@ def read_zarr_lazy(
     InputError
         Not an AnnData store, or neither pair of layers in it.
     """
-    # anndata's lazy reader imports Dask (a deliberate lazy load, explorer/__init__.py)
+    # anndata's lazy reader imports Dask, and zarr is read here only (deliberate lazy loads,
+    # explorer/__init__.py)
+    import zarr
     from anndata.experimental import read_elem_lazy
 
     path = Path(path)
@@ -202,6 +204,8 @@ def read_zarr_lazy(
 
 def _remember_zarr(layer: object, array: object) -> None:
     """Note that Dask array ``layer`` reads zarr array ``array`` as it is (for :func:`read_column`)."""
+    import zarr
+
     if not isinstance(array, zarr.Array) or tuple(array.shape) != tuple(getattr(layer, "shape", ())):
         return
     key = id(layer)

@@ -10,8 +10,11 @@ Generative model, per cell ``i`` and gene ``g``:
   model, a cell state ``c_i ~ N(0, I)`` (``dim_c`` dimensions);
 - the full model's decoder ``rho_i = g(c_i)`` in ``[0, 1]^G`` scales each gene's
   transcription rate: ``du/dt = rho alpha - beta u``, ``ds/dt = beta u - gamma s``,
-  on from the gene's onset ``t_on`` until its switch-off ``t_off`` (the basic model is
-  the same with ``rho = 1``: one rate per gene, gene-specific switch-on and -off);
+  on from the gene's onset ``t_on`` and, for a gene that has one, until its switch-off
+  ``t_off`` (``switch_off``: the full model keeps it only for genes whose cells show
+  repression; the ``velovae`` package's full model has none, repression being a low
+  ``rho`` and stage 2's starts); the basic model has ``rho = 1`` (one rate per gene) and
+  gene-specific switch-on ``t_on`` and switch-off ``t_off`` times;
 - the ODE is solved analytically by :mod:`explorer.kinetics` in ``u / scaling`` units
   (scVelo's convention), so ``u_hat = scaling * u_ode`` and ``s_hat = s_ode``;
 - ``Mu ~ N(u_hat, sigma_u^2)`` and ``Ms ~ N(s_hat, sigma_s^2)`` with per-gene noise.
@@ -107,6 +110,13 @@ class VAEModule(nn.Module):
         (``(n_genes,)`` tensors, by those names), from the steady-state fit.
     t_init
         Initial bias of the time head (the mean initial time).
+    switch_off
+        Whether each gene has a switch-off time ``t_off`` after which it is repressed
+        (the basic model's on/off kinetics), for all genes or per gene (a ``(G,)`` bool
+        tensor). Without it (as the ``velovae`` package's full ``VAE``) a gene is induced
+        from its onset on, at rate ``rho alpha``: a gene that is down in some cells is a
+        low ``rho`` there, not a switch that every lineage passes at one time; its
+        ``t_off`` is then unused (``inf``).
     """
 
     def __init__(
@@ -120,9 +130,14 @@ class VAEModule(nn.Module):
         dropout: float,
         init: dict[str, torch.Tensor],
         t_init: float,
+        switch_off: bool | torch.Tensor = True,
     ) -> None:
         super().__init__()
         self.variant = variant
+        switches = torch.as_tensor(switch_off, dtype=torch.bool).expand(n_genes).clone()
+        self.switch_off = bool(switches.any())
+        #: (G,) whether each gene has a switch-off time
+        self.register_buffer("switches", switches)
         self.dim_c = dim_c if variant == "full" else 0
         self.encoder = _mlp([2 * n_input, *hidden], dropout, leaky=False)
         self.t_head = nn.Linear(hidden[-1], 2)
@@ -141,7 +156,11 @@ class VAEModule(nn.Module):
         self.log_gamma = nn.Parameter(init["gamma"].clamp(min=_TINY).log())
         self.log_scaling = nn.Parameter(init["scaling"].clamp(min=_TINY).log())
         self.t_on = nn.Parameter(init["t_on"].clone())
-        self.t_off = nn.Parameter(init["t_off"].clone())
+        if self.switch_off:
+            self.t_off = nn.Parameter(init["t_off"].clone())
+        else:
+            # never: the genes stay induced (a buffer, so the state dict keeps its name)
+            self.register_buffer("t_off", torch.full_like(init["t_off"], math.inf))
         # per-gene noise: fixed within a stage, re-estimated between stages (as velovae)
         self.register_buffer("sigma_u", init["sigma_u"].clone())
         self.register_buffer("sigma_s", init["sigma_s"].clone())
@@ -150,12 +169,44 @@ class VAEModule(nn.Module):
 
     def ode_parameters(self) -> list[nn.Parameter]:
         """The per-gene kinetic parameters (trained with the ODE learning rate)."""
-        return [self.log_alpha, self.log_beta, self.log_gamma, self.log_scaling, self.t_on, self.t_off]
+        params = [self.log_alpha, self.log_beta, self.log_gamma, self.log_scaling, self.t_on]
+        return [*params, self.t_off] if self.switch_off else params
 
     def network_parameters(self) -> list[nn.Parameter]:
         """Encoder and decoder weights."""
         ode = {id(p) for p in self.ode_parameters()}
         return [p for p in self.parameters() if id(p) not in ode]
+
+    def curve(
+        self, t: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, gamma: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each gene's ``(u, s)`` from ``(0, 0)`` at times ``t`` (ODE units), at rate ``alpha``.
+
+        Off until ``t_on``, then induced; with ``switch_off``, repressed after ``t_off``
+        (:func:`explorer.kinetics.trajectory`).
+        """
+        if bool(self.switches.all()):
+            return kinetics.trajectory(t, self.t_off, alpha, beta, gamma, t_on=self.t_on, xp=torch)
+        if self.switch_off:
+            # a switch after every time and onset asked for is no switch: one call for all genes
+            never = torch.maximum(t.detach().max(), self.t_on.detach().max()) + 1
+            t_off = torch.where(self.switches, self.t_off, never)
+            return kinetics.trajectory(t, t_off, alpha, beta, gamma, t_on=self.t_on, xp=torch)
+        tau = (t - self.t_on).clamp(min=0)
+        return (
+            kinetics.unspliced(tau, 0.0, alpha, beta, xp=torch),
+            kinetics.spliced(tau, 0.0, 0.0, alpha, beta, gamma, xp=torch),
+        )
+
+    def on(self, t: torch.Tensor) -> torch.Tensor:
+        """Where the gene is transcribed at ``t``: after its onset (and before its switch-off)."""
+        on = t >= self.t_on
+        return on & ((t < self.t_off) | ~self.switches) if self.switch_off else on
+
+    def switch_times(self) -> torch.Tensor:
+        """``(G,)`` each gene's switch-off time, ``inf`` for a gene that has none."""
+        t_off = self.t_off.detach()
+        return torch.where(self.switches, t_off, torch.full_like(t_off, math.inf))
 
     def rates(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(alpha, beta, gamma, scaling)``, each ``(G,)``; ``beta`` in ODE (``u / scaling``) units."""
@@ -204,12 +255,12 @@ class VAEModule(nn.Module):
             # from (0, 0) the solution is linear in the transcription rate, so it is the
             # gene's curve at rate alpha times rho: the switch state is then per gene, not
             # per cell and gene (on the pancreas this cut the ODE's share of an epoch)
-            u, s = kinetics.trajectory(t, self.t_off, alpha, beta, gamma, t_on=self.t_on, xp=torch)
+            u, s = self.curve(t, alpha, beta, gamma)
             u, s = rho * u, rho * s
             # the rate in force at t, for the velocity
-            on = ((t >= self.t_on) & (t < self.t_off)).to(a.dtype)
+            on = self.on(t).to(a.dtype)
         else:
-            on = ((t >= self.t_on) & (t < self.t_off)).to(a.dtype)
+            on = self.on(t).to(a.dtype)
             tau = (t - x0.t0).clamp(min=0)
             u0 = x0.u0 / scaling
             u = kinetics.unspliced(tau, u0, a * on, beta, xp=torch)
@@ -244,7 +295,7 @@ class VAEModule(nn.Module):
         """
         alpha, beta, gamma, scaling = self.rates()
         times = grid.reshape(-1, 1)
-        cu, cs = kinetics.trajectory(times, self.t_off, alpha, beta, gamma, t_on=self.t_on, xp=torch)
+        cu, cs = self.curve(times, alpha, beta, gamma)
         cu = (cu.clamp(min=0) * scaling).double()
         cs = cs.clamp(min=0).double()
         rho = rho.double()

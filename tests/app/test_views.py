@@ -133,6 +133,24 @@ def test_a_fits_phase_layers_stay_for_a_gene_without_them():
     assert plots.phase_fit_layers([PhaseFit(label="x", active=False, slope=None, s=None, u=None)]) == []
 
 
+def test_streamlines_are_one_path_that_lifts_the_pen_between_lines():
+    """All streamlines as one path, a NaN row between two lines, in order; lone points are dropped."""
+    lines = [
+        np.array([[0.0, 0.0, 9.0], [1.0, 1.0, 9.0]]),  # a third column (a time) is not drawn
+        np.array([[5.0, 5.0]]),
+        np.array([[2.0, 0.0], [3.0, 1.0], [4.0, 0.5]]),
+    ]
+    path = plots.streamlines(lines)
+    assert len(path.split()) == 1
+    drawn = np.column_stack([path.dimension_values(0), path.dimension_values(1)])
+    gaps = np.flatnonzero(np.isnan(drawn).any(axis=1))
+    np.testing.assert_array_equal(gaps, [2])
+    np.testing.assert_array_equal(drawn[:2], lines[0][:, :2])
+    np.testing.assert_array_equal(drawn[3:], lines[2])
+    assert len(plots.streamlines([]).split()) == 0
+    assert len(plots.streamlines([np.array([[1.0, 2.0]])]).split()) == 0
+
+
 def test_page_builds_every_view(app):
     assert set(app.views) >= {"embedding", "phase", "genes", "inspector", "time", "compare", "export"}
     embedding = _frame(app.views["embedding"].scatter.base)
@@ -514,6 +532,25 @@ def test_the_table_light_and_the_verdict_agree_for_a_partial_score():
         assert f"color:{expected[i]}" in verdict
     assert GeneBrowser._verdict(None, shown.loc[4]) == ""
     assert "fails: little curvature" in GeneBrowser._verdict(None, shown.loc[1])
+
+
+def test_a_gene_that_never_switches_off_shows_none_not_infinity():
+    """VeloVAE's induced genes have switch time ``inf``: the table shows "none" (the CSV keeps inf).
+
+    Bokeh sends ``inf`` as it is and its number formatter wrote "Infinity"; the shown table
+    holds NaN there and the column's formatter writes NaN as "none". The frame it was
+    given (the CSV's) keeps ``inf``.
+    """
+    from explorer.app.views.genes import _SWITCH, GeneBrowser
+
+    table = pd.DataFrame({"gene": ["a", "b", "c"], "likelihood": [0.3, 0.2, 0.1], _SWITCH: [4.5, np.inf, np.nan]})
+    shown = GeneBrowser._ordered(table)
+    assert shown["gene"].tolist() == ["a", "b", "c"]
+    np.testing.assert_array_equal(shown[_SWITCH].to_numpy(), [4.5, np.nan, np.nan])
+    assert np.isinf(table[_SWITCH].to_numpy()[1])  # the input frame is not changed
+    formats = GeneBrowser._formatters(shown)
+    assert formats[_SWITCH].nan_format == "none"
+    assert formats["likelihood"].nan_format != "none"
 
 
 def test_axis_range_pads_by_its_share_and_widens_a_single_value():

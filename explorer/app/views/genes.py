@@ -44,12 +44,15 @@ def _light(score: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(score), np.nan, np.where(score >= 1, 1.0, np.where(score <= 0, 0.0, 0.5)))
 
 
+#: the column of a gene's switch-off time: ``inf`` (never switches off) is shown as "none"
+_SWITCH = "switch time"
+
 #: shorter headers for long column names (the tooltips say what each means)
 _TITLES = {
     "likelihood": "likeli\u00adhood",  # a soft hyphen: it may break there
     "kinetic signal": "kin. signal",
     "detection power": "det. power",
-    "switch time": "t switch",
+    _SWITCH: "t switch",
     "velocity gene": "vel. gene",
 }
 
@@ -137,6 +140,9 @@ class GeneBrowser(pn.viewable.Viewer):
     def _formatters(table: Any) -> dict[str, Any]:
         number = NumberFormatter(format=_FLOAT_FORMAT)
         formats: dict[str, Any] = {c: number for c in table.columns if table[c].dtype.kind == "f"}
+        if _SWITCH in table:
+            # a gene that never switches off (VeloVAE's induced genes: switch time inf, shown as NaN)
+            formats[_SWITCH] = NumberFormatter(format=_FLOAT_FORMAT, nan_format="none")
         if readouts.TRUST in table:
             formats[readouts.TRUST] = dict(_TRUST_FORMAT)
         return formats
@@ -149,6 +155,8 @@ class GeneBrowser(pn.viewable.Viewer):
         sorter, Panel maps ``selection`` to the wrong rows (holoviz/panel#3663), and the
         selected gene's row would be marked on another gene.
         """
+        if _SWITCH in table:  # "none", not "Infinity" (the CSV keeps inf)
+            table = table.assign(**{_SWITCH: table[_SWITCH].replace([np.inf, -np.inf], np.nan)})
         keys = [c for c in (*_SORT_BY[:1], *_THEN_BY) if c in table] if readouts.TRUST in table else []
         keys = keys or [c for c in _SORT_BY if c in table][:1]
         if not keys:
