@@ -478,6 +478,11 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     assert faults["keep"] < pages // 20, faults
 
 
+#: environment variables that cap a BLAS or OpenMP library's threads
+_THREAD_LIMITS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
+                  "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")  # fmt: skip
+
+
 def test_fit_settings_limit_blas_and_huge_pages_and_put_them_back():
     """Inside ``fit_settings`` every loaded BLAS has one thread and numpy asks for no huge pages.
 
@@ -503,7 +508,11 @@ print("BLAS", json.dumps(after))
 """
     lines = ["import json", statement]
     command = [sys.executable, "-c", "\n".join(lines)]
-    out = subprocess.run(command, capture_output=True, text=True, check=False, cwd=PACKAGE.parent)
+    # the BLAS libraries' own defaults: a thread limit in this process's environment (a Dask
+    # cluster started by an earlier test leaves OMP_NUM_THREADS=1 and its like) would make
+    # the child's "before" one thread already
+    env = {k: v for k, v in os.environ.items() if k not in _THREAD_LIMITS}
+    out = subprocess.run(command, capture_output=True, text=True, check=False, cwd=PACKAGE.parent, env=env)
     assert out.returncode == 0, f"exit code {out.returncode}; stderr:\n{out.stderr[-4000:]}"
     after = json.loads(out.stdout.split("BLAS", 1)[1])
     if (os.cpu_count() or 1) > 1:

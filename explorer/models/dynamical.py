@@ -742,10 +742,12 @@ class Dynamical(Hyperparameters):
         # and its OpenMP team): the same numbers as one after the other
         steps = _LARGE_GRAPH_POWER_STEPS if large else None
         with ThreadPoolExecutor(max_workers=1) as pool:
-            score = pool.submit(lt_mod.root_cells, T_bwd, conn, seed=self.seed, n_power_steps=steps)
-            clock_times = lt_mod.gene_clock_times(fit_t[:, genes], conn)
+            score = pool.submit(
+                lt_mod.root_cells, T_bwd, conn, seed=self.seed, n_power_steps=steps, weights=weights
+            )
+            clock_times = lt_mod.gene_clock_times(fit_t[:, genes], conn, weights=weights)
             roots = score.result()
-        return lt_mod.latent_time_from_gene_times(clock_times, roots, conn), roots
+        return lt_mod.latent_time_from_gene_times(clock_times, roots, conn, weights=weights), roots
 
     def _start_graph_pattern(self, adata: AnnData) -> Future[sparse.csr_matrix] | None:
         """Start the velocity graph's neighbour pattern in a second thread, beside the EM.

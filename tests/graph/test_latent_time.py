@@ -270,3 +270,35 @@ def test_smoothing_on_the_clock_is_the_sparse_product_formula():
     W = sparse.csr_matrix(lt.neighbor_average_matrix(conn), dtype=np.float64)
     expected = (np.arctan2(W @ np.sin(angle), W @ np.cos(angle)) % (2 * np.pi)) / (2 * np.pi) * period
     np.testing.assert_array_equal(lt.smooth_gene_times(t, conn), expected)
+
+
+def test_wrapped_clock_angle_is_numpys_remainder_bit_for_bit():
+    """The clock mean's wrap equals ``% 2 pi`` on arctan2's whole range, signs of zero included."""
+    rng = np.random.default_rng(5)
+    edges = [-np.pi, np.pi, -0.0, 0.0, -1e-300, 1e-300, -5e-324, np.nextafter(np.pi, 0)]
+    angle = np.concatenate([rng.uniform(-np.pi, np.pi, 1000), edges])
+    angle = np.concatenate([angle, np.arctan2(rng.normal(size=1000), rng.normal(size=1000))])
+    expected = angle % (2 * np.pi)
+    got = lt._wrap_angle(angle.copy())
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(np.signbit(got), np.signbit(expected))
+    assert not np.signbit(lt._wrap_angle(np.array([-0.0])))[0]  # -0.0 % 2 pi is +0.0
+
+
+def test_latent_time_steps_given_the_weights_equal_those_building_them():
+    """Passing ``neighbor_average_matrix(conn)`` (as the dynamical model does) changes no number."""
+    rng = np.random.default_rng(7)
+    n = 80
+    conn = _chain(n, k=3)
+    W = lt.neighbor_average_matrix(conn)
+    true = np.linspace(0, 1, n)
+    fit_t = np.clip(true[:, None] * rng.uniform(0.5, 2, 12) + rng.normal(0, 0.05, (n, 12)), 0, None)
+    plain = lt.gene_clock_times(fit_t, conn)
+    given = lt.gene_clock_times(fit_t, conn, weights=W)
+    np.testing.assert_array_equal(given.times, plain.times)
+    T_bwd = sparse.csr_matrix(sparse.diags(np.ones(n - 1), -1) + sparse.diags(np.r_[1.0, np.zeros(n - 1)]))
+    score = lt.root_cells(T_bwd, conn)
+    np.testing.assert_array_equal(lt.root_cells(T_bwd, conn, weights=W), score)
+    lt_plain = lt.latent_time_from_gene_times(plain, score, conn)
+    np.testing.assert_array_equal(lt.latent_time_from_gene_times(given, score, conn, weights=W), lt_plain)
+    assert spearmanr(lt_plain, true)[0] > 0.9

@@ -312,6 +312,34 @@ def test_bad_parameters_are_refused():
         VeloVAE(n_starts=0)
 
 
+def _random_ode(g: int, seed: int, t_off: tuple[float, float]):
+    """A seeded ``rand(lo, hi, *shape)`` and random initial ODE parameters for ``g`` genes."""
+    torch = pytest.importorskip("torch")
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(lo: float, hi: float, *shape: int):
+        return lo + (hi - lo) * torch.rand(*shape, generator=gen)
+
+    init = {
+        "alpha": rand(0.5, 3, g), "beta": rand(0.2, 2, g), "gamma": rand(0.1, 1, g),
+        "scaling": rand(0.5, 2, g), "t_on": rand(-2, 4, g), "t_off": rand(*t_off, g),
+        "sigma_u": rand(0.1, 1, g), "sigma_s": rand(0.1, 1, g),
+    }  # fmt: skip
+    return rand, init
+
+
+def _assert_grid_scores_the_decode(module, rand, rho, n: int, g: int, points: int) -> None:
+    """The time grid's matrix log-likelihood equals a decode and its log-likelihood at every grid time."""
+    import torch
+
+    u_obs, s_obs = rand(0, 3, n, g), rand(0, 3, n, g)
+    grid = torch.linspace(-2, 20, points)
+    decoded = [module.decode(tj.expand(n, 1), None, rho=rho) for tj in grid]
+    loop = torch.stack([module.log_likelihood(u_obs, s_obs, d) for d in decoded], 1)
+    matrix = module.grid_log_likelihood(u_obs, s_obs, rho, grid)
+    torch.testing.assert_close(matrix, loop, rtol=1e-5, atol=1e-3)
+
+
 def test_decoder_and_time_grid_match_the_ode_by_hand():
     """Stage 1's decode is rho times the gene's curve at rate alpha (the ODE from (0, 0) is linear
     in the rate), and the time grid's matrix log-likelihood equals a decode at every grid time."""
@@ -319,16 +347,7 @@ def test_decoder_and_time_grid_match_the_ode_by_hand():
     from explorer.models._vae_module import VAEModule
 
     g, n = 7, 5
-    gen = torch.Generator().manual_seed(0)
-
-    def rand(lo: float, hi: float, *shape: int):
-        return lo + (hi - lo) * torch.rand(*shape, generator=gen)
-
-    init = {
-        "alpha": rand(0.5, 3, g), "beta": rand(0.2, 2, g), "gamma": rand(0.1, 1, g),
-        "scaling": rand(0.5, 2, g), "t_on": rand(-2, 4, g), "t_off": rand(5, 15, g),
-        "sigma_u": rand(0.1, 1, g), "sigma_s": rand(0.1, 1, g),
-    }  # fmt: skip
+    rand, init = _random_ode(g, 0, (5, 15))
     module = VAEModule(g, g, variant="full", dim_c=2, hidden=(8, 4), dropout=0.0, init=init, t_init=5.0)
     module.eval()
     rho, t = rand(0.05, 1, n, g), rand(-1, 18, n, 1)
@@ -338,12 +357,7 @@ def test_decoder_and_time_grid_match_the_ode_by_hand():
         u, s = kinetics.trajectory(t, module.t_off, rho * alpha, beta, gamma, t_on=module.t_on, xp=torch)
         torch.testing.assert_close(dec.u, u.clamp(min=0) * scaling)
         torch.testing.assert_close(dec.s, s.clamp(min=0))
-        u_obs, s_obs = rand(0, 3, n, g), rand(0, 3, n, g)
-        grid = torch.linspace(-2, 20, 9)
-        decoded = [module.decode(tj.expand(n, 1), None, rho=rho) for tj in grid]
-        loop = torch.stack([module.log_likelihood(u_obs, s_obs, d) for d in decoded], 1)
-        matrix = module.grid_log_likelihood(u_obs, s_obs, rho, grid)
-        torch.testing.assert_close(matrix, loop, rtol=1e-5, atol=1e-3)
+        _assert_grid_scores_the_decode(module, rand, rho, n, g, 9)
 
 
 def test_genes_without_a_switch_off_stay_induced():
@@ -353,16 +367,7 @@ def test_genes_without_a_switch_off_stay_induced():
     from explorer.models._vae_module import VAEModule
 
     g, n = 6, 5
-    gen = torch.Generator().manual_seed(1)
-
-    def rand(lo: float, hi: float, *shape: int):
-        return lo + (hi - lo) * torch.rand(*shape, generator=gen)
-
-    init = {
-        "alpha": rand(0.5, 3, g), "beta": rand(0.2, 2, g), "gamma": rand(0.1, 1, g),
-        "scaling": rand(0.5, 2, g), "t_on": rand(-2, 4, g), "t_off": rand(5, 9, g),
-        "sigma_u": rand(0.1, 1, g), "sigma_s": rand(0.1, 1, g),
-    }  # fmt: skip
+    rand, init = _random_ode(g, 1, (5, 9))
     mask = torch.tensor([True, False, True, False, False, True])
     rho, t = rand(0.05, 1, n, g), torch.linspace(-3, 18, n)[:, None]
     modules = {
@@ -388,12 +393,7 @@ def test_genes_without_a_switch_off_stay_induced():
             expected = torch.where(mask, getattr(on, field), getattr(off, field))
             torch.testing.assert_close(getattr(both, field), expected, rtol=1e-5, atol=1e-5)
         # the time grid scores the same curves
-        u_obs, s_obs = rand(0, 3, n, g), rand(0, 3, n, g)
-        grid = torch.linspace(-2, 20, 7)
-        decoded = [mixed.decode(tj.expand(n, 1), None, rho=rho) for tj in grid]
-        loop = torch.stack([mixed.log_likelihood(u_obs, s_obs, d) for d in decoded], 1)
-        matrix = mixed.grid_log_likelihood(u_obs, s_obs, rho, grid)
-        torch.testing.assert_close(matrix, loop, rtol=1e-5, atol=1e-3)
+        _assert_grid_scores_the_decode(mixed, rand, rho, n, g, 7)
     assert torch.equal(torch.isinf(mixed.switch_times()), ~mask)
     assert "t_off" not in dict(modules[False].named_parameters())  # nothing to train
 
@@ -539,16 +539,22 @@ def test_grid_posterior_closes_the_amortisation_gap(branching, branching_full):
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 9 not met yet with the default (a switch-off for every gene): the full model's latent "
+    "time (Spearman 0.9808 here, seed 2 0.992) is level with or below the basic model's (0.9810, 0.9974). "
+    "Within each lineage both order cells at 0.97-0.997; the pooled figure is set by how the two "
+    "lineages' clocks line up, which both inherit from the initial (steady-state) time. "
+    "switch_off='per_gene' (a switch-off only where the cells show repression) meets it here (0.9881 "
+    "against 0.9810; seed 2 not: 0.9958 against 0.9974) and lowers the pancreas held-out MSE, but is not "
+    "the default: on the pancreas it leaves about 390 genes whose expression falls along latent time "
+    "always induced, with positive velocity in every cell (the share of negative velocities on the "
+    "dynamical model's falling genes 0.52 -> 0.12). Earlier tries (README, 'VeloVAE'): a better initial "
+    "time (DPT, the true time), lineages with different rates, two pooled starts; none consistently "
+    "above (measured 2026-12-01 and 2026-12-02, loaded)",
+)
 def test_full_model_latent_time_beats_basic(branching, branching_full):
-    """The full model's latent time orders the cells at least as well as the basic model's.
-
-    Met since the full model keeps a gene's switch-off only where its cells show
-    repression (``switch_off="per_gene"``, its default): measured 0.9881 against the basic
-    model's 0.9810 on this simulation (with a switch-off for every gene, as before: 0.9808).
-    Not on every draw: on seed 2, 0.9958 against 0.9974 (before: 0.992). With no switch-off
-    at all (``switch_off=False``) 0.943 (seed 2: 0.992), its intervals covering 0.66
-    (measured 2026-12-02, loaded). The basic model keeps a switch-off for every gene.
-    """
+    """The full model's latent time orders the cells at least as well as the basic model's."""
     _, full = branching_full
     basic = VeloVAE(variant="basic", seed=0, device="cpu").fit(branching.copy())
     true_t = branching.obs[Key.obs.TRUE_T]
@@ -575,10 +581,9 @@ def test_time_intervals_cover_near_nominal(branching, branching_full):
 @pytest.mark.xfail(
     strict=True,
     reason="issue 9 not met yet: the posterior SD does not rank cells by their time error "
-    "(Spearman -0.02 through the monotone map on this seed, -0.05 on seed 2, with the full model's "
-    "per-gene switch-off, switch_off='per_gene', its default since 2026-12-02: coverage 0.84 / 0.95, "
-    "latent time 0.9881 / 0.9958; with no switch-off at all +0.16 / +0.35 but coverage 0.66 / 0.93 and "
-    "latent time 0.943 / 0.992; measured loaded). Before (a switch-off for every gene): -0.19 / +0.35. "
+    "(Spearman -0.19 through the monotone map on this seed, +0.35 on seed 2, with the default switch-off "
+    "for every gene; with switch_off='per_gene' -0.02 / -0.05, coverage 0.84 / 0.95; with no switch-off "
+    "at all +0.16 / +0.35 but coverage 0.66 / 0.93; measured 2026-12-02, loaded). "
     "72% of the squared "
     "error here (27% on seed 2) is a bias shared by a lineage's cells at a given time (lineage B's "
     "model time stalls at 15-16 while lineage A's goes on to 20), which no per-cell posterior sees. "
@@ -612,11 +617,10 @@ def test_two_starts_time_sd_ranks_cells_by_error(branching, branching_full):
     """n_starts=2 (steady-state and DPT initial times): the pooled SD ranks cells by error, covers nominally.
 
     The starts' clocks disagree where one of them stalls (the bias shared by a lineage's
-    cells that no single posterior sees). Measured on this simulation with the full model's
-    per-gene switch-off (2026-12-02): SD-error Spearman 0.26 (one fit: -0.02), coverage 0.972,
-    latent time 0.997 (seed 2: 0.19, 0.963, 0.9985); with a switch-off for every gene it was
-    0.323, 0.937, 0.9943 (seed 2: 0.457, 0.937, 0.997). Not so on every simulation: see the
-    README, "VeloVAE".
+    cells that no single posterior sees). Measured on this simulation (a switch-off for every
+    gene, the default): SD-error Spearman 0.323 (one fit: -0.19), coverage 0.937, latent time
+    0.9943 (seed 2: 0.457, 0.937, 0.997); with switch_off="per_gene" 0.26, 0.972, 0.997 (seed
+    2: 0.19, 0.963, 0.9985). Not so on every simulation: see the README, "VeloVAE".
     """
     model = VeloVAE(seed=0, device="cpu", n_starts=2)
     result = model.fit(branching.copy())
