@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import shutil
 import time
 import uuid
@@ -634,12 +635,26 @@ def dask_client(*, scheduler: str | None = None, n_workers: int | None = None) -
             yield client
         return
     n = n_workers or 1
-    with (
-        LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
-        Client(cluster) as client,
-    ):
+    environ = dict(os.environ)
+    try:
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0")
+    finally:
+        # Dask's nannies run in this process and set their workers' limits here
+        # (OMP_NUM_THREADS=1 and its like) without putting them back: every later
+        # subprocess, and any BLAS loaded later, would then run on one thread
+        _restore_environment(environ)
+    with cluster, Client(cluster) as client:
         logger.info("Dask dashboard: %s", client.dashboard_link)
         yield client
+
+
+def _restore_environment(environ: dict[str, str]) -> None:
+    """Make ``os.environ`` equal to ``environ`` again (drop what was added, put back what changed)."""
+    for name in set(os.environ) - set(environ):
+        del os.environ[name]
+    for name, value in environ.items():
+        if os.environ.get(name) != value:
+            os.environ[name] = value
 
 
 # --------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ same numbers (same batches, same seeds).
 
 from __future__ import annotations
 
+import os
+
 import anndata as ad
 import numpy as np
 import pytest
@@ -122,8 +124,11 @@ def test_dask_cluster_of_two_equals_one_process(small_store, raw_store, tmp_path
     flags = [f"--param={k}={v}" for k, v in params.items()]
     assert main(["fit", str(small_store), "--model", "dynamical", "-o", str(tmp_path / "local.zarr"), "-q", *flags]) == 0
     local = ad.read_zarr(tmp_path / "local.zarr")
+    environ = dict(os.environ)
     with dask_client(n_workers=2) as client:
         assert len(client.scheduler_info()["workers"]) == 2
+        # the nannies' thread limits (OMP_NUM_THREADS=1 ...) are not left in this process
+        assert dict(os.environ) == environ
         summary = fit_streamed(
             small_store, tmp_path / "dask.zarr", model_params=params, genes_per_task=16, client=client
         )
