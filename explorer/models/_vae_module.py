@@ -192,11 +192,7 @@ class VAEModule(nn.Module):
             never = torch.maximum(t.detach().max(), self.t_on.detach().max()) + 1
             t_off = torch.where(self.switches, self.t_off, never)
             return kinetics.trajectory(t, t_off, alpha, beta, gamma, t_on=self.t_on, xp=torch)
-        tau = (t - self.t_on).clamp(min=0)
-        return (
-            kinetics.unspliced(tau, 0.0, alpha, beta, xp=torch),
-            kinetics.spliced(tau, 0.0, 0.0, alpha, beta, gamma, xp=torch),
-        )
+        return kinetics.solution((t - self.t_on).clamp(min=0), 0.0, 0.0, alpha, beta, gamma, xp=torch)
 
     def on(self, t: torch.Tensor) -> torch.Tensor:
         """Where the gene is transcribed at ``t``: after its onset (and before its switch-off)."""

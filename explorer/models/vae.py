@@ -374,10 +374,6 @@ class VeloVAE(Hyperparameters):
             msg = f"velovae needs at least 2 training cells; {adata.n_obs} cells x {self.train_fraction} give {n_train}."
             raise InputError(msg)
 
-    def _switch_off(self) -> bool | str:
-        """``switch_off`` (``True``: every gene has a switch-off, the default of both variants)."""
-        return self.switch_off
-
     def _select_genes(self, adata: AnnData) -> np.ndarray:
         """``(n_vars,)`` mask of the genes to fit (:func:`~explorer.models.steady_state.genes_to_fit`)."""
         return genes_to_fit(adata, self.genes)
@@ -629,11 +625,11 @@ class VeloVAE(Hyperparameters):
             p, _, _ = _em.m_step(data, mom, p, t_cells, init.ratio, step, n_rounds=4, fit_t_on=True)
             ut, st = _em.curve(t_cells, p)
             switches = torch.ones(p.alpha.shape[0], dtype=torch.bool, device=device)
-            if self._switch_off() is not True:
+            if self.switch_off is not True:
                 # induced from the onset on (no switch-off)
                 tau = (t_cells - p.t_on).clamp(min=0)
                 ut_n, st_n = kinetics.solution(tau, 0.0, 0.0, p.alpha, p.beta, p.gamma, xp=torch)
-                if self._switch_off() is False:
+                if self.switch_off is False:
                     switches[:] = False
                 else:  # "per_gene": the switch where it fits the cells clearly better
                     fit_sw = _curve_sse(u, s, p.scaling * ut, st, data, free_rate=self.variant == "full")
