@@ -25,7 +25,14 @@ times it until chromium shows the page. ``--screenshot PATH`` saves the pancreas
 
 ``--load N`` is the many-users scenario (:func:`load_scenario`): ``explorer serve`` in a
 subprocess, one page opened first (the user who is already there), then ``N`` pages
-opened at once in chromium (one browser context each, as separate users). It reports
+opened at once in chromium (one browser context each, as separate users). The first
+user's page is in a browser of its own and the server in a process session of its own
+(``--first-browser separate --server-session own``, the defaults): on Linux each process
+session is scheduled as one group (autogroup), so the server and the first user's browser
+each get a share of the CPU as they would on their own machines, instead of competing
+inside one group with the ``N`` loading pages (the first user's renderer) or with this
+script and Playwright's driver (the server). ``--first-browser shared --server-session
+shared`` is the set-up of the measurements before 2026-12-02 15:00 UTC. It reports
 each page's seconds until usable (the cell inspector's text and the plots drawn) and
 until complete (the gene-over-time view and the sidebar's Run button shown too), the latency of gene clicks on the first page while the ``N`` pages load (click a row
 of the gene table until the phase portrait's header names the gene), and the server's
@@ -55,7 +62,8 @@ Usage::
     python benchmarks/bench_app.py [--sizes pancreas 200000 1000000] [--repeats 15]
         [--page-ready] [--screenshot assets/app.png] [--out benchmarks/results/app.json]
     python benchmarks/bench_app.py --sizes --load 8 [--rounds 2] [--load-data FILE]
-        [--probe js|locator] [--out benchmarks/results/app_load.json]
+        [--probe js|locator] [--first-browser separate|shared] [--server-session own|shared]
+        [--out benchmarks/results/app_load.json]
 """
 
 from __future__ import annotations
@@ -485,12 +493,21 @@ def _rss_mb(pid: int) -> float:
 
 
 def _start_server(
-    data: str | None, data_dir: Path | None, *, stderr: int = subprocess.PIPE, timeout_s: float = 300
+    data: str | None,
+    data_dir: Path | None,
+    *,
+    stderr: int = subprocess.PIPE,
+    timeout_s: float = 300,
+    own_session: bool = True,
 ) -> tuple[subprocess.Popen, str, float]:
     """``explorer serve`` in a subprocess on a free port; returns it, its URL and seconds to listen.
 
     ``stderr``: ``subprocess.PIPE`` keeps the server's log for the caller to read after
-    stopping it (``communicate``); ``subprocess.DEVNULL`` drops it.
+    stopping it (``communicate``); ``subprocess.DEVNULL`` drops it. With ``own_session``
+    the server runs in a process session of its own, as one started from its own terminal or by a service
+    manager does: Linux's autogroup scheduler then gives it its own share of the CPU
+    instead of splitting one share with this script and Playwright's driver (the
+    observers), which are busy creating the pages' contexts during a burst.
     """
     port = _free_port()
     explorer = Path(sys.executable).with_name("explorer")
@@ -498,7 +515,9 @@ def _start_server(
     if data is not None:
         cmd += [data, "--data-dir", str(data_dir)]
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, cwd=data_dir or ROOT, text=True)  # noqa: S603
+    proc = subprocess.Popen(  # noqa: S603
+        cmd, stdout=subprocess.DEVNULL, stderr=stderr, cwd=data_dir or ROOT, text=True, start_new_session=own_session
+    )
     while True:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
@@ -643,14 +662,25 @@ def load_scenario(
     data: str | None = None,
     data_dir: Path | None = None,
     timeout_s: float = 300.0,
+    first_browser: str = "separate",
+    server_session: str = "own",
 ) -> dict[str, object]:
-    """Many users at once on one ``explorer serve`` process (see the module docstring)."""
+    """Many users at once on one ``explorer serve`` process (see the module docstring).
+
+    ``first_browser``: ``"separate"`` opens the first user's page in a browser of its own
+    (each browser Playwright starts is its own process session, so the kernel's autogroup
+    scheduler gives it its own share of the CPU, as a user's own machine would);
+    ``"shared"`` opens it in the browser that also loads the ``N`` new pages, where its
+    renderer competes with theirs for the CPU. ``server_session``: ``"own"`` starts the
+    server in a process session of its own (:func:`_start_server`), ``"shared"`` in this
+    script's.
+    """
     import asyncio
     import threading
 
     from playwright.async_api import async_playwright
 
-    proc, url, listening = _start_server(data, data_dir)
+    proc, url, listening = _start_server(data, data_dir, own_session=server_session == "own")
     samples: list[tuple[float, float]] = []
     stop = threading.Event()
     t0 = time.perf_counter()
@@ -667,7 +697,9 @@ def load_scenario(
         out: dict[str, object] = {"rounds": []}
         async with async_playwright() as p:
             browser = await p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
-            first, first_ready = await _open_page(browser, url, timeout_s * 1e3)
+            own = first_browser == "separate"
+            first_user = await p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS) if own else browser
+            first, first_ready = await _open_page(first_user, url, timeout_s * 1e3)
             await first.complete
             await _gene_click(first, 5, timeout_s * 1e3)  # warm: the first click imports what it needs
             await asyncio.sleep(5)
@@ -696,6 +728,8 @@ def load_scenario(
                 result["rss trace after close (s, MB)"] = [(round(t, 1), round(m)) for t, m in after[::5]]
                 out["rounds"].append(result)
             await first.context.close()
+            if own:
+                await first_user.close()
             await browser.close()
         return out
 
@@ -705,6 +739,8 @@ def load_scenario(
         stop.set()
         stderr = _stop_server(proc)
     report["serve to listening (s)"] = listening
+    report["first user's browser"] = first_browser
+    report["server's process session"] = server_session
     report["pages"] = n_pages
     report["settle (s)"] = settle_s
     report["server errors logged"] = [
@@ -715,11 +751,14 @@ def load_scenario(
 
 def print_load(report: dict[str, object]) -> None:
     """Print the load scenario as a Markdown table, one row per round."""
+    first_browser = report.get("first user's browser", "shared")
+    server_session = report.get("server's process session", "shared")
     print(
         f"\nfirst page ready: {report['first page ready (s)']:.1f} s; "
         f"server RSS idle with one page: {report['rss idle with one page (MB)']:.0f} MB "
         f"(torch loaded: {report['torch loaded before the idle reading']}, "
-        f"RSS steady: {report.get('rss steady before the idle reading')})"
+        f"RSS steady: {report.get('rss steady before the idle reading')}); "
+        f"the first user's browser: {first_browser}; the server's process session: {server_session}"
     )
     n = report["pages"]
     print(
@@ -802,6 +841,18 @@ def main(argv: list[str] | None = None) -> int:
         default="js",
         help="how readiness is observed: a script polled in the page, or Playwright's locators (see above)",
     )
+    parser.add_argument(
+        "--first-browser",
+        choices=("separate", "shared"),
+        default="separate",
+        help="the first user's page in a browser of its own (default) or in the one loading the N pages",
+    )
+    parser.add_argument(
+        "--server-session",
+        choices=("own", "shared"),
+        default="own",
+        help="the server in a process session of its own (default, as deployed) or in this script's",
+    )
     args = parser.parse_args(argv)
     global PROBE  # noqa: PLW0603 - one run, one way of observing
     PROBE = args.probe
@@ -851,7 +902,13 @@ def main(argv: list[str] | None = None) -> int:
             (args.load_data.name, args.load_data.resolve().parent) if args.load_data else (None, None)
         )
         load = load_scenario(
-            n_pages=args.load, rounds=args.rounds, settle_s=args.settle, data=data, data_dir=folder
+            n_pages=args.load,
+            rounds=args.rounds,
+            settle_s=args.settle,
+            data=data,
+            data_dir=folder,
+            first_browser=args.first_browser,
+            server_session=args.server_session,
         )
         load["data"] = str(args.load_data) if args.load_data else "sample dataset"
         load["probe"] = PROBE

@@ -5,7 +5,8 @@ The OpenMP wait policy, the libraries that anndata need not load for an in-memor
 model's ``fit`` (before it first imports torch) and the test suite's ``conftest.py`` call
 :func:`set_up_process`; ``explorer.cli`` imports anndata under :func:`lean_anndata_import`
 and its modules under :func:`collector_paused`; ``explorer fit`` (in memory) runs under
-:func:`fit_settings`, and the console command under :func:`keep_freed_memory` too.
+:func:`fit_settings`, and the console command's heap is set up by :func:`prepare_heap`
+(with :func:`keep_freed_memory`) before its libraries load.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import ctypes
 import gc
 import os
 import sys
+import threading
 import types
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,6 +43,22 @@ _STREAM_OPTIONS = ("--st", "--sc", "--w")
 #: grows 64 MB at a time
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 _KEEP_FREED = ((_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, 1 << 30), (_M_TOP_PAD, 64 << 20))
+#: ``mallopt``'s parameter for the most malloc arenas (heaps) the threads may use
+_M_ARENA_MAX = -8
+#: what :func:`prepare_heap` touches ahead: this many bytes per byte of the input file,
+#: at most :data:`_PREFAULT_MAX`, in blocks of :data:`_PREFAULT_BLOCK` (below the mmap
+#: threshold of :data:`_KEEP_FREED`, so they come from the heap and go back to it)
+_PREFAULT_PER_INPUT_BYTE = 5
+_PREFAULT_MAX = 640 << 20
+_PREFAULT_BLOCK = 16 << 20
+#: the suffixes of the input files :func:`prepare_heap` sizes its work by
+_INPUT_SUFFIXES = (".h5ad", ".loom")
+#: :func:`prepare_heap` gives every thread one arena only on machines with at most this many
+#: cores: measured on 2; with many threads the compiled kernels' scratch arrays (tens of
+#: thousands of ``malloc``/``free`` a fit) would all take that arena's lock
+_ONE_ARENA_MAX_CPUS = 4
+#: the thread :func:`prepare_heap` started (it runs once per process)
+_HEAP_THREAD: list[threading.Thread | None] = []
 
 
 def set_up_process() -> None:
@@ -177,15 +195,96 @@ def keep_freed_memory() -> bool:
     adaptive threshold). Returns whether the settings were applied: False where the C
     library is not glibc (musl, macOS, Windows).
     """
-    if not sys.platform.startswith("linux"):
+    mallopt = _libc_mallopt()
+    if mallopt is None:
         return False
+    return all(mallopt(param, value) == 1 for param, value in _KEEP_FREED)
+
+
+def _libc_mallopt() -> Any:
+    """glibc's ``mallopt`` through ctypes, or None off Linux or where the C library has none."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
-        return False
+        return None
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
-    return all(mallopt(param, value) == 1 for param, value in _KEEP_FREED)
+    return mallopt
+
+
+def prepare_heap(argv: Sequence[str]) -> threading.Thread | None:
+    """Set up glibc's heap for the console ``explorer fit``: freed memory kept, one arena, touched ahead.
+
+    ``explorer.cli`` calls it as it is imported (after the package's own first imports,
+    numpy among them; before anndata, pandas, scipy and numba load), when ``argv`` is
+    the in-memory console fit (:func:`is_in_memory_fit`):
+
+    - :func:`keep_freed_memory`;
+    - one malloc arena for every thread (``M_ARENA_MAX``) on a machine of at most
+      :data:`_ONE_ARENA_MAX_CPUS` cores: glibc otherwise gives threads that allocate
+      their own heaps (the fit's worker threads, numba's OpenMP team, the writer), each
+      made of fresh pages. glibc reads the setting when a second thread first
+      allocates: numpy's OpenBLAS threads, started at its import, allocate only with
+      their first job. With more cores glibc's arenas are kept (one arena's lock shared
+      by many threads was not measured), and the touched pages serve the main thread;
+    - about five times the input file's size (:data:`_PREFAULT_PER_INPUT_BYTE`; at most
+      640 MB) of that heap allocated in 16 MB blocks, written once by a daemon thread
+      and freed again, while the main thread imports its libraries (about 0.45 s of
+      serial Python, beside which the second core idles). The kernel zeroes each page on
+      its first write (about 3 us a page on the development VM: 0.35-0.65 s of system
+      time of the pancreas and simulation commands, much of it in the serial read); the
+      fit's arrays then reuse pages already touched. The same arrays and numbers, in
+      other places of the heap.
+
+    Runs once per process. Returns the daemon thread (None where there is nothing to
+    touch: not glibc, no ``.h5ad``/``.loom`` input named in ``argv``, or a second call).
+    """
+    if _HEAP_THREAD:
+        return None
+    _HEAP_THREAD.append(None)
+    mallopt = _libc_mallopt()
+    if mallopt is None or not keep_freed_memory():
+        return None
+    if (os.cpu_count() or 1) <= _ONE_ARENA_MAX_CPUS:
+        mallopt(_M_ARENA_MAX, 1)
+    n_blocks = min(_PREFAULT_PER_INPUT_BYTE * _input_bytes(argv), _PREFAULT_MAX) // _PREFAULT_BLOCK
+    if n_blocks == 0:
+        return None
+    libc = ctypes.CDLL(None)
+    malloc, free, memset = libc.malloc, libc.free, libc.memset
+    malloc.argtypes, malloc.restype = (ctypes.c_size_t,), ctypes.c_void_p
+    free.argtypes, free.restype = (ctypes.c_void_p,), None
+    memset.argtypes, memset.restype = (ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t), ctypes.c_void_p
+    # allocated here, on the main thread (the heap's top grows, nothing is touched yet)
+    blocks = [b for b in (malloc(_PREFAULT_BLOCK) for _ in range(n_blocks)) if b]
+
+    def touch() -> None:
+        for block in blocks:  # ctypes releases the GIL for each call
+            memset(block, 0, _PREFAULT_BLOCK)
+        for block in blocks:
+            free(block)
+
+    thread = threading.Thread(target=touch, name="explorer-heap", daemon=True)
+    thread.start()
+    _HEAP_THREAD[0] = thread
+    return thread
+
+
+def _input_bytes(argv: Sequence[str]) -> int:
+    """Size of the largest ``.h5ad``/``.loom`` file ``argv`` names, ``--out``'s excepted (0 if none)."""
+    args = list(argv[1:])
+    sizes = [0]
+    for i, arg in enumerate(args):
+        if arg.startswith("-") or (i > 0 and args[i - 1] in ("--out", "-o")):
+            continue
+        if arg.lower().endswith(_INPUT_SUFFIXES):
+            try:
+                sizes.append(os.stat(arg).st_size)
+            except OSError:
+                continue
+    return max(sizes)
 
 
 def _numpy_hugepage_switch() -> Any:

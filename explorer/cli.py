@@ -28,9 +28,14 @@ from explorer._process import (
     fit_settings,
     import_anndata,
     is_in_memory_fit,
-    keep_freed_memory,
+    prepare_heap,
     set_up_process,
 )
+
+# the console fit, which exits after its write: glibc keeps the memory it frees, in one
+# heap, part of which a thread touches while the libraries below load (prepare_heap)
+if is_in_memory_fit(sys.argv):
+    prepare_heap(sys.argv)
 
 # an in-memory `explorer fit` imports anndata without dask, xarray and zarr (0.6 s of CPU); no
 # garbage collection while the modules load, and the console fit's modules then frozen
@@ -322,9 +327,6 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         clock = now
 
     params, out, protect = _check_fit_args(args)
-    if is_in_memory_fit(sys.argv):
-        # the console command exits after its write: freed arrays are reused, not handed back
-        keep_freed_memory()
     # an .h5ad output gets the input's arrays while the model fits (H5adWriter)
     writer = H5adWriter(out, protect=protect, overwrite=args.force) if out.suffix.lower() == ".h5ad" else None
     # one BLAS thread, no huge pages for numpy's temporaries (fit_settings says why)

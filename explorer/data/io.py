@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import secrets
 import tempfile
 import threading
 import warnings
@@ -412,9 +413,34 @@ def _temporary_beside(target: Path, suffix: str) -> Path:
     return Path(tmp_name)
 
 
+def _new_hdf5_beside(target: Path, suffix: str) -> tuple[Path, h5py.File]:
+    """Create a new HDF5 file under a unique hidden name in ``target``'s folder; return it, open.
+
+    For :class:`H5adWriter`, as :func:`_temporary_beside` for :func:`write`, but HDF5
+    creates the file itself, exclusively (mode ``"x"``: ``O_CREAT | O_EXCL``), rather
+    than truncating an empty file that :func:`tempfile.mkstemp` made (mode ``"w"``:
+    ``O_TRUNC``). ext4 (with its default ``auto_da_alloc``) writes a file that was
+    truncated to zero out to disk when it is closed, in the closing call: 45-75 ms for
+    ``explorer fit``'s 150 MB output on the development VM, at the end of the command,
+    where nothing else runs. Created this way, the file is written back by the kernel
+    later, as any new file is; replacing an existing file still has ext4 write the new
+    one out first (in :func:`os.replace`), so the replace stays safe against a crash.
+    """
+    for _ in range(100):
+        tmp = target.parent / f".{target.name}.{secrets.token_hex(6)}{suffix}"
+        try:
+            file = h5py.File(tmp, "x")
+        except FileExistsError:  # that name is taken: draw another
+            continue
+        tmp.chmod(0o600)  # private while it is written, as mkstemp's (still empty here)
+        return tmp, file
+    msg = f"could not create a temporary file beside {target} (100 names taken)"
+    raise FileExistsError(msg)
+
+
 def _put_in_place(tmp: Path, target: Path, cancelled: Callable[[], bool] | None) -> None:
     """Replace ``target`` by the written ``tmp`` in one step; :class:`FitCancelled` if ``cancelled()``."""
-    # mkstemp makes the file private (0600): keep the replaced file's mode, else rw-r--r--
+    # the temporary file is private (0600): keep the replaced file's mode, else rw-r--r--
     tmp.chmod(target.stat().st_mode & 0o777 if target.exists() else 0o644)
     if cancelled is not None and cancelled():
         raise FitCancelled
@@ -500,20 +526,21 @@ class H5adWriter:
         items += [(slot, key, value) for slot in _ARRAY_SLOTS for key, value in getattr(adata, slot).items()]
         with self._lock:
             if self._thread is None:
-                self._tmp = _temporary_beside(self.path.resolve(), ".h5ad")
-                self._thread = threading.Thread(target=self._write_queued, name="explorer-h5ad", daemon=True)
+                self._tmp, file = _new_hdf5_beside(self.path.resolve(), ".h5ad")
+                self._thread = threading.Thread(
+                    target=self._write_queued, args=(file,), name="explorer-h5ad", daemon=True
+                )
                 self._thread.start()
             for slot, key, value in items:
                 if (slot, key) not in self._early and _plain_array(value):
                     self._early[slot, key] = value
                     self._queue.put((slot, key, value))
 
-    def _write_queued(self) -> None:
+    def _write_queued(self, file: h5py.File) -> None:
         from anndata.io import write_elem
 
-        assert self._tmp is not None
         try:
-            with h5py.File(self._tmp, "w") as f:
+            with file as f:
                 # write_h5ad's root attributes
                 f.attrs.setdefault("encoding-type", "anndata")
                 f.attrs.setdefault("encoding-version", "0.1.0")

@@ -364,6 +364,41 @@ def test_h5ad_writer_raises_the_background_error(tmp_path, counts_adata):
     assert not list(tmp_path.iterdir())
 
 
+def test_h5ad_writer_creates_its_temporary_file_without_truncating_one(tmp_path, counts_adata, monkeypatch):
+    """The temporary file is created by HDF5 exclusively (never an existing file truncated: on
+    ext4 that makes the close write the whole file out); a name already taken is skipped, its
+    file left as it was; the file is private until it is put in place."""
+    import secrets
+    import types
+
+    out = tmp_path / "o.h5ad"
+    taken = tmp_path / ".o.h5ad.taken.h5ad"
+    taken.write_bytes(b"someone else's")
+    names = iter(["taken", "fresh"])
+    monkeypatch.setattr(secrets, "token_hex", lambda _n: next(names))
+    opened = []
+
+    class Spy(h5py.File):  # every file explorer.data.io opens, with its mode
+        def __init__(self, name, mode="r", *args, **kwargs):
+            opened.append((str(name), mode))
+            super().__init__(name, mode, *args, **kwargs)
+
+    spied = types.ModuleType("h5py")
+    spied.__dict__.update(vars(h5py))
+    spied.File = Spy
+    monkeypatch.setattr("explorer.data.io.h5py", spied)
+    with H5adWriter(out) as writer:
+        writer.add(counts_adata)
+        assert writer._tmp.stat().st_mode & 0o777 == 0o600  # private while it is written
+        writer.finish(counts_adata)
+    assert (str(taken), "x") in opened
+    assert (str(tmp_path / ".o.h5ad.fresh.h5ad"), "x") in opened
+    assert not [m for _, m in opened if m in ("w", "w-")]
+    assert taken.read_bytes() == b"someone else's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".o.h5ad.taken.h5ad", "o.h5ad"]
+    assert ad.read_h5ad(out).shape == counts_adata.shape
+
+
 def test_h5ad_writer_checks_its_target_first(tmp_path, counts_adata):
     source = tmp_path / "input.h5ad"
     source.write_bytes(b"input")
