@@ -63,7 +63,7 @@ Usage::
         [--page-ready] [--screenshot assets/app.png] [--out benchmarks/results/app.json]
     python benchmarks/bench_app.py --sizes --load 8 [--rounds 2] [--load-data FILE]
         [--probe js|locator] [--first-browser separate|shared] [--server-session own|shared]
-        [--out benchmarks/results/app_load.json]
+        [--trace TRACE.log] [--out benchmarks/results/app_load.json]
 """
 
 from __future__ import annotations
@@ -499,6 +499,7 @@ def _start_server(
     stderr: int = subprocess.PIPE,
     timeout_s: float = 300,
     own_session: bool = True,
+    trace: Path | None = None,
 ) -> tuple[subprocess.Popen, str, float]:
     """``explorer serve`` in a subprocess on a free port; returns it, its URL and seconds to listen.
 
@@ -507,11 +508,14 @@ def _start_server(
     the server runs in a process session of its own, as one started from its own terminal or by a service
     manager does: Linux's autogroup scheduler then gives it its own share of the CPU
     instead of splitting one share with this script and Playwright's driver (the
-    observers), which are busy creating the pages' contexts during a burst.
+    observers), which are busy creating the pages' contexts during a burst. With
+    ``trace`` the server runs through ``trace_serve.py``, which logs its event loop there.
     """
     port = _free_port()
     explorer = Path(sys.executable).with_name("explorer")
     cmd = [str(explorer), "serve", "--port", str(port)]
+    if trace is not None:
+        cmd = [sys.executable, str(Path(__file__).with_name("trace_serve.py")), str(trace), *cmd[1:]]
     if data is not None:
         cmd += [data, "--data-dir", str(data_dir)]
     start = time.perf_counter()
@@ -664,6 +668,7 @@ def load_scenario(
     timeout_s: float = 300.0,
     first_browser: str = "separate",
     server_session: str = "own",
+    trace: Path | None = None,
 ) -> dict[str, object]:
     """Many users at once on one ``explorer serve`` process (see the module docstring).
 
@@ -673,14 +678,14 @@ def load_scenario(
     ``"shared"`` opens it in the browser that also loads the ``N`` new pages, where its
     renderer competes with theirs for the CPU. ``server_session``: ``"own"`` starts the
     server in a process session of its own (:func:`_start_server`), ``"shared"`` in this
-    script's.
+    script's. ``trace``: the server's event-loop trace goes there (``trace_serve.py``).
     """
     import asyncio
     import threading
 
     from playwright.async_api import async_playwright
 
-    proc, url, listening = _start_server(data, data_dir, own_session=server_session == "own")
+    proc, url, listening = _start_server(data, data_dir, own_session=server_session == "own", trace=trace)
     samples: list[tuple[float, float]] = []
     stop = threading.Event()
     t0 = time.perf_counter()
@@ -853,6 +858,13 @@ def main(argv: list[str] | None = None) -> int:
         default="own",
         help="the server in a process session of its own (default, as deployed) or in this script's",
     )
+    parser.add_argument(
+        "--trace",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="serve through benchmarks/trace_serve.py, logging the server's event loop to FILE",
+    )
     args = parser.parse_args(argv)
     global PROBE  # noqa: PLW0603 - one run, one way of observing
     PROBE = args.probe
@@ -909,6 +921,7 @@ def main(argv: list[str] | None = None) -> int:
             data_dir=folder,
             first_browser=args.first_browser,
             server_session=args.server_session,
+            trace=args.trace,
         )
         load["data"] = str(args.load_data) if args.load_data else "sample dataset"
         load["probe"] = PROBE
