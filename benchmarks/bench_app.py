@@ -505,10 +505,11 @@ def _start_server(
 
     ``stderr``: ``subprocess.PIPE`` keeps the server's log for the caller to read after
     stopping it (``communicate``); ``subprocess.DEVNULL`` drops it. With ``own_session``
-    the server runs in a process session of its own, as one started from its own terminal or by a service
-    manager does: Linux's autogroup scheduler then gives it its own share of the CPU
-    instead of splitting one share with this script and Playwright's driver (the
-    observers), which are busy creating the pages' contexts during a burst. With
+    the server runs in a process session of its own, as one started from its own
+    terminal or by a service manager does: Linux's autogroup scheduler then gives it its
+    own share of the CPU instead of splitting one share with this script and
+    Playwright's driver (the observers), which are busy creating the pages' contexts
+    during a burst. With
     ``trace`` the server runs through ``trace_serve.py``, which logs its event loop there.
     """
     port = _free_port()
@@ -520,7 +521,12 @@ def _start_server(
         cmd += [data, "--data-dir", str(data_dir)]
     start = time.perf_counter()
     proc = subprocess.Popen(  # noqa: S603
-        cmd, stdout=subprocess.DEVNULL, stderr=stderr, cwd=data_dir or ROOT, text=True, start_new_session=own_session
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+        cwd=data_dir or ROOT,
+        text=True,
+        start_new_session=own_session,
     )
     while True:
         try:
@@ -703,7 +709,9 @@ def load_scenario(
         async with async_playwright() as p:
             browser = await p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
             own = first_browser == "separate"
-            first_user = await p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS) if own else browser
+            first_user = (
+                await p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS) if own else browser
+            )
             first, first_ready = await _open_page(first_user, url, timeout_s * 1e3)
             await first.complete
             await _gene_click(first, 5, timeout_s * 1e3)  # warm: the first click imports what it needs

@@ -82,8 +82,13 @@ def install(path: Path) -> None:
 
     builder = main._Builder  # noqa: SLF001 - a benchmark's hook
     add, add_page = builder.add, builder.add_page
-    builder.add = lambda self, life, step, *, priority=0: add(self, life, timed(step, priority), priority=priority)
-    builder.add_page = lambda self, life, steps: add_page(self, life, [(timed(s, p), p) for s, p in steps])
+    def traced_add(self: Any, life: Any, step: Any, *, priority: int = 0) -> None:
+        add(self, life, timed(step, priority), priority=priority)
+
+    def traced_add_page(self: Any, life: Any, steps: list[tuple[Any, int]]) -> None:
+        add_page(self, life, [(timed(step, priority), priority) for step, priority in steps])
+
+    builder.add, builder.add_page = traced_add, traced_add_page
 
     collect = collector.collect_when_idle
 
@@ -130,7 +135,8 @@ def summary(path: Path) -> str:
         if kind == "request-start":
             opened = (t, float(rest[0]))
         elif kind == "request-end" and opened is not None:
-            rows.append(f"{opened[0] - t0:8.2f}  page request  wall {t - opened[0]:.3f}  CPU {float(rest[0]) - opened[1]:.3f}")
+            wall, cpu = t - opened[0], float(rest[0]) - opened[1]
+            rows.append(f"{opened[0] - t0:8.2f}  page request  wall {wall:.3f}  CPU {cpu:.3f}")
             opened = None
         elif kind == "stall" and float(rest[0]) > 0.3:  # noqa: PLR2004
             rows.append(f"{t - t0:8.2f}  loop stalled {float(rest[0]):.3f} s (ending here)")
