@@ -32,7 +32,11 @@ session is scheduled as one group (autogroup), so the server and the first user'
 each get a share of the CPU as they would on their own machines, instead of competing
 inside one group with the ``N`` loading pages (the first user's renderer) or with this
 script and Playwright's driver (the server). ``--first-browser shared --server-session
-shared`` is the set-up of the measurements before 2026-12-02 15:00 UTC. It reports
+shared`` is the set-up of the measurements before 2026-12-02 15:00 UTC. ``--burst-weight
+SHARES`` runs the browser that loads the ``N`` pages (and every renderer it starts) in a
+CPU cgroup of that weight (``cpu.shares``, 1024 being a normal process's; cgroup v1 and
+root), so that the new users' browsers, which stand in for their own machines, take only
+the CPU the server and the first user leave idle. It reports
 each page's seconds until usable (the cell inspector's text and the plots drawn) and
 until complete (the gene-over-time view and the sidebar's Run button shown too), the latency of gene clicks on the first page while the ``N`` pages load (click a row
 of the gene table until the phase portrait's header names the gene), and the server's
@@ -63,7 +67,7 @@ Usage::
         [--page-ready] [--screenshot assets/app.png] [--out benchmarks/results/app.json]
     python benchmarks/bench_app.py --sizes --load 8 [--rounds 2] [--load-data FILE]
         [--probe js|locator] [--first-browser separate|shared] [--server-session own|shared]
-        [--trace TRACE.log] [--out benchmarks/results/app_load.json]
+        [--burst-weight SHARES] [--trace TRACE.log] [--out benchmarks/results/app_load.json]
 """
 
 from __future__ import annotations
@@ -451,6 +455,55 @@ def _cpu_by_process(server_pid: int) -> dict[int, tuple[str, float]]:
     return out
 
 
+def _chromium_tree() -> set[int]:
+    """The pids of every chromium process below this script (see :func:`_cpu_by_process`)."""
+    return {pid for pid, (kind, _) in _cpu_by_process(-1).items() if kind not in ("other", "crashpad")}
+
+
+#: the report's entry for ``--burst-weight``
+BURST_WEIGHT_KEY = "burst browser's CPU weight"
+
+#: cgroup v1's CPU controller, where ``--burst-weight`` makes a group for the loading pages' browser
+_CPU_CGROUP = Path("/sys/fs/cgroup/cpu")
+
+
+def _weigh_down(pids: set[int], shares: int) -> Path | None:
+    """Put ``pids`` in a new CPU cgroup of ``shares`` (1024: a normal process's weight); None if not allowed.
+
+    Processes they start later (chromium's renderers, forked by its zygote) are in it too.
+    Needs cgroup v1's ``cpu`` controller and root (Linux); without them the run goes on at
+    equal weights and says so.
+    """
+    group = _CPU_CGROUP / f"explorer-bench-burst-{os.getpid()}"
+    try:
+        group.mkdir()
+        (group / "cpu.shares").write_text(str(shares))
+        for pid in sorted(pids):
+            try:
+                (group / "cgroup.procs").write_text(str(pid))
+            except ProcessLookupError:
+                pass
+    except OSError as err:
+        print(f"--burst-weight: no CPU cgroup could be made here ({err}); the browsers keep equal weights")
+        return None
+    return group
+
+
+def _drop_group(group: Path | None) -> None:
+    """Move what is left in ``group`` back to the root group and remove it."""
+    if group is None:
+        return
+    try:
+        for pid in (group / "cgroup.procs").read_text().split():
+            try:
+                (_CPU_CGROUP / "cgroup.procs").write_text(pid)
+            except ProcessLookupError:
+                pass
+        group.rmdir()
+    except OSError as err:
+        print(f"--burst-weight: could not remove {group}: {err}")
+
+
 def _cpu_spent(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
     """CPU seconds spent between two :func:`_cpu_by_process` readings, by kind (and ``total``).
 
@@ -675,6 +728,7 @@ def load_scenario(
     first_browser: str = "separate",
     server_session: str = "own",
     trace: Path | None = None,
+    burst_weight: int | None = None,
 ) -> dict[str, object]:
     """Many users at once on one ``explorer serve`` process (see the module docstring).
 
@@ -685,6 +739,9 @@ def load_scenario(
     renderer competes with theirs for the CPU. ``server_session``: ``"own"`` starts the
     server in a process session of its own (:func:`_start_server`), ``"shared"`` in this
     script's. ``trace``: the server's event-loop trace goes there (``trace_serve.py``).
+    ``burst_weight``: the browser that loads the ``N`` pages runs in a CPU cgroup of that
+    weight (``cpu.shares``; 1024 is a normal process's), standing in for the new users'
+    own machines; the server and the first user's browser keep the normal weight.
     """
     import asyncio
     import threading
@@ -693,6 +750,7 @@ def load_scenario(
 
     proc, url, listening = _start_server(data, data_dir, own_session=server_session == "own", trace=trace)
     samples: list[tuple[float, float]] = []
+    groups: list[Path | None] = []  # the burst browser's CPU cgroup (burst_weight)
     stop = threading.Event()
     t0 = time.perf_counter()
 
@@ -708,6 +766,11 @@ def load_scenario(
         out: dict[str, object] = {"rounds": []}
         async with async_playwright() as p:
             browser = await p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+            if burst_weight is not None:
+                if first_browser != "separate":
+                    raise SystemExit("--burst-weight needs --first-browser separate")
+                groups.append(_weigh_down(_chromium_tree(), burst_weight))
+                out[BURST_WEIGHT_KEY] = burst_weight if groups[-1] is not None else None
             own = first_browser == "separate"
             first_user = (
                 await p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS) if own else browser
@@ -749,6 +812,8 @@ def load_scenario(
     try:
         report = asyncio.run(run())
     finally:
+        for group in groups:
+            _drop_group(group)
         stop.set()
         stderr = _stop_server(proc)
     report["serve to listening (s)"] = listening
@@ -771,7 +836,8 @@ def print_load(report: dict[str, object]) -> None:
         f"server RSS idle with one page: {report['rss idle with one page (MB)']:.0f} MB "
         f"(torch loaded: {report['torch loaded before the idle reading']}, "
         f"RSS steady: {report.get('rss steady before the idle reading')}); "
-        f"the first user's browser: {first_browser}; the server's process session: {server_session}"
+        f"the first user's browser: {first_browser}; the server's process session: {server_session}; "
+        f"the loading pages' browser's CPU weight: {report.get(BURST_WEIGHT_KEY) or 'normal'}"
     )
     n = report["pages"]
     print(
@@ -867,6 +933,13 @@ def main(argv: list[str] | None = None) -> int:
         help="the server in a process session of its own (default, as deployed) or in this script's",
     )
     parser.add_argument(
+        "--burst-weight",
+        type=int,
+        default=None,
+        metavar="SHARES",
+        help="run the browser that loads the N pages in a CPU cgroup of this weight (1024: normal; root)",
+    )
+    parser.add_argument(
         "--trace",
         type=Path,
         default=None,
@@ -930,6 +1003,7 @@ def main(argv: list[str] | None = None) -> int:
             first_browser=args.first_browser,
             server_session=args.server_session,
             trace=args.trace,
+            burst_weight=args.burst_weight,
         )
         load["data"] = str(args.load_data) if args.load_data else "sample dataset"
         load["probe"] = PROBE
