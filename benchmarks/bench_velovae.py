@@ -26,7 +26,8 @@ removed sparse ``.A`` and matplotlib's removed ``cbook.mplDeprecation``. Its own
 Usage::
 
     python benchmarks/bench_velovae.py [--setup] [--velovae-python .venv-velovae/bin/python]
-        [--package-epochs 1000 500] [--sizes 10000 100000] [--skip-package] [--out FILE]
+        [--package-epochs 1000 500] [--sizes 10000 100000] [--skip-package]
+        [--datasets pancreas simulation] [--package-init own|explorer] [--out FILE]
 
 It prints a table and writes ``benchmarks/results/velovae.json`` (or ``--out``).
 """
@@ -70,17 +71,19 @@ import torch
 import velovae as vv
 
 path, out, n1, n2 = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+init_key = sys.argv[5] if len(sys.argv) > 5 else None  # an obs column of initial times in [0, 20]
 torch.manual_seed(0); np.random.seed(0)
 adata = ad.read_h5ad(path)
-t0 = time.perf_counter()
-vae = vv.VAE(adata, tmax=20, dim_z=5, device="cpu")
+t0, cpu0 = time.perf_counter(), time.process_time()
+vae = vv.VAE(adata, tmax=20, dim_z=5, device="cpu", init_key=init_key)
 vae.train(adata, config={"n_epochs": n1, "n_epochs_post": n2}, plot=False, embed="umap")
-train_s = time.perf_counter() - t0
+train_s, cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
 vae.save_anndata(adata, "vae", "/tmp", file_name=None)
 np.savez(out, t=adata.obs["vae_time"].to_numpy(), std_t=adata.obs["vae_std_t"].to_numpy(),
          uhat=adata.layers["vae_uhat"], shat=adata.layers["vae_shat"],
          train_idx=np.asarray(adata.uns["vae_train_idx"]), test_idx=np.asarray(adata.uns["vae_test_idx"]),
-         train_s=train_s)
+         train_s=train_s, cpu_s=cpu_s, iterations=vae.counter,
+         iterations_per_epoch=int(np.ceil(len(vae.train_idx) / vae.config["batch_size"])))
 """
 
 
@@ -101,6 +104,17 @@ def explorer_worker(path: str, out: str, model: str, kwargs: str) -> None:
     adata = ad.read_h5ad(path)
     start, cpu = time.perf_counter(), time.process_time()
     fitted = get_model(model, **json.loads(kwargs))
+    initial: dict[str, np.ndarray] = {}
+    if model == "velovae":
+        # keep the initial time (the steady-state fit's latent time), for --package-init explorer
+        first = fitted._initialize
+
+        def keep_initial_time(*args: object, **kw: object) -> tuple:
+            out = first(*args, **kw)
+            initial["t_init"] = np.asarray(out[1], dtype=float)
+            return out
+
+        fitted._initialize = keep_initial_time
     result = fitted.fit(adata)
     train_s, cpu = time.perf_counter() - start, time.process_time() - cpu
     result.to_adata(adata)
@@ -114,6 +128,7 @@ def explorer_worker(path: str, out: str, model: str, kwargs: str) -> None:
             "t_model": fitted.time_posterior_["t_mean"].to_numpy(),
             "t_sd": fitted.time_posterior_["t_sd"].to_numpy(),
             "cpu_s": cpu,
+            "t_init": initial["t_init"],
         }
     np.savez(
         out,
@@ -125,21 +140,23 @@ def explorer_worker(path: str, out: str, model: str, kwargs: str) -> None:
     )
 
 
-def _prepare(tmp: Path, sizes: list[int]) -> dict[str, Path]:
+def _prepare(tmp: Path, sizes: list[int], datasets: list[str]) -> dict[str, Path]:
     import anndata as ad
 
     from explorer.data.simulate import simulate
     from explorer.pipeline import prepare
 
     paths = {}
-    pancreas = ad.read_h5ad(SHARED / "data" / "pancreas_endocrinogenesis_3696.h5ad")
-    prepare(pancreas, seed=0)
-    paths["pancreas"] = tmp / "pancreas.h5ad"
-    pancreas.write_h5ad(paths["pancreas"])
-    sim = simulate(n_obs=2000, n_vars=200, seed=0, branches=2, kinds={"two_regimes": 0.3})
-    prepare(sim, seed=0)
-    paths["simulation"] = tmp / "simulation.h5ad"
-    sim.write_h5ad(paths["simulation"])
+    if "pancreas" in datasets:
+        pancreas = ad.read_h5ad(SHARED / "data" / "pancreas_endocrinogenesis_3696.h5ad")
+        prepare(pancreas, seed=0)
+        paths["pancreas"] = tmp / "pancreas.h5ad"
+        pancreas.write_h5ad(paths["pancreas"])
+    if "simulation" in datasets:
+        sim = simulate(n_obs=2000, n_vars=200, seed=0, branches=2, kinds={"two_regimes": 0.3})
+        prepare(sim, seed=0)
+        paths["simulation"] = tmp / "simulation.h5ad"
+        sim.write_h5ad(paths["simulation"])
     for n in sizes:
         big = simulate(n_obs=n, n_vars=200, seed=0, branches=2)
         prepare(big, seed=0, compute_umap=False)
@@ -194,7 +211,20 @@ def main() -> None:
     parser.add_argument("--setup", action="store_true", help="create .venv-velovae first")
     parser.add_argument("--skip-package", action="store_true")
     parser.add_argument("--package-epochs", type=int, nargs=2, default=(1000, 500))
+    parser.add_argument(
+        "--package-init",
+        choices=("own", "explorer"),
+        default="own",
+        help="the package's initial time: its own (default) or explorer VeloVAE's, passed as its init_key",
+    )
     parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000])
+    parser.add_argument(
+        "--datasets",
+        nargs="+",
+        choices=("pancreas", "simulation"),
+        default=["pancreas", "simulation"],
+        help="which of the side-by-side datasets to run (default: both)",
+    )
     parser.add_argument(
         "--out", type=Path, default=RESULTS / "velovae.json", help="the JSON to write (default: %(default)s)"
     )
@@ -207,10 +237,11 @@ def main() -> None:
     if not args.skip_package and not Path(package_python).exists():
         parser.error(f"{package_python} not found: pass --setup, --velovae-python PY or --skip-package")
     results: dict = {"machine": f"{os.cpu_count()} cores", "rows": []}
+    initial_time: dict[str, np.ndarray] = {}  # explorer VeloVAE's initial time per dataset
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        paths = _prepare(tmp, args.sizes)
-        for data in ("pancreas", "simulation"):
+        paths = _prepare(tmp, args.sizes, args.datasets)
+        for data in args.datasets:
             runs = [("explorer velovae", "velovae", {"device": "cpu"})]
             if data == "pancreas":
                 runs.append(("explorer dynamical (scVelo)", "dynamical", {"device": "cpu"}))
@@ -222,6 +253,7 @@ def main() -> None:
                 res = np.load(out)
                 if model == "velovae":
                     train = res["train"]
+                    initial_time[data] = res["t_init"]
                 row = {"data": data, "tool": label, "wall_s": round(wall, 1), "fit_s": round(float(res["train_s"]), 1)}
                 row["peak_gb"] = round(peak, 2)
                 row.update(_score(paths[data], res["u"], res["s"], train, res["latent_time"]))
@@ -240,14 +272,38 @@ def main() -> None:
                 script = tmp / "package_worker.py"
                 script.write_text(PACKAGE_WORKER)
                 n1, n2 = args.package_epochs
-                wall, peak = run_measured([package_python, str(script), str(paths[data]), str(out), str(n1), str(n2)])
+                cmd = [package_python, str(script), str(paths[data]), str(out), str(n1), str(n2)]
+                if args.package_init == "explorer":
+                    # the package from explorer's initial time (its init_key), scaled to its t_max of 20
+                    import anndata as ad
+
+                    given = ad.read_h5ad(paths[data])
+                    t_init = initial_time[data]
+                    span = t_init.max() - t_init.min()
+                    given.obs["explorer_initial_time"] = (t_init - t_init.min()) / max(span, 1e-12) * 20
+                    cmd[2] = str(tmp / f"{data}_with_initial_time.h5ad")
+                    given.write_h5ad(cmd[2])
+                    cmd.append("explorer_initial_time")
+                wall, peak = run_measured(cmd)
                 res = np.load(out)
                 mask = np.zeros(len(res["t"]), dtype=bool)
                 mask[res["train_idx"]] = True
-                row = {"data": data, "tool": f"velovae 0.1.2 ({n1}+{n2} epochs)", "wall_s": round(wall, 1)}
+                tool = f"velovae 0.1.2 ({n1}+{n2} epochs)"
+                if args.package_init == "explorer":
+                    tool += ", from explorer's initial time"
+                row = {"data": data, "tool": tool, "wall_s": round(wall, 1)}
                 row["fit_s"] = round(float(res["train_s"]), 1)
+                if "cpu_s" in res:
+                    row["fit_cpu_s"] = round(float(res["cpu_s"]), 1)
+                    # stages 1 and 2 together (the package stops each early), from its minibatch count
+                    row["epochs"] = round(int(res["iterations"]) / int(res["iterations_per_epoch"]))
                 row["peak_gb"] = round(peak, 2)
                 row.update(_score(paths[data], res["uhat"], res["shat"], mask, res["t"]))
+                if data == "simulation":
+                    import anndata as ad
+
+                    true_t = ad.read_h5ad(paths[data]).obs["true_t"].to_numpy()
+                    row.update(_calibration(true_t, res["t"], res["std_t"]))
                 results["rows"].append(row)
         for n in args.sizes:
             out = tmp / f"sim_{n}.npz"

@@ -7,7 +7,8 @@ AnnData, everything is a tensor of ``(n_cells, n_genes)`` or ``(n_genes,)``.
 Generative model, per cell ``i`` and gene ``g``:
 
 - a time ``t_i ~ N(t_prior_i, sd_prior_i^2)`` shared by all genes and, in the full
-  model, a cell state ``c_i ~ N(0, I)`` (``dim_c`` dimensions);
+  model, a cell state ``c_i ~ N(0, c_prior_sd^2 I)`` (``dim_c`` dimensions; the paper's
+  ``c_prior_sd`` is 1, the ``velovae`` package's 0.01);
 - the full model's decoder ``rho_i = g(c_i)`` in ``[0, 1]^G`` scales each gene's
   transcription rate: ``du/dt = rho alpha - beta u``, ``ds/dt = beta u - gamma s``,
   on from the gene's onset ``t_on`` and, for a gene that has one, until its switch-off
@@ -131,9 +132,12 @@ class VAEModule(nn.Module):
         init: dict[str, torch.Tensor],
         t_init: float,
         switch_off: bool | torch.Tensor = True,
+        c_prior_sd: float = 1.0,
     ) -> None:
         super().__init__()
         self.variant = variant
+        #: standard deviation of the cell state's prior N(0, c_prior_sd^2 I)
+        self.c_prior_sd = float(c_prior_sd)
         switches = torch.as_tensor(switch_off, dtype=torch.bool).expand(n_genes).clone()
         self.switch_off = bool(switches.any())
         #: (G,) whether each gene has a switch-off time
@@ -331,6 +335,7 @@ class VAEModule(nn.Module):
         kl_t = (torch.log(sd0 / q.t_sd) + (q.t_sd**2 + (q.t_mean - mu0) ** 2) / (2 * sd0**2) - 0.5).sum(1)
         kl = kl_t
         if q.c_mean is not None:
-            kl = kl + 0.5 * (q.c_sd**2 + q.c_mean**2 - 1 - 2 * torch.log(q.c_sd)).sum(1)
+            v = self.c_prior_sd**2
+            kl = kl + 0.5 * ((q.c_sd**2 + q.c_mean**2) / v - 1 - 2 * torch.log(q.c_sd) + math.log(v)).sum(1)
         elbo = ll - kl
         return -elbo.mean(), elbo.detach()

@@ -562,6 +562,28 @@ def test_full_model_latent_time_beats_basic(branching, branching_full):
 
 
 @pytest.mark.slow
+def test_tight_cell_state_prior_lets_the_full_models_time_beat_the_basic_models(branching):
+    """c_prior_sd=0.01 (the velovae package's std_z_prior): the full model's latent time above the basic model's.
+
+    Measured (2026-12-02): 0.988 against the basic model's 0.981 here (the default prior,
+    N(0, I): 0.9808; seed 2: 0.9982 against 0.9974, default 0.992). The held-out MSE rises
+    (13.3 against 5.7), still far below the basic model's, and the intervals cover more of
+    the true times (0.99 against 0.84). Not the default: see VeloVAE's c_prior_sd.
+    """
+    true_t = branching.obs[Key.obs.TRUE_T]
+    tight_model = VeloVAE(seed=0, device="cpu", c_prior_sd=0.01)
+    tight = tight_model.fit(branching.copy())
+    basic_model = VeloVAE(variant="basic", seed=0, device="cpu")
+    basic = basic_model.fit(branching.copy())
+    assert spearmanr(tight.latent_time, true_t)[0] > spearmanr(basic.latent_time, true_t)[0] + 0.003
+    assert tight_model.metrics_["mse_test"] < basic_model.metrics_["mse_test"]
+    # the cells' states stay near the prior's scale (the KL term holds them), unlike N(0, I)'s
+    assert np.abs(tight.obsm[Key.obsm.CELL_STATE]).mean() < 0.1
+    tp = tight_model.time_posterior_
+    assert abs(time_calibration(true_t, tp["t_mean"], tp["t_sd"])["coverage"] - 0.9) <= 0.1
+
+
+@pytest.mark.slow
 def test_time_intervals_cover_near_nominal(branching, branching_full):
     """Nominal 90% intervals cover 80-100% of the true times (through a cross-fitted monotone map).
 
