@@ -236,12 +236,16 @@ def main() -> None:
     package_python = str(setup_venv()) if args.setup else args.velovae_python
     if not args.skip_package and not Path(package_python).exists():
         parser.error(f"{package_python} not found: pass --setup, --velovae-python PY or --skip-package")
+    import anndata as ad
+
     results: dict = {"machine": f"{os.cpu_count()} cores", "rows": []}
     initial_time: dict[str, np.ndarray] = {}  # explorer VeloVAE's initial time per dataset
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         paths = _prepare(tmp, args.sizes, args.datasets)
         for data in args.datasets:
+            # the simulator's time, read once per dataset for both tools' calibration
+            true_t = ad.read_h5ad(paths[data]).obs["true_t"].to_numpy() if data == "simulation" else None
             runs = [("explorer velovae", "velovae", {"device": "cpu"})]
             if data == "pancreas":
                 runs.append(("explorer dynamical (scVelo)", "dynamical", {"device": "cpu"}))
@@ -260,10 +264,7 @@ def main() -> None:
                 if "epochs" in res:
                     row["epochs"] = res["epochs"].tolist()
                     row["fit_cpu_s"] = round(float(res["cpu_s"]), 1)
-                    if data == "simulation":
-                        import anndata as ad
-
-                        true_t = ad.read_h5ad(paths[data]).obs["true_t"].to_numpy()
+                    if true_t is not None:
                         row.update(_calibration(true_t, res["t_model"], res["t_sd"]))
                     row["uncertainty_s"] = round(float(res["extract_s"]), 1)
                 results["rows"].append(row)
@@ -275,8 +276,6 @@ def main() -> None:
                 cmd = [package_python, str(script), str(paths[data]), str(out), str(n1), str(n2)]
                 if args.package_init == "explorer":
                     # the package from explorer's initial time (its init_key), scaled to its t_max of 20
-                    import anndata as ad
-
                     given = ad.read_h5ad(paths[data])
                     t_init = initial_time[data]
                     span = t_init.max() - t_init.min()
@@ -299,10 +298,7 @@ def main() -> None:
                     row["epochs"] = round(int(res["iterations"]) / int(res["iterations_per_epoch"]))
                 row["peak_gb"] = round(peak, 2)
                 row.update(_score(paths[data], res["uhat"], res["shat"], mask, res["t"]))
-                if data == "simulation":
-                    import anndata as ad
-
-                    true_t = ad.read_h5ad(paths[data]).obs["true_t"].to_numpy()
+                if true_t is not None:
                     row.update(_calibration(true_t, res["t"], res["std_t"]))
                 results["rows"].append(row)
         for n in args.sizes:
