@@ -18,7 +18,7 @@ os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(__file__).resolve().parent.par
 from explorer._process import set_up_process
 from explorer._types import Progress
 
-# as the CLI does: idle OpenMP threads of torch sleep instead of spinning (2 shared cores)
+# as the CLI does: idle OpenMP threads spin only briefly before they sleep (2 shared cores)
 set_up_process()
 
 ROOT = Path(__file__).resolve().parent.parent

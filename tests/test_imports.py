@@ -439,6 +439,29 @@ print("OK")
     assert out.stdout.strip() == "OK"
 
 
+def test_set_up_process_bounds_the_openmp_spin_and_keeps_the_users_choice():
+    """Before torch loads: a spin count of 10,000, no wait policy; a policy or count the user set stays.
+
+    In fresh interpreters (the settings are read when the OpenMP runtime loads). Passive
+    waiting halved VeloVAE's speed (see ``set_up_process``), so no policy is set.
+    """
+    statement = """
+import os, sys
+import explorer._process as process
+process.set_up_process()
+print(os.environ.get("GOMP_SPINCOUNT"), os.environ.get("OMP_WAIT_POLICY"))
+"""
+    cases = [({}, "10000 None"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "None ACTIVE"), ({"GOMP_SPINCOUNT": "5"}, "5 None")]
+    for extra, expected in cases:
+        env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+        out = subprocess.run(
+            [sys.executable, "-c", statement], capture_output=True, text=True, check=False,
+            cwd=PACKAGE.parent, env={**env, **extra},
+        )
+        assert out.returncode == 0, f"exit code {out.returncode}; stderr:\n{out.stderr[-4000:]}"
+        assert out.stdout.strip() == expected, (extra, out.stdout)
+
+
 @pytest.mark.skipif(
     not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only"
 )

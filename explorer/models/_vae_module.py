@@ -335,7 +335,24 @@ class VAEModule(nn.Module):
         kl_t = (torch.log(sd0 / q.t_sd) + (q.t_sd**2 + (q.t_mean - mu0) ** 2) / (2 * sd0**2) - 0.5).sum(1)
         kl = kl_t
         if q.c_mean is not None:
-            v = self.c_prior_sd**2
-            kl = kl + 0.5 * ((q.c_sd**2 + q.c_mean**2) / v - 1 - 2 * torch.log(q.c_sd) + math.log(v)).sum(1)
+            kl = kl + self.kl_state(q)
         elbo = ll - kl
+        return -elbo.mean(), elbo.detach()
+
+    def kl_state(self, q: Posterior) -> torch.Tensor:
+        """``(n,)`` KL divergence of ``q(c)`` from the state prior ``N(0, c_prior_sd^2 I)``."""
+        v = self.c_prior_sd**2
+        return 0.5 * ((q.c_sd**2 + q.c_mean**2) / v - 1 - 2 * torch.log(q.c_sd) + math.log(v)).sum(1)
+
+    def state_loss(
+        self, x: torch.Tensor, u: torch.Tensor, s: torch.Tensor, t: torch.Tensor, *, sample: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Negative ELBO over the cell state alone, each cell's time ``t`` ``(n, 1)`` given.
+
+        The ELBO of :meth:`loss` without the time's sample and KL term: what the state
+        stage maximises once the time is fixed (the full model only).
+        """
+        q = self.encode(x)
+        c = q.c_mean + q.c_sd * torch.randn_like(q.c_sd) if sample else q.c_mean
+        elbo = self.log_likelihood(u, s, self.decode(t, c)) - self.kl_state(q)
         return -elbo.mean(), elbo.detach()

@@ -497,7 +497,7 @@ class Dynamical(Hyperparameters):
         ``layers['fit_t']``, the latent time and ``obs['root_cells']``.
         """
         # before the compiled kernels' OpenMP threads start (and torch's, on CUDA): they
-        # sleep instead of spinning when idle (see set_up_process)
+        # spin only briefly when idle (see set_up_process)
         set_up_process()
         self._check(adata)
         self.velocity_graph_: dict[str, Any] | None = None
