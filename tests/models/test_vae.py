@@ -627,7 +627,9 @@ def test_time_intervals_cover_near_nominal(branching, branching_full):
     strict=True,
     reason="issue 9 not met yet: the posterior SD does not rank cells by their time error "
     "(Spearman -0.35 through the monotone map on this seed, -0.18 on seed 2, with the default state "
-    "stage, 2026-12-03; before it, stage 1 under N(0, I): -0.19 / +0.35, with the default switch-off "
+    "stage, 2026-12-03; a gene bootstrap of the grid posterior, 40 resamples of the genes, ranks no "
+    "better: -0.45 / -0.19 alone, -0.36 / -0.18 added to the grid's SD; before the state stage, stage 1 "
+    "under N(0, I): -0.19 / +0.35, with the default switch-off "
     "for every gene; with switch_off='per_gene' -0.02 / -0.05, coverage 0.84 / 0.95; with no switch-off "
     "at all +0.16 / +0.35 but coverage 0.66 / 0.93; measured 2026-12-02, loaded). "
     "72% of the squared "
