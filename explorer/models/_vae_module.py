@@ -171,9 +171,13 @@ class VAEModule(nn.Module):
 
     # --------------------------------------------------------------------------- groups
 
+    def rate_parameters(self) -> list[nn.Parameter]:
+        """The per-gene log-rates (``alpha``, ``beta``, ``gamma``, the scaling): no switch times."""
+        return [self.log_alpha, self.log_beta, self.log_gamma, self.log_scaling]
+
     def ode_parameters(self) -> list[nn.Parameter]:
         """The per-gene kinetic parameters (trained with the ODE learning rate)."""
-        params = [self.log_alpha, self.log_beta, self.log_gamma, self.log_scaling, self.t_on]
+        params = [*self.rate_parameters(), self.t_on]
         return [*params, self.t_off] if self.switch_off else params
 
     def network_parameters(self) -> list[nn.Parameter]:
