@@ -1876,6 +1876,84 @@ def time_calibration(
     }
 
 
+def oracle_time_posterior(adata: AnnData, *, n_grid: int = 200, chunk: int = 256) -> dict[str, Any]:
+    """The time posterior a perfect model would give: the simulator's own noise-free curves.
+
+    The reference for :func:`time_calibration` on data from
+    :func:`explorer.data.simulate.simulate`: what any per-cell time posterior can reach
+    there, known kinetics and lineage included. Each lineage's curve is the noise-free
+    abundance (``layers['true_u']``, ``['true_s']``) of its cells and the root's, in
+    order of ``obs['true_t']``, scaled per gene (least squares through the origin) to the
+    smoothed ``Mu`` / ``Ms`` the models fit. A cell's likelihood at each of ``n_grid``
+    times is Gaussian with per-gene noise (the residuals' SD at the true times) on its
+    own lineage's curve (a root cell, whose lineage is not yet decided: the mean of the
+    lineages' likelihoods), tempered as :meth:`VeloVAE._refine_time` tempers its own
+    (``2 G / n_eff``, the participation ratio of the residuals), with a flat prior.
+
+    Returns ``t_mean`` and ``t_sd`` (``(n_obs,)``, on the true clock), ``temperature`` and
+    ``n_eff``.
+    """
+    needed = ("true_u", "true_s", Key.layers.MU, Key.layers.MS)
+    missing = [k for k in needed if k not in adata.layers] + [k for k in ("true_t",) if k not in adata.obs]
+    if missing:
+        msg = (
+            f"The oracle time posterior needs a simulation from explorer.data.simulate with its moments: "
+            f"missing {missing}. Simulate with explorer.data.simulate.simulate and run "
+            "explorer.pipeline.prepare."
+        )
+        raise InputError(msg)
+
+    def dense(key: str) -> np.ndarray:
+        x = adata.layers[key]
+        return np.asarray(x.toarray() if sparse.issparse(x) else x, dtype=np.float64)
+
+    mu, ms, true_u, true_s = (dense(k) for k in (Key.layers.MU, Key.layers.MS, "true_u", "true_s"))
+    true_t = adata.obs["true_t"].to_numpy(dtype=np.float64)
+    if "true_lineage" in adata.obs:
+        lineage = adata.obs["true_lineage"].astype(str).to_numpy()
+    else:
+        lineage = np.full(adata.n_obs, "root")
+    # the noise-free abundances on the scale of the smoothed data
+    true_u = true_u * ((mu * true_u).sum(0) / np.maximum((true_u * true_u).sum(0), 1e-12))
+    true_s = true_s * ((ms * true_s).sum(0) / np.maximum((true_s * true_s).sum(0), 1e-12))
+    sd_u = (mu - true_u).std(0).clip(min=1e-6)
+    sd_s = (ms - true_s).std(0).clip(min=1e-6)
+    r = np.concatenate([(mu - true_u) / sd_u, (ms - true_s) / sd_s], axis=1)
+    r -= r.mean(0)
+    gram = r @ r.T if r.shape[0] <= r.shape[1] else r.T @ r
+    n_eff = float((r * r).sum() ** 2 / max((gram * gram).sum(), 1e-300))
+    temperature = max(r.shape[1] / max(n_eff, 1.0), 1.0)
+
+    grid = np.linspace(true_t.min(), true_t.max(), n_grid)
+    branches = [name for name in np.unique(lineage) if name != "root"] or ["root"]
+    loglik = np.empty((len(branches), adata.n_obs, n_grid))
+    for b, name in enumerate(branches):
+        on = (lineage == name) | (lineage == "root")
+        order = np.argsort(true_t[on], kind="stable")
+        t_on = true_t[on][order]
+        cu = np.stack([np.interp(grid, t_on, col) for col in true_u[on][order].T], axis=1) / sd_u
+        cs = np.stack([np.interp(grid, t_on, col) for col in true_s[on][order].T], axis=1) / sd_s
+        for start in range(0, adata.n_obs, chunk):
+            sl = slice(start, start + chunk)
+            du = (mu[sl] / sd_u)[:, None, :] - cu[None]
+            ds = (ms[sl] / sd_s)[:, None, :] - cs[None]
+            loglik[b, sl] = -0.5 * ((du * du).sum(2) + (ds * ds).sum(2))
+    own = np.array([branches.index(name) if name in branches else -1 for name in lineage])
+    cell_ll = np.empty((adata.n_obs, n_grid))
+    known = own >= 0
+    cell_ll[known] = loglik[own[known], np.flatnonzero(known)]
+    if (~known).any():  # the root's cells: either lineage's future
+        z = loglik[:, ~known] / temperature
+        peak = z.max(0)
+        cell_ll[~known] = (peak + np.log(np.exp(z - peak).mean(0))) * temperature
+    z = cell_ll / temperature
+    w = np.exp(z - z.max(1, keepdims=True))
+    w /= w.sum(1, keepdims=True)
+    mean = w @ grid
+    sd = np.sqrt(np.maximum(w @ grid**2 - mean**2, 0.0))
+    return {"t_mean": mean, "t_sd": sd, "temperature": temperature, "n_eff": n_eff}
+
+
 def _isotonic(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Centred isotonic regression of ``y`` on ``x`` (Oron & Flournoy 2017), as knots for ``np.interp``.
 
