@@ -462,9 +462,12 @@ print(os.environ.get("GOMP_SPINCOUNT"), os.environ.get("OMP_WAIT_POLICY"))
         assert out.stdout.strip() == expected, (extra, out.stdout)
 
 
-@pytest.mark.skipif(
+#: the page-fault tests measure glibc's malloc (a mark on the helper itself would skip nothing)
+glibc_only = pytest.mark.skipif(
     not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only"
 )
+
+
 def _faults_by_mode(statement: str, modes: tuple[str, ...], *args: str) -> dict[str, int]:
     """Run ``statement`` in a fresh interpreter once per mode (``sys.argv[1]``); the count each prints."""
     faults = {}
@@ -476,6 +479,7 @@ def _faults_by_mode(statement: str, modes: tuple[str, ...], *args: str) -> dict[
     return faults
 
 
+@glibc_only
 def test_keep_freed_memory_reuses_freed_blocks():
     """After ``keep_freed_memory``, arrays of 9-25 MB freed and made again touch no fresh page.
 
@@ -507,6 +511,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     assert faults["keep"] < pages // 20, faults
 
 
+@glibc_only
 def test_prepare_heap_touches_pages_ahead_for_every_thread(tmp_path):
     """After ``prepare_heap`` (and its thread), arrays made in two threads touch no fresh page.
 
