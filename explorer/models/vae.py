@@ -72,7 +72,7 @@ from explorer.models.metrics import reconstruction_error
 from explorer.models.steady_state import SteadyState, genes_to_fit
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Callable, Iterator, Sequence
 
     import torch
     from anndata import AnnData
@@ -519,21 +519,23 @@ class VeloVAE(Hyperparameters):
             switch_off=torch.from_numpy(self._switch_mask),
             c_prior_sd=self._stage1_c_prior_sd(),
         ).to(device)
-        generator = torch.Generator().manual_seed(self.seed)
         history: dict[str, list[float]] = {
             "warmup": [], "stage1": [], "stage1_train": [], "stage1_mse_test": [], "state": [], "stage2": []
         }
+        run = _Run(
+            module, tensors, train_idx, test_idx, torch.Generator().manual_seed(self.seed), history, progress, total, step
+        )
 
         # warm start: the encoder's time from the initial time (a few cheap epochs)
-        step = self._warmup(module, tensors, t_init, train_idx, generator, history, progress, step, total)
+        self._warmup(run, t_init)
         # stage 1: the ELBO
         clock = time.perf_counter()
-        step = self._stage1(module, tensors, train_idx, test_idx, generator, history, progress, step, total)
+        self._stage1(run)
         timings["stage1"] = time.perf_counter() - clock
         step0 = 2 + self.n_warmup_epochs + self.max_epochs
-        if step < step0:
-            step = step0
-            report(progress, step, total, "stage 1 converged")
+        if run.step < step0:
+            run.step = step0
+            report(progress, run.step, total, "stage 1 converged")
 
         post = self._posterior(module, tensors)
         # close the amortisation gap: each cell's time posterior given its state and the
@@ -543,28 +545,24 @@ class VeloVAE(Hyperparameters):
         timings["refine_time"] = time.perf_counter() - clock
         if self._state_stage_runs():
             clock = time.perf_counter()
-            post, step = self._state_stage(
-                module, tensors, post, train_idx, test_idx, generator, history, progress, step, total
-            )
+            post = self._state_stage(run, post)
             timings["state"] = time.perf_counter() - clock
-            step = step0 + state_epochs
+            run.step = step0 + state_epochs
         if self.max_epochs_polish > 0:
             clock = time.perf_counter()
-            step = self._polish(
-                module, tensors, post, train_idx, test_idx, generator, history, progress, step, total
-            )
+            self._polish(run, post)
             timings["polish"] = time.perf_counter() - clock
-            step = step0 + state_epochs + self.max_epochs_polish
+            run.step = step0 + state_epochs + self.max_epochs_polish
         x0 = None
         if self.variant == "full" and self.max_epochs_stage2 > 0:
             clock = time.perf_counter()
-            x0, step = self._stage2(module, tensors, post, train_idx, test_idx, generator, history, progress, step, total)
+            x0 = self._stage2(run, post)
             timings["stage2"] = time.perf_counter() - clock
-            step = total - 1
-            report(progress, step, total, "stage 2 converged")
+            run.step = total - 1
+            report(progress, run.step, total, "stage 2 converged")
 
         clock = time.perf_counter()
-        out = self._extract(module, tensors, post, x0, generator)
+        out = self._extract(module, tensors, post, x0, run.generator)
         timings["extract"] = time.perf_counter() - clock
         self.module_ = module
         # what sample_velocity replays: the posterior's tensors and stage 2's initial states
@@ -794,21 +792,11 @@ class VeloVAE(Hyperparameters):
             batches[-2] = np.concatenate([batches[-2], batches.pop()])
         return batches
 
-    def _warmup(
-        self,
-        module: VAEModule,
-        tensors: _Tensors,
-        t_init: np.ndarray,
-        train_idx: np.ndarray,
-        generator: torch.Generator,
-        history: dict[str, list[float]],
-        progress: ProgressCallback | None,
-        step: int,
-        total: int,
-    ) -> int:
+    def _warmup(self, run: _Run, t_init: np.ndarray) -> None:
         """Pull the encoder's time towards the initial time, so that the ELBO starts from it."""
         import torch
 
+        module, tensors = run.module, run.tensors
         device = tensors.x.device
         target = torch.from_numpy(t_init.astype(np.float32)[:, None]).to(device)
         net = list(module.encoder.parameters())
@@ -823,63 +811,35 @@ class VeloVAE(Hyperparameters):
         opt = _adam(net, lr=self.learning_rate * 5)
         head = _adam(module.t_head.parameters(), lr=self.learning_rate * 50)
         scale = self.t_max * 0.05
+        def loss_of(bt: torch.Tensor) -> torch.Tensor:
+            q = module.encode(tensors.x[bt])
+            loss = (((q.t_mean - target[bt]) / scale) ** 2).mean()
+            if rho_t is not None:
+                w = rho_w[bt]
+                rho = module.rho(q.c_mean, len(bt))
+                loss = loss + (w * (rho - rho_t[bt]) ** 2).sum() / w.sum().clamp(min=1e-12) * _RHO_WARMUP_WEIGHT
+            return loss
+
         module.train()
         for epoch in range(self.n_warmup_epochs):
-            total_loss = 0.0
-            for b in self._batches(train_idx, generator):
-                if len(b) < 2:
-                    continue
-                bt = torch.from_numpy(b).to(tensors.x.device)
-                q = module.encode(tensors.x[bt])
-                loss = (((q.t_mean - target[bt]) / scale) ** 2).mean()
-                if rho_t is not None:
-                    w = rho_w[bt]
-                    rho = module.rho(q.c_mean, len(b))
-                    loss = loss + (w * (rho - rho_t[bt]) ** 2).sum() / w.sum().clamp(min=1e-12) * _RHO_WARMUP_WEIGHT
-                opt.zero_grad()
-                head.zero_grad()
-                loss.backward()
-                opt.step()
-                head.step()
-                total_loss += float(loss.detach()) * len(b)
-            history["warmup"].append(total_loss / len(train_idx))
-            step += 1
-            report(progress, step, total, f"warm start {epoch + 1}/{self.n_warmup_epochs}")
-        return step
+            total_loss = self._minibatch_epoch(run, loss_of, [opt, head])
+            run.history["warmup"].append(total_loss / len(run.train_idx))
+            run.advance(f"warm start {epoch + 1}/{self.n_warmup_epochs}")
 
-    def _stage1(
-        self,
-        module: VAEModule,
-        tensors: _Tensors,
-        train_idx: np.ndarray,
-        test_idx: np.ndarray,
-        generator: torch.Generator,
-        history: dict[str, list[float]],
-        progress: ProgressCallback | None,
-        step: int,
-        total: int,
-    ) -> int:
-        import torch
+    def _stage1(self, run: _Run) -> None:
+        """Stage 1: the negative ELBO, network and ODE together, until the held-out ELBO converges."""
+        module, tensors, test_idx, history = run.module, run.tensors, run.test_idx, run.history
+
+        def loss_of(bt: torch.Tensor) -> torch.Tensor:
+            prior = (tensors.prior_mean[bt], tensors.prior_sd[bt])
+            return module.loss(tensors.x[bt], tensors.u[bt], tensors.s[bt], prior)[0]
 
         opt = _adam(module.network_parameters(), lr=self.learning_rate)
         opt_ode = _adam(module.ode_parameters(), lr=self.learning_rate * 8)
         for epoch in range(self.max_epochs):
             module.train()
-            train_loss = 0.0
-            for b in self._batches(train_idx, generator):
-                if len(b) < 2:
-                    continue
-                bt = torch.from_numpy(b).to(tensors.x.device)
-                loss, _ = module.loss(
-                    tensors.x[bt], tensors.u[bt], tensors.s[bt], (tensors.prior_mean[bt], tensors.prior_sd[bt])
-                )
-                opt.zero_grad()
-                opt_ode.zero_grad()
-                loss.backward()
-                opt.step()
-                opt_ode.step()
-                train_loss += float(loss.detach()) * len(b)
-            history["stage1_train"].append(-train_loss / len(train_idx))
+            train_loss = self._minibatch_epoch(run, loss_of, [opt, opt_ode])
+            history["stage1_train"].append(-train_loss / len(run.train_idx))
             if self._sigma_every and (epoch + 1) % self._sigma_every == 0:
                 # the per-gene noise is the likelihood's MLE at the current fit: fixed at the
                 # initial fit's residuals, genes the initial fit misses badly (the pancreas'
@@ -887,17 +847,42 @@ class VeloVAE(Hyperparameters):
                 # the median gene's and never be fitted
                 post = self._posterior(module, tensors)
                 dec = self._decode_all(module, post["t_mean"], post.get("c_mean"), None)
-                self._update_sigma(module, tensors, dec, train_idx)
+                self._update_sigma(module, tensors, dec, run.train_idx)
                 ru = tensors.u[test_idx] - dec.u[test_idx]
                 rs = tensors.s[test_idx] - dec.s[test_idx]
                 history["stage1_mse_test"].append(float((ru * ru + rs * rs).mean()))
             elbo = self._held_out_elbo(module, tensors, test_idx)
             history["stage1"].append(elbo)
-            step += 1
-            report(progress, step, total, f"stage 1 epoch {epoch + 1}: held-out ELBO {elbo:.1f}")
+            run.advance(f"stage 1 epoch {epoch + 1}: held-out ELBO {elbo:.1f}")
             if self._converged(history["stage1"]):
                 break
-        return step
+
+    def _minibatch_epoch(
+        self,
+        run: _Run,
+        loss_of: Callable[[torch.Tensor], torch.Tensor],
+        optimizers: list[torch.optim.Optimizer],
+        *,
+        min_batch: int = 2,
+    ) -> float:
+        """One pass over the training cells in seeded minibatches: each batch's ``loss_of(cells)``
+        minimised by one step of every optimizer (batches under ``min_batch`` cells skipped:
+        batch normalisation needs two). Returns the sum over batches of loss x batch size.
+        """
+        import torch
+
+        total = 0.0
+        for b in self._batches(run.train_idx, run.generator):
+            if len(b) < min_batch:
+                continue
+            loss = loss_of(torch.from_numpy(b).to(run.tensors.x.device))
+            for opt in optimizers:
+                opt.zero_grad()
+            loss.backward()
+            for opt in optimizers:
+                opt.step()
+            total += float(loss.detach()) * len(b)
+        return total
 
     def _converged(self, values: list[float]) -> bool:
         """Whether the last ``patience`` epochs improved on the ``patience`` before by less than ``tol``.
@@ -1145,24 +1130,16 @@ class VeloVAE(Hyperparameters):
         near = np.argpartition(d, k - 1, axis=1)[:, :k]
         return np.take_along_axis(window, near, axis=1)
 
-    def _stage2(
-        self,
-        module: VAEModule,
-        tensors: _Tensors,
-        post: dict[str, torch.Tensor],
-        train_idx: np.ndarray,
-        test_idx: np.ndarray,
-        generator: torch.Generator,
-        history: dict[str, list[float]],
-        progress: ProgressCallback | None,
-        step: int,
-        total: int,
-    ) -> tuple[InitialState | None, int]:
-        """The paper's second stage: initial states from earlier cells, ODE fine-tuned with ``(t, c)`` fixed."""
+    def _stage2(self, run: _Run, post: dict[str, torch.Tensor]) -> InitialState | None:
+        """The paper's second stage: initial states from earlier cells, ODE fine-tuned with ``(t, c)`` fixed.
+
+        Returns the initial states, or ``None`` where stage 1's fit is kept.
+        """
         import torch
 
         from explorer.models._vae_module import InitialState
 
+        module, tensors, train_idx, test_idx, history = run.module, run.tensors, run.train_idx, run.test_idx, run.history
         t = post["t_mean"]
         c = post["c_mean"]
         nbr = self._x0_index(t[:, 0].cpu().numpy(), c.cpu().numpy(), train_idx)
@@ -1191,13 +1168,12 @@ class VeloVAE(Hyperparameters):
         rates = [module.log_alpha, module.log_beta, module.log_gamma, module.log_scaling]
         opt_ode = _adam(rates, lr=self.learning_rate * 8)
         for epoch in range(self.max_epochs_stage2):
-            self._fixed_time_epoch(module, tensors, t, c, x0, train_idx, generator, [opt, opt_ode])
+            self._fixed_time_epoch(run, t, c, x0, [opt, opt_ode])
             score, mse = held_out(x0)
             history["stage2"].append(score)
             if score > best_score:
                 best_score, best_mse, best_state = score, mse, copy.deepcopy(module.state_dict())
-            step += 1
-            report(progress, step, total, f"stage 2 epoch {epoch + 1}: held-out log-likelihood {score:.1f}")
+            run.advance(f"stage 2 epoch {epoch + 1}: held-out log-likelihood {score:.1f}")
             if self._converged(history["stage2"]):
                 break
             if epoch + 1 >= self.patience and best_score <= stage1_score:
@@ -1223,9 +1199,9 @@ class VeloVAE(Hyperparameters):
                 stage1_mse,
             )
             module.load_state_dict(stage1_state)
-            return None, step
+            return None
         module.load_state_dict(best_state)
-        return x0, step
+        return x0
 
     def _held_out_fit(
         self,
@@ -1250,34 +1226,25 @@ class VeloVAE(Hyperparameters):
 
     def _fixed_time_epoch(
         self,
-        module: VAEModule,
-        tensors: _Tensors,
+        run: _Run,
         t: torch.Tensor,
         c: torch.Tensor | None,
         x0: InitialState | None,
-        train_idx: np.ndarray,
-        generator: torch.Generator,
         optimizers: list[torch.optim.Optimizer],
     ) -> None:
         """One epoch of maximum likelihood at the fixed ``(t, c)`` (from ``x0``), the encoder frozen.
 
         ``optimizers`` hold the parameters trained.
         """
-        import torch
+        module, tensors = run.module, run.tensors
+
+        def loss_of(bt: torch.Tensor) -> torch.Tensor:
+            d = module.decode(t[bt], None if c is None else c[bt], _take(x0, bt))
+            return -module.log_likelihood(tensors.u[bt], tensors.s[bt], d).mean()
 
         module.train()
         module.encoder.eval()
-        for b in self._batches(train_idx, generator):
-            if len(b) < 2:
-                continue
-            bt = torch.from_numpy(b).to(t.device)
-            d = module.decode(t[bt], None if c is None else c[bt], _take(x0, bt))
-            loss = -module.log_likelihood(tensors.u[bt], tensors.s[bt], d).mean()
-            for opt in optimizers:
-                opt.zero_grad()
-            loss.backward()
-            for opt in optimizers:
-                opt.step()
+        self._minibatch_epoch(run, loss_of, optimizers)
 
     def _stage1_c_prior_sd(self) -> float:
         """The cell state's prior SD while the time is learned (stage 1)."""
@@ -1287,19 +1254,7 @@ class VeloVAE(Hyperparameters):
         """Whether the state is re-learned under ``c_prior_sd`` after the time (full model only)."""
         return self.variant == "full" and self._stage1_c_prior_sd() != self.c_prior_sd
 
-    def _state_stage(
-        self,
-        module: VAEModule,
-        tensors: _Tensors,
-        post: dict[str, torch.Tensor],
-        train_idx: np.ndarray,
-        test_idx: np.ndarray,
-        generator: torch.Generator,
-        history: dict[str, list[float]],
-        progress: ProgressCallback | None,
-        step: int,
-        total: int,
-    ) -> tuple[dict[str, torch.Tensor], int]:
+    def _state_stage(self, run: _Run, post: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The cell state re-learned under its prior ``N(0, c_prior_sd^2 I)``, each cell's time fixed.
 
         Stage 1 learns the time with the state's prior at ``time_c_prior_sd`` (0.01, the
@@ -1312,12 +1267,11 @@ class VeloVAE(Hyperparameters):
         re-estimated every ``_sigma_every`` epochs, until the held-out ELBO converges (the
         stages' rule). The time and its SD stay the grid's; the
         state's mean and SD are the retrained encoder's. Returns ``post`` with the new
-        state, and the progress step.
+        state.
         """
-        import torch
-
         from explorer.models._vae_module import ODE_LR_FACTOR
 
+        module, tensors, history = run.module, run.tensors, run.history
         module.c_prior_sd = float(self.c_prior_sd)
         t = post["t_mean"]
         params = [
@@ -1333,45 +1287,26 @@ class VeloVAE(Hyperparameters):
         # switch-off, every one with negative Sst velocity)
         opt_ode = _adam(module.rate_parameters(), lr=lr * ODE_LR_FACTOR)
 
+        def loss_of(bt: torch.Tensor) -> torch.Tensor:
+            return module.state_loss(tensors.x[bt], tensors.u[bt], tensors.s[bt], t[bt])[0]
+
         for epoch in range(self.max_epochs):
             module.train()
-            for b in self._batches(train_idx, generator):
-                if len(b) < 2:
-                    continue
-                bt = torch.from_numpy(b).to(t.device)
-                loss, _ = module.state_loss(tensors.x[bt], tensors.u[bt], tensors.s[bt], t[bt])
-                opt.zero_grad()
-                opt_ode.zero_grad()
-                loss.backward()
-                opt.step()
-                opt_ode.step()
+            self._minibatch_epoch(run, loss_of, [opt, opt_ode])
             if self._sigma_every and (epoch + 1) % self._sigma_every == 0:
                 state = self._posterior(module, tensors)
-                self._update_sigma(module, tensors, self._decode_all(module, t, state["c_mean"], None), train_idx)
-            score = self._held_out_elbo(module, tensors, test_idx, t=t)
+                self._update_sigma(module, tensors, self._decode_all(module, t, state["c_mean"], None), run.train_idx)
+            score = self._held_out_elbo(module, tensors, run.test_idx, t=t)
             history["state"].append(score)
-            step += 1
-            report(progress, step, total, f"state epoch {epoch + 1}: held-out ELBO {score:.1f}")
+            run.advance(f"state epoch {epoch + 1}: held-out ELBO {score:.1f}")
             if self._converged(history["state"]):
                 break
         state = self._posterior(module, tensors)
         out = dict(post)
         out["c_mean"], out["c_sd"] = state["c_mean"], state["c_sd"]
-        return out, step
+        return out
 
-    def _polish(
-        self,
-        module: VAEModule,
-        tensors: _Tensors,
-        post: dict[str, torch.Tensor],
-        train_idx: np.ndarray,
-        test_idx: np.ndarray,
-        generator: torch.Generator,
-        history: dict[str, list[float]],
-        progress: ProgressCallback | None = None,
-        step: int = 0,
-        total: int = 0,
-    ) -> int:
+    def _polish(self, run: _Run, post: dict[str, torch.Tensor]) -> None:
         """The ODE parameters and the ``rho`` head refitted at each cell's refined ``(t, c)``.
 
         Stage 1 fits the kinetics at the encoder's sampled times; :meth:`_refine_time`
@@ -1385,12 +1320,13 @@ class VeloVAE(Hyperparameters):
         every gene is its own small regression, so the learning rates are
         ``_POLISH_LR_FACTOR`` x stage 1's. Kept at the epoch with the best held-out
         log-likelihood among those whose held-out MSE is not above the start's (as
-        stage 2), or not at all. Returns the progress step.
+        stage 2), or not at all.
         """
         import torch
 
         from explorer.models._vae_module import ODE_LR_FACTOR
 
+        module, tensors, train_idx, test_idx, history = run.module, run.tensors, run.train_idx, run.test_idx, run.history
         t, c = post["t_mean"], post.get("c_mean")
         n_genes = int(module.log_alpha.shape[0])
         module.eval()
@@ -1436,13 +1372,12 @@ class VeloVAE(Hyperparameters):
         opt = _adam(groups)
         history["polish"] = []
         history["polish_mse_test"] = []
+        def loss_of(bt: torch.Tensor) -> torch.Tensor:
+            return -module.log_likelihood(tensors.u[bt], tensors.s[bt], decode(bt)).mean()
+
         for epoch in range(self.max_epochs_polish):
-            for b in self._batches(train_idx, generator):
-                bt = torch.from_numpy(b).to(t.device)
-                loss = -module.log_likelihood(tensors.u[bt], tensors.s[bt], decode(bt)).mean()
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+            # no batch normalisation is trained here: a one-cell batch is kept
+            self._minibatch_epoch(run, loss_of, [opt], min_batch=1)
             if self._sigma_every and (epoch + 1) % self._sigma_every == 0:
                 self._update_sigma(module, tensors, decode_all(), train_idx)
             score, mse = held_out()
@@ -1450,14 +1385,12 @@ class VeloVAE(Hyperparameters):
             history["polish_mse_test"].append(mse)
             if score > best[0] and mse <= start_mse:
                 best = (score, mse, copy.deepcopy(module.state_dict()))
-            step += 1
-            report(progress, step, total, f"polish epoch {epoch + 1}: held-out MSE {mse:.3g}")
+            run.advance(f"polish epoch {epoch + 1}: held-out MSE {mse:.3g}")
             if self._converged(history["polish"]):
                 break
         history["polish_vs_start"] = [start_score, best[0]]
         history["polish_vs_start_mse"] = [start_mse, best[1]]
         module.load_state_dict(best[2])
-        return step
 
     def _update_sigma(self, module: VAEModule, tensors: _Tensors, dec: Any, train_idx: np.ndarray) -> None:
         """Per-gene noise: the root mean squared residual over the training cells (its MLE)."""
@@ -1979,6 +1912,26 @@ def _isotonic(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             n[-1] += last_n
     counts = np.asarray(n, dtype=np.float64)
     return np.asarray(sx) / counts, np.asarray(sy) / counts
+
+
+@dataclasses.dataclass
+class _Run:
+    """What every training stage of one fit shares, and the progress step it advances."""
+
+    module: VAEModule
+    tensors: _Tensors
+    train_idx: np.ndarray
+    test_idx: np.ndarray
+    generator: torch.Generator
+    history: dict[str, list[float]]
+    progress: ProgressCallback | None
+    total: int
+    step: int = 0
+
+    def advance(self, message: str) -> None:
+        """One more step done: report it."""
+        self.step += 1
+        report(self.progress, self.step, self.total, message)
 
 
 class _Tensors:
