@@ -522,9 +522,8 @@ class VeloVAE(Hyperparameters):
         history: dict[str, list[float]] = {
             "warmup": [], "stage1": [], "stage1_train": [], "stage1_mse_test": [], "state": [], "stage2": []
         }
-        run = _Run(
-            module, tensors, train_idx, test_idx, torch.Generator().manual_seed(self.seed), history, progress, total, step
-        )
+        generator = torch.Generator().manual_seed(self.seed)
+        run = _Run(module, tensors, train_idx, test_idx, generator, history, progress, total, step)
 
         # warm start: the encoder's time from the initial time (a few cheap epochs)
         self._warmup(run, t_init)
@@ -811,13 +810,15 @@ class VeloVAE(Hyperparameters):
         opt = _adam(net, lr=self.learning_rate * 5)
         head = _adam(module.t_head.parameters(), lr=self.learning_rate * 50)
         scale = self.t_max * 0.05
+
         def loss_of(bt: torch.Tensor) -> torch.Tensor:
             q = module.encode(tensors.x[bt])
             loss = (((q.t_mean - target[bt]) / scale) ** 2).mean()
             if rho_t is not None:
                 w = rho_w[bt]
                 rho = module.rho(q.c_mean, len(bt))
-                loss = loss + (w * (rho - rho_t[bt]) ** 2).sum() / w.sum().clamp(min=1e-12) * _RHO_WARMUP_WEIGHT
+                fit = (w * (rho - rho_t[bt]) ** 2).sum() / w.sum().clamp(min=1e-12)
+                loss = loss + fit * _RHO_WARMUP_WEIGHT
             return loss
 
         module.train()
@@ -987,14 +988,7 @@ class VeloVAE(Hyperparameters):
         with torch.inference_mode():
             ru = (tensors.u[idx] - dec.u[idx]) / module.sigma_u
             r = torch.cat([ru, (tensors.s[idx] - dec.s[idx]) / module.sigma_s], 1)
-            r = (r - r.mean(0)).double()
-            # with lambda the covariance's eigenvalues (squared singular values of r):
-            # sum lambda = ||r||_F^2 and sum lambda^2 = ||r^T r||_F^2 = ||r r^T||_F^2, so
-            # n_eff needs one product of the smaller side, not an SVD (with rho decoded once
-            # per chunk below, this step fell from 23 to 18 CPU-s on the pancreas, same result)
-            gram = r @ r.T if r.shape[0] <= r.shape[1] else r.T @ r
-            n_eff = float((r * r).sum() ** 2 / (gram * gram).sum().clamp(min=1e-300))
-        participation = max(r.shape[1] / max(n_eff, 1.0), 1.0)
+            n_eff, participation = _participation_temperature((r - r.mean(0)).double())
         lo, hi = float(t_enc.min()), float(t_enc.max())
         margin = _T_GRID_MARGIN * max(hi - lo, 1e-3 * self.t_max)
         grid = torch.linspace(lo - margin, hi + margin, _T_GRID, device=t_enc.device)
@@ -1139,7 +1133,8 @@ class VeloVAE(Hyperparameters):
 
         from explorer.models._vae_module import InitialState
 
-        module, tensors, train_idx, test_idx, history = run.module, run.tensors, run.train_idx, run.test_idx, run.history
+        module, tensors, history = run.module, run.tensors, run.history
+        train_idx, test_idx = run.train_idx, run.test_idx
         t = post["t_mean"]
         c = post["c_mean"]
         nbr = self._x0_index(t[:, 0].cpu().numpy(), c.cpu().numpy(), train_idx)
@@ -1295,7 +1290,8 @@ class VeloVAE(Hyperparameters):
             self._minibatch_epoch(run, loss_of, [opt, opt_ode])
             if self._sigma_every and (epoch + 1) % self._sigma_every == 0:
                 state = self._posterior(module, tensors)
-                self._update_sigma(module, tensors, self._decode_all(module, t, state["c_mean"], None), run.train_idx)
+                dec = self._decode_all(module, t, state["c_mean"], None)
+                self._update_sigma(module, tensors, dec, run.train_idx)
             score = self._held_out_elbo(module, tensors, run.test_idx, t=t)
             history["state"].append(score)
             run.advance(f"state epoch {epoch + 1}: held-out ELBO {score:.1f}")
@@ -1326,7 +1322,8 @@ class VeloVAE(Hyperparameters):
 
         from explorer.models._vae_module import ODE_LR_FACTOR
 
-        module, tensors, train_idx, test_idx, history = run.module, run.tensors, run.train_idx, run.test_idx, run.history
+        module, tensors, history = run.module, run.tensors, run.history
+        train_idx, test_idx = run.train_idx, run.test_idx
         t, c = post["t_mean"], post.get("c_mean")
         n_genes = int(module.log_alpha.shape[0])
         module.eval()
@@ -1372,6 +1369,7 @@ class VeloVAE(Hyperparameters):
         opt = _adam(groups)
         history["polish"] = []
         history["polish_mse_test"] = []
+
         def loss_of(bt: torch.Tensor) -> torch.Tensor:
             return -module.log_likelihood(tensors.u[bt], tensors.s[bt], decode(bt)).mean()
 
@@ -1737,6 +1735,22 @@ def ensemble_time(t_mean: np.ndarray, t_sd: np.ndarray) -> dict[str, np.ndarray]
     return {"mean": mean, "sd": sd, "sd_within": np.sqrt(within), "sd_between": np.sqrt(between)}
 
 
+def _participation_temperature(r: Any) -> tuple[float, float]:
+    """``(n_eff, temperature)`` of centred, standardised residuals ``r`` ``(n, features)``.
+
+    ``n_eff`` is the participation ratio ``(sum lambda)^2 / sum lambda^2`` of the
+    residuals' covariance eigenvalues: the number of independent directions they have.
+    The temperature is ``features / n_eff`` (at least 1). With ``lambda`` the squared
+    singular values of ``r``, ``sum lambda = ||r||_F^2`` and ``sum lambda^2 = ||r^T r||_F^2
+    = ||r r^T||_F^2``, so one product of the smaller side serves, not an SVD (with ``rho``
+    decoded once per chunk, the time grid fell from 23 to 18 CPU-s on the pancreas, same
+    result). Takes a numpy array or a torch tensor (double precision).
+    """
+    gram = r @ r.T if r.shape[0] <= r.shape[1] else r.T @ r
+    n_eff = float((r * r).sum()) ** 2 / max(float((gram * gram).sum()), 1e-300)
+    return n_eff, max(r.shape[1] / max(n_eff, 1.0), 1.0)
+
+
 def _grid_moments(
     loglik: torch.Tensor, log_prior: torch.Tensor, grid: torch.Tensor, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1853,9 +1867,7 @@ def oracle_time_posterior(adata: AnnData, *, n_grid: int = 200, chunk: int = 256
     sd_s = (ms - true_s).std(0).clip(min=1e-6)
     r = np.concatenate([(mu - true_u) / sd_u, (ms - true_s) / sd_s], axis=1)
     r -= r.mean(0)
-    gram = r @ r.T if r.shape[0] <= r.shape[1] else r.T @ r
-    n_eff = float((r * r).sum() ** 2 / max((gram * gram).sum(), 1e-300))
-    temperature = max(r.shape[1] / max(n_eff, 1.0), 1.0)
+    n_eff, temperature = _participation_temperature(r)
 
     grid = np.linspace(true_t.min(), true_t.max(), n_grid)
     branches = [name for name in np.unique(lineage) if name != "root"] or ["root"]
@@ -1879,12 +1891,12 @@ def oracle_time_posterior(adata: AnnData, *, n_grid: int = 200, chunk: int = 256
         z = loglik[:, ~known] / temperature
         peak = z.max(0)
         cell_ll[~known] = (peak + np.log(np.exp(z - peak).mean(0))) * temperature
-    z = cell_ll / temperature
-    w = np.exp(z - z.max(1, keepdims=True))
-    w /= w.sum(1, keepdims=True)
-    mean = w @ grid
-    sd = np.sqrt(np.maximum(w @ grid**2 - mean**2, 0.0))
-    return {"t_mean": mean, "t_sd": sd, "temperature": temperature, "n_eff": n_eff}
+    import torch
+
+    # a flat prior: the grid's moments of the tempered likelihood
+    flat = torch.zeros(1, 1, dtype=torch.float64)
+    mean, sd = _grid_moments(torch.from_numpy(cell_ll), flat, torch.from_numpy(grid), temperature)
+    return {"t_mean": mean.numpy(), "t_sd": sd.numpy(), "temperature": temperature, "n_eff": n_eff}
 
 
 def _isotonic(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
