@@ -28,6 +28,7 @@ Usage::
     python benchmarks/bench_velovae.py [--setup] [--velovae-python .venv-velovae/bin/python]
         [--package-epochs 1000 500] [--sizes 10000 100000] [--skip-package]
         [--datasets pancreas simulation] [--package-init own|explorer] [--out FILE]
+        [--also '{"initial_time": "steady_state"}']
 
 It prints a table and writes ``benchmarks/results/velovae.json`` (or ``--out``).
 """
@@ -106,7 +107,7 @@ def explorer_worker(path: str, out: str, model: str, kwargs: str) -> None:
     fitted = get_model(model, **json.loads(kwargs))
     initial: dict[str, np.ndarray] = {}
     if model == "velovae":
-        # keep the initial time (the steady-state fit's latent time), for --package-init explorer
+        # keep the initial time (DPT, or the steady-state latent time), for --package-init explorer
         first = fitted._initialize
 
         def keep_initial_time(*args: object, **kw: object) -> tuple:
@@ -228,6 +229,13 @@ def main() -> None:
     parser.add_argument(
         "--out", type=Path, default=RESULTS / "velovae.json", help="the JSON to write (default: %(default)s)"
     )
+    parser.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="JSON",
+        help='another explorer VeloVAE row with these parameters, e.g. \'{"initial_time": "steady_state"}\'',
+    )
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -247,15 +255,17 @@ def main() -> None:
             # the simulator's time, read once per dataset for both tools' calibration
             true_t = ad.read_h5ad(paths[data]).obs["true_t"].to_numpy() if data == "simulation" else None
             runs = [("explorer velovae", "velovae", {"device": "cpu"})]
+            for extra in args.also:
+                runs.append((f"explorer velovae {extra}", "velovae", {"device": "cpu", **json.loads(extra)}))
             if data == "pancreas":
                 runs.append(("explorer dynamical (scVelo)", "dynamical", {"device": "cpu"}))
             train = None
             for label, model, kwargs in runs:
-                out = tmp / f"{data}_{model}.npz"
+                out = tmp / f"{data}_{model}_{len(results['rows'])}.npz"
                 cmd = [sys.executable, __file__, "--worker", str(paths[data]), str(out), model, json.dumps(kwargs)]
                 wall, peak = run_measured(cmd)
                 res = np.load(out)
-                if model == "velovae":
+                if model == "velovae" and train is None:  # the default row's split and initial time
                     train = res["train"]
                     initial_time[data] = res["t_init"]
                 row = {"data": data, "tool": label, "wall_s": round(wall, 1), "fit_s": round(float(res["train_s"]), 1)}
