@@ -225,9 +225,9 @@ class VeloVAE(Hyperparameters):
         the held-out MSE 3.7 / 6.1, 3.7 / 4.2, 1.7 / 2.8 and 1.5 / 3.3, coverage 0.95-0.99 /
         0.93-0.99; on scVelo's simulator the time was the same (0.9992-0.9993) but the held-out
         MSE 1.11 / 0.52 and 1.33 / 0.48. On the pancreas (seeds 0, 1, 2) the held-out MSE was
-        0.82-0.85 against 0.93-0.98, and the endocrine types after Pre-endocrine were Alpha and
-        Beta / none, Beta / Beta, none / Beta; on the 739-cell pancreas all four with every
-        seed.
+        0.72-0.82 against 0.97-1.00, and the endocrine types after Pre-endocrine were Alpha and
+        Beta / none, Alpha, Beta and Delta / Beta, none / Beta, all within about one latent-time
+        SD of it; on the 739-cell pancreas all four with every seed.
     time_temperature
         How the grid posterior of each cell's time is tempered for the genes'
         correlated residuals: ``"participation"``, ``2 G / n_eff`` from the residual
