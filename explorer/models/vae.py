@@ -70,7 +70,7 @@ from explorer.graph.transition import neighbors_for_graph
 from explorer.keys import Key
 from explorer.models.base import Hyperparameters, VelocityResult, require_layers
 from explorer.models.dynamical import _import_torch, _resolve_device
-from explorer.models.metrics import reconstruction_error
+from explorer.models.metrics import latent_time_spearman, reconstruction_error
 from explorer.models.steady_state import SteadyState, genes_to_fit
 
 if TYPE_CHECKING:
@@ -682,9 +682,10 @@ class VeloVAE(Hyperparameters):
             gap = np.diff(levels).min() if len(levels) > 1 else self.t_max
             # capture times are only known to their sampling interval: half a gap either side
             prior = (t0, np.full(n_obs, max(gap / 2, 1e-3 * self.t_max)))
-            self.initial_time_ = {"used": "capture_times", "agreement": float("nan")}
+            used, agreement = "capture_times", float("nan")
         else:
-            t0 = self._initial_time(adata, data, init, cols) * self.t_max
+            t_unit, used, agreement = self._initial_time(adata, data, init, cols)
+            t0 = t_unit * self.t_max
             # a weak prior over the whole axis (velovae: mean t_max / 2, sd t_max / 2)
             prior = (np.full(n_obs, self.t_max / 2), np.full(n_obs, self.t_max / 2))
         with torch.inference_mode():
@@ -759,24 +760,27 @@ class VeloVAE(Hyperparameters):
         for k, v in params.items():
             params[k] = np.nan_to_num(v, nan=1.0, posinf=1.0, neginf=0.0)
         self._rho_init = None if rho_target is None else (np.nan_to_num(rho_target, nan=1.0), np.nan_to_num(rho_weight))
+        self.initial_time_ = {"used": used, "agreement": agreement}
         return params, t0, prior
 
-    def _initial_time(self, adata: AnnData, data: Any, init: Any, cols: np.ndarray) -> np.ndarray:
-        """``(n_obs,)`` initial time in [0, 1]: the steady-state fit's latent time, or DPT from its root.
+    def _initial_time(
+        self, adata: AnnData, data: Any, init: Any, cols: np.ndarray
+    ) -> tuple[np.ndarray, str, float]:
+        """``(n_obs,)`` initial time in [0, 1], which time it is, and DPT's agreement.
 
-        DPT is used only where its Spearman correlation with the steady-state time is at
-        least ``_DPT_MIN_AGREEMENT``; else the steady-state time, with a warning.
-        ``self.initial_time_`` records which time was used and that correlation.
+        The steady-state fit's latent time, or DPT from its root; DPT is used only where its
+        Spearman correlation with the steady-state time is at least ``_DPT_MIN_AGREEMENT``,
+        else the steady-state time, with a warning. Returns the time, ``"dpt"`` or
+        ``"steady_state"``, and that correlation (NaN with ``initial_time="steady_state"``),
+        which :meth:`_initialize` records in ``self.initial_time_``.
         """
         t_ss, root_score = self._steady_state_time(adata, data, init, cols)
         if self.initial_time == "steady_state":
-            self.initial_time_ = {"used": "steady_state", "agreement": float("nan")}
-            return t_ss
+            return t_ss, "steady_state", float("nan")
         t_dpt = diffusion_pseudotime(adata, int(lt_mod.earliest_roots(root_score, t_ss)[0][0]))
-        agreement = float(pd.Series(t_dpt).corr(pd.Series(t_ss), method="spearman"))
+        agreement = latent_time_spearman(t_dpt, t_ss)
         if agreement >= _DPT_MIN_AGREEMENT:
-            self.initial_time_ = {"used": "dpt", "agreement": agreement}
-            return t_dpt
+            return t_dpt, "dpt", agreement
         logger.warning(
             "velovae: the initial time is to be diffusion pseudotime (initial_time='dpt'), but it "
             "disagrees with the steady-state fit's latent time (Spearman %.2f, expected at least "
@@ -786,8 +790,7 @@ class VeloVAE(Hyperparameters):
             agreement,
             _DPT_MIN_AGREEMENT,
         )
-        self.initial_time_ = {"used": "steady_state", "agreement": agreement}
-        return t_ss
+        return t_ss, "steady_state", agreement
 
     def _steady_state_time(
         self, adata: AnnData, data: Any, init: Any, cols: np.ndarray
