@@ -115,9 +115,9 @@ def trajectory(
     u0_, s0_ = switch_state(dur, alpha, beta, gamma, xp=xp)
     induction = t < t_
     tau = xp.where(induction, tau_on, t - t_)
-    a = xp.where(induction, alpha, xp.zeros_like(alpha * tau))
-    u0 = xp.where(induction, xp.zeros_like(u0_ * tau), u0_)
-    s0 = xp.where(induction, xp.zeros_like(s0_ * tau), s0_)
+    a = xp.where(induction, alpha, 0.0)
+    u0 = xp.where(induction, 0.0, u0_)
+    s0 = xp.where(induction, 0.0, s0_)
     return unspliced(tau, u0, a, beta, xp=xp), spliced(tau, s0, u0, a, beta, gamma, xp=xp)
 
 

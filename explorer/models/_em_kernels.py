@@ -114,27 +114,37 @@ def _expm1_neg(x, e):  # pragma: no cover - compiled
 
 
 @numba.njit(inline="always", fastmath=True, cache=True)
+def _decays(x_b, x_g, x_gap, b_slow):  # pragma: no cover - compiled
+    """The exponentials of the analytic solution at ``x_b = beta tau``, ``x_g = gamma tau``.
+
+    ``(e^{-x_b}, e^{-x_g}, expm1(-x_b), expm1(-x_g), slow, cross)`` with ``slow =
+    e^{-min(beta, gamma) tau}`` (``b_slow``: ``beta <= gamma``) and ``cross = e^{-max tau} -
+    e^{-min tau}``, or ``slow * expm1(-|gamma - beta| tau)`` by its series where that
+    cancels (``x_gap = |gamma - beta| tau`` below 1e-3). Shared with VeloVAE's kernels
+    (:mod:`explorer.models._vae_kernels`), which also need the parts.
+    """
+    e_b = _exp_neg(x_b)
+    e_g = _exp_neg(x_g)
+    em_b = _expm1_neg(x_b, e_b)
+    em_g = _expm1_neg(x_g, e_g)
+    slow = e_b if b_slow else e_g
+    diff = (e_g - e_b) if b_slow else (e_b - e_g)
+    cross_exp = slow * _expm1_neg(x_gap, 0.0) if x_gap < 1e-3 else diff
+    return e_b, e_g, em_b, em_g, slow, cross_exp
+
+
+@numba.njit(inline="always", fastmath=True, cache=True)
 def _solution(tau, u0, s0, alpha, beta, gamma):  # pragma: no cover - compiled
     """``(u(tau), s(tau))``: :func:`explorer.kinetics.solution` for scalars, with two exponentials.
 
     The cross term ``e^{-min(beta, gamma) tau} expm1(-|gamma - beta| tau)`` is the
     difference of the two exponentials (or the series of ``expm1`` times the slower one
-    where ``|gamma - beta| tau`` is small), the same number without a third call.
+    where ``|gamma - beta| tau`` is small), the same number without a third call
+    (:func:`_decays`).
     """
-    x_b = beta * tau
-    x_g = gamma * tau
-    e_b = _exp_neg(x_b)
-    e_g = _exp_neg(x_g)
-    em_b = _expm1_neg(x_b, e_b)
-    em_g = _expm1_neg(x_g, e_g)
-    u = u0 * e_b - alpha / beta * em_b
     gap = max(abs(gamma - beta), _RATE_GAP_FLOOR)
-    x_gap = gap * tau
-    b_slow = beta <= gamma
-    slow = e_b if b_slow else e_g
-    # e^{-max tau} - e^{-min tau}, or slow * expm1(-gap tau) by its series where that cancels
-    diff = (e_g - e_b) if b_slow else (e_b - e_g)
-    cross_exp = slow * _expm1_neg(x_gap, 0.0) if x_gap < 1e-3 else diff
+    e_b, e_g, em_b, em_g, _, cross_exp = _decays(beta * tau, gamma * tau, gap * tau, beta <= gamma)
+    u = u0 * e_b - alpha / beta * em_b
     cross = (alpha - beta * u0) * cross_exp / gap
     return u, s0 * e_g - alpha / gamma * em_g + cross
 

@@ -20,7 +20,10 @@ Generative model, per cell ``i`` and gene ``g``:
   (scVelo's convention), so ``u_hat = scaling * u_ode`` and ``s_hat = s_ode``;
 - ``Mu ~ N(u_hat, sigma_u^2)`` and ``Ms ~ N(s_hat, sigma_s^2)`` with per-gene noise.
 
-Stage 1 solves from ``(0, 0)`` at ``t_on``. Stage 2 (the paper's second stage) starts
+Stage 1 solves from ``(0, 0)`` at ``t_on``; on CPU float32 tensors that solution, its
+likelihood and the likelihood's gradient run as compiled loops
+(:mod:`explorer.models._vae_kernels`, :meth:`VAEModule.log_likelihood_at`), elsewhere as the
+torch code below. Stage 2 (the paper's second stage) starts
 each cell from the mean prediction ``(u0, s0)`` at the mean time ``t0`` of training
 cells just before it in time and close to it in cell state, so that lineages and
 repression need no global switch curve; see :meth:`VAEModule.decode`.
@@ -30,8 +33,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -47,6 +51,10 @@ Variant = Literal["full", "basic"]
 _TINY = 1e-6
 #: the package's learning rate of the ODE parameters is 8x the networks' (velovae 0.1.2)
 ODE_LR_FACTOR = 8.0
+#: on CPU float32 tensors, decode from ``(0, 0)`` and its likelihood through the compiled
+#: kernels of :mod:`explorer.models._vae_kernels` (the tests also run the torch code, which
+#: CUDA runs)
+USE_KERNELS = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +95,54 @@ def _mlp(sizes: Sequence[int], dropout: float, *, leaky: bool) -> nn.Sequential:
         layers.append(nn.LeakyReLU() if leaky else nn.ReLU())
         layers.append(nn.Dropout(dropout))
     return nn.Sequential(*layers)
+
+
+class _FusedLogLikelihood(torch.autograd.Function):
+    """:meth:`VAEModule.log_likelihood` of :meth:`VAEModule.decode` from ``(0, 0)``, compiled (CPU).
+
+    Forward and backward are the loops of :mod:`explorer.models._vae_kernels`; the inputs
+    are each gene's curve constants (onset, switch, rates, switch state, scaling, noise
+    weights) and each cell's time and ``rho``. Returns ``(n,)`` without the Gaussian's
+    constant.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        t: torch.Tensor,
+        rho: torch.Tensor,
+        u: torch.Tensor,
+        s: torch.Tensor,
+        *genes: torch.Tensor,
+    ) -> torch.Tensor:
+        from explorer.models import _vae_kernels
+
+        k = _vae_kernels.gene_constants(*(_numpy(x) for x in genes))
+        args = (_numpy(t.reshape(-1)), _numpy(rho), _numpy(u), _numpy(s), k)
+        ctx.args = args
+        return torch.from_numpy(_vae_kernels.loglik(*args).astype(np.float32)).to(t.device)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        from explorer.models import _vae_kernels
+
+        g_t, g_rho, g_genes = _vae_kernels.loglik_grad(_numpy(grad).astype(np.float64), *ctx.args)
+        g_genes = torch.from_numpy(g_genes.astype(np.float32))
+        # the genes' inputs: t_start, t_off, alpha, beta, gamma, u0, s0, scaling, then the
+        # noise weights (constants)
+        return (
+            torch.from_numpy(g_t.astype(np.float32))[:, None],
+            torch.from_numpy(g_rho),
+            None,
+            None,
+            *g_genes.unbind(0),
+            None,
+            None,
+        )
+
+
+def _numpy(x: torch.Tensor) -> np.ndarray:
+    return x.detach().contiguous().numpy()
 
 
 class VAEModule(nn.Module):
@@ -249,11 +305,19 @@ class VAEModule(nn.Module):
         ``rho alpha`` until ``t_off`` and repressed after it, from ``(0, 0)``
         (:func:`explorer.kinetics.trajectory`). With ``x0`` (stage 2) each cell evolves
         from its own ``(u0, s0)`` at ``t0`` for ``max(t - t0, 0)`` with the rate in
-        force at ``t`` (``rho alpha`` between ``t_on`` and ``t_off``, else 0).
+        force at ``t`` (``rho alpha`` between ``t_on`` and ``t_off``, else 0). Without
+        ``x0`` and without gradients, on CPU float32 tensors, the compiled
+        :func:`explorer.models._vae_kernels.predict` gives the same numbers.
         """
-        alpha, beta, gamma, scaling = self.rates()
         if rho is None:
             rho = self.rho(c, t.shape[0])
+        if x0 is None and not torch.is_grad_enabled() and self._compiled_for(t):
+            from explorer.models import _vae_kernels
+
+            k = _vae_kernels.gene_constants(*(_numpy(x) for x in self._gene_inputs(t)))
+            out = torch.from_numpy(_vae_kernels.predict(_numpy(t.reshape(-1)), _numpy(rho), k))
+            return Decoded(out[0], out[1], rho, out[2], out[3])
+        alpha, beta, gamma, scaling = self.rates()
         a = rho * alpha
         if x0 is None:
             # from (0, 0) the solution is linear in the transcription rate, so it is the
@@ -281,8 +345,38 @@ class VAEModule(nn.Module):
         """``(n,)`` Gaussian log-likelihood of ``(u, s)`` summed over genes."""
         ru = (u - dec.u) / self.sigma_u
         rs = (s - dec.s) / self.sigma_s
-        const = torch.log(self.sigma_u).sum() + torch.log(self.sigma_s).sum() + u.shape[1] * math.log(2 * math.pi)
-        return -0.5 * (ru * ru + rs * rs).sum(1) - const
+        return -0.5 * (ru * ru + rs * rs).sum(1) - self._log_normaliser(u.shape[1])
+
+    def _log_normaliser(self, n_genes: int) -> torch.Tensor:
+        return torch.log(self.sigma_u).sum() + torch.log(self.sigma_s).sum() + n_genes * math.log(2 * math.pi)
+
+    def log_likelihood_at(self, u: torch.Tensor, s: torch.Tensor, t: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
+        """``(n,)`` :meth:`log_likelihood` of :meth:`decode` at times ``t`` ``(n, 1)`` from ``(0, 0)``, given ``rho``.
+
+        On the CPU (float32, :data:`USE_KERNELS`) one compiled loop computes it and another its
+        gradient (:mod:`explorer.models._vae_kernels`, the same numbers to float32
+        rounding, and closer to float64's where ``beta ~ gamma``); elsewhere the torch
+        code of :meth:`decode`.
+        """
+        if not self._compiled_for(u):
+            return self.log_likelihood(u, s, self.decode(t, None, rho=rho))
+        ll = _FusedLogLikelihood.apply(t, rho.contiguous(), u, s, *self._gene_inputs(t))
+        return ll - self._log_normaliser(u.shape[1])
+
+    @staticmethod
+    def _compiled_for(x: torch.Tensor) -> bool:
+        return USE_KERNELS and x.device.type == "cpu" and x.dtype == torch.float32
+
+    def _gene_inputs(self, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The compiled kernels' per-gene inputs at cell times ``t``: onset, switch, rates,
+        switch state, scaling and noise weights (:func:`explorer.models._vae_kernels.gene_constants`)."""
+        alpha, beta, gamma, scaling = self.rates()
+        # a switch after every time and onset asked for is no switch, as in curve
+        never = torch.maximum(t.detach().max(), self.t_on.detach().max()) + 1
+        t_off = torch.where(self.switches, self.t_off, never)
+        dur = (t_off - self.t_on).clamp(min=0)
+        u0, s0 = kinetics.switch_state(dur, alpha, beta, gamma, xp=torch)
+        return (t_off - dur, t_off, alpha, beta, gamma, u0, s0, scaling, self.sigma_u**-2, self.sigma_s**-2)
 
     def grid_log_likelihood(
         self, u: torch.Tensor, s: torch.Tensor, rho: torch.Tensor, grid: torch.Tensor
@@ -333,8 +427,10 @@ class VAEModule(nn.Module):
         c = None
         if q.c_mean is not None:
             c = q.c_mean + q.c_sd * torch.randn_like(q.c_sd) if sample else q.c_mean
-        dec = self.decode(t, c, x0)
-        ll = self.log_likelihood(u, s, dec)
+        if x0 is None:
+            ll = self.log_likelihood_at(u, s, t, self.rho(c, t.shape[0]))
+        else:
+            ll = self.log_likelihood(u, s, self.decode(t, c, x0))
         mu0, sd0 = t_prior
         kl_t = (torch.log(sd0 / q.t_sd) + (q.t_sd**2 + (q.t_mean - mu0) ** 2) / (2 * sd0**2) - 0.5).sum(1)
         kl = kl_t
@@ -358,5 +454,5 @@ class VAEModule(nn.Module):
         """
         q = self.encode(x)
         c = q.c_mean + q.c_sd * torch.randn_like(q.c_sd) if sample else q.c_mean
-        elbo = self.log_likelihood(u, s, self.decode(t, c)) - self.kl_state(q)
+        elbo = self.log_likelihood_at(u, s, t, self.rho(c, t.shape[0])) - self.kl_state(q)
         return -elbo.mean(), elbo.detach()

@@ -1376,9 +1376,13 @@ class VeloVAE(Hyperparameters):
                 features = torch.cat([module.decoder(c[i : i + _CHUNK]) for i in chunks])
             features = features.clone()  # out of inference mode, so autograd can use it
 
+        def rho_of(idx: Any) -> Any:
+            if features is None:
+                return module.rho(None, len(t[idx]))
+            return torch.sigmoid(module.rho_head(features[idx]))
+
         def decode(idx: Any) -> Any:
-            rho = None if features is None else torch.sigmoid(module.rho_head(features[idx]))
-            return module.decode(t[idx], None, None, rho=rho)
+            return module.decode(t[idx], None, None, rho=rho_of(idx))
 
         def decode_all() -> Any:
             # in chunks, as _decode_all: memory stays bounded on large data sets
@@ -1413,7 +1417,7 @@ class VeloVAE(Hyperparameters):
         history["polish_mse_test"] = []
 
         def loss_of(bt: torch.Tensor) -> torch.Tensor:
-            return -module.log_likelihood(tensors.u[bt], tensors.s[bt], decode(bt)).mean()
+            return -module.log_likelihood_at(tensors.u[bt], tensors.s[bt], t[bt], rho_of(bt)).mean()
 
         for epoch in range(self.max_epochs_polish):
             # no batch normalisation is trained here: a one-cell batch is kept
