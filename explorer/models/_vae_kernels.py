@@ -40,10 +40,9 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from explorer.kinetics import _RATE_GAP_FLOOR
 from explorer.models._em_kernels import _decays
 
-#: the floor on |gamma - beta| of :mod:`explorer.kinetics` (a test checks they agree)
-_RATE_GAP_FLOOR = 1e-20
 #: below this ``x = |gamma - beta| tau`` the derivatives of ``D`` use their series
 _SERIES_BELOW = 1e-2
 #: cells are split into this many contiguous chunks, each summing its own per-gene
@@ -52,8 +51,21 @@ _SERIES_BELOW = 1e-2
 _N_CHUNKS = 8
 
 
+#: the rows of :func:`gene_constants`, by name; the kernels read them by these indices
+#: (module-level integers, constants to numba)
+_ROWS = ("t_start", "t_off", "alpha", "beta", "gamma", "1/beta", "1/gamma", "gap", "1/gap", "beta<=gamma",
+         "u0", "s0", "scaling", "1/sigma_u^2", "1/sigma_s^2")  # fmt: skip
+(_T_START, _T_OFF, _ALPHA, _BETA, _GAMMA, _INV_BETA, _INV_GAMMA, _GAP, _INV_GAP, _B_SLOW,
+ _U0, _S0, _SCALING, _W_U, _W_S) = range(len(_ROWS))  # fmt: skip
+
+
 def gene_constants(ts, to, alpha, beta, gamma, u0_, s0_, scaling, wu, ws):
-    """``(13, G)`` float64 rows of per-gene constants the kernels read (:data:`_ROWS`)."""
+    """``(15, G)`` float64 rows of per-gene constants the kernels read (:data:`_ROWS`).
+
+    ``ts, to`` the onset and switch, ``u0_, s0_`` the switch state (ODE units), ``wu, ws``
+    the noise weights ``1 / sigma^2``; the reciprocals and ``|gamma - beta|`` (floored as
+    :mod:`explorer.kinetics` floors it) are computed once here.
+    """
     b = np.asarray(beta, dtype=np.float64)
     c = np.asarray(gamma, dtype=np.float64)
     gap = np.maximum(np.abs(c - b), _RATE_GAP_FLOOR)
@@ -61,31 +73,26 @@ def gene_constants(ts, to, alpha, beta, gamma, u0_, s0_, scaling, wu, ws):
     return np.stack([np.asarray(r, dtype=np.float64) for r in rows])
 
 
-#: the rows of :func:`gene_constants`
-_ROWS = ("t_start", "t_off", "alpha", "beta", "gamma", "1/beta", "1/gamma", "gap", "1/gap", "beta<=gamma",
-         "u0", "s0", "scaling", "1/sigma_u^2", "1/sigma_s^2")  # fmt: skip
-
-
 @numba.njit(inline="always", fastmath=True, cache=True)
 def _element(ti, k, g):  # pragma: no cover - compiled
     """The trajectory at cell time ``ti`` for gene ``g`` (constants ``k``): ``(u, s)`` and what the gradient needs."""
-    ts = k[0, g]
-    to = k[1, g]
-    b = k[3, g]
-    c = k[4, g]
+    ts = k[_T_START, g]
+    to = k[_T_OFF, g]
+    b = k[_BETA, g]
+    c = k[_GAMMA, g]
     ind = ti < to
     rel = ti - ts
     tau = max(rel, 0.0) if ind else ti - to
-    a = k[2, g] if ind else 0.0
-    u0 = 0.0 if ind else k[10, g]
-    s0 = 0.0 if ind else k[11, g]
-    x_gap = k[7, g] * tau
-    b_slow = k[9, g] > 0.5
+    a = k[_ALPHA, g] if ind else 0.0
+    u0 = 0.0 if ind else k[_U0, g]
+    s0 = 0.0 if ind else k[_S0, g]
+    x_gap = k[_GAP, g] * tau
+    b_slow = k[_B_SLOW, g] > 0.5
     e_b, e_g, em_b, em_g, slow, cross_exp = _decays(b * tau, c * tau, x_gap, b_slow)
-    d = cross_exp * k[8, g]
+    d = cross_exp * k[_INV_GAP, g]
     coef = a - b * u0
-    u = u0 * e_b - a * k[5, g] * em_b
-    s = s0 * e_g - a * k[6, g] * em_g + coef * d
+    u = u0 * e_b - a * k[_INV_BETA, g] * em_b
+    s = s0 * e_g - a * k[_INV_GAMMA, g] * em_g + coef * d
     return ind, rel, tau, a, u0, s0, e_b, e_g, em_b, em_g, x_gap, b_slow, slow, d, coef, u, s
 
 
@@ -105,9 +112,9 @@ def loglik(t, rho, mu, ms, k):  # pragma: no cover - compiled
             res = _element(ti, k, g)
             u, s = res[15], res[16]
             r = np.float64(rho[i, g])
-            ru = np.float64(mu[i, g]) - k[12, g] * max(r * u, 0.0)
+            ru = np.float64(mu[i, g]) - k[_SCALING, g] * max(r * u, 0.0)
             rs = np.float64(ms[i, g]) - max(r * s, 0.0)
-            acc += ru * ru * k[13, g] + rs * rs * k[14, g]
+            acc += ru * ru * k[_W_U, g] + rs * rs * k[_W_S, g]
         out[i] = -0.5 * acc
     return out
 
@@ -138,19 +145,19 @@ def _grad_rows(grad, t, rho, mu, ms, k, lo, hi, g_t, g_rho, acc):  # pragma: no 
         for g in range(n_genes):
             res = _element(ti, k, g)
             ind, rel, tau, a, u0, s0, e_b, e_g, em_b, em_g, x_gap, b_slow, slow, d, coef, u, s = res
-            b = k[3, g]
-            c = k[4, g]
-            inv_b = k[5, g]
-            inv_c = k[6, g]
+            b = k[_BETA, g]
+            c = k[_GAMMA, g]
+            inv_b = k[_INV_BETA, g]
+            inv_c = k[_INV_GAMMA, g]
             r = np.float64(rho[i, g])
-            sc = k[12, g]
+            sc = k[_SCALING, g]
             pu = r * u
             ps = r * s
             pu_c = max(pu, 0.0)
             ps_c = max(ps, 0.0)
             # d(-1/2 w res^2) / d prediction = w res
-            d_uh = gi * (np.float64(mu[i, g]) - sc * pu_c) * k[13, g]
-            d_ps = gi * (np.float64(ms[i, g]) - ps_c) * k[14, g]
+            d_uh = gi * (np.float64(mu[i, g]) - sc * pu_c) * k[_W_U, g]
+            d_ps = gi * (np.float64(ms[i, g]) - ps_c) * k[_W_S, g]
             a_scaling[g] += d_uh * pu_c
             d_pu = d_uh * sc if pu >= 0.0 else 0.0
             d_ps = d_ps if ps >= 0.0 else 0.0
@@ -158,10 +165,9 @@ def _grad_rows(grad, t, rho, mu, ms, k, lo, hi, g_t, g_rho, acc):  # pragma: no 
             gu = d_pu * r
             gs = d_ps * r
             # d/dtau: the velocity (zero before the onset, where tau is clamped)
-            gtau = gu * (a - b * u) + gs * (b * u - c * s)
+            gtau = 0.0 if (ind and rel < 0.0) else gu * (a - b * u) + gs * (b * u - c * s)
             on = 1.0 if ind else 0.0
             off = 1.0 - on
-            gtau = gtau * (1.0 - on * (1.0 if rel < 0.0 else 0.0))
             acc_t += gtau
             a_start[g] -= gtau * on
             a_off[g] -= gtau * off
@@ -217,13 +223,13 @@ def predict(t, rho, k):  # pragma: no cover - compiled
             res = _element(ti, k, g)
             ind, rel, a, u, s = res[0], res[1], res[3], res[15], res[16]
             r = np.float64(rho[i, g])
-            sc = k[12, g]
+            sc = k[_SCALING, g]
             u_c = max(r * u, 0.0)
             s_c = max(r * s, 0.0)
             rate = r * a if (ind and rel >= 0.0) else 0.0
-            b = k[3, g]
+            b = k[_BETA, g]
             out[0, i, g] = sc * u_c
             out[1, i, g] = s_c
             out[2, i, g] = (rate - b * u_c) * sc
-            out[3, i, g] = b * u_c - k[4, g] * s_c
+            out[3, i, g] = b * u_c - k[_GAMMA, g] * s_c
     return out

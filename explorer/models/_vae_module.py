@@ -117,8 +117,7 @@ class _FusedLogLikelihood(torch.autograd.Function):
     ) -> torch.Tensor:
         from explorer.models import _vae_kernels
 
-        k = _vae_kernels.gene_constants(*(_numpy(x) for x in genes))
-        args = (_numpy(t.reshape(-1)), _numpy(rho), _numpy(u), _numpy(s), k)
+        args = (_numpy(t.reshape(-1)), _numpy(rho), _numpy(u), _numpy(s), _kernel_constants(genes))
         ctx.args = args
         return torch.from_numpy(_vae_kernels.loglik(*args).astype(np.float32)).to(t.device)
 
@@ -143,6 +142,13 @@ class _FusedLogLikelihood(torch.autograd.Function):
 
 def _numpy(x: torch.Tensor) -> np.ndarray:
     return x.detach().contiguous().numpy()
+
+
+def _kernel_constants(genes: tuple[torch.Tensor, ...]) -> np.ndarray:
+    """The compiled kernels' per-gene constants from :meth:`VAEModule._gene_inputs`."""
+    from explorer.models import _vae_kernels
+
+    return _vae_kernels.gene_constants(*(_numpy(x) for x in genes))
 
 
 class VAEModule(nn.Module):
@@ -314,7 +320,7 @@ class VAEModule(nn.Module):
         if x0 is None and not torch.is_grad_enabled() and self._compiled_for(t):
             from explorer.models import _vae_kernels
 
-            k = _vae_kernels.gene_constants(*(_numpy(x) for x in self._gene_inputs(t)))
+            k = _kernel_constants(self._gene_inputs(t))
             out = torch.from_numpy(_vae_kernels.predict(_numpy(t.reshape(-1)), _numpy(rho), k))
             return Decoded(out[0], out[1], rho, out[2], out[3])
         alpha, beta, gamma, scaling = self.rates()

@@ -219,15 +219,17 @@ class VeloVAE(Hyperparameters):
         steady-state time, with a warning; ``self.initial_time_`` records which time was used
         and that correlation (measured 0.86-0.87 on the two pancreas data sets, 0.95-0.999 on
         six simulations, -0.24 on the benchmark's 2,000-cell one). The fitted latent time keeps
-        its initial time's order (README, "VeloVAE"). Measured 2026-12-03 (DPT /
-        steady-state time, the same seed and split): on four two-lineage simulations the
-        latent time was 0.9981 / 0.988, 0.9981 / 0.9982, 0.9923 / 0.9947 and 0.9982 / 0.9954,
-        the held-out MSE 3.7 / 6.1, 3.7 / 4.2, 1.7 / 2.8 and 1.5 / 3.3, coverage 0.95-0.99 /
-        0.93-0.99; on scVelo's simulator the time was the same (0.9992-0.9993) but the held-out
-        MSE 1.11 / 0.52 and 1.33 / 0.48. On the pancreas (seeds 0, 1, 2) the held-out MSE was
-        0.72-0.82 against 0.97-1.00, and the endocrine types after Pre-endocrine were Alpha and
-        Beta / none, Alpha, Beta and Delta / Beta, none / Beta, all within about one latent-time
-        SD of it; on the 739-cell pancreas all four with every seed.
+        its initial time's order (README, "VeloVAE"). Measured 2026-12-03 with the compiled
+        kernels (DPT / steady-state time, the same seed and split): on four two-lineage
+        simulations the latent time was 0.9981 / 0.988, 0.9980 / 0.9982, 0.9923 / 0.9947 and
+        0.9982 / 0.9954, the held-out MSE 3.6 / 6.0, 3.5 / 4.2, 1.6 / 2.8 and 1.6 / 3.2,
+        coverage 0.95-0.99 / 0.93-0.99; on scVelo's simulator the time was the same
+        (0.9992-0.9993) but the held-out MSE 1.13 / 0.51 and 1.30 / 0.46. On the pancreas
+        (seeds 0, 1, 2) the held-out MSE was 0.87, 0.80, 0.80 against 0.92, 0.76, 0.77 (level:
+        before the kernels 0.72-0.82 against 0.97-1.00), and the endocrine types after
+        Pre-endocrine were Alpha, Beta and Delta / none, the same / Beta, none / Beta, all
+        within 0.03 of it but Epsilon, 0.05 before; on the 739-cell pancreas all four with
+        every seed.
     time_temperature
         How the grid posterior of each cell's time is tempered for the genes'
         correlated residuals: ``"participation"``, ``2 G / n_eff`` from the residual

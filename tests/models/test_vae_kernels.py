@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from explorer import kinetics
 from explorer.data.simulate import simulate
 from explorer.models import _vae_kernels, _vae_module
 from explorer.models._vae_module import VAEModule
@@ -116,17 +115,13 @@ def test_compiled_decode_matches_the_torch_code(switch_off, monkeypatch):
     assert torch.equal(compiled.rho, reference.rho)
 
 
-def test_kernels_share_the_kinetics_constants():
-    assert _vae_kernels._RATE_GAP_FLOOR == kinetics._RATE_GAP_FLOOR
-
-
 def test_kernel_sums_do_not_depend_on_the_thread_count():
     """The per-gene gradients are summed over a fixed number of cell chunks: the same bits on 1 or 2 threads."""
     import numba
 
     module = _module("partial")
     t, rho, u, s = _cells()
-    k = _vae_kernels.gene_constants(*(x.detach().numpy() for x in module._gene_inputs(t)))
+    k = _vae_module._kernel_constants(module._gene_inputs(t))
     args = (np.ones(len(t)), t.numpy().ravel(), rho.numpy(), u.numpy(), s.numpy(), k)
     before = numba.get_num_threads()
     try:
