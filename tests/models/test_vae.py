@@ -638,9 +638,7 @@ def test_full_model_latent_time_beats_basic(branching, branching_full):
 
 
 @pytest.mark.slow
-def test_state_stage_keeps_the_time_and_lowers_the_error(
-    branching, branching_full, branching_one_stage, branching_steady_state
-):
+def test_state_stage_keeps_the_time_and_lowers_the_error(branching, branching_full, branching_one_stage):
     """The default learns the time under c ~ N(0, 0.01^2 I), then the state under N(0, I) at that time.
 
     c_prior_sd=0.01 alone (the velovae package's prior, one stage: time_c_prior_sd equals
@@ -648,8 +646,10 @@ def test_state_stage_keeps_the_time_and_lowers_the_error(
     near 0 and its held-out MSE is 12.6; the state stage lowers it to 3.6. One stage under
     N(0, I) (time_c_prior_sd=None) orders the cells as well from DPT's initial time (0.9977
     against 0.9981) but its nominal 90% intervals cover only 73% of the true times (the
-    default: 99%); from the steady-state time it orders them worse (0.9808 against 0.988).
-    Measured 2026-12-03.
+    default: 99%). Measured 2026-12-03. From the steady-state time the two order the cells
+    about as well, and which is ahead depends on the CPU: the one-stage fit 0.9808 against the
+    default's 0.988 on the development machine, 0.9818 against 0.9806 on an AMD EPYC (AVX2),
+    where this test once asserted the first.
     """
     model, full = branching_full
     true_t = branching.obs[Key.obs.TRUE_T]
@@ -669,10 +669,6 @@ def test_state_stage_keeps_the_time_and_lowers_the_error(
         for name, m in (("default", model), ("one stage", one_model))
     }
     assert covers["default"] >= 0.8 > covers["one stage"], covers
-    _, ss_fit = branching_steady_state
-    ss_one = VeloVAE(seed=0, device="cpu", initial_time="steady_state", time_c_prior_sd=None)
-    ss_one_fit = ss_one.fit(branching.copy())
-    assert spearmanr(ss_fit.latent_time, true_t)[0] > spearmanr(ss_one_fit.latent_time, true_t)[0] + 0.003
 
 
 @pytest.mark.slow
