@@ -113,7 +113,9 @@ times["kernel"], cpu_times["kernel"] = time.perf_counter() - t, cpu() - c
 CELLRANK_SCRIPT = CELLRANK_PREAMBLE + r'''
 path, out, mode, n_states = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 threshold = float(sys.argv[5]) if len(sys.argv) > 5 else 0.96
-''' + CELLRANK_KERNEL + r'''t, c = time.perf_counter(), cpu()
+''' + CELLRANK_KERNEL + r'''# explorer's terminal states where the file has them (CellRank's GPCCA below overwrites the column)
+file_states = a.obs["term_states_fwd"].copy() if "term_states_fwd" in a.obs else None
+t, c = time.perf_counter(), cpu()
 g = cr.estimators.GPCCA(k)
 g.compute_schur(n_components=n_states + 1)
 g.compute_macrostates(n_states=n_states, cluster_key="clusters")
@@ -132,9 +134,18 @@ g.compute_lineage_drivers()
 times["drivers"], cpu_times["drivers"] = time.perf_counter() - t, cpu() - c
 fp = g.fate_probabilities
 memb = g.macrostates_memberships
+# untimed: where the file holds explorer's terminal states, CellRank's fate probabilities
+# absorbing in those cells (what explorer's solve should give exactly)
+extra = {}
+if file_states is not None and file_states.notna().any():
+    g_ours = cr.estimators.GPCCA(k)
+    g_ours.set_terminal_states(file_states)
+    g_ours.compute_fate_probabilities()
+    extra = {"fates_on_file_states": np.asarray(g_ours.fate_probabilities.X),
+             "file_state_names": np.asarray([str(n) for n in g_ours.fate_probabilities.names])}
 np.savez(out, T_data=T.data, T_indices=T.indices, T_indptr=T.indptr, fate_probabilities=np.asarray(fp.X),
          terminal=np.asarray(g.terminal_states.astype(str).values, dtype=object).astype(str),
-         memberships=np.asarray(memb.X), membership_names=np.asarray([str(n) for n in memb.names]))
+         memberships=np.asarray(memb.X), membership_names=np.asarray([str(n) for n in memb.names]), **extra)
 print(json.dumps({
     "times": times,
     "cpu_s": cpu_times,
