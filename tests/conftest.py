@@ -22,8 +22,8 @@ from explorer._types import Progress
 set_up_process()
 
 
-def _share_the_cores_between_workers() -> int:
-    """Give each of pytest-xdist's workers its share of the cores' threads; return that share.
+def _share_the_cores_between_workers() -> None:
+    """Give each of pytest-xdist's workers its share of the cores' threads.
 
     The README's test command runs two workers on two cores. Each worker's OpenMP, BLAS,
     torch and numba teams default to a thread per core, so whenever both workers compute at
@@ -35,17 +35,16 @@ def _share_the_cores_between_workers() -> int:
     """
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers < 2:
-        return 0
+        return
     share = max(1, (os.cpu_count() or 1) // workers)
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(name, str(share))
     import numba
 
     numba.set_num_threads(min(share, numba.config.NUMBA_NUM_THREADS))
-    return share
 
 
-WORKER_THREADS = _share_the_cores_between_workers()
+_share_the_cores_between_workers()
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("EXPLORER_SHARED", ROOT.parent / "shared"))

@@ -775,7 +775,6 @@ def test_pancreas_terminal_states_and_fates(pancreas_fates):
     # Ductal population may be terminal; no other non-endocrine state may
     assert all(name in ENDOCRINE or name.startswith("Ductal") for name in result.terminal_states)
     clusters = adata.obs[Key.obs.CLUSTERS].astype(str).to_numpy()
-    # each terminal state's cells lie in its cluster
     states = adata.obs[Key.obs.TERMINAL_STATES].astype(str).to_numpy()
     # each endocrine terminal state's cells lie in its cluster; a Ductal one is named after the
     # majority of its most typical cells, and its cells may reach into Ngn3 low EP (Ductal_1:
