@@ -1279,13 +1279,16 @@ class MetricsTable:
     ``per_cell`` maps each fit's label to its ``(n_obs,)`` per-cell scores, one column per
     column of ``table`` that has them (``cbdir[A>B]``, ``icvcoh``, ``consistency``,
     ``consistency_type``, ``velocity_confidence``, ``MSE``: NaN for the cells a score
-    leaves out); ``clusters`` is each cell's cluster (None without clusters).
+    leaves out); ``clusters`` is each cell's cluster (None without clusters); ``per_gene``
+    maps each fit's label to its genes' terms of each ``cbdir[A>B]`` (one row per gene,
+    summing to the CBDir: :func:`explorer.graph.metrics.cross_boundary_gene_terms`).
     """
 
     table: pd.DataFrame
     per_cluster: dict[str, pd.DataFrame]
     per_cell: dict[str, pd.DataFrame] = field(default_factory=dict)
     clusters: np.ndarray | None = None
+    per_gene: dict[str, pd.DataFrame] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1294,12 +1297,45 @@ class MetricDetail:
 
     ``values`` (``(n_obs,)``, NaN for cells not scored) and ``label`` are the clicked fit's
     per-cell scores of the clicked metric; None when the click has none (a fit's name).
+    ``genes`` (a transition's CBDir only) holds the genes that carry it, described by
+    ``genes_title`` (:func:`transition_genes`).
     """
 
     title: str
     table: pd.DataFrame
     values: np.ndarray | None = None
     label: str = ""
+    genes: pd.DataFrame | None = None
+    genes_title: str = ""
+
+
+#: genes listed under a clicked transition's CBDir (those with the largest terms of the clicked fit)
+TRANSITION_GENES_SHOWN = 20
+
+
+def transition_genes(
+    found: MetricsTable, model: str, metric: str, n: int = TRANSITION_GENES_SHOWN
+) -> pd.DataFrame | None:
+    """The genes that carry fit ``model``'s ``cbdir[A>B]`` (``metric``): its ``n`` largest terms.
+
+    A gene's term is its share of the CBDir (the terms of all genes sum to it): positive where
+    its velocity points from A towards B, negative where it points back, weighted by the
+    gene's share of the velocity's and the displacement's lengths. Columns ``gene``, then
+    one per fit with terms, rows ordered by the clicked fit's term (most backward first).
+    None without terms (a fit scored before they were kept, or no scored cell).
+    """
+    clicked = found.per_gene.get(model)
+    if clicked is None or metric not in clicked:
+        return None
+    terms = clicked[metric].dropna()
+    if terms.empty:
+        return None
+    top = terms.loc[terms.abs().nlargest(n).index].sort_values().index
+    table = pd.DataFrame({"gene": [str(g) for g in top]})
+    for label, per_gene in found.per_gene.items():
+        if metric in per_gene:
+            table[label] = per_gene[metric].reindex(top).to_numpy(dtype=np.float64)
+    return table
 
 
 #: the metrics table's summary of several per-cell scores -> the per-cell column it averages
@@ -1338,7 +1374,8 @@ def metric_detail(found: MetricsTable, model: str, metric: str) -> MetricDetail 
     - any other metric with per-cell scores (``cbdir[A>B]``, ``icvcoh[A]``, ``icvcoh``,
       ``consistency``, ``consistency_type``, ``velocity_confidence``, ``MSE``): its mean
       per cluster over the cells it scores, one column per fit, with ``all cells`` first,
-      and the clicked fit's per-cell values (to colour the cells by).
+      and the clicked fit's per-cell values (to colour the cells by); a transition's CBDir
+      also the genes that carry it (:func:`transition_genes`).
 
     None for an unknown fit or column.
     """
@@ -1375,11 +1412,20 @@ def metric_detail(found: MetricsTable, model: str, metric: str) -> MetricDetail 
         return None
     where = "over the source cells with neighbours in the target" if metric.startswith("cbdir[") else "over its cells"
     values = per_model.get(model)
+    genes = transition_genes(found, model, metric) if metric.startswith("cbdir[") else None
     return MetricDetail(
         f"{metric} per cluster, mean {where}, every fit",
         _cluster_means(per_model, clusters),
         values,
         f"{metric}, {model} (per cell)",
+        genes,
+        (
+            f"The genes that carry {metric} for {model}: each gene's term (all genes' terms sum to "
+            "the CBDir; below 0 the gene's velocity points back from the source to the target), "
+            f"the {len(genes)} largest of {model}, most backward first. Click a gene to select it."
+            if genes is not None
+            else ""
+        ),
     )
 
 
@@ -1413,7 +1459,7 @@ def model_metrics(
     from explorer.models.metrics import model_metrics as score
 
     column = cluster_column(adata)
-    rows, per_cluster, per_cell = [], {}, {}
+    rows, per_cluster, per_cell, per_gene = [], {}, {}, {}
     for label, fit in fits.items():
         result = _result(fit)
         light = AnnData(
@@ -1434,6 +1480,7 @@ def model_metrics(
         row["MSE cells"] = ("held-out" if held else "all") if np.isfinite(row["MSE"]) else ""
         rows.append(row)
         per_cluster[label] = found.per_cluster.rename_axis("cluster").reset_index()
+        per_gene[label] = found.per_gene
         cells = found.per_cell.rename(columns={v: k for k, v in _PER_CELL_OF.items()})
         cells = cells.drop(columns=[c for c in ("mse", "mae") if c in cells])
         if "mse" in found.per_cell:
@@ -1443,7 +1490,7 @@ def model_metrics(
             cells["MSE"] = mse
         per_cell[label] = cells
     clusters = adata.obs[column].astype(str).to_numpy() if column else None
-    return MetricsTable(pd.DataFrame(rows), per_cluster, per_cell, clusters)
+    return MetricsTable(pd.DataFrame(rows), per_cluster, per_cell, clusters, per_gene)
 
 
 # ------------------------------------------------------------- vector field

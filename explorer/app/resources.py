@@ -18,6 +18,13 @@ CDN addresses into a page:
 Panel's ``Divider`` builds its model without that lookup, so its stylesheet stays on the
 CDN in such a session; the app draws its dividers with :func:`divider` instead.
 
+A pane whose model is outside the document falls back to the CDN as well: the app's tabs
+are dynamic, so while the Compare tab is shown the Explore tab's models are detached, and a
+gene picked in the Compare tab updated the Explore tab's Markdown panes (their text follows
+the gene) with stylesheets resolved against the CDN. The stylesheet object is shared by
+every Markdown pane of the page, so from then on the page asked cdn.holoviz.org for
+``markdown.css``. :func:`use_local_resources` points that fallback at this server too.
+
 Panel also drops a document's stylesheet cache when the session's page address is set
 (``Location._sync_pathname``, in case the address moved the files). That happened after the
 page was built, so every pane's first update sent its stylesheets again as new models and
@@ -45,6 +52,7 @@ def use_local_resources(doc: Document | None) -> None:
     process-wide mode is set).
     """
     import panel as pn
+    import panel.reactive
     from bokeh.settings import settings
     from panel.io.resources import LOCAL_DIST
 
@@ -52,6 +60,10 @@ def use_local_resources(doc: Document | None) -> None:
         settings.resources.set_value("server")
     if doc is None or doc.session_context is None:
         return
+    # the stylesheets of a model outside any document (a hidden tab's): Panel's fallback is its
+    # CDN (``Syncable._get_properties`` / ``_update_model``, the only two readers of this name);
+    # a served page's files are on this server (relative, as Panel's own local address)
+    panel.reactive.CDN_DIST = LOCAL_DIST
     # Panel's own server sets this when it renders the page's HTML (panel.io.server.
     # server_html_page_for_session); a session built without that step needs it too.
     rel_path = pn.state.rel_path

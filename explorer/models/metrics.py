@@ -26,7 +26,7 @@ prediction of a fit written into an AnnData: ``layers['predicted_u']`` /
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -35,6 +35,7 @@ import pandas as pd
 from explorer import kinetics
 from explorer.graph.metrics import (
     cross_boundary_correctness_per_cell,
+    cross_boundary_gene_terms,
     in_cluster_coherence,
     velocity_consistency,
     velocity_consistency_by_type,
@@ -254,11 +255,16 @@ class ModelMetrics:
     per_cluster
         One row per cluster: the means of :attr:`per_cell`'s columns over its cells, and
         ``n_cells``.
+    per_gene
+        One row per gene (``var_names``), a column ``cbdir[A>B]`` per transition: the
+        gene's term of that CBDir (:func:`~explorer.graph.metrics.cross_boundary_gene_terms`;
+        the terms sum to it, NaN for genes it leaves out): which genes carry the direction.
     """
 
     summary: dict[str, float]
     per_cell: pd.DataFrame
     per_cluster: pd.DataFrame
+    per_gene: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def model_metrics(
@@ -347,11 +353,15 @@ def model_metrics(
     per_cell[Key.obs.VELOCITY_CONFIDENCE] = velocity_confidence(Vg, indices)
 
     cbdirs = []
+    per_gene = pd.DataFrame(index=adata.var_names.copy())
     for source, target in transitions:
         terms = cross_boundary_correctness_per_cell(
             adata, V, source=source, target=target, genes=genes, cluster_key=cluster_key
         )
         per_cell[f"cbdir[{source}>{target}]"] = terms
+        per_gene[f"cbdir[{source}>{target}]"] = cross_boundary_gene_terms(
+            adata, V, source=source, target=target, genes=genes, cluster_key=cluster_key
+        )
         value = float(terms[np.isfinite(terms)].mean()) if np.isfinite(terms).any() else float("nan")
         summary[f"cbdir[{source}>{target}]"] = value
         cbdirs.append(value)
@@ -410,4 +420,4 @@ def model_metrics(
         per_cluster["n_cells"] = grouped.size()
     else:
         per_cluster = pd.DataFrame(columns=[*per_cell.columns, "n_cells"])
-    return ModelMetrics(summary, per_cell, per_cluster)
+    return ModelMetrics(summary, per_cell, per_cluster, per_gene)

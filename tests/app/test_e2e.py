@@ -216,6 +216,53 @@ def test_a_new_pages_first_click_sends_no_stylesheets_again(app_page, server):
     assert "ImportedStyleSheet" not in sent
 
 
+def test_a_transitions_genes_select_a_gene_and_nothing_leaves_the_machine(app_page, server):
+    """Compare tab: score a transition, click its CBDir, then a gene that carries it.
+
+    The gene is selected in every view (the Explore tab's header names it). Picking it there updated the
+    hidden Explore tab's Markdown panes, whose stylesheet Panel then pointed at its CDN for
+    every Markdown pane of the page (explorer.app.resources); no request may leave.
+    """
+    outside: list[str] = []
+    local = re.compile(r"^(https?|wss?)://(127\.0\.0\.1|localhost)(:\d+)?/|^(data|blob|about):")
+    context = app_page.context.browser.new_context(viewport={"width": 1600, "height": 1400})
+    try:
+        page = context.new_page()
+        page.on("request", lambda r: None if local.match(r.url) else outside.append(r.url))
+        page.goto(server)
+        page.get_by_text("No cell selected").wait_for(timeout=120_000)
+        page.get_by_label("Model", exact=True).select_option("stochastic")
+        page.get_by_role("button", name="Run").click()
+        page.get_by_text("fit: stochastic").wait_for(timeout=120_000)
+        page.get_by_text("Compare", exact=True).first.click()
+        box = page.get_by_placeholder("e.g. progenitor>mature, mature>terminal")
+        box.fill("early>mid")
+        box.press("Enter")
+        page.get_by_role("button", name="Compute metrics").click()
+        # the metrics table's CBDir column (Tabulator's field is the escaped name)
+        cbdir = page.locator(".tabulator-row .tabulator-cell[tabulator-field='cbdir[early&gt;mid]']")
+        cbdir.first.wait_for(timeout=120_000)
+        cbdir.first.click()
+        page.get_by_text("The genes that carry").wait_for(timeout=30_000)
+        # the Compare tab's last table (the Explore tab's gene table has a gene column too)
+        table = page.locator(".tabulator").last
+        genes = table.locator(".tabulator-row .tabulator-cell[tabulator-field='gene']")
+        # the first row: the clicked fit's most backward gene
+        first = genes.first
+        first.wait_for(timeout=30_000)
+        gene = first.inner_text().strip()
+        assert gene != "gene_0000"  # not the gene selected before
+        first.click()
+        page.wait_for_timeout(1500)  # the phase portraits' titles are drawn on their canvases
+        page.screenshot(path=ARTIFACTS / "e2e_transition_genes.png", full_page=True)
+        # every view follows: the Explore tab's header names the gene
+        page.get_by_text("Explore", exact=True).first.click()
+        page.get_by_text(f"Gene {gene}").wait_for(timeout=30_000)
+    finally:
+        context.close()
+    assert outside == []
+
+
 def test_four_pages_at_once_request_nothing_outside_this_machine(app_page, server):
     """Offline and under concurrency, every script, stylesheet and socket comes from the app's server."""
     outside: list[str] = []

@@ -93,6 +93,33 @@ def test_a_transitions_detail_is_its_source_cells(app_adata, scored):
     )
 
 
+def test_a_transitions_detail_lists_the_genes_that_carry_it(app_adata, scored):
+    found, *_ = scored
+    table = found.table.set_index("model")
+    for label in ("same", "flipped"):
+        for metric in ("cbdir[early>mid]", "cbdir[mid>late]"):
+            # every gene's term, summed, is the CBDir of the table
+            assert found.per_gene[label][metric].sum() == pytest.approx(table.loc[label, metric], abs=1e-5)
+    # the flipped fit turns the mid cells' velocity around: from mid every term changes sign,
+    # from early (whose velocity it keeps) none changes
+    early, mid = "cbdir[early>mid]", "cbdir[mid>late]"
+    np.testing.assert_allclose(found.per_gene["flipped"][early], found.per_gene["same"][early], atol=1e-6)
+    np.testing.assert_allclose(found.per_gene["flipped"][mid], -found.per_gene["same"][mid], atol=1e-6)
+    detail = readouts.metric_detail(found, "flipped", mid)
+    genes = detail.genes
+    assert list(genes.columns) == ["gene", "same", "flipped"]
+    assert len(genes) == min(readouts.TRANSITION_GENES_SHOWN, app_adata.n_vars)
+    # the clicked fit's largest terms, most backward first
+    terms = found.per_gene["flipped"][mid]
+    assert genes["flipped"].is_monotonic_increasing
+    assert genes["flipped"].abs().min() >= terms.abs().nlargest(len(genes)).min() - 1e-12
+    assert set(genes["gene"]) <= set(app_adata.var_names)
+    assert "flipped" in detail.genes_title and "sum to the CBDir" in detail.genes_title
+    # only a transition's CBDir lists genes
+    assert readouts.metric_detail(found, "flipped", "consistency").genes is None
+    assert readouts.metric_detail(found, "flipped", "cbdir").genes is None
+
+
 def test_reconstruction_and_a_fits_name(app_adata, scored):
     found, clusters, *_ = scored
     detail = readouts.metric_detail(found, "same", "MSE")

@@ -198,6 +198,17 @@ def test_rates_intervals_reconstruction_walks_fates_and_metrics(app):
     assert coloring.label == f"MSE, {table['model'].iloc[1]} (per cell)"
     assert np.nanmean(coloring.values) == pytest.approx(table["MSE"].iloc[1], rel=1e-4)
     assert compare._agreement_title() == coloring.label
+    assert not compare.transition_genes.visible  # the MSE lists no genes
+    # a transition's CBDir: also the genes that carry it; a click on one selects it everywhere
+    compare._metric_clicked(SimpleNamespace(row=1, column="cbdir[early&gt;mid]"))
+    assert compare.transition_genes.visible and "The genes that carry" in compare.transition_genes_note.object
+    genes = compare.transition_genes.value
+    assert list(genes.columns) == ["gene", *table["model"]]
+    clicked = genes["gene"].iloc[-1]  # the most forward gene of the clicked fit
+    compare._transition_gene_clicked(SimpleNamespace(row=len(genes) - 1))
+    assert state.gene == clicked
+    compare._metric_clicked(SimpleNamespace(row=1, column="MSE"))
+    assert not compare.transition_genes.visible and compare.transition_genes_note.object == ""
     picked = state.compare_a
     state.compare_a = state.compare_b  # other fits picked: the map shows their agreement again
     assert compare.agreement._coloring().label == "velocity agreement (cosine)"

@@ -150,7 +150,12 @@ def test_a_session_built_without_its_html_page_loads_no_stylesheet_from_a_cdn(tm
     Panel then left every component's stylesheet on its CDN (12 requests to
     cdn.holoviz.org per page in a load test); :func:`use_local_resources` keeps them local.
     """
+    import panel.reactive
+    from panel.io.resources import CDN_DIST
+
     adata = make_app_adata()
+    # Panel's fallback for models outside a document, as before any session of this process
+    monkeypatch.setattr(panel.reactive, "CDN_DIST", CDN_DIST)
 
     def build(local: bool) -> list[str]:
         doc = Document()
@@ -162,6 +167,11 @@ def test_a_session_built_without_its_html_page_loads_no_stylesheet_from_a_cdn(tm
             page = create_app(adata, data_dir=tmp_path)
             page.server_doc(doc)
             page.app.content.objects[0].active = 1  # the Compare tab, rendered when opened
+            # a gene picked there (its table of a transition's genes) updates the Explore tab's
+            # Markdown panes while that tab is hidden, their models outside the document:
+            # Panel resolved their stylesheets against its CDN, and the shared stylesheet of
+            # every Markdown pane of the page with them
+            page.app.state.select_gene(str(adata.var_names[3]))
         return _stylesheet_urls(doc)
 
     remote = [u for u in build(local=False) if u.startswith("http")]

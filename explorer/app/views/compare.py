@@ -78,6 +78,20 @@ class ComparisonView(pn.viewable.Viewer):
             height=240,
             visible=False,
         )
+        # a transition's CBDir clicked: the genes that carry it; clicking one selects it everywhere
+        # (the note stays visible, empty when unused: a Markdown pane made visible later asked
+        # the CDN for its stylesheet)
+        self.transition_genes_note = pn.pane.Markdown("", sizing_mode="stretch_width")
+        self.transition_genes = pn.widgets.Tabulator(
+            pd.DataFrame(columns=["gene"]),
+            show_index=False,
+            disabled=True,
+            selectable=False,
+            sizing_mode="stretch_width",
+            height=240,
+            visible=False,
+        )
+        self.transition_genes.on_click(self._transition_gene_clicked)
         state.param.watch(self._show_metrics, ["readout_revision", "results", "metric_transitions"])
         # picking other fits returns the map to their agreement (watched before the map's own redraw)
         state.param.watch(self._forget_cell_metric, pair)
@@ -205,9 +219,23 @@ class ComparisonView(pn.viewable.Viewer):
             f"; the map shows {markdown_text(detail.label)}." if detail.values is not None else ":"
         )
         self.per_cluster.visible = True
+        if detail.genes is not None:
+            _show_table(self.transition_genes, detail.genes)
+        self.transition_genes_note.object = markdown_text(detail.genes_title)
+        self.transition_genes.visible = detail.genes is not None
         if detail.values is not None or self._detail is not None:
             self._detail = detail if detail.values is not None else None
             self.agreement.param.update(color_revision=self.agreement.color_revision + 1)
+
+    def _transition_gene_clicked(self, event: Any) -> None:
+        """Select the clicked gene of a transition's gene table (every view follows)."""
+        row, table = getattr(event, "row", None), self.transition_genes.value
+        if row is None or not 0 <= row < len(table) or "gene" not in table:
+            return
+        try:
+            self.state.select_gene(str(table["gene"].iloc[row]))
+        except InputError as err:
+            self.state.error = str(err)
 
     def _quality_tapped(self, x: float | None = None, y: float | None = None) -> None:
         if x is None or y is None:
@@ -242,6 +270,8 @@ class ComparisonView(pn.viewable.Viewer):
                     self.metrics_note,
                     self.per_cluster_note,
                     self.per_cluster,
+                    self.transition_genes_note,
+                    self.transition_genes,
                     sizing_mode="stretch_width",
                 ),
                 sizing_mode="stretch_width",
@@ -271,6 +301,7 @@ _METRICS_HELP = (
     "*MSE*: reconstruction error of the predicted (u, s), on the fit's held-out cells when it "
     "recorded a split (*MSE cells*), else all cells, over the genes it predicts. "
     "Click a fit's name for its means per cluster; click a score for that metric per cluster for every "
-    "fit and the clicked fit's value per cell on the map (picking fits A/B brings back their agreement). "
+    "fit and the clicked fit's value per cell on the map (picking fits A/B brings back their agreement); "
+    "a transition's CBDir also lists the genes that carry it (click one to select it). "
     "All by `explorer.models.metrics.model_metrics`."
 )
