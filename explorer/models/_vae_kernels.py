@@ -96,6 +96,13 @@ def _element(ti, k, g):  # pragma: no cover - compiled
     return ind, rel, tau, a, u0, s0, e_b, e_g, em_b, em_g, x_gap, b_slow, slow, d, coef, u, s
 
 
+@numba.njit(inline="always", fastmath=True, cache=True)
+def _trajectory(ti, k, g):  # pragma: no cover - compiled
+    """``(induced, ti - t_start, rate, u, s)``: what the likelihood and predictions read."""
+    ind, rel, _tau, a, _u0, _s0, _eb, _eg, _emb, _emg, _x, _bs, _sl, _d, _co, u, s = _element(ti, k, g)
+    return ind, rel, a, u, s
+
+
 @numba.njit(parallel=True, fastmath=True, cache=True)
 def loglik(t, rho, mu, ms, k):  # pragma: no cover - compiled
     """``(n,)`` float64: each cell's ``-1/2`` weighted squared residuals summed over genes.
@@ -109,8 +116,7 @@ def loglik(t, rho, mu, ms, k):  # pragma: no cover - compiled
         ti = np.float64(t[i])
         acc = 0.0
         for g in range(n_genes):
-            res = _element(ti, k, g)
-            u, s = res[15], res[16]
+            _ind, _rel, _a, u, s = _trajectory(ti, k, g)
             r = np.float64(rho[i, g])
             ru = np.float64(mu[i, g]) - k[_SCALING, g] * max(r * u, 0.0)
             rs = np.float64(ms[i, g]) - max(r * s, 0.0)
@@ -220,8 +226,7 @@ def predict(t, rho, k):  # pragma: no cover - compiled
     for i in numba.prange(n):
         ti = np.float64(t[i])
         for g in range(n_genes):
-            res = _element(ti, k, g)
-            ind, rel, a, u, s = res[0], res[1], res[3], res[15], res[16]
+            ind, rel, a, u, s = _trajectory(ti, k, g)
             r = np.float64(rho[i, g])
             sc = k[_SCALING, g]
             u_c = max(r * u, 0.0)
