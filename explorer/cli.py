@@ -681,7 +681,9 @@ def _write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
-def _check_compare_args(args: argparse.Namespace) -> tuple[list[str], list[tuple[str, str]], Path, Path]:
+def _check_compare_args(
+    args: argparse.Namespace,
+) -> tuple[list[str], list[tuple[str, str]], Path, Path, Path | None]:
     """Check the models, transitions and outputs before the data is read."""
     from explorer.graph.metrics import parse_transitions
 
@@ -723,16 +725,19 @@ def _check_compare_args(args: argparse.Namespace) -> tuple[list[str], list[tuple
         )
         raise InputError(msg)
     json_out = out.with_suffix(".json")
+    # each gene's term of each transition's CBDir, for every model (only with transitions)
+    genes_out = out.with_name(f"{out.stem}_genes{_COMPARE_SUFFIX}") if transitions else None
     protect = [in_path] if in_path is not None else []
-    for path in (out, json_out):
-        check_output(path, protect=protect, overwrite=args.force, suffixes=None)
-    return models, transitions, out, json_out
+    for path in (out, json_out, genes_out):
+        if path is not None:
+            check_output(path, protect=protect, overwrite=args.force, suffixes=None)
+    return models, transitions, out, json_out, genes_out
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from explorer.models.metrics import model_metrics
 
-    models, transitions, out, json_out = _check_compare_args(args)
+    models, transitions, out, json_out, genes_out = _check_compare_args(args)
     with _Interrupt() as interrupt:
         adata, _ = _load(args.input, spliced_layer=args.spliced_layer, unspliced_layer=args.unspliced_layer)
         if transitions or args.cluster_key != "clusters":
@@ -759,6 +764,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         bar = _Bar(enabled=not args.quiet, interrupt=interrupt)
         start = time.perf_counter()
         rows: dict[str, dict[str, float]] = {}
+        terms: list[pd.DataFrame] = []
         try:
             prepare(
                 adata,
@@ -778,6 +784,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                     work, transitions=transitions, cluster_key=args.cluster_key, time_key=args.time_key
                 )
                 rows[name] = {"fit_seconds": round(time.perf_counter() - start, 2), **metrics.summary}
+                long = metrics.per_gene.rename_axis("gene").reset_index()
+                long = long.melt(id_vars="gene", var_name="transition", value_name="term").dropna()
+                terms.append(long.assign(model=name)[["model", "transition", "gene", "term"]])
                 start = time.perf_counter()
         finally:
             bar.close()
@@ -799,9 +808,12 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         }
         _write_text_atomic(out, table.to_csv())
         _write_text_atomic(json_out, json.dumps(payload, indent=2, allow_nan=False) + "\n")
+        if genes_out is not None:
+            _write_text_atomic(genes_out, pd.concat(terms, ignore_index=True).to_csv(index=False))
     with pd.option_context("display.width", 200, "display.max_columns", None):
         print(table.T.to_string(float_format=lambda x: f"{x:.4g}"))
-    print(f"compare: {len(models)} model(s) -> {out}, {json_out}", file=sys.stderr)
+    written = ", ".join(str(p) for p in (out, json_out, genes_out) if p is not None)
+    print(f"compare: {len(models)} model(s) -> {written}", file=sys.stderr)
     return 0
 
 
@@ -1016,7 +1028,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         "-o",
         default=None,
-        help="output table .csv (default: <input>_compare.csv here); the JSON goes beside it (.json)",
+        help=(
+            "output table .csv (default: <input>_compare.csv here); the JSON goes beside it (.json) and, "
+            "with --transitions, each gene's term of each CBDir in <name>_genes.csv"
+        ),
     )
     compare.add_argument("--force", "-f", action="store_true", help="replace the outputs if they exist")
     _add_alias(compare, "cluster_key", default="clusters", help="obs column of clusters (default: clusters)")

@@ -30,7 +30,9 @@ def test_compare_end_to_end_on_the_sample(tmp_path, capsys, sample_adata):
         ]
     )
     assert code == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "table_genes.csv" in captured.err
     assert "cbdir[A_2>A_3]" in printed
     assert "stochastic" in printed
     table = pd.read_csv(out, index_col="model")
@@ -50,6 +52,14 @@ def test_compare_end_to_end_on_the_sample(tmp_path, capsys, sample_adata):
     assert table.loc["stochastic", "n_velocity_genes"] == int(sample_adata.var[Key.var.VELOCITY_GENES].sum())
     # CBDir of a real transition of the simulator is positive for both models
     assert (table["cbdir"] > 0).all()
+    # each gene's term of each transition's CBDir: they sum to the table's CBDir
+    genes = pd.read_csv(tmp_path / "table_genes.csv")
+    assert list(genes.columns) == ["model", "transition", "gene", "term"]
+    sums = genes.groupby(["model", "transition"])["term"].sum()
+    for model in table.index:
+        for transition in ("cbdir[A_2>A_3]", "cbdir[root_2>B_2]"):
+            assert sums[(model, transition)] == pytest.approx(table.loc[model, transition], abs=1e-5)
+    assert set(genes["gene"]) <= set(sample_adata.var_names)
     # a second run refuses to overwrite, and --force replaces both files
     code = main(["compare", "--models", "steady_state", "--out", str(out), "-q"])
     assert code == EXIT_INPUT
@@ -57,6 +67,13 @@ def test_compare_end_to_end_on_the_sample(tmp_path, capsys, sample_adata):
     assert pd.read_csv(out, index_col="model").shape[0] == 2
     assert main(["compare", "--models", "steady_state", "--out", str(out), "-q", "--force"]) == 0
     assert list(pd.read_csv(out, index_col="model").index) == ["steady_state"]
+    # with transitions, an existing gene-terms file is refused too
+    out.with_suffix(".json").unlink()
+    out.unlink()
+    again = ["compare", "--models", "steady_state", "--transitions", TRANSITIONS, "--out", str(out), "-q"]
+    assert main(again) == EXIT_INPUT
+    assert "table_genes.csv" in capsys.readouterr().err
+    assert not out.exists()
     assert not list(tmp_path.glob(".*tmp"))
 
 
