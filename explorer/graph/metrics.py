@@ -72,13 +72,10 @@ def cross_boundary_correctness_per_cell(
     A cell of ``source`` with kNN neighbours in ``target`` gets the mean correlation of its
     velocity with the displacements to those neighbours; every other cell gets NaN.
     """
-    pairs = _boundary_pairs(adata, source, target, cluster_key)
+    pairs, use = _boundary_pairs(adata, velocity, source, target, genes, cluster_key)
     out = np.full(adata.n_obs, np.nan, dtype=np.float64)
     if pairs.nnz == 0:
         return out
-    use = np.isfinite(velocity).all(0)
-    if genes is not None:
-        use &= np.asarray(genes, dtype=bool)
     X = np.asarray(adata.layers[Key.layers.MS][:, use], dtype=np.float32)
     corr = cosine_correlations(X, np.asarray(velocity[:, use], dtype=np.float32), pairs)
     # a pair with exactly zero correlation is dropped from the sparse result; it counts as 0
@@ -87,8 +84,16 @@ def cross_boundary_correctness_per_cell(
     return out
 
 
-def _boundary_pairs(adata: AnnData, source: str, target: str, cluster_key: str) -> sparse.csr_matrix:
-    """The kNN pairs ``(i, j)`` (obsp ``distances``) with ``i`` in ``source`` and ``j`` in ``target``."""
+def _boundary_pairs(
+    adata: AnnData, velocity: FloatArray, source: str, target: str, genes: BoolArray | None, cluster_key: str
+) -> tuple[sparse.csr_matrix, np.ndarray]:
+    """CBDir's kNN pairs ``(i, j)`` (obsp ``distances``, ``i`` in ``source``, ``j`` in ``target``) and genes.
+
+    The genes are those with finite velocity in every cell, within ``genes`` when given.
+    """
+    use = np.isfinite(velocity).all(0)
+    if genes is not None:
+        use &= np.asarray(genes, dtype=bool)
     labels = adata.obs[cluster_key].astype(str).to_numpy()
     knn = sparse.csr_matrix(adata.obsp[Key.obsp.DISTANCES], copy=True)
     knn.data[:] = 1
@@ -98,7 +103,7 @@ def _boundary_pairs(adata: AnnData, source: str, target: str, cluster_key: str) 
         @ sparse.diags((labels == target).astype(np.float32))
     )
     pairs.eliminate_zeros()
-    return pairs
+    return pairs, use
 
 
 def cross_boundary_gene_terms(
@@ -149,13 +154,10 @@ def cross_boundary_gene_terms(
     >>> round(cross_boundary_correctness(a, v, source="A", target="B"), 3)
     0.75
     """
-    pairs = _boundary_pairs(adata, source, target, cluster_key)
+    pairs, use = _boundary_pairs(adata, velocity, source, target, genes, cluster_key)
     out = np.full(adata.n_vars, np.nan, dtype=np.float64)
     if pairs.nnz == 0:
         return out
-    use = np.isfinite(velocity).all(0)
-    if genes is not None:
-        use &= np.asarray(genes, dtype=bool)
     X = np.asarray(adata.layers[Key.layers.MS][:, use], dtype=np.float64)
     V = np.asarray(velocity, dtype=np.float64)[:, use]
     rows = np.repeat(np.arange(adata.n_obs), np.diff(pairs.indptr))

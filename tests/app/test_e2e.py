@@ -223,6 +223,8 @@ def test_a_transitions_genes_select_a_gene_and_nothing_leaves_the_machine(app_pa
     hidden Explore tab's Markdown panes, whose stylesheet Panel then pointed at its CDN for
     every Markdown pane of the page (explorer.app.resources); no request may leave.
     """
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     outside: list[str] = []
     local = re.compile(r"^(https?|wss?)://(127\.0\.0\.1|localhost)(:\d+)?/|^(data|blob|about):")
     context = app_page.context.browser.new_context(viewport={"width": 1600, "height": 1400})
@@ -252,8 +254,20 @@ def test_a_transitions_genes_select_a_gene_and_nothing_leaves_the_machine(app_pa
         first.wait_for(timeout=30_000)
         gene = first.inner_text().strip()
         assert gene != "gene_0000"  # not the gene selected before
-        first.click()
-        page.wait_for_timeout(1500)  # the phase portraits' titles are drawn on their canvases
+        # the phase portraits' titles are drawn on their canvases: read them from Bokeh's models
+        titled = (
+            "gene => Bokeh.documents.flatMap(doc => [...doc.all_models]).some(m => m.type === 'Title' "
+            "&& String(m.text).startsWith(gene + ': phase portrait'))"
+        )
+        for _ in range(3):  # a click while the table is still being drawn can be lost: click again
+            first.click()
+            try:
+                page.wait_for_function(titled, arg=gene, timeout=10_000)
+                break
+            except PlaywrightTimeout:
+                continue
+        assert page.evaluate(titled, gene), f"clicking {gene} did not select it"
+        page.wait_for_timeout(500)
         page.screenshot(path=ARTIFACTS / "e2e_transition_genes.png", full_page=True)
         # every view follows: the Explore tab's header names the gene
         page.get_by_text("Explore", exact=True).first.click()

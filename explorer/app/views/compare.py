@@ -69,28 +69,12 @@ class ComparisonView(pn.viewable.Viewer):
         self._detail: readouts.MetricDetail | None = None
         self.metrics.on_click(self._metric_clicked)
         self.per_cluster_note = pn.pane.Markdown("", sizing_mode="stretch_width")
-        self.per_cluster = pn.widgets.Tabulator(
-            pd.DataFrame(columns=["cluster"]),
-            show_index=False,
-            disabled=True,
-            selectable=False,
-            sizing_mode="stretch_width",
-            height=240,
-            visible=False,
-        )
+        self.per_cluster = _detail_table("cluster")
         # a transition's CBDir clicked: the genes that carry it; clicking one selects it everywhere
         # (the note stays visible, empty when unused: a Markdown pane made visible later asked
         # the CDN for its stylesheet)
         self.transition_genes_note = pn.pane.Markdown("", sizing_mode="stretch_width")
-        self.transition_genes = pn.widgets.Tabulator(
-            pd.DataFrame(columns=["gene"]),
-            show_index=False,
-            disabled=True,
-            selectable=False,
-            sizing_mode="stretch_width",
-            height=240,
-            visible=False,
-        )
+        self.transition_genes = _detail_table("gene")
         self.transition_genes.on_click(self._transition_gene_clicked)
         state.param.watch(self._show_metrics, ["readout_revision", "results", "metric_transitions"])
         # picking other fits returns the map to their agreement (watched before the map's own redraw)
@@ -280,6 +264,19 @@ class ComparisonView(pn.viewable.Viewer):
         )
 
 
+def _detail_table(first_column: str) -> pn.widgets.Tabulator:
+    """A hidden, read-only table under the metrics (a click's detail), until something is shown in it."""
+    return pn.widgets.Tabulator(
+        pd.DataFrame(columns=[first_column]),
+        show_index=False,
+        disabled=True,
+        selectable=False,
+        sizing_mode="stretch_width",
+        height=240,
+        visible=False,
+    )
+
+
 def _show_table(widget: pn.widgets.Tabulator, table: pd.DataFrame) -> None:
     """Show ``table`` in ``widget``, numbers to three decimals.
 
@@ -288,8 +285,8 @@ def _show_table(widget: pn.widgets.Tabulator, table: pd.DataFrame) -> None:
     """
     table = table.rename(columns=html_text)
     numeric = [c for c in table.columns if pd.api.types.is_float_dtype(table[c])]
-    widget.formatters = {c: NumberFormatter(format="0.000") for c in numeric}
-    widget.value = table
+    # one update: the browser draws the table once (a click between two draws was lost)
+    widget.param.update(formatters={c: NumberFormatter(format="0.000") for c in numeric}, value=table)
 
 
 _METRICS_HELP = (
