@@ -108,10 +108,13 @@ def trajectory(
     The gene is off (``u = s = 0``) before ``t_on``, induced with rate ``alpha`` from
     ``t_on`` to ``t_``, then represses with ``alpha = 0``. ``t_`` is absolute, so the
     induction lasts ``t_ - t_on``; an onset after the switch counts as at the switch
-    (no induction), so ``e^{-beta (t_ - t_on)}`` cannot overflow.
+    (no induction), so ``e^{-beta (t_ - t_on)}`` cannot overflow. ``t_ = inf`` (VeloVAE's
+    ``var['fit_t_']`` for a gene without a switch-off) is induction at every time.
     """
     dur = _floor(t_ - t_on, 0.0, xp)
-    tau_on = _floor(t - (t_ - dur), 0.0, xp)
+    # the time since the onset, read only during induction (t < t_, so after an onset past the
+    # switch it is 0 either way); t - (t_ - dur) was NaN for t_ = inf
+    tau_on = _floor(t - t_on, 0.0, xp)
     u0_, s0_ = switch_state(dur, alpha, beta, gamma, xp=xp)
     induction = t < t_
     tau = xp.where(induction, tau_on, t - t_)

@@ -43,6 +43,22 @@ def test_trajectory_on_off_with_onset():
     assert np.all(v[t > t_ + 1] < 0)
 
 
+def test_a_switch_at_infinity_is_induction_at_every_time():
+    # VeloVAE writes fit_t_ = inf for a gene that never switches off; t - (t_ - dur) was NaN there
+    alpha, beta, gamma, t_on = 4.0, 0.8, 0.4, 2.0
+    t = np.linspace(0, 20, 81)
+    u, s = kinetics.trajectory(t, np.inf, alpha, beta, gamma, t_on=t_on)
+    tau = np.maximum(t - t_on, 0.0)
+    np.testing.assert_allclose(u, kinetics.unspliced(tau, 0.0, alpha, beta), rtol=1e-12)
+    np.testing.assert_allclose(s, kinetics.spliced(tau, 0.0, 0.0, alpha, beta, gamma), rtol=1e-12)
+    one = torch.ones((), dtype=torch.float64)
+    u_t, s_t = kinetics.trajectory(
+        torch.tensor(t), torch.tensor(np.inf), alpha * one, beta * one, gamma * one, t_on=t_on * one, xp=torch
+    )
+    np.testing.assert_allclose(u_t.numpy(), u, rtol=1e-12)
+    np.testing.assert_allclose(s_t.numpy(), s, rtol=1e-12)
+
+
 def test_torch_and_numpy_agree():
     t = np.linspace(0, 10, 50)
     u_np, s_np = kinetics.trajectory(t, 5.0, 3.0, 0.6, 0.6, t_on=1.0)
