@@ -158,17 +158,20 @@ def cross_boundary_gene_terms(
     out = np.full(adata.n_vars, np.nan, dtype=np.float64)
     if pairs.nnz == 0:
         return out
-    X = np.asarray(adata.layers[Key.layers.MS][:, use], dtype=np.float64)
-    V = np.asarray(velocity, dtype=np.float64)[:, use]
+    ms = adata.layers[Key.layers.MS]
+    genes_used = np.flatnonzero(use)
     rows = np.repeat(np.arange(adata.n_obs), np.diff(pairs.indptr))
     cols = pairs.indices
     # each pair counts 1 / (the cell's pairs) / (cells scored), as CBDir's two means
     weight = 1.0 / np.diff(pairs.indptr)[rows] / np.count_nonzero(np.diff(pairs.indptr))
-    total = np.zeros(int(use.sum()), dtype=np.float64)
+    total = np.zeros(genes_used.size, dtype=np.float64)
     for start in range(0, len(rows), chunk):
         i, j, w = rows[start : start + chunk], cols[start : start + chunk], weight[start : start + chunk]
-        vc = V[i] - V[i].mean(1, keepdims=True)
-        dc = X[j] - X[i]
+        # only the chunk's rows, in float64 (never a copy of the whole layer)
+        vi = np.asarray(velocity[i][:, genes_used], dtype=np.float64)
+        vc = vi - vi.mean(1, keepdims=True)
+        xi, xj = (np.asarray(ms[cells][:, genes_used], dtype=np.float64) for cells in (i, j))
+        dc = xj - xi
         dc -= dc.mean(1, keepdims=True)
         norm = np.linalg.norm(vc, axis=1) * np.linalg.norm(dc, axis=1)
         # a pair without velocity or displacement is scored 0, as cosine_correlations leaves it out
