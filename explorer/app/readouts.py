@@ -1422,7 +1422,7 @@ def metric_detail(found: MetricsTable, model: str, metric: str) -> MetricDetail 
         (
             f"The genes that carry {metric} for {model}: each gene's term (all genes' terms sum to "
             "the CBDir; below 0 the gene's velocity points back from the source to the target), "
-            f"the {len(genes)} largest of {model}, most backward first. Click a gene to select it."
+            f"the {len(genes)} largest in size of {model}, most backward first. Click a gene to select it."
             if genes is not None
             else ""
         ),

@@ -70,9 +70,8 @@ class ComparisonView(pn.viewable.Viewer):
         self.metrics.on_click(self._metric_clicked)
         self.per_cluster_note = pn.pane.Markdown("", sizing_mode="stretch_width")
         self.per_cluster = _detail_table("cluster")
-        # a transition's CBDir clicked: the genes that carry it; clicking one selects it everywhere
-        # (the note stays visible, empty when unused: a Markdown pane made visible later asked
-        # the CDN for its stylesheet)
+        # a transition's CBDir clicked: the genes that carry it (the note is empty otherwise);
+        # clicking one selects it everywhere
         self.transition_genes_note = pn.pane.Markdown("", sizing_mode="stretch_width")
         self.transition_genes = _detail_table("gene")
         self.transition_genes.on_click(self._transition_gene_clicked)
