@@ -151,7 +151,17 @@ _PROCESS = textwrap.dedent(
     loop.start()
     print("without checks", gone() is None)
     collector.start(loop)
-    loop.call_later(3, loop.stop)
+    # 2 s of idle ticks on time are needed: on a loaded machine ticks come late, so wait up
+    # to 30 s for the collection (3 s was too short once beside other test runs)
+    deadline = time.monotonic() + 30
+
+    def check():
+        if gone() is None or time.monotonic() > deadline:
+            loop.stop()
+        else:
+            loop.call_later(0.25, check)
+
+    loop.call_later(0.25, check)
     loop.start()
     print("with checks", gone() is None, collector.collections)
     """
