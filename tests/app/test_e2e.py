@@ -57,6 +57,10 @@ def app_page(server):
         browser.close()
 
 
+#: addresses of this machine (and in-page data): every request a page makes must match
+_LOCAL = re.compile(r"^(https?|wss?)://(127\.0\.0\.1|localhost)(:\d+)?/|^(data|blob|about):")
+
+
 def _click_gene(page, gene: str) -> None:
     """Filter the gene table to ``gene`` (its rows are sorted by fit quality) and click its row."""
     from playwright.sync_api import expect
@@ -226,11 +230,10 @@ def test_a_transitions_genes_select_a_gene_and_nothing_leaves_the_machine(app_pa
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
     outside: list[str] = []
-    local = re.compile(r"^(https?|wss?)://(127\.0\.0\.1|localhost)(:\d+)?/|^(data|blob|about):")
     context = app_page.context.browser.new_context(viewport={"width": 1600, "height": 1400})
     try:
         page = context.new_page()
-        page.on("request", lambda r: None if local.match(r.url) else outside.append(r.url))
+        page.on("request", lambda r: None if _LOCAL.match(r.url) else outside.append(r.url))
         page.goto(server)
         page.get_by_text("No cell selected").wait_for(timeout=120_000)
         page.get_by_label("Model", exact=True).select_option("stochastic")
@@ -280,13 +283,12 @@ def test_a_transitions_genes_select_a_gene_and_nothing_leaves_the_machine(app_pa
 def test_four_pages_at_once_request_nothing_outside_this_machine(app_page, server):
     """Offline and under concurrency, every script, stylesheet and socket comes from the app's server."""
     outside: list[str] = []
-    local = re.compile(r"^(https?|wss?)://(127\.0\.0\.1|localhost)(:\d+)?/|^(data|blob|about):")
     browser = app_page.context.browser  # the module's browser: one playwright per thread
     contexts = [browser.new_context(viewport={"width": 1400, "height": 1000}) for _ in range(4)]
     try:
         pages = [context.new_page() for context in contexts]
         for page in pages:
-            page.on("request", lambda r: None if local.match(r.url) else outside.append(r.url))
+            page.on("request", lambda r: None if _LOCAL.match(r.url) else outside.append(r.url))
         for page in pages:  # all four requested before any is ready
             page.goto(server, wait_until="commit")
         for page in pages:
