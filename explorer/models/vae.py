@@ -249,7 +249,10 @@ class VeloVAE(Hyperparameters):
         ``initial_time`` for even ``k`` and the other initial time (``"dpt"`` /
         ``"steady_state"``) for odd ``k``, and the training seed ``seed + k // 2`` (with
         ``time_key``: the capture times and seed ``seed + k``); the train/test split stays
-        the first start's. The reported ``latent_time`` and ``latent_time_std`` are then the
+        the first start's. Where DPT is refused (see ``initial_time``) every start uses the
+        steady-state time, and a start that would repeat an earlier start's initial time
+        and seed takes the next seed (before, the two starts were one fit twice and the
+        between-start SD was 0). The reported ``latent_time`` and ``latent_time_std`` are then the
         ensemble's (:func:`ensemble_time`): each start's time as its rank among the
         cells, averaged over the starts, with the SD of the mixture of the starts'
         posteriors (mean within-start variance plus between-start variance). Everything
@@ -603,10 +606,10 @@ class VeloVAE(Hyperparameters):
 
     def _fit_ensemble(self, adata: AnnData, progress: ProgressCallback | None) -> VelocityResult:
         """``n_starts`` fits (see ``n_starts``); the first start's result with the ensemble's time."""
-        first, res = self._start(adata, 0, progress)
+        first, res = self._start(adata, 0, progress, [])
         members = [first]
         for k in range(1, self.n_starts):
-            members.append(self._start(adata, k, progress)[0])  # only the other starts' time is kept
+            members.append(self._start(adata, k, progress, members)[0])  # only the other starts' time is kept
         ens = ensemble_time(
             np.stack([m.time_posterior_["t_mean"].to_numpy() for m in members]),
             np.stack([m.time_posterior_["t_sd"].to_numpy() for m in members]),
@@ -637,21 +640,38 @@ class VeloVAE(Hyperparameters):
         return dataclasses.replace(res, params=self.get_params(), latent_time=latent, obs=obs)
 
     def _start(
-        self, adata: AnnData, k: int, progress: ProgressCallback | None
+        self, adata: AnnData, k: int, progress: ProgressCallback | None, earlier: list[VeloVAE]
     ) -> tuple[VeloVAE, VelocityResult]:
-        """Fit start ``k`` of ``n_starts``: its initial time and seed (see ``n_starts``), the first split."""
+        """Fit start ``k`` of ``n_starts``: its initial time and seed (see ``n_starts``), the first split.
+
+        A start whose initial time (the one used, after any refusal of DPT) and seed are an
+        ``earlier`` start's would be the same fit: it takes the next seed instead. Where
+        an earlier start found DPT refused, a DPT start asks for the steady-state time
+        directly; where the refusal is only found by this start, it is fitted again.
+        """
         other = {"steady_state": "dpt", "dpt": "steady_state"}[self.initial_time]
         init = self.initial_time if k % 2 == 0 or self.time_key is not None else other
         seed = self.seed + (k if self.time_key is not None else k // 2)
+        refused = self.time_key is None and any(m.initial_time_["used"] != m.initial_time for m in earlier)
+        if init == "dpt" and refused:
+            init = "steady_state"  # DPT was refused on these cells: it would be again
+        taken = {(m.initial_time_["used"], m.seed) for m in earlier}
         split = self.seed if self.split_seed is None else self.split_seed
-        params = {**self.get_params(), "n_starts": 1, "initial_time": init, "seed": seed, "split_seed": split}
-        member = VeloVAE(**params)
 
         def member_progress(p: Any) -> None:
             message = f"start {k + 1}/{self.n_starts}: {p.message}"
             report(progress, k * p.total + p.step, self.n_starts * p.total, message)
 
-        return member, member.fit(adata, progress=None if progress is None else member_progress)
+        while True:
+            while (init, seed) in taken:
+                seed += 1
+            member = VeloVAE(
+                **{**self.get_params(), "n_starts": 1, "initial_time": init, "seed": seed, "split_seed": split}
+            )
+            result = member.fit(adata, progress=None if progress is None else member_progress)
+            if (member.initial_time_["used"], seed) not in taken:
+                return member, result
+            init = member.initial_time_["used"]
 
     # ------------------------------------------------------------------------------ init
 

@@ -15,6 +15,7 @@ from explorer.cli import main
 from explorer.data.simulate import simulate
 from explorer.graph.kernels import compute_velocity_kernel
 from explorer.keys import Key
+from explorer.models import vae as vae_module
 from explorer.models.base import VelocityResult
 from explorer.models.metrics import predicted_abundances, reconstruction_error
 from explorer.models.vae import (
@@ -828,3 +829,22 @@ def test_small_pancreas_latent_time_orders_the_cell_types(shared_data):
     assert max(med["Ductal"], med["Ngn3 low EP"]) < med["Ngn3 high EP"] < med["Pre-endocrine"]
     for endocrine in ("Alpha", "Beta", "Delta", "Epsilon"):
         assert med["Pre-endocrine"] < med[endocrine], (endocrine, med)
+
+
+@pytest.mark.parametrize("initial_time", ["dpt", "steady_state"])
+def test_n_starts_where_dpt_is_refused_are_still_two_fits(small, monkeypatch, initial_time):
+    """DPT refused (agreement threshold above 1): both starts use the steady-state time, with different seeds.
+
+    Before, the two starts were one fit twice (same time, same seed) and the pooled SD had no
+    between-start part.
+    """
+    monkeypatch.setattr(vae_module, "_DPT_MIN_AGREEMENT", 2.0)
+    model = VeloVAE(seed=0, n_starts=2, initial_time=initial_time, **FEW)
+    model.fit(small.copy())
+    first, second = model.members_
+    assert first.initial_time_["used"] == second.initial_time_["used"] == "steady_state"
+    assert (first.seed, second.seed) == (0, 1)
+    assert first.split_seed == second.split_seed == 0
+    # two fits: their times differ, so the pooled SD has a between-start part
+    assert not np.allclose(first.time_posterior_["t_mean"], second.time_posterior_["t_mean"])
+    assert model.ensemble_["latent_time_std_between"].max() > 0
