@@ -30,7 +30,8 @@ cell). The arms:
 Each round is scored by explorer's own functions, the same for every arm:
 held-out MSE (:func:`explorer.models.metrics.reconstruction_error`, the fit's 30%), the
 cluster medians of the time, how many endocrine types come after Pre-endocrine, and
-CBDir per transition (:func:`explorer.models.metrics.model_metrics`, all fitted genes).
+CBDir per transition (:func:`explorer.models.metrics.model_metrics`, all fitted genes; the
+transitions of ``bench_dynamical.TRANSITIONS``; the committed JSON predates ``Ductal>Ngn3 low EP``).
 
 Usage::
 
@@ -51,6 +52,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from bench_dynamical import TRANSITIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("EXPLORER_SHARED", ROOT.parent / "shared"))
@@ -60,14 +62,6 @@ RESULTS = ROOT / "benchmarks" / "results"
 _N_CANDIDATES = 48
 #: the re-read's grid: the fit's span of times, 10% before and 50% after it
 _GRID = (0.1, 0.5, 300)
-TRANSITIONS = [
-    ("Ngn3 low EP", "Ngn3 high EP"),
-    ("Ngn3 high EP", "Pre-endocrine"),
-    ("Pre-endocrine", "Alpha"),
-    ("Pre-endocrine", "Beta"),
-    ("Pre-endocrine", "Delta"),
-    ("Pre-endocrine", "Epsilon"),
-]
 ENDOCRINE = ["Alpha", "Beta", "Delta", "Epsilon"]
 GENES = ["Chgb", "Chga", "Pyy", "Cpe", "Pcsk2", "Gcg", "Ghrl", "Ins2", "Sst"]
 
