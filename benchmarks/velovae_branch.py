@@ -25,7 +25,9 @@ cell). The arms:
 - ``search``: the search from the first round;
 - ``forced``: in the first round every gene branches at one time, the
   ``--forced-quantile`` of the cells' times (0.81: just after Pre-endocrine's median,
-  chosen by looking at the cluster medians, so the labels enter here), then the search.
+  chosen by looking at the cluster medians, so the labels enter here), then the search;
+- ``opened`` (not in the default ``--arms``): the first round as ``forced``, then no branch
+  (``t_b = t_on``): does the full model keep a time that was opened once?
 
 Each round is scored by explorer's own functions, the same for every arm:
 held-out MSE (:func:`explorer.models.metrics.reconstruction_error`, the fit's 30%), the
@@ -36,7 +38,7 @@ transitions of ``bench_dynamical.TRANSITIONS``; the committed JSON predates ``Du
 Usage::
 
     python benchmarks/velovae_branch.py [--rounds 4] [--steps 200]
-        [--arms control search forced] [--forced-quantile 0.81] [--out FILE]
+        [--arms control search forced opened] [--forced-quantile 0.81] [--out FILE]
 
 It prints a table and writes ``benchmarks/results/velovae_branch.json`` (or ``--out``).
 """
@@ -235,7 +237,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=200)
     arms = ["control", "search", "forced"]
-    parser.add_argument("--arms", nargs="+", default=arms, choices=arms)
+    parser.add_argument("--arms", nargs="+", default=arms, choices=[*arms, "opened"])
     parser.add_argument("--forced-quantile", type=float, default=0.81)
     parser.add_argument("--out", default=str(RESULTS / "velovae_branch.json"))
     args = parser.parse_args()
@@ -268,9 +270,11 @@ def main() -> None:
         print(f"{arm:8} fit      {rows[0]}", flush=True)
         for r in range(args.rounds):
             clock = time.perf_counter()
-            if arm == "forced" and r == 0:
+            if arm in ("forced", "opened") and r == 0:
                 at = float(torch.quantile(refit.t, args.forced_quantile))
                 refit.t_b = torch.maximum(torch.full_like(refit.t_b, at), refit.module.t_on.detach())
+            elif arm == "opened":
+                refit.t_b = refit.module.t_on.detach().clone()  # the time opened: no branch from here on
             elif arm != "control":
                 refit.search()
             loss = refit.train_steps(args.steps)
