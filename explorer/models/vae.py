@@ -665,9 +665,8 @@ class VeloVAE(Hyperparameters):
         while True:
             while (init, seed) in taken:
                 seed += 1
-            member = VeloVAE(
-                **{**self.get_params(), "n_starts": 1, "initial_time": init, "seed": seed, "split_seed": split}
-            )
+            params = {"n_starts": 1, "initial_time": init, "seed": seed, "split_seed": split}
+            member = VeloVAE(**{**self.get_params(), **params})
             result = member.fit(adata, progress=None if progress is None else member_progress)
             if (member.initial_time_["used"], seed) not in taken:
                 return member, result
