@@ -94,8 +94,8 @@ class BranchRefit:
         self.grid = torch.linspace(lo - _GRID[0] * (hi - lo), hi + _GRID[1] * (hi - lo), _GRID[2])
 
     def rho(self, c):
-        m = self.module
-        return self.torch.sigmoid(m.rho_head(m.decoder(c)))
+        """``(n, G)`` each cell's ``rho`` from its state (the decoder's)."""
+        return self.module.rho(c, c.shape[0])
 
     def curves(self, t, t_b):
         """``(A, B)``: each ``(u, s)`` at unit ``rho`` on ``[t_on, t_b)`` and ``[t_b, t_off)``.
@@ -248,6 +248,7 @@ def main() -> None:
     import anndata as ad
     import torch
 
+    from explorer.keys import Key
     from explorer.models.vae import VeloVAE
     from explorer.pipeline import prepare
 
@@ -258,9 +259,7 @@ def main() -> None:
     result = model.fit(adata)
     fit_s = time.perf_counter() - clock
     cols = np.flatnonzero(model._select_genes(adata))
-    work = adata.copy()
-    result.to_adata(work)
-    train = work.obs["fit_train"].to_numpy(dtype=bool)
+    train = result.obs[Key.obs.FIT_TRAIN].to_numpy(dtype=bool)
     names = adata.var_names[cols]
     payload = {"fit_seconds": round(fit_s, 1), "rounds": args.rounds, "steps": args.steps, "arms": {}}
     for arm in args.arms:
