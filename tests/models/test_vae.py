@@ -576,12 +576,15 @@ def test_full_model_reconstructs_lineage_rates_better_than_basic(branching, bran
 
 
 def test_polish_lowers_the_held_out_error(branching, branching_full):
-    """Refitting the kinetics at the refined times (max_epochs_polish, default 25) lowers the held-out MSE.
+    """Refitting the kinetics at the refined times (max_epochs_polish, default 50) lowers the held-out MSE.
 
     Measured on this simulation: the polish took the held-out MSE after the state stage
-    from 4.8 to 3.6 (2026-12-03, from DPT's initial time; from the steady-state time 8.6 to
-    6.0; with stage 1 under N(0, I) and no state stage 27.8 -> 6.0, seed 2 23.9 -> 5.8). The
-    times are fixed, so the latent time is unchanged.
+    from 4.8 to 3.4 (2026-12-03, night, 50 epochs annealed; 25 at a constant rate: 3.6; from
+    the steady-state time 8.6 to 6.0; with stage 1 under N(0, I) and no state stage 27.8 ->
+    6.0, seed 2 23.9 -> 5.8). The learning rates fall to 0 over the epochs, so the last
+    epochs' held-out MSE settles (measured: 3.398 in each of the last four; at a constant
+    rate the last five spanned 3.51-3.64, 3.6% of their value). The times are fixed, so the
+    latent time is unchanged.
     """
     model, result = branching_full
     assert model.max_epochs_polish > 0
@@ -590,6 +593,9 @@ def test_polish_lowers_the_held_out_error(branching, branching_full):
     assert model.metrics_["mse_test"] < 0.85 * plain_model.metrics_["mse_test"]
     start_ll, best_ll = model.history_["polish_vs_start"]
     assert best_ll > start_ll
+    last = np.asarray(model.history_["polish_mse_test"][-5:])
+    assert len(model.history_["polish_mse_test"]) == model.max_epochs_polish  # annealed: all epochs run
+    assert np.ptp(last) < 0.01 * last.mean()
     np.testing.assert_allclose(result.latent_time, plain.latent_time, atol=1e-6)
 
 
