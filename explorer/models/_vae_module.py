@@ -167,7 +167,8 @@ class VAEModule(nn.Module):
     hidden
         Encoder hidden layers (the paper: 500, 250); the decoder is its mirror.
     dropout
-        Dropout after every hidden layer.
+        Dropout after every hidden layer of the decoder (and of the encoder, unless
+        ``encoder_dropout`` is given).
     init
         Initial per-gene ``alpha, beta, gamma, scaling, t_on, t_off, sigma_u, sigma_s``
         (``(n_genes,)`` tensors, by those names), from the steady-state fit.
@@ -180,6 +181,10 @@ class VAEModule(nn.Module):
         from its onset on, at rate ``rho alpha``: a gene that is down in some cells is a
         low ``rho`` there, not a switch that every lineage passes at one time; its
         ``t_off`` is then unused (``inf``).
+    c_prior_sd
+        Standard deviation of the cell state's prior ``N(0, c_prior_sd^2 I)``.
+    encoder_dropout
+        Dropout after every hidden layer of the encoder; ``None``: ``dropout``.
     """
 
     def __init__(
@@ -195,6 +200,7 @@ class VAEModule(nn.Module):
         t_init: float,
         switch_off: bool | torch.Tensor = True,
         c_prior_sd: float = 1.0,
+        encoder_dropout: float | None = None,
     ) -> None:
         super().__init__()
         self.variant = variant
@@ -205,7 +211,8 @@ class VAEModule(nn.Module):
         #: (G,) whether each gene has a switch-off time
         self.register_buffer("switches", switches)
         self.dim_c = dim_c if variant == "full" else 0
-        self.encoder = _mlp([2 * n_input, *hidden], dropout, leaky=False)
+        enc_dropout = dropout if encoder_dropout is None else encoder_dropout
+        self.encoder = _mlp([2 * n_input, *hidden], enc_dropout, leaky=False)
         self.t_head = nn.Linear(hidden[-1], 2)
         with torch.no_grad():
             self.t_head.bias.copy_(torch.tensor([t_init, -1.0]))

@@ -177,7 +177,18 @@ class VeloVAE(Hyperparameters):
         Encoder hidden layers (the paper: 500 and 250, batch norm and dropout); the
         decoder mirrors them.
     dropout
-        Dropout after each hidden layer.
+        Dropout after each of the decoder's hidden layers (the paper: 0.2, after the
+        encoder's too).
+    encoder_dropout
+        Dropout after each of the encoder's hidden layers (default 0 since 2026-12-03,
+        beyond the paper; ``encoder_dropout=0.2`` is the paper's). Measured against
+        0.2 (README, "VeloVAE"): on the pancreas the held-out MSE was 0.65 / 0.61 / 0.74
+        against 0.73 / 0.64 / 0.71 (seeds 0 / 1 / 2), the endocrine types after
+        Pre-endocrine went from three / three / none to four / three / three, the
+        velocities from Pre-endocrine into Alpha and Beta from backward to forward with
+        seeds 1 and 2, and the fit took about half the time (stage 1 converged sooner);
+        on scVelo's own time axis the two draws whose earliest cells stage 1 put at the
+        end were ordered (0.863 / 0.823 to 0.9996 / 0.9977).
     learning_rate
         Adam's learning rate for the networks (the paper: 2e-4); the ODE parameters use
         8x (as the ``velovae`` package). 1e-3 converges faster on the pancreas (held-out
@@ -348,6 +359,7 @@ class VeloVAE(Hyperparameters):
         "dim_c": "[1, inf)",
         "hidden": "[1, inf)",
         "dropout": "[0, 1)",
+        "encoder_dropout": "[0, 1)",
         "learning_rate": "(0, inf)",
         "batch_size": "[2, inf)",
         "max_epochs": "[1, inf)",
@@ -372,6 +384,7 @@ class VeloVAE(Hyperparameters):
         dim_c: int = 5,
         hidden: tuple[int, int] = (500, 250),
         dropout: float = 0.2,
+        encoder_dropout: float = 0.0,
         learning_rate: float = 2e-4,
         batch_size: int = 128,
         max_epochs: int = 300,
@@ -399,6 +412,7 @@ class VeloVAE(Hyperparameters):
         self.dim_c = dim_c
         self.hidden = hidden
         self.dropout = dropout
+        self.encoder_dropout = encoder_dropout
         self.learning_rate = learning_rate
         self.batch_size = batch_size
         self.max_epochs = max_epochs
@@ -540,6 +554,7 @@ class VeloVAE(Hyperparameters):
             dim_c=self.dim_c,
             hidden=tuple(self.hidden),
             dropout=self.dropout,
+            encoder_dropout=self.encoder_dropout,
             init={k: torch.from_numpy(v.astype(np.float32)) for k, v in init.items()},
             t_init=float(t_init.mean()),
             switch_off=torch.from_numpy(self._switch_mask),

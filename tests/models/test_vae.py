@@ -579,18 +579,19 @@ def test_polish_lowers_the_held_out_error(branching, branching_full):
     """Refitting the kinetics at the refined times (max_epochs_polish, default 50) lowers the held-out MSE.
 
     Measured on this simulation: the polish took the held-out MSE after the state stage
-    from 4.8 to 3.4 (2026-12-03, night, 50 epochs annealed; 25 at a constant rate: 3.6; from
-    the steady-state time 8.6 to 6.0; with stage 1 under N(0, I) and no state stage 27.8 ->
-    6.0, seed 2 23.9 -> 5.8). The learning rates fall to 0 over the epochs, so the last
-    epochs' held-out MSE settles (measured: 3.398 in each of the last four; at a constant
-    rate the last five spanned 3.51-3.64, 3.6% of their value). The times are fixed, so the
-    latent time is unchanged.
+    from 4.24 to 3.76 (2026-12-03, night, without the encoder's dropout; with it, 4.8 to 3.4,
+    and with 25 epochs at a constant rate 3.6; from the steady-state time 8.6 to 6.0; with
+    stage 1 under N(0, I) and no state stage 27.8 -> 6.0, seed 2 23.9 -> 5.8). The learning
+    rates fall to 0 over the epochs, so the last epochs' held-out MSE settles (measured with
+    the encoder's dropout: 3.398 in each of the last four; at a constant rate the last five
+    spanned 3.51-3.64, 3.6% of their value). The times are fixed, so the latent time is
+    unchanged.
     """
     model, result = branching_full
     assert model.max_epochs_polish > 0
     plain_model = VeloVAE(seed=0, device="cpu", max_epochs_polish=0)
     plain = plain_model.fit(branching.copy())
-    assert model.metrics_["mse_test"] < 0.85 * plain_model.metrics_["mse_test"]
+    assert model.metrics_["mse_test"] < 0.95 * plain_model.metrics_["mse_test"]
     start_ll, best_ll = model.history_["polish_vs_start"]
     assert best_ll > start_ll
     last = np.asarray(model.history_["polish_mse_test"][-5:])
@@ -650,7 +651,8 @@ def test_state_stage_keeps_the_time_and_lowers_the_error(branching, branching_fu
 
     c_prior_sd=0.01 alone (the velovae package's prior, one stage: time_c_prior_sd equals
     it) runs the same stage 1 and time grid, so it gives the same time, but its states stay
-    near 0 and its held-out MSE is 12.6; the state stage lowers it to 3.6. One stage under
+    near 0 and its held-out MSE is 6.2; the state stage lowers it to 3.8 (2026-12-03, night,
+    without the encoder's dropout; with it 12.6 and 3.6). One stage under
     N(0, I) (time_c_prior_sd=None) orders the cells as well from DPT's initial time (0.9977
     against 0.9981) but its nominal 90% intervals cover only 73% of the true times (the
     default: 99%). Measured 2026-12-03. From the steady-state time the two order the cells
@@ -666,7 +668,7 @@ def test_state_stage_keeps_the_time_and_lowers_the_error(branching, branching_fu
     assert not tight_model.history_["state"]
     np.testing.assert_array_equal(full.latent_time, tight.latent_time)
     np.testing.assert_array_equal(full.obs[Key.obs.LATENT_TIME_STD], tight.obs[Key.obs.LATENT_TIME_STD])
-    assert model.metrics_["mse_test"] < 0.6 * tight_model.metrics_["mse_test"]
+    assert model.metrics_["mse_test"] < 0.7 * tight_model.metrics_["mse_test"]
     # the tight prior holds the states near 0; the state stage spreads them under N(0, I)
     assert np.abs(tight.obsm[Key.obsm.CELL_STATE]).mean() < 0.1
     assert np.abs(full.obsm[Key.obsm.CELL_STATE]).mean() > 0.2
@@ -772,7 +774,7 @@ def test_oracle_time_posterior_sets_what_a_time_sd_can_rank(branching):
 
 
 @pytest.mark.slow
-def test_two_starts_time_sd_ranks_cells_by_error(branching, branching_one_stage):
+def test_two_starts_time_sd_ranks_cells_by_error(branching):
     """n_starts=2 (steady-state and DPT initial times): the pooled SD ranks cells by error, covers nominally.
 
     Measured with stage 1 under N(0, I) (time_c_prior_sd=None, the default until 2026-12-02),
@@ -780,13 +782,18 @@ def test_two_starts_time_sd_ranks_cells_by_error(branching, branching_one_stage)
     shared by a lineage's cells that no single posterior sees); SD-error Spearman 0.323 (one
     fit: -0.19), coverage 0.937, latent time 0.9943 (seed 2: 0.457, 0.937, 0.997). With the
     default's state stage the starts' clocks agree more and the pooled SD ranked at -0.18
-    (2026-12-03). Not so on every simulation either: see the README, "VeloVAE".
+    (2026-12-03). Not so on every simulation either: see the README, "VeloVAE". Measured with
+    the paper's encoder dropout (0.2), which this test keeps; without it (the default since
+    2026-12-03, night) the pooled SD ranks at +0.16.
     """
-    model = VeloVAE(seed=0, device="cpu", n_starts=2, time_c_prior_sd=None)
+    paper = {"seed": 0, "device": "cpu", "time_c_prior_sd": None, "encoder_dropout": 0.2}
+    model = VeloVAE(n_starts=2, **paper)
     result = model.fit(branching.copy())
     # the first start is the one-start fit
     first = model.members_[0].time_posterior_["t_mean"]
-    np.testing.assert_array_equal(first, branching_one_stage[0].time_posterior_["t_mean"])
+    one_start = VeloVAE(**paper)
+    one_start.fit(branching.copy())
+    np.testing.assert_array_equal(first, one_start.time_posterior_["t_mean"])
     true_t = branching.obs[Key.obs.TRUE_T]
     cal = time_calibration(true_t, result.latent_time, result.obs[Key.obs.LATENT_TIME_STD])
     assert cal["sd_error_spearman"] > 0.2
@@ -819,13 +826,13 @@ def test_small_pancreas_latent_time_orders_the_cell_types(shared_data):
     """On the 739-cell pancreas, the default puts every endocrine type after Pre-endocrine.
 
     The issue's order: Ductal and Ngn3 low EP < Ngn3 high EP < Pre-endocrine < each
-    endocrine type, by median latent time. Measured 2026-12-03 (seeds 0 / 1 / 2, with the
-    compiled kernels): the default meets it on all three (Pre-endocrine 0.836 / 0.824 /
-    0.859, the first endocrine type 0.881 / 0.866 / 0.911; from the steady-state time 0.924 /
-    0.895 / 0.914 against 0.935 / 0.911 / 0.927), held-out MSE 0.56-0.74; the one-stage fit
-    from the steady-state time (time_c_prior_sd=None), before the kernels, on none (Epsilon
-    before Pre-endocrine on all three), with held-out MSE 1.20-1.41. On the 3,696-cell pancreas neither meets it (README,
-    "VeloVAE").
+    endocrine type, by median latent time. Measured 2026-12-03, night (seeds 0 / 1 / 2, no
+    dropout in the encoder): the default meets it on all three (Pre-endocrine 0.850 / 0.816 /
+    0.835, the first endocrine type 0.912 / 0.853 / 0.879; with the encoder's dropout 0.836 /
+    0.824 / 0.859 against 0.881 / 0.866 / 0.911; from the steady-state time 0.924 / 0.895 /
+    0.914 against 0.935 / 0.911 / 0.927), held-out MSE 0.40-0.68; the one-stage fit from the
+    steady-state time (time_c_prior_sd=None), before the kernels, on none (Epsilon before
+    Pre-endocrine on all three), with held-out MSE 1.20-1.41.
     """
     adata = ad.read_h5ad(shared_data / "pancreas_veloviz_739.h5ad")
     prepare(adata, seed=0)
@@ -834,6 +841,27 @@ def test_small_pancreas_latent_time_orders_the_cell_types(shared_data):
     med = {c: float(np.median(result.latent_time[clusters == c])) for c in set(clusters)}
     assert max(med["Ductal"], med["Ngn3 low EP"]) < med["Ngn3 high EP"] < med["Pre-endocrine"]
     for endocrine in ("Alpha", "Beta", "Delta", "Epsilon"):
+        assert med["Pre-endocrine"] < med[endocrine], (endocrine, med)
+
+
+def test_pancreas_latent_time_puts_alpha_beta_delta_after_pre_endocrine(shared_data):
+    """On the 3,696-cell pancreas the default puts Alpha, Beta and Delta after Pre-endocrine.
+
+    The progenitors in the issue's order, then Alpha, Beta and Delta after Pre-endocrine by
+    median latent time. Measured 2026-12-03, night (seeds 0 / 1 / 2, no dropout in the
+    encoder): Pre-endocrine 0.915 / 0.903 / 0.874, the first of the three 0.945 / 0.932 /
+    0.912; Epsilon after Pre-endocrine with seed 0 only (0.923; 0.892 / 0.868), so it is not
+    asserted. With the encoder's dropout (the paper's, the default until then) seed 0 passed
+    by 0.003 (Pre-endocrine 0.881, Alpha 0.884) instead of 0.030, and seed 2 put none of the
+    four after Pre-endocrine.
+    """
+    adata = ad.read_h5ad(shared_data / "pancreas_endocrinogenesis_3696.h5ad")
+    prepare(adata, seed=0)
+    result = VeloVAE(seed=0, device="cpu").fit(adata)
+    clusters = adata.obs["clusters"].astype(str).to_numpy()
+    med = {c: float(np.median(result.latent_time[clusters == c])) for c in set(clusters)}
+    assert max(med["Ductal"], med["Ngn3 low EP"]) < med["Ngn3 high EP"] < med["Pre-endocrine"]
+    for endocrine in ("Alpha", "Beta", "Delta"):
         assert med["Pre-endocrine"] < med[endocrine], (endocrine, med)
 
 
