@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
-import time
+from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-from velovae_scvelo_sim import _simulation
+from velovae_scvelo_sim import _simulation, run, score_fit
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -52,50 +50,19 @@ def _datasets(scvelo_python: str, cache: Path) -> dict:
     return out
 
 
-def _score(adata, kwargs: dict) -> dict:
-    from scipy.stats import spearmanr
-
-    from explorer.models.vae import VeloVAE, time_calibration
-
-    true_t = adata.obs["true_t"].to_numpy()
-    model = VeloVAE(seed=0, device="cpu", **kwargs)
-    clock = time.perf_counter()
-    result = model.fit(adata.copy())
-    seconds = time.perf_counter() - clock
-    t = np.asarray(result.latent_time)
-    cal = time_calibration(true_t, t, model.time_posterior_["t_sd"].to_numpy())
-    return {
-        "latent_time_spearman": round(float(spearmanr(t, true_t)[0]), 4),
-        "mse_test": round(float(model.metrics_["mse_test"]), 2),
-        "coverage_90": round(float(cal["coverage"]), 2),
-        "sd_error_spearman": round(float(cal["sd_error_spearman"]), 2),
-        "fit_s": round(seconds, 1),
-    }
+def _rows(args: argparse.Namespace, cache: Path) -> Iterator[dict]:
+    keys = ("latent_time_spearman", "mse_test", "coverage_90", "sd_error_spearman", "fit_s")
+    for name, adata in _datasets(args.scvelo_python, cache).items():
+        for setting in ["{}", *args.settings]:
+            scores = score_fit(adata.copy(), json.loads(setting))
+            yield {"simulation": name, "setting": setting, **{k: scores[k] for k in keys}}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--scvelo-python", required=True, help="python of a virtual environment with scVelo")
     parser.add_argument("--settings", nargs="*", default=SETTINGS)
-    parser.add_argument("--cache", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=RESULTS / "velovae_simulations.json")
-    args = parser.parse_args()
-
-    from explorer._process import set_up_process
-
-    set_up_process()
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp_name:
-        cache = args.cache or Path(tmp_name)
-        cache.mkdir(parents=True, exist_ok=True)
-        for name, adata in _datasets(args.scvelo_python, cache).items():
-            for setting in ["{}", *args.settings]:
-                row = {"simulation": name, "setting": setting, **_score(adata, json.loads(setting))}
-                rows.append(row)
-                print(" | ".join(str(v) for v in row.values()), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"rows": rows}, indent=1))
-    print(f"wrote {args.out}")
+    run(parser, _rows)
 
 
 if __name__ == "__main__":
