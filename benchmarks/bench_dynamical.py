@@ -450,6 +450,15 @@ def _run(cmd: list[str]) -> None:
         raise RuntimeError(msg)
 
 
+def scvelo_simulation(scvelo_python: str, cache: Path, n_obs: int, n_vars: int, t_max: int, seed: int) -> Path:
+    """scVelo's own simulation in ``cache`` (``benchmarks/_scvelo_simulation.py`` in scVelo's environment), drawn once."""
+    path = cache / f"scvsim_{n_obs}x{n_vars}_tmax{t_max}_seed{seed}.h5ad"
+    if not path.exists():
+        script = str(ROOT / "benchmarks" / "_scvelo_simulation.py")
+        _run([scvelo_python, script, str(path), str(seed), str(n_obs), str(n_vars), str(t_max)])
+    return path
+
+
 def latent_sweep(
     cache: Path,
     scvelo_python: str,
@@ -476,11 +485,8 @@ def latent_sweep(
     rows = []
     for n_obs, t_max in settings:
         for seed in seeds:
-            stem = f"scvsim_{n_obs}x{n_vars}_tmax{t_max}_seed{seed}"
-            path = cache / f"{stem}.h5ad"
-            if not path.exists():
-                script = str(ROOT / "benchmarks" / "_scvelo_simulation.py")
-                _run([scvelo_python, script, str(path), str(seed), str(n_obs), str(n_vars), str(t_max)])
+            path = scvelo_simulation(scvelo_python, cache, n_obs, n_vars, t_max, seed)
+            stem = path.stem
             genes_path = cache / f"{stem}_genes.txt"
             adata = anndata.read_h5ad(path)
             if not genes_path.exists():

@@ -24,26 +24,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+from bench_dynamical import scvelo_simulation
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 VARIANTS = {"full (default)": {}, "basic": {"variant": "basic"}}
-
-
-def _simulation(python: str, cache: Path, n_obs: int, n_vars: int, t_max: int, seed: int) -> Path:
-    path = cache / f"scvsim_{n_obs}x{n_vars}_tmax{t_max}_seed{seed}.h5ad"
-    if not path.exists():
-        script = str(ROOT / "benchmarks" / "_scvelo_simulation.py")
-        cmd = [python, script, str(path), str(seed), str(n_obs), str(n_vars), str(t_max)]
-        subprocess.run(cmd, check=True, capture_output=True)
-    return path
 
 
 def score_fit(adata, kwargs: dict) -> dict:
@@ -102,7 +93,7 @@ def _rows(args: argparse.Namespace, cache: Path) -> Iterator[dict]:
         n_obs, n_vars, t_max = (int(x) for x in setting.split(":"))
         seeds = args.seeds if n_obs <= 600 and t_max == 0 else args.seeds[: args.max_seeds_large]
         for seed in seeds:
-            path = _simulation(args.scvelo_python, cache, n_obs, n_vars, t_max, seed)
+            path = scvelo_simulation(args.scvelo_python, cache, n_obs, n_vars, t_max, seed)
             for label, kwargs in VARIANTS.items():
                 scores = score_fit(ad.read_h5ad(path), kwargs)
                 row = {"cells": n_obs, "genes": n_vars, "t_max": t_max or "own", "seed": seed, "model": label}

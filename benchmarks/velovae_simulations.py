@@ -26,7 +26,8 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from velovae_scvelo_sim import _simulation, run, score_fit
+from bench_dynamical import scvelo_simulation
+from velovae_scvelo_sim import run, score_fit
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -45,7 +46,7 @@ def _datasets(scvelo_python: str, cache: Path) -> dict:
             adata = simulate(n_obs=600, n_vars=60, seed=seed, branches=2, kinds={"two_regimes": 0.3}, **extra)
             prepare(adata, n_neighbors=15, compute_umap=False)
             out[f"{name}, seed {seed}"] = adata
-        path = _simulation(scvelo_python, cache, 600, 60, 0, seed)
+        path = scvelo_simulation(scvelo_python, cache, 600, 60, 0, seed)
         out[f"scVelo own axis, seed {seed}"] = ad.read_h5ad(path)
     return out
 

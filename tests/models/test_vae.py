@@ -827,7 +827,6 @@ def test_time_calibration_by_hand():
 # ------------------------------------------------------------------------ real data
 
 
-@pytest.mark.slow
 def _default_latent_time_medians(path: Path) -> dict[str, float]:
     """Each cluster's median latent time of the default VeloVAE (seed 0) on a prepared real dataset."""
     adata = ad.read_h5ad(path)
@@ -837,6 +836,7 @@ def _default_latent_time_medians(path: Path) -> dict[str, float]:
     return {c: float(np.median(result.latent_time[clusters == c])) for c in set(clusters)}
 
 
+@pytest.mark.slow
 def test_small_pancreas_latent_time_orders_the_cell_types(shared_data):
     """On the 739-cell pancreas, the default puts every endocrine type after Pre-endocrine.
 
@@ -855,6 +855,7 @@ def test_small_pancreas_latent_time_orders_the_cell_types(shared_data):
         assert med["Pre-endocrine"] < med[endocrine], (endocrine, med)
 
 
+@pytest.mark.slow
 def test_pancreas_latent_time_puts_alpha_beta_delta_after_pre_endocrine(shared_data):
     """On the 3,696-cell pancreas the default puts Alpha, Beta and Delta after Pre-endocrine.
 
