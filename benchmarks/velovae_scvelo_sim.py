@@ -37,24 +37,34 @@ RESULTS = ROOT / "benchmarks" / "results"
 VARIANTS = {"full (default)": {}, "basic": {"variant": "basic"}}
 
 
-def score_fit(adata, kwargs: dict) -> dict:
-    """Fit VeloVAE (seed 0, CPU, ``kwargs``) on ``adata`` and score it against ``obs['true_t']``."""
+def score_fit(adata, kwargs: dict, model_class: type | None = None) -> dict:
+    """Fit VeloVAE (seed 0, CPU, ``kwargs``) on ``adata`` and score it against ``obs['true_t']``.
+
+    ``lineage_offset`` (with lineages A and B in ``obs['true_lineage']``, else ``None``): the
+    mean rank error (share of the cells) of lineage B's cells minus lineage A's, negative
+    where B is placed earlier than it is. ``model_class`` replaces :class:`VeloVAE`.
+    """
     from scipy.stats import rankdata, spearmanr
 
     from explorer.models.vae import VeloVAE, time_calibration
 
     true_t = adata.obs["true_t"].to_numpy()
-    model = VeloVAE(seed=0, device="cpu", **kwargs)
+    lineage = adata.obs["true_lineage"].astype(str).to_numpy() if "true_lineage" in adata.obs else None
+    model = (model_class or VeloVAE)(seed=0, device="cpu", **kwargs)
     clock = time.perf_counter()
     result = model.fit(adata)
     seconds = time.perf_counter() - clock
     t = np.asarray(result.latent_time)
     rank_error = (rankdata(t) - rankdata(true_t)) / len(t)
     cal = time_calibration(true_t, t, model.time_posterior_["t_sd"].to_numpy())
+    offset = None
+    if lineage is not None and {"A", "B"} <= set(lineage):
+        offset = round(float(rank_error[lineage == "B"].mean() - rank_error[lineage == "A"].mean()), 3)
     return {
         "latent_time_spearman": round(float(spearmanr(t, true_t)[0]), 4),
         "encoder_time_spearman": round(float(spearmanr(model.time_posterior_["t_mean_encoder"], true_t)[0]), 4),
         "misplaced_cells": int((np.abs(rank_error) > 0.5).sum()),
+        "lineage_offset": offset,
         "mse_test": round(float(model.metrics_["mse_test"]), 3),
         "coverage_90": round(float(cal["coverage"]), 2),
         "sd_error_spearman": round(float(cal["sd_error_spearman"]), 2),

@@ -8,6 +8,7 @@
 - :func:`load_dataset`: read a file and preprocess it as ``explorer fit`` does;
 - :func:`model_names`, :func:`model_defaults`: the registered models and their
   parameters, read from :data:`explorer.models.MODELS` when a page is built;
+  :func:`obs_key_choices`: the dataset's columns a ``*_key`` parameter can name;
 - :func:`fit_fates`: a fit's terminal states and fate probabilities (a background job).
 """
 
@@ -58,6 +59,31 @@ def model_defaults(model: str) -> dict[str, Any]:
         for name, p in signature.parameters.items()
         if name != "self" and p.default is not inspect.Parameter.empty
     }
+
+
+def obs_key_choices(name: str, default: Any, obs: pd.DataFrame | None) -> dict[str, Any] | None:
+    """The obs columns a parameter ``name`` ending in ``_key`` can name, as a menu ``{label: value}``.
+
+    ``time_key`` (capture times) lists the numeric columns, any other ``*_key`` (clusters)
+    the categorical, text and boolean ones; a parameter whose default is ``None`` (optional)
+    starts the menu with ``"(none)"``, and a default the data lacks stays on the menu, so the
+    form starts at the model's default and the model's own message explains a missing column.
+    ``None`` for parameters not named ``*_key``.
+    """
+    if not name.endswith("_key"):
+        return None
+    columns: list[str] = []
+    if obs is not None:
+        for column in obs.columns:
+            dtype = obs[column].dtype
+            numeric = pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_bool_dtype(dtype)
+            if numeric == (name == "time_key"):
+                columns.append(str(column))
+    menu: dict[str, Any] = {"(none)": None} if default is None else {}
+    if isinstance(default, str) and default not in columns:
+        menu[default] = default
+    menu.update({c: c for c in columns})
+    return menu
 
 
 def model_choices(model: str) -> dict[str, list[Any]]:

@@ -59,7 +59,7 @@ from explorer import kinetics
 from explorer.keys import Key
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Mapping, Sequence
 
     from numpy.typing import ArrayLike
 
@@ -194,6 +194,7 @@ def simulate(
     rate_sd: float = 0.0,
     unspliced_capture: float = 1.0,
     lineage_rate_range: tuple[float, float] | None = None,
+    lineage_rates: Sequence[float] | None = None,
 ) -> AnnData:
     """Simulate spliced/unspliced counts of ``n_obs`` cells with known kinetics.
 
@@ -273,6 +274,13 @@ def simulate(
         (VeloVAE's ``rho``) models. ``var['true_alpha_<lineage>']`` holds the factors.
         Default ``None``: no factor (drawn from its own random stream, so the other
         outputs are unchanged).
+    lineage_rates
+        With ``branches > 1``: one factor per lineage, on the same genes and from the same
+        time as ``lineage_rate_range`` (multiplied with its per-gene factors when both are
+        given): a lineage that runs all its shared genes faster or slower than another,
+        as a lineage of smaller cells or lower transcriptional activity would. A
+        graph-based pseudotime sees such a lineage's cells as earlier (they move less in
+        expression space per unit of time). Default ``None``.
 
     Returns
     -------
@@ -308,6 +316,14 @@ def simulate(
         msg = (
             "lineage_rate_range must be (low, high) with 0 < low <= high, and needs branches > 1; "
             f"got {lineage_rate_range!r} with branches={branches}."
+        )
+        raise ValueError(msg)
+    if lineage_rates is not None and not (
+        branches > 1 and len(lineage_rates) == branches and all(float(f) > 0 for f in lineage_rates)
+    ):
+        msg = (
+            "lineage_rates must hold one positive factor per lineage, and needs branches > 1; "
+            f"got {lineage_rates!r} with branches={branches}."
         )
         raise ValueError(msg)
     if branch_time is None:
@@ -408,12 +424,16 @@ def simulate(
         )
         u_ode, s = u_ode + u_b, s + s_b
     lineage_factor = None
-    if lineage_rate_range is not None:
+    if lineage_rate_range is not None or lineage_rates is not None:
         # each lineage's rate factor from the branch time on: a second induction of rate
         # (factor - 1) * alpha from max(branch_time, t_on) to t_, added by linearity
-        rng_lin = np.random.default_rng([seed, 2])
-        lineage_factor = _loguniform(rng_lin, *lineage_rate_range, branches * n_vars)
-        lineage_factor = lineage_factor.reshape(branches, n_vars)
+        lineage_factor = np.ones((branches, n_vars))
+        if lineage_rate_range is not None:
+            rng_lin = np.random.default_rng([seed, 2])
+            lineage_factor = _loguniform(rng_lin, *lineage_rate_range, branches * n_vars)
+            lineage_factor = lineage_factor.reshape(branches, n_vars)
+        if lineage_rates is not None:
+            lineage_factor = lineage_factor * np.asarray(lineage_rates, dtype=float)[:, None]
         scaled = (program == _SHARED) & ~steady
         lineage_factor[:, ~scaled] = 1.0
         extra = (lineage_factor[lineage_idx] - 1.0) * alpha_cell
@@ -516,6 +536,8 @@ def simulate(
     }
     if lineage_rate_range is not None:
         adata.uns[Key.uns.SIMULATION]["lineage_rate_range"] = np.asarray(lineage_rate_range, dtype=float)
+    if lineage_rates is not None:
+        adata.uns[Key.uns.SIMULATION]["lineage_rates"] = np.asarray(lineage_rates, dtype=float)
     if boost_start != 0.5:  # noqa: PLR2004 - recorded only when set, so default files stay byte-identical
         adata.uns[Key.uns.SIMULATION]["boost_start"] = boost_start
     logger.info("simulated %d cells x %d genes (seed %d, noise %s)", n_obs, n_vars, seed, noise)

@@ -652,7 +652,7 @@ class VeloVAE(Hyperparameters):
         # the first start's fitted state, so sample_velocity and the diagnostics read it
         fitted = (
             "module_", "posterior_state_", "time_posterior_", "history_",
-            "timings_", "metrics_", "time_temperature_",
+            "timings_", "metrics_", "time_temperature_", "initial_time_",
         )  # fmt: skip
         for attr in fitted:
             setattr(self, attr, getattr(first, attr))

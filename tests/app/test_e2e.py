@@ -145,6 +145,18 @@ def test_a_run_shows_progress_while_clicks_still_answer(app_page):
     page.get_by_text("fit: dynamical").wait_for(timeout=10_000)
 
 
+def test_capture_times_are_chosen_from_the_datasets_columns(app_page):
+    page = app_page
+    page.get_by_label("Model", exact=True).select_option("velovae")
+    menu = page.get_by_label("time_key", exact=True)
+    menu.wait_for(timeout=10_000)
+    options = menu.locator("option").all_inner_texts()
+    assert options[0] == "(none)" and "true_t" in options and "clusters" not in options
+    menu.select_option("true_t")
+    assert menu.input_value() == "true_t"
+    page.screenshot(path=ARTIFACTS / "e2e_time_key.png", full_page=True)
+
+
 def test_export_writes_a_file_in_the_data_directory(app_page, data_dir):
     page = app_page
     page.get_by_label("Save results as (in the data directory)").fill("e2e_results.h5ad")

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.stats import spearmanr
 from bokeh.document import Document
 from panel.io.state import set_curdoc
 
@@ -284,6 +285,38 @@ def test_runner_shows_progress_and_result_in_every_view(app):
     state.show_arrows = True  # velocity arrows on a grid, as an option
     arrows = _frame(views["embedding"].arrows)
     assert len(arrows) > 10
+
+
+def test_key_parameters_offer_the_datasets_columns_and_reach_the_model(app, app_adata):
+    """time_key lists the numeric obs columns (capture times), cluster_key the categorical ones."""
+    state, runner = app.state, app.runner
+    runner.model_select.value = "velovae"
+    menu = runner._widgets["time_key"]
+    assert menu.value is None and menu.options["(none)"] is None
+    assert Key.obs.TRUE_T in menu.options.values()
+    assert Key.obs.CLUSTERS not in menu.options.values()
+    runner.model_select.value = "deepvelo"
+    clusters = runner._widgets["cluster_key"]
+    assert clusters.value == Key.obs.CLUSTERS and "(none)" not in clusters.options
+    assert Key.obs.TRUE_T not in clusters.options.values()
+    # a run with capture times: the model gets them and its time follows them
+    runner.model_select.value = "velovae"
+    quick = {"max_epochs": 4, "max_epochs_stage2": 2, "max_epochs_polish": 2, "n_samples": 4}
+    for name, value in quick.items():
+        runner._widgets[name].value = value
+    runner._widgets["time_key"].value = Key.obs.TRUE_T
+    assert runner.params()["time_key"] == Key.obs.TRUE_T
+    runner._run()
+    assert state.job.join(300)
+    assert state.error == ""
+    fit = state.fit
+    assert fit.result.params["time_key"] == Key.obs.TRUE_T
+    assert spearmanr(fit.result.latent_time, app_adata.obs[Key.obs.TRUE_T])[0] > 0.9
+    # another dataset's columns replace the menu's
+    other = app_adata.copy()
+    other.obs["day"] = np.repeat([1.0, 2.0, 3.0], [100, 100, 100])
+    state.set_data(other, name="with days")
+    assert "day" in runner._widgets["time_key"].options
 
 
 def test_comparison_view_selects_a_gene_from_the_quality_plot(app):

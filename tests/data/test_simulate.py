@@ -385,3 +385,37 @@ def test_lineage_rate_range_scales_each_lineage_rate_after_the_branch():
         simulate(n_obs=10, n_vars=3, lineage_rate_range=(0.5, 1.0))  # one lineage
     with pytest.raises(ValueError, match="lineage_rate_range"):
         simulate(n_obs=10, n_vars=3, branches=2, lineage_rate_range=(0.0, 1.0))
+
+
+def test_lineage_rates_scale_every_shared_gene_of_a_lineage():
+    """One factor per lineage: lineage B runs all its shared genes at 0.3 of A's rate after the branch."""
+    kw = {"n_obs": 400, "n_vars": 30, "seed": 4, "noise": "none", "kinds": {}, "branches": 2}
+    plain = simulate(**kw)
+    slow = simulate(**kw, lineage_rates=(1.0, 0.3))
+    both = simulate(**kw, lineage_rates=(1.0, 0.3), lineage_rate_range=(0.2, 0.6))
+    per_gene = simulate(**kw, lineage_rate_range=(0.2, 0.6))
+    shared = (slow.var[Key.var.TRUE_PROGRAM] == "shared").to_numpy()
+    alpha = slow.var[Key.var.TRUE_ALPHA].to_numpy()
+    f_a = slow.var[f"{Key.var.TRUE_ALPHA}_A"].to_numpy() / alpha
+    f_b = slow.var[f"{Key.var.TRUE_ALPHA}_B"].to_numpy() / alpha
+    np.testing.assert_allclose(f_a, 1.0)
+    np.testing.assert_allclose(f_b[shared], 0.3)
+    np.testing.assert_allclose(f_b[~shared], 1.0)
+    # lineage A and the root are the plain simulation's; B's shared genes are lower after the branch
+    lineage = slow.obs[Key.obs.TRUE_LINEAGE].astype(str).to_numpy()
+    s_plain, s_slow = plain.layers[Key.layers.TRUE_S], slow.layers[Key.layers.TRUE_S]
+    keep = lineage != "B"
+    np.testing.assert_allclose(s_slow[keep], s_plain[keep], rtol=1e-6)
+    b_cells = lineage == "B"
+    assert (s_slow[np.ix_(b_cells, shared)] <= s_plain[np.ix_(b_cells, shared)] * (1 + 1e-6)).all()
+    assert s_slow[np.ix_(b_cells, shared)].sum() < 0.6 * s_plain[np.ix_(b_cells, shared)].sum()
+    # with a per-gene range too, the factors multiply
+    for lin, rate in (("A", 1.0), ("B", 0.3)):
+        col = f"{Key.var.TRUE_ALPHA}_{lin}"
+        np.testing.assert_allclose(both.var[col][shared], rate * per_gene.var[col][shared], rtol=1e-12)
+        np.testing.assert_allclose(both.var[col][~shared], alpha[~shared], rtol=1e-12)
+    assert both.uns[Key.uns.SIMULATION]["lineage_rates"].tolist() == [1.0, 0.3]
+    with pytest.raises(ValueError, match="lineage_rates"):
+        simulate(n_obs=10, n_vars=3, branches=2, lineage_rates=(1.0,))  # one factor for two lineages
+    with pytest.raises(ValueError, match="lineage_rates"):
+        simulate(n_obs=10, n_vars=3, branches=2, lineage_rates=(1.0, 0.0))

@@ -13,7 +13,7 @@ import panel as pn
 import param
 
 from explorer.app.escape import markdown_text
-from explorer.app.fits import model_choices, model_defaults, model_names
+from explorer.app.fits import model_choices, model_defaults, model_names, obs_key_choices
 from explorer.app.state import ExplorerState
 from explorer.models import MODELS
 
@@ -21,8 +21,12 @@ from explorer.models import MODELS
 _FIRST_MODEL = "stochastic"
 
 
-def _widget_for(name: str, default: Any, choices: list[Any] | None = None) -> pn.widgets.Widget | None:
+def _widget_for(
+    name: str, default: Any, choices: list[Any] | dict[str, Any] | None = None
+) -> pn.widgets.Widget | None:
     """Make an input for one constructor parameter: a menu of its ``choices``, else by its default's type."""
+    if isinstance(choices, dict):  # {label: value}, as obs_key_choices gives
+        return pn.widgets.Select(label=name, options=choices, value=default, width=120)
     if choices and default in choices:
         return pn.widgets.Select(label=name, options=choices, value=default, width=120)
     if isinstance(default, bool):
@@ -61,6 +65,8 @@ class ModelRunner(pn.viewable.Viewer):
         self.active = pn.widgets.Select.from_param(state.param.model, label="Active model", width=250)
         self._widgets: dict[str, pn.widgets.Widget] = {}
         self.model_select.param.watch(self._build_form, "value")
+        # a *_key parameter lists the dataset's columns: a new dataset rebuilds the form
+        state.param.watch(self._build_form, "adata")
         self.run_button.on_click(self._run)
         self.cancel_button.on_click(lambda _: state.cancel_run())
         state.param.watch(self._show_progress, ["progress", "running", "status", "error"])
@@ -72,8 +78,10 @@ class ModelRunner(pn.viewable.Viewer):
         self.description.object = markdown_text(MODELS.spec(name).description) if name in MODELS else ""
         self._widgets = {}
         choices = model_choices(self.model_select.value) if name in MODELS else {}
+        obs = None if self.state.adata is None else self.state.adata.obs
         for name, default in model_defaults(self.model_select.value).items():
-            widget = _widget_for(name, default, choices.get(name))
+            menu = obs_key_choices(name, default, obs)
+            widget = _widget_for(name, default, menu if menu is not None else choices.get(name))
             if widget is not None:
                 self._widgets[name] = widget
         # a grid of plain Bokeh layout, not a FlexBox (a ReactiveHTML template: costlier to build and draw)
