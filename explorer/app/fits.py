@@ -8,7 +8,8 @@
 - :func:`load_dataset`: read a file and preprocess it as ``explorer fit`` does;
 - :func:`model_names`, :func:`model_defaults`: the registered models and their
   parameters, read from :data:`explorer.models.MODELS` when a page is built;
-  :func:`obs_key_choices`: the dataset's columns a ``*_key`` parameter can name;
+  :func:`obs_key_columns`, :func:`obs_key_choices`: the dataset's columns a ``*_key``
+  parameter can name;
 - :func:`fit_fates`: a fit's terminal states and fate probabilities (a background job).
 """
 
@@ -61,28 +62,49 @@ def model_defaults(model: str) -> dict[str, Any]:
     }
 
 
-def obs_key_choices(name: str, default: Any, obs: pd.DataFrame | None) -> dict[str, Any] | None:
-    """The obs columns a parameter ``name`` ending in ``_key`` can name, as a menu ``{label: value}``.
+#: most distinct values a numeric column may hold to be offered as capture times
+MAX_CAPTURE_TIMES = 50
 
-    ``time_key`` (capture times) lists the numeric columns, any other ``*_key`` (clusters)
-    the categorical, text and boolean ones; a parameter whose default is ``None`` (optional)
-    starts the menu with ``"(none)"``, and a default the data lacks stays on the menu, so the
-    form starts at the model's default and the model's own message explains a missing column.
-    ``None`` for parameters not named ``*_key``.
+
+def obs_key_columns(obs: pd.DataFrame | None) -> dict[str, list[str]]:
+    """The obs columns a ``*_key`` parameter can name, by kind (computed once per dataset).
+
+    ``"time"``: numeric columns with 2 to :data:`MAX_CAPTURE_TIMES` distinct values (capture
+    times are a few levels, such as days; a computed column such as a latent time or a score
+    has one per cell); ``"group"``: categorical and text columns (clusters). Boolean columns
+    are neither.
+    """
+    out: dict[str, list[str]] = {"time": [], "group": []}
+    if obs is None:
+        return out
+    for column in obs.columns:
+        values = obs[column]
+        if pd.api.types.is_bool_dtype(values.dtype):
+            continue
+        if pd.api.types.is_numeric_dtype(values.dtype):
+            if 2 <= values.nunique() <= MAX_CAPTURE_TIMES:  # noqa: PLR2004
+                out["time"].append(str(column))
+        elif isinstance(values.dtype, pd.CategoricalDtype) or pd.api.types.is_object_dtype(values.dtype):
+            out["group"].append(str(column))
+    return out
+
+
+def obs_key_choices(name: str, default: Any, columns: dict[str, list[str]]) -> dict[str, Any] | None:
+    """The menu ``{label: value}`` of a parameter ``name`` ending in ``_key``, else ``None``.
+
+    ``time_key`` (capture times) offers ``columns["time"]``, any other ``*_key`` (clusters)
+    ``columns["group"]`` (see :func:`obs_key_columns`); a parameter whose default is ``None``
+    (optional) starts the menu with ``"(none)"``, and a default the data lacks stays on the
+    menu, so the form starts at the model's default and the model's own message explains a
+    missing column.
     """
     if not name.endswith("_key"):
         return None
-    columns: list[str] = []
-    if obs is not None:
-        for column in obs.columns:
-            dtype = obs[column].dtype
-            numeric = pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_bool_dtype(dtype)
-            if numeric == (name == "time_key"):
-                columns.append(str(column))
     menu: dict[str, Any] = {"(none)": None} if default is None else {}
-    if isinstance(default, str) and default not in columns:
+    offered = columns["time" if name == "time_key" else "group"]
+    if isinstance(default, str) and default not in offered:
         menu[default] = default
-    menu.update({c: c for c in columns})
+    menu.update({c: c for c in offered})
     return menu
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import time
 
+import numpy as np
 import pytest
 
 from explorer.keys import Key
@@ -26,6 +27,7 @@ def data_dir(tmp_path_factory, app_adata):
     adata = app_adata.copy()
     t = adata.obs[Key.obs.TRUE_T].to_numpy()
     adata.obs[Key.obs.LATENT_TIME] = (t - t.min()) / (t.max() - t.min())
+    adata.obs["day"] = np.digitize(t, np.quantile(t, [0.25, 0.5, 0.75])).astype(float) + 1  # capture times
     adata.write_h5ad(folder / "small.h5ad")
     return folder
 
@@ -151,9 +153,10 @@ def test_capture_times_are_chosen_from_the_datasets_columns(app_page):
     menu = page.get_by_label("time_key", exact=True)
     menu.wait_for(timeout=10_000)
     options = menu.locator("option").all_inner_texts()
-    assert options[0] == "(none)" and "true_t" in options and "clusters" not in options
-    menu.select_option("true_t")
-    assert menu.input_value() == "true_t"
+    assert options[0] == "(none)" and "day" in options
+    assert "true_t" not in options and "clusters" not in options  # one value per cell; not numbers
+    menu.select_option("day")
+    assert menu.input_value() == "day"
     page.screenshot(path=ARTIFACTS / "e2e_time_key.png", full_page=True)
 
 

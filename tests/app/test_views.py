@@ -288,35 +288,36 @@ def test_runner_shows_progress_and_result_in_every_view(app):
 
 
 def test_key_parameters_offer_the_datasets_columns_and_reach_the_model(app, app_adata):
-    """time_key lists the numeric obs columns (capture times), cluster_key the categorical ones."""
+    """time_key lists the numeric obs columns of a few values (capture times), cluster_key the categorical."""
     state, runner = app.state, app.runner
     runner.model_select.value = "velovae"
     menu = runner._widgets["time_key"]
-    assert menu.value is None and menu.options["(none)"] is None
-    assert Key.obs.TRUE_T in menu.options.values()
-    assert Key.obs.CLUSTERS not in menu.options.values()
+    assert menu.value is None and next(iter(menu.options)) == "(none)" and menu.options["(none)"] is None
+    # one value per cell (a time, a score) is not a capture time; clusters are not numbers
+    for column in (Key.obs.TRUE_T, Key.obs.LATENT_TIME, Key.obs.CLUSTERS):
+        assert column not in menu.options.values()
     runner.model_select.value = "deepvelo"
     clusters = runner._widgets["cluster_key"]
     assert clusters.value == Key.obs.CLUSTERS and "(none)" not in clusters.options
     assert Key.obs.TRUE_T not in clusters.options.values()
-    # a run with capture times: the model gets them and its time follows them
+    # another dataset's columns replace the menus': one with capture days
+    other = app_adata.copy()
+    t = other.obs[Key.obs.TRUE_T].to_numpy()
+    other.obs["day"] = np.digitize(t, np.quantile(t, [0.25, 0.5, 0.75])).astype(float) + 1
+    state.set_data(other, name="with days")
     runner.model_select.value = "velovae"
+    assert "day" in runner._widgets["time_key"].options
+    # a run with capture times: the model gets them and its time follows them
     quick = {"max_epochs": 4, "max_epochs_stage2": 2, "max_epochs_polish": 2, "n_samples": 4}
     for name, value in quick.items():
         runner._widgets[name].value = value
-    runner._widgets["time_key"].value = Key.obs.TRUE_T
-    assert runner.params()["time_key"] == Key.obs.TRUE_T
+    runner._widgets["time_key"].value = "day"
+    assert runner.params()["time_key"] == "day"
     runner._run()
     assert state.job.join(300)
     assert state.error == ""
-    fit = state.fit
-    assert fit.result.params["time_key"] == Key.obs.TRUE_T
-    assert spearmanr(fit.result.latent_time, app_adata.obs[Key.obs.TRUE_T])[0] > 0.9
-    # another dataset's columns replace the menu's
-    other = app_adata.copy()
-    other.obs["day"] = np.repeat([1.0, 2.0, 3.0], [100, 100, 100])
-    state.set_data(other, name="with days")
-    assert "day" in runner._widgets["time_key"].options
+    assert state.fit.result.params["time_key"] == "day"
+    assert spearmanr(state.fit.result.latent_time, t)[0] > 0.9
 
 
 def test_comparison_view_selects_a_gene_from_the_quality_plot(app):

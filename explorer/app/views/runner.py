@@ -13,7 +13,7 @@ import panel as pn
 import param
 
 from explorer.app.escape import markdown_text
-from explorer.app.fits import model_choices, model_defaults, model_names, obs_key_choices
+from explorer.app.fits import model_choices, model_defaults, model_names, obs_key_choices, obs_key_columns
 from explorer.app.state import ExplorerState
 from explorer.models import MODELS
 
@@ -66,21 +66,25 @@ class ModelRunner(pn.viewable.Viewer):
         self._widgets: dict[str, pn.widgets.Widget] = {}
         self.model_select.param.watch(self._build_form, "value")
         # a *_key parameter lists the dataset's columns: a new dataset rebuilds the form
-        state.param.watch(self._build_form, "adata")
+        self._columns = obs_key_columns(None if state.adata is None else state.adata.obs)
+        state.param.watch(self._new_dataset, "adata")
         self.run_button.on_click(self._run)
         self.cancel_button.on_click(lambda _: state.cancel_run())
         state.param.watch(self._show_progress, ["progress", "running", "status", "error"])
         self._build_form()
         self._show_progress()
 
+    def _new_dataset(self, *_: Any) -> None:
+        self._columns = obs_key_columns(None if self.state.adata is None else self.state.adata.obs)
+        self._build_form()
+
     def _build_form(self, *_: Any) -> None:
         name = self.model_select.value
         self.description.object = markdown_text(MODELS.spec(name).description) if name in MODELS else ""
         self._widgets = {}
         choices = model_choices(self.model_select.value) if name in MODELS else {}
-        obs = None if self.state.adata is None else self.state.adata.obs
         for name, default in model_defaults(self.model_select.value).items():
-            menu = obs_key_choices(name, default, obs)
+            menu = obs_key_choices(name, default, self._columns)
             widget = _widget_for(name, default, menu if menu is not None else choices.get(name))
             if widget is not None:
                 self._widgets[name] = widget
