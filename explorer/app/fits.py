@@ -69,10 +69,11 @@ MAX_CAPTURE_TIMES = 50
 def obs_key_columns(obs: pd.DataFrame | None) -> dict[str, list[str]]:
     """The obs columns a ``*_key`` parameter can name, by kind (computed once per dataset).
 
-    ``"time"``: numeric columns with 2 to :data:`MAX_CAPTURE_TIMES` distinct values (capture
-    times are a few levels, such as days; a computed column such as a latent time or a score
-    has one per cell); ``"group"``: categorical and text columns (clusters). Boolean columns
-    are neither.
+    ``"time"``: columns of 2 to :data:`MAX_CAPTURE_TIMES` distinct values that are all numbers
+    (capture times are a few levels, such as days; a computed column such as a latent time or
+    a score has one per cell), numeric or categorical (CellRank's dentate gyrus keeps
+    ``age(days)`` as categories ``12`` and ``35``; VeloVAE and the vector field read either);
+    ``"group"``: categorical and text columns (clusters). Boolean columns are neither.
     """
     out: dict[str, list[str]] = {"time": [], "group": []}
     if obs is None:
@@ -81,11 +82,17 @@ def obs_key_columns(obs: pd.DataFrame | None) -> dict[str, list[str]]:
         values = obs[column]
         if pd.api.types.is_bool_dtype(values.dtype):
             continue
-        if pd.api.types.is_numeric_dtype(values.dtype):
-            if 2 <= values.nunique() <= MAX_CAPTURE_TIMES:  # noqa: PLR2004
-                out["time"].append(str(column))
-        elif isinstance(values.dtype, pd.CategoricalDtype) or pd.api.types.is_object_dtype(values.dtype):
+        numeric = pd.api.types.is_numeric_dtype(values.dtype)
+        if not numeric:
+            if not (isinstance(values.dtype, pd.CategoricalDtype) or pd.api.types.is_object_dtype(values.dtype)):
+                continue
             out["group"].append(str(column))
+        # capture times: a number for every cell, a few levels
+        levels = values.unique()
+        if values.isna().any() or not 2 <= len(levels) <= MAX_CAPTURE_TIMES:  # noqa: PLR2004
+            continue
+        if numeric or np.isfinite(pd.to_numeric(pd.Series(levels).astype(str), errors="coerce")).all():
+            out["time"].append(str(column))
     return out
 
 

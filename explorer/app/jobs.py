@@ -132,8 +132,25 @@ class Fit:
     derived: Derived | None = None
 
 
+class _ThreadWarnings(logging.Handler):
+    """Keep the messages of warnings that explorer's loggers emit on one thread."""
+
+    def __init__(self, thread_id: int) -> None:
+        super().__init__(level=logging.WARNING)
+        self.thread_id = thread_id
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread_id:
+            self.messages.append(record.getMessage())
+
+
 class Job(Generic[T]):
     """Run ``target(progress)`` on a daemon thread; report, finish or fail through callbacks.
+
+    The warnings explorer logs on the worker thread while the job runs (a model's notes on
+    its input, such as VeloVAE's on capture times) are kept in :attr:`warnings`, for the
+    page to show: a log the biologist never reads would lose them.
 
     Parameters
     ----------
@@ -172,6 +189,7 @@ class Job(Generic[T]):
         self._last_report = 0.0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.outcome: str = "pending"
+        self.warnings: list[str] = []
 
     def start(self) -> Job[T]:
         """Start the worker thread; returns ``self``."""
@@ -204,6 +222,10 @@ class Job(Generic[T]):
             self._dispatch(lambda: callback(p))
 
     def _run(self) -> None:
+        notes = _ThreadWarnings(threading.get_ident())
+        notes.messages = self.warnings
+        explorer_logger = logging.getLogger("explorer")
+        explorer_logger.addHandler(notes)
         try:
             value = self._target(self._progress)
             if self._cancel.is_set():
@@ -225,6 +247,7 @@ class Job(Generic[T]):
                 callback_done = self._on_done
                 self._dispatch(lambda: callback_done(value))
         finally:
+            explorer_logger.removeHandler(notes)
             self._finished.set()
 
 

@@ -812,3 +812,35 @@ def test_model_choices_offer_literal_values_and_other_models_as_base():
     assert "vector_field" not in choices["base"] and "dynamical" in choices["base"]
     assert model_choices("velovae")["variant"] == ["full", "basic"]
     assert "base" not in model_choices("dynamical")
+
+
+def test_key_menus_offer_capture_times_and_clusters(shared_data):
+    """time_key: a number for every cell in 2-50 levels, numeric or categorical; cluster_key: categories and text."""
+    from explorer.app.fits import obs_key_choices, obs_key_columns
+
+    obs = pd.DataFrame(
+        {
+            "day": [1.0, 2.0, 2.0, 3.0],
+            "stage": pd.Categorical(["12", "35", "35", "12"]),  # numbers kept as categories
+            "partly": [1.0, np.nan, 2.0, 2.0],  # a cell without a capture time
+            "score": np.linspace(0, 1, 4),  # four levels in four cells: still a few
+            "one": [5.0] * 4,
+            "cluster": pd.Categorical(["a", "b", "a", "b"]),
+            "name": ["x", "y", "z", "w"],
+            "flag": [True, False, True, True],
+        }
+    )
+    columns = obs_key_columns(obs)
+    assert columns == {"time": ["day", "stage", "score"], "group": ["stage", "cluster", "name"]}
+    many = pd.DataFrame({"t": np.arange(60.0)})  # one value per cell: a time or a score, not a capture
+    assert obs_key_columns(many)["time"] == []
+    expected = {"(none)": None, "day": "day", "stage": "stage", "score": "score"}
+    assert obs_key_choices("time_key", None, columns) == expected
+    # a default the data lacks stays, so the form starts at the model's default
+    assert list(obs_key_choices("cluster_key", "clusters", columns)) == ["clusters", "stage", "cluster", "name"]
+    assert obs_key_choices("n_pcs", 30, columns) is None
+    # a real file: CellRank's dentate gyrus keeps its capture ages as categories
+    from tests.graph.test_transition import read_fixture
+
+    dentate = read_fixture(shared_data / "cellrank_tests" / "adata_200.h5ad")
+    assert obs_key_columns(dentate.obs)["time"] == ["age(days)"]

@@ -124,6 +124,8 @@ def test_views_escape_every_dataset_name(tmp_path):
         app.views["genes"].search.value = "img src"  # not a gene: the error names similar ones
         assert "Similar names" in state.error
         state.color_by = COLUMN_PAYLOAD
+        # a model's warning naming a column (VeloVAE's on capture times) is shown as text
+        state.notice = f"the capture times in obs[{COLUMN_PAYLOAD!r}] agree poorly\n\n{GENE_PAYLOADS[0]}"
         texts = {
             "dataset": app.dataset.current.object,
             "phase header": app.views["phase"]._header(state.gene, state.model),
@@ -131,6 +133,7 @@ def test_views_escape_every_dataset_name(tmp_path):
             "inspector": app.views["inspector"].summary.object,
             "error": app.error.object,
             "runner alert": app.runner.alert.object,
+            "runner notice": app.runner.notice.object,
         }
     for where, text in texts.items():
         rendered = text if where == "legend" else _rendered(text)
@@ -138,6 +141,7 @@ def test_views_escape_every_dataset_name(tmp_path):
     assert GENE_PAYLOADS[0] in html.unescape(re.sub(r"<[^>]+>", "", _rendered(texts["phase header"])))
     assert f"{CELL_PAYLOAD}c0" in html.unescape(re.sub(r"<[^>]+>", "", _rendered(texts["inspector"])))
     assert FILE_PAYLOAD in html.unescape(re.sub(r"<[^>]+>", "", _rendered(texts["dataset"])))
+    assert COLUMN_PAYLOAD in html.unescape(re.sub(r"<[^>]+>", "", _rendered(texts["runner notice"])))
 
 
 def _stylesheet_urls(doc: Document) -> list[str]:

@@ -121,6 +121,32 @@ def test_job_error_becomes_a_callback():
     assert isinstance(errors[0], InputError)
 
 
+def test_job_keeps_the_warnings_explorer_logs_on_its_thread():
+    """A model's warnings during a job reach the page; another thread's and non-explorer ones do not."""
+    import logging
+
+    release = threading.Event()
+
+    def elsewhere():
+        logging.getLogger("explorer.models").warning("another session's note")
+        release.set()
+
+    def work(progress):
+        logging.getLogger("explorer.models.vae").warning("capture times agree %s", "poorly")
+        logging.getLogger("explorer.models.vae").info("just progress")
+        logging.getLogger("numba").warning("not ours")
+        threading.Thread(target=elsewhere).start()
+        release.wait(5)
+        return 1
+
+    done: list[int] = []
+    job = Job(work, on_done=done.append).start()
+    assert job.join(5) and done == [1]
+    assert job.warnings == ["capture times agree poorly"]
+    # the handler is gone once the job ends
+    assert not any(type(h).__name__ == "_ThreadWarnings" for h in logging.getLogger("explorer").handlers)
+
+
 # -------------------------------------------------------------------- state
 def test_state_starts_with_defaults(state, app_adata):
     assert state.basis == Key.obsm.UMAP

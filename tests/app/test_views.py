@@ -190,7 +190,10 @@ def test_selecting_a_gene_updates_phase_time_table_and_colouring(app):
     # the plots whose y range follows the gene draw its tick labels along the axis (a y axis
     # of constant width: no re-layout of the page in the browser); the embedding's stay level
     for scatter in (views["phase"].scatter, *views["time"].scatters.values()):
-        assert scatter.base_live.plots[-1].state.left[0].major_label_orientation == pytest.approx(np.pi / 2)
+        axis = scatter.base_live.plots[-1].state.left[0]
+        assert axis.major_label_orientation == pytest.approx(np.pi / 2)
+        # few, short labels: along the axis each takes its length of the plot's height
+        assert axis.ticker.desired_num_ticks == 4 and axis.formatter.format == "%.4g"
     embedding_axis = views["embedding"].scatter.base_live.plots[-1].state.left[0]
     assert embedding_axis.major_label_orientation == "horizontal"
     np.testing.assert_allclose(views["time"].curves_live["Mu"].shown["Mu"], state.time_curve("Mu")[1])
@@ -318,6 +321,18 @@ def test_key_parameters_offer_the_datasets_columns_and_reach_the_model(app, app_
     assert state.error == ""
     assert state.fit.result.params["time_key"] == "day"
     assert spearmanr(state.fit.result.latent_time, t)[0] > 0.9
+    assert not runner.notice.visible  # the days follow the cells' order
+    # days that do not: the model's warning is shown under the run, not only logged
+    other.obs["shuffled"] = np.random.default_rng(0).permutation(other.obs["day"].to_numpy())
+    state.set_data(other, name="with shuffled days")
+    runner.model_select.value = "velovae"
+    for name, value in quick.items():
+        runner._widgets[name].value = value
+    runner._widgets["time_key"].value = "shuffled"
+    runner._run()
+    assert state.job.join(300) and state.error == ""
+    assert runner.notice.visible and "agree poorly" in shown_text(runner.notice)
+    assert "shuffled" in shown_text(runner.notice)
 
 
 def test_comparison_view_selects_a_gene_from_the_quality_plot(app):

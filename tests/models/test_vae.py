@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import anndata as ad
@@ -190,14 +191,25 @@ def test_basic_variant_has_no_cell_state(small):
         lineage_curves(small, gene, "clusters")
 
 
-def test_capture_times_give_the_prior(small):
+def test_capture_times_give_the_prior(small, caplog):
     adata = small.copy()
     # four capture days from the true time
     adata.obs["day"] = np.digitize(adata.obs[Key.obs.TRUE_T], [5, 10, 15]).astype(float)
     model = VeloVAE(time_key="day", seed=0, **FEW)
-    result = model.fit(adata)
+    with caplog.at_level(logging.WARNING, logger="explorer"):
+        result = model.fit(adata)
     assert model.initial_time_["used"] == "capture_times"
     assert spearmanr(result.latent_time, adata.obs[Key.obs.TRUE_T])[0] > 0.8
+    # they follow the cells' own order: no warning (measured 0.97)
+    assert model.initial_time_["agreement"] > 0.7
+    assert "agree poorly" not in caplog.text
+    # capture times that do not (each cell's day drawn at random) are used, with a warning
+    adata.obs["shuffled"] = np.random.default_rng(0).permutation(adata.obs["day"].to_numpy())
+    shuffled = VeloVAE(time_key="shuffled", seed=0, **FEW)
+    with caplog.at_level(logging.WARNING, logger="explorer"):
+        shuffled.fit(adata)
+    assert abs(shuffled.initial_time_["agreement"]) < 0.2
+    assert "agree poorly" in caplog.text and "obs['shuffled']" in caplog.text
     adata.obs["bad"] = "x"
     with pytest.raises(InputError, match="capture time"):
         VeloVAE(time_key="bad", **FEW).fit(adata)

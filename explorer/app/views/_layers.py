@@ -31,6 +31,10 @@ if TYPE_CHECKING:
 
     from explorer.app.state import ExplorerState
 
+#: the y axis of a plot whose range follows the gene: tick labels along the axis, four ticks,
+#: short labels (see CellScatter's ``y_labels_along_axis``)
+_ALONG_AXIS = {"yrotation": 90, "yticks": 4, "yformatter": "%.4g"}
+
 
 def _padded(values: np.ndarray, share: float = 0.05) -> tuple[float, float]:
     """Axis range over the finite ``values``, widened by ``share`` of the span on each side."""
@@ -129,7 +133,10 @@ class CellScatter(param.Parameterized):
         layouts a gene click instead of 2, 20-60 ms of chromium's main thread at 10^6 cells).
         Bokeh's maintainers suggest rotated labels for plots whose range changes
         (bokeh/bokeh#12129); their other suggestion, a wide enough ``min_border``, does not
-        stop the re-layout in Bokeh 3.9 (the check compares the axis' own width).
+        stop the re-layout in Bokeh 3.9 (the check compares the axis' own width). Along the
+        axis a label takes its length of the axis' height, so these axes get four ticks and
+        the shortest of ``%.4g`` (Bokeh's default wrote ``0.000e+0``, ``5.000e-4``, ... for
+        a small velocity, and the labels ran into each other).
     """
 
     xy_revision = param.Integer(default=0)
@@ -162,7 +169,7 @@ class CellScatter(param.Parameterized):
         self._labels = labels
         self._width, self._height = width, height
         self._title = title or (lambda: "")
-        self._axis_opts = {"yrotation": 90} if y_labels_along_axis else {}
+        self._axis_opts = _ALONG_AXIS if y_labels_along_axis else {}
         self._own_coloring = coloring is not None
         self._on_tap = on_tap
         self._on_select = on_select

@@ -62,6 +62,8 @@ class ModelRunner(pn.viewable.Viewer):
         self.bar = pn.indicators.Progress(value=0, max=1000, bar_color="primary", sizing_mode="stretch_width")
         self.status = pn.pane.Markdown("", name="status", sizing_mode="stretch_width")
         self.alert = pn.pane.Alert("", alert_type="danger", visible=False, sizing_mode="stretch_width")
+        # what the model logged as a warning during the last run (its notes on the input)
+        self.notice = pn.pane.Alert("", alert_type="warning", visible=False, sizing_mode="stretch_width")
         self.active = pn.widgets.Select.from_param(state.param.model, label="Active model", width=250)
         self._widgets: dict[str, pn.widgets.Widget] = {}
         self.model_select.param.watch(self._build_form, "value")
@@ -70,7 +72,7 @@ class ModelRunner(pn.viewable.Viewer):
         state.param.watch(self._new_dataset, "adata")
         self.run_button.on_click(self._run)
         self.cancel_button.on_click(lambda _: state.cancel_run())
-        state.param.watch(self._show_progress, ["progress", "running", "status", "error"])
+        state.param.watch(self._show_progress, ["progress", "running", "status", "error", "notice"])
         self._build_form()
         self._show_progress()
 
@@ -109,6 +111,9 @@ class ModelRunner(pn.viewable.Viewer):
         self.status.object = markdown_text(state.status)
         self.alert.object = markdown_text(state.error)
         self.alert.visible = bool(state.error)
+        # one paragraph per warning, each shown as text
+        self.notice.object = "\n\n".join(markdown_text(part) for part in state.notice.split("\n\n"))
+        self.notice.visible = bool(state.notice)
 
     def __panel__(self) -> pn.viewable.Viewable:
         return pn.Column(
@@ -119,6 +124,7 @@ class ModelRunner(pn.viewable.Viewer):
             self.bar,
             self.status,
             self.alert,
+            self.notice,
             self.active,
             name="Model",
             sizing_mode="stretch_width",
