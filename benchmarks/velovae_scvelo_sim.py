@@ -42,10 +42,14 @@ def score_fit(adata, kwargs: dict, model_class: type | None = None) -> dict:
 
     ``lineage_offset`` (with lineages A and B in ``obs['true_lineage']``, else ``None``): the
     mean rank error (share of the cells) of lineage B's cells minus lineage A's, negative
-    where B is placed earlier than it is. ``model_class`` replaces :class:`VeloVAE`.
+    where B is placed earlier than it is. ``spread_error_spearman``: Spearman correlation of
+    ``obs['latent_time_start_spread']`` with each cell's absolute rank error (``None`` where
+    the fit has no spread); ``sd_error_spearman`` is the SD's, through the monotone map of
+    :func:`~explorer.models.vae.time_calibration`. ``model_class`` replaces :class:`VeloVAE`.
     """
     from scipy.stats import rankdata, spearmanr
 
+    from explorer.keys import Key
     from explorer.models.vae import VeloVAE, time_calibration
 
     true_t = adata.obs["true_t"].to_numpy()
@@ -57,6 +61,10 @@ def score_fit(adata, kwargs: dict, model_class: type | None = None) -> dict:
     t = np.asarray(result.latent_time)
     rank_error = (rankdata(t) - rankdata(true_t)) / len(t)
     cal = time_calibration(true_t, t, model.time_posterior_["t_sd"].to_numpy())
+    spread = None
+    if result.obs is not None and Key.obs.LATENT_TIME_START_SPREAD in result.obs:
+        values = result.obs[Key.obs.LATENT_TIME_START_SPREAD].to_numpy()
+        spread = round(float(spearmanr(values, np.abs(rank_error))[0]), 2)
     offset = None
     if lineage is not None and {"A", "B"} <= set(lineage):
         offset = round(float(rank_error[lineage == "B"].mean() - rank_error[lineage == "A"].mean()), 3)
@@ -68,6 +76,7 @@ def score_fit(adata, kwargs: dict, model_class: type | None = None) -> dict:
         "mse_test": round(float(model.metrics_["mse_test"]), 3),
         "coverage_90": round(float(cal["coverage"]), 2),
         "sd_error_spearman": round(float(cal["sd_error_spearman"]), 2),
+        "spread_error_spearman": spread,
         "stage1_epochs": len(model.history_["stage1"]),
         "initial_time": model.initial_time_["used"],
         "fit_s": round(seconds, 1),

@@ -129,6 +129,9 @@ class _Obs:
     #: its coefficient of variation on the model's own clock
     LATENT_TIME_STD: str = "latent_time_std"
     LATENT_TIME_CV: str = "latent_time_cv"
+    #: VeloVAE: each cell's rank distance between its two initial times (steady-state fit,
+    #: diffusion pseudotime), a share of the cells: where the start, not the data, sets the time
+    LATENT_TIME_START_SPREAD: str = "latent_time_start_spread"
     #: VeloVAE: posterior mean time on the model's own clock (that of fit_t_on, fit_t_)
     LATENT_TIME_MODEL: str = "latent_time_model"
     #: VeloVAE: whether the cell was in the seeded training split (else held out)

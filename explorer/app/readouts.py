@@ -44,6 +44,8 @@ COLOR_CONFIDENCE = "velocity confidence"
 COLOR_UNCERTAINTY = "velocity uncertainty"
 #: the posterior SD of the active fit's own latent time (VeloVAE's ``obs['latent_time_std']``)
 COLOR_TIME_SD = "latent time SD"
+#: where the active fit's latent time depends on its start (VeloVAE's ``obs['latent_time_start_spread']``)
+COLOR_TIME_SPREAD = "latent time start spread"
 COLOR_EXPRESSION = "gene: expression (Ms)"
 COLOR_VELOCITY = "gene: velocity"
 #: a vector field's divergence per cell (``obs['vf_divergence']``), offered when a fit holds one
@@ -60,6 +62,7 @@ CONTINUOUS_COLORINGS = (
     COLOR_CONFIDENCE,
     COLOR_UNCERTAINTY,
     COLOR_TIME_SD,
+    COLOR_TIME_SPREAD,
     COLOR_EXPRESSION,
     COLOR_VELOCITY,
     *COLOR_RATES,
@@ -432,6 +435,8 @@ def color_options(adata: AnnData, fits: Mapping[str, Fit], fates: Sequence[FateI
         options.append(COLOR_UNCERTAINTY)
     if any(latent_time_sd(f) is not None for f in fits.values()):
         options.append(COLOR_TIME_SD)
+    if any(latent_time_start_spread(f) is not None for f in fits.values()):
+        options.append(COLOR_TIME_SPREAD)
     options += [COLOR_EXPRESSION, COLOR_VELOCITY]
     if "cell_rates" in shows:
         options += list(COLOR_RATES)
@@ -481,6 +486,9 @@ def coloring(
         values, why = uncertainty(adata, fit), "the active model reports no uncertainty"
     elif what == COLOR_TIME_SD:
         values, why = latent_time_sd(fit), "the active model reports no latent-time SD (VeloVAE does)"
+    elif what == COLOR_TIME_SPREAD:
+        values = latent_time_start_spread(fit)
+        why = "the active model reports no start spread (VeloVAE does, without capture times)"
     elif what == COLOR_EXPRESSION and j >= 0:
         values, why = (column if column is not None else gene_values(adata, "Ms", j)), ""
     elif what == COLOR_VELOCITY and j >= 0:
@@ -559,6 +567,19 @@ def latent_time_sd(fit: Fit | VelocityResult | None) -> np.ndarray | None:
     if obs is None or Key.obs.LATENT_TIME_STD not in obs:
         return None
     return obs[Key.obs.LATENT_TIME_STD].to_numpy(dtype=np.float64)
+
+
+def latent_time_start_spread(fit: Fit | VelocityResult | None) -> np.ndarray | None:
+    """``(n_obs,)`` rank distance between ``fit``'s two initial times (obs ``latent_time_start_spread``), or None.
+
+    VeloVAE's, for a fit that shows its own latent time (as :func:`latent_time_sd`).
+    """
+    if fit is None or "latent_time" not in fit_shows(fit):
+        return None
+    obs = _result(fit).obs
+    if obs is None or Key.obs.LATENT_TIME_START_SPREAD not in obs:
+        return None
+    return obs[Key.obs.LATENT_TIME_START_SPREAD].to_numpy(dtype=np.float64)
 
 
 def cell_info(

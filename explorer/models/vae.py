@@ -79,6 +79,7 @@ if TYPE_CHECKING:
 
     import torch
     from anndata import AnnData
+    from numpy.typing import ArrayLike
 
     from explorer._types import ProgressCallback
     from explorer.models._vae_module import InitialState, VAEModule
@@ -719,6 +720,7 @@ class VeloVAE(Hyperparameters):
 
         from explorer.models import _em
 
+        self._start_spread = None
         u = torch.from_numpy(np.ascontiguousarray(Mu.T)).to(device)
         s = torch.from_numpy(np.ascontiguousarray(Ms.T)).to(device)
         data, _ = _em.prepare(u, s)
@@ -850,13 +852,17 @@ class VeloVAE(Hyperparameters):
         Spearman correlation with the steady-state time is at least ``_DPT_MIN_AGREEMENT``,
         else the steady-state time, with a warning. Returns the time, ``"dpt"`` or
         ``"steady_state"``, and that correlation (NaN with ``initial_time="steady_state"``),
-        which :meth:`_initialize` records in ``self.initial_time_``.
+        which :meth:`_initialize` records in ``self.initial_time_``. Both times are computed
+        either way: where DPT is a clock (the same agreement), each cell's rank distance
+        between them is kept for ``obs['latent_time_start_spread']``.
         """
         t_ss, root_score = self._steady_state_time(adata, data, init, cols)
-        if self.initial_time == "steady_state":
-            return t_ss, "steady_state", float("nan")
         t_dpt = diffusion_pseudotime(adata, int(lt_mod.earliest_roots(root_score, t_ss)[0][0]))
         agreement = latent_time_spearman(t_dpt, t_ss)
+        if agreement >= _DPT_MIN_AGREEMENT:
+            self._start_spread = start_spread(t_ss, t_dpt)
+        if self.initial_time == "steady_state":
+            return t_ss, "steady_state", float("nan")
         if agreement >= _DPT_MIN_AGREEMENT:
             return t_dpt, "dpt", agreement
         logger.warning(
@@ -1691,6 +1697,8 @@ class VeloVAE(Hyperparameters):
             },
             index=obs_names,
         )
+        if self._start_spread is not None:
+            obs[Key.obs.LATENT_TIME_START_SPREAD] = self._start_spread.astype(np.float32)
         obsm = {}
         if "c_mean" in out:
             obsm = {Key.obsm.CELL_STATE: out["c_mean"], Key.obsm.CELL_STATE_STD: out["c_sd"]}
@@ -1774,6 +1782,25 @@ def lineage_curves(adata: AnnData, gene: str, groupby: str, *, n_points: int = 2
         u, s = np.clip(u, 0, None) * scaling, np.clip(s, 0, None)
         frames.append(pd.DataFrame({"group": group, "t": t, "u": u, "s": s}))
     return pd.concat(frames, ignore_index=True)
+
+
+def start_spread(t_a: ArrayLike, t_b: ArrayLike) -> np.ndarray:
+    """``(n_obs,)`` each cell's distance between its ranks under two initial times, as a share of the cells.
+
+    VeloVAE's fitted time keeps the order of the time it starts from where the data do not
+    decide it (between lineages: README, "VeloVAE"), so a cell whose rank differs between
+    the steady-state fit's latent time and diffusion pseudotime has a time the start, not
+    the data, sets. Ties share their mean rank.
+
+    Examples
+    --------
+    >>> start_spread([0.0, 0.5, 1.0, 0.2], [0.0, 1.0, 0.5, 0.2]).tolist()
+    [0.0, 0.25, 0.25, 0.0]
+    """
+    from scipy.stats import rankdata
+
+    a, b = np.asarray(t_a, dtype=np.float64), np.asarray(t_b, dtype=np.float64)
+    return np.abs(rankdata(a) - rankdata(b)) / len(a)
 
 
 def diffusion_pseudotime(adata: AnnData, root: int, *, n_comps: int = _DPT_COMPONENTS) -> np.ndarray:

@@ -536,6 +536,22 @@ def test_latent_time_interval_from_the_posterior_sd(toy_adata):
     assert nothing.label == "the active model reports no latent-time SD (VeloVAE does)"
 
 
+def test_latent_time_start_spread_colours_the_cells_of_a_fit_that_has_it(toy_adata):
+    spread = np.linspace(0, 0.3, N_OBS)
+    obs = pd.DataFrame({Key.obs.LATENT_TIME_START_SPREAD: spread}, index=toy_adata.obs_names)
+    t = np.linspace(0, 1, N_OBS).astype(np.float32)
+    timed = _fit(_result("velovae", toy_adata, latent_time=t, obs=obs))
+    assert readouts.COLOR_TIME_SPREAD in readouts.color_options(toy_adata, {"vae": timed})
+    shown = readouts.coloring(toy_adata, readouts.COLOR_TIME_SPREAD, fit=timed)
+    assert (shown.kind, shown.label) == ("continuous", readouts.COLOR_TIME_SPREAD)
+    np.testing.assert_allclose(shown.values, spread, rtol=1e-6)
+    # not offered without it (VeloVAE with capture times), nor for a model without its own time
+    plain = _fit(_result("velovae", toy_adata, latent_time=t))
+    assert readouts.COLOR_TIME_SPREAD not in readouts.color_options(toy_adata, {"vae": plain})
+    assert readouts.latent_time_start_spread(_fit(_result("deepvelo", toy_adata, obs=obs))) is None
+    assert readouts.coloring(toy_adata, readouts.COLOR_TIME_SPREAD, fit=plain).kind == "none"
+
+
 def test_held_out_reconstruction_of_two_fits_by_hand(toy_adata):
     ms = np.asarray(toy_adata.layers[Key.layers.MS], dtype=np.float32)
     mu = toy_adata.layers[Key.layers.MU].toarray()
