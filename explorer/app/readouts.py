@@ -555,31 +555,28 @@ def transition_targets(fit: Fit | None, index: int, n_targets: int) -> tuple[np.
     return cols[order].astype(np.int64), probs[order].astype(float)
 
 
-def latent_time_sd(fit: Fit | VelocityResult | None) -> np.ndarray | None:
-    """``(n_obs,)`` posterior SD of ``fit``'s own latent time (obs ``latent_time_std``), or None.
+def _own_time_column(fit: Fit | VelocityResult | None, key: str) -> np.ndarray | None:
+    """``(n_obs,)`` obs column ``key`` of a fit that shows its own latent time, or None.
 
-    Only for a fit that shows ``"latent_time"`` and recorded the SD (VeloVAE): an SD
-    without its own time would describe another clock.
+    A column about a latent time (its SD, its start spread) without the fit's own time
+    would describe another clock.
     """
     if fit is None or "latent_time" not in fit_shows(fit):
         return None
     obs = _result(fit).obs
-    if obs is None or Key.obs.LATENT_TIME_STD not in obs:
+    if obs is None or key not in obs:
         return None
-    return obs[Key.obs.LATENT_TIME_STD].to_numpy(dtype=np.float64)
+    return obs[key].to_numpy(dtype=np.float64)
+
+
+def latent_time_sd(fit: Fit | VelocityResult | None) -> np.ndarray | None:
+    """``(n_obs,)`` posterior SD of ``fit``'s own latent time (obs ``latent_time_std``; VeloVAE), or None."""
+    return _own_time_column(fit, Key.obs.LATENT_TIME_STD)
 
 
 def latent_time_start_spread(fit: Fit | VelocityResult | None) -> np.ndarray | None:
-    """``(n_obs,)`` rank distance between ``fit``'s two initial times (obs ``latent_time_start_spread``), or None.
-
-    VeloVAE's, for a fit that shows its own latent time (as :func:`latent_time_sd`).
-    """
-    if fit is None or "latent_time" not in fit_shows(fit):
-        return None
-    obs = _result(fit).obs
-    if obs is None or Key.obs.LATENT_TIME_START_SPREAD not in obs:
-        return None
-    return obs[Key.obs.LATENT_TIME_START_SPREAD].to_numpy(dtype=np.float64)
+    """``(n_obs,)`` rank distance between ``fit``'s two initial times (obs ``latent_time_start_spread``), or None."""
+    return _own_time_column(fit, Key.obs.LATENT_TIME_START_SPREAD)
 
 
 def cell_info(
