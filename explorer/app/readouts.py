@@ -575,7 +575,7 @@ def latent_time_sd(fit: Fit | VelocityResult | None) -> np.ndarray | None:
 
 
 def latent_time_start_spread(fit: Fit | VelocityResult | None) -> np.ndarray | None:
-    """``(n_obs,)`` rank distance between ``fit``'s initial times (obs ``latent_time_start_spread``), or None."""
+    """``(n_obs,)`` the rank distance of ``fit``'s two starts (obs ``latent_time_start_spread``), or None."""
     return _own_time_column(fit, Key.obs.LATENT_TIME_START_SPREAD)
 
 
