@@ -107,7 +107,10 @@ def run(parser: argparse.ArgumentParser, rows_of: Callable[[argparse.Namespace, 
 def _rows(args: argparse.Namespace, cache: Path) -> Iterator[dict]:
     import anndata as ad
 
-    keys = ("latent_time_spearman", "encoder_time_spearman", "misplaced_cells", "mse_test", "coverage_90")
+    keys = (
+        "latent_time_spearman", "encoder_time_spearman", "misplaced_cells", "mse_test", "coverage_90",
+        "sd_error_spearman", "spread_error_spearman",
+    )  # fmt: skip
     for setting in args.settings:
         n_obs, n_vars, t_max = (int(x) for x in setting.split(":"))
         seeds = args.seeds if n_obs <= 600 and t_max == 0 else args.seeds[: args.max_seeds_large]
