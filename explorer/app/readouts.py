@@ -190,6 +190,8 @@ class CellInfo:
     targets: pd.DataFrame  # columns: index, cell, cluster, probability; most likely first
     #: posterior standard deviation of the latent time (same scale), when the fit has one
     latent_time_sd: float | None = None
+    #: the cell's rank distance between the fit's two initial times (VeloVAE), when it has one
+    latent_time_start_spread: float | None = None
 
     def latent_time_interval(self, level: float = 0.9) -> tuple[float, float] | None:
         """Return the central ``level`` interval ``t ± z sd`` of a Gaussian posterior (None without an SD)."""
@@ -588,8 +590,10 @@ def cell_info(
     t: np.ndarray | None = None,
     conf: np.ndarray | None = None,
     t_sd: np.ndarray | None = None,
+    t_spread: np.ndarray | None = None,
 ) -> CellInfo:
-    """Collect what the inspector shows for cell ``index``: cluster, ``t`` ± ``t_sd``, ``conf``, targets."""
+    """Collect what the inspector shows for cell ``index``: cluster, ``t`` ± ``t_sd`` (and its start
+    spread ``t_spread``), ``conf``, targets."""
     column = cluster_column(adata)
     clusters = adata.obs[column].to_numpy() if column else None  # index it, never convert all cells
     cells, probs = transition_targets(fit, index, n_targets)
@@ -604,6 +608,7 @@ def cell_info(
         confidence=float(conf[index]) if conf is not None else None,
         targets=rows,
         latent_time_sd=float(t_sd[index]) if t_sd is not None and t is not None else None,
+        latent_time_start_spread=float(t_spread[index]) if t_spread is not None and t is not None else None,
     )
 
 

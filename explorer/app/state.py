@@ -990,6 +990,7 @@ class ExplorerState(param.Parameterized):
             t=self.latent_time(),
             conf=readouts.confidence(self.adata, fit),
             t_sd=readouts.latent_time_sd(fit),
+            t_spread=readouts.latent_time_start_spread(fit),
         )
 
     def gene_table(self) -> pd.DataFrame:

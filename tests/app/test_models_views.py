@@ -76,7 +76,11 @@ class ToyRates:
                 Key.layers.RATE_GAMMA: gamma,
             },
             obs=pd.DataFrame(
-                {Key.obs.LATENT_TIME_STD: np.full(adata.n_obs, 0.05), Key.obs.FIT_TRAIN: train},
+                {
+                    Key.obs.LATENT_TIME_STD: np.full(adata.n_obs, 0.05),
+                    Key.obs.LATENT_TIME_START_SPREAD: np.linspace(0, 0.3, adata.n_obs),
+                    Key.obs.FIT_TRAIN: train,
+                },
                 index=adata.obs_names,
             ),
             obsm={Key.obsm.RATES_UMAP: np.column_stack([ms[:, 0], mu[:, 0]])},  # an embedding of its own
@@ -127,6 +131,9 @@ def test_rates_intervals_reconstruction_walks_fates_and_metrics(app):
     state.select_cell(10)
     t = state.latent_time()[10]
     assert f"{t - 1.6449 * 0.05:.3f}–{t + 1.6449 * 0.05:.3f}" in views["inspector"].summary.object
+    # ... and how far the cell's rank moves between the fit's two initial times
+    spread = 0.3 * 10 / (state.adata.n_obs - 1)
+    assert f"start spread {spread:.3f} of the ranking" in views["inspector"].summary.object
     # ... and the embedding coloured by that SD
     assert readouts.COLOR_TIME_SD in state.param.color_by.objects
     state.color_by = readouts.COLOR_TIME_SD

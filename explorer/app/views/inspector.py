@@ -7,6 +7,7 @@ the active fit, in the background; the selected cell's probabilities are listed 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pandas as pd
@@ -77,7 +78,7 @@ class CellInspector(pn.viewable.Viewer):
         lines = [
             f"**Cell** {markdown_text(info.name)} (row {info.index})",
             f"- cluster: **{cluster}**",
-            f"- latent time: **{_fmt(info.latent_time)}**{_interval(info)}",
+            f"- latent time: **{_fmt(info.latent_time)}**{_interval(info)}{_spread(info)}",
             f"- velocity confidence: **{_fmt(info.confidence)}**",
         ]
         if info.targets.empty:
@@ -147,6 +148,14 @@ def _interval(info: Any) -> str:
     if interval is None:
         return ""
     return f" (90 % posterior interval {interval[0]:.3f}–{interval[1]:.3f}, SD {info.latent_time_sd:.4f})"
+
+
+def _spread(info: Any) -> str:
+    """``; start spread x`` when the fit records how far the cell's rank moves between its initial times."""
+    spread = info.latent_time_start_spread
+    if spread is None or not math.isfinite(spread):
+        return ""
+    return f"; start spread {spread:.3f} of the ranking"
 
 
 def _fmt(value: float | None) -> str:
