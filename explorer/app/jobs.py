@@ -135,10 +135,10 @@ class Fit:
 class _ThreadWarnings(logging.Handler):
     """Keep the messages of warnings that explorer's loggers emit on one thread."""
 
-    def __init__(self, thread_id: int) -> None:
+    def __init__(self, thread_id: int, messages: list[str]) -> None:
         super().__init__(level=logging.WARNING)
         self.thread_id = thread_id
-        self.messages: list[str] = []
+        self.messages = messages
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.thread == self.thread_id:
@@ -222,8 +222,7 @@ class Job(Generic[T]):
             self._dispatch(lambda: callback(p))
 
     def _run(self) -> None:
-        notes = _ThreadWarnings(threading.get_ident())
-        notes.messages = self.warnings
+        notes = _ThreadWarnings(threading.get_ident(), self.warnings)
         explorer_logger = logging.getLogger("explorer")
         explorer_logger.addHandler(notes)
         try:

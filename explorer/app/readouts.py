@@ -592,8 +592,10 @@ def cell_info(
     t_sd: np.ndarray | None = None,
     t_spread: np.ndarray | None = None,
 ) -> CellInfo:
-    """Collect what the inspector shows for cell ``index``: cluster, ``t`` ± ``t_sd`` (and its start
-    spread ``t_spread``), ``conf``, targets."""
+    """Collect what the inspector shows for cell ``index``: cluster, ``t`` ± ``t_sd``, ``conf``, targets.
+
+    ``t_spread``: the cell's start spread (VeloVAE's ``obs['latent_time_start_spread']``).
+    """
     column = cluster_column(adata)
     clusters = adata.obs[column].to_numpy() if column else None  # index it, never convert all cells
     cells, probs = transition_targets(fit, index, n_targets)

@@ -148,9 +148,8 @@ class ExplorerState(param.Parameterized):
     progress = param.Number(default=0.0, bounds=(0.0, 1.0), doc="Progress of the running job.")
     running = param.Boolean(default=False, doc="Whether a job runs.")
     error = param.String(default="", doc="Last error message, for the page to show.")
-    notice = param.String(
-        default="", doc="The warnings the last finished job logged (a model's notes on its input), for the page."
-    )
+    #: a model's notes on its data: the warnings the last finished job logged
+    notices = param.List(default=[], item_type=str, doc="The warnings the last finished job logged.")
     dispatch = param.Callable(
         default=None, precedence=-1, doc="Sends a job's callbacks to the session's event loop."
     )
@@ -476,8 +475,8 @@ class ExplorerState(param.Parameterized):
             self.param.update(progress=p.fraction, status=f"{what}: {p.message}" if p.message else what)
 
         def done(value: Any) -> None:
-            notice = "\n\n".join(dict.fromkeys(job.warnings))  # one paragraph each
-            self.param.update(running=False, progress=1.0, status=f"{what}: done", notice=notice)
+            notices = list(dict.fromkeys(job.warnings))
+            self.param.update(running=False, progress=1.0, status=f"{what}: done", notices=notices)
             on_done(value)
 
         def failed(err: BaseException) -> None:
@@ -489,7 +488,7 @@ class ExplorerState(param.Parameterized):
         def cancelled() -> None:
             self.param.update(running=False, progress=0.0, status=f"{what}: cancelled")
 
-        self.param.update(running=True, progress=0.0, status=what, error="", notice="")
+        self.param.update(running=True, progress=0.0, status=what, error="", notices=[])
         job = self._job = Job(
             target,
             on_progress=progress,

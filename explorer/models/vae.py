@@ -859,11 +859,12 @@ class VeloVAE(Hyperparameters):
         t_ss, root_score = self._steady_state_time(adata, data, init, cols)
         t_dpt = diffusion_pseudotime(adata, int(lt_mod.earliest_roots(root_score, t_ss)[0][0]))
         agreement = latent_time_spearman(t_dpt, t_ss)
-        if agreement >= _DPT_MIN_AGREEMENT:
+        dpt_is_clock = agreement >= _DPT_MIN_AGREEMENT
+        if dpt_is_clock:
             self._start_spread = start_spread(t_ss, t_dpt)
         if self.initial_time == "steady_state":
             return t_ss, "steady_state", float("nan")
-        if agreement >= _DPT_MIN_AGREEMENT:
+        if dpt_is_clock:
             return t_dpt, "dpt", agreement
         logger.warning(
             "velovae: the initial time is to be diffusion pseudotime (initial_time='dpt'), but it "

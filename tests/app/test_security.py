@@ -125,7 +125,7 @@ def test_views_escape_every_dataset_name(tmp_path):
         assert "Similar names" in state.error
         state.color_by = COLUMN_PAYLOAD
         # a model's warning naming a column (VeloVAE's on capture times) is shown as text
-        state.notice = f"the capture times in obs[{COLUMN_PAYLOAD!r}] agree poorly\n\n{GENE_PAYLOADS[0]}"
+        state.notices = [f"the capture times in obs[{COLUMN_PAYLOAD!r}] agree poorly", GENE_PAYLOADS[0]]
         texts = {
             "dataset": app.dataset.current.object,
             "phase header": app.views["phase"]._header(state.gene, state.model),

@@ -24,10 +24,12 @@ _FIRST_MODEL = "stochastic"
 def _widget_for(
     name: str, default: Any, choices: list[Any] | dict[str, Any] | None = None
 ) -> pn.widgets.Widget | None:
-    """Make an input for one constructor parameter: a menu of its ``choices``, else by its default's type."""
-    if isinstance(choices, dict):  # {label: value}, as obs_key_choices gives
-        return pn.widgets.Select(label=name, options=choices, value=default, width=120)
-    if choices and default in choices:
+    """Make an input for one constructor parameter: a menu of its ``choices``, else by its default's type.
+
+    ``choices`` is a list of values, or ``{label: value}`` (:func:`obs_key_choices`), which
+    always holds the default.
+    """
+    if isinstance(choices, dict) or (choices and default in choices):
         return pn.widgets.Select(label=name, options=choices, value=default, width=120)
     if isinstance(default, bool):
         return pn.widgets.Checkbox(label=name, value=default, width=140)
@@ -68,16 +70,19 @@ class ModelRunner(pn.viewable.Viewer):
         self._widgets: dict[str, pn.widgets.Widget] = {}
         self.model_select.param.watch(self._build_form, "value")
         # a *_key parameter lists the dataset's columns: a new dataset rebuilds the form
-        self._columns = obs_key_columns(None if state.adata is None else state.adata.obs)
+        self._columns = self._read_columns()
         state.param.watch(self._new_dataset, "adata")
         self.run_button.on_click(self._run)
         self.cancel_button.on_click(lambda _: state.cancel_run())
-        state.param.watch(self._show_progress, ["progress", "running", "status", "error", "notice"])
+        state.param.watch(self._show_progress, ["progress", "running", "status", "error", "notices"])
         self._build_form()
         self._show_progress()
 
+    def _read_columns(self) -> dict[str, list[str]]:
+        return obs_key_columns(None if self.state.adata is None else self.state.adata.obs)
+
     def _new_dataset(self, *_: Any) -> None:
-        self._columns = obs_key_columns(None if self.state.adata is None else self.state.adata.obs)
+        self._columns = self._read_columns()
         self._build_form()
 
     def _build_form(self, *_: Any) -> None:
@@ -112,8 +117,8 @@ class ModelRunner(pn.viewable.Viewer):
         self.alert.object = markdown_text(state.error)
         self.alert.visible = bool(state.error)
         # one paragraph per warning, each shown as text
-        self.notice.object = "\n\n".join(markdown_text(part) for part in state.notice.split("\n\n"))
-        self.notice.visible = bool(state.notice)
+        self.notice.object = "\n\n".join(markdown_text(note) for note in state.notices)
+        self.notice.visible = bool(state.notices)
 
     def __panel__(self) -> pn.viewable.Viewable:
         return pn.Column(
