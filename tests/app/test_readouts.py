@@ -712,6 +712,69 @@ def test_lineage_curves_follow_each_lineages_predicted_cells_by_hand():
     assert "per-lineage curves along latent time" in plots.fits_legend_html(fits)
 
 
+def test_a_small_terminal_type_earlier_than_the_others_ends_its_own_lineage():
+    """Each type in the later half of latent time ends a lineage, however few of its cells are latest, by hand.
+
+    100 root cells (t 0-0.3), 150 each of types A and B (t 0.5-1) and 40 of type E (t
+    0.55-0.85), each with its own state: E's median time is in the later half, but under
+    a quarter of its cells are among the latest 30%. Each type's cells join its own
+    lineage, and the root cells (state near A's) join A's.
+    """
+    rng = np.random.default_rng(1)
+    sizes = {"root": 100, "A": 150, "B": 150, "E": 40}
+    times = {"root": (0, 0.3), "A": (0.5, 1), "B": (0.5, 1), "E": (0.55, 0.85)}
+    states = {"root": [1, 0], "A": [5, 0], "B": [0, 5], "E": [5, 5]}
+    t = np.concatenate([rng.uniform(*times[k], n) for k, n in sizes.items()])
+    state = np.concatenate([rng.normal(states[k], 0.1, (n, 2)) for k, n in sizes.items()])
+    labels = np.concatenate([[k] * n for k, n in sizes.items()])
+    assert np.median(t[labels == "E"]) > np.median(t) > np.median(t[labels == "root"])
+    assert (t[labels == "E"] >= np.quantile(t, 0.7)).mean() < 0.25
+    adata = AnnData(
+        np.zeros((len(t), 1), dtype=np.float32),
+        obs=pd.DataFrame({Key.obs.CLUSTERS: pd.Categorical(labels)}, index=[f"c{i}" for i in range(len(t))]),
+        var=pd.DataFrame(index=["g"]),
+    )
+    points = {Key.layers.PREDICTED_S: t[:, None], Key.layers.PREDICTED_U: t[:, None]}
+    result = _result("velovae", adata, latent_time=t, layers=points, obsm={Key.obsm.CELL_STATE: state})
+    found = readouts.lineages(adata, _fit(result))
+    assert found.names == ("A", "B", "E")
+    named = np.array(found.names)[found.codes]
+    assert (named[labels == "root"] == "A").all()
+    for name in ("A", "B", "E"):
+        assert (named[labels == name] == name).all(), name
+
+
+@pytest.mark.slow
+def test_each_pancreas_endocrine_type_gets_its_own_lineage_curve(shared_data):
+    """VeloVAE on the 739-cell pancreas: Alpha, Beta, Delta and Epsilon each end a lineage.
+
+    Epsilon (27 cells, 8 of them among the latest 30%) got no curve when the lineages' ends
+    were k-means centres of the late cells' states (Alpha, Beta and Delta only; measured
+    2026-12-04), so Ghrl, Epsilon's hormone, had no curve through its cells. Now Epsilon's
+    curve reaches its cells' level and no other lineage's comes near it.
+    """
+    import anndata as ad
+
+    from explorer.models.vae import VeloVAE
+    from explorer.pipeline import prepare
+
+    adata = ad.read_h5ad(shared_data / "pancreas_veloviz_739.h5ad")
+    prepare(adata, seed=0)
+    result = VeloVAE(seed=0, device="cpu").fit(adata)
+    found = readouts.lineages(adata, _fit(result))
+    endocrine = ("Alpha", "Beta", "Delta", "Epsilon")
+    assert set(endocrine) <= set(found.names), found.names
+    clusters = adata.obs["clusters"].astype(str).to_numpy()
+    named = np.array(found.names)[found.codes]
+    for name in endocrine:
+        assert (named[clusters == name] == name).mean() > 0.5, name
+    j = adata.var_names.get_loc("Ghrl")
+    level = np.median(np.asarray(adata.layers[Key.layers.MS][clusters == "Epsilon", j]))
+    peaks = {c.name: c.s.max() for c in readouts.lineage_curves(_fit(result), j, found)}
+    assert peaks["Epsilon"] > 0.5 * level, (peaks, level)
+    assert max(v for k, v in peaks.items() if k != "Epsilon") < 0.5 * peaks["Epsilon"], peaks
+
+
 @pytest.fixture(scope="module")
 def field_fit(app_adata):
     """A vector field on the two-lineage simulation (stochastic base, 5 PCs, 40 epochs) as a Fit."""
