@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from bokeh.models import ColorBar, LinearColorMapper
 from matplotlib import colormaps
-from matplotlib.colors import to_hex
+from matplotlib.colors import to_hex, to_rgb
 from matplotlib.figure import Figure
 
 from explorer.app.escape import html_text
@@ -673,7 +673,7 @@ def fits_legend_html(fits: list[PhaseFit]) -> str:
             *(["u = γ s (dash-dot)" if fit.s is not None else "u = γ s"] if fit.line is not None else []),
             *(["predicted cells (dots)"] if fit.points is not None else []),
             *(["each cell's velocity from its own rates (arrows)"] if fit.arrows is not None else []),
-            *([_lineages_html(fit.lineages)] if fit.lineages else []),
+            *([lineages_html(fit.lineages, "per-lineage curves along latent time")] if fit.lineages else []),
         ]
         what = ", ".join(parts) or "nothing to draw for this gene"
         items.append(
@@ -684,12 +684,44 @@ def fits_legend_html(fits: list[PhaseFit]) -> str:
     return "<div style='font-size:12px'>" + " ".join(items) + "</div>" if items else ""
 
 
-def _lineages_html(curves: Any) -> str:
-    """``per-lineage curves: Alpha, Beta`` with each name in its curve's colour (names escaped)."""
-    names = ", ".join(
-        f'<span style="color:{c.color};font-weight:bold">{html_text(c.name)}</span>' for c in curves
-    )
-    return f"per-lineage curves along latent time: {names}"
+def lineages_html(curves: Any, what: str, *, text: Callable[[Any], str] = html_text) -> str:
+    """``what: Alpha, Beta`` with each lineage's name in its curve's colour.
+
+    The names are escaped by ``text`` (:func:`~explorer.app.escape.markdown_text` where the
+    result goes into Markdown), ``what`` is not.
+    """
+    names = ", ".join(f'<span style="color:{c.color};font-weight:bold">{text(c.name)}</span>' for c in curves)
+    return f"{what}: {names}"
+
+
+#: how much darker than its cell type a lineage's line is on a time view (it runs through
+#: that type's dots, drawn in the type's own colour)
+LINE_SHADE = 0.6
+
+
+def lineage_lines(lines: Sequence[Any], *, labels: tuple[str, str]) -> hv.Contours:
+    """One line per lineage on a time view (``t`` against ``value``), in a darker shade of its type's colour.
+
+    Drawn as a Bokeh multi-line whose data source has the columns ``xs``, ``ys`` (one array
+    per line; NaN breaks a line) and ``color`` (:func:`line_color` of each lineage's colour).
+    """
+    return hv.Contours(
+        [{labels[0]: line.t, labels[1]: line.value, "lineage": line_color(line.color)} for line in lines],
+        list(labels),
+        vdims=["lineage"],
+        group="Lineages",
+    ).opts(color=hv.dim("lineage"), line_width=2.5, backend="bokeh")
+
+
+def line_color(color: str) -> str:
+    """``color`` darkened by :data:`LINE_SHADE`, as hex: a lineage's line over its type's dots.
+
+    Examples
+    --------
+    >>> line_color("#ff8000")
+    '#994d00'
+    """
+    return str(to_hex(tuple(LINE_SHADE * c for c in to_rgb(color))))
 
 
 def comparison_scatter(

@@ -1839,6 +1839,16 @@ class LineageCurve:
     u: np.ndarray
 
 
+@dataclass(frozen=True, slots=True)
+class LineageLine:
+    """One lineage's mean of a gene's value against latent time (means in time bins)."""
+
+    name: str
+    color: str
+    t: np.ndarray
+    value: np.ndarray
+
+
 def _cell_state(adata: AnnData, fit: Fit | VelocityResult) -> np.ndarray | None:
     result = _result(fit)
     state = (result.obsm or {}).get(Key.obsm.CELL_STATE)
@@ -1929,9 +1939,48 @@ def lineage_curves(
     t = np.asarray(result.latent_time, dtype=np.float64)
     s = dense_column(result.layers[Key.layers.PREDICTED_S], j, np.float64)
     u = dense_column(result.layers[Key.layers.PREDICTED_U], j, np.float64)
+    binned = _lineage_means(t, found.codes, found, {"s": s, "u": u})
+    return tuple(LineageCurve(name=name, color=color, s=m["s"], u=m["u"]) for name, color, m in binned)
+
+
+def lineage_lines(
+    t: np.ndarray, values: np.ndarray, found: Lineages | None, *, cells: np.ndarray | None = None
+) -> tuple[LineageLine, ...] | None:
+    """Each lineage's mean of ``values`` against its mean latent time ``t``, or None without lineages.
+
+    As :func:`lineage_curves` bins each lineage's cells, for the time views: ``values``
+    (one per cell of ``t``) are a gene's predicted ``Ms`` or ``Mu``, or its velocity.
+    ``cells``: the cells ``t`` and ``values`` are of (an even sample of many), else all.
+    Where a lineage has empty bins between filled ones, its line has a NaN there (a break).
+    """
+    if found is None or not found.names:
+        return None
+    codes = found.codes if cells is None else found.codes[cells]
+    t = np.asarray(t, dtype=np.float64)
+    out = []
+    for name, color, m in _lineage_means(t, codes, found, {"t": t, "value": np.asarray(values, dtype=np.float64)}):
+        # a gap of empty bins (a lineage's early cells, then its late ones) breaks the line:
+        # nothing was predicted between them
+        gap = np.flatnonzero(np.diff(m["bin"]) > 1) + 1
+        line_t, value = np.insert(m["t"], gap, np.nan), np.insert(m["value"], gap, np.nan)
+        out.append(LineageLine(name=name, color=color, t=line_t, value=value))
+    return tuple(out)
+
+
+def _lineage_means(
+    t: np.ndarray, codes: np.ndarray, found: Lineages, columns: dict[str, np.ndarray]
+) -> list[tuple[str, str, dict[str, np.ndarray]]]:
+    """Per lineage with two filled bins: its name, colour and each column's mean in its bins of ``t``.
+
+    The means are of the filled bins (:data:`MIN_BIN_CELLS` cells or more), in time order;
+    ``"bin"`` holds their bin numbers.
+    """
+    finite = np.isfinite(t)
+    for values in columns.values():
+        finite &= np.isfinite(values)
     out = []
     for i, (name, color) in enumerate(zip(found.names, found.colors, strict=True)):
-        mine = (found.codes == i) & np.isfinite(t) & np.isfinite(s) & np.isfinite(u)
+        mine = (codes == i) & finite
         if mine.sum() < MIN_BIN_CELLS:
             continue
         which, _ = time_bins(t[mine], n_bins=LINEAGE_BINS)
@@ -1939,7 +1988,10 @@ def lineage_curves(
         filled = counts >= MIN_BIN_CELLS
         if filled.sum() < 2:  # noqa: PLR2004 - a curve needs two points
             continue
-        ms = np.bincount(which, weights=s[mine], minlength=LINEAGE_BINS)[filled] / counts[filled]
-        mu = np.bincount(which, weights=u[mine], minlength=LINEAGE_BINS)[filled] / counts[filled]
-        out.append(LineageCurve(name=name, color=color, s=ms, u=mu))
-    return tuple(out)
+        means = {
+            key: np.bincount(which, weights=values[mine], minlength=LINEAGE_BINS)[filled] / counts[filled]
+            for key, values in columns.items()
+        }
+        means["bin"] = np.flatnonzero(filled)
+        out.append((name, color, means))
+    return out

@@ -946,6 +946,33 @@ class ExplorerState(param.Parameterized):
         See :func:`explorer.app.readouts.time_curve`: the active fit's values binned along
         latent time (``kind="fit"``), else the observed values' mean (``"trend"``).
         """
+        found = self._time_values(what)
+        if found is None:
+            return None
+        t_used, _, fitted, observed, bins = found
+        return readouts.time_curve(t_used, observed, fitted, bins=bins)
+
+    def lineage_lines(self, what: Literal["Ms", "Mu", "velocity"]) -> tuple[readouts.LineageLine, ...] | None:
+        """Each lineage's mean of the values :meth:`time_curve` averages, or None without lineages.
+
+        The active fit's lineages (:meth:`lineages`; VeloVAE's full model) on the time views
+        (:func:`explorer.app.readouts.lineage_lines`): its predicted ``Ms`` / ``Mu`` and its
+        velocity per lineage, where the red line mixes the lineages at each time.
+        """
+        found = self.lineages() if self.fit is not None and self.adata is not None else None
+        values = None if found is None else self._time_values(what)
+        if values is None:
+            return None
+        t_used, cells, fitted, observed, _ = values
+        return readouts.lineage_lines(t_used, observed if fitted is None else fitted, found, cells=cells)
+
+    def _time_values(self, what: Literal["Ms", "Mu", "velocity"]) -> tuple[Any, ...] | None:
+        """``(t, cells, fitted, observed, bins)`` the time views average, or None without latent time.
+
+        ``cells``: the even sample of cells ``t`` is of (None: all); ``fitted`` the active
+        fit's values there (:func:`.readouts.fitted_at_cells`), else None and ``observed``
+        the gene's values; ``bins``: :func:`.geometry.time_bins` of ``t``.
+        """
         t = self.latent_time()
         if t is None:
             return None
@@ -973,7 +1000,7 @@ class ExplorerState(param.Parameterized):
         observed = None
         if fitted is None:
             observed = self.gene_values(what) if cells is None else self.gene_values(what)[cells]
-        return readouts.time_curve(t_used, observed, fitted, bins=bins)
+        return t_used, cells, fitted, observed, bins
 
     def cell_info(self, index: int | None = None) -> CellInfo | None:
         """Collect what the inspector shows for cell ``index`` (default: the selected cell)."""

@@ -335,6 +335,86 @@ def test_key_parameters_offer_the_datasets_columns_and_reach_the_model(app, app_
     assert "shuffled" in shown_text(runner.notice)
 
 
+def test_time_views_draw_one_line_per_lineage_in_its_colour(timed_adata, tmp_path):
+    """A VeloVAE-like fit with a cell state: each time plot draws each lineage's mean, per gene.
+
+    By hand: the cells after t = 0.5 alternate between lineages A (state (5, 0)) and B
+    (state (0, 5)), the earlier ones are root cells (state near A's); the fit predicts
+    each cell's observed ``Ms`` / ``Mu``, halved in B. So A's line on the Ms plot is the
+    mean ``Ms`` of A's and the root cells, B's half the mean of B's, bin by bin. B's name
+    is markup, which the note shows as text.
+    """
+    from markdown_it import MarkdownIt
+
+    from explorer.app import readouts
+    from explorer.app.jobs import Fit
+    from explorer.models.base import VelocityResult
+
+    adata = timed_adata.copy()
+    t = adata.obs[Key.obs.LATENT_TIME].to_numpy()
+    late = np.flatnonzero(t > 0.5)
+    labels = np.array(["root"] * adata.n_obs, dtype=object)
+    b = '<img src=x onerror="window.__pwned=11">*B*'
+    labels[late[::2]], labels[late[1::2]] = "A", b
+    adata.obs[Key.obs.CLUSTERS] = pd.Categorical(labels, categories=["A", b, "root"])
+    adata.uns["clusters_colors"] = ["#aa0000", "#00aa00", "#0000aa"]  # A, B, root
+    centre = {"root": [1.0, 0.0], "A": [5.0, 0.0], b: [0.0, 5.0]}
+    state_c = np.array([centre[x] for x in labels]) + np.random.default_rng(0).normal(0, 0.1, (len(t), 2))
+    ms, mu = (readouts._dense_layer(adata.layers[k]).astype(np.float64) for k in (Key.layers.MS, Key.layers.MU))
+    half = np.where(labels == b, 0.5, 1.0)[:, None]
+    result = VelocityResult(
+        model="velovae",
+        params={},
+        obs_names=adata.obs_names,
+        var_names=adata.var_names,
+        velocity=np.ones(adata.shape, dtype=np.float32),
+        gene_params=pd.DataFrame(index=adata.var_names),
+        velocity_genes=np.ones(adata.n_vars, dtype=bool),
+        latent_time=t.astype(np.float32),
+        layers={
+            Key.layers.PREDICTED_S: (ms * half).astype(np.float32),
+            Key.layers.PREDICTED_U: (mu * half).astype(np.float32),
+        },
+        obsm={Key.obsm.CELL_STATE: state_c},
+    )
+    doc = Document()
+    with set_curdoc(doc):
+        page = create_app(adata, data_dir=tmp_path)
+        page.server_doc(doc)
+        state, views = page.app.state, page.app.views
+        state._add_fit(Fit(label="velovae", key=("velovae", ()), result=result))
+        assert state.model == "velovae"
+        for gene in (str(adata.var_names[3]), str(adata.var_names[7])):
+            state.gene = gene
+            j = adata.var_names.get_loc(gene)
+            lines = {line.name: line for line in state.lineage_lines("Ms")}
+            assert sorted(lines) == sorted(["A", b])
+            mine = {"A": labels != b, b: labels == b}
+            for name, line in lines.items():
+                which, _ = readouts.time_bins(t[mine[name]], n_bins=readouts.LINEAGE_BINS)
+                counts = np.bincount(which, minlength=readouts.LINEAGE_BINS)
+                predicted = (ms[:, j] * half[:, 0])[mine[name]]
+                sums = np.bincount(which, weights=predicted, minlength=readouts.LINEAGE_BINS)
+                filled = counts >= readouts.MIN_BIN_CELLS
+                # a NaN (a break in the line) between filled bins that are not next to each other
+                expected = []
+                for k in np.flatnonzero(filled):
+                    if expected and not filled[k - 1]:
+                        expected.append(np.nan)
+                    expected.append(sums[k] / counts[k])
+                np.testing.assert_allclose(line.value, expected, rtol=1e-5)
+            assert np.isnan(lines[b].value).any()  # B has bins of under MIN_BIN_CELLS cells: breaks
+            # in the browser: one line per lineage, in its type's colour, with this gene's values
+            shown = views["time"].lines_live["Ms"].shown
+            drawn = dict(zip(shown["color"], shown["ys"], strict=True))
+            assert sorted(drawn) == ["#006600", "#660000"]  # darker than the dots: 0.6 of each channel
+            np.testing.assert_allclose(drawn["#660000"], lines["A"].value, rtol=1e-5)
+            np.testing.assert_allclose(drawn["#006600"], lines[b].value, rtol=1e-5)
+        note = SimpleNamespace(object=views["time"]._note())
+        assert f"darker shade of each type's colour, each lineage: {b}, A" in shown_text(note)
+        assert "<img" not in MarkdownIt("commonmark").render(note.object)
+
+
 def test_comparison_view_selects_a_gene_from_the_quality_plot(app):
     state, views = app.state, app.views
     state.run_model("steady_state").join(120)

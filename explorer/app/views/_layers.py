@@ -78,9 +78,12 @@ class LiveLayer:
             self.plots.append(plot)
 
     def push(self, data: dict[str, Any]) -> None:
-        """Show ``data`` (column name -> values) in every drawing of the layer."""
+        """Show ``data`` (column name -> values) in every drawing of the layer.
+
+        A list stays a list (a multi-line's ``xs`` and ``ys``: one array per line).
+        """
         for source in self.sources:
-            source.data = {k: np.asarray(v) for k, v in data.items()}
+            source.data = {k: v if isinstance(v, list) else np.asarray(v) for k, v in data.items()}
 
     def push_columns(self, *columns: Any) -> None:
         """Show ``columns`` in the order of the drawn source's columns (a curve's x and y)."""

@@ -18,7 +18,12 @@ _WHAT: tuple[Literal["Ms", "Mu", "velocity"], ...] = ("Ms", "Mu", "velocity")
 
 
 class GeneTimeView(pn.viewable.Viewer):
-    """Three linked scatters against latent time; click a cell in any of them to select it."""
+    """Three linked scatters against latent time; click a cell in any of them to select it.
+
+    With the active fit's lineages (VeloVAE's full model) each plot also draws one line per
+    lineage in its cell type's colour (:meth:`ExplorerState.lineage_lines`); like the red
+    line, they follow the gene and the fit without a HoloViews update.
+    """
 
     state = param.ClassSelector(class_=ExplorerState)
 
@@ -28,6 +33,8 @@ class GeneTimeView(pn.viewable.Viewer):
         self.scatters: dict[str, CellScatter] = {}
         self.curves_live: dict[str, LiveLayer] = {}
         self.plots: dict[str, hv.Overlay] = {}
+        self.lines: dict[str, hv.DynamicMap] = {}
+        self.lines_live: dict[str, LiveLayer] = {}
         for what in _WHAT:
             scatter = CellScatter(
                 state,
@@ -41,11 +48,15 @@ class GeneTimeView(pn.viewable.Viewer):
                 height=260,
                 y_labels_along_axis=True,  # the gene's range changes: see CellScatter
             )
-            # the fitted curve follows the gene without a HoloViews update (see LiveLayer)
+            # the fitted curve and lineage lines follow the gene without a HoloViews update
+            # (see LiveLayer)
             self.curves_live[what] = LiveLayer()
+            self.lines_live[what] = LiveLayer()
             curve = hv.DynamicMap(self._curve_of(what))
+            lines = hv.DynamicMap(self._lines_of(what))
             self.scatters[what] = scatter
-            self.plots[what] = scatter.overlay(curve)
+            self.lines[what] = lines
+            self.plots[what] = scatter.overlay(curve, lines)
         state.param.watch(self._push_curves, ["gene", "model", "results", "adata"])
 
     def _xy_of(self, what: Literal["Ms", "Mu", "velocity"]) -> Any:
@@ -73,9 +84,27 @@ class GeneTimeView(pn.viewable.Viewer):
 
         return draw
 
+    def _lines(self, what: Literal["Ms", "Mu", "velocity"]) -> tuple[Any, ...]:
+        if what == "velocity" and self.state.fit is None:
+            return ()
+        return self.state.lineage_lines(what) or ()
+
+    def _lines_of(self, what: Literal["Ms", "Mu", "velocity"]) -> Any:
+        def draw() -> hv.Contours:
+            return plots.lineage_lines(self._lines(what), labels=("latent time", what)).opts(
+                hooks=[self.lines_live[what].hook], backend="bokeh"
+            )
+
+        return draw
+
     def _push_curves(self, *_: Any) -> None:
         for what, live in self.curves_live.items():
             live.push_columns(*self._curve_data(what))
+        for what, live in self.lines_live.items():
+            lines = self._lines(what)
+            # a multi-line's columns (plots.lineage_lines): one array per line, and its colour
+            colors = [plots.line_color(x.color) for x in lines]
+            live.push({"xs": [x.t for x in lines], "ys": [x.value for x in lines], "color": colors})
 
     def __panel__(self) -> pn.viewable.Viewable:
         state = self.state
@@ -109,7 +138,11 @@ class GeneTimeView(pn.viewable.Viewer):
             model = markdown_text(self.state.model)
             if "curve" in self.state.fit_shows():
                 return f"Red line: the **{model}** fit at each cell's gene time, averaged along latent time."
-            return (
-                f"Red line: the **{model}** fit's predicted values of the cells, averaged along latent time."
-            )
+            lines = self._lines("Ms")
+            each = ""
+            if lines:
+                what = "; lines in a darker shade of each type's colour, each lineage"
+                each = plots.lineages_html(lines, what, text=markdown_text)
+            what = "predicted values of the cells, averaged along latent time"
+            return f"Red line: the **{model}** fit's {what}{each}."
         return "Red line: the mean along latent time (no kinetic fit for this gene)."
