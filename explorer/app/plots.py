@@ -628,10 +628,11 @@ def phase_fits(
                 backend="bokeh",
             )
         elif kind == "lineages":
-            # one curve per lineage (VeloVAE's full model), each in its lineage's cluster colour
+            # one curve per lineage (VeloVAE's full model), each a darker shade of its cell type's
+            # colour (it runs through that type's dots)
             # (Contours: one colour per line; a Path would map the colours through a colour map)
             element = hv.Contours(
-                [{"Ms": c.s, "Mu": c.u, "lineage": c.color} for c in columns["curves"]],
+                [{"Ms": c.s, "Mu": c.u, "lineage": line_color(c.color)} for c in columns["curves"]],
                 ["Ms", "Mu"],
                 vdims=["lineage"],
                 group="Lineages",
@@ -662,6 +663,10 @@ def curve(x: np.ndarray, y: np.ndarray, *, labels: tuple[str, str]) -> hv.Curve:
     return hv.Curve((x, y), labels[0], labels[1]).opts(color=FIT_CURVE_COLOR, line_width=3, backend="bokeh")
 
 
+#: how the phase portrait's legend names the lineage curves (:func:`lineages_html` lists them)
+_LINEAGE_CURVES = "per-lineage curves along latent time (a darker shade of each type's colour)"
+
+
 def fits_legend_html(fits: list[PhaseFit]) -> str:
     """Explain the lines of :func:`phase_fits` as HTML: colour and dash per fit (labels escaped)."""
     items = []
@@ -673,7 +678,7 @@ def fits_legend_html(fits: list[PhaseFit]) -> str:
             *(["u = γ s (dash-dot)" if fit.s is not None else "u = γ s"] if fit.line is not None else []),
             *(["predicted cells (dots)"] if fit.points is not None else []),
             *(["each cell's velocity from its own rates (arrows)"] if fit.arrows is not None else []),
-            *([lineages_html(fit.lineages, "per-lineage curves along latent time")] if fit.lineages else []),
+            *([lineages_html(fit.lineages, _LINEAGE_CURVES)] if fit.lineages else []),
         ]
         what = ", ".join(parts) or "nothing to draw for this gene"
         items.append(

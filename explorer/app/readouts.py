@@ -1931,7 +1931,7 @@ def lineage_curves(
     Per lineage, the cells' predicted ``(s, u)`` (``layers['predicted_s'/'predicted_u']``)
     are averaged in :data:`LINEAGE_BINS` equal bins of latent time (bins with fewer than
     :data:`MIN_BIN_CELLS` cells left out), in time order: the path the model's cells of
-    that lineage take through the phase plane.
+    that lineage take through the phase plane, broken (a NaN) across bins left out.
     """
     if found is None or not found.names:
         return None
@@ -1951,20 +1951,14 @@ def lineage_lines(
     As :func:`lineage_curves` bins each lineage's cells, for the time views: ``values``
     (one per cell of ``t``) are a gene's predicted ``Ms`` or ``Mu``, or its velocity.
     ``cells``: the cells ``t`` and ``values`` are of (an even sample of many), else all.
-    Where a lineage has empty bins between filled ones, its line has a NaN there (a break).
+    Across bins left out between filled ones, a lineage's line breaks (a NaN).
     """
     if found is None or not found.names:
         return None
     codes = found.codes if cells is None else found.codes[cells]
     t = np.asarray(t, dtype=np.float64)
-    out = []
-    for name, color, m in _lineage_means(t, codes, found, {"t": t, "value": np.asarray(values, dtype=np.float64)}):
-        # a gap of empty bins (a lineage's early cells, then its late ones) breaks the line:
-        # nothing was predicted between them
-        gap = np.flatnonzero(np.diff(m["bin"]) > 1) + 1
-        line_t, value = np.insert(m["t"], gap, np.nan), np.insert(m["value"], gap, np.nan)
-        out.append(LineageLine(name=name, color=color, t=line_t, value=value))
-    return tuple(out)
+    binned = _lineage_means(t, codes, found, {"t": t, "value": np.asarray(values, dtype=np.float64)})
+    return tuple(LineageLine(name=name, color=color, t=m["t"], value=m["value"]) for name, color, m in binned)
 
 
 def _lineage_means(
@@ -1972,8 +1966,9 @@ def _lineage_means(
 ) -> list[tuple[str, str, dict[str, np.ndarray]]]:
     """Per lineage with two filled bins: its name, colour and each column's mean in its bins of ``t``.
 
-    The means are of the filled bins (:data:`MIN_BIN_CELLS` cells or more), in time order;
-    ``"bin"`` holds their bin numbers.
+    The means are of the filled bins (:data:`MIN_BIN_CELLS` cells or more), in time order,
+    with a NaN between two that are not neighbours: a gap of bins left out (a lineage's
+    early cells, then its late ones) breaks the line, as (almost) no cell was predicted there.
     """
     finite = np.isfinite(t)
     for values in columns.values():
@@ -1988,10 +1983,10 @@ def _lineage_means(
         filled = counts >= MIN_BIN_CELLS
         if filled.sum() < 2:  # noqa: PLR2004 - a curve needs two points
             continue
-        means = {
-            key: np.bincount(which, weights=values[mine], minlength=LINEAGE_BINS)[filled] / counts[filled]
-            for key, values in columns.items()
-        }
-        means["bin"] = np.flatnonzero(filled)
+        gap = np.flatnonzero(np.diff(np.flatnonzero(filled)) > 1) + 1
+        means = {}
+        for key, values in columns.items():
+            mean = np.bincount(which, weights=values[mine], minlength=LINEAGE_BINS)[filled] / counts[filled]
+            means[key] = np.insert(mean, gap, np.nan)
         out.append((name, color, means))
     return out
