@@ -707,8 +707,8 @@ LINE_SHADE = 0.6
 def lineage_lines(lines: Sequence[Any], *, labels: tuple[str, str]) -> hv.Contours:
     """One line per lineage on a time view (``t`` against ``value``), in a darker shade of its type's colour.
 
-    Drawn as a Bokeh multi-line whose data source has the columns ``xs``, ``ys`` (one array
-    per line; NaN breaks a line) and ``color`` (:func:`line_color` of each lineage's colour).
+    Drawn as a Bokeh multi-line whose data source has the columns of
+    :func:`lineage_line_columns` (a view sends new lines as those columns).
     """
     return hv.Contours(
         [{labels[0]: line.t, labels[1]: line.value, "lineage": line_color(line.color)} for line in lines],
@@ -716,6 +716,19 @@ def lineage_lines(lines: Sequence[Any], *, labels: tuple[str, str]) -> hv.Contou
         vdims=["lineage"],
         group="Lineages",
     ).opts(color=hv.dim("lineage"), line_width=2.5, backend="bokeh")
+
+
+def lineage_line_columns(lines: Sequence[Any]) -> dict[str, list[Any]]:
+    """The data-source columns of :func:`lineage_lines`, to send new lines to a drawn one.
+
+    ``xs`` and ``ys`` (one array per line; NaN breaks a line) and ``color`` (:func:`line_color`
+    of each lineage's colour).
+    """
+    return {
+        "xs": [line.t for line in lines],
+        "ys": [line.value for line in lines],
+        "color": [line_color(line.color) for line in lines],
+    }
 
 
 def line_color(color: str) -> str:

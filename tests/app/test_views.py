@@ -344,6 +344,7 @@ def test_time_views_draw_one_line_per_lineage_in_its_colour(timed_adata, tmp_pat
     mean ``Ms`` of A's and the root cells, B's half the mean of B's, bin by bin. B's name
     is markup, which the note shows as text.
     """
+    import holoviews as hv
     from markdown_it import MarkdownIt
 
     from explorer.app import readouts
@@ -410,6 +411,10 @@ def test_time_views_draw_one_line_per_lineage_in_its_colour(timed_adata, tmp_pat
             assert sorted(drawn) == ["#006600", "#660000"]  # darker than the dots: 0.6 of each channel
             np.testing.assert_allclose(drawn["#660000"], lines["A"].value, rtol=1e-5)
             np.testing.assert_allclose(drawn["#006600"], lines[b].value, rtol=1e-5)
+        # what the view sends is what a drawing of the lines holds
+        lines = state.lineage_lines("Ms")
+        source = hv.render(plots.lineage_lines(lines, labels=("latent time", "Ms"))).renderers[0].data_source
+        assert set(source.data) == set(plots.lineage_line_columns(lines))
         note = SimpleNamespace(object=views["time"]._note())
         assert f"darker shade of each type's colour, each lineage: {b}, A" in shown_text(note)
         assert "<img" not in MarkdownIt("commonmark").render(note.object)

@@ -21,8 +21,8 @@ class GeneTimeView(pn.viewable.Viewer):
     """Three linked scatters against latent time; click a cell in any of them to select it.
 
     With the active fit's lineages (VeloVAE's full model) each plot also draws one line per
-    lineage in its cell type's colour (:meth:`ExplorerState.lineage_lines`); like the red
-    line, they follow the gene and the fit without a HoloViews update.
+    lineage in a darker shade of its cell type's colour (:meth:`ExplorerState.lineage_lines`);
+    like the red line, they follow the gene and the fit without a HoloViews update.
     """
 
     state = param.ClassSelector(class_=ExplorerState)
@@ -33,7 +33,6 @@ class GeneTimeView(pn.viewable.Viewer):
         self.scatters: dict[str, CellScatter] = {}
         self.curves_live: dict[str, LiveLayer] = {}
         self.plots: dict[str, hv.Overlay] = {}
-        self.lines: dict[str, hv.DynamicMap] = {}
         self.lines_live: dict[str, LiveLayer] = {}
         for what in _WHAT:
             scatter = CellScatter(
@@ -55,7 +54,6 @@ class GeneTimeView(pn.viewable.Viewer):
             curve = hv.DynamicMap(self._curve_of(what))
             lines = hv.DynamicMap(self._lines_of(what))
             self.scatters[what] = scatter
-            self.lines[what] = lines
             self.plots[what] = scatter.overlay(curve, lines)
         state.param.watch(self._push_curves, ["gene", "model", "results", "adata"])
 
@@ -101,10 +99,7 @@ class GeneTimeView(pn.viewable.Viewer):
         for what, live in self.curves_live.items():
             live.push_columns(*self._curve_data(what))
         for what, live in self.lines_live.items():
-            lines = self._lines(what)
-            # a multi-line's columns (plots.lineage_lines): one array per line, and its colour
-            colors = [plots.line_color(x.color) for x in lines]
-            live.push({"xs": [x.t for x in lines], "ys": [x.value for x in lines], "color": colors})
+            live.push(plots.lineage_line_columns(self._lines(what)))
 
     def __panel__(self) -> pn.viewable.Viewable:
         state = self.state
@@ -141,8 +136,8 @@ class GeneTimeView(pn.viewable.Viewer):
             lines = self._lines("Ms")
             each = ""
             if lines:
-                what = "; lines in a darker shade of each type's colour, each lineage"
-                each = plots.lineages_html(lines, what, text=markdown_text)
-            what = "predicted values of the cells, averaged along latent time"
-            return f"Red line: the **{model}** fit's {what}{each}."
+                shade = "; lines in a darker shade of each type's colour, each lineage"
+                each = plots.lineages_html(lines, shade, text=markdown_text)
+            averaged = "predicted values of the cells, averaged along latent time"
+            return f"Red line: the **{model}** fit's {averaged}{each}."
         return "Red line: the mean along latent time (no kinetic fit for this gene)."
