@@ -264,11 +264,34 @@ def is_categorical(series: pd.Series) -> bool:
     return isinstance(series.dtype, pd.CategoricalDtype)
 
 
+#: obs columns of cell types by their usual names (scVelo's, then common annotations and
+#: scanpy's clusterings), looked for in this order, any case, before any other categorical column
+CELL_TYPE_COLUMNS = (Key.obs.CLUSTERS, "cell_type", "celltype", "cell_types", "leiden", "louvain")
+
+
 def cluster_column(adata: AnnData) -> str | None:
-    """Name the obs column of cell types: ``clusters`` if present, else the first categorical one."""
+    """Name the obs column of cell types: the first of :data:`CELL_TYPE_COLUMNS`, else the first categorical.
+
+    A named column counts when it is categorical (``clusters`` whatever its type, as before).
+    So a data set whose first categorical column is a batch or a sample, with its cell
+    types under ``cell_type``, is coloured, scored and split into lineages by the types.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> from anndata import AnnData
+    >>> obs = pd.DataFrame({"batch": ["a", "b"], "Cell_Type": ["x", "y"]}, index=["c0", "c1"])
+    >>> cluster_column(AnnData(obs=obs.astype("category")))
+    'Cell_Type'
+    """
     obs = adata.obs
     if Key.obs.CLUSTERS in obs:
         return Key.obs.CLUSTERS
+    by_name = {str(c).lower(): c for c in obs.columns}
+    for name in CELL_TYPE_COLUMNS:
+        column = by_name.get(name)
+        if column is not None and is_categorical(obs[column]):
+            return column
     return next((c for c in obs.columns if is_categorical(obs[c])), None)
 
 

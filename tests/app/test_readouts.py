@@ -715,8 +715,25 @@ def test_lineage_curves_follow_each_lineages_predicted_cells_by_hand():
     assert "per-lineage curves along latent time" in plots.fits_legend_html(fits)
 
 
+def test_cell_types_are_found_under_their_usual_names_before_any_categorical_column():
+    """``clusters``, then the rest of CELL_TYPE_COLUMNS (any case), then the first categorical column."""
+    index = [f"c{i}" for i in range(4)]
+    batch = pd.Categorical(["b1", "b1", "b2", "b2"])
+
+    def found(**columns) -> str | None:
+        return readouts.cluster_column(AnnData(obs=pd.DataFrame(columns, index=index)))
+
+    types = pd.Categorical(["x", "y", "x", "y"])
+    assert found(batch=batch, Cell_Type=types) == "Cell_Type"
+    assert found(batch=batch, leiden=types, cell_type=types) == "cell_type"  # the list's order
+    assert found(batch=batch, cell_type=types, clusters=types) == "clusters"
+    assert found(batch=batch, cell_type=["x", "y", "x", "y"]) == "batch"  # text, not categorical
+    assert found(batch=batch, sample=batch) == "batch"  # no named column: the first categorical
+    assert found(score=[0.1, 0.2, 0.3, 0.4]) is None
+
+
 def test_a_small_terminal_type_earlier_than_the_others_ends_its_own_lineage():
-    """Each type in the later half of latent time ends a lineage, however few of its cells are latest, by hand.
+    """Each type in the later half of latent time ends a lineage, however few of its cells are late, by hand.
 
     100 root cells (t 0-0.3), 150 each of types A and B (t 0.5-1) and 40 of type E (t
     0.55-0.85), each with its own state: E's median time is in the later half, but under

@@ -361,7 +361,7 @@ def test_time_views_draw_one_line_per_lineage_in_its_colour(timed_adata, tmp_pat
     adata.uns["clusters_colors"] = ["#aa0000", "#00aa00", "#0000aa"]  # A, B, root
     centre = {"root": [1.0, 0.0], "A": [5.0, 0.0], b: [0.0, 5.0]}
     state_c = np.array([centre[x] for x in labels]) + np.random.default_rng(0).normal(0, 0.1, (len(t), 2))
-    ms, mu = (readouts._dense_layer(adata.layers[k]).astype(np.float64) for k in (Key.layers.MS, Key.layers.MU))
+    ms, mu = (readouts._dense_layer(adata.layers[k]).astype(float) for k in (Key.layers.MS, Key.layers.MU))
     half = np.where(labels == b, 0.5, 1.0)[:, None]
     result = VelocityResult(
         model="velovae",
