@@ -201,13 +201,13 @@ class ExplorerState(param.Parameterized):
         # one Fit for every session: its streamlines and projections are computed once
         stored = self._shared.get("stored fit", lambda: fit_from_adata(adata))
         fits: dict[str, Fit] = {stored.label: stored} if stored is not None else {}
-        categorical = [c for c in adata.obs.columns if readouts.is_categorical(adata.obs[c])]
         preferred = Key.obsm.UMAP if Key.obsm.UMAP in bases else bases[0]
-        default_color = (
-            Key.obs.CLUSTERS
-            if Key.obs.CLUSTERS in categorical
-            else (categorical[0] if categorical else COLOR_EXPRESSION)
-        )
+        # the cells coloured by their types (readouts.cluster_column), as a categorical colouring
+        types = readouts.cluster_column(adata)
+        default_color = types if types is not None and readouts.is_categorical(adata.obs[types]) else None
+        if default_color is None:
+            categorical = [c for c in adata.obs.columns if readouts.is_categorical(adata.obs[c])]
+            default_color = categorical[0] if categorical else COLOR_EXPRESSION
         labels = list(fits)
         with self._batched(), param.parameterized.batch_call_watchers(self):
             self.param.basis.objects = bases

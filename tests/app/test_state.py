@@ -157,6 +157,18 @@ def test_state_starts_with_defaults(state, app_adata):
     assert COLOR_EXPRESSION in state.param.color_by.objects
 
 
+def test_cells_are_first_coloured_by_their_types_under_a_usual_name(app_adata):
+    """A batch column first, the types under ``cell_type`` and no ``clusters``: the types colour the cells."""
+    adata = app_adata.copy()
+    types = adata.obs.pop(Key.obs.CLUSTERS)
+    adata.obs.insert(0, "batch", pd.Categorical(np.arange(adata.n_obs) % 2))
+    adata.obs["cell_type"] = types
+    assert ExplorerState(adata).color_by == "cell_type"
+    # without a usual name, the first categorical column, as before
+    adata.obs = adata.obs.rename(columns={"cell_type": "annotation"})
+    assert ExplorerState(adata).color_by == "batch"
+
+
 def test_set_data_rejects_data_without_moments():
     bare = AnnData(np.ones((5, 3), dtype=np.float32))
     with pytest.raises(InputError, match="Ms"):
