@@ -28,7 +28,7 @@ from anndata import AnnData
 
 from explorer._types import InputError, Progress
 from explorer.app.jobs import Fit
-from explorer.app.readouts import FateInfo, cluster_column, color_key
+from explorer.app.readouts import FateInfo, cluster_column, color_key, named_type_column
 from explorer.data.io import read
 from explorer.data.preprocess import is_preprocessed
 from explorer.graph.streamlines import compute_streamlines
@@ -76,10 +76,15 @@ def obs_key_columns(obs: pd.DataFrame | None) -> dict[str, list[str]]:
     a score has one per cell), numeric or categorical (CellRank's dentate gyrus keeps
     ``age(days)`` as categories ``12`` and ``35``; VeloVAE and the vector field read either);
     ``"group"``: categorical and text columns (clusters). Boolean columns are neither.
+    ``"types"``: the cell types' column under a usual name
+    (:func:`~explorer.app.readouts.named_type_column`), if any.
     """
-    out: dict[str, list[str]] = {"time": [], "group": []}
+    out: dict[str, list[str]] = {"time": [], "group": [], "types": []}
     if obs is None:
         return out
+    types = named_type_column(obs)
+    if types is not None:
+        out["types"].append(str(types))
     for column in obs.columns:
         values = obs[column]
         if pd.api.types.is_bool_dtype(values.dtype):
@@ -101,14 +106,29 @@ def obs_key_columns(obs: pd.DataFrame | None) -> dict[str, list[str]]:
     return out
 
 
+def obs_key_start(name: str, default: Any, columns: dict[str, list[str]]) -> Any:
+    """The value the menu of ``*_key`` parameter ``name`` starts at (:func:`obs_key_choices`).
+
+    The model's default, except for a group key (``cluster_key``) whose default column the
+    data lacks: then the data's cell types' column, when one has a usual name (types under
+    ``cell_type`` and no ``clusters``: DeepVelo's form starts at ``cell_type``; a batch
+    column is never guessed).
+    """
+    types = [c for c in columns.get("types", []) if c in columns["group"]]
+    lacking = name.endswith("_key") and name != "time_key" and isinstance(default, str)
+    if lacking and default not in columns["group"] and types:
+        return types[0]
+    return default
+
+
 def obs_key_choices(name: str, default: Any, columns: dict[str, list[str]]) -> dict[str, Any] | None:
     """The menu ``{label: value}`` of a parameter ``name`` ending in ``_key``, else ``None``.
 
     ``time_key`` (capture times) offers ``columns["time"]``, any other ``*_key`` (clusters)
     ``columns["group"]`` (see :func:`obs_key_columns`); a parameter whose default is ``None``
     (optional) starts the menu with ``"(none)"``, and a default the data lacks stays on the
-    menu, so the form starts at the model's default and the model's own message explains a
-    missing column.
+    menu: where :func:`obs_key_start` finds no cell types to start at instead, the form starts
+    at the model's default and the model's own message explains the missing column.
     """
     if not name.endswith("_key"):
         return None

@@ -284,7 +284,17 @@ def cluster_column(adata: AnnData) -> str | None:
     >>> cluster_column(AnnData(obs=obs.astype("category")))
     'Cell_Type'
     """
-    obs = adata.obs
+    return type_column(adata.obs)
+
+
+def type_column(obs: pd.DataFrame) -> str | None:
+    """:func:`cluster_column` of an obs table."""
+    named = named_type_column(obs)
+    return named if named is not None else next((c for c in obs.columns if is_categorical(obs[c])), None)
+
+
+def named_type_column(obs: pd.DataFrame) -> str | None:
+    """The cell types' column under a usual name (:data:`CELL_TYPE_COLUMNS`), else None (no guess)."""
     if Key.obs.CLUSTERS in obs:
         return Key.obs.CLUSTERS
     by_name = {str(c).lower(): c for c in obs.columns}
@@ -292,7 +302,7 @@ def cluster_column(adata: AnnData) -> str | None:
         column = by_name.get(name)
         if column is not None and is_categorical(obs[column]):
             return column
-    return next((c for c in obs.columns if is_categorical(obs[c])), None)
+    return None
 
 
 def embedding(adata: AnnData, basis: str) -> np.ndarray:

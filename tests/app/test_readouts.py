@@ -915,7 +915,7 @@ def test_model_choices_offer_literal_values_and_other_models_as_base():
 
 def test_key_menus_offer_capture_times_and_clusters(shared_data):
     """time_key: a number for every cell in 2-50 levels, numeric or categorical; cluster_key: categories and text."""
-    from explorer.app.fits import obs_key_choices, obs_key_columns
+    from explorer.app.fits import obs_key_choices, obs_key_columns, obs_key_start
 
     obs = pd.DataFrame(
         {
@@ -930,14 +930,21 @@ def test_key_menus_offer_capture_times_and_clusters(shared_data):
         }
     )
     columns = obs_key_columns(obs)
-    assert columns == {"time": ["day", "stage", "score"], "group": ["stage", "cluster", "name"]}
+    assert columns == {"time": ["day", "stage", "score"], "group": ["stage", "cluster", "name"], "types": []}
     many = pd.DataFrame({"t": np.arange(60.0)})  # one value per cell: a time or a score, not a capture
     assert obs_key_columns(many)["time"] == []
     expected = {"(none)": None, "day": "day", "stage": "stage", "score": "score"}
     assert obs_key_choices("time_key", None, columns) == expected
     # a default the data lacks stays, so the form starts at the model's default
     assert list(obs_key_choices("cluster_key", "clusters", columns)) == ["clusters", "stage", "cluster", "name"]
+    assert obs_key_start("cluster_key", "clusters", columns) == "clusters"  # no types by a usual name
     assert obs_key_choices("n_pcs", 30, columns) is None
+    # types under a usual name: a cluster key the data lacks starts there instead
+    typed = obs_key_columns(obs.rename(columns={"cluster": "Cell_Type"}))
+    assert typed["types"] == ["Cell_Type"]
+    assert obs_key_start("cluster_key", "clusters", typed) == "Cell_Type"
+    assert obs_key_start("cluster_key", "stage", typed) == "stage"  # a default the data has stays
+    assert obs_key_start("time_key", None, typed) is None
     # a real file: CellRank's dentate gyrus keeps its capture ages as categories
     from tests.graph.test_transition import read_fixture
 

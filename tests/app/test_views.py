@@ -335,6 +335,23 @@ def test_key_parameters_offer_the_datasets_columns_and_reach_the_model(app, app_
     assert "shuffled" in shown_text(runner.notice)
 
 
+def test_a_cluster_key_the_data_lacks_starts_at_its_cell_types(app, app_adata):
+    """Types under ``cell_type``, no ``clusters``: DeepVelo's form starts cluster_key there and sends it."""
+    state, runner = app.state, app.runner
+    other = app_adata.copy()
+    other.obs.insert(0, "batch", pd.Categorical(np.arange(other.n_obs) % 2))
+    other.obs["cell_type"] = other.obs.pop(Key.obs.CLUSTERS)
+    state.set_data(other, name="typed")
+    runner.model_select.value = "deepvelo"
+    assert runner._widgets["cluster_key"].value == "cell_type"
+    assert runner.params()["cluster_key"] == "cell_type"
+    # with no column under a usual name, the model's default stays (a batch is not guessed)
+    other.obs = other.obs.rename(columns={"cell_type": "annotation"})
+    state.set_data(other, name="untyped")
+    runner.model_select.value = "deepvelo"
+    assert runner._widgets["cluster_key"].value == Key.obs.CLUSTERS
+
+
 def test_time_views_draw_one_line_per_lineage_in_its_colour(timed_adata, tmp_path):
     """A VeloVAE-like fit with a cell state: each time plot draws each lineage's mean, per gene.
 

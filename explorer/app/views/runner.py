@@ -13,7 +13,14 @@ import panel as pn
 import param
 
 from explorer.app.escape import markdown_text
-from explorer.app.fits import model_choices, model_defaults, model_names, obs_key_choices, obs_key_columns
+from explorer.app.fits import (
+    model_choices,
+    model_defaults,
+    model_names,
+    obs_key_choices,
+    obs_key_columns,
+    obs_key_start,
+)
 from explorer.app.state import ExplorerState
 from explorer.models import MODELS
 
@@ -92,7 +99,10 @@ class ModelRunner(pn.viewable.Viewer):
         choices = model_choices(self.model_select.value) if name in MODELS else {}
         for name, default in model_defaults(self.model_select.value).items():
             menu = obs_key_choices(name, default, self._columns)
-            widget = _widget_for(name, default, menu if menu is not None else choices.get(name))
+            if menu is not None:
+                widget = _widget_for(name, obs_key_start(name, default, self._columns), menu)
+            else:
+                widget = _widget_for(name, default, choices.get(name))
             if widget is not None:
                 self._widgets[name] = widget
         # a grid of plain Bokeh layout, not a FlexBox (a ReactiveHTML template: costlier to build and draw)
