@@ -231,7 +231,7 @@ def points(
         width=width,
         height=height,
         framewise=True,
-        title=title,
+        title=hv_title(title),
         line_alpha=0,
         hooks=[*hooks, colorbar_hook(coloring)],
         backend="bokeh",
@@ -416,7 +416,7 @@ def rasterize(
         height=height,
         tools=list(tools),
         default_tools=_DEFAULT_TOOLS,
-        title=title,
+        title=hv_title(title),
         hooks=[*hooks, *([colorbar_hook(coloring)] if coloring is not None else [])],
         backend="bokeh",
     )
@@ -765,7 +765,7 @@ def comparison_scatter(
             width=width,
             height=height,
             color="#1f3a93",
-            title=title,
+            title=title,  # rasterize doubles its braces
         )
     else:
         base = hv.Points((a, b), list(labels)).opts(
@@ -774,7 +774,7 @@ def comparison_scatter(
             alpha=0.6,
             tools=["tap"],
             default_tools=_DEFAULT_TOOLS,
-            title=title,
+            title=hv_title(title),
             width=width,
             height=height,
             line_alpha=0,
@@ -832,7 +832,7 @@ def figure_bytes(
                 color=layer.get("color", STREAM_COLOR),
                 alpha=0.4,
                 linewidths=0,
-                label=layer.get("label"),
+                label=mpl_text(layer.get("label")),
                 rasterized=True,
             )
         elif kind == "lines":
@@ -852,7 +852,7 @@ def figure_bytes(
                     [],
                     color=layer.get("color", STREAM_COLOR),
                     ls=layer.get("style", "-"),
-                    label=layer["label"],
+                    label=mpl_text(layer["label"]),
                 )
         elif kind == "highlight":
             ax.scatter(
@@ -867,14 +867,42 @@ def figure_bytes(
                 edgecolors=layer.get("color", CELL_COLOR),
                 linewidths=2.5,
             )
-    ax.set_xlabel(labels[0])
-    ax.set_ylabel(labels[1])
-    ax.set_title(title)
+    ax.set_xlabel(mpl_text(labels[0]))
+    ax.set_ylabel(mpl_text(labels[1]))
+    ax.set_title(mpl_text(title))
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="best", frameon=False)
     buffer = io.BytesIO()
     fig.savefig(buffer, format=fmt)
     return buffer.getvalue()
+
+
+def hv_title(text: str) -> str:
+    """``text`` as a HoloViews ``title`` option, which it formats (``str.format``): braces doubled.
+
+    A title holds names (a gene, a dataset, a colouring); one with a brace (``run{1}.h5ad``)
+    stopped HoloViews from drawing the plot (``ValueError: unmatched '{'``).
+
+    Examples
+    --------
+    >>> hv_title("run{1}: X_umap").format()
+    'run{1}: X_umap'
+    """
+    return text.replace("{", "{{").replace("}", "}}")
+
+
+def mpl_text(value: Any) -> str | None:
+    r"""``value`` as text matplotlib draws literally: a ``$`` escaped, so that no name opens mathtext.
+
+    A gene, cluster or file name holding ``$...$`` was drawn as math, and one that is not
+    valid mathtext (``$\bad{$``) made the export fail; None stays None (no legend entry).
+
+    Examples
+    --------
+    >>> mpl_text("IgG$1$")
+    'IgG\\$1\\$'
+    """
+    return None if value is None else str(value).replace("$", r"\$")
 
 
 def _mpl_points(ax: Any, x: np.ndarray, y: np.ndarray, coloring: Coloring) -> None:
@@ -889,7 +917,7 @@ def _mpl_points(ax: Any, x: np.ndarray, y: np.ndarray, coloring: Coloring) -> No
                 y[mine],
                 s=size,
                 color=key.get(cat, MISSING_COLOR),
-                label=cat,
+                label=mpl_text(cat),
                 linewidths=0,
                 rasterized=True,
             )
@@ -906,7 +934,7 @@ def _mpl_points(ax: Any, x: np.ndarray, y: np.ndarray, coloring: Coloring) -> No
             linewidths=0,
             rasterized=True,
         )
-        ax.figure.colorbar(art, ax=ax, label=coloring.label)
+        ax.figure.colorbar(art, ax=ax, label=mpl_text(coloring.label))
     else:
         ax.scatter(x, y, s=size, color=MISSING_COLOR, linewidths=0, rasterized=True)
 

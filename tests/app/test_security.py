@@ -144,6 +144,43 @@ def test_views_escape_every_dataset_name(tmp_path):
     assert COLUMN_PAYLOAD in html.unescape(re.sub(r"<[^>]+>", "", _rendered(texts["runner notice"])))
 
 
+#: names matplotlib would read as mathtext, the second not valid mathtext
+MATH_PAYLOADS = ["IgG$_{1}$", r"$\bad{$"]
+
+
+def test_names_with_dollars_and_braces_are_drawn_as_text_on_the_page_and_in_exports(tmp_path):
+    """A gene, cluster or file name with ``$...$`` or a brace: the plots and their PNG/SVG exports draw it.
+
+    Before, HoloViews formatted each plot's title with ``str.format``, so a brace in a gene
+    or file name stopped the plot from being drawn at all (``unmatched '{'``), and matplotlib
+    read ``$...$`` in an export as mathtext: one that is not valid mathtext made every
+    export of its plot fail.
+    """
+    from explorer.app.views.export import plot_file
+
+    adata = make_app_adata()
+    adata.var_names = [MATH_PAYLOADS[1], *adata.var_names[1:]]
+    adata.obs[Key.obs.CLUSTERS] = adata.obs[Key.obs.CLUSTERS].cat.rename_categories(
+        [*MATH_PAYLOADS, "mid", "late"]
+    )
+    t = adata.obs[Key.obs.TRUE_T].to_numpy()
+    adata.obs[Key.obs.LATENT_TIME] = (t - t.min()) / (t.max() - t.min())
+    doc = Document()
+    with set_curdoc(doc):
+        page = create_app(adata, data_dir=tmp_path, name=f"{MATH_PAYLOADS[1]}.h5ad")
+        page.server_doc(doc)
+        state = page.app.state
+        state.select_gene(MATH_PAYLOADS[1])
+        for scatter in (page.app.views["phase"].scatter, page.app.views["time"].scatters["Ms"]):
+            title = scatter.base_live.plots[-1].handles["plot"].title.text
+            assert title.startswith(f"{MATH_PAYLOADS[1]}: "), title
+        for which in ("embedding", "phase portrait", "gene over time"):
+            assert plot_file(state, which, "png").startswith(b"\x89PNG"), which
+            assert b"<svg" in plot_file(state, which, "svg")[:400], which
+    for name in MATH_PAYLOADS:
+        assert plots.mpl_text(name).count("\\$") == name.count("$")
+
+
 def _stylesheet_urls(doc: Document) -> list[str]:
     return sorted({str(s.url) for root in doc.roots for s in root.select({"type": ImportedStyleSheet})})
 

@@ -432,6 +432,13 @@ def test_time_views_draw_one_line_per_lineage_in_its_colour(timed_adata, tmp_pat
         lines = state.lineage_lines("Ms")
         source = hv.render(plots.lineage_lines(lines, labels=("latent time", "Ms"))).renderers[0].data_source
         assert set(source.data) == set(plots.lineage_line_columns(lines))
+        # the PNG/SVG exports draw the lines too, in the page's colours
+        from explorer.app.views.export import figure_layers
+
+        for which, prefix in (("gene over time", ""), ("phase portrait", "velovae: ")):
+            drawn = {x["label"]: x["color"] for x in figure_layers(state, which)[0] if x.get("label")}
+            assert drawn[f"{prefix}lineage A"] == "#660000" and drawn[f"{prefix}lineage {b}"] == "#006600"
+        assert plot_file(state, "gene over time", "png").startswith(b"\x89PNG")
         note = SimpleNamespace(object=views["time"]._note())
         assert f"darker shade of each type's colour, each lineage: {b}, A" in shown_text(note)
         assert "<img" not in MarkdownIt("commonmark").render(note.object)

@@ -71,6 +71,9 @@ def figure_layers(state: ExplorerState, which: str) -> tuple[list[dict[str, Any]
                         "label": f"{fit.label}: u = γ s",
                     }
                 )
+            for curve in fit.lineages or ():
+                xy = np.column_stack([curve.s, curve.u])
+                layers.append(_lineage_layer(curve, xy, f"{fit.label}: ", style))
         title, labels = f"{state.gene}: phase portrait", ("Ms", "Mu")
     elif which == "gene over time":
         t = state.latent_time()
@@ -90,6 +93,8 @@ def figure_layers(state: ExplorerState, which: str) -> tuple[list[dict[str, Any]
                     "label": found[2],
                 }
             )
+        for line in state.lineage_lines("Ms") or ():
+            layers.append(_lineage_layer(line, np.column_stack([line.t, line.value]), "", "-"))
         title, labels = f"{state.gene}: Ms over latent time", ("latent time", "Ms")
     else:
         msg = f"Invalid plot {which!r}. Valid options are: {', '.join(PLOTS)}."
@@ -99,6 +104,19 @@ def figure_layers(state: ExplorerState, which: str) -> tuple[list[dict[str, Any]
     if state.cell is not None:
         layers.append({"kind": "marker", "x": [x[state.cell]], "y": [y[state.cell]]})
     return layers, title, labels
+
+
+def _lineage_layer(lineage: Any, xy: np.ndarray, prefix: str, style: str) -> dict[str, Any]:
+    """A lineage's curve or line as the page draws it (:func:`~explorer.app.plots.line_color`), labelled."""
+    return {
+        "kind": "lines",
+        "lines": [xy],
+        "color": plots.line_color(lineage.color),
+        "style": style,
+        "width": 2.5,
+        "alpha": 1.0,
+        "label": f"{prefix}lineage {lineage.name}",
+    }
 
 
 def plot_file(state: ExplorerState, which: str, fmt: Literal["png", "svg"]) -> bytes:
