@@ -115,8 +115,8 @@ def obs_key_start(name: str, default: Any, columns: dict[str, list[str]]) -> Any
     column is never guessed).
     """
     types = [c for c in columns.get("types", []) if c in columns["group"]]
-    lacking = name.endswith("_key") and name != "time_key" and isinstance(default, str)
-    if lacking and default not in columns["group"] and types:
+    group_key = name.endswith("_key") and name != "time_key" and isinstance(default, str)
+    if group_key and default not in columns["group"] and types:
         return types[0]
     return default
 
