@@ -442,6 +442,11 @@ def test_time_views_draw_one_line_per_lineage_in_its_colour(timed_adata, tmp_pat
         note = SimpleNamespace(object=views["time"]._note())
         assert f"darker shade of each type's colour, each lineage: {b}, A" in shown_text(note)
         assert "<img" not in MarkdownIt("commonmark").render(note.object)
+        # another model active (no cell state): the lines go, and come back with the fit
+        state.run_model("steady_state").join(120)
+        assert state.model == "steady_state" and views["time"].lines_live["Ms"].shown["xs"] == []
+        state.model = "velovae"
+        assert len(views["time"].lines_live["Ms"].shown["xs"]) == 2
 
 
 def test_comparison_view_selects_a_gene_from_the_quality_plot(app):
