@@ -724,11 +724,24 @@ def lineage_line_columns(lines: Sequence[Any]) -> dict[str, list[Any]]:
     ``xs`` and ``ys`` (one array per line; NaN breaks a line) and ``color`` (:func:`line_color`
     of each lineage's colour).
     """
-    return {
-        "xs": [line.t for line in lines],
-        "ys": [line.value for line in lines],
-        "color": [line_color(line.color) for line in lines],
-    }
+    return _multi_line([x.t for x in lines], [x.value for x in lines], [x.color for x in lines])
+
+
+def phase_layer_columns(kind: str, columns: dict[str, Any]) -> dict[str, Any]:
+    """What a drawn layer of :func:`phase_fits` holds as its data source, from :func:`phase_fit_layers`.
+
+    What a view sends to show another gene in the same layers: the lineage curves as a
+    multi-line (as :func:`lineage_line_columns`), every other layer its dimensions (a space
+    as ``_``).
+    """
+    if kind == "lineages":
+        curves = columns["curves"]
+        return _multi_line([c.s for c in curves], [c.u for c in curves], [c.color for c in curves])
+    return {name.replace(" ", "_"): values for name, values in columns.items()}
+
+
+def _multi_line(xs: list[Any], ys: list[Any], colors: list[str]) -> dict[str, list[Any]]:
+    return {"xs": xs, "ys": ys, "color": [line_color(c) for c in colors]}
 
 
 def line_color(color: str) -> str:

@@ -402,9 +402,18 @@ def test_time_views_draw_one_line_per_lineage_in_its_colour(timed_adata, tmp_pat
         state, views = page.app.state, page.app.views
         state._add_fit(Fit(label="velovae", key=("velovae", ()), result=result))
         assert state.model == "velovae"
+        phase = views["phase"]
         for gene in (str(adata.var_names[3]), str(adata.var_names[7])):
+            redrawn = phase.fits_revision
             state.gene = gene
             j = adata.var_names.get_loc(gene)
+            # the phase portrait's lineage curves follow the gene in place, without a redraw
+            assert phase.fits_revision == redrawn
+            (curves,) = [f.lineages for f in state.phase_fits() if f.lineages]
+            drawn = zip(phase._fits_live, phase._drawn_keys, strict=True)
+            (live,) = [layer for layer, key in drawn if key[2] == "lineages"]
+            for drawn_u, curve in zip(live.shown["ys"], curves, strict=True):
+                np.testing.assert_allclose(drawn_u, curve.u)
             lines = {line.name: line for line in state.lineage_lines("Ms")}
             assert sorted(lines) == sorted(["A", b])
             mine = {"A": labels != b, b: labels == b}
