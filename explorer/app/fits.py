@@ -114,7 +114,7 @@ def obs_key_start(name: str, default: Any, columns: dict[str, list[str]]) -> Any
     ``cell_type`` and no ``clusters``: DeepVelo's form starts at ``cell_type``; a batch
     column is never guessed).
     """
-    types = [c for c in columns.get("types", []) if c in columns["group"]]
+    types = [c for c in columns["types"] if c in columns["group"]]
     group_key = name.endswith("_key") and name != "time_key" and isinstance(default, str)
     if group_key and default not in columns["group"] and types:
         return types[0]

@@ -630,13 +630,10 @@ def phase_fits(
         elif kind == "lineages":
             # one curve per lineage (VeloVAE's full model), each a darker shade of its cell type's
             # colour (it runs through that type's dots)
-            # (Contours: one colour per line; a Path would map the colours through a colour map)
-            element = hv.Contours(
-                [{"Ms": c.s, "Mu": c.u, "lineage": line_color(c.color)} for c in columns["curves"]],
-                ["Ms", "Mu"],
-                vdims=["lineage"],
-                group="Lineages",
-            ).opts(color=hv.dim("lineage"), line_width=width + 1, line_dash=dash, backend="bokeh")
+            curves = columns["curves"]
+            element = _lineage_contours(
+                [c.s for c in curves], [c.u for c in curves], [c.color for c in curves], ("Ms", "Mu")
+            ).opts(line_width=width + 1, line_dash=dash, backend="bokeh")
         elif kind == "arrows":
             dims = ["Ms", "Mu", "Ms end", "Mu end"]
             element = hv.Segments(tuple(columns[d] for d in dims), dims, group="CellArrows").opts(
@@ -710,12 +707,27 @@ def lineage_lines(lines: Sequence[Any], *, labels: tuple[str, str]) -> hv.Contou
     Drawn as a Bokeh multi-line whose data source has the columns of
     :func:`lineage_line_columns` (a view sends new lines as those columns).
     """
+    return _lineage_contours(
+        [x.t for x in lines], [x.value for x in lines], [x.color for x in lines], labels
+    ).opts(line_width=2.5, backend="bokeh")
+
+
+def _lineage_contours(
+    xs: list[Any], ys: list[Any], colors: list[str], labels: tuple[str, str]
+) -> hv.Contours:
+    """Lines ``(xs[i], ys[i])``, each in :func:`line_color` of ``colors[i]``: one Bokeh multi-line.
+
+    Contours give each line its own colour; a Path would map the colours through a colour map.
+    """
     return hv.Contours(
-        [{labels[0]: line.t, labels[1]: line.value, "lineage": line_color(line.color)} for line in lines],
+        [
+            {labels[0]: x, labels[1]: y, "lineage": line_color(color)}
+            for x, y, color in zip(xs, ys, colors, strict=True)
+        ],
         list(labels),
         vdims=["lineage"],
         group="Lineages",
-    ).opts(color=hv.dim("lineage"), line_width=2.5, backend="bokeh")
+    ).opts(color=hv.dim("lineage"), backend="bokeh")
 
 
 def lineage_line_columns(lines: Sequence[Any]) -> dict[str, list[Any]]:

@@ -284,11 +284,7 @@ def cluster_column(adata: AnnData) -> str | None:
     >>> cluster_column(AnnData(obs=obs.astype("category")))
     'Cell_Type'
     """
-    return type_column(adata.obs)
-
-
-def type_column(obs: pd.DataFrame) -> str | None:
-    """:func:`cluster_column` of an obs table."""
+    obs = adata.obs
     named = named_type_column(obs)
     return named if named is not None else next((c for c in obs.columns if is_categorical(obs[c])), None)
 
