@@ -183,3 +183,15 @@ def phase_layers(phase, kind: str) -> list[np.ndarray]:
             names = ["Ms", "Mu", "Ms_end", "Mu_end"] if kind == "arrows" else ["Ms", "Mu"]
             out.append(np.column_stack([np.asarray(shown[n], dtype=float) for n in names]))
     return out
+
+
+def embedding_lines(embedding) -> dict:
+    """What the browser is sent for the embedding's path layer's lines (walks, field paths).
+
+    ``xs``, ``ys`` (one array per line), ``color`` and ``line_width``, read from the drawn
+    data source: the paths are sent to it directly, so the HoloViews element drawn last
+    may show earlier ones.
+    """
+    shown = embedding.walks_live[0].shown
+    assert shown is not None, "the path layer was never drawn"
+    return {k: list(v) for k, v in shown.items()}

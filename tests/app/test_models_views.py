@@ -28,7 +28,7 @@ from explorer.keys import Key
 from explorer.models import MODELS, register_model, unregister_model
 from explorer.models.base import VelocityResult
 from explorer.models.vector_field import VectorField
-from tests.app.conftest import phase_layers
+from tests.app.conftest import embedding_lines, phase_layers
 
 TOY = "toy_rates"
 
@@ -163,8 +163,7 @@ def test_rates_intervals_reconstruction_walks_fates_and_metrics(app):
     inspector.walk_button.clicks += 1
     assert state.walks.start == 10
     assert int(state.walks.ends["walks"].sum()) == 100
-    paths = views["embedding"].walks.last.get(0)
-    assert sum(p["color"] == WALK_COLOR for p in paths.split(datatype="columns")) == 30
+    assert embedding_lines(views["embedding"])["color"].count(WALK_COLOR) == 30
     assert "random walks of 100 steps" in inspector.where.object
 
     # fates of the active fit in the background, then its colourings
@@ -281,13 +280,16 @@ def test_a_vector_field_on_its_base_draws_paths_and_perturbs(app, monkeypatch):
     monkeypatch.setattr(state, "latent_time", lambda fit=None: time_of_cells)
     assert f"Velocity plot: no velocity to draw for {markdown_text(outside)}" in views["time"]._note()
     monkeypatch.undo()
-    # a click on a cell draws its path (black) on the embedding; the inspector says where it ends
+    # a click on a cell draws its path (black) on the embedding; the inspector says where it ends;
+    # the path is sent to the drawn layer in place, without a HoloViews redraw of the embedding
+    drawn = views["embedding"].walks.last
     state.select_cell(3)
+    assert views["embedding"].walks.last is drawn
     found = state.trajectory
     assert found is not None and found.start == 3 and found.path.shape == (readouts.TRAJECTORY_STEPS + 1, 2)
-    lines = views["embedding"].walks.last.get(0).split(datatype="columns")
-    (path,) = [p for p in lines if p["color"] == TRAJECTORY_COLOR]
-    np.testing.assert_allclose(np.column_stack([path["x"], path["y"]]), found.path)
+    lines = embedding_lines(views["embedding"])
+    (i,) = [i for i, color in enumerate(lines["color"]) if color == TRAJECTORY_COLOR]
+    np.testing.assert_allclose(np.column_stack([lines["xs"][i], lines["ys"][i]]), found.path)
     panel = views["inspector"].field
     assert panel is not None
     assert "ends near a cell of" in panel.summary.object
@@ -297,8 +299,7 @@ def test_a_vector_field_on_its_base_draws_paths_and_perturbs(app, monkeypatch):
     assert panel.perturb().join(120), state.error
     run = state.perturbation
     assert run.n_cells == 12 and run.factor == 0.0
-    lines = views["embedding"].walks.last.get(0).split(datatype="columns")
-    assert sum(p["color"] == PERTURBED_COLOR for p in lines) == 12
+    assert embedding_lines(views["embedding"])["color"].count(PERTURBED_COLOR) == 12
     assert "| control | perturbed | shift |" in panel.result.object
     assert "fates: the cluster nearest to each path" in panel.result.object  # no fates computed
     # a name typed in the box without Enter is what runs, not the gene chosen before
@@ -320,3 +321,30 @@ def test_a_vector_field_on_its_base_draws_paths_and_perturbs(app, monkeypatch):
     state.model = base.label
     assert state.trajectory is None
     assert panel.result.object == ""
+
+
+def test_the_path_layers_data_is_what_a_drawing_of_it_holds():
+    """What the embedding sends to its path layer in place has a drawing's columns and values."""
+    import holoviews as hv
+
+    from explorer.app.views.field import path_layer_columns, path_layers
+
+    rng = np.random.default_rng(0)
+    walks = [rng.normal(size=(5, 2)) for _ in range(3)]
+    trajectory = rng.normal(size=(7, 2))
+    fixed = SimpleNamespace(xy=np.array([[0.5, 1.5]]), kind=["attractor"])
+    lines, dots = path_layer_columns(walks, trajectory, [], [], fixed)
+    overlay = hv.render(path_layers(walks, trajectory, [], [], fixed))
+    drawn = [r.data_source.data for r in overlay.renderers]
+    for sent, source in zip((lines, dots), drawn, strict=True):
+        assert set(sent) == set(source)
+        for name, values in sent.items():
+            if name in ("xs", "ys"):
+                for a, b in zip(values, source[name], strict=True):
+                    np.testing.assert_array_equal(a, b)
+            else:
+                np.testing.assert_array_equal(np.asarray(values), np.asarray(source[name]))
+    # three walks, the path with its casing, two invisible lines; the path's end and the
+    # fixed point as dots
+    assert lines["color"].count("#ffffff") == 2 and len(lines["xs"]) == 3 + 2 + 2
+    assert dots["line_color"][4] == "black" and dots["size"][3] == 11

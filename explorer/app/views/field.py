@@ -37,30 +37,40 @@ FIXED_COLORS = {"attractor": "#2ca02c", "saddle": "#ff9900", "repeller": "#d6272
 FIXED_OTHER = "#888888"
 
 
-def path_layers(
+def path_layer_columns(
     walks: list[np.ndarray],
     trajectory: np.ndarray | None = None,
     control: list[np.ndarray] = (),
     perturbed: list[np.ndarray] = (),
     fixed: readouts.FixedPoints | None = None,
-) -> hv.Overlay:
-    """Lines and dots on the embedding: walks (purple), a field path (black), perturbation paths, fixed points.
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The data sources of :func:`path_layers`' lines and dots, as a drawing of them holds them.
 
-    Every polyline is ``(n_points, 2)``. Lines end in a dot of their colour (a walk's end
-    cell, a path's end); fixed points are large dots ringed in black, coloured by type.
-    Always one ``Path`` and one ``Points`` element, so the overlay keeps its shape.
+    Lines: ``xs``, ``ys`` (one array per line), ``color``, ``line_width``; dots: ``x``, ``y``,
+    ``color``, ``line_color`` (the ring), ``size``. What the embedding sends to show other
+    paths in the drawn layers (:class:`explorer.app.views._layers.LiveLayer`).
     """
-    lines: list[dict[str, Any]] = []
-    ends: list[tuple[float, float, str, float, str]] = []
+    xs: list[np.ndarray] = []
+    ys: list[np.ndarray] = []
+    colors: list[str] = []
+    widths: list[float] = []
+    ends: list[tuple[float, float, str, str, float]] = []
+
+    def line(x: np.ndarray, y: np.ndarray, color: str, width: float) -> None:
+        xs.append(x)
+        ys.append(y)
+        colors.append(color)
+        widths.append(width)
 
     def add(paths: Any, color: str, width: float, end_size: float, *, casing: bool = True) -> None:
         paths = [np.asarray(p, dtype=np.float64)[:, :2] for p in paths]
         paths = [p for p in paths if len(p) > 1]
         if casing:  # drawn first: under every line of the group
-            lines.extend({"x": p[:, 0], "y": p[:, 1], "color": CASING_COLOR, "width": width + 3} for p in paths)
+            for p in paths:
+                line(p[:, 0], p[:, 1], CASING_COLOR, width + 3)
         for p in paths:
-            lines.append({"x": p[:, 0], "y": p[:, 1], "color": color, "width": width})
-            ends.append((p[-1, 0], p[-1, 1], color, end_size, "white"))
+            line(p[:, 0], p[:, 1], color, width)
+            ends.append((p[-1, 0], p[-1, 1], color, "white", end_size))
 
     add(walks, WALK_COLOR, 1.2, 7, casing=False)
     add(control, CONTROL_COLOR, 1.5, 7)
@@ -68,25 +78,66 @@ def path_layers(
     add([] if trajectory is None else [trajectory], TRAJECTORY_COLOR, 3.0, 11)
     if fixed is not None:
         for (x, y), kind in zip(fixed.xy, fixed.kind, strict=True):
-            ends.append((float(x), float(y), FIXED_COLORS.get(kind, FIXED_OTHER), 16, "black"))
+            ends.append((float(x), float(y), FIXED_COLORS.get(kind, FIXED_OTHER), "black", 16))
     # two invisible lines and dots (NaN, unlike values) keep the colour and size columns even
     # when nothing is shown: HoloViews turns a column of equal values into one constant
     for color, size in (("#ffffff", 0.0), ("#fffffe", 0.1)):
-        lines.append({"x": np.full(2, np.nan), "y": np.full(2, np.nan), "color": color, "width": size})
-        ends.append((np.nan, np.nan, color, size, color))
+        line(np.full(2, np.nan), np.full(2, np.nan), color, size)
+        ends.append((np.nan, np.nan, color, color, size))
+    x, y, color, ring, size = zip(*ends, strict=True)
+    lines = {"xs": xs, "ys": ys, "color": colors, "line_width": np.asarray(widths)}
+    dots = {"x": np.asarray(x), "y": np.asarray(y), "color": list(color), "line_color": list(ring)}
+    return lines, {**dots, "size": np.asarray(size)}
+
+
+def path_layers(
+    walks: list[np.ndarray],
+    trajectory: np.ndarray | None = None,
+    control: list[np.ndarray] = (),
+    perturbed: list[np.ndarray] = (),
+    fixed: readouts.FixedPoints | None = None,
+    *,
+    hooks: tuple[Any, Any] = (None, None),
+) -> hv.Overlay:
+    """Lines and dots on the embedding: walks (purple), a field path (black), perturbation paths, fixed points.
+
+    Every polyline is ``(n_points, 2)``. Lines end in a dot of their colour (a walk's end
+    cell, a path's end); fixed points are large dots ringed in black, coloured by type.
+    Always one ``Path`` and one ``Points`` element, so the overlay keeps its shape, with
+    the data of :func:`path_layer_columns`. ``hooks``: HoloViews hooks of the lines and
+    the dots (see ``LiveLayer``).
+    """
+    lines, dots = path_layer_columns(walks, trajectory, control, perturbed, fixed)
     # Contours: one colour and width per line (a Path would cut each line into segments)
-    path = hv.Contours(lines, ["x", "y"], vdims=["color", "width"]).opts(
-        color=hv.dim("color"), line_width=hv.dim("width"), alpha=0.8, backend="bokeh"
-    )
-    columns = list(zip(*ends, strict=True))
-    dots = hv.Points(
-        {k: np.asarray(v) for k, v in zip(("x", "y", "color", "size", "ring"), columns, strict=True)},
+    path = hv.Contours(
+        [
+            {"x": x, "y": y, "color": color, "width": width}
+            for x, y, color, width in zip(
+                lines["xs"], lines["ys"], lines["color"], lines["line_width"], strict=True
+            )
+        ],
         ["x", "y"],
-        ["color", "size", "ring"],
+        vdims=["color", "width"],
     ).opts(
-        color=hv.dim("color"), size=hv.dim("size"), line_color=hv.dim("ring"), line_width=1.5, backend="bokeh"
+        color=hv.dim("color"),
+        line_width=hv.dim("width"),
+        alpha=0.8,
+        hooks=[h for h in hooks[:1] if h],
+        backend="bokeh",
     )
-    return path * dots
+    points = {"x": dots["x"], "y": dots["y"], "color": dots["color"], "size": dots["size"]}
+    points["ring"] = dots["line_color"]
+    dots_element = hv.Points(
+        {k: np.asarray(v) for k, v in points.items()}, ["x", "y"], ["color", "size", "ring"]
+    ).opts(
+        color=hv.dim("color"),
+        size=hv.dim("size"),
+        line_color=hv.dim("ring"),
+        line_width=1.5,
+        hooks=[h for h in hooks[1:] if h],
+        backend="bokeh",
+    )
+    return path * dots_element
 
 
 class FieldPanel(pn.viewable.Viewer):
