@@ -465,11 +465,17 @@ class VeloVAE(Hyperparameters):
                     f"{list(adata.obs.columns)}. Name the column of capture times, or leave time_key out."
                 )
                 raise InputError(msg)
-            values = pd.to_numeric(adata.obs[self.time_key], errors="coerce").to_numpy(dtype=float)
-            if not np.isfinite(values).all():
+            column = adata.obs[self.time_key]
+            values = pd.to_numeric(column, errors="coerce").to_numpy(dtype=float)
+            bad = ~np.isfinite(values)
+            if bad.any():
+                found = pd.unique(np.asarray(column.astype(object))[bad])
+                shown = ", ".join(repr(v) for v in found[:3]) + (", ..." if len(found) > 3 else "")
                 msg = (
                     f"obs[{self.time_key!r}] must hold a number (the capture time) for every cell; "
-                    f"{int((~np.isfinite(values)).sum())} cells have none. Fill or drop them first."
+                    f"{int(bad.sum())} of {adata.n_obs} cells hold {shown} instead. Give capture "
+                    "times as numbers (e.g. 'E12.5' as 12.5, 'day 3' as 3), or fill or drop the "
+                    "cells without one."
                 )
                 raise InputError(msg)
         n_train = round(self.train_fraction * adata.n_obs)

@@ -210,8 +210,12 @@ def test_capture_times_give_the_prior(small, caplog):
         shuffled.fit(adata)
     assert abs(shuffled.initial_time_["agreement"]) < 0.2
     assert "agree poorly" in caplog.text and "obs['shuffled']" in caplog.text
-    adata.obs["bad"] = "x"
-    with pytest.raises(InputError, match="capture time"):
+    # capture times written as text: the message shows what the cells hold and what to give
+    adata.obs["bad"] = np.where(np.arange(adata.n_obs) < 10, "E12.5", "3.0")
+    with pytest.raises(InputError, match=r"10 of \d+ cells hold 'E12.5' instead.*'E12.5' as 12.5"):
+        VeloVAE(time_key="bad", **FEW).fit(adata)
+    adata.obs["bad"] = adata.obs["day"].where(np.arange(adata.n_obs) >= 3)  # three cells without one
+    with pytest.raises(InputError, match=r"3 of \d+ cells hold nan instead.*fill or drop"):
         VeloVAE(time_key="bad", **FEW).fit(adata)
     with pytest.raises(InputError, match="not an obs column"):
         VeloVAE(time_key="nope", **FEW).fit(adata)
