@@ -60,7 +60,9 @@ def score_fit(adata, kwargs: dict, model_class: type | None = None) -> dict:
     seconds = time.perf_counter() - clock
     t = np.asarray(result.latent_time)
     rank_error = (rankdata(t) - rankdata(true_t)) / len(t)
-    cal = time_calibration(true_t, t, model.time_posterior_["t_sd"].to_numpy())
+    # the SD on latent_time's own scale ([0, 1]); model.time_posterior_ is on the model's clock
+    # (until 2026-12-04 its SD was read against latent_time here, intervals ~20x too wide)
+    cal = time_calibration(true_t, t, result.obs[Key.obs.LATENT_TIME_STD].to_numpy())
     spread = None
     if result.obs is not None and Key.obs.LATENT_TIME_START_SPREAD in result.obs:
         values = result.obs[Key.obs.LATENT_TIME_START_SPREAD].to_numpy()

@@ -901,6 +901,37 @@ def test_two_starts_time_sd_ranks_cells_by_error(branching):
     assert spearmanr(result.latent_time, true_t)[0] > 0.99
 
 
+def test_the_benchmarks_score_a_fits_intervals_on_its_own_clock(small, monkeypatch):
+    """``score_fit`` (the VeloVAE benchmarks' scorer) reads the time and its SD on one scale.
+
+    Until 2026-12-04 it read the model clock's SD (``time_posterior_``, a span of about
+    20) against ``latent_time`` in [0, 1]: intervals about 20 times too wide, reported as
+    near-nominal coverage (0.97 where the intervals cover 0.59, the slower lineage seed 1).
+    Its coverage must be the model clock's and the written time's.
+    """
+    benchmarks = Path(__file__).resolve().parents[2] / "benchmarks"
+    monkeypatch.syspath_prepend(str(benchmarks))
+    from velovae_scvelo_sim import score_fit
+
+    class Kept(VeloVAE):
+        def fit(self, adata):  # noqa: ANN001, ANN202
+            Kept.fitted = self, super().fit(adata)
+            return Kept.fitted[1]
+
+    few = {k: v for k, v in FEW.items() if k != "device"}
+    scores = score_fit(small.copy(), few, model_class=Kept)
+    model, result = Kept.fitted
+    true_t = small.obs[Key.obs.TRUE_T].to_numpy()
+    tp = model.time_posterior_
+    on_the_clock = time_calibration(true_t, tp["t_mean"], tp["t_sd"])["coverage"]
+    written = time_calibration(true_t, result.latent_time, result.obs[Key.obs.LATENT_TIME_STD])["coverage"]
+    assert scores["coverage_90"] == round(on_the_clock, 2) == round(written, 2)
+    # the two scales differ by the clock's span: the old reading's SD was that many times too wide
+    span = np.ptp(tp["t_mean"])
+    assert span > 5, span
+    np.testing.assert_allclose(result.obs[Key.obs.LATENT_TIME_STD] * span, tp["t_sd"], rtol=1e-4)
+
+
 def test_time_calibration_by_hand():
     """Exact Gaussian posteriors, read on a clock that is a monotone map of their means, cover as nominal."""
     rng = np.random.default_rng(0)
