@@ -14,7 +14,9 @@ transition matrices' largest difference, the macrostate and terminal-state names
 correlation of the fate probabilities per terminal state and the largest difference of
 the macrostate memberships (states matched by name). Explorer's pancreas side runs in this
 process after an untimed warm-up on a 60-cell matrix (numba's compiled code and pygpcca
-loaded, as CellRank's side imports CellRank before its clock starts). The JSON goes to
+loaded); CellRank's side imports CellRank and computes its kernels once, untimed, before
+its clock starts (its numba kernels compile on first call; since 2026-12-04: before, the
+pancreas kernel's time held their compilation). The JSON goes to
 ``benchmarks/results/fates.json``.
 
 Then the same at scale (``--simulated``, default 100,000 cells; 0 skips it): the
@@ -108,12 +110,24 @@ T = sp.csr_matrix(k.transition_matrix)
 times["kernel"], cpu_times["kernel"] = time.perf_counter() - t, cpu() - c
 '''
 
+#: CellRank's kernels once, untimed, on the whole file: its numba kernels are compiled on first
+#: call in every process (no on-disk cache), as explorer's compiled code is loaded by
+#: ``_warm_up`` before its clock starts (about 6 s of the pancreas kernel's 11 s before
+#: 2026-12-04, when only explorer was warmed up; a warm-up on a 300-cell subset hung in
+#: CellRank, so the whole file); needs ``path`` and ``mode``
+CELLRANK_WARM_UP = r'''
+w = ad.read_h5ad(path)
+cr.kernels.VelocityKernel(w).compute_transition_matrix(model=mode, show_progress_bar=False)
+cr.kernels.ConnectivityKernel(w).compute_transition_matrix()
+del w
+'''
+
 #: CellRank's side: argv = input .h5ad, output .npz, kernel mode, n_states[, stability threshold];
 #: prints one JSON line
 CELLRANK_SCRIPT = CELLRANK_PREAMBLE + r'''
 path, out, mode, n_states = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 threshold = float(sys.argv[5]) if len(sys.argv) > 5 else 0.96
-''' + CELLRANK_KERNEL + r'''# explorer's terminal states where the file has them (CellRank's GPCCA below overwrites the column)
+''' + CELLRANK_WARM_UP + CELLRANK_KERNEL + r'''# explorer's terminal states where the file has them (CellRank's GPCCA below overwrites the column)
 file_states = a.obs["term_states_fwd"].copy() if "term_states_fwd" in a.obs else None
 t, c = time.perf_counter(), cpu()
 g = cr.estimators.GPCCA(k)
