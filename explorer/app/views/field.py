@@ -86,8 +86,14 @@ def path_layer_columns(
         ends.append((np.nan, np.nan, color, color, size))
     x, y, color, ring, size = zip(*ends, strict=True)
     lines = {"xs": xs, "ys": ys, "color": colors, "line_width": np.asarray(widths)}
-    dots = {"x": np.asarray(x), "y": np.asarray(y), "color": list(color), "line_color": list(ring)}
-    return lines, {**dots, "size": np.asarray(size)}
+    dots = {
+        "x": np.asarray(x),
+        "y": np.asarray(y),
+        "color": list(color),
+        "line_color": list(ring),
+        "size": np.asarray(size),
+    }
+    return lines, dots
 
 
 def path_layers(
@@ -125,11 +131,9 @@ def path_layers(
         hooks=[h for h in hooks[:1] if h],
         backend="bokeh",
     )
-    points = {"x": dots["x"], "y": dots["y"], "color": dots["color"], "size": dots["size"]}
-    points["ring"] = dots["line_color"]
-    dots_element = hv.Points(
-        {k: np.asarray(v) for k, v in points.items()}, ["x", "y"], ["color", "size", "ring"]
-    ).opts(
+    # HoloViews names the ring's column after its option (line_color) in the drawing
+    points = {"ring" if k == "line_color" else k: np.asarray(v) for k, v in dots.items()}
+    dots_element = hv.Points(points, ["x", "y"], ["color", "size", "ring"]).opts(
         color=hv.dim("color"),
         size=hv.dim("size"),
         line_color=hv.dim("ring"),
