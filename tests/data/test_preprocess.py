@@ -294,3 +294,41 @@ def test_prepare_checks_options_first(counts_adata, option, value, match):
     assert counts_adata.shape == before.shape
     assert not counts_adata.obsm
     assert Key.obs.N_COUNTS not in counts_adata.obs
+
+
+def test_keeping_genes_gives_anndatas_own_subset():
+    """``_keep_genes`` (the lean gene subset) equals AnnData's ``_inplace_subset_var`` in every part."""
+    from explorer.data.preprocess import _keep_genes
+
+    rng = np.random.default_rng(0)
+    n_obs, n_vars = 40, 12
+    counts = sparse.random(n_obs, n_vars, density=0.4, format="csr", random_state=0, dtype=np.float32)
+    adata = ad.AnnData(
+        X=counts.copy(),
+        obs=pd.DataFrame({"c": rng.integers(0, 3, n_obs)}, index=[f"c{i}" for i in range(n_obs)]),
+        var=pd.DataFrame({"g": np.arange(n_vars)}, index=[f"g{j}" for j in range(n_vars)]),
+        layers={"spliced": counts.copy(), "unspliced": counts.toarray() * 2},
+        obsm={"X_pca": rng.normal(size=(n_obs, 3))},
+        varm={"loadings": rng.normal(size=(n_vars, 3))},
+        obsp={"connectivities": sparse.identity(n_obs, format="csr")},
+        varp={"corr": rng.normal(size=(n_vars, n_vars))},
+        uns={"note": "kept"},
+    )
+    keep = rng.random(n_vars) > 0.4
+    lean, reference = adata.copy(), adata.copy()
+    _keep_genes(lean, keep)
+    reference._inplace_subset_var(keep)
+    assert lean.shape == reference.shape == (n_obs, int(keep.sum()))
+    pd.testing.assert_frame_equal(lean.var, reference.var)
+    pd.testing.assert_frame_equal(lean.obs, reference.obs)
+    np.testing.assert_array_equal(lean.X.toarray(), reference.X.toarray())
+    for key in adata.layers:
+        a, b = lean.layers[key], reference.layers[key]
+        assert type(a) is type(b)
+        dense = [m.toarray() if sparse.issparse(m) else m for m in (a, b)]
+        np.testing.assert_array_equal(*dense)
+    np.testing.assert_array_equal(lean.varm["loadings"], reference.varm["loadings"])
+    np.testing.assert_array_equal(lean.varp["corr"], reference.varp["corr"])
+    np.testing.assert_array_equal(lean.obsm["X_pca"], reference.obsm["X_pca"])
+    assert (lean.obsp["connectivities"] != reference.obsp["connectivities"]).nnz == 0
+    assert lean.uns["note"] == "kept"
