@@ -178,6 +178,11 @@ def run_scvelo(python: str, path: Path, repeats: int) -> list[dict[str, float]]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _medians(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Each step's median seconds over the passes."""
+    return {step: statistics.median(r[step] for r in runs) for step in runs[0]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -188,12 +193,12 @@ def main() -> None:
 
     runs = [run_explorer(args.data) for _ in range(args.repeats)]
     steps = list(runs[0])
-    ours = {s: statistics.median(r[s] for r in runs) for s in steps}
+    ours = _medians(runs)
     first = runs[0]
     their_first: dict[str, float] = {}
     if args.scvelo_python:
         their_runs = run_scvelo(args.scvelo_python, args.data, args.repeats)
-        theirs = {s: statistics.median(r[s] for r in their_runs) for s in their_runs[0]}
+        theirs = _medians(their_runs)
         their_first = their_runs[0]
         source = f"scVelo measured in this run ({args.scvelo_python}), median of {args.repeats} in one process"
     else:

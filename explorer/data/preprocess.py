@@ -230,8 +230,7 @@ def filter_and_normalize(
             "Lower `min_shared_counts` or check that the layers hold raw counts."
         )
         raise InputError(msg)
-    if not keep.all():
-        _keep_genes(adata, keep)
+    _keep_genes(adata, keep)
     logger.info("kept %d of %d genes with >= %d shared counts", adata.n_vars, n_before, min_shared_counts)
 
     normalised_x = _normalize_per_cell(adata)
@@ -318,6 +317,9 @@ def _keep_genes(adata: AnnData, keep: np.ndarray) -> None:
     def genes(matrix: Any) -> Any:
         return None if matrix is None else matrix[:, idx]
 
+    def rows(values: Any) -> Any:  # varm may hold data frames, whose [] picks columns
+        return values.iloc[idx] if isinstance(values, pd.DataFrame) else values[idx]
+
     kept = AnnData(
         X=genes(adata.X),
         obs=adata.obs,
@@ -325,8 +327,8 @@ def _keep_genes(adata: AnnData, keep: np.ndarray) -> None:
         uns=adata.uns,
         obsm=dict(adata.obsm),
         obsp=dict(adata.obsp),
-        varm={k: v[idx] for k, v in adata.varm.items()},
-        varp={k: v[idx][:, idx] for k, v in adata.varp.items()},
+        varm={k: rows(v) for k, v in adata.varm.items()},
+        varp={k: rows(v)[:, idx] for k, v in adata.varp.items()},
         layers={k: genes(v) for k, v in adata.layers.items()},
     )
     adata._init_as_actual(kept)

@@ -334,7 +334,7 @@ def test_the_path_layers_data_is_what_a_drawing_of_it_holds():
     trajectory = rng.normal(size=(7, 2))
     fixed = SimpleNamespace(xy=np.array([[0.5, 1.5]]), kind=["attractor"])
     lines, dots = path_layer_columns(walks, trajectory, [], [], fixed)
-    overlay = hv.render(path_layers(walks, trajectory, [], [], fixed))
+    overlay = hv.render(path_layers(lines, dots))
     drawn = [r.data_source.data for r in overlay.renderers]
     for sent, source in zip((lines, dots), drawn, strict=True):
         assert set(sent) == set(source)

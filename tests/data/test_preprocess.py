@@ -309,7 +309,10 @@ def test_keeping_genes_gives_anndatas_own_subset():
         var=pd.DataFrame({"g": np.arange(n_vars)}, index=[f"g{j}" for j in range(n_vars)]),
         layers={"spliced": counts.copy(), "unspliced": counts.toarray() * 2},
         obsm={"X_pca": rng.normal(size=(n_obs, 3))},
-        varm={"loadings": rng.normal(size=(n_vars, 3))},
+        varm={
+            "loadings": rng.normal(size=(n_vars, 3)),
+            "table": pd.DataFrame({"a": np.arange(n_vars)}, index=[f"g{j}" for j in range(n_vars)]),
+        },
         obsp={"connectivities": sparse.identity(n_obs, format="csr")},
         varp={"corr": rng.normal(size=(n_vars, n_vars))},
         uns={"note": "kept"},
@@ -328,6 +331,7 @@ def test_keeping_genes_gives_anndatas_own_subset():
         dense = [m.toarray() if sparse.issparse(m) else m for m in (a, b)]
         np.testing.assert_array_equal(*dense)
     np.testing.assert_array_equal(lean.varm["loadings"], reference.varm["loadings"])
+    pd.testing.assert_frame_equal(lean.varm["table"], reference.varm["table"])
     np.testing.assert_array_equal(lean.varp["corr"], reference.varp["corr"])
     np.testing.assert_array_equal(lean.obsm["X_pca"], reference.obsm["X_pca"])
     assert (lean.obsp["connectivities"] != reference.obsp["connectivities"]).nnz == 0

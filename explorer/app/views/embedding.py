@@ -109,7 +109,7 @@ class EmbeddingView(pn.viewable.Viewer):
         return plots.arrows(*_grid_arrays(grid))
 
     def _paths(self) -> tuple[Any, ...]:
-        """What the path layer shows: the arguments of :func:`path_layers`."""
+        """What the path layer shows: the arguments of :func:`path_layer_columns`."""
         state = self.state
         found, run = state.trajectory, state.perturbation
         basis = state.basis.removeprefix("X_") if state.basis else None
@@ -123,7 +123,8 @@ class EmbeddingView(pn.viewable.Viewer):
         )
 
     def _draw_walks(self) -> hv.Overlay:
-        return path_layers(*self._paths(), hooks=(self.walks_live[0].hook, self.walks_live[1].hook))
+        hooks = (self.walks_live[0].hook, self.walks_live[1].hook)
+        return path_layers(*path_layer_columns(*self._paths()), hooks=hooks)
 
     def _push_walks(self, *_: Any) -> None:
         if not self.walks_live[0].sources:

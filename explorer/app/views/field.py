@@ -97,23 +97,15 @@ def path_layer_columns(
 
 
 def path_layers(
-    walks: list[np.ndarray],
-    trajectory: np.ndarray | None = None,
-    control: list[np.ndarray] = (),
-    perturbed: list[np.ndarray] = (),
-    fixed: readouts.FixedPoints | None = None,
-    *,
-    hooks: tuple[Any, Any] = (None, None),
+    lines: dict[str, Any], dots: dict[str, Any], *, hooks: tuple[Any, Any] = (None, None)
 ) -> hv.Overlay:
     """Lines and dots on the embedding: walks (purple), a field path (black), perturbation paths, fixed points.
 
-    Every polyline is ``(n_points, 2)``. Lines end in a dot of their colour (a walk's end
-    cell, a path's end); fixed points are large dots ringed in black, coloured by type.
-    Always one ``Path`` and one ``Points`` element, so the overlay keeps its shape, with
-    the data of :func:`path_layer_columns`. ``hooks``: HoloViews hooks of the lines and
-    the dots (see ``LiveLayer``).
+    ``lines`` and ``dots`` as :func:`path_layer_columns` gives them: lines end in a dot of
+    their colour (a walk's end cell, a path's end); fixed points are large dots ringed in
+    black, coloured by type. Always one ``Path`` and one ``Points`` element, so the overlay
+    keeps its shape. ``hooks``: HoloViews hooks of the lines and the dots (see ``LiveLayer``).
     """
-    lines, dots = path_layer_columns(walks, trajectory, control, perturbed, fixed)
     # Contours: one colour and width per line (a Path would cut each line into segments)
     path = hv.Contours(
         [
