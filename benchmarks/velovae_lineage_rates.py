@@ -14,7 +14,8 @@ the default's weak prior), four capture times (``obs['capture_time']``, the true
 quarter, an idealised time course, through ``time_key``, whose prior holds each cell within
 its capture interval) and four overlapping capture times (the quarters of the true time plus
 noise of SD 0.1 of its span: Spearman about 0.92 with the true time, as real time courses
-overlap, which the prior does not expect). Every fit is scored by the same function
+overlap, which the prior does not expect), and ``n_starts=2`` (a fit from DPT's initial
+time and one from the steady-state time, pooled by ``ensemble_time``). Every fit is scored by the same function
 (:func:`velovae_scvelo_sim.score_fit`): Spearman correlation of ``latent_time`` with the
 true time, ``lineage_offset`` (lineage B's mean rank error minus A's, as a share of the
 cells), the held-out MSE, and how the time SD and ``obs['latent_time_start_spread']`` rank
@@ -50,6 +51,7 @@ STARTS = {
     "true time": {},
     "4 capture times": {"time_key": "capture_time"},
     "4 overlapping capture times": {"time_key": "capture_time_overlapping"},
+    "two starts pooled": {"n_starts": 2},
 }
 
 
@@ -79,7 +81,7 @@ def main() -> None:
     set_up_process()
     keys = (
         "latent_time_spearman", "lineage_offset", "mse_test", "coverage_90",
-        "sd_error_spearman", "spread_error_spearman", "fit_s",
+        "sd_error_spearman", "width_error_spearman", "spread_error_spearman", "fit_s",
     )  # fmt: skip
     rows = []
     for (simulation, extra), seed in itertools.product(SIMULATIONS.items(), args.seeds):

@@ -44,8 +44,9 @@ def score_fit(adata, kwargs: dict, model_class: type | None = None) -> dict:
     mean rank error (share of the cells) of lineage B's cells minus lineage A's, negative
     where B is placed earlier than it is. ``spread_error_spearman``: Spearman correlation of
     ``obs['latent_time_start_spread']`` with each cell's absolute rank error (``None`` where
-    the fit has no spread); ``sd_error_spearman`` is the SD's, through the monotone map of
-    :func:`~explorer.models.vae.time_calibration`. ``model_class`` replaces :class:`VeloVAE`.
+    the fit has no spread); ``sd_error_spearman`` is the SD's (on the model's clock) and
+    ``width_error_spearman`` its interval's width on the true axis, each against the error
+    through the monotone map of :func:`~explorer.models.vae.time_calibration`. ``model_class`` replaces :class:`VeloVAE`.
     """
     from scipy.stats import rankdata, spearmanr
 
@@ -78,6 +79,7 @@ def score_fit(adata, kwargs: dict, model_class: type | None = None) -> dict:
         "mse_test": round(float(model.metrics_["mse_test"]), 3),
         "coverage_90": round(float(cal["coverage"]), 2),
         "sd_error_spearman": round(float(cal["sd_error_spearman"]), 2),
+        "width_error_spearman": round(float(cal["width_error_spearman"]), 2),
         "spread_error_spearman": spread,
         "stage1_epochs": len(model.history_["stage1"]),
         "initial_time": model.initial_time_["used"],

@@ -31,7 +31,12 @@ from velovae_scvelo_sim import run, score_fit
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-SETTINGS = ['{"initial_time": "steady_state"}', '{"variant": "basic"}', '{"encoder_dropout": 0.2}']
+SETTINGS = [
+    '{"initial_time": "steady_state"}',
+    '{"variant": "basic"}',
+    '{"encoder_dropout": 0.2}',
+    '{"n_starts": 2}',
+]
 
 
 def _datasets(scvelo_python: str, cache: Path) -> dict:
@@ -52,7 +57,7 @@ def _datasets(scvelo_python: str, cache: Path) -> dict:
 
 
 def _rows(args: argparse.Namespace, cache: Path) -> Iterator[dict]:
-    keys = ("latent_time_spearman", "mse_test", "coverage_90", "sd_error_spearman", "fit_s")
+    keys = ("latent_time_spearman", "mse_test", "coverage_90", "sd_error_spearman", "width_error_spearman", "fit_s")
     for name, adata in _datasets(args.scvelo_python, cache).items():
         for setting in ["{}", *args.settings]:
             scores = score_fit(adata.copy(), json.loads(setting))

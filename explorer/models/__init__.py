@@ -114,7 +114,10 @@ register_model(
     "velovae",
     "vae:VeloVAE",
     shows=("cell_points", "latent_time", "uncertainty"),
-    description="VeloVAE: variational mixture of ODEs with latent time, cell state and uncertainty",
+    description=(
+        "VeloVAE: variational mixture of ODEs with latent time, cell state and uncertainty; "
+        "n_starts=2 (two fits, twice the time) gives time intervals that hold where lineages differ"
+    ),
 )
 register_model(
     "vector_field",
