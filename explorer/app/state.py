@@ -944,12 +944,18 @@ class ExplorerState(param.Parameterized):
         """``(t, value, kind)``: the selected gene's curve against latent time, or None without latent time.
 
         See :func:`explorer.app.readouts.time_curve`: the active fit's values binned along
-        latent time (``kind="fit"``), else the observed values' mean (``"trend"``).
+        latent time (``kind="fit"``), else the observed values' mean (``"trend"``). None too
+        where the active fit's lineage lines (:meth:`lineage_lines`) stand for the fit: the
+        mean over all cells at a time mixes lineages whose values part, and drew a line
+        through none of their cells (the bundled sample's gene_0003 from 0.6 on, between
+        lineage A's rise and lineage B's zero).
         """
         found = self._time_values(what)
         if found is None:
             return None
         t_used, _, fitted, observed, bins = found
+        if self.lineage_lines(what):
+            return None
         return readouts.time_curve(t_used, observed, fitted, bins=bins)
 
     def lineage_lines(self, what: Literal["Ms", "Mu", "velocity"]) -> tuple[readouts.LineageLine, ...] | None:
@@ -957,7 +963,7 @@ class ExplorerState(param.Parameterized):
 
         The active fit's lineages (:meth:`lineages`; VeloVAE's full model) on the time views
         (:func:`explorer.app.readouts.lineage_lines`): its predicted ``Ms`` / ``Mu`` and its
-        velocity per lineage, where the red line mixes the lineages at each time.
+        velocity per lineage, in place of the red line, which would mix the lineages at each time.
         """
         found = self.lineages() if self.fit is not None and self.adata is not None else None
         values = None if found is None else self._time_values(what)

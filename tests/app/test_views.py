@@ -437,6 +437,11 @@ def test_time_views_draw_one_line_per_lineage_in_its_colour(timed_adata, tmp_pat
             assert sorted(drawn) == ["#006600", "#660000"]  # darker than the dots: 0.6 of each channel
             np.testing.assert_allclose(drawn["#660000"], lines["A"].value, rtol=1e-5)
             np.testing.assert_allclose(drawn["#006600"], lines[b].value, rtol=1e-5)
+            # no red line over all cells: where the lineages part it ran between them, through
+            # none of their cells (the lines stand for the fit)
+            for what in ("Ms", "Mu", "velocity"):
+                assert state.time_curve(what) is None
+                assert len(views["time"].curves_live[what].shown[what]) == 0
         # what the view sends is what a drawing of the lines holds
         lines = state.lineage_lines("Ms")
         source = hv.render(plots.lineage_lines(lines, labels=("latent time", "Ms"))).renderers[0].data_source
@@ -454,6 +459,7 @@ def test_time_views_draw_one_line_per_lineage_in_its_colour(timed_adata, tmp_pat
         # another model active (no cell state): the lines go, and come back with the fit
         state.run_model("steady_state").join(120)
         assert state.model == "steady_state" and views["time"].lines_live["Ms"].shown["xs"] == []
+        assert len(views["time"].curves_live["Ms"].shown["Ms"]) > 0  # its red line is back
         state.model = "velovae"
         assert len(views["time"].lines_live["Ms"].shown["xs"]) == 2
 

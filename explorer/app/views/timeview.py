@@ -20,8 +20,9 @@ _WHAT: tuple[Literal["Ms", "Mu", "velocity"], ...] = ("Ms", "Mu", "velocity")
 class GeneTimeView(pn.viewable.Viewer):
     """Three linked scatters against latent time; click a cell in any of them to select it.
 
-    With the active fit's lineages (VeloVAE's full model) each plot also draws one line per
-    lineage in a darker shade of its cell type's colour (:meth:`ExplorerState.lineage_lines`);
+    With the active fit's lineages (VeloVAE's full model) each plot draws one line per
+    lineage in a darker shade of its cell type's colour (:meth:`ExplorerState.lineage_lines`)
+    instead of the red line (the fit's mean over all cells, which would mix the lineages);
     like the red line, they follow the gene and the fit without a HoloViews update.
     """
 
@@ -128,16 +129,19 @@ class GeneTimeView(pn.viewable.Viewer):
         return self._curve_note() + (f"  \n*Velocity plot: {markdown_text(gap)}.*" if gap else "")
 
     def _curve_note(self) -> str:
+        model = markdown_text(self.state.model)
+        lines = self._lines("Ms")
+        if lines:
+            # the lineages' lines stand for the fit: no red line over all cells (ExplorerState.time_curve)
+            shade = "Lines in a darker shade of each type's colour, each lineage"
+            each = plots.lineages_html(lines, shade, text=markdown_text)
+            return (
+                f"{each}: the **{model}** fit's predicted values of the cells, averaged along latent "
+                "time within each lineage (no line over all cells: it would mix lineages whose values part)."
+            )
         found = self.state.time_curve("Ms")
         if found is not None and found[2] == "fit":
-            model = markdown_text(self.state.model)
             if "curve" in self.state.fit_shows():
                 return f"Red line: the **{model}** fit at each cell's gene time, averaged along latent time."
-            lines = self._lines("Ms")
-            each = ""
-            if lines:
-                shade = "; lines in a darker shade of each type's colour, each lineage"
-                each = plots.lineages_html(lines, shade, text=markdown_text)
-            averaged = "predicted values of the cells, averaged along latent time"
-            return f"Red line: the **{model}** fit's {averaged}{each}."
+            return f"Red line: the **{model}** fit's predicted values of the cells, averaged along latent time."
         return "Red line: the mean along latent time (no kinetic fit for this gene)."
