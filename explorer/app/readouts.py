@@ -809,11 +809,40 @@ def time_curve(
     The fit's values per cell (:func:`fitted_at_cells`, ``kind="fit"``) when there are any,
     else the ``observed`` values (``kind="trend"``; needed only then). ``bins`` may pass
     :func:`~explorer.app.geometry.time_bins` of ``t`` computed before.
+
+    The fit's curve is broken (NaN) at a bin whose mean no cell's fitted value is within
+    :data:`CURVE_GAP_SHARE` of the gene's fitted range of: the cells at that time part
+    (two lineages, one expressing the gene and one not, each cell at its own gene time), and
+    the mean lay between them, a line through none of the cells (the dynamical model on the
+    bundled sample's gene_0003 from latent time 0.5 on).
     """
     bins = bins if bins is not None else time_bins(t)
     values, kind = (observed, "trend") if fitted is None else (fitted, "fit")
     x, y = binned_mean(t, values, bins=bins)
+    if kind == "fit" and len(y):
+        y = _break_between_cells(np.asarray(values, dtype=np.float64), bins[0], len(bins[1]), y)
     return x, y, kind
+
+
+#: the fit's time curve is broken at a bin whose nearest cell is farther from the bin's mean
+#: than this share of the gene's fitted range (:func:`time_curve`)
+CURVE_GAP_SHARE = 0.05
+
+
+def _break_between_cells(
+    values: np.ndarray, which: np.ndarray, n_bins: int, mean: np.ndarray
+) -> np.ndarray:
+    """``mean`` (the filled bins' means, as :func:`binned_mean` gives them), NaN where no cell is near it."""
+    ok = (which >= 0) & np.isfinite(values)
+    which, values = which[ok], values[ok]
+    filled = np.bincount(which, minlength=n_bins) > 0
+    per_bin = np.full(n_bins, np.nan)
+    per_bin[filled] = mean
+    nearest = np.full(n_bins, np.inf)
+    np.minimum.at(nearest, which, np.abs(values - per_bin[which]))
+    span = float(values.max() - values.min()) if len(values) else 0.0
+    apart = nearest[filled] > CURVE_GAP_SHARE * span
+    return np.where(apart, np.nan, mean)
 
 
 # --------------------------------------------------------------- gene table

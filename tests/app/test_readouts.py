@@ -336,6 +336,36 @@ def test_fitted_at_cells_and_time_curve(toy_adata):
     np.testing.assert_allclose(y, [2.0, 4.0])
 
 
+def test_the_fits_time_curve_breaks_where_the_cells_part():
+    """Where the cells at one time have fitted values that part (two lineages), no mean is drawn between them.
+
+    By hand, four bins: a rise shared by all cells, then lineage A rising on and lineage B
+    at 0. The mean of the parted bins (5 and 7.5) has no cell within 5% of the range (0 to
+    15) of it; a steep but unbroken spread of values (bin 1, 0 to 4 evenly) keeps its mean.
+    """
+    t = np.repeat([0.1, 0.35, 0.6, 0.85], 5)
+    fitted = np.concatenate(
+        [
+            [0.0, 1.0, 2.0, 3.0, 4.0],  # one rise, cells all along it: mean 2, a cell at 2
+            [4.0, 4.5, 5.0, 5.5, 6.0],
+            [10.0, 10.0, 10.0, 0.0, 0.0],  # A at 10, B at 0: mean 6, nearest cell 4 away
+            [15.0, 15.0, 15.0, 15.0, 0.0],  # mostly A: mean 12, nearest cell 3 away
+        ]
+    )
+    bins = time_bins(t, n_bins=4)
+    x, y, kind = readouts.time_curve(t, None, fitted, bins=bins)
+    assert kind == "fit" and len(x) == 4
+    np.testing.assert_allclose(y[:2], [2.0, 5.0])
+    assert np.isnan(y[2:]).all()
+    # B's cells at 10 instead of 0: bin 2 is one value (drawn); bin 3's mean (14, between four
+    # cells at 15 and one at 10) is 1 from the nearest cell, over 5% of the range 1-15 (0.7)
+    _, y, _ = readouts.time_curve(t, None, np.where(fitted > 0, fitted, 10.0), bins=bins)
+    assert np.isfinite(y[:3]).all() and np.isnan(y[3])
+    # the observed values' trend is never broken
+    _, y, kind = readouts.time_curve(t, fitted, None, bins=bins)
+    assert kind == "trend" and np.isfinite(y).all()
+
+
 # --------------------------------------------------------------- gene table
 def test_gene_trust_by_hand():
     index = pd.Index(["good", "poor", "unfitted", "late"])

@@ -141,7 +141,8 @@ class GeneTimeView(pn.viewable.Viewer):
             )
         found = self.state.time_curve("Ms")
         if found is not None and found[2] == "fit":
+            along = "averaged along latent time (broken where the cells at one time part)"
             if "curve" in self.state.fit_shows():
-                return f"Red line: the **{model}** fit at each cell's gene time, averaged along latent time."
-            return f"Red line: the **{model}** fit's predicted values of the cells, averaged along latent time."
+                return f"Red line: the **{model}** fit at each cell's gene time, {along}."
+            return f"Red line: the **{model}** fit's predicted values of the cells, {along}."
         return "Red line: the mean along latent time (no kinetic fit for this gene)."
