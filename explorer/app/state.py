@@ -965,12 +965,17 @@ class ExplorerState(param.Parameterized):
         (:func:`explorer.app.readouts.lineage_lines`): its predicted ``Ms`` / ``Mu`` and its
         velocity per lineage, in place of the red line, which would mix the lineages at each time.
         """
-        found = self.lineages() if self.fit is not None and self.adata is not None else None
+        fit = self.fit
+        found = self.lineages() if fit is not None and self.adata is not None else None
         values = None if found is None else self._time_values(what)
         if values is None:
             return None
         t_used, cells, fitted, observed, _ = values
-        return readouts.lineage_lines(t_used, observed if fitted is None else fitted, found, cells=cells)
+        # remembered: time_curve asks whether there are lines before the view draws them
+        return self._remember(
+            ("lineage lines", fit.key, self.gene_index, what),
+            lambda: readouts.lineage_lines(t_used, observed if fitted is None else fitted, found, cells=cells),
+        )
 
     def _time_values(self, what: Literal["Ms", "Mu", "velocity"]) -> tuple[Any, ...] | None:
         """``(t, cells, fitted, observed, bins)`` the time views average, or None without latent time.
