@@ -745,6 +745,38 @@ def test_lineage_curves_follow_each_lineages_predicted_cells_by_hand():
     assert "per-lineage curves along latent time" in plots.fits_legend_html(fits)
 
 
+def test_a_lineage_curve_follows_its_cells_where_they_crowd_in_time():
+    """300 cells of one lineage, 240 of them crowded into the last 5% of latent time, rising there.
+
+    As the pancreas' Beta cells (latent time 0.88-1, Ins2 from 3 to 93 along it): bins of
+    equal time put the crowd in one or two bins, whose mean (about half the crowd's top)
+    ended the curve; bins of about equal numbers of cells follow the crowd, so the curve's
+    last point is the mean of its last 15 cells (s 0.97-1.0), and its points rise in time order.
+    """
+    n_early, n_crowd = 60, 240
+    t = np.concatenate([np.linspace(0, 0.95, n_early, endpoint=False), np.linspace(0.95, 1, n_crowd)])
+    s = np.concatenate([np.zeros(n_early), np.linspace(0, 1, n_crowd)])[:, None]
+    adata = AnnData(
+        np.zeros((len(t), 1), dtype=np.float32),
+        obs=pd.DataFrame(
+            {Key.obs.CLUSTERS: pd.Categorical(["A"] * len(t))}, index=[f"c{i}" for i in range(len(t))]
+        ),
+        var=pd.DataFrame(index=["g"]),
+    )
+    state = np.random.default_rng(0).normal(0, 0.1, (len(t), 2))
+    points = {Key.layers.PREDICTED_S: s, Key.layers.PREDICTED_U: 2 * s}
+    result = _result("velovae", adata, latent_time=t, layers=points, obsm={Key.obsm.CELL_STATE: state})
+    found = readouts.lineages(adata, _fit(result))
+    (curve,) = readouts.lineage_curves(_fit(result), 0, found)
+    assert not np.isnan(curve.s).any()  # 0.016 apart at most: no stretch without cells
+    assert len(curve.s) == readouts.LINEAGE_BINS  # 300 cells in bins of 15
+    assert curve.s[-1] == pytest.approx(np.linspace(0, 1, n_crowd)[-15:].mean())
+    assert np.all(np.diff(curve.s[4:]) > 0)  # the crowd's 16 bins, rising
+    np.testing.assert_allclose(curve.u, 2 * curve.s)
+    (line,) = readouts.lineage_lines(t, s[:, 0], found)
+    assert line.t[-1] == pytest.approx(t[-15:].mean()) and line.value[-1] == pytest.approx(curve.s[-1])
+
+
 def test_cell_types_are_found_under_their_usual_names_before_any_categorical_column():
     """``clusters``, then the rest of CELL_TYPE_COLUMNS (any case), then the first categorical column."""
     index = [f"c{i}" for i in range(4)]

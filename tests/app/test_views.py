@@ -352,6 +352,45 @@ def test_a_cluster_key_the_data_lacks_starts_at_its_cell_types(app, app_adata):
     assert runner._widgets["cluster_key"].value == Key.obs.CLUSTERS
 
 
+def test_time_views_hide_while_the_active_fit_has_no_latent_time(app_adata, tmp_path):
+    """The three time plots join the page with a fit that has a latent time and hide for one without.
+
+    DeepVelo (per-cell rates, no latent time) made active after VeloVAE left three empty
+    axes under the note that there is no latent time; now they hide, and come back with
+    the timed fit.
+    """
+    from explorer.app.jobs import Fit
+    from explorer.models.base import VelocityResult
+
+    def result(model: str, latent_time: np.ndarray | None) -> VelocityResult:
+        return VelocityResult(
+            model=model,
+            params={},
+            obs_names=app_adata.obs_names,
+            var_names=app_adata.var_names,
+            velocity=np.ones(app_adata.shape, dtype=np.float32),
+            gene_params=pd.DataFrame(index=app_adata.var_names),
+            velocity_genes=np.ones(app_adata.n_vars, dtype=bool),
+            latent_time=latent_time,
+        )
+
+    doc = Document()
+    with set_curdoc(doc):
+        page = create_app(app_adata.copy(), data_dir=tmp_path)
+        page.server_doc(doc)
+        state, view = page.app.state, page.app.views["time"]
+        assert not view.slot.objects and not view.slot.visible  # no latent time anywhere yet
+        t = np.linspace(0, 1, app_adata.n_obs, dtype=np.float32)
+        state._add_fit(Fit(label="velovae", key=("velovae", ()), result=result("velovae", t)))
+        assert view.slot.objects and view.slot.visible
+        state._add_fit(Fit(label="deepvelo", key=("deepvelo", ()), result=result("deepvelo", None)))
+        assert state.model == "deepvelo" and state.latent_time() is None
+        assert not view.slot.visible
+        assert "The active fit has no latent time; **velovae** has one" in view._note()
+        state.model = "velovae"
+        assert view.slot.visible
+
+
 def test_time_views_draw_one_line_per_lineage_in_its_colour(timed_adata, tmp_path):
     """A VeloVAE-like fit with a cell state: each time plot draws each lineage's mean, per gene.
 
@@ -418,19 +457,21 @@ def test_time_views_draw_one_line_per_lineage_in_its_colour(timed_adata, tmp_pat
             assert sorted(lines) == sorted(["A", b])
             mine = {"A": labels != b, b: labels == b}
             for name, line in lines.items():
-                which, _ = readouts.time_bins(t[mine[name]], n_bins=readouts.LINEAGE_BINS)
-                counts = np.bincount(which, minlength=readouts.LINEAGE_BINS)
-                predicted = (ms[:, j] * half[:, 0])[mine[name]]
-                sums = np.bincount(which, weights=predicted, minlength=readouts.LINEAGE_BINS)
-                filled = counts >= readouts.MIN_BIN_CELLS
-                # a NaN (a break in the line) between filled bins that are not next to each other
+                # by hand: the lineage's cells in time order, cut where two in a row are over
+                # 1/20 of its span apart, each stretch of 5 or more cells in bins of about
+                # 1/20 of the lineage's cells
+                order = np.argsort(t[mine[name]], kind="stable")
+                ts, predicted = t[mine[name]][order], (ms[:, j] * half[:, 0])[mine[name]][order]
+                cuts = np.flatnonzero(np.diff(ts) > (ts[-1] - ts[0]) / readouts.LINEAGE_BINS) + 1
+                size = max(readouts.MIN_BIN_CELLS, -(-len(ts) // readouts.LINEAGE_BINS))
                 expected = []
-                for k in np.flatnonzero(filled):
-                    if expected and not filled[k - 1]:
-                        expected.append(np.nan)
-                    expected.append(sums[k] / counts[k])
+                for stretch in np.split(predicted, cuts):
+                    if len(stretch) >= readouts.MIN_BIN_CELLS:
+                        expected += ([np.nan] if expected else []) + [
+                            part.mean() for part in np.array_split(stretch, max(1, len(stretch) // size))
+                        ]
                 np.testing.assert_allclose(line.value, expected, rtol=1e-5)
-            assert np.isnan(lines[b].value).any()  # B has bins of under MIN_BIN_CELLS cells: breaks
+                assert np.all(np.diff(line.t[np.isfinite(line.t)]) > 0)  # in time order
             # in the browser: one line per lineage, in its type's colour, with this gene's values
             shown = views["time"].lines_live["Ms"].shown
             drawn = dict(zip(shown["color"], shown["ys"], strict=True))

@@ -108,12 +108,16 @@ class GeneTimeView(pn.viewable.Viewer):
             pn.bind(self._note, state.param.model, state.param.results, state.param.gene), margin=(0, 10)
         )
         # the three plots join the page when the active fit first has a latent time: until
-        # then they would be empty axes, which cost every opening page a third of its drawing
+        # then they would be empty axes, which cost every opening page a third of its drawing;
+        # they hide again while the active fit has none (DeepVelo after VeloVAE left them empty)
         slot = pn.Column()
+        self.slot = slot
 
         def show(*_: Any) -> None:
-            if not slot.objects and state.latent_time() is not None:
+            timed = state.latent_time() is not None
+            if not slot.objects and timed:
                 slot.objects = [pn.Row(*(pn.pane.HoloViews(self.plots[w], name=f"time {w}") for w in _WHAT))]
+            slot.visible = timed
 
         state.param.watch(show, ["model", "results", "adata"])
         show()
@@ -121,6 +125,11 @@ class GeneTimeView(pn.viewable.Viewer):
 
     def _note(self, *_: Any) -> str:
         if self.state.latent_time() is None:
+            fits = self.state.results.items()
+            timed = [label for label, fit in fits if self.state.latent_time(fit) is not None]
+            if timed:  # another fit of this session has one
+                names = ", ".join(f"**{markdown_text(label)}**" for label in timed)
+                return f"*The active fit has no latent time; {names} has one: choose it under Active model.*"
             return (
                 "*No latent time yet: run a model that orders cells in time (one that shows a latent time).*"
             )
