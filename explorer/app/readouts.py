@@ -2035,7 +2035,7 @@ def _lineage_means(
     out = []
     for i, (name, color) in enumerate(zip(found.names, found.colors, strict=True)):
         mine = np.flatnonzero((codes == i) & finite)
-        mine = mine[np.argsort(t[mine], kind="stable")]
+        mine = mine[np.argsort(t[mine])]
         starts, stops, breaks = _cell_bins(t[mine])
         if len(starts) < 2:  # noqa: PLR2004 - a curve needs two points
             continue
