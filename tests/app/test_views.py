@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -352,6 +353,23 @@ def test_a_cluster_key_the_data_lacks_starts_at_its_cell_types(app, app_adata):
     assert runner._widgets["cluster_key"].value == Key.obs.CLUSTERS
 
 
+def _result_of(adata, model: str, latent_time: np.ndarray | None, **parts: Any) -> Any:
+    """A ``model`` fit of ``adata`` with unit velocities, no per-gene columns and ``parts``."""
+    from explorer.models.base import VelocityResult
+
+    return VelocityResult(
+        model=model,
+        params={},
+        obs_names=adata.obs_names,
+        var_names=adata.var_names,
+        velocity=np.ones(adata.shape, dtype=np.float32),
+        gene_params=pd.DataFrame(index=adata.var_names),
+        velocity_genes=np.ones(adata.n_vars, dtype=bool),
+        latent_time=latent_time,
+        **parts,
+    )
+
+
 def test_time_views_hide_while_the_active_fit_has_no_latent_time(app_adata, tmp_path):
     """The three time plots join the page with a fit that has a latent time and hide for one without.
 
@@ -360,19 +378,9 @@ def test_time_views_hide_while_the_active_fit_has_no_latent_time(app_adata, tmp_
     the timed fit.
     """
     from explorer.app.jobs import Fit
-    from explorer.models.base import VelocityResult
 
-    def result(model: str, latent_time: np.ndarray | None) -> VelocityResult:
-        return VelocityResult(
-            model=model,
-            params={},
-            obs_names=app_adata.obs_names,
-            var_names=app_adata.var_names,
-            velocity=np.ones(app_adata.shape, dtype=np.float32),
-            gene_params=pd.DataFrame(index=app_adata.var_names),
-            velocity_genes=np.ones(app_adata.n_vars, dtype=bool),
-            latent_time=latent_time,
-        )
+    def result(model: str, latent_time: np.ndarray | None) -> Any:
+        return _result_of(app_adata, model, latent_time)
 
     doc = Document()
     with set_curdoc(doc):
@@ -405,7 +413,6 @@ def test_time_views_draw_one_line_per_lineage_in_its_colour(timed_adata, tmp_pat
 
     from explorer.app import readouts
     from explorer.app.jobs import Fit
-    from explorer.models.base import VelocityResult
 
     adata = timed_adata.copy()
     t = adata.obs[Key.obs.LATENT_TIME].to_numpy()
@@ -419,15 +426,10 @@ def test_time_views_draw_one_line_per_lineage_in_its_colour(timed_adata, tmp_pat
     state_c = np.array([centre[x] for x in labels]) + np.random.default_rng(0).normal(0, 0.1, (len(t), 2))
     ms, mu = (readouts._dense_layer(adata.layers[k]).astype(float) for k in (Key.layers.MS, Key.layers.MU))
     half = np.where(labels == b, 0.5, 1.0)[:, None]
-    result = VelocityResult(
-        model="velovae",
-        params={},
-        obs_names=adata.obs_names,
-        var_names=adata.var_names,
-        velocity=np.ones(adata.shape, dtype=np.float32),
-        gene_params=pd.DataFrame(index=adata.var_names),
-        velocity_genes=np.ones(adata.n_vars, dtype=bool),
-        latent_time=t.astype(np.float32),
+    result = _result_of(
+        adata,
+        "velovae",
+        t.astype(np.float32),
         layers={
             Key.layers.PREDICTED_S: (ms * half).astype(np.float32),
             Key.layers.PREDICTED_U: (mu * half).astype(np.float32),
