@@ -6,16 +6,19 @@ lineage B runs every shared gene at 0.3 of lineage A's rate; with
 ``lineage_rate_range=(0.25, 1)``, a factor per lineage and gene (``velovae_simulations.py``'s
 "rates differ", there seeds 1-2 only); and, for comparison, with neither (the tests' own). A
 graph pseudotime sees a slower lineage's cells move less and misplaces them; so may any time
-read off expression. Each
-simulation is fitted by the full model and the basic one from five starts, the same seed and
-split: the default (DPT's initial time), the steady-state fit's latent time, **the true time**
-(a diagnostic: ``_TrueStart`` hands the simulator's time to the fit as its initial time, with
-the default's weak prior), four capture times (``obs['capture_time']``, the true time's
-quarter, an idealised time course, through ``time_key``, whose prior holds each cell within
-its capture interval) and four overlapping capture times (the quarters of the true time plus
-noise of SD 0.1 of its span: Spearman about 0.92 with the true time, as real time courses
-overlap, which the prior does not expect), and ``n_starts=2`` (a fit from DPT's initial
-time and one from the steady-state time, pooled by ``ensemble_time``). Every fit is scored by the same function
+read off expression. Each simulation is fitted by the full model and the basic one from seven
+starts (``--starts`` chooses), the same seed and split: the default (DPT's initial time), the
+steady-state fit's latent time, **the true time** (a diagnostic: ``_TrueStart`` hands the
+simulator's time to the fit as its initial time, with the default's weak prior), four capture
+times (``obs['capture_time']``, the true time's quarter, an idealised time course, through
+``time_key``, whose prior holds each cell within its capture interval) and four overlapping
+capture times (the quarters of the true time plus noise of SD 0.1 of its span: Spearman about
+0.92 with the true time, as real time courses overlap, which the prior does not expect), and
+``n_starts=2`` (a fit from DPT's initial time and one from the steady-state time, pooled by
+``ensemble_time``), and, as a diagnostic, two fits from DPT's initial time with training seeds
+0 and 1, pooled alike (``_SameStart``; ``--starts "two DPT starts pooled" --models full --out
+...`` runs it alone). Every fit is
+scored by the same function
 (:func:`velovae_scvelo_sim.score_fit`): Spearman correlation of ``latent_time`` with the
 true time, ``lineage_offset`` (lineage B's mean rank error minus A's, as a share of the
 cells), the held-out MSE, and how the time SD and ``obs['latent_time_start_spread']`` rank
@@ -23,7 +26,8 @@ the cells by their time error.
 
 Usage::
 
-    python benchmarks/velovae_lineage_rates.py [--seeds 1 2 3 4] [--out FILE]
+    python benchmarks/velovae_lineage_rates.py [--seeds 1 2 3 4] [--starts ...] [--models full basic]
+        [--out FILE]
 
 It prints a table and writes ``benchmarks/results/velovae_lineage_rates.json`` (or ``--out``).
 """
@@ -52,7 +56,10 @@ STARTS = {
     "4 capture times": {"time_key": "capture_time"},
     "4 overlapping capture times": {"time_key": "capture_time_overlapping"},
     "two starts pooled": {"n_starts": 2},
+    "two DPT starts pooled": {"n_starts": 2},
 }
+#: starts fitted by another class than VeloVAE (diagnostics, not models)
+START_CLASSES = {"true time": "_true_start_class", "two DPT starts pooled": "_same_start_class"}
 
 
 def _true_start_class() -> type:
@@ -68,9 +75,31 @@ def _true_start_class() -> type:
     return _TrueStart
 
 
+def _same_start_class() -> type:
+    from explorer.models.vae import VeloVAE
+
+    class _SameStart(VeloVAE):
+        """``n_starts`` fits all from ``initial_time`` (DPT), training seeds ``seed + k``, the first split.
+
+        A diagnostic: is it the second initial time or only a second training run that
+        makes the pooled intervals cover?
+        """
+
+        def _start(self, adata, k, progress, earlier):  # noqa: ANN001, ANN202, ARG002
+            split = self.seed if self.split_seed is None else self.split_seed
+            params = {"n_starts": 1, "initial_time": self.initial_time, "seed": self.seed + k}
+            params["split_seed"] = split
+            member = VeloVAE(**{**self.get_params(), **params})
+            return member, member.fit(adata)
+
+    return _SameStart
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4])
+    parser.add_argument("--starts", nargs="+", default=list(STARTS), choices=list(STARTS))
+    parser.add_argument("--models", nargs="+", default=["full", "basic"], choices=["full", "basic"])
     parser.add_argument("--out", type=Path, default=RESULTS / "velovae_lineage_rates.json")
     args = parser.parse_args()
 
@@ -92,9 +121,10 @@ def main() -> None:
         noisy = true_t + np.random.default_rng(seed).normal(0, 0.1 * np.ptp(true_t), len(true_t))
         edges = np.quantile(noisy, [0.25, 0.5, 0.75])
         adata.obs["capture_time_overlapping"] = np.digitize(noisy, edges).astype(float)
-        for start, kwargs in STARTS.items():
-            cls = _true_start_class() if start == "true time" else None
-            for variant in ("full", "basic"):
+        for start in args.starts:
+            kwargs = STARTS[start]
+            cls = globals()[START_CLASSES[start]]() if start in START_CLASSES else None
+            for variant in args.models:
                 scores = score_fit(adata.copy(), {**kwargs, "variant": variant}, model_class=cls)
                 row = {"simulation": simulation, "seed": seed, "start": start, "model": variant}
                 row.update({k: scores[k] for k in keys})
