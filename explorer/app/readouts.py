@@ -2057,7 +2057,7 @@ def _cell_bins(t: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[int]]:
     holds cells ``starts[k]:stops[k]``; ``breaks``: the bins before which a stretch left
     a gap. Equal bins of time rather than of cells gave the pancreas' Beta cells, all
     between latent time 0.88 and 1 and ordered within it (Ins2 from 3 to 93 along it),
-    two bins, whose last mean (35) drew Beta's Ins2 curve to a third of its cells' height.
+    two bins, whose last mean (43) ended Beta's Ins2 curve among cells that reach 109.
     """
     n = len(t)
     if n < MIN_BIN_CELLS:

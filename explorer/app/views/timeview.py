@@ -129,7 +129,8 @@ class GeneTimeView(pn.viewable.Viewer):
             timed = [label for label, fit in fits if self.state.latent_time(fit) is not None]
             if timed:  # another fit of this session has one
                 names = ", ".join(f"**{markdown_text(label)}**" for label in timed)
-                return f"*The active fit has no latent time; {names} has one: choose it under Active model.*"
+                has = "has one: choose it" if len(timed) == 1 else "have one: choose one"
+                return f"*The active fit has no latent time; {names} {has} under Active model.*"
             return (
                 "*No latent time yet: run a model that orders cells in time (one that shows a latent time).*"
             )
