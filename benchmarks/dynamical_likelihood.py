@@ -1,8 +1,10 @@
 """Benchmark: explorer's and scVelo's dynamical fits on the same cells, scored by scVelo's likelihood.
 
 For the bundled sample (``explorer/sample_data/default.h5ad``, already preprocessed: the
-dynamical model is fitted on its ``Ms``/``Mu`` as ``explorer fit`` would) and the real
-pancreas (3,696 cells, ``explorer.pipeline.prepare(seed=0)``): explorer's dynamical model
+dynamical model is fitted on its ``Ms``/``Mu`` as ``explorer fit`` would), the real
+pancreas (3,696 cells, ``explorer.pipeline.prepare(seed=0)``) and scVelo's own simulator
+(``scvelo_sim_SEED``: 1,000 cells, 300 genes, ``t_max=25``, heterogeneous rates, drawn and
+preprocessed by scVelo, ``bench_dynamical.scvelo_simulation``): explorer's dynamical model
 (seed 0, its default genes) is fitted and written with scVelo's keys; then, in scVelo's own
 virtual environment (``_scvelo_likelihood_worker.py``; never a dependency of explorer),
 scVelo's ``recover_dynamics`` fits the same genes on the same ``Ms``/``Mu``, and scVelo's
@@ -16,7 +18,8 @@ for like. A like-for-like check of fit quality with the peer's own function
 (``bench_dynamical.py`` reports each tool's own ``fit_likelihood``). Usage::
 
     python benchmarks/dynamical_likelihood.py [--scvelo-python .venv-compat/bin/python]
-        [--datasets sample pancreas_3696] [--params '{"max_cells_em": null}'] [--connected-states on off]
+        [--datasets sample pancreas_3696 scvelo_sim_1 scvelo_sim_2] [--params '{"max_cells_em": null}']
+        [--connected-states on off]
         [--out benchmarks/results/dynamical_likelihood.json]
 
 Prints a table and writes JSON (per data set: the summary and every gene's two values).
@@ -44,7 +47,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 NAMED = ("Cpe", "Pcsk2", "Gcg", "Ghrl", "Ins2", "gene_0003")
 
 
-def _load(name: str):
+def _load(name: str, scvelo_python: str, tmp: Path):
+    import anndata
+
     from explorer.data.io import read
     from explorer.pipeline import prepare
 
@@ -54,7 +59,12 @@ def _load(name: str):
         adata = read(SHARED / "data" / "pancreas_endocrinogenesis_3696.h5ad")
         prepare(adata, seed=0)
         return adata
-    raise SystemExit(f"unknown data set {name!r}; expected 'sample' or 'pancreas_3696'")
+    if name.startswith("scvelo_sim_"):
+        from bench_dynamical import scvelo_simulation
+
+        seed = int(name.rsplit("_", 1)[1])
+        return anndata.read_h5ad(scvelo_simulation(scvelo_python, tmp, 1000, 300, 25, seed))
+    raise SystemExit(f"unknown data set {name!r}; expected 'sample', 'pancreas_3696' or 'scvelo_sim_SEED'")
 
 
 def compare(name: str, scvelo_python: str, tmp: Path, params: dict, connected: str) -> dict:
@@ -65,7 +75,7 @@ def compare(name: str, scvelo_python: str, tmp: Path, params: dict, connected: s
     from explorer.data.io import write
     from explorer.models import get_model
 
-    adata = _load(name)
+    adata = _load(name, scvelo_python, tmp)
     start = time.perf_counter()
     params = {"seed": 0, **params, "connected_states": connected == "on"}
     get_model("dynamical", **params).fit(adata).to_adata(adata)
@@ -119,7 +129,8 @@ def print_table(rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scvelo-python", default=str(ROOT / ".venv-compat" / "bin" / "python"))
-    parser.add_argument("--datasets", nargs="*", default=["sample", "pancreas_3696"])
+    datasets = ["sample", "pancreas_3696", "scvelo_sim_1", "scvelo_sim_2"]
+    parser.add_argument("--datasets", nargs="*", default=datasets)
     parser.add_argument("--params", type=json.loads, default={}, help="explorer's model parameters, as JSON")
     parser.add_argument("--connected-states", nargs="*", default=["on", "off"], choices=["on", "off"])
     parser.add_argument("--out", type=Path, default=RESULTS / "dynamical_likelihood.json")
