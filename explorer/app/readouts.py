@@ -1871,7 +1871,8 @@ END_TYPE_QUANTILE = 0.5
 #: a lineage needs this share of the cells to get a curve
 MIN_LINEAGE_SHARE = 0.02
 #: bins of cells along each lineage's curve (about as many cells in each), and the fewest
-#: cells a bin needs; a gap in time of 1/LINEAGE_BINS of the lineage's span breaks the curve
+#: cells a bin needs; a gap in time of 1/LINEAGE_BINS of the lineage's span (or more for a
+#: small lineage, see _cell_bins) breaks the curve
 LINEAGE_BINS, MIN_BIN_CELLS = 20, 5
 
 
@@ -2051,29 +2052,33 @@ def _cell_bins(t: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """``(starts, stops, breaks)``: bins of a lineage's cells, ``t`` its cells' times in order.
 
     The cells are cut where two in a row lie further apart than 1/:data:`LINEAGE_BINS` of
-    the lineage's time span (a stretch without cells); each stretch of at least
-    :data:`MIN_BIN_CELLS` cells is cut into bins of ``len(t) / LINEAGE_BINS`` consecutive
-    cells or more (at least :data:`MIN_BIN_CELLS`), fewer stretches left out. Bin ``k``
-    holds cells ``starts[k]:stops[k]``; ``breaks``: the bins before which a stretch left
-    a gap. Equal bins of time rather than of cells gave the pancreas' Beta cells, all
-    between latent time 0.88 and 1 and ordered within it (Ins2 from 3 to 93 along it),
-    two bins, whose last mean (43) ended Beta's Ins2 curve among cells that reach 109.
+    the lineage's time span, or three times the widest gap ``n`` evenly random cells leave
+    (``span ln(n) / n``) if that is wider: a stretch without cells, not the spacing of a
+    small lineage (50 random cells were cut almost every time at 1/20). Each stretch of at
+    least ``2 MIN_BIN_CELLS`` cells is cut into two bins or more of ``len(t) / LINEAGE_BINS``
+    consecutive cells or more (at least :data:`MIN_BIN_CELLS`), shorter stretches left out
+    (one bin between two breaks would draw nothing). Bin ``k`` holds cells
+    ``starts[k]:stops[k]``; ``breaks``: the bins before which a stretch left a gap. Equal
+    bins of time rather than of cells gave the pancreas' Beta cells, all between latent
+    time 0.88 and 1 and ordered within it (Ins2 from 3 to 93 along it), two bins, whose
+    last mean (43) ended Beta's Ins2 curve among cells that reach 109.
     """
     n = len(t)
-    if n < MIN_BIN_CELLS:
+    if n < 2 * MIN_BIN_CELLS:
         return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64), []
     span = float(t[-1] - t[0]) or 1.0
-    edges = np.concatenate([[0], np.flatnonzero(np.diff(t) > span / LINEAGE_BINS) + 1, [n]])
+    gap = max(span / LINEAGE_BINS, 3 * span * np.log(n) / n)
+    edges = np.concatenate([[0], np.flatnonzero(np.diff(t) > gap) + 1, [n]])
     size = max(MIN_BIN_CELLS, -(-n // LINEAGE_BINS))
     stretches: list[np.ndarray] = []  # each kept stretch's bin edges
     breaks: list[int] = []
     kept = 0
     for lo, hi in zip(edges[:-1], edges[1:], strict=True):
-        if hi - lo < MIN_BIN_CELLS:
+        if hi - lo < 2 * MIN_BIN_CELLS:
             continue
         if kept:
             breaks.append(kept)
-        bins = np.array_split(np.arange(lo, hi), max(1, (hi - lo) // size))  # sizes differ by 1 at most
+        bins = np.array_split(np.arange(lo, hi), max(2, (hi - lo) // size))  # sizes differ by 1 at most
         stretches.append(np.array([b[0] for b in bins] + [hi]))
         kept += len(bins)
     if not stretches:

@@ -777,6 +777,28 @@ def test_a_lineage_curve_follows_its_cells_where_they_crowd_in_time():
     assert line.t[-1] == pytest.approx(t[-15:].mean()) and line.value[-1] == pytest.approx(curve.s[-1])
 
 
+def test_a_small_lineage_is_not_cut_by_its_own_spacing_and_no_bin_stands_alone():
+    """50 random cells of a lineage make one unbroken line; a 7-cell stretch apart is left out.
+
+    Cut at 1/20 of the span alone, 50 random times broke the line almost every time (their
+    widest gap is about span ln(50) / 50, 0.08 of it; here 0.065 against 1/20); and a stretch
+    of one bin between two breaks drew nothing (a point between NaNs). By hand: lineage A,
+    50 cells uniform in [0, 1]; lineage B, the same 50 and 7 more at 2.0-2.006, a gap of
+    1.0. Each line is its 50 cells' 10 bins of 5 alone, unbroken.
+    """
+    rng = np.random.default_rng(3)
+    early = np.sort(rng.uniform(0, 1, 50))
+    t = np.concatenate([early, early, np.linspace(2.0, 2.006, 7)])
+    values = np.arange(len(t), dtype=float)
+    codes = np.repeat([0, 1], [50, 57])
+    found = readouts.Lineages(codes=codes, names=("A", "B"), colors=("#000000", "#000000"))
+    lines = readouts.lineage_lines(t, values, found)
+    for line, first in zip(lines, (0, 50), strict=True):
+        assert not np.isnan(line.value).any(), line.name
+        np.testing.assert_allclose(line.value, values[first : first + 50].reshape(10, 5).mean(1))
+        np.testing.assert_allclose(line.t, early.reshape(10, 5).mean(1))
+
+
 def test_cell_types_are_found_under_their_usual_names_before_any_categorical_column():
     """``clusters``, then the rest of CELL_TYPE_COLUMNS (any case), then the first categorical column."""
     index = [f"c{i}" for i in range(4)]

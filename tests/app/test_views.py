@@ -460,17 +460,18 @@ def test_time_views_draw_one_line_per_lineage_in_its_colour(timed_adata, tmp_pat
             mine = {"A": labels != b, b: labels == b}
             for name, line in lines.items():
                 # by hand: the lineage's cells in time order, cut where two in a row are over
-                # 1/20 of its span apart, each stretch of 5 or more cells in bins of about
-                # 1/20 of the lineage's cells
+                # 1/20 of its span apart (or 3 span ln(n) / n), each stretch of 10 or more
+                # cells in two bins or more of about 1/20 of the lineage's cells
                 order = np.argsort(t[mine[name]], kind="stable")
                 ts, predicted = t[mine[name]][order], (ms[:, j] * half[:, 0])[mine[name]][order]
-                cuts = np.flatnonzero(np.diff(ts) > (ts[-1] - ts[0]) / readouts.LINEAGE_BINS) + 1
-                size = max(readouts.MIN_BIN_CELLS, -(-len(ts) // readouts.LINEAGE_BINS))
+                n, span = len(ts), ts[-1] - ts[0]
+                cuts = np.flatnonzero(np.diff(ts) > max(span / 20, 3 * span * np.log(n) / n)) + 1
+                size = max(5, -(-n // 20))
                 expected = []
                 for stretch in np.split(predicted, cuts):
-                    if len(stretch) >= readouts.MIN_BIN_CELLS:
+                    if len(stretch) >= 10:
                         expected += ([np.nan] if expected else []) + [
-                            part.mean() for part in np.array_split(stretch, max(1, len(stretch) // size))
+                            part.mean() for part in np.array_split(stretch, max(2, len(stretch) // size))
                         ]
                 np.testing.assert_allclose(line.value, expected, rtol=1e-5)
                 assert np.all(np.diff(line.t[np.isfinite(line.t)]) > 0)  # in time order
