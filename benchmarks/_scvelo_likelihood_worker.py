@@ -10,8 +10,9 @@ EXPLORER_FIT.h5ad is explorer's dynamical fit written with scVelo's keys (``Ms``
 ``DynamicsRecovery(load_pars=True).get_likelihood(refit_time=False)``: scVelo's likelihood
 of the stored parameters at the stored per-gene times, the function scVelo reports as
 ``fit_likelihood``, applied to both fits alike. ``on`` (default) / ``off``: scVelo's
-``fit_connected_states`` (its final time assignment compares neighbours' distances), to
-match explorer's ``connected_states``. OUT.csv: one row per gene, columns
+``fit_connected_states`` (its final time assignment compares neighbours' distances, and
+it stores ``fit_t`` averaged over neighbours), to match explorer's ``connected_states`` and
+``smooth_time``. OUT.csv: one row per gene, columns
 ``explorer``, ``scvelo``, and ``scvelo_seconds`` (the fit's wall time, repeated).
 """
 

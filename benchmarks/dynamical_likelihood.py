@@ -8,13 +8,18 @@ preprocessed by scVelo, ``bench_dynamical.scvelo_simulation``): explorer's dynam
 (seed 0, its default genes) is fitted and written with scVelo's keys; then, in scVelo's own
 virtual environment (``_scvelo_likelihood_worker.py``; never a dependency of explorer),
 scVelo's ``recover_dynamics`` fits the same genes on the same ``Ms``/``Mu``, and scVelo's
-own likelihood (``DynamicsRecovery(load_pars=True).get_likelihood(refit_time=False)``, what
-scVelo reports as ``fit_likelihood``) scores each gene's stored parameters and per-gene
-times of both fits. Both tools' final time assignment compares neighbours' distances
+own likelihood (``DynamicsRecovery(load_pars=True).get_likelihood(refit_time=False)``, the
+formula scVelo reports as ``fit_likelihood``, without the ratio penalty: ``load_pars`` sets
+the prior ratio to the fit's own) scores each gene's stored parameters and per-gene times
+of both fits. ``on``: both tools' final time assignment compares neighbours' distances
 (explorer's ``connected_states``, scVelo's ``fit_connected_states``, each on by default, on
-the same neighbour graph); ``--connected-states off`` turns it off in both. Before scVelo
-was given the graph it ran without (its default needs one) and the comparison was not like
-for like. A like-for-like check of fit quality with the peer's own function
+the same neighbour graph), and both store their per-gene times averaged over neighbours,
+as scVelo does with connected states (its ``fit_t`` is ``conn.dot(T)``; explorer's
+``smooth_time=True``; explorer's default stores them unaveraged). ``off``
+(``--connected-states off``): neither, the tools' raw per-gene times. Before scVelo was
+given the graph it ran without (its default needs one), and before explorer averaged its
+times in ``on`` the two sides were scored at different kinds of time: neither was like for
+like. A like-for-like check of fit quality with the peer's own function
 (``bench_dynamical.py`` reports each tool's own ``fit_likelihood``). Usage::
 
     python benchmarks/dynamical_likelihood.py [--scvelo-python .venv-compat/bin/python]
@@ -70,14 +75,16 @@ def _load(name: str, scvelo_python: str, tmp: Path):
 def compare(name: str, scvelo_python: str, tmp: Path, params: dict, connected: str) -> dict:
     """Fit explorer (``params``) here and scVelo in its environment on ``name``; both scored alike.
 
-    ``connected``: ``"on"`` or ``"off"``, both tools' connected-states time assignment.
+    ``connected``: ``"on"`` or ``"off"``, both tools' connected-states time assignment and
+    neighbour-averaged stored times.
     """
     from explorer.data.io import write
     from explorer.models import get_model
 
     adata = _load(name, scvelo_python, tmp)
     start = time.perf_counter()
-    params = {"seed": 0, **params, "connected_states": connected == "on"}
+    on = connected == "on"
+    params = {"seed": 0, **params, "connected_states": on, "smooth_time": on}
     get_model("dynamical", **params).fit(adata).to_adata(adata)
     seconds = time.perf_counter() - start
     path, out = tmp / f"{name}_{connected}_explorer.h5ad", tmp / f"{name}_{connected}_likelihood.csv"
@@ -108,9 +115,13 @@ def compare(name: str, scvelo_python: str, tmp: Path, params: dict, connected: s
     }
 
 
+#: what each setting scores: the stored per-gene times, averaged over neighbours or raw
+TIMES = {"on": "on, averaged", "off": "off, raw"}
+
+
 def print_table(rows: list[dict]) -> None:
     print(
-        "| data | connected states | genes | scVelo's likelihood, mean: explorer / scVelo | median |"
+        "| data | connected states, times | genes | scVelo's likelihood, mean: explorer / scVelo | median |"
         " genes higher: explorer / level (within 0.01) / scVelo | fit (s): explorer / scVelo |"
         " named genes: explorer / scVelo |"
     )
@@ -118,7 +129,7 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         named = ", ".join(f"{g} {a} / {b}" for g, (a, b) in r["named"].items())
         print(
-            f"| {r['data']} | {r['connected_states']} | {r['n_genes']} |"
+            f"| {r['data']} | {TIMES[r['connected_states']]} | {r['n_genes']} |"
             f" {r['explorer_mean']} / {r['scvelo_mean']} |"
             f" {r['explorer_median']} / {r['scvelo_median']} |"
             f" {r['explorer_higher']} / {r['level']} / {r['scvelo_higher']} |"
