@@ -58,8 +58,6 @@ STARTS = {
     "two starts pooled": {"n_starts": 2},
     "two DPT starts pooled": {"n_starts": 2},
 }
-#: starts fitted by another class than VeloVAE (diagnostics, not models)
-START_CLASSES = {"true time": "_true_start_class", "two DPT starts pooled": "_same_start_class"}
 
 
 def _true_start_class() -> type:
@@ -87,12 +85,15 @@ def _same_start_class() -> type:
 
         def _start(self, adata, k, progress, earlier):  # noqa: ANN001, ANN202, ARG002
             split = self.seed if self.split_seed is None else self.split_seed
-            params = {"n_starts": 1, "initial_time": self.initial_time, "seed": self.seed + k}
-            params["split_seed"] = split
+            params = {"n_starts": 1, "seed": self.seed + k, "split_seed": split}
             member = VeloVAE(**{**self.get_params(), **params})
             return member, member.fit(adata)
 
     return _SameStart
+
+
+#: starts fitted by another class than VeloVAE (diagnostics, not models): its maker
+START_CLASSES = {"true time": _true_start_class, "two DPT starts pooled": _same_start_class}
 
 
 def main() -> None:
@@ -123,7 +124,7 @@ def main() -> None:
         adata.obs["capture_time_overlapping"] = np.digitize(noisy, edges).astype(float)
         for start in args.starts:
             kwargs = STARTS[start]
-            cls = globals()[START_CLASSES[start]]() if start in START_CLASSES else None
+            cls = START_CLASSES[start]() if start in START_CLASSES else None
             for variant in args.models:
                 scores = score_fit(adata.copy(), {**kwargs, "variant": variant}, model_class=cls)
                 row = {"simulation": simulation, "seed": seed, "start": start, "model": variant}
