@@ -28,7 +28,7 @@ Usage::
     python benchmarks/bench_velovae.py [--setup] [--velovae-python .venv-velovae/bin/python]
         [--package-epochs 1000 500] [--sizes 10000 100000] [--skip-package]
         [--datasets pancreas simulation] [--package-init own|explorer] [--out FILE]
-        [--also '{"initial_time": "steady_state"}']
+        [--also '{"initial_time": "steady_state"}'] [--device cpu|cuda]
 
 It prints a table and writes ``benchmarks/results/velovae.json`` (or ``--out``).
 """
@@ -118,6 +118,11 @@ def explorer_worker(path: str, out: str, model: str, kwargs: str) -> None:
         fitted._initialize = keep_initial_time
     result = fitted.fit(adata)
     train_s, cpu = time.perf_counter() - start, time.process_time() - cpu
+    gpu_gb = np.nan
+    if fitted.device == "cuda":
+        import torch
+
+        gpu_gb = torch.cuda.max_memory_allocated() / 1e9
     result.to_adata(adata)
     u, s = predicted_abundances(adata)
     extra = {}
@@ -138,6 +143,7 @@ def explorer_worker(path: str, out: str, model: str, kwargs: str) -> None:
         s=s.astype(np.float32),
         latent_time=np.asarray(adata.obs.get("latent_time", np.full(adata.n_obs, np.nan))),
         train_s=train_s,
+        gpu_peak_gb=gpu_gb,
         **extra,
     )
 
@@ -204,6 +210,29 @@ def _score(path: Path, u: np.ndarray, s: np.ndarray, train: np.ndarray, latent: 
     return err
 
 
+class _SavedRows(list):
+    """The table's rows, written to ``path`` as each is added (a run cut short keeps what it measured)."""
+
+    def __init__(self, path: Path, machine: str) -> None:
+        super().__init__()
+        self.path, self.machine = path, machine
+
+    def append(self, row: dict) -> None:
+        super().append(row)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps({"machine": self.machine, "rows": list(self)}, indent=2))
+
+
+def _machine(device: str) -> str:
+    """The cores, and with ``--device cuda`` the GPU, the rows ran on."""
+    machine = f"{os.cpu_count()} cores"
+    if device == "cuda":
+        import torch
+
+        machine += f", {torch.cuda.get_device_name(0)} (torch {torch.__version__})"
+    return machine
+
+
 def setup_venv() -> Path:
     """Create ``.venv-velovae`` with torch 2.13.0 and velovae 0.1.2 (pip's resolver relaxes the rest)."""
     python = VENV / "bin" / "python"
@@ -228,10 +257,10 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000])
     parser.add_argument(
         "--datasets",
-        nargs="+",
+        nargs="*",
         choices=("pancreas", "simulation"),
         default=["pancreas", "simulation"],
-        help="which of the side-by-side datasets to run (default: both)",
+        help="which of the side-by-side datasets to run (default: both; none: the --sizes alone)",
     )
     parser.add_argument(
         "--out", type=Path, default=RESULTS / "velovae.json", help="the JSON to write (default: %(default)s)"
@@ -243,6 +272,12 @@ def main() -> None:
         metavar="JSON",
         help='another explorer VeloVAE row with these parameters, e.g. \'{"initial_time": "steady_state"}\'',
     )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where explorer's VeloVAE rows train (the dynamical baseline stays on the CPU)",
+    )
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -253,7 +288,8 @@ def main() -> None:
         parser.error(f"{package_python} not found: pass --setup, --velovae-python PY or --skip-package")
     import anndata as ad
 
-    results: dict = {"machine": f"{os.cpu_count()} cores", "rows": []}
+    machine = _machine(args.device)
+    results: dict = {"machine": machine, "rows": _SavedRows(args.out, machine)}
     initial_time: dict[str, np.ndarray] = {}  # explorer VeloVAE's initial time per dataset
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -261,9 +297,10 @@ def main() -> None:
         for data in args.datasets:
             # the simulator's time, read once per dataset for both tools' calibration
             true_t = ad.read_h5ad(paths[data]).obs["true_t"].to_numpy() if data == "simulation" else None
-            runs = [("explorer velovae", "velovae", {"device": "cpu"})]
+            runs = [("explorer velovae", "velovae", {"device": args.device})]
             for extra in args.also:
-                runs.append((f"explorer velovae {extra}", "velovae", {"device": "cpu", **json.loads(extra)}))
+                kwargs = {"device": args.device, **json.loads(extra)}
+                runs.append((f"explorer velovae {extra}", "velovae", kwargs))
             if data == "pancreas":
                 runs.append(("explorer dynamical (scVelo)", "dynamical", {"device": "cpu"}))
             train = None
@@ -280,6 +317,8 @@ def main() -> None:
                 own_train = res["train"] if model == "velovae" else train
                 row = {"data": data, "tool": label, "wall_s": round(wall, 1), "fit_s": round(float(res["train_s"]), 1)}
                 row["peak_gb"] = round(peak, 2)
+                if np.isfinite(res["gpu_peak_gb"]):
+                    row["gpu_peak_gb"] = round(float(res["gpu_peak_gb"]), 2)
                 row.update(_score(paths[data], res["u"], res["s"], own_train, res["latent_time"]))
                 if "epochs" in res:
                     row["epochs"] = res["epochs"].tolist()
@@ -323,10 +362,12 @@ def main() -> None:
                 results["rows"].append(row)
         for n in args.sizes:
             out = tmp / f"sim_{n}.npz"
-            cmd = [sys.executable, __file__, "--worker", str(paths[f"sim_{n}"]), str(out), "velovae", '{"device": "cpu"}']
+            kwargs = json.dumps({"device": args.device})
+            cmd = [sys.executable, __file__, "--worker", str(paths[f"sim_{n}"]), str(out), "velovae", kwargs]
             wall, peak = run_measured(cmd)
             res = np.load(out)
             size_gb = 4 * n * 200 * 2 / 1e9
+            gpu = {"gpu_peak_gb": round(float(res["gpu_peak_gb"]), 2)} if np.isfinite(res["gpu_peak_gb"]) else {}
             results["rows"].append(
                 {
                     "data": f"simulation {n} cells",
@@ -336,12 +377,13 @@ def main() -> None:
                     "peak_gb": round(peak, 2),
                     "Mu+Ms_gb": round(size_gb, 3),
                     "epochs": res["epochs"].tolist(),
+                    **gpu,
                 }
             )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     keys = (
-        "data", "tool", "fit_s", "fit_cpu_s", "peak_gb", "mse_test", "mae_test", "latent_time_spearman",
+        "data", "tool", "fit_s", "fit_cpu_s", "peak_gb", "gpu_peak_gb", "mse_test", "mae_test", "latent_time_spearman",
         "coverage_90", "coverage_90_cubic", "sd_error_spearman", "epochs",
     )  # fmt: skip
     print(" | ".join(keys))

@@ -295,14 +295,11 @@ class _Smoother:
         import torch
 
         coo = weights.tocoo()
-        idx = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64))
-        self.matrix = (
-            torch.sparse_coo_tensor(
-                idx, torch.from_numpy(coo.data.astype(np.float32)), coo.shape, check_invariants=True
-            )
-            .coalesce()
-            .to(device)
-        )
+        idx = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64)).to(device)
+        values = torch.from_numpy(coo.data.astype(np.float32)).to(device)
+        # built on the device: copying a sparse tensor to CUDA warned (torch 2.11, H200, 2026-12-04)
+        # that its invariant checks were implicitly off, an error under the tests' filterwarnings
+        self.matrix = torch.sparse_coo_tensor(idx, values, coo.shape, check_invariants=True).coalesce()
 
     def __call__(self, x: Any) -> Any:
         if self.csr is not None:

@@ -403,9 +403,11 @@ def _torch_sparse(matrix: sparse.spmatrix, device: torch.device) -> torch.Tensor
     import torch
 
     coo = sparse.coo_matrix(matrix)
-    idx = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64))
-    values = torch.from_numpy(coo.data.astype(np.float32))
-    return torch.sparse_coo_tensor(idx, values, coo.shape, check_invariants=True).coalesce().to(device)
+    idx = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64)).to(device)
+    values = torch.from_numpy(coo.data.astype(np.float32)).to(device)
+    # built on the device: copying a sparse tensor there (torch 2.11 on CUDA) warns that its
+    # invariant checks are implicitly off, an error under the tests' filterwarnings
+    return torch.sparse_coo_tensor(idx, values, coo.shape, check_invariants=True).coalesce()
 
 
 class _Blocks:
