@@ -60,6 +60,7 @@ from explorer.data.io import read_column, write
 from explorer.graph.transition import random_walks
 from explorer.keys import Key
 from explorer.models import MODELS
+from explorer.pipeline import derive
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Hashable
@@ -799,10 +800,52 @@ class ExplorerState(param.Parameterized):
         if fit is None:
             return None
         if self.basis not in fit.velocity_embedding:
+            if fit.derived is None and fit.transitions is None:
+                self._derive_stored(fit)
             v = readouts.project(fit, self.embedding())
             if v is not None:  # kept with the fit: an export writes it
                 fit.velocity_embedding[self.basis] = v
         return fit.velocity_embedding.get(self.basis)
+
+    def _derive_stored(self, fit: Fit) -> None:
+        """Give a fit that has velocity only (a file without a velocity graph, transition matrix or
+        projection) its velocity graph, as ``explorer fit`` would, computed in the background.
+
+        Until it lands the fit draws no streamlines (:meth:`streamlines_note` says why); then
+        ``readout_revision`` is bumped and the fit carries the graph, its transition matrix and
+        (where the file had none) its confidence for every session showing it.
+        """
+        adata = self.adata
+        if Key.obsp.DISTANCES not in adata.obsp:
+            return
+        basis = self.basis
+        derived = self._background(
+            ("velocity graph", fit.key),
+            lambda: derive(adata, fit.result, basis=basis),
+            f"velocity graph of {fit.label}",
+        )
+        if derived is not None:
+            fit.derived = derived
+            fit.transitions = derived.transitions
+            if fit.confidence is None:
+                fit.confidence = derived.confidence
+
+    def streamlines_note(self) -> str:
+        """Why the embedding shows no streamlines though they are asked for ('' when it shows them)."""
+        fit = self.fit
+        if fit is None or not self.show_streamlines or self.streamlines():
+            return ""
+        if ("velocity graph", fit.key) in self._pending:
+            return f"Streamlines: computing the velocity graph of {fit.label} ..."
+        bare = fit.derived is None and fit.transitions is None and self.basis not in fit.velocity_embedding
+        if bare and Key.obsp.DISTANCES not in self.adata.obsp:
+            return (
+                f"No streamlines: {fit.label} has velocity but no velocity graph (obsp['velocity_graph']) "
+                "or transition matrix, and the data has no neighbour graph (obsp['distances']) to compute "
+                "one from. `explorer fit` on the file computes the neighbour graph, the fit and its "
+                "velocity graph."
+            )
+        return ""
 
     def streamlines(self) -> list[np.ndarray]:
         """Streamlines of the active fit on the current basis (computed once per fit and basis)."""

@@ -351,6 +351,44 @@ def test_stored_velocity_opens_as_a_fit(state, tmp_path):
     assert isinstance(reopened.gene_table(), pd.DataFrame)
 
 
+def test_stored_velocity_without_a_graph_gets_one_in_the_background(app_adata):
+    """A file with velocity alone (``result.to_adata`` without ``explorer fit``'s graph) draws streamlines.
+
+    The velocity graph is derived off the event loop as ``explorer fit`` derives it: the
+    projection is :func:`explorer.pipeline.derive`'s on the same velocity. Without a neighbour
+    graph the page says why there are none.
+    """
+    from explorer.models import get_model
+    from explorer.pipeline import derive
+
+    result = get_model("stochastic").fit(app_adata)
+    stored = app_adata.copy()
+    result.to_adata(stored)
+    for key in (Key.obsp.VELOCITY_GRAPH, Key.obsp.VELOCITY_GRAPH_NEG, Key.obsp.TRANSITIONS):
+        assert key not in stored.obsp
+    opened = ExplorerState(stored, dataset="velocity only")
+    assert opened.streamlines() == []
+    assert "computing the velocity graph" in opened.streamlines_note()
+    revision = opened.readout_revision
+    for job in opened.background_jobs():
+        assert job.join(120)
+    assert opened.readout_revision == revision + 1
+    lines = opened.streamlines()
+    assert len(lines) > 0 and opened.streamlines_note() == ""
+    assert opened.fit.transitions is not None
+    expected = derive(stored, opened.fit.result).project(np.asarray(stored.obsm[Key.obsm.UMAP]))
+    np.testing.assert_allclose(opened.velocity_embedding(), expected[:, :2], rtol=1e-4, atol=1e-6)
+
+    no_graph = stored.copy()
+    for key in (Key.obsp.DISTANCES, Key.obsp.CONNECTIVITIES):
+        del no_graph.obsp[key]
+    bare = ExplorerState(no_graph, dataset="no neighbours")
+    assert bare.streamlines() == [] and bare.background_jobs() == []
+    assert "no neighbour graph" in bare.streamlines_note()
+    bare.show_streamlines = False
+    assert bare.streamlines_note() == ""
+
+
 def test_loading_a_bad_file_keeps_the_session_and_says_why(state, tmp_path):
     state.data_dir = tmp_path
     (tmp_path / "broken.h5ad").write_text("not an hdf5 file")

@@ -15,6 +15,7 @@ import panel as pn
 import param
 
 from explorer.app import plots
+from explorer.app.escape import html_text
 from explorer.app.state import ExplorerState
 from explorer.app.views._layers import CellScatter, LiveLayer
 from explorer.app.views.field import path_layer_columns, path_layers
@@ -41,11 +42,18 @@ class EmbeddingView(pn.viewable.Viewer):
         )
         self.streamlines = hv.DynamicMap(
             self._draw_streamlines,
-            streams=[hv.streams.Params(state, ["model", "basis", "show_streamlines", "results"])],
+            # readout_revision: a stored fit's velocity graph landed (AppState._derive_stored)
+            streams=[
+                hv.streams.Params(
+                    state, ["model", "basis", "show_streamlines", "results", "readout_revision"]
+                )
+            ],
         )
         self.arrows = hv.DynamicMap(
             self._draw_arrows,
-            streams=[hv.streams.Params(state, ["model", "basis", "show_arrows", "results"])],
+            streams=[
+                hv.streams.Params(state, ["model", "basis", "show_arrows", "results", "readout_revision"])
+            ],
         )
         # the selected cell's next cells follow each click without a HoloViews update (see LiveLayer)
         self.targets_live = (LiveLayer(), LiveLayer())
@@ -167,7 +175,14 @@ class EmbeddingView(pn.viewable.Viewer):
         )
         legend = pn.pane.HTML(
             pn.bind(
-                self._legend, state.param.color_by, state.param.gene, state.param.model, state.param.results
+                self._legend,
+                state.param.color_by,
+                state.param.gene,
+                state.param.model,
+                state.param.results,
+                state.param.basis,
+                state.param.show_streamlines,
+                state.param.readout_revision,
             ),
             sizing_mode="stretch_width",
             margin=(0, 10),
@@ -177,7 +192,9 @@ class EmbeddingView(pn.viewable.Viewer):
         return pn.Column(controls, pane, legend, name="Embedding")
 
     def _legend(self, *_: Any) -> str:
-        return plots.legend_html(self.state.coloring())
+        note = self.state.streamlines_note()
+        legend = plots.legend_html(self.state.coloring())
+        return legend + (f'<div class="streamlines-note">{html_text(note)}</div>' if note else "")
 
 
 def _grid_arrays(grid: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
