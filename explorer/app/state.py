@@ -900,6 +900,17 @@ class ExplorerState(param.Parameterized):
             return None
         return self._per_fit.get(("lineages", fit.key), lambda: readouts.lineages(self.adata, fit))
 
+    def time_groups(self, fit: Fit | None = None) -> readouts.Lineages | None:
+        """The groups the time views draw a line each for: ``fit``'s lineages, else its cell types."""
+        fit = fit or self.fit
+        if fit is None:
+            return None
+        found = self.lineages(fit)
+        if found is not None:
+            return found
+        adata = self.adata
+        return self._shared.get("type groups", lambda: readouts.type_groups(adata))
+
     # ---------------------------------------------------------- vector field
     def field_info(self, fit: Fit | None = None) -> readouts.FieldInfo | None:
         """``fit``'s (default: active) vector field on the current basis (:func:`readouts.field_info`), once."""
@@ -1002,18 +1013,23 @@ class ExplorerState(param.Parameterized):
         return readouts.time_curve(t_used, observed, fitted, bins=bins)
 
     def lineage_lines(self, what: Literal["Ms", "Mu", "velocity"]) -> tuple[readouts.LineageLine, ...] | None:
-        """Each lineage's mean of the values :meth:`time_curve` averages, or None without lineages.
+        """Each lineage's (or cell type's) mean of the values :meth:`time_curve` averages, or None.
 
         The active fit's lineages (:meth:`lineages`; VeloVAE's full model) on the time views
         (:func:`explorer.app.readouts.lineage_lines`): its predicted ``Ms`` / ``Mu`` and its
         velocity per lineage, in place of the red line, which would mix the lineages at each time.
+        A fit without lineages gets a line per cell type (:func:`explorer.app.readouts.type_groups`)
+        of its predicted ``Ms`` / ``Mu`` and its velocity; on the ``Ms`` and ``Mu`` plots of a
+        gene it does not predict, the mean of the observed values (the red line) stays.
         """
         fit = self.fit
-        found = self.lineages() if fit is not None and self.adata is not None else None
+        found = self.time_groups() if fit is not None and self.adata is not None else None
         values = None if found is None else self._time_values(what)
         if values is None:
             return None
         t_used, cells, fitted, observed, _ = values
+        if fitted is None and found.kind == "type" and what != "velocity":
+            return None  # a gene the fit does not predict: the mean of its observed values
         # remembered: time_curve asks whether there are lines before the view draws them
         return self._remember(
             ("lineage lines", fit.key, self.gene_index, what),

@@ -1034,3 +1034,31 @@ def test_key_menus_offer_capture_times_and_clusters(shared_data):
 
     dentate = read_fixture(shared_data / "cellrank_tests" / "adata_200.h5ad")
     assert obs_key_columns(dentate.obs)["time"] == ["age(days)"]
+
+
+def test_type_groups_are_the_cell_types_with_cells_enough_and_not_too_many():
+    """Types of 10 cells or more are groups, in their colours; one type or too many give none.
+
+    By hand: types a (12 cells) and b (10) are groups 0 and 1, tiny (9) none; a alone, or
+    MAX_TYPE_LINES + 1 types, give no groups (the red line over all cells stays).
+    """
+    labels = ["a"] * 12 + ["b"] * 10 + ["tiny"] * 9
+    adata = AnnData(
+        np.zeros((len(labels), 1), dtype=np.float32),
+        obs=pd.DataFrame(
+            {Key.obs.CLUSTERS: pd.Categorical(labels)}, index=[f"c{i}" for i in range(len(labels))]
+        ),
+    )
+    adata.uns["clusters_colors"] = ["#111111", "#222222", "#333333"]
+    found = readouts.type_groups(adata)
+    assert found.kind == "type" and found.names == ("a", "b") and found.colors == ("#111111", "#222222")
+    np.testing.assert_array_equal(found.codes, [0] * 12 + [1] * 10 + [-1] * 9)
+    one = adata[:12].copy()
+    assert readouts.type_groups(one) is None
+    many = [f"t{i:02d}" for i in range(readouts.MAX_TYPE_LINES + 1) for _ in range(10)]
+    crowd = AnnData(
+        np.zeros((len(many), 1), dtype=np.float32),
+        obs=pd.DataFrame({Key.obs.CLUSTERS: pd.Categorical(many)}, index=[f"c{i}" for i in range(len(many))]),
+    )
+    assert readouts.type_groups(crowd) is None
+    assert readouts.type_groups(crowd[: 10 * readouts.MAX_TYPE_LINES].copy()).names[-1] == "t11"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from types import SimpleNamespace
 from typing import Any
 
@@ -370,6 +371,19 @@ def _result_of(adata, model: str, latent_time: np.ndarray | None, **parts: Any) 
     )
 
 
+@contextlib.contextmanager
+def _page_with_fit(adata, tmp_path, result) -> Any:
+    """A rendered page of ``adata`` with ``result`` added as the active fit ``velovae``: (state, views)."""
+    from explorer.app.jobs import Fit
+
+    doc = Document()
+    with set_curdoc(doc):
+        page = create_app(adata, data_dir=tmp_path)
+        page.server_doc(doc)
+        page.app.state._add_fit(Fit(label="velovae", key=("velovae", ()), result=result))
+        yield page.app.state, page.app.views
+
+
 def test_time_views_hide_while_the_active_fit_has_no_latent_time(app_adata, tmp_path):
     """The three time plots join the page with a fit that has a latent time and hide for one without.
 
@@ -412,7 +426,6 @@ def test_time_views_draw_one_line_per_lineage_in_its_colour(timed_adata, tmp_pat
     from markdown_it import MarkdownIt
 
     from explorer.app import readouts
-    from explorer.app.jobs import Fit
 
     adata = timed_adata.copy()
     t = adata.obs[Key.obs.LATENT_TIME].to_numpy()
@@ -436,12 +449,7 @@ def test_time_views_draw_one_line_per_lineage_in_its_colour(timed_adata, tmp_pat
         },
         obsm={Key.obsm.CELL_STATE: state_c},
     )
-    doc = Document()
-    with set_curdoc(doc):
-        page = create_app(adata, data_dir=tmp_path)
-        page.server_doc(doc)
-        state, views = page.app.state, page.app.views
-        state._add_fit(Fit(label="velovae", key=("velovae", ()), result=result))
+    with _page_with_fit(adata, tmp_path, result) as (state, views):
         assert state.model == "velovae"
         phase = views["phase"]
         for gene in (str(adata.var_names[3]), str(adata.var_names[7])):
@@ -506,6 +514,60 @@ def test_time_views_draw_one_line_per_lineage_in_its_colour(timed_adata, tmp_pat
         assert len(views["time"].curves_live["Ms"].shown["Ms"]) > 0  # its red line is back
         state.model = "velovae"
         assert len(views["time"].lines_live["Ms"].shown["xs"]) == 2
+
+
+def test_time_views_draw_a_line_per_cell_type_for_a_fit_without_lineages(timed_adata, tmp_path):
+    """A fit without a cell state: each cell type gets its own line where the types overlap in time.
+
+    By hand: after t = 0.5 the cells alternate between types A and B; the fit predicts the
+    observed ``Ms`` / ``Mu`` of A's and the root cells and 0 for B's. The mean over all cells
+    at a late time is about half of A's: a line through neither type (the dynamical model on
+    the pancreas: Gcg's mean over all cells peaked at 187 among Alpha cells that reach 400).
+    Each type's line keeps to its cells: B's at 0, A's at its cells' mean.
+    """
+    from explorer.app import readouts
+    from explorer.app.views.export import figure_layers
+
+    adata = timed_adata.copy()
+    t = adata.obs[Key.obs.LATENT_TIME].to_numpy()
+    late = np.flatnonzero(t > 0.5)
+    labels = np.array(["root"] * adata.n_obs, dtype=object)
+    labels[late[::2]], labels[late[1::2]] = "A", "B"
+    adata.obs[Key.obs.CLUSTERS] = pd.Categorical(labels, categories=["A", "B", "root"])
+    adata.uns["clusters_colors"] = ["#aa0000", "#00aa00", "#0000aa"]
+    ms, mu = (readouts._dense_layer(adata.layers[k]).astype(float) for k in (Key.layers.MS, Key.layers.MU))
+    keep = np.where(labels == "B", 0.0, 1.0)[:, None]
+    predicted = {Key.layers.PREDICTED_S: ms * keep, Key.layers.PREDICTED_U: mu * keep}
+    layers = {key: value.astype(np.float32) for key, value in predicted.items()}
+    result = _result_of(adata, "velovae", t.astype(np.float32), layers=layers)  # no cell state
+    j = int(np.argmax(ms[labels == "A"].mean(0) - ms[labels == "root"].mean(0)))  # a gene A turns on
+    with _page_with_fit(adata, tmp_path, result) as (state, views):
+        state.gene = str(adata.var_names[j])
+        assert state.lineages() is None
+        lines = {line.name: line for line in state.lineage_lines("Ms")}
+        assert sorted(lines) == ["A", "B", "root"] and {x.kind for x in lines.values()} == {"type"}
+        np.testing.assert_allclose(lines["B"].value[np.isfinite(lines["B"].value)], 0.0)
+        a_cells = ms[labels == "A", j]
+        assert np.nanmean(lines["A"].value) == pytest.approx(a_cells.mean(), rel=0.05)
+        # what the red line over all cells was where both types are: about half of A's line,
+        # or broken (no cell near that mean): nothing to see of A's cells' fit
+        x, y, _ = readouts.time_curve(t, None, ms[:, j] * keep[:, 0])
+        finite = np.isfinite(lines["A"].value)
+        a_line = np.interp(x, lines["A"].t[finite], lines["A"].value[finite])
+        both = (x > t[late].min() + 0.05) & (a_line > 0.2 * a_cells.max())
+        assert both.sum() >= 3
+        halfway = (y[both] < 0.75 * a_line[both]) & (y[both] > 0.25 * a_line[both])
+        assert np.all(np.isnan(y[both]) | halfway)
+        # drawn: a line per type in its darker shade, and no red line over all cells
+        shown = views["time"].lines_live["Ms"].shown
+        assert sorted(shown["color"]) == ["#000066", "#006600", "#660000"]
+        for what in ("Ms", "Mu", "velocity"):
+            assert state.time_curve(what) is None
+            assert len(views["time"].curves_live[what].shown[what]) == 0
+        note = SimpleNamespace(object=views["time"]._note())
+        assert "within each cell type" in shown_text(note)
+        drawn = {x["label"] for x in figure_layers(state, "gene over time")[0] if x.get("label")}
+        assert {"type A", "type B", "type root"} <= drawn
 
 
 def test_comparison_view_selects_a_gene_from_the_quality_plot(app):

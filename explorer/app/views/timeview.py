@@ -141,6 +141,17 @@ class GeneTimeView(pn.viewable.Viewer):
     def _curve_note(self) -> str:
         model = markdown_text(self.state.model)
         lines = self._lines("Ms")
+        if lines and lines[0].kind == "type":
+            # a line per cell type stands for the fit: no red line over all cells (ExplorerState.time_curve)
+            shade = "Lines in a darker shade of each type's colour"
+            each = plots.lineages_html(lines, shade, text=markdown_text)
+            curve = "curve" in self.state.fit_shows()
+            fit_words = "fit at each cell's gene time" if curve else "fit's predicted values of the cells"
+            return (
+                f"{each}: the **{model}** {fit_words}, averaged along latent time within each cell type "
+                "(no line over all cells: where types overlap in time with different values it runs "
+                "through none of them)."
+            )
         if lines:
             # the lineages' lines stand for the fit: no red line over all cells (ExplorerState.time_curve)
             shade = "Lines in a darker shade of each type's colour, each lineage"
