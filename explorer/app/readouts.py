@@ -2098,13 +2098,16 @@ def _cell_bins(t: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[int]]:
     ``starts[k]:stops[k]``; ``breaks``: the bins before which a stretch left a gap. Equal
     bins of time rather than of cells gave the pancreas' Beta cells, all between latent
     time 0.88 and 1 and ordered within it (Ins2 from 3 to 93 along it), two bins, whose
-    last mean (43) ended Beta's Ins2 curve among cells that reach 109.
+    last mean (43) ended Beta's Ins2 curve among cells that reach 109. Cells at one time
+    stay in one bin, and with discrete times ``n`` above is the number of distinct times
+    (four capture days are not four stretches apart).
     """
     n = len(t)
     if n < 2 * MIN_BIN_CELLS:
         return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64), []
     span = float(t[-1] - t[0]) or 1.0
-    gap = max(span / LINEAGE_BINS, 3 * span * np.log(n) / n)
+    distinct = 1 + int(np.count_nonzero(np.diff(t) > 0))  # n, or the levels of discrete times
+    gap = max(span / LINEAGE_BINS, 3 * span * np.log(max(distinct, 2)) / distinct)
     edges = np.concatenate([[0], np.flatnonzero(np.diff(t) > gap) + 1, [n]])
     size = max(MIN_BIN_CELLS, -(-n // LINEAGE_BINS))
     stretches: list[np.ndarray] = []  # each kept stretch's bin edges
@@ -2113,11 +2116,18 @@ def _cell_bins(t: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[int]]:
     for lo, hi in zip(edges[:-1], edges[1:], strict=True):
         if hi - lo < 2 * MIN_BIN_CELLS:
             continue
+        bins = np.array_split(np.arange(lo, hi), max(2, (hi - lo) // size))  # sizes differ by 1 at most
+        # a bin edge inside a run of equal times moves to the run's start: cells at one time
+        # share a bin, whose mean does not depend on their order (discrete times split across
+        # bins drew a vertical zig-zag set by the input order)
+        cuts = np.unique(np.searchsorted(t, t[[b[0] for b in bins[1:]]], side="left"))
+        cuts = np.concatenate([[lo], cuts[cuts > lo], [hi]])
+        if len(cuts) < 3:  # noqa: PLR2004 - one bin draws no line
+            continue
         if kept:
             breaks.append(kept)
-        bins = np.array_split(np.arange(lo, hi), max(2, (hi - lo) // size))  # sizes differ by 1 at most
-        stretches.append(np.array([b[0] for b in bins] + [hi]))
-        kept += len(bins)
+        stretches.append(cuts)
+        kept += len(cuts) - 1
     if not stretches:
         return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64), []
     return (

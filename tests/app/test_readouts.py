@@ -1062,3 +1062,19 @@ def test_type_groups_are_the_cell_types_with_cells_enough_and_not_too_many():
     )
     assert readouts.type_groups(crowd) is None
     assert readouts.type_groups(crowd[: 10 * readouts.MAX_TYPE_LINES].copy()).names[-1] == "t11"
+
+
+def test_cells_at_one_time_share_a_bin_whatever_their_order():
+    """Discrete times: each time's cells are one bin, so the line does not depend on the input order.
+
+    By hand: 4 times x 30 cells, values 0..29 at each time in two orders. In bins of
+    120 / 20 = 6 consecutive cells (the rule for continuous times) a time's 30 cells made
+    five bins whose means (2.5, 8.5, ...) follow the order they came in: a vertical
+    zig-zag. Now each time is one bin with mean 14.5, in either order.
+    """
+    t = np.repeat([0.0, 1.0, 2.0, 3.0], 30)
+    found = readouts.Lineages(codes=np.zeros(len(t), dtype=np.int64), names=("A",), colors=("#000000",))
+    for values in (np.tile(np.arange(30.0), 4), np.tile(np.arange(30.0)[::-1], 4)):
+        (line,) = readouts.lineage_lines(t, values, found)
+        np.testing.assert_allclose(line.t, [0.0, 1.0, 2.0, 3.0])
+        np.testing.assert_allclose(line.value, 14.5)
