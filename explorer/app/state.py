@@ -85,6 +85,9 @@ __all__ = [
 
 #: a gene's curve along latent time is averaged over at most this many cells (an even sample)
 CURVE_CELLS = 100_000
+#: a stored velocity without its velocity graph gets one computed on opening up to this many
+#: cells (AppState._derive_stored); above it, each session would start a minutes-long job
+AUTO_GRAPH_CELLS = 200_000
 
 #: results one session remembers (a few genes' columns, colourings, time bins, the arrow
 #: grid, the agreement of two fits): each up to a few MB at a million cells
@@ -816,7 +819,7 @@ class ExplorerState(param.Parameterized):
         (where the file had none) its confidence for every session showing it.
         """
         adata = self.adata
-        if Key.obsp.DISTANCES not in adata.obsp:
+        if Key.obsp.DISTANCES not in adata.obsp or adata.n_obs > AUTO_GRAPH_CELLS:
             return
         basis = self.basis
         derived = self._background(
@@ -838,6 +841,12 @@ class ExplorerState(param.Parameterized):
         if ("velocity graph", fit.key) in self._pending:
             return f"Streamlines: computing the velocity graph of {fit.label} ..."
         bare = fit.derived is None and fit.transitions is None and self.basis not in fit.velocity_embedding
+        if bare and self.adata.n_obs > AUTO_GRAPH_CELLS:
+            return (
+                f"No streamlines: {fit.label} has velocity but no velocity graph (obsp['velocity_graph']) "
+                f"or transition matrix, and at {self.adata.n_obs:,} cells the app does not compute one "
+                f"on opening (up to {AUTO_GRAPH_CELLS:,}). `explorer fit` on the file computes it."
+            )
         if bare and Key.obsp.DISTANCES not in self.adata.obsp:
             return (
                 f"No streamlines: {fit.label} has velocity but no velocity graph (obsp['velocity_graph']) "

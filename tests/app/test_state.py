@@ -351,7 +351,7 @@ def test_stored_velocity_opens_as_a_fit(state, tmp_path):
     assert isinstance(reopened.gene_table(), pd.DataFrame)
 
 
-def test_stored_velocity_without_a_graph_gets_one_in_the_background(app_adata):
+def test_stored_velocity_without_a_graph_gets_one_in_the_background(app_adata, monkeypatch):
     """A file with velocity alone (``result.to_adata`` without ``explorer fit``'s graph) draws streamlines.
 
     The velocity graph is derived off the event loop as ``explorer fit`` derives it: the
@@ -387,6 +387,11 @@ def test_stored_velocity_without_a_graph_gets_one_in_the_background(app_adata):
     assert "no neighbour graph" in bare.streamlines_note()
     bare.show_streamlines = False
     assert bare.streamlines_note() == ""
+    # above AUTO_GRAPH_CELLS no session starts the (minutes-long) job: the note says so
+    monkeypatch.setattr(state_module, "AUTO_GRAPH_CELLS", stored.n_obs - 1)
+    large = ExplorerState(stored.copy(), dataset="large")  # not the first one's shared fit
+    assert large.streamlines() == [] and large.background_jobs() == []
+    assert "does not compute one" in large.streamlines_note()
 
 
 def test_loading_a_bad_file_keeps_the_session_and_says_why(state, tmp_path):
