@@ -43,6 +43,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from bench_dynamical import run_measured as peak_rss_of
@@ -219,8 +220,18 @@ class _SavedRows(list):
 
     def append(self, row: dict) -> None:
         super().append(row)
+        self.save()
+
+    def save(self) -> None:
+        """Write the JSON: ``machine`` and the rows so far."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps({"machine": self.machine, "rows": list(self)}, indent=2))
+
+
+def _gpu_peak(res: Any) -> dict:
+    """``{"gpu_peak_gb": ...}`` of a worker's result that trained on CUDA, else nothing."""
+    gb = float(res["gpu_peak_gb"])
+    return {"gpu_peak_gb": round(gb, 2)} if np.isfinite(gb) else {}
 
 
 def _machine(device: str) -> str:
@@ -288,8 +299,7 @@ def main() -> None:
         parser.error(f"{package_python} not found: pass --setup, --velovae-python PY or --skip-package")
     import anndata as ad
 
-    machine = _machine(args.device)
-    results: dict = {"machine": machine, "rows": _SavedRows(args.out, machine)}
+    rows = _SavedRows(args.out, _machine(args.device))
     initial_time: dict[str, np.ndarray] = {}  # explorer VeloVAE's initial time per dataset
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -305,7 +315,7 @@ def main() -> None:
                 runs.append(("explorer dynamical (scVelo)", "dynamical", {"device": "cpu"}))
             train = None
             for label, model, kwargs in runs:
-                out = tmp / f"{data}_{model}_{len(results['rows'])}.npz"
+                out = tmp / f"{data}_{model}_{len(rows)}.npz"
                 cmd = [sys.executable, __file__, "--worker", str(paths[data]), str(out), model, json.dumps(kwargs)]
                 wall, peak = run_measured(cmd)
                 res = np.load(out)
@@ -317,8 +327,7 @@ def main() -> None:
                 own_train = res["train"] if model == "velovae" else train
                 row = {"data": data, "tool": label, "wall_s": round(wall, 1), "fit_s": round(float(res["train_s"]), 1)}
                 row["peak_gb"] = round(peak, 2)
-                if np.isfinite(res["gpu_peak_gb"]):
-                    row["gpu_peak_gb"] = round(float(res["gpu_peak_gb"]), 2)
+                row.update(_gpu_peak(res))
                 row.update(_score(paths[data], res["u"], res["s"], own_train, res["latent_time"]))
                 if "epochs" in res:
                     row["epochs"] = res["epochs"].tolist()
@@ -326,7 +335,7 @@ def main() -> None:
                     if true_t is not None:
                         row.update(_calibration(true_t, res["latent_time"], res["t_sd"]))
                     row["uncertainty_s"] = round(float(res["extract_s"]), 1)
-                results["rows"].append(row)
+                rows.append(row)
             if not args.skip_package:
                 out = tmp / f"{data}_package.npz"
                 script = tmp / "package_worker.py"
@@ -359,7 +368,7 @@ def main() -> None:
                 row.update(_score(paths[data], res["uhat"], res["shat"], mask, res["t"]))
                 if true_t is not None:
                     row.update(_calibration(true_t, res["t"], res["std_t"]))
-                results["rows"].append(row)
+                rows.append(row)
         for n in args.sizes:
             out = tmp / f"sim_{n}.npz"
             kwargs = json.dumps({"device": args.device})
@@ -367,8 +376,7 @@ def main() -> None:
             wall, peak = run_measured(cmd)
             res = np.load(out)
             size_gb = 4 * n * 200 * 2 / 1e9
-            gpu = {"gpu_peak_gb": round(float(res["gpu_peak_gb"]), 2)} if np.isfinite(res["gpu_peak_gb"]) else {}
-            results["rows"].append(
+            rows.append(
                 {
                     "data": f"simulation {n} cells",
                     "tool": "explorer velovae",
@@ -377,17 +385,16 @@ def main() -> None:
                     "peak_gb": round(peak, 2),
                     "Mu+Ms_gb": round(size_gb, 3),
                     "epochs": res["epochs"].tolist(),
-                    **gpu,
+                    **_gpu_peak(res),
                 }
             )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+    rows.save()  # also a run without rows
     keys = (
         "data", "tool", "fit_s", "fit_cpu_s", "peak_gb", "gpu_peak_gb", "mse_test", "mae_test", "latent_time_spearman",
         "coverage_90", "coverage_90_cubic", "sd_error_spearman", "epochs",
     )  # fmt: skip
     print(" | ".join(keys))
-    for row in results["rows"]:
+    for row in rows:
         print(" | ".join(str(row.get(k, "")) for k in keys))
 
 

@@ -1904,6 +1904,7 @@ class LineageCurve:
     color: str
     s: np.ndarray
     u: np.ndarray
+    kind: Literal["lineage"] = "lineage"  # as LineageLine's (the exports label both by it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1964,9 +1965,13 @@ def lineages(adata: AnnData, fit: Fit | VelocityResult) -> Lineages | None:
     remap[keep] = np.arange(len(keep))
     codes = remap[codes]
     names = [names[i] for i in keep]
+    return Lineages(codes=codes, names=tuple(names), colors=_group_colors(adata, column, names))
+
+
+def _group_colors(adata: AnnData, column: str | None, names: Sequence[str]) -> tuple[str, ...]:
+    """Each group's cell-type colour (:func:`color_key` of ``column``), else the fallback palette's."""
     key = color_key(adata, column) if column else {}
-    colors = tuple(key.get(n, FALLBACK_PALETTE[i % len(FALLBACK_PALETTE)]) for i, n in enumerate(names))
-    return Lineages(codes=codes, names=tuple(names), colors=colors)
+    return tuple(key.get(n, FALLBACK_PALETTE[i % len(FALLBACK_PALETTE)]) for i, n in enumerate(names))
 
 
 def type_groups(adata: AnnData) -> Lineages | None:
@@ -1990,9 +1995,8 @@ def type_groups(adata: AnnData) -> Lineages | None:
     if not 2 <= len(names) <= MAX_TYPE_LINES:  # noqa: PLR2004 - one type is the line over all cells
         return None
     codes = pd.Categorical(labels, categories=names).codes.astype(np.int64)  # -1: a smaller type
-    key = color_key(adata, column)
-    colors = tuple(key.get(n, FALLBACK_PALETTE[i % len(FALLBACK_PALETTE)]) for i, n in enumerate(names))
-    return Lineages(codes=codes, names=tuple(str(n) for n in names), colors=colors, kind="type")
+    names = tuple(str(n) for n in names)
+    return Lineages(codes=codes, names=names, colors=_group_colors(adata, column, names), kind="type")
 
 
 def _type_ends(

@@ -840,18 +840,18 @@ class ExplorerState(param.Parameterized):
             return ""
         if ("velocity graph", fit.key) in self._pending:
             return f"Streamlines: computing the velocity graph of {fit.label} ..."
-        bare = fit.derived is None and fit.transitions is None and self.basis not in fit.velocity_embedding
-        if bare and self.adata.n_obs > AUTO_GRAPH_CELLS:
+        if fit.derived is not None or fit.transitions is not None or self.basis in fit.velocity_embedding:
+            return ""
+        prefix = f"No streamlines: {fit.label} has velocity but no velocity graph (obsp['velocity_graph']) "
+        if self.adata.n_obs > AUTO_GRAPH_CELLS:
             return (
-                f"No streamlines: {fit.label} has velocity but no velocity graph (obsp['velocity_graph']) "
-                f"or transition matrix, and at {self.adata.n_obs:,} cells the app does not compute one "
+                f"{prefix}or transition matrix, and at {self.adata.n_obs:,} cells the app does not compute one "
                 f"on opening (up to {AUTO_GRAPH_CELLS:,}). `explorer fit` on the file computes it."
             )
-        if bare and Key.obsp.DISTANCES not in self.adata.obsp:
+        if Key.obsp.DISTANCES not in self.adata.obsp:
             return (
-                f"No streamlines: {fit.label} has velocity but no velocity graph (obsp['velocity_graph']) "
-                "or transition matrix, and the data has no neighbour graph (obsp['distances']) to compute "
-                "one from. `explorer fit` on the file computes the neighbour graph, the fit and its "
+                f"{prefix}or transition matrix, and the data has no neighbour graph (obsp['distances']) to "
+                "compute one from. `explorer fit` on the file computes the neighbour graph, the fit and its "
                 "velocity graph."
             )
         return ""

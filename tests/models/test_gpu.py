@@ -113,44 +113,30 @@ def test_cuda_velovae_times_and_reconstructs_as_the_cpu(branching):
 
 def test_cuda_deepvelo_gets_both_regimes_signs():
     from explorer.data.simulate import simulate
-    from explorer.keys import Key
     from explorer.models import get_model
     from explorer.pipeline import prepare
+    from tests.models.test_gcn import REGIMES, _sign_accuracy
 
-    adata = simulate(n_obs=600, n_vars=60, branches=2, branch_time=0.0, kinds={"two_regimes": 0.1}, seed=0)
+    adata = simulate(**REGIMES, seed=0)
     prepare(adata, n_neighbors=30, compute_umap=False)
-    genes = np.flatnonzero(adata.var[Key.var.TRUE_KIND] == "two_regimes")
-    true = adata.layers[Key.layers.TRUE_VELOCITY]
-    regime = adata.obs[Key.obs.TRUE_REGIME].to_numpy()
-
-    def sign_accuracy(velocity: np.ndarray, which: int) -> float:
-        cells = regime == which
-        t = true[np.ix_(cells, genes)]
-        clear = np.abs(t) > 0.1 * np.abs(t).max(0)
-        return float(np.mean(np.sign(velocity[np.ix_(cells, genes)][clear]) == np.sign(t[clear])))
-
     for device in ("cpu", "cuda"):
         velocity = get_model("deepvelo", genes="all", seed=0, device=device).fit(adata).velocity
         # the CPU: about 0.9 in both regimes (tests/models/test_gcn.py); one rate per gene: below 0.4 in B
-        assert sign_accuracy(velocity, 0) > 0.85, device
-        assert sign_accuracy(velocity, 1) > 0.85, device
+        assert _sign_accuracy(adata, velocity, 0) > 0.85, device
+        assert _sign_accuracy(adata, velocity, 1) > 0.85, device
 
 
 def test_cuda_vector_field_matches_its_input_velocity():
     from explorer.data.samples import load_sample
     from explorer.keys import Key
     from explorer.models.vector_field import VectorField, load_field
+    from tests.models.test_vector_field import _cos, _in_state
 
     for device in ("cpu", "cuda"):
         adata = load_sample("default").copy()
         result = VectorField(base="stochastic", epochs=100, seed=0, device=device).fit(adata)
         given = adata.layers[Key.layers.VELOCITY].copy()
         result.to_adata(adata)
-        field = load_field(adata)
-        Ms = adata.layers[Key.layers.MS][:, field.cols]
-        Ms = Ms.toarray() if hasattr(Ms, "toarray") else np.asarray(Ms)
-        v = (np.nan_to_num(given[:, field.cols]) / (1 + Ms)) @ field.loadings
-        w = adata.obsm[Key.obsm.VF_VELOCITY]
-        cos = np.sum(v * w, 1) / np.maximum(np.linalg.norm(v, axis=1) * np.linalg.norm(w, axis=1), 1e-12)
+        cos = _cos(adata.obsm[Key.obsm.VF_VELOCITY], _in_state(adata, load_field(adata), given))
         # the CPU: above 0.9 (tests/models/test_vector_field.py)
         assert np.mean(cos) > 0.9, (device, np.mean(cos))

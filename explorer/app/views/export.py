@@ -108,7 +108,6 @@ def figure_layers(state: ExplorerState, which: str) -> tuple[list[dict[str, Any]
 
 def _lineage_layer(lineage: Any, xy: np.ndarray, prefix: str, style: str) -> dict[str, Any]:
     """A lineage's curve or line, or a cell type's line, as the page draws it (:func:`.plots.line_color`)."""
-    group = getattr(lineage, "kind", "lineage")  # a LineageCurve is always a lineage's
     return {
         "kind": "lines",
         "lines": [xy],
@@ -116,7 +115,7 @@ def _lineage_layer(lineage: Any, xy: np.ndarray, prefix: str, style: str) -> dic
         "style": style,
         "width": 2.5,
         "alpha": 1.0,
-        "label": f"{prefix}{group} {lineage.name}",
+        "label": f"{prefix}{lineage.kind} {lineage.name}",
     }
 
 

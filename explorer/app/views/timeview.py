@@ -140,30 +140,26 @@ class GeneTimeView(pn.viewable.Viewer):
 
     def _curve_note(self) -> str:
         model = markdown_text(self.state.model)
+        if "curve" in self.state.fit_shows():
+            fit_words = f"the **{model}** fit at each cell's gene time"
+        else:
+            fit_words = f"the **{model}** fit's predicted values of the cells"
         lines = self._lines("Ms")
-        if lines and lines[0].kind == "type":
-            # a line per cell type stands for the fit: no red line over all cells (ExplorerState.time_curve)
-            shade = "Lines in a darker shade of each type's colour"
-            each = plots.lineages_html(lines, shade, text=markdown_text)
-            curve = "curve" in self.state.fit_shows()
-            fit_words = "fit at each cell's gene time" if curve else "fit's predicted values of the cells"
-            return (
-                f"{each}: the **{model}** {fit_words}, averaged along latent time within each cell type "
-                "(no line over all cells: where types overlap in time with different values it runs "
-                "through none of them)."
-            )
         if lines:
-            # the lineages' lines stand for the fit: no red line over all cells (ExplorerState.time_curve)
-            shade = "Lines in a darker shade of each type's colour, each lineage"
+            # the lineages' (or cell types') lines stand for the fit: no red line over all cells
+            # (ExplorerState.time_curve)
+            by_type = lines[0].kind == "type"
+            shade = "Lines in a darker shade of each type's colour" + ("" if by_type else ", each lineage")
             each = plots.lineages_html(lines, shade, text=markdown_text)
-            return (
-                f"{each}: the **{model}** fit's predicted values of the cells, averaged along latent "
-                "time within each lineage (no line over all cells: it would mix lineages whose values part)."
+            within = (
+                "each cell type (no line over all cells: where types overlap in time with different "
+                "values it runs through none of them)"
+                if by_type
+                else "each lineage (no line over all cells: it would mix lineages whose values part)"
             )
+            return f"{each}: {fit_words}, averaged along latent time within {within}."
         found = self.state.time_curve("Ms")
         if found is not None and found[2] == "fit":
             along = "averaged along latent time (broken where the cells at one time part)"
-            if "curve" in self.state.fit_shows():
-                return f"Red line: the **{model}** fit at each cell's gene time, {along}."
-            return f"Red line: the **{model}** fit's predicted values of the cells, {along}."
+            return f"Red line: {fit_words}, {along}."
         return "Red line: the mean along latent time (no kinetic fit for this gene)."
