@@ -678,10 +678,11 @@ def fits_legend_html(fits: list[PhaseFit]) -> str:
             *([lineages_html(fit.lineages, _LINEAGE_CURVES)] if fit.lineages else []),
         ]
         what = ", ".join(parts) or "nothing to draw for this gene"
+        # the swatch and the fit's name stay together; the description wraps
         items.append(
-            '<span style="white-space:nowrap;margin-right:12px">'
+            '<span style="margin-right:12px"><span style="white-space:nowrap">'
             '<span style="display:inline-block;width:22px;'
-            f'border-top:3px {style} {color};margin:0 4px 3px 0"></span>{html_text(fit.label)}: {what}</span>'
+            f'border-top:3px {style} {color};margin:0 4px 3px 0"></span>{html_text(fit.label)}:</span> {what}</span>'
         )
     return "<div style='font-size:12px'>" + " ".join(items) + "</div>" if items else ""
 

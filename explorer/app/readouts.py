@@ -1874,6 +1874,9 @@ MIN_LINEAGE_SHARE = 0.02
 #: cells a bin needs; a gap in time of 1/LINEAGE_BINS of the lineage's span (or more for a
 #: small lineage, see _cell_bins) breaks the curve
 LINEAGE_BINS, MIN_BIN_CELLS = 20, 5
+#: cells a bin holds at least where its stretch has twice as many: the pancreas' Epsilon
+#: (142 cells) in bins of 8 drew Ghrl's dynamical fit zig-zagging by about 100 (see _cell_bins)
+LINE_BIN_CELLS = 20
 
 
 #: the most cell types the time views draw a line each for (:func:`type_groups`); with more,
@@ -1984,7 +1987,7 @@ def type_groups(adata: AnnData) -> Lineages | None:
     types overlap in time with different values the mean over all cells runs through none
     of them (the dynamical model on the pancreas: over all cells Gcg's fitted values peaked
     at 187 among Alpha cells that reach 400, whose own line reaches 296; Ghrl's at 75 among
-    Epsilon cells up to 580, whose own line reaches 347).
+    Epsilon cells up to 580, whose own line reaches 297).
     """
     column = cluster_column(adata)
     if column is None:
@@ -2097,7 +2100,8 @@ def _cell_bins(t: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[int]]:
     (``span ln(n) / n``) if that is wider: a stretch without cells, not the spacing of a
     small lineage (50 random cells were cut almost every time at 1/20). Each stretch of at
     least ``2 MIN_BIN_CELLS`` cells is cut into two bins or more of ``len(t) / LINEAGE_BINS``
-    consecutive cells or more (at least :data:`MIN_BIN_CELLS`), shorter stretches left out
+    consecutive cells or more (at least :data:`LINE_BIN_CELLS`, so the mean of a small
+    type's bin is not one of a handful of cells), shorter stretches left out
     (one bin between two breaks would draw nothing). Bin ``k`` holds cells
     ``starts[k]:stops[k]``; ``breaks``: the bins before which a stretch left a gap. Equal
     bins of time rather than of cells gave the pancreas' Beta cells, all between latent
@@ -2113,7 +2117,7 @@ def _cell_bins(t: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[int]]:
     distinct = 1 + int(np.count_nonzero(np.diff(t) > 0))  # n, or the levels of discrete times
     gap = max(span / LINEAGE_BINS, 3 * span * np.log(max(distinct, 2)) / distinct)
     edges = np.concatenate([[0], np.flatnonzero(np.diff(t) > gap) + 1, [n]])
-    size = max(MIN_BIN_CELLS, -(-n // LINEAGE_BINS))
+    size = max(LINE_BIN_CELLS, -(-n // LINEAGE_BINS))
     stretches: list[np.ndarray] = []  # each kept stretch's bin edges
     breaks: list[int] = []
     kept = 0

@@ -751,7 +751,8 @@ def test_a_lineage_curve_follows_its_cells_where_they_crowd_in_time():
     As the pancreas' Beta cells (latent time 0.88-1, Ins2 from 3 to 93 along it): bins of
     equal time put the crowd in one or two bins, whose mean (about half the crowd's top)
     ended the curve; bins of about equal numbers of cells follow the crowd, so the curve's
-    last point is the mean of its last 15 cells (s 0.97-1.0), and its points rise in time order.
+    last point is the mean of its last 20 cells (s 0.92-1.0; bins of at least
+    LINE_BIN_CELLS), and its points rise in time order.
     """
     n_early, n_crowd = 60, 240
     t = np.concatenate([np.linspace(0, 0.95, n_early, endpoint=False), np.linspace(0.95, 1, n_crowd)])
@@ -769,12 +770,12 @@ def test_a_lineage_curve_follows_its_cells_where_they_crowd_in_time():
     found = readouts.lineages(adata, _fit(result))
     (curve,) = readouts.lineage_curves(_fit(result), 0, found)
     assert not np.isnan(curve.s).any()  # 0.016 apart at most: no stretch without cells
-    assert len(curve.s) == readouts.LINEAGE_BINS  # 300 cells in bins of 15
-    assert curve.s[-1] == pytest.approx(np.linspace(0, 1, n_crowd)[-15:].mean())
-    assert np.all(np.diff(curve.s[4:]) > 0)  # the crowd's 16 bins, rising
+    assert readouts.LINE_BIN_CELLS == 20 and len(curve.s) == 15  # 300 cells in bins of 20, not 20 of 15
+    assert curve.s[-1] == pytest.approx(np.linspace(0, 1, n_crowd)[-20:].mean())
+    assert np.all(np.diff(curve.s[3:]) > 0)  # the crowd's 12 bins, rising
     np.testing.assert_allclose(curve.u, 2 * curve.s)
     (line,) = readouts.lineage_lines(t, s[:, 0], found)
-    assert line.t[-1] == pytest.approx(t[-15:].mean()) and line.value[-1] == pytest.approx(curve.s[-1])
+    assert line.t[-1] == pytest.approx(t[-20:].mean()) and line.value[-1] == pytest.approx(curve.s[-1])
 
 
 def test_a_small_lineage_is_not_cut_by_its_own_spacing_and_no_bin_stands_alone():
@@ -784,7 +785,8 @@ def test_a_small_lineage_is_not_cut_by_its_own_spacing_and_no_bin_stands_alone()
     widest gap is about span ln(50) / 50, 0.08 of it; here 0.065 against 1/20); and a stretch
     of one bin between two breaks drew nothing (a point between NaNs). By hand: lineage A,
     50 cells uniform in [0, 1]; lineage B, the same 50 and 7 more at 2.0-2.006, a gap of
-    1.0. Each line is its 50 cells' 10 bins of 5 alone, unbroken.
+    1.0. Each line is its 50 cells' 2 bins of 25 alone (bins of at least LINE_BIN_CELLS, 20,
+    where a stretch has twice as many), unbroken.
     """
     rng = np.random.default_rng(3)
     early = np.sort(rng.uniform(0, 1, 50))
@@ -795,8 +797,8 @@ def test_a_small_lineage_is_not_cut_by_its_own_spacing_and_no_bin_stands_alone()
     lines = readouts.lineage_lines(t, values, found)
     for line, first in zip(lines, (0, 50), strict=True):
         assert not np.isnan(line.value).any(), line.name
-        np.testing.assert_allclose(line.value, values[first : first + 50].reshape(10, 5).mean(1))
-        np.testing.assert_allclose(line.t, early.reshape(10, 5).mean(1))
+        np.testing.assert_allclose(line.value, values[first : first + 50].reshape(2, 25).mean(1))
+        np.testing.assert_allclose(line.t, early.reshape(2, 25).mean(1))
 
 
 def test_cell_types_are_found_under_their_usual_names_before_any_categorical_column():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from types import SimpleNamespace
 from typing import Any
 
@@ -469,12 +470,12 @@ def test_time_views_draw_one_line_per_lineage_in_its_colour(timed_adata, tmp_pat
             for name, line in lines.items():
                 # by hand: the lineage's cells in time order, cut where two in a row are over
                 # 1/20 of its span apart (or 3 span ln(n) / n), each stretch of 10 or more
-                # cells in two bins or more of about 1/20 of the lineage's cells
+                # cells in two bins or more of about 1/20 of the lineage's cells, 20 at least
                 order = np.argsort(t[mine[name]], kind="stable")
                 ts, predicted = t[mine[name]][order], (ms[:, j] * half[:, 0])[mine[name]][order]
                 n, span = len(ts), ts[-1] - ts[0]
                 cuts = np.flatnonzero(np.diff(ts) > max(span / 20, 3 * span * np.log(n) / n)) + 1
-                size = max(5, -(-n // 20))
+                size = max(20, -(-n // 20))
                 expected = []
                 for stretch in np.split(predicted, cuts):
                     if len(stretch) >= 10:
@@ -505,6 +506,14 @@ def test_time_views_draw_one_line_per_lineage_in_its_colour(timed_adata, tmp_pat
             drawn = {x["label"]: x["color"] for x in figure_layers(state, which)[0] if x.get("label")}
             assert drawn[f"{prefix}lineage A"] == "#660000" and drawn[f"{prefix}lineage {b}"] == "#006600"
         assert plot_file(state, "gene over time", "png").startswith(b"\x89PNG")
+        # the phase portrait's legend is as wide as the plot and its description wraps there
+        # (five pancreas lineages widened a 1,600-pixel page to 1,818): only the swatch and
+        # the fit's name are kept on one line
+        legend = phase.__panel__().objects[-1]
+        assert legend.width == phase.width
+        assert legend.object.count("nowrap") == 1
+        unbroken, rest = legend.object.split('white-space:nowrap">')[1].split(":</span>", 1)
+        assert re.sub(r"<[^>]*>", "", unbroken) == "velovae" and "per-lineage curves" in rest
         note = SimpleNamespace(object=views["time"]._note())
         assert f"darker shade of each type's colour, each lineage: {b}, A" in shown_text(note)
         assert "<img" not in MarkdownIt("commonmark").render(note.object)

@@ -126,8 +126,12 @@ class PhasePortrait(pn.viewable.Viewer):
     def __panel__(self) -> pn.viewable.Viewable:
         state = self.state
         header = pn.pane.Markdown(pn.bind(self._header, state.param.gene, state.param.model), margin=(0, 10))
+        # as wide as the plot, so that a long legend (five lineages' names) wraps under it
+        # rather than widening the page (1,818 pixels in a 1,600-pixel window until 2026-12-04)
         legend = pn.pane.HTML(
-            pn.bind(self._legend, state.param.gene, state.param.model, state.param.results), margin=(0, 10)
+            pn.bind(self._legend, state.param.gene, state.param.model, state.param.results),
+            margin=(0, 10),
+            width=self.width,
         )
         return pn.Column(header, pn.pane.HoloViews(self.plot, name="phase portrait"), legend)
 
