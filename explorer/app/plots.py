@@ -682,7 +682,8 @@ def fits_legend_html(fits: list[PhaseFit]) -> str:
         items.append(
             '<span style="margin-right:12px"><span style="white-space:nowrap">'
             '<span style="display:inline-block;width:22px;'
-            f'border-top:3px {style} {color};margin:0 4px 3px 0"></span>{html_text(fit.label)}:</span> {what}</span>'
+            f'border-top:3px {style} {color};margin:0 4px 3px 0"></span>{html_text(fit.label)}:</span>'
+            f" {what}</span>"
         )
     return "<div style='font-size:12px'>" + " ".join(items) + "</div>" if items else ""
 
