@@ -897,6 +897,60 @@ def m_step(
     return p, loss, step
 
 
+
+#: the parameters :func:`direct_search` steps, each multiplied by ``exp(+-step)``
+DIRECT_NAMES = ("alpha", "beta", "gamma", "t_", "scaling")
+
+
+def direct_search(
+    data: GeneData,
+    mom: Moments,
+    p: Params,
+    ratio: Array,
+    *,
+    rounds: int,
+    step: float = float(np.log(1.5)),
+    n_newton: int = 2,
+    on_round: Callable[[int], None] | None = None,
+) -> tuple[Params, Array]:
+    """Lower scVelo's loss itself, each candidate's cells projected anew (no fixed times).
+
+    A coordinate search on the log parameters (:data:`DIRECT_NAMES`): each round tries
+    every parameter multiplied by ``exp(+-step)``, scores the candidate by
+    :func:`assign` and :func:`em_loss` (the loss scVelo's Nelder-Mead steps also score,
+    its ``get_mse`` re-assigning the times at every evaluation), keeps each change that
+    lowers a gene's loss, and halves a gene's step after a round without one (``on_round``
+    is called with each round's number after it, for progress). The EM's
+    alternation (times fixed, then parameters profiled at them) stopped on the pancreas at
+    a loss above scVelo's on 201 of 328 genes; the u scaling drifted to 2.4x scVelo's on
+    the genes that lost, which the alternation cannot undo (it profiles the scaling for
+    the times it has).
+
+    Returns
+    -------
+    The parameters and their ``(n_genes, 1)`` loss.
+    """
+    xp = _xp(p.alpha)
+
+    def loss_of(q: Params) -> Array:
+        return em_loss(data, mom, q, assign(data, q, n_newton=n_newton).dist, ratio)
+
+    loss = loss_of(p)
+    steps = xp.full_like(p.alpha, step)
+    for k in range(rounds):
+        improved = xp.zeros_like(p.alpha, dtype=bool if _is_np(p.alpha) else xp.bool)
+        for name in DIRECT_NAMES:
+            for sign in (1.0, -1.0):
+                cand = p.replace(**{name: getattr(p, name) * xp.exp(sign * steps)})
+                c_loss = loss_of(cand)
+                better = c_loss < loss
+                p, loss = p.where(better, cand), xp.where(better, c_loss, loss)
+                improved |= better
+        steps = xp.where(improved, steps, steps * 0.5)
+        if on_round is not None:
+            on_round(k + 1)
+    return p, loss
+
 # ---------------------------------------------------------------------------------------------
 # read-outs
 

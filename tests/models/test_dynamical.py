@@ -224,6 +224,52 @@ def test_cpu_fit_in_numpy_equals_the_torch_backend(sim, monkeypatch):
     assert close.all(0).mean() >= 0.9  # genes whose velocity agrees in every cell
 
 
+def test_direct_search_lowers_scvelos_loss_and_never_raises_a_genes(sim, fit, monkeypatch):
+    """``direct_rounds``: a coordinate search on scVelo's loss with the cells re-projected.
+
+    By hand on the simulation's genes from scVelo's initial guess: no gene's loss rises (a
+    step is kept only where it lowers the loss), the returned loss is the loss of the
+    returned parameters, and most genes' loss falls. Through the model (20 rounds after
+    the EM): likelier fits on the mean (measured 0.81 -> 0.89), on most genes, with
+    ``gamma / beta`` no further from the truth (Spearman 0.72 -> 0.74); and the torch
+    code (the CUDA path, run on the CPU) reaches fits as likely as numpy's.
+    """
+    from explorer.models import dynamical
+
+    u = np.ascontiguousarray(np.asarray(sim.layers[Key.layers.MU], dtype=np.float32).T)
+    s = np.ascontiguousarray(np.asarray(sim.layers[Key.layers.MS], dtype=np.float32).T)
+    data, _ = _em.prepare(u, s)
+    init = _em.initialize(data)
+    mom = _em.moments(data)
+
+    def loss_of(p):
+        return _em.em_loss(data, mom, p, _em.assign(data, p).dist, init.ratio)[:, 0]
+
+    before = loss_of(init.params)
+    p, loss = _em.direct_search(data, mom, init.params, init.ratio, rounds=5)
+    np.testing.assert_allclose(loss[:, 0], loss_of(p), rtol=1e-6)
+    assert (loss[:, 0] <= before).all()
+    assert (loss[:, 0] < 0.99 * before).mean() > 0.5
+
+    searched = Dynamical(genes="all", direct_rounds=20).fit(sim)
+    lik, lik0 = (r.gene_params[Key.var.FIT_LIKELIHOOD].to_numpy() for r in (searched, fit))
+    assert np.nanmean(lik) > 1.05 * np.nanmean(lik0)
+    assert (lik > lik0).mean() > 0.5
+
+    def ratio_spearman(r):
+        fitted = (r.gene_params[Key.var.FIT_GAMMA] / r.gene_params[Key.var.FIT_BETA]).to_numpy()
+        true = (sim.var[Key.var.TRUE_GAMMA] / sim.var[Key.var.TRUE_BETA]).to_numpy()
+        ok = np.isfinite(fitted)
+        return spearmanr(fitted[ok], true[ok])[0]
+
+    assert ratio_spearman(searched) >= ratio_spearman(fit) - 0.01
+    monkeypatch.setattr(dynamical, "CPU_BACKEND", "torch")
+    on_torch = Dynamical(genes="all", direct_rounds=20).fit(sim).gene_params[Key.var.FIT_LIKELIHOOD]
+    on_torch = on_torch.to_numpy()
+    rel = np.abs(on_torch - lik) / lik
+    assert np.nanmedian(rel) < 1e-4 and np.nanmax(rel) < 0.05
+
+
 def test_tau_inv_inverts_the_induction_branch():
     alpha, beta, gamma = torch.tensor([[1.5]]), torch.tensor([[1.0]]), torch.tensor([[0.3]])
     tau = torch.tensor([[0.3, 1.0, 2.0, 4.0]])
