@@ -335,8 +335,9 @@ class Dynamical(Hyperparameters):
         candidate's cells projected anew (:func:`explorer.models._em.direct_search`).
         0 (the default): none. 20 gave likelier fits by scVelo's own likelihood (the
         pancreas: higher than scVelo's on 251 genes of 328 against 213 without it) for
-        twice the fit's time, but moved the switch times of explorer's simulator away
-        from the truth and the pancreas' fates; the README's "direct search" says how much.
+        twice the fit's time, but its velocities follow the pancreas' transitions less
+        well (cross-boundary correctness 0.232 -> 0.193) and move its fates; the README's
+        "direct search" says how much.
     connected_states
         Compare the distances to the four states averaged over each cell's neighbours
         for the final assignment (scVelo's ``fit_connected_states``). Needs
