@@ -235,3 +235,25 @@ def test_python_messages_name_keyword_arguments(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert get_model("dynamical", max_iter=3, genes=("a", "b")).max_iter == 3
+
+
+@pytest.mark.parametrize("model", ["steady_state", "dynamical", "velovae", "deepvelo"])
+def test_unspliced_moments_zero_everywhere_are_refused_by_name(model, tmp_path, capsys):
+    """A prepared file whose ``Mu`` is 0 in every cell and gene (its unspliced counts lost).
+
+    VeloVAE fitted every gene of such a file without a word, the dynamical model said no gene
+    passed the velocity-gene filter and suggested ``genes='all'``; each model now says the
+    layer is empty and where the counts should come from, and writes nothing.
+    """
+    from explorer.pipeline import prepare
+
+    adata = _counts(n_obs=120, n_vars=30)
+    prepare(adata, compute_umap=False)
+    adata.layers["Mu"] = np.zeros(adata.shape, dtype=np.float32)
+    path = tmp_path / "no_unspliced.h5ad"
+    adata.write_h5ad(path)
+    out = tmp_path / "fit.h5ad"
+    code, err = _fit([str(path), "--model", model, "--out", str(out)], capsys)
+    assert code == EXIT_INPUT and not out.exists()
+    assert "layers['Mu'] 0 in every cell and gene" in err and "--unspliced-layer" in err, err
+    assert "Traceback" not in err

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
+from scipy import sparse
 
 from explorer._types import InputError
 from explorer._version import __version__
@@ -92,7 +93,13 @@ class Hyperparameters:
 def require_layers(
     adata: AnnData, model: str, keys: tuple[str, ...] = (Key.layers.MS, Key.layers.MU)
 ) -> None:
-    """Raise :class:`~explorer._types.InputError` unless ``adata`` has every layer in ``keys``."""
+    """Raise :class:`~explorer._types.InputError` unless ``adata`` has every layer in ``keys``, not all 0.
+
+    A layer held in memory (numpy or scipy sparse) that is 0 in every cell and gene has no
+    data to fit: ``Mu`` so, with its unspliced counts lost on the way (a loom whose
+    ``unspliced`` layer was not read, zeros in its place), gave VeloVAE a fit of every gene
+    with nothing in it and the other models a message about velocity genes.
+    """
     missing = [k for k in keys if k not in adata.layers]
     if missing:
         msg = (
@@ -101,6 +108,22 @@ def require_layers(
             "first (or explorer.graph.moments.compute_moments(adata) on normalised data)."
         )
         raise InputError(msg)
+    for key in keys:
+        layer = adata.layers[key]
+        if sparse.issparse(layer):
+            empty = not layer.count_nonzero()
+        else:  # the first cells settle almost every layer at once
+            dense = isinstance(layer, np.ndarray) and layer.size > 0
+            empty = dense and not np.any(layer[:64]) and not np.any(layer)
+        if empty:
+            counts = "unspliced" if key == Key.layers.MU else "spliced"
+            msg = (
+                f"The {model!r} model found layers[{key!r}] 0 in every cell and gene "
+                f"({adata.n_obs:,} x {adata.n_vars:,}): there are no {counts} counts to fit. Check "
+                f"that the file's {counts} layer holds the counts (name it with --{counts}-layer, "
+                f"or explorer.data.io.read(path, {counts}_layer=...) in Python), then preprocess again."
+            )
+            raise InputError(msg)
 
 
 def _check_shape(name: str, value: np.ndarray | None, expected: tuple[int, ...]) -> None:

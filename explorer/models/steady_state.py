@@ -270,12 +270,13 @@ def select_velocity_genes(
     if highly_variable is not None:
         genes &= np.asarray(highly_variable, dtype=bool)
     if genes.sum() < 2:
+        passed = int(genes.sum())
         threshold = np.percentile(r2, 80)
         genes = r2 > threshold
         logger.warning(
             "Very low signal in splicing dynamics: %d genes pass min_r2=%s and min_ratio=%s; "
             "using the %d genes with R² above its 80th percentile (%.4f) as velocity genes.",
-            int(genes.sum()),
+            passed,
             min_r2,
             min_ratio,
             int(genes.sum()),
