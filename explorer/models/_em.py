@@ -897,7 +897,6 @@ def m_step(
     return p, loss, step
 
 
-
 #: the parameters :func:`direct_search` steps, each multiplied by ``exp(+-step)``
 DIRECT_NAMES = ("alpha", "beta", "gamma", "t_", "scaling")
 
@@ -950,6 +949,7 @@ def direct_search(
         if on_round is not None:
             on_round(k + 1)
     return p, loss
+
 
 # ---------------------------------------------------------------------------------------------
 # read-outs
