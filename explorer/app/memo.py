@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import OrderedDict
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
@@ -23,8 +24,8 @@ class Memo:
     """Remember up to ``max_items`` results by key; the least recently used is dropped first.
 
     Thread-safe: a fit's callbacks and the page may ask at once. A value is computed
-    outside the lock, so two threads asking for the same missing key may both compute it
-    (the last one is kept); nothing waits on another's computation.
+    outside the lock, so two threads asking :meth:`get` for the same missing key may both
+    compute it (the last one is kept); :meth:`get_once` waits for the first instead.
 
     Examples
     --------
@@ -40,6 +41,7 @@ class Memo:
         self.max_items = max_items
         self._items: OrderedDict[Hashable, Any] = OrderedDict()
         self._lock = threading.Lock()
+        self._running: dict[Hashable, Future[Any]] = {}
 
     def get(self, key: Hashable, compute: Callable[[], T]) -> T:
         """Return the value remembered for ``key``, else ``compute()`` (remembered from then on)."""
@@ -53,6 +55,40 @@ class Memo:
             self._items.move_to_end(key)
             while len(self._items) > self.max_items:
                 self._items.popitem(last=False)
+        return value
+
+    def get_once(self, key: Hashable, compute: Callable[[], T]) -> T:
+        """As :meth:`get`, but a thread asking for a key being computed waits for that computation.
+
+        For a computation too costly to run twice at once (minutes, gigabytes): every
+        session opening a large file with a stored velocity but no velocity graph started
+        its own (``ExplorerState._derive_stored``). A failure reaches every waiting thread
+        and is not remembered, so a later call tries again.
+        """
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            running = self._running.get(key)
+            if running is None:
+                future: Future[Any] = Future()
+                self._running[key] = future
+        if running is not None:
+            return running.result()
+        try:
+            value = compute()
+        except BaseException as err:
+            with self._lock:
+                self._running.pop(key, None)
+            future.set_exception(err)
+            raise
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.max_items:
+                self._items.popitem(last=False)
+            self._running.pop(key, None)
+        future.set_result(value)
         return value
 
     def clear(self) -> None:

@@ -86,7 +86,8 @@ __all__ = [
 #: a gene's curve along latent time is averaged over at most this many cells (an even sample)
 CURVE_CELLS = 100_000
 #: a stored velocity without its velocity graph gets one computed on opening up to this many
-#: cells (AppState._derive_stored); above it, each session would start a minutes-long job
+#: cells (AppState._derive_stored: once for the sessions that open it meanwhile); above it, the
+#: job would take minutes and gigabytes on opening (`explorer fit` computes it)
 AUTO_GRAPH_CELLS = 200_000
 
 #: results one session remembers (a few genes' columns, colourings, time bins, the arrow
@@ -816,15 +817,20 @@ class ExplorerState(param.Parameterized):
 
         Until it lands the fit draws no streamlines (:meth:`streamlines_note` says why); then
         ``readout_revision`` is bumped and the fit carries the graph, its transition matrix and
-        (where the file had none) its confidence for every session showing it.
+        (where the file had none) its confidence for every session showing it. Sessions that
+        open the file while it runs wait for it rather than start their own
+        (:meth:`~explorer.app.memo.Memo.get_once`).
         """
         adata = self.adata
         if Key.obsp.DISTANCES not in adata.obsp or adata.n_obs > AUTO_GRAPH_CELLS:
             return
         basis = self.basis
+        shared = self._shared  # one computation for every session that opens the file meanwhile
         derived = self._background(
             ("velocity graph", fit.key),
-            lambda: derive(adata, fit.result, basis=basis),
+            lambda: shared.get_once(
+                ("velocity graph", fit.key, basis), lambda: derive(adata, fit.result, basis=basis)
+            ),
             f"velocity graph of {fit.label}",
         )
         if derived is not None:

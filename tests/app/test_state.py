@@ -394,6 +394,71 @@ def test_stored_velocity_without_a_graph_gets_one_in_the_background(app_adata, m
     assert "does not compute one" in large.streamlines_note()
 
 
+def test_sessions_opening_a_stored_velocity_meanwhile_share_one_velocity_graph(app_adata, monkeypatch):
+    """Three sessions open one file with velocity alone while its graph is computed: it is computed once.
+
+    Each session used to start its own job (minutes and gigabytes each on a large file);
+    now the later ones wait for the first's, and all three draw streamlines from it.
+    """
+    from explorer.models import get_model
+
+    stored = app_adata.copy()
+    get_model("stochastic").fit(app_adata).to_adata(stored)
+    calls, release = [], threading.Event()
+    real = state_module.derive
+
+    def slow_derive(*args, **kwargs):
+        calls.append(threading.get_ident())
+        assert release.wait(60)  # every session has asked before the first computation ends
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(state_module, "derive", slow_derive)
+    sessions = [ExplorerState(stored, dataset="velocity only") for _ in range(3)]
+    for opened in sessions:
+        assert opened.streamlines() == []
+        assert "computing the velocity graph" in opened.streamlines_note()
+    time.sleep(0.2)
+    release.set()
+    for opened in sessions:
+        for job in opened.background_jobs():
+            assert job.join(120)
+    assert len(calls) == 1
+    assert all(len(opened.streamlines()) > 0 for opened in sessions)
+    assert sessions[0].fit is sessions[2].fit  # the file's fit, shared, carries the graph
+
+
+def test_a_shared_computation_that_fails_reaches_every_waiter_and_is_tried_again():
+    """``Memo.get_once``: one computation per key at a time; a failure is raised to all, not kept."""
+    from explorer.app.memo import Memo
+
+    memo, started, release, calls = Memo(4), threading.Event(), threading.Event(), []
+
+    def failing():
+        calls.append(1)
+        started.set()
+        assert release.wait(10)
+        raise ValueError("no graph")
+
+    errors = []
+
+    def ask():
+        try:
+            memo.get_once("k", failing)
+        except ValueError as err:
+            errors.append(str(err))
+
+    first = threading.Thread(target=ask)
+    first.start()
+    assert started.wait(10)
+    second = threading.Thread(target=ask)
+    second.start()
+    time.sleep(0.1)
+    release.set()
+    first.join(10), second.join(10)
+    assert errors == ["no graph", "no graph"] and len(calls) == 1
+    assert memo.get_once("k", lambda: 7) == 7 and "k" in memo  # tried again, then remembered
+
+
 def test_loading_a_bad_file_keeps_the_session_and_says_why(state, tmp_path):
     state.data_dir = tmp_path
     (tmp_path / "broken.h5ad").write_text("not an hdf5 file")
