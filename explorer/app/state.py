@@ -86,7 +86,7 @@ __all__ = [
 #: a gene's curve along latent time is averaged over at most this many cells (an even sample)
 CURVE_CELLS = 100_000
 #: a stored velocity without its velocity graph gets one computed on opening up to this many
-#: cells (AppState._derive_stored: once for the sessions that open it meanwhile); above it, the
+#: cells (ExplorerState._derive_stored: once for the sessions opening it meanwhile); above it, the
 #: job would take minutes and gigabytes on opening (`explorer fit` computes it)
 AUTO_GRAPH_CELLS = 200_000
 
