@@ -175,6 +175,9 @@ class ExplorerState(param.Parameterized):
         self._per_fit = Memo(FIT_MEMO_ITEMS)
         #: what every session computes alike from the same dataset (see :func:`shared_memo`)
         self._shared = Memo(1)
+        #: the fit the comparison's A was last set to by a new fit (:meth:`_add_fit`); another
+        #: value there was picked in the Compare tab, and stays
+        self._placed_a: str | None = None
         if adata is not None:
             self.set_data(adata, name=self.dataset or "data", path=self.dataset_path)
         # a click on a cell integrates its path when the active fit has a vector field
@@ -240,6 +243,7 @@ class ExplorerState(param.Parameterized):
                 error="",
                 status=f"{name}: {adata.n_obs:,} cells x {adata.n_vars:,} genes",
             )
+        self._placed_a = self.compare_a
 
     @staticmethod
     def _default_gene(adata: AnnData, fit: Fit | None) -> str:
@@ -422,11 +426,19 @@ class ExplorerState(param.Parameterized):
                 p.objects = labels
             self.param.color_by.objects = readouts.color_options(self.adata, results, self._all_fates())
             previous = self.model
+            new = bool(previous) and previous != fit.label
+            # B: the new fit; A: the fit shown before it (a refit with other parameters is
+            # compared with the one it varies), unless A was picked in the Compare tab since
+            # (until 2026-12-04 A stayed the first fit: the file's, for the sample)
+            compare_a = self.compare_a
+            if compare_a is None or compare_a == self._placed_a:
+                compare_a = previous if new else compare_a or fit.label
+                self._placed_a = compare_a
             self.param.update(
                 results=results,
                 model=fit.label,
-                compare_a=self.compare_a or fit.label,
-                compare_b=fit.label if previous and previous != fit.label else self.compare_b,
+                compare_a=compare_a,
+                compare_b=fit.label if new else self.compare_b,
             )
 
     def cancel_run(self) -> None:

@@ -318,6 +318,25 @@ def test_comparison_of_two_fits(state):
     assert state.select_gene_near(target["a"], target["b"]) == target["gene"]
 
 
+def test_a_new_fit_is_compared_with_the_one_shown_before_it_unless_a_was_picked(state):
+    """B is each new fit; A the fit active before it, or the fit picked as A in the Compare tab.
+
+    A refit with other parameters (``steady_state (min_r2=0.05)``) was compared with the
+    session's first fit until 2026-12-04 (on the bundled sample, the file's stochastic fit,
+    not the dynamical fit it varies); a fit picked as A by hand stays A.
+    """
+    state.run_model("steady_state").join(120)
+    state.run_model("stochastic").join(120)
+    assert (state.compare_a, state.compare_b) == ("steady_state", "stochastic")
+    state.run_model("steady_state", min_r2=0.05).join(120)
+    varied = state.model
+    assert varied != "steady_state" and (state.compare_a, state.compare_b) == ("stochastic", varied)
+    state.compare_a = "steady_state"  # picked in the Compare tab
+    state.run_model("stochastic", min_r2=0.05).join(120)
+    assert (state.compare_a, state.compare_b) == ("steady_state", state.model)
+    assert state.model not in ("stochastic", varied)
+
+
 def test_export_writes_results_and_protects_the_input(state, tmp_path, app_adata):
     import anndata as ad
 
