@@ -51,10 +51,7 @@ class Memo:
                 return self._items[key]
         value = compute()
         with self._lock:
-            self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self.max_items:
-                self._items.popitem(last=False)
+            self._keep(key, value)
         return value
 
     def get_once(self, key: Hashable, compute: Callable[[], T]) -> T:
@@ -83,13 +80,17 @@ class Memo:
             future.set_exception(err)
             raise
         with self._lock:
-            self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self.max_items:
-                self._items.popitem(last=False)
+            self._keep(key, value)
             self._running.pop(key, None)
         future.set_result(value)
         return value
+
+    def _keep(self, key: Hashable, value: Any) -> None:
+        """Remember ``value`` as the most recent, dropping the least recent beyond the bound (lock held)."""
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.max_items:
+            self._items.popitem(last=False)
 
     def clear(self) -> None:
         """Forget everything."""

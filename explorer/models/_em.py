@@ -757,6 +757,12 @@ def _pick(mask: Array, new: Array, old: Array) -> Array:
     return old + mask * (new - old)
 
 
+def _false_like(x: Array) -> Array:
+    """A boolean array of ``x``'s shape, all False (numpy's or torch's bool)."""
+    xp = _xp(x)
+    return xp.zeros_like(x, dtype=bool if _is_np(x) else xp.bool)
+
+
 def _less(a: Array, b: Array) -> Array:
     """Compare ``a < b`` into 1.0/0.0 of ``a``'s dtype.
 
@@ -877,7 +883,7 @@ def m_step(
         improved |= better
 
     for _ in range(n_rounds):
-        improved = xp.zeros_like(p.alpha, dtype=bool if _is_np(p.alpha) else xp.bool)
+        improved = _false_like(p.alpha)
         factor = xp.exp(step)
         for name in ("beta", "gamma", "t_"):
             for f in (factor, 1 / factor):
@@ -937,7 +943,7 @@ def direct_search(
     loss = loss_of(p)
     steps = xp.full_like(p.alpha, step)
     for k in range(rounds):
-        improved = xp.zeros_like(p.alpha, dtype=bool if _is_np(p.alpha) else xp.bool)
+        improved = _false_like(p.alpha)
         for name in DIRECT_NAMES:
             for sign in (1.0, -1.0):
                 cand = p.replace(**{name: getattr(p, name) * xp.exp(sign * steps)})

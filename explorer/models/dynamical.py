@@ -272,6 +272,18 @@ def _batch_seed(seed: int, start: int) -> int:
     return int(np.random.SeedSequence([seed, start]).generate_state(1)[0])
 
 
+def _torch_sparse(matrix: sparse.spmatrix, device: torch.device) -> torch.Tensor:
+    """``matrix`` as a coalesced float32 sparse COO tensor on ``device`` (the smoother's, DeepVelo's)."""
+    import torch
+
+    coo = sparse.coo_matrix(matrix)
+    idx = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64)).to(device)
+    values = torch.from_numpy(coo.data.astype(np.float32)).to(device)
+    # built on the device: copying a sparse tensor to CUDA warned (torch 2.11, H200, 2026-12-04)
+    # that its invariant checks were implicitly off, an error under the tests' filterwarnings
+    return torch.sparse_coo_tensor(idx, values, coo.shape, check_invariants=True).coalesce()
+
+
 def _dense32(matrix: Any) -> np.ndarray:
     arr = matrix.toarray() if sparse.issparse(matrix) else np.asarray(matrix)
     return np.ascontiguousarray(arr, dtype=np.float32)
@@ -292,14 +304,7 @@ class _Smoother:
         if device is None or device.type == "cpu":
             self.csr = sparse.csr_matrix(weights, dtype=np.float32)
             return
-        import torch
-
-        coo = weights.tocoo()
-        idx = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64)).to(device)
-        values = torch.from_numpy(coo.data.astype(np.float32)).to(device)
-        # built on the device: copying a sparse tensor to CUDA warned (torch 2.11, H200, 2026-12-04)
-        # that its invariant checks were implicitly off, an error under the tests' filterwarnings
-        self.matrix = torch.sparse_coo_tensor(idx, values, coo.shape, check_invariants=True).coalesce()
+        self.matrix = _torch_sparse(weights, device)
 
     def __call__(self, x: Any) -> Any:
         if self.csr is not None:

@@ -34,7 +34,7 @@ from explorer.graph.metrics import velocity_consistency, velocity_consistency_by
 from explorer.graph.transition import knn_indices
 from explorer.keys import Key
 from explorer.models.base import Hyperparameters, VelocityResult, require_layers
-from explorer.models.dynamical import _dense32, _import_torch, _resolve_device
+from explorer.models.dynamical import _dense32, _import_torch, _resolve_device, _torch_sparse
 from explorer.models.steady_state import genes_to_fit
 
 if TYPE_CHECKING:
@@ -397,17 +397,6 @@ def _normalized_adjacency(indices: np.ndarray) -> sparse.csr_matrix:
     out = sparse.csr_matrix(inv @ A @ inv, dtype=np.float32)
     out.sort_indices()
     return out
-
-
-def _torch_sparse(matrix: sparse.spmatrix, device: torch.device) -> torch.Tensor:
-    import torch
-
-    coo = sparse.coo_matrix(matrix)
-    idx = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64)).to(device)
-    values = torch.from_numpy(coo.data.astype(np.float32)).to(device)
-    # built on the device: copying a sparse tensor there (torch 2.11 on CUDA) warns that its
-    # invariant checks are implicitly off, an error under the tests' filterwarnings
-    return torch.sparse_coo_tensor(idx, values, coo.shape, check_invariants=True).coalesce()
 
 
 class _Blocks:
