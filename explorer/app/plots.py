@@ -446,7 +446,12 @@ def cell_marker(x: float | None, y: float | None) -> hv.Points:
 def transition_target_data(
     origin: tuple[float, float] | None, targets: np.ndarray, probability: np.ndarray
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Columns of :func:`transition_targets`: segments ``x0, y0, x1, y1, w`` and points ``x, y, size``."""
+    """Columns of :func:`transition_targets`: segments ``x0, y0, x1, y1, line_width``, points ``x, y, size``.
+
+    The names of the drawn data sources' columns, so that a view can send new targets to
+    a drawing (the segments' width went as ``w`` until 2026-12-04, which the drawing did
+    not read: every segment was drawn 1 pixel wide, BokehJS warning of a missing field).
+    """
     targets = np.asarray(targets, dtype=float).reshape(-1, 2)
     p = np.asarray(probability, dtype=float).ravel()
     if origin is None or len(targets) == 0:
@@ -459,7 +464,7 @@ def transition_target_data(
         "y0": np.full(n, origin[1]),
         "x1": targets[:, 0],
         "y1": targets[:, 1],
-        "w": 1 + 4 * scale,
+        "line_width": 1 + 4 * scale,
     }
     points = {"x": targets[:, 0], "y": targets[:, 1], "size": 4 + 10 * scale}
     return segments, points
@@ -477,8 +482,12 @@ def transition_targets(
     ``hooks`` are HoloViews hooks for the segments and the points (see ``LiveLayer``).
     """
     seg_data, pt_data = transition_target_data(origin, targets, probability)
-    segs = hv.Segments(seg_data, kdims=["x0", "y0", "x1", "y1"], vdims=["w"]).opts(
-        color=TARGET_COLOR, line_width="w", alpha=0.8, hooks=[h for h in hooks[:1] if h], backend="bokeh"
+    segs = hv.Segments(seg_data, kdims=["x0", "y0", "x1", "y1"], vdims=["line_width"]).opts(
+        color=TARGET_COLOR,
+        line_width="line_width",
+        alpha=0.8,
+        hooks=[h for h in hooks[:1] if h],
+        backend="bokeh",
     )
     pts = hv.Points(pt_data, vdims=["size"]).opts(
         color=TARGET_COLOR,
@@ -720,16 +729,26 @@ def _lineage_contours(
     """Lines ``(xs[i], ys[i])``, each in :func:`line_color` of ``colors[i]``: one Bokeh multi-line.
 
     Contours give each line its own colour; a Path would map the colours through a colour map.
+    Under two lines, empty ones (:data:`_PADDING`) make up two: HoloViews maps the colours by
+    what a layer is drawn with, and drew no line through a numeric colour map (lines sent
+    later, :func:`lineage_line_columns`, were grey) and one line in a constant colour (every
+    later line took it).
     """
+    padding = [([np.nan], [np.nan], colour) for colour in _PADDING[: max(0, 2 - len(xs))]]
     return hv.Contours(
         [
             {labels[0]: x, labels[1]: y, "lineage": line_color(color)}
-            for x, y, color in zip(xs, ys, colors, strict=True)
+            for x, y, color in [*zip(xs, ys, colors, strict=True), *padding]
         ],
         list(labels),
         vdims=["lineage"],
         group="Lineages",
     ).opts(color=hv.dim("lineage"), backend="bokeh")
+
+
+#: the colours of the empty lines :func:`_lineage_contours` draws under two lines (two
+#: distinct colours, so that HoloViews colours each line by its own)
+_PADDING = ("#000000", "#ffffff")
 
 
 def lineage_line_columns(lines: Sequence[Any]) -> dict[str, list[Any]]:

@@ -1941,8 +1941,9 @@ def lineages(adata: AnnData, fit: Fit | VelocityResult) -> Lineages | None:
     own; k-means centres of the latest 30% of cells' states, drawn mostly from the large
     types, missed it (and still do where there are no cell types: :data:`LINEAGE_CENTRES`
     seeded centres among the latest :data:`LATE_SHARE` of cells). Every cell joins the
-    lineage of its nearest end; lineages with under :data:`MIN_LINEAGE_SHARE` of the cells
-    are dropped.
+    lineage of its nearest end; ends nearest to under :data:`MIN_LINEAGE_SHARE` of the cells
+    (or under ``2 MIN_BIN_CELLS``, too few for a line) are dropped and their cells join the
+    nearest end kept.
     """
     result = _result(fit)
     shows = fit_shows(result)
@@ -1958,16 +1959,20 @@ def lineages(adata: AnnData, fit: Fit | VelocityResult) -> Lineages | None:
     z = (state - state[ok].mean(0)) / np.maximum(state[ok].std(0), 1e-12)
     column = cluster_column(adata)
     ends = None if column is None else _type_ends(adata.obs[column].astype(str).to_numpy(), z, t, ok)
+    by_type = ends is not None
     if ends is None:
         ends = _kmeans_ends(z, np.flatnonzero(ok & (t >= np.quantile(t[ok], 1 - LATE_SHARE))))
     names, centres = ends
-    nearest = np.argmin(((z[:, None, :] - centres[None]) ** 2).sum(-1), axis=1)
-    codes = np.where(ok, nearest, -1)
-    keep = [i for i in range(len(names)) if (codes == i).mean() >= MIN_LINEAGE_SHARE]
-    remap = np.full(len(names) + 1, -1, dtype=np.int64)
-    remap[keep] = np.arange(len(keep))
-    codes = remap[codes]
-    names = [names[i] for i in keep]
+    distance = ((z[:, None, :] - centres[None]) ** 2).sum(-1)
+    counts = np.bincount(np.argmin(distance, axis=1)[ok], minlength=len(names))
+    least = max(MIN_LINEAGE_SHARE * adata.n_obs, 2 * MIN_BIN_CELLS)  # fewer would draw no line
+    keep = np.flatnonzero(counts >= least)
+    if len(keep) == 0:
+        return None
+    # the cells of a dropped end join the nearest kept one
+    codes = np.where(ok, np.argmin(distance[:, keep], axis=1), -1)
+    # k-means lineages are numbered from 1 as shown (100 dentate gyrus cells showed "lineage 1, 3, 6")
+    names = [names[i] for i in keep] if by_type else _kmeans_names(len(keep))
     return Lineages(codes=codes, names=tuple(names), colors=_group_colors(adata, column, names))
 
 
@@ -2021,7 +2026,12 @@ def _kmeans_ends(z: np.ndarray, late: np.ndarray) -> tuple[list[str], np.ndarray
     from scipy.cluster.vq import kmeans2
 
     centres, _ = kmeans2(z[late], min(LINEAGE_CENTRES, len(late)), seed=0, minit="++")
-    return [f"lineage {c + 1}" for c in range(len(centres))], centres
+    return _kmeans_names(len(centres)), centres
+
+
+def _kmeans_names(n: int) -> list[str]:
+    """``lineage 1`` to ``lineage n``: the names of lineages found without cell types."""
+    return [f"lineage {c + 1}" for c in range(n)]
 
 
 def lineage_curves(

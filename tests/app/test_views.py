@@ -7,10 +7,12 @@ import re
 from types import SimpleNamespace
 from typing import Any
 
+import holoviews as hv
 import numpy as np
 import pandas as pd
 import pytest
 from scipy.stats import spearmanr
+from bokeh.core.property.vectorization import Unspecified
 from bokeh.document import Document
 from panel.io.state import set_curdoc
 
@@ -241,6 +243,12 @@ def test_clicking_a_cell_highlights_it_everywhere_and_fills_the_inspector(app):
     segments = views["embedding"].targets_live[0].shown  # segments to the likely next cells
     assert len(segments["x1"]) == state.n_targets
     np.testing.assert_allclose(segments["x0"], xy[42, 0])
+    # what the view sent is what the drawing reads: the widths by probability, 1 to 5 pixels
+    # (sent as "w", a column the drawing did not read, they were all 1 pixel wide)
+    drawn = hv.render(views["embedding"]._draw_targets()).renderers
+    assert [set(r.data_source.data) for r in drawn] == [set(x.shown) for x in views["embedding"].targets_live]
+    p = state.cell_info().targets["probability"].to_numpy()
+    np.testing.assert_allclose(segments["line_width"], 1 + 4 * p / p.max())
     # clicking a next cell in the inspector moves there
     first = inspector._indices[0]
     inspector._clicked(SimpleNamespace(row=0))
@@ -523,6 +531,70 @@ def test_time_views_draw_one_line_per_lineage_in_its_colour(timed_adata, tmp_pat
         assert len(views["time"].curves_live["Ms"].shown["Ms"]) > 0  # its red line is back
         state.model = "velovae"
         assert len(views["time"].lines_live["Ms"].shown["xs"]) == 2
+
+
+def test_lineage_lines_keep_their_colours_when_the_time_views_were_drawn_without_lines(timed_adata, tmp_path):
+    """Data without cell types: a fit without lineages draws the time views first, then VeloVAE's.
+
+    Found on the raw dentate gyrus (no cell types) in chromium: after the dynamical model
+    (a red line, no lineage lines) VeloVAE's three lineage lines were drawn grey, under a
+    note naming them in colour. HoloViews maps a line's colour by what it is first drawn
+    with: no lines gave a numeric colour map, which drew the colours sent later in grey
+    (one line would have given every later line its colour); now it is drawn with two lines
+    at least, empty ones making up the number. By hand: the late cells lie
+    in three states far apart, a fourth handful (1% of the cells) in another; k-means'
+    lineages without types are numbered from 1 as shown, the handful's dropped.
+    """
+    from explorer.app import readouts
+    from explorer.app.jobs import Fit
+
+    adata = timed_adata.copy()
+    while (column := readouts.cluster_column(adata)) is not None:
+        del adata.obs[column]
+    t = adata.obs[Key.obs.LATENT_TIME].to_numpy()
+    late = np.flatnonzero(t > 0.5)
+    groups = np.zeros(adata.n_obs, dtype=np.int64)  # 0: the earlier cells
+    groups[late] = 1 + np.arange(len(late)) % 3
+    groups[late[: max(2, adata.n_obs // 100)]] = 4  # a handful, under MIN_LINEAGE_SHARE
+    centre = np.array([[1.0, 0.0], [8.0, 0.0], [0.0, 8.0], [-8.0, 0.0], [0.0, -30.0]])
+    state_c = centre[groups] + np.random.default_rng(0).normal(0, 0.1, (adata.n_obs, 2))
+    ms, mu = (
+        readouts._dense_layer(adata.layers[k]).astype(np.float32) for k in (Key.layers.MS, Key.layers.MU)
+    )
+    velovae = _result_of(
+        adata,
+        "velovae",
+        t.astype(np.float32),
+        layers={Key.layers.PREDICTED_S: ms, Key.layers.PREDICTED_U: mu},
+        obsm={Key.obsm.CELL_STATE: state_c},
+    )
+    dynamical = _result_of(adata, "dynamical", t.astype(np.float32))
+    doc = Document()
+    with set_curdoc(doc):
+        page = create_app(adata, data_dir=tmp_path)
+        page.server_doc(doc)
+        state, view = page.app.state, page.app.views["time"]
+        state._add_fit(Fit(label="dynamical", key=("dynamical", ()), result=dynamical))
+        # drawn without lines (two empty ones, each in its own colour)
+        drawn = view.lines_live["Ms"].shown
+        assert all(np.isnan(x).all() for x in drawn["xs"]) and len(set(drawn["color"])) == len(drawn["xs"])
+        state._add_fit(Fit(label="velovae", key=("velovae", ()), result=velovae))
+        lines = state.lineage_lines("Ms")
+        names = [line.name for line in lines]
+        assert 3 <= len(names) and names == [f"lineage {i + 1}" for i in range(len(names))]
+        live = view.lines_live["Ms"]
+        assert live.shown["color"] == [plots.line_color(line.color) for line in lines]
+        assert len(set(live.shown["color"])) == len(lines)
+        for drawn in live.plots:
+            renderer = drawn.handles["glyph_renderer"]
+            for glyph in (renderer.glyph, renderer.nonselection_glyph, renderer.muted_glyph):
+                assert glyph.line_color.field == "color"  # each line its own colour, not mapped
+                assert glyph.line_color.transform is Unspecified
+    # one line drawn first (and an empty one): the lines sent later keep their colours too
+    one = hv.render(plots.lineage_lines(lines[:1], labels=("latent time", "Ms"))).renderers[0]
+    assert one.data_source.data["color"][0] == plots.line_color(lines[0].color)
+    assert np.isnan(one.data_source.data["xs"][1]).all()
+    assert one.glyph.line_color.field == "color" and one.glyph.line_color.transform is Unspecified
 
 
 def test_time_views_draw_a_line_per_cell_type_for_a_fit_without_lineages(timed_adata, tmp_path):
