@@ -625,9 +625,15 @@ def macrostates(
     T = _check_transitions(transitions)
     n_obs = T.shape[0]
     if not 2 <= n_states <= n_obs // max(n_cells, 1):
+        most = n_obs // max(n_cells, 1)
         msg = (
-            f"Expected 2 <= number of macrostates <= n_obs / n_cells = {n_obs // max(n_cells, 1)}, "
-            f"found {n_states}."
+            f"Expected 2 <= number of macrostates <= n_obs / n_cells = {most} ({n_obs} cells, "
+            f"{n_cells} typical cells a state), found {n_states}. "
+            + (
+                f"Ask for {most} or fewer (`--n_states` of `explorer fates`; macrostates in the app)."
+                if most >= 2  # noqa: PLR2004 - two states at least
+                else f"{n_obs} cells are too few for fates; they need {2 * n_cells} at least."
+            )
         )
         raise InputError(msg)
     with _one_blas_thread():

@@ -1292,7 +1292,8 @@ class Perturbation:
         probabilities of the observed cell nearest to each path's end; without, the share
         of the start cells whose path ends nearest to a cell of each group.
     control_end, perturbed_end
-        Per start cell, the group its path ends in.
+        Per start cell, the group its path ends in (the cell type of the observed cell
+        nearest to the path's end; without cell types, that cell's most likely fate).
     control_paths, perturbed_paths
         With ``keep_paths``: the ``(cells, n_steps + 1, dim)`` paths in the field's state.
     measure
@@ -1397,6 +1398,20 @@ def perturb(
             "Use factor >= 0 or value >= 0."
         )
         raise InputError(msg)
+    # where the paths end is named by fate probabilities, else by cell types: checked before
+    # the integration (it raised after it, and asked a user of the app or the CLI to pass an
+    # argument they cannot, even where the session's fates would have named the ends)
+    key = cluster_key or str(adata.uns[Key.uns.VECTOR_FIELD].get("cluster_key", Key.obs.CLUSTERS))
+    labels = _labels(adata, key)
+    use_fates = use_fates and (fates is not None or Key.obsm.FATE_PROBABILITIES in adata.obsm)
+    if labels is None and not use_fates:
+        msg = (
+            f"Cannot say where the perturbed cells go: there are no fate probabilities and no cell "
+            f"types in obs[{key!r}] (obs has {list(adata.obs.columns)}). Compute fates first "
+            "(`explorer fates`, or Compute fates in the app), or add the cell types as "
+            f"obs[{key!r}] (from Python, cluster_key= names another column)."
+        )
+        raise InputError(msg)
     shift = np.log1p(new) - np.log1p(s) if fld.transform == "log1p" else new - s
     starts = fld.states[idx]
     moved = starts + shift[:, None] * fld.loadings[g][None, :]
@@ -1406,13 +1421,6 @@ def perturb(
         moved, n_steps=n_steps, dt=dt, on_data=on_data, hold=g if hold else None, level=level, check=check
     )
     control, perturbed = control_paths[:, -1], perturbed_paths[:, -1]
-    key = cluster_key or str(adata.uns[Key.uns.VECTOR_FIELD].get("cluster_key", Key.obs.CLUSTERS))
-    labels = _labels(adata, key)
-    if labels is None:
-        msg = (
-            f"No obs column {key!r} to name the fates; obs has {list(adata.obs.columns)}. Pass cluster_key=."
-        )
-        raise InputError(msg)
     end_c, end_p = fld.nearest_cells(control), fld.nearest_cells(perturbed)
     names = pd.Index(adata.obs_names[idx])
     if use_fates and fates is None and Key.obsm.FATE_PROBABILITIES in adata.obsm:
@@ -1426,6 +1434,8 @@ def perturb(
         dist_c = pd.Series(probs[end_c].mean(0), index=[str(c) for c in fates.columns])
         dist_p = pd.Series(probs[end_p].mean(0), index=[str(c) for c in fates.columns])
         measure = "fate probabilities"
+        if labels is None:  # no cell types: a cell's group is its most likely fate
+            labels = np.asarray([str(c) for c in fates.columns])[probs.argmax(1)]
     else:
         measure = "nearest cluster"
         cats = sorted(set(labels))

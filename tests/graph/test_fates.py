@@ -307,6 +307,23 @@ def _metastable(n: int = 600, n_blocks: int = 4, seed: int = 0) -> sparse.csr_ma
     return sparse.csr_matrix(T)
 
 
+def test_too_many_macrostates_for_the_cells_say_how_many_to_ask_for():
+    """100 cells hold 3 states of 30 typical cells: the default 10 is refused with the number to ask for.
+
+    Found on scVelo's 100-cell dentate gyrus in the app (macrostates 10, the default): the
+    message said what was expected and found, not what to set (nor where).
+    """
+    from explorer._types import InputError
+
+    T = _blocks(size=33)
+    expected = r"= 3 \(99 cells, 30 typical cells a state\), found 10\. Ask for 3 or fewer"
+    with pytest.raises(InputError, match=expected):
+        F.macrostates(T, 10)
+    with pytest.raises(InputError, match="39 cells are too few for fates; they need 60 at least"):
+        F.macrostates(_blocks(size=13), 2)
+    assert F.macrostates(T, 3).memberships.shape == (99, 3)
+
+
 def test_krylov_schur_vectors_span_the_dense_schur_subspace(monkeypatch):
     """ARPACK's few vectors (n >= 500) span the invariant subspace of the sorted dense real Schur form.
 

@@ -420,6 +420,23 @@ def test_knocking_out_a_lineage_programme_moves_fate(sample_fit):
     assert list(by_fate.control.index) == names
     np.testing.assert_allclose(by_fate.control, result.control.reindex(names, fill_value=0.0), atol=1e-9)
     np.testing.assert_allclose(by_fate.perturbed, result.perturbed.reindex(names, fill_value=0.0), atol=1e-9)
+    # no cell types: the fates alone name where the paths end, each path's group its end
+    # cell's most likely fate, here its lineage (it raised, asking for a cluster_key the app
+    # and the CLI cannot pass, after integrating)
+    steps = []
+    untyped = perturb(
+        fates, genes[0], cells=cells, factor=0.0, n_steps=150, cluster_key="no_types", field=field,
+        check=steps.append,
+    )  # fmt: skip
+    np.testing.assert_allclose(untyped.control, by_fate.control, atol=1e-9)
+    assert steps and list(untyped.control_end) == list(result.control_end)
+    # neither: refused before any step, saying what would do
+    steps.clear()
+    with pytest.raises(InputError, match=r"no fate probabilities and no cell types.*Compute fates first"):
+        perturb(
+            adata, genes[0], cells=cells, factor=0.0, cluster_key="no_types", field=field, check=steps.append
+        )
+    assert steps == []
     with pytest.raises(InputError, match="not one of the field's genes|not in the data"):
         perturb(adata, "no_such_gene", cells=cells, factor=0.0, field=field)
 
