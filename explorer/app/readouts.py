@@ -1055,7 +1055,8 @@ def quality_axes(a: Fit | VelocityResult, b: Fit | VelocityResult) -> tuple[str,
         return f"A: {name_a}", f"B: {name_b}", "per-gene fit quality (click a gene)"
     if name_a == name_b:
         name_a, name_b = f"{name_a} ({ra.model})", f"{name_b} ({rb.model})"
-    title = "each fit's own measure, not one scale: see reconstruction error (click a gene)"
+    # short enough for the 400-pixel plot (the page cut a longer one after 45 characters)
+    title = "not one scale: see reconstruction error"
     return f"A: {name_a}", f"B: {name_b}", title
 
 

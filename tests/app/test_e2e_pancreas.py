@@ -4,8 +4,8 @@ The fit is made once by ``explorer fit pancreas_endocrinogenesis_3696.h5ad --mod
 dynamical`` (the file a user opens, ~150 MB), then served by ``explorer.app.server.serve``
 (``conftest.running_server``). Checked as a biologist sees it: the page is usable soon
 after the server answers, the gene-over-time plots are above the fold, the gene table
-shows all its columns without a horizontal scroll bar, every continuous colouring has a
-colour bar, and the browser logs no error. Screenshots go to ``test-artifacts/``.
+shows all its columns without a horizontal scroll bar, neither tab scrolls sideways, every
+continuous colouring has a colour bar, and the browser logs no error. Screenshots go to ``test-artifacts/``.
 """
 
 from __future__ import annotations
@@ -123,6 +123,21 @@ def test_continuous_colourings_have_colour_bars(page):
     assert page.evaluate(visible_bars) >= 1
     page.wait_for_timeout(500)
     page.screenshot(path=ARTIFACTS / "e2e_pancreas_latent_time.png")
+
+
+def test_neither_tab_scrolls_sideways_on_the_screen_it_is_made_for(page):
+    """The Compare tab's three plots in a row fit beside the sidebar (they overflowed by 10 px),
+    on a 1,600-pixel screen.
+    """
+    width = "() => document.documentElement.scrollWidth"
+    assert page.evaluate(width) <= SCREEN["width"]
+    page.get_by_text("Compare", exact=True).first.click()
+    page.get_by_text("Every fit scored").first.wait_for(timeout=60_000)
+    page.wait_for_timeout(3000)  # its plots drawn
+    page.screenshot(path=ARTIFACTS / "e2e_pancreas_compare.png")
+    assert page.evaluate(width) <= SCREEN["width"]
+    page.get_by_text("Explore", exact=True).first.click()
+    page.wait_for_timeout(500)
 
 
 def test_no_errors_in_the_browser(page):

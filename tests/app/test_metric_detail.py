@@ -154,6 +154,7 @@ def test_fit_quality_axes_say_when_the_scales_differ(app_adata):
     a, b, title = readouts.quality_axes(vae, dyn)
     assert (a, b) == ("A: likelihood (velovae)", "B: likelihood (dynamical)")
     assert "not one scale" in title and "reconstruction" in title
+    assert len(title) <= 44  # shown whole over a 400-pixel plot (the page cut one after 45 characters)
     # two fits of one model, or the steady-state line's R² of two steady-state models: one scale
     same = ("A: likelihood", "B: likelihood", "per-gene fit quality (click a gene)")
     assert readouts.quality_axes(dyn, dyn) == same

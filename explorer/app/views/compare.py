@@ -87,7 +87,7 @@ class ComparisonView(pn.viewable.Viewer):
             coloring=self._agreement_coloring,
             color_depends=pair,
             title=self._agreement_title,
-            width=420,
+            width=400,  # three plots of 400 fit a 1,600-pixel page beside the sidebar (420 did not)
             height=360,
         )
 
@@ -147,7 +147,7 @@ class ComparisonView(pn.viewable.Viewer):
             title = (
                 "reconstruction error: computing…"
                 if state.reconstruction_pending()
-                else "reconstruction needs two fits that predict (u, s)"
+                else "reconstruction needs fits predicting (u, s)"  # 45 characters show
             )
             return plots.comparison_scatter(empty, empty, labels=labels, title=title, width=400, height=340)
         table = found.table
