@@ -630,7 +630,7 @@ def macrostates(
             f"Expected 2 <= number of macrostates <= n_obs / n_cells = {most} ({n_obs} cells, "
             f"{n_cells} typical cells a state), found {n_states}. "
             + (
-                f"Ask for {most} or fewer (`--n_states` of `explorer fates`; macrostates in the app)."
+                f"Ask for 2 to {most} (`--n_states` of `explorer fates`; macrostates in the app)."
                 if most >= 2  # noqa: PLR2004 - two states at least
                 else f"{n_obs} cells are too few for fates; they need {2 * n_cells} at least."
             )

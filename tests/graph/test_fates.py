@@ -316,9 +316,11 @@ def test_too_many_macrostates_for_the_cells_say_how_many_to_ask_for():
     from explorer._types import InputError
 
     T = _blocks(size=33)
-    expected = r"= 3 \(99 cells, 30 typical cells a state\), found 10\. Ask for 3 or fewer"
+    expected = r"= 3 \(99 cells, 30 typical cells a state\), found 10\. Ask for 2 to 3 "
     with pytest.raises(InputError, match=expected):
         F.macrostates(T, 10)
+    with pytest.raises(InputError, match=r"found 1\. Ask for 2 to 3 "):
+        F.macrostates(T, 1)
     with pytest.raises(InputError, match="39 cells are too few for fates; they need 60 at least"):
         F.macrostates(_blocks(size=13), 2)
     assert F.macrostates(T, 3).memberships.shape == (99, 3)
