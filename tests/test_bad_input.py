@@ -257,3 +257,26 @@ def test_unspliced_moments_zero_everywhere_are_refused_by_name(model, tmp_path, 
     assert code == EXIT_INPUT and not out.exists()
     assert "layers['Mu'] 0 in every cell and gene" in err and "--unspliced-layer" in err, err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("model", ["dynamical", "velovae", "deepvelo", "vector_field"])
+def test_cuda_asked_for_where_torch_finds_none_is_bad_input(model, tmp_path, capsys):
+    """``--param device=cuda`` on a machine without a GPU: a message and exit 2, not a traceback.
+
+    Every torch model raised a ValueError there (a traceback from ``explorer fit``, an
+    unexpected error in the app, whose VeloVAE and DeepVelo offer ``cuda`` in a menu).
+    """
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    from explorer.pipeline import prepare
+
+    adata = _counts(n_obs=120, n_vars=30)
+    prepare(adata, compute_umap=False)
+    path = tmp_path / "prepared.h5ad"
+    adata.write_h5ad(path)
+    out = tmp_path / "fit.h5ad"
+    code, err = _fit([str(path), "--model", model, "--param", "device=cuda", "--out", str(out)], capsys)
+    assert code == EXIT_INPUT and not out.exists()
+    assert "device='cuda' was asked for, but torch" in err and "finds no CUDA device" in err, err
+    assert "use device='auto' (CUDA where there is one) or 'cpu'" in err and "Traceback" not in err

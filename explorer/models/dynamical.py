@@ -172,9 +172,7 @@ def _em_device(device: str) -> torch.device | None:
     ``"auto"`` is CUDA when there is one; ``"cpu"`` runs numpy, or torch on the CPU when
     :data:`CPU_BACKEND` says ``"torch"``.
     """
-    if device not in ("auto", "cpu", "cuda"):
-        msg = f"Invalid device {device!r}. Valid options are: 'auto', 'cpu', 'cuda'."
-        raise ValueError(msg)
+    _check_device_name(device)
     if CPU_BACKEND == "numpy" and (device == "cpu" or (device == "auto" and not _cuda_possible())):
         return None
     _import_torch()
@@ -212,17 +210,31 @@ def _import_torch() -> Any:
     return torch
 
 
+def _check_device_name(device: str) -> None:
+    """Refuse a device other than ``auto``, ``cpu`` and ``cuda`` (an :class:`InputError`)."""
+    if device not in ("auto", "cpu", "cuda"):
+        msg = f"Invalid device {device!r}. Valid options are: 'auto', 'cpu', 'cuda'."
+        raise InputError(msg)
+
+
 def _resolve_device(device: str) -> torch.device:
+    """The torch device for ``device``; asking for CUDA where torch finds none is bad input.
+
+    Bad input, not a traceback: ``--param device=cuda`` on a machine without a GPU (or with
+    torch's CPU build) is a user's choice the message answers.
+    """
     import torch
 
+    _check_device_name(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda"):
-        msg = f"Invalid device {device!r}. Valid options are: 'auto', 'cpu', 'cuda'."
-        raise ValueError(msg)
     if device == "cuda" and not torch.cuda.is_available():
-        msg = "device='cuda' was asked for but torch finds no CUDA device; use device='auto' or 'cpu'."
-        raise ValueError(msg)
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "the CPU-only build"
+        msg = (
+            f"device='cuda' was asked for, but torch ({torch.__version__}, {build}) finds no CUDA "
+            "device here; use device='auto' (CUDA where there is one) or 'cpu'."
+        )
+        raise InputError(msg)
     return torch.device(device)
 
 
