@@ -925,6 +925,37 @@ def gene_trust(gene_params: pd.DataFrame, *, scvelo_likelihood: bool = True) -> 
 #: the trust-diagnostics column of the gene table (explorer.diagnostics' flags, when computed)
 FLAG = "flag"
 
+#: what each reason of explorer.diagnostics.flag_genes is called on the page
+FLAG_WORDS = {
+    "differential_kinetics": "differential kinetics across clusters",
+    "boost": "transcriptional boost",
+    "unstable": "unstable",
+}
+
+
+def flags_summary(flags: pd.DataFrame, flagged: np.ndarray, var_names: pd.Index, *, has_types: bool) -> str:
+    """The note under the gene table on the trust flags: how many genes, and for which reasons.
+
+    ``flags`` is :func:`explorer.diagnostics.gene_diagnostics`' table (``diag_flag_reason``),
+    ``flagged`` the flagged velocity genes (in ``var_names`` order). Each reason is counted
+    among them (a gene with two counts twice); without cell types (``has_types``) the note
+    says the differential kinetic test did not run (it named it as a reason anyway).
+
+    Examples
+    --------
+    >>> flags = pd.DataFrame({"diag_flag_reason": ["boost", "", "boost,unstable"]}, index=list("abc"))
+    >>> flags_summary(flags, np.array([True, False, True]), pd.Index(list("abc")), has_types=True)
+    '**2** velocity genes flagged (column *flag*): transcriptional boost 2, unstable 1.'
+    """
+    reasons = flags[Key.var.DIAG_FLAG_REASON].reindex(var_names).fillna("").astype(str).to_numpy()[flagged]
+    counts = {word: sum(key in r.split(",") for r in reasons) for key, word in FLAG_WORDS.items()}
+    shown = ", ".join(f"{word} {n:,}" for word, n in counts.items() if n)
+    note = f"**{int(flagged.sum()):,}** velocity genes flagged (column *{FLAG}*)"
+    note += f": {shown}." if shown else "."
+    if not has_types:
+        note += f" No cell types, so {FLAG_WORDS['differential_kinetics']} were not tested."
+    return note
+
 
 def gene_table(
     var_names: pd.Index,

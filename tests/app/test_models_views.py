@@ -236,6 +236,12 @@ def test_rates_intervals_reconstruction_walks_fates_and_metrics(app):
     flagged = state.flagged()
     table = state.gene_table().set_index("gene")
     assert (table[readouts.FLAG] != "").to_numpy().sum() == flagged.sum() > 0
+    # the note counts the flagged genes by reason (it named every reason whatever flagged)
+    reasons = state.diagnostics[state.model][Key.var.DIAG_FLAG_REASON].reindex(state.adata.var_names)
+    boosted = sum("boost" in str(r).split(",") for r in reasons.to_numpy()[flagged])
+    assert genes.flags_note.object.startswith(f"**{int(flagged.sum())}** velocity genes flagged")
+    assert (f"transcriptional boost {boosted}" in genes.flags_note.object) == (boosted > 0)
+    assert "not tested" not in genes.flags_note.object  # the data has cell types
     assert not genes.without_button.disabled
     before = state.fit.result.velocity_genes.copy()
     genes.without_button.clicks += 1

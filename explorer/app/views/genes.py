@@ -231,9 +231,11 @@ class GeneBrowser(pn.viewable.Viewer):
         if flagged is None:
             self.flags_note.object = ""
         else:
-            self.flags_note.object = (
-                f"**{int(flagged.sum()):,}** velocity genes flagged (column *flag*: differential kinetics "
-                "across clusters, transcriptional boost)."
+            self.flags_note.object = readouts.flags_summary(
+                state.diagnostics[state.model],
+                flagged,
+                state.adata.var_names,
+                has_types=readouts.cluster_column(state.adata) is not None,
             )
 
     def _clicked(self, event: Any) -> None:
