@@ -1341,11 +1341,15 @@ class RandomWalks:
 
 
 def walk_ends(adata: AnnData, walks: np.ndarray) -> pd.DataFrame:
-    """Count the walks by the cluster of their last cell (columns cluster, walks, share), most first."""
+    """Count the walks by the cluster of their last cell (columns cluster, walks, share), most first.
+
+    Without cell types (:func:`cluster_column`) no rows: there is nothing to count them by
+    (the page said all of them ended in "—").
+    """
     column = cluster_column(adata)
     last = np.asarray(walks)[:, -1]
-    labels = adata.obs[column].to_numpy()[last].astype(str) if column else np.full(len(last), "—")
-    counts = pd.Series(labels).value_counts(sort=True)
+    labels = adata.obs[column].to_numpy()[last].astype(str) if column else np.empty(0, dtype=str)
+    counts = pd.Series(labels, dtype=str).value_counts(sort=True)
     return pd.DataFrame(
         {
             "cluster": counts.index.astype(str),

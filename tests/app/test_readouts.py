@@ -669,6 +669,12 @@ def test_walks_on_a_chain_end_at_its_end_and_are_counted_by_cluster(toy_adata):
     walks = random_walks(chain, 0, n_steps=7, n_walks=10, seed=0)
     ends = readouts.walk_ends(toy_adata, walks)
     assert ends.to_dict("list") == {"cluster": ["c"], "walks": [10], "share": [1.0]}
+    # without cell types nothing to count them by (the page said all ended in "—")
+    untyped = toy_adata.copy()
+    while (column := readouts.cluster_column(untyped)) is not None:
+        del untyped.obs[column]
+    assert readouts.cluster_column(untyped) is None
+    assert readouts.walk_ends(untyped, walks).empty
     xy = np.asarray(toy_adata.obsm[Key.obsm.UMAP])
     paths = readouts.walk_paths(xy, walks, max_paths=3)
     assert len(paths) == 3

@@ -114,9 +114,14 @@ class CellInspector(pn.viewable.Viewer):
             ends = ", ".join(
                 f"{markdown_text(row.cluster)} **{row.walks}**" for row in walks.ends.itertuples()
             )
+            where = (
+                f"end in: {ends}"
+                if ends
+                else "end at the purple dots (no cell types to count the ends by)"
+            )
             lines.append(
                 f"- {n_walks} random walks of {n_steps} steps from row {walks.start} "
-                f"({markdown_text(walks.fit)}; 30 drawn in purple on the embedding) end in: {ends}"
+                f"({markdown_text(walks.fit)}; 30 drawn in purple on the embedding) {where}"
             )
         self.where.object = "\n".join(lines)
 
