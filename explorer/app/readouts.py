@@ -1384,6 +1384,13 @@ def parse_transitions(text: str, clusters: Any) -> list[tuple[str, str]]:
             raise InputError(msg)
         source, target = (x.strip() for x in item.split(">"))
         unknown = [x for x in (source, target) if x not in valid]
+        if unknown and not valid:
+            msg = (
+                f"Cannot score {item!r}: the data has no cell types (an obs column such as "
+                "'clusters') to name a transition's source and target. Leave the transitions "
+                "empty, or open data with cell types."
+            )
+            raise InputError(msg)
         if unknown:
             msg = f"Unknown cluster {unknown[0]!r} in {item!r}. Valid options are: {', '.join(valid)}."
             raise InputError(msg)

@@ -689,6 +689,10 @@ def test_transitions_are_parsed_and_checked():
         readouts.parse_transitions("a>z", clusters)
     with pytest.raises(InputError, match="source>target"):
         readouts.parse_transitions("a-b", clusters)
+    # data without cell types: it said "Valid options are: ." (an empty list)
+    with pytest.raises(InputError, match="Cannot score 'a>b': the data has no cell types"):
+        readouts.parse_transitions("a>b", [])
+    assert readouts.parse_transitions(" ", []) == []
 
 
 def test_model_metrics_by_hand(app_adata):
