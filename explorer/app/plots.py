@@ -734,11 +734,10 @@ def _lineage_contours(
     later, :func:`lineage_line_columns`, were grey) and one line in a constant colour (every
     later line took it).
     """
-    padding = [([np.nan], [np.nan], colour) for colour in _PADDING[: max(0, 2 - len(xs))]]
     return hv.Contours(
         [
-            {labels[0]: x, labels[1]: y, "lineage": line_color(color)}
-            for x, y, color in [*zip(xs, ys, colors, strict=True), *padding]
+            {labels[0]: x, labels[1]: y, "lineage": color}
+            for x, y, color in zip(*_padded(xs, ys, colors), strict=True)
         ],
         list(labels),
         vdims=["lineage"],
@@ -774,7 +773,22 @@ def phase_layer_columns(kind: str, columns: dict[str, Any]) -> dict[str, Any]:
 
 
 def _multi_line(xs: list[Any], ys: list[Any], colors: list[str]) -> dict[str, list[Any]]:
-    return {"xs": xs, "ys": ys, "color": [line_color(c) for c in colors]}
+    xs, ys, colours = _padded(xs, ys, colors)
+    return {"xs": xs, "ys": ys, "color": colours}
+
+
+def _padded(xs: list[Any], ys: list[Any], colors: list[str]) -> tuple[list[Any], list[Any], list[str]]:
+    """The lines with empty ones making up two (:data:`_PADDING`), each colour :func:`line_color`'s.
+
+    What is drawn and what is sent to a drawing must hold as many lines: HoloViews reads a
+    drawing's own data source against the lines it drew (and failed where they differed).
+    """
+    pad = max(0, 2 - len(xs))
+    return (
+        [*xs, *([np.array([np.nan])] * pad)],
+        [*ys, *([np.array([np.nan])] * pad)],
+        [line_color(c) for c in colors] + list(_PADDING[:pad]),
+    )
 
 
 def line_color(color: str) -> str:

@@ -2068,7 +2068,9 @@ def _kmeans_ends(z: np.ndarray, late: np.ndarray) -> tuple[list[str], np.ndarray
     """``(names, centres)``: seeded k-means centres of the late cells' states, named ``lineage k``."""
     from scipy.cluster.vq import kmeans2
 
-    centres, _ = kmeans2(z[late], min(LINEAGE_CENTRES, len(late)), seed=0, minit="++")
+    # no more centres than distinct states (k-means divided by empty clusters' sizes there)
+    distinct = len(np.unique(z[late], axis=0))
+    centres, _ = kmeans2(z[late], min(LINEAGE_CENTRES, distinct), seed=0, minit="++")
     return _kmeans_names(len(centres)), centres
 
 

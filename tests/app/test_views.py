@@ -527,7 +527,8 @@ def test_time_views_draw_one_line_per_lineage_in_its_colour(timed_adata, tmp_pat
         assert "<img" not in MarkdownIt("commonmark").render(note.object)
         # another model active (no cell state): the lines go, and come back with the fit
         state.run_model("steady_state").join(120)
-        assert state.model == "steady_state" and views["time"].lines_live["Ms"].shown["xs"] == []
+        gone = views["time"].lines_live["Ms"].shown["xs"]  # empty lines only (see plots._padded)
+        assert state.model == "steady_state" and not any(np.isfinite(x).any() for x in gone)
         assert len(views["time"].curves_live["Ms"].shown["Ms"]) > 0  # its red line is back
         state.model = "velovae"
         assert len(views["time"].lines_live["Ms"].shown["xs"]) == 2
@@ -595,6 +596,56 @@ def test_lineage_lines_keep_their_colours_when_the_time_views_were_drawn_without
     assert one.data_source.data["color"][0] == plots.line_color(lines[0].color)
     assert np.isnan(one.data_source.data["xs"][1]).all()
     assert one.glyph.line_color.field == "color" and one.glyph.line_color.transform is Unspecified
+
+
+def test_the_time_views_redraw_whatever_number_of_lines_was_sent_to_them(timed_adata, tmp_path):
+    """A colouring changed after the lineage lines changed in number: the plots redraw, no error.
+
+    Found on 50 dentate gyrus cells (one lineage): HoloViews redrew a time view for the new
+    colouring from the lines it had drawn (kept, one and an empty one) against the lines
+    sent to the drawing since (one), and failed ("failed to validate MultiLine.line_color").
+    The lines are now drawn afresh with every redraw and sent with the drawing's padding.
+    """
+    from explorer.app import readouts
+    from explorer.app.jobs import Fit
+
+    adata = timed_adata.copy()
+    while (column := readouts.cluster_column(adata)) is not None:
+        del adata.obs[column]
+    t = adata.obs[Key.obs.LATENT_TIME].to_numpy()
+    ms, mu = (
+        readouts._dense_layer(adata.layers[k]).astype(np.float32) for k in (Key.layers.MS, Key.layers.MU)
+    )
+
+    def velovae(n_states: int) -> Any:
+        """A VeloVAE-like fit whose late cells lie in ``n_states`` states far apart."""
+        groups = np.where(t > 0.5, 1 + np.arange(adata.n_obs) % n_states, 0)
+        centre = np.array([[0.0, 0.0], [9.0, 0.0], [0.0, 9.0], [-9.0, 0.0]])
+        return _result_of(
+            adata,
+            "velovae",
+            t.astype(np.float32),
+            layers={Key.layers.PREDICTED_S: ms, Key.layers.PREDICTED_U: mu},
+            obsm={Key.obsm.CELL_STATE: centre[groups]},  # one point a state: k-means finds each once
+        )
+
+    doc = Document()
+    with set_curdoc(doc):
+        page = create_app(adata, data_dir=tmp_path)
+        page.server_doc(doc)
+        state, view = page.app.state, page.app.views["time"]
+        state._add_fit(Fit(label="one", key=("one", ()), result=velovae(1)))
+        assert len(state.lineage_lines("Ms")) == 1
+        for label, n in (("three", 3), ("one again", 1)):
+            state.color_by = COLOR_VELOCITY  # a redraw of every cell plot
+            state._add_fit(Fit(label=label, key=(label, ()), result=velovae(n)))
+            assert len(state.lineage_lines("Ms")) == n
+            state.color_by = COLOR_EXPRESSION
+            state.select_gene(str(adata.var_names[5 + n]))
+            state.color_by = COLOR_VELOCITY
+            drawn = view.lines_live["Ms"].shown
+            assert sum(np.isfinite(x).any() for x in drawn["xs"]) == n
+            assert len(drawn["xs"]) == len(drawn["color"]) == max(n, 2)
 
 
 def test_time_views_draw_a_line_per_cell_type_for_a_fit_without_lineages(timed_adata, tmp_path):

@@ -8,6 +8,7 @@ import holoviews as hv
 import numpy as np
 import panel as pn
 import param
+from holoviews.core.spaces import Callable
 
 from explorer.app import plots
 from explorer.app.escape import markdown_text
@@ -53,7 +54,10 @@ class GeneTimeView(pn.viewable.Viewer):
             self.curves_live[what] = LiveLayer()
             self.lines_live[what] = LiveLayer()
             curve = hv.DynamicMap(self._curve_of(what))
-            lines = hv.DynamicMap(self._lines_of(what))
+            # drawn afresh whenever the plot is: the number of lines changes with the fit and
+            # the gene, and HoloViews failed reading a kept drawing's lines against the lines
+            # sent to it since (a colouring changed after VeloVAE on 50 dentate gyrus cells)
+            lines = hv.DynamicMap(Callable(self._lines_of(what), memoize=False))
             self.scatters[what] = scatter
             self.plots[what] = scatter.overlay(curve, lines)
         state.param.watch(self._push_curves, ["gene", "model", "results", "adata"])
