@@ -155,6 +155,20 @@ def test_state_starts_with_defaults(state, app_adata):
     assert state.cell is None
     assert state.results == {}
     assert COLOR_EXPRESSION in state.param.color_by.objects
+    assert state.fate_states == 10  # 300 cells hold 10 macrostates of 30 typical cells
+
+
+def test_the_macrostates_asked_for_by_default_fit_the_cells(app_adata):
+    """100 cells hold 3 macrostates of 30 typical cells: Compute fates asks for 3, not 10.
+
+    On scVelo's 100-cell dentate gyrus the app's default 10 was refused every time.
+    """
+    small = ExplorerState(app_adata[:100].copy(), dataset="small")
+    assert small.fate_states == 3
+    small.set_data(app_adata.copy(), name="whole")  # another data set: its own default
+    assert small.fate_states == 10
+    small.set_data(app_adata[:40].copy(), name="tiny")
+    assert small.fate_states == 2  # the fewest GPCCA takes (fates then say 40 cells are too few)
 
 
 def test_cells_are_first_coloured_by_their_types_under_a_usual_name(app_adata):
