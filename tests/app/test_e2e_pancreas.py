@@ -140,5 +140,35 @@ def test_neither_tab_scrolls_sideways_on_the_screen_it_is_made_for(page):
     page.wait_for_timeout(500)
 
 
+def test_with_the_sidebar_hidden_a_laptop_screen_shows_every_plot(page):
+    """On a 1,366 x 768 laptop screen the Explore tab scrolled sideways by 234 px (the phase
+    portrait cut at its middle); hiding the sidebar gives the views its 340 px, and showing
+    it again brings back the model runner as it was.
+    """
+    laptop = {"width": 1366, "height": 768}
+    width = "() => document.documentElement.scrollWidth"
+    page.set_viewport_size(laptop)
+    try:
+        page.wait_for_timeout(500)
+        assert page.evaluate(width) > laptop["width"]  # with the sidebar: too wide, as it was
+        page.get_by_role("button", name="Hide sidebar").click()
+        page.get_by_role("button", name="Show sidebar").wait_for(timeout=30_000)
+        page.wait_for_timeout(1000)
+        assert not page.get_by_text("Rescan folder").is_visible()
+        assert page.evaluate(width) <= laptop["width"]
+        phase = page.locator(".bk-Canvas").nth(1)  # after the embedding's
+        assert phase.bounding_box()["x"] + phase.bounding_box()["width"] <= laptop["width"]
+        page.screenshot(path=ARTIFACTS / "e2e_pancreas_laptop.png")
+        page.get_by_text("Compare", exact=True).first.click()
+        page.wait_for_timeout(2000)
+        assert page.evaluate(width) <= laptop["width"]
+        page.get_by_text("Explore", exact=True).first.click()
+        page.get_by_role("button", name="Show sidebar").click()
+        page.get_by_text("Rescan folder").wait_for(timeout=30_000)
+    finally:
+        page.set_viewport_size(SCREEN)
+        page.wait_for_timeout(500)
+
+
 def test_no_errors_in_the_browser(page):
     assert page.errors == []

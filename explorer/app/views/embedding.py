@@ -20,6 +20,9 @@ from explorer.app.state import ExplorerState
 from explorer.app.views._layers import CellScatter, LiveLayer
 from explorer.app.views.field import path_layer_columns, path_layers
 
+#: the embedding's width in pixels (its legend wraps to it)
+_WIDTH = 560
+
 
 class EmbeddingView(pn.viewable.Viewer):
     """Cells on the embedding, coloured by the state's ``color_by``; click a cell, box or lasso a group."""
@@ -37,7 +40,7 @@ class EmbeddingView(pn.viewable.Viewer):
             on_tap=lambda x, y: state.select_cell_at("embedding", x, y),
             on_select=state.select_cells_in,
             title=lambda: f"{state.basis} — {state.color_by}",
-            width=560,
+            width=_WIDTH,
             height=460,
         )
         self.streamlines = hv.DynamicMap(
@@ -184,7 +187,8 @@ class EmbeddingView(pn.viewable.Viewer):
                 state.param.show_streamlines,
                 state.param.readout_revision,
             ),
-            sizing_mode="stretch_width",
+            # wrapped under the plot: one line of many type names pushed the phase portrait aside
+            width=_WIDTH,
             margin=(0, 10),
         )
         pane = pn.pane.HoloViews(self.plot, name="embedding")
