@@ -669,8 +669,10 @@ def curve(x: np.ndarray, y: np.ndarray, *, labels: tuple[str, str]) -> hv.Curve:
     return hv.Curve((x, y), labels[0], labels[1]).opts(color=FIT_CURVE_COLOR, line_width=3, backend="bokeh")
 
 
-#: how the phase portrait's legend names the lineage curves (:func:`lineages_html` lists them)
-_LINEAGE_CURVES = "per-lineage curves along latent time (a darker shade of each type's colour)"
+def _lineage_curves_words(curves: Sequence[Any]) -> str:
+    """How the phase portrait's legend names the lineage curves (:func:`lineages_html` lists them)."""
+    colour = "a darker shade of each type's colour" if curves[0].typed else "each lineage's colour"
+    return f"per-lineage curves along latent time ({colour})"
 
 
 def fits_legend_html(fits: list[PhaseFit]) -> str:
@@ -684,7 +686,7 @@ def fits_legend_html(fits: list[PhaseFit]) -> str:
             *(["u = γ s (dash-dot)" if fit.s is not None else "u = γ s"] if fit.line is not None else []),
             *(["predicted cells (dots)"] if fit.points is not None else []),
             *(["each cell's velocity from its own rates (arrows)"] if fit.arrows is not None else []),
-            *([lineages_html(fit.lineages, _LINEAGE_CURVES)] if fit.lineages else []),
+            *([lineages_html(fit.lineages, _lineage_curves_words(fit.lineages))] if fit.lineages else []),
         ]
         what = ", ".join(parts) or "nothing to draw for this gene"
         # the swatch and the fit's name stay together; the description wraps

@@ -1933,13 +1933,16 @@ class Lineages:
 
     ``codes``: ``(n_obs,)`` lineage of each cell (-1: none); ``names``: each lineage's name
     (the cell type it ends in, else ``lineage k``; or the cell type); ``colors``: its cell
-    type's colour; ``kind``: ``"lineage"`` or ``"type"``.
+    type's colour (a palette's where they are not types); ``kind``: ``"lineage"`` or ``"type"``;
+    ``typed``: whether the names are cell types (false for k-means lineages on data without
+    types, whose colours no cell on the embedding has).
     """
 
     codes: np.ndarray
     names: tuple[str, ...]
     colors: tuple[str, ...]
     kind: Literal["lineage", "type"] = "lineage"
+    typed: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -1951,6 +1954,7 @@ class LineageCurve:
     s: np.ndarray
     u: np.ndarray
     kind: Literal["lineage"] = "lineage"  # as LineageLine's (the exports label both by it)
+    typed: bool = True  # as Lineages'
 
 
 @dataclass(frozen=True, slots=True)
@@ -1962,6 +1966,7 @@ class LineageLine:
     t: np.ndarray
     value: np.ndarray
     kind: Literal["lineage", "type"] = "lineage"
+    typed: bool = True  # as Lineages'
 
 
 def _cell_state(adata: AnnData, fit: Fit | VelocityResult) -> np.ndarray | None:
@@ -2016,7 +2021,8 @@ def lineages(adata: AnnData, fit: Fit | VelocityResult) -> Lineages | None:
     codes = np.where(ok, np.argmin(distance[:, keep], axis=1), -1)
     # k-means lineages are numbered from 1 as shown (100 dentate gyrus cells showed "lineage 1, 3, 6")
     names = [names[i] for i in keep] if by_type else _kmeans_names(len(keep))
-    return Lineages(codes=codes, names=tuple(names), colors=_group_colors(adata, column, names))
+    colors = _group_colors(adata, column if by_type else None, names)
+    return Lineages(codes=codes, names=tuple(names), colors=colors, typed=by_type)
 
 
 def _group_colors(adata: AnnData, column: str | None, names: Sequence[str]) -> tuple[str, ...]:
@@ -2096,7 +2102,10 @@ def lineage_curves(
     s = dense_column(result.layers[Key.layers.PREDICTED_S], j, np.float64)
     u = dense_column(result.layers[Key.layers.PREDICTED_U], j, np.float64)
     binned = _lineage_means(t, found.codes, found, {"s": s, "u": u})
-    return tuple(LineageCurve(name=name, color=color, s=m["s"], u=m["u"]) for name, color, m in binned)
+    return tuple(
+        LineageCurve(name=name, color=color, s=m["s"], u=m["u"], typed=found.typed)
+        for name, color, m in binned
+    )
 
 
 def lineage_lines(
@@ -2115,7 +2124,7 @@ def lineage_lines(
     t = np.asarray(t, dtype=np.float64)
     binned = _lineage_means(t, codes, found, {"t": t, "value": np.asarray(values, dtype=np.float64)})
     return tuple(
-        LineageLine(name=name, color=color, t=m["t"], value=m["value"], kind=found.kind)
+        LineageLine(name=name, color=color, t=m["t"], value=m["value"], kind=found.kind, typed=found.typed)
         for name, color, m in binned
     )
 

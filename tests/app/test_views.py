@@ -591,6 +591,12 @@ def test_lineage_lines_keep_their_colours_when_the_time_views_were_drawn_without
             for glyph in (renderer.glyph, renderer.nonselection_glyph, renderer.muted_glyph):
                 assert glyph.line_color.field == "color"  # each line its own colour, not mapped
                 assert glyph.line_color.transform is Unspecified
+        # the notes do not speak of cell types the data has not (they said "each type's colour")
+        note = shown_text(SimpleNamespace(object=view._note()))
+        assert "Lines in each lineage's colour (lineages found in the fit's cell state): lineage 1" in note
+        legend = page.app.views["phase"].__panel__().objects[-1].object
+        assert "per-lineage curves along latent time (each lineage's colour)" in legend
+        assert "type" not in note + legend
     # one line drawn first (and an empty one): the lines sent later keep their colours too
     one = hv.render(plots.lineage_lines(lines[:1], labels=("latent time", "Ms"))).renderers[0]
     assert one.data_source.data["color"][0] == plots.line_color(lines[0].color)

@@ -153,7 +153,11 @@ class GeneTimeView(pn.viewable.Viewer):
             # the lineages' (or cell types') lines stand for the fit: no red line over all cells
             # (ExplorerState.time_curve)
             by_type = lines[0].kind == "type"
-            shade = "Lines in a darker shade of each type's colour" + ("" if by_type else ", each lineage")
+            shade = (
+                "Lines in a darker shade of each type's colour" + ("" if by_type else ", each lineage")
+                if lines[0].typed
+                else "Lines in each lineage's colour (lineages found in the fit's cell state)"
+            )
             each = plots.lineages_html(lines, shade, text=markdown_text)
             within = (
                 "each cell type (no line over all cells: where types overlap in time with different "
