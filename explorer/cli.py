@@ -381,7 +381,10 @@ _FATES_LAYERS = (Key.layers.VELOCITY, Key.layers.MS)
 def _check_fates_args(args: argparse.Namespace) -> tuple[Path, Path]:
     """Check the options, the input's layers (HDF5 metadata only) and the output before any work."""
     checks = (
-        (args.n_states >= 2, f"--n-states must be at least 2; found {args.n_states}."),
+        (
+            args.n_states is None or args.n_states >= 2,
+            f"--n-states must be at least 2; found {args.n_states}.",
+        ),
         (args.n_cells >= 1, f"--n-cells must be at least 1; found {args.n_cells}."),
         (
             0.0 <= args.connectivity_weight <= 1.0,
@@ -973,7 +976,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["correlation", "cosine", "dot_product"],
         help="velocity-displacement similarity (default: correlation)",
     )
-    _add_alias(fates, "n_states", type=int, default=10, help="number of macrostates (default: 10)")
+    _add_alias(
+        fates,
+        "n_states",
+        type=int,
+        default=None,
+        help="number of macrostates (default: 10, or as many as the cells hold, n_obs / n_cells, 2 at least)",
+    )
     _add_alias(
         fates,
         "connectivity_weight",

@@ -57,6 +57,7 @@ from explorer.app.readouts import (
     PhaseFit,
 )
 from explorer.data.io import read_column, write
+from explorer.graph.fates import DEFAULT_N_STATES, default_n_states
 from explorer.graph.transition import random_walks
 from explorer.keys import Key
 from explorer.models import MODELS
@@ -101,26 +102,6 @@ N_WALKS, N_WALK_STEPS = 100, 100
 FIT_MEMO_ITEMS = 6
 
 
-#: macrostates Compute fates asks for by default (`explorer fates --n-states`' default)
-DEFAULT_FATE_STATES = 10
-
-
-def default_fate_states(n_obs: int) -> int:
-    """The macrostates to ask for by default: 10, or as many as ``n_obs`` cells hold, 2 at least.
-
-    Each state holds its most typical cells (:data:`explorer.graph.fates.DEFAULT_N_CELLS`);
-    the 100-cell dentate gyrus refused the default 10 (it holds 3).
-
-    Examples
-    --------
-    >>> default_fate_states(3696), default_fate_states(100), default_fate_states(40)
-    (10, 3, 2)
-    """
-    from explorer.graph.fates import DEFAULT_N_CELLS
-
-    return int(min(DEFAULT_FATE_STATES, max(2, n_obs // DEFAULT_N_CELLS)))
-
-
 class ExplorerState(param.Parameterized):
     """Everything one browser session can select or change, and its fitted models.
 
@@ -152,7 +133,7 @@ class ExplorerState(param.Parameterized):
     fates = param.Dict(default={}, doc="Fates computed in this session, by fit label (readouts.FateInfo).")
     diagnostics = param.Dict(default={}, doc="Per-gene trust flags computed in this session, by fit label.")
     fate_states = param.Integer(
-        default=DEFAULT_FATE_STATES,
+        default=DEFAULT_N_STATES,
         bounds=(2, 30),
         doc="Macrostates that Compute fates looks for (`explorer fates --n-states`).",
     )
@@ -248,7 +229,7 @@ class ExplorerState(param.Parameterized):
                 walks=None,
                 trajectory=None,
                 perturbation=None,
-                fate_states=default_fate_states(adata.n_obs),
+                fate_states=default_n_states(adata.n_obs),
                 adata=adata,
                 dataset=name,
                 dataset_path=path,

@@ -66,6 +66,24 @@ logger = logging.getLogger(__name__)
 
 #: CellRank's cells per state: the most typical cells of each macrostate define it
 DEFAULT_N_CELLS = 30
+
+#: macrostates asked for by default where the cells hold them (:func:`default_n_states`)
+DEFAULT_N_STATES = 10
+
+
+def default_n_states(n_obs: int, n_cells: int = DEFAULT_N_CELLS) -> int:
+    """The macrostates to ask for by default: 10, or as many as ``n_obs`` cells hold, 2 at least.
+
+    Each state holds its ``n_cells`` most typical cells; the 100-cell dentate gyrus refused
+    a fixed default of 10 (it holds 3). Used by :func:`compute_fates`, ``explorer fates``
+    and the app.
+
+    Examples
+    --------
+    >>> default_n_states(3696), default_n_states(100), default_n_states(40), default_n_states(100, 10)
+    (10, 3, 2, 10)
+    """
+    return int(min(DEFAULT_N_STATES, max(2, n_obs // max(n_cells, 1))))
 #: CellRank's ``predict_terminal_states(method="stability")`` threshold on diag(T_c)
 STABILITY_THRESHOLD = 0.96
 #: below this many cells the dense eigensolver is used (ARPACK needs k < n - 1)
@@ -624,8 +642,8 @@ def macrostates(
 
     T = _check_transitions(transitions)
     n_obs = T.shape[0]
-    if not 2 <= n_states <= n_obs // max(n_cells, 1):
-        most = n_obs // max(n_cells, 1)
+    most = n_obs // max(n_cells, 1)
+    if not 2 <= n_states <= most:
         msg = (
             f"Expected 2 <= number of macrostates <= n_obs / n_cells = {most} ({n_obs} cells, "
             f"{n_cells} typical cells a state), found {n_states}. "
@@ -638,6 +656,11 @@ def macrostates(
         raise InputError(msg)
     with _one_blas_thread():
         X, R, vals = _schur_vectors(T, n_states)
+        if X.shape[1] > most and n_states > 2:  # noqa: PLR2004 - two states at least
+            # one more state (a complex pair kept whole) would hold too few typical cells:
+            # one fewer keeps the pair together too (200 cells asked for 6, got 7 of 28 cells,
+            # and were refused for too many cells a state, which nobody had chosen)
+            X, R, vals = _schur_vectors(T, n_states - 1)
         chi, crispness = _memberships(X)
         eta = np.full(n_obs, 1.0 / n_obs)
         coarse = _coarsegrain(T, eta=eta, chi=chi)
@@ -1217,7 +1240,7 @@ class Fates:
 def compute_fates(
     adata: AnnData,
     *,
-    n_states: int = 10,
+    n_states: int | None = None,
     n_cells: int = DEFAULT_N_CELLS,
     cluster_key: str | None = Key.obs.CLUSTERS,
     stability_threshold: float = STABILITY_THRESHOLD,
@@ -1236,7 +1259,8 @@ def compute_fates(
         Needs a transition matrix in ``obsp['T_fwd']``
         (:func:`explorer.graph.kernels.compute_velocity_kernel`).
     n_states
-        Number of macrostates.
+        Number of macrostates; default :func:`default_n_states` (10, or as many as the
+        cells hold, ``n_obs // n_cells``, 2 at least).
     n_cells
         Most typical cells per state.
     cluster_key
@@ -1286,6 +1310,8 @@ def compute_fates(
             clusters = adata.obs[cluster_key].cat.rename_categories(str)
         colors = adata.uns.get(Key.uns.colors(cluster_key))
     T = adata.obsp[Key.obsp.TRANSITIONS]
+    if n_states is None:
+        n_states = default_n_states(adata.n_obs, n_cells)
     total = 5
     report(progress, 0, total, "macrostates")
     macro = macrostates(T, n_states, clusters=clusters, cluster_colors=colors, n_cells=n_cells)

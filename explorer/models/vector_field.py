@@ -1405,11 +1405,19 @@ def perturb(
     labels = _labels(adata, key)
     use_fates = use_fates and (fates is not None or Key.obsm.FATE_PROBABILITIES in adata.obsm)
     if labels is None and not use_fates:
+        from explorer.graph.fates import DEFAULT_N_CELLS
+
+        types = f"add the cell types as obs[{key!r}] (from Python, cluster_key= names another column)"
+        least = 2 * DEFAULT_N_CELLS  # two macrostates of typical size
+        todo = (
+            f"Compute fates first (`explorer fates`, or Compute fates in the app), or {types}"
+            if adata.n_obs >= least
+            # fates would be refused: only the types are left to suggest
+            else f"Fates need {least} cells at least and the data has {adata.n_obs}: {types}"
+        )
         msg = (
             f"Cannot say where the perturbed cells go: there are no fate probabilities and no cell "
-            f"types in obs[{key!r}] (obs has {list(adata.obs.columns)}). Compute fates first "
-            "(`explorer fates`, or Compute fates in the app), or add the cell types as "
-            f"obs[{key!r}] (from Python, cluster_key= names another column)."
+            f"types in obs[{key!r}] (obs has {list(adata.obs.columns)}). {todo}."
         )
         raise InputError(msg)
     shift = np.log1p(new) - np.log1p(s) if fld.transform == "log1p" else new - s

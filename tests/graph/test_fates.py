@@ -326,6 +326,21 @@ def test_too_many_macrostates_for_the_cells_say_how_many_to_ask_for():
     assert F.macrostates(T, 3).memberships.shape == (99, 3)
 
 
+def test_a_complex_pair_the_cells_cannot_hold_one_more_state_for_is_kept_by_one_fewer():
+    """Six blocks in a cycle: eigenvalues 1, 0.99 +- 0.017i, 0.97 +- 0.017i, 0.96.
+
+    Four states would split the second pair. Taking five (as pygpcca does) left 120 cells
+    a state where 150 were asked for, and was refused for too many cells a state, a number
+    nobody had chosen (200 dentate gyrus cells asked for 6 by default, got 7 and were
+    refused); three keeps the pairs whole and fits.
+    """
+    T = _metastable(n=600, n_blocks=6)
+    vals = np.sort_complex(np.linalg.eigvals(T.toarray()))[::-1]
+    assert abs(vals[3].imag) > 1e-3 and np.isclose(vals[3], np.conj(vals[4]))  # the 4th starts a pair
+    macro = F.macrostates(T, 4, n_cells=150)  # room for four: one fewer
+    assert macro.memberships.shape[1] == 3 == len(macro.names)
+
+
 def test_krylov_schur_vectors_span_the_dense_schur_subspace(monkeypatch):
     """ARPACK's few vectors (n >= 500) span the invariant subspace of the sorted dense real Schur form.
 
@@ -568,6 +583,27 @@ def test_cli_fates_writes_cellranks_keys(fitted_path, tmp_path, capsys):
     code, err = _fates_cli([fitted_path, "--out", out], capsys)
     assert code == 2
     assert "--force" in err
+
+
+def test_cli_fates_asks_by_default_for_as_many_macrostates_as_the_cells_hold(shared_data, tmp_path, capsys):
+    """100 cells hold 3 macrostates of 30 typical cells: ``explorer fates`` asks for 3, not 10.
+
+    Its fixed default of 10 was refused on every data set under 300 cells (the app's
+    default had been fitted to the cells on 2026-12-05; now the CLI and the API share it).
+    On scVelo's 100-cell pancreas, fitted by ``explorer fit``.
+    """
+    import anndata as ad
+
+    from explorer.cli import main
+
+    fitted, out = tmp_path / "fit.h5ad", tmp_path / "fates.h5ad"
+    source = shared_data / "scvelo_tests" / "pancreas_100obs_preprocessed.h5ad"
+    assert main(["fit", str(source), "--model", "stochastic", "--out", str(fitted), "-q"]) == 0
+    code, err = _fates_cli([fitted, "--out", out], capsys)
+    assert code == 0, err
+    result = ad.read_h5ad(out)
+    assert result.obsm[Key.obsm.MACROSTATES_MEMBERSHIPS].shape == (100, 3)
+    assert F.default_n_states(100) == 3 and F.default_n_states(3696) == 10 and F.default_n_states(40) == 2
 
 
 @pytest.mark.parametrize(

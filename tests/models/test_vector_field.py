@@ -19,6 +19,7 @@ import pytest
 
 from explorer._types import InputError
 from explorer.cli import EXIT_INPUT, main
+from explorer.graph.fates import DEFAULT_N_CELLS
 from explorer.keys import Key
 
 torch = pytest.importorskip("torch")
@@ -437,6 +438,12 @@ def test_knocking_out_a_lineage_programme_moves_fate(sample_fit):
             adata, genes[0], cells=cells, factor=0.0, cluster_key="no_types", field=field, check=steps.append
         )
     assert steps == []
+    # on fewer cells than fates need, the message does not send the user there (it did)
+    few = adata[: 2 * DEFAULT_N_CELLS - 1].copy()
+    expected = r"Fates need 60 cells at least and the data has 59: add the cell types"
+    with pytest.raises(InputError, match=expected) as e:
+        perturb(few, genes[0], cells=[0, 1], factor=0.0, cluster_key="no_types", field=field)
+    assert "Compute fates" not in str(e.value)
     with pytest.raises(InputError, match="not one of the field's genes|not in the data"):
         perturb(adata, "no_such_gene", cells=cells, factor=0.0, field=field)
 
