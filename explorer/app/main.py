@@ -615,9 +615,11 @@ class ExplorerApp:
         #: hides the sidebar and gives its 340 pixels to the views: with it hidden, the
         #: Explore and Compare tabs fit a 1,366-pixel laptop screen without scrolling sideways
         self.sidebar_toggle = pn.widgets.Button(
-            label=_HIDE_SIDEBAR, color="light", width=120, margin=(12, 16), align="center"
+            label=_HIDE_SIDEBAR, color="light", width=170, margin=(12, 16), align="center"
         )
         self.sidebar_toggle.on_click(self._toggle_sidebar)
+        # the run's progress bar is in the sidebar: while it is hidden the button shows how far
+        state.param.watch(self._label_sidebar_toggle, ["running", "progress"])
         header = pn.Row(
             title, self.sidebar_toggle, sizing_mode="stretch_width", styles={"background": "#0072b5"},
             margin=0,
@@ -630,7 +632,18 @@ class ExplorerApp:
     def _toggle_sidebar(self, *_: Any) -> None:
         """Hide the sidebar (dataset, models, export), or show it again; nothing in it is lost."""
         self.sidebar.visible = not self.sidebar.visible
-        self.sidebar_toggle.label = _HIDE_SIDEBAR if self.sidebar.visible else _SHOW_SIDEBAR
+        self._label_sidebar_toggle()
+
+    def _label_sidebar_toggle(self, *_: Any) -> None:
+        """``Hide sidebar``, ``Show sidebar``, or while a run goes on hidden, ``Show sidebar (run 45%)``."""
+        if self.sidebar.visible:
+            label = _HIDE_SIDEBAR
+        elif self.state.running:
+            label = f"{_SHOW_SIDEBAR} (run {round(100 * self.state.progress)}%)"
+        else:
+            label = _SHOW_SIDEBAR
+        if self.sidebar_toggle.label != label:
+            self.sidebar_toggle.label = label
 
     def _build_whole(self) -> bool:
         """Whether to build the parts at once: outside a server, or a new page opened alone.

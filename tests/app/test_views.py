@@ -422,6 +422,27 @@ def test_time_views_hide_while_the_active_fit_has_no_latent_time(app_adata, tmp_
         assert view.slot.visible
 
 
+def test_hiding_the_sidebar_keeps_it_and_the_header_shows_a_hidden_runs_progress(app_adata, tmp_path):
+    """Hide sidebar (for a laptop screen) hides the runner, not its run: the header says how far it is."""
+    doc = Document()
+    with set_curdoc(doc):
+        page = create_app(app_adata.copy(), data_dir=tmp_path)
+        page.server_doc(doc)
+        app, state = page.app, page.app.state
+        runner = app.runner
+        assert app.sidebar.visible and app.sidebar_toggle.label == "Hide sidebar"
+        app.sidebar_toggle.clicks += 1
+        assert not app.sidebar.visible and app.sidebar_toggle.label == "Show sidebar"
+        state.param.update(running=True, progress=0.0)
+        state.progress = 0.454
+        assert app.sidebar_toggle.label == "Show sidebar (run 45%)"
+        state.param.update(running=False, progress=1.0)
+        assert app.sidebar_toggle.label == "Show sidebar"
+        app.sidebar_toggle.clicks += 1
+        assert app.sidebar.visible and app.sidebar_toggle.label == "Hide sidebar"
+        assert app.runner is runner  # the same runner, not rebuilt
+
+
 def test_time_views_draw_one_line_per_lineage_in_its_colour(timed_adata, tmp_path):
     """A VeloVAE-like fit with a cell state: each time plot draws each lineage's mean, per gene.
 
