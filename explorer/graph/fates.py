@@ -1319,10 +1319,18 @@ def compute_fates(
     if terminal_states is None:
         term = terminal_state_names(macro, stability_threshold=stability_threshold)
         if not term:
+            m, most = len(macro.names), adata.n_obs // max(n_cells, 1)
+            # more states only where the cells hold them (100 cells hold 3: it said "compute more")
+            more = (
+                f"ask for more macrostates (up to {most}: `--n-states`, the app's macrostates)"
+                if m < most
+                else f"use more cells: {adata.n_obs} hold no more than these {m} macrostates"
+            )
             msg = (
                 f"No macrostate is stable enough to be terminal (coarse self-transitions "
                 f"{macro.stability().round(3).to_dict()}, threshold {stability_threshold}). "
-                "Lower the stability threshold or compute more macrostates."
+                "Lower the threshold (`--stability-threshold` of `explorer fates`), name the terminal "
+                f"states (`--terminal-states`), or {more}."
             )
             raise InputError(msg)
     else:

@@ -341,6 +341,30 @@ def test_a_complex_pair_the_cells_cannot_hold_one_more_state_for_is_kept_by_one_
     assert macro.memberships.shape[1] == 3 == len(macro.names)
 
 
+def test_no_stable_state_says_what_to_change_that_can_be_changed():
+    """Without a terminal state the message offers more macrostates only where the cells hold them.
+
+    Found with ``explorer fates`` on scVelo's 100-cell dentate gyrus (3 macrostates, the most
+    100 cells hold): it said "compute more macrostates", which would have been refused.
+    """
+    import anndata as ad
+
+    from explorer._types import InputError
+
+    def leaky(n: int) -> ad.AnnData:  # three blocks that leak half of each step away
+        adata = ad.AnnData(np.zeros((n, 1), dtype=np.float32))
+        T = _blocks(size=n // 3, leak=0.0).toarray() + 1.0 / n
+        adata.obsp[Key.obsp.TRANSITIONS] = sparse.csr_matrix(T / T.sum(axis=1, keepdims=True))
+        return adata
+
+    with pytest.raises(InputError, match="No macrostate is stable enough") as e:
+        F.compute_fates(leaky(99), n_states=3, cluster_key=None)
+    assert "use more cells: 99 hold no more than these 3 macrostates" in str(e.value)
+    assert "more macrostates (up to" not in str(e.value) and "--stability-threshold" in str(e.value)
+    with pytest.raises(InputError, match=r"ask for more macrostates \(up to 10: `--n-states`"):
+        F.compute_fates(leaky(300), n_states=3, cluster_key=None)
+
+
 def test_krylov_schur_vectors_span_the_dense_schur_subspace(monkeypatch):
     """ARPACK's few vectors (n >= 500) span the invariant subspace of the sorted dense real Schur form.
 
