@@ -56,6 +56,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: the fewest cells :func:`prepare` takes (UMAP's two-dimensional spectral layout needs 4)
+MIN_CELLS = 4
+
 #: the steps of :func:`run_velocity`, in order, as they are reported to ``progress``
 STEPS: tuple[str, ...] = ("preprocess", "fit", "velocity graph", "embedding", "confidence")
 
@@ -197,6 +200,13 @@ def prepare(
     )
     validate_counts(adata)
     check_genes(adata)
+    if adata.n_obs < MIN_CELLS:
+        # UMAP's spectral layout of 2 dimensions needs 4 cells (3 ended in a scipy traceback)
+        msg = (
+            f"too few cells: found {adata.n_obs}; explorer needs {MIN_CELLS} at least (a velocity "
+            "analysis needs hundreds). Load more cells."
+        )
+        raise InputError(msg)
     if adata.n_obs < n_neighbors:
         msg = (
             f"too few cells: found {adata.n_obs}, fewer than n_neighbors={n_neighbors} asked for. "

@@ -210,6 +210,30 @@ def test_dynamical_on_continuous_values(files, tmp_path):
     assert code == 0
 
 
+def test_a_handful_of_cells_runs_every_model_or_is_refused_before_any_work(files, tmp_path):
+    """Five cells with 4 neighbours run VeloVAE; three cells with 2 are refused with a message.
+
+    Found by feeding the fuzz files to every model: on five cells VeloVAE's diffusion
+    pseudotime asked scanpy for 10 diffusion components of 5 cells ("Cannot instantiate
+    using n_dcs=10", a traceback); on three cells every model ended in scipy's "k >= N" from
+    UMAP's spectral layout.
+    """
+    out = tmp_path / "out.h5ad"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["fit", str(files["five_cells"]), "--out", str(out), "-q", "--n_neighbors", "4",
+                     "--model", "velovae", "--param", "max_epochs=3"])  # fmt: skip
+    _check_fit(code, err.getvalue(), out, "five_cells")
+    assert code == 0, err.getvalue()
+    three = tmp_path / "three.h5ad"
+    make("five_cells")[:3].copy().write_h5ad(three)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["fit", str(three), "--out", str(out.with_name("o3.h5ad")), "-q", "--n_neighbors", "2"])
+    _check_fit(code, err.getvalue(), out.with_name("o3.h5ad"), "three cells")
+    assert code == EXIT_INPUT and "too few cells: found 3; explorer needs 4 at least" in err.getvalue()
+
+
 @pytest.mark.parametrize("kind", ["continuous", "huge"])
 def test_console_script(files, tmp_path, kind):
     out = tmp_path / "out.h5ad"

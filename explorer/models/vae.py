@@ -112,6 +112,8 @@ _T_GRID = 64
 _T_GRID_MARGIN = 0.1
 #: diffusion components for the diffusion pseudotime initial time (scanpy's default)
 _DPT_COMPONENTS = 15
+#: the diffusion components DPT reads (scanpy's default)
+_DPT_DCS = 10
 #: initial_time="dpt" starts from the steady-state time instead when DPT's Spearman
 #: correlation with it is below this: DPT is then not a clock. Measured: 0.86-0.87 on the
 #: two pancreas data sets, 0.95-0.999 on six simulations, -0.24 on the 2,000-cell
@@ -1832,9 +1834,12 @@ def diffusion_pseudotime(adata: AnnData, root: int, *, n_comps: int = _DPT_COMPO
         obsp={"connectivities": conn, "distances": sparse.csr_matrix(dist)},
         uns={"neighbors": {**keys, "params": params}},
     )
+    # no more components than a handful of cells have (5 cells: scanpy raised "Cannot
+    # instantiate using n_dcs=10"); scanpy's own 10 for DPT wherever there are that many
+    n_comps = max(2, min(n_comps, adata.n_obs - 2))
     sc.tl.diffmap(a, n_comps=n_comps)
     a.uns["iroot"] = int(root)
-    sc.tl.dpt(a)
+    sc.tl.dpt(a, n_dcs=min(_DPT_DCS, n_comps))
     t = a.obs["dpt_pseudotime"].to_numpy(dtype=np.float64)
     finite = np.isfinite(t)
     t[~finite] = t[finite].max() if finite.any() else 0.0
