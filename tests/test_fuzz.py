@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import shutil
 import subprocess
 import sys
@@ -232,6 +233,29 @@ def test_a_handful_of_cells_runs_every_model_or_is_refused_before_any_work(files
         code = main(["fit", str(three), "--out", str(out.with_name("o3.h5ad")), "-q", "--n_neighbors", "2"])
     _check_fit(code, err.getvalue(), out.with_name("o3.h5ad"), "three cells")
     assert code == EXIT_INPUT and "too few cells: found 3; explorer needs 4 at least" in err.getvalue()
+
+
+def test_the_app_refuses_fewer_cells_than_its_neighbours_with_a_command_that_opens_them(tmp_path):
+    """20 cells in the app: the message gives an ``explorer fit`` command whose output the app opens.
+
+    The app prepares raw files with 30 neighbours and has no option for fewer; it said
+    "Pass `n_neighbors=` at most 20", which nobody using the app can do.
+    """
+    import shlex
+
+    raw = tmp_path / "small.h5ad"
+    make("int_sparse")[:20].copy().write_h5ad(raw)
+    expected = "too few cells for the app's kNN graph of 30 neighbours: found 20"
+    with pytest.raises(InputError, match=expected) as e:
+        load_dataset(raw)
+    command = re.search(r"`(explorer fit [^`]+)`", str(e.value)).group(1)
+    args = shlex.split(command)[1:]
+    args = [str(tmp_path / a) if a.endswith(".h5ad") else a for a in args]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main([*args, "-q"]) == 0, err.getvalue()
+    adata = load_dataset(tmp_path / "small_velocity.h5ad")
+    assert adata.n_obs == 20 and Key.obsm.UMAP in adata.obsm
 
 
 @pytest.mark.parametrize("kind", ["continuous", "huge"])

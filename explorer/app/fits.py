@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from explorer._types import InputError, Progress
+from explorer._types import PREPROCESS, InputError, Progress
 from explorer.app.jobs import Fit
 from explorer.app.readouts import FateInfo, cluster_column, color_key, named_type_column
 from explorer.data.io import read
@@ -36,7 +36,7 @@ from explorer.graph.transition import transition_matrix
 from explorer.keys import Key
 from explorer.models import MODELS
 from explorer.models.base import VelocityResult
-from explorer.pipeline import Derived, derive, prepare
+from explorer.pipeline import MIN_CELLS, Derived, derive, prepare
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -287,6 +287,16 @@ def load_dataset(path: Path, *, progress: ProgressCallback | None = None) -> Ann
     """Read a dataset file and preprocess it when it has no ``Ms``/``Mu`` yet (as ``explorer fit`` does)."""
     adata = read(path)
     if not is_preprocessed(adata) or Key.obsm.UMAP not in adata.obsm:
+        if MIN_CELLS <= adata.n_obs < PREPROCESS.n_neighbors:
+            # the app has no neighbours option: prepare's "pass n_neighbors=" could not be followed
+            fewer = max(2, adata.n_obs // 3)
+            msg = (
+                f"too few cells for the app's kNN graph of {PREPROCESS.n_neighbors} neighbours: found "
+                f"{adata.n_obs}. Prepare the file with fewer neighbours and open what it writes, e.g. "
+                f"`explorer fit {path.name} --n-neighbors {fewer} --out {path.stem}_velocity.h5ad`, "
+                "or load more cells."
+            )
+            raise InputError(msg)
         has_basis = any(k.startswith("X_") and k != Key.obsm.PCA for k in adata.obsm)
         prepare(adata, compute_umap=not has_basis, progress=progress)
     return adata
