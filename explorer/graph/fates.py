@@ -69,21 +69,6 @@ DEFAULT_N_CELLS = 30
 
 #: macrostates asked for by default where the cells hold them (:func:`default_n_states`)
 DEFAULT_N_STATES = 10
-
-
-def default_n_states(n_obs: int, n_cells: int = DEFAULT_N_CELLS) -> int:
-    """The macrostates to ask for by default: 10, or as many as ``n_obs`` cells hold, 2 at least.
-
-    Each state holds its ``n_cells`` most typical cells; the 100-cell dentate gyrus refused
-    a fixed default of 10 (it holds 3). Used by :func:`compute_fates`, ``explorer fates``
-    and the app.
-
-    Examples
-    --------
-    >>> default_n_states(3696), default_n_states(100), default_n_states(40), default_n_states(100, 10)
-    (10, 3, 2, 10)
-    """
-    return int(min(DEFAULT_N_STATES, max(2, n_obs // max(n_cells, 1))))
 #: CellRank's ``predict_terminal_states(method="stability")`` threshold on diag(T_c)
 STABILITY_THRESHOLD = 0.96
 #: below this many cells the dense eigensolver is used (ARPACK needs k < n - 1)
@@ -112,6 +97,21 @@ _KRYLOV_BYTES = 5e8
 
 Solver = Literal["auto", "direct", "iterative"]
 _SOLVERS = ("auto", "direct", "iterative")
+
+
+def default_n_states(n_obs: int, n_cells: int = DEFAULT_N_CELLS) -> int:
+    """The macrostates to ask for by default: 10, or as many as ``n_obs`` cells hold, 2 at least.
+
+    Each state holds its ``n_cells`` most typical cells; the 100-cell dentate gyrus refused
+    a fixed default of 10 (it holds 3). Used by :func:`compute_fates`, ``explorer fates``
+    and the app.
+
+    Examples
+    --------
+    >>> default_n_states(3696), default_n_states(100), default_n_states(40), default_n_states(100, 10)
+    (10, 3, 2, 10)
+    """
+    return int(min(DEFAULT_N_STATES, max(2, n_obs // max(n_cells, 1))))
 
 
 # --------------------------------------------------------------------------------------
