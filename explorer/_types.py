@@ -109,3 +109,16 @@ def option(name: str) -> str:
     if CALLER.get() == "cli":
         return _CLI_OPTIONS.get(name, "--" + name.replace("_", "-"))
     return f"`{name}=`"
+
+
+def model_param(name: str, value: str) -> str:
+    """How the caller sets a model's hyperparameter ``name`` to ``value``.
+
+    Examples
+    --------
+    >>> model_param("genes", "all")
+    "`genes='all'`"
+    """
+    if CALLER.get() == "cli":
+        return f"`--param {name}={value}`"
+    return f"`{name}={value!r}`"

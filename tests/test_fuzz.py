@@ -235,6 +235,30 @@ def test_a_handful_of_cells_runs_every_model_or_is_refused_before_any_work(files
     assert code == EXIT_INPUT and "too few cells: found 3; explorer needs 4 at least" in err.getvalue()
 
 
+def test_no_velocity_gene_says_how_to_fit_all_genes_in_the_callers_words(tmp_path):
+    """``explorer fit`` says ``--param genes=all``; Python says ``genes='all'``.
+
+    Five cells (the fuzz file's second draw) leave no gene through the steady-state filter;
+    the command line was told "Pass genes='all'", which is how Python spells it.
+    """
+    from explorer.data.io import read
+    from explorer.models.dynamical import Dynamical
+    from explorer.pipeline import prepare
+
+    path, out = tmp_path / "five.h5ad", tmp_path / "out.h5ad"
+    make("five_cells", seed=1).write_h5ad(path)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["fit", str(path), "--out", str(out), "-q", "--n_neighbors", "5", "--model", "dynamical"])
+    _check_fit(code, err.getvalue(), out, "five cells")
+    assert code == EXIT_INPUT and "Pass `--param genes=all`." in err.getvalue(), err.getvalue()
+    adata = read(path)
+    prepare(adata, n_neighbors=5)
+    with pytest.raises(InputError, match=r"Pass `genes='all'`\."):
+        Dynamical().fit(adata)
+    assert Dynamical(genes="all").fit(adata).velocity.shape == adata.shape
+
+
 def test_the_app_refuses_fewer_cells_than_its_neighbours_with_a_command_that_opens_them(tmp_path):
     """20 cells in the app: the message gives an ``explorer fit`` command whose output the app opens.
 

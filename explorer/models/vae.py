@@ -65,7 +65,7 @@ import pandas as pd
 from scipy import sparse
 
 from explorer import kinetics
-from explorer._types import InputError, report
+from explorer._types import InputError, model_param, report
 from explorer.graph import latent_time as lt_mod
 from explorer.graph.transition import neighbors_for_graph
 from explorer.keys import Key
@@ -522,7 +522,7 @@ class VeloVAE(Hyperparameters):
         fitted = self._select_genes(adata)
         cols = np.flatnonzero(fitted)
         if len(cols) == 0:
-            msg = "No gene to fit: the gene selection is empty. Pass genes='all'."
+            msg = f"No gene to fit: the gene selection is empty. Pass {model_param('genes', 'all')}."
             raise InputError(msg)
         clock = time.perf_counter()
         timings: dict[str, float] = {}

@@ -44,7 +44,7 @@ import pandas as pd
 from scipy import sparse
 from scipy.spatial import cKDTree
 
-from explorer._types import FitCancelled, InputError, Progress, report
+from explorer._types import FitCancelled, InputError, Progress, model_param, report
 from explorer.graph.streamlines import velocity_on_grid
 from explorer.keys import Key
 from explorer.models import MODELS, get_model
@@ -585,14 +585,18 @@ class VectorField(Hyperparameters):
             mask &= np.isfinite(velocity).all(0)
         if choice == "velocity_genes":
             if base.velocity_genes is None:
-                msg = "vector_field: genes='velocity_genes' needs a velocity fit; pass genes='all'."
+                msg = (
+                    "vector_field: genes='velocity_genes' needs a velocity fit; "
+                    f"pass {model_param('genes', 'all')}."
+                )
                 raise InputError(msg)
             mask &= np.asarray(base.velocity_genes, dtype=bool)
         cols = np.flatnonzero(mask)
         if len(cols) < 2:  # noqa: PLR2004
             msg = (
                 f"vector_field: found {len(cols)} usable gene(s) for the PCA state ({choice}, with spread "
-                "in Ms and a finite velocity); expected at least 2. Pass genes='all' or fit another base."
+                "in Ms and a finite velocity); expected at least 2. "
+                f"Pass {model_param('genes', 'all')} or fit another base."
             )
             raise InputError(msg)
         S = _dense32(Ms[:, cols]).astype(np.float64)
