@@ -1343,6 +1343,15 @@ def compute_fates(
     term_cells, term_probs, term_memb = state_cells(macro, term, n_cells=n_cells)
     report(progress, 2, total, "fate probabilities and absorption times")
     codes = np.asarray(term_cells.codes, dtype=np.int64)
+    if (codes >= 0).all():
+        # 60 cells, two terminal states of 30 typical cells: absorption raised a ValueError
+        msg = (
+            f"Every cell is among the terminal states' most typical cells ({len(term)} states x "
+            f"{n_cells} cells, {adata.n_obs} cells in all): none is left whose fate to compute. Ask "
+            "for fewer typical cells a state (`--n-cells`), name fewer terminal states "
+            "(`--terminal-states`), or load more cells."
+        )
+        raise InputError(msg)
     fates, steps, how = _absorption(T, codes, solver=solver, tol=tol, with_times=True)
     report(progress, 3, total, "absorption times")
     times = pd.DataFrame(steps, index=adata.obs_names, columns=[f"{t}_mean" for t in term])

@@ -365,6 +365,28 @@ def test_no_stable_state_says_what_to_change_that_can_be_changed():
         F.compute_fates(leaky(300), n_states=3, cluster_key=None)
 
 
+def test_no_cell_left_outside_the_terminal_states_is_a_message_not_a_traceback():
+    """60 cells, two stable blocks: two terminal states of 30 typical cells take every cell.
+
+    Found by passing the fuzz files' fits to ``explorer fates`` with its defaults (17 of
+    76 ended in "ValueError: Every cell is absorbing"); 20 typical cells a state leave 20
+    cells whose fates are computed.
+    """
+    import anndata as ad
+
+    from explorer._types import InputError
+
+    T = np.kron(np.eye(2), np.full((30, 30), 1 / 30)) * (1 - 1e-4) + 1e-4 / 60
+    adata = ad.AnnData(np.random.default_rng(0).random((60, 3)).astype(np.float32))
+    adata.obsp[Key.obsp.TRANSITIONS] = sparse.csr_matrix(T / T.sum(axis=1, keepdims=True))
+    expected = r"Every cell is among the terminal states' most typical cells \(2 states x 30 cells, 60 cells"
+    with pytest.raises(InputError, match=expected):
+        F.compute_fates(adata.copy(), cluster_key=None)
+    fates = F.compute_fates(adata, cluster_key=None, n_states=2, n_cells=20)
+    assert len(fates.terminal_states) == 2
+    np.testing.assert_allclose(fates.fate_probabilities.sum(axis=1), 1.0, atol=1e-8)
+
+
 def test_krylov_schur_vectors_span_the_dense_schur_subspace(monkeypatch):
     """ARPACK's few vectors (n >= 500) span the invariant subspace of the sorted dense real Schur form.
 
