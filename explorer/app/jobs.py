@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
 
-from explorer._types import FitCancelled, Progress
+from explorer._types import FitCancelled, InputError, Progress
 from explorer.graph.streamlines import compute_streamlines
 from explorer.keys import Key
 from explorer.models import get_model
@@ -234,7 +234,10 @@ class Job(Generic[T]):
             if self._on_cancelled is not None:
                 self._dispatch(self._on_cancelled)
         except Exception as err:  # noqa: BLE001 - any failure becomes a message in the app
-            logger.exception("background job failed")
+            if isinstance(err, InputError):  # refused input: the page says why; no traceback to log
+                logger.info("background job refused its input: %s", err)
+            else:
+                logger.exception("background job failed")
             self.outcome = "error"
             if self._on_error is not None:
                 # bind the exception now: Python unbinds `err` when this block ends, before

@@ -108,17 +108,31 @@ def test_job_cancel_stops_at_next_report():
     assert len(steps) < 1000
 
 
-def test_job_error_becomes_a_callback():
+def test_job_error_becomes_a_callback(caplog):
+    """A refused input is a message, logged without a traceback; any other failure keeps its traceback.
+
+    Each refusal (fates on too few cells, ...) wrote a full traceback at ERROR to the server's log.
+    """
     errors: list[BaseException] = []
 
     def work(progress):
         msg = "bad input"
         raise InputError(msg)
 
-    job = Job(work, on_error=errors.append).start()
-    job.join(5)
-    assert job.outcome == "error"
-    assert isinstance(errors[0], InputError)
+    def broken(progress):
+        return 1 / 0
+
+    with caplog.at_level("INFO", logger="explorer.app.jobs"):
+        job = Job(work, on_error=errors.append).start()
+        job.join(5)
+        assert job.outcome == "error"
+        assert isinstance(errors[0], InputError)
+        assert [(r.levelname, r.exc_info) for r in caplog.records] == [("INFO", None)]
+        assert "bad input" in caplog.records[0].getMessage()
+        caplog.clear()
+        Job(broken, on_error=errors.append).start().join(5)
+        assert isinstance(errors[1], ZeroDivisionError)
+        assert [r.levelname for r in caplog.records] == ["ERROR"] and caplog.records[0].exc_info
 
 
 def test_job_keeps_the_warnings_explorer_logs_on_its_thread():
