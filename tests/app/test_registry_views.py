@@ -150,7 +150,7 @@ def test_a_registered_toy_model_runs_and_is_drawn_without_app_changes(app):
     assert len(frame.get(0)) == len(quality)
     # each axis names its fit's own measure; the steady state's is its R²
     assert [d.name for d in frame.get(0).kdims] == ["A: fit quality", "B: R²"]
-    assert compare.phase_a._title().endswith(f"A: {label}")
+    assert compare.phase_a._title() == f"{state.gene} — A: {label}"  # short enough for 400 pixels
     # neither fit has its own latent time: nothing to set against each other
     assert isinstance(compare.latent[()].get(1), hv.Text)
     agreement = compare.agreement._coloring()

@@ -80,7 +80,9 @@ class PhasePortrait(pn.viewable.Viewer):
     def _title(self) -> str:
         title = f"{self.state.gene}: phase portrait"
         if self.only in _PICKS:
-            return f"{title} — {_PICKS[self.only]}: {self._only_label() or 'no fit'}"
+            # the gene and the fit only: "phase portrait" too cut a 400-pixel comparison's
+            # title ("Pcsk2: phase portrait — A: dynamical (from fil")
+            return f"{self.state.gene} — {_PICKS[self.only]}: {self._only_label() or 'no fit'}"
         return f"{title} — {self.only}" if self.only else title
 
     def _fits(self) -> list[Any]:
