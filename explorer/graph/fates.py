@@ -650,7 +650,11 @@ def macrostates(
             + (
                 f"Ask for 2 to {most} (`--n_states` of `explorer fates`; macrostates in the app)."
                 if most >= 2  # noqa: PLR2004 - two states at least
-                else f"{n_obs} cells are too few for fates; they need {2 * n_cells} at least."
+                else (
+                    f"{n_obs} cells are too few for fates of {n_cells} typical cells a state; they need "
+                    f"{2 * n_cells} at least. Ask for fewer typical cells a state (`--n-cells "
+                    f"{n_obs // 2}` or fewer) or load more cells."
+                )
             )
         )
         raise InputError(msg)

@@ -321,8 +321,11 @@ def test_too_many_macrostates_for_the_cells_say_how_many_to_ask_for():
         F.macrostates(T, 10)
     with pytest.raises(InputError, match=r"found 1\. Ask for 2 to 3 "):
         F.macrostates(T, 1)
-    with pytest.raises(InputError, match="39 cells are too few for fates; they need 60 at least"):
+    too_few = r"39 cells are too few for fates of 30 typical cells a state; they need 60 at least\. "
+    too_few += r"Ask for fewer "
+    with pytest.raises(InputError, match=too_few + r"typical cells a state \(`--n-cells 19` or fewer\)"):
         F.macrostates(_blocks(size=13), 2)
+    assert F.macrostates(_blocks(size=13), 2, n_cells=19).memberships.shape == (39, 2)  # as it says
     assert F.macrostates(T, 3).memberships.shape == (99, 3)
 
 
