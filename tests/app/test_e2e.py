@@ -272,10 +272,11 @@ def test_a_transitions_genes_select_a_gene_and_nothing_leaves_the_machine(app_pa
         first.wait_for(timeout=30_000)
         gene = first.inner_text().strip()
         assert gene != "gene_0000"  # not the gene selected before
-        # the phase portraits' titles are drawn on their canvases: read them from Bokeh's models
+        # the Compare tab's phase portraits' titles ("gene — A: fit") are drawn on their
+        # canvases: read them from Bokeh's models
         titled = (
             "gene => Bokeh.documents.flatMap(doc => [...doc.all_models]).some(m => m.type === 'Title' "
-            "&& String(m.text).startsWith(gene + ': phase portrait'))"
+            "&& String(m.text).startsWith(gene + ' — A: '))"
         )
         for _ in range(3):  # a click while the table is still being drawn can be lost: click again
             first.click()
