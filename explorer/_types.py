@@ -122,3 +122,11 @@ def model_param(name: str, value: str) -> str:
     if CALLER.get() == "cli":
         return f"`--param {name}={value}`"
     return f"`{name}={value!r}`"
+
+
+def no_velocity_gene() -> InputError:
+    """The refusal of every model where no gene passes the steady-state velocity-gene filter."""
+    return InputError(
+        "No gene to fit: no gene passes the steady-state velocity-gene filter. "
+        f"Pass {model_param('genes', 'all')}."
+    )

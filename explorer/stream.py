@@ -59,7 +59,7 @@ from anndata import AnnData
 from anndata.io import read_elem, sparse_dataset, write_elem
 from scipy import sparse
 
-from explorer._types import PREPROCESS, InputError, model_param, option, report
+from explorer._types import PREPROCESS, InputError, no_velocity_gene, option, report
 from explorer._version import __version__
 from explorer.data.io import MAX_VALUE, require_layers
 from explorer.data.preprocess import (
@@ -1360,11 +1360,7 @@ def _run(
     fitted = _genes_to_fit(estimator, data.var.index, stats)
     cols = np.flatnonzero(fitted)
     if len(cols) == 0:
-        msg = (
-            "No gene to fit: no gene passes the steady-state velocity-gene filter. "
-            f"Pass {model_param('genes', 'all')}."
-        )
-        raise InputError(msg)
+        raise no_velocity_gene()
     fit_chunks = (cell_chunk, per_task)
     for name in ("velocity", "velocity_u", "fit_t", *(("latent_t",) if estimator.smooth_time else ())):
         _create(scratch, name, (n_obs, len(cols)), fit_chunks, np.float32)

@@ -99,6 +99,17 @@ Solver = Literal["auto", "direct", "iterative"]
 _SOLVERS = ("auto", "direct", "iterative")
 
 
+def most_states(n_obs: int, n_cells: int = DEFAULT_N_CELLS) -> int:
+    """The most macrostates ``n_obs`` cells hold, each with its ``n_cells`` most typical cells.
+
+    Examples
+    --------
+    >>> most_states(100), most_states(59)
+    (3, 1)
+    """
+    return n_obs // max(n_cells, 1)
+
+
 def default_n_states(n_obs: int, n_cells: int = DEFAULT_N_CELLS) -> int:
     """The macrostates to ask for by default: 10, or as many as ``n_obs`` cells hold, 2 at least.
 
@@ -111,7 +122,7 @@ def default_n_states(n_obs: int, n_cells: int = DEFAULT_N_CELLS) -> int:
     >>> default_n_states(3696), default_n_states(100), default_n_states(40), default_n_states(100, 10)
     (10, 3, 2, 10)
     """
-    return int(min(DEFAULT_N_STATES, max(2, n_obs // max(n_cells, 1))))
+    return int(min(DEFAULT_N_STATES, max(2, most_states(n_obs, n_cells))))
 
 
 # --------------------------------------------------------------------------------------
@@ -642,7 +653,7 @@ def macrostates(
 
     T = _check_transitions(transitions)
     n_obs = T.shape[0]
-    most = n_obs // max(n_cells, 1)
+    most = most_states(n_obs, n_cells)
     if not 2 <= n_states <= most:
         msg = (
             f"Expected 2 <= number of macrostates <= n_obs / n_cells = {most} ({n_obs} cells, "
@@ -1323,7 +1334,7 @@ def compute_fates(
     if terminal_states is None:
         term = terminal_state_names(macro, stability_threshold=stability_threshold)
         if not term:
-            m, most = len(macro.names), adata.n_obs // max(n_cells, 1)
+            m, most = len(macro.names), most_states(adata.n_obs, n_cells)
             # more states only where the cells hold them (100 cells hold 3: it said "compute more")
             more = (
                 f"ask for more macrostates (up to {most}: `--n-states`, the app's macrostates)"

@@ -40,7 +40,7 @@ import pandas as pd
 from scipy import sparse
 
 from explorer._process import set_up_process
-from explorer._types import InputError, model_param, report
+from explorer._types import InputError, no_velocity_gene, report
 from explorer.graph import latent_time as lt_mod
 from explorer.graph.latent_time import neighbor_average_matrix
 from explorer.graph.transition import (
@@ -530,11 +530,7 @@ class Dynamical(Hyperparameters):
         fitted = self._select_genes(adata)
         cols = np.flatnonzero(fitted)
         if len(cols) == 0:
-            msg = (
-                "No gene to fit: no gene passes the steady-state velocity-gene filter. "
-                f"Pass {model_param('genes', 'all')}."
-            )
-            raise InputError(msg)
+            raise no_velocity_gene()
         n_obs, n_fit = adata.n_obs, len(cols)
         Mu = _dense32(adata.layers[Key.layers.MU][:, cols])
         Ms = _dense32(adata.layers[Key.layers.MS][:, cols])

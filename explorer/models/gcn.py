@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from explorer._types import InputError, model_param, report
+from explorer._types import InputError, no_velocity_gene, report
 from explorer.graph.metrics import velocity_consistency, velocity_consistency_by_type
 from explorer.graph.transition import knn_indices
 from explorer.keys import Key
@@ -222,11 +222,7 @@ class DeepVelo(Hyperparameters):
         device = _resolve_device(self.device)
         cols = np.flatnonzero(self._select_genes(adata))
         if len(cols) == 0:
-            msg = (
-                "No gene to fit: no gene passes the steady-state velocity-gene filter. "
-                f"Pass {model_param('genes', 'all')}."
-            )
-            raise InputError(msg)
+            raise no_velocity_gene()
         n_obs, n_fit = adata.n_obs, len(cols)
         Mu = _dense32(adata.layers[Key.layers.MU][:, cols])
         Ms = _dense32(adata.layers[Key.layers.MS][:, cols])

@@ -1409,15 +1409,14 @@ def perturb(
     labels = _labels(adata, key)
     use_fates = use_fates and (fates is not None or Key.obsm.FATE_PROBABILITIES in adata.obsm)
     if labels is None and not use_fates:
-        from explorer.graph.fates import DEFAULT_N_CELLS
+        from explorer.graph.fates import DEFAULT_N_CELLS, most_states
 
         types = f"add the cell types as obs[{key!r}] (from Python, cluster_key= names another column)"
-        least = 2 * DEFAULT_N_CELLS  # two macrostates of typical size
         todo = (
             f"Compute fates first (`explorer fates`, or Compute fates in the app), or {types}"
-            if adata.n_obs >= least
+            if most_states(adata.n_obs) >= 2  # noqa: PLR2004 - two macrostates, as fates.macrostates asks
             # fates would be refused: only the types are left to suggest
-            else f"Fates need {least} cells at least and the data has {adata.n_obs}: {types}"
+            else f"Fates need {2 * DEFAULT_N_CELLS} cells at least and the data has {adata.n_obs}: {types}"
         )
         msg = (
             f"Cannot say where the perturbed cells go: there are no fate probabilities and no cell "
