@@ -142,6 +142,14 @@ def files(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
+def _cli(*args: str | Path) -> tuple[int, str]:
+    """Run ``explorer`` with ``args`` in this process: its exit code and what it wrote to stderr."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return code, err.getvalue()
+
+
 def _check_fit(code: int, err: str, out: Path, kind: str) -> None:
     assert "Traceback" not in err, f"{kind}: {err}"
     assert code in (0, EXIT_INPUT), f"{kind}: exit {code}: {err}"
@@ -179,12 +187,10 @@ REFUSED_LOAD = REFUSED | {"five_cells"}
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_fit_finishes_or_exits_2(files, tmp_path, kind):
     out = tmp_path / "out.h5ad"
-    err = io.StringIO()
     # 5 neighbours: five cells run, three are refused (fewer cells than neighbours)
-    with contextlib.redirect_stderr(err):
-        code = main(["fit", str(files[kind]), "--out", str(out), "-q", "--n_neighbors", "5"])
-    _check_fit(code, err.getvalue(), out, kind)
-    assert (code == EXIT_INPUT) == (kind in REFUSED_FIT), f"{kind}: exit {code}: {err.getvalue()}"
+    code, err = _cli("fit", files[kind], "--out", out, "-q", "--n_neighbors", "5")
+    _check_fit(code, err, out, kind)
+    assert (code == EXIT_INPUT) == (kind in REFUSED_FIT), f"{kind}: exit {code}: {err}"
 
 
 @pytest.mark.filterwarnings("ignore::scipy.sparse.SparseEfficiencyWarning")
@@ -201,13 +207,11 @@ def test_app_loader_loads_or_raises_input_error(files, kind):
 
 def test_dynamical_on_continuous_values(files, tmp_path):
     out = tmp_path / "out.h5ad"
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        code = main(
-            ["fit", str(files["continuous"]), "--out", str(out), "-q", "--n_neighbors", "5"]
-            + ["--model", "dynamical", "--param", "max_iter=2", "--param", "genes=all"]
-        )
-    _check_fit(code, err.getvalue(), out, "continuous")
+    code, err = _cli(
+        "fit", files["continuous"], "--out", out, "-q", "--n_neighbors", "5",
+        "--model", "dynamical", "--param", "max_iter=2", "--param", "genes=all",
+    )  # fmt: skip
+    _check_fit(code, err, out, "continuous")
     assert code == 0
 
 
@@ -220,19 +224,17 @@ def test_a_handful_of_cells_runs_every_model_or_is_refused_before_any_work(files
     UMAP's spectral layout.
     """
     out = tmp_path / "out.h5ad"
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        code = main(["fit", str(files["five_cells"]), "--out", str(out), "-q", "--n_neighbors", "4",
-                     "--model", "velovae", "--param", "max_epochs=3"])  # fmt: skip
-    _check_fit(code, err.getvalue(), out, "five_cells")
-    assert code == 0, err.getvalue()
-    three = tmp_path / "three.h5ad"
+    code, err = _cli(
+        "fit", files["five_cells"], "--out", out, "-q", "--n_neighbors", "4",
+        "--model", "velovae", "--param", "max_epochs=3",
+    )  # fmt: skip
+    _check_fit(code, err, out, "five_cells")
+    assert code == 0, err
+    three, out3 = tmp_path / "three.h5ad", tmp_path / "o3.h5ad"
     make("five_cells")[:3].copy().write_h5ad(three)
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        code = main(["fit", str(three), "--out", str(out.with_name("o3.h5ad")), "-q", "--n_neighbors", "2"])
-    _check_fit(code, err.getvalue(), out.with_name("o3.h5ad"), "three cells")
-    assert code == EXIT_INPUT and "too few cells: found 3; explorer needs 4 at least" in err.getvalue()
+    code, err = _cli("fit", three, "--out", out3, "-q", "--n_neighbors", "2")
+    _check_fit(code, err, out3, "three cells")
+    assert code == EXIT_INPUT and "too few cells: found 3; explorer needs 4 at least" in err
 
 
 def test_no_velocity_gene_says_how_to_fit_all_genes_in_the_callers_words(tmp_path):
@@ -247,11 +249,9 @@ def test_no_velocity_gene_says_how_to_fit_all_genes_in_the_callers_words(tmp_pat
 
     path, out = tmp_path / "five.h5ad", tmp_path / "out.h5ad"
     make("five_cells", seed=1).write_h5ad(path)
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        code = main(["fit", str(path), "--out", str(out), "-q", "--n_neighbors", "5", "--model", "dynamical"])
-    _check_fit(code, err.getvalue(), out, "five cells")
-    assert code == EXIT_INPUT and "Pass `--param genes=all`." in err.getvalue(), err.getvalue()
+    code, err = _cli("fit", path, "--out", out, "-q", "--n_neighbors", "5", "--model", "dynamical")
+    _check_fit(code, err, out, "five cells")
+    assert code == EXIT_INPUT and "Pass `--param genes=all`." in err, err
     adata = read(path)
     prepare(adata, n_neighbors=5)
     with pytest.raises(InputError, match=r"Pass `genes='all'`\."):
@@ -275,9 +275,8 @@ def test_the_app_refuses_fewer_cells_than_its_neighbours_with_a_command_that_ope
     command = re.search(r"`(explorer fit [^`]+)`", str(e.value)).group(1)
     args = shlex.split(command)[1:]
     args = [str(tmp_path / a) if a.endswith(".h5ad") else a for a in args]
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        assert main([*args, "-q"]) == 0, err.getvalue()
+    code, err = _cli(*args, "-q")
+    assert code == 0, err
     adata = load_dataset(tmp_path / "small_velocity.h5ad")
     assert adata.n_obs == 20 and Key.obsm.UMAP in adata.obsm
 
