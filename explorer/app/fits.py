@@ -39,6 +39,7 @@ from explorer.models.base import VelocityResult
 from explorer.pipeline import MIN_CELLS, Derived, derive, prepare
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from pathlib import Path
 
     from explorer._types import ProgressCallback
@@ -302,9 +303,42 @@ def load_dataset(path: Path, *, progress: ProgressCallback | None = None) -> Ann
     return adata
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class FateBasis:
+    """What :func:`fit_fates` keeps of a fit to choose its terminal states again without GPCCA.
+
+    ``n_states``: the macrostates asked for; ``light``: the light AnnData holding the fit's
+    transition matrix (sharing the data's arrays); ``macro``: the macrostates found there
+    (:class:`explorer.graph.fates.Macrostates`).
+    """
+
+    n_states: int
+    light: AnnData
+    macro: Any
+
+    def choices(self) -> list[tuple[str, float]]:
+        """Each macrostate's name and coarse self-transition, to choose terminal states from."""
+        stability = self.macro.stability()
+        return [(str(name), float(stability[name])) for name in self.macro.names]
+
+
+class NoTerminalStateFound(InputError):
+    """No macrostate was stable enough to be terminal; ``basis`` holds them, to choose from."""
+
+    def __init__(self, message: str, basis: FateBasis) -> None:
+        super().__init__(message)
+        self.basis = basis
+
+
 def fit_fates(
-    adata: AnnData, fit: Fit, *, n_states: int = 10, progress: ProgressCallback | None = None
-) -> FateInfo:
+    adata: AnnData,
+    fit: Fit,
+    *,
+    n_states: int = 10,
+    terminal_states: Sequence[str] | None = None,
+    basis: FateBasis | None = None,
+    progress: ProgressCallback | None = None,
+) -> tuple[FateInfo, FateBasis]:
     """Terminal states and fate probabilities of ``fit``, as ``explorer fates`` computes them.
 
     CellRank's velocity kernel (deterministic, correlation) mixed with 0.2 of the
@@ -314,12 +348,77 @@ def fit_fates(
     clusters). Both write into a light AnnData that shares ``adata``'s arrays: the
     session's data is never written to.
 
+    ``terminal_states`` names the terminal states among the macrostates (default: those
+    CellRank's stability rule finds); with the ``basis`` an earlier call returned for this
+    fit and ``n_states``, its kernel and macrostates are reused and only the absorption is
+    computed.
+
+    Returns
+    -------
+    The fates, and the basis to choose other terminal states from.
+
     Raises
     ------
     InputError
-        Without a neighbour graph, or when no macrostate is stable enough to be terminal.
+        Without a neighbour graph, or with unknown terminal states;
+        :class:`NoTerminalStateFound`, carrying the macrostates to choose from, when no
+        macrostate is stable enough to be terminal.
     """
-    from explorer.graph.fates import compute_fates
+    from explorer.graph.fates import STABILITY_THRESHOLD, NoTerminalState, compute_fates
+
+    column = cluster_column(adata)
+    if basis is None or basis.n_states != n_states:
+        light, macro, start = _fate_kernel(adata, fit, column, progress), None, 0.3
+    else:
+        light, macro, start = basis.light, basis.macro, 0.0
+    try:
+        found = compute_fates(
+            light,
+            n_states=n_states,
+            cluster_key=column,
+            terminal_states=list(terminal_states) if terminal_states else None,
+            macro=macro,
+            progress=_share(progress, start, 1.0),
+        )
+    except NoTerminalState as err:
+        offered = FateBasis(n_states, light, err.macrostates)
+        stability = ", ".join(f"{name} {value:.3f}" for name, value in offered.choices())
+        msg = (
+            f"No macrostate is stable enough to be terminal: their coarse self-transitions are "
+            f"{stability}, under CellRank's threshold {STABILITY_THRESHOLD}. Choose the terminal "
+            "states among them (terminal states, under Compute fates) and press Compute fates again, "
+            "or ask for another number of macrostates."
+        )
+        raise NoTerminalStateFound(msg, offered) from err
+    macro = found.macrostates
+    states = light.obs[Key.obs.TERMINAL_STATES]
+    info = FateInfo(
+        names=tuple(found.terminal_states),
+        probabilities=np.asarray(found.fate_probabilities, dtype=np.float32),
+        terminal=states.cat.codes.to_numpy().astype(np.int64),
+        colors=color_key(light, Key.obs.TERMINAL_STATES),
+        source=f"computed for {fit.label}",
+        n_states=n_states,
+        macrostates=tuple(macro.names),
+        stability=tuple(float(v) for v in macro.stability()),
+        chosen=bool(terminal_states),
+    )
+    return info, FateBasis(n_states, light, macro)
+
+
+def _share(progress: ProgressCallback | None, share0: float, share1: float) -> ProgressCallback | None:
+    """``progress`` for a step that takes its reports' fractions from ``share0`` to ``share1``."""
+    if progress is None:
+        return None
+    return lambda p: progress(
+        Progress(int(1000 * (share0 + (share1 - share0) * p.fraction)), 1000, p.message)
+    )
+
+
+def _fate_kernel(
+    adata: AnnData, fit: Fit, column: str | None, progress: ProgressCallback | None
+) -> AnnData:
+    """A light AnnData sharing ``adata``'s arrays, with ``fit``'s velocity kernel (progress 0 to 0.3)."""
     from explorer.graph.kernels import compute_velocity_kernel
 
     if Key.obsp.CONNECTIVITIES not in adata.obsp:
@@ -329,7 +428,6 @@ def fit_fates(
         )
         raise InputError(msg)
     result = fit.result
-    column = cluster_column(adata)
     light = AnnData(
         X=adata.X,
         obs=adata.obs[[column]].copy() if column else pd.DataFrame(index=adata.obs_names),
@@ -343,23 +441,8 @@ def fit_fates(
         else {},
     )
 
-    def step(share0: float, share1: float) -> ProgressCallback | None:
-        if progress is None:
-            return None
-        return lambda p: progress(
-            Progress(int(1000 * (share0 + (share1 - share0) * p.fraction)), 1000, p.message)
-        )
-
-    compute_velocity_kernel(light, progress=step(0.0, 0.3))
-    found = compute_fates(light, n_states=n_states, cluster_key=column, progress=step(0.3, 1.0))
-    states = light.obs[Key.obs.TERMINAL_STATES]
-    return FateInfo(
-        names=tuple(found.terminal_states),
-        probabilities=np.asarray(found.fate_probabilities, dtype=np.float32),
-        terminal=states.cat.codes.to_numpy().astype(np.int64),
-        colors=color_key(light, Key.obs.TERMINAL_STATES),
-        source=f"computed for {fit.label}",
-    )
+    compute_velocity_kernel(light, progress=_share(progress, 0.0, 0.3))
+    return light
 
 
 def fit_diagnostics(adata: AnnData, fit: Fit, *, progress: ProgressCallback | None = None) -> pd.DataFrame:

@@ -1240,6 +1240,10 @@ class FateInfo:
     ``names``: the terminal states; ``probabilities``: ``(n_obs, len(names))``;
     ``terminal``: ``(n_obs,)`` code into ``names`` of the terminal state a cell belongs to
     (-1: none); ``colors``: name -> colour; ``source``: where they come from, in words.
+    Fates computed in the session also carry how: ``n_states`` (the macrostates asked for),
+    ``macrostates`` and ``stability`` (every macrostate found and its coarse
+    self-transition) and ``chosen`` (terminal states named by the user, not CellRank's
+    stability rule); a file's have ``n_states`` 0 and no macrostates.
     """
 
     names: tuple[str, ...]
@@ -1247,6 +1251,24 @@ class FateInfo:
     terminal: np.ndarray
     colors: dict[str, str]
     source: str
+    n_states: int = 0
+    macrostates: tuple[str, ...] = ()
+    stability: tuple[float, ...] = ()
+    chosen: bool = False
+
+    @property
+    def key(self) -> tuple:
+        """What tells these fates from others of the same source (a memo key)."""
+        return (self.source, self.n_states, self.names, self.chosen)
+
+    def answers(self, n_states: int, terminal: Sequence[str]) -> bool:
+        """Whether these are the fates asked for: ``n_states`` macrostates and ``terminal``.
+
+        ``terminal`` names the terminal states; empty asks for CellRank's stability rule.
+        """
+        if self.n_states != n_states:
+            return False
+        return set(terminal) == set(self.names) if terminal else not self.chosen
 
 
 def fates_from_adata(adata: AnnData) -> FateInfo | None:

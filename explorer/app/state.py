@@ -31,6 +31,7 @@ from explorer._types import InputError, Progress
 from explorer.app import readouts
 from explorer.app.files import DATASET_SUFFIXES, export_target, is_dataset, resolve_under, write_new
 from explorer.app.fits import (
+    NoTerminalStateFound,
     fit_diagnostics,
     base_fit,
     fit_fates,
@@ -67,6 +68,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Hashable
 
     import pandas as pd
+
+    from explorer.app.fits import FateBasis
 
 __all__ = [
     "COLOR_CONFIDENCE",
@@ -137,6 +140,17 @@ class ExplorerState(param.Parameterized):
         bounds=(2, 30),
         doc="Macrostates that Compute fates looks for (`explorer fates --n-states`).",
     )
+    fate_terminal = param.List(
+        default=[],
+        item_type=str,
+        doc="Terminal states Compute fates uses, among the active fit's macrostates "
+        "(`explorer fates --terminal-states`); empty: those CellRank's stability rule finds.",
+    )
+    fate_bases = param.Dict(
+        default={},
+        doc="By fit label, the kernel and macrostates of its last Compute fates (fits.FateBasis): "
+        "the terminal states are chosen among them.",
+    )
     walks = param.Parameter(default=None, doc="The last random walks from a cell (readouts.RandomWalks).")
     trajectory = param.Parameter(
         default=None, doc="The selected cell's path on the active fit's vector field (readouts.Trajectory)."
@@ -183,6 +197,8 @@ class ExplorerState(param.Parameterized):
             self.set_data(adata, name=self.dataset or "data", path=self.dataset_path)
         # a click on a cell integrates its path when the active fit has a vector field
         self.param.watch(self._follow_cell, ["cell", "model", "basis", "results"])
+        # another fit or number of macrostates: the terminal states offered are no longer these
+        self.param.watch(self._follow_fates, ["model", "fate_states"])
 
     def _batched(self) -> contextlib.AbstractContextManager[Any]:
         """One page update for everything an action changes (a no-op outside the app)."""
@@ -225,6 +241,8 @@ class ExplorerState(param.Parameterized):
                 p.objects = labels
             self.param.update(
                 fates={},
+                fate_bases={},
+                fate_terminal=[],
                 diagnostics={},
                 walks=None,
                 trajectory=None,
@@ -469,6 +487,8 @@ class ExplorerState(param.Parameterized):
         with param.parameterized.discard_events(self):
             self.param.update(
                 fates={},
+                fate_bases={},
+                fate_terminal=[],
                 diagnostics={},
                 walks=None,
                 trajectory=None,
@@ -489,7 +509,14 @@ class ExplorerState(param.Parameterized):
         """The last job started in this session."""
         return self._job
 
-    def _start(self, target: Callable[..., Any], *, on_done: Callable[[Any], None], what: str) -> Job:
+    def _start(
+        self,
+        target: Callable[..., Any],
+        *,
+        on_done: Callable[[Any], None],
+        what: str,
+        on_failed: Callable[[BaseException], None] | None = None,
+    ) -> Job:
         def progress(p: Progress) -> None:
             self.param.update(progress=p.fraction, status=f"{what}: {p.message}" if p.message else what)
 
@@ -503,6 +530,8 @@ class ExplorerState(param.Parameterized):
                 str(err) if isinstance(err, InputError) else f"{what} failed: {type(err).__name__}: {err}"
             )
             self.param.update(running=False, progress=0.0, status=f"{what}: failed", error=message)
+            if on_failed is not None:
+                on_failed(err)
 
         def cancelled() -> None:
             self.param.update(running=False, progress=0.0, status=f"{what}: cancelled")
@@ -544,7 +573,10 @@ class ExplorerState(param.Parameterized):
         As ``explorer fates`` (:func:`explorer.app.fits.fit_fates`); progress goes to
         ``progress``, failures to ``error``. When done, the fates join ``fates`` and the
         cells are coloured by the terminal states found. ``n_states``: macrostates
-        (default: ``fate_states``).
+        (default: ``fate_states``); the terminal states are ``fate_terminal`` where it names
+        some of the macrostates the fit's last computation found (only the absorption is
+        computed again), else those stable enough. Fates already computed with these
+        settings are reused; other settings compute them again.
         """
         n_states = self.fate_states if n_states is None else int(n_states)
         fit = self.fit
@@ -554,27 +586,69 @@ class ExplorerState(param.Parameterized):
         if self.running:
             self.error = "A job is already running; wait for it or press Cancel."
             return None
-        if fit.label in self.fates:
+        basis = self.fate_bases.get(fit.label)
+        basis = basis if basis is not None and basis.n_states == n_states else None
+        offered = {name for name, _ in basis.choices()} if basis is not None else set()
+        terminal = [t for t in self.fate_terminal if t in offered]
+        found = self.fates.get(fit.label)
+        if found is not None and found.answers(n_states, terminal):
             self.color_by = readouts.COLOR_TERMINAL
             self.status = f"fates of {fit.label}: cached"
             return None
         adata = self.adata
         return self._start(
-            lambda progress: fit_fates(adata, fit, n_states=n_states, progress=progress),
-            on_done=lambda found: self._add_fates(fit.label, found),
+            lambda progress: fit_fates(
+                adata, fit, n_states=n_states, terminal_states=terminal, basis=basis, progress=progress
+            ),
+            on_done=lambda done: self._add_fates(fit.label, *done),
+            on_failed=lambda err: self._offer_macrostates(fit.label, err),
             what=f"fates of {fit.label}",
         )
 
-    def _add_fates(self, label: str, found: readouts.FateInfo) -> None:
+    def terminal_choices(self) -> list[tuple[str, float]]:
+        """The macrostates to choose the active fit's terminal states from, with their stability.
+
+        Each macrostate's name and coarse self-transition, from the fit's last Compute fates
+        with the current number of macrostates (also one that found none stable enough);
+        empty before it.
+        """
+        fit = self.fit
+        basis = self.fate_bases.get(fit.label) if fit is not None else None
+        if basis is None or basis.n_states != self.fate_states:
+            return []
+        return basis.choices()
+
+    def _add_fates(self, label: str, found: readouts.FateInfo, basis: FateBasis) -> None:
         fates = {**self.fates, label: found}
         with self._batched(), param.parameterized.batch_call_watchers(self):
             self.param.color_by.objects = readouts.color_options(
                 self.adata, self.results, self._all_fates(fates)
             )
             self.param.update(
-                fates=fates, color_by=readouts.COLOR_TERMINAL if self.model == label else self.color_by
+                fates=fates,
+                fate_bases={**self.fate_bases, label: basis},
+                color_by=readouts.COLOR_TERMINAL if self.model == label else self.color_by,
             )
-        self.status = f"fates of {label}: terminal states {', '.join(found.names)}"
+            if self.model == label:
+                self.fate_terminal = list(found.names)
+        how = "chosen" if found.chosen else "stable enough"
+        self.status = f"fates of {label}: terminal states ({how}) {', '.join(found.names)}"
+
+    def _offer_macrostates(self, label: str, err: BaseException) -> None:
+        """No macrostate was stable enough: offer them all (``terminal_choices``) to choose from."""
+        if isinstance(err, NoTerminalStateFound):
+            with self._batched(), param.parameterized.batch_call_watchers(self):
+                self.fate_bases = {**self.fate_bases, label: err.basis}
+                if self.model == label:
+                    self.fate_terminal = []
+
+    def _follow_fates(self, *_: Any) -> None:
+        """The terminal states shown: the active fit's fates with these macrostates, else none chosen."""
+        fit = self.fit
+        found = self.fates.get(fit.label) if fit is not None else None
+        self.fate_terminal = (
+            list(found.names) if found is not None and found.n_states == self.fate_states else []
+        )
 
     def start_walks(
         self, index: int | None = None, *, n_walks: int = N_WALKS, n_steps: int = N_WALK_STEPS
@@ -805,7 +879,7 @@ class ExplorerState(param.Parameterized):
                 what,
                 gene,
                 None if fit is None else fit.label,
-                None if fates is None else fates.source,
+                None if fates is None else fates.key,  # recomputed fates of a fit: another key
             ),
             lambda: readouts.coloring(
                 self.adata, what, fit=fit, gene=self.gene, key=key, column=column, fates=fates

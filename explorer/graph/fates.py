@@ -1241,6 +1241,18 @@ def lineage_drivers(
 # --------------------------------------------------------------------------------------
 
 
+class NoTerminalState(InputError):
+    """No macrostate is stable enough to be terminal.
+
+    ``macrostates`` holds the :class:`Macrostates` found, so that a caller can offer them to
+    choose the terminal states from (:func:`compute_fates`'s ``terminal_states`` and ``macro``).
+    """
+
+    def __init__(self, message: str, macrostates: Macrostates) -> None:
+        super().__init__(message)
+        self.macrostates = macrostates
+
+
 @dataclass(frozen=True, slots=True)
 class Fates:
     """What :func:`compute_fates` found (it also writes it to the AnnData)."""
@@ -1264,6 +1276,7 @@ def compute_fates(
     driver_layer: str | None = None,
     solver: Solver = "auto",
     tol: float = ITERATIVE_RTOL,
+    macro: Macrostates | None = None,
     progress: ProgressCallback | None = None,
 ) -> Fates:
     """Macrostates, initial/terminal states, fate probabilities, absorption times and drivers.
@@ -1291,6 +1304,11 @@ def compute_fates(
     solver, tol
         How ``I - Q`` is solved (:func:`absorption_probabilities`): exactly up to
         :data:`ITERATIVE_ABOVE` transient cells, by GMRES above.
+    macro
+        Macrostates already computed from this transition matrix with these ``n_cells`` (the
+        ``macrostates`` of an earlier :class:`Fates` or :class:`NoTerminalState`): GPCCA is
+        not run again and ``n_states`` is theirs. Choosing other terminal states among the
+        same macrostates then costs only the absorption (the app does so).
     progress
         Receives one report per step.
 
@@ -1329,7 +1347,11 @@ def compute_fates(
         n_states = default_n_states(adata.n_obs, n_cells)
     total = 5
     report(progress, 0, total, "macrostates")
-    macro = macrostates(T, n_states, clusters=clusters, cluster_colors=colors, n_cells=n_cells)
+    if macro is None:
+        macro = macrostates(T, n_states, clusters=clusters, cluster_colors=colors, n_cells=n_cells)
+    elif macro.memberships.shape[0] != adata.n_obs:
+        msg = f"Expected macrostates of {adata.n_obs} cells, found {macro.memberships.shape[0]}."
+        raise ValueError(msg)
     report(progress, 1, total, "terminal states")
     if terminal_states is None:
         term = terminal_state_names(macro, stability_threshold=stability_threshold)
@@ -1347,7 +1369,7 @@ def compute_fates(
                 "Lower the threshold (`--stability-threshold` of `explorer fates`), name the terminal "
                 f"states (`--terminal-states`), or {more}."
             )
-            raise InputError(msg)
+            raise NoTerminalState(msg, macro)
     else:
         term = list(terminal_states)
         unknown = [t for t in term if t not in macro.names]

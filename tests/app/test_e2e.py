@@ -203,6 +203,34 @@ def test_saving_over_another_file_asks_first(app_page, data_dir):
     assert ad.read_h5ad(other).n_obs == 300
 
 
+def test_terminal_states_ticked_in_the_inspector_give_the_fates_of_those_states(app_page):
+    """Compute fates lists every macrostate with its self-transition; one more ticked is recomputed.
+
+    The boxes are ticked where CellRank's stability rule found the terminal states; ticking
+    another and pressing Compute fates again colours the cells by the states ticked (the
+    embedding's legend names it) and the status says they were chosen. Until 2026-12-05
+    the app had no choice of terminal states, and a second Compute fates answered "cached".
+    """
+    page = app_page
+    page.get_by_role("button", name="Compute fates").click()
+    page.get_by_text("tick where cells end").wait_for(timeout=120_000)
+    page.get_by_text(re.compile(r"terminal states \(stable enough\)")).first.wait_for(timeout=30_000)
+    boxes = page.get_by_role("checkbox", name=re.compile(r" \(\d\.\d{3}\)$"))
+    labels = [boxes.nth(i).evaluate("el => el.parentElement.textContent") for i in range(boxes.count())]
+    ticked = [boxes.nth(i).is_checked() for i in range(len(labels))]
+    assert len(labels) == 10 and any(ticked) and not all(ticked), (labels, ticked)  # noqa: PLR2004
+    free = ticked.index(False)
+    name = labels[free].rsplit(" (", 1)[0]
+    boxes.nth(free).check()
+    page.get_by_role("button", name="Compute fates").click()
+    page.get_by_text(re.compile(r"terminal states \(chosen\)")).first.wait_for(timeout=60_000)
+    status = page.get_by_text(re.compile(r"terminal states \(chosen\)")).first.inner_text()
+    assert name in status
+    legend = page.locator("div", has=page.locator("b", has_text="terminal states (computed for")).last
+    legend.get_by_text(name, exact=True).wait_for(timeout=30_000)
+    page.screenshot(path=ARTIFACTS / "e2e_terminal_states.png", full_page=True)
+
+
 def test_a_new_pages_first_click_sends_no_stylesheets_again(app_page, server):
     """A page's first updates reuse its stylesheet models (no new ones for the browser to lay out).
 

@@ -14,7 +14,7 @@ from explorer._types import InputError, Progress
 from explorer.app import state as state_module
 from explorer.app.geometry import binned_mean, nearest, points_in_box, points_in_polygon
 from explorer.app.jobs import Job, fit_key, fit_label
-from explorer.app.readouts import velocity_agreement
+from explorer.app.readouts import COLOR_TERMINAL, velocity_agreement
 from explorer.app.state import COLOR_EXPRESSION, COLOR_LATENT_TIME, ExplorerState
 from explorer.keys import Key
 
@@ -330,6 +330,67 @@ def test_sessions_do_not_share_selections_or_runs(app_adata):
     assert two.cell is None
     assert two.gene != one.gene
     assert two.results == {}
+
+
+# ------------------------------------------------------------------ fates
+def test_other_macrostates_compute_the_fates_again_instead_of_reading_the_cache(state):
+    """Fates are cached per fit *and* settings: another number of macrostates computes them again.
+
+    Until 2026-12-05 a fit's fates were cached by its label alone, so after Compute fates
+    with 4 macrostates, asking for 6 answered "cached" with the 4-state fates.
+    """
+    assert state.run_model("stochastic").join(120), state.error
+    state.fate_states = 4
+    assert state.compute_fates().join(120), state.error
+    four = state.active_fates()
+    assert (four.n_states, len(four.macrostates)) == (4, 4)
+    state.fate_states = 6
+    job = state.compute_fates()
+    assert job is not None and job.join(120), state.error
+    six = state.active_fates()
+    assert (six.n_states, len(six.macrostates)) == (6, 6)
+    assert state.compute_fates() is None and state.status.endswith("cached")  # the same settings
+
+
+def test_terminal_states_ticked_among_the_macrostates_reuse_them_and_give_their_fates(state, monkeypatch):
+    """Ticked terminal states: only the absorption is computed again, and it equals a fresh computation."""
+    from explorer.app.fits import fit_fates
+    from explorer.graph import fates as fates_module
+
+    assert state.run_model("stochastic").join(120), state.error
+    state.fate_states = 6
+    assert state.compute_fates().join(120), state.error
+    found = state.active_fates()
+    assert state.fate_terminal == list(found.names)  # what the boxes show: the states found
+    assert state.coloring().categories == found.names  # the cells coloured by them
+    choices = dict(state.terminal_choices())
+    assert choices == dict(zip(found.macrostates, found.stability, strict=True))
+    assert all(choices[n] >= fates_module.STABILITY_THRESHOLD for n in found.names)
+    # the least stable macrostate, which the rule left out, ticked with the first found
+    least = min(choices, key=choices.get)
+    picked = [found.names[0], least]
+    state.fate_terminal = picked
+
+    def no_gpcca(*_, **__):
+        raise AssertionError("GPCCA ran again for terminal states among the same macrostates")
+
+    monkeypatch.setattr(fates_module, "macrostates", no_gpcca)
+    assert state.compute_fates().join(120), state.error
+    monkeypatch.undo()
+    chosen = state.active_fates()
+    assert chosen.chosen and set(chosen.names) == set(picked) and "(chosen)" in state.status
+    # recoloured by the states ticked (the colouring was remembered by the fates' source alone)
+    assert state.color_by == COLOR_TERMINAL and state.coloring().categories == chosen.names
+    fresh, _ = fit_fates(state.adata, state.fit, n_states=6, terminal_states=list(chosen.names))
+    np.testing.assert_allclose(chosen.probabilities, fresh.probabilities, atol=1e-6)
+    np.testing.assert_allclose(chosen.probabilities.sum(axis=1), 1.0, atol=1e-6)
+    # the boxes cleared: CellRank's rule again
+    state.fate_terminal = []
+    assert state.compute_fates().join(120), state.error
+    assert state.active_fates().names == found.names and not state.active_fates().chosen
+    # another number of macrostates offers nothing until computed (the names were the 6 states')
+    state.fate_states = 4
+    assert state.terminal_choices() == [] and state.fate_terminal == []
 
 
 def test_comparison_of_two_fits(state):

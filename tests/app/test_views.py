@@ -1004,3 +1004,56 @@ def test_axis_range_pads_by_its_share_and_widens_a_single_value():
     assert _padded(np.array([0.0, 2.0, np.nan]), 0.0) == (0.0, 2.0)
     assert _padded(np.array([0.0, 2.0])) == pytest.approx((-0.1, 2.1))
     assert _padded(np.array([1.0, 1.0]), 0.0) == (0.5, 1.5)
+
+
+def test_with_no_macrostate_stable_enough_the_inspector_offers_them_all_to_tick(shared_data, tmp_path):
+    """CellRank's 200-cell dentate gyrus: no macrostate reaches 0.96, so the user ticks the terminal states.
+
+    Fitted by the stochastic model, the five macrostates' coarse self-transitions are all under
+    CellRank's 0.96, and until 2026-12-05 the app could only say so (the message named
+    `explorer fates --terminal-states`, which the app had no place for). Now the inspector
+    lists every macrostate with its self-transition; ticking the two end types of the
+    dentate gyrus (granule cells mature, astrocytes) gives their fates, ordered along the
+    granule lineage: mature granule cells 0.97, immature 0.91, neuroblasts 0.65.
+    """
+    from explorer.app.fits import load_dataset
+
+    adata = load_dataset(shared_data / "cellrank_tests" / "adata_200.h5ad")
+    doc = Document()
+    with set_curdoc(doc):
+        page = create_app(adata, data_dir=tmp_path)
+        page.server_doc(doc)
+        state, inspector = page.app.state, page.app.views["inspector"]
+        assert not inspector.terminal.visible  # nothing to choose from before Compute fates
+        assert state.run_model("stochastic").join(300), state.error
+        inspector.fates_button.clicks += 1
+        state.job.join(120)
+        choices = dict(state.terminal_choices())
+        assert "No macrostate is stable enough to be terminal" in state.error
+        assert all(f"{name} {value:.3f}" in state.error for name, value in choices.items())
+        # 6 asked for (the cells hold them); 6 would split a complex pair of eigenvalues, so 5
+        assert (state.fate_states, len(choices)) == (6, 5) and max(choices.values()) < 0.96  # noqa: PLR2004
+        assert inspector.terminal.visible and "tick where cells end" in shown_text(inspector.terminal_note)
+        assert inspector.terminal.options == {f"{n} ({v:.3f})": n for n, v in choices.items()}
+        assert inspector.terminal.value == []
+        inspector.terminal.value = ["Granule mature", "Astrocytes"]  # the boxes ticked
+        assert state.fate_terminal == ["Granule mature", "Astrocytes"]
+        inspector.fates_button.clicks += 1
+        assert state.job.join(120) and state.error == "", state.error
+        fates = state.active_fates()
+        assert fates.chosen and set(fates.names) == {"Granule mature", "Astrocytes"}
+        mature = pd.Series(fates.probabilities[:, fates.names.index("Granule mature")])
+        by_type = mature.groupby(state.adata.obs["clusters"].to_numpy()).mean()
+        # along the granule lineage (the types of 20 cells or more), nearer maturity is likelier
+        assert by_type["Granule mature"] > by_type["Granule immature"] > by_type["Neuroblast"], by_type
+        state.select_cell(int(np.flatnonzero(state.adata.obs["clusters"] == "Neuroblast")[0]))
+        assert "fate probabilities (computed for stochastic): Granule mature" in shown_text(inspector.where)
+        assert sorted(inspector.terminal.value) == ["Astrocytes", "Granule mature"]
+        legend = page.app.views["embedding"].legend
+        assert "Astrocytes" in legend.object and "Endothelial" not in legend.object
+        # one more ticked, the cells already coloured by terminal states: the legend follows
+        inspector.terminal.value = [*inspector.terminal.value, "Endothelial"]
+        inspector.fates_button.clicks += 1
+        assert state.job.join(120) and state.error == "", state.error
+        assert set(state.active_fates().names) == {"Granule mature", "Astrocytes", "Endothelial"}
+        assert "Endothelial" in legend.object

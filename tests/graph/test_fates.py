@@ -368,6 +368,37 @@ def test_no_stable_state_says_what_to_change_that_can_be_changed():
         F.compute_fates(leaky(300), n_states=3, cluster_key=None)
 
 
+def test_terminal_states_named_among_macrostates_already_found_equal_a_fresh_computation(monkeypatch):
+    """The refusal carries the macrostates; naming terminal states among them runs no GPCCA again.
+
+    Three leaky blocks (no state reaches 0.96): ``NoTerminalState.macrostates`` are those
+    ``macrostates`` finds, and ``compute_fates(terminal_states=..., macro=...)`` gives the fate
+    probabilities of a computation from scratch with the same names.
+    """
+    import anndata as ad
+
+    n = 300
+    adata = ad.AnnData(np.zeros((n, 1), dtype=np.float32))
+    T = _blocks(size=n // 3, leak=0.0).toarray() + 1.0 / n
+    adata.obsp[Key.obsp.TRANSITIONS] = sparse.csr_matrix(T / T.sum(axis=1, keepdims=True))
+    with pytest.raises(F.NoTerminalState) as e:
+        F.compute_fates(adata, n_states=3, cluster_key=None)
+    macro = e.value.macrostates
+    assert len(macro.names) == 3 and (macro.stability() < F.STABILITY_THRESHOLD).all()  # noqa: PLR2004
+    assert str(macro.stability().round(3).to_dict()) in str(e.value)  # the message lists them
+    fresh = F.compute_fates(adata.copy(), n_states=3, cluster_key=None, terminal_states=macro.names[:2])
+
+    def no_gpcca(*_, **__):
+        raise AssertionError("GPCCA ran again")
+
+    monkeypatch.setattr(F, "macrostates", no_gpcca)
+    again = F.compute_fates(adata, n_states=3, cluster_key=None, terminal_states=macro.names[:2], macro=macro)
+    assert again.terminal_states == macro.names[:2] and again.macrostates is macro
+    np.testing.assert_allclose(again.fate_probabilities, fresh.fate_probabilities, atol=1e-10)
+    with pytest.raises(ValueError, match="Expected macrostates of 299 cells, found 300"):
+        F.compute_fates(adata[:299].copy(), cluster_key=None, terminal_states=macro.names[:1], macro=macro)
+
+
 def test_no_cell_left_outside_the_terminal_states_is_a_message_not_a_traceback():
     """60 cells, two stable blocks: two terminal states of 30 typical cells take every cell.
 

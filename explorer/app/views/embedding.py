@@ -186,6 +186,7 @@ class EmbeddingView(pn.viewable.Viewer):
                 state.param.basis,
                 state.param.show_streamlines,
                 state.param.readout_revision,
+                state.param.fates,  # fates computed again (other terminal states), same colouring
             ),
             # wrapped under the plot: one line of many type names pushed the phase portrait aside
             width=_WIDTH,
@@ -193,6 +194,7 @@ class EmbeddingView(pn.viewable.Viewer):
         )
         pane = pn.pane.HoloViews(self.plot, name="embedding")
         self._panes.append(pane)
+        self.legend = legend
         return pn.Column(controls, pane, legend, name="Embedding")
 
     def _legend(self, *_: Any) -> str:

@@ -3,6 +3,8 @@
 Below the next cells: **Random walks from this cell** (drawn on the embedding, their end
 clusters counted here) and **Compute fates** (terminal states and fate probabilities of
 the active fit, in the background; the selected cell's probabilities are listed here).
+Once fates are computed (or none of the macrostates was stable enough), every macrostate
+is offered with its coarse self-transition, to tick the terminal states by hand.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from bokeh.models.widgets.tables import NumberFormatter
 from explorer.app.escape import markdown_text
 from explorer.app.state import ExplorerState
 from explorer.app.views.field import FieldPanel
+from explorer.graph.fates import STABILITY_THRESHOLD
 
 
 class CellInspector(pn.viewable.Viewer):
@@ -51,6 +54,25 @@ class CellInspector(pn.viewable.Viewer):
         self.fate_states = pn.widgets.IntInput.from_param(
             state.param.fate_states, name="macrostates", width=90
         )
+        # the macrostates of the last Compute fates, ticked where terminal (names are Bokeh text)
+        self.terminal = pn.widgets.CheckBoxGroup(
+            label="terminal states",
+            options={},
+            value=[],
+            inline=True,
+            sizing_mode="stretch_width",
+            visible=False,
+            # ten states in a row ran 600 px past the inspector: they wrap onto more lines
+            stylesheets=[".bk-input-group.bk-inline { flex-wrap: wrap; column-gap: 10px; }"],
+        )
+        self.terminal_note = pn.pane.Markdown(
+            "", name="terminal states note", sizing_mode="stretch_width", visible=False
+        )
+        self.terminal.param.watch(self._terminal_ticked, "value")
+        state.param.watch(
+            self._show_terminal, ["model", "fate_states", "fate_bases", "fate_terminal", "adata"]
+        )
+        self._show_terminal()
         self.where = pn.pane.Markdown("", name="where the cell goes", sizing_mode="stretch_width")
         # the vector-field panel is built the first time the active fit has a field (no cost before)
         self.field_slot = pn.Column(sizing_mode="stretch_width")
@@ -125,6 +147,29 @@ class CellInspector(pn.viewable.Viewer):
             )
         self.where.object = "\n".join(lines)
 
+    def _show_terminal(self, *_: Any) -> None:
+        choices = self.state.terminal_choices()
+        options = {f"{name} ({stability:.3f})": name for name, stability in choices}
+        if self.terminal.options != options:
+            self.terminal.options = options
+        value = [name for name in self.state.fate_terminal if name in options.values()]
+        if self.terminal.value != value:
+            self.terminal.value = value
+        self.terminal.visible = bool(choices)
+        self.terminal_note.object = (
+            f"**Terminal states** among the {len(choices)} macrostates (coarse self-transition; "
+            f"CellRank's rule takes those of {STABILITY_THRESHOLD} or more): tick where cells end, then "
+            "press Compute fates."
+            if choices
+            else ""
+        )
+        self.terminal_note.visible = bool(choices)
+
+    def _terminal_ticked(self, event: Any) -> None:
+        ticked = list(event.new)
+        if ticked != list(self.state.fate_terminal):
+            self.state.fate_terminal = ticked
+
     def _show_field(self, *_: Any) -> None:
         if self.field is None and self.state.field_info() is not None:
             self.field = FieldPanel(state=self.state)
@@ -140,6 +185,8 @@ class CellInspector(pn.viewable.Viewer):
             self.summary,
             self.targets_slot,
             pn.Row(self.walk_button, pn.Column(self.fates_button, self.fate_states)),
+            self.terminal_note,
+            self.terminal,
             self.where,
             self.field_slot,
             name="Cell",
