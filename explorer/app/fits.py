@@ -307,14 +307,20 @@ def load_dataset(path: Path, *, progress: ProgressCallback | None = None) -> Ann
 class FateBasis:
     """What :func:`fit_fates` keeps of a fit to choose its terminal states again without GPCCA.
 
-    ``n_states``: the macrostates asked for; ``light``: the light AnnData holding the fit's
-    transition matrix (sharing the data's arrays); ``macro``: the macrostates found there
+    ``n_states``: the macrostates asked for; ``mode``: the velocity kernel's mode;
+    ``light``: the light AnnData holding the fit's transition matrix (sharing the data's
+    arrays); ``macro``: the macrostates found there
     (:class:`explorer.graph.fates.Macrostates`).
     """
 
     n_states: int
+    mode: str
     light: AnnData
     macro: Any
+
+    def serves(self, n_states: int, mode: str) -> bool:
+        """Whether these macrostates are those of ``n_states`` asked for on a ``mode`` kernel."""
+        return (self.n_states, self.mode) == (n_states, mode)
 
     def choices(self) -> list[tuple[str, float]]:
         """Each macrostate's name and coarse self-transition, to choose terminal states from."""
@@ -336,21 +342,25 @@ def fit_fates(
     *,
     n_states: int = 10,
     terminal_states: Sequence[str] | None = None,
+    mode: str = "deterministic",
     basis: FateBasis | None = None,
     progress: ProgressCallback | None = None,
 ) -> tuple[FateInfo, FateBasis]:
     """Terminal states and fate probabilities of ``fit``, as ``explorer fates`` computes them.
 
-    CellRank's velocity kernel (deterministic, correlation) mixed with 0.2 of the
-    connectivity kernel (:func:`explorer.graph.kernels.compute_velocity_kernel`), then
-    GPCCA macrostates, terminal states and absorption probabilities
-    (:func:`explorer.graph.fates.compute_fates`, ``n_states`` macrostates, named after the
-    clusters). Both write into a light AnnData that shares ``adata``'s arrays: the
-    session's data is never written to.
+    CellRank's velocity kernel (``mode``: ``"deterministic"``, ``"stochastic"`` or
+    ``"monte_carlo"``; correlation) mixed with 0.2 of the connectivity kernel
+    (:func:`explorer.graph.kernels.compute_velocity_kernel`), then GPCCA macrostates,
+    terminal states and absorption probabilities (:func:`explorer.graph.fates.compute_fates`,
+    ``n_states`` macrostates, named after the clusters). Both write into a light AnnData
+    that shares ``adata``'s arrays: the session's data is never written to. As ``explorer
+    fates``, the stochastic and Monte Carlo modes use the fit's own velocity variance
+    (``layers['velocity_variance']``, VeloVAE's posterior) where it has one, else the kNN
+    estimate.
 
     ``terminal_states`` names the terminal states among the macrostates (default: those
     CellRank's stability rule finds); with the ``basis`` an earlier call returned for this
-    fit and ``n_states``, its kernel and macrostates are reused and only the absorption is
+    fit, ``n_states`` and ``mode``, its kernel and macrostates are reused and only the absorption is
     computed.
 
     Returns
@@ -367,8 +377,8 @@ def fit_fates(
     from explorer.graph.fates import STABILITY_THRESHOLD, NoTerminalState, compute_fates
 
     column = cluster_column(adata)
-    if basis is None or basis.n_states != n_states:
-        light, macro, start = _fate_kernel(adata, fit, column, progress), None, 0.3
+    if basis is None or not basis.serves(n_states, mode):
+        light, macro, start = _fate_kernel(adata, fit, column, mode, progress), None, 0.3
     else:
         light, macro, start = basis.light, basis.macro, 0.0
     try:
@@ -381,7 +391,7 @@ def fit_fates(
             progress=_share(progress, start, 1.0),
         )
     except NoTerminalState as err:
-        offered = FateBasis(n_states, light, err.macrostates)
+        offered = FateBasis(n_states, mode, light, err.macrostates)
         stability = ", ".join(f"{name} {value:.3f}" for name, value in offered.choices())
         msg = (
             f"No macrostate is stable enough to be terminal: their coarse self-transitions are "
@@ -397,13 +407,14 @@ def fit_fates(
         probabilities=np.asarray(found.fate_probabilities, dtype=np.float32),
         terminal=states.cat.codes.to_numpy().astype(np.int64),
         colors=color_key(light, Key.obs.TERMINAL_STATES),
-        source=f"computed for {fit.label}",
+        source=f"computed for {fit.label}" + ("" if mode == "deterministic" else f", {mode} kernel"),
         n_states=n_states,
+        mode=mode,
         macrostates=tuple(macro.names),
         stability=tuple(float(v) for v in macro.stability()),
         chosen=bool(terminal_states),
     )
-    return info, FateBasis(n_states, light, macro)
+    return info, FateBasis(n_states, mode, light, macro)
 
 
 def _share(progress: ProgressCallback | None, share0: float, share1: float) -> ProgressCallback | None:
@@ -416,9 +427,9 @@ def _share(progress: ProgressCallback | None, share0: float, share1: float) -> P
 
 
 def _fate_kernel(
-    adata: AnnData, fit: Fit, column: str | None, progress: ProgressCallback | None
+    adata: AnnData, fit: Fit, column: str | None, mode: str, progress: ProgressCallback | None
 ) -> AnnData:
-    """A light AnnData sharing ``adata``'s arrays, with ``fit``'s velocity kernel (progress 0 to 0.3)."""
+    """A light AnnData sharing ``adata``'s arrays, with ``fit``'s ``mode`` velocity kernel."""
     from explorer.graph.kernels import compute_velocity_kernel
 
     if Key.obsp.CONNECTIVITIES not in adata.obsp:
@@ -441,7 +452,16 @@ def _fate_kernel(
         else {},
     )
 
-    compute_velocity_kernel(light, progress=_share(progress, 0.0, 0.3))
+    # a model that gives a velocity distribution (VeloVAE's posterior) feeds it in, as `explorer fates`
+    variance = result.layers.get(Key.layers.VELOCITY_VARIANCE) if mode != "deterministic" else None
+    if variance is not None:
+        light.layers[Key.layers.VELOCITY_VARIANCE] = variance
+    compute_velocity_kernel(
+        light,
+        mode=mode,
+        variance_key=Key.layers.VELOCITY_VARIANCE if variance is not None else None,
+        progress=_share(progress, 0.0, 0.3),
+    )
     return light
 
 

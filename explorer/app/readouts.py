@@ -1241,9 +1241,9 @@ class FateInfo:
     ``terminal``: ``(n_obs,)`` code into ``names`` of the terminal state a cell belongs to
     (-1: none); ``colors``: name -> colour; ``source``: where they come from, in words.
     Fates computed in the session also carry how: ``n_states`` (the macrostates asked for),
-    ``macrostates`` and ``stability`` (every macrostate found and its coarse
-    self-transition) and ``chosen`` (terminal states named by the user, not CellRank's
-    stability rule); a file's have ``n_states`` 0 and no macrostates.
+    ``mode`` (the velocity kernel's), ``macrostates`` and ``stability`` (every macrostate
+    found and its coarse self-transition) and ``chosen`` (terminal states named by the user,
+    not CellRank's stability rule); a file's have ``n_states`` 0 and no macrostates.
     """
 
     names: tuple[str, ...]
@@ -1252,6 +1252,7 @@ class FateInfo:
     colors: dict[str, str]
     source: str
     n_states: int = 0
+    mode: str = "deterministic"
     macrostates: tuple[str, ...] = ()
     stability: tuple[float, ...] = ()
     chosen: bool = False
@@ -1259,14 +1260,14 @@ class FateInfo:
     @property
     def key(self) -> tuple:
         """What tells these fates from others of the same source (a memo key)."""
-        return (self.source, self.n_states, self.names, self.chosen)
+        return (self.source, self.n_states, self.mode, self.names, self.chosen)
 
-    def answers(self, n_states: int, terminal: Sequence[str]) -> bool:
-        """Whether these are the fates asked for: ``n_states`` macrostates and ``terminal``.
+    def answers(self, n_states: int, terminal: Sequence[str], mode: str = "deterministic") -> bool:
+        """Whether these are the fates asked for: ``n_states`` macrostates, ``terminal``, ``mode``.
 
         ``terminal`` names the terminal states; empty asks for CellRank's stability rule.
         """
-        if self.n_states != n_states:
+        if (self.n_states, self.mode) != (n_states, mode):
             return False
         return set(terminal) == set(self.names) if terminal else not self.chosen
 

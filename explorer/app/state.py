@@ -140,6 +140,12 @@ class ExplorerState(param.Parameterized):
         bounds=(2, 30),
         doc="Macrostates that Compute fates looks for (`explorer fates --n-states`).",
     )
+    fate_mode = param.Selector(
+        default="deterministic",
+        objects=["deterministic", "stochastic", "monte_carlo"],
+        doc="Velocity kernel mode Compute fates uses (`explorer fates --mode`); stochastic and "
+        "monte_carlo use the fit's velocity variance (VeloVAE's posterior) where it has one.",
+    )
     fate_terminal = param.List(
         default=[],
         item_type=str,
@@ -198,7 +204,7 @@ class ExplorerState(param.Parameterized):
         # a click on a cell integrates its path when the active fit has a vector field
         self.param.watch(self._follow_cell, ["cell", "model", "basis", "results"])
         # another fit or number of macrostates: the terminal states offered are no longer these
-        self.param.watch(self._follow_fates, ["model", "fate_states"])
+        self.param.watch(self._follow_fates, ["model", "fate_states", "fate_mode"])
 
     def _batched(self) -> contextlib.AbstractContextManager[Any]:
         """One page update for everything an action changes (a no-op outside the app)."""
@@ -573,10 +579,11 @@ class ExplorerState(param.Parameterized):
         As ``explorer fates`` (:func:`explorer.app.fits.fit_fates`); progress goes to
         ``progress``, failures to ``error``. When done, the fates join ``fates`` and the
         cells are coloured by the terminal states found. ``n_states``: macrostates
-        (default: ``fate_states``); the terminal states are ``fate_terminal`` where it names
-        some of the macrostates the fit's last computation found (only the absorption is
-        computed again), else those stable enough. Fates already computed with these
-        settings are reused; other settings compute them again.
+        (default: ``fate_states``), on a ``fate_mode`` velocity kernel; the terminal states
+        are ``fate_terminal`` where it names some of the macrostates the fit's last
+        computation found (only the absorption is computed again), else those stable
+        enough. Fates already computed with these settings are reused; other settings
+        compute them again.
         """
         n_states = self.fate_states if n_states is None else int(n_states)
         fit = self.fit
@@ -587,18 +594,25 @@ class ExplorerState(param.Parameterized):
             self.error = "A job is already running; wait for it or press Cancel."
             return None
         basis = self.fate_bases.get(fit.label)
-        basis = basis if basis is not None and basis.n_states == n_states else None
+        mode = self.fate_mode
+        basis = basis if basis is not None and basis.serves(n_states, mode) else None
         offered = {name for name, _ in basis.choices()} if basis is not None else set()
         terminal = [t for t in self.fate_terminal if t in offered]
         found = self.fates.get(fit.label)
-        if found is not None and found.answers(n_states, terminal):
+        if found is not None and found.answers(n_states, terminal, mode):
             self.color_by = readouts.COLOR_TERMINAL
             self.status = f"fates of {fit.label}: cached"
             return None
         adata = self.adata
         return self._start(
             lambda progress: fit_fates(
-                adata, fit, n_states=n_states, terminal_states=terminal, basis=basis, progress=progress
+                adata,
+                fit,
+                n_states=n_states,
+                terminal_states=terminal,
+                mode=mode,
+                basis=basis,
+                progress=progress,
             ),
             on_done=lambda done: self._add_fates(fit.label, *done),
             on_failed=lambda err: self._offer_macrostates(fit.label, err),
@@ -614,7 +628,7 @@ class ExplorerState(param.Parameterized):
         """
         fit = self.fit
         basis = self.fate_bases.get(fit.label) if fit is not None else None
-        if basis is None or basis.n_states != self.fate_states:
+        if basis is None or not basis.serves(self.fate_states, self.fate_mode):
             return []
         return basis.choices()
 
@@ -647,7 +661,9 @@ class ExplorerState(param.Parameterized):
         fit = self.fit
         found = self.fates.get(fit.label) if fit is not None else None
         self.fate_terminal = (
-            list(found.names) if found is not None and found.n_states == self.fate_states else []
+            list(found.names)
+            if found is not None and (found.n_states, found.mode) == (self.fate_states, self.fate_mode)
+            else []
         )
 
     def start_walks(

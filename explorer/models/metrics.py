@@ -164,6 +164,41 @@ def reconstruction_error(
     return ReconstructionError(summary, pd.DataFrame(per_gene, index=index), cells)
 
 
+def gene_likelihood(Mu: FloatArray, Ms: FloatArray, u_hat: FloatArray, s_hat: FloatArray) -> np.ndarray:
+    """ScVelo's per-gene likelihood of predictions, ``u`` and ``s`` in units of their spread.
+
+    As scVelo's ``get_likelihood`` (and :func:`explorer.models._em.likelihood`) reads a
+    dynamical fit: ``d^2 = ((u_hat - u) / sd(u))^2 + ((s_hat - s) / sd(s))^2`` per cell,
+    ``varx`` the variance of the distance signed by the spliced residual, and
+    ``exp(-mean(d^2) / (2 varx) - log(2 pi varx) / 2)`` over the cells given (all of them,
+    without scVelo's cell weights and ratio penalty). It does not depend on a gene's
+    expression level, as a Gaussian density in counts does (VeloVAE's `fit_likelihood` was
+    that density until 2026-12-05, which put genes of almost no unspliced RNA first).
+
+    Returns
+    -------
+    ``(n_vars,)`` likelihoods; NaN for a gene without spread or predictions.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> u = np.linspace(0, 1, 200)[:, None]
+    >>> near, far = gene_likelihood(u, u, u + 0.01, u), gene_likelihood(u, u, u + 0.2 * np.cos(40 * u), u)
+    >>> bool(near[0] > far[0])
+    True
+    """
+    Mu, Ms, u_hat, s_hat = (_dense(a) for a in (Mu, Ms, u_hat, s_hat))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        su, ss = Mu.std(axis=0), Ms.std(axis=0)
+        su, ss = np.where(su > 0, su, np.nan), np.where(ss > 0, ss, np.nan)
+        du, ds = (u_hat - Mu) / su, (s_hat - Ms) / ss
+        d2 = du * du + ds * ds
+        varx = d2.mean(axis=0) - (np.sign(ds) * np.sqrt(d2)).mean(axis=0) ** 2
+        varx = np.where(varx > 0, varx, 1.0)  # scVelo replaces a variance of 0 by 1
+        loglik = -0.5 * d2.mean(axis=0) / varx - 0.5 * np.log(2 * math.pi * varx)
+    return np.exp(loglik)
+
+
 def predicted_abundances(adata: AnnData) -> tuple[np.ndarray, np.ndarray]:
     """``(u_hat, s_hat)``, each ``(n_obs, n_vars)``, of the fit written into ``adata``.
 

@@ -71,7 +71,7 @@ from explorer.graph.transition import neighbors_for_graph
 from explorer.keys import Key
 from explorer.models.base import Hyperparameters, VelocityResult, require_layers
 from explorer.models.dynamical import _import_torch, _resolve_device
-from explorer.models.metrics import latent_time_spearman, reconstruction_error
+from explorer.models.metrics import gene_likelihood, latent_time_spearman, reconstruction_error
 from explorer.models.steady_state import SteadyState, genes_to_fit
 
 if TYPE_CHECKING:
@@ -1668,7 +1668,6 @@ class VeloVAE(Hyperparameters):
         su, ss = Mu.std(0).clip(min=1e-12), Ms.std(0).clip(min=1e-12)
         sse = (((Mu - out["u"]) / su) ** 2 + ((Ms - out["s"]) / ss) ** 2).sum(0)
         r2 = 1 - sse / (2 * n_obs)
-        loglik = err.per_gene["loglik_train"].to_numpy()
         columns = {
             Key.var.FIT_ALPHA: out["alpha"],
             # scVelo's convention: fit_beta * fit_scaling is the ODE's splicing rate
@@ -1680,8 +1679,10 @@ class VeloVAE(Hyperparameters):
             Key.var.FIT_SIGMA_U: out["sigma_u"],
             Key.var.FIT_SIGMA_S: out["sigma_s"],
             Key.var.FIT_R2: r2,
-            # per cell and gene, as a likelihood in (0, inf): exp(mean log-density)
-            Key.var.FIT_LIKELIHOOD: np.exp(loglik),
+            # scVelo's likelihood (u, s in units of their spread) on the training cells: a
+            # density in counts (exp of the mean log-density, before 2026-12-05) ranked first
+            # the genes with the least unspliced RNA, whatever their fit
+            Key.var.FIT_LIKELIHOOD: gene_likelihood(Mu[train], Ms[train], out["u"][train], out["s"][train]),
             Key.var.FIT_MSE_TRAIN: err.per_gene["mse_train"].to_numpy(),
             Key.var.FIT_MSE_TEST: err.per_gene["mse_test"].to_numpy(),
         }

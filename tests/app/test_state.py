@@ -13,7 +13,7 @@ from anndata import AnnData
 from explorer._types import InputError, Progress
 from explorer.app import state as state_module
 from explorer.app.geometry import binned_mean, nearest, points_in_box, points_in_polygon
-from explorer.app.jobs import Job, fit_key, fit_label
+from explorer.app.jobs import Fit, Job, fit_key, fit_label
 from explorer.app.readouts import COLOR_TERMINAL, velocity_agreement
 from explorer.app.state import COLOR_EXPRESSION, COLOR_LATENT_TIME, ExplorerState
 from explorer.keys import Key
@@ -391,6 +391,44 @@ def test_terminal_states_ticked_among_the_macrostates_reuse_them_and_give_their_
     # another number of macrostates offers nothing until computed (the names were the 6 states')
     state.fate_states = 4
     assert state.terminal_choices() == [] and state.fate_terminal == []
+
+
+def test_the_kernel_mode_reads_the_fits_velocity_variance_as_explorer_fates_does(state):
+    """Compute fates on a stochastic kernel uses the fit's own velocity variance, as the CLI.
+
+    A fit with ``layers['velocity_variance']`` (VeloVAE's posterior gives one): the app's
+    fates equal those of the fit written into the data, its kernel computed there with that
+    variance and GPCCA run on it (what ``explorer fates --mode stochastic`` does). The
+    deterministic kernel is then another computation, not the cache.
+    """
+    import dataclasses
+
+    from explorer.graph.fates import compute_fates
+    from explorer.graph.kernels import compute_velocity_kernel
+
+    assert state.run_model("stochastic").join(120), state.error
+    base = state.fit.result
+    rng = np.random.default_rng(0)
+    spread = np.nanvar(base.velocity, axis=0, keepdims=True)
+    variance = (rng.random(base.velocity.shape) * spread).astype(np.float32)
+    result = dataclasses.replace(base, layers={**base.layers, Key.layers.VELOCITY_VARIANCE: variance})
+    state._add_fit(Fit(label="with variance", key=("with variance", ()), result=result))
+    state.param.update(fate_states=4, fate_mode="stochastic")
+    assert state.compute_fates().join(120), state.error
+    found = state.active_fates()
+    assert found.mode == "stochastic" and found.source == "computed for with variance, stochastic kernel"
+    adata = state.adata.copy()
+    result.to_adata(adata)
+    compute_velocity_kernel(adata, mode="stochastic", variance_key=Key.layers.VELOCITY_VARIANCE)
+    expected = compute_fates(adata, n_states=4, cluster_key=Key.obs.CLUSTERS)
+    assert found.names == tuple(expected.terminal_states)
+    np.testing.assert_allclose(found.probabilities, expected.fate_probabilities, atol=1e-5)
+    state.fate_mode = "deterministic"
+    assert state.compute_fates().join(120), state.error
+    plain = state.active_fates()
+    assert plain.mode == "deterministic" and state.status != "fates of with variance: cached"
+    assert plain.names == found.names  # the same states (end_1, end_2), other probabilities (0.065 apart)
+    assert np.abs(plain.probabilities - found.probabilities).max() > 0.01  # noqa: PLR2004
 
 
 def test_comparison_of_two_fits(state):

@@ -9,7 +9,7 @@ import pytest
 from scipy import sparse
 
 from explorer.keys import Key
-from explorer.models.metrics import latent_time_spearman, model_metrics, reconstruction_error
+from explorer.models.metrics import gene_likelihood, latent_time_spearman, model_metrics, reconstruction_error
 
 
 def test_latent_time_spearman_by_hand():
@@ -97,3 +97,26 @@ def test_model_metrics_reuses_the_pipeline_figures(sample_adata):
     assert m.summary["cbdir[A_2>A_3]"] == pytest.approx(direct)
     with pytest.raises(ValueError, match="not in obs"):
         model_metrics(sample_adata, transitions=[("A_2", "Z")])
+
+
+def test_gene_likelihood_ranks_fits_not_expression_levels():
+    """ScVelo's likelihood of predictions is the same for a gene at 1/100 of the counts; a density is not.
+
+    Gene 1 is gene 0 at 1/100 of its counts with the same relative residuals; gene 2 has
+    twice the residuals. VeloVAE's ``fit_likelihood`` was the density in counts until
+    2026-12-05: it ranked gene 1 about 10^4 times above gene 0, and the app showed first the
+    genes of least unspliced RNA.
+    """
+    rng = np.random.default_rng(0)
+    t = np.linspace(0, 1, 400)
+    u, s = 1 + np.sin(3 * t), 1 + np.sin(3 * t - 0.5)
+    noise_u, noise_s = rng.normal(0, 0.05, t.size), rng.normal(0, 0.05, t.size)
+    Mu = np.column_stack([u + noise_u, 0.01 * (u + noise_u), u + 2 * noise_u])
+    Ms = np.column_stack([s + noise_s, 0.01 * (s + noise_s), s + 2 * noise_s])
+    u_hat, s_hat = np.column_stack([u, 0.01 * u, u]), np.column_stack([s, 0.01 * s, s])
+    like = gene_likelihood(Mu, Ms, u_hat, s_hat)
+    assert like[0] == pytest.approx(like[1], rel=1e-9)
+    assert like[0] > like[2]
+    density = np.exp(reconstruction_error(Mu, Ms, u_hat, s_hat).per_gene["loglik_train"].to_numpy())
+    assert density[1] > 1e3 * density[0]  # noqa: PLR2004 - what it replaced
+    assert np.isnan(gene_likelihood(np.ones((5, 1)), np.ones((5, 1)), np.ones((5, 1)), np.ones((5, 1))))[0]

@@ -54,6 +54,7 @@ class CellInspector(pn.viewable.Viewer):
         self.fate_states = pn.widgets.IntInput.from_param(
             state.param.fate_states, name="macrostates", width=90
         )
+        self.fate_mode = pn.widgets.Select.from_param(state.param.fate_mode, label="kernel", width=140)
         # the macrostates of the last Compute fates, ticked where terminal (names are Bokeh text)
         self.terminal = pn.widgets.CheckBoxGroup(
             label="terminal states",
@@ -70,7 +71,7 @@ class CellInspector(pn.viewable.Viewer):
         )
         self.terminal.param.watch(self._terminal_ticked, "value")
         state.param.watch(
-            self._show_terminal, ["model", "fate_states", "fate_bases", "fate_terminal", "adata"]
+            self._show_terminal, ["model", "fate_states", "fate_mode", "fate_bases", "fate_terminal", "adata"]
         )
         self._show_terminal()
         self.where = pn.pane.Markdown("", name="where the cell goes", sizing_mode="stretch_width")
@@ -184,7 +185,8 @@ class CellInspector(pn.viewable.Viewer):
         return pn.Column(
             self.summary,
             self.targets_slot,
-            pn.Row(self.walk_button, pn.Column(self.fates_button, self.fate_states)),
+            # the kernel under the macrostates: beside them the row ran 90 px past a 1,600-px page
+            pn.Row(self.walk_button, pn.Column(self.fates_button, self.fate_states, self.fate_mode)),
             self.terminal_note,
             self.terminal,
             self.where,
