@@ -87,6 +87,9 @@ class _Var:
     FIT_RATE_ALPHA: str = "fit_rate_alpha"
     FIT_RATE_BETA: str = "fit_rate_beta"
     FIT_RATE_GAMMA: str = "fit_rate_gamma"
+    #: DeepVelo: per gene, the correlation over cells of the spliced velocity with the mean
+    #: displacement to each cell's forward minus backward candidates (its training target)
+    FIT_DISPLACEMENT_R: str = "fit_displacement_r"
     #: trust diagnostics (explorer.diagnostics); scVelo's names for its differential
     #: kinetic test: clusters with p < 0.01 (comma-joined) and the largest of those p-values
     FIT_DIFF_KINETICS: str = "fit_diff_kinetics"

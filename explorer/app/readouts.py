@@ -85,6 +85,11 @@ FALLBACK_PALETTE = (
 GENE_COLUMNS: dict[str, tuple[str, str]] = {
     Key.var.FIT_LIKELIHOOD: ("likelihood", "mean likelihood of the cells under the fitted curve (scVelo)"),
     Key.var.FIT_R2: ("R²", "R² of the fit against Mu/Ms"),
+    Key.var.FIT_DISPLACEMENT_R: (
+        "displacement r",
+        "correlation over cells of the velocity with the cells' mean displacement to their "
+        "future minus past neighbours (DeepVelo's training target)",
+    ),
     Key.var.R2: ("R²", "R² of the steady-state line u = γ s against the extreme cells"),
     Key.var.FIT_ALPHA: ("alpha", "transcription rate"),
     Key.var.FIT_BETA: ("beta", "splicing rate"),
@@ -982,7 +987,7 @@ def gene_table(
     if trust is not None:
         table[TRUST] = trust[TRUST].to_numpy()
         table[TRUST_NOTES] = trust[TRUST_NOTES].to_numpy()
-    quality_keys = (Key.var.FIT_LIKELIHOOD, Key.var.FIT_R2, Key.var.R2)
+    quality_keys = (Key.var.FIT_LIKELIHOOD, Key.var.FIT_R2, Key.var.R2, Key.var.FIT_DISPLACEMENT_R)
     for key, (header, _) in GENE_COLUMNS.items():
         if key in gp and header not in table:
             values = pd.to_numeric(gp[key], errors="coerce").to_numpy(dtype=float)

@@ -535,7 +535,12 @@ class ExplorerState(param.Parameterized):
             message = (
                 str(err) if isinstance(err, InputError) else f"{what} failed: {type(err).__name__}: {err}"
             )
-            self.param.update(running=False, progress=0.0, status=f"{what}: failed", error=message)
+            # what explorer warned on the way stays readable beside the error (a refusal of
+            # fates came without the warning that 6 macrostates had become 5)
+            notices = list(dict.fromkeys(job.warnings))
+            self.param.update(
+                running=False, progress=0.0, status=f"{what}: failed", error=message, notices=notices
+            )
             if on_failed is not None:
                 on_failed(err)
 

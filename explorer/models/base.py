@@ -197,7 +197,8 @@ class VelocityResult:
     velocity_genes
         ``(n_vars,)`` genes whose velocity is trusted for the graph and embedding.
     likelihood
-        ``(n_vars,)`` per-gene goodness of fit (R² for the steady-state models).
+        ``(n_vars,)`` per-gene goodness of fit (R² for the steady-state models, the
+        displacement correlation ``fit_displacement_r`` for DeepVelo).
     velocity_u, latent_time, uncertainty
         Optional: unspliced velocity ``(n_obs, n_vars)``, gene-shared time ``(n_obs,)``
         and per-cell uncertainty ``(n_obs,)``.
@@ -392,7 +393,7 @@ class VelocityResult:
             if c != Key.var.VELOCITY_GENES and c.startswith(("velocity_", "fit_"))
         ]
         likelihood = None
-        for key in (Key.var.FIT_LIKELIHOOD, Key.var.R2):
+        for key in (Key.var.FIT_LIKELIHOOD, Key.var.R2, Key.var.FIT_DISPLACEMENT_R):
             if key in adata.var:
                 likelihood = adata.var[key].copy()
                 break

@@ -297,12 +297,16 @@ class DeepVelo(Hyperparameters):
             model.eval()
             alpha_np = np.empty((n_obs, n_fit), dtype=np.float32)
             beta_np, gamma_np = np.empty_like(alpha_np), np.empty_like(alpha_np)
+            agreement = _Correlation(n_fit, device)
             with torch.inference_mode():
                 for start in range(0, n_obs, batch):
                     cells = torch.arange(start, min(start + batch, n_obs), device=device)
                     a, b, g = model(*blocks(cells), U[cells])
                     sl = slice(start, start + len(cells))
                     alpha_np[sl], beta_np[sl], gamma_np[sl] = (x.float().cpu().numpy() for x in (a, b, g))
+                    # how each gene's velocity follows its training target, over all cells
+                    v_s = b * U[cells] - g * S[cells]
+                    agreement.add(v_s, search.targets(v_s, cells).target[:, :n_fit])
         # learned state, for diagnostics
         self.module_ = model
         self.history_ = history
@@ -311,7 +315,8 @@ class DeepVelo(Hyperparameters):
 
         velocity = beta_np * Mu - gamma_np * Ms
         velocity_u = alpha_np - beta_np * Mu
-        result = self._result(adata, cols, spread, velocity, velocity_u, (alpha_np, beta_np, gamma_np))
+        rates = (alpha_np, beta_np, gamma_np)
+        result = self._result(adata, cols, spread, velocity, velocity_u, rates, agreement.value())
         report(progress, total, total, "rates and consistency")
         return result
 
@@ -323,6 +328,7 @@ class DeepVelo(Hyperparameters):
         velocity: np.ndarray,
         velocity_u: np.ndarray,
         rates: tuple[np.ndarray, np.ndarray, np.ndarray],
+        displacement_r: np.ndarray,
     ) -> VelocityResult:
         n_obs, n_vars = adata.n_obs, adata.n_vars
 
@@ -347,6 +353,9 @@ class DeepVelo(Hyperparameters):
             },
             index=adata.var_names.copy(),
         )
+        fit_r = np.full(n_vars, np.nan, dtype=np.float32)
+        fit_r[cols] = displacement_r
+        gene_params[Key.var.FIT_DISPLACEMENT_R] = fit_r
         trusted = velocity[:, velocity_genes[cols]]
         neighbors = knn_indices(adata.obsp[Key.obsp.DISTANCES])
         obs = {Key.obs.VELOCITY_CONSISTENCY: velocity_consistency(trusted, neighbors)}
@@ -369,6 +378,8 @@ class DeepVelo(Hyperparameters):
             velocity=full(velocity),
             gene_params=gene_params,
             velocity_genes=velocity_genes,
+            # the per-gene goodness of fit: how well the gene's velocity follows its target
+            likelihood=gene_params[Key.var.FIT_DISPLACEMENT_R].rename(Key.var.FIT_DISPLACEMENT_R),
             velocity_u=full(velocity_u),
             layers={
                 Key.layers.RATE_ALPHA: full(alpha),
@@ -381,6 +392,31 @@ class DeepVelo(Hyperparameters):
 
 
 # ---------------------------------------------------------------------------------- helpers
+
+
+class _Correlation:
+    """Per-gene Pearson correlation over cells of two ``(n_cells, n_genes)`` tensors, fed in batches."""
+
+    def __init__(self, n_genes: int, device: Any) -> None:
+        torch = _import_torch()
+        self.sums = torch.zeros(5, n_genes, dtype=torch.float64, device=device)
+        self.n = 0
+
+    def add(self, x: Any, y: Any) -> None:
+        """Add a batch: the column sums of ``x``, ``y``, ``x^2``, ``y^2`` and ``x y``."""
+        torch = _import_torch()
+        x, y = x.double(), y.double()
+        self.sums += torch.stack([x.sum(0), y.sum(0), (x * x).sum(0), (y * y).sum(0), (x * y).sum(0)])
+        self.n += x.shape[0]
+
+    def value(self) -> np.ndarray:
+        """``(n_genes,)`` float32 correlations; NaN for a gene constant in either tensor."""
+        sx, sy, sxx, syy, sxy = (v.cpu().numpy() for v in self.sums)
+        n = max(self.n, 1)
+        cov = sxy / n - sx * sy / n**2
+        var = (sxx / n - (sx / n) ** 2) * (syy / n - (sy / n) ** 2)
+        safe = np.sqrt(np.where(var > 0, var, 1.0))
+        return np.where(var > 0, cov / safe, np.nan).astype(np.float32)
 
 
 def _normalized_adjacency(indices: np.ndarray) -> sparse.csr_matrix:

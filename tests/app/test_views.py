@@ -1033,6 +1033,7 @@ def test_with_no_macrostate_stable_enough_the_inspector_offers_them_all_to_tick(
         assert all(f"{name} {value:.3f}" in state.error for name, value in choices.items())
         # 6 asked for (the cells hold them); 6 would split a complex pair of eigenvalues, so 5
         assert (state.fate_states, len(choices)) == (6, 5) and max(choices.values()) < 0.96  # noqa: PLR2004
+        assert state.notices == ["6 macrostates would split a pair of complex-conjugate eigenvalues; using 5"]
         assert inspector.terminal.visible and "tick where cells end" in shown_text(inspector.terminal_note)
         assert inspector.terminal.options == {f"{n} ({v:.3f})": n for n, v in choices.items()}
         assert inspector.terminal.value == []
@@ -1057,3 +1058,37 @@ def test_with_no_macrostate_stable_enough_the_inspector_offers_them_all_to_tick(
         assert state.job.join(120) and state.error == "", state.error
         assert set(state.active_fates().names) == {"Granule mature", "Astrocytes", "Endothelial"}
         assert "Endothelial" in legend.object
+
+
+def test_a_deepvelo_fit_opens_on_its_best_followed_gene_and_lists_it_first(shared_data, tmp_path):
+    """DeepVelo's per-gene figure ranks the genes: the page opens on a fitted gene, not the file's first.
+
+    Until 2026-12-05 DeepVelo gave no per-gene goodness of fit, so a file holding its fit
+    opened on the data's first gene (on the 3,696-cell pancreas Prkacb, which it had not
+    fitted: an empty phase portrait) and the gene table listed the genes in file order.
+    Now ``fit_displacement_r`` (how a gene's velocity follows its training target) ranks
+    them: on the 3,696 cells Ins2 (0.94) comes first, then Clu, Nnat, Chga, Gcg and Ghrl.
+    """
+    from explorer.app.views.genes import GeneBrowser
+    from explorer.data.io import read
+    from explorer.models.gcn import DeepVelo
+    from explorer.pipeline import prepare
+
+    adata = read(shared_data / "pancreas_veloviz_739.h5ad")
+    prepare(adata, seed=0)
+    result = DeepVelo(seed=0).fit(adata)
+    result.to_adata(adata)
+    r = adata.var[Key.var.FIT_DISPLACEMENT_R].where(adata.var[Key.var.VELOCITY_GENES].astype(bool))
+    best = r.idxmax()
+    assert r[best] > 0.8 and not adata.var[Key.var.VELOCITY_GENES][adata.var_names[0]]  # noqa: PLR2004
+    doc = Document()
+    with set_curdoc(doc):
+        page = create_app(adata, data_dir=tmp_path)
+        page.server_doc(doc)
+        state = page.app.state
+        assert state.gene == best
+        table = GeneBrowser._ordered(state.gene_table())
+        assert table["gene"].iloc[0] == best
+        assert "displacement r" in table and "fit quality" not in table  # one column for the figure
+        shown = table["displacement r"].dropna().to_numpy()
+        assert (np.diff(shown) <= 0).all()  # best first

@@ -50,6 +50,7 @@ _SWITCH = "switch time"
 #: shorter headers for long column names (the tooltips say what each means)
 _TITLES = {
     "likelihood": "likeli\u00adhood",  # a soft hyphen: it may break there
+    "displacement r": "displace\u00adment r",
     "kinetic signal": "kin. signal",
     "detection power": "det. power",
     _SWITCH: "t switch",
@@ -60,9 +61,9 @@ _TITLES = {
 _HIDDEN = ["mean Mu", "scaling", readouts.TRUST_NOTES]
 
 #: the column a new table is sorted by (best first), the first the fit has
-_SORT_BY = (readouts.TRUST, "likelihood", "R²", readouts.FIT_QUALITY)
+_SORT_BY = (readouts.TRUST, "likelihood", "R²", "displacement r", readouts.FIT_QUALITY)
 #: ties of the trust score are broken by the fit's goodness of fit
-_THEN_BY = ("likelihood", "R²", readouts.FIT_QUALITY)
+_THEN_BY = ("likelihood", "R²", "displacement r", readouts.FIT_QUALITY)
 
 #: tighter cells and headers that wrap between words, so a dozen columns fit ~850 px unshortened
 _TABLE_CSS = """
