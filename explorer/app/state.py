@@ -273,10 +273,15 @@ class ExplorerState(param.Parameterized):
 
     @staticmethod
     def _default_gene(adata: AnnData, fit: Fit | None) -> str:
-        if fit is not None and fit.result.likelihood is not None:
-            like = fit.result.likelihood.where(np.asarray(fit.result.velocity_genes, dtype=bool))
-            if like.notna().any():
-                return str(like.idxmax())
+        """The fit's best velocity gene by its goodness of fit, else its first velocity gene."""
+        if fit is not None:
+            trusted = np.asarray(fit.result.velocity_genes, dtype=bool)
+            if fit.result.likelihood is not None:
+                like = fit.result.likelihood.where(trusted)
+                if like.notna().any():
+                    return str(like.idxmax())
+            if trusted.any():  # no figure to rank by: at least a gene it fitted
+                return str(adata.var_names[np.argmax(trusted)])
         return str(adata.var_names[0])
 
     def load(self, name: str) -> Job | None:

@@ -281,6 +281,31 @@ def test_gene_table_shows_the_active_fit(state):
     np.testing.assert_allclose(table["gamma"].to_numpy(), gamma)
 
 
+def test_a_fit_without_a_per_gene_figure_opens_and_lists_the_genes_it_trusts_first(app_adata):
+    """No goodness of fit to rank by (a vector field's own result): velocity genes before the others.
+
+    Until 2026-12-05 such a fit opened on the data's first gene and the table kept the
+    file's order, unfitted genes among the first rows.
+    """
+    import dataclasses
+
+    from explorer.app.views.genes import GeneBrowser
+
+    adata = app_adata.copy()
+    fitted = ExplorerState(adata, dataset="t")
+    assert fitted.run_model("stochastic").join(120), fitted.error
+    trusted = np.zeros(adata.n_vars, dtype=bool)
+    trusted[[3, 7, 20]] = True
+    empty = pd.DataFrame(index=adata.var_names)
+    bare = dataclasses.replace(fitted.fit.result, likelihood=None, velocity_genes=trusted, gene_params=empty)
+    opened = ExplorerState._default_gene(adata, Fit(label="v", key=("v", ()), result=bare))
+    assert opened == adata.var_names[3]
+    fitted._add_fit(Fit(label="bare", key=("bare", ()), result=bare))
+    table = GeneBrowser._ordered(fitted.gene_table())
+    assert table["gene"].tolist()[:3] == list(adata.var_names[[3, 7, 20]])
+    assert table["velocity gene"].tolist() == [True] * 3 + [False] * (adata.n_vars - 3)
+
+
 def test_cell_info_lists_most_likely_next_cells(state):
     state.run_model("stochastic").join(120)
     state.select_cell(11)

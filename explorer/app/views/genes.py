@@ -160,6 +160,8 @@ class GeneBrowser(pn.viewable.Viewer):
             table = table.assign(**{_SWITCH: table[_SWITCH].replace([np.inf, -np.inf], np.nan)})
         keys = [c for c in (*_SORT_BY[:1], *_THEN_BY) if c in table] if readouts.TRUST in table else []
         keys = keys or [c for c in _SORT_BY if c in table][:1]
+        # no figure to rank by (a vector field's own fit): the genes it trusts first
+        keys = keys or [c for c in ("velocity gene",) if c in table]
         if not keys:
             return table
         ordered = table.sort_values(keys, ascending=False, na_position="last", kind="stable")
