@@ -259,15 +259,21 @@ def fit_from_adata(adata: AnnData) -> Fit | None:
     )
 
 
-def results_adata(adata: AnnData, fit: Fit | None) -> AnnData:
+def results_adata(adata: AnnData, fit: Fit | None, fates: FateBasis | None = None) -> AnnData:
     """Copy ``adata`` and write ``fit`` into the copy under scVelo's/CellRank's keys.
+
+    ``fates``: the basis of the fit's fates computed in the session (:func:`fit_fates`),
+    whose light AnnData holds what ``explorer fates`` writes; those keys are copied too.
 
     Returns
     -------
     A new AnnData: what ``VelocityResult.to_adata`` writes, plus what ``explorer fit``
     writes after the fit (velocity graphs, projection, confidence), obsp ``T_fwd``
     (CellRank's transition matrix), obsm ``velocity_<basis>`` and obs
-    ``velocity_confidence`` when the fit has them. ``adata`` itself without a fit.
+    ``velocity_confidence`` when the fit has them; with ``fates``, CellRank 2's fates keys
+    (macrostates, terminal and initial states, ``lineages_fwd``, absorption times,
+    drivers, the coarse chain) and the fates' own kernel as ``T_fwd``, as ``explorer
+    fates`` writes them. ``adata`` itself without a fit.
     """
     out = adata.copy()
     if fit is None:
@@ -281,7 +287,27 @@ def results_adata(adata: AnnData, fit: Fit | None) -> AnnData:
         out.obsm[Key.obsm.velocity(basis)] = v
     if fit.confidence is not None:
         out.obs[Key.obs.VELOCITY_CONFIDENCE] = fit.confidence
+    if fates is not None:
+        _copy_fates(fates.light, out)
     return out
+
+
+def _copy_fates(light: AnnData, out: AnnData) -> None:
+    """Copy into ``out`` what the kernel and fates wrote into ``light`` (:func:`fit_fates` built it bare)."""
+    column = cluster_column(light)
+    for key in light.obs.columns:  # the same cells, in the same order
+        if key != column:
+            out.obs[key] = light.obs[key]
+    for key in light.obsm:
+        out.obsm[key] = light.obsm[key]
+    for key in light.varm:
+        out.varm[key] = light.varm[key]
+    cluster_colors = Key.uns.colors(column) if column else None
+    for key in light.uns:
+        if key != cluster_colors:
+            out.uns[key] = light.uns[key]
+    # the fates' kernel (CellRank's VelocityKernel + ConnectivityKernel), which GPCCA.from_adata reads
+    out.obsp[Key.obsp.TRANSITIONS] = light.obsp[Key.obsp.TRANSITIONS]
 
 
 def load_dataset(path: Path, *, progress: ProgressCallback | None = None) -> AnnData:

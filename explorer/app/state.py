@@ -199,6 +199,8 @@ class ExplorerState(param.Parameterized):
         #: the fit the comparison's A was last set to by a new fit (:meth:`_add_fit`); another
         #: value there was picked in the Compare tab, and stays
         self._placed_a: str | None = None
+        #: by fit label, the kernel, macrostates and fates keys of its fates shown (for the export)
+        self._fates_written: dict[str, FateBasis] = {}
         if adata is not None:
             self.set_data(adata, name=self.dataset or "data", path=self.dataset_path)
         # a click on a cell integrates its path when the active fit has a vector field
@@ -226,6 +228,7 @@ class ExplorerState(param.Parameterized):
             )
             raise InputError(msg)
         self._memo.clear()
+        self._fates_written = {}
         self._computed.clear()
         self._per_fit.clear()
         self._shared = shared_memo(adata)
@@ -491,6 +494,7 @@ class ExplorerState(param.Parameterized):
         self.stop_job()
         self._job = None
         self._memo.clear()
+        self._fates_written = {}
         self._computed.clear()
         self._per_fit.clear()
         self._pending = {}
@@ -644,6 +648,7 @@ class ExplorerState(param.Parameterized):
 
     def _add_fates(self, label: str, found: readouts.FateInfo, basis: FateBasis) -> None:
         fates = {**self.fates, label: found}
+        self._fates_written[label] = basis
         with self._batched(), param.parameterized.batch_call_watchers(self):
             self.param.color_by.objects = readouts.color_options(
                 self.adata, self.results, self._all_fates(fates)
@@ -806,8 +811,13 @@ class ExplorerState(param.Parameterized):
 
     # -------------------------------------------------------------- export
     def results_adata(self) -> AnnData:
-        """Copy the data and write the active fit in (:func:`explorer.app.fits.results_adata`)."""
-        return results_adata(self.adata, self.fit)
+        """Copy the data and write the active fit in, with its fates if the session computed them.
+
+        :func:`explorer.app.fits.results_adata`; the fates are those shown for the fit (its
+        last Compute fates that succeeded), under CellRank 2's keys.
+        """
+        fit = self.fit
+        return results_adata(self.adata, fit, self._fates_written.get(fit.label) if fit else None)
 
     def export_h5ad(self, name: str, *, overwrite: bool = False) -> Path:
         """Write :meth:`results_adata` to ``name`` under ``data_dir``, atomically.
@@ -832,7 +842,9 @@ class ExplorerState(param.Parameterized):
         path = export_target(self.data_dir, name, protect=(self.dataset_path,), overwrite=overwrite)
         adata = self.results_adata()
         write_new(lambda tmp: write(adata, tmp), path, overwrite=overwrite)
-        self.status = f"saved {path.name}"
+        fit = self.fit
+        with_fates = fit is not None and fit.label in self._fates_written
+        self.status = f"saved {path.name}" + (" (the fit and its fates)" if with_fates else "")
         return path
 
     # ------------------------------------------------------------ read-outs

@@ -509,6 +509,54 @@ def test_export_writes_results_and_protects_the_input(state, tmp_path, app_adata
         state.export_h5ad("out.csv")
 
 
+def test_the_export_holds_the_fates_shown_and_cellrank_reads_them(state, tmp_path):
+    """Save .h5ad after Compute fates writes them too (CellRank 2's keys), with the terminal states ticked.
+
+    Until 2026-12-05 the export wrote the fit alone: fates computed (and terminal states
+    chosen) in the app were lost with the session. The saved file reopens with the same
+    fates in the app and in CellRank 2.0.7 (``GPCCA.from_adata``), where it is installed.
+    """
+    import json
+    import subprocess
+
+    from explorer.app import readouts
+    from explorer.data.io import read
+    from tests.graph.test_fates import CELLRANK_READS, _compat_python
+
+    state.data_dir = tmp_path
+    assert state.run_model("stochastic").join(120), state.error
+    assert state.export_h5ad("fit_only.h5ad") and state.status == "saved fit_only.h5ad"
+    assert readouts.fates_from_adata(read(tmp_path / "fit_only.h5ad")) is None
+    state.fate_states = 4
+    assert state.compute_fates().join(120), state.error
+    choices = dict(state.terminal_choices())
+    state.fate_terminal = [state.active_fates().names[0], min(choices, key=choices.get)]
+    assert state.compute_fates().join(120), state.error
+    shown = state.active_fates()
+    path = state.export_h5ad("with_fates.h5ad")
+    assert state.status == "saved with_fates.h5ad (the fit and its fates)"
+    back = read(path)
+    assert list(back.obs[Key.obs.TERMINAL_STATES].cat.categories) == list(shown.names)
+    np.testing.assert_allclose(back.obsm[Key.obsm.FATE_PROBABILITIES], shown.probabilities, atol=1e-6)
+    assert back.uns[Key.uns.ESTIMATOR_PARAMS][Key.obs.TERMINAL_STATES]["method"] == "set"  # chosen
+    reopened = readouts.fates_from_adata(back)
+    assert reopened.names == shown.names
+    np.testing.assert_allclose(reopened.probabilities, shown.probabilities, atol=1e-6)
+    np.testing.assert_allclose(back.layers[Key.layers.VELOCITY], state.fit.result.velocity, equal_nan=True)
+    if _compat_python() is None:
+        return
+    pngs = tmp_path / "fates.png", tmp_path / "macro.png"
+    proc = subprocess.run(
+        [_compat_python(), "-c", CELLRANK_READS, str(path), *map(str, pngs)],
+        capture_output=True, text=True, timeout=900, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["terminal"] == list(shown.names) == res["lineages"]
+    assert res["macro"] == list(shown.macrostates)
+    np.testing.assert_allclose(res["fates"], shown.probabilities, atol=1e-6)
+
+
 def test_stored_velocity_opens_as_a_fit(state, tmp_path):
     state.run_model("stochastic").join(120)
     exported = state.results_adata()
