@@ -205,7 +205,7 @@ def with_fit(adata: AnnData, fit: Fit) -> AnnData:
         obsp=dict(adata.obsp),
         uns={k: adata.uns[k] for k in (Key.uns.NEIGHBORS,) if k in adata.uns},
     )
-    fit.result.to_adata(light)
+    fit.result.to_adata(light, keep_fates=True)  # a working copy: the file's fates do no harm there
     return light
 
 
@@ -259,11 +259,15 @@ def fit_from_adata(adata: AnnData) -> Fit | None:
     )
 
 
-def results_adata(adata: AnnData, fit: Fit | None, fates: FateBasis | None = None) -> AnnData:
+def results_adata(
+    adata: AnnData, fit: Fit | None, fates: FateBasis | None = None, *, file_fit: bool = False
+) -> AnnData:
     """Copy ``adata`` and write ``fit`` into the copy under scVelo's/CellRank's keys.
 
     ``fates``: the basis of the fit's fates computed in the session (:func:`fit_fates`),
     whose light AnnData holds what ``explorer fates`` writes; those keys are copied too.
+    ``file_fit``: ``fit`` is the file's own, whose fates in the file are kept; another
+    fit's export leaves them out (they came from the file's velocity).
 
     Returns
     -------
@@ -278,7 +282,7 @@ def results_adata(adata: AnnData, fit: Fit | None, fates: FateBasis | None = Non
     out = adata.copy()
     if fit is None:
         return out
-    fit.result.to_adata(out)
+    fit.result.to_adata(out, keep_fates=file_fit)
     if fit.derived is not None:
         fit.derived.to_adata(out)
     if fit.transitions is not None:

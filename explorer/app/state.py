@@ -817,7 +817,12 @@ class ExplorerState(param.Parameterized):
         last Compute fates that succeeded), under CellRank 2's keys.
         """
         fit = self.fit
-        return results_adata(self.adata, fit, self._fates_written.get(fit.label) if fit else None)
+        fates = self._fates_written.get(fit.label) if fit else None
+        return results_adata(self.adata, fit, fates, file_fit=fit is not None and fit is self._file_fit())
+
+    def _file_fit(self) -> Fit | None:
+        """The fit the dataset file holds (shared by the sessions), or None."""
+        return self._shared.get("stored fit", lambda: fit_from_adata(self.adata))
 
     def export_h5ad(self, name: str, *, overwrite: bool = False) -> Path:
         """Write :meth:`results_adata` to ``name`` under ``data_dir``, atomically.
@@ -843,8 +848,15 @@ class ExplorerState(param.Parameterized):
         adata = self.results_adata()
         write_new(lambda tmp: write(adata, tmp), path, overwrite=overwrite)
         fit = self.fit
-        with_fates = fit is not None and fit.label in self._fates_written
-        self.status = f"saved {path.name}" + (" (the fit and its fates)" if with_fates else "")
+        if fit is not None and fit.label in self._fates_written:
+            self.status = f"saved {path.name} (the fit and its fates)"
+        elif fit is not None and fit is not self._file_fit() and self.file_fates() is not None:
+            self.status = (
+                f"saved {path.name} (the fit; the file's fates, computed from its own velocity, "
+                "left out: Compute fates for this fit to save its own)"
+            )
+        else:
+            self.status = f"saved {path.name}"
         return path
 
     # ------------------------------------------------------------ read-outs

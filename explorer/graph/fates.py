@@ -1241,6 +1241,35 @@ def lineage_drivers(
 # --------------------------------------------------------------------------------------
 
 
+def drop_fates(adata: AnnData) -> list[str]:
+    """Remove from ``adata`` what :func:`compute_fates` writes (CellRank 2's fates keys), in place.
+
+    For when the velocity they were computed from is replaced: fates of an earlier fit beside
+    a new velocity would be read by CellRank (and the app) as this fit's.
+
+    Returns
+    -------
+    The keys removed, as ``"obs['term_states_fwd']"``...; empty where there were none.
+    """
+    o, m = Key.obs, Key.obsm
+    states = (o.MACROSTATES, o.TERMINAL_STATES, o.INITIAL_STATES)
+    where = {
+        "obs": (adata.obs, (*states, o.TERMINAL_STATES_PROBS, o.INITIAL_STATES_PROBS)),
+        "obsm": (adata.obsm, (m.FATE_PROBABILITIES, m.ABSORPTION_TIMES, m.MACROSTATES_MEMBERSHIPS,
+                              m.TERMINAL_STATES_MEMBERSHIPS, m.INITIAL_STATES_MEMBERSHIPS, m.SCHUR_VECTORS)),
+        "varm": (adata.varm, (Key.varm.LINEAGE_DRIVERS,)),
+        "uns": (adata.uns, (*(Key.uns.colors(k) for k in states), Key.uns.COARSE_TRANSITIONS,
+                            Key.uns.SCHUR_MATRIX, Key.uns.EIGENDECOMPOSITION, Key.uns.ESTIMATOR_PARAMS)),
+    }
+    removed = []
+    for kind, (store, keys) in where.items():
+        for key in keys:
+            if key in store:
+                del store[key]
+                removed.append(f"{kind}[{key!r}]")
+    return removed
+
+
 class NoTerminalState(InputError):
     """No macrostate is stable enough to be terminal.
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from explorer._types import InputError
 from explorer._version import __version__
 from explorer.keys import Key
 from explorer.models._params import check_params
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -258,10 +261,13 @@ class VelocityResult:
         """Number of genes."""
         return len(self.var_names)
 
-    def to_adata(self, adata: AnnData) -> None:
+    def to_adata(self, adata: AnnData, *, keep_fates: bool = False) -> None:
         """Write the result into ``adata`` under scVelo's keys, in place.
 
-        ``adata`` must have the same cells and genes, in the same order, as the fit.
+        ``adata`` must have the same cells and genes, in the same order, as the fit. Fates
+        already in ``adata`` beside a velocity (CellRank 2's keys, ``explorer fates``) were
+        computed from that velocity: they are removed, with a warning, unless
+        ``keep_fates`` (the same fit written back, as the app's export of a file's own fit).
 
         Returns
         -------
@@ -281,6 +287,17 @@ class VelocityResult:
             raise ValueError(msg)
         written = self._written_keys()
         _drop_earlier_fit_keys(adata, written)
+        if not keep_fates and Key.layers.VELOCITY in adata.layers:
+            from explorer.graph.fates import drop_fates
+
+            removed = drop_fates(adata)
+            if removed:
+                logger.warning(
+                    "Removed the fates computed from the earlier velocity (%s): run `explorer fates` "
+                    "(or Compute fates in the app) for this %s fit.",
+                    ", ".join(removed[:3]) + (", ..." if len(removed) > 3 else ""),  # noqa: PLR2004
+                    self.model,
+                )
         for key, arr in self.layer_arrays().items():
             adata.layers[key] = arr
         if Key.layers.VELOCITY_VARIANCE not in self.layers:

@@ -557,6 +557,35 @@ def test_the_export_holds_the_fates_shown_and_cellrank_reads_them(state, tmp_pat
     np.testing.assert_allclose(res["fates"], shown.probabilities, atol=1e-6)
 
 
+def test_the_files_fates_are_saved_with_its_own_fit_and_left_out_with_another(app_adata, tmp_path):
+    """A file with ``explorer fates``' keys: saved with its own fit they stay; with a new fit they go.
+
+    They were computed from the file's velocity; until 2026-12-05 a session's new fit was
+    saved beside them, and CellRank read them as that fit's fates.
+    """
+    from explorer.app import readouts
+    from explorer.data.io import read
+    from explorer.graph.fates import compute_fates
+    from explorer.graph.kernels import compute_velocity_kernel
+    from explorer.models.steady_state import Stochastic
+
+    adata = app_adata.copy()
+    Stochastic(seed=0).fit(adata).to_adata(adata)
+    compute_velocity_kernel(adata)
+    compute_fates(adata, n_states=4, cluster_key=Key.obs.CLUSTERS)
+    state = ExplorerState(adata, dataset="fates.h5ad", data_dir=tmp_path)
+    assert state.file_fates() is not None
+    own = read(state.export_h5ad("own.h5ad"))
+    assert state.status == "saved own.h5ad"
+    assert readouts.fates_from_adata(own).names == state.file_fates().names
+    assert state.run_model("steady_state").join(120), state.error
+    other = read(state.export_h5ad("other.h5ad"))
+    assert "the file's fates, computed from its own velocity, left out" in state.status
+    assert readouts.fates_from_adata(other) is None
+    assert Key.obsm.FATE_PROBABILITIES not in other.obsm and Key.obs.TERMINAL_STATES not in other.obs
+    assert other.uns[Key.uns.VELOCITY_PARAMS]["mode"] == "steady_state"
+
+
 def test_stored_velocity_opens_as_a_fit(state, tmp_path):
     state.run_model("stochastic").join(120)
     exported = state.results_adata()

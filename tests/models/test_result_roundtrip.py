@@ -127,3 +127,31 @@ def test_a_later_fit_removes_what_the_earlier_fit_wrote_and_nothing_else(sample_
     assert back.model == "stochastic"
     assert back.latent_time is None
     assert back.layers == {}
+
+
+def test_a_new_velocity_removes_the_fates_of_the_earlier_one(sample_adata, caplog):
+    """Fates beside a velocity came from it: writing another fit removes them, with a warning.
+
+    Until 2026-12-05 ``explorer fit`` on a file that ``explorer fates`` had written kept its
+    terminal states and fate probabilities beside the new velocity, and CellRank (and the
+    app) read them as the new fit's. ``keep_fates=True`` writes the same fit back (the app's
+    export of a file's own fit).
+    """
+    from explorer.graph.fates import compute_fates
+    from explorer.graph.kernels import compute_velocity_kernel
+
+    adata = sample_adata
+    compute_velocity_kernel(adata)
+    compute_fates(adata, n_states=4, cluster_key=Key.obs.TRUE_LINEAGE, n_cells=20)
+    own = VelocityResult.from_adata(adata)
+    kept = adata.copy()
+    own.to_adata(kept, keep_fates=True)
+    assert Key.obsm.FATE_PROBABILITIES in kept.obsm and Key.obs.TERMINAL_STATES in kept.obs
+    with caplog.at_level("WARNING", logger="explorer.models.base"):
+        Stochastic(seed=1, fit_offset=True).fit(adata).to_adata(adata)
+    fates_keys = {Key.obs.MACROSTATES, Key.obs.TERMINAL_STATES, Key.obs.INITIAL_STATES}
+    assert not fates_keys & set(adata.obs.columns)
+    assert not {Key.obsm.FATE_PROBABILITIES, Key.obsm.ABSORPTION_TIMES} & set(adata.obsm)
+    assert Key.varm.LINEAGE_DRIVERS not in adata.varm and Key.uns.COARSE_TRANSITIONS not in adata.uns
+    assert "Removed the fates computed from the earlier velocity" in caplog.text
+    assert "`explorer fates`" in caplog.text
