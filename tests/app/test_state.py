@@ -516,12 +516,9 @@ def test_the_export_holds_the_fates_shown_and_cellrank_reads_them(state, tmp_pat
     chosen) in the app were lost with the session. The saved file reopens with the same
     fates in the app and in CellRank 2.0.7 (``GPCCA.from_adata``), where it is installed.
     """
-    import json
-    import subprocess
-
     from explorer.app import readouts
     from explorer.data.io import read
-    from tests.graph.test_fates import CELLRANK_READS, _compat_python
+    from tests.graph.test_fates import _compat_python, cellrank_reads
 
     state.data_dir = tmp_path
     assert state.run_model("stochastic").join(120), state.error
@@ -545,13 +542,7 @@ def test_the_export_holds_the_fates_shown_and_cellrank_reads_them(state, tmp_pat
     np.testing.assert_allclose(back.layers[Key.layers.VELOCITY], state.fit.result.velocity, equal_nan=True)
     if _compat_python() is None:
         return
-    pngs = tmp_path / "fates.png", tmp_path / "macro.png"
-    proc = subprocess.run(
-        [_compat_python(), "-c", CELLRANK_READS, str(path), *map(str, pngs)],
-        capture_output=True, text=True, timeout=900, check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = cellrank_reads(path, tmp_path)
     assert res["terminal"] == list(shown.names) == res["lineages"]
     assert res["macro"] == list(shown.macrostates)
     np.testing.assert_allclose(res["fates"], shown.probabilities, atol=1e-6)

@@ -1027,31 +1027,39 @@ print(json.dumps({
 """
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(_compat_python() is None, reason="no .venv-compat with CellRank 2.0.7")
-def test_cellrank_reads_and_plots_our_fates(sample_adata, tmp_path):
+def cellrank_reads(path, folder) -> dict:
+    """What CellRank 2.0.7's ``GPCCA.from_adata`` reads from the file at ``path`` (:data:`CELLRANK_READS`).
+
+    It also plots the fate probabilities and macrostates into ``folder`` (checked non-empty).
+    """
     import json
     import subprocess
 
-    from explorer.data.io import write
-
-    compute_velocity_kernel(sample_adata)
-    result = F.compute_fates(sample_adata, n_states=4, cluster_key=Key.obs.TRUE_LINEAGE, n_cells=20)
-    path = write(sample_adata, tmp_path / "fates.h5ad")
-    pngs = tmp_path / "fates.png", tmp_path / "macro.png"
+    pngs = folder / "fates.png", folder / "macro.png"
     proc = subprocess.run(
         [_compat_python(), "-c", CELLRANK_READS, str(path), *map(str, pngs)],
         capture_output=True, text=True, timeout=900, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert all(p.stat().st_size > 10_000 for p in pngs)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_compat_python() is None, reason="no .venv-compat with CellRank 2.0.7")
+def test_cellrank_reads_and_plots_our_fates(sample_adata, tmp_path):
+    from explorer.data.io import write
+
+    compute_velocity_kernel(sample_adata)
+    result = F.compute_fates(sample_adata, n_states=4, cluster_key=Key.obs.TRUE_LINEAGE, n_cells=20)
+    path = write(sample_adata, tmp_path / "fates.h5ad")
+    res = cellrank_reads(path, tmp_path)
     assert res["terminal"] == result.terminal_states == res["lineages"]
     assert res["macro"] == result.macrostates.names
     np.testing.assert_allclose(res["fates"], sample_adata.obsm[Key.obsm.FATE_PROBABILITIES], atol=1e-12)
     assert res["times"] == [f"{t}_mean" for t in result.terminal_states]
     assert res["drivers"][: len(result.terminal_states)] == [f"{t}_corr" for t in result.terminal_states]
     assert res["coarse"] == [len(result.macrostates.names)] * 2
-    assert all(p.stat().st_size > 10_000 for p in pngs)
 
 
 def test_a_models_velocity_distribution_feeds_the_kernel(sample_adata):
