@@ -607,13 +607,14 @@ class ExplorerState(param.Parameterized):
         if self.running:
             self.error = "A job is already running; wait for it or press Cancel."
             return None
-        basis = self.fate_bases.get(fit.label)
         mode = self.fate_mode
-        basis = basis if basis is not None and basis.serves(n_states, mode) else None
+        basis = self._basis_for(fit.label, n_states, mode)
         offered = {name for name, _ in basis.choices()} if basis is not None else set()
         terminal = [t for t in self.fate_terminal if t in offered]
         found = self.fates.get(fit.label)
         if found is not None and found.answers(n_states, terminal, mode):
+            # the boxes offer these fates' macrostates again (a failed try with others replaced them)
+            self.fate_bases = {**self.fate_bases, fit.label: self._fates_written[fit.label]}
             self.color_by = readouts.COLOR_TERMINAL
             self.status = f"fates of {fit.label}: cached"
             return None
@@ -641,10 +642,15 @@ class ExplorerState(param.Parameterized):
         empty before it.
         """
         fit = self.fit
-        basis = self.fate_bases.get(fit.label) if fit is not None else None
-        if basis is None or not basis.serves(self.fate_states, self.fate_mode):
-            return []
-        return basis.choices()
+        basis = self._basis_for(fit.label, self.fate_states, self.fate_mode) if fit is not None else None
+        return [] if basis is None else basis.choices()
+
+    def _basis_for(self, label: str, n_states: int, mode: str) -> FateBasis | None:
+        """Kernel and macrostates of ``label``'s fates for these settings: its last try, else its fates shown."""
+        for basis in (self.fate_bases.get(label), self._fates_written.get(label)):
+            if basis is not None and basis.serves(n_states, mode):
+                return basis
+        return None
 
     def _add_fates(self, label: str, found: readouts.FateInfo, basis: FateBasis) -> None:
         fates = {**self.fates, label: found}

@@ -418,6 +418,29 @@ def test_terminal_states_ticked_among_the_macrostates_reuse_them_and_give_their_
     assert state.terminal_choices() == [] and state.fate_terminal == []
 
 
+def test_back_to_the_settings_of_the_fates_shown_their_macrostates_are_offered_again(state, monkeypatch):
+    """4 macrostates computed, 5 refused (none stable), 4 again: the cached fates' boxes come back."""
+    from explorer.app.fits import NoTerminalStateFound, fit_fates
+
+    assert state.run_model("stochastic").join(120), state.error
+    state.fate_states = 4
+    assert state.compute_fates().join(120), state.error
+    four = [name for name, _ in state.terminal_choices()]
+    _, five = fit_fates(state.adata, state.fit, n_states=5)
+
+    def refused(*_, **__):
+        raise NoTerminalStateFound("No macrostate is stable enough to be terminal (made up).", five)
+
+    monkeypatch.setattr(state_module, "fit_fates", refused)
+    state.fate_states = 5
+    state.compute_fates().join(120)
+    assert "made up" in state.error and len(state.terminal_choices()) == 5  # noqa: PLR2004
+    state.fate_states = 4
+    assert state.compute_fates() is None and state.status.endswith("cached")
+    assert [name for name, _ in state.terminal_choices()] == four
+    assert state.fate_terminal == list(state.active_fates().names)
+
+
 def test_the_kernel_mode_reads_the_fits_velocity_variance_as_explorer_fates_does(state):
     """Compute fates on a stochastic kernel uses the fit's own velocity variance, as the CLI.
 
