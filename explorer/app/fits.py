@@ -409,8 +409,8 @@ def fit_fates(
     column = cluster_column(adata)
     if basis is None or not basis.serves(n_states, mode):
         light, macro, start = _fate_kernel(adata, fit, column, mode, progress), None, 0.3
-    else:
-        light, macro, start = basis.light, basis.macro, 0.0
+    else:  # the kernel and macrostates again, into a light AnnData of its own (the earlier fates stay whole)
+        light, macro, start = _kernel_only(basis.light, column), basis.macro, 0.0
     try:
         found = compute_fates(
             light,
@@ -445,6 +445,19 @@ def fit_fates(
         chosen=bool(terminal_states),
     )
     return info, FateBasis(n_states, mode, light, macro)
+
+
+def _kernel_only(light: AnnData, column: str | None) -> AnnData:
+    """A new light AnnData with ``light``'s inputs and kernel, none of its fates (arrays shared)."""
+    uns_keys = (Key.uns.colors(column) if column else None, Key.uns.TRANSITIONS_PARAMS)
+    return AnnData(
+        X=light.X,
+        obs=light.obs[[column]].copy() if column else pd.DataFrame(index=light.obs_names),
+        var=light.var.copy(),
+        layers=dict(light.layers),
+        obsp={k: light.obsp[k] for k in (Key.obsp.CONNECTIVITIES, Key.obsp.TRANSITIONS)},
+        uns={k: light.uns[k] for k in uns_keys if k in light.uns},
+    )
 
 
 def _share(progress: ProgressCallback | None, share0: float, share1: float) -> ProgressCallback | None:
