@@ -430,7 +430,6 @@ def fit_fates(
             "or ask for another number of macrostates."
         )
         raise NoTerminalStateFound(msg, offered) from err
-    macro = found.macrostates
     states = light.obs[Key.obs.TERMINAL_STATES]
     info = FateInfo(
         names=tuple(found.terminal_states),
@@ -440,11 +439,9 @@ def fit_fates(
         source=f"computed for {fit.label}" + ("" if mode == "deterministic" else f", {mode} kernel"),
         n_states=n_states,
         mode=mode,
-        macrostates=tuple(macro.names),
-        stability=tuple(float(v) for v in macro.stability()),
         chosen=bool(terminal_states),
     )
-    return info, FateBasis(n_states, mode, light, macro)
+    return info, FateBasis(n_states, mode, light, found.macrostates)
 
 
 def _kernel_only(light: AnnData, column: str | None) -> AnnData:

@@ -1246,9 +1246,9 @@ class FateInfo:
     ``terminal``: ``(n_obs,)`` code into ``names`` of the terminal state a cell belongs to
     (-1: none); ``colors``: name -> colour; ``source``: where they come from, in words.
     Fates computed in the session also carry how: ``n_states`` (the macrostates asked for),
-    ``mode`` (the velocity kernel's), ``macrostates`` and ``stability`` (every macrostate
-    found and its coarse self-transition) and ``chosen`` (terminal states named by the user,
-    not CellRank's stability rule); a file's have ``n_states`` 0 and no macrostates.
+    ``mode`` (the velocity kernel's) and ``chosen`` (terminal states named by the user, not
+    CellRank's stability rule); a file's have ``n_states`` 0. The macrostates found are
+    the state's (``ExplorerState.terminal_choices``).
     """
 
     names: tuple[str, ...]
@@ -1258,8 +1258,6 @@ class FateInfo:
     source: str
     n_states: int = 0
     mode: str = "deterministic"
-    macrostates: tuple[str, ...] = ()
-    stability: tuple[float, ...] = ()
     chosen: bool = False
 
     @property

@@ -609,7 +609,7 @@ class ExplorerState(param.Parameterized):
             return None
         mode = self.fate_mode
         basis = self._basis_for(fit.label, n_states, mode)
-        offered = {name for name, _ in basis.choices()} if basis is not None else set()
+        offered = set(basis.macro.names) if basis is not None else set()
         terminal = [t for t in self.fate_terminal if t in offered]
         found = self.fates.get(fit.label)
         if found is not None and found.answers(n_states, terminal, mode):

@@ -368,12 +368,12 @@ def test_other_macrostates_compute_the_fates_again_instead_of_reading_the_cache(
     state.fate_states = 4
     assert state.compute_fates().join(120), state.error
     four = state.active_fates()
-    assert (four.n_states, len(four.macrostates)) == (4, 4)
+    assert (four.n_states, len(state.terminal_choices())) == (4, 4)
     state.fate_states = 6
     job = state.compute_fates()
     assert job is not None and job.join(120), state.error
     six = state.active_fates()
-    assert (six.n_states, len(six.macrostates)) == (6, 6)
+    assert (six.n_states, len(state.terminal_choices())) == (6, 6)
     assert state.compute_fates() is None and state.status.endswith("cached")  # the same settings
 
 
@@ -389,7 +389,9 @@ def test_terminal_states_ticked_among_the_macrostates_reuse_them_and_give_their_
     assert state.fate_terminal == list(found.names)  # what the boxes show: the states found
     assert state.coloring().categories == found.names  # the cells coloured by them
     choices = dict(state.terminal_choices())
-    assert choices == dict(zip(found.macrostates, found.stability, strict=True))
+    # the boxes show each macrostate's coarse self-transition, as the fates wrote them (uns['coarse_fwd'])
+    coarse = state.fate_bases[state.model].light.uns[Key.uns.COARSE_TRANSITIONS]
+    assert choices == pytest.approx(dict(zip(coarse.obs_names, np.diag(coarse.X), strict=True)))
     assert all(choices[n] >= fates_module.STABILITY_THRESHOLD for n in found.names)
     # the least stable macrostate, which the rule left out, ticked with the first found
     least = min(choices, key=choices.get)
@@ -571,7 +573,7 @@ def test_the_export_holds_the_fates_shown_and_cellrank_reads_them(state, tmp_pat
         return
     res = cellrank_reads(path, tmp_path)
     assert res["terminal"] == list(shown.names) == res["lineages"]
-    assert res["macro"] == list(shown.macrostates)
+    assert res["macro"] == [name for name, _ in state.terminal_choices()]
     np.testing.assert_allclose(res["fates"], shown.probabilities, atol=1e-6)
 
 

@@ -1062,6 +1062,22 @@ def test_cellrank_reads_and_plots_our_fates(sample_adata, tmp_path):
     assert res["coarse"] == [len(result.macrostates.names)] * 2
 
 
+def test_drop_fates_removes_exactly_what_compute_fates_wrote(sample_adata):
+    """``drop_fates`` names the keys ``compute_fates`` writes a second time: this keeps the two lists one."""
+    adata = sample_adata
+    compute_velocity_kernel(adata)
+
+    def keys(a):
+        return {kind: set(getattr(a, kind).keys()) for kind in ("obs", "obsm", "varm", "uns", "obsp", "layers")}
+
+    before = keys(adata)
+    F.compute_fates(adata, n_states=4, cluster_key=Key.obs.TRUE_LINEAGE, n_cells=20)
+    added = {kind: keys(adata)[kind] - before[kind] for kind in before}
+    removed = F.drop_fates(adata)
+    assert keys(adata) == before
+    assert len(removed) == sum(map(len, added.values()))
+
+
 def test_a_models_velocity_distribution_feeds_the_kernel(sample_adata):
     """``variance_key``: a model's own per-cell velocity variance replaces the kNN estimate."""
     adata = sample_adata
