@@ -40,6 +40,7 @@ from explorer.graph.transition import (
     compute_transition_matrix,
     compute_velocity_confidence,
     compute_velocity_graph,
+    drop_velocity_graphs,
     transition_matrix,
     velocity_gene_mask,
 )
@@ -448,7 +449,9 @@ def run_velocity(
     with _EarlyDerive(estimator, adata, basis_key, on_arrays=on_arrays) as early:
         result = estimator.fit(adata, progress=_substep(progress, 1), **early.fit_kwargs)
         stage("model fit")
-        # derive reads none of the keys the result writes (it works on a light copy)
+        # derive reads none of the keys the result writes (it works on a light copy); it
+        # writes the graphs afresh, so an earlier velocity's go without a warning
+        drop_velocity_graphs(adata)
         result.to_adata(adata)
         if on_arrays is not None:
             on_arrays(adata)

@@ -32,7 +32,7 @@ from explorer.app.readouts import FateInfo, cluster_column, color_key, named_typ
 from explorer.data.io import read
 from explorer.data.preprocess import is_preprocessed
 from explorer.graph.streamlines import compute_streamlines
-from explorer.graph.transition import transition_matrix
+from explorer.graph.transition import drop_velocity_graphs, transition_matrix
 from explorer.keys import Key
 from explorer.models import MODELS
 from explorer.models.base import VelocityResult
@@ -205,7 +205,7 @@ def with_fit(adata: AnnData, fit: Fit) -> AnnData:
         obsp=dict(adata.obsp),
         uns={k: adata.uns[k] for k in (Key.uns.NEIGHBORS,) if k in adata.uns},
     )
-    fit.result.to_adata(light, keep_fates=True)  # a working copy: the file's fates do no harm there
+    fit.result.to_adata(light, keep_derived=True)  # a working copy: the file's fates and graphs do no harm
     return light
 
 
@@ -282,7 +282,9 @@ def results_adata(
     out = adata.copy()
     if fit is None:
         return out
-    fit.result.to_adata(out, keep_fates=file_fit)
+    if not file_fit:
+        drop_velocity_graphs(out)  # the file's, rewritten below for this fit: no warning of them
+    fit.result.to_adata(out, keep_derived=file_fit)
     if fit.derived is not None:
         fit.derived.to_adata(out)
     if fit.transitions is not None:

@@ -1074,8 +1074,9 @@ def quality_axes(a: Fit | VelocityResult, b: Fit | VelocityResult) -> tuple[str,
     """Axis labels and title of the per-gene fit-quality plot of A against B: honest about scales.
 
     Each model reports its own measure: scVelo's likelihood of the dynamical model (a
-    Gaussian of the distance to the curve, noise per gene), VeloVAE's (exp of the mean
-    log-density under its own noise model), an R². Two fits are on one scale when they
+    Gaussian of the distance to the curve, noise per gene, on the cells scVelo weights),
+    VeloVAE's (scVelo's formula on its per-cell predictions over all training cells, without
+    those weights: close, not one scale), an R². Two fits are on one scale when they
     are fits of one model (any parameters) or both report the steady-state line's R²
     (``var['velocity_r2']``, computed alike by every steady-state model). Otherwise the
     title says so and points at the reconstruction error (:func:`compare_reconstruction`:

@@ -929,3 +929,37 @@ def compute_velocity_confidence(
         adata.obs[_vkey_name(Key.obs.VELOCITY_CONFIDENCE_TRANSITION, vkey)] = velocity_confidence_transition(
             X, V, T
         )
+
+
+def drop_velocity_graphs(adata: AnnData) -> list[str]:
+    """Remove from ``adata`` what was computed from its velocity after the fit, in place.
+
+    The velocity graphs (``obsp`` and the copies written files keep in ``uns``), the
+    transition matrices ``T_fwd`` / ``T_bwd`` (and ``uns['T_fwd_params']``), every
+    projection ``obsm['velocity_<basis>']`` of an ``obsm['X_<basis>']``, and the per-cell
+    summaries (``velocity_self_transition``, ``velocity_length``, ``velocity_confidence``,
+    ``velocity_confidence_transition``). For when that velocity is replaced: scVelo's
+    ``velocity_embedding`` reuses a stored graph, and CellRank's estimators read ``T_fwd``,
+    as if they were the new fit's.
+
+    Returns
+    -------
+    The keys removed, as ``"obsp['velocity_graph']"``...; empty where there were none.
+    """
+    p, o = Key.obsp, Key.obs
+    graphs = (p.VELOCITY_GRAPH, p.VELOCITY_GRAPH_NEG)
+    projections = [Key.obsm.velocity(b) for b in adata.obsm if str(b).startswith("X_")]
+    where = {
+        "obsp": (adata.obsp, (*graphs, p.TRANSITIONS, p.TRANSITIONS_BACKWARD)),
+        "uns": (adata.uns, (*graphs, Key.uns.TRANSITIONS_PARAMS)),
+        "obsm": (adata.obsm, projections),
+        "obs": (adata.obs, (o.VELOCITY_SELF_TRANSITION, o.VELOCITY_LENGTH, o.VELOCITY_CONFIDENCE,
+                            o.VELOCITY_CONFIDENCE_TRANSITION)),
+    }
+    removed = []
+    for kind, (store, keys) in where.items():
+        for key in keys:
+            if key in store:
+                del store[key]
+                removed.append(f"{kind}[{key!r}]")
+    return removed

@@ -180,6 +180,33 @@ def _drop_earlier_fit_keys(adata: AnnData, written: Mapping[str, list[str]]) -> 
         frame.drop(columns=[c for c in gone if c in frame.columns], inplace=True)
 
 
+def _drop_derived(adata: AnnData, model: str) -> None:
+    """Remove what was computed from the velocity in ``adata`` (fates, graphs), warning of each."""
+    from explorer.graph.fates import drop_fates
+    from explorer.graph.transition import drop_velocity_graphs
+
+    def listed(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")  # noqa: PLR2004
+
+    removed = drop_fates(adata)
+    if removed:
+        logger.warning(
+            "Removed the fates computed from the earlier velocity (%s): run `explorer fates` "
+            "(or Compute fates in the app) for this %s fit.",
+            listed(removed),
+            model,
+        )
+    removed = drop_velocity_graphs(adata)
+    if removed:
+        logger.warning(
+            "Removed the velocity graph, transitions and projections computed from the earlier "
+            "velocity (%s): explorer.pipeline.derive(adata, result).to_adata(adata) computes them "
+            "for this %s fit (`explorer fit` does).",
+            listed(removed),
+            model,
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class VelocityResult:
     """What a fit learned, aligned to the cells and genes it was fitted on.
@@ -261,13 +288,17 @@ class VelocityResult:
         """Number of genes."""
         return len(self.var_names)
 
-    def to_adata(self, adata: AnnData, *, keep_fates: bool = False) -> None:
+    def to_adata(self, adata: AnnData, *, keep_derived: bool = False) -> None:
         """Write the result into ``adata`` under scVelo's keys, in place.
 
-        ``adata`` must have the same cells and genes, in the same order, as the fit. Fates
-        already in ``adata`` beside a velocity (CellRank 2's keys, ``explorer fates``) were
-        computed from that velocity: they are removed, with a warning, unless
-        ``keep_fates`` (the same fit written back, as the app's export of a file's own fit).
+        ``adata`` must have the same cells and genes, in the same order, as the fit. What
+        was computed from a velocity already in ``adata`` is removed, with a warning,
+        unless ``keep_derived`` (the same fit written back, as the app's export of a file's
+        own fit): its fates (CellRank 2's keys, ``explorer fates``;
+        :func:`explorer.graph.fates.drop_fates`) and its velocity graphs, transition
+        matrices, projections and confidences
+        (:func:`explorer.graph.transition.drop_velocity_graphs`), which
+        :func:`explorer.pipeline.derive` computes for this fit (``explorer fit`` does).
 
         Returns
         -------
@@ -287,17 +318,8 @@ class VelocityResult:
             raise ValueError(msg)
         written = self._written_keys()
         _drop_earlier_fit_keys(adata, written)
-        if not keep_fates and Key.layers.VELOCITY in adata.layers:
-            from explorer.graph.fates import drop_fates
-
-            removed = drop_fates(adata)
-            if removed:
-                logger.warning(
-                    "Removed the fates computed from the earlier velocity (%s): run `explorer fates` "
-                    "(or Compute fates in the app) for this %s fit.",
-                    ", ".join(removed[:3]) + (", ..." if len(removed) > 3 else ""),  # noqa: PLR2004
-                    self.model,
-                )
+        if not keep_derived and Key.layers.VELOCITY in adata.layers:
+            _drop_derived(adata, self.model)
         for key, arr in self.layer_arrays().items():
             adata.layers[key] = arr
         if Key.layers.VELOCITY_VARIANCE not in self.layers:

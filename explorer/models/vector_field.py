@@ -652,9 +652,9 @@ class VectorFieldResult(VelocityResult):
     field_data: dict[str, Any] = field(default_factory=dict)
     loadings: FloatArray | None = None
 
-    def to_adata(self, adata: AnnData, *, keep_fates: bool = False) -> None:
+    def to_adata(self, adata: AnnData, *, keep_derived: bool = False) -> None:
         """Write as :meth:`VelocityResult.to_adata`, plus uns ``vector_field`` and varm ``vf_loadings``."""
-        VelocityResult.to_adata(self, adata, keep_fates=keep_fates)
+        VelocityResult.to_adata(self, adata, keep_derived=keep_derived)
         adata.uns[Key.uns.VECTOR_FIELD] = self.field_data
         if self.loadings is not None:
             adata.varm[Key.varm.VF_LOADINGS] = self.loadings

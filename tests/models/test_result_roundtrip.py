@@ -134,7 +134,7 @@ def test_a_new_velocity_removes_the_fates_of_the_earlier_one(sample_adata, caplo
 
     Until 2026-12-05 ``explorer fit`` on a file that ``explorer fates`` had written kept its
     terminal states and fate probabilities beside the new velocity, and CellRank (and the
-    app) read them as the new fit's. ``keep_fates=True`` writes the same fit back (the app's
+    app) read them as the new fit's. ``keep_derived=True`` writes the same fit back (the app's
     export of a file's own fit).
     """
     from explorer.graph.fates import compute_fates
@@ -145,7 +145,7 @@ def test_a_new_velocity_removes_the_fates_of_the_earlier_one(sample_adata, caplo
     compute_fates(adata, n_states=4, cluster_key=Key.obs.TRUE_LINEAGE, n_cells=20)
     own = VelocityResult.from_adata(adata)
     kept = adata.copy()
-    own.to_adata(kept, keep_fates=True)
+    own.to_adata(kept, keep_derived=True)
     assert Key.obsm.FATE_PROBABILITIES in kept.obsm and Key.obs.TERMINAL_STATES in kept.obs
     with caplog.at_level("WARNING", logger="explorer.models.base"):
         Stochastic(seed=1, fit_offset=True).fit(adata).to_adata(adata)
@@ -155,3 +155,37 @@ def test_a_new_velocity_removes_the_fates_of_the_earlier_one(sample_adata, caplo
     assert Key.varm.LINEAGE_DRIVERS not in adata.varm and Key.uns.COARSE_TRANSITIONS not in adata.uns
     assert "Removed the fates computed from the earlier velocity" in caplog.text
     assert "`explorer fates`" in caplog.text
+
+
+def test_a_new_velocity_removes_the_graphs_and_projections_of_the_earlier_one(sample_adata, caplog):
+    """The velocity graph, ``T_fwd``, ``velocity_umap`` and confidences came from the earlier fit.
+
+    Until 2026-12-05 ``result.to_adata`` left them beside the new velocity: scVelo's
+    ``velocity_embedding`` (under its stream plot) reuses a stored ``velocity_graph``, and
+    CellRank's estimators read ``T_fwd``, so both drew the earlier fit's directions as the
+    new one's. ``derive`` computes them for the new fit; ``keep_derived=True`` writes the
+    same fit back and keeps them.
+    """
+    from explorer.pipeline import derive
+
+    adata = sample_adata
+    earlier = {
+        "obsp": {k: adata.obsp[k].copy() for k in (Key.obsp.VELOCITY_GRAPH, Key.obsp.TRANSITIONS)},
+        "obsm": adata.obsm[Key.obsm.velocity("X_umap")].copy(),
+    }
+    assert Key.obs.VELOCITY_CONFIDENCE in adata.obs  # what the sample's stochastic fit derived
+    kept = adata.copy()
+    VelocityResult.from_adata(adata).to_adata(kept, keep_derived=True)
+    assert Key.obsp.VELOCITY_GRAPH in kept.obsp and Key.obsm.velocity("X_umap") in kept.obsm
+    with caplog.at_level("WARNING", logger="explorer.models.base"):
+        result = Stochastic(seed=1, fit_offset=True, perc=(10, 90)).fit(adata)
+        result.to_adata(adata)
+    assert not {Key.obsp.VELOCITY_GRAPH, Key.obsp.VELOCITY_GRAPH_NEG, Key.obsp.TRANSITIONS} & set(adata.obsp)
+    assert Key.obsm.velocity("X_umap") not in adata.obsm and Key.obsm.UMAP in adata.obsm
+    gone = {Key.obs.VELOCITY_CONFIDENCE, Key.obs.VELOCITY_LENGTH, Key.obs.VELOCITY_SELF_TRANSITION}
+    assert not gone & set(adata.obs.columns)
+    assert "Removed the velocity graph, transitions and projections" in caplog.text
+    derive(adata, result).to_adata(adata)
+    # the new fit's graph and projection, not the earlier ones written back
+    assert (adata.obsp[Key.obsp.VELOCITY_GRAPH] != earlier["obsp"][Key.obsp.VELOCITY_GRAPH]).nnz > 0
+    assert not np.allclose(adata.obsm[Key.obsm.velocity("X_umap")], earlier["obsm"])
