@@ -92,7 +92,7 @@ GENE_COLUMNS: dict[str, tuple[str, str]] = {
     ),
     Key.var.R2: ("R²", "R² of the steady-state line u = γ s against the extreme cells"),
     Key.var.FIT_ALPHA: ("alpha", "transcription rate"),
-    Key.var.FIT_BETA: ("beta", "splicing rate"),
+    Key.var.FIT_BETA: ("beta", "splicing rate, scVelo's convention (the ODE's is beta × scaling)"),
     Key.var.FIT_GAMMA: ("gamma", "degradation rate"),
     Key.var.GAMMA: ("gamma", "steady-state ratio u/s (degradation over splicing)"),
     Key.var.FIT_RATE_ALPHA: ("alpha", "median over cells of the per-cell transcription rate"),
@@ -105,7 +105,8 @@ GENE_COLUMNS: dict[str, tuple[str, str]] = {
     Key.var.FIT_SCALING: ("scaling", "scale of u relative to s"),
     Key.var.FIT_KINETIC_SIGNAL: (
         "kinetic signal",
-        "β/(β+γ): 0 = a straight line, 1 = maximal curvature (Bergen et al. 2021, Box 1)",
+        "β/(β+γ), β the ODE's splicing rate (beta × scaling): 0 = a straight line, "
+        "1 = maximal curvature (Bergen et al. 2021, Box 1)",
     ),
     Key.var.FIT_DETECTION_POWER: ("detection power", "s∞·u∞, expression at steady state (same Box)"),
 }
@@ -223,6 +224,12 @@ TRUST_CHECKS: tuple[TrustCheck, ...] = (
         "fit",
         f"likelihood ≥ {MIN_LIKELIHOOD} (scVelo's threshold for the latent time)",
         "low likelihood",
+    ),
+    TrustCheck(
+        Key.var.FIT_R2,
+        "fit",
+        f"R² of the predictions ≥ {MIN_R2} (scVelo's threshold for a dynamical fit's velocity genes)",
+        "low R²",
     ),
     TrustCheck(Key.var.R2, "fit", f"R² ≥ {MIN_R2} (scVelo's threshold for velocity genes)", "low R²"),
     TrustCheck(
@@ -862,17 +869,18 @@ def _check_values(gene_params: pd.DataFrame, check: TrustCheck) -> np.ndarray:
 def trust_checks(gene_params: pd.DataFrame, *, scvelo_likelihood: bool = True) -> list[TrustCheck]:
     """List the :data:`TRUST_CHECKS` a fit's ``gene_params`` allow (their column, with a finite value).
 
-    One goodness-of-fit check: the likelihood where there is one, else the steady-state
-    R². ``scvelo_likelihood`` says whether ``fit_likelihood`` is scVelo's EM likelihood (a
-    fit that shows ``"curve"``), which :data:`MIN_LIKELIHOOD` is the threshold for; another
-    model's likelihood (VeloVAE's) is on another scale and is not judged by it.
+    One goodness-of-fit check, the first of: the likelihood, the R² of the fit's
+    predictions (``fit_r2``), the steady-state line's R². ``scvelo_likelihood`` says whether
+    ``fit_likelihood`` is scVelo's EM likelihood (a fit that shows ``"curve"``), which
+    :data:`MIN_LIKELIHOOD` is the threshold for; another model's likelihood (VeloVAE's:
+    scVelo's formula without its cell weights, above 0.1 for every gene of a fit that
+    explains any variance) is not judged by it, and its ``fit_r2`` is.
     """
     out, fit_checked = [], False
     for check in TRUST_CHECKS:
         if check.key not in gene_params or (check.name == "fit" and fit_checked):
             continue
         if check.key == Key.var.FIT_LIKELIHOOD and not scvelo_likelihood:
-            fit_checked = True  # the fit's own likelihood stands in for an R² it may also have
             continue
         if np.isfinite(_check_values(gene_params, check)).any():
             out.append(check)
@@ -903,7 +911,7 @@ def gene_trust(gene_params: pd.DataFrame, *, scvelo_likelihood: bool = True) -> 
         finite = np.isfinite(values)
         if check.key == Key.var.FIT_LIKELIHOOD:
             ok = values >= MIN_LIKELIHOOD
-        elif check.key == Key.var.R2:
+        elif check.key in (Key.var.R2, Key.var.FIT_R2):
             ok = values >= MIN_R2
         elif check.key == Key.var.FIT_KINETIC_SIGNAL:
             ok = values >= MIN_KINETIC_SIGNAL

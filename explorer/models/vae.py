@@ -1685,6 +1685,9 @@ class VeloVAE(Hyperparameters):
             Key.var.FIT_LIKELIHOOD: gene_likelihood(Mu[train], Ms[train], out["u"][train], out["s"][train]),
             Key.var.FIT_MSE_TRAIN: err.per_gene["mse_train"].to_numpy(),
             Key.var.FIT_MSE_TEST: err.per_gene["mse_test"].to_numpy(),
+            # Bergen et al. 2021, Box 1, as the dynamical model's: the ODE's own splicing rate
+            Key.var.FIT_KINETIC_SIGNAL: out["beta"] / (out["beta"] + out["gamma"]),
+            Key.var.FIT_DETECTION_POWER: out["alpha"] ** 2 / out["gamma"] / out["beta"] * out["scaling"],
         }
         gene_params = pd.DataFrame({k: full_genes(np.asarray(v)) for k, v in columns.items()}, index=var_names)
         genes_ok = np.zeros(n_vars, dtype=bool)

@@ -421,6 +421,18 @@ def test_gene_trust_by_hand():
     )
     np.testing.assert_allclose(other[readouts.TRUST], [1.0, 0.0, np.nan, 1.0])
     assert other[readouts.TRUST_NOTES].tolist()[1] == "few cells"
+    # ... but by the R² of its predictions (VeloVAE's: it had no trust light until 2026-12-05),
+    # scVelo's 0.01 for a dynamical fit's velocity genes, and the curvature of its rates
+    vae = pd.DataFrame(
+        {
+            Key.var.FIT_LIKELIHOOD: [0.2, 0.18, 0.9],
+            Key.var.FIT_R2: [0.5, -0.2, 0.9],
+            Key.var.FIT_KINETIC_SIGNAL: [0.8, 0.7, 0.2],
+        }
+    )
+    judged = readouts.gene_trust(vae, scvelo_likelihood=False)
+    np.testing.assert_allclose(judged[readouts.TRUST], [1.0, 0.5, 0.5])
+    assert judged[readouts.TRUST_NOTES].tolist() == ["", "low R²", "little curvature"]
     # the legend names the checks the columns allow
     dynamical = VelocityResult(
         model="dynamical",

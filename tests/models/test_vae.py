@@ -97,6 +97,11 @@ def test_fit_gives_shapes_and_keys(small, small_fit):
     u_ode = adata.layers[Key.layers.PREDICTED_U] / adata.var[Key.var.FIT_SCALING].to_numpy()
     expected = beta * u_ode - adata.var[Key.var.FIT_GAMMA].to_numpy() * adata.layers[Key.layers.PREDICTED_S]
     np.testing.assert_allclose(adata.layers[Key.layers.VELOCITY], expected, rtol=1e-3, atol=1e-3)
+    # Bergen et al.'s Box 1 figures of those rates, as the dynamical model writes them (the trust light)
+    gamma, alpha = adata.var[Key.var.FIT_GAMMA].to_numpy(), adata.var[Key.var.FIT_ALPHA].to_numpy()
+    np.testing.assert_allclose(adata.var[Key.var.FIT_KINETIC_SIGNAL], beta / (beta + gamma), rtol=1e-5)
+    u_inf = alpha / beta * adata.var[Key.var.FIT_SCALING].to_numpy()
+    np.testing.assert_allclose(adata.var[Key.var.FIT_DETECTION_POWER], alpha / gamma * u_inf, rtol=1e-4)
 
 
 def test_posterior_velocity_variance_feeds_the_fates_kernel(small, small_fit, tmp_path, capsys):
