@@ -956,7 +956,7 @@ def test_the_table_light_and_the_verdict_agree_for_a_partial_score():
         {
             "gene": ["all", "five of six", "one of six", "none", "unfitted"],
             readouts.TRUST: [1.0, 5 / 6, 1 / 6, 0.0, np.nan],
-            readouts.TRUST_NOTES: ["", "little curvature", "a; b; c; d; e", "a", ""],
+            readouts.TRUST_NOTES: ["", "weakly detected", "a; b; c; d; e", "a", ""],
             "likelihood": [0.3, 0.9, 0.8, 0.7, np.nan],
         }
     )
@@ -974,7 +974,7 @@ def test_the_table_light_and_the_verdict_agree_for_a_partial_score():
         verdict = GeneBrowser._verdict(None, shown.loc[i])
         assert f"color:{expected[i]}" in verdict
     assert GeneBrowser._verdict(None, shown.loc[4]) == ""
-    assert "fails: little curvature" in GeneBrowser._verdict(None, shown.loc[1])
+    assert "fails: weakly detected" in GeneBrowser._verdict(None, shown.loc[1])
 
 
 def test_a_gene_that_never_switches_off_shows_none_not_infinity():
