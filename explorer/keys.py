@@ -9,6 +9,10 @@ also accept them from ``uns`` as scVelo writes them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,3 +280,19 @@ class Key:
     obsp = _Obsp()
     varm = _Varm()
     uns = _Uns()
+
+
+def drop_keys(where: Mapping[str, tuple[Any, Iterable[str]]]) -> list[str]:
+    """Delete ``keys`` from each ``store`` of ``{slot: (store, keys)}`` (an AnnData's ``obs``, ``uns``...).
+
+    Returns
+    -------
+    The keys removed, as ``"obs['term_states_fwd']"``...; empty where there were none.
+    """
+    removed = []
+    for slot, (store, keys) in where.items():
+        for key in keys:
+            if key in store:
+                del store[key]
+                removed.append(f"{slot}[{key!r}]")
+    return removed

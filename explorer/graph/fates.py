@@ -53,7 +53,7 @@ from scipy.sparse import linalg as splinalg
 from threadpoolctl import threadpool_limits
 
 from explorer._types import InputError, report
-from explorer.keys import Key
+from explorer.keys import Key, drop_keys
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -1261,13 +1261,7 @@ def drop_fates(adata: AnnData) -> list[str]:
         "uns": (adata.uns, (*(Key.uns.colors(k) for k in states), Key.uns.COARSE_TRANSITIONS,
                             Key.uns.SCHUR_MATRIX, Key.uns.EIGENDECOMPOSITION, Key.uns.ESTIMATOR_PARAMS)),
     }
-    removed = []
-    for kind, (store, keys) in where.items():
-        for key in keys:
-            if key in store:
-                del store[key]
-                removed.append(f"{kind}[{key!r}]")
-    return removed
+    return drop_keys(where)
 
 
 class NoTerminalState(InputError):

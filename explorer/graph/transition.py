@@ -30,7 +30,7 @@ import numpy as np
 from scipy import sparse
 
 from explorer._types import FloatArray, InputError, IntArray, MissingInputError, ProgressCallback, report
-from explorer.keys import Key
+from explorer.keys import Key, drop_keys
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -956,10 +956,4 @@ def drop_velocity_graphs(adata: AnnData) -> list[str]:
         "obs": (adata.obs, (o.VELOCITY_SELF_TRANSITION, o.VELOCITY_LENGTH, o.VELOCITY_CONFIDENCE,
                             o.VELOCITY_CONFIDENCE_TRANSITION)),
     }
-    removed = []
-    for kind, (store, keys) in where.items():
-        for key in keys:
-            if key in store:
-                del store[key]
-                removed.append(f"{kind}[{key!r}]")
-    return removed
+    return drop_keys(where)
