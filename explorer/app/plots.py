@@ -813,8 +813,13 @@ def comparison_scatter(
     width: int = 420,
     height: int = 380,
     highlight_index: int | None = None,
+    diagonal: bool = True,
 ) -> hv.Overlay:
-    """Plot A against B with the diagonal; ``highlight_index`` marks one point (gene or cell)."""
+    """Plot A against B with the diagonal; ``highlight_index`` marks one point (gene or cell).
+
+    ``diagonal=False`` leaves the diagonal out (drawn empty, so the layers stay): for two
+    measures on different scales, where ``a == b`` means nothing.
+    """
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     finite = np.concatenate([a[np.isfinite(a)], b[np.isfinite(b)]])
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
@@ -844,15 +849,14 @@ def comparison_scatter(
             selection_alpha=0.6,
             backend="bokeh",
         )
-    diagonal = hv.Curve(([lo, hi], [lo, hi]), *labels).opts(
-        color="#999999", line_dash="dashed", backend="bokeh"
-    )
+    ends = [lo, hi] if diagonal else []
+    line = hv.Curve((ends, ends), *labels).opts(color="#999999", line_dash="dashed", backend="bokeh")
     mark = cell_marker(
         *(a[highlight_index], b[highlight_index]) if highlight_index is not None else (None, None)
     )
     # framewise on each layer: a plot first drawn empty (figures still being computed) takes
     # the ranges of the data that arrives later
-    layers = [layer.opts(framewise=True, backend="bokeh") for layer in (base, diagonal, mark)]
+    layers = [layer.opts(framewise=True, backend="bokeh") for layer in (base, line, mark)]
     return (layers[0] * layers[1] * layers[2]).opts(framewise=True, backend="bokeh")
 
 

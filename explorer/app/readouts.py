@@ -1083,16 +1083,24 @@ def quality_axes(a: Fit | VelocityResult, b: Fit | VelocityResult) -> tuple[str,
     """
     ra, rb = _result(a), _result(b)
     name_a, name_b = quality_name(a), quality_name(b)
-    same_name = (
-        ra.likelihood is not None and rb.likelihood is not None and ra.likelihood.name == rb.likelihood.name
-    )
-    if same_name and (ra.model == rb.model or ra.likelihood.name == Key.var.R2):
+    if one_scale(a, b):
         return f"A: {name_a}", f"B: {name_b}", "per-gene fit quality (click a gene)"
     if name_a == name_b:
         name_a, name_b = f"{name_a} ({ra.model})", f"{name_b} ({rb.model})"
     # short enough for the 400-pixel plot (the page cut a longer one after 45 characters)
     title = "not one scale: see reconstruction error"
     return f"A: {name_a}", f"B: {name_b}", title
+
+
+def one_scale(a: Fit | VelocityResult, b: Fit | VelocityResult) -> bool:
+    """Whether A's and B's per-gene fit quality are one measure (:func:`quality_axes`).
+
+    Only then does the diagonal of their scatter mean something.
+    """
+    ra, rb = _result(a), _result(b)
+    if ra.likelihood is None or rb.likelihood is None or ra.likelihood.name != rb.likelihood.name:
+        return False
+    return ra.model == rb.model or ra.likelihood.name == Key.var.R2
 
 
 def compare_quality(

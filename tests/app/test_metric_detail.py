@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from explorer.app import readouts
+from explorer.app import plots, readouts
 from explorer.app.jobs import Fit
 from explorer.graph.metrics import cross_boundary_correctness, cross_boundary_correctness_per_cell
 from explorer.keys import Key
@@ -162,6 +162,14 @@ def test_fit_quality_axes_say_when_the_scales_differ(app_adata):
     assert readouts.quality_axes(ss, st)[2] == "per-gene fit quality (click a gene)"
     assert readouts.quality_axes(dyn, st)[:2] == ("A: likelihood", "B: R²")
     assert "not one scale" in readouts.quality_axes(dyn, st)[2]
+    # the scatter's diagonal only where the scales are one (it put VeloVAE above the dynamical
+    # model on almost every pancreas gene, a difference of scale, until 2026-12-05)
+    assert readouts.one_scale(dyn, dyn) and readouts.one_scale(ss, st)
+    assert not readouts.one_scale(vae, dyn) and not readouts.one_scale(dyn, st)
+    values = np.array([0.2, 0.4, 3.0])
+    for diagonal, points in ((True, 2), (False, 0)):
+        line = plots.comparison_scatter(values, values / 2, labels=("a", "b"), title="t", diagonal=diagonal)
+        assert len(line.Curve.I.data) == points
 
 
 def _replace(result: VelocityResult, model: str, likelihood: pd.Series) -> VelocityResult:

@@ -123,8 +123,11 @@ class ComparisonView(pn.viewable.Viewer):
         if table is None or table.empty:
             return plots.message("fit quality needs two fits that report one per gene", width=400, height=340)
         hit = np.flatnonzero(table["gene"].to_numpy() == self.state.gene)
-        # each fit's own measure; the title says when they are not on one scale
-        label_a, label_b, title = readouts.quality_axes(*self.state.compare_fits())
+        # each fit's own measure; the title says when they are not on one scale, and then
+        # no diagonal is drawn (until 2026-12-05 it was, and put VeloVAE above the dynamical
+        # model on almost every gene of the pancreas, a difference of scale)
+        fits = self.state.compare_fits()
+        label_a, label_b, title = readouts.quality_axes(*fits)
         return plots.comparison_scatter(
             table["a"].to_numpy(),
             table["b"].to_numpy(),
@@ -133,6 +136,7 @@ class ComparisonView(pn.viewable.Viewer):
             width=400,
             height=340,
             highlight_index=int(hit[0]) if hit.size else None,
+            diagonal=readouts.one_scale(*fits),
         )
 
     def _draw_reconstruction(self, **_: Any) -> hv.Overlay:
