@@ -110,11 +110,12 @@ def legend_html(coloring: Coloring) -> str:
     if coloring.kind == "continuous":
         lo, hi = value_range(coloring)
         stops = ",".join(_cmap_colors(cmap_for(coloring))[::32])
+        note = f" <span style='color:#555'>— {html_text(coloring.note)}</span>" if coloring.note else ""
         return (
             f"<div style='font-size:12px'><b>{label}</b> {lo:.3g} "
             "<span style='display:inline-block;width:160px;height:10px;"
             f"background:linear-gradient(to right,{stops})'>"
-            f"</span> {hi:.3g}</div>"
+            f"</span> {hi:.3g}{note}</div>"
         )
     return f"<div style='font-size:12px;color:#777'>{label}</div>"
 

@@ -44,6 +44,13 @@ COLOR_CONFIDENCE = "velocity confidence"
 COLOR_UNCERTAINTY = "velocity uncertainty"
 #: the posterior SD of the active fit's own latent time (VeloVAE's ``obs['latent_time_std']``)
 COLOR_TIME_SD = "latent time SD"
+#: how to read both uncertainty colourings: measured against simulations' truth
+#: (benchmarks/trust_truth.py, the VeloVAE section of the README), neither ranks the cells by
+#: their error, which is mostly the model's (a lineage's shared bias) and not the posterior's
+UNCERTAINTY_NOTE = (
+    "the spread of the model's posterior: where the model is unsure, not where it is wrong "
+    "(on simulations it does not rank the cells by their error)"
+)
 #: where the active fit's latent time depends on its start (VeloVAE's ``obs['latent_time_start_spread']``)
 COLOR_TIME_SPREAD = "latent time start spread"
 COLOR_EXPRESSION = "gene: expression (Ms)"
@@ -107,7 +114,7 @@ GENE_COLUMNS: dict[str, tuple[str, str]] = {
         "kinetic signal",
         "β/(β+γ), β the ODE's splicing rate (beta × scaling): 0 = a straight line, "
         "1 = maximal curvature (Bergen et al. 2021, Box 1). Not a trust check: the fitted "
-        "rates do not recover it (Spearman with the truth 0.12 and 0.20 on two-lineage simulations)",
+        "rates do not recover it (Spearman with the truth -0.12 to 0.20 on three two-lineage simulations)",
     ),
     Key.var.FIT_DETECTION_POWER: ("detection power", "s∞·u∞, expression at steady state (same Box)"),
 }
@@ -156,6 +163,8 @@ class Coloring:
     categories: tuple[str, ...] = ()
     color_key: dict[str, str] | None = None
     diverging: bool = False
+    #: how to read the values, shown under the plot beside the colour bar (empty: nothing to add)
+    note: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -542,7 +551,11 @@ def coloring(
         return Coloring(kind="none", values=np.zeros(adata.n_obs, dtype=np.float32), label=why)
     label = f"{gene} {what.removeprefix('gene: ')}" if what in GENE_COLORINGS else what
     diverging = what in (COLOR_VELOCITY, COLOR_DIVERGENCE)  # both signed: 0 in the middle
-    return Coloring(kind="continuous", values=values, label=label, diverging=diverging)
+    # measured for VeloVAE's own: not said of another tool's column read from a file
+    own_uncertainty = fit is not None and "uncertainty" in fit_shows(fit)
+    ours = what == COLOR_TIME_SD or (what == COLOR_UNCERTAINTY and own_uncertainty)
+    note = UNCERTAINTY_NOTE if ours else ""
+    return Coloring(kind="continuous", values=values, label=label, diverging=diverging, note=note)
 
 
 def agreement_coloring(values: np.ndarray | None, n_obs: int) -> Coloring:

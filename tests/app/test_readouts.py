@@ -16,7 +16,7 @@ from anndata import AnnData
 from scipy import sparse
 
 from explorer._types import InputError
-from explorer.app import readouts
+from explorer.app import plots, readouts
 from explorer.app.fits import fit_from_adata, model_defaults, results_adata
 from explorer.app.geometry import even_sample, time_bins
 from explorer.app.jobs import Fit
@@ -597,6 +597,10 @@ def test_latent_time_interval_from_the_posterior_sd(toy_adata):
     shown = readouts.coloring(toy_adata, readouts.COLOR_TIME_SD, fit=timed)
     assert (shown.kind, shown.label) == ("continuous", readouts.COLOR_TIME_SD)
     np.testing.assert_allclose(shown.values, 0.1)
+    # read as the posterior's spread, not as the error (2026-12-05: on simulations neither
+    # uncertainty ranks the cells by their error); the legend under the plot says so
+    assert shown.note == readouts.UNCERTAINTY_NOTE and "not where it is wrong" in plots.legend_html(shown)
+    assert readouts.coloring(toy_adata, readouts.COLOR_LATENT_TIME, fit=timed).note == ""
     untimed = _fit(_result("deepvelo", toy_adata, obs=obs))
     nothing = readouts.coloring(toy_adata, readouts.COLOR_TIME_SD, fit=untimed)
     assert nothing.kind == "none"
