@@ -18,7 +18,9 @@ curvature") against how many truly are, and both. For VeloVAE, where the data ca
 velocity (``layers['true_velocity']``, our simulator's), also whether its per-cell velocity
 uncertainty (``obs['velocity_uncertainty']``, the app's "velocity uncertainty" colouring)
 ranks the cells by their velocity error, ``1 -`` the cosine of the fitted and the true
-velocity over the genes. Usage::
+velocity over the genes; and, for the dynamical, stochastic and VeloVAE velocities, whether
+scVelo's velocity confidence (each cell's coherence with its kNN neighbours, the app's
+"velocity confidence" colouring) does. Usage::
 
     python benchmarks/trust_truth.py --scvelo-python .venv-compat/bin/python [--out FILE]
 
@@ -110,6 +112,25 @@ def velocity_uncertainty_against_truth(result, true_velocity: np.ndarray) -> dic
     }
 
 
+def confidence_against_truth(adata, model: str) -> dict:
+    """Spearman of scVelo's velocity confidence with the velocity error, on the model's velocity genes."""
+    from scipy.stats import spearmanr
+
+    from explorer.graph.transition import knn_indices, velocity_confidence
+    from explorer.keys import Key
+    from explorer.models import get_model
+
+    device = {} if model == "stochastic" else {"device": "cpu"}  # the steady-state models run on numpy
+    result = get_model(model, seed=0, **device).fit(adata.copy())
+    velocity, truth = np.asarray(result.velocity, float), np.asarray(adata.layers["true_velocity"], float)
+    genes = np.asarray(result.velocity_genes, bool) & np.isfinite(velocity).all(0) & np.isfinite(truth).all(0)
+    v, t = velocity[:, genes], truth[:, genes]
+    error = 1 - (v * t).sum(1) / np.sqrt((v * v).sum(1) * (t * t).sum(1))
+    confidence = velocity_confidence(v, knn_indices(adata.obsp[Key.obsp.DISTANCES])).astype(float)
+    ok = np.isfinite(confidence) & np.isfinite(error)
+    return {"model": model, "confidence_error_spearman": float(spearmanr(confidence[ok], error[ok])[0])}
+
+
 def datasets(scvelo_python: str, cache: Path):
     """Yield ``(name, AnnData)``: scVelo's simulator (seeds 1, 2), the sample, the tests' two lineages."""
     import anndata
@@ -152,6 +173,15 @@ def main() -> None:
                     f"detection power: Spearman {row['detection_spearman']:+.3f}",
                     flush=True,
                 )
+                if model == "velovae" and "true_velocity" in adata.layers:
+                    for other in ("dynamical", "stochastic", "velovae"):
+                        found = {"data": name, **confidence_against_truth(adata, other)}
+                        rows.append(found)
+                        print(
+                            f"{name:28s} {other:10s} velocity confidence against the velocity error: "
+                            f"Spearman {found['confidence_error_spearman']:+.3f}",
+                            flush=True,
+                        )
                 if "uncertainty_error_spearman" in row:
                     print(
                         f"{'':39s} velocity uncertainty against the velocity error: Spearman "

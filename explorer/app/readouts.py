@@ -51,6 +51,11 @@ UNCERTAINTY_NOTE = (
     "the spread of the model's posterior: where the model is unsure, not where it is wrong "
     "(on simulations it does not rank the cells by their error)"
 )
+#: how to read scVelo's velocity confidence (same measurement): coherent is not correct
+CONFIDENCE_NOTE = (
+    "how well a cell's velocity agrees with its neighbours': coherent, not necessarily correct "
+    "(on simulations it does not rank the cells by their error)"
+)
 #: where the active fit's latent time depends on its start (VeloVAE's ``obs['latent_time_start_spread']``)
 COLOR_TIME_SPREAD = "latent time start spread"
 COLOR_EXPRESSION = "gene: expression (Ms)"
@@ -554,7 +559,7 @@ def coloring(
     # measured for VeloVAE's own: not said of another tool's column read from a file
     own_uncertainty = fit is not None and "uncertainty" in fit_shows(fit)
     ours = what == COLOR_TIME_SD or (what == COLOR_UNCERTAINTY and own_uncertainty)
-    note = UNCERTAINTY_NOTE if ours else ""
+    note = UNCERTAINTY_NOTE if ours else CONFIDENCE_NOTE if what == COLOR_CONFIDENCE else ""
     return Coloring(kind="continuous", values=values, label=label, diverging=diverging, note=note)
 
 

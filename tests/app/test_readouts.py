@@ -601,6 +601,11 @@ def test_latent_time_interval_from_the_posterior_sd(toy_adata):
     # uncertainty ranks the cells by their error); the legend under the plot says so
     assert shown.note == readouts.UNCERTAINTY_NOTE and "not where it is wrong" in plots.legend_html(shown)
     assert readouts.coloring(toy_adata, readouts.COLOR_LATENT_TIME, fit=timed).note == ""
+    # scVelo's velocity confidence, likewise: coherent is not correct
+    coherent = toy_adata.copy()
+    coherent.obs[Key.obs.VELOCITY_CONFIDENCE] = np.linspace(0, 1, N_OBS)
+    confidence = readouts.coloring(coherent, readouts.COLOR_CONFIDENCE, fit=timed)
+    assert confidence.kind == "continuous" and "not necessarily correct" in plots.legend_html(confidence)
     untimed = _fit(_result("deepvelo", toy_adata, obs=obs))
     nothing = readouts.coloring(toy_adata, readouts.COLOR_TIME_SD, fit=untimed)
     assert nothing.kind == "none"
