@@ -48,10 +48,12 @@ def true_figures(var) -> tuple[np.ndarray, np.ndarray]:
     Our simulator stores ``true_beta`` in scVelo's convention (the ODE's rate divided by
     ``true_scaling``); scVelo's has no scaling (1).
     """
+    from explorer import kinetics
+
     scaling = var["true_scaling"].to_numpy(float) if "true_scaling" in var else np.ones(len(var))
     alpha, gamma = var["true_alpha"].to_numpy(float), var["true_gamma"].to_numpy(float)
     beta = var["true_beta"].to_numpy(float) * scaling
-    return beta / (beta + gamma), alpha / gamma * (alpha / beta * scaling)
+    return beta / (beta + gamma), kinetics.detection_power(alpha, beta, gamma, scaling)
 
 
 def score(adata, model: str) -> dict:

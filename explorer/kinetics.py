@@ -129,6 +129,15 @@ def steady_state(alpha: Any, beta: Any, gamma: Any) -> tuple[Any, Any]:
     return alpha / beta, alpha / gamma
 
 
+def detection_power(alpha: Any, beta: Any, gamma: Any, scaling: Any) -> Any:
+    """``s_inf * u_inf`` in the data's units (``u = scaling * u_ode``), Bergen et al. 2021, Box 1.
+
+    ``beta`` is the ODE's splicing rate (``fit_beta * fit_scaling`` in scVelo's convention).
+    """
+    u_inf, s_inf = steady_state(alpha, beta, gamma)
+    return s_inf * (u_inf * scaling)
+
+
 def velocity(u: Any, s: Any, beta: Any, gamma: Any) -> Any:
     """Spliced velocity ``ds/dt = beta u - gamma s``."""
     return beta * u - gamma * s

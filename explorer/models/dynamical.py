@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from explorer import kinetics
 from explorer._process import set_up_process
 from explorer._types import InputError, no_velocity_gene, report
 from explorer.graph import latent_time as lt_mod
@@ -722,7 +723,9 @@ class Dynamical(Hyperparameters):
             Key.var.FIT_R2: masked(r2),
             # curvature of the phase portrait does not depend on the u scaling: internal beta
             Key.var.FIT_KINETIC_SIGNAL: masked(p.beta / (p.beta + p.gamma)),
-            Key.var.FIT_DETECTION_POWER: masked((p.alpha / p.gamma) * (p.alpha / p.beta * p.scaling)),
+            Key.var.FIT_DETECTION_POWER: masked(
+                kinetics.detection_power(p.alpha, p.beta, p.gamma, p.scaling)
+            ),
         }
         for k, key in enumerate(_STATE_COLUMNS):
             params[key] = masked(fracs[:, k : k + 1])

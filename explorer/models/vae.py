@@ -1689,7 +1689,9 @@ class VeloVAE(Hyperparameters):
             # splicing rate). Not its kinetic signal beta / (beta + gamma): VeloVAE's beta and
             # gamma do not recover it (Spearman 0.18 / 0.33 with the truth on scVelo's
             # simulator, seeds 1 and 2, 34-43 of 100 genes put below 0.5 where none is)
-            Key.var.FIT_DETECTION_POWER: out["alpha"] ** 2 / out["gamma"] / out["beta"] * out["scaling"],
+            Key.var.FIT_DETECTION_POWER: kinetics.detection_power(
+                out["alpha"], out["beta"], out["gamma"], out["scaling"]
+            ),
         }
         gene_params = pd.DataFrame({k: full_genes(np.asarray(v)) for k, v in columns.items()}, index=var_names)
         genes_ok = np.zeros(n_vars, dtype=bool)
