@@ -81,9 +81,14 @@ from explorer.graph.moments import neighbor_weights
 from explorer.graph.neighbors import _MIN_GENES_FOR_PCA, compute_neighbors
 from explorer.graph.projection import project_velocity, quiver_scale
 from explorer.graph.transition import (
+    RowStack,
     knn_indices,
     knn_pattern,
     neighbor_pattern,
+    pattern_rows,
+    reach_step,
+    row_blocks,
+    rows_of,
     self_transition_probabilities,
     split_graph,
     transition_matrix,
@@ -496,11 +501,7 @@ def _rank_task(plan: _Plan, lo: int) -> np.ndarray:
 def _origin_task(plan: _Plan, lo: int, roots: np.ndarray) -> np.ndarray:
     """Per root, each gene's ``t_origin`` (latest time after the root's), for genes ``lo:lo + var_chunk``."""
     t = np.asarray(_array(plan.store, _scratch("lt_smooth"))[:, lo : lo + plan.var_chunk])
-    out = []
-    for r in roots:
-        t_root = t[r]
-        out.append(((t - t_root) * (t >= t_root)).max(0))
-    return np.stack(out)
+    return np.stack([lt_mod.latest_after(t, t[r]) for r in roots])
 
 
 def _shared_time_task(
@@ -510,8 +511,7 @@ def _shared_time_task(
     t = np.asarray(_array(plan.store, _scratch("lt_smooth"))[start : start + plan.cell_chunk])
     out = []
     for k in range(len(roots)):
-        after = t >= t_roots[k]
-        rooted = (t - t_roots[k]) * after + (t + t_origin[k]) * ~after
+        rooted = lt_mod.reroot(t, t_roots[k], t_origin[k])
         out.append(np.percentile(rooted, lt_mod.SHARED_TIME_PERCENTILES, axis=1))
     return np.stack(out)
 
@@ -1311,7 +1311,7 @@ def _run(
     direct = knn_pattern(knn)
     # scVelo's velocity graph scores the kNN recursed twice (explorer.graph.transition, mode
     # "distances"): the cells two steps of (I + kNN) away, built a pass of cells at a time
-    reach = _reach_step(direct)
+    reach = reach_step(direct)
 
     root = zarr.open_group(str(tmp), mode="w", zarr_format=_zarr_format())
     root.attrs.update(_ANNDATA_ATTRS)
@@ -1472,42 +1472,6 @@ def _run(
     }
 
 
-def _row_blocks(matrix: sparse.csr_matrix, per_block: int) -> list[tuple[int, int]]:
-    """Ranges of rows of ``matrix`` holding about ``per_block`` stored entries each."""
-    return _blocks_of(matrix.indptr, per_block)
-
-
-def _blocks_of(indptr: np.ndarray, per_block: int) -> list[tuple[int, int]]:
-    """Ranges of rows holding about ``per_block`` entries each, given the rows' CSR ``indptr``."""
-    n = len(indptr) - 1
-    bounds = np.searchsorted(indptr, np.arange(0, indptr[-1] + per_block, per_block), side="right") - 1
-    bounds = np.unique(np.r_[0, np.clip(bounds, 0, n), n])
-    return list(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True))
-
-
-def _reach_step(direct: sparse.csr_matrix) -> sparse.csr_matrix:
-    """``I + kNN`` as a 0/1 float32 pattern: one step of :func:`neighbor_pattern`."""
-    step = sparse.csr_matrix(direct, dtype=np.float32, copy=True)
-    step.data[:] = 1.0
-    step = (step + sparse.identity(step.shape[0], dtype=np.float32, format="csr")).tocsr()
-    step.data[:] = 1.0
-    return step
-
-
-def _pattern_rows(step: sparse.csr_matrix, a: int, b: int) -> sparse.csr_matrix:
-    """Rows ``a:b`` of ``neighbor_pattern(direct, n_recurse_neighbors=2)``, as a ``(b - a, n_obs)`` pattern."""
-    block = sparse.csr_matrix(step[a:b] @ step)
-    rows = np.repeat(np.arange(b - a), np.diff(block.indptr))
-    off = block.indices != rows + a  # the cell itself is not its own neighbour
-    counts = np.bincount(rows[off], minlength=b - a)
-    out = sparse.csr_matrix(
-        (np.ones(int(off.sum()), dtype=np.float32), block.indices[off], np.r_[0, np.cumsum(counts)]),
-        shape=(b - a, step.shape[1]),
-    )
-    out.sort_indices()
-    return out
-
-
 def _graph_passes(step: sparse.csr_matrix, per_pass: int) -> list[tuple[int, int]]:
     """Blocks of cells whose velocity-graph edges number about ``per_pass`` each (one block if all fit)."""
     n_obs = step.shape[0]
@@ -1519,34 +1483,7 @@ def _graph_passes(step: sparse.csr_matrix, per_pass: int) -> list[tuple[int, int
     for a in range(0, n_obs, chunk):
         b = min(a + chunk, n_obs)
         counts[a:b] = np.diff(sparse.csr_matrix(step[a:b] @ step).indptr) - 1  # less the diagonal
-    return _blocks_of(np.r_[0, np.cumsum(counts)], per_pass)
-
-
-class _RowParts:
-    """Row blocks of a CSR matrix, stacked once at the end with one array's copy alive at a time.
-
-    ``scipy.sparse.vstack`` holds every part and the whole result together (twice the
-    graph); here the parts' data go as the stacked data is made, then their indices.
-    """
-
-    def __init__(self) -> None:
-        self.data: list[np.ndarray] = []
-        self.indices: list[np.ndarray] = []
-        self.counts: list[np.ndarray] = []
-
-    def add(self, block: sparse.csr_matrix, dtype: Any = None) -> None:
-        block = sparse.csr_matrix(block)
-        self.data.append(block.data if dtype is None else block.data.astype(dtype))
-        self.indices.append(block.indices)
-        self.counts.append(np.diff(block.indptr))
-
-    def stack(self, n_cols: int) -> sparse.csr_matrix:
-        counts = np.concatenate(self.counts)
-        data = np.concatenate(self.data)
-        self.data.clear()
-        indices = np.concatenate(self.indices)
-        self.indices.clear()
-        return sparse.csr_matrix((data, indices, np.r_[0, np.cumsum(counts)]), shape=(len(counts), n_cols))
+    return row_blocks(np.r_[0, np.cumsum(counts)], per_pass)
 
 
 def _velocity_graph(
@@ -1564,12 +1501,12 @@ def _velocity_graph(
     graphs, the masked pair (or ``None``), the per-cell sums and the number of edges scored.
     """
     n_obs, n_genes = plan.n_obs, len(plan.graph_cols)
-    parts = [_RowParts() for _ in range(4)]
+    parts = [RowStack() for _ in range(4)]
     cell_sums: dict[str, list[np.ndarray]] = {"v": [], "v2": [], "knn_dot": []}
     n_edges, seconds = 0, 0.0
     passes = _graph_passes(step, _GRAPH_PASS_EDGES)
     for n, (a, b) in enumerate(passes, 1):
-        pattern = _pattern_rows(step, a, b)
+        pattern = pattern_rows(step, a, b)
         n_edges += int(pattern.nnz)
         runner.set_plan(_replace(plan, pattern=pattern, row0=a))
         name = "velocity graph" if len(passes) == 1 else f"velocity graph (cells pass {n}/{len(passes)})"
@@ -1594,15 +1531,6 @@ def _velocity_graph(
     return graph, graph_neg, knn_graphs, sums, n_edges
 
 
-def _rows(matrix: sparse.csr_matrix, a: int, b: int) -> sparse.csr_matrix:
-    """``matrix`` with only rows ``a:b`` kept (same shape; the others empty), sharing its arrays."""
-    m = sparse.csr_matrix(matrix)
-    lo, hi = m.indptr[a], m.indptr[b]
-    n = m.shape[0]
-    indptr = np.concatenate([np.zeros(a, dtype=np.int64), m.indptr[a : b + 1] - lo, np.full(n - b, hi - lo)])
-    return sparse.csr_matrix((m.data[lo:hi], m.indices[lo:hi], indptr), shape=m.shape)
-
-
 def _transitions(graph: sparse.csr_matrix, graph_neg: sparse.csr_matrix, self_p: np.ndarray) -> sparse.csr_matrix:
     """:func:`~explorer.graph.transition.transition_matrix` (scVelo's defaults), built a block of cells at a time.
 
@@ -1612,9 +1540,11 @@ def _transitions(graph: sparse.csr_matrix, graph_neg: sparse.csr_matrix, self_p:
     the graph) stay the size of a block. Kept as float32 (8 bytes an edge with its
     indices; the float64 matrix is 12), the precision the transition confidence used.
     """
-    parts = _RowParts()
-    for a, b in _row_blocks(graph, _BLOCK_ELEMENTS // 4):
-        block = transition_matrix(_rows(graph, a, b), _rows(graph_neg, a, b), self_probabilities=self_p)[a:b]
+    parts = RowStack()
+    for a, b in row_blocks(graph.indptr, _BLOCK_ELEMENTS // 4):
+        block = transition_matrix(
+            rows_of(graph, a, b), rows_of(graph_neg, a, b), self_probabilities=self_p
+        )[a:b]
         parts.add(block, dtype=np.float32)
     return parts.stack(graph.shape[1])
 
@@ -1632,11 +1562,14 @@ def _project(
     E = np.asarray(embedding, dtype=np.float64)
     n_obs, n_dims = E.shape
     V = np.zeros((n_obs, n_dims))
-    for a, b in _row_blocks(graph, max(1, _BLOCK_ELEMENTS // max(4 * n_dims, 1))):
+    for a, b in row_blocks(graph.indptr, max(1, _BLOCK_ELEMENTS // max(4 * n_dims, 1))):
         T = transition_matrix(
-            _rows(graph, a, b), _rows(graph_neg, a, b), use_negative_cosines=True, self_probabilities=self_p
+            rows_of(graph, a, b),
+            rows_of(graph_neg, a, b),
+            use_negative_cosines=True,
+            self_probabilities=self_p,
         )
-        V[a:b] = project_velocity(_rows(T, a, b), E, autoscale=False)[a:b]
+        V[a:b] = project_velocity(rows_of(T, a, b), E, autoscale=False)[a:b]
     scale = quiver_scale(E, V)
     if scale > 0:
         V /= 3.0 * scale

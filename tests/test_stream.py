@@ -20,7 +20,7 @@ from scipy.stats import spearmanr
 from explorer._types import InputError
 from explorer.cli import main
 from explorer.graph import latent_time as lt_mod
-from explorer.graph.transition import transition_matrix
+from explorer.graph.transition import knn_indices, knn_pattern, reach_step, transition_matrix
 from explorer.models.dynamical import Dynamical
 from explorer import stream
 from explorer.pipeline import derive, prepare
@@ -63,7 +63,7 @@ def test_streamed_equals_in_memory_on_the_pancreas(pancreas_subset, tmp_path, mo
     # the velocity graph scored in passes over blocks of cells, as at 10^6 cells (here 864,505
     # edges: five passes of at most 200,000)
     monkeypatch.setattr(stream, "_GRAPH_PASS_EDGES", 200_000)
-    step = stream._reach_step(stream.knn_pattern(stream.knn_indices(adata.obsp["distances"])))
+    step = reach_step(knn_pattern(knn_indices(adata.obsp["distances"])))
     assert len(stream._graph_passes(step, 200_000)) == 5
     summary = fit_streamed(path, tmp_path / "out.zarr", model_params=PARAMS, basis="pca", genes_per_task=24)
     got = ad.read_zarr(summary.out)

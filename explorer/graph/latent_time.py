@@ -38,11 +38,11 @@ from scipy.sparse import linalg as splinalg
 
 from explorer._types import MissingInputError
 from explorer.graph.transition import (
-    cosine_correlations,
     get_velocity_graph,
+    self_transition_probabilities,
     sparse_dense_product,
-    split_graph,
     transition_matrix,
+    velocity_graphs,
 )
 from explorer.keys import Key
 
@@ -74,6 +74,11 @@ _ROOT_MAX_QUANTILE = 0.05
 _NOISE = 1e-9
 #: a gene's clock closes from its latest time back to time 0 over this share of its span
 _CLOCK_GAP = 0.05
+#: float64 entries of the block of gene times (genes for the ranks and the clock smoothing,
+#: cells for the re-rooted times) worked on at a time, so that the temporaries stay the size
+#: of a block: the times themselves are ``(n_obs, n_genes)`` (160 MB at 100,000 cells and
+#: 200 genes) and their steps made several copies of them at once, per root cell
+_TIME_BLOCK_ENTRIES = 1 << 22
 
 
 def neighbor_average_matrix(connectivities: sparse.spmatrix) -> sparse.csr_matrix:
@@ -302,11 +307,44 @@ def root_time(t: np.ndarray, root: int) -> np.ndarray:
     distance to it; cells before it are moved after the last one.
     """
     t_root = t[root]
+    return reroot(t, t_root, latest_after(t, t_root))
+
+
+def latest_after(t: np.ndarray, t_root: np.ndarray) -> np.ndarray:
+    """Each gene's latest time after the root's ``t_root``, 0 if none (:func:`root_time`'s origin)."""
+    return ((t - t_root) * (t >= t_root)).max(0)
+
+
+def reroot(t: np.ndarray, t_root: np.ndarray, t_origin: np.ndarray) -> np.ndarray:
+    """Rows of ``t`` re-rooted at a root whose times are ``t_root``, given :func:`latest_after`'s ``t_origin``."""
     after = t >= t_root
-    t_after = (t - t_root) * after
-    t_origin = t_after.max(0)
-    t_before = (t + t_origin) * ~after
-    return t_after + t_before
+    return (t - t_root) * after + (t + t_origin) * ~after
+
+
+def rooted_shared_time(
+    t: np.ndarray, root: int, *, percentiles: tuple[float, ...] = SHARED_TIME_PERCENTILES
+) -> np.ndarray:
+    """``shared_time(root_time(t, root))``, the same numbers, a block of cells at a time.
+
+    Each gene's origin needs all cells (a maximum); the rest is per cell, but for the
+    re-rooted times' minimum, which :func:`shared_time` subtracts first (0, the root's
+    own times, for non-negative ``t``; found in a first pass over the blocks all the same).
+    """
+    t = np.asarray(t, dtype=np.float64)
+    n_obs, n_genes = t.shape
+    if n_obs == 0 or n_genes == 0:
+        return shared_time(root_time(t, root), percentiles=percentiles)
+    t_root = t[root].copy()
+    blocks = _blocks(n_obs, max(1, _TIME_BLOCK_ENTRIES // n_genes))
+    t_origin = np.max([latest_after(t[a:b], t_root) for a, b in blocks], axis=0)
+    lowest = min(reroot(t[a:b], t_root, t_origin).min() for a, b in blocks)
+    parts = []
+    for a, b in blocks:
+        rooted = reroot(t[a:b], t_root, t_origin)
+        rooted -= lowest
+        rooted.sort(axis=1)  # as shared_time: the same order statistics, faster
+        parts.append(np.percentile(rooted, percentiles, axis=1))
+    return best_percentiles(np.concatenate(parts, axis=1))
 
 
 def shared_time(t: np.ndarray, *, percentiles: tuple[float, ...] = SHARED_TIME_PERCENTILES) -> np.ndarray:
@@ -431,16 +469,30 @@ def gene_clock_times(
     :func:`neighbor_average_matrix`, if the caller has it already.
     """
     t = np.asarray(fit_t, dtype=np.float64)
+    # each gene is ranked and smoothed on its own: a block of genes at a time, into one array
+    blocks = _blocks(t.shape[1], max(1, _TIME_BLOCK_ENTRIES // max(t.shape[0], 1)))
     if rank_times:
-        t = rank_gene_times(t)
+        ranked = np.empty(t.shape, dtype=np.float64)
+        for a, b in blocks:
+            ranked[:, a:b] = rank_gene_times(t[:, a:b])
+        t = ranked
     # the roots are chosen on the times before the smoothing: on each gene's loop the
     # latest cells (off, at (0, 0)) average to near time 0 and can pass for the earliest
     # (on a 3,000-cell scVelo simulation that chose roots at true time 3 instead of
     # about 1, and cost 0.025 of Spearman correlation)
     t_sum = t.sum(1)
     if smooth_times:
-        t = smooth_gene_times(t, connectivities, weights=weights)
+        W = _weights(connectivities, weights)
+        smoothed = t if rank_times else np.empty(t.shape, dtype=np.float64)  # the input is not ours
+        for a, b in blocks:
+            smoothed[:, a:b] = smooth_gene_times(t[:, a:b], connectivities, weights=W)
+        t = smoothed
     return GeneClockTimes(t, t_sum)
+
+
+def _blocks(n: int, per_block: int) -> list[tuple[int, int]]:
+    """``(a, b)`` ranges of ``per_block`` items covering ``range(n)`` (one empty range for ``n = 0``)."""
+    return [(a, min(a + per_block, n)) for a in range(0, n, per_block)] or [(0, 0)]
 
 
 def latent_time_from_gene_times(
@@ -467,7 +519,7 @@ def latent_time_from_gene_times(
     # one root per thread (numpy's partition and arithmetic release the GIL)
     roots = [int(r) for r in roots[:_N_ROOTS]]
     with ThreadPoolExecutor(max_workers=min(len(roots), os.cpu_count() or 1)) as pool:
-        times = np.stack(list(pool.map(lambda r: shared_time(root_time(t, r)), roots)))
+        times = np.stack(list(pool.map(lambda r: rooted_shared_time(t, r), roots)))
     lt = scale01(times.mean(0))
     conn = _weights(connectivities, weights)
     tc = conn @ lt
@@ -486,10 +538,18 @@ def latent_time_from_gene_times(
 def transitions_backward_from_velocity(
     expression: np.ndarray, velocity: np.ndarray, neighbors: sparse.spmatrix
 ) -> sparse.csr_matrix:
-    """Backward transition matrix from velocities via :mod:`explorer.graph.transition`."""
-    corr = cosine_correlations(expression, velocity, neighbors)
-    graph, graph_neg = split_graph(corr)
-    return transition_matrix(graph, graph_neg, backward=True)
+    """Backward transition matrix from velocities via :mod:`explorer.graph.transition`.
+
+    ``transition_matrix(graph, graph_neg, backward=True)``, with the graphs transposed
+    here and dropped before the weights are made (each weight is a function of its entry,
+    and of the self-transition on the diagonal), so that the forward graphs, their
+    transposes and the weights are not all alive at once.
+    """
+    graph, graph_neg = velocity_graphs(expression, velocity, neighbors)
+    self_p = self_transition_probabilities(graph)
+    graph = graph.T.tocsr()  # one at a time: each original goes as its transpose comes
+    graph_neg = graph_neg.T.tocsr()
+    return transition_matrix(graph, graph_neg, self_probabilities=self_p)
 
 
 def compute_latent_time(adata: AnnData, *, min_likelihood: float = 0.1, min_confidence: float = 0.75) -> None:

@@ -23,7 +23,7 @@ wrappers that read and write AnnData keys (see :mod:`explorer.keys`). Matrices g
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numba
 import numpy as np
@@ -33,7 +33,7 @@ from explorer._types import FloatArray, InputError, IntArray, MissingInputError,
 from explorer.keys import Key, drop_keys
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterator, Sequence
 
     from anndata import AnnData
 
@@ -54,8 +54,11 @@ _DEFAULT_RECURSE = {"distances": 2, "connectivities": 1}
 #: a centred displacement whose squared norm is below this share of the uncentred one is
 #: treated as zero (scVelo's 0/0 gives NaN there, and then no edge).
 _ZERO_DISPLACEMENT = 1e-10
-#: scratch size, in float32 elements, of one block of the correlation computation.
-_BLOCK_ELEMENTS = 1 << 22
+#: stored entries of the block of rows that the graph functions (:func:`neighbor_pattern`,
+#: :func:`cosine_correlations`, :func:`transition_matrix`) build at a time, so that their
+#: temporaries stay the size of a block and only the result grows with the graph (at 100,000
+#: cells the twice-recursed kNN has 35 million edges)
+ROW_BLOCK_ENTRIES = 1 << 22
 #: progress reports from the compiled edge-by-edge path
 _PROGRESS_BLOCKS = 16
 
@@ -121,7 +124,7 @@ def neighbor_pattern(adjacency: sparse.spmatrix, *, n_recurse_neighbors: int = 1
     Returns
     -------
     ``(n_obs, n_obs)`` CSR pattern of ``(I + A)^n`` without its diagonal (data all 1,
-    float32, sorted indices).
+    float32, sorted indices), built a block of rows at a time (:func:`pattern_rows`).
     """
     if n_recurse_neighbors < 1:
         msg = (
@@ -129,36 +132,121 @@ def neighbor_pattern(adjacency: sparse.spmatrix, *, n_recurse_neighbors: int = 1
             "Use 1 for direct neighbours only."
         )
         raise ValueError(msg)
-    step = sparse.csr_matrix(adjacency, dtype=np.float32, copy=True)
+    step = reach_step(adjacency)
+    n_obs = step.shape[0]
+    # a row of (I + A)^n has about degree^n entries before duplicates are summed (the mean
+    # degree: a kNN's rows are all alike, and a few hubs of a symmetric graph would make the
+    # widest row's bound a block of a few cells)
+    degree = max(1, round(step.nnz / max(n_obs, 1)))
+    per_block = max(1, ROW_BLOCK_ENTRIES // degree**n_recurse_neighbors)
+    rows = RowStack()
+    for a in range(0, n_obs, per_block):
+        rows.add(pattern_rows(step, a, min(a + per_block, n_obs), n_recurse_neighbors=n_recurse_neighbors))
+    return rows.stack(n_obs)
+
+
+def reach_step(direct: sparse.spmatrix) -> sparse.csr_matrix:
+    """``I + A`` as a 0/1 float32 pattern: one step of :func:`neighbor_pattern`."""
+    step = sparse.csr_matrix(direct, dtype=np.float32, copy=True)
     step.data[:] = 1.0
     step = (step + sparse.identity(step.shape[0], dtype=np.float32, format="csr")).tocsr()
     step.data[:] = 1.0
-    reach = step
+    return step
+
+
+def pattern_rows(
+    step: sparse.csr_matrix, a: int, b: int, *, n_recurse_neighbors: int = 2
+) -> sparse.csr_matrix:
+    """Rows ``a:b`` of :func:`neighbor_pattern`, a ``(b - a, n_obs)`` pattern, from :func:`reach_step`."""
+    block = sparse.csr_matrix(step[a:b])
     for _ in range(n_recurse_neighbors - 1):
-        reach = reach @ step
-        reach.data[:] = 1.0
-    reach = _drop_diagonal(reach)
-    reach.data[:] = 1.0
-    return reach
+        block = sparse.csr_matrix(block @ step)
+    block = _drop_diagonal(block, row0=a)
+    block.data = np.ones(block.nnz, dtype=np.float32)
+    return block
 
 
-def _drop_diagonal(matrix: sparse.spmatrix) -> sparse.csr_matrix:
-    """``matrix`` as CSR without diagonal entries, zeros or unsorted indices."""
+def _drop_diagonal(matrix: sparse.spmatrix, *, row0: int = 0) -> sparse.csr_matrix:
+    """``matrix`` as CSR without diagonal entries, zeros or unsorted indices.
+
+    ``row0``: the cell of the first row, for a block of rows (its diagonal is at
+    ``(r, row0 + r)``).
+    """
     m = sparse.csr_matrix(matrix, copy=True)
     m.eliminate_zeros()
-    rows = np.repeat(np.arange(m.shape[0]), np.diff(m.indptr))
+    rows = np.repeat(np.arange(row0, row0 + m.shape[0]), np.diff(m.indptr))
     off = m.indices != rows
     if not off.all():
         m = sparse.csr_matrix(
             (
                 m.data[off],
                 m.indices[off],
-                np.concatenate([[0], np.cumsum(np.bincount(rows[off], minlength=m.shape[0]))]),
+                np.concatenate([[0], np.cumsum(np.bincount(rows[off] - row0, minlength=m.shape[0]))]),
             ),
             shape=m.shape,
         )
     m.sort_indices()
     return m
+
+
+def row_blocks(indptr: np.ndarray, per_block: int) -> list[tuple[int, int]]:
+    """Ranges of rows holding about ``per_block`` stored entries each, given the rows' CSR ``indptr``."""
+    indptr = np.asarray(indptr, dtype=np.int64)
+    n = len(indptr) - 1
+    bounds = np.searchsorted(indptr, np.arange(0, indptr[-1] + per_block, per_block), side="right") - 1
+    bounds = np.unique(np.r_[0, np.clip(bounds, 0, n), n])
+    return list(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True))
+
+
+def rows_of(matrix: sparse.spmatrix, a: int, b: int) -> sparse.csr_matrix:
+    """``matrix`` with only rows ``a:b`` kept (same shape; the others empty), sharing its arrays."""
+    m = sparse.csr_matrix(matrix)
+    lo, hi = m.indptr[a], m.indptr[b]
+    n = m.shape[0]
+    indptr = np.concatenate([np.zeros(a, dtype=np.int64), m.indptr[a : b + 1] - lo, np.full(n - b, hi - lo)])
+    return sparse.csr_matrix((m.data[lo:hi], m.indices[lo:hi], indptr), shape=m.shape)
+
+
+class RowStack:
+    """Blocks of rows of a CSR matrix, stacked into one at the end.
+
+    ``scipy.sparse.vstack`` holds every block and the whole result together (twice the
+    matrix); here each block's arrays are dropped as they are copied into the result, so
+    the result and one block are alive at a time.
+    """
+
+    def __init__(self) -> None:
+        self.data: list[np.ndarray] = []
+        self.indices: list[np.ndarray] = []
+        self.counts: list[np.ndarray] = []
+
+    def add(self, block: sparse.spmatrix, dtype: Any = None) -> None:
+        """Append the rows of ``block`` (its data as ``dtype``, if given)."""
+        block = sparse.csr_matrix(block)
+        self.data.append(block.data if dtype is None else block.data.astype(dtype))
+        self.indices.append(block.indices)
+        self.counts.append(np.diff(block.indptr))
+
+    def stack(self, n_cols: int) -> sparse.csr_matrix:
+        """The ``(rows added, n_cols)`` CSR matrix; empties the stack."""
+        counts = np.concatenate(self.counts) if self.counts else np.zeros(0, dtype=np.int64)
+        self.counts.clear()
+        data, indices = _drain(self.data, np.float32), _drain(self.indices, np.int32)
+        return sparse.csr_matrix((data, indices, np.r_[0, np.cumsum(counts)]), shape=(len(counts), n_cols))
+
+
+def _drain(parts: list[np.ndarray], empty_dtype: Any) -> np.ndarray:
+    """The concatenation of ``parts``, each dropped (``parts`` emptied) once it is copied."""
+    if not parts:
+        return np.zeros(0, dtype=empty_dtype)
+    out = np.empty(sum(len(p) for p in parts), dtype=np.result_type(*parts))
+    start = 0
+    parts.reverse()
+    while parts:
+        part = parts.pop()
+        out[start : start + len(part)] = part
+        start += len(part)
+    return out
 
 
 def knn_pattern(indices: IntArray, *, n_obs: int | None = None) -> sparse.csr_matrix:
@@ -210,6 +298,50 @@ def cosine_correlations(
     ``(n_obs, n_obs)`` CSR float32 matrix of correlations in [-1, 1] on the pattern of
     ``neighbors``. Pairs that cannot be scored, because the cell has no velocity (all
     zero after centring) or the two cells are identical, are left out, as scVelo does.
+    Scored a block of cells at a time (:data:`ROW_BLOCK_ENTRIES`); :func:`velocity_graphs`
+    splits each block as it comes.
+    """
+    rows = RowStack()
+    for block in _correlation_blocks(expression, velocity, neighbors, sqrt_transform, progress):
+        rows.add(block)
+    return rows.stack(neighbors.shape[1])
+
+
+def velocity_graphs(
+    expression: FloatArray,
+    velocity: FloatArray,
+    neighbors: sparse.spmatrix,
+    *,
+    sqrt_transform: bool = False,
+    progress: ProgressCallback | None = None,
+) -> tuple[sparse.csr_matrix, sparse.csr_matrix]:
+    """``split_graph(cosine_correlations(...))``, split a block of cells at a time.
+
+    The same two matrices (scVelo's ``velocity_graph`` and ``velocity_graph_neg``) without
+    the signed one beside them.
+    """
+    pos, neg = RowStack(), RowStack()
+    for block in _correlation_blocks(expression, velocity, neighbors, sqrt_transform, progress):
+        p, n = split_graph(block)
+        del block
+        pos.add(p)
+        neg.add(n)
+    return pos.stack(neighbors.shape[1]), neg.stack(neighbors.shape[1])
+
+
+def _correlation_blocks(
+    expression: FloatArray,
+    velocity: FloatArray,
+    neighbors: sparse.spmatrix,
+    sqrt_transform: bool,
+    progress: ProgressCallback | None,
+) -> Iterator[sparse.csr_matrix]:
+    """:func:`cosine_correlations`' rows, a block of cells at a time, reporting progress after each.
+
+    A compiled loop over each cell's neighbours reads the two expression rows once and
+    keeps three running sums; numpy would write several ``(n_edges, n_genes)``
+    temporaries (three to five times slower on the pancreas) and BLAS tricks lose digits
+    to cancellation in float32.
     """
     X = np.asarray(expression, dtype=np.float32)
     V = np.asarray(velocity, dtype=np.float32)
@@ -226,47 +358,26 @@ def cosine_correlations(
     if np.isnan(V).any():
         msg = "Expected velocities without NaN; drop the genes the model did not fit (velocity_genes)."
         raise ValueError(msg)
-    pattern = _drop_diagonal(pattern)
 
     if sqrt_transform:
         V = np.sign(V) * np.sqrt(np.abs(V))
-    V = V - V.mean(axis=1, keepdims=True)
+    V = np.ascontiguousarray(V - V.mean(axis=1, keepdims=True), dtype=np.float32)
+    X = np.ascontiguousarray(X)
     # a cell whose centred velocity is zero (norm 0) gets no edges (scVelo skips it)
     v_norm = np.sqrt(np.einsum("ij,ij->i", V, V, dtype=np.float64)).astype(np.float32)
-    values = _correlations_by_edges(X, V, v_norm, pattern, sqrt_transform=sqrt_transform, progress=progress)
-    out = sparse.csr_matrix((values, pattern.indices.copy(), pattern.indptr.copy()), shape=pattern.shape)
-    out.eliminate_zeros()
-    return out
-
-
-def _correlations_by_edges(
-    X: FloatArray,
-    V: FloatArray,
-    v_norm: FloatArray,
-    pattern: sparse.csr_matrix,
-    *,
-    sqrt_transform: bool,
-    progress: ProgressCallback | None,
-) -> FloatArray:
-    """Run the compiled kernel over blocks of cells, reporting progress between blocks.
-
-    A compiled loop over each cell's neighbours reads the two expression rows once and
-    keeps three running sums; numpy would write several ``(n_edges, n_genes)``
-    temporaries (three to five times slower on the pancreas) and BLAS tricks lose digits
-    to cancellation in float32.
-    """
-    values = np.zeros(pattern.nnz, dtype=np.float32)
-    indptr = pattern.indptr.astype(np.int64)
-    indices = pattern.indices.astype(np.int64)
-    X = np.ascontiguousarray(X, dtype=np.float32)
-    V = np.ascontiguousarray(V, dtype=np.float32)
-    n_obs = pattern.shape[0]
-    n_blocks = min(_PROGRESS_BLOCKS, max(n_obs, 1))
-    bounds = np.linspace(0, n_obs, n_blocks + 1).astype(np.int64)
-    for b in range(n_blocks):
-        _correlation_kernel(X, V, v_norm, indptr, indices, bounds[b], bounds[b + 1], sqrt_transform, values)
-        report(progress, b + 1, n_blocks, "velocity graph")
-    return np.clip(values, -1.0, 1.0)
+    per_block = max(1, min(ROW_BLOCK_ENTRIES, -(-pattern.nnz // _PROGRESS_BLOCKS)))
+    blocks = row_blocks(pattern.indptr, per_block)
+    for n, (a, b) in enumerate(blocks, 1):
+        # rows a:b alone, in the full shape the kernel indexes (the diagonal is not scored)
+        rows = _drop_diagonal(rows_of(pattern, a, b))
+        values = np.zeros(rows.nnz, dtype=np.float32)
+        indptr = rows.indptr.astype(np.int64)
+        _correlation_kernel(X, V, v_norm, indptr, rows.indices.astype(np.int64), a, b, sqrt_transform, values)
+        np.clip(values, -1.0, 1.0, out=values)
+        block = sparse.csr_matrix((values, rows.indices, indptr[a : b + 1]), shape=(b - a, pattern.shape[1]))
+        block.eliminate_zeros()
+        report(progress, n, len(blocks), "velocity graph")
+        yield block
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
@@ -389,7 +500,7 @@ def transition_matrix(
     ``use_negative_cosines``). A cell with no scored neighbour stays where it is (a 1 on
     the diagonal), where scVelo would leave an empty row.
     """
-    pos = sparse.csr_matrix(graph, dtype=np.float64, copy=True)
+    pos = sparse.csr_matrix(graph)
     n_obs = pos.shape[0]
     if pos.shape != (n_obs, n_obs):
         msg = f"Expected a square (n_obs, n_obs) velocity graph, found shape {pos.shape}."
@@ -397,16 +508,57 @@ def transition_matrix(
     if graph_neg is not None and graph_neg.shape != pos.shape:
         msg = f"Expected velocity_graph_neg of shape {pos.shape}, found {graph_neg.shape}."
         raise ValueError(msg)
-    pos = _drop_diagonal(pos)
+    neg = None if graph_neg is None else sparse.csr_matrix(graph_neg)
+    self_p = None
     if self_transitions:
         self_p = self_transition_probabilities(graph) if self_probabilities is None else self_probabilities
-        pos = pos + sparse.diags(np.asarray(self_p, dtype=np.float64), format="csr")
+        self_p = np.asarray(self_p, dtype=np.float64)
+    if backward:
+        # each weight is a function of its entry alone (and of the self-transition on the
+        # diagonal, which stays there), so the transposed graphs give the transposed
+        # weights: no float64 copy of the forward ones to transpose
+        pos = pos.T.tocsr()
+        neg = None if neg is None else neg.T.tocsr()
+    counts = pos.indptr.astype(np.int64) + (0 if neg is None else neg.indptr)
+    rows = RowStack()
+    for a, b in row_blocks(counts, ROW_BLOCK_ENTRIES):
+        block = _kernel_rows(
+            rows_of(pos, a, b),
+            None if neg is None else rows_of(neg, a, b),
+            self_p,
+            (a, b),
+            scale=scale,
+            use_negative_cosines=use_negative_cosines,
+        )
+        rows.add(block)
+    return _normalize_rows_in_place(rows.stack(n_obs))
+
+
+def _kernel_rows(
+    pos: sparse.csr_matrix,
+    neg: sparse.csr_matrix | None,
+    self_p: np.ndarray | None,
+    cells: tuple[int, int],
+    *,
+    scale: float,
+    use_negative_cosines: bool,
+) -> sparse.csr_matrix:
+    """Rows ``a:b`` (``cells``) of :func:`transition_matrix`'s weights, before their rows are normalised.
+
+    ``pos`` and ``neg`` hold the graphs' rows ``a:b`` in their full shape (:func:`rows_of`),
+    ``self_p`` every cell's self-transition probability (or None).
+    """
+    a, b = cells
+    pos = _drop_diagonal(sparse.csr_matrix(pos, dtype=np.float64, copy=True))
+    if self_p is not None:
+        diagonal = np.zeros(pos.shape[0])
+        diagonal[a:b] = self_p[a:b]
+        pos = pos + sparse.diags(diagonal, format="csr")
     pos.eliminate_zeros()
     weights = pos.copy()
     weights.data = np.expm1(scale * weights.data)
-    if graph_neg is not None:
-        neg = sparse.csr_matrix(graph_neg, dtype=np.float64, copy=True)
-        neg = _drop_diagonal(neg)
+    if neg is not None:
+        neg = _drop_diagonal(sparse.csr_matrix(neg, dtype=np.float64, copy=True))
         if use_negative_cosines:
             neg.data = -np.expm1(-scale * neg.data)
             weights = weights + neg
@@ -419,21 +571,31 @@ def transition_matrix(
             weights.data += 1.0
     weights = sparse.csr_matrix(weights)
     weights.eliminate_zeros()
-    if backward:
-        weights = weights.T.tocsr()
-    return _normalize_rows(weights)
+    return weights[a:b]
 
 
-def _normalize_rows(weights: sparse.csr_matrix) -> sparse.csr_matrix:
-    """Divide each row by its absolute sum; an empty row gets a 1 on the diagonal."""
-    weights = sparse.csr_matrix(weights, dtype=np.float64)
-    sums = np.asarray(abs(weights).sum(axis=1)).ravel()
+def _normalize_rows(weights: sparse.spmatrix) -> sparse.csr_matrix:
+    """Divide each row by its absolute sum, in a new matrix; an empty row gets a 1 on the diagonal."""
+    return _normalize_rows_in_place(sparse.csr_matrix(weights, dtype=np.float64, copy=True))
+
+
+def _normalize_rows_in_place(weights: sparse.csr_matrix) -> sparse.csr_matrix:
+    """:func:`_normalize_rows` of a float64 CSR matrix of one's own, a block of rows at a time, in place."""
+    n_obs = weights.shape[0]
+    sums = np.zeros(n_obs)
+    blocks = row_blocks(weights.indptr, ROW_BLOCK_ENTRIES)
+    for a, b in blocks:
+        sums[a:b] = np.asarray(abs(weights[a:b]).sum(axis=1)).ravel()
     empty = sums == 0
     if empty.any():
-        weights = weights + sparse.diags(empty.astype(np.float64), format="csr")
+        weights = sparse.csr_matrix(weights + sparse.diags(empty.astype(np.float64), format="csr"))
         sums[empty] = 1.0
-    weights = sparse.diags(1.0 / sums) @ weights
-    weights = sparse.csr_matrix(weights)
+        blocks = row_blocks(weights.indptr, ROW_BLOCK_ENTRIES)
+    inverse = 1.0 / sums
+    for a, b in blocks:
+        lo, hi = weights.indptr[a], weights.indptr[b]
+        weights.data[lo:hi] *= np.repeat(inverse[a:b], np.diff(weights.indptr[a : b + 1]))
+    weights.eliminate_zeros()
     weights.sort_indices()
     return weights
 
@@ -860,8 +1022,9 @@ def compute_velocity_graph(
             depth,
             sqrt_transform,
         )
-        corr = cosine_correlations(X, V, pattern, sqrt_transform=bool(sqrt_transform), progress=progress)
-        graph, graph_neg = split_graph(corr)
+        graph, graph_neg = velocity_graphs(
+            X, V, pattern, sqrt_transform=bool(sqrt_transform), progress=progress
+        )
     adata.obsp[_vkey_name(Key.obsp.VELOCITY_GRAPH, vkey)] = graph
     adata.obsp[_vkey_name(Key.obsp.VELOCITY_GRAPH_NEG, vkey)] = graph_neg
     adata.obs[_vkey_name(Key.obs.VELOCITY_SELF_TRANSITION, vkey)] = self_transition_probabilities(graph)

@@ -45,11 +45,10 @@ from explorer._types import InputError, no_velocity_gene, report
 from explorer.graph import latent_time as lt_mod
 from explorer.graph.latent_time import neighbor_average_matrix
 from explorer.graph.transition import (
-    cosine_correlations,
     neighbors_for_graph,
     sparse_dense_product,
-    split_graph,
     transition_matrix,
+    velocity_graphs,
 )
 from explorer.keys import Key
 from explorer.models.base import Hyperparameters, VelocityResult, require_layers
@@ -833,7 +832,7 @@ class Dynamical(Hyperparameters):
             pattern = neighbors_for_graph(adata, n_recurse_neighbors=_graph_recursion(large))
         elif pattern is None:
             pattern = sparse.csr_matrix(conn)
-        graph, graph_neg = split_graph(cosine_correlations(Ms, vel[:, use], pattern))
+        graph, graph_neg = velocity_graphs(Ms, vel[:, use], pattern)
         T_bwd = transition_matrix(graph, graph_neg, backward=True)
         if not large and Key.obsp.DISTANCES in adata.obsp:
             # scVelo's velocity graph itself (the kNN recursed twice, these genes): kept for

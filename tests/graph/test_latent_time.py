@@ -302,3 +302,35 @@ def test_latent_time_steps_given_the_weights_equal_those_building_them():
     lt_plain = lt.latent_time_from_gene_times(plain, score, conn)
     np.testing.assert_array_equal(lt.latent_time_from_gene_times(given, score, conn, weights=W), lt_plain)
     assert spearmanr(lt_plain, true)[0] > 0.9
+
+
+def test_latent_time_in_blocks_of_genes_and_cells_is_the_latent_time_at_once(monkeypatch):
+    """Blocks bound the temporaries at 10^5 cells (each gene ranked and smoothed alone, each
+    root's times re-rooted a block of cells at a time); the numbers stay the same to the bit."""
+    rng = np.random.default_rng(11)
+    n, m = 90, 14
+    conn = _chain(n, k=3)
+    true = np.linspace(0, 1, n)
+    fit_t = np.clip(true[:, None] * rng.uniform(0.5, 2, m) + rng.normal(0, 0.05, (n, m)), 0, None)
+    fit_t[rng.random((n, m)) < 0.1] = 0.0  # ties at the off state
+    score = np.zeros(n)
+    score[:3] = 1.0
+    at_once = {}
+    for rank in (True, False):
+        g = lt.gene_clock_times(fit_t, conn, rank_times=rank)
+        at_once[rank] = (g, lt.latent_time_from_gene_times(g, score, conn))
+    # the default blocks hold all of these times at once
+    assert lt._TIME_BLOCK_ENTRIES >= n * m
+    monkeypatch.setattr(lt, "_TIME_BLOCK_ENTRIES", 2 * n + 7)  # two genes, or two cells' genes and a bit
+    for rank, (g, latent) in at_once.items():
+        blocked = lt.gene_clock_times(fit_t, conn, rank_times=rank)
+        np.testing.assert_array_equal(blocked.times, g.times)
+        np.testing.assert_array_equal(blocked.summed, g.summed)
+        np.testing.assert_array_equal(lt.latent_time_from_gene_times(blocked, score, conn), latent)
+        for root in (0, 40, n - 1):
+            np.testing.assert_array_equal(
+                lt.rooted_shared_time(g.times, root), lt.shared_time(lt.root_time(g.times, root))
+            )
+    assert spearmanr(at_once[True][1], true)[0] > 0.9
+    # the input is left as it was (the smoothing writes into its own array)
+    assert fit_t.min() == 0.0 and np.isfinite(fit_t).all()

@@ -351,3 +351,39 @@ def test_knn_indices_rows_of_equal_length_match_the_general_sort():
     np.testing.assert_array_equal(fast, general)
     order = np.argsort(data, axis=1, kind="stable")[:, :4]
     np.testing.assert_array_equal(fast, np.take_along_axis(cols, order, axis=1))
+
+
+def test_the_graph_built_in_blocks_of_cells_is_the_graph_built_at_once(cellrank_adata, monkeypatch):
+    """Blocks of rows bound the temporaries at 10^5 cells; the numbers stay the same to the bit."""
+    from explorer.graph import transition
+    from explorer.graph.transition import row_blocks, velocity_graphs
+
+    X, V = _inputs(cellrank_adata)
+    direct = knn_pattern(knn_indices(cellrank_adata.obsp[Key.obsp.DISTANCES]))
+
+    def everything():
+        pattern = neighbor_pattern(direct, n_recurse_neighbors=2)
+        corr = cosine_correlations(X, V, pattern)
+        pos, neg = velocity_graphs(X, V, pattern)
+        return pattern, corr, pos, neg, *(
+            transition_matrix(pos, neg, **kw)
+            for kw in ({}, {"backward": True}, {"use_negative_cosines": True}, {"self_transitions": False})
+        )
+
+    at_once = everything()
+    assert len(row_blocks(at_once[0].indptr, transition.ROW_BLOCK_ENTRIES)) == 1
+    monkeypatch.setattr(transition, "ROW_BLOCK_ENTRIES", 97)  # not a multiple of any row's length
+    assert len(row_blocks(at_once[0].indptr, 97)) > 50
+    for whole, blocks in zip(at_once, everything(), strict=True):
+        for name in ("data", "indices", "indptr"):
+            np.testing.assert_array_equal(getattr(blocks, name), getattr(whole, name), err_msg=name)
+    pattern, corr, pos, neg, T, T_bwd = at_once[:6]
+    # the split is the signed correlations' two signs
+    np.testing.assert_array_equal((pos + neg).toarray(), corr.toarray())
+    # backward: scVelo's weights (exp(10 r) on every scored pair, exp(10 self) on the
+    # diagonal) transposed, then each row normalised
+    W = np.where(corr.toarray() != 0, np.exp(10.0 * corr.toarray()), 0.0)
+    self_prob = self_transition_probabilities(pos)
+    W[np.diag_indices_from(W)] = np.where(self_prob > 0, np.exp(10.0 * self_prob), 0.0)
+    np.testing.assert_allclose(T_bwd.toarray(), W.T / W.T.sum(axis=1, keepdims=True), atol=1e-6)
+    np.testing.assert_allclose(T.toarray(), W / W.sum(axis=1, keepdims=True), atol=1e-6)

@@ -120,3 +120,29 @@ def test_gene_likelihood_ranks_fits_not_expression_levels():
     density = np.exp(reconstruction_error(Mu, Ms, u_hat, s_hat).per_gene["loglik_train"].to_numpy())
     assert density[1] > 1e3 * density[0]  # noqa: PLR2004 - what it replaced
     assert np.isnan(gene_likelihood(np.ones((5, 1)), np.ones((5, 1)), np.ones((5, 1)), np.ones((5, 1))))[0]
+
+
+def test_reconstruction_error_in_blocks_of_genes_is_the_error_at_once(monkeypatch):
+    """A block of genes at a time in float64 (the inputs are float32), the same numbers to the bit."""
+    from explorer.models import metrics
+
+    rng = np.random.default_rng(3)
+    n, m = 120, 9
+    Mu = rng.gamma(2, 1, (n, m)).astype(np.float32)
+    Ms = rng.gamma(2, 2, (n, m)).astype(np.float32)
+    u_hat = (Mu + rng.normal(0, 0.3, (n, m))).astype(np.float32)
+    s_hat = (Ms + rng.normal(0, 0.5, (n, m))).astype(np.float32)
+    s_hat[:, 4] = np.nan  # a gene not predicted
+    train = rng.random(n) < 0.7
+    whole = reconstruction_error(Mu, Ms, u_hat, s_hat, train=train)
+    assert metrics._BLOCK_ENTRIES >= n * m
+    monkeypatch.setattr(metrics, "_BLOCK_ENTRIES", 2 * n)  # two genes a block
+    blocked = reconstruction_error(Mu, Ms, u_hat, s_hat, train=train)
+    assert blocked.summary == whole.summary
+    pd.testing.assert_frame_equal(blocked.per_gene, whole.per_gene, check_exact=True)
+    pd.testing.assert_frame_equal(blocked.per_cell, whole.per_cell, check_exact=True)
+    assert np.isnan(whole.per_gene["mse_test"].iloc[4]) and whole.summary["n_genes"] == m - 1
+    # the held-out MSE by hand, in float64
+    ok = np.arange(m) != 4
+    r = (Mu.astype(float) - u_hat) ** 2 + (Ms.astype(float) - s_hat) ** 2
+    assert whole.summary["mse_test"] == pytest.approx(r[np.ix_(~train, ok)].mean(), rel=1e-12)
