@@ -70,7 +70,13 @@ from explorer.graph import latent_time as lt_mod
 from explorer.graph.transition import neighbors_for_graph
 from explorer.keys import Key
 from explorer.models.base import Hyperparameters, VelocityResult, require_layers
-from explorer.models.dynamical import _import_torch, _resolve_device
+from explorer.models.dynamical import (
+    _LARGE_GRAPH_CELLS,
+    _LARGE_GRAPH_POWER_STEPS,
+    _graph_recursion,
+    _import_torch,
+    _resolve_device,
+)
 from explorer.models.metrics import gene_likelihood, latent_time_spearman, reconstruction_error
 from explorer.models.steady_state import SteadyState, genes_to_fit
 
@@ -897,14 +903,21 @@ class VeloVAE(Hyperparameters):
         if use.sum() < 2:
             use = np.isfinite(vel).all(0)
         conn = adata.obsp[Key.obsp.CONNECTIVITIES]
+        # above 20,000 cells, the dynamical model's root cells: the direct kNN's velocity
+        # graph and a fixed number of backward-chain steps (the eigen solve took 128 s of a
+        # 187 s initial time at 100,000 cells); at and below it, scVelo's
+        large = adata.n_obs > _LARGE_GRAPH_CELLS
         if Key.obsp.DISTANCES in adata.obsp:
-            pattern = neighbors_for_graph(adata)
+            pattern = neighbors_for_graph(adata, n_recurse_neighbors=_graph_recursion(large))
         else:
             pattern = sparse.csr_matrix(conn)
         t_bwd = lt_mod.transitions_backward_from_velocity(
             _dense32(adata.layers[Key.layers.MS][:, cols[use]]), vel[:, use], pattern
         )
-        roots = lt_mod.root_cells(t_bwd, conn, seed=self.seed)
+        del pattern
+        steps = _LARGE_GRAPH_POWER_STEPS if large else None
+        roots = lt_mod.root_cells(t_bwd, conn, seed=self.seed, n_power_steps=steps)
+        del t_bwd
         genes = np.isfinite(gene_t).all(0) & use
         if genes.sum() < 2:
             genes = np.isfinite(gene_t).all(0)

@@ -1071,3 +1071,31 @@ def test_n_starts_where_dpt_is_refused_are_still_two_fits(small, monkeypatch, in
     # two fits: their times differ, so the pooled SD has a between-start part
     assert not np.allclose(first.time_posterior_["t_mean"], second.time_posterior_["t_mean"])
     assert model.ensemble_["latent_time_std_between"].max() > 0
+
+
+def test_large_data_initial_time_takes_the_dynamical_models_root_cells(small, monkeypatch):
+    """Above 20,000 cells the steady-state time's root cells come from the direct kNN and
+    1,000 backward-chain steps, as the dynamical model's (the eigen-solve took 128 s at
+    100,000 cells); forced on the small simulation, the initial time stays the same order."""
+    from explorer.models import vae
+
+    calls, times = [], []
+    graph, roots, steady = vae.neighbors_for_graph, vae.lt_mod.root_cells, VeloVAE._steady_state_time
+    monkeypatch.setattr(vae, "neighbors_for_graph", lambda a, **kw: calls.append(kw) or graph(a, **kw))
+    monkeypatch.setattr(vae.lt_mod, "root_cells", lambda *a, **kw: calls.append(kw) or roots(*a, **kw))
+
+    def spied(self, *args):
+        out = steady(self, *args)
+        times.append(out[0])
+        return out
+
+    monkeypatch.setattr(VeloVAE, "_steady_state_time", spied)
+    params = {**FEW, "initial_time": "steady_state", "max_epochs": 1, "max_epochs_stage2": 0}
+    VeloVAE(seed=0, **params).fit(small.copy())
+    monkeypatch.setattr(vae, "_LARGE_GRAPH_CELLS", 100)
+    VeloVAE(seed=0, **params).fit(small.copy())
+    assert [c.get("n_recurse_neighbors") for c in calls[::2]] == [None, 1]
+    assert [c.get("n_power_steps") for c in calls[1::2]] == [None, 1000]
+    true_t = small.obs[Key.obs.TRUE_T].to_numpy()
+    assert min(spearmanr(t, true_t)[0] for t in times) > 0.9
+    assert spearmanr(times[0], times[1])[0] > 0.95
