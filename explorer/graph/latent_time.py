@@ -332,10 +332,10 @@ def rooted_shared_time(
     """
     t = np.asarray(t, dtype=np.float64)
     n_obs, n_genes = t.shape
-    if n_obs == 0 or n_genes == 0:
+    blocks = _blocks(n_obs, max(1, _TIME_BLOCK_ENTRIES // max(n_genes, 1)))
+    if len(blocks) == 1:  # all at once: the one pass, as before
         return shared_time(root_time(t, root), percentiles=percentiles)
     t_root = t[root].copy()
-    blocks = _blocks(n_obs, max(1, _TIME_BLOCK_ENTRIES // n_genes))
     t_origin = np.max([latest_after(t[a:b], t_root) for a, b in blocks], axis=0)
     lowest = min(reroot(t[a:b], t_root, t_origin).min() for a, b in blocks)
     parts = []

@@ -22,6 +22,7 @@ wrappers that read and write AnnData keys (see :mod:`explorer.keys`). Matrices g
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -239,6 +240,8 @@ def _drain(parts: list[np.ndarray], empty_dtype: Any) -> np.ndarray:
     """The concatenation of ``parts``, each dropped (``parts`` emptied) once it is copied."""
     if not parts:
         return np.zeros(0, dtype=empty_dtype)
+    if len(parts) == 1:
+        return parts.pop()
     out = np.empty(sum(len(p) for p in parts), dtype=np.result_type(*parts))
     start = 0
     parts.reverse()
@@ -365,18 +368,24 @@ def _correlation_blocks(
     X = np.ascontiguousarray(X)
     # a cell whose centred velocity is zero (norm 0) gets no edges (scVelo skips it)
     v_norm = np.sqrt(np.einsum("ij,ij->i", V, V, dtype=np.float64)).astype(np.float32)
-    per_block = max(1, min(ROW_BLOCK_ENTRIES, -(-pattern.nnz // _PROGRESS_BLOCKS)))
-    blocks = row_blocks(pattern.indptr, per_block)
-    for n, (a, b) in enumerate(blocks, 1):
+    blocks = row_blocks(pattern.indptr, ROW_BLOCK_ENTRIES)
+    # progress after each of about _PROGRESS_BLOCKS runs of the kernel, over cells
+    runs = [np.linspace(a, b, -(-_PROGRESS_BLOCKS // len(blocks)) + 1).astype(np.int64) for a, b in blocks]
+    done, total = 0, sum(len(r) - 1 for r in runs)
+    for (a, b), bounds in zip(blocks, runs, strict=True):
         # rows a:b alone, in the full shape the kernel indexes (the diagonal is not scored)
         rows = _drop_diagonal(rows_of(pattern, a, b))
         values = np.zeros(rows.nnz, dtype=np.float32)
         indptr = rows.indptr.astype(np.int64)
-        _correlation_kernel(X, V, v_norm, indptr, rows.indices.astype(np.int64), a, b, sqrt_transform, values)
+        indices = rows.indices.astype(np.int64)
+        for first, last in itertools.pairwise(bounds):
+            _correlation_kernel(X, V, v_norm, indptr, indices, first, last, sqrt_transform, values)
+            done += 1
+            report(progress, done, total, "velocity graph")
+        del indices
         np.clip(values, -1.0, 1.0, out=values)
         block = sparse.csr_matrix((values, rows.indices, indptr[a : b + 1]), shape=(b - a, pattern.shape[1]))
         block.eliminate_zeros()
-        report(progress, n, len(blocks), "velocity graph")
         yield block
 
 
@@ -571,7 +580,7 @@ def _kernel_rows(
             weights.data += 1.0
     weights = sparse.csr_matrix(weights)
     weights.eliminate_zeros()
-    return weights[a:b]
+    return weights if (a, b) == (0, weights.shape[0]) else weights[a:b]
 
 
 def _normalize_rows(weights: sparse.spmatrix) -> sparse.csr_matrix:
@@ -585,7 +594,8 @@ def _normalize_rows_in_place(weights: sparse.csr_matrix) -> sparse.csr_matrix:
     sums = np.zeros(n_obs)
     blocks = row_blocks(weights.indptr, ROW_BLOCK_ENTRIES)
     for a, b in blocks:
-        sums[a:b] = np.asarray(abs(weights[a:b]).sum(axis=1)).ravel()
+        block = weights if (a, b) == (0, n_obs) else weights[a:b]
+        sums[a:b] = np.asarray(abs(block).sum(axis=1)).ravel()
     empty = sums == 0
     if empty.any():
         weights = sparse.csr_matrix(weights + sparse.diags(empty.astype(np.float64), format="csr"))
