@@ -106,6 +106,8 @@ _SIGMA_FLOOR = 0.05
 _SWITCH_GAIN = 0.9
 #: cells per chunk when the whole data set goes through the network (bounds memory)
 _CHUNK = 2048
+#: :class:`~explorer.models._vae_module.Decoded`'s fields, in its order
+_DECODED = ("u", "s", "rho", "velocity_u", "velocity")
 #: stage 2: cells before each cell in time that are candidates for its initial state,
 #: and how many of them (nearest in cell state) it averages
 _X0_WINDOW = 60
@@ -637,11 +639,7 @@ class VeloVAE(Hyperparameters):
         )
         self.history_ = history
         self.timings_ = timings
-        result = self._result(adata, cols, out, train, module)
-
-        self.metrics_ = reconstruction_error(
-            Mu, Ms, out["u"], out["s"], train=train
-        ).summary
+        result, self.metrics_ = self._result(adata, cols, out, train, module, (Mu, Ms))
         report(progress, total, total, "done")
         logger.info("velovae: %s; timings (s) %s", self.metrics_, {k: round(v, 2) for k, v in timings.items()})
         return result
@@ -1233,21 +1231,35 @@ class VeloVAE(Hyperparameters):
         return float(temps[k]), {"synthetic_coverage": float(coverage[k]), "n_synthetic": n_syn}
 
     def _decode_all(
-        self, module: VAEModule, t: torch.Tensor, c: torch.Tensor | None, x0: InitialState | None
+        self,
+        module: VAEModule,
+        t: torch.Tensor,
+        c: torch.Tensor | None,
+        x0: InitialState | None,
+        fields: tuple[str, ...] = _DECODED,
     ) -> Any:
-        """:meth:`VAEModule.decode` over all cells in chunks, concatenated (eval mode, no grad)."""
+        """:meth:`VAEModule.decode` over all cells in chunks, into whole arrays (eval mode, no grad).
+
+        ``fields``: the ones kept (the others are None), each written a chunk at a time into
+        its ``(n_obs, G)`` array, so that a chunk's other outputs and a second copy of the
+        whole are never held (as concatenating the chunks did: 1.6 GB at 100,000 cells).
+        """
         import torch
 
         from explorer.models._vae_module import Decoded
 
         module.eval()
-        parts = []
+        whole: dict[str, torch.Tensor] = {}
         with torch.inference_mode():
             for start in range(0, t.shape[0], _CHUNK):
                 sl = slice(start, start + _CHUNK)
-                sub = _take(x0, sl)
-                parts.append(module.decode(t[sl], None if c is None else c[sl], sub))
-        return Decoded(*(torch.cat([getattr(p, f) for p in parts]) for f in ("u", "s", "rho", "velocity_u", "velocity")))
+                part = module.decode(t[sl], None if c is None else c[sl], _take(x0, sl))
+                for f in fields:
+                    value = getattr(part, f)
+                    if f not in whole:
+                        whole[f] = value.new_empty((t.shape[0], *value.shape[1:]))
+                    whole[f][sl] = value
+        return Decoded(*(whole.get(f) for f in _DECODED))
 
     def _x0_index(self, t: np.ndarray, c: np.ndarray, train_idx: np.ndarray) -> np.ndarray:
         """``(n_obs, k)`` training cells just before each cell in time and nearest in cell state.
@@ -1642,7 +1654,7 @@ class VeloVAE(Hyperparameters):
             cc = None
             if c is not None:
                 cc = c + post["c_sd"] * torch.randn(c.shape, generator=g).to(t.device)
-            yield self._decode_all(module, tt, cc, x0).velocity
+            yield self._decode_all(module, tt, cc, x0, fields=("velocity",)).velocity
 
     def sample_velocity(self) -> np.ndarray:
         """The posterior samples behind the velocity uncertainty and ``layers['velocity_variance']``.
@@ -1659,8 +1671,18 @@ class VeloVAE(Hyperparameters):
         return np.stack([v.float().cpu().numpy() for v in self._velocity_samples(self.module_, post, x0)])
 
     def _result(
-        self, adata: AnnData, cols: np.ndarray, out: dict[str, np.ndarray], train: np.ndarray, module: VAEModule
-    ) -> VelocityResult:
+        self,
+        adata: AnnData,
+        cols: np.ndarray,
+        out: dict[str, np.ndarray],
+        train: np.ndarray,
+        module: VAEModule,
+        moments: tuple[np.ndarray, np.ndarray],
+    ) -> tuple[VelocityResult, dict[str, float]]:
+        """The fit's :class:`VelocityResult` and its reconstruction error's summary (``metrics_``).
+
+        ``moments``: ``(Mu, Ms)`` of the fitted genes, as the fit read them.
+        """
         n_obs, n_vars = adata.n_obs, adata.n_vars
         var_names, obs_names = adata.var_names.copy(), adata.obs_names.copy()
 
@@ -1674,8 +1696,7 @@ class VeloVAE(Hyperparameters):
             arr[cols] = x
             return arr
 
-        Mu = _dense32(adata.layers[Key.layers.MU][:, cols])
-        Ms = _dense32(adata.layers[Key.layers.MS][:, cols])
+        Mu, Ms = moments
         err = reconstruction_error(Mu, Ms, out["u"], out["s"], train=train)
         # R² of the predictions, u and s in units of their spread (as the dynamical model's)
         su, ss = Mu.std(0).clip(min=1e-12), Ms.std(0).clip(min=1e-12)
@@ -1737,7 +1758,7 @@ class VeloVAE(Hyperparameters):
         if self.variant == "full":
             layers[Key.layers.RHO] = full_cells(out["rho"])
         layers[Key.layers.VELOCITY_VARIANCE] = full_cells(out["velocity_variance"])
-        return VelocityResult(
+        result = VelocityResult(
             model=self.name,
             params=self.get_params(),
             obs_names=obs_names,
@@ -1753,6 +1774,7 @@ class VeloVAE(Hyperparameters):
             obs=obs,
             obsm=obsm or None,
         )
+        return result, err.summary
 
 
 def lineage_curves(adata: AnnData, gene: str, groupby: str, *, n_points: int = 200) -> pd.DataFrame:
