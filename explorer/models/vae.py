@@ -1686,7 +1686,11 @@ class VeloVAE(Hyperparameters):
         n_obs, n_vars = adata.n_obs, adata.n_vars
         var_names, obs_names = adata.var_names.copy(), adata.obs_names.copy()
 
+        every_gene = len(cols) == n_vars  # cols are sorted and distinct (np.flatnonzero)
+
         def full_cells(x: np.ndarray) -> np.ndarray:
+            if every_gene and x.dtype == np.float32:
+                return x  # the read-out's own array: no second copy of it
             arr = np.full((n_obs, n_vars), np.nan, dtype=np.float32)
             arr[:, cols] = x
             return arr
@@ -1751,23 +1755,26 @@ class VeloVAE(Hyperparameters):
         obsm = {}
         if "c_mean" in out:
             obsm = {Key.obsm.CELL_STATE: out["c_mean"], Key.obsm.CELL_STATE_STD: out["c_sd"]}
+        # each read-out array goes as its layer comes (``out`` is not read after this)
         layers = {
-            Key.layers.PREDICTED_U: full_cells(out["u"]),
-            Key.layers.PREDICTED_S: full_cells(out["s"]),
+            Key.layers.PREDICTED_U: full_cells(out.pop("u")),
+            Key.layers.PREDICTED_S: full_cells(out.pop("s")),
         }
+        rho = out.pop("rho")
         if self.variant == "full":
-            layers[Key.layers.RHO] = full_cells(out["rho"])
-        layers[Key.layers.VELOCITY_VARIANCE] = full_cells(out["velocity_variance"])
+            layers[Key.layers.RHO] = full_cells(rho)
+        del rho
+        layers[Key.layers.VELOCITY_VARIANCE] = full_cells(out.pop("velocity_variance"))
         result = VelocityResult(
             model=self.name,
             params=self.get_params(),
             obs_names=obs_names,
             var_names=var_names,
-            velocity=full_cells(out["velocity"]),
+            velocity=full_cells(out.pop("velocity")),
             gene_params=gene_params,
             velocity_genes=genes_ok,
             likelihood=pd.Series(gene_params[Key.var.FIT_LIKELIHOOD], index=var_names, name=Key.var.FIT_LIKELIHOOD),
-            velocity_u=full_cells(out["velocity_u"]),
+            velocity_u=full_cells(out.pop("velocity_u")),
             latent_time=latent,
             uncertainty=out["uncertainty"].astype(np.float32),
             layers=layers,
