@@ -1397,7 +1397,9 @@ def _run(
     obs = pd.DataFrame(index=data.obs.index.copy())
     obs[Key.obs.VELOCITY_SELF_TRANSITION] = self_transition_probabilities(graph)
     self_p = obs[Key.obs.VELOCITY_SELF_TRANSITION].to_numpy()
-    transitions = _transitions(graph, graph_neg, self_p)  # compute_transition_matrix's T_fwd
+    # compute_transition_matrix's T_fwd, kept as float32 (8 bytes an edge with its indices, the
+    # float64 matrix 12), the precision the transition confidence used
+    transitions = transition_matrix(graph, graph_neg, self_probabilities=self_p, dtype=np.float32)
     obsm: dict[str, np.ndarray] = {}
     embeddings: list[str] = []
     if Key.obsm.embedding(basis) in data.obsm:
@@ -1529,24 +1531,6 @@ def _velocity_graph(
     graph, graph_neg = parts[0].stack(n_obs), parts[1].stack(n_obs)
     knn_graphs = (parts[2].stack(n_obs), parts[3].stack(n_obs)) if mask is not None else None
     return graph, graph_neg, knn_graphs, sums, n_edges
-
-
-def _transitions(graph: sparse.csr_matrix, graph_neg: sparse.csr_matrix, self_p: np.ndarray) -> sparse.csr_matrix:
-    """:func:`~explorer.graph.transition.transition_matrix` (scVelo's defaults), built a block of cells at a time.
-
-    Each row of it depends on that row of the graphs only (self transition, kernel,
-    normalisation) and the self-transition probabilities ``self_p`` (whose percentile spans
-    all cells), so the blocks' rows are its rows; its temporaries (five float64 copies of
-    the graph) stay the size of a block. Kept as float32 (8 bytes an edge with its
-    indices; the float64 matrix is 12), the precision the transition confidence used.
-    """
-    parts = RowStack()
-    for a, b in row_blocks(graph.indptr, _BLOCK_ELEMENTS // 4):
-        block = transition_matrix(
-            rows_of(graph, a, b), rows_of(graph_neg, a, b), self_probabilities=self_p
-        )[a:b]
-        parts.add(block, dtype=np.float32)
-    return parts.stack(graph.shape[1])
 
 
 def _project(

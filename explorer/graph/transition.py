@@ -224,7 +224,7 @@ class RowStack:
     def add(self, block: sparse.spmatrix, dtype: Any = None) -> None:
         """Append the rows of ``block`` (its data as ``dtype``, if given)."""
         block = sparse.csr_matrix(block)
-        self.data.append(block.data if dtype is None else block.data.astype(dtype))
+        self.data.append(block.data if dtype is None else block.data.astype(dtype, copy=False))
         self.indices.append(block.indices)
         self.counts.append(np.diff(block.indptr))
 
@@ -469,6 +469,7 @@ def transition_matrix(
     use_negative_cosines: bool = False,
     backward: bool = False,
     self_probabilities: FloatArray | None = None,
+    dtype: type = np.float64,
 ) -> sparse.csr_matrix:
     r"""Transition probabilities from a velocity graph, as scVelo's ``tl.transition_matrix``.
 
@@ -501,11 +502,14 @@ def transition_matrix(
     self_probabilities
         ``(n_obs,)`` self-transition probabilities to use instead of
         :func:`self_transition_probabilities` of ``graph`` (whose percentile spans all
-        cells): :mod:`explorer.stream` builds the matrix a block of rows at a time.
+        cells), if the caller has them.
+    dtype
+        Of the result's values, computed in float64 a block of rows at a time: float32
+        keeps 8 bytes an edge with its indices instead of 12 (:mod:`explorer.stream`).
 
     Returns
     -------
-    ``(n_obs, n_obs)`` CSR float64 matrix whose rows sum to 1 (in absolute value with
+    ``(n_obs, n_obs)`` CSR matrix of ``dtype`` whose rows sum to 1 (in absolute value with
     ``use_negative_cosines``). A cell with no scored neighbour stays where it is (a 1 on
     the diagonal), where scVelo would leave an empty row.
     """
@@ -539,8 +543,9 @@ def transition_matrix(
             scale=scale,
             use_negative_cosines=use_negative_cosines,
         )
-        rows.add(block)
-    return _normalize_rows_in_place(rows.stack(n_obs))
+        # the block's rows are whole rows: normalised here, each block kept as ``dtype``
+        rows.add(_normalize_rows_in_place(block, row0=a), dtype=dtype)
+    return rows.stack(n_obs)
 
 
 def _kernel_rows(
@@ -588,8 +593,12 @@ def _normalize_rows(weights: sparse.spmatrix) -> sparse.csr_matrix:
     return _normalize_rows_in_place(sparse.csr_matrix(weights, dtype=np.float64, copy=True))
 
 
-def _normalize_rows_in_place(weights: sparse.csr_matrix) -> sparse.csr_matrix:
-    """:func:`_normalize_rows` of a float64 CSR matrix of one's own, a block of rows at a time, in place."""
+def _normalize_rows_in_place(weights: sparse.csr_matrix, *, row0: int = 0) -> sparse.csr_matrix:
+    """:func:`_normalize_rows` of a float64 CSR matrix of one's own, a block of rows at a time, in place.
+
+    ``row0``: the cell of the first row, for a block of a matrix's rows (an empty row's 1
+    goes on its cell's diagonal).
+    """
     n_obs = weights.shape[0]
     sums = np.zeros(n_obs)
     blocks = row_blocks(weights.indptr, ROW_BLOCK_ENTRIES)
@@ -598,7 +607,8 @@ def _normalize_rows_in_place(weights: sparse.csr_matrix) -> sparse.csr_matrix:
         sums[a:b] = np.asarray(abs(block).sum(axis=1)).ravel()
     empty = sums == 0
     if empty.any():
-        weights = sparse.csr_matrix(weights + sparse.diags(empty.astype(np.float64), format="csr"))
+        diagonal = sparse.diags(empty.astype(np.float64), offsets=row0, shape=weights.shape, format="csr")
+        weights = sparse.csr_matrix(weights + diagonal)
         sums[empty] = 1.0
         blocks = row_blocks(weights.indptr, ROW_BLOCK_ENTRIES)
     inverse = 1.0 / sums
