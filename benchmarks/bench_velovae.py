@@ -104,6 +104,7 @@ def explorer_worker(path: str, out: str, model: str, kwargs: str) -> None:
     from explorer.models.metrics import predicted_abundances
 
     adata = ad.read_h5ad(path)
+    data_rss = _rss_gb("VmRSS")  # the process with its data read, before the fit
     start, cpu = time.perf_counter(), time.process_time()
     fitted = get_model(model, **json.loads(kwargs))
     initial: dict[str, np.ndarray] = {}
@@ -119,6 +120,7 @@ def explorer_worker(path: str, out: str, model: str, kwargs: str) -> None:
         fitted._initialize = keep_initial_time
     result = fitted.fit(adata)
     train_s, cpu = time.perf_counter() - start, time.process_time() - cpu
+    fit_peak = _rss_gb("VmHWM")  # the process's peak through the fit (not the scoring after it)
     gpu_gb = np.nan
     if fitted.device == "cuda":
         import torch
@@ -145,6 +147,8 @@ def explorer_worker(path: str, out: str, model: str, kwargs: str) -> None:
         latent_time=np.asarray(adata.obs.get("latent_time", np.full(adata.n_obs, np.nan))),
         train_s=train_s,
         gpu_peak_gb=gpu_gb,
+        data_rss_gb=data_rss,
+        fit_peak_gb=fit_peak,
         **extra,
     )
 
@@ -226,6 +230,18 @@ class _SavedRows(list):
         """Write the JSON: ``machine`` and the rows so far."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps({"machine": self.machine, "rows": list(self)}, indent=2))
+
+
+def _rss_gb(field: str) -> float:
+    """This process's ``VmRSS`` (resident now) or ``VmHWM`` (its peak) in GB; NaN off Linux."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1e6
+    except OSError:
+        pass
+    return float("nan")
 
 
 def _gpu_peak(res: Any) -> dict:
@@ -383,6 +399,10 @@ def main() -> None:
                     "wall_s": round(wall, 1),
                     "fit_s": round(float(res["train_s"]), 1),
                     "peak_gb": round(peak, 2),
+                    # the worker's resident memory with the file read, and its peak up to the
+                    # fit's end (the whole run's peak also holds the scoring's copies)
+                    "data_rss_gb": round(float(res["data_rss_gb"]), 2),
+                    "fit_peak_gb": round(float(res["fit_peak_gb"]), 2),
                     "Mu+Ms_gb": round(size_gb, 3),
                     "epochs": res["epochs"].tolist(),
                     **_gpu_peak(res),
@@ -390,8 +410,9 @@ def main() -> None:
             )
     rows.save()  # also a run without rows
     keys = (
-        "data", "tool", "fit_s", "fit_cpu_s", "peak_gb", "gpu_peak_gb", "mse_test", "mae_test", "latent_time_spearman",
-        "coverage_90", "coverage_90_cubic", "sd_error_spearman", "epochs",
+        "data", "tool", "fit_s", "fit_cpu_s", "peak_gb", "data_rss_gb", "fit_peak_gb", "gpu_peak_gb",
+        "mse_test", "mae_test", "latent_time_spearman", "coverage_90", "coverage_90_cubic",
+        "sd_error_spearman", "epochs",
     )  # fmt: skip
     print(" | ".join(keys))
     for row in rows:

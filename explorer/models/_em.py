@@ -285,6 +285,19 @@ def stack_genes(*parts: Any) -> Any:
     return np.concatenate(parts) if _is_np(first) else _xp(first).cat(parts)
 
 
+def take_genes(x: Any, genes: slice) -> Any:
+    """The genes ``genes`` of an array, or of a :class:`GeneData`, :class:`Params` or other gene batch.
+
+    Views of the same memory. As for :func:`stack_genes`, every step on the part gives it
+    the numbers the step on all genes gives it.
+    """
+    if x is None:
+        return None
+    if not hasattr(x, "shape"):
+        return type(x)(**{f.name: take_genes(getattr(x, f.name), genes) for f in fields(x)})
+    return x[genes]
+
+
 def split_genes(x: Any, n: int) -> tuple[Any, Any]:
     """:func:`stack_genes`'s inverse for two parts: ``(first n genes, the rest)``."""
     if not hasattr(x, "shape"):

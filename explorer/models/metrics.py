@@ -48,8 +48,30 @@ if TYPE_CHECKING:
 
     from explorer._types import BoolArray, FloatArray
 
-#: float64 entries of the block of genes :func:`reconstruction_error` scores at a time
-_BLOCK_ENTRIES = 1 << 22
+#: entries (cells x genes) of the block of genes :func:`reconstruction_error` and
+#: :func:`gene_likelihood` score at a time (8 MB of float64; 4 million entries were 0.2 GB
+#: of temporaries at 100,000 cells)
+_BLOCK_ENTRIES = 1 << 20
+
+
+def gene_blocks(n_obs: int, n_vars: int, entries: int | None = None) -> list[slice]:
+    """Consecutive column slices covering ``n_vars`` genes, each about ``entries`` cells x genes.
+
+    ``entries`` defaults to ``_BLOCK_ENTRIES``; a block has at least one gene, and a last
+    block of one gene joins the one before: numpy sums a lone column pairwise, and a
+    column of a wider block in order, so a gene's figures would differ in the last bit
+    from those computed with all genes at once.
+
+    Examples
+    --------
+    >>> gene_blocks(10, 5, entries=20)
+    [slice(0, 2, None), slice(2, 5, None)]
+    """
+    per_block = max(1, (_BLOCK_ENTRIES if entries is None else entries) // max(n_obs, 1))
+    starts = list(range(0, n_vars, per_block))
+    if per_block > 1 and len(starts) > 1 and n_vars - starts[-1] == 1:
+        starts.pop()
+    return [slice(a, b) for a, b in zip(starts, [*starts[1:], n_vars], strict=True)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,56 +150,61 @@ def reconstruction_error(
     predicted = np.isfinite(u_hat).all(0) & np.isfinite(s_hat).all(0)
     genes = predicted if genes is None else np.asarray(genes, dtype=bool) & predicted
     # the squared and absolute residuals and the log-likelihood of every cell and gene, made
-    # a block of genes at a time in float64 (each gene's noise is its own): the float64
-    # copies of the four inputs and the residuals never exist whole (1.9 GB at 100,000
-    # cells and 200 genes)
-    sq, ab, logpdf = (np.empty((n_obs, n_vars)) for _ in range(3))
+    # a block of genes at a time in float64 (each gene's noise is its own) and summed there
+    # over the cells of each set and over the scored genes of each cell: neither the float64
+    # copies of the four inputs nor the three (n_obs, n_vars) figures exist whole (1.9 GB,
+    # then 0.5 GB, at 100,000 cells and 200 genes)
+    sets = (("train", train), ("test", ~train))
+    per_gene = {f"{k}_{name}": np.full(n_vars, np.nan) for name, _ in sets for k in ("mse", "mae", "loglik")}
+    cell_sums = {k: np.zeros(n_obs) for k in ("mse", "mae", "loglik")}
     with np.errstate(invalid="ignore", divide="ignore"):
         floor = 1e-6 * (float(np.nanmax(np.abs(Ms))) + 1.0)
-        per_block = max(1, _BLOCK_ENTRIES // max(n_obs, 1))
-        for a in range(0, n_vars, per_block):
-            b = min(a + per_block, n_vars)
-            ru = np.asarray(Mu[:, a:b], dtype=np.float64) - np.asarray(u_hat[:, a:b], dtype=np.float64)
-            rs = np.asarray(Ms[:, a:b], dtype=np.float64) - np.asarray(s_hat[:, a:b], dtype=np.float64)
-            sq[:, a:b] = ru * ru + rs * rs
-            ab[:, a:b] = np.abs(ru) + np.abs(rs)
+        for block in gene_blocks(n_obs, n_vars):
+            ru = np.asarray(Mu[:, block], dtype=np.float64) - np.asarray(u_hat[:, block], dtype=np.float64)
+            rs = np.asarray(Ms[:, block], dtype=np.float64) - np.asarray(s_hat[:, block], dtype=np.float64)
             # noise per gene from the training cells only (MLE), floored to stay finite
-            sigma_u = np.sqrt(np.mean(ru[train] ** 2, axis=0)) if train.any() else np.full(b - a, np.nan)
-            sigma_s = np.sqrt(np.mean(rs[train] ** 2, axis=0)) if train.any() else np.full(b - a, np.nan)
+            width = block.stop - block.start
+            sigma_u = np.sqrt(np.mean(ru[train] ** 2, axis=0)) if train.any() else np.full(width, np.nan)
+            sigma_s = np.sqrt(np.mean(rs[train] ** 2, axis=0)) if train.any() else np.full(width, np.nan)
             sigma_u, sigma_s = np.maximum(sigma_u, floor), np.maximum(sigma_s, floor)
-            logpdf[:, a:b] = (
-                -0.5 * (ru / sigma_u) ** 2
-                - 0.5 * (rs / sigma_s) ** 2
-                - np.log(sigma_u)
-                - np.log(sigma_s)
-                - math.log(2 * math.pi)
-            )
-    summary: dict[str, float] = {"n_genes": int(genes.sum())}
-    per_gene: dict[str, np.ndarray] = {}
-    for name, cells in (("train", train), ("test", ~train)):
-        if cells.any() and genes.any():
-            summary[f"mse_{name}"] = float(sq[np.ix_(cells, genes)].mean())
-            summary[f"mae_{name}"] = float(ab[np.ix_(cells, genes)].mean())
-            summary[f"loglik_{name}"] = float(logpdf[np.ix_(cells, genes)].sum(1).mean())
-        else:
-            for k in ("mse", "mae", "loglik"):
-                summary[f"{k}_{name}"] = float("nan")
-        for k, arr in (("mse", sq), ("mae", ab), ("loglik", logpdf)):
-            col = np.full(n_vars, np.nan)
-            if cells.any():
-                col[genes] = arr[np.ix_(cells, genes)].mean(0)
-            per_gene[f"{k}_{name}"] = col
+            figures = {
+                "mse": ru * ru + rs * rs,
+                "mae": np.abs(ru) + np.abs(rs),
+                "loglik": (
+                    -0.5 * (ru / sigma_u) ** 2
+                    - 0.5 * (rs / sigma_s) ** 2
+                    - np.log(sigma_u)
+                    - np.log(sigma_s)
+                    - math.log(2 * math.pi)
+                ),
+            }
+            del ru, rs
+            scored = genes[block]
+            for k, arr in figures.items():
+                for name, cells in sets:
+                    if cells.any():
+                        per_gene[f"{k}_{name}"][block][scored] = arr[cells][:, scored].mean(0)
+                cell_sums[k] += arr[:, scored].sum(1)
+    n_genes = int(genes.sum())
+    summary: dict[str, float] = {"n_genes": n_genes}
+    for name, cells in sets:
+        for k in ("mse", "mae", "loglik"):
+            value = float("nan")
+            if cells.any() and n_genes:
+                # the mean over cells and genes; the log-likelihood summed over genes
+                value = float(cell_sums[k][cells].mean()) / (1 if k == "loglik" else n_genes)
+            summary[f"{k}_{name}"] = value
     index = var_names if var_names is not None else pd.RangeIndex(n_vars)
+    nan = np.full(n_obs, np.nan)
     cells = pd.DataFrame(
-        {
-            "mse": sq[:, genes].mean(1) if genes.any() else np.full(n_obs, np.nan),
-            "mae": ab[:, genes].mean(1) if genes.any() else np.full(n_obs, np.nan),
-        }
+        {k: cell_sums[k] / n_genes if n_genes else nan for k in ("mse", "mae")}
     )
     return ReconstructionError(summary, pd.DataFrame(per_gene, index=index), cells)
 
 
-def gene_likelihood(Mu: FloatArray, Ms: FloatArray, u_hat: FloatArray, s_hat: FloatArray) -> np.ndarray:
+def gene_likelihood(
+    Mu: FloatArray, Ms: FloatArray, u_hat: FloatArray, s_hat: FloatArray, *, cells: BoolArray | None = None
+) -> np.ndarray:
     """ScVelo's per-gene likelihood of predictions, ``u`` and ``s`` in units of their spread.
 
     As scVelo's ``get_likelihood`` (and :func:`explorer.models._em.likelihood`) reads a
@@ -187,6 +214,8 @@ def gene_likelihood(Mu: FloatArray, Ms: FloatArray, u_hat: FloatArray, s_hat: Fl
     without scVelo's cell weights and ratio penalty). It does not depend on a gene's
     expression level, as a Gaussian density in counts does (VeloVAE's `fit_likelihood` was
     that density until 2026-12-05, which put genes of almost no unspliced RNA first).
+    ``cells``: an ``(n_obs,)`` mask of the cells to score (default: all). Computed in
+    float64 a block of genes at a time (:func:`gene_blocks`).
 
     Returns
     -------
@@ -200,15 +229,20 @@ def gene_likelihood(Mu: FloatArray, Ms: FloatArray, u_hat: FloatArray, s_hat: Fl
     >>> bool(near[0] > far[0])
     True
     """
-    Mu, Ms, u_hat, s_hat = (_dense(a) for a in (Mu, Ms, u_hat, s_hat))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        su, ss = Mu.std(axis=0), Ms.std(axis=0)
-        su, ss = np.where(su > 0, su, np.nan), np.where(ss > 0, ss, np.nan)
-        du, ds = (u_hat - Mu) / su, (s_hat - Ms) / ss
-        d2 = du * du + ds * ds
-        varx = d2.mean(axis=0) - (np.sign(ds) * np.sqrt(d2)).mean(axis=0) ** 2
-        varx = np.where(varx > 0, varx, 1.0)  # scVelo replaces a variance of 0 by 1
-        loglik = -0.5 * d2.mean(axis=0) / varx - 0.5 * np.log(2 * math.pi * varx)
+    arrays = [a if hasattr(a, "toarray") else np.asarray(a) for a in (Mu, Ms, u_hat, s_hat)]
+    n_obs, n_vars = arrays[0].shape
+    rows = slice(None) if cells is None else np.flatnonzero(np.asarray(cells, dtype=bool))
+    loglik = np.empty(n_vars)
+    for block in gene_blocks(n_obs if cells is None else len(rows), n_vars):
+        mu, ms, uh, sh = (_dense(a[rows, block]) for a in arrays)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            su, ss = mu.std(axis=0), ms.std(axis=0)
+            su, ss = np.where(su > 0, su, np.nan), np.where(ss > 0, ss, np.nan)
+            du, ds = (uh - mu) / su, (sh - ms) / ss
+            d2 = du * du + ds * ds
+            varx = d2.mean(axis=0) - (np.sign(ds) * np.sqrt(d2)).mean(axis=0) ** 2
+            varx = np.where(varx > 0, varx, 1.0)  # scVelo replaces a variance of 0 by 1
+            loglik[block] = -0.5 * d2.mean(axis=0) / varx - 0.5 * np.log(2 * math.pi * varx)
     return np.exp(loglik)
 
 

@@ -77,7 +77,7 @@ from explorer.models.dynamical import (
     _import_torch,
     _resolve_device,
 )
-from explorer.models.metrics import gene_likelihood, latent_time_spearman, reconstruction_error
+from explorer.models.metrics import gene_blocks, gene_likelihood, latent_time_spearman, reconstruction_error
 from explorer.models.steady_state import SteadyState, genes_to_fit
 
 if TYPE_CHECKING:
@@ -108,6 +108,8 @@ _SWITCH_GAIN = 0.9
 _CHUNK = 2048
 #: :class:`~explorer.models._vae_module.Decoded`'s fields, in its order
 _DECODED = ("u", "s", "rho", "velocity_u", "velocity")
+#: the decoded fields that the noise and the held-out fit read
+_PREDICTED = ("u", "s")
 #: stage 2: cells before each cell in time that are candidates for its initial state,
 #: and how many of them (nearest in cell state) it averages
 _X0_WINDOW = 60
@@ -535,8 +537,13 @@ class VeloVAE(Hyperparameters):
         clock = time.perf_counter()
         timings: dict[str, float] = {}
         n_obs = adata.n_obs
-        Mu = _dense32(adata.layers[Key.layers.MU][:, cols])
-        Ms = _dense32(adata.layers[Key.layers.MS][:, cols])
+        # read, not copied, where every gene is fitted and the layer is float32 already
+        # (nothing here writes into them: the input is left as it is)
+        every_gene = len(cols) == adata.n_vars
+        Mu, Ms = (
+            _dense32(adata.layers[key] if every_gene else adata.layers[key][:, cols])
+            for key in (Key.layers.MU, Key.layers.MS)
+        )
 
         stage2_epochs = self.max_epochs_stage2 if self.variant == "full" else 0
         state_epochs = self.max_epochs if self._state_stage_runs() else 0
@@ -564,11 +571,11 @@ class VeloVAE(Hyperparameters):
 
         std_u = Mu.std(0).clip(min=1e-6)
         std_s = Ms.std(0).clip(min=1e-6)
-        x_all = np.concatenate([Mu / std_u, Ms / std_s], axis=1).astype(np.float32)
         tensors = _Tensors(
-            x=torch.from_numpy(x_all).to(device),
             u=torch.from_numpy(Mu).to(device),
             s=torch.from_numpy(Ms).to(device),
+            std_u=torch.from_numpy(std_u).to(device),
+            std_s=torch.from_numpy(std_s).to(device),
             prior_mean=torch.from_numpy(t_prior[0][:, None].astype(np.float32)).to(device),
             prior_sd=torch.from_numpy(t_prior[1][:, None].astype(np.float32)).to(device),
         )
@@ -593,6 +600,7 @@ class VeloVAE(Hyperparameters):
 
         # warm start: the encoder's time from the initial time (a few cheap epochs)
         self._warmup(run, t_init)
+        self._rho_init = None  # the warm start's targets, read by nothing after it
         # stage 1: the ELBO
         clock = time.perf_counter()
         self._stage1(run)
@@ -750,20 +758,80 @@ class VeloVAE(Hyperparameters):
             t0 = t_unit * self.t_max
             # a weak prior over the whole axis (velovae: mean t_max / 2, sd t_max / 2)
             prior = (np.full(n_obs, self.t_max / 2), np.full(n_obs, self.t_max / 2))
+        # the kinetics refitted on that time a block of genes at a time: each gene's fit is
+        # its own (the same numbers as all at once), and the fit's (genes, cells) arrays are
+        # a block's (all genes' rose 2.2 GB above the data at 100,000 cells and 200 genes)
+        n_genes = u.shape[0]
+        t_row = torch.from_numpy(t0.astype(np.float32)).to(device)
+        rho_target = rho_weight = None
+        if self.variant == "full":
+            rho_target = np.empty((n_obs, n_genes), dtype=np.float32)
+            rho_weight = np.empty((n_obs, n_genes), dtype=np.float32)
+        parts = []
+        for block in gene_blocks(n_obs, n_genes):
+            p_b, switches_b, sigma_b, rho_b = self._refit_kinetics(
+                _em.take_genes(data, block), _em.take_genes(init, block), t_row
+            )
+            if rho_b is not None:
+                rho_target[:, block], rho_weight[:, block] = rho_b
+            parts.append((p_b, switches_b, sigma_b))
+        del data, u, s
+        p = _em.stack_genes(*(part[0] for part in parts))
+        self._switch_mask = torch.cat([part[1] for part in parts]).cpu().numpy()
+        sigma_u = torch.cat([part[2][0] for part in parts])
+        sigma_s = torch.cat([part[2][1] for part in parts])
+
+        def vec(x: torch.Tensor) -> np.ndarray:
+            return x.reshape(-1).double().cpu().numpy()
+
+        std_u, std_s = Mu.std(0).astype(np.float64), Ms.std(0).astype(np.float64)
+        params = {
+            "alpha": vec(p.alpha),
+            "beta": vec(p.beta),
+            "gamma": vec(p.gamma),
+            "scaling": vec(p.scaling),
+            "t_on": vec(p.t_on),
+            "t_off": vec(p.t_),
+            "sigma_u": np.maximum(vec(sigma_u), _SIGMA_FLOOR * std_u + 1e-6),
+            "sigma_s": np.maximum(vec(sigma_s), _SIGMA_FLOOR * std_s + 1e-6),
+        }
+        for k, v in params.items():
+            params[k] = np.nan_to_num(v, nan=1.0, posinf=1.0, neginf=0.0)
+        self._rho_init = None
+        if rho_target is not None:
+            rho_weight = np.nan_to_num(rho_weight, copy=False)
+            self._rho_init = (np.nan_to_num(rho_target, nan=1.0, copy=False), rho_weight)
+        self.initial_time_ = {"used": used, "agreement": agreement}
+        return params, t0, prior
+
+    def _refit_kinetics(self, data: Any, init: Any, t_row: torch.Tensor) -> tuple[Any, Any, Any, Any]:
+        """A block of genes' kinetics refitted at each cell's initial time ``t_row`` ``(n_obs,)``.
+
+        ``data`` and ``init`` are the genes' :class:`explorer.models._em.GeneData` and
+        initial guess. Returns the parameters, the genes' switch-off mask, their noise
+        ``(sigma_u, sigma_s)`` and, for the full model, each cell's rate factor target and
+        its weight, each ``(n_obs, genes)`` (else None).
+        """
+        import torch
+
+        from explorer.models import _em
+
         with torch.inference_mode():
-            t_cells = torch.from_numpy(t0.astype(np.float32)).to(device).expand_as(u)
+            u, s = data.u, data.s
+            t_cells = t_row.expand_as(u)
             grid = {
                 "t_on_grid": [x * self.t_max for x in (-0.3, 0.0, 0.2, 0.4, 0.6)],
                 "duration_grid": [x * self.t_max for x in (0.2, 0.4, 0.7, 1.2)],
                 "rate_grid": [0.5, 1.0, 2.0],
             }
-            sub = torch.arange(0, n_obs, max(1, n_obs // 300), device=device)
+            n_obs = u.shape[1]
+            sub = torch.arange(0, n_obs, max(1, n_obs // 300), device=u.device)
             p = _em.grid_onset(data.take_cells(sub), init.params, t_cells[:, sub], init.ratio, **grid)
             mom = _em.moments(data)
             step = torch.full_like(p.alpha, float(np.log(1.5)))
             p, _, _ = _em.m_step(data, mom, p, t_cells, init.ratio, step, n_rounds=4, fit_t_on=True)
             ut, st = _em.curve(t_cells, p)
-            switches = torch.ones(p.alpha.shape[0], dtype=torch.bool, device=device)
+            switches = torch.ones(p.alpha.shape[0], dtype=torch.bool, device=u.device)
             if self.switch_off is not True:
                 # induced from the onset on (no switch-off)
                 tau = (t_cells - p.t_on).clamp(min=0)
@@ -776,9 +844,8 @@ class VeloVAE(Hyperparameters):
                     switches = fit_sw < _SWITCH_GAIN * fit_ns
                 keep = switches[:, None]
                 ut, st = torch.where(keep, ut, ut_n), torch.where(keep, st, st_n)
-            self._switch_mask = switches.cpu().numpy()
             cu, cs = p.scaling * ut, st
-            rho_target = rho_weight = None
+            rho = None
             if self.variant == "full":
                 # the trajectory from (0, 0) is linear in alpha, so each cell's best rate
                 # factor is a least-squares ratio (in units of each gene's spread); the
@@ -798,32 +865,12 @@ class VeloVAE(Hyperparameters):
                 rho_fit = rho_raw.clamp(0, 1)
                 # the noise is that of the curve with each cell's rate factor
                 cu, cs = cu * rho_fit, cs * rho_fit
-                rho_target = rho_fit.T.float().cpu().numpy()
-                rho_weight = (weight * informative).T.float().cpu().numpy()
+                rho = (rho_fit.T.float().cpu().numpy(), (weight * informative).T.float().cpu().numpy())
             res_u = (u - cu).double()
             res_s = (s - cs).double()
             sigma_u = res_u.pow(2).mean(1).sqrt()
             sigma_s = res_s.pow(2).mean(1).sqrt()
-
-        def vec(x: torch.Tensor) -> np.ndarray:
-            return x.reshape(-1).double().cpu().numpy()
-
-        std_u, std_s = Mu.std(0).astype(np.float64), Ms.std(0).astype(np.float64)
-        params = {
-            "alpha": vec(p.alpha),
-            "beta": vec(p.beta),
-            "gamma": vec(p.gamma),
-            "scaling": vec(p.scaling),
-            "t_on": vec(p.t_on),
-            "t_off": vec(p.t_),
-            "sigma_u": np.maximum(vec(sigma_u), _SIGMA_FLOOR * std_u + 1e-6),
-            "sigma_s": np.maximum(vec(sigma_s), _SIGMA_FLOOR * std_s + 1e-6),
-        }
-        for k, v in params.items():
-            params[k] = np.nan_to_num(v, nan=1.0, posinf=1.0, neginf=0.0)
-        self._rho_init = None if rho_target is None else (np.nan_to_num(rho_target, nan=1.0), np.nan_to_num(rho_weight))
-        self.initial_time_ = {"used": used, "agreement": agreement}
-        return params, t0, prior
+        return p, switches, (sigma_u, sigma_s), rho
 
     def _capture_agreement(
         self, adata: AnnData, data: Any, init: Any, cols: np.ndarray, capture: np.ndarray
@@ -891,15 +938,16 @@ class VeloVAE(Hyperparameters):
         self, adata: AnnData, data: Any, init: Any, cols: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         """``(n_obs,)`` initial time in [0, 1] from the steady-state fit, and the root-cell score."""
+        import torch
+
         from explorer.models import _em
 
-        a = _em.assign(data, init.params, n_newton=2)
-        gene_t = a.t.T.double().cpu().numpy()
         ss = SteadyState(use_highly_variable=False).fit(adata)
         vel = ss.velocity[:, cols]
         use = np.asarray(ss.velocity_genes, dtype=bool)[cols] & np.isfinite(vel).all(0)
         if use.sum() < 2:
             use = np.isfinite(vel).all(0)
+        del ss  # its velocities of every gene
         conn = adata.obsp[Key.obsp.CONNECTIVITIES]
         # above 20,000 cells, the dynamical model's root cells: the direct kNN's velocity
         # graph and a fixed number of backward-chain steps (the eigen solve took 128 s of a
@@ -912,14 +960,21 @@ class VeloVAE(Hyperparameters):
         t_bwd = lt_mod.transitions_backward_from_velocity(
             _dense32(adata.layers[Key.layers.MS][:, cols[use]]), vel[:, use], pattern
         )
-        del pattern
+        del pattern, vel
         steps = _LARGE_GRAPH_POWER_STEPS if large else None
         roots = lt_mod.root_cells(t_bwd, conn, seed=self.seed, n_power_steps=steps)
         del t_bwd
-        genes = np.isfinite(gene_t).all(0) & use
+        # each gene's own time only now, and of the genes used only (the assignment's three
+        # (genes, cells) arrays and every gene's float64 times were held through the graph,
+        # 0.4 GB at 100,000 cells and 200 genes)
+        a = _em.assign(data, init.params, n_newton=2)
+        finite = torch.isfinite(a.t).all(1).cpu().numpy()
+        genes = finite & use
         if genes.sum() < 2:
-            genes = np.isfinite(gene_t).all(0)
-        t = np.asarray(lt_mod.latent_time(gene_t[:, genes], roots, conn), dtype=np.float64)
+            genes = finite
+        gene_t = a.t[torch.from_numpy(genes).to(a.t.device)].T.contiguous().double().cpu().numpy()
+        del a
+        t = np.asarray(lt_mod.latent_time(gene_t, roots, conn), dtype=np.float64)
         return t, np.asarray(roots, dtype=np.float64)
 
     # ------------------------------------------------------------------------------ training
@@ -940,7 +995,7 @@ class VeloVAE(Hyperparameters):
         import torch
 
         module, tensors = run.module, run.tensors
-        device = tensors.x.device
+        device = tensors.u.device
         target = torch.from_numpy(t_init.astype(np.float32)[:, None]).to(device)
         net = list(module.encoder.parameters())
         rho_init = getattr(self, "_rho_init", None)
@@ -956,7 +1011,7 @@ class VeloVAE(Hyperparameters):
         scale = self.t_max * 0.05
 
         def loss_of(bt: torch.Tensor) -> torch.Tensor:
-            q = module.encode(tensors.x[bt])
+            q = module.encode(tensors.x(bt))
             loss = (((q.t_mean - target[bt]) / scale) ** 2).mean()
             if rho_t is not None:
                 w = rho_w[bt]
@@ -977,7 +1032,7 @@ class VeloVAE(Hyperparameters):
 
         def loss_of(bt: torch.Tensor) -> torch.Tensor:
             prior = (tensors.prior_mean[bt], tensors.prior_sd[bt])
-            return module.loss(tensors.x[bt], tensors.u[bt], tensors.s[bt], prior)[0]
+            return module.loss(tensors.x(bt), tensors.u[bt], tensors.s[bt], prior)[0]
 
         opt = _adam(module.network_parameters(), lr=self.learning_rate)
         opt_ode = _adam(module.ode_parameters(), lr=self.learning_rate * 8)
@@ -991,7 +1046,7 @@ class VeloVAE(Hyperparameters):
                 # hormone genes, sigma 9-15 counts) would keep a weight 1,500-4,500x below
                 # the median gene's and never be fitted
                 post = self._posterior(module, tensors)
-                dec = self._decode_all(module, post["t_mean"], post.get("c_mean"), None)
+                dec = self._decode_all(module, post["t_mean"], post.get("c_mean"), None, _PREDICTED)
                 self._update_sigma(module, tensors, dec, run.train_idx)
                 ru = tensors.u[test_idx] - dec.u[test_idx]
                 rs = tensors.s[test_idx] - dec.s[test_idx]
@@ -1020,7 +1075,7 @@ class VeloVAE(Hyperparameters):
         for b in self._batches(run.train_idx, run.generator):
             if len(b) < min_batch:
                 continue
-            loss = loss_of(torch.from_numpy(b).to(run.tensors.x.device))
+            loss = loss_of(torch.from_numpy(b).to(run.tensors.u.device))
             for opt in optimizers:
                 opt.zero_grad()
             loss.backward()
@@ -1061,14 +1116,14 @@ class VeloVAE(Hyperparameters):
         total = 0.0
         with torch.inference_mode():
             for start in range(0, len(idx), _CHUNK):
-                bt = torch.from_numpy(idx[start : start + _CHUNK]).to(tensors.x.device)
+                bt = torch.from_numpy(idx[start : start + _CHUNK]).to(tensors.u.device)
                 if t is not None:
-                    x, u, s = tensors.x[bt], tensors.u[bt], tensors.s[bt]
+                    x, u, s = tensors.x(bt), tensors.u[bt], tensors.s[bt]
                     _, elbo = module.state_loss(x, u, s, t[bt], sample=False)
                 else:
                     sub = None if x0 is None else _take(x0, bt)
                     _, elbo = module.loss(
-                        tensors.x[bt], tensors.u[bt], tensors.s[bt],
+                        tensors.x(bt), tensors.u[bt], tensors.s[bt],
                         (tensors.prior_mean[bt], tensors.prior_sd[bt]), x0=sub, sample=False,
                     )  # fmt: skip
                 total += float(elbo.sum())
@@ -1081,8 +1136,8 @@ class VeloVAE(Hyperparameters):
         module.eval()
         parts: dict[str, list[torch.Tensor]] = {"t_mean": [], "t_sd": [], "c_mean": [], "c_sd": []}
         with torch.inference_mode():
-            for start in range(0, tensors.x.shape[0], _CHUNK):
-                q = module.encode(tensors.x[start : start + _CHUNK])
+            for start in range(0, tensors.u.shape[0], _CHUNK):
+                q = module.encode(tensors.x(slice(start, start + _CHUNK)))
                 parts["t_mean"].append(q.t_mean)
                 parts["t_sd"].append(q.t_sd)
                 if q.c_mean is not None:
@@ -1127,12 +1182,21 @@ class VeloVAE(Hyperparameters):
         import torch
 
         t_enc, c = post["t_mean"], post.get("c_mean")
-        dec = self._decode_all(module, t_enc, c, None)
+        dec = self._decode_all(module, t_enc, c, None, _PREDICTED)
         idx = torch.from_numpy(train_idx).to(t_enc.device)
+        n_genes = tensors.u.shape[1]
         with torch.inference_mode():
-            ru = (tensors.u[idx] - dec.u[idx]) / module.sigma_u
-            r = torch.cat([ru, (tensors.s[idx] - dec.s[idx]) / module.sigma_s], 1)
-            n_eff, participation = _participation_temperature((r - r.mean(0)).double())
+            # the training cells' standardised residuals, centred, made in place and the
+            # predictions dropped once read (the same numbers; at 100,000 cells the
+            # temporaries beside them were 0.5 GB)
+            r = torch.cat([tensors.u[idx], tensors.s[idx]], 1)
+            r[:, :n_genes].sub_(dec.u[idx]).div_(module.sigma_u)
+            r[:, n_genes:].sub_(dec.s[idx]).div_(module.sigma_s)
+            del dec
+            r64 = r.sub_(r.mean(0)).double()
+            del r
+            n_eff, participation = _participation_temperature(r64)
+            del r64
         lo, hi = float(t_enc.min()), float(t_enc.max())
         margin = _T_GRID_MARGIN * max(hi - lo, 1e-3 * self.t_max)
         grid = torch.linspace(lo - margin, hi + margin, _T_GRID, device=t_enc.device)
@@ -1144,7 +1208,7 @@ class VeloVAE(Hyperparameters):
         self.time_temperature_ = {
             "method": self.time_temperature,
             "n_eff": n_eff,
-            "n_features": int(r.shape[1]),
+            "n_features": 2 * n_genes,
             "participation": participation,
         }
         temperature = participation
@@ -1214,7 +1278,7 @@ class VeloVAE(Hyperparameters):
         n_syn = min(_N_SYNTHETIC, len(train_idx))
         cell = torch.from_numpy(g.choice(train_idx, n_syn)).to(grid.device)
         donor = torch.from_numpy(g.choice(train_idx, n_syn)).to(grid.device)
-        fit = self._decode_all(module, t_fit[:, None], c, None)
+        fit = self._decode_all(module, t_fit[:, None], c, None, _PREDICTED)
         t_star = t_fit[cell]
         c_syn = None if c is None else c[cell]
         u_syn = fit.u[cell] + (tensors.u[donor] - fit.u[donor])
@@ -1238,28 +1302,13 @@ class VeloVAE(Hyperparameters):
         x0: InitialState | None,
         fields: tuple[str, ...] = _DECODED,
     ) -> Any:
-        """:meth:`VAEModule.decode` over all cells in chunks, into whole arrays (eval mode, no grad).
-
-        ``fields``: the ones kept (the others are None), each written a chunk at a time into
-        its ``(n_obs, G)`` array, so that a chunk's other outputs and a second copy of the
-        whole are never held (as concatenating the chunks did: 1.6 GB at 100,000 cells).
-        """
-        import torch
-
-        from explorer.models._vae_module import Decoded
-
+        """:meth:`VAEModule.decode` of all cells (eval mode), the ``fields`` kept: :func:`_decode_chunks`."""
         module.eval()
-        whole: dict[str, torch.Tensor] = {}
-        with torch.inference_mode():
-            for start in range(0, t.shape[0], _CHUNK):
-                sl = slice(start, start + _CHUNK)
-                part = module.decode(t[sl], None if c is None else c[sl], _take(x0, sl))
-                for f in fields:
-                    value = getattr(part, f)
-                    if f not in whole:
-                        whole[f] = value.new_empty((t.shape[0], *value.shape[1:]))
-                    whole[f][sl] = value
-        return Decoded(*(whole.get(f) for f in _DECODED))
+
+        def decode(sl: slice) -> Any:
+            return module.decode(t[sl], None if c is None else c[sl], _take(x0, sl))
+
+        return _decode_chunks(t.shape[0], decode, fields)
 
     def _x0_index(self, t: np.ndarray, c: np.ndarray, train_idx: np.ndarray) -> np.ndarray:
         """``(n_obs, k)`` training cells just before each cell in time and nearest in cell state.
@@ -1298,11 +1347,19 @@ class VeloVAE(Hyperparameters):
         nbr = self._x0_index(t[:, 0].cpu().numpy(), c.cpu().numpy(), train_idx)
         nbr_t = torch.from_numpy(nbr).to(t.device)
 
+        def neighbour_mean(x: torch.Tensor) -> torch.Tensor:
+            # a chunk of cells at a time: all cells' neighbours' rows at once were
+            # (n_obs, k, G), 0.8 GB at 100,000 cells and 200 genes
+            out = x.new_empty(x.shape)
+            for start in range(0, x.shape[0], _CHUNK):
+                out[start : start + _CHUNK] = x[nbr_t[start : start + _CHUNK]].mean(1)
+            return out
+
         def initial_state(dec: Any) -> InitialState:
-            return InitialState(dec.u[nbr_t].mean(1), dec.s[nbr_t].mean(1), t[nbr_t, 0].mean(1, keepdim=True))
+            return InitialState(neighbour_mean(dec.u), neighbour_mean(dec.s), t[nbr_t, 0].mean(1, keepdim=True))
 
         # start from the stage-1 predictions, and re-estimate the noise from them
-        dec = self._decode_all(module, t, c, None)
+        dec = self._decode_all(module, t, c, None, _PREDICTED)
         self._update_sigma(module, tensors, dec, train_idx)
         x0 = initial_state(dec)
         # the initial states stay fixed (velovae recomputes them rarely): recomputing them
@@ -1370,7 +1427,7 @@ class VeloVAE(Hyperparameters):
 
         # decode the held-out cells only (a whole-data decode cost 3x this, every epoch)
         idx = torch.from_numpy(test_idx).to(t.device)
-        d = self._decode_all(module, t[idx], None if c is None else c[idx], _take(x0, idx))
+        d = self._decode_all(module, t[idx], None if c is None else c[idx], _take(x0, idx), _PREDICTED)
         u, s = tensors.u[idx], tensors.s[idx]
         with torch.inference_mode():
             ll = module.log_likelihood(u, s, d)
@@ -1441,14 +1498,14 @@ class VeloVAE(Hyperparameters):
         opt_ode = _adam(module.rate_parameters(), lr=lr * ODE_LR_FACTOR)
 
         def loss_of(bt: torch.Tensor) -> torch.Tensor:
-            return module.state_loss(tensors.x[bt], tensors.u[bt], tensors.s[bt], t[bt])[0]
+            return module.state_loss(tensors.x(bt), tensors.u[bt], tensors.s[bt], t[bt])[0]
 
         for epoch in range(self.max_epochs):
             module.train()
             self._minibatch_epoch(run, loss_of, [opt, opt_ode])
             if self._sigma_every and (epoch + 1) % self._sigma_every == 0:
                 state = self._posterior(module, tensors)
-                dec = self._decode_all(module, t, state["c_mean"], None)
+                dec = self._decode_all(module, t, state["c_mean"], None, _PREDICTED)
                 self._update_sigma(module, tensors, dec, run.train_idx)
             score = self._held_out_elbo(module, tensors, run.test_idx, t=t)
             history["state"].append(score)
@@ -1503,13 +1560,7 @@ class VeloVAE(Hyperparameters):
             return module.decode(t[idx], None, None, rho=rho_of(idx))
 
         def decode_all() -> Any:
-            # in chunks, as _decode_all: memory stays bounded on large data sets
-            from explorer.models._vae_module import Decoded
-
-            with torch.no_grad():
-                parts = [decode(slice(i, i + _CHUNK)) for i in range(0, t.shape[0], _CHUNK)]
-            fields = ("u", "s", "rho", "velocity_u", "velocity")
-            return Decoded(*(torch.cat([getattr(p, f) for p in parts]) for f in fields))
+            return _decode_chunks(t.shape[0], decode, _PREDICTED)
 
         def held_out() -> tuple[float, float]:
             ll = sq = 0.0
@@ -1593,19 +1644,26 @@ class VeloVAE(Hyperparameters):
             # velocity uncertainty: 1 - mean cosine between sampled and mean velocity; and
             # each gene's sample variance of the velocity (shifted by the mean velocity,
             # which the samples scatter around, so E[d^2] - E[d]^2 does not cancel)
+            # each draw decoded a chunk of cells at a time into the sums (a whole draw, its
+            # difference from the mean and their products were 320 MB at 100,000 cells)
             n = t.shape[0]
             cos_sum = torch.zeros(n, device=t.device)
             vmean = dec.velocity
             d_sum = torch.zeros_like(vmean)
             d_sq = torch.zeros_like(vmean)
-            for velocity in self._velocity_samples(module, post, x0):
-                cos_sum += _cosine(velocity, vmean)
-                d = velocity - vmean
-                d_sum += d
-                d_sq += d * d
+            for tt, cc in self._posterior_draws(post):
+                for start in range(0, n, _CHUNK):
+                    sl = slice(start, start + _CHUNK)
+                    velocity = module.decode(tt[sl], None if cc is None else cc[sl], _take(x0, sl)).velocity
+                    cos_sum[sl] += _cosine(velocity, vmean[sl])
+                    d = velocity.sub_(vmean[sl])
+                    d_sum[sl] += d
+                    d_sq[sl] += d.mul_(d)
             unc = (1 - cos_sum / self.n_samples).clamp(min=0)
             k = self.n_samples
-            v_var = ((d_sq - d_sum * d_sum / k) / (k - 1)).clamp(min=0)
+            # (d_sq - d_sum^2 / k) / (k - 1), in place
+            v_var = d_sq.sub_(d_sum.mul_(d_sum).div_(k)).div_(k - 1).clamp_(min=0)
+            del d_sum
 
         def np_(x: torch.Tensor) -> np.ndarray:
             return x.float().cpu().numpy()
@@ -1645,6 +1703,13 @@ class VeloVAE(Hyperparameters):
         ``t`` from the tempered grid posterior (mean, SD), ``c`` from the encoder's
         Gaussian; seeded by ``seed + 1``, so the same fit gives the same draws.
         """
+        for tt, cc in self._posterior_draws(post):
+            yield self._decode_all(module, tt, cc, x0, fields=("velocity",)).velocity
+
+    def _posterior_draws(
+        self, post: dict[str, torch.Tensor]
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """``n_samples`` draws of every cell's ``(t, c)`` (``c`` None: basic model), seeded ``seed + 1``."""
         import torch
 
         t, c, t_sd = post["t_mean"], post.get("c_mean"), post["t_sd"]
@@ -1654,7 +1719,7 @@ class VeloVAE(Hyperparameters):
             cc = None
             if c is not None:
                 cc = c + post["c_sd"] * torch.randn(c.shape, generator=g).to(t.device)
-            yield self._decode_all(module, tt, cc, x0, fields=("velocity",)).velocity
+            yield tt, cc
 
     def sample_velocity(self) -> np.ndarray:
         """The posterior samples behind the velocity uncertainty and ``layers['velocity_variance']``.
@@ -1702,9 +1767,14 @@ class VeloVAE(Hyperparameters):
 
         Mu, Ms = moments
         err = reconstruction_error(Mu, Ms, out["u"], out["s"], train=train)
-        # R² of the predictions, u and s in units of their spread (as the dynamical model's)
-        su, ss = Mu.std(0).clip(min=1e-12), Ms.std(0).clip(min=1e-12)
-        sse = (((Mu - out["u"]) / su) ** 2 + ((Ms - out["s"]) / ss) ** 2).sum(0)
+        # R² of the predictions, u and s in units of their spread (as the dynamical model's),
+        # a block of genes at a time (whole, its temporaries were 0.4 GB at 100,000 cells)
+        sse = np.empty(len(cols), dtype=np.float32)
+        for block in gene_blocks(n_obs, len(cols)):
+            mu, ms = Mu[:, block], Ms[:, block]
+            su, ss = mu.std(0).clip(min=1e-12), ms.std(0).clip(min=1e-12)
+            du, ds = (mu - out["u"][:, block]) / su, (ms - out["s"][:, block]) / ss
+            sse[block] = (du**2 + ds**2).sum(0)
         r2 = 1 - sse / (2 * n_obs)
         columns = {
             Key.var.FIT_ALPHA: out["alpha"],
@@ -1720,7 +1790,7 @@ class VeloVAE(Hyperparameters):
             # scVelo's likelihood (u, s in units of their spread) on the training cells: a
             # density in counts (exp of the mean log-density, before 2026-12-05) ranked first
             # the genes with the least unspliced RNA, whatever their fit
-            Key.var.FIT_LIKELIHOOD: gene_likelihood(Mu[train], Ms[train], out["u"][train], out["s"][train]),
+            Key.var.FIT_LIKELIHOOD: gene_likelihood(Mu, Ms, out["u"], out["s"], cells=train),
             Key.var.FIT_MSE_TRAIN: err.per_gene["mse_train"].to_numpy(),
             Key.var.FIT_MSE_TEST: err.per_gene["mse_test"].to_numpy(),
             # Bergen et al. 2021, Box 1, as the dynamical model's (s_inf * u_inf, the ODE's own
@@ -2164,13 +2234,54 @@ class _Run:
 
 
 class _Tensors:
-    """The data on the device: encoder input, ``Mu``, ``Ms`` ``(n_obs, G)`` and the time prior ``(n_obs, 1)``."""
+    """The data on the device: ``Mu``, ``Ms`` ``(n_obs, G)``, their spreads, the time prior ``(n_obs, 1)``."""
 
     def __init__(
-        self, *, x: torch.Tensor, u: torch.Tensor, s: torch.Tensor, prior_mean: torch.Tensor, prior_sd: torch.Tensor
+        self,
+        *,
+        u: torch.Tensor,
+        s: torch.Tensor,
+        std_u: torch.Tensor,
+        std_s: torch.Tensor,
+        prior_mean: torch.Tensor,
+        prior_sd: torch.Tensor,
     ) -> None:
-        self.x, self.u, self.s = x, u, s
+        self.u, self.s, self.std_u, self.std_s = u, s, std_u, std_s
         self.prior_mean, self.prior_sd = prior_mean, prior_sd
+
+    def x(self, idx: Any) -> torch.Tensor:
+        """The encoder's input for cells ``idx``: ``[u / std_u, s / std_s]``, ``(len(idx), 2 G)``.
+
+        Made per batch, not held for every cell (160 MB at 100,000 cells and 200 genes);
+        float32 division, so the same numbers as numpy's whole array.
+        """
+        import torch
+
+        return torch.cat([self.u[idx] / self.std_u, self.s[idx] / self.std_s], 1)
+
+
+def _decode_chunks(n: int, decode: Callable[[slice], Any], fields: tuple[str, ...]) -> Any:
+    """A :class:`~explorer.models._vae_module.Decoded` of ``n`` cells, ``decode(cells)`` ``_CHUNK`` at a time.
+
+    ``fields``: the ones kept (the others are None), each written a chunk at a time into
+    its ``(n, G)`` array, so that a chunk's other outputs and a second copy of the whole
+    are never held (as concatenating the chunks did: 1.6 GB at 100,000 cells).
+    """
+    import torch
+
+    from explorer.models._vae_module import Decoded
+
+    whole: dict[str, torch.Tensor] = {}
+    with torch.inference_mode():
+        for start in range(0, n, _CHUNK):
+            sl = slice(start, start + _CHUNK)
+            part = decode(sl)
+            for f in fields:
+                value = getattr(part, f)
+                if f not in whole:
+                    whole[f] = value.new_empty((n, *value.shape[1:]))
+                whole[f][sl] = value
+    return Decoded(*(whole.get(f) for f in _DECODED))
 
 
 def _adam(params: Any, lr: float | None = None) -> torch.optim.Optimizer:

@@ -123,7 +123,8 @@ def test_gene_likelihood_ranks_fits_not_expression_levels():
 
 
 def test_reconstruction_error_in_blocks_of_genes_is_the_error_at_once(monkeypatch):
-    """A block of genes at a time in float64 (the inputs are float32), the same numbers to the bit."""
+    """A block of genes at a time in float64 (the inputs are float32): each gene's figures the same to
+    the bit; the summary and each cell's, summed over blocks, to float64 rounding."""
     from explorer.models import metrics
 
     rng = np.random.default_rng(3)
@@ -138,11 +139,40 @@ def test_reconstruction_error_in_blocks_of_genes_is_the_error_at_once(monkeypatc
     assert metrics._BLOCK_ENTRIES >= n * m
     monkeypatch.setattr(metrics, "_BLOCK_ENTRIES", 2 * n)  # two genes a block
     blocked = reconstruction_error(Mu, Ms, u_hat, s_hat, train=train)
-    assert blocked.summary == whole.summary
+    assert blocked.summary == pytest.approx(whole.summary, rel=1e-12)
     pd.testing.assert_frame_equal(blocked.per_gene, whole.per_gene, check_exact=True)
-    pd.testing.assert_frame_equal(blocked.per_cell, whole.per_cell, check_exact=True)
-    assert np.isnan(whole.per_gene["mse_test"].iloc[4]) and whole.summary["n_genes"] == m - 1
-    # the held-out MSE by hand, in float64
+    pd.testing.assert_frame_equal(blocked.per_cell, whole.per_cell, check_exact=False, rtol=1e-12)
+    # each cell's MSE by hand, over the predicted genes
     ok = np.arange(m) != 4
     r = (Mu.astype(float) - u_hat) ** 2 + (Ms.astype(float) - s_hat) ** 2
+    np.testing.assert_allclose(blocked.per_cell["mse"], r[:, ok].mean(1), rtol=1e-12)
+    assert np.isnan(whole.per_gene["mse_test"].iloc[4]) and whole.summary["n_genes"] == m - 1
+    # the held-out MSE by hand, in float64
     assert whole.summary["mse_test"] == pytest.approx(r[np.ix_(~train, ok)].mean(), rel=1e-12)
+
+
+def test_gene_likelihood_in_blocks_of_genes_and_on_chosen_cells(monkeypatch):
+    """Blocks of genes give each gene's likelihood to the bit; ``cells=`` is the likelihood on those rows."""
+    from explorer.models import metrics
+
+    rng = np.random.default_rng(4)
+    n, m = 150, 7
+    Mu = rng.gamma(2, 1, (n, m)).astype(np.float32)
+    Ms = rng.gamma(2, 2, (n, m)).astype(np.float32)
+    u_hat = (Mu + rng.normal(0, 0.3, (n, m))).astype(np.float32)
+    s_hat = (Ms + rng.normal(0, 0.5, (n, m))).astype(np.float32)
+    cells = rng.random(n) < 0.6
+    whole = gene_likelihood(Mu, Ms, u_hat, s_hat)
+    on_rows = gene_likelihood(Mu[cells], Ms[cells], u_hat[cells], s_hat[cells])
+    monkeypatch.setattr(metrics, "_BLOCK_ENTRIES", 3 * n)  # three genes a block, the last one
+    np.testing.assert_array_equal(gene_likelihood(Mu, Ms, u_hat, s_hat), whole)
+    np.testing.assert_array_equal(gene_likelihood(Mu, Ms, u_hat, s_hat, cells=cells), on_rows)
+    assert not np.allclose(on_rows, whole)  # the cells matter
+    # gene 0 by hand (scVelo's formula, in float64)
+    su, ss = Mu[cells, 0].astype(float).std(), Ms[cells, 0].astype(float).std()
+    du = (u_hat[cells, 0].astype(float) - Mu[cells, 0]) / su
+    ds = (s_hat[cells, 0].astype(float) - Ms[cells, 0]) / ss
+    d2 = du**2 + ds**2
+    varx = d2.mean() - (np.sign(ds) * np.sqrt(d2)).mean() ** 2
+    by_hand = np.exp(-0.5 * d2.mean() / varx - 0.5 * np.log(2 * np.pi * varx))
+    assert on_rows[0] == pytest.approx(by_hand, rel=1e-12)
