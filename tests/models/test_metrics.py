@@ -122,6 +122,15 @@ def test_gene_likelihood_ranks_fits_not_expression_levels():
     assert np.isnan(gene_likelihood(np.ones((5, 1)), np.ones((5, 1)), np.ones((5, 1)), np.ones((5, 1))))[0]
 
 
+def _float32_fit(rng: np.random.Generator, n: int, m: int) -> tuple[np.ndarray, ...]:
+    """``(Mu, Ms, u_hat, s_hat)``, ``(n, m)`` float32: gamma-distributed moments, predictions off by noise."""
+    Mu = rng.gamma(2, 1, (n, m)).astype(np.float32)
+    Ms = rng.gamma(2, 2, (n, m)).astype(np.float32)
+    u_hat = (Mu + rng.normal(0, 0.3, (n, m))).astype(np.float32)
+    s_hat = (Ms + rng.normal(0, 0.5, (n, m))).astype(np.float32)
+    return Mu, Ms, u_hat, s_hat
+
+
 def test_reconstruction_error_in_blocks_of_genes_is_the_error_at_once(monkeypatch):
     """A block of genes at a time in float64 (the inputs are float32): each gene's figures the same to
     the bit; the summary and each cell's, summed over blocks, to float64 rounding."""
@@ -129,10 +138,7 @@ def test_reconstruction_error_in_blocks_of_genes_is_the_error_at_once(monkeypatc
 
     rng = np.random.default_rng(3)
     n, m = 120, 9
-    Mu = rng.gamma(2, 1, (n, m)).astype(np.float32)
-    Ms = rng.gamma(2, 2, (n, m)).astype(np.float32)
-    u_hat = (Mu + rng.normal(0, 0.3, (n, m))).astype(np.float32)
-    s_hat = (Ms + rng.normal(0, 0.5, (n, m))).astype(np.float32)
+    Mu, Ms, u_hat, s_hat = _float32_fit(rng, n, m)
     s_hat[:, 4] = np.nan  # a gene not predicted
     train = rng.random(n) < 0.7
     whole = reconstruction_error(Mu, Ms, u_hat, s_hat, train=train)
@@ -157,14 +163,11 @@ def test_gene_likelihood_in_blocks_of_genes_and_on_chosen_cells(monkeypatch):
 
     rng = np.random.default_rng(4)
     n, m = 150, 7
-    Mu = rng.gamma(2, 1, (n, m)).astype(np.float32)
-    Ms = rng.gamma(2, 2, (n, m)).astype(np.float32)
-    u_hat = (Mu + rng.normal(0, 0.3, (n, m))).astype(np.float32)
-    s_hat = (Ms + rng.normal(0, 0.5, (n, m))).astype(np.float32)
+    Mu, Ms, u_hat, s_hat = _float32_fit(rng, n, m)
     cells = rng.random(n) < 0.6
     whole = gene_likelihood(Mu, Ms, u_hat, s_hat)
     on_rows = gene_likelihood(Mu[cells], Ms[cells], u_hat[cells], s_hat[cells])
-    monkeypatch.setattr(metrics, "_BLOCK_ENTRIES", 3 * n)  # three genes a block, the last one
+    monkeypatch.setattr(metrics, "_BLOCK_ENTRIES", 3 * n)  # blocks of 3 and 4 genes (1 left joins)
     np.testing.assert_array_equal(gene_likelihood(Mu, Ms, u_hat, s_hat), whole)
     np.testing.assert_array_equal(gene_likelihood(Mu, Ms, u_hat, s_hat, cells=cells), on_rows)
     assert not np.allclose(on_rows, whole)  # the cells matter
