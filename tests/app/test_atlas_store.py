@@ -233,6 +233,11 @@ def _datashaded_page(adata, folder, monkeypatch):
     with set_curdoc(doc):
         page = create_app(adata, data_dir=folder)
         page.server_doc(doc)
+    # the read-outs the page started (a stored fit's velocity graph): landed before the test
+    # clicks. Without a server their callbacks redraw from the worker thread, which raced
+    # the test's own redraws under load (holoviews: an overlay's subplots None mid-update)
+    for job in page.app.state.background_jobs():
+        assert job.join(120)
     return doc, page.app.state, page.app.views
 
 

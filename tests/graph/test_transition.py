@@ -387,3 +387,31 @@ def test_the_graph_built_in_blocks_of_cells_is_the_graph_built_at_once(cellrank_
     W[np.diag_indices_from(W)] = np.where(self_prob > 0, np.exp(10.0 * self_prob), 0.0)
     np.testing.assert_allclose(T_bwd.toarray(), W.T / W.T.sum(axis=1, keepdims=True), atol=1e-6)
     np.testing.assert_allclose(T.toarray(), W / W.sum(axis=1, keepdims=True), atol=1e-6)
+
+
+def test_projection_and_transition_confidence_a_block_of_cells_at_a_time(cellrank_adata, monkeypatch):
+    """The embedding's projection reads the signed matrix a block of rows at a time (never whole),
+    the transition confidence the forward one: the same numbers to the bit as from whole matrices."""
+    from explorer.graph import transition
+    from explorer.graph.projection import _projected, project_velocity
+    from explorer.graph.transition import transition_blocks, velocity_confidence_transition
+
+    X, V = _inputs(cellrank_adata)
+    pos, neg = get_velocity_graph(cellrank_adata)
+    E = np.asarray(cellrank_adata.obsm["X_umap"])
+    signed = transition_matrix(pos, neg, use_negative_cosines=True)
+    T = transition_matrix(pos, neg)
+    emb, conf = project_velocity(signed, E), velocity_confidence_transition(X, V, T)
+    monkeypatch.setattr(transition, "ROW_BLOCK_ENTRIES", 97)
+    blocks = list(transition_blocks(pos, neg, use_negative_cosines=True))
+    assert len(blocks) > 20
+    bounds = [(a, b) for a, b, _ in blocks]
+    assert bounds[0][0] == 0 and bounds[-1][1] == cellrank_adata.n_obs
+    assert all(b == a for (_, b), (a, _) in zip(bounds, bounds[1:]))
+    np.testing.assert_array_equal(sparse.vstack([rows for _, _, rows in blocks]).toarray(), signed.toarray())
+    np.testing.assert_array_equal(_projected(iter(blocks), E, autoscale=True), emb)
+    np.testing.assert_array_equal(velocity_confidence_transition(X, V, T), conf)
+    # one cell's confidence by hand: the correlation of its velocity with T x - x
+    i = 7
+    dx = T[i].toarray().ravel() @ X.astype(np.float64) - X[i]
+    assert conf[i] == pytest.approx(np.corrcoef(dx, V[i])[0, 1], abs=1e-5)
