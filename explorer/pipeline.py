@@ -35,13 +35,12 @@ from explorer.data.io import validate_counts
 from explorer.data.preprocess import check_genes, check_options, filter_and_normalize, is_preprocessed
 from explorer.graph.moments import compute_moments
 from explorer.graph.neighbors import compute_neighbors, has_neighbors
-from explorer.graph.projection import compute_velocity_embedding, project_velocity
+from explorer.graph.projection import compute_velocity_embedding, project_graph
 from explorer.graph.transition import (
     compute_transition_matrix,
     compute_velocity_confidence,
     compute_velocity_graph,
     drop_velocity_graphs,
-    transition_matrix,
     velocity_gene_mask,
 )
 from explorer.keys import Key
@@ -147,8 +146,7 @@ class Derived:
 
     def project(self, embedding: FloatArray) -> FloatArray:
         """Project the velocity on another ``(n_obs, n_dims)`` embedding, as :func:`derive` does."""
-        signed = transition_matrix(self.graph, self.graph_neg, use_negative_cosines=True)
-        return project_velocity(signed, embedding)
+        return project_graph(self.graph, self.graph_neg, embedding)
 
 
 def prepare(

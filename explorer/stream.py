@@ -79,7 +79,7 @@ from explorer.data.preprocess import (
 from explorer.graph import latent_time as lt_mod
 from explorer.graph.moments import neighbor_weights
 from explorer.graph.neighbors import _MIN_GENES_FOR_PCA, compute_neighbors
-from explorer.graph.projection import project_velocity, quiver_scale
+from explorer.graph.projection import project_graph
 from explorer.graph.transition import (
     RowStack,
     knn_indices,
@@ -88,7 +88,6 @@ from explorer.graph.transition import (
     pattern_rows,
     reach_step,
     row_blocks,
-    rows_of,
     self_transition_probabilities,
     split_graph,
     transition_matrix,
@@ -1404,7 +1403,8 @@ def _run(
     embeddings: list[str] = []
     if Key.obsm.embedding(basis) in data.obsm:
         name = Key.obsm.embedding(basis).removeprefix("X_")
-        obsm[Key.obsm.velocity(name)] = _project(graph, graph_neg, self_p, data.obsm[Key.obsm.embedding(basis)])
+        embedding = data.obsm[Key.obsm.embedding(basis)]
+        obsm[Key.obsm.velocity(name)] = project_graph(graph, graph_neg, embedding, self_probabilities=self_p)
         embeddings = [name]
     else:
         logger.info("no obsm[%r]: the velocity is not projected", Key.obsm.embedding(basis))
@@ -1531,33 +1531,6 @@ def _velocity_graph(
     graph, graph_neg = parts[0].stack(n_obs), parts[1].stack(n_obs)
     knn_graphs = (parts[2].stack(n_obs), parts[3].stack(n_obs)) if mask is not None else None
     return graph, graph_neg, knn_graphs, sums, n_edges
-
-
-def _project(
-    graph: sparse.csr_matrix, graph_neg: sparse.csr_matrix, self_p: np.ndarray, embedding: np.ndarray
-) -> np.ndarray:
-    """:func:`~explorer.graph.projection.compute_velocity_embedding`'s projection, by blocks of cells.
-
-    ``project_velocity`` holds three ``(n_edges, n_dims)`` float64 arrays at once (720
-    bytes an edge on a 30-component PCA); here each block of cells' edges goes through it
-    (and through the signed transition matrix) alone: rows outside the block are empty, so
-    their output is zero and ignored. The arrows are scaled once at the end, as it does.
-    """
-    E = np.asarray(embedding, dtype=np.float64)
-    n_obs, n_dims = E.shape
-    V = np.zeros((n_obs, n_dims))
-    for a, b in row_blocks(graph.indptr, max(1, _BLOCK_ELEMENTS // max(4 * n_dims, 1))):
-        T = transition_matrix(
-            rows_of(graph, a, b),
-            rows_of(graph_neg, a, b),
-            use_negative_cosines=True,
-            self_probabilities=self_p,
-        )
-        V[a:b] = project_velocity(rows_of(T, a, b), E, autoscale=False)[a:b]
-    scale = quiver_scale(E, V)
-    if scale > 0:
-        V /= 3.0 * scale
-    return V.astype(np.float32)
 
 
 class _Columns:

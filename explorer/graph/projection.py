@@ -72,6 +72,37 @@ def project_velocity(
     return _projected([(0, T.shape[0], T)], E, autoscale=autoscale)
 
 
+def project_graph(
+    graph: sparse.spmatrix,
+    graph_neg: sparse.spmatrix | None,
+    embedding: FloatArray,
+    *,
+    scale: float = DEFAULT_SCALE,
+    self_transitions: bool = True,
+    use_negative_cosines: bool = True,
+    self_probabilities: FloatArray | None = None,
+    autoscale: bool = True,
+) -> np.ndarray:
+    """:func:`project_velocity` of a velocity graph's transition matrix, never built whole.
+
+    The matrix (scVelo's projection kernel: ``use_negative_cosines`` by default) is made a
+    block of rows at a time (:func:`~explorer.graph.transition.transition_blocks`, whose
+    parameters these are) and each block projected as it comes: the same numbers as
+    :func:`project_velocity` of the whole matrix, with one block's temporaries (the
+    signed matrix beside the forward one :func:`~explorer.pipeline.derive` keeps was
+    0.4 GB at 100,000 cells).
+    """
+    blocks = transition_blocks(
+        graph,
+        graph_neg,
+        scale=scale,
+        self_transitions=self_transitions,
+        use_negative_cosines=use_negative_cosines,
+        self_probabilities=self_probabilities,
+    )
+    return _projected(blocks, embedding, autoscale=autoscale)
+
+
 def _projected(
     blocks: Iterable[tuple[int, int, sparse.spmatrix]], embedding: FloatArray, *, autoscale: bool
 ) -> np.ndarray:
@@ -196,16 +227,15 @@ def compute_velocity_embedding(
         )
         raise MissingInputError(msg)
     graph, graph_neg = get_velocity_graph(adata, vkey=vkey)
-    # the signed matrix a block of rows at a time, each projected as it comes: the whole
-    # matrix beside the forward one derive keeps was 0.4 GB at 100,000 cells
-    blocks = transition_blocks(
+    V_emb = project_graph(
         graph,
         graph_neg,
+        adata.obsm[emb_key],
         scale=scale,
         self_transitions=self_transitions,
         use_negative_cosines=use_negative_cosines,
+        autoscale=autoscale,
     )
-    V_emb = _projected(blocks, adata.obsm[emb_key], autoscale=autoscale)
     name = emb_key.removeprefix("X_")
     adata.obsm[_vkey_name(Key.obsm.velocity(name), vkey)] = V_emb
     params_key = _vkey_name(Key.uns.VELOCITY_PARAMS, vkey)
