@@ -265,6 +265,15 @@ TRUST_CHECKS: tuple[TrustCheck, ...] = (
 )
 #: a note, not a check: the gene's own clock starts later than the latent time
 ONSET_NOTE = "induced after the root cells"
+#: the check the trust diagnostics add once they ran (:func:`explorer.diagnostics.flag_genes`);
+#: its ``fails`` is followed by the gene's reasons
+DIAGNOSTICS_CHECK = TrustCheck(
+    Key.var.DIAG_FLAGGED,
+    "diagnostics",
+    "not flagged by the trust diagnostics (differential kinetics across clusters, transcriptional "
+    "boost, unstable; column flag)",
+    "flagged",
+)
 
 
 # ----------------------------------------------------------------- the data
@@ -898,12 +907,18 @@ def trust_checks(gene_params: pd.DataFrame, *, scvelo_likelihood: bool = True) -
     return out
 
 
-def gene_trust(gene_params: pd.DataFrame, *, scvelo_likelihood: bool = True) -> pd.DataFrame | None:
+def gene_trust(
+    gene_params: pd.DataFrame, *, scvelo_likelihood: bool = True, flags: pd.Series | None = None
+) -> pd.DataFrame | None:
     """Per gene, the share of :func:`trust_checks` it passes and notes on those it fails.
 
     Only the checks the fit's columns allow count; a gene with none of their values
     finite (not fitted) gets NaN. ``fit_uses_t_on`` adds a note, not a check. None when the
-    fit has no column any check reads.
+    fit has no column any check reads. ``flags``, the trust diagnostics' reasons per gene
+    (``diag_flag_reason`` indexed by gene, ``""`` where none), adds
+    :data:`DIAGNOSTICS_CHECK` for every fitted gene: a flagged one fails it, with its
+    reasons in words in the notes (until 2026-12-05 a flagged gene kept its green light and
+    "passes every check").
 
     Returns
     -------
@@ -934,6 +949,14 @@ def gene_trust(gene_params: pd.DataFrame, *, scvelo_likelihood: bool = True) -> 
         counted += finite
         for i in np.flatnonzero(finite & ~ok):
             notes[i].append(check.fails)
+    if flags is not None:
+        reasons = flags.reindex(gene_params.index).fillna("").astype(str).to_numpy()
+        fitted = counted > 0
+        passed += fitted & (reasons == "")
+        counted += fitted
+        for i in np.flatnonzero(fitted & (reasons != "")):
+            words = ", ".join(FLAG_WORDS.get(r, r) for r in reasons[i].split(","))
+            notes[i].append(f"{DIAGNOSTICS_CHECK.fails}: {words}")
     if Key.var.FIT_USES_T_ON in gene_params:
         onset = gene_params[Key.var.FIT_USES_T_ON].to_numpy()
         for i in np.flatnonzero(pd.notna(onset) & (onset == True)):  # noqa: E712 - bool or 0/1 columns
@@ -992,14 +1015,16 @@ def gene_table(
     when none of those holds it, and ``velocity gene``. A column that would be all NaN
     is left out: a steady-state fit's R² appears as ``R²``, never as a likelihood. With
     ``flags`` (:func:`explorer.app.fits.fit_diagnostics`), ``flag``: the reasons a gene is
-    flagged (``differential_kinetics``, ``boost``, ``unstable``), empty for the others.
+    flagged (``differential_kinetics``, ``boost``, ``unstable``), empty for the others; a
+    flagged gene also fails ``trust``'s :data:`DIAGNOSTICS_CHECK`.
     """
     table = pd.DataFrame({"gene": var_names.astype(str), "mean Ms": means[0], "mean Mu": means[1]})
     if fit is None:
         return table
     result = _result(fit)
     gp = result.gene_params
-    trust = gene_trust(gp, scvelo_likelihood="curve" in fit_shows(result))
+    reasons = None if flags is None else flags[Key.var.DIAG_FLAG_REASON]
+    trust = gene_trust(gp, scvelo_likelihood="curve" in fit_shows(result), flags=reasons)
     if trust is not None:
         table[TRUST] = trust[TRUST].to_numpy()
         table[TRUST_NOTES] = trust[TRUST_NOTES].to_numpy()
@@ -1039,12 +1064,17 @@ def column_help(table: pd.DataFrame, gene_params: pd.DataFrame | None = None) ->
     return {c: text[c] for c in table.columns if c in text}
 
 
-def trust_legend(fit: Fit | VelocityResult | None) -> list[str]:
-    """One line per check of :func:`gene_trust` that ``fit``'s columns allow, then the onset note."""
+def trust_legend(fit: Fit | VelocityResult | None, *, diagnosed: bool = False) -> list[str]:
+    """One line per check of :func:`gene_trust` that ``fit``'s columns allow, then the onset note.
+
+    ``diagnosed``: the trust diagnostics ran, and :data:`DIAGNOSTICS_CHECK` counts too.
+    """
     if fit is None:
         return []
     gene_params = _result(fit).gene_params
     checks = trust_checks(gene_params, scvelo_likelihood="curve" in fit_shows(fit))
+    if checks and diagnosed:
+        checks.append(DIAGNOSTICS_CHECK)
     lines = [f"{check.name}: {check.passes} — else “{check.fails}”" for check in checks]
     if lines and Key.var.FIT_USES_T_ON in gene_params:
         lines.append(f"note “{ONSET_NOTE}”: the gene's own clock starts after latent time 0 (not a failure)")

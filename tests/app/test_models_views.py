@@ -242,6 +242,7 @@ def test_rates_intervals_reconstruction_walks_fates_and_metrics(app):
     assert genes.flags_note.object.startswith(f"**{int(flagged.sum())}** velocity genes flagged")
     assert (f"transcriptional boost {boosted}" in genes.flags_note.object) == (boosted > 0)
     assert "not tested" not in genes.flags_note.object  # the data has cell types
+    assert f"{int(flagged.sum()):,} of them velocity genes" in state.status
     assert not genes.without_button.disabled
     before = state.fit.result.velocity_genes.copy()
     genes.without_button.clicks += 1

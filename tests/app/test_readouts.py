@@ -449,6 +449,17 @@ def test_gene_trust_by_hand():
     legend = readouts.trust_legend(dynamical)
     assert len(legend) == 4  # fit, transient cells, cells, the onset note
     assert legend[0].startswith("fit: likelihood ≥ 0.1")
+    diagnosed = readouts.trust_legend(dynamical, diagnosed=True)
+    assert diagnosed[:3] == legend[:3] and diagnosed[3].startswith("diagnostics: not flagged")
+    # the trust diagnostics' flag is one more check once they ran: a flagged gene passed every
+    # check and kept its green light until 2026-12-05 (the unfitted gene is still not judged)
+    flags = pd.Series(["differential_kinetics,boost", "boost", "", ""], index=index)
+    flagged = readouts.gene_trust(params, flags=flags)
+    np.testing.assert_allclose(flagged[readouts.TRUST], [3 / 4, 0.0, np.nan, 1.0])
+    assert flagged[readouts.TRUST_NOTES].tolist()[:2] == [
+        "flagged: differential kinetics across clusters, transcriptional boost",
+        "low likelihood; mostly steady; few cells; flagged: transcriptional boost",
+    ]
 
 
 def test_detection_power_is_weak_in_the_lowest_quarter():

@@ -306,6 +306,28 @@ def test_a_fit_without_a_per_gene_figure_opens_and_lists_the_genes_it_trusts_fir
     assert table["velocity gene"].tolist() == [True] * 3 + [False] * (adata.n_vars - 3)
 
 
+def test_a_page_opens_on_a_well_fitted_gene_the_cells_express(app_adata):
+    """Not on the best fit of a gene nearly no cell expresses: a stored steady-state fit of the
+    pancreas opened on Stmn2 (R² 0.996, Ms above 0 in 5% of the cells) until 2026-12-05.
+    """
+    adata = app_adata.copy()
+    fitted = ExplorerState(adata, dataset="t")
+    assert fitted.run_model("stochastic").join(120), fitted.error
+    fit = fitted.fit
+    like = fit.result.likelihood.where(np.asarray(fit.result.velocity_genes, dtype=bool))
+    best, second = like.sort_values(ascending=False).index[:2]
+    assert ExplorerState._default_gene(adata, fit) == best
+    j = adata.var_names.get_loc(best)
+    ms = np.array(adata.layers[Key.layers.MS], dtype=np.float32)
+    ms[adata.n_obs // 20 :, j] = 0  # expressed in 5% of the cells
+    adata.layers[Key.layers.MS] = ms
+    assert ExplorerState._default_gene(adata, fit) == second
+    ms[adata.n_obs // 10 :, j] = 0  # 10%: expressed enough
+    ms[: adata.n_obs // 10, j] = 1.0
+    adata.layers[Key.layers.MS] = ms
+    assert ExplorerState._default_gene(adata, fit) == best
+
+
 def test_cell_info_lists_most_likely_next_cells(state):
     state.run_model("stochastic").join(120)
     state.select_cell(11)

@@ -912,6 +912,20 @@ def test_gene_table_orders_by_trust_and_marks_the_selected_gene(app):
         assert "fails: low R²" in genes.verdict.object
     assert set(genes.table.hidden_columns) == {"mean Mu", "scaling", "trust notes"}
     assert "trust notes" in genes.table.value
+    # once the trust diagnostics ran, a flagged gene fails their check: until 2026-12-05 its
+    # light stayed green and its verdict said "passes every check" beside its flag
+    genes.diagnose_button.clicks += 1
+    assert state.job.join(120), state.error
+    assert "diagnostics: not flagged" in genes.legend.object
+    after = genes.table.value.set_index("gene")
+    flagged = after.index[after["flag"] != ""]
+    assert len(flagged) > 0
+    one = str(flagged[0])
+    state.select_gene(one)
+    assert f"{one}</b>: fails: " in genes.verdict.object and "flagged: " in genes.verdict.object
+    r2_ok = (r2 >= 0.01).where(r2.notna()).astype(float)
+    expected = (r2_ok + (after.loc[r2.index, "flag"] == "")) / 2
+    np.testing.assert_allclose(after.loc[r2.index, "trust"], expected)
 
 
 def test_time_plots_and_next_cells_table_join_the_page_once_they_have_something_to_show(app_adata, tmp_path):

@@ -180,7 +180,8 @@ class GeneBrowser(pn.viewable.Viewer):
 
     def _legend(self) -> str:
         fit = self.state.fit
-        lines = readouts.trust_legend(fit)
+        diagnosed = self.state.model in self.state.diagnostics
+        lines = readouts.trust_legend(fit, diagnosed=diagnosed)
         if not lines:
             return ""
         items = "".join(f"<li>{html_text(line)}</li>" for line in lines)
