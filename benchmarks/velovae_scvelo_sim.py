@@ -9,7 +9,11 @@ full model) and by its basic variant (no cell state) with the same seed, and bot
 scored by the same functions: Spearman correlation of ``latent_time`` with the true time,
 the cells misplaced by more than half the ranking (``|rank error| > 0.5``), the held-out
 MSE (:func:`explorer.models.metrics.reconstruction_error`, through ``metrics_``) and the
-coverage of nominal 90 % intervals (:func:`explorer.models.vae.time_calibration`).
+coverage of nominal 90 % intervals (:func:`explorer.models.vae.time_calibration`), and
+how the time SD (on the model's clock) and each interval's width mapped onto the true axis
+rank the cells by their time error. Beside them, each draw's *oracle* row: the exact time
+posterior under the simulator's own rates and switch times, scored by the same function
+(what a perfect model reaches there).
 
 Usage::
 
@@ -35,6 +39,8 @@ from bench_dynamical import scvelo_simulation
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 VARIANTS = {"full (default)": {}, "basic": {"variant": "basic"}}
+#: the row of the exact posterior under the simulator's own curves (:func:`oracle_scores`)
+ORACLE = "oracle (the simulator's own curves)"
 
 
 def score_fit(adata, kwargs: dict, model_class: type | None = None) -> dict:
@@ -87,6 +93,32 @@ def score_fit(adata, kwargs: dict, model_class: type | None = None) -> dict:
     }
 
 
+def oracle_scores(adata) -> dict:
+    """The exact time posterior under the simulator's own curves, scored as :func:`score_fit` scores a fit.
+
+    :func:`~explorer.models.vae.oracle_time_posterior` (a perfect model: the true rates and
+    switch times, per-gene noise from the residuals at the true times, tempered as the
+    model tempers), through the same :func:`~explorer.models.vae.time_calibration`;
+    ``sd_error_spearman_true_clock``: its SD against its error on the true clock, where
+    both already are (no map).
+    """
+    from scipy.stats import spearmanr
+
+    from explorer.models.vae import oracle_time_posterior, time_calibration
+
+    true_t = adata.obs["true_t"].to_numpy()
+    oracle = oracle_time_posterior(adata)
+    cal = time_calibration(true_t, oracle["t_mean"], oracle["t_sd"])
+    error = np.abs(oracle["t_mean"] - true_t)
+    return {
+        "latent_time_spearman": round(float(spearmanr(oracle["t_mean"], true_t)[0]), 4),
+        "coverage_90": round(float(cal["coverage"]), 2),
+        "sd_error_spearman": round(float(cal["sd_error_spearman"]), 2),
+        "width_error_spearman": round(float(cal["width_error_spearman"]), 2),
+        "sd_error_spearman_true_clock": round(float(spearmanr(oracle["t_sd"], error)[0]), 2),
+    }
+
+
 def run(parser: argparse.ArgumentParser, rows_of: Callable[[argparse.Namespace, Path], Iterator[dict]]) -> None:
     """Parse the shared options, then print each row ``rows_of(args, cache)`` yields and write them as JSON."""
     parser.add_argument("--scvelo-python", required=True, help="python of a virtual environment with scVelo")
@@ -113,7 +145,7 @@ def _rows(args: argparse.Namespace, cache: Path) -> Iterator[dict]:
 
     keys = (
         "latent_time_spearman", "encoder_time_spearman", "misplaced_cells", "mse_test", "coverage_90",
-        "sd_error_spearman", "spread_error_spearman",
+        "sd_error_spearman", "width_error_spearman", "spread_error_spearman",
     )  # fmt: skip
     for setting in args.settings:
         n_obs, n_vars, t_max = (int(x) for x in setting.split(":"))
@@ -126,6 +158,11 @@ def _rows(args: argparse.Namespace, cache: Path) -> Iterator[dict]:
                 row.update({k: scores[k] for k in keys})
                 row.update({k: scores[k] for k in ("stage1_epochs", "initial_time", "fit_s")})
                 yield row
+            # what a perfect model's posterior reaches on the same cells (since 2026-12-05)
+            row = {"cells": n_obs, "genes": n_vars, "t_max": t_max or "own", "seed": seed, "model": ORACLE}
+            row.update(dict.fromkeys(keys))
+            row.update(oracle_scores(ad.read_h5ad(path)))
+            yield row
 
 
 def main() -> None:

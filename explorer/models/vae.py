@@ -2124,15 +2124,24 @@ def oracle_time_posterior(adata: AnnData, *, n_grid: int = 200, chunk: int = 256
     lineages' likelihoods), tempered as :meth:`VeloVAE._refine_time` tempers its own
     (``2 G / n_eff``, the participation ratio of the residuals), with a flat prior.
 
+    Also on scVelo's simulator (``scvelo.datasets.simulation``, one lineage): without the
+    ``true_u`` / ``true_s`` layers, the curves are its on/off model's
+    (:func:`explorer.kinetics.trajectory`) from ``var['true_alpha']``, ``['true_beta']``,
+    ``['true_gamma']`` and the switch times ``['true_t_']``, at each cell's ``true_t``.
+
     Returns ``t_mean`` and ``t_sd`` (``(n_obs,)``, on the true clock), ``temperature`` and
     ``n_eff``.
     """
-    needed = ("true_u", "true_s", Key.layers.MU, Key.layers.MS)
-    missing = [k for k in needed if k not in adata.layers] + [k for k in ("true_t",) if k not in adata.obs]
-    if missing:
+    rates = ("true_t_", "true_alpha", "true_beta", "true_gamma")
+    curves = ("true_u", "true_s") if all(k in adata.layers for k in ("true_u", "true_s")) else rates
+    needed = [*(k for k in (Key.layers.MU, Key.layers.MS) if k not in adata.layers)]
+    needed += [k for k in ("true_t",) if k not in adata.obs]
+    needed += [k for k in curves if k not in (adata.layers if curves[0] == "true_u" else adata.var)]
+    if needed:
         msg = (
-            f"The oracle time posterior needs a simulation from explorer.data.simulate with its moments: "
-            f"missing {missing}. Simulate with explorer.data.simulate.simulate and run "
+            "The oracle time posterior needs a simulation with its moments: from "
+            "explorer.data.simulate (layers true_u, true_s) or scVelo's datasets.simulation (var "
+            f"{', '.join(rates)}), obs true_t and layers Mu, Ms; missing {needed}. Simulate, then run "
             "explorer.pipeline.prepare."
         )
         raise InputError(msg)
@@ -2141,8 +2150,13 @@ def oracle_time_posterior(adata: AnnData, *, n_grid: int = 200, chunk: int = 256
         x = adata.layers[key]
         return np.asarray(x.toarray() if sparse.issparse(x) else x, dtype=np.float64)
 
-    mu, ms, true_u, true_s = (dense(k) for k in (Key.layers.MU, Key.layers.MS, "true_u", "true_s"))
+    mu, ms = dense(Key.layers.MU), dense(Key.layers.MS)
     true_t = adata.obs["true_t"].to_numpy(dtype=np.float64)
+    if curves[0] == "true_u":
+        true_u, true_s = dense("true_u"), dense("true_s")
+    else:  # scVelo's simulator: its rates and switch times
+        t_, alpha, beta, gamma = (adata.var[k].to_numpy(dtype=np.float64)[None] for k in rates)
+        true_u, true_s = kinetics.trajectory(true_t[:, None], t_, alpha, beta, gamma)
     if "true_lineage" in adata.obs:
         lineage = adata.obs["true_lineage"].astype(str).to_numpy()
     else:

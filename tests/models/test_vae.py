@@ -924,6 +924,31 @@ def test_oracle_time_posterior_sets_what_a_time_sd_can_rank(branching):
         oracle_time_posterior(ad.AnnData(np.ones((3, 2), dtype=np.float32)))
 
 
+def test_on_scvelos_simulator_a_perfect_models_time_sd_ranks_the_error():
+    """Where the Spearman > 0.2 target is within reach: scVelo's one-lineage simulator.
+
+    The exact posterior under that simulator's own rates and switch times (its ``var``'s
+    ``true_*`` columns) ranks the cells by their time error at +0.30 through
+    time_calibration's map on the tests' draw (500 x 40, seed 1), where on the two-lineage
+    simulation above it reaches +0.02: what the SD can rank depends on the data, and on
+    scVelo's simulator a per-cell posterior can meet the target (measured 2026-12-05; the
+    benchmark's nine draws: README, "What a perfect model's SD reaches on scVelo's simulator").
+    """
+    adata = ad.read_h5ad(Path(__file__).parent.parent / "data" / "scvelo_simulation_500x40.h5ad")
+    true_t = adata.obs["true_t"].to_numpy(np.float64)
+    oracle = oracle_time_posterior(adata)
+    assert spearmanr(oracle["t_mean"], true_t)[0] > 0.999  # 0.9994
+    cal = time_calibration(true_t, oracle["t_mean"], oracle["t_sd"])
+    assert cal["sd_error_spearman"] > 0.2  # 0.30
+    assert abs(cal["coverage"] - 0.9) <= 0.1  # 0.84
+    # the curves are the simulator's: the same posterior from the true_u / true_s layers
+    rates = ("true_t_", "true_alpha", "true_beta", "true_gamma")
+    u, s = kinetics.trajectory(true_t[:, None], *(adata.var[k].to_numpy()[None] for k in rates))
+    given = adata.copy()
+    given.layers["true_u"], given.layers["true_s"] = u, s
+    np.testing.assert_allclose(oracle_time_posterior(given)["t_sd"], oracle["t_sd"], rtol=1e-6)
+
+
 @pytest.mark.slow
 def test_two_starts_time_sd_ranks_cells_by_error(branching):
     """n_starts=2 (steady-state and DPT initial times): the pooled SD ranks cells by error, covers nominally.
