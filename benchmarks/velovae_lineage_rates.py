@@ -22,7 +22,8 @@ scored by the same function
 (:func:`velovae_scvelo_sim.score_fit`): Spearman correlation of ``latent_time`` with the
 true time, ``lineage_offset`` (lineage B's mean rank error minus A's, as a share of the
 cells), the held-out MSE, and how the time SD and ``obs['latent_time_start_spread']`` rank
-the cells by their time error.
+the cells by their time error. Beside them, each simulation's *oracle* row: the exact time
+posterior under the simulator's own curves (:func:`velovae_scvelo_sim.oracle_scores`).
 
 Usage::
 
@@ -40,7 +41,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from velovae_scvelo_sim import score_fit
+from velovae_scvelo_sim import ORACLE, oracle_scores, score_fit
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -111,7 +112,8 @@ def main() -> None:
     set_up_process()
     keys = (
         "latent_time_spearman", "lineage_offset", "mse_test", "coverage_90",
-        "sd_error_spearman", "width_error_spearman", "spread_error_spearman", "fit_s",
+        "sd_error_spearman", "width_error_spearman", "share_error_spearman", "rank_width_error_spearman",
+        "spread_error_spearman", "fit_s",
     )  # fmt: skip
     rows = []
     for (simulation, extra), seed in itertools.product(SIMULATIONS.items(), args.seeds):
@@ -122,6 +124,11 @@ def main() -> None:
         noisy = true_t + np.random.default_rng(seed).normal(0, 0.1 * np.ptp(true_t), len(true_t))
         edges = np.quantile(noisy, [0.25, 0.5, 0.75])
         adata.obs["capture_time_overlapping"] = np.digitize(noisy, edges).astype(float)
+        # what a perfect model's posterior reaches on the same cells (since 2026-12-05)
+        row = {"simulation": simulation, "seed": seed, "start": "-", "model": ORACLE, **dict.fromkeys(keys)}
+        row.update({k: v for k, v in oracle_scores(adata).items() if k in keys})
+        rows.append(row)
+        print(" | ".join(str(v) for v in row.values()), flush=True)
         for start in args.starts:
             kwargs = STARTS[start]
             cls = START_CLASSES[start]() if start in START_CLASSES else None

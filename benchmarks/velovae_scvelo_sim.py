@@ -52,7 +52,10 @@ def score_fit(adata, kwargs: dict, model_class: type | None = None) -> dict:
     ``obs['latent_time_start_spread']`` with each cell's absolute rank error (``None`` where
     the fit has no spread); ``sd_error_spearman`` is the SD's (on the model's clock) and
     ``width_error_spearman`` its interval's width on the true axis, each against the error
-    through the monotone map of :func:`~explorer.models.vae.time_calibration`. ``model_class`` replaces :class:`VeloVAE`.
+    through the monotone map of :func:`~explorer.models.vae.time_calibration`;
+    ``share_error_spearman`` the interval's width in cells against the rank error, and
+    ``rank_width_error_spearman`` the fit's ``obs['latent_time_rank_width']`` (that width
+    with the start spread) against it. ``model_class`` replaces :class:`VeloVAE`.
     """
     from scipy.stats import rankdata, spearmanr
 
@@ -74,6 +77,7 @@ def score_fit(adata, kwargs: dict, model_class: type | None = None) -> dict:
     if result.obs is not None and Key.obs.LATENT_TIME_START_SPREAD in result.obs:
         values = result.obs[Key.obs.LATENT_TIME_START_SPREAD].to_numpy()
         spread = round(float(spearmanr(values, np.abs(rank_error))[0]), 2)
+    rank_width = result.obs[Key.obs.LATENT_TIME_RANK_WIDTH].to_numpy()
     offset = None
     if lineage is not None and {"A", "B"} <= set(lineage):
         offset = round(float(rank_error[lineage == "B"].mean() - rank_error[lineage == "A"].mean()), 3)
@@ -86,6 +90,8 @@ def score_fit(adata, kwargs: dict, model_class: type | None = None) -> dict:
         "coverage_90": round(float(cal["coverage"]), 2),
         "sd_error_spearman": round(float(cal["sd_error_spearman"]), 2),
         "width_error_spearman": round(float(cal["width_error_spearman"]), 2),
+        "share_error_spearman": round(float(cal["share_error_spearman"]), 2),
+        "rank_width_error_spearman": round(float(spearmanr(rank_width, np.abs(rank_error))[0]), 2),
         "spread_error_spearman": spread,
         "stage1_epochs": len(model.history_["stage1"]),
         "initial_time": model.initial_time_["used"],
@@ -115,6 +121,9 @@ def oracle_scores(adata) -> dict:
         "coverage_90": round(float(cal["coverage"]), 2),
         "sd_error_spearman": round(float(cal["sd_error_spearman"]), 2),
         "width_error_spearman": round(float(cal["width_error_spearman"]), 2),
+        "share_error_spearman": round(float(cal["share_error_spearman"]), 2),
+        # no second start: its rank width is its interval in cells
+        "rank_width_error_spearman": round(float(cal["share_error_spearman"]), 2),
         "sd_error_spearman_true_clock": round(float(spearmanr(oracle["t_sd"], error)[0]), 2),
     }
 
@@ -145,7 +154,8 @@ def _rows(args: argparse.Namespace, cache: Path) -> Iterator[dict]:
 
     keys = (
         "latent_time_spearman", "encoder_time_spearman", "misplaced_cells", "mse_test", "coverage_90",
-        "sd_error_spearman", "width_error_spearman", "spread_error_spearman",
+        "sd_error_spearman", "width_error_spearman", "share_error_spearman", "rank_width_error_spearman",
+        "spread_error_spearman",
     )  # fmt: skip
     for setting in args.settings:
         n_obs, n_vars, t_max = (int(x) for x in setting.split(":"))

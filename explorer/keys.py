@@ -139,6 +139,9 @@ class _Obs:
     #: VeloVAE: each cell's rank distance between its two initial times (steady-state fit,
     #: diffusion pseudotime), a share of the cells: where the start, not the data, sets the time
     LATENT_TIME_START_SPREAD: str = "latent_time_start_spread"
+    #: VeloVAE: the width of each cell's 90% interval of place in the ordering, a share of the
+    #: cells: the posterior interval counted in cells, with the start spread as a two-point mixture
+    LATENT_TIME_RANK_WIDTH: str = "latent_time_rank_width"
     #: VeloVAE: posterior mean time on the model's own clock (that of fit_t_on, fit_t_)
     LATENT_TIME_MODEL: str = "latent_time_model"
     #: VeloVAE: whether the cell was in the seeded training split (else held out)

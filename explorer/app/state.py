@@ -1267,6 +1267,7 @@ class ExplorerState(param.Parameterized):
             conf=readouts.confidence(self.adata, fit),
             t_sd=readouts.latent_time_sd(fit),
             t_spread=readouts.latent_time_start_spread(fit),
+            t_rank_width=readouts.latent_time_rank_width(fit),
         )
 
     def gene_table(self) -> pd.DataFrame:

@@ -513,8 +513,9 @@ class VeloVAE(Hyperparameters):
         ``fit_mse_test``; layers ``predicted_u``, ``predicted_s``, ``rho`` and
         ``velocity_variance`` (each gene's sample variance, ``ddof=1``, of the velocity
         over the ``n_samples`` posterior draws of :meth:`sample_velocity`); obs
-        ``latent_time_std``, ``latent_time_cv``, ``latent_time_model`` and
-        ``fit_train``; obsm ``cell_state`` and ``cell_state_std`` (full model).
+        ``latent_time_std``, ``latent_time_cv``, ``latent_time_rank_width``
+        (:func:`rank_width`), ``latent_time_model`` and ``fit_train``; obsm ``cell_state``
+        and ``cell_state_std`` (full model).
         Held-out figures are in ``self.metrics_``, the ELBO per epoch in
         ``self.history_``, the encoder's and the grid's time posterior in
         ``self.time_posterior_``. With ``n_starts > 1``, ``latent_time``,
@@ -677,6 +678,9 @@ class VeloVAE(Hyperparameters):
         obs = res.obs.copy()
         obs[Key.obs.LATENT_TIME_STD] = self.ensemble_["latent_time_std"].to_numpy(dtype=np.float32)
         obs[Key.obs.LATENT_TIME_CV] = _time_cv(self.ensemble_["latent_time_std"].to_numpy(), latent, 1.0)
+        # the pooled SD already holds the starts' disagreement: counted in cells, not added again
+        pooled_sd = self.ensemble_["latent_time_std"].to_numpy()
+        obs[Key.obs.LATENT_TIME_RANK_WIDTH] = interval_share(latent, pooled_sd).astype(np.float32)
         # the first start's fitted state, so sample_velocity and the diagnostics read it
         fitted = (
             "module_", "posterior_state_", "time_posterior_", "history_",
@@ -1822,6 +1826,8 @@ class VeloVAE(Hyperparameters):
         )
         if self._start_spread is not None:
             obs[Key.obs.LATENT_TIME_START_SPREAD] = self._start_spread.astype(np.float32)
+        width = rank_width(t, out["t_sd"], self._start_spread)
+        obs[Key.obs.LATENT_TIME_RANK_WIDTH] = width.astype(np.float32)
         obsm = {}
         if "c_mean" in out:
             obsm = {Key.obsm.CELL_STATE: out["c_mean"], Key.obsm.CELL_STATE_STD: out["c_sd"]}
@@ -2079,7 +2085,10 @@ def time_calibration(
     ``coverage`` (share of true times inside the mapped intervals), ``width_error_spearman``
     (rank correlation of each mapped interval's width with the cell's absolute error, both
     on the true axis), ``sd_error_spearman`` (of the SD itself with that error),
-    ``median_error``, and ``coverage_cubic``, ``sd_error_spearman_cubic``.
+    ``median_error``, and ``coverage_cubic``, ``sd_error_spearman_cubic``;
+    ``share_error_spearman``: of each interval's width in cells (:func:`interval_share`)
+    with the cell's rank error (the distance between its ranks by ``t`` and by ``true_t``,
+    as a share of the cells), where no map is needed: both are the same on any clock.
     """
     true_t, t, sd = (np.asarray(x, dtype=np.float64).ravel() for x in (true_t, t, sd))
     z = NormalDist().inv_cdf(0.5 + level / 2)
@@ -2100,14 +2109,67 @@ def time_calibration(
     def rank_corr(a: np.ndarray, b: np.ndarray) -> float:
         return float(pd.Series(a).corr(pd.Series(b), method="spearman"))
 
+    rank_err = np.abs(_ranks(t) - _ranks(true_t)) / n
     return {
         "coverage": float(inside.mean()),
         "width_error_spearman": rank_corr(width, err),
         "sd_error_spearman": rank_corr(sd, err),
+        "share_error_spearman": rank_corr(interval_share(t, sd, level=level), rank_err),
         "median_error": float(np.median(err)),
         "coverage_cubic": float(inside_c.mean()),
         "sd_error_spearman_cubic": rank_corr(sd, err_c),
     }
+
+
+def interval_share(t: ArrayLike, sd: ArrayLike, *, level: float = 0.9) -> np.ndarray:
+    """``(n_obs,)`` the share of all cells whose time lies inside each cell's interval ``t ± z sd``.
+
+    The interval's width counted in cells, as a share of them: how much of the ordering a
+    cell's place is uncertain over. It reads only the fit (no true time) and does not
+    depend on the clock: any increasing map of ``t`` with the interval's ends gives the
+    same shares. ``z`` is the two-sided ``level``'s.
+
+    Examples
+    --------
+    >>> interval_share(np.arange(10.0), np.array([0.0] * 9 + [2.0]), level=0.9).round(1).tolist()
+    [0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.4]
+    """
+    t, sd = np.asarray(t, dtype=np.float64).ravel(), np.asarray(sd, dtype=np.float64).ravel()
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    ordered = np.sort(t)
+    inside = np.searchsorted(ordered, t + z * sd, side="right") - np.searchsorted(ordered, t - z * sd)
+    return inside / len(t)
+
+
+def rank_width(
+    t: ArrayLike, sd: ArrayLike, spread: ArrayLike | None = None, *, level: float = 0.9
+) -> np.ndarray:
+    """``(n_obs,)`` the width of each cell's interval of place in the ordering, as a share of the cells.
+
+    The posterior's interval counted in cells (:func:`interval_share`), widened by the
+    starts' disagreement ``spread`` (:func:`start_spread`, a share of the cells) as a
+    mixture of two equally likely places that far apart: in rank units the mixture's SD is
+    ``sqrt(sd_rank^2 + (spread / 2)^2)``, so its ``level`` interval is
+    ``sqrt(share^2 + (z spread)^2)`` wide (``z`` the two-sided ``level``'s). Without
+    ``spread`` (capture times, DPT refused, two starts already pooled) it is the share.
+    It reads only the fit, and no clock: the time SD itself is on the model's clock, which
+    runs unevenly against the true one (README, "VeloVAE": "The time's uncertainty in cells").
+
+    Examples
+    --------
+    >>> rank_width(np.arange(10.0), np.zeros(10), np.array([0.0] * 9 + [0.5])).round(2).tolist()
+    [0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.83]
+    """
+    share = interval_share(t, sd, level=level)
+    if spread is None:
+        return share
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    return np.sqrt(share**2 + (z * np.asarray(spread, dtype=np.float64).ravel()) ** 2)
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Average ranks (ties share their mean rank), as scipy's ``rankdata``."""
+    return pd.Series(x).rank(method="average").to_numpy()
 
 
 def oracle_time_posterior(adata: AnnData, *, n_grid: int = 200, chunk: int = 256) -> dict[str, Any]:

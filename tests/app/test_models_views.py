@@ -79,6 +79,7 @@ class ToyRates:
                 {
                     Key.obs.LATENT_TIME_STD: np.full(adata.n_obs, 0.05),
                     Key.obs.LATENT_TIME_START_SPREAD: np.linspace(0, 0.3, adata.n_obs),
+                    Key.obs.LATENT_TIME_RANK_WIDTH: np.full(adata.n_obs, 0.125),
                     Key.obs.FIT_TRAIN: train,
                 },
                 index=adata.obs_names,
@@ -134,6 +135,8 @@ def test_rates_intervals_reconstruction_walks_fates_and_metrics(app):
     # ... and how far the cell's rank moves between the fit's two initial times
     spread = 0.3 * 10 / (state.adata.n_obs - 1)
     assert f"start spread {spread:.3f} of the ranking" in views["inspector"].summary.object
+    # ... and how much of the ordering its place is unsure over
+    assert "its place within 12.5% of the cells (90 %)" in views["inspector"].summary.object
     # ... and the embedding coloured by that SD
     assert readouts.COLOR_TIME_SD in state.param.color_by.objects
     state.color_by = readouts.COLOR_TIME_SD

@@ -205,11 +205,16 @@ def _interval(info: Any) -> str:
 
 
 def _spread(info: Any) -> str:
-    """``; start spread x`` when the fit records how far the cell's rank moves between its initial times."""
-    spread = info.latent_time_start_spread
-    if spread is None or not math.isfinite(spread):
-        return ""
-    return f"; start spread {spread:.3f} of the ranking"
+    """``; start spread x`` when the fit records how far the cell's rank moves between its initial times,
+    then ``; its place within y of the cells (90 %)`` when it records the cell's rank width.
+    """
+    spread, width = info.latent_time_start_spread, info.latent_time_rank_width
+    words = ""
+    if spread is not None and math.isfinite(spread):
+        words += f"; start spread {spread:.3f} of the ranking"
+    if width is not None and math.isfinite(width):
+        words += f"; its place within {width:.1%} of the cells (90 %)"
+    return words
 
 
 def _fmt(value: float | None) -> str:
