@@ -623,40 +623,34 @@ def test_latent_time_interval_from_the_posterior_sd(toy_adata):
     assert nothing.label == "the active model reports no latent-time SD (VeloVAE does)"
 
 
-def test_latent_time_start_spread_colours_the_cells_of_a_fit_that_has_it(toy_adata):
-    spread = np.linspace(0, 0.3, N_OBS)
-    obs = pd.DataFrame({Key.obs.LATENT_TIME_START_SPREAD: spread}, index=toy_adata.obs_names)
+@pytest.mark.parametrize(
+    ("key", "what", "read"),
+    [
+        (Key.obs.LATENT_TIME_START_SPREAD, readouts.COLOR_TIME_SPREAD, readouts.latent_time_start_spread),
+        (Key.obs.LATENT_TIME_RANK_WIDTH, readouts.COLOR_TIME_RANK_WIDTH, readouts.latent_time_rank_width),
+    ],
+)
+def test_a_latent_time_column_colours_the_cells_of_a_fit_that_has_it(toy_adata, key, what, read):
+    """The start spread and the rank width (VeloVAE's obs columns about its own latent time)."""
+    values = np.linspace(0.05, 0.6, N_OBS)
+    obs = pd.DataFrame({key: values}, index=toy_adata.obs_names)
     t = np.linspace(0, 1, N_OBS).astype(np.float32)
     timed = _fit(_result("velovae", toy_adata, latent_time=t, obs=obs))
-    assert readouts.COLOR_TIME_SPREAD in readouts.color_options(toy_adata, {"vae": timed})
-    shown = readouts.coloring(toy_adata, readouts.COLOR_TIME_SPREAD, fit=timed)
-    assert (shown.kind, shown.label) == ("continuous", readouts.COLOR_TIME_SPREAD)
-    np.testing.assert_allclose(shown.values, spread, rtol=1e-6)
-    # not offered without it (VeloVAE with capture times), nor for a model without its own time
+    assert what in readouts.color_options(toy_adata, {"vae": timed})
+    shown = readouts.coloring(toy_adata, what, fit=timed)
+    assert (shown.kind, shown.label) == ("continuous", what)
+    np.testing.assert_allclose(shown.values, values, rtol=1e-6)
+    # not offered without it (VeloVAE with capture times: no spread), nor read from a model
+    # without its own time
     plain = _fit(_result("velovae", toy_adata, latent_time=t))
-    assert readouts.COLOR_TIME_SPREAD not in readouts.color_options(toy_adata, {"vae": plain})
-    assert readouts.latent_time_start_spread(_fit(_result("deepvelo", toy_adata, obs=obs))) is None
-    assert readouts.coloring(toy_adata, readouts.COLOR_TIME_SPREAD, fit=plain).kind == "none"
-
-
-def test_latent_time_rank_width_colours_the_cells_and_fills_the_inspector(toy_adata):
-    width = np.linspace(0.05, 0.6, N_OBS)
-    obs = pd.DataFrame({Key.obs.LATENT_TIME_RANK_WIDTH: width}, index=toy_adata.obs_names)
-    t = np.linspace(0, 1, N_OBS).astype(np.float32)
-    timed = _fit(_result("velovae", toy_adata, latent_time=t, obs=obs))
-    assert readouts.COLOR_TIME_RANK_WIDTH in readouts.color_options(toy_adata, {"vae": timed})
-    shown = readouts.coloring(toy_adata, readouts.COLOR_TIME_RANK_WIDTH, fit=timed)
-    assert (shown.kind, shown.label) == ("continuous", readouts.COLOR_TIME_RANK_WIDTH)
-    np.testing.assert_allclose(shown.values, width, rtol=1e-6)
-    # its legend says what it is measured to be, not the posterior's "unsure, not wrong"
-    assert shown.note == readouts.RANK_WIDTH_NOTE and "rank error" in plots.legend_html(shown)
-    info = readouts.cell_info(toy_adata, timed, 3, n_targets=2, t=t, t_rank_width=width)
-    assert info.latent_time_rank_width == pytest.approx(width[3])
-    # not offered for a fit without it, nor read from a model without its own time
-    plain = _fit(_result("velovae", toy_adata, latent_time=t))
-    assert readouts.COLOR_TIME_RANK_WIDTH not in readouts.color_options(toy_adata, {"vae": plain})
-    assert readouts.latent_time_rank_width(_fit(_result("deepvelo", toy_adata, obs=obs))) is None
-    assert readouts.coloring(toy_adata, readouts.COLOR_TIME_RANK_WIDTH, fit=plain).kind == "none"
+    assert what not in readouts.color_options(toy_adata, {"vae": plain})
+    assert read(_fit(_result("deepvelo", toy_adata, obs=obs))) is None
+    assert readouts.coloring(toy_adata, what, fit=plain).kind == "none"
+    if key == Key.obs.LATENT_TIME_RANK_WIDTH:
+        # its legend says what it is measured to be, not the posterior's "unsure, not wrong"
+        assert shown.note == readouts.RANK_WIDTH_NOTE and "rank error" in plots.legend_html(shown)
+        info = readouts.cell_info(toy_adata, timed, 3, n_targets=2, t=t, t_rank_width=values)
+        assert info.latent_time_rank_width == pytest.approx(values[3])
 
 
 def test_held_out_reconstruction_of_two_fits_by_hand(toy_adata):
