@@ -938,7 +938,11 @@ def trust_checks(gene_params: pd.DataFrame, *, scvelo_likelihood: bool = True) -
 
 
 def gene_trust(
-    gene_params: pd.DataFrame, *, scvelo_likelihood: bool = True, flags: pd.Series | None = None
+    gene_params: pd.DataFrame,
+    *,
+    scvelo_likelihood: bool = True,
+    flags: pd.Series | None = None,
+    fitted: np.ndarray | None = None,
 ) -> pd.DataFrame | None:
     """Per gene, the share of :func:`trust_checks` it passes and notes on those it fails.
 
@@ -948,14 +952,15 @@ def gene_trust(
     (``diag_flag_reason`` indexed by gene, ``""`` where none), adds
     :data:`DIAGNOSTICS_CHECK` for every fitted gene: a flagged one fails it, with its
     reasons in words in the notes (until 2026-12-05 a flagged gene kept its green light and
-    "passes every check").
+    "passes every check"). For a fit no check can read (DeepVelo, a vector field), the
+    diagnostics alone judge the genes in ``fitted`` (``(n_vars,)`` bool, its velocity genes).
 
     Returns
     -------
     A frame indexed like ``gene_params`` with columns ``trust`` (0 to 1) and ``trust notes``.
     """
     checks = trust_checks(gene_params, scvelo_likelihood=scvelo_likelihood)
-    if not checks:
+    if not checks and (flags is None or fitted is None):
         return None
     n = len(gene_params)
     passed = np.zeros(n)
@@ -981,10 +986,10 @@ def gene_trust(
             notes[i].append(check.fails)
     if flags is not None:
         reasons = flags.reindex(gene_params.index).fillna("").astype(str).to_numpy()
-        fitted = counted > 0
-        passed += fitted & (reasons == "")
-        counted += fitted
-        for i in np.flatnonzero(fitted & (reasons != "")):
+        judged = counted > 0 if checks else np.asarray(fitted, dtype=bool)
+        passed += judged & (reasons == "")
+        counted += judged
+        for i in np.flatnonzero(judged & (reasons != "")):
             words = ", ".join(FLAG_WORDS.get(r, r) for r in reasons[i].split(","))
             notes[i].append(f"{DIAGNOSTICS_CHECK.fails}: {words}")
     if Key.var.FIT_USES_T_ON in gene_params:
@@ -1054,7 +1059,8 @@ def gene_table(
     result = _result(fit)
     gp = result.gene_params
     reasons = None if flags is None else flags[Key.var.DIAG_FLAG_REASON]
-    trust = gene_trust(gp, scvelo_likelihood="curve" in fit_shows(result), flags=reasons)
+    fitted = np.asarray(result.velocity_genes, dtype=bool)
+    trust = gene_trust(gp, scvelo_likelihood="curve" in fit_shows(result), flags=reasons, fitted=fitted)
     if trust is not None:
         table[TRUST] = trust[TRUST].to_numpy()
         table[TRUST_NOTES] = trust[TRUST_NOTES].to_numpy()
@@ -1103,7 +1109,7 @@ def trust_legend(fit: Fit | VelocityResult | None, *, diagnosed: bool = False) -
         return []
     gene_params = _result(fit).gene_params
     checks = trust_checks(gene_params, scvelo_likelihood="curve" in fit_shows(fit))
-    if checks and diagnosed:
+    if diagnosed:  # for a fit no other check reads (DeepVelo), the one check
         checks.append(DIAGNOSTICS_CHECK)
     lines = [f"{check.name}: {check.passes} — else “{check.fails}”" for check in checks]
     if lines and Key.var.FIT_USES_T_ON in gene_params:

@@ -460,6 +460,12 @@ def test_gene_trust_by_hand():
         "flagged: differential kinetics across clusters, transcriptional boost",
         "low likelihood; mostly steady; few cells; flagged: transcriptional boost",
     ]
+    # a fit no other check reads (DeepVelo): the diagnostics alone judge its fitted genes
+    bare = pd.DataFrame({Key.var.GAMMA: [1.0, 1.0, 1.0, 1.0]}, index=index)
+    assert readouts.gene_trust(bare, flags=flags) is None  # which genes it fitted is not known
+    alone = readouts.gene_trust(bare, flags=flags, fitted=np.array([True, True, False, True]))
+    np.testing.assert_allclose(alone[readouts.TRUST], [0.0, 0.0, np.nan, 1.0])
+    assert alone[readouts.TRUST_NOTES].tolist()[1] == "flagged: transcriptional boost"
 
 
 def test_detection_power_is_weak_in_the_lowest_quarter():
