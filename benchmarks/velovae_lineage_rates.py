@@ -17,7 +17,7 @@ capture times (the quarters of the true time plus noise of SD 0.1 of its span: S
 ``n_starts=2`` (a fit from DPT's initial time and one from the steady-state time, pooled by
 ``ensemble_time``), and, as a diagnostic, two fits from DPT's initial time with training seeds
 0 and 1, pooled alike (``_SameStart``; ``--starts "two DPT starts pooled" --models full --out
-...`` runs it alone). Every fit is
+...`` runs it alone), and the default with ``time_posterior="final"``. Every fit is
 scored by the same function
 (:func:`velovae_scvelo_sim.score_fit`): Spearman correlation of ``latent_time`` with the
 true time, ``lineage_offset`` (lineage B's mean rank error minus A's, as a share of the
@@ -58,6 +58,7 @@ STARTS = {
     "4 overlapping capture times": {"time_key": "capture_time_overlapping"},
     "two starts pooled": {"n_starts": 2},
     "two DPT starts pooled": {"n_starts": 2},
+    "DPT, time read on the final curves": {"time_posterior": "final"},
 }
 
 
