@@ -1266,9 +1266,14 @@ class VeloVAE(Hyperparameters):
         return out
 
     def _residual_temperature(
-        self, module: VAEModule, tensors: _Tensors, t: torch.Tensor, c: torch.Tensor | None, train_idx: np.ndarray
+        self,
+        module: VAEModule,
+        tensors: _Tensors,
+        t: torch.Tensor,
+        c: torch.Tensor | None,
+        train_idx: np.ndarray,
     ) -> tuple[float, float]:
-        """``(n_eff, 2 G / n_eff)`` of the training cells' standardised residuals at times ``t``, states ``c``."""
+        """``(n_eff, 2 G / n_eff)``: the training cells' standardised residuals at times ``t``, states ``c``."""
         import torch
 
         dec = self._decode_all(module, t, c, None, _PREDICTED)

@@ -995,7 +995,8 @@ def test_time_posterior_read_on_the_final_curves():
     # the rank width is this posterior's, with the start spread
     spread = result.obs[Key.obs.LATENT_TIME_START_SPREAD].to_numpy()
     expected = vae_module.rank_width(t, sd, spread)
-    np.testing.assert_allclose(result.obs[Key.obs.LATENT_TIME_RANK_WIDTH], expected, rtol=1e-4, atol=2 / len(t))
+    width = result.obs[Key.obs.LATENT_TIME_RANK_WIDTH]
+    np.testing.assert_allclose(width, expected, rtol=1e-4, atol=2 / len(t))
     with pytest.raises(InputError, match="time_posterior"):
         VeloVAE(time_posterior="last")
 
