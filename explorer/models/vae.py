@@ -1273,7 +1273,7 @@ class VeloVAE(Hyperparameters):
         c: torch.Tensor | None,
         train_idx: np.ndarray,
     ) -> tuple[float, float]:
-        """``(n_eff, 2 G / n_eff)``: the training cells' standardised residuals at times ``t``, states ``c``."""
+        """``(n_eff, 2 G / n_eff)`` of the training cells' standardised residuals at ``(t, c)``."""
         import torch
 
         dec = self._decode_all(module, t, c, None, _PREDICTED)
