@@ -584,8 +584,8 @@ def coloring(
     # measured for VeloVAE's own: not said of another tool's column read from a file
     own_uncertainty = fit is not None and "uncertainty" in fit_shows(fit)
     ours = what == COLOR_TIME_SD or (what == COLOR_UNCERTAINTY and own_uncertainty)
-    note = UNCERTAINTY_NOTE if ours else CONFIDENCE_NOTE if what == COLOR_CONFIDENCE else ""
-    note = RANK_WIDTH_NOTE if what == COLOR_TIME_RANK_WIDTH else note
+    notes = {COLOR_CONFIDENCE: CONFIDENCE_NOTE, COLOR_TIME_RANK_WIDTH: RANK_WIDTH_NOTE}
+    note = UNCERTAINTY_NOTE if ours else notes.get(what, "")
     return Coloring(kind="continuous", values=values, label=label, diverging=diverging, note=note)
 
 

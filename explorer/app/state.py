@@ -758,7 +758,7 @@ class ExplorerState(param.Parameterized):
     def _add_diagnostics(self, label: str, flags: pd.DataFrame) -> None:
         with self._batched():
             self.diagnostics = {**self.diagnostics, label: flags}
-        flagged = flags[Key.var.DIAG_FLAGGED].reindex(self.adata.var_names).fillna(value=False).to_numpy(bool)
+        flagged = self._flagged_genes(flags)
         fit = self.results.get(label)
         status = f"trust diagnostics of {label}: {int(flagged.sum()):,} genes flagged"
         if fit is not None:  # the note under the gene table counts the velocity genes among them
@@ -766,13 +766,16 @@ class ExplorerState(param.Parameterized):
             status += f", {used:,} of them velocity genes"
         self.status = status
 
+    def _flagged_genes(self, flags: pd.DataFrame) -> np.ndarray:
+        """``(n_vars,)`` the genes the diagnostics table ``flags`` flags, in ``var_names`` order."""
+        return flags[Key.var.DIAG_FLAGGED].reindex(self.adata.var_names).fillna(value=False).to_numpy(bool)
+
     def flagged(self) -> np.ndarray | None:
         """``(n_vars,)`` the active fit's flagged velocity genes, or None before its diagnostics."""
         flags = self.diagnostics.get(self.model) if self.model else None
         if flags is None:
             return None
-        mask = flags[Key.var.DIAG_FLAGGED].reindex(self.adata.var_names).fillna(value=False).to_numpy(bool)
-        return mask & np.asarray(self.fit.result.velocity_genes, dtype=bool)
+        return self._flagged_genes(flags) & np.asarray(self.fit.result.velocity_genes, dtype=bool)
 
     def recompute_without_flagged(self) -> Job | None:
         """Re-derive the active fit's velocity graph without its flagged genes; the result is a new fit."""
