@@ -28,7 +28,11 @@ Usage::
     python benchmarks/bench_velovae.py [--setup] [--velovae-python .venv-velovae/bin/python]
         [--package-epochs 1000 500] [--sizes 10000 100000] [--skip-package]
         [--datasets pancreas simulation] [--package-init own|explorer] [--out FILE]
-        [--also '{"initial_time": "steady_state"}'] [--device cpu|cuda]
+        [--also '{"initial_time": "steady_state"}'] [--device cpu|cuda] [--seeds 0 1 2]
+
+``--seeds`` runs explorer's default row and the package once per training seed (explorer's
+``seed``, the package's ``torch.manual_seed``), on the same file in one run; with
+``--package-init explorer`` each package seed starts from that seed's explorer initial time.
 
 It prints a table and writes ``benchmarks/results/velovae.json`` (or ``--out``).
 """
@@ -72,9 +76,9 @@ import anndata as ad
 import torch
 import velovae as vv
 
-path, out, n1, n2 = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-init_key = sys.argv[5] if len(sys.argv) > 5 else None  # an obs column of initial times in [0, 20]
-torch.manual_seed(0); np.random.seed(0)
+path, out, n1, n2, seed = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+init_key = sys.argv[6] if len(sys.argv) > 6 else None  # an obs column of initial times in [0, 20]
+torch.manual_seed(seed); np.random.seed(seed)
 adata = ad.read_h5ad(path)
 t0, cpu0 = time.perf_counter(), time.process_time()
 vae = vv.VAE(adata, tmax=20, dim_z=5, device="cpu", init_key=init_key)
@@ -87,6 +91,11 @@ np.savez(out, t=adata.obs["vae_time"].to_numpy(), std_t=adata.obs["vae_std_t"].t
          train_s=train_s, cpu_s=cpu_s, iterations=vae.counter,
          iterations_per_epoch=int(np.ceil(len(vae.train_idx) / vae.config["batch_size"])))
 """
+
+
+def _seeded(label: str, seed: int, seeds: list[int]) -> str:
+    """A row's tool label, with its seed where more than seed 0 runs (one seed-0 run keeps the old labels)."""
+    return label if seeds == [0] else f"{label}, seed {seed}"
 
 
 def run_measured(cmd: list[str]) -> tuple[float, float]:
@@ -305,6 +314,13 @@ def main() -> None:
         default="cpu",
         help="where explorer's VeloVAE rows train (the dynamical baseline stays on the CPU)",
     )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="training seeds of explorer's default row and of the package, each run once per seed",
+    )
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -316,14 +332,18 @@ def main() -> None:
     import anndata as ad
 
     rows = _SavedRows(args.out, _machine(args.device))
-    initial_time: dict[str, np.ndarray] = {}  # explorer VeloVAE's initial time per dataset
+    # explorer VeloVAE's initial time per dataset and seed
+    initial_time: dict[tuple[str, int], np.ndarray] = {}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         paths = _prepare(tmp, args.sizes, args.datasets)
         for data in args.datasets:
             # the simulator's time, read once per dataset for both tools' calibration
             true_t = ad.read_h5ad(paths[data]).obs["true_t"].to_numpy() if data == "simulation" else None
-            runs = [("explorer velovae", "velovae", {"device": args.device})]
+            runs = [
+                (_seeded("explorer velovae", k, args.seeds), "velovae", {"device": args.device, "seed": k})
+                for k in args.seeds
+            ]
             for extra in args.also:
                 kwargs = {"device": args.device, **json.loads(extra)}
                 runs.append((f"explorer velovae {extra}", "velovae", kwargs))
@@ -335,9 +355,10 @@ def main() -> None:
                 cmd = [sys.executable, __file__, "--worker", str(paths[data]), str(out), model, json.dumps(kwargs)]
                 wall, peak = run_measured(cmd)
                 res = np.load(out)
-                if model == "velovae" and train is None:  # the default row's split and initial time
+                if model == "velovae" and train is None:  # the first default row's split
                     train = res["train"]
-                    initial_time[data] = res["t_init"]
+                if model == "velovae" and kwargs.keys() == {"device", "seed"}:  # a default row's initial time
+                    initial_time[data, kwargs["seed"]] = res["t_init"]
                 # each VeloVAE row on its own held-out cells (an --also row may change the seed or
                 # the split); the dynamical model, which holds none out, on the default row's
                 own_train = res["train"] if model == "velovae" else train
@@ -352,19 +373,19 @@ def main() -> None:
                         row.update(_calibration(true_t, res["latent_time"], res["t_sd"]))
                     row["uncertainty_s"] = round(float(res["extract_s"]), 1)
                 rows.append(row)
-            if not args.skip_package:
-                out = tmp / f"{data}_package.npz"
+            for seed in [] if args.skip_package else args.seeds:
+                out = tmp / f"{data}_package_{seed}.npz"
                 script = tmp / "package_worker.py"
                 script.write_text(PACKAGE_WORKER)
                 n1, n2 = args.package_epochs
-                cmd = [package_python, str(script), str(paths[data]), str(out), str(n1), str(n2)]
+                cmd = [package_python, str(script), str(paths[data]), str(out), str(n1), str(n2), str(seed)]
                 if args.package_init == "explorer":
                     # the package from explorer's initial time (its init_key), scaled to its t_max of 20
                     given = ad.read_h5ad(paths[data])
-                    t_init = initial_time[data]
+                    t_init = initial_time[data, seed]
                     span = t_init.max() - t_init.min()
                     given.obs["explorer_initial_time"] = (t_init - t_init.min()) / max(span, 1e-12) * 20
-                    cmd[2] = str(tmp / f"{data}_with_initial_time.h5ad")
+                    cmd[2] = str(tmp / f"{data}_with_initial_time_{seed}.h5ad")
                     given.write_h5ad(cmd[2])
                     cmd.append("explorer_initial_time")
                 wall, peak = run_measured(cmd)
@@ -374,6 +395,7 @@ def main() -> None:
                 tool = f"velovae 0.1.2 ({n1}+{n2} epochs)"
                 if args.package_init == "explorer":
                     tool += ", from explorer's initial time"
+                tool = _seeded(tool, seed, args.seeds)
                 row = {"data": data, "tool": tool, "wall_s": round(wall, 1)}
                 row["fit_s"] = round(float(res["train_s"]), 1)
                 if "cpu_s" in res:
