@@ -335,6 +335,7 @@ def test_dpt_that_is_not_a_clock_falls_back_to_the_steady_state_time(caplog):
     # spreads them over their share of the axis in their gene clocks' order (0.986)
     tied = model.initial_time_["tied_at_start"]
     assert 0.1 < tied < 0.5
+    assert f"its {100 * tied:.1f}% of cells tied at the start spread" in caplog.text
     early = np.argsort(t0)[: int(tied * adata.n_obs)]
     assert np.ptp(t0[early]) > 0.8 * tied * model.t_max
     assert spearmanr(t0[early], true_t[early])[0] > 0.95
