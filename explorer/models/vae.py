@@ -955,8 +955,7 @@ class VeloVAE(Hyperparameters):
         # the cells tied at the steady-state time's start, spread in their gene clocks' order: on
         # the benchmark's 2,000-cell simulation a sixth of the cells (true time 0.1-4.5 of 20) sat
         # at 0, and with some seeds the fit ordered them backwards (README, "Seeds, side by side")
-        tied = tied_at_start(t_ss)
-        self._tied_at_start = float(tied.mean()) if tied.sum() >= 2 else 0.0
+        self._tied_at_start = float(tied_at_start(t_ss).mean())
         logger.warning(
             "velovae: the initial time is to be diffusion pseudotime (initial_time='dpt'), but it "
             "disagrees with the steady-state fit's latent time (Spearman %.2f, expected at least "
@@ -2017,9 +2016,17 @@ def start_spread(t_a: ArrayLike, t_b: ArrayLike) -> np.ndarray:
 
 
 def tied_at_start(t: ArrayLike) -> np.ndarray:
-    """``(n_obs,)`` bool: the cells within ``1e-6`` of ``t``'s range of its minimum (:func:`untie_start`)."""
+    """``(n_obs,)`` bool: the cells :func:`untie_start` spreads.
+
+    Those within ``1e-6`` of ``t``'s range of its minimum, where at least two are and ``t``
+    is not constant; else none.
+    """
     t = np.asarray(t, dtype=np.float64)
-    return t <= t.min() + 1e-6 * (t.max() - t.min())
+    lo, hi = t.min(), t.max()
+    tied = t <= lo + 1e-6 * (hi - lo)
+    if hi <= lo or tied.sum() < 2:
+        tied[:] = False
+    return tied
 
 
 def untie_start(t: ArrayLike, order: ArrayLike) -> np.ndarray:
@@ -2044,11 +2051,11 @@ def untie_start(t: ArrayLike, order: ArrayLike) -> np.ndarray:
     from scipy.stats import rankdata
 
     t = np.asarray(t, dtype=np.float64)
-    lo, hi = t.min(), t.max()
     tied = tied_at_start(t)
     n_tied = int(tied.sum())
-    if n_tied < 2 or hi <= lo:
+    if n_tied == 0:
         return t
+    lo, hi = t.min(), t.max()
     share = n_tied / len(t)
     out = np.empty_like(t)
     span = hi - lo

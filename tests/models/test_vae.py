@@ -353,6 +353,8 @@ def test_untie_start_by_hand():
     # ties in the order share their mean rank; a single cell at the minimum is no tie
     np.testing.assert_allclose(untie_start([0.0, 0.0, 1.0], [1.0, 1.0, 0.0]), [1 / 6, 1 / 6, 1.0])
     np.testing.assert_array_equal(untie_start([0.0, 0.4, 1.0], [2.0, 1.0, 0.0]), [0.0, 0.4, 1.0])
+    # what the fit records as the share spread: none for one cell at the minimum or a constant time
+    assert not tied_at_start([0.0, 0.4, 1.0]).any() and not tied_at_start([0.3, 0.3, 0.3]).any()
 
 
 def test_where_dpt_is_refused_the_fit_orders_the_earliest_cells():
