@@ -59,6 +59,7 @@ STARTS = {
     "two starts pooled": {"n_starts": 2},
     "two DPT starts pooled": {"n_starts": 2},
     "DPT, time read on the final curves": {"time_posterior": "final"},
+    "DPT, the posterior's SD alone": {"time_sd": "posterior"},
 }
 
 
@@ -85,11 +86,11 @@ def _same_start_class() -> type:
         makes the pooled intervals cover?
         """
 
-        def _start(self, adata, k, progress, earlier):  # noqa: ANN001, ANN202, ARG002
+        def _start(self, adata, k, n, progress, earlier, *, time_only=False):  # noqa: ANN001, ANN202, ARG002
             split = self.seed if self.split_seed is None else self.split_seed
-            params = {"n_starts": 1, "seed": self.seed + k, "split_seed": split}
+            params = {"n_starts": 1, "time_sd": "posterior", "seed": self.seed + k, "split_seed": split}
             member = VeloVAE(**{**self.get_params(), **params})
-            return member, member.fit(adata)
+            return member, member._fit_one(adata, None, time_only=time_only)  # noqa: SLF001
 
     return _SameStart
 

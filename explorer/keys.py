@@ -142,6 +142,12 @@ class _Obs:
     #: VeloVAE: the width of each cell's 90% interval of place in the ordering, a share of the
     #: cells: the posterior interval counted in cells, with the start spread as a two-point mixture
     LATENT_TIME_RANK_WIDTH: str = "latent_time_rank_width"
+    #: VeloVAE (time_sd="two_starts"): the grid posterior's own SD of latent_time (same scale),
+    #: before the second start's disagreement is added to latent_time_std
+    LATENT_TIME_STD_POSTERIOR: str = "latent_time_std_posterior"
+    #: VeloVAE (time_sd="two_starts"): where a second fit from the other initial time places
+    #: the cell (its rank there, on this fit's clock) minus where this fit does, latent_time scale
+    LATENT_TIME_START_SHIFT: str = "latent_time_start_shift"
     #: VeloVAE: posterior mean time on the model's own clock (that of fit_t_on, fit_t_)
     LATENT_TIME_MODEL: str = "latent_time_model"
     #: VeloVAE: whether the cell was in the seeded training split (else held out)

@@ -447,6 +447,7 @@ class VelocityResult:
             for c in (
                 Key.obs.ROOT_CELLS, Key.obs.LATENT_TIME_STD, Key.obs.LATENT_TIME_CV, Key.obs.FIT_TRAIN,
                 Key.obs.LATENT_TIME_START_SPREAD, Key.obs.LATENT_TIME_RANK_WIDTH,
+                Key.obs.LATENT_TIME_STD_POSTERIOR, Key.obs.LATENT_TIME_START_SHIFT,
                 Key.obs.VELOCITY_CONSISTENCY, Key.obs.VELOCITY_CONSISTENCY_TYPE,
             )  # fmt: skip
             if c in adata.obs

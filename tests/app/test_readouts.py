@@ -618,6 +618,13 @@ def test_latent_time_interval_from_the_posterior_sd(toy_adata):
     # uncertainty ranks the cells by their error); the legend under the plot says so
     assert shown.note == readouts.UNCERTAINTY_NOTE and "not where it is wrong" in plots.legend_html(shown)
     assert readouts.coloring(toy_adata, readouts.COLOR_LATENT_TIME, fit=timed).note == ""
+    # an SD that holds a second start's shift (VeloVAE's default since 2026-12-05) is measured to rank
+    # the cells by their error where lineages differ: its legend says that instead
+    shifted = obs.assign(**{Key.obs.LATENT_TIME_START_SHIFT: np.zeros(N_OBS, dtype=np.float32)})
+    two_starts = _fit(_result("velovae", toy_adata, latent_time=t, obs=shifted))
+    shown = readouts.coloring(toy_adata, readouts.COLOR_TIME_SD, fit=two_starts)
+    assert shown.note == readouts.TIME_SD_NOTE
+    assert "ranked the cells by their error" in plots.legend_html(shown)
     # scVelo's velocity confidence, likewise: coherent is not correct
     coherent = toy_adata.copy()
     coherent.obs[Key.obs.VELOCITY_CONFIDENCE] = np.linspace(0, 1, N_OBS)

@@ -197,11 +197,14 @@ class CellInspector(pn.viewable.Viewer):
 
 
 def _interval(info: Any) -> str:
-    """`` (90 % interval a–b, SD s)`` after the latent time, when the fit gives a posterior SD."""
+    """`` (90 % interval a–b, SD s)`` after the latent time, when the fit gives a time SD.
+
+    Not called a posterior interval: VeloVAE's default SD holds a second start's shift too.
+    """
     interval = info.latent_time_interval(0.9)
     if interval is None:
         return ""
-    return f" (90 % posterior interval {interval[0]:.3f}–{interval[1]:.3f}, SD {info.latent_time_sd:.4f})"
+    return f" (90 % interval {interval[0]:.3f}–{interval[1]:.3f}, SD {info.latent_time_sd:.4f})"
 
 
 def _spread(info: Any) -> str:
