@@ -232,11 +232,19 @@ class CellInfo:
     latent_time_rank_width: float | None = None
 
     def latent_time_interval(self, level: float = 0.9) -> tuple[float, float] | None:
-        """Return the central ``level`` interval ``t ± z sd`` of a Gaussian posterior (None without an SD)."""
+        """Return the central ``level`` interval ``t ± z sd`` of a Gaussian (None without an SD).
+
+        A latent time on [0, 1] (the first cell to the last) keeps its interval within it: a
+        place before the first cell or after the last is not on the axis (VeloVAE's SD with the
+        second start's shift reaches past the ends, 0.768-1.063 for a late Epsilon cell).
+        """
         if self.latent_time is None or self.latent_time_sd is None or not np.isfinite(self.latent_time_sd):
             return None
         z = float(_normal_quantile(0.5 + level / 2))
-        return self.latent_time - z * self.latent_time_sd, self.latent_time + z * self.latent_time_sd
+        t, half = self.latent_time, z * self.latent_time_sd
+        if 0.0 <= t <= 1.0:
+            return max(t - half, 0.0), min(t + half, 1.0)
+        return t - half, t + half
 
 
 @dataclass(frozen=True, slots=True)

@@ -769,7 +769,7 @@ class VeloVAE(Hyperparameters):
             return relay
 
         time_only = self.time_posterior == "stage1"
-        label = "second start, for the time SD: "
+        label = "time SD: "  # the second start's steps (a progress bar shows ~40 characters)
         second._fit_one(adata, part(0, label), time_only=time_only)  # noqa: SLF001
         res = first._fit_one(adata, part(1, ""))  # noqa: SLF001
         assert res is not None  # noqa: S101 - the first start is fitted whole

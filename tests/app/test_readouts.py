@@ -604,6 +604,11 @@ def test_latent_time_interval_from_the_posterior_sd(toy_adata):
     lo, hi = info.latent_time_interval(0.9)
     # N(0.4, 0.1^2): 90 % within 1.6449 SD
     assert (lo, hi) == pytest.approx((0.4 - 0.164485, 0.4 + 0.164485), abs=1e-5)
+    # near the axis' ends the interval stops at them (a latent time runs from the first cell to the last)
+    late = readouts.cell_info(toy_adata, timed, N_OBS - 1, n_targets=3, t=t, t_sd=sd)  # t = 1
+    assert late.latent_time_interval(0.9) == pytest.approx((1 - 0.164485, 1.0), abs=1e-5)
+    early = readouts.cell_info(toy_adata, timed, 0, n_targets=3, t=t, t_sd=sd)  # t = 0
+    assert early.latent_time_interval(0.9) == pytest.approx((0.0, 0.164485), abs=1e-5)
     # a model without its own latent time has no SD to show, even if a column says so
     assert readouts.latent_time_sd(_fit(_result("deepvelo", toy_adata, obs=obs))) is None
     assert readouts.cell_info(toy_adata, timed, 2, n_targets=3, t=t).latent_time_interval() is None

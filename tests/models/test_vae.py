@@ -1352,7 +1352,7 @@ def test_a_second_start_where_dpt_is_refused_trains_with_the_next_seed(
     np.testing.assert_array_equal(result.latent_time, one.latent_time)
     # one progress bar: the second start first, then the fit
     assert [x[0] for x in steps] == sorted(x[0] for x in steps) and steps[-1][0] == steps[-1][1]
-    assert steps[0][2].startswith("second start") and not steps[-1][2].startswith("second start")
+    assert steps[0][2].startswith("time SD: ") and not steps[-1][2].startswith("time SD")
 
 
 def test_large_data_initial_time_takes_the_dynamical_models_root_cells(small, monkeypatch):
