@@ -116,6 +116,8 @@ _SWITCH_GAIN = 0.9
 _CHUNK = 2048
 #: the time posterior's parts kept in ``time_posterior_`` (the grid's, then the encoder's)
 _TIME_PARTS = ("t_mean", "t_sd", "t_mean_encoder", "t_sd_encoder")
+#: a second start's initial time: the other one
+_OTHER_START = {"steady_state": "dpt", "dpt": "steady_state"}
 #: :class:`~explorer.models._vae_module.Decoded`'s fields, in its order
 _DECODED = ("u", "s", "rho", "velocity_u", "velocity")
 #: the decoded fields that the noise and the held-out fit read
@@ -423,6 +425,9 @@ class VeloVAE(Hyperparameters):
     #: set on a second start: its warnings (about its own start, or the capture times the
     #: first start warns of) are not the user's to read
     _quiet: bool = False
+    #: the steady-state time, its order and DPT ``(t_ss, order, t_dpt)``: computed by a fit's
+    #: first start and handed to its other (the same data, genes and seed give the same times)
+    _times: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
     param_ranges: ClassVar[dict[str, str]] = {
         "dim_c": "[1, inf)",
         "hidden": "[1, inf)",
@@ -581,6 +586,7 @@ class VeloVAE(Hyperparameters):
         """
         _import_torch()  # a clear message where torch is missing, before any work
         self._check(adata)
+        self._times = None  # an earlier fit's times are another data set's
         if self.n_starts > 1:
             return self._fit_starts(adata, progress)
         if self.time_sd == "two_starts":
@@ -747,17 +753,13 @@ class VeloVAE(Hyperparameters):
         that turns out to be the fit's own (DPT refused), it trains with the next seed; with
         capture times, the next seed.
         """
-        split = self.seed if self.split_seed is None else self.split_seed
-        other = {"steady_state": "dpt", "dpt": "steady_state"}[self.initial_time]
         if self.time_key is None:
-            init, seed = other, self.seed
+            second = self._member(_OTHER_START[self.initial_time], self.seed)
+            second._second_of = self.initial_time  # noqa: SLF001
         else:
-            init, seed = self.initial_time, self.seed + 1
-        one = {"n_starts": 1, "time_sd": "posterior", "split_seed": split}
-        second = VeloVAE(**{**self.get_params(), **one, "initial_time": init, "seed": seed})
-        second._second_of = None if self.time_key is not None else self.initial_time  # noqa: SLF001
+            second = self._member(self.initial_time, self.seed + 1)
         second._quiet = True  # noqa: SLF001
-        first = VeloVAE(**{**self.get_params(), **one})
+        first = self._member(self.initial_time, self.seed)
 
         def part(k: int, label: str) -> ProgressCallback | None:
             if progress is None:
@@ -771,10 +773,18 @@ class VeloVAE(Hyperparameters):
         time_only = self.time_posterior == "stage1"
         label = "time SD: "  # the second start's steps (a progress bar shows ~40 characters)
         second._fit_one(adata, part(0, label), time_only=time_only)  # noqa: SLF001
+        # the same data, genes and (at its initial time) seed: the second start's times are the fit's
+        first._times = second._times  # noqa: SLF001
         res = first._fit_one(adata, part(1, ""))  # noqa: SLF001
         assert res is not None  # noqa: S101 - the first start is fitted whole
         self._adopt(first, [first, second])
         return self._with_second_start(res, second)
+
+    def _member(self, initial_time: str, seed: int) -> VeloVAE:
+        """One start of this fit: its parameters but ``initial_time`` and ``seed``, the first split."""
+        split = self.seed if self.split_seed is None else self.split_seed
+        one = {"n_starts": 1, "time_sd": "posterior", "initial_time": initial_time, "seed": seed}
+        return VeloVAE(**{**self.get_params(), **one, "split_seed": split})
 
     def _adopt(self, first: VeloVAE, members: list[VeloVAE]) -> None:
         """Take the first start's fitted state (``sample_velocity`` and the diagnostics read it)."""
@@ -876,14 +886,13 @@ class VeloVAE(Hyperparameters):
         an earlier start found DPT refused, a DPT start asks for the steady-state time
         directly; where the refusal is only found by this start, it is fitted again.
         """
-        other = {"steady_state": "dpt", "dpt": "steady_state"}[self.initial_time]
-        init = self.initial_time if k % 2 == 0 or self.time_key is not None else other
+        own = k % 2 == 0 or self.time_key is not None
+        init = self.initial_time if own else _OTHER_START[self.initial_time]
         seed = self.seed + (k if self.time_key is not None else k // 2)
         refused = self.time_key is None and any(m.initial_time_["used"] != m.initial_time for m in earlier)
         if init == "dpt" and refused:
             init = "steady_state"  # DPT was refused on these cells: it would be again
         taken = {(m.initial_time_["used"], m.seed) for m in earlier}
-        split = self.seed if self.split_seed is None else self.split_seed
 
         def member_progress(p: Any) -> None:
             message = f"start {k + 1}/{n}: {p.message}"
@@ -892,10 +901,7 @@ class VeloVAE(Hyperparameters):
         while True:
             while (init, seed) in taken:
                 seed += 1
-            params = {
-                "n_starts": 1, "time_sd": "posterior", "initial_time": init, "seed": seed, "split_seed": split
-            }  # fmt: skip
-            member = VeloVAE(**{**self.get_params(), **params})
+            member = self._member(init, seed)
             member_report = None if progress is None else member_progress
             result = member._fit_one(adata, member_report, time_only=time_only)  # noqa: SLF001
             if (member.initial_time_["used"], seed) not in taken:
@@ -1097,8 +1103,11 @@ class VeloVAE(Hyperparameters):
         either way: where DPT is a clock (the same agreement), each cell's rank distance
         between them is kept for ``obs['latent_time_start_spread']``.
         """
-        t_ss, root_score, order = self._steady_state_time(adata, data, init, cols)
-        t_dpt = diffusion_pseudotime(adata, int(lt_mod.earliest_roots(root_score, t_ss)[0][0]))
+        if self._times is None:
+            t_ss, root_score, order = self._steady_state_time(adata, data, init, cols)
+            t_dpt = diffusion_pseudotime(adata, int(lt_mod.earliest_roots(root_score, t_ss)[0][0]))
+            self._times = (t_ss, order, t_dpt)
+        t_ss, order, t_dpt = self._times
         agreement = latent_time_spearman(t_dpt, t_ss)
         self._dpt_agreement = agreement  # whichever start is asked for (read by a second start)
         dpt_is_clock = agreement >= _DPT_MIN_AGREEMENT
